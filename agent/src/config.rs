@@ -1,0 +1,196 @@
+//! Agent configuration: command-line flags over an optional TOML file over defaults. Built once at start and
+//! passed down; there is no global configuration.
+
+use crate::roots::HostRoots;
+use clap::Parser;
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// Default Unix socket for local tools.
+pub const DEFAULT_SOCKET: &str = "/run/wukong-agent/agent.sock";
+
+/// Command line of `wukong-agent`.
+#[derive(Debug, Clone, Parser, Default)]
+#[command(name = "wukong-agent", version, about = "Knows every disk of this guest by serial and who uses it")]
+pub struct Args {
+    /// TCP address to serve gRPC on, `IP` or `IP:PORT` (default port 7443); repeatable. Default: 127.0.0.1:7443.
+    #[arg(long = "listen", value_name = "IP[:PORT]")]
+    pub listen: Vec<String>,
+    /// Unix socket for local tools (root only). Default: /run/wukong-agent/agent.sock.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Do not serve on a Unix socket.
+    #[arg(long, conflicts_with = "socket")]
+    pub no_socket: bool,
+    /// TOML configuration file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Serve plaintext gRPC on non-loopback addresses. Anyone who can reach the port can then use the agent.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// Log filter (tracing syntax), e.g. `info` or `wukong_agent=debug`.
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// The configuration file. Every field is optional.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<Vec<String>>,
+    pub socket: Option<PathBuf>,
+    pub insecure_plaintext: Option<bool>,
+    pub log: Option<String>,
+    pub proc_root: Option<PathBuf>,
+    pub sys_root: Option<PathBuf>,
+    pub dev_root: Option<PathBuf>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub insecure_plaintext: bool,
+    pub log: String,
+    pub roots: HostRoots,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the configuration file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("'{0}' is not a listen address; use IP or IP:PORT, e.g. 127.0.0.1 or 0.0.0.0:7443 or [::1]:7443")]
+    BadListen(String),
+    #[error(
+        "refusing to serve plaintext gRPC on {0}, which is not a loopback address: anyone who reaches it could \
+         unmount this guest's disks. Listen on 127.0.0.1, or pass --insecure-plaintext if this is a lab"
+    )]
+    PlaintextOffLoopback(SocketAddr),
+}
+
+impl Config {
+    /// Combines flags, the file they name (if any) and defaults.
+    pub fn load(args: &Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    fn merge(args: &Args, file: FileConfig) -> Result<Self, ConfigError> {
+        let listen_raw = if args.listen.is_empty() {
+            file.listen.unwrap_or_else(|| vec!["127.0.0.1".to_string()])
+        } else {
+            args.listen.clone()
+        };
+        let listen = listen_raw.iter().map(|s| parse_listen(s)).collect::<Result<Vec<_>, _>>()?;
+        let insecure_plaintext = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
+        if !insecure_plaintext {
+            if let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(ConfigError::PlaintextOffLoopback(*addr));
+            }
+        }
+        let socket = if args.no_socket {
+            None
+        } else {
+            Some(args.socket.clone().or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()))
+        };
+        let defaults = HostRoots::default();
+        Ok(Self {
+            listen,
+            socket,
+            insecure_plaintext,
+            log: args.log.clone().or(file.log).unwrap_or_else(|| "info".to_string()),
+            roots: HostRoots {
+                proc: file.proc_root.unwrap_or(defaults.proc),
+                sys: file.sys_root.unwrap_or(defaults.sys),
+                dev: file.dev_root.unwrap_or(defaults.dev),
+            },
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
+}
+
+/// Parses `IP`, `IP:PORT` or `[IPv6]:PORT`; the port defaults to 7443.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip = s.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, wukong_proto::DEFAULT_PORT))
+        .map_err(|_| ConfigError::BadListen(s.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("wukong-agent").chain(list.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_loopback_only() {
+        let c = Config::load(&args(&[])).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:7443".parse().unwrap()]);
+        assert_eq!(c.socket.as_deref(), Some(Path::new(DEFAULT_SOCKET)));
+        assert!(!c.insecure_plaintext);
+        assert_eq!(c.roots, HostRoots::default());
+    }
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(parse_listen("10.0.2.15").unwrap(), "10.0.2.15:7443".parse().unwrap());
+        assert_eq!(parse_listen("0.0.0.0:9000").unwrap(), "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(parse_listen("[::1]:1").unwrap(), "[::1]:1".parse().unwrap());
+        assert_eq!(parse_listen("::1").unwrap(), "[::1]:7443".parse().unwrap());
+        for bad in ["", "localhost", "1.2.3.4:99999", "1.2.3"] {
+            assert!(matches!(parse_listen(bad), Err(ConfigError::BadListen(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_the_explicit_flag() {
+        let err = Config::load(&args(&["--listen", "0.0.0.0"])).unwrap_err();
+        assert!(matches!(err, ConfigError::PlaintextOffLoopback(_)));
+        assert!(err.to_string().contains("--insecure-plaintext"), "{err}");
+        let c = Config::load(&args(&["--listen", "0.0.0.0", "--insecure-plaintext", "--no-socket"])).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:7443".parse().unwrap()]);
+        assert_eq!(c.socket, None);
+    }
+
+    #[test]
+    fn file_is_overridden_by_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "listen = [\"127.0.0.2:1\"]\nsocket = \"/tmp/x.sock\"\nlog = \"debug\"\n").unwrap();
+        let c = Config::load(&args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.2:1".parse().unwrap()]);
+        assert_eq!(c.socket.as_deref(), Some(Path::new("/tmp/x.sock")));
+        assert_eq!(c.log, "debug");
+        let c = Config::load(&args(&["--config", path.to_str().unwrap(), "--listen", "127.0.0.3"])).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.3:7443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn bad_file_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "lisen = []\n").unwrap();
+        let err = Config::load(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        let err = Config::load(&args(&["--config", "/nonexistent/agent.toml"])).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+}

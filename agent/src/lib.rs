@@ -1,0 +1,15 @@
+//! The Wukong disk agent: knows every disk of a Linux guest by its serial, and serves that over gRPC.
+//!
+//! Data flows one way: [`udev_source`] → [`inventory`] → [`service`]. Kernel state is read under [`roots::HostRoots`]
+//! so every parser runs on fixture trees.
+
+pub mod agent_info;
+pub mod config;
+pub mod disk;
+pub mod inventory;
+pub mod roots;
+pub mod serial;
+pub mod server;
+pub mod service;
+pub mod udev_db;
+pub mod udev_source;

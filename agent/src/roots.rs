@@ -1,0 +1,35 @@
+//! Where the agent finds `/proc`, `/sys` and `/dev`. Always passed in, never assumed, so every reader of kernel
+//! state runs on fixture trees in tests.
+
+use std::path::{Path, PathBuf};
+
+/// The three kernel-provided trees the agent reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoots {
+    pub proc: PathBuf,
+    pub sys: PathBuf,
+    pub dev: PathBuf,
+}
+
+impl Default for HostRoots {
+    fn default() -> Self {
+        Self { proc: "/proc".into(), sys: "/sys".into(), dev: "/dev".into() }
+    }
+}
+
+impl HostRoots {
+    /// Roots below one directory holding `proc/`, `sys/` and `dev/` (a fixture tree).
+    pub fn under(base: &Path) -> Self {
+        Self { proc: base.join("proc"), sys: base.join("sys"), dev: base.join("dev") }
+    }
+
+    /// `/sys/block/<name>`.
+    pub fn sys_block(&self, name: &str) -> PathBuf {
+        self.sys.join("block").join(name)
+    }
+
+    /// `/dev/<name>`.
+    pub fn dev_node(&self, name: &str) -> PathBuf {
+        self.dev.join(name)
+    }
+}

@@ -1,0 +1,141 @@
+//! Runs the agent: starts the inventory and the udev source, then serves gRPC (the agent service, standard health
+//! and reflection) on every TCP address and the Unix socket until shutdown.
+
+use crate::agent_info::AgentFacts;
+use crate::config::Config;
+use crate::service::DiskAgentService;
+use crate::{inventory, udev_source};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::Routes;
+use tonic::transport::Server;
+use wukong_proto::v1::disk_agent_server::DiskAgentServer;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Udev(#[from] udev_source::UdevSourceError),
+    #[error("cannot listen on {addr}: {source}; is another agent running, or is the address not on this guest?")]
+    BindTcp { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot create the Unix socket {path}: {source}")]
+    BindUnix { path: PathBuf, source: std::io::Error },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` completes, then stops accepting, lets running calls finish, and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let (updates, inventory) = inventory::spawn();
+    let _udev_thread = udev_source::spawn(config.roots.clone(), updates)?;
+    inventory.wait_synced().await;
+    tracing::info!(disks = inventory.snapshot().disks.len(), "initial disk inventory complete");
+
+    let facts = Arc::new(AgentFacts::new(config.roots.proc.clone()));
+    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<DiskAgentServer<DiskAgentService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(wukong_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let routes = Routes::new(agent).add_service(health_service).add_service(reflection);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for addr in &config.listen {
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
+        let local = listener.local_addr().map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
+        if !local.ip().is_loopback() {
+            tracing::warn!(
+                address = %local,
+                "serving PLAINTEXT gRPC off loopback (--insecure-plaintext): anyone who reaches this address can \
+                 use the agent"
+            );
+        }
+        tracing::info!(address = %local, "serving gRPC over TCP");
+        let incoming = TcpListenerStream::new(listener);
+        servers.spawn(
+            Server::builder().add_routes(routes.clone()).serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+        );
+    }
+    if let Some(path) = &config.socket {
+        let listener = bind_unix(path)?;
+        tracing::info!(path = %path.display(), "serving gRPC on the Unix socket");
+        let incoming = UnixListenerStream::new(listener);
+        servers.spawn(
+            Server::builder().add_routes(routes.clone()).serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+        );
+    }
+
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled().map(|interval| tokio::spawn(ping_watchdog(interval)));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "wukong-agent ready");
+
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        Some(ended) = servers.join_next() => {
+            // A server ended on its own: report why and stop the others.
+            result = ended.unwrap_or(Ok(())).map_err(ServerError::from);
+        }
+    }
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    while let Some(ended) = servers.join_next().await {
+        if let Ok(Err(e)) = ended {
+            tracing::warn!(error = %e, "a listener ended with an error during shutdown");
+        }
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    if let Some(path) = &config.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Binds the Unix socket, readable and writable by root only. A stale socket from a previous run is replaced.
+fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
+    let err = |source| ServerError::BindUnix { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "sd_notify failed (not started by systemd?)");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, from the runtime: if the runtime wedges, pings stop and systemd
+/// restarts the agent.
+async fn ping_watchdog(interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tick.tick().await;
+        notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+    }
+}

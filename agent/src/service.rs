@@ -1,0 +1,238 @@
+//! The `wukong.agent.v1.DiskAgent` gRPC service: validates requests, answers from the inventory, maps errors to
+//! status codes with sentences a person can act on.
+
+use crate::agent_info::AgentFacts;
+use crate::inventory::{Event, InventoryHandle, LookupError, Snapshot, disk_matches};
+use crate::serial::Serial;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use wukong_proto::v1::disk_agent_server::DiskAgent;
+use wukong_proto::v1::{
+    AgentInfo, CancelDetachRequest, CancelDetachResponse, CheckUsageRequest, Disk, DiskEvent, EventKind,
+    GetAgentInfoRequest, GetDiskRequest, ListDisksRequest, ListDisksResponse, PrepareDetachRequest,
+    PrepareDetachResponse, UsageReport, WaitForDiskRequest, WatchDisksRequest,
+};
+
+/// `WaitForDisk` timeout when the request gives none.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+/// Longest `WaitForDisk` the agent accepts; a client wanting longer calls again.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// Events buffered per watcher before the watcher is treated as lagging and re-sent a snapshot.
+const WATCH_BUFFER: usize = 256;
+/// Most serials one watch may filter on.
+const MAX_WATCH_SERIALS: usize = 1024;
+
+/// The service, cheap to clone.
+#[derive(Clone)]
+pub struct DiskAgentService {
+    inventory: InventoryHandle,
+    facts: Arc<AgentFacts>,
+}
+
+impl DiskAgentService {
+    pub fn new(inventory: InventoryHandle, facts: Arc<AgentFacts>) -> Self {
+        Self { inventory, facts }
+    }
+}
+
+/// Parses a request's serial, or says what is wrong with it.
+fn parse_serial(raw: &str) -> Result<Serial, Status> {
+    Serial::parse(raw).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn lookup_status(e: LookupError) -> Status {
+    match e {
+        LookupError::NotFound(_) => Status::not_found(e.to_string()),
+        LookupError::Ambiguous { .. } => Status::failed_precondition(e.to_string()),
+    }
+}
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    t.into()
+}
+
+fn to_proto(e: &Event) -> DiskEvent {
+    DiskEvent { kind: e.kind as i32, disk: Some(e.disk.clone()), sequence: e.sequence, time: Some(timestamp(e.time)) }
+}
+
+/// Reads the timeout of a `WaitForDisk`: absent → default, negative or beyond the maximum → error.
+fn wait_timeout(requested: Option<prost_types::Duration>) -> Result<Duration, Status> {
+    let Some(d) = requested else { return Ok(DEFAULT_WAIT) };
+    let d = Duration::try_from(d).map_err(|_| Status::invalid_argument("the timeout must not be negative"))?;
+    if d > MAX_WAIT {
+        return Err(Status::invalid_argument(format!(
+            "the timeout of {}s exceeds the maximum of {}s; wait in several calls",
+            d.as_secs(),
+            MAX_WAIT.as_secs()
+        )));
+    }
+    Ok(d)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<DiskEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DiskAgent for DiskAgentService {
+    async fn get_agent_info(&self, _: Request<GetAgentInfoRequest>) -> Result<Response<AgentInfo>, Status> {
+        let mut info = self.facts.info();
+        info.disk_count = self.inventory.snapshot().disks.len() as u32;
+        Ok(Response::new(info))
+    }
+
+    async fn list_disks(&self, _req: Request<ListDisksRequest>) -> Result<Response<ListDisksResponse>, Status> {
+        let snap = self.inventory.snapshot();
+        let disks = snap.disks_by_id().into_iter().cloned().collect();
+        Ok(Response::new(ListDisksResponse { disks }))
+    }
+
+    async fn get_disk(&self, req: Request<GetDiskRequest>) -> Result<Response<Disk>, Status> {
+        let serial = parse_serial(&req.get_ref().serial)?;
+        let snap = self.inventory.snapshot();
+        snap.find(&serial).map(|d| Response::new(d.clone())).map_err(lookup_status)
+    }
+
+    type WatchDisksStream = EventStream;
+
+    async fn watch_disks(&self, req: Request<WatchDisksRequest>) -> Result<Response<EventStream>, Status> {
+        let filter = &req.get_ref().serials;
+        if filter.len() > MAX_WATCH_SERIALS {
+            return Err(Status::invalid_argument(format!(
+                "a watch may filter on at most {MAX_WATCH_SERIALS} serials; {} were given",
+                filter.len()
+            )));
+        }
+        let filter = filter.iter().map(|s| parse_serial(s)).collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(forward_events(self.inventory.clone(), filter, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn wait_for_disk(&self, req: Request<WaitForDiskRequest>) -> Result<Response<Disk>, Status> {
+        let serial = parse_serial(&req.get_ref().serial)?;
+        let timeout = wait_timeout(req.get_ref().timeout)?;
+        // Subscribe before looking, so a disk that arrives in between is not missed.
+        let mut events = self.inventory.subscribe();
+        let wait = async {
+            loop {
+                match self.inventory.snapshot().find(&serial) {
+                    Ok(d) => return Ok(d.clone()),
+                    Err(e @ LookupError::Ambiguous { .. }) => return Err(lookup_status(e)),
+                    Err(LookupError::NotFound(_)) => {}
+                }
+                match events.recv().await {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(Status::unavailable("the agent is shutting down; retry against the new agent"));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result.map(Response::new),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no disk with serial '{serial}' appeared in the guest within {:.1}s; check that the hypervisor \
+                 attached it with this serial",
+                timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    async fn check_usage(&self, _req: Request<CheckUsageRequest>) -> Result<Response<UsageReport>, Status> {
+        Err(Status::unimplemented("usage scanning is not available in this agent version"))
+    }
+
+    async fn prepare_detach(
+        &self,
+        _req: Request<PrepareDetachRequest>,
+    ) -> Result<Response<PrepareDetachResponse>, Status> {
+        Err(Status::unimplemented("releasing disks is not available in this agent version"))
+    }
+
+    async fn cancel_detach(
+        &self,
+        _req: Request<CancelDetachRequest>,
+    ) -> Result<Response<CancelDetachResponse>, Status> {
+        Err(Status::unimplemented("releasing disks is not available in this agent version"))
+    }
+}
+
+/// Sends a snapshot, then live events, to one watcher until it goes away. A watcher that falls behind is sent a
+/// fresh snapshot instead of a gap.
+async fn forward_events(inventory: InventoryHandle, filter: Vec<Serial>, tx: mpsc::Sender<Result<DiskEvent, Status>>) {
+    let wanted = |d: &Disk| filter.is_empty() || filter.iter().any(|s| disk_matches(d, s));
+    loop {
+        let mut events = inventory.subscribe();
+        let snap = inventory.snapshot();
+        if send_snapshot(&snap, &wanted, &tx).await.is_err() {
+            return;
+        }
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = tx.closed() => return,
+            };
+            match event {
+                Ok(e) if e.sequence <= snap.sequence || !wanted(&e.disk) => {}
+                Ok(e) => {
+                    if tx.send(Ok(to_proto(&e))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "a disk watcher fell behind; sending it a fresh snapshot");
+                    break;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+async fn send_snapshot(
+    snap: &Snapshot,
+    wanted: &impl Fn(&Disk) -> bool,
+    tx: &mpsc::Sender<Result<DiskEvent, Status>>,
+) -> Result<(), mpsc::error::SendError<Result<DiskEvent, Status>>> {
+    let now = Some(timestamp(SystemTime::now()));
+    for disk in snap.disks_by_id().into_iter().filter(|d| wanted(d)) {
+        let event = DiskEvent {
+            kind: EventKind::Existing as i32,
+            disk: Some(disk.clone()),
+            sequence: snap.sequence,
+            time: now,
+        };
+        tx.send(Ok(event)).await?;
+    }
+    tx.send(Ok(DiskEvent { kind: EventKind::Synced as i32, disk: None, sequence: snap.sequence, time: now })).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_timeout_defaults_and_bounds() {
+        assert_eq!(wait_timeout(None).unwrap(), DEFAULT_WAIT);
+        assert_eq!(
+            wait_timeout(Some(prost_types::Duration { seconds: 2, nanos: 0 })).unwrap(),
+            Duration::from_secs(2)
+        );
+        let neg = wait_timeout(Some(prost_types::Duration { seconds: -1, nanos: 0 })).unwrap_err();
+        assert_eq!(neg.code(), tonic::Code::InvalidArgument);
+        let long = wait_timeout(Some(prost_types::Duration { seconds: 601, nanos: 0 })).unwrap_err();
+        assert_eq!(long.code(), tonic::Code::InvalidArgument);
+        assert!(long.message().contains("600s"), "{}", long.message());
+    }
+
+    #[test]
+    fn bad_serials_are_invalid_argument() {
+        for bad in ["", "../x", "a\0b", &"x".repeat(10_000)] {
+            assert_eq!(parse_serial(bad).unwrap_err().code(), tonic::Code::InvalidArgument);
+        }
+    }
+}

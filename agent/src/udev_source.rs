@@ -1,0 +1,176 @@
+//! Watches udev for block devices and feeds the inventory.
+//!
+//! libudev objects are `!Send`, so the monitor lives on one dedicated thread. The monitor socket is created before
+//! the first enumeration, so no event is lost between the two. Events are only triggers: the affected disk is
+//! re-described from sysfs and udev's database, which makes handling idempotent and order-proof.
+
+use crate::disk;
+use crate::inventory::Update;
+use crate::roots::HostRoots;
+use crate::udev_db::{LibUdevDb, UdevDb};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{setsockopt, sockopt};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::thread;
+use tokio::sync::mpsc;
+use wukong_proto::v1::Disk;
+
+/// Receive buffer of the monitor socket: a burst of hot-plugs (with partitions and holders) must not overflow it.
+const MONITOR_BUFFER_BYTES: usize = 16 << 20;
+/// How often the thread checks whether the inventory still listens, when no event arrives.
+const IDLE_CHECK_MS: u16 = 500;
+
+/// Why the udev source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UdevSourceError {
+    #[error("cannot open the udev monitor for block devices: {0}; is systemd-udevd running in the guest?")]
+    Monitor(#[source] std::io::Error),
+    #[error("cannot start the udev thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Starts the udev thread. The first update it sends is a full `Reconcile`; it stops when `updates` is closed.
+pub fn spawn(roots: HostRoots, updates: mpsc::Sender<Update>) -> Result<thread::JoinHandle<()>, UdevSourceError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = thread::Builder::new()
+        .name("udev-source".into())
+        .spawn(move || {
+            let socket = match open_monitor() {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            run(&roots, &LibUdevDb, &socket, &updates);
+        })
+        .map_err(UdevSourceError::Thread)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(UdevSourceError::Monitor(e)),
+        Err(_) => Err(UdevSourceError::Monitor(std::io::Error::other("the udev thread ended at start"))),
+    }
+}
+
+fn open_monitor() -> std::io::Result<udev::MonitorSocket> {
+    let socket = udev::MonitorBuilder::new()?.match_subsystem("block")?.listen()?;
+    // SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it the kernel caps SO_RCVBUF at rmem_max, which still helps.
+    let size = MONITOR_BUFFER_BYTES;
+    if setsockopt(&socket.as_fd(), sockopt::RcvBufForce, &size).is_err() {
+        let _ = setsockopt(&socket.as_fd(), sockopt::RcvBuf, &size);
+    }
+    Ok(socket)
+}
+
+fn run(roots: &HostRoots, db: &dyn UdevDb, socket: &udev::MonitorSocket, updates: &mpsc::Sender<Update>) {
+    if updates.blocking_send(Update::Reconcile(enumerate(roots, db))).is_err() {
+        return;
+    }
+    loop {
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(IDLE_CHECK_MS)) {
+            Ok(0) => {
+                if updates.is_closed() {
+                    return;
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "polling the udev monitor failed; the disk inventory stops updating");
+                return;
+            }
+        }
+        nix::errno::Errno::clear();
+        let mut overflowed = false;
+        let mut triggers = Vec::new();
+        for event in socket.iter() {
+            triggers.push(Trigger::from_event(&event));
+        }
+        // The iterator ends on EAGAIN (drained) or on an error; ENOBUFS means the kernel dropped events.
+        if nix::errno::Errno::last() == nix::errno::Errno::ENOBUFS {
+            overflowed = true;
+        }
+        let mut batch = Vec::new();
+        if overflowed {
+            tracing::warn!("the udev monitor overflowed and dropped events; re-enumerating every disk");
+            batch.push(Update::Reconcile(enumerate(roots, db)));
+        } else {
+            for trigger in triggers {
+                batch.extend(updates_for(roots, db, &trigger));
+            }
+        }
+        for update in batch {
+            if updates.blocking_send(update).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// All physical disks udev has settled.
+fn enumerate(roots: &HostRoots, db: &dyn UdevDb) -> Vec<Disk> {
+    let mut names: Vec<String> = std::fs::read_dir(roots.sys.join("block"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+        .iter()
+        .filter(|n| disk::is_physical_disk(roots, n))
+        .filter_map(|n| disk::describe(roots, db, n))
+        .collect()
+}
+
+/// What a udev event is about, copied out of libudev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub action: String,
+    pub kernel_name: String,
+    pub devtype: String,
+    /// For a partition: the disk it belongs to (parent directory in sysfs).
+    pub parent: Option<String>,
+}
+
+impl Trigger {
+    fn from_event(event: &udev::Event) -> Self {
+        let device = event.device();
+        let syspath = device.syspath().to_path_buf();
+        Self {
+            action: device.action().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default(),
+            kernel_name: device.sysname().to_string_lossy().into_owned(),
+            devtype: device.devtype().map(|t| t.to_string_lossy().into_owned()).unwrap_or_default(),
+            parent: parent_name(&syspath),
+        }
+    }
+}
+
+fn parent_name(syspath: &Path) -> Option<String> {
+    syspath.parent()?.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// The inventory updates one event causes.
+pub fn updates_for(roots: &HostRoots, db: &dyn UdevDb, trigger: &Trigger) -> Vec<Update> {
+    let refresh = |name: &str| match disk::describe(roots, db, name) {
+        Some(d) => Update::Upsert(d),
+        // Present in sysfs but not settled (no by-id link yet): it is not a disk we report, yet.
+        None => Update::Remove(name.to_string()),
+    };
+    match trigger.devtype.as_str() {
+        "disk" if trigger.action != "remove" && disk::is_physical_disk(roots, &trigger.kernel_name) => {
+            vec![refresh(&trigger.kernel_name)]
+        }
+        "partition" => match &trigger.parent {
+            Some(parent) if disk::is_physical_disk(roots, parent) => vec![refresh(parent)],
+            _ => Vec::new(),
+        },
+        // A disk went away (sysfs no longer says what it was), or a virtual device (dm, md, loop) came, went or
+        // changed, so holders of any disk may differ. Re-describing every disk is cheap, and the inventory only
+        // publishes what really changed.
+        _ => vec![Update::Reconcile(enumerate(roots, db))],
+    }
+}

@@ -1,0 +1,18 @@
+//! Compiles the agent protocol with protox (a pure-Rust protobuf compiler), so no `protoc` is needed on any machine.
+//! The encoded descriptor set is kept for gRPC server reflection.
+
+use prost::Message;
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/wukong/agent/v1/agent.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([proto], ["proto"])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("wukong_descriptor.bin"), descriptors.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! The gRPC contract of `wukong.agent.v1.DiskAgent`, generated from `proto/wukong/agent/v1/agent.proto`.
+
+/// Generated messages, client and server for `wukong.agent.v1`.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("wukong.agent.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the protocol, served by gRPC reflection so `grpcurl` needs no local proto files.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("wukong_descriptor");
+
+/// Default TCP port of the agent.
+pub const DEFAULT_PORT: u16 = 7443;
