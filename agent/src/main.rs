@@ -1,4 +1,5 @@
 use anyhow::Context;
+use std::io::IsTerminal;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use wukong_agent::config::{Args, Config};
@@ -10,6 +11,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("invalid --log filter")?)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let shutdown = async move {

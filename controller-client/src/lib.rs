@@ -1,1 +1,4 @@
+//! Companion of the Wukong disk agent: the agent client used by `wukongctl` and by operators.
 
+pub mod agent_client;
+pub mod output;

@@ -1,0 +1,265 @@
+//! Client of the guest agent: address parsing, connection (TCP or Unix socket), per-call deadlines and retries of
+//! idempotent reads.
+
+use hyper_util::rt::TokioIo;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request, Status};
+use wukong_proto::v1::disk_agent_client::DiskAgentClient;
+use wukong_proto::v1::{
+    AgentInfo, Disk, GetAgentInfoRequest, GetDiskRequest, ListDisksRequest, WaitForDiskRequest, WatchDisksRequest,
+};
+
+/// Default deadline of one unary call.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time allowed to establish a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts for an idempotent read that fails with UNAVAILABLE.
+const READ_ATTEMPTS: u32 = 3;
+
+/// Where the agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAddress {
+    /// `http://IP:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+}
+
+impl FromStr for AgentAddress {
+    type Err = ClientError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = path.trim_start_matches("//");
+            if path.is_empty() {
+                return Err(ClientError::BadAddress(s.to_string()));
+            }
+            return Ok(Self::Unix(path.into()));
+        }
+        if s.starts_with("http://") || s.starts_with("https://") {
+            let uri: Uri = s.parse().map_err(|_| ClientError::BadAddress(s.to_string()))?;
+            if uri.host().is_none() {
+                return Err(ClientError::BadAddress(s.to_string()));
+            }
+            return Ok(Self::Tcp(s.trim_end_matches('/').to_string()));
+        }
+        Err(ClientError::BadAddress(s.to_string()))
+    }
+}
+
+impl fmt::Display for AgentAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(url) => f.write_str(url),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Errors of the agent client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("'{0}' is not an agent address; use http://IP:PORT (e.g. http://127.0.0.1:7443) or unix:PATH")]
+    BadAddress(String),
+    #[error("cannot reach the agent at {address}: {reason}; is wukong-agent running and reachable?")]
+    Unreachable { address: AgentAddress, reason: String },
+    #[error("the agent at {address} did not answer within {timeout:?}")]
+    Timeout { address: AgentAddress, timeout: Duration },
+    #[error("{}", .status.message())]
+    Agent { status: Status },
+}
+
+impl ClientError {
+    /// The gRPC status code, when the agent answered with one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Self::Agent { status } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// A connected agent client.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    address: AgentAddress,
+    inner: DiskAgentClient<Channel>,
+    call_timeout: Duration,
+}
+
+impl AgentClient {
+    /// Connects to the agent (lazily: the first call establishes the connection).
+    pub fn connect(address: AgentAddress) -> Result<Self, ClientError> {
+        let channel = match &address {
+            AgentAddress::Tcp(url) => Endpoint::from_shared(url.clone())
+                .map_err(|_| ClientError::BadAddress(url.clone()))?
+                .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+                .connect_lazy(),
+            AgentAddress::Unix(path) => {
+                let path = path.clone();
+                // The URI is required by the API but unused: the connector below dials the socket.
+                Endpoint::from_static("http://agent.invalid")
+                    .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+                    .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+                    }))
+            }
+        };
+        Ok(Self { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT })
+    }
+
+    /// Sets the deadline of each unary call.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    pub fn address(&self) -> &AgentAddress {
+        &self.address
+    }
+
+    fn request<T>(&self, msg: T, timeout: Duration) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.set_timeout(timeout);
+        req
+    }
+
+    fn map_status(&self, status: Status, timeout: Duration) -> ClientError {
+        match status.code() {
+            Code::Unavailable | Code::Unknown if is_transport_error(&status) => {
+                ClientError::Unreachable { address: self.address.clone(), reason: transport_reason(&status) }
+            }
+            Code::Cancelled | Code::DeadlineExceeded if is_transport_error(&status) => {
+                ClientError::Timeout { address: self.address.clone(), timeout }
+            }
+            _ => ClientError::Agent { status },
+        }
+    }
+
+    /// Runs an idempotent read, retrying while the agent is unreachable (e.g. restarting).
+    async fn read<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(DiskAgentClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match call(self.inner.clone()).await {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(status) => {
+                    let err = self.map_status(status, self.call_timeout);
+                    if attempt >= READ_ATTEMPTS || !matches!(err, ClientError::Unreachable { .. }) {
+                        return Err(err);
+                    }
+                    tracing::debug!(attempt, error = %err, "agent unreachable; retrying the read");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    pub async fn agent_info(&self) -> Result<AgentInfo, ClientError> {
+        self.read(|mut c| {
+            let req = self.request(GetAgentInfoRequest {}, self.call_timeout);
+            async move { c.get_agent_info(req).await }
+        })
+        .await
+    }
+
+    pub async fn list_disks(&self, include_usage: bool) -> Result<Vec<Disk>, ClientError> {
+        self.read(|mut c| {
+            let req = self.request(ListDisksRequest { include_usage }, self.call_timeout);
+            async move { c.list_disks(req).await }
+        })
+        .await
+        .map(|r| r.disks)
+    }
+
+    pub async fn get_disk(&self, serial: &str, include_usage: bool) -> Result<Disk, ClientError> {
+        self.read(|mut c| {
+            let req =
+                self.request(GetDiskRequest { serial: serial.to_string(), include_usage }, self.call_timeout);
+            async move { c.get_disk(req).await }
+        })
+        .await
+    }
+
+    /// Waits until the guest has settled the disk with this serial. The call's deadline is the wait plus a margin,
+    /// so the agent's own DEADLINE_EXCEEDED (with its explanation) arrives first.
+    pub async fn wait_for_disk(&self, serial: &str, timeout: Duration) -> Result<Disk, ClientError> {
+        let deadline = timeout + Duration::from_secs(5);
+        let msg = WaitForDiskRequest { serial: serial.to_string(), timeout: timeout.try_into().ok() };
+        self.inner
+            .clone()
+            .wait_for_disk(self.request(msg, deadline))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.map_status(s, deadline))
+    }
+
+    /// Opens a watch: a snapshot, then live events.
+    pub async fn watch(&self, serials: Vec<String>) -> Result<tonic::Streaming<wukong_proto::v1::DiskEvent>, ClientError> {
+        self.inner
+            .clone()
+            .watch_disks(WatchDisksRequest { serials })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.map_status(s, self.call_timeout))
+    }
+}
+
+/// True when the status was produced by the transport (no answer from the agent), not by the agent.
+fn is_transport_error(status: &Status) -> bool {
+    use std::error::Error;
+    status.source().is_some()
+        || status.message().contains("transport error")
+        || status.message().contains("connect")
+        || status.message().contains("Timeout expired")
+}
+
+fn transport_reason(status: &Status) -> String {
+    use std::error::Error;
+    let mut reason = status.message().to_string();
+    let mut source = status.source();
+    while let Some(s) = source {
+        reason = s.to_string();
+        source = s.source();
+    }
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!("unix:/run/a.sock".parse::<AgentAddress>().unwrap(), AgentAddress::Unix("/run/a.sock".into()));
+        assert_eq!("unix:///run/a.sock".parse::<AgentAddress>().unwrap(), AgentAddress::Unix("/run/a.sock".into()));
+        assert_eq!(
+            "http://127.0.0.1:7443/".parse::<AgentAddress>().unwrap(),
+            AgentAddress::Tcp("http://127.0.0.1:7443".into())
+        );
+        for bad in ["", "unix:", "127.0.0.1:7443", "ftp://x", "http://"] {
+            assert!(matches!(bad.parse::<AgentAddress>(), Err(ClientError::BadAddress(_))), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_agent_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = AgentAddress::Unix(dir.path().join("none.sock"));
+        let client = AgentClient::connect(addr).unwrap();
+        let err = client.agent_info().await.unwrap_err();
+        assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
+        assert!(err.to_string().contains("none.sock"), "{err}");
+    }
+}

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Builds the guest lab's boot files (profile A: a Debian cloud kernel and an initramfs with busybox, Debian's
+# systemd-udevd and the agent).
+#
+#   build-guest.sh OUT_DIR AGENT_BINARY
+#
+# Writes OUT_DIR/vmlinuz and OUT_DIR/initrd.img. Downloads (Debian packages only) are cached in OUT_DIR/cache and
+# reused; delete that directory to pick up a newer kernel.
+set -euo pipefail
+
+out=${1:?usage: build-guest.sh OUT_DIR AGENT_BINARY}
+agent=${2:?usage: build-guest.sh OUT_DIR AGENT_BINARY}
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib/apt.sh
+. "$here/../lib/apt.sh"
+
+[ -x "$agent" ] || { echo "build-guest: agent binary $agent not found; build it first (cargo build --release -p wukong-agent)" >&2; exit 1; }
+command -v busybox >/dev/null || { echo "build-guest: busybox not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
+
+mkdir -p "$out/cache"
+out=$(cd "$out" && pwd)
+cache=$out/cache
+
+# --- kernel -------------------------------------------------------------------------------------------------
+kdir=$cache/kernel
+if [ ! -f "$kdir/.complete" ]; then
+  rm -rf "$kdir"
+  mkdir -p "$kdir"
+  apt_private_update
+  pkg=$(apt_cache_private depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  [ -n "$pkg" ] || { echo "build-guest: cannot resolve the Debian cloud kernel package" >&2; exit 1; }
+  echo "build-guest: downloading $pkg"
+  (cd "$cache" && apt_private -o APT::Sandbox::User=root download "$pkg" >/dev/null)
+  dpkg-deb -x "$cache/${pkg}"_*.deb "$kdir"
+  # The package leaves modules.dep to its postinst; generate it in the extracted tree.
+  depmod -b "$kdir" "$(ls "$kdir/lib/modules" | head -n1)"
+  rm -f "$cache/${pkg}"_*.deb
+  touch "$kdir/.complete"
+fi
+kver=$(ls "$kdir/lib/modules" | head -n1)
+moddir=$kdir/lib/modules/$kver
+cp "$kdir/boot/vmlinuz-$kver" "$out/vmlinuz"
+
+# --- initramfs tree ----------------------------------------------------------------------------------------
+root=$(mktemp -d "$out/root.XXXXXX")
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,run,tmp,var/log,lib/udev,lib/modules,lib64,usr/bin,usr/sbin,usr/local/bin,lib/x86_64-linux-gnu,mnt}
+cp "$(command -v busybox)" "$root/bin/busybox"
+for applet in $(busybox --list); do
+  [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+done
+
+# Copies a host binary and every shared library it needs to the same paths in the tree.
+copy_with_libs() {
+  local src=$1 dst=${2:-$1} lib
+  mkdir -p "$root$(dirname "$dst")"
+  cp -L "$src" "$root$dst"
+  if ldd "$src" 2>/dev/null | grep -q 'not found'; then
+    echo "build-guest: $src needs a library that is not installed:" >&2
+    ldd "$src" | grep 'not found' >&2
+    exit 1
+  fi
+  for lib in $(ldd "$src" 2>/dev/null | grep -o '/[^ ]*'); do
+    [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; }
+  done
+}
+
+# udev: the daemon, its helpers and all rules.
+copy_with_libs "$(command -v udevadm)" /bin/udevadm
+mkdir -p "$root/lib/systemd"
+ln -s /bin/udevadm "$root/lib/systemd/systemd-udevd"
+for helper in scsi_id ata_id cdrom_id; do
+  copy_with_libs "/lib/udev/$helper" "/lib/udev/$helper"
+done
+cp -r /lib/udev/rules.d "$root/lib/udev/"
+# Tools tests drive inside the guest; GNU date is there for its nanosecond timestamps.
+copy_with_libs "$(command -v date)" /usr/local/bin/gdate
+for tool in mkfs.ext4 mke2fs blkid; do
+  p=$(command -v "$tool" || true)
+  [ -n "$p" ] && copy_with_libs "$p" "/usr/sbin/$tool"
+done
+
+# The agent, without symbols (a debug build would otherwise bloat the image).
+copy_with_libs "$agent" /usr/bin/wukong-agent
+strip --strip-all "$root/usr/bin/wukong-agent" 2>/dev/null || true
+
+cat > "$root/etc/passwd" <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+EOF
+: > "$root/etc/group"
+gid=0
+for g in root disk kmem dialout cdrom tape audio video input kvm render sgx tty lp floppy sudo users nogroup systemd-journal; do
+  echo "$g:x:$gid:" >> "$root/etc/group"
+  gid=$((gid + 1))
+done
+
+# --- kernel modules, dependencies resolved from modules.dep -----------------------------------------------------
+wanted="virtio_pci virtio_scsi sd_mod virtio_blk virtio_net loop dm_mod dm_crypt raid1 ext4 xfs btrfs"
+order=()
+declare -A seen=()
+resolve() {
+  local name=$1 path dep
+  path=$(awk -F: -v n="$name" '{ f=$1; sub(/.*\//, "", f); sub(/\.ko(\.[a-z]+)?$/, "", f); gsub(/-/, "_", f); if (f == n) { print $1; exit } }' "$moddir/modules.dep")
+  if [ -z "$path" ]; then
+    if grep -qE "/${name//_/[_-]}\.ko" "$moddir/modules.builtin"; then
+      return 0
+    fi
+    echo "build-guest: kernel module $name not found for $kver" >&2
+    exit 1
+  fi
+  [ -n "${seen[$path]:-}" ] && return 0
+  seen[$path]=1
+  for dep in $(awk -F: -v p="$path" '$1 == p { print $2; exit }' "$moddir/modules.dep"); do
+    dep=${dep##*/}; dep=${dep%%.ko*}; dep=${dep//-/_}
+    resolve "$dep"
+  done
+  order+=("$path")
+}
+for m in $wanted; do resolve "$m"; done
+: > "$root/etc/modules-order"
+for path in "${order[@]}"; do
+  base=${path##*/}
+  case $base in
+    *.ko.xz) xz -dc "$moddir/$path" > "$root/lib/modules/${base%.xz}"; base=${base%.xz} ;;
+    *.ko.zst) zstd -qdc "$moddir/$path" > "$root/lib/modules/${base%.zst}"; base=${base%.zst} ;;
+    *) cp "$moddir/$path" "$root/lib/modules/$base" ;;
+  esac
+  echo "$base" >> "$root/etc/modules-order"
+done
+
+cp "$here/guest-init.sh" "$root/init"
+cp "$here/guest-ctl-handler.sh" "$root/bin/wukong-ctl-handler"
+chmod +x "$root/init" "$root/bin/wukong-ctl-handler"
+
+(cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > "$out/initrd.img.tmp")
+mv "$out/initrd.img.tmp" "$out/initrd.img"
+echo "build-guest: kernel $kver, initrd $(du -h "$out/initrd.img" | cut -f1), ${#order[@]} modules"
