@@ -29,8 +29,7 @@ pub fn describe(roots: &HostRoots, db: &dyn UdevDb, kernel_name: &str) -> Option
     let bus = bus_of(&dir, &props);
     let (serial, device_id) = serials(bus, &dir, &props);
     let links = devlinks(&props);
-    let by_id_links: Vec<String> =
-        links.iter().filter(|l| l.contains("/disk/by-id/")).cloned().collect();
+    let by_id_links: Vec<String> = links.iter().filter(|l| l.contains("/disk/by-id/")).cloned().collect();
     if !serial.is_empty() && by_id_links.is_empty() {
         return None;
     }
@@ -186,10 +185,7 @@ fn holders_of(roots: &HostRoots, db: &dyn UdevDb, dir: &Path, seen: &mut HashSet
                 let node = roots.dev.join("mapper").join(&dm_name).to_string_lossy().into_owned();
                 (dm_name, node)
             }
-            HolderKind::Md => (
-                prop(&props, "MD_DEVNAME").unwrap_or_default(),
-                dev_node(roots, &name, &props),
-            ),
+            HolderKind::Md => (prop(&props, "MD_DEVNAME").unwrap_or_default(), dev_node(roots, &name, &props)),
             _ => (dm_name, dev_node(roots, &name, &props)),
         };
         holders.push(Holder {

@@ -51,9 +51,7 @@ pub struct Snapshot {
 pub enum LookupError {
     #[error("no disk with serial '{0}' is present in the guest; check the serial the hypervisor gave the disk")]
     NotFound(String),
-    #[error(
-        "serial '{serial}' matches several disks ({devices}); give each disk a unique serial in the hypervisor"
-    )]
+    #[error("serial '{serial}' matches several disks ({devices}); give each disk a unique serial in the hypervisor")]
     Ambiguous { serial: String, devices: String },
 }
 
@@ -141,8 +139,7 @@ impl Inventory {
             Update::Remove(name) => changes.extend(self.remove(&name)),
             Update::Reconcile(disks) => {
                 let present: Vec<String> = disks.iter().map(|d| d.kernel_name.clone()).collect();
-                let gone: Vec<String> =
-                    self.current.disks.keys().filter(|k| !present.contains(k)).cloned().collect();
+                let gone: Vec<String> = self.current.disks.keys().filter(|k| !present.contains(k)).cloned().collect();
                 for name in gone {
                     changes.extend(self.remove(&name));
                 }

@@ -1,6 +1,6 @@
 use anyhow::Context;
-use std::io::IsTerminal;
 use clap::Parser;
+use std::io::IsTerminal;
 use tokio::signal::unix::{SignalKind, signal};
 use wukong_agent::config::{Args, Config};
 

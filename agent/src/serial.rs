@@ -19,9 +19,7 @@ pub enum SerialError {
     Empty,
     #[error("the serial is {len} characters long; at most {MAX_LEN} are allowed (20 is the portable limit)")]
     TooLong { len: usize },
-    #[error(
-        "the serial {shown:?} contains {bad:?}; only letters, digits and '.', '_', '+', '-' are allowed"
-    )]
+    #[error("the serial {shown:?} contains {bad:?}; only letters, digits and '.', '_', '+', '-' are allowed")]
     BadCharacter { shown: String, bad: char },
 }
 
@@ -85,10 +83,7 @@ mod tests {
         assert_eq!(Serial::parse(&"a".repeat(37)), Err(SerialError::TooLong { len: 37 }));
         assert_eq!(Serial::parse(&"a".repeat(10_000)), Err(SerialError::TooLong { len: 10_000 }));
         for (bad, c) in [("../etc", '/'), ("a b", ' '), ("a\0b", '\0'), ("disk/1", '/'), ("é", 'é')] {
-            assert_eq!(
-                Serial::parse(bad),
-                Err(SerialError::BadCharacter { shown: bad.to_string(), bad: c })
-            );
+            assert_eq!(Serial::parse(bad), Err(SerialError::BadCharacter { shown: bad.to_string(), bad: c }));
         }
     }
 

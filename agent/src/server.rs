@@ -17,6 +17,9 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use wukong_proto::v1::disk_agent_server::DiskAgentServer;
 
+/// How long running calls may take to finish after shutdown starts.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -26,6 +29,8 @@ pub enum ServerError {
     BindTcp { addr: SocketAddr, source: std::io::Error },
     #[error("cannot create the Unix socket {path}: {source}")]
     BindUnix { path: PathBuf, source: std::io::Error },
+    #[error("{0} exists and is not a socket; remove it or choose another --socket path")]
+    NotASocket(PathBuf),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
@@ -39,8 +44,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     inventory.wait_synced().await;
     tracing::info!(disks = inventory.snapshot().disks.len(), "initial disk inventory complete");
 
+    let (stop_tx, stop_rx) = watch::channel(false);
     let facts = Arc::new(AgentFacts::new(config.roots.proc.clone()));
-    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts));
+    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts, stop_rx.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DiskAgentServer<DiskAgentService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -49,7 +55,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .build_v1()?;
     let routes = Routes::new(agent).add_service(health_service).add_service(reflection);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     for addr in &config.listen {
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
@@ -64,7 +69,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(address = %local, "serving gRPC over TCP");
         let incoming = TcpListenerStream::new(listener);
         servers.spawn(
-            Server::builder().add_routes(routes.clone()).serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+            Server::builder()
+                .add_routes(routes.clone())
+                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
         );
     }
     if let Some(path) = &config.socket {
@@ -72,7 +79,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(path = %path.display(), "serving gRPC on the Unix socket");
         let incoming = UnixListenerStream::new(listener);
         servers.spawn(
-            Server::builder().add_routes(routes.clone()).serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+            Server::builder()
+                .add_routes(routes.clone())
+                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
         );
     }
 
@@ -90,10 +99,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
-    while let Some(ended) = servers.join_next().await {
-        if let Ok(Err(e)) = ended {
-            tracing::warn!(error = %e, "a listener ended with an error during shutdown");
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(ended) = servers.join_next().await {
+            if let Ok(Err(e)) = ended {
+                tracing::warn!(error = %e, "a listener ended with an error during shutdown");
+            }
         }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still running after the shutdown grace period were cut off");
+        servers.abort_all();
     }
     if let Some(w) = watchdog {
         w.abort();
@@ -108,14 +124,17 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// Binds the Unix socket, readable and writable by root only. A stale socket from a previous run is replaced.
+/// Binds the Unix socket, readable and writable by root only. A stale socket from a previous run is replaced;
+/// any other file at that path is left alone and reported.
 fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::FileTypeExt;
     let err = |source| ServerError::BindUnix { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }

@@ -7,7 +7,7 @@ use crate::serial::Serial;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -32,12 +32,25 @@ const MAX_WATCH_SERIALS: usize = 1024;
 pub struct DiskAgentService {
     inventory: InventoryHandle,
     facts: Arc<AgentFacts>,
+    /// Becomes true when the agent shuts down: long-running calls (watches, waits) end at once, so the server's
+    /// graceful shutdown does not wait on them.
+    stopping: watch::Receiver<bool>,
 }
 
 impl DiskAgentService {
-    pub fn new(inventory: InventoryHandle, facts: Arc<AgentFacts>) -> Self {
-        Self { inventory, facts }
+    pub fn new(inventory: InventoryHandle, facts: Arc<AgentFacts>, stopping: watch::Receiver<bool>) -> Self {
+        Self { inventory, facts, stopping }
     }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the agent is shutting down; retry against the restarted agent")
+}
+
+/// Completes when the agent starts shutting down.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens at shutdown too.
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 /// Parses a request's serial, or says what is wrong with it.
@@ -108,7 +121,7 @@ impl DiskAgent for DiskAgentService {
         }
         let filter = filter.iter().map(|s| parse_serial(s)).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(forward_events(self.inventory.clone(), filter, tx));
+        tokio::spawn(forward_events(self.inventory.clone(), filter, tx, self.stopping.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -126,10 +139,14 @@ impl DiskAgent for DiskAgentService {
                 }
                 match events.recv().await {
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(Status::unavailable("the agent is shutting down; retry against the new agent"));
-                    }
+                    Err(broadcast::error::RecvError::Closed) => return Err(shutting_down()),
                 }
+            }
+        };
+        let wait = async {
+            tokio::select! {
+                result = wait => result,
+                () = stopped(self.stopping.clone()) => Err(shutting_down()),
             }
         };
         match tokio::time::timeout(timeout, wait).await {
@@ -163,7 +180,12 @@ impl DiskAgent for DiskAgentService {
 
 /// Sends a snapshot, then live events, to one watcher until it goes away. A watcher that falls behind is sent a
 /// fresh snapshot instead of a gap.
-async fn forward_events(inventory: InventoryHandle, filter: Vec<Serial>, tx: mpsc::Sender<Result<DiskEvent, Status>>) {
+async fn forward_events(
+    inventory: InventoryHandle,
+    filter: Vec<Serial>,
+    tx: mpsc::Sender<Result<DiskEvent, Status>>,
+    stopping: watch::Receiver<bool>,
+) {
     let wanted = |d: &Disk| filter.is_empty() || filter.iter().any(|s| disk_matches(d, s));
     loop {
         let mut events = inventory.subscribe();
@@ -175,6 +197,10 @@ async fn forward_events(inventory: InventoryHandle, filter: Vec<Serial>, tx: mps
             let event = tokio::select! {
                 e = events.recv() => e,
                 _ = tx.closed() => return,
+                () = stopped(stopping.clone()) => {
+                    let _ = tx.send(Err(shutting_down())).await;
+                    return;
+                }
             };
             match event {
                 Ok(e) if e.sequence <= snap.sequence || !wanted(&e.disk) => {}
@@ -218,10 +244,7 @@ mod tests {
     #[test]
     fn wait_timeout_defaults_and_bounds() {
         assert_eq!(wait_timeout(None).unwrap(), DEFAULT_WAIT);
-        assert_eq!(
-            wait_timeout(Some(prost_types::Duration { seconds: 2, nanos: 0 })).unwrap(),
-            Duration::from_secs(2)
-        );
+        assert_eq!(wait_timeout(Some(prost_types::Duration { seconds: 2, nanos: 0 })).unwrap(), Duration::from_secs(2));
         let neg = wait_timeout(Some(prost_types::Duration { seconds: -1, nanos: 0 })).unwrap_err();
         assert_eq!(neg.code(), tonic::Code::InvalidArgument);
         let long = wait_timeout(Some(prost_types::Duration { seconds: 601, nanos: 0 })).unwrap_err();

@@ -19,8 +19,7 @@ pub struct LibUdevDb;
 
 impl UdevDb for LibUdevDb {
     fn properties(&self, kernel_name: &str) -> Option<Properties> {
-        let device =
-            udev::Device::from_subsystem_sysname("block".to_string(), kernel_name.to_string()).ok()?;
+        let device = udev::Device::from_subsystem_sysname("block".to_string(), kernel_name.to_string()).ok()?;
         if !device.is_initialized() {
             return None;
         }
@@ -32,9 +31,7 @@ impl UdevDb for LibUdevDb {
 pub fn properties_of(device: &udev::Device) -> Properties {
     device
         .properties()
-        .map(|p| {
-            (p.name().to_string_lossy().into_owned(), p.value().to_string_lossy().into_owned())
-        })
+        .map(|p| (p.name().to_string_lossy().into_owned(), p.value().to_string_lossy().into_owned()))
         .collect()
 }
 

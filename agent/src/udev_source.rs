@@ -119,11 +119,7 @@ fn enumerate(roots: &HostRoots, db: &dyn UdevDb) -> Vec<Disk> {
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     names.sort();
-    names
-        .iter()
-        .filter(|n| disk::is_physical_disk(roots, n))
-        .filter_map(|n| disk::describe(roots, db, n))
-        .collect()
+    names.iter().filter(|n| disk::is_physical_disk(roots, n)).filter_map(|n| disk::describe(roots, db, n)).collect()
 }
 
 /// What a udev event is about, copied out of libudev.

@@ -185,8 +185,7 @@ impl AgentClient {
 
     pub async fn get_disk(&self, serial: &str, include_usage: bool) -> Result<Disk, ClientError> {
         self.read(|mut c| {
-            let req =
-                self.request(GetDiskRequest { serial: serial.to_string(), include_usage }, self.call_timeout);
+            let req = self.request(GetDiskRequest { serial: serial.to_string(), include_usage }, self.call_timeout);
             async move { c.get_disk(req).await }
         })
         .await
@@ -206,7 +205,10 @@ impl AgentClient {
     }
 
     /// Opens a watch: a snapshot, then live events.
-    pub async fn watch(&self, serials: Vec<String>) -> Result<tonic::Streaming<wukong_proto::v1::DiskEvent>, ClientError> {
+    pub async fn watch(
+        &self,
+        serials: Vec<String>,
+    ) -> Result<tonic::Streaming<wukong_proto::v1::DiskEvent>, ClientError> {
         self.inner
             .clone()
             .watch_disks(WatchDisksRequest { serials })

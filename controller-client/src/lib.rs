@@ -2,3 +2,4 @@
 
 pub mod agent_client;
 pub mod output;
+pub mod qmp;

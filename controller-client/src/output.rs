@@ -79,7 +79,13 @@ pub fn disks_table(disks: &[Disk]) -> String {
             let contents: Vec<String> = d
                 .partitions
                 .iter()
-                .map(|p| if p.fs_type.is_empty() { p.kernel_name.clone() } else { format!("{}:{}", p.kernel_name, p.fs_type) })
+                .map(|p| {
+                    if p.fs_type.is_empty() {
+                        p.kernel_name.clone()
+                    } else {
+                        format!("{}:{}", p.kernel_name, p.fs_type)
+                    }
+                })
                 .chain(d.holders.iter().map(|h| format!("held by {}", h.kernel_name)))
                 .collect();
             vec![

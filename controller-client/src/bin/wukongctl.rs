@@ -1,6 +1,6 @@
 use anyhow::Context;
-use std::io::IsTerminal;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError};
 use wukong_controller_client::output;

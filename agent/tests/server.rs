@@ -1,0 +1,88 @@
+//! The real server on this machine (udev monitor included), reached over its Unix socket.
+
+use std::time::{Duration, Instant};
+use tonic::Code;
+use wukong_agent::config::{Args, Config};
+use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
+use wukong_proto::v1::EventKind;
+
+fn config(socket: &std::path::Path) -> Config {
+    let mut args = Args::default();
+    args.listen = vec!["127.0.0.1:0".into()];
+    args.socket = Some(socket.to_path_buf());
+    Config::load(&args).unwrap()
+}
+
+async fn connected(socket: &std::path::Path) -> AgentClient {
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    AgentClient::connect(AgentAddress::Unix(socket.to_path_buf())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_open_watches_and_waits_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wukong_agent::server::run(config(&socket), async {
+        let _ = stop_rx.await;
+    }));
+    let client = connected(&socket).await;
+    let mut watch = client.watch(Vec::new()).await.unwrap();
+    loop {
+        let e = watch.message().await.unwrap().unwrap();
+        if e.kind() == EventKind::Synced {
+            break;
+        }
+    }
+    let waiter = tokio::spawn({
+        let client = client.clone();
+        async move { client.wait_for_disk("never-plugged", Duration::from_secs(300)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(4), server).await.expect("server stops promptly").unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    let ended = watch.message().await;
+    assert_eq!(ended.unwrap_err().code(), Code::Unavailable, "the watcher is told the agent is going away");
+    let err = waiter.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(!socket.exists(), "the socket is removed on exit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_is_root_only_and_stale_sockets_are_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap()); // a stale socket left by a crashed agent
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wukong_agent::server::run(config(&socket), async {
+        let _ = stop_rx.await;
+    }));
+    let client = connected(&socket).await;
+    let info = client.agent_info().await.unwrap();
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("precious");
+    std::fs::write(&path, b"data").unwrap();
+    let err = wukong_agent::server::run(config(&path), async {}).await.unwrap_err();
+    assert!(matches!(err, wukong_agent::server::ServerError::NotASocket(_)), "{err}");
+    assert!(err.to_string().contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"data");
+}
