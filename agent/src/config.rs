@@ -90,10 +90,8 @@ impl Config {
         };
         let listen = listen_raw.iter().map(|s| parse_listen(s)).collect::<Result<Vec<_>, _>>()?;
         let insecure_plaintext = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
-        if !insecure_plaintext {
-            if let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback()) {
-                return Err(ConfigError::PlaintextOffLoopback(*addr));
-            }
+        if !insecure_plaintext && let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(ConfigError::PlaintextOffLoopback(*addr));
         }
         let socket = if args.no_socket {
             None
@@ -181,6 +179,14 @@ mod tests {
         assert_eq!(c.log, "debug");
         let c = Config::load(&args(&["--config", path.to_str().unwrap(), "--listen", "127.0.0.3"])).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.3:7443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid_and_safe() {
+        let file: FileConfig = toml::from_str(include_str!("../../systemd/agent.toml")).unwrap();
+        let c = Config::merge(&Args::default(), file).unwrap();
+        assert!(c.listen.iter().all(|a| a.ip().is_loopback()));
+        assert!(!c.insecure_plaintext);
     }
 
     #[test]

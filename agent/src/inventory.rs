@@ -19,7 +19,7 @@ const EVENT_BUFFER: usize = 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
     /// The disk as it is now (added or changed), keyed by kernel name.
-    Upsert(Disk),
+    Upsert(Box<Disk>),
     /// The disk with this kernel name is gone.
     Remove(String),
     /// The complete set of disks (initial enumeration, or after the monitor overflowed): anything else is removed.
@@ -135,7 +135,7 @@ impl Inventory {
     fn apply(&mut self, update: Update) {
         let mut changes = Vec::new();
         match update {
-            Update::Upsert(disk) => changes.extend(self.upsert(disk)),
+            Update::Upsert(disk) => changes.extend(self.upsert(*disk)),
             Update::Remove(name) => changes.extend(self.remove(&name)),
             Update::Reconcile(disks) => {
                 let present: Vec<String> = disks.iter().map(|d| d.kernel_name.clone()).collect();
@@ -205,11 +205,11 @@ mod tests {
         let (tx, inv) = spawn();
         let mut rx = inv.subscribe();
         tx.send(Update::Reconcile(vec![disk("sda", "a")])).await.unwrap();
-        tx.send(Update::Upsert(disk("sdb", "b"))).await.unwrap();
+        tx.send(Update::Upsert(Box::new(disk("sdb", "b")))).await.unwrap();
         let mut changed = disk("sdb", "b");
         changed.size_bytes = 42;
-        tx.send(Update::Upsert(changed.clone())).await.unwrap();
-        tx.send(Update::Upsert(changed)).await.unwrap(); // identical: no event
+        tx.send(Update::Upsert(Box::new(changed.clone()))).await.unwrap();
+        tx.send(Update::Upsert(Box::new(changed))).await.unwrap(); // identical: no event
         tx.send(Update::Remove("sda".into())).await.unwrap();
         tx.send(Update::Remove("sdz".into())).await.unwrap(); // unknown: no event
         tx.send(Update::Reconcile(vec![disk("sdc", "c")])).await.unwrap();
@@ -242,7 +242,7 @@ mod tests {
     async fn snapshot_is_published_before_its_event() {
         let (tx, inv) = spawn();
         let mut rx = inv.subscribe();
-        tx.send(Update::Upsert(disk("sda", "a"))).await.unwrap();
+        tx.send(Update::Upsert(Box::new(disk("sda", "a")))).await.unwrap();
         let e = rx.recv().await.unwrap();
         assert!(inv.snapshot().sequence >= e.sequence);
         assert!(inv.snapshot().disks.contains_key("sda"));

@@ -152,7 +152,7 @@ fn parent_name(syspath: &Path) -> Option<String> {
 /// The inventory updates one event causes.
 pub fn updates_for(roots: &HostRoots, db: &dyn UdevDb, trigger: &Trigger) -> Vec<Update> {
     let refresh = |name: &str| match disk::describe(roots, db, name) {
-        Some(d) => Update::Upsert(d),
+        Some(d) => Update::Upsert(Box::new(d)),
         // Present in sysfs but not settled (no by-id link yet): it is not a disk we report, yet.
         None => Update::Remove(name.to_string()),
     };

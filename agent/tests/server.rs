@@ -7,9 +7,7 @@ use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
 use wukong_proto::v1::EventKind;
 
 fn config(socket: &std::path::Path) -> Config {
-    let mut args = Args::default();
-    args.listen = vec!["127.0.0.1:0".into()];
-    args.socket = Some(socket.to_path_buf());
+    let args = Args { listen: vec!["127.0.0.1:0".into()], socket: Some(socket.to_path_buf()), ..Args::default() };
     Config::load(&args).unwrap()
 }
 

@@ -9,6 +9,7 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 export PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+hostname wukong-lab
 
 for m in $(cat /etc/modules-order); do
   insmod "/lib/modules/$m" 2>/dev/null || echo "wukong-lab: insmod $m failed" > /dev/console

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The product's main job, end to end: boots a throwaway guest with wukong-agent, hot-plugs a disk over QMP, and
+# shows what the agent reports through wukongctl. Needs root (QEMU) and installs what a fresh machine lacks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/lib/install-deps.sh
+cargo build --release --locked -p wukong-agent -p wukong-controller-client
+cargo run --locked -q -p wukong-e2e --bin wukong-demo
