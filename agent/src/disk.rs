@@ -133,7 +133,7 @@ pub fn parse_scsi_address(s: &str) -> Option<ScsiAddress> {
     it.next().is_none().then_some(addr)
 }
 
-fn partitions(roots: &HostRoots, db: &dyn UdevDb, disk: &str) -> Vec<Partition> {
+pub(crate) fn partitions(roots: &HostRoots, db: &dyn UdevDb, disk: &str) -> Vec<Partition> {
     let dir = roots.sys_block(disk);
     let mut parts: Vec<Partition> = read_dir_names(&dir)
         .into_iter()
@@ -163,7 +163,13 @@ fn partitions(roots: &HostRoots, db: &dyn UdevDb, disk: &str) -> Vec<Partition> 
 
 /// Devices stacked on the device whose sysfs directory is `dir`, recursively. `seen` breaks cycles, which real
 /// kernels never produce but a corrupt or hostile tree could.
-fn holders_of(roots: &HostRoots, db: &dyn UdevDb, dir: &Path, seen: &mut HashSet<String>, depth: usize) -> Vec<Holder> {
+pub(crate) fn holders_of(
+    roots: &HostRoots,
+    db: &dyn UdevDb,
+    dir: &Path,
+    seen: &mut HashSet<String>,
+    depth: usize,
+) -> Vec<Holder> {
     if depth >= MAX_HOLDER_DEPTH {
         return Vec::new();
     }

@@ -13,3 +13,4 @@ pub mod server;
 pub mod service;
 pub mod udev_db;
 pub mod udev_source;
+pub mod usage;

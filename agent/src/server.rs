@@ -4,6 +4,7 @@
 use crate::agent_info::AgentFacts;
 use crate::config::Config;
 use crate::service::DiskAgentService;
+use crate::usage::UsageScanner;
 use crate::{inventory, udev_source};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,7 +47,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let facts = Arc::new(AgentFacts::new(config.roots.proc.clone()));
-    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts, stop_rx.clone()));
+    let usage = UsageScanner::new(config.roots.clone());
+    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts, usage, stop_rx.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DiskAgentServer<DiskAgentService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

@@ -4,6 +4,7 @@
 use crate::agent_info::AgentFacts;
 use crate::inventory::{Event, InventoryHandle, LookupError, Snapshot, disk_matches};
 use crate::serial::Serial;
+use crate::usage::{UsageError, UsageScanner};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,14 +33,36 @@ const MAX_WATCH_SERIALS: usize = 1024;
 pub struct DiskAgentService {
     inventory: InventoryHandle,
     facts: Arc<AgentFacts>,
+    usage: UsageScanner,
     /// Becomes true when the agent shuts down: long-running calls (watches, waits) end at once, so the server's
     /// graceful shutdown does not wait on them.
     stopping: watch::Receiver<bool>,
 }
 
 impl DiskAgentService {
-    pub fn new(inventory: InventoryHandle, facts: Arc<AgentFacts>, stopping: watch::Receiver<bool>) -> Self {
-        Self { inventory, facts, stopping }
+    pub fn new(
+        inventory: InventoryHandle,
+        facts: Arc<AgentFacts>,
+        usage: UsageScanner,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Self { inventory, facts, usage, stopping }
+    }
+
+    /// Attaches a fresh usage report to each disk.
+    async fn with_usage(&self, mut disks: Vec<Disk>) -> Result<Vec<Disk>, Status> {
+        let reports = self.usage.check(&disks).await.map_err(usage_status)?;
+        for (disk, report) in disks.iter_mut().zip(reports.iter()) {
+            disk.usage = Some(report.clone());
+        }
+        Ok(disks)
+    }
+}
+
+fn usage_status(e: UsageError) -> Status {
+    match e {
+        UsageError::Deadline(_) => Status::deadline_exceeded(e.to_string()),
+        UsageError::Internal(_) => Status::internal(e.to_string()),
     }
 }
 
@@ -97,16 +120,23 @@ impl DiskAgent for DiskAgentService {
         Ok(Response::new(info))
     }
 
-    async fn list_disks(&self, _req: Request<ListDisksRequest>) -> Result<Response<ListDisksResponse>, Status> {
+    async fn list_disks(&self, req: Request<ListDisksRequest>) -> Result<Response<ListDisksResponse>, Status> {
         let snap = self.inventory.snapshot();
-        let disks = snap.disks_by_id().into_iter().cloned().collect();
+        let mut disks: Vec<Disk> = snap.disks_by_id().into_iter().cloned().collect();
+        if req.get_ref().include_usage {
+            disks = self.with_usage(disks).await?;
+        }
         Ok(Response::new(ListDisksResponse { disks }))
     }
 
     async fn get_disk(&self, req: Request<GetDiskRequest>) -> Result<Response<Disk>, Status> {
         let serial = parse_serial(&req.get_ref().serial)?;
-        let snap = self.inventory.snapshot();
-        snap.find(&serial).map(|d| Response::new(d.clone())).map_err(lookup_status)
+        let disk = self.inventory.snapshot().find(&serial).map_err(lookup_status)?.clone();
+        if req.get_ref().include_usage {
+            let mut with = self.with_usage(vec![disk]).await?;
+            return Ok(Response::new(with.remove(0)));
+        }
+        Ok(Response::new(disk))
     }
 
     type WatchDisksStream = EventStream;
@@ -159,8 +189,11 @@ impl DiskAgent for DiskAgentService {
         }
     }
 
-    async fn check_usage(&self, _req: Request<CheckUsageRequest>) -> Result<Response<UsageReport>, Status> {
-        Err(Status::unimplemented("usage scanning is not available in this agent version"))
+    async fn check_usage(&self, req: Request<CheckUsageRequest>) -> Result<Response<UsageReport>, Status> {
+        let serial = parse_serial(&req.get_ref().serial)?;
+        let disk = self.inventory.snapshot().find(&serial).map_err(lookup_status)?.clone();
+        let reports = self.usage.check(std::slice::from_ref(&disk)).await.map_err(usage_status)?;
+        Ok(Response::new(reports[0].clone()))
     }
 
     async fn prepare_detach(

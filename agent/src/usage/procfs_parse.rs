@@ -1,0 +1,241 @@
+//! Parsers for the `/proc` files the usage scanner reads: `mountinfo`, `swaps`, `maps` and `fdinfo`.
+//!
+//! They take text and never panic: a malformed or truncated line (a process exiting mid-read, a hostile fixture)
+//! is skipped, not trusted.
+
+/// One line of `/proc/<pid>/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_id: u32,
+    pub major: u32,
+    pub minor: u32,
+    /// Root of the mount within its filesystem (not "/" for bind mounts of a subdirectory).
+    pub root: String,
+    /// Mount point, relative to the process's root, octal escapes decoded.
+    pub mount_point: String,
+    pub options: String,
+    pub fs_type: String,
+    /// Mount source, e.g. "/dev/sdb1".
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn read_only(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+}
+
+/// Decodes the octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash) the kernel writes in
+/// paths. Invalid escapes are kept literally.
+pub fn unescape_octal(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = &bytes[i + 1..i + 4];
+            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                let value = (digits[0] - b'0') as u32 * 64 + (digits[1] - b'0') as u32 * 8 + (digits[2] - b'0') as u32;
+                if let Ok(b) = u8::try_from(value) {
+                    out.push(b);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses `mountinfo`: `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS`.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_mountinfo_line).collect()
+}
+
+fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
+    let mut fields = line.split(' ');
+    let mount_id = fields.next()?.parse().ok()?;
+    let _parent: u32 = fields.next()?.parse().ok()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let root = unescape_octal(fields.next()?);
+    let mount_point = unescape_octal(fields.next()?);
+    let options = fields.next()?.to_string();
+    // Optional fields end at the lone "-" separator.
+    fields.by_ref().find(|f| *f == "-")?;
+    let fs_type = fields.next()?.to_string();
+    let source = unescape_octal(fields.next()?);
+    // The super options are the last field; a line cut short before them is truncated.
+    fields.next()?;
+    Some(MountEntry {
+        mount_id,
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        root,
+        mount_point,
+        options,
+        fs_type,
+        source,
+    })
+}
+
+/// One line of `/proc/swaps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapEntry {
+    pub path: String,
+    /// "partition" or "file".
+    pub kind: String,
+    pub size_kib: u64,
+    pub used_kib: u64,
+}
+
+/// Parses `/proc/swaps` (header line first; paths use octal escapes).
+pub fn parse_swaps(text: &str) -> Vec<SwapEntry> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let entry = SwapEntry {
+                path: unescape_octal(f.next()?),
+                kind: f.next()?.to_string(),
+                size_kib: f.next()?.parse().ok()?,
+                used_kib: f.next()?.parse().ok()?,
+            };
+            f.next()?; // priority: a line without it is truncated
+            Some(entry)
+        })
+        .collect()
+}
+
+/// A file mapping from `/proc/<pid>/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    pub major: u32,
+    pub minor: u32,
+    pub inode: u64,
+    /// Writable shared mapping: writes reach the file.
+    pub shared_writable: bool,
+    pub path: String,
+}
+
+/// Parses `maps`, keeping file-backed mappings only (inode ≠ 0). The device field is hexadecimal `MAJ:MIN`.
+pub fn parse_maps(text: &str) -> Vec<MapEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.splitn(6, ' ');
+            let _range = f.next()?;
+            let perms = f.next()?;
+            let _offset = f.next()?;
+            let (major, minor) = f.next()?.split_once(':')?;
+            let inode: u64 = f.next()?.parse().ok()?;
+            if inode == 0 {
+                return None;
+            }
+            let path = f.next().unwrap_or("").trim_start().to_string();
+            Some(MapEntry {
+                major: u32::from_str_radix(major, 16).ok()?,
+                minor: u32::from_str_radix(minor, 16).ok()?,
+                inode,
+                shared_writable: perms.len() >= 4 && perms.as_bytes()[1] == b'w' && perms.as_bytes()[3] == b's',
+                path,
+            })
+        })
+        .collect()
+}
+
+/// True when the `flags:` line of `/proc/<pid>/fdinfo/<fd>` (octal) says the fd was opened for writing.
+pub fn fdinfo_writable(text: &str) -> bool {
+    text.lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        .is_some_and(|flags| flags & 0o3 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_decodes_escapes_and_optional_fields() {
+        let text = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+36 22 8:17 /sub /mnt/with\\040space\\011tab\\012nl\\134bs rw,nosuid shared:5 master:2 - xfs /dev/sdb1 rw,attr2
+37 22 0:45 / /data ro - btrfs /dev/sdc rw,space_cache=v2
+";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[0].major, m[0].minor, m[0].mount_point.as_str()), (8, 1, "/"));
+        assert_eq!(m[1].mount_point, "/mnt/with space\ttab\nnl\\bs");
+        assert_eq!((m[1].root.as_str(), m[1].fs_type.as_str(), m[1].source.as_str()), ("/sub", "xfs", "/dev/sdb1"));
+        assert!(!m[1].read_only());
+        assert!(m[2].read_only());
+        assert_eq!((m[2].major, m[2].minor), (0, 45));
+    }
+
+    #[test]
+    fn mountinfo_skips_truncated_and_hostile_lines() {
+        let text = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+23 1 8:2 / /cut rw - ext4
+garbage
+24 1 x:y / /bad rw - ext4 /dev/x rw
+25 1 8:3 / /nosep rw ext4 /dev/x rw
+
+26 1 8:4
+27 1 8:5 / /ok rw - ext4 /dev/sda5 rw";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.iter().map(|e| e.mount_point.as_str()).collect::<Vec<_>>(), vec!["/", "/ok"]);
+    }
+
+    #[test]
+    fn unescape_handles_edge_cases() {
+        assert_eq!(unescape_octal("a\\040b"), "a b");
+        assert_eq!(unescape_octal("\\"), "\\");
+        assert_eq!(unescape_octal("end\\04"), "end\\04");
+        assert_eq!(unescape_octal("\\999"), "\\999");
+        assert_eq!(unescape_octal("\\777"), "\\777", "out of byte range stays literal");
+        assert_eq!(unescape_octal("plain"), "plain");
+    }
+
+    #[test]
+    fn swaps_with_file_and_partition() {
+        let text = "\
+Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority
+/dev/sdb2                               partition\t1048572\t\t0\t\t-2
+/mnt/data/my\\040swap                   file\t\t65532\t\t12\t\t-3
+/truncated file 100
+";
+        let s = parse_swaps(text);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].path.as_str(), s[0].kind.as_str(), s[0].size_kib), ("/dev/sdb2", "partition", 1048572));
+        assert_eq!((s[1].path.as_str(), s[1].kind.as_str(), s[1].used_kib), ("/mnt/data/my swap", "file", 12));
+        assert!(parse_swaps("").is_empty());
+    }
+
+    #[test]
+    fn maps_keep_file_mappings_with_hex_devices() {
+        let text = "\
+55d0c0a00000-55d0c0a02000 r--p 00000000 fd:01 1234 /usr/bin/cat
+7f0000000000-7f0000001000 rw-s 00000000 08:11 42 /mnt/data/file with spaces (deleted)
+7f0000002000-7f0000003000 rw-p 00000000 00:00 0 [heap]
+7ffd00000000-7ffd00001000 rw-p 00000000 00:00 0
+broken line
+7f0000004000-7f0000005000 r--p 00000000 zz:01 5 /x
+";
+        let m = parse_maps(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].major, m[0].minor, m[0].inode, m[0].shared_writable), (0xfd, 1, 1234, false));
+        assert_eq!(m[1].path, "/mnt/data/file with spaces (deleted)");
+        assert_eq!((m[1].major, m[1].minor, m[1].shared_writable), (8, 0x11, true));
+    }
+
+    #[test]
+    fn fdinfo_flags() {
+        assert!(!fdinfo_writable("pos:\t0\nflags:\t0100000\nmnt_id:\t30\n"));
+        assert!(fdinfo_writable("pos:\t0\nflags:\t02100001\n"));
+        assert!(fdinfo_writable("flags:\t02\n"));
+        assert!(!fdinfo_writable("flags:\tzz\n"));
+        assert!(!fdinfo_writable(""));
+    }
+}

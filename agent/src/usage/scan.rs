@@ -1,0 +1,643 @@
+//! The scan itself: blocking reads of `/proc`, `/sys` and `/dev`, one pass for any number of disks.
+//!
+//! Files are matched by device number, never by path: `stat` of `/proc/<pid>/fd/<n>` reaches the open file itself,
+//! whatever mount namespace, chroot or deleted path it lives in. A process that exits mid-scan, or one entry we may
+//! not read, is skipped; it never fails the scan.
+
+use super::procfs_parse::{MountEntry, fdinfo_writable, parse_maps, parse_mountinfo, parse_swaps};
+use super::target::{Role, Target, describe_holder, holder_hint};
+use crate::roots::HostRoots;
+use nix::dir::Dir;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstatat, major, makedev, minor, stat};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+use wukong_proto::v1::{
+    Blocker, BlockerKind, HolderUse, KernelClaim, LoopUse, MountUse, ProcessUse, ProcessUseKind, SwapUse, SystemUse,
+    blocker::Detail,
+};
+
+/// Mount points whose disk is the running system.
+const SYSTEM_MOUNTS: &[&str] = &["/", "/boot", "/usr", "/var"];
+/// Uses listed per process and kind before the rest are summarised in one line.
+const MAX_USES_PER_PROCESS: usize = 8;
+
+/// The scan ran past its deadline.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the usage scan did not finish within its deadline")]
+pub struct DeadlineExceeded;
+
+/// A filesystem of one of the targets, by its st_dev.
+#[derive(Debug, Clone)]
+struct Filesystem {
+    target: usize,
+    /// e.g. "/dev/sdb1 (ext4, mounted at /data)".
+    label: String,
+}
+
+/// What the scan learns before looking at processes.
+struct Index<'a> {
+    targets: &'a [Target],
+    /// Block devices (st_rdev) of the targets.
+    devices: HashMap<u64, usize>,
+    /// Filesystems (st_dev of their files) of the targets.
+    filesystems: HashMap<u64, Filesystem>,
+    /// Device numbers of every mount in every namespace: an anonymous st_dev outside this set is a btrfs
+    /// subvolume that no mount names.
+    mounted_devs: HashSet<u64>,
+    /// btrfs filesystems (fsid) of the targets.
+    btrfs_fsids: HashMap<[u8; 16], usize>,
+}
+
+/// Scans for every blocker of every target. Returns one list per target, in order.
+pub fn scan(roots: &HostRoots, targets: &[Target], deadline: Instant) -> Result<Vec<Vec<Blocker>>, DeadlineExceeded> {
+    let mut blockers = vec![Vec::new(); targets.len()];
+    let mut index = Index {
+        targets,
+        devices: HashMap::new(),
+        filesystems: HashMap::new(),
+        mounted_devs: HashSet::new(),
+        btrfs_fsids: HashMap::new(),
+    };
+    for (i, t) in targets.iter().enumerate() {
+        for d in &t.devices {
+            index.devices.insert(makedev(d.major.into(), d.minor.into()), i);
+        }
+    }
+    let pids = list_pids(&roots.proc);
+    scan_mounts(roots, &pids, &mut index, &mut blockers);
+    scan_holders(targets, &mut blockers);
+    scan_swaps(roots, &index, &mut blockers);
+    scan_loops(roots, &index, &mut blockers);
+    scan_processes(roots, &pids, &index, &mut blockers, deadline)?;
+    scan_kernel_claims(roots, targets, &mut blockers);
+    Ok(blockers)
+}
+
+fn blocker(kind: BlockerKind, device: &str, message: String, detail: Detail) -> Blocker {
+    Blocker { kind: kind as i32, message, device: device.to_string(), detail: Some(detail) }
+}
+
+fn list_pids(proc_root: &Path) -> Vec<i32> {
+    let self_pid = std::process::id() as i32;
+    let mut pids: Vec<i32> = std::fs::read_dir(proc_root)
+        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    pids.retain(|p| *p != self_pid);
+    pids.sort_unstable();
+    pids
+}
+
+fn read_comm(proc_root: &Path, pid: i32) -> String {
+    std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+// --- mounts ----------------------------------------------------------------------------------------------------
+
+/// Reads mountinfo once per distinct mount namespace and reports mounts of the targets' devices; records their
+/// filesystems for the process scan.
+fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers: &mut [Vec<Blocker>]) {
+    let host_ns = ns_inode(&roots.proc, 1).or_else(|| stat(&roots.proc.join("self/ns/mnt")).ok().map(|s| s.st_ino));
+    let mut namespaces: BTreeMap<u64, i32> = BTreeMap::new();
+    for &pid in pids {
+        if let Some(ino) = ns_inode(&roots.proc, pid) {
+            namespaces.entry(ino).or_insert(pid);
+        }
+    }
+    let btrfs = btrfs_members(roots);
+    for (fsid, members) in btrfs.values() {
+        if let Some(&t) = members.iter().find_map(|m| index.devices.get(m)) {
+            index.btrfs_fsids.insert(*fsid, t);
+        }
+    }
+    for (&ns, &pid) in &namespaces {
+        let Ok(text) = std::fs::read_to_string(roots.proc.join(pid.to_string()).join("mountinfo")) else { continue };
+        let is_host = Some(ns) == host_ns;
+        let where_ = if is_host {
+            "the host mount namespace".to_string()
+        } else {
+            format!("mount namespace {ns} (of pid {pid}, {})", read_comm(&roots.proc, pid))
+        };
+        let mounts = parse_mountinfo(&text);
+        index.mounted_devs.extend(mounts.iter().map(|m| makedev(m.major.into(), m.minor.into())));
+        for m in mounts {
+            let Some(target) = mount_target(roots, &m, index, &btrfs) else { continue };
+            let device = source_label(index, target, &m);
+            let bind = if m.root != "/" { format!(", a bind mount of {} on it", m.root) } else { String::new() };
+            let fs_dev = makedev(m.major.into(), m.minor.into());
+            index.filesystems.entry(fs_dev).or_insert_with(|| Filesystem {
+                target,
+                label: format!("{device} ({}, mounted at {})", m.fs_type, m.mount_point),
+            });
+            if m.fs_type == "btrfs" {
+                // Files on btrfs carry their subvolume's device number, not the superblock's that mountinfo
+                // shows: learn it from the mount point, seen through a process of that namespace.
+                let seen_from = roots.proc.join(pid.to_string()).join("root");
+                if let Ok(st) = stat(&seen_from.join(m.mount_point.trim_start_matches('/'))) {
+                    index.filesystems.entry(st.st_dev).or_insert_with(|| Filesystem {
+                        target,
+                        label: format!("{device} (btrfs, mounted at {})", m.mount_point),
+                    });
+                }
+            }
+            if is_host && SYSTEM_MOUNTS.contains(&m.mount_point.as_str()) {
+                blockers[target].push(blocker(
+                    BlockerKind::System,
+                    &device,
+                    format!("{device} holds {} of the running system; it can never be detached", m.mount_point),
+                    Detail::System(SystemUse { reason: format!("{} is mounted from {device}", m.mount_point) }),
+                ));
+            }
+            blockers[target].push(blocker(
+                BlockerKind::Mount,
+                &device,
+                format!("{device} is mounted at {} ({}{bind}) in {where_}", m.mount_point, m.fs_type),
+                Detail::Mount(MountUse {
+                    mount_point: m.mount_point.clone(),
+                    fs_type: m.fs_type.clone(),
+                    root: m.root.clone(),
+                    options: m.options.clone(),
+                    read_only: m.read_only(),
+                    mount_namespace: ns,
+                    host_namespace: is_host,
+                    namespace_pid: pid,
+                    mount_id: m.mount_id,
+                }),
+            ));
+        }
+    }
+}
+
+fn ns_inode(proc_root: &Path, pid: i32) -> Option<u64> {
+    stat(&proc_root.join(pid.to_string()).join("ns/mnt")).ok().map(|s| s.st_ino)
+}
+
+/// Which target a mount belongs to: its device number, or for btrfs (anonymous `0:N` numbers) the devices of the
+/// filesystem its source belongs to.
+fn mount_target(
+    roots: &HostRoots,
+    m: &MountEntry,
+    index: &Index<'_>,
+    btrfs: &HashMap<u64, ([u8; 16], Vec<u64>)>,
+) -> Option<usize> {
+    if let Some(&t) = index.devices.get(&makedev(m.major.into(), m.minor.into())) {
+        return Some(t);
+    }
+    if m.fs_type != "btrfs" || !m.source.starts_with('/') {
+        return None;
+    }
+    let source = stat(&resolve_dev_path(roots, &m.source)).ok()?;
+    let (_, members) = btrfs.get(&source.st_rdev)?;
+    members.iter().find_map(|dev| index.devices.get(dev).copied())
+}
+
+/// Maps a path under /dev (as the kernel prints it) into the dev root.
+fn resolve_dev_path(roots: &HostRoots, path: &str) -> std::path::PathBuf {
+    match path.strip_prefix("/dev/") {
+        Some(rest) => roots.dev.join(rest),
+        None => path.into(),
+    }
+}
+
+/// For each btrfs member device (st_rdev): its filesystem's fsid and all member devices.
+fn btrfs_members(roots: &HostRoots) -> HashMap<u64, ([u8; 16], Vec<u64>)> {
+    let mut map = HashMap::new();
+    let Ok(filesystems) = std::fs::read_dir(roots.sys.join("fs/btrfs")) else { return map };
+    for fs in filesystems.flatten() {
+        let Some(fsid) = parse_uuid(&fs.file_name().to_string_lossy()) else { continue };
+        let Ok(devs) = std::fs::read_dir(fs.path().join("devices")) else { continue };
+        let members: Vec<u64> = devs
+            .flatten()
+            .filter_map(|d| crate::disk::read_devnum(&d.path().join("dev")))
+            .map(|(ma, mi)| makedev(ma.into(), mi.into()))
+            .collect();
+        for &m in &members {
+            map.insert(m, (fsid, members.clone()));
+        }
+    }
+    map
+}
+
+/// Parses a textual UUID (the name of a /sys/fs/btrfs entry) into its 16 bytes.
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// `struct btrfs_ioctl_fs_info_args` from <linux/btrfs.h> (1 KiB); only the fsid is read.
+#[repr(C)]
+struct BtrfsFsInfo {
+    max_id: u64,
+    num_devices: u64,
+    fsid: [u8; 16],
+    rest: [u8; 1024 - 32],
+}
+
+nix::ioctl_read!(btrfs_fs_info, 0x94, 31, BtrfsFsInfo);
+
+/// The btrfs filesystem (fsid) a file belongs to, asked of the kernel through the file itself.
+fn btrfs_fsid_of(path: &Path) -> Option<[u8; 16]> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path)
+        .ok()?;
+    let mut info = std::mem::MaybeUninit::<BtrfsFsInfo>::zeroed();
+    // SAFETY: BTRFS_IOC_FS_INFO fills a btrfs_ioctl_fs_info_args, which BtrfsFsInfo mirrors in size and layout.
+    unsafe { btrfs_fs_info(file.as_raw_fd(), info.as_mut_ptr()) }.ok()?;
+    // SAFETY: zero-initialised, then written by the kernel.
+    Some(unsafe { info.assume_init() }.fsid)
+}
+
+fn source_label(index: &Index<'_>, target: usize, m: &MountEntry) -> String {
+    index.targets[target].device(m.major, m.minor).map(|d| d.node.clone()).unwrap_or_else(|| m.source.clone())
+}
+
+// --- holders, swap, loop ---------------------------------------------------------------------------------------
+
+fn scan_holders(targets: &[Target], blockers: &mut [Vec<Blocker>]) {
+    for (i, t) in targets.iter().enumerate() {
+        for d in &t.devices {
+            if let Role::Holder { holder, under } = &d.role {
+                let on = t.devices.iter().find(|x| &x.kernel_name == under).map(|x| x.node.as_str()).unwrap_or(under);
+                blockers[i].push(blocker(
+                    BlockerKind::Holder,
+                    &d.node,
+                    format!("{} is active on {on}; {} first", describe_holder(holder), holder_hint(holder)),
+                    Detail::Holder(HolderUse { holder: Some(holder.clone()) }),
+                ));
+            }
+        }
+    }
+}
+
+fn scan_swaps(roots: &HostRoots, index: &Index<'_>, blockers: &mut [Vec<Blocker>]) {
+    let Ok(text) = std::fs::read_to_string(roots.proc.join("swaps")) else { return };
+    for s in parse_swaps(&text) {
+        let Ok(st) = stat(&resolve_dev_path(roots, &s.path)) else { continue };
+        let is_file = s.kind == "file";
+        let (target, device, message) = if is_file {
+            let Some(fs) = index.filesystems.get(&st.st_dev) else { continue };
+            (fs.target, fs.label.clone(), format!("swap file {} on {} is active; swapoff it first", s.path, fs.label))
+        } else {
+            let Some(&t) = index.devices.get(&st.st_rdev) else { continue };
+            let node =
+                index.targets[t].device(major(st.st_rdev) as u32, minor(st.st_rdev) as u32).map(|d| d.node.clone());
+            let node = node.unwrap_or_else(|| s.path.clone());
+            let msg =
+                format!("{node} is active swap ({} KiB, {} KiB in use); swapoff it first", s.size_kib, s.used_kib);
+            (t, node, msg)
+        };
+        blockers[target].push(blocker(
+            BlockerKind::Swap,
+            &device,
+            message,
+            Detail::Swap(SwapUse {
+                path: s.path.clone(),
+                is_file,
+                size_bytes: s.size_kib * 1024,
+                used_bytes: s.used_kib * 1024,
+            }),
+        ));
+    }
+}
+
+/// `struct loop_info64` from <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
+
+/// Loop devices whose backing file lives on a target's filesystem, or whose backing device is a target device.
+fn scan_loops(roots: &HostRoots, index: &Index<'_>, blockers: &mut [Vec<Blocker>]) {
+    let Ok(entries) = std::fs::read_dir(roots.sys.join("block")) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
+        let backing = backing.trim_end().to_string();
+        let Some((dev, rdev)) = loop_backing(roots, &name, &backing) else { continue };
+        let node = roots.dev_node(&name).to_string_lossy().into_owned();
+        let hit = index
+            .filesystems
+            .get(&dev)
+            .map(|fs| {
+                (
+                    fs.target,
+                    format!(
+                        "{node} is backed by {backing}, a file on {}; detach it first (losetup -d {node})",
+                        fs.label
+                    ),
+                )
+            })
+            .or_else(|| {
+                index.devices.get(&rdev).map(|&t| {
+                    (t, format!("{node} is backed directly by {backing}; detach it first (losetup -d {node})"))
+                })
+            });
+        if let Some((target, message)) = hit {
+            blockers[target].push(blocker(
+                BlockerKind::Loop,
+                &node,
+                message,
+                Detail::Loop(LoopUse { loop_device: node.clone(), backing_file: backing.clone() }),
+            ));
+        }
+    }
+}
+
+/// (st_dev, st_rdev) of a loop device's backing file: exact from the kernel (LOOP_GET_STATUS64), or by stat of the
+/// path sysfs reports when the device node cannot be opened.
+fn loop_backing(roots: &HostRoots, name: &str, backing: &str) -> Option<(u64, u64)> {
+    if let Ok(file) = std::fs::File::open(roots.dev_node(name)) {
+        use std::os::fd::AsRawFd;
+        let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
+        // SAFETY: the ioctl fills a loop_info64, whose layout LoopInfo64 mirrors; the fd is a loop device.
+        if unsafe { loop_get_status64(file.as_raw_fd(), info.as_mut_ptr()) }.is_ok() {
+            // SAFETY: initialised (zeroed, then written by the kernel).
+            let info = unsafe { info.assume_init() };
+            return Some((info.lo_device, info.lo_rdevice));
+        }
+    }
+    let st = stat(backing.trim_end_matches(" (deleted)")).ok()?;
+    Some((st.st_dev, st.st_rdev))
+}
+
+// --- processes -------------------------------------------------------------------------------------------------
+
+/// One use of a target by a process, before the process's name and uid are looked up.
+struct Use {
+    target: usize,
+    kind: ProcessUseKind,
+    path: String,
+    fd: i32,
+    writable: bool,
+    device: String,
+}
+
+fn scan_processes(
+    roots: &HostRoots,
+    pids: &[i32],
+    index: &Index<'_>,
+    blockers: &mut [Vec<Blocker>],
+    deadline: Instant,
+) -> Result<(), DeadlineExceeded> {
+    if index.devices.is_empty() {
+        return Ok(());
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let results: Vec<Result<Vec<(i32, Vec<Use>)>, DeadlineExceeded>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut found = Vec::new();
+                    let mut subvolumes = HashMap::new();
+                    for &pid in pids.iter().skip(t).step_by(threads) {
+                        if Instant::now() > deadline {
+                            return Err(DeadlineExceeded);
+                        }
+                        let uses = process_uses(roots, pid, index, &mut subvolumes);
+                        if !uses.is_empty() {
+                            found.push((pid, uses));
+                        }
+                    }
+                    Ok(found)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(Ok(Vec::new()))).collect()
+    });
+    let mut found = Vec::new();
+    for r in results {
+        found.extend(r?);
+    }
+    found.sort_by_key(|(pid, _)| *pid);
+    for (pid, uses) in found {
+        report_process(roots, pid, uses, blockers);
+    }
+    Ok(())
+}
+
+/// The target filesystem a file is on: by its device number, or, for an anonymous device no mount names (a
+/// nested btrfs subvolume), by asking the kernel which btrfs filesystem the file is part of. Answers for
+/// anonymous devices are cached per scan thread.
+fn target_fs(
+    index: &Index<'_>,
+    st: &FileStat,
+    path: &Path,
+    subvolumes: &mut HashMap<u64, Option<Filesystem>>,
+) -> Option<Filesystem> {
+    if let Some(fs) = index.filesystems.get(&st.st_dev) {
+        return Some(fs.clone());
+    }
+    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    if index.btrfs_fsids.is_empty()
+        || major(st.st_dev) != 0
+        || index.mounted_devs.contains(&st.st_dev)
+        || !(kind == SFlag::S_IFREG || kind == SFlag::S_IFDIR)
+    {
+        return None;
+    }
+    subvolumes
+        .entry(st.st_dev)
+        .or_insert_with(|| {
+            let target = *index.btrfs_fsids.get(&btrfs_fsid_of(path)?)?;
+            let node = index.targets[target].devices.first().map(|d| d.node.clone()).unwrap_or_default();
+            Some(Filesystem { target, label: format!("a btrfs subvolume on {node}") })
+        })
+        .clone()
+}
+
+/// Everything one process holds on any target.
+fn process_uses(
+    roots: &HostRoots,
+    pid: i32,
+    index: &Index<'_>,
+    subvolumes: &mut HashMap<u64, Option<Filesystem>>,
+) -> Vec<Use> {
+    let dir = roots.proc.join(pid.to_string());
+    let Ok(pdir) = Dir::open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) else {
+        return Vec::new();
+    };
+    let mut uses = Vec::new();
+    for (name, kind) in [("cwd", ProcessUseKind::Cwd), ("root", ProcessUseKind::Root), ("exe", ProcessUseKind::Exe)] {
+        if let Ok(st) = fstatat(&pdir, name, AtFlags::empty())
+            && let Some(fs) = target_fs(index, &st, &dir.join(name), subvolumes)
+        {
+            let path = std::fs::read_link(dir.join(name)).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            uses.push(Use { target: fs.target, kind, path, fd: -1, writable: false, device: fs.label.clone() });
+        }
+    }
+    if let Ok(mut fds) =
+        Dir::openat(&pdir, "fd", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+    {
+        let names: Vec<std::ffi::CString> =
+            fds.iter().flatten().map(|e| e.file_name().to_owned()).filter(|n| n.as_bytes()[0] != b'.').collect();
+        for name in names {
+            let Ok(st) = fstatat(&fds, name.as_c_str(), AtFlags::empty()) else { continue };
+            let is_block = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFBLK;
+            let hit = if is_block {
+                index.devices.get(&st.st_rdev).map(|&t| {
+                    let d = index.targets[t].device(major(st.st_rdev) as u32, minor(st.st_rdev) as u32);
+                    (t, ProcessUseKind::BlockDevice, d.map(|d| d.node.clone()).unwrap_or_default())
+                })
+            } else {
+                let link = dir.join("fd").join(name.to_string_lossy().as_ref());
+                target_fs(index, &st, &link, subvolumes).map(|fs| (fs.target, ProcessUseKind::OpenFile, fs.label))
+            };
+            let Some((target, kind, device)) = hit else { continue };
+            let fd_name = name.to_string_lossy().into_owned();
+            let path = std::fs::read_link(dir.join("fd").join(&fd_name))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let writable =
+                std::fs::read_to_string(dir.join("fdinfo").join(&fd_name)).is_ok_and(|t| fdinfo_writable(&t));
+            uses.push(Use { target, kind, path, fd: fd_name.parse().unwrap_or(-1), writable, device });
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string(dir.join("maps")) {
+        let mut seen = HashSet::new();
+        for m in parse_maps(&text) {
+            let Some(fs) = index.filesystems.get(&makedev(m.major.into(), m.minor.into())) else { continue };
+            if !seen.insert((m.inode, m.shared_writable)) {
+                continue;
+            }
+            uses.push(Use {
+                target: fs.target,
+                kind: ProcessUseKind::Mmap,
+                path: m.path,
+                fd: -1,
+                writable: m.shared_writable,
+                device: fs.label.clone(),
+            });
+        }
+    }
+    uses
+}
+
+fn process_uid(proc_root: &Path, pid: i32) -> u32 {
+    std::fs::read_to_string(proc_root.join(pid.to_string()).join("status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}
+
+fn process_cmdline(proc_root: &Path, pid: i32) -> String {
+    let raw = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).unwrap_or_default();
+    let mut s: String = String::from_utf8_lossy(&raw).replace('\0', " ").trim_end().to_string();
+    if s.len() > 256 {
+        let cut = (0..=256).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(cut);
+    }
+    s
+}
+
+fn report_process(roots: &HostRoots, pid: i32, uses: Vec<Use>, blockers: &mut [Vec<Blocker>]) {
+    let command = read_comm(&roots.proc, pid);
+    let uid = process_uid(&roots.proc, pid);
+    let cmdline = process_cmdline(&roots.proc, pid);
+    let mut per_kind: HashMap<(usize, i32), usize> = HashMap::new();
+    for u in uses {
+        let count = per_kind.entry((u.target, u.kind as i32)).or_default();
+        *count += 1;
+        if *count > MAX_USES_PER_PROCESS {
+            continue;
+        }
+        let who = format!("{command} (pid {pid}, uid {uid})");
+        let mode = if u.writable { "writing" } else { "reading" };
+        let message = match u.kind {
+            ProcessUseKind::OpenFile => format!("{who} has {} open for {mode}", u.path),
+            ProcessUseKind::BlockDevice => format!("{who} has the block device {} open for {mode}", u.device),
+            ProcessUseKind::Cwd => format!("{who} has its working directory at {}", u.path),
+            ProcessUseKind::Root => format!("{who} has its root directory at {}", u.path),
+            ProcessUseKind::Exe => format!("{who} runs the program {}", u.path),
+            ProcessUseKind::Mmap if u.writable => format!("{who} has {} memory-mapped, shared and writable", u.path),
+            ProcessUseKind::Mmap | ProcessUseKind::Unspecified => format!("{who} has {} memory-mapped", u.path),
+        };
+        blockers[u.target].push(blocker(
+            BlockerKind::Process,
+            &u.device,
+            format!("{message} (on {})", u.device),
+            Detail::Process(ProcessUse {
+                pid,
+                command: command.clone(),
+                cmdline: cmdline.clone(),
+                uid,
+                r#use: u.kind as i32,
+                path: u.path,
+                fd: u.fd,
+                writable: u.writable,
+            }),
+        ));
+    }
+    for ((target, _), count) in per_kind {
+        if count > MAX_USES_PER_PROCESS {
+            let more = count - MAX_USES_PER_PROCESS;
+            let first =
+                blockers[target].iter().rev().find(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid));
+            let device = first.map(|b| b.device.clone()).unwrap_or_default();
+            blockers[target].push(Blocker {
+                kind: BlockerKind::Process as i32,
+                message: format!(
+                    "{command} (pid {pid}, uid {uid}) holds {more} more files of the same kind on {device}"
+                ),
+                device,
+                detail: None,
+            });
+        }
+    }
+}
+
+// --- kernel claims ---------------------------------------------------------------------------------------------
+
+/// A device that nothing above explains but that the kernel holds exclusively (an `O_EXCL` open fails with EBUSY).
+/// Only checked for disks with no other blocker: a mount or holder makes the same open fail, and says more.
+fn scan_kernel_claims(roots: &HostRoots, targets: &[Target], blockers: &mut [Vec<Blocker>]) {
+    for (i, t) in targets.iter().enumerate() {
+        if !blockers[i].is_empty() {
+            continue;
+        }
+        for (d, path) in t.devices.iter().zip(t.node_paths(roots)) {
+            let flags = OFlag::O_RDONLY | OFlag::O_EXCL | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+            if let Err(nix::errno::Errno::EBUSY) = nix::fcntl::open(&path, flags, Mode::empty()) {
+                blockers[i].push(blocker(
+                    BlockerKind::KernelClaim,
+                    &d.node,
+                    format!(
+                        "the kernel holds {} exclusively, though no mount, swap, holder or process explains it \
+                         (a RAID assembly, a filesystem being mounted, or a kernel user such as a target driver)",
+                        d.node
+                    ),
+                    Detail::KernelClaim(KernelClaim { device: d.node.clone() }),
+                ));
+            }
+        }
+    }
+}

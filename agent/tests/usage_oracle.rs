@@ -1,0 +1,439 @@
+//! The usage scanner on this machine's real kernel: loop devices, real filesystems and mounts, a second mount
+//! namespace, swap files and real processes. `fuser -m` and `findmnt` are the oracles: everything they find must be
+//! in our report. Needs root; without it these tests fail (they never skip).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use wukong_agent::roots::HostRoots;
+use wukong_agent::usage::scan_now;
+use wukong_proto::v1::{Blocker, BlockerKind, Disk, ProcessUseKind, UsageReport, blocker::Detail};
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().expect("sh runs");
+    assert!(out.status.success(), "`{script}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "usage oracle tests need root (loop devices, mounts); run as root");
+}
+
+/// Tests run one at a time: a loop device being set up by one test is briefly open in `losetup`, which another
+/// test's scan would rightly report.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Decodes findmnt's `\xHH` escapes.
+fn unescape_findmnt(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1] == b'x' {
+            if let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A loop device over a sparse file, with a filesystem, cleaned up on drop (mounts first, deepest first).
+struct LoopDisk {
+    dir: tempfile::TempDir,
+    dev: String,
+    mounts: Vec<PathBuf>,
+    extra_loops: Vec<String>,
+    swaps: Vec<PathBuf>,
+}
+
+impl LoopDisk {
+    fn new(fs: &str) -> Self {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(320 << 20).unwrap();
+        let dev = sh(&format!("losetup -f --show {}", image.display())).trim().to_string();
+        let mkfs = match fs {
+            "ext4" => format!("mkfs.ext4 -q -F {dev}"),
+            "xfs" => format!("mkfs.xfs -q -f {dev}"),
+            "btrfs" => format!("mkfs.btrfs -q -f {dev}"),
+            "none" => "true".to_string(),
+            other => panic!("unknown fs {other}"),
+        };
+        sh(&mkfs);
+        Self { dir, dev, mounts: Vec::new(), extra_loops: Vec::new(), swaps: Vec::new() }
+    }
+
+    fn name(&self) -> String {
+        self.dev.trim_start_matches("/dev/").to_string()
+    }
+
+    fn mount_at(&mut self, rel: &str) -> PathBuf {
+        let mp = self.dir.path().join(rel);
+        std::fs::create_dir_all(&mp).unwrap();
+        let status = Command::new("mount").arg(&self.dev).arg(&mp).status().unwrap();
+        assert!(status.success(), "mount {} {}", self.dev, mp.display());
+        self.mounts.push(mp.clone());
+        mp
+    }
+
+    fn bind(&mut self, from: &Path, rel: &str) -> PathBuf {
+        let mp = self.dir.path().join(rel);
+        std::fs::create_dir_all(&mp).unwrap();
+        assert!(Command::new("mount").arg("--bind").arg(from).arg(&mp).status().unwrap().success());
+        self.mounts.push(mp.clone());
+        mp
+    }
+
+    fn disk(&self) -> Disk {
+        let name = self.name();
+        Disk { kernel_name: name.clone(), id: name.clone(), serial: name, ..Disk::default() }
+    }
+
+    fn scan(&self) -> UsageReport {
+        let reports = scan_now(&HostRoots::default(), &[self.disk()], Duration::from_secs(30)).unwrap();
+        reports[0].clone()
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        for s in &self.swaps {
+            let _ = Command::new("swapoff").arg(s).status();
+        }
+        for l in &self.extra_loops {
+            let _ = Command::new("losetup").arg("-d").arg(l).status();
+        }
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// A process started with a shell script that prints "ready" once it holds what it should; killed on drop.
+struct Holder(Child);
+
+impl Holder {
+    fn start(program: &str, args: &[&str]) -> Self {
+        let mut child =
+            Command::new(program).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "{program} {args:?} did not get ready");
+        Self(child)
+    }
+
+    fn sh(script: &str) -> Self {
+        Self::start("sh", &["-c", &format!("{script}\necho ready\nexec sleep 1000")])
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pids_of(report: &UsageReport) -> BTreeSet<i32> {
+    report
+        .blockers
+        .iter()
+        .filter_map(|b| match &b.detail {
+            Some(Detail::Process(p)) => Some(p.pid),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mounts_of(report: &UsageReport) -> BTreeSet<String> {
+    report
+        .blockers
+        .iter()
+        .filter_map(|b| match &b.detail {
+            Some(Detail::Mount(m)) if m.host_namespace => Some(m.mount_point.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kinds(report: &UsageReport) -> BTreeSet<i32> {
+    report.blockers.iter().map(|b| b.kind).collect()
+}
+
+/// PIDs `fuser -m` finds for the device's filesystems (it prints PIDs on stdout, names on stderr).
+fn fuser_pids(dev: &str) -> BTreeSet<i32> {
+    let out = Command::new("fuser").arg("-m").arg(dev).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches(char::is_alphabetic).parse().ok())
+        .collect()
+}
+
+/// Mount points `findmnt` lists for the device in this mount namespace (raw output: escapes as \x20).
+fn findmnt_targets(dev: &str) -> BTreeSet<String> {
+    let out = Command::new("findmnt").args(["-n", "-l", "-o", "TARGET", "-S", dev]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(unescape_findmnt).collect()
+}
+
+/// Asserts the report is a superset of what fuser -m and findmnt find, and returns it.
+fn assert_superset_of_oracles(disk: &LoopDisk) -> UsageReport {
+    let report = disk.scan();
+    let ours = pids_of(&report);
+    let fuser = fuser_pids(&disk.dev);
+    assert!(fuser.is_subset(&ours), "fuser -m found {fuser:?}, we found {ours:?}\n{:#?}", messages(&report));
+    let findmnt = findmnt_targets(&disk.dev);
+    let mounts = mounts_of(&report);
+    assert!(findmnt.is_subset(&mounts), "findmnt lists {findmnt:?}, we found {mounts:?}");
+    report
+}
+
+fn messages(report: &UsageReport) -> Vec<String> {
+    report.blockers.iter().map(|b| b.message.clone()).collect()
+}
+
+fn find<'a>(report: &'a UsageReport, pid: i32, kind: ProcessUseKind) -> Option<&'a Blocker> {
+    report.blockers.iter().find(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid && p.r#use() == kind))
+}
+
+#[test]
+fn idle_unmounted_device_is_not_in_use() {
+    let _serial = serial();
+    let disk = LoopDisk::new("ext4");
+    let report = disk.scan();
+    assert!(!report.in_use, "{:#?}", messages(&report));
+    assert!(report.blockers.is_empty());
+    assert!(report.scan_duration.is_some() && report.scanned_at.is_some());
+}
+
+#[test]
+fn mounts_with_hostile_paths_and_bind_mounts_are_found() {
+    let _serial = serial();
+    for fs in ["ext4", "xfs", "btrfs"] {
+        let mut disk = LoopDisk::new(fs);
+        let mp = disk.mount_at("with space\ttab\\back\nnewline");
+        std::fs::create_dir_all(mp.join("sub")).unwrap();
+        let bound = disk.bind(&mp.join("sub"), "bound");
+        let report = assert_superset_of_oracles(&disk);
+        let mounts = mounts_of(&report);
+        assert!(mounts.contains(mp.to_str().unwrap()), "{fs}: {mounts:?}");
+        assert!(mounts.contains(bound.to_str().unwrap()), "{fs}: {mounts:?}");
+        let bind = report.blockers.iter().find(|b| b.message.contains("bound")).unwrap();
+        assert!(bind.message.contains("a bind mount of /sub"), "{fs}: {}", bind.message);
+        assert!(bind.message.contains("in the host mount namespace"), "{}", bind.message);
+        assert!(bind.message.contains(fs), "{}", bind.message);
+        assert!(report.in_use);
+    }
+}
+
+#[test]
+fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("m");
+    std::fs::write(mp.join("data"), vec![7u8; 8192]).unwrap();
+    std::fs::copy("/bin/sleep", mp.join("sleep-on-disk")).unwrap();
+    let m = mp.display();
+    let writer = Holder::sh(&format!("exec 3>>'{m}/data'"));
+    let reader = Holder::sh(&format!("exec 3<'{m}/data'"));
+    let cwd = Holder::sh(&format!("cd '{m}'"));
+    let exe = Holder::start(
+        "sh",
+        &["-c", &format!("'{m}/sleep-on-disk' 1000 & echo $! > '{m}/../exe.pid'; echo ready; wait")],
+    );
+    let mapper = Holder::start(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import mmap,os,sys,time\nf=open('{m}/data','r+b')\nm=mmap.mmap(f.fileno(),0)\nf.close()\nprint('ready',flush=True)\ntime.sleep(1000)"
+            ),
+        ],
+    );
+    let raw = Holder::sh(&format!("exec 4<>{}", disk.dev));
+    let report = assert_superset_of_oracles(&disk);
+
+    let w = find(&report, writer.pid(), ProcessUseKind::OpenFile).expect("writer found");
+    assert!(w.message.contains("open for writing") && w.message.contains("/data"), "{}", w.message);
+    assert!(w.message.contains(&format!("pid {}", writer.pid())) && w.message.contains("uid 0"), "{}", w.message);
+    let r = find(&report, reader.pid(), ProcessUseKind::OpenFile).expect("reader found");
+    assert!(r.message.contains("open for reading"), "{}", r.message);
+    assert!(find(&report, cwd.pid(), ProcessUseKind::Cwd).is_some());
+    let exe_pid: i32 = std::fs::read_to_string(mp.join("../exe.pid")).unwrap().trim().parse().unwrap();
+    assert!(find(&report, exe_pid, ProcessUseKind::Exe).is_some(), "{:#?}", messages(&report));
+    let map = find(&report, mapper.pid(), ProcessUseKind::Mmap).expect("mmap found");
+    assert!(map.message.contains("shared and writable"), "{}", map.message);
+    let dev = find(&report, raw.pid(), ProcessUseKind::BlockDevice).expect("raw device user found");
+    assert!(dev.message.contains(&disk.dev) && dev.message.contains("for writing"), "{}", dev.message);
+    drop(exe);
+}
+
+#[test]
+fn mount_only_in_another_namespace_is_found() {
+    let _serial = serial();
+    let disk = LoopDisk::new("ext4");
+    let inner = tempfile::tempdir().unwrap();
+    let ns = Holder::start(
+        "unshare",
+        &[
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &format!("mount {} '{}' && cd / && echo ready && exec sleep 1000", disk.dev, inner.path().display()),
+        ],
+    );
+    assert!(findmnt_targets(&disk.dev).is_empty(), "the host namespace does not see the mount");
+    let report = disk.scan();
+    let m = report
+        .blockers
+        .iter()
+        .find_map(|b| match &b.detail {
+            Some(Detail::Mount(m)) => Some((b, m)),
+            _ => None,
+        })
+        .expect("the namespaced mount is found");
+    assert!(!m.1.host_namespace);
+    assert_eq!(m.1.mount_point, inner.path().to_str().unwrap());
+    assert!(
+        m.0.message.contains("mount namespace") && m.0.message.contains(&format!("pid {}", ns.pid())),
+        "{}",
+        m.0.message
+    );
+}
+
+#[test]
+fn swap_file_and_loop_backed_by_a_file_on_the_disk_are_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("m");
+    let swap = mp.join("swapfile");
+    sh(&format!(
+        "dd if=/dev/zero of={s} bs=1M count=16 status=none && chmod 600 {s} && mkswap -q {s} && swapon {s}",
+        s = swap.display()
+    ));
+    disk.swaps.push(swap.clone());
+    let image = mp.join("inner.img");
+    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    let inner = sh(&format!("losetup -f --show {}", image.display())).trim().to_string();
+    disk.extra_loops.push(inner.clone());
+
+    let report = assert_superset_of_oracles(&disk);
+    let swap_b = report.blockers.iter().find(|b| b.kind() == BlockerKind::Swap).expect("swap found");
+    assert!(swap_b.message.contains("swapfile") && swap_b.message.contains("swapoff"), "{}", swap_b.message);
+    let loop_b = report.blockers.iter().find(|b| b.kind() == BlockerKind::Loop).expect("loop found");
+    assert!(loop_b.message.contains(&inner) && loop_b.message.contains("inner.img"), "{}", loop_b.message);
+}
+
+#[test]
+fn swap_on_the_raw_device_and_exclusive_claims_are_found() {
+    let _serial = serial();
+    let disk = LoopDisk::new("none");
+    sh(&format!("mkswap -q {d} && swapon {d}", d = disk.dev));
+    let report = disk.scan();
+    sh(&format!("swapoff {}", disk.dev));
+    assert_eq!(kinds(&report), BTreeSet::from([BlockerKind::Swap as i32]), "{:#?}", messages(&report));
+    assert!(report.blockers[0].message.starts_with(&disk.dev), "{}", report.blockers[0].message);
+    assert!(!disk.scan().in_use, "after swapoff the device is free");
+}
+
+/// Seeded random scenarios: random filesystems, mounts, bind mounts and processes; the oracles must agree.
+#[test]
+fn randomised_scenarios_agree_with_the_oracles() {
+    let _serial = serial();
+    let seed: u64 = std::env::var("WUKONG_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261121);
+    let mut state = seed;
+    let mut rand = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    for round in 0..6 {
+        let fs = ["ext4", "xfs", "btrfs"][rand(3) as usize];
+        let mut disk = LoopDisk::new(fs);
+        let mp = disk.mount_at("m");
+        for b in 0..rand(3) {
+            disk.bind(&mp, &format!("b{b}"));
+        }
+        let mut holders = Vec::new();
+        let mut expected = BTreeSet::new();
+        for p in 0..rand(5) {
+            let file = mp.join(format!("f{p}"));
+            std::fs::write(&file, b"x").unwrap();
+            let h = match rand(3) {
+                0 => Holder::sh(&format!("exec 3<'{}'", file.display())),
+                1 => Holder::sh(&format!("exec 3>>'{}'", file.display())),
+                _ => Holder::sh(&format!("cd '{}'", mp.display())),
+            };
+            expected.insert(h.pid());
+            holders.push(h);
+        }
+        // Unrelated processes holding files elsewhere must not appear.
+        let unrelated = Holder::sh("exec 3</etc/hostname; cd /tmp");
+        let report = assert_superset_of_oracles(&disk);
+        let ours = pids_of(&report);
+        assert!(expected.is_subset(&ours), "seed {seed} round {round} ({fs}): expected {expected:?}, found {ours:?}");
+        assert!(!ours.contains(&unrelated.pid()), "seed {seed} round {round}: unrelated process reported");
+        assert!(report.in_use);
+    }
+}
+
+/// A mount in a namespace with no process left (kept alive by a bind-mounted nsfs file): no mountinfo shows it,
+/// fuser and findmnt see nothing, but the kernel still holds the device. The O_EXCL probe reports it.
+#[test]
+fn kernel_claim_without_any_visible_user_is_found() {
+    let _serial = serial();
+    let disk = LoopDisk::new("ext4");
+    let holder_dir = tempfile::tempdir().unwrap();
+    let dir = holder_dir.path();
+    sh(&format!("mount --bind {d} {d} && mount --make-private {d} && touch {d}/ns", d = dir.display()));
+    let inner = tempfile::tempdir().unwrap();
+    sh(&format!(
+        "unshare --mount={}/ns --propagation private mount {} {}",
+        dir.display(),
+        disk.dev,
+        inner.path().display()
+    ));
+    let report = disk.scan();
+    let fuser = fuser_pids(&disk.dev);
+    let findmnt = findmnt_targets(&disk.dev);
+    sh(&format!("umount {d}/ns && umount {d}", d = dir.display()));
+    assert!(fuser.is_empty() && findmnt.is_empty(), "the oracles see nothing: {fuser:?} {findmnt:?}");
+    assert_eq!(kinds(&report), BTreeSet::from([BlockerKind::KernelClaim as i32]), "{:#?}", messages(&report));
+    assert!(report.blockers[0].message.contains("exclusively"), "{}", report.blockers[0].message);
+    assert!(!disk.scan().in_use, "free once the namespace is gone");
+}
+
+/// Files in a nested btrfs subvolume carry a device number no mount names; they are still found.
+#[test]
+fn files_in_nested_btrfs_subvolumes_are_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("btrfs");
+    let mp = disk.mount_at("m");
+    sh(&format!("btrfs -q subvolume create {m}/sub && btrfs -q subvolume create {m}/sub/nested", m = mp.display()));
+    let file = mp.join("sub/nested/db");
+    std::fs::write(&file, b"x").unwrap();
+    let writer = Holder::sh(&format!("exec 3>>'{}'", file.display()));
+    let cwd = Holder::sh(&format!("cd '{}/sub'", mp.display()));
+    let report = assert_superset_of_oracles(&disk);
+    let w = find(&report, writer.pid(), ProcessUseKind::OpenFile).expect("file in nested subvolume found");
+    assert!(w.message.contains("nested/db"), "{}", w.message);
+    assert!(find(&report, cwd.pid(), ProcessUseKind::Cwd).is_some(), "{:#?}", messages(&report));
+}
