@@ -191,6 +191,16 @@ impl AgentClient {
         .await
     }
 
+    /// A fresh usage report for the disk.
+    pub async fn check_usage(&self, serial: &str) -> Result<wukong_proto::v1::UsageReport, ClientError> {
+        self.read(|mut c| {
+            let req =
+                self.request(wukong_proto::v1::CheckUsageRequest { serial: serial.to_string() }, self.call_timeout);
+            async move { c.check_usage(req).await }
+        })
+        .await
+    }
+
     /// Waits until the guest has settled the disk with this serial. The call's deadline is the wait plus a margin,
     /// so the agent's own DEADLINE_EXCEEDED (with its explanation) arrives first.
     pub async fn wait_for_disk(&self, serial: &str, timeout: Duration) -> Result<Disk, ClientError> {

@@ -1,6 +1,8 @@
 //! Human-readable rendering of agent data for `wukongctl`.
 
-use wukong_proto::v1::{Bus, Disk, DiskEvent, DiskState, EventKind};
+use serde_json::{Value, json};
+use wukong_proto::v1::blocker::Detail;
+use wukong_proto::v1::{Blocker, BlockerKind, Bus, Disk, DiskEvent, DiskState, EventKind, Partition, UsageReport};
 
 /// `1.5 GiB`-style sizes.
 pub fn human_size(bytes: u64) -> String {
@@ -99,7 +101,117 @@ pub fn disks_table(disks: &[Disk]) -> String {
             ]
         })
         .collect();
-    table(&["SERIAL", "DEVICE", "BUS", "SIZE", "STATE", "BY-ID", "CONTENTS"], &rows)
+    let with_usage = disks.iter().any(|d| d.usage.is_some());
+    let mut out = table(&["SERIAL", "DEVICE", "BUS", "SIZE", "STATE", "BY-ID", "CONTENTS"], &rows);
+    if with_usage {
+        for d in disks {
+            if let Some(u) = &d.usage {
+                out.push('\n');
+                out.push_str(&usage_text(u));
+            }
+        }
+    }
+    out
+}
+
+pub fn blocker_kind_name(kind: BlockerKind) -> &'static str {
+    match kind {
+        BlockerKind::Mount => "mount",
+        BlockerKind::Swap => "swap",
+        BlockerKind::Holder => "holder",
+        BlockerKind::Loop => "loop",
+        BlockerKind::Process => "process",
+        BlockerKind::KernelClaim => "kernel-claim",
+        BlockerKind::System => "system",
+        BlockerKind::Unspecified => "other",
+    }
+}
+
+/// The `wukongctl usage` text: a verdict line, then one row per blocker.
+pub fn usage_text(report: &UsageReport) -> String {
+    let took = report.scan_duration.map(|d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6).unwrap_or(0.0);
+    if !report.in_use {
+        return format!("{} is not in use (scanned in {took:.1} ms)\n", report.serial);
+    }
+    let rows: Vec<Vec<String>> = report
+        .blockers
+        .iter()
+        .map(|b| vec![blocker_kind_name(b.kind()).to_string(), b.device.clone(), b.message.clone()])
+        .collect();
+    format!(
+        "{} is in use: {} blocker(s) (scanned in {took:.1} ms)\n{}",
+        report.serial,
+        report.blockers.len(),
+        table(&["KIND", "DEVICE", "WHY"], &rows)
+    )
+}
+
+fn timestamp_json(t: &Option<prost_types::Timestamp>) -> Value {
+    t.map(|t| json!(t.to_string())).unwrap_or(Value::Null)
+}
+
+fn duration_ms(d: &Option<prost_types::Duration>) -> Value {
+    d.map(|d| json!(d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6)).unwrap_or(Value::Null)
+}
+
+/// A blocker as JSON: kind, device, message and the structured detail.
+pub fn blocker_json(b: &Blocker) -> Value {
+    let detail = match &b.detail {
+        Some(Detail::Mount(m)) => json!({
+            "mount_point": m.mount_point, "fs_type": m.fs_type, "root": m.root, "options": m.options,
+            "read_only": m.read_only, "mount_namespace": m.mount_namespace, "host_namespace": m.host_namespace,
+            "namespace_pid": m.namespace_pid,
+        }),
+        Some(Detail::Swap(s)) => {
+            json!({"path": s.path, "is_file": s.is_file, "size_bytes": s.size_bytes, "used_bytes": s.used_bytes})
+        }
+        Some(Detail::Holder(h)) => {
+            let h = h.holder.clone().unwrap_or_default();
+            json!({"kernel_name": h.kernel_name, "dev_node": h.dev_node, "name": h.name, "uuid": h.uuid})
+        }
+        Some(Detail::Loop(l)) => json!({"loop_device": l.loop_device, "backing_file": l.backing_file}),
+        Some(Detail::Process(p)) => json!({
+            "pid": p.pid, "command": p.command, "cmdline": p.cmdline, "uid": p.uid,
+            "use": format!("{:?}", p.r#use()).to_lowercase(), "path": p.path, "fd": p.fd, "writable": p.writable,
+        }),
+        Some(Detail::KernelClaim(k)) => json!({"device": k.device}),
+        Some(Detail::System(s)) => json!({"reason": s.reason}),
+        None => Value::Null,
+    };
+    json!({"kind": blocker_kind_name(b.kind()), "device": b.device, "message": b.message, "detail": detail})
+}
+
+pub fn usage_json(r: &UsageReport) -> Value {
+    json!({
+        "serial": r.serial,
+        "in_use": r.in_use,
+        "blockers": r.blockers.iter().map(blocker_json).collect::<Vec<_>>(),
+        "scanned_at": timestamp_json(&r.scanned_at),
+        "scan_duration_ms": duration_ms(&r.scan_duration),
+    })
+}
+
+fn partition_json(p: &Partition) -> Value {
+    json!({
+        "number": p.number, "kernel_name": p.kernel_name, "dev_node": p.dev_node, "size_bytes": p.size_bytes,
+        "fs_type": p.fs_type, "fs_uuid": p.fs_uuid, "fs_label": p.fs_label,
+        "holders": p.holders.iter().map(|h| json!(h.kernel_name)).collect::<Vec<_>>(),
+    })
+}
+
+/// A disk as JSON (with its usage report when it has one).
+pub fn disk_json(d: &Disk) -> Value {
+    json!({
+        "serial": d.serial, "id": d.id, "kernel_name": d.kernel_name, "dev_node": d.dev_node,
+        "major": d.major, "minor": d.minor, "bus": bus_name(d.bus()), "by_id_links": d.by_id_links,
+        "by_path_links": d.by_path_links, "size_bytes": d.size_bytes, "vendor": d.vendor, "model": d.model,
+        "wwn": d.wwn, "device_id": d.device_id, "read_only": d.read_only, "fs_type": d.fs_type,
+        "state": state_name(d), "system": d.system, "system_reason": d.system_reason,
+        "scsi_address": d.scsi_address.map(|a| format!("{}:{}:{}:{}", a.host, a.channel, a.target, a.lun)),
+        "partitions": d.partitions.iter().map(partition_json).collect::<Vec<_>>(),
+        "holders": d.holders.iter().map(|h| json!(h.kernel_name)).collect::<Vec<_>>(),
+        "usage": d.usage.as_ref().map(usage_json),
+    })
 }
 
 /// One line per watch event.
@@ -133,6 +245,29 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\nz    w\n");
+    }
+
+    #[test]
+    fn usage_text_lists_every_blocker() {
+        let report = UsageReport {
+            serial: "pg".into(),
+            in_use: true,
+            blockers: vec![Blocker {
+                kind: BlockerKind::Mount as i32,
+                device: "/dev/sdb1".into(),
+                message: "/dev/sdb1 is mounted at /var/lib/pg (ext4) in the host mount namespace".into(),
+                detail: None,
+            }],
+            ..UsageReport::default()
+        };
+        let t = usage_text(&report);
+        assert!(t.starts_with("pg is in use: 1 blocker(s)"), "{t}");
+        assert!(t.contains("mount  /dev/sdb1  /dev/sdb1 is mounted at /var/lib/pg"), "{t}");
+        let j = usage_json(&report);
+        assert_eq!(j["blockers"][0]["kind"], "mount");
+        assert_eq!(j["in_use"], true);
+        let idle = usage_text(&UsageReport { serial: "x".into(), ..UsageReport::default() });
+        assert!(idle.starts_with("x is not in use"), "{idle}");
     }
 
     #[test]

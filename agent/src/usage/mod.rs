@@ -104,3 +104,95 @@ pub fn scan_now(roots: &HostRoots, disks: &[Disk], deadline: Duration) -> ScanRe
         .collect();
     Ok(Arc::new(reports))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, symlink};
+    use wukong_proto::v1::{BlockerKind, ProcessUseKind, blocker::Detail};
+
+    /// A fixture tree: a fake disk whose device number is that of the filesystem holding a real file, a process
+    /// (pid 4242) whose mountinfo mounts it and whose fd 7 is that file.
+    fn fixture() -> (tempfile::TempDir, HostRoots, Disk) {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = HostRoots::under(dir.path());
+        let data = dir.path().join("data file");
+        std::fs::write(&data, b"x").unwrap();
+        let dev = std::fs::metadata(&data).unwrap().dev();
+        let (ma, mi) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+        std::fs::create_dir_all(roots.sys.join("block/fakedisk")).unwrap();
+        std::fs::write(roots.sys.join("block/fakedisk/dev"), format!("{ma}:{mi}\n")).unwrap();
+        let p = roots.proc.join("4242");
+        std::fs::create_dir_all(p.join("fd")).unwrap();
+        std::fs::create_dir_all(p.join("fdinfo")).unwrap();
+        std::fs::create_dir_all(p.join("ns")).unwrap();
+        std::fs::write(p.join("ns/mnt"), b"").unwrap();
+        std::fs::write(p.join("comm"), b"postgres\n").unwrap();
+        std::fs::write(p.join("status"), b"Name:\tpostgres\nUid:\t999\t999\t999\t999\n").unwrap();
+        std::fs::write(p.join("cmdline"), b"postgres\0-D\0/var/lib/pg\0").unwrap();
+        std::fs::write(
+            p.join("mountinfo"),
+            format!(
+                "30 1 {ma}:{mi} / /var/lib/pg\\040data rw,relatime - ext4 /dev/fakedisk rw\n31 1 {ma}:{mi} / /cut rw\n"
+            ),
+        )
+        .unwrap();
+        symlink(&data, p.join("fd/7")).unwrap();
+        std::fs::write(p.join("fdinfo/7"), b"pos:\t0\nflags:\t0100002\n").unwrap();
+        std::fs::write(roots.proc.join("swaps"), b"Filename Type Size Used Priority\n").unwrap();
+        let disk = Disk {
+            kernel_name: "fakedisk".into(),
+            id: "fake-serial".into(),
+            serial: "fake-serial".into(),
+            ..Disk::default()
+        };
+        (dir, roots, disk)
+    }
+
+    #[test]
+    fn scan_of_a_fixture_tree_finds_mount_and_process() {
+        let (_dir, roots, disk) = fixture();
+        let reports = scan_now(&roots, &[disk], Duration::from_secs(10)).unwrap();
+        let r = &reports[0];
+        assert!(r.in_use);
+        assert_eq!(r.serial, "fake-serial");
+        let mount = r.blockers.iter().find(|b| b.kind() == BlockerKind::Mount).expect("mount found");
+        assert!(mount.message.contains("is mounted at /var/lib/pg data (ext4)"), "{}", mount.message);
+        assert_eq!(r.blockers.iter().filter(|b| b.kind() == BlockerKind::Mount).count(), 1, "truncated line ignored");
+        let process = r.blockers.iter().find(|b| b.kind() == BlockerKind::Process).expect("process found");
+        assert!(process.message.starts_with("postgres (pid 4242, uid 999) has"), "{}", process.message);
+        assert!(process.message.contains("data file open for writing"), "{}", process.message);
+        let Some(Detail::Process(p)) = &process.detail else { panic!("process detail") };
+        assert_eq!((p.fd, p.uid, p.writable, p.r#use()), (7, 999, true, ProcessUseKind::OpenFile));
+        assert_eq!(p.cmdline, "postgres -D /var/lib/pg");
+    }
+
+    #[test]
+    fn vanished_disk_and_empty_tree_are_not_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = HostRoots::under(dir.path());
+        let disk = Disk { kernel_name: "gone".into(), id: "gone".into(), ..Disk::default() };
+        let reports = scan_now(&roots, &[disk], Duration::from_secs(10)).unwrap();
+        assert!(!reports[0].in_use);
+    }
+
+    #[test]
+    fn zero_deadline_is_a_named_error() {
+        let (_dir, roots, disk) = fixture();
+        let err = scan_now(&roots, &[disk], Duration::ZERO).unwrap_err();
+        assert!(matches!(err, UsageError::Deadline(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_share_one_scan_and_later_ones_scan_afresh() {
+        let (_dir, roots, disk) = fixture();
+        let scanner = UsageScanner::new(roots);
+        let disks = [disk];
+        let (a, b) = tokio::join!(scanner.check(&disks), scanner.check(&disks));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "the second request joined the first scan");
+        let c = scanner.check(&disks).await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "a later request gets a fresh scan");
+        assert!(scanner.in_flight.lock().unwrap().is_empty());
+    }
+}

@@ -12,14 +12,32 @@ struct Cli {
     /// Agent address: http://IP:PORT or unix:PATH.
     #[arg(long, global = true, env = "WUKONG_AGENT", default_value = "unix:/run/wukong-agent/agent.sock")]
     agent: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// List the guest's disks.
-    Disks,
+    Disks {
+        /// Also scan who uses each disk.
+        #[arg(long)]
+        usage: bool,
+    },
+    /// Who uses this disk right now (a fresh scan in the guest). Exit code 3 when it is in use.
+    Usage {
+        /// The disk's serial.
+        serial: String,
+    },
     /// Print the agent's facts (version, kernel, boot id, capabilities).
     Info,
     /// Print disk events as they happen (a snapshot first), until interrupted.
@@ -31,7 +49,10 @@ enum Command {
 
 /// Exit codes scripts can rely on.
 const EXIT_OTHER: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_IN_USE: u8 = 3;
 const EXIT_UNREACHABLE: u8 = 4;
+const EXIT_TIMEOUT: u8 = 5;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -42,11 +63,15 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("wukongctl: {e:#}");
             let code = match e.downcast_ref::<ClientError>() {
                 Some(ClientError::Unreachable { .. }) => EXIT_UNREACHABLE,
+                Some(ClientError::Timeout { .. }) => EXIT_TIMEOUT,
+                Some(ClientError::BadAddress(_)) => EXIT_USAGE,
+                Some(err) if err.code() == Some(tonic::Code::InvalidArgument) => EXIT_USAGE,
+                Some(err) if err.code() == Some(tonic::Code::DeadlineExceeded) => EXIT_TIMEOUT,
                 _ => EXIT_OTHER,
             };
             ExitCode::from(code)
@@ -54,13 +79,31 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialise"));
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     let address: AgentAddress = cli.agent.parse()?;
     let client = AgentClient::connect(address)?;
+    let json = cli.output == Format::Json;
     match cli.command {
-        Command::Disks => {
-            let disks = client.list_disks(false).await?;
-            print!("{}", output::disks_table(&disks));
+        Command::Disks { usage } => {
+            let disks = client.list_disks(usage).await?;
+            if json {
+                print_json(&serde_json::Value::Array(disks.iter().map(output::disk_json).collect()));
+            } else {
+                print!("{}", output::disks_table(&disks));
+            }
+        }
+        Command::Usage { serial } => {
+            let report = client.check_usage(&serial).await?;
+            if json {
+                print_json(&output::usage_json(&report));
+            } else {
+                print!("{}", output::usage_text(&report));
+            }
+            return Ok(if report.in_use { EXIT_IN_USE } else { 0 });
         }
         Command::Info => {
             let info = client.agent_info().await?;
@@ -79,5 +122,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
