@@ -44,7 +44,9 @@ cp "$kdir/boot/vmlinuz-$kver" "$out/vmlinuz"
 # --- initramfs tree ----------------------------------------------------------------------------------------
 root=$(mktemp -d "$out/root.XXXXXX")
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,run,tmp,var/log,lib/udev,lib/modules,lib64,usr/bin,usr/sbin,usr/local/bin,lib/x86_64-linux-gnu,mnt}
+mkdir -p "$root"/{bin,etc,proc,sys,dev,run,tmp,var/log,lib/udev,lib/modules,lib64,usr/bin,usr/sbin,usr/local/bin,lib/x86_64-linux-gnu,mnt}
+# Merged /usr like the host: udev rules call /sbin/dmsetup, /sbin/lvm and /sbin/mdadm.
+ln -s usr/sbin "$root/sbin"
 cp "$(command -v busybox)" "$root/bin/busybox"
 for applet in $(busybox --list); do
   [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
@@ -75,10 +77,13 @@ done
 cp -r /lib/udev/rules.d "$root/lib/udev/"
 # Tools tests drive inside the guest; GNU date is there for its nanosecond timestamps.
 copy_with_libs "$(command -v date)" /usr/local/bin/gdate
-for tool in mkfs.ext4 mke2fs blkid; do
+# Storage tools the tests use to build partitions, LVM, md and dm-crypt stacks in the guest.
+for tool in mkfs.ext4 mke2fs blkid sfdisk lvm mdadm dmsetup; do
   p=$(command -v "$tool" || true)
-  [ -n "$p" ] && copy_with_libs "$p" "/usr/sbin/$tool"
+  [ -n "$p" ] || { echo "build-guest: $tool not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
+  copy_with_libs "$p" "/usr/sbin/$tool"
 done
+mkdir -p "$root/etc/lvm" "$root/run/lock/lvm"
 
 # The agent, without symbols (a debug build would otherwise bloat the image).
 copy_with_libs "$agent" /usr/bin/wukong-agent

@@ -21,6 +21,8 @@ const GUEST_AGENT_PORT: u16 = 7443;
 const GUEST_CONTROL_PORT: u16 = 2323;
 /// Time allowed for the guest to boot under TCG (it takes 5–15 s; CI machines can be slower).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a command run in the guest may take.
+const GUEST_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// PCIe root ports for virtio-blk hot-plug (q35's root bus itself cannot hot-plug).
 const ROOT_PORTS: u32 = 4;
 
@@ -270,9 +272,9 @@ impl Guest {
         stream.write_all(script.as_bytes()).await?;
         stream.shutdown().await?;
         let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(300), stream.read_to_end(&mut raw))
-            .await
-            .context("the guest command did not finish within 300 s")??;
+        tokio::time::timeout(GUEST_COMMAND_TIMEOUT, stream.read_to_end(&mut raw)).await.with_context(|| {
+            format!("the guest command did not finish within {GUEST_COMMAND_TIMEOUT:?}: {script}")
+        })??;
         let text = String::from_utf8_lossy(&raw).into_owned();
         let (output, status) = match text.rfind("__WUKONG_RC=") {
             Some(i) => (text[..i].to_string(), text[i + 12..].trim().parse().unwrap_or(-1)),
