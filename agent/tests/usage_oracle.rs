@@ -34,12 +34,14 @@ fn unescape_findmnt(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1] == b'x' {
-            if let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1] == b'x'
+            && let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -207,7 +209,7 @@ fn messages(report: &UsageReport) -> Vec<String> {
     report.blockers.iter().map(|b| b.message.clone()).collect()
 }
 
-fn find<'a>(report: &'a UsageReport, pid: i32, kind: ProcessUseKind) -> Option<&'a Blocker> {
+fn find(report: &UsageReport, pid: i32, kind: ProcessUseKind) -> Option<&Blocker> {
     report.blockers.iter().find(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid && p.r#use() == kind))
 }
 

@@ -2,6 +2,7 @@
 //! Concurrent requests for the same disks share one scan (single flight).
 
 mod procfs_parse;
+mod procmap;
 mod scan;
 pub mod target;
 
@@ -30,13 +31,15 @@ pub enum UsageError {
 }
 
 type ScanResult = Result<Arc<Vec<UsageReport>>, UsageError>;
+/// Scans running now, by the kernel names they cover; later requests for the same disks join them.
+type InFlight = Arc<Mutex<HashMap<Vec<String>, Shared<BoxFuture<'static, ScanResult>>>>>;
 
 /// Runs usage scans. Cheap to clone.
 #[derive(Clone)]
 pub struct UsageScanner {
     roots: HostRoots,
     deadline: Duration,
-    in_flight: Arc<Mutex<HashMap<Vec<String>, Shared<BoxFuture<'static, ScanResult>>>>>,
+    in_flight: InFlight,
 }
 
 impl UsageScanner {

@@ -4,7 +4,8 @@
 //! whatever mount namespace, chroot or deleted path it lives in. A process that exits mid-scan, or one entry we may
 //! not read, is skipped; it never fails the scan.
 
-use super::procfs_parse::{MountEntry, fdinfo_writable, parse_maps, parse_mountinfo, parse_swaps};
+use super::procfs_parse::{MapEntry, MountEntry, fdinfo_writable, parse_maps, parse_mountinfo, parse_swaps};
+use super::procmap;
 use super::target::{Role, Target, describe_holder, holder_hint};
 use crate::roots::HostRoots;
 use nix::dir::Dir;
@@ -390,6 +391,9 @@ fn loop_backing(roots: &HostRoots, name: &str, backing: &str) -> Option<(u64, u6
 
 // --- processes -------------------------------------------------------------------------------------------------
 
+/// A process and what it holds on the targets.
+type ProcessUses = (i32, Vec<Use>);
+
 /// One use of a target by a process, before the process's name and uid are looked up.
 struct Use {
     target: usize,
@@ -411,17 +415,17 @@ fn scan_processes(
         return Ok(());
     }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
-    let results: Vec<Result<Vec<(i32, Vec<Use>)>, DeadlineExceeded>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<ProcessUses>, DeadlineExceeded>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
                     let mut found = Vec::new();
-                    let mut subvolumes = HashMap::new();
+                    let mut scratch = Scratch::default();
                     for &pid in pids.iter().skip(t).step_by(threads) {
                         if Instant::now() > deadline {
                             return Err(DeadlineExceeded);
                         }
-                        let uses = process_uses(roots, pid, index, &mut subvolumes);
+                        let uses = process_uses(roots, pid, index, &mut scratch);
                         if !uses.is_empty() {
                             found.push((pid, uses));
                         }
@@ -474,12 +478,7 @@ fn target_fs(
 }
 
 /// Everything one process holds on any target.
-fn process_uses(
-    roots: &HostRoots,
-    pid: i32,
-    index: &Index<'_>,
-    subvolumes: &mut HashMap<u64, Option<Filesystem>>,
-) -> Vec<Use> {
+fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Scratch) -> Vec<Use> {
     let dir = roots.proc.join(pid.to_string());
     let Ok(pdir) = Dir::open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) else {
         return Vec::new();
@@ -487,7 +486,7 @@ fn process_uses(
     let mut uses = Vec::new();
     for (name, kind) in [("cwd", ProcessUseKind::Cwd), ("root", ProcessUseKind::Root), ("exe", ProcessUseKind::Exe)] {
         if let Ok(st) = fstatat(&pdir, name, AtFlags::empty())
-            && let Some(fs) = target_fs(index, &st, &dir.join(name), subvolumes)
+            && let Some(fs) = target_fs(index, &st, &dir.join(name), &mut scratch.subvolumes)
         {
             let path = std::fs::read_link(dir.join(name)).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
             uses.push(Use { target: fs.target, kind, path, fd: -1, writable: false, device: fs.label.clone() });
@@ -508,7 +507,8 @@ fn process_uses(
                 })
             } else {
                 let link = dir.join("fd").join(name.to_string_lossy().as_ref());
-                target_fs(index, &st, &link, subvolumes).map(|fs| (fs.target, ProcessUseKind::OpenFile, fs.label))
+                target_fs(index, &st, &link, &mut scratch.subvolumes)
+                    .map(|fs| (fs.target, ProcessUseKind::OpenFile, fs.label))
             };
             let Some((target, kind, device)) = hit else { continue };
             let fd_name = name.to_string_lossy().into_owned();
@@ -520,24 +520,79 @@ fn process_uses(
             uses.push(Use { target, kind, path, fd: fd_name.parse().unwrap_or(-1), writable, device });
         }
     }
-    if let Ok(text) = std::fs::read_to_string(dir.join("maps")) {
+    // Without a mounted filesystem of a target there is no file to map, and maps is the costliest read.
+    if !index.filesystems.is_empty() {
         let mut seen = HashSet::new();
-        for m in parse_maps(&text) {
-            let Some(fs) = index.filesystems.get(&makedev(m.major.into(), m.minor.into())) else { continue };
-            if !seen.insert((m.inode, m.shared_writable)) {
-                continue;
+        for (fs, m) in mapped_files(&dir.join("maps"), index, scratch) {
+            if seen.insert((m.inode, m.shared_writable)) {
+                uses.push(Use {
+                    target: fs.target,
+                    kind: ProcessUseKind::Mmap,
+                    path: m.path,
+                    fd: -1,
+                    writable: m.shared_writable,
+                    device: fs.label.clone(),
+                });
             }
-            uses.push(Use {
-                target: fs.target,
-                kind: ProcessUseKind::Mmap,
-                path: m.path,
-                fd: -1,
-                writable: m.shared_writable,
-                device: fs.label.clone(),
-            });
         }
     }
     uses
+}
+
+/// File mappings of a process on a target filesystem. Asks the kernel VMA by VMA (PROCMAP_QUERY, Linux 6.11+),
+/// which formats no text; reads and parses the maps text on older kernels.
+fn mapped_files<'i>(maps: &Path, index: &'i Index<'_>, scratch: &mut Scratch) -> Vec<(&'i Filesystem, MapEntry)> {
+    let Ok(file) = std::fs::File::open(maps) else { return Vec::new() };
+    if scratch.procmap_query != Some(false) {
+        match procmap::file_mappings(&file, |major, minor| {
+            index.filesystems.contains_key(&makedev(major.into(), minor.into()))
+        }) {
+            Ok(found) => {
+                scratch.procmap_query = Some(true);
+                return found
+                    .into_iter()
+                    .filter_map(|m| Some((index.filesystems.get(&makedev(m.major.into(), m.minor.into()))?, m)))
+                    .collect();
+            }
+            Err(procmap::Unsupported) => scratch.procmap_query = Some(false),
+        }
+    }
+    use std::io::Read;
+    scratch.maps.clear();
+    if (&file).read_to_end(&mut scratch.maps).is_err() {
+        return Vec::new();
+    }
+    scratch
+        .maps
+        .split(|b| *b == b'\n')
+        .filter(|line| map_device(line).is_some_and(|(dev, _)| index.filesystems.contains_key(&dev)))
+        .filter_map(|line| parse_maps(&String::from_utf8_lossy(line)).pop())
+        .filter_map(|m| Some((index.filesystems.get(&makedev(m.major.into(), m.minor.into()))?, m)))
+        .collect()
+}
+
+/// Buffers a scan thread reuses from process to process.
+#[derive(Default)]
+struct Scratch {
+    maps: Vec<u8>,
+    /// Whether the kernel answers PROCMAP_QUERY (unknown until the first process).
+    procmap_query: Option<bool>,
+    /// Answers for anonymous devices no mount names (see [`target_fs`]).
+    subvolumes: HashMap<u64, Option<Filesystem>>,
+}
+
+/// The device (as dev_t) and inode of a file-backed line of `maps`, without allocating: the full parse is only
+/// done for lines on a target. `None` for anonymous mappings and malformed lines.
+fn map_device(line: &[u8]) -> Option<(u64, u64)> {
+    let mut fields = line.split(|b| *b == b' ').filter(|f| !f.is_empty());
+    let dev = fields.nth(3)?;
+    let inode: u64 = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+    if inode == 0 {
+        return None;
+    }
+    let colon = dev.iter().position(|b| *b == b':')?;
+    let hex = |s: &[u8]| u64::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok();
+    Some((makedev(hex(&dev[..colon])?, hex(&dev[colon + 1..])?), inode))
 }
 
 fn process_uid(proc_root: &Path, pid: i32) -> u32 {
@@ -639,5 +694,73 @@ fn scan_kernel_claims(roots: &HostRoots, targets: &[Target], blockers: &mut [Vec
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Both ways of reading mappings (PROCMAP_QUERY and the maps text of older kernels) find a shared, writable
+    /// mapping of a file, with its path.
+    #[test]
+    fn mapped_files_found_by_ioctl_and_by_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mapped file");
+        std::fs::write(&path, vec![1u8; 4096]).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // SAFETY: a fresh shared mapping of a file we own; unmapped below.
+        let addr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(4096).unwrap(),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }
+        .unwrap();
+        let targets = [Target { key: "t".into(), devices: Vec::new() }];
+        let mut index = Index {
+            targets: &targets,
+            devices: HashMap::new(),
+            filesystems: HashMap::new(),
+            mounted_devs: HashSet::new(),
+            btrfs_fsids: HashMap::new(),
+        };
+        let dev = std::fs::metadata(&path).unwrap().dev();
+        index.filesystems.insert(dev, Filesystem { target: 0, label: "test fs".into() });
+        let maps = Path::new("/proc/self/maps");
+        for forced in [None, Some(false)] {
+            let mut scratch = Scratch { procmap_query: forced, ..Scratch::default() };
+            let found = mapped_files(maps, &index, &mut scratch);
+            let m = found.iter().find(|(_, m)| m.path.ends_with("mapped file")).map(|(_, m)| m);
+            let m = m.unwrap_or_else(|| panic!("mapping found (procmap {forced:?}): {:?}", found.len()));
+            assert!(m.shared_writable, "procmap {forced:?}");
+            assert_eq!(m.path, path.to_str().unwrap());
+        }
+        // SAFETY: the mapping created above.
+        unsafe { nix::sys::mman::munmap(addr, 4096) }.unwrap();
+    }
+
+    #[test]
+    fn map_device_reads_hex_device_and_inode_without_allocating() {
+        let line = b"7f0000000000-7f0000001000 rw-s 00000000 08:11 42 /x y";
+        assert_eq!(map_device(line), Some((makedev(8, 0x11), 42)));
+        assert_eq!(map_device(b"7f00-7f01 rw-p 00000000 00:00 0"), None);
+        assert_eq!(map_device(b"garbage"), None);
+        assert_eq!(map_device(b"a b c zz:01 5 /x"), None);
+    }
+
+    #[test]
+    fn uuid_parser() {
+        assert_eq!(
+            parse_uuid("01234567-89ab-cdef-0123-456789abcdef"),
+            Some([0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef])
+        );
+        assert_eq!(parse_uuid("features"), None);
+        assert_eq!(parse_uuid("zz234567-89ab-cdef-0123-456789abcdef"), None);
     }
 }

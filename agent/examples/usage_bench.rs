@@ -1,0 +1,182 @@
+//! Benchmark: our usage scan against `fuser -m <dev>` and `lsof <mountpoint>` on the same system state.
+//!
+//! Builds a loop-mounted ext4 and N processes with M open fds each; 5% of them hold a file on the loop mount, the
+//! rest only unrelated files. Times each tool (median of several runs) and checks all three agree on the PIDs.
+//!
+//! Run as root: `cargo run --release -p wukong-agent --example usage_bench [PROCS FDS]...`
+//! (default sweep: 500x20 1000x20 2000x20 2000x40).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use wukong_agent::roots::HostRoots;
+use wukong_agent::usage::scan_now;
+use wukong_proto::v1::{Disk, blocker::Detail};
+
+const RUNS: usize = 9;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    dev: String,
+    mount: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(256 << 20).unwrap();
+        let dev = run(&format!("losetup -f --show {}", image.display())).trim().to_string();
+        run(&format!("mkfs.ext4 -q -F {dev}"));
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run(&format!("mount {dev} {}", mount.display()));
+        std::fs::write(mount.join("held"), b"data").unwrap();
+        Self { dir, dev, mount }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        let _ = self.dir.path();
+    }
+}
+
+fn run(script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).output().expect("sh");
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts `procs` sleeping processes with `fds` open files each; every 20th holds the file on the mount.
+/// Returns the processes and the PIDs that hold the mount.
+fn spawn_processes(setup: &Setup, procs: usize, fds: usize) -> (Vec<Child>, BTreeSet<i32>) {
+    let unrelated = setup.dir.path().join("unrelated");
+    std::fs::write(&unrelated, b"x").unwrap();
+    let mut children = Vec::with_capacity(procs);
+    let mut holders = BTreeSet::new();
+    for i in 0..procs {
+        let holds = i % 20 == 0;
+        let mut redirs = String::new();
+        for fd in 3..3 + fds {
+            let file = if holds && fd == 3 { setup.mount.join("held") } else { unrelated.clone() };
+            redirs.push_str(&format!("exec {fd}<'{}'\n", file.display()));
+        }
+        let child = Command::new("bash")
+            .arg("-c")
+            .arg(format!("{redirs}echo ready\nexec sleep 100000"))
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        if holds {
+            holders.insert(child.id() as i32);
+        }
+        children.push(child);
+    }
+    // All were started at once; now wait until each has opened its files.
+    for c in children.iter_mut() {
+        use std::io::Read;
+        let mut ready = [0u8; 6];
+        c.stdout.take().expect("piped").read_exact(&mut ready).expect("the process reports ready");
+    }
+    (children, holders)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time<T>(f: impl Fn() -> T) -> (Duration, T) {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        last = Some(f());
+        times.push(t.elapsed());
+    }
+    (median(times), last.expect("RUNS > 0"))
+}
+
+/// PIDs from `lsof` output (second column, after a header line).
+fn lsof_pids(text: &str) -> BTreeSet<i32> {
+    text.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).collect()
+}
+
+fn main() {
+    assert!(nix::unistd::geteuid().is_root(), "the benchmark needs root (loop devices, mounts)");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let configs: Vec<(usize, usize)> = if args.is_empty() {
+        vec![(500, 20), (1000, 20), (2000, 20), (2000, 40)]
+    } else {
+        args.iter()
+            .map(|a| {
+                let (p, f) = a.split_once('x').expect("configurations look like 2000x20");
+                (p.parse().expect("process count"), f.parse().expect("fd count"))
+            })
+            .collect()
+    };
+    println!(
+        "usage scan vs fuser -m and lsof, median of {RUNS} runs, {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!(
+        "{:>6} {:>4} {:>9} {:>9} {:>9} {:>12} {:>11}  agree",
+        "procs", "fds", "ours", "fuser -m", "lsof", "fuser/ours", "lsof/ours"
+    );
+    for (procs, fds) in configs {
+        let setup = Setup::new();
+        let (mut children, expected) = spawn_processes(&setup, procs, fds);
+        let disk = {
+            let name = setup.dev.trim_start_matches("/dev/").to_string();
+            Disk { kernel_name: name.clone(), id: name, ..Disk::default() }
+        };
+        let roots = HostRoots::default();
+        let (ours_t, report) =
+            time(|| scan_now(&roots, std::slice::from_ref(&disk), Duration::from_secs(60)).expect("scan"));
+        let ours: BTreeSet<i32> = report[0]
+            .blockers
+            .iter()
+            .filter_map(|b| match &b.detail {
+                Some(Detail::Process(p)) => Some(p.pid),
+                _ => None,
+            })
+            .collect();
+        let (fuser_t, fuser_out) =
+            time(|| Command::new("fuser").arg("-m").arg(&setup.dev).stderr(Stdio::null()).output().unwrap());
+        // fuser prints PIDs (with access letters such as "c" or "m") on stdout, the names on stderr.
+        let fuser: BTreeSet<i32> = String::from_utf8_lossy(&fuser_out.stdout)
+            .split_whitespace()
+            .filter_map(|w| w.trim_end_matches(char::is_alphabetic).parse().ok())
+            .collect();
+        let (lsof_t, lsof_out) =
+            time(|| Command::new("lsof").arg("-w").arg(&setup.mount).stderr(Stdio::null()).output().unwrap());
+        let lsof = lsof_pids(&String::from_utf8_lossy(&lsof_out.stdout));
+        let agree = expected.is_subset(&ours) && fuser.is_subset(&ours) && lsof.is_subset(&ours);
+        println!(
+            "{procs:>6} {fds:>4} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>11.1}x {:>10.1}x  {} (ours {}, fuser {}, lsof {}, expected {})",
+            ours_t.as_secs_f64() * 1e3,
+            fuser_t.as_secs_f64() * 1e3,
+            lsof_t.as_secs_f64() * 1e3,
+            fuser_t.as_secs_f64() / ours_t.as_secs_f64(),
+            lsof_t.as_secs_f64() / ours_t.as_secs_f64(),
+            if agree { "yes" } else { "NO" },
+            ours.len(),
+            fuser.len(),
+            lsof.len(),
+            expected.len()
+        );
+        std::io::stdout().flush().ok();
+        for c in children.iter_mut() {
+            let _ = c.kill();
+        }
+        for c in children.iter_mut() {
+            let _ = c.wait();
+        }
+        assert!(agree, "the tools disagree on the PIDs: ours {ours:?}, fuser {fuser:?}, lsof {lsof:?}");
+    }
+}
