@@ -439,3 +439,22 @@ fn files_in_nested_btrfs_subvolumes_are_found() {
     assert!(w.message.contains("nested/db"), "{}", w.message);
     assert!(find(&report, cwd.pid(), ProcessUseKind::Cwd).is_some(), "{:#?}", messages(&report));
 }
+
+/// The disk holding this machine's `/` is reported as the running system.
+#[test]
+fn the_disk_holding_root_is_a_system_blocker() {
+    let _serial = serial();
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata("/").unwrap().dev();
+    let (ma, mi) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    assert_ne!(ma, 0, "/ must be on a block device for this test (it is on this project's machines)");
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{ma}:{mi}")).unwrap();
+    // A partition's disk is its parent directory in sysfs.
+    let disk_dir = if sys.join("partition").exists() { sys.parent().unwrap().to_path_buf() } else { sys };
+    let name = disk_dir.file_name().unwrap().to_string_lossy().into_owned();
+    let disk = Disk { kernel_name: name.clone(), id: name.clone(), ..Disk::default() };
+    let report = &scan_now(&HostRoots::default(), &[disk], Duration::from_secs(30)).unwrap()[0];
+    let system = report.blockers.iter().find(|b| b.kind() == BlockerKind::System).expect("system blocker");
+    assert!(system.message.contains("holds / of the running system"), "{}", system.message);
+    assert!(report.blockers.iter().any(|b| b.kind() == BlockerKind::Mount));
+}
