@@ -254,10 +254,11 @@ fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
     let writer = Holder::sh(&format!("exec 3>>'{m}/data'"));
     let reader = Holder::sh(&format!("exec 3<'{m}/data'"));
     let cwd = Holder::sh(&format!("cd '{m}'"));
-    let exe = Holder::start(
-        "sh",
-        &["-c", &format!("'{m}/sleep-on-disk' 1000 & echo $! > '{m}/../exe.pid'; echo ready; wait")],
-    );
+    let exe = Holder::start("sh", &["-c", &format!("echo ready; exec '{m}/sleep-on-disk' 1000")]);
+    let on_disk = mp.join("sleep-on-disk");
+    while std::fs::read_link(format!("/proc/{}/exe", exe.pid())).ok().as_deref() != Some(on_disk.as_path()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mapper = Holder::start(
         "python3",
         &[
@@ -276,13 +277,11 @@ fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
     let r = find(&report, reader.pid(), ProcessUseKind::OpenFile).expect("reader found");
     assert!(r.message.contains("open for reading"), "{}", r.message);
     assert!(find(&report, cwd.pid(), ProcessUseKind::Cwd).is_some());
-    let exe_pid: i32 = std::fs::read_to_string(mp.join("../exe.pid")).unwrap().trim().parse().unwrap();
-    assert!(find(&report, exe_pid, ProcessUseKind::Exe).is_some(), "{:#?}", messages(&report));
+    assert!(find(&report, exe.pid(), ProcessUseKind::Exe).is_some(), "{:#?}", messages(&report));
     let map = find(&report, mapper.pid(), ProcessUseKind::Mmap).expect("mmap found");
     assert!(map.message.contains("shared and writable"), "{}", map.message);
     let dev = find(&report, raw.pid(), ProcessUseKind::BlockDevice).expect("raw device user found");
     assert!(dev.message.contains(&disk.dev) && dev.message.contains("for writing"), "{}", dev.message);
-    drop(exe);
 }
 
 #[test]
