@@ -259,8 +259,9 @@ fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
     while std::fs::read_link(format!("/proc/{}/exe", exe.pid())).ok().as_deref() != Some(on_disk.as_path()) {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Debian's python3 (installed by scripts/lib/install-deps.sh), whatever else is on PATH.
     let mapper = Holder::start(
-        "python3",
+        "/usr/bin/python3",
         &[
             "-c",
             &format!(
