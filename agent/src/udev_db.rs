@@ -28,7 +28,7 @@ impl UdevDb for LibUdevDb {
 }
 
 /// Copies a device's properties out of libudev (whose types are `!Send`).
-pub fn properties_of(device: &udev::Device) -> Properties {
+fn properties_of(device: &udev::Device) -> Properties {
     device
         .properties()
         .map(|p| (p.name().to_string_lossy().into_owned(), p.value().to_string_lossy().into_owned()))

@@ -87,24 +87,14 @@ fn run(roots: &HostRoots, db: &dyn UdevDb, socket: &udev::MonitorSocket, updates
             }
         }
         nix::errno::Errno::clear();
-        let mut overflowed = false;
-        let mut triggers = Vec::new();
-        for event in socket.iter() {
-            triggers.push(Trigger::from_event(&event));
-        }
-        // The iterator ends on EAGAIN (drained) or on an error; ENOBUFS means the kernel dropped events.
-        if nix::errno::Errno::last() == nix::errno::Errno::ENOBUFS {
-            overflowed = true;
-        }
-        let mut batch = Vec::new();
-        if overflowed {
+        let triggers: Vec<Trigger> = socket.iter().map(|e| Trigger::from_event(&e)).collect();
+        // The iterator ends when a receive fails: EAGAIN when drained, ENOBUFS when the kernel dropped events.
+        let batch = if nix::errno::Errno::last() == nix::errno::Errno::ENOBUFS {
             tracing::warn!("the udev monitor overflowed and dropped events; re-enumerating every disk");
-            batch.push(Update::Reconcile(enumerate(roots, db)));
+            vec![Update::Reconcile(enumerate(roots, db))]
         } else {
-            for trigger in triggers {
-                batch.extend(updates_for(roots, db, &trigger));
-            }
-        }
+            triggers.iter().flat_map(|t| updates_for(roots, db, t)).collect()
+        };
         for update in batch {
             if updates.blocking_send(update).is_err() {
                 return;
@@ -124,12 +114,12 @@ fn enumerate(roots: &HostRoots, db: &dyn UdevDb) -> Vec<Disk> {
 
 /// What a udev event is about, copied out of libudev.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Trigger {
-    pub action: String,
-    pub kernel_name: String,
-    pub devtype: String,
+struct Trigger {
+    action: String,
+    kernel_name: String,
+    devtype: String,
     /// For a partition: the disk it belongs to (parent directory in sysfs).
-    pub parent: Option<String>,
+    parent: Option<String>,
 }
 
 impl Trigger {
@@ -150,7 +140,7 @@ fn parent_name(syspath: &Path) -> Option<String> {
 }
 
 /// The inventory updates one event causes.
-pub fn updates_for(roots: &HostRoots, db: &dyn UdevDb, trigger: &Trigger) -> Vec<Update> {
+fn updates_for(roots: &HostRoots, db: &dyn UdevDb, trigger: &Trigger) -> Vec<Update> {
     let refresh = |name: &str| match disk::describe(roots, db, name) {
         Some(d) => Update::Upsert(Box::new(d)),
         // Present in sysfs but not settled (no by-id link yet): it is not a disk we report, yet.
@@ -168,5 +158,58 @@ pub fn updates_for(roots: &HostRoots, db: &dyn UdevDb, trigger: &Trigger) -> Vec
         // changed, so holders of any disk may differ. Re-describing every disk is cheap, and the inventory only
         // publishes what really changed.
         _ => vec![Update::Reconcile(enumerate(roots, db))],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::udev_db::FixtureUdevDb;
+
+    fn trigger(action: &str, name: &str, devtype: &str, parent: Option<&str>) -> Trigger {
+        Trigger {
+            action: action.into(),
+            kernel_name: name.into(),
+            devtype: devtype.into(),
+            parent: parent.map(str::to_string),
+        }
+    }
+
+    /// A fixture with one physical disk `vdb` (no serial) and a virtual `dm-0`.
+    fn fixture() -> (tempfile::TempDir, HostRoots, FixtureUdevDb) {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = HostRoots::under(dir.path());
+        std::fs::create_dir_all(roots.sys.join("devices/virtio3")).unwrap();
+        std::fs::create_dir_all(roots.sys_block("vdb")).unwrap();
+        std::fs::write(roots.sys_block("vdb").join("dev"), "254:16\n").unwrap();
+        std::os::unix::fs::symlink("../../devices/virtio3", roots.sys_block("vdb").join("device")).unwrap();
+        std::fs::create_dir_all(roots.sys_block("dm-0")).unwrap();
+        std::fs::write(roots.sys_block("dm-0").join("dev"), "253:0\n").unwrap();
+        let mut db = FixtureUdevDb::default();
+        db.0.insert("vdb".into(), [("DEVNAME".to_string(), "/dev/vdb".to_string())].into());
+        (dir, roots, db)
+    }
+
+    #[test]
+    fn events_become_the_right_updates() {
+        let (_dir, roots, db) = fixture();
+        let upsert = updates_for(&roots, &db, &trigger("add", "vdb", "disk", None));
+        assert!(matches!(&upsert[..], [Update::Upsert(d)] if d.kernel_name == "vdb"), "{upsert:?}");
+        let partition = updates_for(&roots, &db, &trigger("add", "vdb1", "partition", Some("vdb")));
+        assert!(matches!(&partition[..], [Update::Upsert(d)] if d.kernel_name == "vdb"), "{partition:?}");
+        let foreign = updates_for(&roots, &db, &trigger("add", "loop0p1", "partition", Some("loop0")));
+        assert!(foreign.is_empty(), "partitions of virtual devices are not ours: {foreign:?}");
+        for t in [trigger("add", "dm-0", "disk", None), trigger("remove", "vdb", "disk", None)] {
+            let u = updates_for(&roots, &db, &t);
+            assert!(matches!(&u[..], [Update::Reconcile(disks)] if disks.len() == 1), "{t:?}: {u:?}");
+        }
+    }
+
+    #[test]
+    fn unsettled_disk_is_removed_not_reported() {
+        let (_dir, roots, mut db) = fixture();
+        db.0.clear();
+        let u = updates_for(&roots, &db, &trigger("change", "vdb", "disk", None));
+        assert_eq!(u, vec![Update::Remove("vdb".into())]);
     }
 }

@@ -6,8 +6,6 @@ mod procmap;
 mod scan;
 pub mod target;
 
-pub use procfs_parse::{MapEntry, MountEntry, SwapEntry, parse_maps, parse_mountinfo, parse_swaps, unescape_octal};
-
 use crate::roots::HostRoots;
 use crate::udev_db::LibUdevDb;
 use futures::FutureExt;

@@ -77,11 +77,6 @@ impl Target {
         Some(Self { key: key.to_string(), devices })
     }
 
-    /// Kernel names of all devices.
-    pub fn names(&self) -> HashSet<&str> {
-        self.devices.iter().map(|d| d.kernel_name.as_str()).collect()
-    }
-
     pub fn device(&self, major: u32, minor: u32) -> Option<&Device> {
         self.devices.iter().find(|d| d.major == major && d.minor == minor)
     }
