@@ -33,6 +33,8 @@ pub struct DeadlineExceeded;
 #[derive(Debug, Clone)]
 struct Filesystem {
     target: usize,
+    /// The device node, e.g. "/dev/sdb1".
+    node: String,
     /// e.g. "/dev/sdb1 (ext4, mounted at /data)".
     label: String,
 }
@@ -131,6 +133,7 @@ fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers:
             let fs_dev = makedev(m.major.into(), m.minor.into());
             index.filesystems.entry(fs_dev).or_insert_with(|| Filesystem {
                 target,
+                node: device.clone(),
                 label: format!("{device} ({}, mounted at {})", m.fs_type, m.mount_point),
             });
             if m.fs_type == "btrfs" {
@@ -140,6 +143,7 @@ fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers:
                 if let Ok(st) = stat(&seen_from.join(m.mount_point.trim_start_matches('/'))) {
                     index.filesystems.entry(st.st_dev).or_insert_with(|| Filesystem {
                         target,
+                        node: device.clone(),
                         label: format!("{device} (btrfs, mounted at {})", m.mount_point),
                     });
                 }
@@ -291,7 +295,7 @@ fn scan_swaps(roots: &HostRoots, index: &Index<'_>, blockers: &mut [Vec<Blocker>
         let is_file = s.kind == "file";
         let (target, device, message) = if is_file {
             let Some(fs) = index.filesystems.get(&st.st_dev) else { continue };
-            (fs.target, fs.label.clone(), format!("swap file {} on {} is active; swapoff it first", s.path, fs.label))
+            (fs.target, fs.node.clone(), format!("swap file {} on {} is active; swapoff it first", s.path, fs.label))
         } else {
             let Some(&t) = index.devices.get(&st.st_rdev) else { continue };
             let node =
@@ -401,7 +405,10 @@ struct Use {
     path: String,
     fd: i32,
     writable: bool,
+    /// Device node the use is on.
     device: String,
+    /// The device described for people, e.g. "/dev/sdb1 (ext4, mounted at /data)".
+    place: String,
 }
 
 fn scan_processes(
@@ -474,7 +481,7 @@ fn target_fs(
         .or_insert_with(|| {
             let target = *index.btrfs_fsids.get(&btrfs_fsid_of(path)?)?;
             let node = index.targets[target].devices.first().map(|d| d.node.clone()).unwrap_or_default();
-            Some(Filesystem { target, label: format!("a btrfs subvolume on {node}") })
+            Some(Filesystem { target, label: format!("a btrfs subvolume on {node}"), node })
         })
         .clone()
 }
@@ -491,7 +498,7 @@ fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Sc
             && let Some(fs) = target_fs(index, &st, &dir.join(name), &mut scratch.subvolumes)
         {
             let path = std::fs::read_link(dir.join(name)).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-            uses.push(Use { target: fs.target, kind, path, fd: -1, writable: false, device: fs.label.clone() });
+            uses.push(Use { target: fs.target, kind, path, fd: -1, writable: false, device: fs.node, place: fs.label });
         }
     }
     if let Ok(mut fds) =
@@ -505,21 +512,22 @@ fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Sc
             let hit = if is_block {
                 index.devices.get(&st.st_rdev).map(|&t| {
                     let d = index.targets[t].device(major(st.st_rdev) as u32, minor(st.st_rdev) as u32);
-                    (t, ProcessUseKind::BlockDevice, d.map(|d| d.node.clone()).unwrap_or_default())
+                    let node = d.map(|d| d.node.clone()).unwrap_or_default();
+                    (t, ProcessUseKind::BlockDevice, node.clone(), node)
                 })
             } else {
                 let link = dir.join("fd").join(name.to_string_lossy().as_ref());
                 target_fs(index, &st, &link, &mut scratch.subvolumes)
-                    .map(|fs| (fs.target, ProcessUseKind::OpenFile, fs.label))
+                    .map(|fs| (fs.target, ProcessUseKind::OpenFile, fs.node, fs.label))
             };
-            let Some((target, kind, device)) = hit else { continue };
+            let Some((target, kind, device, place)) = hit else { continue };
             let fd_name = name.to_string_lossy().into_owned();
             let path = std::fs::read_link(dir.join("fd").join(&fd_name))
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let writable =
                 std::fs::read_to_string(dir.join("fdinfo").join(&fd_name)).is_ok_and(|t| fdinfo_writable(&t));
-            uses.push(Use { target, kind, path, fd: fd_name.parse().unwrap_or(-1), writable, device });
+            uses.push(Use { target, kind, path, fd: fd_name.parse().unwrap_or(-1), writable, device, place });
         }
     }
     // Without a mounted filesystem of a target there is no file to map, and maps is the costliest read.
@@ -533,7 +541,8 @@ fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Sc
                     path: m.path,
                     fd: -1,
                     writable: m.shared_writable,
-                    device: fs.label.clone(),
+                    device: fs.node.clone(),
+                    place: fs.label.clone(),
                 });
             }
         }
@@ -641,7 +650,7 @@ fn report_process(roots: &HostRoots, pid: i32, uses: Vec<Use>, blockers: &mut [V
         blockers[u.target].push(blocker(
             BlockerKind::Process,
             &u.device,
-            format!("{message} (on {})", u.device),
+            format!("{message} (on {})", u.place),
             Detail::Process(ProcessUse {
                 pid,
                 command: command.clone(),
@@ -733,7 +742,7 @@ mod tests {
             btrfs_fsids: HashMap::new(),
         };
         let dev = std::fs::metadata(&path).unwrap().dev();
-        index.filesystems.insert(dev, Filesystem { target: 0, label: "test fs".into() });
+        index.filesystems.insert(dev, Filesystem { target: 0, node: "/dev/test".into(), label: "test fs".into() });
         let maps = Path::new("/proc/self/maps");
         for forced in [None, Some(false)] {
             let mut scratch = Scratch { procmap_query: forced, ..Scratch::default() };

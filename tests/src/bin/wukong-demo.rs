@@ -15,8 +15,8 @@ fn step(text: &str) {
     println!("\n\x1b[1m==> {text}\x1b[0m");
 }
 
-/// Runs the real CLI against the guest's agent, as a user would.
-fn ctl(guest: &Guest, args: &[&str]) -> Result<()> {
+/// Runs the real CLI against the guest's agent, as a user would; returns its exit code.
+fn ctl_status(guest: &Guest, args: &[&str]) -> Result<i32> {
     let address = guest.agent_address().to_string();
     println!("$ wukongctl --agent {address} {}", args.join(" "));
     let status = std::process::Command::new(wukongctl())
@@ -25,7 +25,13 @@ fn ctl(guest: &Guest, args: &[&str]) -> Result<()> {
         .args(args)
         .status()
         .context("cannot run wukongctl; build it with cargo build --release -p wukong-controller-client")?;
-    anyhow::ensure!(status.success(), "wukongctl {} failed: {status}", args.join(" "));
+    Ok(status.code().unwrap_or(-1))
+}
+
+/// Runs the CLI and requires success.
+fn ctl(guest: &Guest, args: &[&str]) -> Result<()> {
+    let code = ctl_status(guest, args)?;
+    anyhow::ensure!(code == 0, "wukongctl {} failed with exit code {code}", args.join(" "));
     Ok(())
 }
 
@@ -49,6 +55,28 @@ async fn main() -> Result<()> {
         plugged_at.elapsed().as_secs_f64() * 1000.0
     );
     ctl(&guest, &["disks"])?;
+
+    step("in the guest: a filesystem on it, mounted, and a process writing a file");
+    let dev = &seen.dev_node;
+    let script = format!(
+        "mkfs.ext4 -q {dev} && mkdir -p /srv/data && mount {dev} /srv/data || exit 1\n\
+         (exec 3>>/srv/data/journal; echo started >&3; exec sleep 1000) </dev/null >/dev/null 2>&1 &\n\
+         echo $! > /run/writer.pid"
+    );
+    for line in script.lines() {
+        println!("# {}", line.trim());
+    }
+    guest.run_ok(&script).await?;
+    step("who uses it? (exit code 3: in use)");
+    let code = ctl_status(&guest, &["usage", "demo-data"])?;
+    println!("(wukongctl exited with {code})");
+    anyhow::ensure!(code == 3, "expected exit code 3 (in use), got {code}");
+
+    step("the writer stops and the filesystem is unmounted: the disk is free");
+    guest
+        .run_ok("w=$(cat /run/writer.pid); kill $w; while kill -0 $w 2>/dev/null; do usleep 50000; done; umount /srv/data && udevadm settle")
+        .await?;
+    ctl(&guest, &["usage", "demo-data"])?;
 
     step("unplugging it");
     guest.unplug(&disk).await?;
