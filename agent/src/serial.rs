@@ -103,3 +103,24 @@ mod tests {
         assert!(msg.contains("\"a/b\"") && msg.contains("only letters"), "{msg}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn valid_exactly_when_portable_characters_and_length(raw in "\\PC{0,48}") {
+            let valid = !raw.is_empty() && raw.chars().count() <= MAX_LEN && raw.chars().all(is_serial_char);
+            prop_assert_eq!(Serial::parse(&raw).is_ok(), valid);
+        }
+
+        #[test]
+        fn matching_ignores_ascii_case(raw in "[A-Za-z0-9._+-]{1,36}") {
+            let s = Serial::parse(&raw).unwrap();
+            prop_assert!(s.matches(&raw.to_ascii_lowercase()));
+            prop_assert!(s.matches(&raw.to_ascii_uppercase()));
+        }
+    }
+}

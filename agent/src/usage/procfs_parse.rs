@@ -95,7 +95,8 @@ pub fn parse_swaps(text: &str) -> Vec<SwapEntry> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
-            let mut f = line.split_whitespace();
+            // Only space and tab separate fields: the kernel escapes those in paths, but not other whitespace.
+            let mut f = line.split([' ', '\t']).filter(|f| !f.is_empty());
             let entry = SwapEntry {
                 path: unescape_octal(f.next()?),
                 kind: f.next()?.to_string(),
@@ -211,6 +212,9 @@ Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority
         assert_eq!((s[0].path.as_str(), s[0].kind.as_str(), s[0].size_kib), ("/dev/sdb2", "partition", 1048572));
         assert_eq!((s[1].path.as_str(), s[1].kind.as_str(), s[1].used_kib), ("/mnt/data/my swap", "file", 12));
         assert!(parse_swaps("").is_empty());
+        // A vertical tab is not escaped by the kernel and is part of the path, not a separator (found by proptest).
+        let vt = parse_swaps("Filename Type Size Used Priority\n/swap\u{b}file file 8 0 -2\n");
+        assert_eq!(vt[0].path, "/swap\u{b}file");
     }
 
     #[test]
@@ -237,5 +241,72 @@ broken line
         assert!(fdinfo_writable("flags:\t02\n"));
         assert!(!fdinfo_writable("flags:\tzz\n"));
         assert!(!fdinfo_writable(""));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Escapes a path the way the kernel does in mountinfo and swaps (`\ooo` for space, tab, newline, backslash).
+    fn kernel_escape(path: &str) -> String {
+        let mut out = String::new();
+        for c in path.chars() {
+            match c {
+                ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic_on_arbitrary_text(text in "\\PC*(\n\\PC*){0,8}") {
+            let _ = parse_mountinfo(&text);
+            let _ = parse_swaps(&text);
+            let _ = parse_maps(&text);
+            let _ = fdinfo_writable(&text);
+            let _ = unescape_octal(&text);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = parse_mountinfo(&text);
+            let _ = parse_swaps(&text);
+            let _ = parse_maps(&text);
+        }
+
+        #[test]
+        fn mount_points_round_trip_through_kernel_escaping(path in "/[^\u{0}]{0,64}", major in 0u32..4096, minor in 0u32..1_000_000) {
+            let line = format!(
+                "36 22 {major}:{minor} / {} rw,relatime shared:5 - ext4 /dev/sdb1 rw", kernel_escape(&path)
+            );
+            let parsed = parse_mountinfo(&line);
+            prop_assert_eq!(parsed.len(), 1);
+            prop_assert_eq!(&parsed[0].mount_point, &path);
+            prop_assert_eq!((parsed[0].major, parsed[0].minor), (major, minor));
+        }
+
+        #[test]
+        fn swap_paths_round_trip(path in "/[^\u{0}]{0,64}", size in any::<u32>(), used in any::<u32>()) {
+            let text = format!("Filename Type Size Used Priority\n{} file {size} {used} -2\n", kernel_escape(&path));
+            let parsed = parse_swaps(&text);
+            prop_assert_eq!(parsed.len(), 1);
+            prop_assert_eq!(&parsed[0].path, &path);
+            prop_assert_eq!((parsed[0].size_kib, parsed[0].used_kib), (u64::from(size), u64::from(used)));
+        }
+
+        #[test]
+        fn map_paths_with_spaces_round_trip(path in "/[^\n\u{0}]{0,64}", major in 0u32..4096, minor in 0u32..256, inode in 1u64..) {
+            let line = format!("7f00-7f01 rw-s 00000000 {major:02x}:{minor:02x} {inode} {path}");
+            let parsed = parse_maps(&line);
+            prop_assert_eq!(parsed.len(), 1);
+            prop_assert_eq!(&parsed[0].path, path.trim_start());
+            prop_assert_eq!((parsed[0].major, parsed[0].minor, parsed[0].inode), (major, minor, inode));
+            prop_assert!(parsed[0].shared_writable);
+        }
     }
 }
