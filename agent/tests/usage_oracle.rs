@@ -73,6 +73,10 @@ impl LoopDisk {
             other => panic!("unknown fs {other}"),
         };
         sh(&mkfs);
+        // Where udevd runs, it probes the new device (briefly opening it): let it finish before any scan.
+        if Path::new("/run/udev/control").exists() {
+            let _ = Command::new("udevadm").arg("settle").status();
+        }
         Self { dir, dev, mounts: Vec::new(), extra_loops: Vec::new(), swaps: Vec::new() }
     }
 
