@@ -462,3 +462,46 @@ fn the_disk_holding_root_is_a_system_blocker() {
     assert!(system.message.contains("holds / of the running system"), "{}", system.message);
     assert!(report.blockers.iter().any(|b| b.kind() == BlockerKind::Mount));
 }
+
+/// Processes that start and exit while scans run never fail a scan, and the steady user is always found.
+#[test]
+fn scans_survive_processes_exiting_mid_scan() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("m");
+    std::fs::write(mp.join("f"), b"x").unwrap();
+    let steady = Holder::sh(&format!("exec 3<'{}/f'", mp.display()));
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let churned = std::sync::Arc::new(AtomicU32::new(0));
+    let churn = std::thread::spawn({
+        let (stop, churned) = (stop.clone(), churned.clone());
+        let file = mp.join("f");
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                // Short-lived processes, some holding the disk, half of them killed at random points of a scan.
+                let mut c = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("exec 3<'{}'; exec sleep 0.01", file.display()))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                if churned.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                    let _ = c.kill();
+                }
+                let _ = c.wait();
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut scans = 0;
+    while churned.load(Ordering::Relaxed) < 50 && started.elapsed() < Duration::from_secs(20) {
+        let report = disk.scan();
+        assert!(pids_of(&report).contains(&steady.pid()), "{:#?}", messages(&report));
+        scans += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    assert!(churned.load(Ordering::Relaxed) >= 50, "processes came and went during {scans} scans");
+}
