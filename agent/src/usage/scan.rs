@@ -119,11 +119,8 @@ fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers:
     for (&ns, &pid) in &namespaces {
         let Ok(text) = std::fs::read_to_string(roots.proc.join(pid.to_string()).join("mountinfo")) else { continue };
         let is_host = Some(ns) == host_ns;
-        let where_ = if is_host {
-            "the host mount namespace".to_string()
-        } else {
-            format!("mount namespace {ns} (of pid {pid}, {})", read_comm(&roots.proc, pid))
-        };
+        // Described only for namespaces that do mount a target: reading comm for every container is wasted.
+        let mut where_: Option<String> = None;
         let mounts = parse_mountinfo(&text);
         index.mounted_devs.extend(mounts.iter().map(|m| makedev(m.major.into(), m.minor.into())));
         for m in mounts {
@@ -159,7 +156,16 @@ fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers:
             blockers[target].push(blocker(
                 BlockerKind::Mount,
                 &device,
-                format!("{device} is mounted at {} ({}{bind}) in {where_}", m.mount_point, m.fs_type),
+                format!(
+                    "{device} is mounted at {} ({}{bind}) in {}",
+                    m.mount_point,
+                    m.fs_type,
+                    where_.get_or_insert_with(|| if is_host {
+                        "the host mount namespace".to_string()
+                    } else {
+                        format!("mount namespace {ns} (of pid {pid}, {})", read_comm(&roots.proc, pid))
+                    })
+                ),
                 Detail::Mount(MountUse {
                     mount_point: m.mount_point.clone(),
                     fs_type: m.fs_type.clone(),
@@ -554,30 +560,32 @@ fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Sc
 /// which formats no text; reads and parses the maps text on older kernels.
 fn mapped_files<'i>(maps: &Path, index: &'i Index<'_>, scratch: &mut Scratch) -> Vec<(&'i Filesystem, MapEntry)> {
     let Ok(file) = std::fs::File::open(maps) else { return Vec::new() };
+    let on_target = |dev: u64| index.filesystems.contains_key(&dev);
+    let mut found = None;
     if scratch.procmap_query != Some(false) {
-        match procmap::file_mappings(&file, |major, minor| {
-            index.filesystems.contains_key(&makedev(major.into(), minor.into()))
-        }) {
-            Ok(found) => {
+        match procmap::file_mappings(&file, |major, minor| on_target(makedev(major.into(), minor.into()))) {
+            Ok(mappings) => {
                 scratch.procmap_query = Some(true);
-                return found
-                    .into_iter()
-                    .filter_map(|m| Some((index.filesystems.get(&makedev(m.major.into(), m.minor.into()))?, m)))
-                    .collect();
+                found = Some(mappings);
             }
             Err(procmap::Unsupported) => scratch.procmap_query = Some(false),
         }
     }
-    use std::io::Read;
-    scratch.maps.clear();
-    if (&file).read_to_end(&mut scratch.maps).is_err() {
-        return Vec::new();
-    }
-    scratch
-        .maps
-        .split(|b| *b == b'\n')
-        .filter(|line| map_device(line).is_some_and(|(dev, _)| index.filesystems.contains_key(&dev)))
-        .filter_map(|line| parse_maps(&String::from_utf8_lossy(line)).pop())
+    let found = found.unwrap_or_else(|| {
+        use std::io::Read;
+        scratch.maps.clear();
+        if (&file).read_to_end(&mut scratch.maps).is_err() {
+            return Vec::new();
+        }
+        scratch
+            .maps
+            .split(|b| *b == b'\n')
+            .filter(|line| map_device(line).is_some_and(|(dev, _)| on_target(dev)))
+            .filter_map(|line| parse_maps(&String::from_utf8_lossy(line)).pop())
+            .collect()
+    });
+    found
+        .into_iter()
         .filter_map(|m| Some((index.filesystems.get(&makedev(m.major.into(), m.minor.into()))?, m)))
         .collect()
 }
@@ -629,9 +637,10 @@ fn report_process(roots: &HostRoots, pid: i32, uses: Vec<Use>, blockers: &mut [V
     let command = read_comm(&roots.proc, pid);
     let uid = process_uid(&roots.proc, pid);
     let cmdline = process_cmdline(&roots.proc, pid);
-    let mut per_kind: HashMap<(usize, i32), usize> = HashMap::new();
+    // (target, kind) → how many uses, and the device of the first.
+    let mut per_kind: HashMap<(usize, i32), (usize, String)> = HashMap::new();
     for u in uses {
-        let count = per_kind.entry((u.target, u.kind as i32)).or_default();
+        let (count, _) = per_kind.entry((u.target, u.kind as i32)).or_insert_with(|| (0, u.device.clone()));
         *count += 1;
         if *count > MAX_USES_PER_PROCESS {
             continue;
@@ -663,12 +672,9 @@ fn report_process(roots: &HostRoots, pid: i32, uses: Vec<Use>, blockers: &mut [V
             }),
         ));
     }
-    for ((target, _), count) in per_kind {
+    for ((target, _), (count, device)) in per_kind {
         if count > MAX_USES_PER_PROCESS {
             let more = count - MAX_USES_PER_PROCESS;
-            let first =
-                blockers[target].iter().rev().find(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid));
-            let device = first.map(|b| b.device.clone()).unwrap_or_default();
             blockers[target].push(Blocker {
                 kind: BlockerKind::Process as i32,
                 message: format!(
