@@ -7,7 +7,7 @@ use sysinfo::System;
 use wukong_proto::v1::AgentInfo;
 
 /// Features this agent implements; clients check these rather than version numbers.
-pub const CAPABILITIES: &[&str] = &["list", "watch", "wait", "usage"];
+pub const CAPABILITIES: &[&str] = &["list", "watch", "wait", "usage", "release"];
 
 /// What stays fixed for the life of the agent process.
 #[derive(Debug, Clone)]

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 /// Default Unix socket for local tools.
 pub const DEFAULT_SOCKET: &str = "/run/wukong-agent/agent.sock";
+/// Default directory of the release journal: on tmpfs, so it lives exactly as long as the guest's boot.
+pub const DEFAULT_STATE_DIR: &str = "/run/wukong-agent/releases";
 
 /// Command line of `wukong-agent`.
 #[derive(Debug, Clone, Parser, Default)]
@@ -26,6 +28,10 @@ pub struct Args {
     /// TOML configuration file; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Directory where releases are journalled, so a restarted agent can finish or undo them.
+    /// Default: /run/wukong-agent/releases.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Serve plaintext gRPC on non-loopback addresses. Anyone who can reach the port can then use the agent.
     #[arg(long)]
     pub insecure_plaintext: bool,
@@ -40,6 +46,7 @@ pub struct Args {
 pub struct FileConfig {
     pub listen: Option<Vec<String>>,
     pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
     pub insecure_plaintext: Option<bool>,
     pub log: Option<String>,
     pub proc_root: Option<PathBuf>,
@@ -52,6 +59,7 @@ pub struct FileConfig {
 pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub socket: Option<PathBuf>,
+    pub state_dir: PathBuf,
     pub insecure_plaintext: bool,
     pub log: String,
     pub roots: HostRoots,
@@ -102,6 +110,7 @@ impl Config {
         Ok(Self {
             listen,
             socket,
+            state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             insecure_plaintext,
             log: args.log.clone().or(file.log).unwrap_or_else(|| "info".to_string()),
             roots: HostRoots {

@@ -4,16 +4,59 @@
 //! Ordering contract, which `WatchDisks` and `WaitForDisk` rely on: the snapshot is published before the event that
 //! produced it, and both carry the same sequence number. A reader that subscribes to events first and then reads the
 //! snapshot misses nothing: it skips events whose sequence the snapshot already includes.
+//!
+//! Release state is kept here too, as a mark per disk id that overlays what udev reports. A disk whose SCSI device
+//! the release deleted leaves udev's view, but stays listed as a *tombstone* in state RELEASED: the hypervisor's later
+//! unplug produces no guest event, and the companion must be able to verify the release. A tombstone ends when
+//! the disk comes back (re-plug or CancelDetach), when the mark is cleared, or after [`TOMBSTONE_TTL`].
 
 use crate::serial::Serial;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{broadcast, mpsc, watch};
-use wukong_proto::v1::{Disk, EventKind};
+use wukong_proto::v1::{Disk, DiskState, EventKind, ReleaseMethod};
 
 /// Events buffered per subscriber before it is considered lagging (and re-sent a snapshot).
 const EVENT_BUFFER: usize = 1024;
+/// How long a released disk that left the guest stays listed, so the companion can verify the release.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+
+/// Where a disk is in the release protocol, as the release module reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// No release: back to what udev says.
+    Present,
+    Releasing,
+    Released {
+        at: SystemTime,
+        method: ReleaseMethod,
+    },
+}
+
+impl Mark {
+    /// Whether the disk leaving udev's view is part of the release (its SCSI device was deleted) rather than an
+    /// unplug: then it stays listed as a tombstone.
+    fn keeps_tombstone(self) -> bool {
+        matches!(self, Mark::Releasing | Mark::Released { method: ReleaseMethod::ScsiDelete, .. })
+    }
+
+    pub fn apply_to(self, disk: &mut Disk) {
+        let (state, at, method) = match self {
+            Mark::Present => (DiskState::Present, None, ReleaseMethod::Unspecified),
+            Mark::Releasing => (DiskState::Releasing, None, ReleaseMethod::Unspecified),
+            Mark::Released { at, method } => (DiskState::Released, Some(at.into()), method),
+        };
+        disk.state = state as i32;
+        disk.released_at = at;
+        disk.release_method = method as i32;
+    }
+}
+
+/// The key release marks and tombstones are kept under: the disk id, case-folded like serial lookups.
+fn mark_key(id: &str) -> String {
+    id.to_ascii_lowercase()
+}
 
 /// A change to apply, sent by the udev source.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +67,10 @@ pub enum Update {
     Remove(String),
     /// The complete set of disks (initial enumeration, or after the monitor overflowed): anything else is removed.
     Reconcile(Vec<Disk>),
+    /// The release state of the disk with this id, from the release module.
+    Mark { id: String, mark: Mark },
+    /// A released disk no longer in the guest, known from before the agent restarted.
+    Tombstone(Box<Disk>),
 }
 
 /// One applied change.
@@ -42,8 +89,10 @@ pub struct Snapshot {
     pub sequence: u64,
     /// False until the first full enumeration has been applied.
     pub synced: bool,
-    /// Disks by kernel name.
+    /// Disks present in the guest, by kernel name.
     pub disks: BTreeMap<String, Disk>,
+    /// Released disks no longer in the guest, by case-folded id.
+    pub tombstones: BTreeMap<String, Disk>,
 }
 
 /// Why a serial lookup found no single disk.
@@ -56,16 +105,25 @@ pub enum LookupError {
 }
 
 impl Snapshot {
-    /// Disks ordered by id (serial, or kernel name for disks without one).
+    /// Disks, present ones and tombstones, ordered by id (serial, or kernel name for disks without one).
     pub fn disks_by_id(&self) -> Vec<&Disk> {
-        let mut disks: Vec<&Disk> = self.disks.values().collect();
+        let mut disks: Vec<&Disk> = self.disks.values().chain(self.tombstones.values()).collect();
         disks.sort_by(|a, b| a.id.cmp(&b.id));
         disks
     }
 
-    /// The disk whose serial or SCSI device id is `serial` (case-insensitive).
+    /// The disk, present or a tombstone, whose serial or SCSI device id is `serial` (case-insensitive).
     pub fn find(&self, serial: &Serial) -> Result<&Disk, LookupError> {
-        let mut found = self.disks.values().filter(|d| disk_matches(d, serial));
+        Self::find_in(self.disks.values().chain(self.tombstones.values()), serial)
+    }
+
+    /// Like [`Snapshot::find`], among disks present in the guest only.
+    pub fn find_present(&self, serial: &Serial) -> Result<&Disk, LookupError> {
+        Self::find_in(self.disks.values(), serial)
+    }
+
+    fn find_in<'a>(disks: impl Iterator<Item = &'a Disk>, serial: &Serial) -> Result<&'a Disk, LookupError> {
+        let mut found = disks.filter(|d| disk_matches(d, serial));
         match (found.next(), found.next()) {
             (None, _) => Err(LookupError::NotFound(serial.to_string())),
             (Some(d), None) => Ok(d),
@@ -103,9 +161,13 @@ impl InventoryHandle {
 
     /// Waits until the first full enumeration is applied.
     pub async fn wait_synced(&self) {
+        self.wait_until(|s| s.synced).await;
+    }
+
+    /// Waits until a snapshot satisfies `done`; returns false if the inventory task ended first.
+    pub async fn wait_until(&self, done: impl FnMut(&Arc<Snapshot>) -> bool) -> bool {
         let mut rx = self.snapshot.clone();
-        // An error means the inventory task ended; there is nothing more to wait for.
-        let _ = rx.wait_for(|s| s.synced).await;
+        rx.wait_for(done).await.is_ok()
     }
 }
 
@@ -115,40 +177,51 @@ pub fn spawn() -> (mpsc::Sender<Update>, InventoryHandle) {
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let handle = InventoryHandle { snapshot: snap_rx, events: events.clone() };
-    tokio::spawn(run(rx, Inventory { current: Snapshot::default(), snapshot: snap_tx, events }));
+    tokio::spawn(run(
+        rx,
+        Inventory { current: Snapshot::default(), marks: BTreeMap::new(), snapshot: snap_tx, events },
+    ));
     (tx, handle)
 }
 
 async fn run(mut updates: mpsc::Receiver<Update>, mut inventory: Inventory) {
-    while let Some(update) = updates.recv().await {
-        inventory.apply(update);
+    loop {
+        let expiry = inventory.next_expiry();
+        tokio::select! {
+            update = updates.recv() => match update {
+                Some(update) => inventory.apply(update),
+                None => return,
+            },
+            () = sleep_until(expiry) => inventory.apply_changes(|inv| inv.expire(SystemTime::now())),
+        }
+    }
+}
+
+async fn sleep_until(at: Option<SystemTime>) {
+    match at {
+        Some(at) => tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await,
+        None => std::future::pending().await,
     }
 }
 
 struct Inventory {
     current: Snapshot,
+    /// Release marks by case-folded disk id; absent means PRESENT.
+    marks: BTreeMap<String, Mark>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     events: broadcast::Sender<Event>,
 }
 
+type Change = (EventKind, Disk);
+
 impl Inventory {
     fn apply(&mut self, update: Update) {
-        let mut changes = Vec::new();
-        match update {
-            Update::Upsert(disk) => changes.extend(self.upsert(*disk)),
-            Update::Remove(name) => changes.extend(self.remove(&name)),
-            Update::Reconcile(disks) => {
-                let present: Vec<String> = disks.iter().map(|d| d.kernel_name.clone()).collect();
-                let gone: Vec<String> = self.current.disks.keys().filter(|k| !present.contains(k)).cloned().collect();
-                for name in gone {
-                    changes.extend(self.remove(&name));
-                }
-                for disk in disks {
-                    changes.extend(self.upsert(disk));
-                }
-                self.current.synced = true;
-            }
-        }
+        self.apply_changes(|inv| inv.changes_for(update));
+    }
+
+    /// Runs `f`, then publishes the snapshot and, after it, the events of the changes `f` made.
+    fn apply_changes(&mut self, f: impl FnOnce(&mut Self) -> Vec<Change>) {
+        let changes = f(self);
         let time = SystemTime::now();
         let events: Vec<Event> = changes
             .into_iter()
@@ -168,17 +241,116 @@ impl Inventory {
         }
     }
 
-    fn upsert(&mut self, disk: Disk) -> Option<(EventKind, Disk)> {
+    fn changes_for(&mut self, update: Update) -> Vec<Change> {
+        let mut changes = Vec::new();
+        match update {
+            Update::Upsert(disk) => changes.extend(self.upsert(*disk)),
+            Update::Remove(name) => changes.extend(self.remove(&name)),
+            Update::Reconcile(disks) => {
+                let present: Vec<String> = disks.iter().map(|d| d.kernel_name.clone()).collect();
+                let gone: Vec<String> = self.current.disks.keys().filter(|k| !present.contains(k)).cloned().collect();
+                for name in gone {
+                    changes.extend(self.remove(&name));
+                }
+                for disk in disks {
+                    changes.extend(self.upsert(disk));
+                }
+                self.current.synced = true;
+            }
+            Update::Mark { id, mark } => changes.extend(self.mark(&id, mark)),
+            Update::Tombstone(disk) => changes.extend(self.tombstone(*disk)),
+        }
+        changes
+    }
+
+    fn upsert(&mut self, mut disk: Disk) -> Vec<Change> {
+        let key = mark_key(&disk.id);
+        let is_new = !self.current.disks.contains_key(&disk.kernel_name);
+        if is_new && self.current.tombstones.remove(&key).is_some() {
+            // The released disk is back (re-plugged, or rescanned by CancelDetach): the release is over.
+            self.marks.remove(&key);
+        }
+        if let Some(mark) = self.marks.get(&key) {
+            mark.apply_to(&mut disk);
+        }
         match self.current.disks.insert(disk.kernel_name.clone(), disk.clone()) {
-            None => Some((EventKind::Added, disk)),
-            Some(old) if old != disk => Some((EventKind::Changed, disk)),
-            Some(_) => None,
+            None => vec![(EventKind::Added, disk)],
+            Some(old) if old != disk => vec![(EventKind::Changed, disk)],
+            Some(_) => Vec::new(),
         }
     }
 
-    fn remove(&mut self, name: &str) -> Option<(EventKind, Disk)> {
-        self.current.disks.remove(name).map(|d| (EventKind::Removed, d))
+    fn remove(&mut self, name: &str) -> Vec<Change> {
+        let Some(disk) = self.current.disks.remove(name) else { return Vec::new() };
+        let key = mark_key(&disk.id);
+        match self.marks.get(&key) {
+            Some(mark) if mark.keeps_tombstone() => {
+                self.current.tombstones.insert(key, disk);
+                Vec::new()
+            }
+            _ => {
+                // Unplugged: whatever release there was is complete.
+                self.marks.remove(&key);
+                vec![(EventKind::Removed, disk)]
+            }
+        }
     }
+
+    fn mark(&mut self, id: &str, mark: Mark) -> Vec<Change> {
+        let key = mark_key(id);
+        match mark {
+            Mark::Present => self.marks.remove(&key),
+            _ => self.marks.insert(key.clone(), mark),
+        };
+        let kind = match mark {
+            Mark::Released { .. } => EventKind::Released,
+            _ => EventKind::Changed,
+        };
+        let mut changes = Vec::new();
+        for disk in self.current.disks.values_mut().filter(|d| mark_key(&d.id) == key) {
+            mark.apply_to(disk);
+            changes.push((kind, disk.clone()));
+        }
+        if mark == Mark::Present {
+            changes.extend(self.current.tombstones.remove(&key).map(|d| (EventKind::Removed, d)));
+        } else if let Some(tomb) = self.current.tombstones.get_mut(&key) {
+            mark.apply_to(tomb);
+            changes.push((kind, tomb.clone()));
+        }
+        changes
+    }
+
+    fn tombstone(&mut self, disk: Disk) -> Option<Change> {
+        let key = mark_key(&disk.id);
+        if self.current.disks.values().any(|d| mark_key(&d.id) == key) {
+            return None;
+        }
+        let at = released_at(&disk)?;
+        self.marks.insert(key.clone(), Mark::Released { at, method: disk.release_method() });
+        self.current.tombstones.insert(key, disk.clone());
+        Some((EventKind::Released, disk))
+    }
+
+    /// When the oldest released tombstone expires.
+    fn next_expiry(&self) -> Option<SystemTime> {
+        self.current.tombstones.values().filter_map(released_at).min().map(|at| at + TOMBSTONE_TTL)
+    }
+
+    fn expire(&mut self, now: SystemTime) -> Vec<Change> {
+        let expired: Vec<String> = self
+            .current
+            .tombstones
+            .iter()
+            .filter(|(_, d)| released_at(d).is_some_and(|at| at + TOMBSTONE_TTL <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        expired.iter().flat_map(|k| self.mark(k, Mark::Present)).collect()
+    }
+}
+
+/// When a tombstone's disk was released; `None` while its release is still running.
+fn released_at(d: &Disk) -> Option<SystemTime> {
+    d.released_at.and_then(|t| SystemTime::try_from(t).ok())
 }
 
 #[cfg(test)]

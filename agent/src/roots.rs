@@ -33,3 +33,11 @@ impl HostRoots {
         self.dev.join(name)
     }
 }
+
+/// Maps a path under /dev (as the kernel prints it in mountinfo or swaps) into the dev root.
+pub fn resolve_dev_path(roots: &HostRoots, path: &str) -> PathBuf {
+    match path.strip_prefix("/dev/") {
+        Some(rest) => roots.dev.join(rest),
+        None => path.into(),
+    }
+}

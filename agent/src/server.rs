@@ -3,6 +3,8 @@
 
 use crate::agent_info::AgentFacts;
 use crate::config::Config;
+use crate::release::Releaser;
+use crate::release::journal::Journal;
 use crate::service::DiskAgentService;
 use crate::usage::UsageScanner;
 use crate::{inventory, udev_source};
@@ -41,14 +43,17 @@ pub enum ServerError {
 /// Serves until `shutdown` completes, then stops accepting, lets running calls finish, and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let (updates, inventory) = inventory::spawn();
-    let _udev_thread = udev_source::spawn(config.roots.clone(), updates)?;
+    let _udev_thread = udev_source::spawn(config.roots.clone(), updates.clone())?;
     inventory.wait_synced().await;
     tracing::info!(disks = inventory.snapshot().disks.len(), "initial disk inventory complete");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let facts = Arc::new(AgentFacts::new(config.roots.proc.clone()));
     let usage = UsageScanner::new(config.roots.clone());
-    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts, usage, stop_rx.clone()));
+    let journal = Journal::new(Some(config.state_dir.clone()));
+    let releaser = Releaser::new(config.roots.clone(), inventory.clone(), updates, usage.clone(), journal);
+    releaser.recover().await;
+    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts, usage, releaser, stop_rx.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DiskAgentServer<DiskAgentService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

@@ -3,6 +3,7 @@
 
 use crate::agent_info::AgentFacts;
 use crate::inventory::{Event, InventoryHandle, LookupError, Snapshot, disk_matches};
+use crate::release::{ReleaseError, Releaser};
 use crate::serial::Serial;
 use crate::usage::{UsageError, UsageScanner};
 use std::pin::Pin;
@@ -34,6 +35,7 @@ pub struct DiskAgentService {
     inventory: InventoryHandle,
     facts: Arc<AgentFacts>,
     usage: UsageScanner,
+    releaser: Releaser,
     /// Becomes true when the agent shuts down: long-running calls (watches, waits) end at once, so the server's
     /// graceful shutdown does not wait on them.
     stopping: watch::Receiver<bool>,
@@ -44,9 +46,10 @@ impl DiskAgentService {
         inventory: InventoryHandle,
         facts: Arc<AgentFacts>,
         usage: UsageScanner,
+        releaser: Releaser,
         stopping: watch::Receiver<bool>,
     ) -> Self {
-        Self { inventory, facts, usage, stopping }
+        Self { inventory, facts, usage, releaser, stopping }
     }
 
     /// Attaches a fresh usage report to each disk.
@@ -63,6 +66,31 @@ fn usage_status(e: UsageError) -> Status {
     match e {
         UsageError::Deadline(_) => Status::deadline_exceeded(e.to_string()),
         UsageError::Internal(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// A refused release carries, as status details, a `PrepareDetachResponse` with the full usage report: a client
+/// gets every blocker as data, not only as the sentence.
+fn release_status(e: ReleaseError, dry_run: bool) -> Status {
+    use prost::Message;
+    match e {
+        ReleaseError::Lookup(e) => lookup_status(e),
+        ReleaseError::Usage(e) => usage_status(e),
+        ReleaseError::System { .. } => Status::failed_precondition(e.to_string()),
+        ReleaseError::Busy(_) => Status::aborted(e.to_string()),
+        ReleaseError::InUse { message, report, disk } => {
+            let details = PrepareDetachResponse {
+                released: false,
+                dry_run,
+                disk: Some(*disk),
+                actions: Vec::new(),
+                usage: Some(*report),
+            };
+            Status::with_details(tonic::Code::FailedPrecondition, message, details.encode_to_vec().into())
+        }
+        ReleaseError::Failed { .. } => Status::internal(e.to_string()),
+        ReleaseError::Gone { .. } => Status::not_found(e.to_string()),
+        ReleaseError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
     }
 }
 
@@ -162,7 +190,7 @@ impl DiskAgent for DiskAgentService {
         let mut events = self.inventory.subscribe();
         let wait = async {
             loop {
-                match self.inventory.snapshot().find(&serial) {
+                match self.inventory.snapshot().find_present(&serial) {
                     Ok(d) => return Ok(d.clone()),
                     Err(e @ LookupError::Ambiguous { .. }) => return Err(lookup_status(e)),
                     Err(LookupError::NotFound(_)) => {}
@@ -198,16 +226,26 @@ impl DiskAgent for DiskAgentService {
 
     async fn prepare_detach(
         &self,
-        _req: Request<PrepareDetachRequest>,
+        req: Request<PrepareDetachRequest>,
     ) -> Result<Response<PrepareDetachResponse>, Status> {
-        Err(Status::unimplemented("releasing disks is not available in this agent version"))
+        let PrepareDetachRequest { serial, unmount, dry_run } = req.into_inner();
+        let serial = parse_serial(&serial)?;
+        // A release runs to its end even if the caller goes away: stopping half-way would leave the disk
+        // half-released.
+        let releaser = self.releaser.clone();
+        let released = tokio::spawn(async move { releaser.prepare(&serial, unmount, dry_run).await })
+            .await
+            .map_err(|e| Status::internal(format!("the release task failed: {e}")))?;
+        released.map(Response::new).map_err(|e| release_status(e, dry_run))
     }
 
-    async fn cancel_detach(
-        &self,
-        _req: Request<CancelDetachRequest>,
-    ) -> Result<Response<CancelDetachResponse>, Status> {
-        Err(Status::unimplemented("releasing disks is not available in this agent version"))
+    async fn cancel_detach(&self, req: Request<CancelDetachRequest>) -> Result<Response<CancelDetachResponse>, Status> {
+        let serial = parse_serial(&req.get_ref().serial)?;
+        let releaser = self.releaser.clone();
+        let cancelled = tokio::spawn(async move { releaser.cancel(&serial).await })
+            .await
+            .map_err(|e| Status::internal(format!("the cancel task failed: {e}")))?;
+        cancelled.map(Response::new).map_err(|e| release_status(e, false))
     }
 }
 

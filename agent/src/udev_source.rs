@@ -7,6 +7,7 @@
 use crate::disk;
 use crate::inventory::Update;
 use crate::roots::HostRoots;
+use crate::system::SystemView;
 use crate::udev_db::{LibUdevDb, UdevDb};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{setsockopt, sockopt};
@@ -46,7 +47,8 @@ pub fn spawn(roots: HostRoots, updates: mpsc::Sender<Update>) -> Result<thread::
                     return;
                 }
             };
-            run(&roots, &LibUdevDb, &socket, &updates);
+            let source = Source { roots: &roots, db: &LibUdevDb, system: SystemView::capture(&roots) };
+            run(&source, &socket, &updates);
         })
         .map_err(UdevSourceError::Thread)?;
     match ready_rx.recv() {
@@ -66,8 +68,56 @@ fn open_monitor() -> std::io::Result<udev::MonitorSocket> {
     Ok(socket)
 }
 
-fn run(roots: &HostRoots, db: &dyn UdevDb, socket: &udev::MonitorSocket, updates: &mpsc::Sender<Update>) {
-    if updates.blocking_send(Update::Reconcile(enumerate(roots, db))).is_err() {
+/// Everything needed to describe a disk.
+struct Source<'a> {
+    roots: &'a HostRoots,
+    db: &'a dyn UdevDb,
+    system: SystemView,
+}
+
+impl Source<'_> {
+    /// The disk as udev and sysfs describe it, marked when it is a system disk.
+    fn describe(&self, kernel_name: &str) -> Option<Disk> {
+        let mut disk = disk::describe(self.roots, self.db, kernel_name)?;
+        self.system.mark(self.roots, &mut disk);
+        Some(disk)
+    }
+
+    /// All physical disks udev has settled.
+    fn enumerate(&self) -> Vec<Disk> {
+        let mut names: Vec<String> = std::fs::read_dir(self.roots.sys.join("block"))
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names.iter().filter(|n| disk::is_physical_disk(self.roots, n)).filter_map(|n| self.describe(n)).collect()
+    }
+
+    /// The inventory updates one event causes.
+    fn updates_for(&self, trigger: &Trigger) -> Vec<Update> {
+        let roots = self.roots;
+        let refresh = |name: &str| match self.describe(name) {
+            Some(d) => Update::Upsert(Box::new(d)),
+            // Present in sysfs but not settled (no by-id link yet): it is not a disk we report, yet.
+            None => Update::Remove(name.to_string()),
+        };
+        match trigger.devtype.as_str() {
+            "disk" if trigger.action != "remove" && disk::is_physical_disk(roots, &trigger.kernel_name) => {
+                vec![refresh(&trigger.kernel_name)]
+            }
+            "partition" => match &trigger.parent {
+                Some(parent) if disk::is_physical_disk(roots, parent) => vec![refresh(parent)],
+                _ => Vec::new(),
+            },
+            // A disk went away (sysfs no longer says what it was), or a virtual device (dm, md, loop) came, went or
+            // changed, so holders of any disk may differ. Re-describing every disk is cheap, and the inventory only
+            // publishes what really changed.
+            _ => vec![Update::Reconcile(self.enumerate())],
+        }
+    }
+}
+
+fn run(source: &Source<'_>, socket: &udev::MonitorSocket, updates: &mpsc::Sender<Update>) {
+    if updates.blocking_send(Update::Reconcile(source.enumerate())).is_err() {
         return;
     }
     loop {
@@ -91,9 +141,9 @@ fn run(roots: &HostRoots, db: &dyn UdevDb, socket: &udev::MonitorSocket, updates
         // The iterator ends when a receive fails: EAGAIN when drained, ENOBUFS when the kernel dropped events.
         let batch = if nix::errno::Errno::last() == nix::errno::Errno::ENOBUFS {
             tracing::warn!("the udev monitor overflowed and dropped events; re-enumerating every disk");
-            vec![Update::Reconcile(enumerate(roots, db))]
+            vec![Update::Reconcile(source.enumerate())]
         } else {
-            triggers.iter().flat_map(|t| updates_for(roots, db, t)).collect()
+            triggers.iter().flat_map(|t| source.updates_for(t)).collect()
         };
         for update in batch {
             if updates.blocking_send(update).is_err() {
@@ -101,15 +151,6 @@ fn run(roots: &HostRoots, db: &dyn UdevDb, socket: &udev::MonitorSocket, updates
             }
         }
     }
-}
-
-/// All physical disks udev has settled.
-fn enumerate(roots: &HostRoots, db: &dyn UdevDb) -> Vec<Disk> {
-    let mut names: Vec<String> = std::fs::read_dir(roots.sys.join("block"))
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    names.sort();
-    names.iter().filter(|n| disk::is_physical_disk(roots, n)).filter_map(|n| disk::describe(roots, db, n)).collect()
 }
 
 /// What a udev event is about, copied out of libudev.
@@ -139,28 +180,6 @@ fn parent_name(syspath: &Path) -> Option<String> {
     syspath.parent()?.file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
-/// The inventory updates one event causes.
-fn updates_for(roots: &HostRoots, db: &dyn UdevDb, trigger: &Trigger) -> Vec<Update> {
-    let refresh = |name: &str| match disk::describe(roots, db, name) {
-        Some(d) => Update::Upsert(Box::new(d)),
-        // Present in sysfs but not settled (no by-id link yet): it is not a disk we report, yet.
-        None => Update::Remove(name.to_string()),
-    };
-    match trigger.devtype.as_str() {
-        "disk" if trigger.action != "remove" && disk::is_physical_disk(roots, &trigger.kernel_name) => {
-            vec![refresh(&trigger.kernel_name)]
-        }
-        "partition" => match &trigger.parent {
-            Some(parent) if disk::is_physical_disk(roots, parent) => vec![refresh(parent)],
-            _ => Vec::new(),
-        },
-        // A disk went away (sysfs no longer says what it was), or a virtual device (dm, md, loop) came, went or
-        // changed, so holders of any disk may differ. Re-describing every disk is cheap, and the inventory only
-        // publishes what really changed.
-        _ => vec![Update::Reconcile(enumerate(roots, db))],
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +195,10 @@ mod tests {
     }
 
     /// A fixture with one physical disk `vdb` (no serial) and a virtual `dm-0`.
+    fn updates_for(roots: &HostRoots, db: &FixtureUdevDb, trigger: &Trigger) -> Vec<Update> {
+        Source { roots, db, system: SystemView::default() }.updates_for(trigger)
+    }
+
     fn fixture() -> (tempfile::TempDir, HostRoots, FixtureUdevDb) {
         let dir = tempfile::tempdir().unwrap();
         let roots = HostRoots::under(dir.path());

@@ -7,7 +7,12 @@ use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
 use wukong_proto::v1::EventKind;
 
 fn config(socket: &std::path::Path) -> Config {
-    let args = Args { listen: vec!["127.0.0.1:0".into()], socket: Some(socket.to_path_buf()), ..Args::default() };
+    let args = Args {
+        listen: vec!["127.0.0.1:0".into()],
+        socket: Some(socket.to_path_buf()),
+        state_dir: Some(socket.with_file_name("releases")),
+        ..Args::default()
+    };
     Config::load(&args).unwrap()
 }
 

@@ -2,159 +2,15 @@
 //! namespace, swap files and real processes. `fuser -m` and `findmnt` are the oracles: everything they find must be
 //! in our report. Needs root; without it these tests fail (they never skip).
 
+mod common;
+
+use common::{Holder, LoopDisk, findmnt_targets, serial, sh};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use wukong_agent::roots::HostRoots;
 use wukong_agent::usage::scan_now;
 use wukong_proto::v1::{Blocker, BlockerKind, Disk, ProcessUseKind, UsageReport, blocker::Detail};
-
-fn sh(script: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).output().expect("sh runs");
-    assert!(out.status.success(), "`{script}` failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "usage oracle tests need root (loop devices, mounts); run as root");
-}
-
-/// Tests run one at a time: a loop device being set up by one test is briefly open in `losetup`, which another
-/// test's scan would rightly report.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Decodes findmnt's `\xHH` escapes.
-fn unescape_findmnt(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1] == b'x'
-            && let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A loop device over a sparse file, with a filesystem, cleaned up on drop (mounts first, deepest first).
-struct LoopDisk {
-    dir: tempfile::TempDir,
-    dev: String,
-    mounts: Vec<PathBuf>,
-    extra_loops: Vec<String>,
-    swaps: Vec<PathBuf>,
-}
-
-impl LoopDisk {
-    fn new(fs: &str) -> Self {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.img");
-        std::fs::File::create(&image).unwrap().set_len(320 << 20).unwrap();
-        let dev = sh(&format!("losetup -f --show {}", image.display())).trim().to_string();
-        let mkfs = match fs {
-            "ext4" => format!("mkfs.ext4 -q -F {dev}"),
-            "xfs" => format!("mkfs.xfs -q -f {dev}"),
-            "btrfs" => format!("mkfs.btrfs -q -f {dev}"),
-            "none" => "true".to_string(),
-            other => panic!("unknown fs {other}"),
-        };
-        sh(&mkfs);
-        // Where udevd runs, it probes the new device (briefly opening it): let it finish before any scan.
-        if Path::new("/run/udev/control").exists() {
-            let _ = Command::new("udevadm").arg("settle").status();
-        }
-        Self { dir, dev, mounts: Vec::new(), extra_loops: Vec::new(), swaps: Vec::new() }
-    }
-
-    fn name(&self) -> String {
-        self.dev.trim_start_matches("/dev/").to_string()
-    }
-
-    fn mount_at(&mut self, rel: &str) -> PathBuf {
-        let mp = self.dir.path().join(rel);
-        std::fs::create_dir_all(&mp).unwrap();
-        let status = Command::new("mount").arg(&self.dev).arg(&mp).status().unwrap();
-        assert!(status.success(), "mount {} {}", self.dev, mp.display());
-        self.mounts.push(mp.clone());
-        mp
-    }
-
-    fn bind(&mut self, from: &Path, rel: &str) -> PathBuf {
-        let mp = self.dir.path().join(rel);
-        std::fs::create_dir_all(&mp).unwrap();
-        assert!(Command::new("mount").arg("--bind").arg(from).arg(&mp).status().unwrap().success());
-        self.mounts.push(mp.clone());
-        mp
-    }
-
-    fn disk(&self) -> Disk {
-        let name = self.name();
-        Disk { kernel_name: name.clone(), id: name.clone(), serial: name, ..Disk::default() }
-    }
-
-    fn scan(&self) -> UsageReport {
-        let reports = scan_now(&HostRoots::default(), &[self.disk()], Duration::from_secs(30)).unwrap();
-        reports[0].clone()
-    }
-}
-
-impl Drop for LoopDisk {
-    fn drop(&mut self) {
-        for s in &self.swaps {
-            let _ = Command::new("swapoff").arg(s).status();
-        }
-        for l in &self.extra_loops {
-            let _ = Command::new("losetup").arg("-d").arg(l).status();
-        }
-        for m in self.mounts.iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// A process started with a shell script that prints "ready" once it holds what it should; killed on drop.
-struct Holder(Child);
-
-impl Holder {
-    fn start(program: &str, args: &[&str]) -> Self {
-        let mut child =
-            Command::new(program).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "{program} {args:?} did not get ready");
-        Self(child)
-    }
-
-    fn sh(script: &str) -> Self {
-        Self::start("sh", &["-c", &format!("{script}\necho ready\nexec sleep 1000")])
-    }
-
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn pids_of(report: &UsageReport) -> BTreeSet<i32> {
     report
@@ -189,12 +45,6 @@ fn fuser_pids(dev: &str) -> BTreeSet<i32> {
         .split_whitespace()
         .filter_map(|w| w.trim_end_matches(char::is_alphabetic).parse().ok())
         .collect()
-}
-
-/// Mount points `findmnt` lists for the device in this mount namespace (raw output: escapes as \x20).
-fn findmnt_targets(dev: &str) -> BTreeSet<String> {
-    let out = Command::new("findmnt").args(["-n", "-l", "-o", "TARGET", "-S", dev]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().map(unescape_findmnt).collect()
 }
 
 /// Asserts the report is a superset of what fuser -m and findmnt find, and returns it.

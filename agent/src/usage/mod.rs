@@ -1,7 +1,7 @@
 //! Who uses a disk: a fresh scan on every request (never a cache), run off the async runtime with a deadline.
 //! Concurrent requests for the same disks share one scan (single flight).
 
-mod procfs_parse;
+pub(crate) mod procfs_parse;
 mod procmap;
 mod scan;
 pub mod target;
@@ -62,14 +62,19 @@ impl UsageScanner {
         scan.await
     }
 
+    /// A report that starts after this call, never joining a scan already running: what a release decides on.
+    pub async fn check_fresh(&self, disks: &[Disk]) -> ScanResult {
+        let (roots, deadline, disks) = (self.roots.clone(), self.deadline, disks.to_vec());
+        tokio::task::spawn_blocking(move || scan_now(&roots, &disks, deadline))
+            .await
+            .unwrap_or_else(|e| Err(UsageError::Internal(e.to_string())))
+    }
+
     fn start(&self, disks: Vec<Disk>, key: Vec<String>) -> Shared<BoxFuture<'static, ScanResult>> {
-        let roots = self.roots.clone();
-        let deadline = self.deadline;
-        let in_flight = self.in_flight.clone();
+        let this = self.clone();
         async move {
-            let result = tokio::task::spawn_blocking(move || scan_now(&roots, &disks, deadline))
-                .await
-                .unwrap_or_else(|e| Err(UsageError::Internal(e.to_string())));
+            let result = this.check_fresh(&disks).await;
+            let in_flight = this.in_flight;
             // Later requests must scan afresh: the answer is only valid for those who asked while it ran.
             in_flight.lock().expect("in-flight map is never poisoned").remove(&key);
             result

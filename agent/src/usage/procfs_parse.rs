@@ -7,6 +7,8 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
     pub mount_id: u32,
+    /// Mount id of the mount this one sits on.
+    pub parent_id: u32,
     pub major: u32,
     pub minor: u32,
     /// Root of the mount within its filesystem (not "/" for bind mounts of a subdirectory).
@@ -17,6 +19,8 @@ pub struct MountEntry {
     pub fs_type: String,
     /// Mount source, e.g. "/dev/sdb1".
     pub source: String,
+    /// Per-superblock options, e.g. "rw,errors=remount-ro".
+    pub super_options: String,
 }
 
 impl MountEntry {
@@ -57,7 +61,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let mut fields = line.split(' ');
     let mount_id = fields.next()?.parse().ok()?;
-    let _parent: u32 = fields.next()?.parse().ok()?;
+    let parent_id = fields.next()?.parse().ok()?;
     let (major, minor) = fields.next()?.split_once(':')?;
     let root = unescape_octal(fields.next()?);
     let mount_point = unescape_octal(fields.next()?);
@@ -67,9 +71,10 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let fs_type = fields.next()?.to_string();
     let source = unescape_octal(fields.next()?);
     // The super options are the last field; a line cut short before them is truncated.
-    fields.next()?;
+    let super_options = fields.next()?.to_string();
     Some(MountEntry {
         mount_id,
+        parent_id,
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
         root,
@@ -77,6 +82,7 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
         options,
         fs_type,
         source,
+        super_options,
     })
 }
 

@@ -7,7 +7,8 @@
 use super::procfs_parse::{MapEntry, MountEntry, fdinfo_writable, parse_maps, parse_mountinfo, parse_swaps};
 use super::procmap;
 use super::target::{Role, Target, describe_holder, holder_hint};
-use crate::roots::HostRoots;
+use crate::roots::{HostRoots, resolve_dev_path};
+use crate::system::SYSTEM_MOUNTS;
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat, major, makedev, minor, stat};
@@ -19,8 +20,6 @@ use wukong_proto::v1::{
     blocker::Detail,
 };
 
-/// Mount points whose disk is the running system.
-const SYSTEM_MOUNTS: &[&str] = &["/", "/boot", "/usr", "/var"];
 /// Uses listed per process and kind before the rest are summarised in one line.
 const MAX_USES_PER_PROCESS: usize = 8;
 
@@ -203,14 +202,6 @@ fn mount_target(
     let source = stat(&resolve_dev_path(roots, &m.source)).ok()?;
     let (_, members) = btrfs.get(&source.st_rdev)?;
     members.iter().find_map(|dev| index.devices.get(dev).copied())
-}
-
-/// Maps a path under /dev (as the kernel prints it) into the dev root.
-fn resolve_dev_path(roots: &HostRoots, path: &str) -> std::path::PathBuf {
-    match path.strip_prefix("/dev/") {
-        Some(rest) => roots.dev.join(rest),
-        None => path.into(),
-    }
 }
 
 /// For each btrfs member device (st_rdev): its filesystem's fsid and all member devices.

@@ -1,0 +1,669 @@
+//! Releasing a disk so the hypervisor can unplug it without data loss (PrepareDetach), and undoing that
+//! (CancelDetach).
+//!
+//! A release runs PRESENT → RELEASING → RELEASED, one operation per disk at a time:
+//! 1. a fresh usage scan; any blocker but an idle mount refuses, changing nothing (so does a mount without
+//!    `unmount`, and another filesystem mounted inside one of the disk's);
+//! 2. every mount of the disk, in every mount namespace, is undone deepest first; on a failure the undone ones are
+//!    mounted back;
+//! 3. a final scan, once udev's own probes of the disk are over, must find nothing;
+//! 4. flush: dirty buffers written, the device's write cache flushed;
+//! 5. fence: a SCSI device is deleted in the guest (nothing can reopen it); other buses are set read-only.
+//!
+//! Each step is journalled (see [`journal`]), so a restarted agent undoes an interrupted release and still knows
+//! a completed one.
+
+pub mod fence;
+pub mod journal;
+pub mod mounts;
+
+use crate::inventory::{InventoryHandle, LookupError, Mark, TOMBSTONE_TTL, Update};
+use crate::roots::HostRoots;
+use crate::serial::Serial;
+use crate::udev_db::LibUdevDb;
+use crate::usage::target::Target;
+use crate::usage::{UsageError, UsageScanner};
+use journal::{Fence, Journal, Phase, Record};
+use mounts::MountRecord;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+use wukong_proto::v1::{
+    Blocker, BlockerKind, Bus, CancelDetachResponse, Disk, DiskState, PrepareDetachResponse, ProcessUse, ReleaseAction,
+    ReleaseMethod, UsageReport, blocker::Detail,
+};
+
+/// How long udev may take to report a deleted SCSI disk gone, or a rescanned one back.
+const UDEV_WAIT: Duration = Duration::from_secs(30);
+/// How long the final scan waits for udev's probes (after unmount) to finish.
+const PROBE_WAIT: Duration = Duration::from_secs(10);
+/// Processes that open a disk briefly on their own after it changes (udev workers and the probes they run).
+const TRANSIENT_PROBES: &[&str] = &["(udev-worker)", "systemd-udevd", "udevd", "blkid", "lvm", "pvscan", "mdadm"];
+
+/// Why a release or its undoing did not happen. Every message names the disk and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error("disk '{serial}' is a system disk ({reason}); it is never released")]
+    System { serial: String, reason: String },
+    #[error("another release or cancel of disk '{0}' is running; retry when it has finished")]
+    Busy(String),
+    #[error("{message}")]
+    InUse { message: String, report: Box<UsageReport>, disk: Box<Disk> },
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error("releasing disk '{serial}' failed: {error}; {undo}")]
+    Failed { serial: String, error: String, undo: String },
+    #[error("disk '{serial}' is no longer attached to the guest: nothing answers at SCSI address {address}")]
+    Gone { serial: String, address: String },
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// Runs releases. Cheap to clone.
+#[derive(Clone)]
+pub struct Releaser {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    roots: HostRoots,
+    inventory: InventoryHandle,
+    updates: mpsc::Sender<Update>,
+    usage: UsageScanner,
+    journal: Journal,
+    /// Disks (case-folded ids) with an operation running.
+    running: Mutex<HashSet<String>>,
+}
+
+/// Marks one disk as having an operation running, until dropped.
+struct Running<'a> {
+    inner: &'a Inner,
+    key: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.inner.running.lock().expect("never poisoned").remove(&self.key);
+    }
+}
+
+/// What a release changed so far, to undo it if a later step fails.
+#[derive(Default)]
+struct Progress {
+    unmounted: Vec<MountRecord>,
+    read_only: Vec<PathBuf>,
+}
+
+fn action(kind: &str, description: String, started: Instant) -> ReleaseAction {
+    ReleaseAction { kind: kind.into(), description, duration: started.elapsed().try_into().ok() }
+}
+
+impl Releaser {
+    pub fn new(
+        roots: HostRoots,
+        inventory: InventoryHandle,
+        updates: mpsc::Sender<Update>,
+        usage: UsageScanner,
+        journal: Journal,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { roots, inventory, updates, usage, journal, running: Mutex::default() }) }
+    }
+
+    fn begin(&self, disk: &Disk) -> Result<Running<'_>, ReleaseError> {
+        let key = disk.id.to_ascii_lowercase();
+        if !self.inner.running.lock().expect("never poisoned").insert(key.clone()) {
+            return Err(ReleaseError::Busy(disk.id.clone()));
+        }
+        Ok(Running { inner: &self.inner, key })
+    }
+
+    /// Sends a release mark and waits until the inventory shows it, so answers and events agree.
+    async fn mark(&self, id: &str, mark: Mark) {
+        if self.inner.updates.send(Update::Mark { id: id.to_string(), mark }).await.is_err() {
+            return;
+        }
+        let want = match mark {
+            Mark::Present => DiskState::Present,
+            Mark::Releasing => DiskState::Releasing,
+            Mark::Released { .. } => DiskState::Released,
+        };
+        let serial = Serial::parse(id).ok();
+        let shown = |s: &Arc<crate::inventory::Snapshot>| match serial.as_ref().map(|x| s.find(x)) {
+            Some(Ok(d)) => d.state() == want,
+            _ => true,
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.inventory.wait_until(shown)).await;
+    }
+
+    async fn scan(&self, disk: &Disk) -> Result<UsageReport, ReleaseError> {
+        Ok(self.inner.usage.check_fresh(std::slice::from_ref(disk)).await?[0].clone())
+    }
+
+    fn current(&self, serial: &Serial) -> Result<Disk, ReleaseError> {
+        Ok(self.inner.inventory.snapshot().find(serial)?.clone())
+    }
+
+    /// PrepareDetach: releases the disk, or says exactly what prevents it and changes nothing.
+    pub async fn prepare(
+        &self,
+        serial: &Serial,
+        unmount: bool,
+        dry_run: bool,
+    ) -> Result<PrepareDetachResponse, ReleaseError> {
+        let disk = self.current(serial)?;
+        if disk.state() == DiskState::Released {
+            let description = format!("disk '{}' was already released; nothing to do", disk.id);
+            let actions = vec![action("none", description, Instant::now())];
+            return Ok(PrepareDetachResponse { released: true, dry_run, disk: Some(disk), actions, usage: None });
+        }
+        if disk.system {
+            return Err(ReleaseError::System { serial: disk.id.clone(), reason: disk.system_reason.clone() });
+        }
+        let _running = self.begin(&disk)?;
+        let started = Instant::now();
+        let report = self.settled_scan(&disk).await?;
+        let plan = self.plan(&disk, &report, unmount, dry_run).await?;
+        let mut actions = vec![action("scan", scan_summary(&report), started)];
+        if dry_run {
+            actions.extend(plan.iter().map(|r| action("unmount", format!("would unmount {}", r.place()), started)));
+            actions.push(action("flush", format!("would flush {} and its partitions", disk.dev_node), started));
+            actions.push(action("fence", format!("would {}", fence_description(&disk)), started));
+            return Ok(PrepareDetachResponse {
+                released: false,
+                dry_run: true,
+                disk: Some(disk),
+                actions,
+                usage: Some(report),
+            });
+        }
+        tracing::info!(serial = %disk.id, device = %disk.dev_node, mounts = plan.len(), "releasing disk");
+        self.mark(&disk.id, Mark::Releasing).await;
+        let mut record = Record::new(&disk, fence_of(&disk));
+        self.inner.journal.save(&record);
+        let mut progress = Progress::default();
+        match self.execute(&disk, &plan, &mut record, &mut progress, &mut actions).await {
+            Ok(method) => {
+                let at = SystemTime::now();
+                record.set_released(at);
+                self.inner.journal.save(&record);
+                self.mark(&disk.id, Mark::Released { at, method }).await;
+                tracing::info!(serial = %disk.id, elapsed = ?started.elapsed(), "disk released");
+                let disk = self.current(serial).unwrap_or(disk);
+                Ok(PrepareDetachResponse {
+                    released: true,
+                    dry_run: false,
+                    disk: Some(disk),
+                    actions,
+                    usage: Some(report),
+                })
+            }
+            Err(e) => {
+                let undo = self.undo(&disk, &progress).await;
+                self.inner.journal.remove(&disk.id);
+                self.mark(&disk.id, Mark::Present).await;
+                tracing::warn!(serial = %disk.id, error = %e, undo = %undo, "release failed and was undone");
+                Err(match e {
+                    ReleaseError::InUse { message, report, disk } => {
+                        ReleaseError::InUse { message: format!("{message}; {undo}"), report, disk }
+                    }
+                    ReleaseError::Failed { serial, error, .. } => ReleaseError::Failed { serial, error, undo },
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Decides, from the scan, what a release must undo; refuses when anything but idle mounts uses the disk.
+    async fn plan(
+        &self,
+        disk: &Disk,
+        report: &UsageReport,
+        unmount: bool,
+        dry_run: bool,
+    ) -> Result<Vec<MountRecord>, ReleaseError> {
+        let in_use = |why: String| ReleaseError::InUse {
+            message: in_use_message(disk, &why, report, dry_run),
+            report: Box::new(report.clone()),
+            disk: Box::new(disk.clone()),
+        };
+        let mounts: Vec<_> = report
+            .blockers
+            .iter()
+            .filter_map(|b| match &b.detail {
+                Some(Detail::Mount(m)) => Some(m.clone()),
+                _ => None,
+            })
+            .collect();
+        if report.blockers.len() > mounts.len() {
+            return Err(in_use("it is in use".into()));
+        }
+        if mounts.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !unmount {
+            return Err(in_use("it is mounted; ask for unmount to have the agent unmount its idle filesystems".into()));
+        }
+        let roots = self.inner.roots.clone();
+        let (kernel_name, id) = (disk.kernel_name.clone(), disk.id.clone());
+        let planned = tokio::task::spawn_blocking(move || {
+            let target = Target::resolve(&roots, &LibUdevDb, &kernel_name, &id)
+                .unwrap_or(Target { key: id, devices: Vec::new() });
+            mounts::plan(&roots, &target, &mounts)
+        })
+        .await
+        .map_err(|e| UsageError::Internal(e.to_string()))?;
+        planned.map_err(|e| in_use(e.to_string()))
+    }
+
+    async fn execute(
+        &self,
+        disk: &Disk,
+        plan: &[MountRecord],
+        record: &mut Record,
+        progress: &mut Progress,
+        actions: &mut Vec<ReleaseAction>,
+    ) -> Result<ReleaseMethod, ReleaseError> {
+        let roots = self.inner.roots.clone();
+        let failed = |error: String| ReleaseError::Failed { serial: disk.id.clone(), error, undo: String::new() };
+        if !plan.is_empty() {
+            let started = Instant::now();
+            let records = plan.to_vec();
+            let (r, p) = (roots.clone(), records.clone());
+            let (done, error) = tokio::task::spawn_blocking(move || mounts::unmount(&r, &p))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            for r in &done {
+                actions.push(action("unmount", format!("unmounted {}", r.place()), started));
+            }
+            progress.unmounted = done.clone();
+            record.unmounted = done;
+            self.inner.journal.save(record);
+            if let Some(e) = error {
+                if e.is_busy() {
+                    let report = self.settled_scan(disk).await?;
+                    let why = format!("{e}: something started using it during the release");
+                    return Err(ReleaseError::InUse {
+                        message: in_use_message(disk, &why, &report, false),
+                        report: Box::new(report),
+                        disk: Box::new(disk.clone()),
+                    });
+                }
+                return Err(failed(e.to_string()));
+            }
+        }
+        let started = Instant::now();
+        self.final_scan(disk).await?;
+        actions.push(action("verify", "a final scan found nothing using the disk".into(), started));
+
+        let started = Instant::now();
+        let nodes = device_nodes(&roots, disk);
+        let n = nodes.clone();
+        tokio::task::spawn_blocking(move || n.iter().try_for_each(|p| fence::flush(p)))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        actions.push(action("flush", format!("flushed {} to the hypervisor's storage", list(&nodes)), started));
+
+        let started = Instant::now();
+        match &record.fence {
+            Fence::ScsiDelete { .. } => {
+                let (r, name) = (roots.clone(), disk.kernel_name.clone());
+                tokio::task::spawn_blocking(move || fence::scsi_delete(&r, &name))
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+                    .map_err(|e| failed(e.to_string()))?;
+                self.wait_gone(disk).await;
+                actions.push(action(
+                    "scsi-delete",
+                    format!("deleted SCSI device {} in the guest; nothing can open it any more", disk.dev_node),
+                    started,
+                ));
+                Ok(ReleaseMethod::ScsiDelete)
+            }
+            Fence::ReadOnly { .. } => {
+                let n = nodes.clone();
+                let set = tokio::task::spawn_blocking(move || {
+                    let mut set = Vec::new();
+                    for p in &n {
+                        if !fence::is_read_only(p)? {
+                            fence::set_read_only(p, true)?;
+                            set.push(p.clone());
+                        }
+                    }
+                    Ok::<_, fence::FenceError>(set)
+                })
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+                let set = set.map_err(|e| failed(e.to_string()))?;
+                progress.read_only = set.clone();
+                record.fence = Fence::ReadOnly { devices: set.iter().map(|p| p.display().to_string()).collect() };
+                self.inner.journal.save(record);
+                actions.push(action(
+                    "read-only",
+                    format!("set {} read-only, so nothing in the guest can write to it", list(&nodes)),
+                    started,
+                ));
+                Ok(ReleaseMethod::ReadOnly)
+            }
+        }
+    }
+
+    /// A fresh scan once udev's own probes of the disk are over (they open it briefly after every change, e.g. an
+    /// unmount); if they outlast [`PROBE_WAIT`], they are reported like any other user.
+    async fn settled_scan(&self, disk: &Disk) -> Result<UsageReport, ReleaseError> {
+        let deadline = Instant::now() + PROBE_WAIT;
+        loop {
+            let report = self.scan(disk).await?;
+            if !report.blockers.iter().any(is_transient_probe) || Instant::now() > deadline {
+                return Ok(report);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Scans again after the unmounts: nothing at all may use the disk now.
+    async fn final_scan(&self, disk: &Disk) -> Result<(), ReleaseError> {
+        let report = self.settled_scan(disk).await?;
+        if !report.in_use {
+            return Ok(());
+        }
+        let why = "after unmounting, something still uses it".to_string();
+        Err(ReleaseError::InUse {
+            message: in_use_message(disk, &why, &report, false),
+            report: Box::new(report),
+            disk: Box::new(disk.clone()),
+        })
+    }
+
+    /// Waits until udev reports the deleted disk gone (the inventory keeps it as a tombstone).
+    async fn wait_gone(&self, disk: &Disk) {
+        let name = disk.kernel_name.clone();
+        let gone = self.inner.inventory.wait_until(|s| s.disks.get(&name).is_none_or(|d| d.id != disk.id));
+        if tokio::time::timeout(UDEV_WAIT, gone).await.is_err() {
+            // The kernel has deleted the device already; only udev's report is late.
+            tracing::warn!(serial = %disk.id, device = %disk.dev_node, "udev did not report the deleted disk gone");
+        }
+    }
+
+    /// Undoes what a failed release changed; returns a sentence saying what state the disk is in.
+    async fn undo(&self, disk: &Disk, progress: &Progress) -> String {
+        let mut failures = Vec::new();
+        for p in &progress.read_only {
+            if let Err(e) = fence::set_read_only(p, false) {
+                failures.push(e.to_string());
+            }
+        }
+        let (restored, mut failed) = self.mount_back(disk, &progress.unmounted).await;
+        failures.append(&mut failed);
+        match (restored.is_empty(), failures.is_empty()) {
+            (true, true) => "nothing was changed".into(),
+            (false, true) => format!("everything was put back: {} mounted again", restored.join(", ")),
+            (_, false) => format!(
+                "it could not all be put back: {}{}",
+                failures.join("; "),
+                if restored.is_empty() { String::new() } else { format!(" (mounted again: {})", restored.join(", ")) }
+            ),
+        }
+    }
+
+    /// Mounts `records` back on the disk as it is now (it may have a new kernel name after a rescan). Returns the
+    /// places restored and the failures.
+    async fn mount_back(&self, disk: &Disk, records: &[MountRecord]) -> (Vec<String>, Vec<String>) {
+        if records.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let now =
+            Serial::parse(&disk.id).ok().and_then(|s| self.inner.inventory.snapshot().find_present(&s).ok().cloned());
+        let now = now.unwrap_or_else(|| disk.clone());
+        let (roots, records) = (self.inner.roots.clone(), records.to_vec());
+        let outcomes = tokio::task::spawn_blocking(move || {
+            let node_for = |n: u32| -> Option<PathBuf> {
+                let node = if n == 0 {
+                    now.dev_node.clone()
+                } else {
+                    now.partitions.iter().find(|p| p.number == n)?.dev_node.clone()
+                };
+                Some(crate::roots::resolve_dev_path(&roots, &node))
+            };
+            mounts::mount_back(&roots, &records, &node_for)
+        })
+        .await
+        .unwrap_or_default();
+        let mut restored = Vec::new();
+        let mut failed = Vec::new();
+        for (r, outcome) in outcomes {
+            match outcome {
+                Ok(()) => restored.push(r.place()),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (restored, failed)
+    }
+
+    /// CancelDetach: brings a released disk back, with the mounts the release undid.
+    pub async fn cancel(&self, serial: &Serial) -> Result<CancelDetachResponse, ReleaseError> {
+        let disk = self.current(serial)?;
+        if disk.state() == DiskState::Present {
+            let description = format!("disk '{}' is not released; nothing to undo", disk.id);
+            return Ok(CancelDetachResponse {
+                disk: Some(disk),
+                actions: vec![action("none", description, Instant::now())],
+            });
+        }
+        let _running = self.begin(&disk)?;
+        let record = self.inner.journal.load(&disk.id).unwrap_or_else(|| Record::new(&disk, fence_of(&disk)));
+        let actions = self.bring_back(&disk, &record).await?;
+        self.inner.journal.remove(&disk.id);
+        Ok(CancelDetachResponse { disk: Some(self.current(serial)?), actions })
+    }
+
+    /// Undoes the fence and the unmounts of a release.
+    async fn bring_back(&self, disk: &Disk, record: &Record) -> Result<Vec<ReleaseAction>, ReleaseError> {
+        let roots = self.inner.roots.clone();
+        let mut actions = Vec::new();
+        let started = Instant::now();
+        match &record.fence {
+            Fence::ScsiDelete { host, channel, target, lun } => {
+                let address =
+                    wukong_proto::v1::ScsiAddress { host: *host, channel: *channel, target: *target, lun: *lun };
+                let shown = format!("{host}:{channel}:{target}:{lun}");
+                let serial = Serial::parse(&disk.id).map_err(|e| ReleaseError::Timeout(e.to_string()))?;
+                if self.inner.inventory.snapshot().find_present(&serial).is_err() {
+                    let r = roots.clone();
+                    let answered = tokio::task::spawn_blocking(move || fence::scsi_rescan(&r, &address))
+                        .await
+                        .map_err(|e| ReleaseError::Timeout(e.to_string()))?
+                        .map_err(|e| ReleaseError::Failed {
+                            serial: disk.id.clone(),
+                            error: e.to_string(),
+                            undo: "the disk stays released".into(),
+                        })?;
+                    if !answered {
+                        self.mark(&disk.id, Mark::Present).await;
+                        return Err(ReleaseError::Gone { serial: disk.id.clone(), address: shown });
+                    }
+                    self.mark(&disk.id, Mark::Present).await;
+                    let back = self.inner.inventory.wait_until(|s| s.find_present(&serial).is_ok());
+                    if tokio::time::timeout(UDEV_WAIT, back).await.is_err() {
+                        return Err(ReleaseError::Timeout(format!(
+                            "rescanned SCSI address {shown}, but no disk with serial '{}' appeared within {}s; \
+                             another disk may answer there",
+                            disk.id,
+                            UDEV_WAIT.as_secs()
+                        )));
+                    }
+                }
+                self.mark(&disk.id, Mark::Present).await;
+                actions.push(action(
+                    "scsi-rescan",
+                    format!("rescanned SCSI address {shown}; the disk is back"),
+                    started,
+                ));
+            }
+            Fence::ReadOnly { devices } => {
+                let paths: Vec<PathBuf> = devices.iter().map(PathBuf::from).collect();
+                let p = paths.clone();
+                tokio::task::spawn_blocking(move || p.iter().try_for_each(|p| fence::set_read_only(p, false)))
+                    .await
+                    .map_err(|e| ReleaseError::Timeout(e.to_string()))?
+                    .map_err(|e| ReleaseError::Failed {
+                        serial: disk.id.clone(),
+                        error: e.to_string(),
+                        undo: "the disk stays released".into(),
+                    })?;
+                self.mark(&disk.id, Mark::Present).await;
+                actions.push(action("read-write", format!("cleared read-only mode of {}", list(&paths)), started));
+            }
+        }
+        let started = Instant::now();
+        let (restored, failed) = self.mount_back(disk, &record.unmounted).await;
+        for place in restored {
+            actions.push(action("mount", format!("mounted {place} again"), started));
+        }
+        for failure in failed {
+            tracing::warn!(serial = %disk.id, error = %failure, "a mount could not be put back");
+            actions.push(action("mount-failed", failure, started));
+        }
+        Ok(actions)
+    }
+
+    /// Finishes what a previous agent process left: an interrupted release is undone, a completed one is listed
+    /// again. Runs once, after the first inventory sync.
+    pub async fn recover(&self) {
+        for record in self.inner.journal.load_all() {
+            let Some(disk) = record.disk() else {
+                self.inner.journal.remove(&record.id);
+                continue;
+            };
+            let present = Serial::parse(&record.id)
+                .ok()
+                .and_then(|s| self.inner.inventory.snapshot().find_present(&s).ok().cloned());
+            match (record.phase, &record.fence, present) {
+                (Phase::Releasing, ..) => {
+                    tracing::warn!(serial = %record.id, "undoing a release the previous agent process did not finish");
+                    match self.bring_back(&disk, &record).await {
+                        Ok(_) => tracing::info!(serial = %record.id, "interrupted release undone; the disk is present"),
+                        Err(e) => {
+                            tracing::error!(serial = %record.id, error = %e, "cannot undo an interrupted release")
+                        }
+                    }
+                    self.inner.journal.remove(&record.id);
+                }
+                (Phase::Released, Fence::ReadOnly { .. }, Some(_)) => {
+                    let at = record.released_at().unwrap_or_else(SystemTime::now);
+                    self.mark(&record.id, Mark::Released { at, method: ReleaseMethod::ReadOnly }).await;
+                }
+                (Phase::Released, Fence::ScsiDelete { .. }, None)
+                    if record.released_at().is_some_and(|at| at.elapsed().unwrap_or_default() < TOMBSTONE_TTL) =>
+                {
+                    let mut tomb = disk;
+                    let at = record.released_at().unwrap_or_else(SystemTime::now);
+                    Mark::Released { at, method: ReleaseMethod::ScsiDelete }.apply_to(&mut tomb);
+                    let _ = self.inner.updates.send(Update::Tombstone(Box::new(tomb))).await;
+                }
+                // Re-plugged or unplugged since, or too old to matter.
+                _ => self.inner.journal.remove(&record.id),
+            }
+        }
+    }
+}
+
+/// How a disk will be fenced: SCSI disks are deleted in the guest; others are set read-only.
+fn fence_of(disk: &Disk) -> Fence {
+    match (&disk.scsi_address, disk.bus()) {
+        (Some(a), Bus::Scsi) => Fence::ScsiDelete { host: a.host, channel: a.channel, target: a.target, lun: a.lun },
+        _ => Fence::ReadOnly { devices: Vec::new() },
+    }
+}
+
+fn fence_description(disk: &Disk) -> String {
+    match fence_of(disk) {
+        Fence::ScsiDelete { .. } => format!("delete SCSI device {} in the guest", disk.dev_node),
+        Fence::ReadOnly { .. } => format!("set {} and its partitions read-only", disk.dev_node),
+    }
+}
+
+/// The disk's partitions, then the disk: flushed and fenced in that order.
+fn device_nodes(roots: &HostRoots, disk: &Disk) -> Vec<PathBuf> {
+    let mut nodes: Vec<PathBuf> = disk.partitions.iter().map(|p| roots.dev_node(&p.kernel_name)).collect();
+    nodes.push(roots.dev_node(&disk.kernel_name));
+    nodes
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn scan_summary(report: &UsageReport) -> String {
+    let mounts = report.blockers.iter().filter(|b| b.kind() == BlockerKind::Mount).count();
+    match mounts {
+        0 => "nothing uses the disk".into(),
+        n => format!("the disk is mounted {n} time(s) and nothing else uses it"),
+    }
+}
+
+/// "disk 'S' (/dev/sdb) cannot be released: WHY; nothing was changed. Blockers: …".
+fn in_use_message(disk: &Disk, why: &str, report: &UsageReport, dry_run: bool) -> String {
+    let blockers: Vec<&str> = report.blockers.iter().map(|b| b.message.as_str()).collect();
+    let prefix = if dry_run { "dry run: " } else { "" };
+    let mut message = format!("{prefix}disk '{}' ({}) cannot be released: {why}", disk.id, disk.dev_node);
+    if !blockers.is_empty() {
+        message.push_str(&format!(". Blockers: {}", blockers.join("; ")));
+    }
+    message
+}
+
+/// A udev worker or probe reading the disk: it goes away on its own.
+fn is_transient_probe(b: &Blocker) -> bool {
+    matches!(&b.detail, Some(Detail::Process(ProcessUse { command, writable: false, .. }))
+        if TRANSIENT_PROBES.contains(&command.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(command: &str, writable: bool) -> Blocker {
+        Blocker {
+            kind: BlockerKind::Process as i32,
+            detail: Some(Detail::Process(ProcessUse { command: command.into(), writable, ..ProcessUse::default() })),
+            ..Blocker::default()
+        }
+    }
+
+    #[test]
+    fn only_read_only_udev_probes_are_waited_out() {
+        assert!(is_transient_probe(&process("(udev-worker)", false)));
+        assert!(!is_transient_probe(&process("(udev-worker)", true)));
+        assert!(!is_transient_probe(&process("postgres", false)));
+    }
+
+    #[test]
+    fn scsi_disks_are_deleted_others_set_read_only() {
+        let address = wukong_proto::v1::ScsiAddress { host: 2, channel: 0, target: 3, lun: 1 };
+        let scsi = Disk { bus: Bus::Scsi as i32, scsi_address: Some(address), ..Disk::default() };
+        assert_eq!(fence_of(&scsi), Fence::ScsiDelete { host: 2, channel: 0, target: 3, lun: 1 });
+        let virtio = Disk { bus: Bus::VirtioBlk as i32, dev_node: "/dev/vdb".into(), ..Disk::default() };
+        assert_eq!(fence_of(&virtio), Fence::ReadOnly { devices: vec![] });
+        assert_eq!(fence_description(&virtio), "set /dev/vdb and its partitions read-only");
+    }
+
+    #[test]
+    fn refusal_lists_every_blocker() {
+        let disk = Disk { id: "data".into(), dev_node: "/dev/sdb".into(), ..Disk::default() };
+        let mut a = process("postgres", true);
+        a.message = "postgres (pid 7) has /data/x open for writing".into();
+        let mut b = process("sh", false);
+        b.message = "sh (pid 8) has its working directory in /data".into();
+        let report = UsageReport { in_use: true, blockers: vec![a, b], ..UsageReport::default() };
+        assert_eq!(
+            in_use_message(&disk, "it is in use", &report, true),
+            "dry run: disk 'data' (/dev/sdb) cannot be released: it is in use. Blockers: postgres (pid 7) has \
+             /data/x open for writing; sh (pid 8) has its working directory in /data"
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! Releases on this machine's real kernel: loop devices with real filesystems, mounts in two mount namespaces,
+//! real processes. Loop devices have no SCSI delete, so they are fenced read-only, like virtio-blk disks. The SCSI
+//! path runs in the guest lab (crate wukong-e2e). Needs root; without it these tests fail (they never skip).
+// The lock serialises whole tests, each on its own runtime and thread: holding it across awaits is the point.
+#![allow(clippy::await_holding_lock)]
+
+mod common;
+
+use common::{Holder, LoopDisk, findmnt_targets, serial, sh};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use wukong_agent::inventory::{self, InventoryHandle, Update};
+use wukong_agent::release::journal::Journal;
+use wukong_agent::release::{ReleaseError, Releaser};
+use wukong_agent::roots::HostRoots;
+use wukong_agent::serial::Serial;
+use wukong_agent::usage::UsageScanner;
+use wukong_proto::v1::{BlockerKind, Bus, Disk, DiskState, ReleaseMethod, blocker::Detail};
+
+/// A releaser over an inventory that holds one loop disk, given a serial.
+struct Rig {
+    releaser: Releaser,
+    inventory: InventoryHandle,
+    serial: Serial,
+    state_dir: PathBuf,
+    _updates: tokio::sync::mpsc::Sender<Update>,
+}
+
+async fn rig(disk: &LoopDisk, state_dir: &Path) -> Rig {
+    let roots = HostRoots::default();
+    let name = disk.name();
+    // Built by hand: this machine may run no udevd, so udev's database does not know the loop device.
+    let (major, minor) = wukong_agent::disk::read_devnum(&roots.sys_block(&name).join("dev")).unwrap();
+    let serial = format!("wukong-{name}");
+    let d = Disk {
+        serial: serial.clone(),
+        id: serial.clone(),
+        dev_node: disk.dev.clone(),
+        kernel_name: name,
+        major,
+        minor,
+        bus: Bus::Other as i32,
+        state: DiskState::Present as i32,
+        ..Disk::default()
+    };
+    let (updates, inventory) = inventory::spawn();
+    updates.send(Update::Reconcile(vec![d])).await.unwrap();
+    inventory.wait_synced().await;
+    let journal = Journal::new(Some(state_dir.to_path_buf()));
+    let releaser = Releaser::new(roots.clone(), inventory.clone(), updates.clone(), UsageScanner::new(roots), journal);
+    Rig { releaser, inventory, serial: Serial::parse(&serial).unwrap(), state_dir: state_dir.into(), _updates: updates }
+}
+
+impl Rig {
+    fn state(&self) -> DiskState {
+        self.inventory.snapshot().find(&self.serial).unwrap().state()
+    }
+}
+
+fn read_only(dev: &str) -> bool {
+    sh(&format!("blockdev --getro {dev}")).trim() == "1"
+}
+
+/// Mount points of `dev` in the mount namespace of `pid`.
+fn findmnt_in(pid: i32, dev: &str) -> BTreeSet<String> {
+    sh(&format!("nsenter -t {pid} -m findmnt -n -l -o TARGET -S {dev} || true")).lines().map(str::to_string).collect()
+}
+
+fn checksum(path: &Path) -> String {
+    sh(&format!("sha256sum '{}'", path.display())).split_whitespace().next().unwrap().to_string()
+}
+
+fn write_data(dir: &Path) -> (PathBuf, String) {
+    let file = dir.join("data.bin");
+    // Written without any sync: the release must put it on the device.
+    sh(&format!("head -c 4194304 /dev/urandom > '{}'", file.display()));
+    let sum = checksum(&file);
+    (file, sum)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_mounts_in_two_namespaces_are_released_and_cancel_brings_them_back() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    std::fs::create_dir(a.join("sub")).unwrap();
+    let b = disk.bind(&a.join("sub"), "b");
+    let (file, sum) = write_data(&a);
+    let ns = Holder::start(
+        "unshare",
+        &["-m", "--propagation", "private", "sh", "-c", "cd / && echo ready && exec sleep 1000"],
+    );
+    let host_mounts = findmnt_targets(&disk.dev);
+    assert_eq!(host_mounts.len(), 2);
+    assert_eq!(findmnt_in(ns.pid(), &disk.dev), host_mounts, "the private namespace has its own copies");
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+
+    let refused = rig.releaser.prepare(&rig.serial, false, false).await.unwrap_err();
+    let ReleaseError::InUse { message, report, .. } = &refused else { panic!("refused as in use: {refused}") };
+    assert!(message.contains("it is mounted; ask for unmount"), "{message}");
+    assert_eq!(report.blockers.iter().filter(|b| b.kind() == BlockerKind::Mount).count(), 4, "{message}");
+    assert_eq!(findmnt_targets(&disk.dev), host_mounts, "nothing changed");
+
+    let dry = rig.releaser.prepare(&rig.serial, true, true).await.unwrap();
+    assert!(dry.dry_run && !dry.released);
+    let would: Vec<&str> = dry.actions.iter().map(|a| a.description.as_str()).collect();
+    assert_eq!(would.iter().filter(|d| d.starts_with("would unmount")).count(), 4, "{would:#?}");
+    assert!(would.iter().any(|d| d.starts_with("would set") && d.contains("read-only")), "{would:#?}");
+    assert_eq!(findmnt_targets(&disk.dev), host_mounts, "a dry run changes nothing");
+    assert!(!read_only(&disk.dev));
+    assert_eq!(rig.state(), DiskState::Present);
+
+    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    assert!(released.released, "{released:#?}");
+    assert!(findmnt_targets(&disk.dev).is_empty(), "unmounted in the host namespace");
+    assert!(findmnt_in(ns.pid(), &disk.dev).is_empty(), "unmounted in the private namespace");
+    assert!(read_only(&disk.dev), "fenced read-only");
+    let mut device = std::fs::OpenOptions::new().write(true).open(&disk.dev).unwrap();
+    let write = std::io::Write::write_all(&mut device, &[0u8; 4096]).unwrap_err();
+    assert_eq!(write.raw_os_error(), Some(nix::libc::EPERM), "nothing can write to it: {write}");
+    drop(device);
+    let kinds: Vec<&str> = released.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, ["scan", "unmount", "unmount", "unmount", "unmount", "verify", "flush", "read-only"]);
+    let d = released.disk.unwrap();
+    assert_eq!((d.state(), d.release_method()), (DiskState::Released, ReleaseMethod::ReadOnly));
+    assert!(d.released_at.is_some());
+    assert!(std::fs::read_dir(&rig.state_dir).unwrap().count() == 1, "the release is journalled");
+
+    let again = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    assert!(again.released && again.actions[0].description.contains("already released"));
+
+    let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
+    assert!(!read_only(&disk.dev), "read-write again");
+    assert_eq!(findmnt_targets(&disk.dev), host_mounts, "host mounts back: {:#?}", cancelled.actions);
+    assert_eq!(findmnt_in(ns.pid(), &disk.dev), host_mounts, "namespace mounts back");
+    assert_eq!(checksum(&file), sum, "the data written before the release is intact");
+    assert!(b.join("..").exists());
+    assert_eq!(rig.state(), DiskState::Present);
+    assert_eq!(std::fs::read_dir(&rig.state_dir).unwrap().count(), 0, "the journal entry is gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_using_the_disk_refuses_the_release_and_changes_nothing() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    let writer = Holder::sh(&format!("exec 3>>'{}/log'", a.display()));
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    let ReleaseError::InUse { message, report, .. } = &err else { panic!("refused as in use: {err}") };
+    let pid = writer.pid();
+    assert!(
+        report.blockers.iter().any(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid && p.writable)),
+        "{message}"
+    );
+    assert!(message.contains(&format!("pid {pid}")) && message.contains("it is in use"), "{message}");
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok(), "the writer is unharmed");
+    assert_eq!(findmnt_targets(&disk.dev).len(), 1, "still mounted");
+    assert!(!read_only(&disk.dev));
+    assert_eq!(rig.state(), DiskState::Present);
+    assert_eq!(std::fs::read_dir(state.path()).map(|d| d.count()).unwrap_or(0), 0, "nothing journalled");
+}
+
+/// A filesystem mounted in a namespace no process is in cannot be seen, only felt: after the visible mount is
+/// undone, the final scan finds the kernel still holding the device. The release must put the mount back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_that_fails_after_unmounting_puts_the_mounts_back() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let holder_dir = tempfile::tempdir().unwrap();
+    let dir = holder_dir.path();
+    let inner = tempfile::tempdir().unwrap();
+    sh(&format!("mount --bind {d} {d} && mount --make-private {d} && touch {d}/ns", d = dir.display()));
+    sh(&format!(
+        "unshare --mount={}/ns --propagation private mount {} {}",
+        dir.display(),
+        disk.dev,
+        inner.path().display()
+    ));
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    sh(&format!("umount {d}/ns && umount {d}", d = dir.display()));
+    let ReleaseError::InUse { message, .. } = &err else { panic!("refused as in use: {err}") };
+    assert!(message.contains("after unmounting, something still uses it"), "{message}");
+    assert!(message.contains("exclusively"), "the kernel claim is named: {message}");
+    assert!(
+        message.ends_with(&format!(
+            "everything was put back: {} (ext4) in the host mount namespace mounted again",
+            a.display()
+        )),
+        "{message}"
+    );
+    assert_eq!(findmnt_targets(&disk.dev), BTreeSet::from([a.display().to_string()]));
+    assert_eq!(checksum(&file), sum);
+    assert!(!read_only(&disk.dev));
+    assert_eq!(rig.state(), DiskState::Present);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_releases_of_one_disk_let_exactly_one_proceed() {
+    let _serial = serial();
+    let disk = LoopDisk::new("ext4");
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+    let (a, b) =
+        tokio::join!(rig.releaser.prepare(&rig.serial, true, false), rig.releaser.prepare(&rig.serial, true, false));
+    let (ok, busy) = match (a, b) {
+        (Ok(ok), Err(e)) | (Err(e), Ok(ok)) => (ok, e),
+        (a, b) => panic!("expected one release and one refusal, got {a:?} and {b:?}"),
+    };
+    assert!(ok.released);
+    assert!(matches!(busy, ReleaseError::Busy(_)), "{busy}");
+    assert_eq!(
+        busy.to_string(),
+        format!("another release or cancel of disk '{}' is running; retry when it has finished", rig.serial)
+    );
+    rig.releaser.cancel(&rig.serial).await.unwrap();
+    assert!(!read_only(&disk.dev));
+}
+
+/// A release journalled as still running (the agent died mid-way) is undone by the next agent process.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_undoes_an_interrupted_release() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("xfs");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let state = tempfile::tempdir().unwrap();
+    let first = rig(&disk, state.path()).await;
+    assert!(first.releaser.prepare(&first.serial, true, false).await.unwrap().released);
+    let path = std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().path();
+    let journalled = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, journalled.replace("\"phase\": \"released\"", "\"phase\": \"releasing\"")).unwrap();
+    drop(first);
+
+    let second = rig(&disk, state.path()).await;
+    second.releaser.recover().await;
+    assert!(!read_only(&disk.dev), "the fence is lifted");
+    assert_eq!(findmnt_targets(&disk.dev), BTreeSet::from([a.display().to_string()]), "the mount is back");
+    assert_eq!(checksum(&file), sum);
+    assert_eq!(second.state(), DiskState::Present);
+    assert!(!path.exists(), "the record is done with");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_system_disk_is_never_released() {
+    let _serial = serial();
+    let disk = LoopDisk::new("none");
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+    let mut d = rig.inventory.snapshot().find(&rig.serial).unwrap().clone();
+    d.system = true;
+    d.system_reason = "/ of the running system is mounted from /dev/x".into();
+    rig._updates.send(Update::Upsert(Box::new(d))).await.unwrap();
+    rig.inventory.wait_until(|s| s.find(&rig.serial).is_ok_and(|d| d.system)).await;
+    let err = rig.releaser.prepare(&rig.serial, true, true).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "disk '{}' is a system disk (/ of the running system is mounted from /dev/x); it is never released",
+            rig.serial
+        )
+    );
+    assert!(!read_only(&disk.dev));
+}
