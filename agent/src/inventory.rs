@@ -363,6 +363,7 @@ mod tests {
             serial: serial.into(),
             id: serial.into(),
             dev_node: format!("/dev/{name}"),
+            state: DiskState::Present as i32,
             ..Disk::default()
         }
     }
@@ -426,6 +427,86 @@ mod tests {
         assert!(!inv.snapshot().synced);
         tx.send(Update::Reconcile(vec![])).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), inv.wait_synced()).await.unwrap();
+    }
+
+    async fn kinds(rx: &mut broadcast::Receiver<Event>, n: usize) -> Vec<(EventKind, DiskState)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let e = rx.recv().await.unwrap();
+            out.push((e.kind, e.disk.state()));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_deleted_scsi_disk_stays_as_a_released_tombstone_until_it_comes_back() {
+        let (tx, inv) = spawn();
+        let mut rx = inv.subscribe();
+        tx.send(Update::Reconcile(vec![disk("sdb", "Data")])).await.unwrap();
+        tx.send(Update::Mark { id: "DATA".into(), mark: Mark::Releasing }).await.unwrap();
+        tx.send(Update::Remove("sdb".into())).await.unwrap(); // the release deleted it: no REMOVED event
+        let at = SystemTime::now();
+        tx.send(Update::Mark { id: "data".into(), mark: Mark::Released { at, method: ReleaseMethod::ScsiDelete } })
+            .await
+            .unwrap();
+        assert_eq!(
+            kinds(&mut rx, 3).await,
+            [
+                (EventKind::Added, DiskState::Present),
+                (EventKind::Changed, DiskState::Releasing),
+                (EventKind::Released, DiskState::Released),
+            ]
+        );
+        let snap = inv.snapshot();
+        assert!(snap.disks.is_empty() && snap.find_present(&Serial::parse("data").unwrap()).is_err());
+        let tomb = snap.find(&Serial::parse("data").unwrap()).unwrap();
+        assert_eq!((tomb.state(), tomb.release_method()), (DiskState::Released, ReleaseMethod::ScsiDelete));
+        assert_eq!(snap.disks_by_id().len(), 1, "listed");
+        // Re-plugged (or rescanned): the tombstone goes, the new disk is present.
+        tx.send(Update::Upsert(Box::new(disk("sdc", "data")))).await.unwrap();
+        assert_eq!(kinds(&mut rx, 1).await, [(EventKind::Added, DiskState::Present)]);
+        assert!(inv.snapshot().tombstones.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unplugged_read_only_release_is_removed_and_marks_follow_udev_updates() {
+        let (tx, inv) = spawn();
+        let mut rx = inv.subscribe();
+        tx.send(Update::Reconcile(vec![disk("vdb", "v")])).await.unwrap();
+        let released = Mark::Released { at: SystemTime::now(), method: ReleaseMethod::ReadOnly };
+        tx.send(Update::Mark { id: "v".into(), mark: released }).await.unwrap();
+        let mut changed = disk("vdb", "v");
+        changed.read_only = true;
+        tx.send(Update::Upsert(Box::new(changed))).await.unwrap(); // udev's view keeps the release state
+        tx.send(Update::Remove("vdb".into())).await.unwrap(); // the hypervisor unplugged it
+        assert_eq!(
+            kinds(&mut rx, 4).await,
+            [
+                (EventKind::Added, DiskState::Present),
+                (EventKind::Released, DiskState::Released),
+                (EventKind::Changed, DiskState::Released),
+                (EventKind::Removed, DiskState::Released),
+            ]
+        );
+        assert!(inv.snapshot().tombstones.is_empty());
+        tx.send(Update::Upsert(Box::new(disk("vdb", "v")))).await.unwrap();
+        assert_eq!(kinds(&mut rx, 1).await, [(EventKind::Added, DiskState::Present)], "the mark went with it");
+    }
+
+    #[tokio::test]
+    async fn tombstones_expire() {
+        let (tx, inv) = spawn();
+        let mut rx = inv.subscribe();
+        let mut old = disk("sdb", "old");
+        let at = SystemTime::now() - TOMBSTONE_TTL - Duration::from_secs(1);
+        Mark::Released { at, method: ReleaseMethod::ScsiDelete }.apply_to(&mut old);
+        tx.send(Update::Reconcile(vec![])).await.unwrap();
+        tx.send(Update::Tombstone(Box::new(old))).await.unwrap();
+        assert_eq!(
+            kinds(&mut rx, 2).await,
+            [(EventKind::Released, DiskState::Released), (EventKind::Removed, DiskState::Released)]
+        );
+        assert!(inv.snapshot().tombstones.is_empty());
     }
 
     #[test]

@@ -10,11 +10,14 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
 use wukong_proto::v1::disk_agent_client::DiskAgentClient;
 use wukong_proto::v1::{
-    AgentInfo, Disk, GetAgentInfoRequest, GetDiskRequest, ListDisksRequest, WaitForDiskRequest, WatchDisksRequest,
+    AgentInfo, CancelDetachRequest, CancelDetachResponse, Disk, GetAgentInfoRequest, GetDiskRequest, ListDisksRequest,
+    PrepareDetachRequest, PrepareDetachResponse, WaitForDiskRequest, WatchDisksRequest,
 };
 
 /// Default deadline of one unary call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of PrepareDetach and CancelDetach: a release waits for udev (up to 30 s) and for probes (up to 10 s).
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default time allowed to establish a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts for an idempotent read that fails with UNAVAILABLE.
@@ -78,6 +81,17 @@ impl ClientError {
     pub fn code(&self) -> Option<Code> {
         match self {
             Self::Agent { status } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// For a refused PrepareDetach (FAILED_PRECONDITION): the agent's full answer, with every blocker as data.
+    pub fn refusal(&self) -> Option<PrepareDetachResponse> {
+        use prost::Message;
+        match self {
+            Self::Agent { status } if status.code() == Code::FailedPrecondition && !status.details().is_empty() => {
+                PrepareDetachResponse::decode(status.details()).ok()
+            }
             _ => None,
         }
     }
@@ -212,6 +226,34 @@ impl AgentClient {
             .await
             .map(|r| r.into_inner())
             .map_err(|s| self.map_status(s, deadline))
+    }
+
+    /// Releases the disk in the guest (never retried: it changes the guest). A refusal is a
+    /// [`ClientError::Agent`] whose [`ClientError::refusal`] holds the blockers.
+    pub async fn prepare_detach(
+        &self,
+        serial: &str,
+        unmount: bool,
+        dry_run: bool,
+    ) -> Result<PrepareDetachResponse, ClientError> {
+        let msg = PrepareDetachRequest { serial: serial.to_string(), unmount, dry_run };
+        self.inner
+            .clone()
+            .prepare_detach(self.request(msg, RELEASE_TIMEOUT))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.map_status(s, RELEASE_TIMEOUT))
+    }
+
+    /// Undoes a release whose unplug did not happen (never retried).
+    pub async fn cancel_detach(&self, serial: &str) -> Result<CancelDetachResponse, ClientError> {
+        let msg = CancelDetachRequest { serial: serial.to_string() };
+        self.inner
+            .clone()
+            .cancel_detach(self.request(msg, RELEASE_TIMEOUT))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.map_status(s, RELEASE_TIMEOUT))
     }
 
     /// Opens a watch: a snapshot, then live events.

@@ -2,7 +2,10 @@
 
 use serde_json::{Value, json};
 use wukong_proto::v1::blocker::Detail;
-use wukong_proto::v1::{Blocker, BlockerKind, Bus, Disk, DiskEvent, DiskState, EventKind, Partition, UsageReport};
+use wukong_proto::v1::{
+    Blocker, BlockerKind, Bus, Disk, DiskEvent, DiskState, EventKind, Partition, PrepareDetachResponse, ReleaseAction,
+    ReleaseMethod, UsageReport,
+};
 
 /// `1.5 GiB`-style sizes.
 pub fn human_size(bytes: u64) -> String {
@@ -146,6 +149,45 @@ pub fn usage_text(report: &UsageReport) -> String {
     )
 }
 
+/// The steps of a release or of its undoing, one per line with its duration.
+pub fn actions_text(actions: &[ReleaseAction]) -> String {
+    actions.iter().map(|a| format!("  {:<12} {} ({:.1} ms)\n", a.kind, a.description, ms(&a.duration))).collect()
+}
+
+fn ms(d: &Option<prost_types::Duration>) -> f64 {
+    d.map(|d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6).unwrap_or(0.0)
+}
+
+/// What `wukongctl release` prints.
+pub fn release_text(r: &PrepareDetachResponse) -> String {
+    let disk = r.disk.as_ref().map(|d| format!("{} ({})", d.id, d.dev_node)).unwrap_or_default();
+    let head = match (r.dry_run, r.released) {
+        (true, _) => format!("dry run: {disk} can be released; a release would:"),
+        (false, true) => format!("{disk} is released and may be unplugged:"),
+        (false, false) => format!("{disk} was not released:"),
+    };
+    format!("{head}\n{}", actions_text(&r.actions))
+}
+
+pub fn actions_json(actions: &[ReleaseAction]) -> Value {
+    Value::Array(
+        actions
+            .iter()
+            .map(|a| json!({"kind": a.kind, "description": a.description, "duration_ms": duration_ms(&a.duration)}))
+            .collect(),
+    )
+}
+
+pub fn release_json(r: &PrepareDetachResponse) -> Value {
+    json!({
+        "released": r.released,
+        "dry_run": r.dry_run,
+        "disk": r.disk.as_ref().map(disk_json),
+        "actions": actions_json(&r.actions),
+        "usage": r.usage.as_ref().map(usage_json),
+    })
+}
+
 fn timestamp_json(t: &Option<prost_types::Timestamp>) -> Value {
     t.map(|t| json!(t.to_string())).unwrap_or(Value::Null)
 }
@@ -207,6 +249,12 @@ pub fn disk_json(d: &Disk) -> Value {
         "by_path_links": d.by_path_links, "size_bytes": d.size_bytes, "vendor": d.vendor, "model": d.model,
         "wwn": d.wwn, "device_id": d.device_id, "read_only": d.read_only, "fs_type": d.fs_type,
         "state": state_name(d), "system": d.system, "system_reason": d.system_reason,
+        "released_at": timestamp_json(&d.released_at),
+        "release_method": match d.release_method() {
+            ReleaseMethod::ScsiDelete => json!("scsi-delete"),
+            ReleaseMethod::ReadOnly => json!("read-only"),
+            ReleaseMethod::Unspecified => Value::Null,
+        },
         "scsi_address": d.scsi_address.map(|a| format!("{}:{}:{}:{}", a.host, a.channel, a.target, a.lun)),
         "partitions": d.partitions.iter().map(partition_json).collect::<Vec<_>>(),
         "holders": d.holders.iter().map(|h| json!(h.kernel_name)).collect::<Vec<_>>(),

@@ -38,6 +38,23 @@ enum Command {
         /// The disk's serial.
         serial: String,
     },
+    /// Release the disk in the guest so it can be unplugged safely: refused (exit 3, with every reason) while
+    /// anything uses it.
+    Release {
+        /// The disk's serial.
+        serial: String,
+        /// Unmount the disk's filesystems (in every mount namespace) if nothing else uses them.
+        #[arg(long)]
+        unmount: bool,
+        /// Run every check and print what would be done, changing nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Undo a release whose unplug did not happen: the disk comes back, with the mounts the release undid.
+    CancelRelease {
+        /// The disk's serial.
+        serial: String,
+    },
     /// Print the agent's facts (version, kernel, boot id, capabilities).
     Info,
     /// Print disk events as they happen (a snapshot first), until interrupted.
@@ -104,6 +121,32 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 print!("{}", output::usage_text(&report));
             }
             return Ok(if report.in_use { EXIT_IN_USE } else { 0 });
+        }
+        Command::Release { serial, unmount, dry_run } => match client.prepare_detach(&serial, unmount, dry_run).await {
+            Ok(r) if json => print_json(&output::release_json(&r)),
+            Ok(r) => print!("{}", output::release_text(&r)),
+            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => {
+                match e.refusal() {
+                    Some(r) if json => print_json(&output::release_json(&r)),
+                    Some(r) => print!("{}", r.usage.as_ref().map(output::usage_text).unwrap_or_default()),
+                    None => {}
+                }
+                eprintln!("wukongctl: {e}");
+                return Ok(EXIT_IN_USE);
+            }
+            Err(e) => return Err(e.into()),
+        },
+        Command::CancelRelease { serial } => {
+            let r = client.cancel_detach(&serial).await?;
+            if json {
+                print_json(&serde_json::json!({
+                    "disk": r.disk.as_ref().map(output::disk_json),
+                    "actions": output::actions_json(&r.actions),
+                }));
+            } else {
+                let disk = r.disk.as_ref().map(|d| format!("{} ({})", d.id, d.dev_node)).unwrap_or_default();
+                print!("{disk} is back:\n{}", output::actions_text(&r.actions));
+            }
         }
         Command::Info => {
             let info = client.agent_info().await?;
