@@ -189,16 +189,27 @@ mod tests {
         assert!(matches!(err, UsageError::Deadline(_)), "{err}");
     }
 
-    #[tokio::test]
-    async fn concurrent_checks_share_one_scan_and_later_ones_scan_afresh() {
+    #[test]
+    fn concurrent_checks_share_one_scan_and_later_ones_scan_afresh() {
         let (_dir, roots, disk) = fixture();
-        let scanner = UsageScanner::new(roots);
-        let disks = [disk];
-        let (a, b) = tokio::join!(scanner.check(&disks), scanner.check(&disks));
-        let (a, b) = (a.unwrap(), b.unwrap());
-        assert!(Arc::ptr_eq(&a, &b), "the second request joined the first scan");
-        let c = scanner.check(&disks).await.unwrap();
-        assert!(!Arc::ptr_eq(&a, &c), "a later request gets a fresh scan");
-        assert!(scanner.in_flight.lock().unwrap().is_empty());
+        // One blocking thread, held busy until both requests are registered: the first scan cannot finish (and
+        // leave) before the second request looks for it.
+        let rt = tokio::runtime::Builder::new_current_thread().max_blocking_threads(1).build().unwrap();
+        rt.block_on(async {
+            let (release, hold) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || hold.recv());
+            let scanner = UsageScanner::new(roots);
+            let disks = [disk];
+            let (a, b, ()) = tokio::join!(scanner.check(&disks), scanner.check(&disks), async {
+                tokio::task::yield_now().await;
+                release.send(()).unwrap();
+            });
+            busy.await.unwrap().unwrap();
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!(Arc::ptr_eq(&a, &b), "the second request joined the first scan");
+            let c = scanner.check(&disks).await.unwrap();
+            assert!(!Arc::ptr_eq(&a, &c), "a later request gets a fresh scan");
+            assert!(scanner.in_flight.lock().unwrap().is_empty());
+        });
     }
 }
