@@ -307,6 +307,16 @@ impl Guest {
         let n = self.next_disk.fetch_add(1, Ordering::SeqCst);
         let image = self.dir.path().join(format!("disk{n}.raw"));
         std::fs::File::create(&image)?.set_len(spec.size_bytes)?;
+        self.plug(spec, n, image).await
+    }
+
+    /// Hot-plugs an unplugged disk's image again, with the same serial: what a re-attach does.
+    pub async fn replug(&self, disk: &PluggedDisk) -> Result<PluggedDisk> {
+        let n = self.next_disk.fetch_add(1, Ordering::SeqCst);
+        self.plug(&disk.spec, n, disk.image.clone()).await
+    }
+
+    async fn plug(&self, spec: &DiskSpec, n: u32, image: PathBuf) -> Result<PluggedDisk> {
         let (kind, root_port) = match spec.bus {
             Bus::Scsi => (DiskDevice::Scsi { bus: "scsi0.0".into(), device_id: spec.device_id.clone() }, None),
             Bus::VirtioBlk => {
