@@ -98,7 +98,7 @@ async fn idle_mounts_in_two_namespaces_are_released_and_cancel_brings_them_back(
 
     let refused = rig.releaser.prepare(&rig.serial, false, false).await.unwrap_err();
     let ReleaseError::InUse { message, report, .. } = &refused else { panic!("refused as in use: {refused}") };
-    assert!(message.contains("it is mounted; ask for unmount"), "{message}");
+    assert!(message.contains("it is mounted; nothing was changed (ask for unmount"), "{message}");
     assert_eq!(report.blockers.iter().filter(|b| b.kind() == BlockerKind::Mount).count(), 4, "{message}");
     assert_eq!(findmnt_targets(&disk.dev), host_mounts, "nothing changed");
 
@@ -155,7 +155,7 @@ async fn a_process_using_the_disk_refuses_the_release_and_changes_nothing() {
         report.blockers.iter().any(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid && p.writable)),
         "{message}"
     );
-    assert!(message.contains(&format!("pid {pid}")) && message.contains("it is in use"), "{message}");
+    assert!(message.contains(&format!("pid {pid}")) && message.contains("it is in use; nothing was changed"), "{message}");
     assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok(), "the writer is unharmed");
     assert_eq!(findmnt_targets(&disk.dev).len(), 1, "still mounted");
     assert!(!read_only(&disk.dev));

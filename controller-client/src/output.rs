@@ -151,11 +151,18 @@ pub fn usage_text(report: &UsageReport) -> String {
 
 /// The steps of a release or of its undoing, one per line with its duration.
 pub fn actions_text(actions: &[ReleaseAction]) -> String {
-    actions.iter().map(|a| format!("  {:<12} {} ({:.1} ms)\n", a.kind, a.description, ms(&a.duration))).collect()
-}
-
-fn ms(d: &Option<prost_types::Duration>) -> f64 {
-    d.map(|d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6).unwrap_or(0.0)
+    actions
+        .iter()
+        .map(|a| match a.duration {
+            Some(d) => format!(
+                "  {:<12} {} ({:.1} ms)\n",
+                a.kind,
+                a.description,
+                d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6
+            ),
+            None => format!("  {:<12} {}\n", a.kind, a.description),
+        })
+        .collect()
 }
 
 /// What `wukongctl release` prints.
@@ -316,6 +323,37 @@ mod tests {
         assert_eq!(j["in_use"], true);
         let idle = usage_text(&UsageReport { serial: "x".into(), ..UsageReport::default() });
         assert!(idle.starts_with("x is not in use"), "{idle}");
+    }
+
+    #[test]
+    fn release_text_lists_steps_with_durations_when_done() {
+        let disk = Disk { id: "pg".into(), dev_node: "/dev/sdb".into(), ..Disk::default() };
+        let step = |kind: &str, description: &str, ms: Option<i32>| ReleaseAction {
+            kind: kind.into(),
+            description: description.into(),
+            duration: ms.map(|ms| prost_types::Duration { seconds: 0, nanos: ms * 1_000_000 }),
+        };
+        let done = PrepareDetachResponse {
+            released: true,
+            disk: Some(disk.clone()),
+            actions: vec![step("flush", "flushed /dev/sdb", Some(3))],
+            ..PrepareDetachResponse::default()
+        };
+        assert_eq!(
+            release_text(&done),
+            "pg (/dev/sdb) is released and may be unplugged:\n  flush        flushed /dev/sdb (3.0 ms)\n"
+        );
+        let dry = PrepareDetachResponse {
+            dry_run: true,
+            disk: Some(disk),
+            actions: vec![step("fence", "would delete SCSI device /dev/sdb", None)],
+            ..PrepareDetachResponse::default()
+        };
+        assert_eq!(
+            release_text(&dry),
+            "dry run: pg (/dev/sdb) can be released; a release would:\n  fence        would delete SCSI device /dev/sdb\n"
+        );
+        assert_eq!(release_json(&dry)["actions"][0]["duration_ms"], Value::Null);
     }
 
     #[test]

@@ -169,9 +169,14 @@ impl Releaser {
         let plan = self.plan(&disk, &report, unmount, dry_run).await?;
         let mut actions = vec![action("scan", scan_summary(&report), started)];
         if dry_run {
-            actions.extend(plan.iter().map(|r| action("unmount", format!("would unmount {}", r.place()), started)));
-            actions.push(action("flush", format!("would flush {} and its partitions", disk.dev_node), started));
-            actions.push(action("fence", format!("would {}", fence_description(&disk)), started));
+            let would = |kind: &str, description: String| ReleaseAction {
+                kind: kind.into(),
+                description: format!("would {description}"),
+                duration: None,
+            };
+            actions.extend(plan.iter().map(|r| would("unmount", format!("unmount {}", r.place()))));
+            actions.push(would("flush", format!("flush {} and its partitions", disk.dev_node)));
+            actions.push(would("fence", fence_description(&disk)));
             return Ok(PrepareDetachResponse {
                 released: false,
                 dry_run: true,
@@ -239,13 +244,16 @@ impl Releaser {
             })
             .collect();
         if report.blockers.len() > mounts.len() {
-            return Err(in_use("it is in use".into()));
+            return Err(in_use("it is in use; nothing was changed".into()));
         }
         if mounts.is_empty() {
             return Ok(Vec::new());
         }
         if !unmount {
-            return Err(in_use("it is mounted; ask for unmount to have the agent unmount its idle filesystems".into()));
+            return Err(in_use(
+                "it is mounted; nothing was changed (ask for unmount to have the agent unmount its idle filesystems)"
+                    .into(),
+            ));
         }
         let roots = self.inner.roots.clone();
         let (kernel_name, id) = (disk.kernel_name.clone(), disk.id.clone());
@@ -256,7 +264,7 @@ impl Releaser {
         })
         .await
         .map_err(|e| UsageError::Internal(e.to_string()))?;
-        planned.map_err(|e| in_use(e.to_string()))
+        planned.map_err(|e| in_use(format!("{e}; nothing was changed")))
     }
 
     async fn execute(
@@ -661,8 +669,8 @@ mod tests {
         b.message = "sh (pid 8) has its working directory in /data".into();
         let report = UsageReport { in_use: true, blockers: vec![a, b], ..UsageReport::default() };
         assert_eq!(
-            in_use_message(&disk, "it is in use", &report, true),
-            "dry run: disk 'data' (/dev/sdb) cannot be released: it is in use. Blockers: postgres (pid 7) has \
+            in_use_message(&disk, "it is in use; nothing was changed", &report, true),
+            "dry run: disk 'data' (/dev/sdb) cannot be released: it is in use; nothing was changed. Blockers: postgres (pid 7) has \
              /data/x open for writing; sh (pid 8) has its working directory in /data"
         );
     }

@@ -126,12 +126,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(r) if json => print_json(&output::release_json(&r)),
             Ok(r) => print!("{}", output::release_text(&r)),
             Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => {
+                let message = e.to_string();
                 match e.refusal() {
                     Some(r) if json => print_json(&output::release_json(&r)),
                     Some(r) => print!("{}", r.usage.as_ref().map(output::usage_text).unwrap_or_default()),
                     None => {}
                 }
-                eprintln!("wukongctl: {e}");
+                // The table above already lists the blockers the message repeats for plain gRPC clients.
+                let headline = if e.refusal().is_some() { message.split(". Blockers: ").next() } else { None };
+                eprintln!("wukongctl: {}", headline.unwrap_or(&message));
                 return Ok(EXIT_IN_USE);
             }
             Err(e) => return Err(e.into()),

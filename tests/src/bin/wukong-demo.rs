@@ -1,4 +1,5 @@
-//! `scripts/demo.sh`: boots a throwaway guest with the agent, hot-plugs a disk and shows what `wukongctl` reports.
+//! `scripts/demo.sh`: boots a throwaway guest with the agent, hot-plugs a disk, shows who uses it, a release the
+//! agent refuses (with every reason) and a safe one, then unplugs and re-plugs the disk with its data intact.
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -72,15 +73,26 @@ async fn main() -> Result<()> {
     println!("(wukongctl exited with {code})");
     anyhow::ensure!(code == 3, "expected exit code 3 (in use), got {code}");
 
-    step("the writer stops and the filesystem is unmounted: the disk is free");
-    guest
-        .run_ok("w=$(cat /run/writer.pid); kill $w; while kill -0 $w 2>/dev/null; do usleep 50000; done; umount /srv/data && udevadm settle")
-        .await?;
-    ctl(&guest, &["usage", "demo-data"])?;
+    step("release it for unplugging: refused while the writer runs (exit code 3, with the reasons)");
+    let code = ctl_status(&guest, &["release", "demo-data", "--unmount"])?;
+    println!("(wukongctl exited with {code}; nothing was changed)");
+    anyhow::ensure!(code == 3, "expected exit code 3 (refused), got {code}");
 
-    step("unplugging it");
+    step("the writer stops; a dry run says what a release would do");
+    guest.run_ok("w=$(cat /run/writer.pid); kill $w; while kill -0 $w 2>/dev/null; do usleep 50000; done").await?;
+    ctl(&guest, &["release", "demo-data", "--unmount", "--dry-run"])?;
+
+    step("the safe release: unmount (idle), flush, delete the SCSI device in the guest");
+    ctl(&guest, &["release", "demo-data", "--unmount"])?;
+    ctl(&guest, &["disks"])?;
+
+    step("unplugging it, then plugging the same volume back: the data written before is intact");
     guest.unplug(&disk).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    guest.replug(&disk).await?;
+    let back = guest.agent().wait_for_disk("demo-data", Duration::from_secs(30)).await?;
+    let journal = guest.run_ok(&format!("mount {} /srv/data && cat /srv/data/journal", back.dev_node)).await?;
+    println!("# cat /srv/data/journal\n{journal}");
+    anyhow::ensure!(journal.trim() == "started", "the file written before the release is not intact: {journal}");
     ctl(&guest, &["disks"])?;
     guest.shutdown().await;
     step("done");
