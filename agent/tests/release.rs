@@ -155,7 +155,10 @@ async fn a_process_using_the_disk_refuses_the_release_and_changes_nothing() {
         report.blockers.iter().any(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid && p.writable)),
         "{message}"
     );
-    assert!(message.contains(&format!("pid {pid}")) && message.contains("it is in use; nothing was changed"), "{message}");
+    assert!(
+        message.contains(&format!("pid {pid}")) && message.contains("it is in use; nothing was changed"),
+        "{message}"
+    );
     assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok(), "the writer is unharmed");
     assert_eq!(findmnt_targets(&disk.dev).len(), 1, "still mounted");
     assert!(!read_only(&disk.dev));

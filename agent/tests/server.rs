@@ -89,3 +89,30 @@ async fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"data");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn release_requests_for_bad_or_unknown_serials_are_named_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wukong_agent::server::run(config(&socket), async {
+        let _ = stop_rx.await;
+    }));
+    let client = connected(&socket).await;
+    let before = client.list_disks(false).await.unwrap();
+    for (serial, code) in
+        [("no-such-disk", Code::NotFound), ("../sda", Code::InvalidArgument), ("a\0b", Code::InvalidArgument)]
+    {
+        let prepare = client.prepare_detach(serial, true, false).await.unwrap_err();
+        assert_eq!(prepare.code(), Some(code), "PrepareDetach({serial:?}): {prepare}");
+        let cancel = client.cancel_detach(serial).await.unwrap_err();
+        assert_eq!(cancel.code(), Some(code), "CancelDetach({serial:?}): {cancel}");
+    }
+    let err = client.prepare_detach("no-such-disk", false, true).await.unwrap_err();
+    assert!(err.to_string().starts_with("no disk with serial 'no-such-disk' is present in the guest"), "{err}");
+    assert_eq!(client.list_disks(false).await.unwrap(), before, "nothing changed");
+    assert!(client.agent_info().await.unwrap().capabilities.contains(&"release".to_string()));
+    assert!(!dir.path().join("releases").exists(), "nothing was journalled");
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
