@@ -16,6 +16,17 @@ fn config(socket: &std::path::Path) -> Config {
     Config::load(&args).unwrap()
 }
 
+/// Starts the real server on `socket`; send on the returned sender to stop it.
+fn start(
+    socket: &std::path::Path,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), wukong_agent::server::ServerError>>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wukong_agent::server::run(config(socket), async {
+        let _ = stop_rx.await;
+    }));
+    (stop_tx, server)
+}
+
 async fn connected(socket: &std::path::Path) -> AgentClient {
     for _ in 0..100 {
         if socket.exists() {
@@ -30,10 +41,7 @@ async fn connected(socket: &std::path::Path) -> AgentClient {
 async fn shutdown_ends_open_watches_and_waits_promptly() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wukong_agent::server::run(config(&socket), async {
-        let _ = stop_rx.await;
-    }));
+    let (stop_tx, server) = start(&socket);
     let client = connected(&socket).await;
     let mut watch = client.watch(Vec::new()).await.unwrap();
     loop {
@@ -66,10 +74,7 @@ async fn socket_is_root_only_and_stale_sockets_are_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap()); // a stale socket left by a crashed agent
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wukong_agent::server::run(config(&socket), async {
-        let _ = stop_rx.await;
-    }));
+    let (stop_tx, server) = start(&socket);
     let client = connected(&socket).await;
     let info = client.agent_info().await.unwrap();
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
@@ -94,10 +99,7 @@ async fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
 async fn release_requests_for_bad_or_unknown_serials_are_named_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wukong_agent::server::run(config(&socket), async {
-        let _ = stop_rx.await;
-    }));
+    let (stop_tx, server) = start(&socket);
     let client = connected(&socket).await;
     let before = client.list_disks(false).await.unwrap();
     for (serial, code) in

@@ -155,6 +155,18 @@ impl AgentClient {
         }
     }
 
+    /// Runs a call once (no retry): for calls that change the guest or wait.
+    async fn once<T, Fut>(
+        &self,
+        timeout: Duration,
+        call: impl FnOnce(DiskAgentClient<Channel>) -> Fut,
+    ) -> Result<T, ClientError>
+    where
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        call(self.inner.clone()).await.map(|r| r.into_inner()).map_err(|s| self.map_status(s, timeout))
+    }
+
     /// Runs an idempotent read, retrying while the agent is unreachable (e.g. restarting).
     async fn read<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
@@ -220,12 +232,8 @@ impl AgentClient {
     pub async fn wait_for_disk(&self, serial: &str, timeout: Duration) -> Result<Disk, ClientError> {
         let deadline = timeout + Duration::from_secs(5);
         let msg = WaitForDiskRequest { serial: serial.to_string(), timeout: timeout.try_into().ok() };
-        self.inner
-            .clone()
-            .wait_for_disk(self.request(msg, deadline))
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.map_status(s, deadline))
+        let req = self.request(msg, deadline);
+        self.once(deadline, |mut c| async move { c.wait_for_disk(req).await }).await
     }
 
     /// Releases the disk in the guest (never retried: it changes the guest). A refusal is a
@@ -236,24 +244,14 @@ impl AgentClient {
         unmount: bool,
         dry_run: bool,
     ) -> Result<PrepareDetachResponse, ClientError> {
-        let msg = PrepareDetachRequest { serial: serial.to_string(), unmount, dry_run };
-        self.inner
-            .clone()
-            .prepare_detach(self.request(msg, RELEASE_TIMEOUT))
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.map_status(s, RELEASE_TIMEOUT))
+        let req = self.request(PrepareDetachRequest { serial: serial.to_string(), unmount, dry_run }, RELEASE_TIMEOUT);
+        self.once(RELEASE_TIMEOUT, |mut c| async move { c.prepare_detach(req).await }).await
     }
 
     /// Undoes a release whose unplug did not happen (never retried).
     pub async fn cancel_detach(&self, serial: &str) -> Result<CancelDetachResponse, ClientError> {
-        let msg = CancelDetachRequest { serial: serial.to_string() };
-        self.inner
-            .clone()
-            .cancel_detach(self.request(msg, RELEASE_TIMEOUT))
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.map_status(s, RELEASE_TIMEOUT))
+        let req = self.request(CancelDetachRequest { serial: serial.to_string() }, RELEASE_TIMEOUT);
+        self.once(RELEASE_TIMEOUT, |mut c| async move { c.cancel_detach(req).await }).await
     }
 
     /// Opens a watch: a snapshot, then live events.

@@ -98,6 +98,13 @@ struct Progress {
     read_only: Vec<PathBuf>,
 }
 
+/// Runs kernel work off the async runtime; a failure (or a panic) comes back as its message.
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+}
+
 fn action(kind: &str, description: String, started: Instant) -> ReleaseAction {
     ReleaseAction { kind: kind.into(), description, duration: started.elapsed().try_into().ok() }
 }
@@ -276,14 +283,12 @@ impl Releaser {
         actions: &mut Vec<ReleaseAction>,
     ) -> Result<ReleaseMethod, ReleaseError> {
         let roots = self.inner.roots.clone();
-        let failed = |error: String| ReleaseError::Failed { serial: disk.id.clone(), error, undo: String::new() };
+        let failed = |error| ReleaseError::Failed { serial: disk.id.clone(), error, undo: String::new() };
         if !plan.is_empty() {
             let started = Instant::now();
             let records = plan.to_vec();
             let (r, p) = (roots.clone(), records.clone());
-            let (done, error) = tokio::task::spawn_blocking(move || mounts::unmount(&r, &p))
-                .await
-                .map_err(|e| failed(e.to_string()))?;
+            let (done, error) = blocking(move || Ok::<_, String>(mounts::unmount(&r, &p))).await.map_err(failed)?;
             for r in &done {
                 actions.push(action("unmount", format!("unmounted {}", r.place()), started));
             }
@@ -310,20 +315,14 @@ impl Releaser {
         let started = Instant::now();
         let nodes = device_nodes(&roots, disk);
         let n = nodes.clone();
-        tokio::task::spawn_blocking(move || n.iter().try_for_each(|p| fence::flush(p)))
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .map_err(|e| failed(e.to_string()))?;
+        blocking(move || n.iter().try_for_each(|p| fence::flush(p))).await.map_err(failed)?;
         actions.push(action("flush", format!("flushed {} to the hypervisor's storage", list(&nodes)), started));
 
         let started = Instant::now();
         match &record.fence {
             Fence::ScsiDelete { .. } => {
                 let (r, name) = (roots.clone(), disk.kernel_name.clone());
-                tokio::task::spawn_blocking(move || fence::scsi_delete(&r, &name))
-                    .await
-                    .map_err(|e| failed(e.to_string()))?
-                    .map_err(|e| failed(e.to_string()))?;
+                blocking(move || fence::scsi_delete(&r, &name)).await.map_err(failed)?;
                 self.wait_gone(disk).await;
                 actions.push(action(
                     "scsi-delete",
@@ -334,7 +333,7 @@ impl Releaser {
             }
             Fence::ReadOnly { .. } => {
                 let n = nodes.clone();
-                let set = tokio::task::spawn_blocking(move || {
+                let set = blocking(move || {
                     let mut set = Vec::new();
                     for p in &n {
                         if !fence::is_read_only(p)? {
@@ -345,8 +344,7 @@ impl Releaser {
                     Ok::<_, fence::FenceError>(set)
                 })
                 .await
-                .map_err(|e| failed(e.to_string()))?;
-                let set = set.map_err(|e| failed(e.to_string()))?;
+                .map_err(failed)?;
                 progress.read_only = set.clone();
                 record.fence = Fence::ReadOnly { devices: set.iter().map(|p| p.display().to_string()).collect() };
                 self.inner.journal.save(record);
@@ -472,6 +470,11 @@ impl Releaser {
     /// Undoes the fence and the unmounts of a release.
     async fn bring_back(&self, disk: &Disk, record: &Record) -> Result<Vec<ReleaseAction>, ReleaseError> {
         let roots = self.inner.roots.clone();
+        let stays_released = |error: String| ReleaseError::Failed {
+            serial: disk.id.clone(),
+            error,
+            undo: "the disk stays released".into(),
+        };
         let mut actions = Vec::new();
         let started = Instant::now();
         match &record.fence {
@@ -479,22 +482,15 @@ impl Releaser {
                 let address =
                     wukong_proto::v1::ScsiAddress { host: *host, channel: *channel, target: *target, lun: *lun };
                 let shown = format!("{host}:{channel}:{target}:{lun}");
-                let serial = Serial::parse(&disk.id).map_err(|e| ReleaseError::Timeout(e.to_string()))?;
+                let serial = Serial::parse(&disk.id).map_err(|e| stays_released(e.to_string()))?;
                 if self.inner.inventory.snapshot().find_present(&serial).is_err() {
                     let r = roots.clone();
-                    let answered = tokio::task::spawn_blocking(move || fence::scsi_rescan(&r, &address))
-                        .await
-                        .map_err(|e| ReleaseError::Timeout(e.to_string()))?
-                        .map_err(|e| ReleaseError::Failed {
-                            serial: disk.id.clone(),
-                            error: e.to_string(),
-                            undo: "the disk stays released".into(),
-                        })?;
+                    let answered = blocking(move || fence::scsi_rescan(&r, &address)).await.map_err(stays_released)?;
+                    // Present again, or gone for good: either way the release is over.
+                    self.mark(&disk.id, Mark::Present).await;
                     if !answered {
-                        self.mark(&disk.id, Mark::Present).await;
                         return Err(ReleaseError::Gone { serial: disk.id.clone(), address: shown });
                     }
-                    self.mark(&disk.id, Mark::Present).await;
                     let back = self.inner.inventory.wait_until(|s| s.find_present(&serial).is_ok());
                     if tokio::time::timeout(UDEV_WAIT, back).await.is_err() {
                         return Err(ReleaseError::Timeout(format!(
@@ -504,8 +500,9 @@ impl Releaser {
                             UDEV_WAIT.as_secs()
                         )));
                     }
+                } else {
+                    self.mark(&disk.id, Mark::Present).await;
                 }
-                self.mark(&disk.id, Mark::Present).await;
                 actions.push(action(
                     "scsi-rescan",
                     format!("rescanned SCSI address {shown}; the disk is back"),
@@ -515,14 +512,9 @@ impl Releaser {
             Fence::ReadOnly { devices } => {
                 let paths: Vec<PathBuf> = devices.iter().map(PathBuf::from).collect();
                 let p = paths.clone();
-                tokio::task::spawn_blocking(move || p.iter().try_for_each(|p| fence::set_read_only(p, false)))
+                blocking(move || p.iter().try_for_each(|p| fence::set_read_only(p, false)))
                     .await
-                    .map_err(|e| ReleaseError::Timeout(e.to_string()))?
-                    .map_err(|e| ReleaseError::Failed {
-                        serial: disk.id.clone(),
-                        error: e.to_string(),
-                        undo: "the disk stays released".into(),
-                    })?;
+                    .map_err(stays_released)?;
                 self.mark(&disk.id, Mark::Present).await;
                 actions.push(action("read-write", format!("cleared read-only mode of {}", list(&paths)), started));
             }
