@@ -161,6 +161,8 @@ impl Releaser {
         unmount: bool,
         dry_run: bool,
     ) -> Result<PrepareDetachResponse, ReleaseError> {
+        let _running = self.begin(&self.current(serial)?)?;
+        // Read again now that no other operation runs: one that just finished may have released it.
         let disk = self.current(serial)?;
         if disk.state() == DiskState::Released {
             let description = format!("disk '{}' was already released; nothing to do", disk.id);
@@ -170,7 +172,6 @@ impl Releaser {
         if disk.system {
             return Err(ReleaseError::System { serial: disk.id.clone(), reason: disk.system_reason.clone() });
         }
-        let _running = self.begin(&disk)?;
         let started = Instant::now();
         let report = self.settled_scan(&disk).await?;
         let plan = self.plan(&disk, &report, unmount, dry_run).await?;
@@ -452,6 +453,7 @@ impl Releaser {
 
     /// CancelDetach: brings a released disk back, with the mounts the release undid.
     pub async fn cancel(&self, serial: &Serial) -> Result<CancelDetachResponse, ReleaseError> {
+        let _running = self.begin(&self.current(serial)?)?;
         let disk = self.current(serial)?;
         if disk.state() == DiskState::Present {
             let description = format!("disk '{}' is not released; nothing to undo", disk.id);
@@ -460,10 +462,13 @@ impl Releaser {
                 actions: vec![action("none", description, Instant::now())],
             });
         }
-        let _running = self.begin(&disk)?;
         let record = self.inner.journal.load(&disk.id).unwrap_or_else(|| Record::new(&disk, fence_of(&disk)));
-        let actions = self.bring_back(&disk, &record).await?;
-        self.inner.journal.remove(&disk.id);
+        let result = self.bring_back(&disk, &record).await;
+        // Back, or unplugged meanwhile: either way there is no release left to remember.
+        if matches!(result, Ok(_) | Err(ReleaseError::Gone { .. })) {
+            self.inner.journal.remove(&disk.id);
+        }
+        let actions = result?;
         Ok(CancelDetachResponse { disk: Some(self.current(serial)?), actions })
     }
 
