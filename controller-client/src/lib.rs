@@ -1,5 +1,10 @@
-//! Companion of the Wukong disk agent: the agent client used by `wukongctl` and by operators.
+//! Companion of the Wukong disk agent, for `wukongctl` and for operators written in Rust: the agent client, the
+//! hypervisor backends (KubeVirt, QEMU) behind one trait, and safe attach and detach.
 
 pub mod agent_client;
+pub mod companion;
+pub mod hypervisor;
+pub mod kubevirt;
 pub mod output;
+pub mod qemu;
 pub mod qmp;

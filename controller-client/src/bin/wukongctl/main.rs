@@ -2,16 +2,22 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 use std::process::ExitCode;
+mod volumes;
+
 use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError};
+use wukong_controller_client::companion::CompanionError;
 use wukong_controller_client::output;
 
 /// Safe attach and detach of VM disks, checked with the guest's wukong-agent.
 #[derive(Debug, Parser)]
 #[command(name = "wukongctl", version)]
 struct Cli {
-    /// Agent address: http://IP:PORT or unix:PATH.
-    #[arg(long, global = true, env = "WUKONG_AGENT", default_value = "unix:/run/wukong-agent/agent.sock")]
-    agent: String,
+    /// Agent address: http://IP:PORT or unix:PATH. Default: the VMI's interface IP with --vmi, else the local
+    /// socket unix:/run/wukong-agent/agent.sock.
+    #[arg(long, global = true, env = "WUKONG_AGENT")]
+    agent: Option<String>,
+    #[command(flatten)]
+    backend: volumes::BackendArgs,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -27,6 +33,11 @@ enum Format {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Attach a volume and wait until the guest reports the disk (needs --vmi or --qmp).
+    Attach(volumes::AttachArgs),
+    /// Detach a volume safely: the guest releases the disk first, or the detach is refused with every reason
+    /// (exit 3). Needs --vmi or --qmp.
+    Detach(volumes::DetachArgs),
     /// List the guest's disks.
     Disks {
         /// Also scan who uses each disk.
@@ -64,6 +75,9 @@ enum Command {
     },
 }
 
+/// The local agent's socket (root only).
+const DEFAULT_AGENT: &str = "unix:/run/wukong-agent/agent.sock";
+
 /// Exit codes scripts can rely on.
 const EXIT_OTHER: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -82,7 +96,12 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("wukongctl: {e:#}");
+            // A refusal's blockers were printed as a table already; the message's own list would repeat them.
+            let message = format!("{e:#}");
+            eprintln!("wukongctl: {}", message.split(". Blockers: ").next().unwrap_or(&message));
+            if let Some(e) = e.downcast_ref::<CompanionError>() {
+                return ExitCode::from(companion_exit_code(e));
+            }
             let code = match e.downcast_ref::<ClientError>() {
                 Some(ClientError::Unreachable { .. }) => EXIT_UNREACHABLE,
                 Some(ClientError::Timeout { .. }) => EXIT_TIMEOUT,
@@ -96,15 +115,48 @@ async fn main() -> ExitCode {
     }
 }
 
-fn print_json(value: &serde_json::Value) {
+/// Exit codes of attach and detach failures.
+fn companion_exit_code(e: &CompanionError) -> u8 {
+    match e {
+        CompanionError::BadSerial { .. } | CompanionError::SerialMismatch { .. } => EXIT_USAGE,
+        CompanionError::Refused { .. } | CompanionError::SystemDisk { .. } | CompanionError::NotInGuest { .. } => {
+            EXIT_IN_USE
+        }
+        CompanionError::AgentUnreachable(_) => EXIT_UNREACHABLE,
+        CompanionError::Timeout(_) | CompanionError::GuestDidNotSee { .. } => EXIT_TIMEOUT,
+        _ => EXIT_OTHER,
+    }
+}
+
+pub(crate) fn print_json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialise"));
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
-    let address: AgentAddress = cli.agent.parse()?;
-    let client = AgentClient::connect(address)?;
     let json = cli.output == Format::Json;
+    let backend = match &cli.command {
+        Command::Attach(_) | Command::Detach(_) => Some(volumes::Backend::connect(&cli.backend).await?),
+        _ => None,
+    };
+    let address = match (&cli.agent, &backend) {
+        (Some(a), _) => a.clone(),
+        (None, Some(b)) => match b.agent_address().await? {
+            Some(a) => a,
+            None if cli.backend.vmi.is_some() => {
+                anyhow::bail!("the VMI reports no interface IP to reach its agent at; give --agent http://IP:7443")
+            }
+            None => DEFAULT_AGENT.to_string(),
+        },
+        (None, None) => DEFAULT_AGENT.to_string(),
+    };
+    let client = AgentClient::connect(address.parse::<AgentAddress>()?)?;
     match cli.command {
+        Command::Attach(args) => {
+            volumes::attach(backend.as_ref().expect("connected above"), &client, args, json).await?
+        }
+        Command::Detach(args) => {
+            volumes::detach(backend.as_ref().expect("connected above"), &client, args, json).await?
+        }
         Command::Disks { usage } => {
             let disks = client.list_disks(usage).await?;
             if json {

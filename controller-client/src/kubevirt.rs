@@ -1,0 +1,346 @@
+//! The KubeVirt backend: the `addvolume`/`removevolume` subresources of a VMI (or of its VM, to persist the change)
+//! and the VMI's `status.volumeStatus`, through kube-rs. Request bodies and the parts of VMI/VM we read are our own
+//! serde types, matching KubeVirt's OpenAPI document (`v1.AddVolumeOptions`, `v1.VolumeStatus`, …).
+
+use crate::hypervisor::{Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState};
+use http::{Method, Request};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How often a 422 caused by a concurrent modification is retried, as virtctl does.
+const CONFLICT_RETRIES: u32 = 15;
+/// KubeVirt's message for a patch that lost a race with another writer (retried).
+const CONCURRENT_MODIFICATION: &str = "the server rejected our request due to an error in our request";
+
+/// `v1.AddVolumeOptions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AddVolumeOptions {
+    pub name: String,
+    pub disk: Disk,
+    pub volume_source: HotplugVolumeSource,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dry_run: Vec<String>,
+}
+
+/// `v1.RemoveVolumeOptions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoveVolumeOptions {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dry_run: Vec<String>,
+}
+
+/// `v1.Disk` (the parts we set and read).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskTarget>,
+}
+
+/// `v1.DiskTarget`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+}
+
+/// `v1.HotplugVolumeSource`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HotplugVolumeSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<ClaimSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_volume: Option<DataVolumeSource>,
+}
+
+/// `v1.PersistentVolumeClaimVolumeSource`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimSource {
+    pub claim_name: String,
+    #[serde(default)]
+    pub hotpluggable: bool,
+}
+
+/// `v1.DataVolumeSource`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataVolumeSource {
+    pub name: String,
+    #[serde(default)]
+    pub hotpluggable: bool,
+}
+
+/// The parts of a `v1.VirtualMachineInstance` the companion reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VirtualMachineInstance {
+    #[serde(default)]
+    pub spec: VmiSpec,
+    #[serde(default)]
+    pub status: VmiStatus,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VmiSpec {
+    #[serde(default)]
+    pub domain: Domain,
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Domain {
+    #[serde(default)]
+    pub devices: Devices,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Devices {
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+}
+
+/// `v1.Volume` (name and the hot-pluggable sources).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Volume {
+    pub name: String,
+    #[serde(default)]
+    pub persistent_volume_claim: Option<ClaimSource>,
+    #[serde(default)]
+    pub data_volume: Option<DataVolumeSource>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmiStatus {
+    #[serde(default)]
+    pub volume_status: Vec<VolumeStatus>,
+    #[serde(default)]
+    pub interfaces: Vec<NetworkInterface>,
+}
+
+/// `v1.VolumeStatus`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `v1.VirtualMachineInstanceNetworkInterface`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkInterface {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub ip_address: String,
+}
+
+/// The parts of a `v1.VirtualMachine` the companion reads: its template's volumes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VirtualMachine {
+    #[serde(default)]
+    pub spec: VmSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VmSpec {
+    #[serde(default)]
+    pub template: Option<VmTemplate>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VmTemplate {
+    #[serde(default)]
+    pub spec: VmiSpec,
+}
+
+/// One VMI (and, with `persist`, its VM) in a namespace.
+#[derive(Clone)]
+pub struct KubeVirt {
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    persist: bool,
+}
+
+impl KubeVirt {
+    /// `persist`: change the VM's spec too (the `virtualmachines/…` subresources), so the volume survives a restart.
+    pub fn new(client: kube::Client, namespace: &str, name: &str, persist: bool) -> Self {
+        Self { client, namespace: namespace.into(), name: name.into(), persist }
+    }
+
+    fn subresource(&self, verb: &str) -> String {
+        let kind = if self.persist { "virtualmachines" } else { "virtualmachineinstances" };
+        format!("/apis/subresources.kubevirt.io/v1/namespaces/{}/{kind}/{}/{verb}", self.namespace, self.name)
+    }
+
+    fn what(&self) -> String {
+        let kind = if self.persist { "VM" } else { "VMI" };
+        format!("{kind} {}/{}", self.namespace, self.name)
+    }
+
+    /// PUTs a subresource body; 2xx is success. Retries the 422 a concurrent modification causes, as virtctl does.
+    async fn put(&self, verb: &str, body: &impl Serialize) -> Result<(), HypervisorError> {
+        let body = serde_json::to_vec(body).expect("option bodies always serialise");
+        let mut attempt = 1;
+        loop {
+            let request = Request::builder()
+                .method(Method::PUT)
+                .uri(self.subresource(verb))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+                .expect("a valid request");
+            match self.client.request_text(request).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    let err = self.error(e);
+                    let retry = matches!(&err, HypervisorError::Invalid { message, .. }
+                        if message.contains(CONCURRENT_MODIFICATION));
+                    if !retry || attempt >= CONFLICT_RETRIES {
+                        return Err(err);
+                    }
+                    tracing::debug!(attempt, verb, "KubeVirt reported a concurrent modification; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: String) -> Result<T, HypervisorError> {
+        let request = Request::get(path).body(Vec::new()).expect("a valid request");
+        self.client.request(request).await.map_err(|e| self.error(e))
+    }
+
+    /// The VMI as it is now.
+    pub async fn vmi(&self) -> Result<VirtualMachineInstance, HypervisorError> {
+        self.get(format!("/apis/kubevirt.io/v1/namespaces/{}/virtualmachineinstances/{}", self.namespace, self.name))
+            .await
+    }
+
+    async fn vm(&self) -> Result<VirtualMachine, HypervisorError> {
+        self.get(format!("/apis/kubevirt.io/v1/namespaces/{}/virtualmachines/{}", self.namespace, self.name)).await
+    }
+
+    /// The agent's address: the VMI's first interface IP (`http://IP:7443`).
+    pub async fn agent_address(&self) -> Result<Option<String>, HypervisorError> {
+        let vmi = self.vmi().await?;
+        Ok(vmi.status.interfaces.iter().map(|i| i.ip_address.as_str()).find(|ip| !ip.is_empty()).map(|ip| {
+            let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+            format!("http://{host}:{}", wukong_proto::DEFAULT_PORT)
+        }))
+    }
+
+    /// The claim (PVC or DataVolume name) behind a volume of the VMI.
+    pub async fn claim_of(&self, volume: &str) -> Result<Option<String>, HypervisorError> {
+        let vmi = self.vmi().await?;
+        Ok(vmi
+            .spec
+            .volumes
+            .into_iter()
+            .find(|v| v.name == volume)
+            .and_then(|v| v.persistent_volume_claim.map(|c| c.claim_name).or_else(|| v.data_volume.map(|d| d.name))))
+    }
+
+    /// Deletes a PersistentVolumeClaim of the VMI's namespace.
+    pub async fn delete_claim(&self, claim: &str) -> Result<(), HypervisorError> {
+        let path = format!("/api/v1/namespaces/{}/persistentvolumeclaims/{claim}", self.namespace);
+        let request = Request::delete(path).body(Vec::new()).expect("a valid request");
+        self.client.request_text(request).await.map(|_| ()).map_err(|e| self.error(e))
+    }
+
+    /// Names the error by its HTTP status, keeping KubeVirt's message.
+    fn error(&self, e: kube::Error) -> HypervisorError {
+        let what = self.what();
+        match e {
+            kube::Error::Api(status) => {
+                let message = status.message.clone();
+                match status.code {
+                    404 => HypervisorError::NotFound { what, message },
+                    409 => HypervisorError::Conflict { what, message },
+                    400 | 422 => HypervisorError::Invalid { what, message },
+                    code => HypervisorError::Server { what, code, message },
+                }
+            }
+            kube::Error::SerdeError(e) => HypervisorError::Decode { what, message: e.to_string() },
+            other => HypervisorError::Unreachable { what: "the Kubernetes API".into(), message: other.to_string() },
+        }
+    }
+}
+
+impl Hypervisor for KubeVirt {
+    fn describe(&self) -> String {
+        self.what()
+    }
+
+    async fn add_volume(&self, volume: &VolumeSpec) -> Result<(), HypervisorError> {
+        let source = match &volume.source {
+            VolumeSource::PersistentVolumeClaim(claim) => HotplugVolumeSource {
+                persistent_volume_claim: Some(ClaimSource { claim_name: claim.clone(), hotpluggable: true }),
+                data_volume: None,
+            },
+            VolumeSource::DataVolume(name) => HotplugVolumeSource {
+                persistent_volume_claim: None,
+                data_volume: Some(DataVolumeSource { name: name.clone(), hotpluggable: true }),
+            },
+            VolumeSource::Image { path, .. } => {
+                return Err(HypervisorError::Invalid {
+                    what: self.what(),
+                    message: format!(
+                        "an image file ({}) cannot be hot-plugged into KubeVirt; give a claim or a DataVolume",
+                        path.display()
+                    ),
+                });
+            }
+        };
+        let body = AddVolumeOptions {
+            name: volume.name.clone(),
+            disk: Disk {
+                name: volume.name.clone(),
+                serial: Some(volume.serial.clone()),
+                disk: Some(DiskTarget { bus: Some(volume.bus.as_str().into()) }),
+            },
+            volume_source: source,
+            dry_run: Vec::new(),
+        };
+        self.put("addvolume", &body).await
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), HypervisorError> {
+        self.put("removevolume", &RemoveVolumeOptions { name: name.into(), dry_run: Vec::new() }).await
+    }
+
+    async fn volume_state(&self, name: &str) -> Result<VolumeState, HypervisorError> {
+        let vmi = self.vmi().await?;
+        let in_spec = vmi.spec.volumes.iter().any(|v| v.name == name);
+        let serial = vmi.spec.domain.devices.disks.iter().find(|d| d.name == name).and_then(|d| d.serial.clone());
+        let status = vmi.status.volume_status.iter().find(|s| s.name == name);
+        // A VM may still carry the volume in its template after the VMI let go of it.
+        let in_template = self.persist
+            && self.vm().await?.spec.template.is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name));
+        Ok(match status {
+            Some(s) if in_spec && s.phase == "Ready" && !s.target.is_empty() => {
+                VolumeState::Ready { serial, target: s.target.clone() }
+            }
+            Some(s) => VolumeState::Pending { phase: s.phase.clone(), message: s.message.clone() },
+            None if in_spec || in_template => {
+                VolumeState::Pending { phase: "Pending".into(), message: "no volume status yet".into() }
+            }
+            None => VolumeState::Absent,
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! The plain-QEMU backend: volumes are image files plugged over QMP (`blockdev-add` + `device_add` with the
+//! serial; `device_del`, `DEVICE_DELETED`, `blockdev-del`). The volume name is the QEMU device id.
+
+use crate::hypervisor::{DiskBus, Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState};
+use crate::qmp::{DiskDevice, DiskPlug, QmpClient, QmpError};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long QEMU may take to confirm an unplug (`DEVICE_DELETED`); virtio-blk needs the guest's cooperation.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A QEMU process reached over its QMP socket.
+pub struct Qemu {
+    qmp: QmpClient,
+    socket: PathBuf,
+    scsi_bus: String,
+    virtio_bus: Option<String>,
+}
+
+impl Qemu {
+    /// Connects to QMP. SCSI disks go on `scsi0.0` unless [`Qemu::with_scsi_bus`] says otherwise.
+    pub async fn connect(socket: &Path) -> Result<Self, HypervisorError> {
+        let qmp = QmpClient::connect(socket).await.map_err(|source| qmp_error(socket, source))?;
+        Ok(Self { qmp, socket: socket.into(), scsi_bus: "scsi0.0".into(), virtio_bus: None })
+    }
+
+    /// The virtio-scsi bus for SCSI disks, e.g. `scsi0.0`.
+    pub fn with_scsi_bus(mut self, bus: &str) -> Self {
+        self.scsi_bus = bus.into();
+        self
+    }
+
+    /// The free hot-plug port (e.g. a `pcie-root-port` id) for a virtio-blk disk.
+    pub fn with_virtio_bus(mut self, bus: Option<String>) -> Self {
+        self.virtio_bus = bus;
+        self
+    }
+
+    fn node(name: &str) -> String {
+        format!("{name}-node")
+    }
+
+    fn error(&self, source: QmpError) -> HypervisorError {
+        qmp_error(&self.socket, source)
+    }
+}
+
+fn qmp_error(socket: &Path, source: QmpError) -> HypervisorError {
+    HypervisorError::Qmp { what: socket.display().to_string(), source }
+}
+
+impl Hypervisor for Qemu {
+    fn describe(&self) -> String {
+        format!("QEMU at {}", self.socket.display())
+    }
+
+    async fn add_volume(&self, volume: &VolumeSpec) -> Result<(), HypervisorError> {
+        let VolumeSource::Image { path, format } = &volume.source else {
+            return Err(HypervisorError::Invalid {
+                what: self.describe(),
+                message: "QEMU plugs image files; give --image PATH".into(),
+            });
+        };
+        let kind = match volume.bus {
+            DiskBus::Scsi => DiskDevice::Scsi { bus: self.scsi_bus.clone(), device_id: None },
+            DiskBus::Virtio => DiskDevice::VirtioBlk {
+                bus: self.virtio_bus.clone().ok_or_else(|| HypervisorError::Invalid {
+                    what: self.describe(),
+                    message: "a virtio-blk disk needs a free hot-plug port; give --virtio-bus".into(),
+                })?,
+            },
+        };
+        let plug = DiskPlug {
+            device: volume.name.clone(),
+            node: Self::node(&volume.name),
+            image: path.clone(),
+            format: format.clone(),
+            serial: volume.serial.clone(),
+            kind,
+        };
+        self.qmp.plug_disk(&plug).await.map_err(|e| self.error(e))
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), HypervisorError> {
+        self.qmp.unplug_disk(name, &Self::node(name), UNPLUG_TIMEOUT).await.map_err(|e| self.error(e))
+    }
+
+    async fn volume_state(&self, name: &str) -> Result<VolumeState, HypervisorError> {
+        let devices = self
+            .qmp
+            .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+            .await
+            .map_err(|e| self.error(e))?;
+        let present = devices.as_array().is_some_and(|list| list.iter().any(|d| d["name"] == json!(name)));
+        if !present {
+            return Ok(VolumeState::Absent);
+        }
+        let serial = self
+            .qmp
+            .execute("qom-get", Some(json!({ "path": format!("/machine/peripheral/{name}"), "property": "serial" })))
+            .await
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string));
+        Ok(VolumeState::Ready { serial, target: name.to_string() })
+    }
+}
