@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/lib/install-deps.sh
-cargo build --release --locked -p wukong-agent -p wukong-controller-client
+cargo build --release --locked -p wukong-agent
+cargo build --locked -p wukong-controller-client
 cargo run --locked -q -p wukong-e2e --bin wukong-demo

@@ -36,6 +36,15 @@ fn target_dir() -> PathBuf {
 }
 
 /// The agent binary put into the guest: `$WUKONG_AGENT_BIN`, or the release build.
+/// The `wukongctl` of this build profile: `cargo test --workspace` builds it, `scripts/demo.sh` too. `WUKONGCTL`
+/// overrides.
+pub fn wukongctl_binary() -> PathBuf {
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    std::env::var_os("WUKONGCTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target").join(profile).join("wukongctl"))
+}
+
 pub fn agent_binary() -> PathBuf {
     std::env::var_os("WUKONG_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("release/wukong-agent"))
 }
@@ -168,6 +177,9 @@ impl Guest {
             .args(["-serial", "chardev:ser0"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            // A second monitor for the companion under test (wukongctl --qmp): a QMP socket serves one client.
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", dir.path().join("companion.qmp").display()))
             .arg("-kernel")
             .arg(&assets.kernel)
             .arg("-initrd")
@@ -300,6 +312,19 @@ impl Guest {
         )
         .await?;
         self.wait_for_agent(Duration::from_secs(30)).await
+    }
+
+    /// The QMP socket left free for the companion under test.
+    pub fn companion_qmp(&self) -> PathBuf {
+        self.dir.path().join("companion.qmp")
+    }
+
+    /// A new empty image file of `size` bytes, for the companion to attach.
+    pub fn new_image(&self, size: u64) -> Result<PathBuf> {
+        let n = self.next_disk.fetch_add(1, Ordering::SeqCst);
+        let image = self.dir.path().join(format!("volume{n}.raw"));
+        std::fs::File::create(&image)?.set_len(size)?;
+        Ok(image)
     }
 
     /// Creates an image and hot-plugs it.

@@ -2,15 +2,8 @@
 //! agent refuses (with every reason) and a safe one, then unplugs and re-plugs the disk with its data intact.
 
 use anyhow::{Context, Result};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use wukong_e2e::{DiskSpec, Guest, workspace_root};
-
-fn wukongctl() -> PathBuf {
-    std::env::var_os("WUKONGCTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/release/wukongctl"))
-}
+use wukong_e2e::{DiskSpec, Guest, wukongctl_binary};
 
 fn step(text: &str) {
     println!("\n\x1b[1m==> {text}\x1b[0m");
@@ -20,12 +13,12 @@ fn step(text: &str) {
 fn ctl_status(guest: &Guest, args: &[&str]) -> Result<i32> {
     let address = guest.agent_address().to_string();
     println!("$ wukongctl --agent {address} {}", args.join(" "));
-    let status = std::process::Command::new(wukongctl())
+    let status = std::process::Command::new(wukongctl_binary())
         .arg("--agent")
         .arg(&address)
         .args(args)
         .status()
-        .context("cannot run wukongctl; build it with cargo build --release -p wukong-controller-client")?;
+        .context("cannot run wukongctl; build it with cargo build -p wukong-controller-client")?;
     Ok(status.code().unwrap_or(-1))
 }
 

@@ -1,0 +1,150 @@
+//! The companion end to end: `wukongctl --qmp` (the real CLI, QEMU backend) and the real agent in the lab guest.
+//! Attach waits for the guest; detach is refused while a file is open (exit 3, blockers printed), succeeds with
+//! --unmount once it is closed, and the data survives re-attach; an unreachable agent refuses (exit 4) unless
+//! --force; and a hypervisor unplug that fails gives the guest its disk back.
+
+use anyhow::{Context, Result};
+use std::process::Output;
+use std::time::Duration;
+use wukong_controller_client::companion::{self, CompanionError, DetachOptions};
+use wukong_controller_client::hypervisor::{Hypervisor, HypervisorError, VolumeSpec, VolumeState};
+use wukong_controller_client::qemu::Qemu;
+use wukong_e2e::{Guest, wukongctl_binary};
+
+/// Runs `wukongctl --qmp … --agent … ARGS` against the guest.
+fn ctl(guest: &Guest, args: &[&str]) -> Result<Output> {
+    let out = std::process::Command::new(wukongctl_binary())
+        .arg("--qmp")
+        .arg(guest.companion_qmp())
+        .arg("--agent")
+        .arg(guest.agent_address().to_string())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running wukongctl")?;
+    Ok(out)
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+async fn checksum(guest: &Guest, path: &str) -> Result<String> {
+    let out = guest.run_ok(&format!("sha256sum {path}")).await?;
+    Ok(out.split_whitespace().next().context("sha256sum printed nothing")?.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wukongctl_attach_and_safe_detach_over_qmp_keep_the_data() -> Result<()> {
+    let guest = Guest::boot().await?;
+    let image = guest.new_image(64 << 20)?;
+    let image = image.to_str().unwrap();
+
+    let out = ctl(&guest, &["-o", "json", "attach", "vol1", "--image", image, "--serial", "vol1"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let attached: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let dev = attached["disk"]["dev_node"].as_str().context("the guest's device node")?.to_string();
+    assert_eq!(attached["disk"]["serial"], "vol1");
+    guest.run_ok(&format!("test -b {dev}")).await.context("the guest has the device")?;
+    let again = ctl(&guest, &["attach", "vol1", "--image", image, "--serial", "vol1"])?;
+    assert!(text(&again).contains("vol1 was already attached"), "idempotent: {}", text(&again));
+
+    let sum = guest
+        .run_ok(&format!(
+            "mkfs.ext4 -q {dev} && mkdir -p /mnt/c && mount {dev} /mnt/c && \
+             head -c 8388608 /dev/urandom > /mnt/c/data && sha256sum /mnt/c/data"
+        ))
+        .await?;
+    let sum = sum.split_whitespace().next().unwrap().to_string();
+    let pid = guest.run_ok("sh -c 'exec 3>>/mnt/c/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!").await?;
+    let pid = pid.trim();
+
+    let refused = ctl(&guest, &["detach", "vol1", "--unmount"])?;
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    let shown = text(&refused);
+    assert!(shown.contains(&format!("sleep (pid {pid}, uid 0) has /mnt/c/log open for writing")), "{shown}");
+    assert!(shown.contains("nothing was detached"), "{shown}");
+    guest.run_ok(&format!("test -b {dev} && grep -q ' /mnt/c ' /proc/mounts")).await.context("still attached")?;
+
+    guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
+    let detached = ctl(&guest, &["detach", "vol1", "--unmount"])?;
+    assert_eq!(detached.status.code(), Some(0), "{}", text(&detached));
+    assert!(text(&detached).contains("vol1 is detached"), "{}", text(&detached));
+    let gone = ctl(&guest, &["detach", "vol1"])?;
+    assert!(text(&gone).contains("vol1 is not attached; nothing to do"), "{}", text(&gone));
+
+    let out = ctl(&guest, &["-o", "json", "attach", "vol1", "--image", image, "--serial", "vol1"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let dev: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let dev = dev["disk"]["dev_node"].as_str().unwrap().to_string();
+    guest.run_ok(&format!("mount {dev} /mnt/c")).await?;
+    assert_eq!(checksum(&guest, "/mnt/c/data").await?, sum, "data intact after detach + re-attach");
+
+    // The agent stops answering: fail safe (exit 4), unless forced.
+    guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
+    let unreachable = ctl(&guest, &["detach", "vol1", "--unmount"])?;
+    assert_eq!(unreachable.status.code(), Some(4), "{}", text(&unreachable));
+    assert!(text(&unreachable).contains("nothing was detached (fail safe)"), "{}", text(&unreachable));
+    guest.run_ok(&format!("test -b {dev}")).await.context("still attached after the refusal")?;
+    let forced = ctl(&guest, &["detach", "vol1", "--force", "--timeout", "30"])?;
+    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced));
+    assert!(text(&forced).contains("WARNING: vol1 was detached with --force"), "{}", text(&forced));
+    guest.run_ok("umount -l /mnt/c").await?;
+    guest.restart_agent().await?;
+    Ok(())
+}
+
+/// A hypervisor whose unplug fails: QEMU is asked to delete a device id it does not have.
+struct FailingUnplug(Qemu);
+
+impl Hypervisor for FailingUnplug {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    async fn add_volume(&self, volume: &VolumeSpec) -> Result<(), HypervisorError> {
+        self.0.add_volume(volume).await
+    }
+    async fn remove_volume(&self, name: &str) -> Result<(), HypervisorError> {
+        self.0.remove_volume(&format!("{name}-elsewhere")).await
+    }
+    async fn volume_state(&self, name: &str) -> Result<VolumeState, HypervisorError> {
+        self.0.volume_state(name).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_unplug_gives_the_guest_its_disk_back() -> Result<()> {
+    let guest = Guest::boot().await?;
+    let image = guest.new_image(64 << 20)?;
+    let out = ctl(&guest, &["attach", "vol2", "--image", image.to_str().unwrap(), "--serial", "vol2"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let dev = guest.agent().get_disk("vol2", false).await?.dev_node;
+    let sum = guest
+        .run_ok(&format!(
+            "mkfs.ext4 -q {dev} && mkdir -p /mnt/f && mount {dev} /mnt/f && \
+             head -c 1048576 /dev/urandom > /mnt/f/data && sha256sum /mnt/f/data"
+        ))
+        .await?;
+    let sum = sum.split_whitespace().next().unwrap().to_string();
+
+    let hypervisor = FailingUnplug(Qemu::connect(&guest.companion_qmp()).await?);
+    let options = DetachOptions {
+        volume: "vol2".into(),
+        serial: None,
+        unmount: true,
+        force: false,
+        timeout: Duration::from_secs(30),
+        poll: Duration::from_millis(200),
+    };
+    let err = companion::detach(&hypervisor, &guest.agent(), &options, &|_| {}).await.unwrap_err();
+    let CompanionError::RemoveFailed { undo, .. } = &err else { panic!("expected RemoveFailed, got {err}") };
+    assert_eq!(undo, "the guest got its disk back (CancelDetach)", "{err}");
+    assert!(err.to_string().contains("Device 'vol2-elsewhere' not found"), "QEMU's own error is kept: {err}");
+    assert_eq!(
+        hypervisor.volume_state("vol2").await?,
+        VolumeState::Ready { serial: Some("vol2".into()), target: "vol2".into() }
+    );
+    assert_eq!(checksum(&guest, "/mnt/f/data").await?, sum, "mounted again and intact");
+    guest.run_ok("echo more >> /mnt/f/data && sync").await.context("the disk is usable again")?;
+    Ok(())
+}
