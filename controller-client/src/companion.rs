@@ -8,7 +8,7 @@ use crate::agent_client::{AgentClient, ClientError};
 use crate::hypervisor::{Hypervisor, HypervisorError, VolumeSpec, VolumeState};
 use std::time::{Duration, Instant};
 use tonic::Code;
-use wukong_proto::v1::{Blocker, Disk, DiskState, PrepareDetachResponse, ReleaseMethod};
+use wukong_proto::v1::{Disk, DiskState, PrepareDetachResponse, ReleaseMethod, UsageReport};
 
 /// Longest portable serial: QEMU's scsi-disk refuses more than 20 characters without a separate device id.
 pub const MAX_SERIAL: usize = 20;
@@ -21,7 +21,7 @@ pub enum CompanionError {
     #[error("volume '{volume}' is attached to {hypervisor} with serial '{found}', not '{wanted}'")]
     SerialMismatch { volume: String, hypervisor: String, found: String, wanted: String },
     #[error("detach of disk '{serial}' refused; nothing was detached: {message}")]
-    Refused { serial: String, message: String, blockers: Vec<Blocker> },
+    Refused { serial: String, message: String, report: Box<UsageReport> },
     #[error("disk '{serial}' is a system disk of the guest ({reason}); it is never detached, even with --force")]
     SystemDisk { serial: String, reason: String },
     #[error(
@@ -142,7 +142,7 @@ fn refusal(serial: &str, e: ClientError) -> CompanionError {
             Some(r) => CompanionError::Refused {
                 serial: serial.into(),
                 message,
-                blockers: r.usage.map(|u| u.blockers).unwrap_or_default(),
+                report: Box::new(r.usage.unwrap_or_default()),
             },
             // Without details: the system-disk refusal.
             None => CompanionError::SystemDisk { serial: serial.into(), reason: message },
@@ -191,8 +191,8 @@ pub async fn detach<H: Hypervisor>(
         progress(&format!("asking the guest to release disk '{serial}'"));
         let r = agent.prepare_detach(&serial, options.unmount, false).await.map_err(|e| refusal(&serial, e))?;
         if !r.released {
-            let blockers = r.usage.map(|u| u.blockers).unwrap_or_default();
-            return Err(CompanionError::Refused { serial, message: "the agent did not release it".into(), blockers });
+            let report = Box::new(r.usage.unwrap_or_default());
+            return Err(CompanionError::Refused { serial, message: "the agent did not release it".into(), report });
         }
         tracing::info!(%serial, "the guest released the disk");
         release = Some(r);

@@ -1,21 +1,25 @@
-//! `scripts/demo.sh`: boots a throwaway guest with the agent, hot-plugs a disk, shows who uses it, a release the
-//! agent refuses (with every reason) and a safe one, then unplugs and re-plugs the disk with its data intact.
+//! `scripts/demo.sh`: boots a throwaway guest with the agent, then the whole story with `wukongctl` against QEMU:
+//! attach (waiting until the guest sees the disk), mount and write, a detach the guest refuses (with every reason),
+//! a safe detach, and a re-attach with the data intact.
 
 use anyhow::{Context, Result};
-use std::time::{Duration, Instant};
-use wukong_e2e::{DiskSpec, Guest, wukongctl_binary};
+use std::time::Instant;
+use wukong_e2e::{Guest, wukongctl_binary};
 
 fn step(text: &str) {
     println!("\n\x1b[1m==> {text}\x1b[0m");
 }
 
-/// Runs the real CLI against the guest's agent, as a user would; returns its exit code.
+/// Runs the real CLI against the guest's agent and QEMU, as a user would; returns its exit code.
 fn ctl_status(guest: &Guest, args: &[&str]) -> Result<i32> {
     let address = guest.agent_address().to_string();
-    println!("$ wukongctl --agent {address} {}", args.join(" "));
+    let qmp = guest.companion_qmp();
+    println!("$ wukongctl --agent {address} --qmp {} {}", qmp.display(), args.join(" "));
     let status = std::process::Command::new(wukongctl_binary())
         .arg("--agent")
         .arg(&address)
+        .arg("--qmp")
+        .arg(&qmp)
         .args(args)
         .status()
         .context("cannot run wukongctl; build it with cargo build -p wukong-controller-client")?;
@@ -38,20 +42,14 @@ async fn main() -> Result<()> {
     ctl(&guest, &["info"])?;
     ctl(&guest, &["disks"])?;
 
-    step("hot-plugging a 64 MiB virtio-scsi disk with serial 'demo-data' over QMP");
-    let plugged_at = Instant::now();
-    let disk = guest.hotplug(&DiskSpec::scsi("demo-data")).await?;
-    let seen = guest.agent().wait_for_disk("demo-data", Duration::from_secs(30)).await?;
-    println!(
-        "the agent reported {} as {} {:.0} ms after device_add",
-        seen.serial,
-        seen.dev_node,
-        plugged_at.elapsed().as_secs_f64() * 1000.0
-    );
+    step("attaching a 64 MiB volume with serial 'demo-data': wukongctl waits until the guest reports it");
+    let image = guest.new_image(64 << 20)?;
+    let image = image.to_str().context("image path")?;
+    ctl(&guest, &["attach", "demo-data", "--image", image, "--serial", "demo-data"])?;
     ctl(&guest, &["disks"])?;
+    let dev = guest.agent().get_disk("demo-data", false).await?.dev_node;
 
     step("in the guest: a filesystem on it, mounted, and a process writing a file");
-    let dev = &seen.dev_node;
     let script = format!(
         "mkfs.ext4 -q {dev} && mkdir -p /srv/data && mount {dev} /srv/data || exit 1\n\
          (exec 3>>/srv/data/journal; echo started >&3; exec sleep 1000) </dev/null >/dev/null 2>&1 &\n\
@@ -66,26 +64,24 @@ async fn main() -> Result<()> {
     println!("(wukongctl exited with {code})");
     anyhow::ensure!(code == 3, "expected exit code 3 (in use), got {code}");
 
-    step("release it for unplugging: refused while the writer runs (exit code 3, with the reasons)");
-    let code = ctl_status(&guest, &["release", "demo-data", "--unmount"])?;
-    println!("(wukongctl exited with {code}; nothing was changed)");
+    step("detach it: the guest refuses while the writer runs (exit code 3, with the reasons); nothing is unplugged");
+    let code = ctl_status(&guest, &["detach", "demo-data", "--unmount"])?;
+    println!("(wukongctl exited with {code}; the disk is still attached and mounted)");
     anyhow::ensure!(code == 3, "expected exit code 3 (refused), got {code}");
 
-    step("the writer stops; a dry run says what a release would do");
+    step(
+        "the writer stops; the safe detach: the guest unmounts (idle), flushes and deletes the disk, then QEMU unplugs it",
+    );
     guest.run_ok("w=$(cat /run/writer.pid); kill $w; while kill -0 $w 2>/dev/null; do usleep 50000; done").await?;
-    ctl(&guest, &["release", "demo-data", "--unmount", "--dry-run"])?;
-
-    step("the safe release: unmount (idle), flush, delete the SCSI device in the guest");
-    ctl(&guest, &["release", "demo-data", "--unmount"])?;
+    ctl(&guest, &["detach", "demo-data", "--unmount"])?;
     ctl(&guest, &["disks"])?;
 
-    step("unplugging it, then plugging the same volume back: the data written before is intact");
-    guest.unplug(&disk).await?;
-    guest.replug(&disk).await?;
-    let back = guest.agent().wait_for_disk("demo-data", Duration::from_secs(30)).await?;
+    step("attaching the same volume again: the data written before is intact");
+    ctl(&guest, &["attach", "demo-data", "--image", image, "--serial", "demo-data"])?;
+    let back = guest.agent().get_disk("demo-data", false).await?;
     let journal = guest.run_ok(&format!("mount {} /srv/data && cat /srv/data/journal", back.dev_node)).await?;
     println!("# cat /srv/data/journal\n{journal}");
-    anyhow::ensure!(journal.trim() == "started", "the file written before the release is not intact: {journal}");
+    anyhow::ensure!(journal.trim() == "started", "the file written before the detach is not intact: {journal}");
     ctl(&guest, &["disks"])?;
     guest.shutdown().await;
     step("done");

@@ -11,7 +11,6 @@ use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
 use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_controller_client::output;
 use wukong_controller_client::qemu::Qemu;
-use wukong_proto::v1::UsageReport;
 
 /// Which hypervisor holds the VM.
 #[derive(Debug, Clone, clap::Args)]
@@ -191,13 +190,11 @@ pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, js
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Err(companion::CompanionError::Refused { serial, blockers, .. }) = &detached {
-        let report =
-            UsageReport { serial: serial.clone(), in_use: true, blockers: blockers.clone(), ..Default::default() };
+    if let Err(companion::CompanionError::Refused { report, .. }) = &detached {
         if json {
-            crate::print_json(&output::usage_json(&report));
+            crate::print_json(&output::usage_json(report));
         } else {
-            print!("{}", output::usage_text(&report));
+            print!("{}", output::usage_text(report));
         }
     }
     let detached = detached?;
