@@ -3,6 +3,8 @@
 //!
 //! Nothing here is skipped when something is missing: a lab that cannot start fails the test with the reason.
 
+pub mod kubevirt_api;
+
 use anyhow::{Context, Result, bail};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
