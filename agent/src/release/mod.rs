@@ -175,7 +175,13 @@ impl Releaser {
         let started = Instant::now();
         let report = self.settled_scan(&disk).await?;
         let plan = self.plan(&disk, &report, unmount, dry_run).await?;
-        let mut actions = vec![action("scan", scan_summary(&report), started)];
+        let mut summary = scan_summary(&report);
+        let waited =
+            started.elapsed().saturating_sub(report.scan_duration.and_then(|d| d.try_into().ok()).unwrap_or_default());
+        if waited >= Duration::from_millis(100) {
+            summary.push_str(&format!(", after waiting {} ms for udev's probes of the disk", waited.as_millis()));
+        }
+        let mut actions = vec![action("scan", summary, started)];
         if dry_run {
             let would = |kind: &str, description: String| ReleaseAction {
                 kind: kind.into(),
