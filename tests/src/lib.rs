@@ -306,6 +306,22 @@ impl Guest {
         Ok(out.output)
     }
 
+    /// Makes an ext4 filesystem on `dev`, mounts it at `mnt` and writes `bytes` of random data to `mnt/data`
+    /// without any sync; returns the data's SHA-256.
+    pub async fn fill(&self, dev: &str, mnt: &str, bytes: u64) -> Result<String> {
+        self.run_ok(&format!(
+            "mkfs.ext4 -q {dev} && mkdir -p {mnt} && mount {dev} {mnt} && head -c {bytes} /dev/urandom > {mnt}/data"
+        ))
+        .await?;
+        self.checksum(&format!("{mnt}/data")).await
+    }
+
+    /// The SHA-256 of a file in the guest.
+    pub async fn checksum(&self, path: &str) -> Result<String> {
+        let out = self.run_ok(&format!("sha256sum {path}")).await?;
+        Ok(out.split_whitespace().next().context("sha256sum printed nothing")?.to_string())
+    }
+
     /// Restarts the agent inside the guest and waits until it answers again.
     pub async fn restart_agent(&self) -> Result<()> {
         self.run_ok(

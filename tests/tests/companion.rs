@@ -29,11 +29,6 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-async fn checksum(guest: &Guest, path: &str) -> Result<String> {
-    let out = guest.run_ok(&format!("sha256sum {path}")).await?;
-    Ok(out.split_whitespace().next().context("sha256sum printed nothing")?.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn wukongctl_attach_and_safe_detach_over_qmp_keep_the_data() -> Result<()> {
     let guest = Guest::boot().await?;
@@ -49,13 +44,7 @@ async fn wukongctl_attach_and_safe_detach_over_qmp_keep_the_data() -> Result<()>
     let again = ctl(&guest, &["attach", "vol1", "--image", image, "--serial", "vol1"])?;
     assert!(text(&again).contains("vol1 was already attached"), "idempotent: {}", text(&again));
 
-    let sum = guest
-        .run_ok(&format!(
-            "mkfs.ext4 -q {dev} && mkdir -p /mnt/c && mount {dev} /mnt/c && \
-             head -c 8388608 /dev/urandom > /mnt/c/data && sha256sum /mnt/c/data"
-        ))
-        .await?;
-    let sum = sum.split_whitespace().next().unwrap().to_string();
+    let sum = guest.fill(&dev, "/mnt/c", 8 << 20).await?;
     let pid = guest.run_ok("sh -c 'exec 3>>/mnt/c/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!").await?;
     let pid = pid.trim();
 
@@ -78,7 +67,7 @@ async fn wukongctl_attach_and_safe_detach_over_qmp_keep_the_data() -> Result<()>
     let dev: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let dev = dev["disk"]["dev_node"].as_str().unwrap().to_string();
     guest.run_ok(&format!("mount {dev} /mnt/c")).await?;
-    assert_eq!(checksum(&guest, "/mnt/c/data").await?, sum, "data intact after detach + re-attach");
+    assert_eq!(guest.checksum("/mnt/c/data").await?, sum, "data intact after detach + re-attach");
 
     // The agent stops answering: fail safe (exit 4), unless forced.
     guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
@@ -119,13 +108,7 @@ async fn a_failed_unplug_gives_the_guest_its_disk_back() -> Result<()> {
     let out = ctl(&guest, &["attach", "vol2", "--image", image.to_str().unwrap(), "--serial", "vol2"])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let dev = guest.agent().get_disk("vol2", false).await?.dev_node;
-    let sum = guest
-        .run_ok(&format!(
-            "mkfs.ext4 -q {dev} && mkdir -p /mnt/f && mount {dev} /mnt/f && \
-             head -c 1048576 /dev/urandom > /mnt/f/data && sha256sum /mnt/f/data"
-        ))
-        .await?;
-    let sum = sum.split_whitespace().next().unwrap().to_string();
+    let sum = guest.fill(&dev, "/mnt/f", 1 << 20).await?;
 
     let hypervisor = FailingUnplug(Qemu::connect(&guest.companion_qmp()).await?);
     let options = DetachOptions {
@@ -144,7 +127,7 @@ async fn a_failed_unplug_gives_the_guest_its_disk_back() -> Result<()> {
         hypervisor.volume_state("vol2").await?,
         VolumeState::Ready { serial: Some("vol2".into()), target: "vol2".into() }
     );
-    assert_eq!(checksum(&guest, "/mnt/f/data").await?, sum, "mounted again and intact");
+    assert_eq!(guest.checksum("/mnt/f/data").await?, sum, "mounted again and intact");
     guest.run_ok("echo more >> /mnt/f/data && sync").await.context("the disk is usable again")?;
     Ok(())
 }

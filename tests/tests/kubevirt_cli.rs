@@ -44,13 +44,7 @@ async fn wukongctl_vmi_attach_and_detach_through_the_kubevirt_api() -> Result<()
                     "volumeSource": {"persistentVolumeClaim": {"claimName": "pvc-a", "hotpluggable": true}}}))
     );
     let dev = attached["disk"]["dev_node"].as_str().unwrap().to_string();
-    let sum = guest
-        .run_ok(&format!(
-            "mkfs.ext4 -q {dev} && mkdir -p /mnt/k && mount {dev} /mnt/k && \
-             head -c 4194304 /dev/urandom > /mnt/k/data && sha256sum /mnt/k/data"
-        ))
-        .await?;
-    let sum = sum.split_whitespace().next().unwrap().to_string();
+    let sum = guest.fill(&dev, "/mnt/k", 4 << 20).await?;
 
     let refused = ctl(&guest, &api, &["detach", "Data1"])?;
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
@@ -68,7 +62,6 @@ async fn wukongctl_vmi_attach_and_detach_through_the_kubevirt_api() -> Result<()
     let again: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let dev = again["disk"]["dev_node"].as_str().unwrap();
     guest.run_ok(&format!("mount {dev} /mnt/k")).await?;
-    let after = guest.run_ok("sha256sum /mnt/k/data").await?;
-    assert_eq!(after.split_whitespace().next(), Some(sum.as_str()), "data intact after detach and re-attach");
+    assert_eq!(guest.checksum("/mnt/k/data").await?, sum, "data intact after detach and re-attach");
     Ok(())
 }

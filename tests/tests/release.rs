@@ -11,22 +11,6 @@ use wukong_proto::v1::{BlockerKind, DiskState, ReleaseMethod, blocker::Detail};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Writes 8 MiB of random data (no sync) to a new filesystem on `dev`, mounted at `mnt`; returns its checksum.
-async fn fill(guest: &Guest, dev: &str, mnt: &str) -> Result<String> {
-    let out = guest
-        .run_ok(&format!(
-            "mkfs.ext4 -q {dev} && mkdir -p {mnt} && mount {dev} {mnt} && \
-             head -c 8388608 /dev/urandom > {mnt}/data && sha256sum {mnt}/data"
-        ))
-        .await?;
-    Ok(out.split_whitespace().next().context("sha256sum printed nothing")?.to_string())
-}
-
-async fn checksum(guest: &Guest, path: &str) -> Result<String> {
-    let out = guest.run_ok(&format!("sha256sum {path}")).await?;
-    Ok(out.split_whitespace().next().context("sha256sum printed nothing")?.to_string())
-}
-
 async fn mounted(guest: &Guest, mnt: &str) -> Result<bool> {
     Ok(guest.run(&format!("grep -q ' {mnt} ' /proc/mounts")).await?.status == 0)
 }
@@ -64,7 +48,7 @@ async fn scsi_disks_are_released_refused_cancelled_and_replugged_with_data_intac
     // A mounted disk with data written without sync.
     let data = guest.hotplug(&DiskSpec::scsi("rel-data")).await?;
     let dev = agent.wait_for_disk("rel-data", WAIT).await?.dev_node;
-    let sum = fill(&guest, &dev, "/mnt/d").await?;
+    let sum = guest.fill(&dev, "/mnt/d", 8 << 20).await?;
 
     let refused = agent.prepare_detach("rel-data", false, false).await.unwrap_err();
     assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
@@ -117,7 +101,7 @@ async fn scsi_disks_are_released_refused_cancelled_and_replugged_with_data_intac
     assert_eq!(back.disk.as_ref().map(|d| d.state()), Some(DiskState::Present), "{back:#?}");
     assert!(back.actions.iter().any(|a| a.kind == "mount"), "{:#?}", back.actions);
     assert!(mounted(&guest, "/mnt/d").await?, "mounted again");
-    assert_eq!(checksum(&guest, "/mnt/d/data").await?, sum, "data intact after release + cancel");
+    assert_eq!(guest.checksum("/mnt/d/data").await?, sum, "data intact after release + cancel");
 
     // Release again, unplug, re-plug: the data is on the hypervisor's storage.
     assert!(agent.prepare_detach("rel-data", true, false).await?.released);
@@ -126,7 +110,7 @@ async fn scsi_disks_are_released_refused_cancelled_and_replugged_with_data_intac
     let dev = agent.wait_for_disk("rel-data", WAIT).await?.dev_node;
     assert_eq!(state(&agent, "rel-data").await?, DiskState::Present, "re-plugged: the tombstone is gone");
     guest.run_ok(&format!("mount {dev} /mnt/d")).await?;
-    assert_eq!(checksum(&guest, "/mnt/d/data").await?, sum, "data intact after unplug + re-plug");
+    assert_eq!(guest.checksum("/mnt/d/data").await?, sum, "data intact after unplug + re-plug");
     Ok(())
 }
 
@@ -137,7 +121,7 @@ async fn virtio_is_fenced_read_only_and_swap_lvm_md_and_system_disks_are_refused
 
     let v = guest.hotplug(&DiskSpec::virtio("rel-virtio")).await?;
     let dev = agent.wait_for_disk("rel-virtio", WAIT).await?.dev_node;
-    let sum = fill(&guest, &dev, "/mnt/v").await?;
+    let sum = guest.fill(&dev, "/mnt/v", 8 << 20).await?;
     let r = agent.prepare_detach("rel-virtio", true, false).await?;
     assert_eq!(r.disk.as_ref().map(|d| d.release_method()), Some(ReleaseMethod::ReadOnly));
     assert_eq!(guest.run_ok(&format!("blockdev --getro {dev}")).await?.trim(), "1");
@@ -145,7 +129,7 @@ async fn virtio_is_fenced_read_only_and_swap_lvm_md_and_system_disks_are_refused
     guest.replug(&v).await?;
     let dev = agent.wait_for_disk("rel-virtio", WAIT).await?.dev_node;
     guest.run_ok(&format!("mount {dev} /mnt/v")).await?;
-    assert_eq!(checksum(&guest, "/mnt/v/data").await?, sum, "virtio data intact after unplug + re-plug");
+    assert_eq!(guest.checksum("/mnt/v/data").await?, sum, "virtio data intact after unplug + re-plug");
 
     let refused_as = |serial: &'static str| {
         let agent = agent.clone();
@@ -211,7 +195,7 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
     let agent = guest.agent();
     guest.hotplug(&DiskSpec::scsi("rel-kill")).await?;
     let dev = agent.wait_for_disk("rel-kill", WAIT).await?.dev_node;
-    let sum = fill(&guest, &dev, "/mnt/k").await?;
+    let sum = guest.fill(&dev, "/mnt/k", 8 << 20).await?;
     // A process named like udev's blkid probe that opens the disk as soon as it is unmounted, and holds it.
     guest
         .run_ok(&format!(
@@ -236,7 +220,7 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
     guest.restart_agent().await?;
     assert_eq!(state(&agent, "rel-kill").await?, DiskState::Present, "never stuck RELEASING");
     assert!(mounted(&guest, "/mnt/k").await?, "the interrupted release was undone: mounted again");
-    assert_eq!(checksum(&guest, "/mnt/k/data").await?, sum);
+    assert_eq!(guest.checksum("/mnt/k/data").await?, sum);
     let log = guest.run_ok("cat /var/log/wukong-agent.log").await?;
     assert!(log.contains("undoing a release the previous agent process did not finish"), "{log}");
     Ok(())
