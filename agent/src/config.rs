@@ -32,6 +32,22 @@ pub struct Args {
     /// Default: /run/wukong-agent/releases.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Server certificate (PEM) for TLS on the TCP listeners. With --tls-key and --tls-client-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the server certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs the client certificates the agent accepts: TLS here always means mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse PrepareDetach and CancelDetach to every network client (the root-only Unix socket still may).
+    #[arg(long)]
+    pub read_only: bool,
+    /// A client identity (certificate common name or DNS name) allowed to call PrepareDetach and CancelDetach;
+    /// repeatable. When any is given, only those clients may (and the Unix socket).
+    #[arg(long = "allow-client", value_name = "NAME")]
+    pub allow_clients: Vec<String>,
     /// Serve plaintext gRPC on non-loopback addresses. Anyone who can reach the port can then use the agent.
     #[arg(long)]
     pub insecure_plaintext: bool,
@@ -47,11 +63,65 @@ pub struct FileConfig {
     pub listen: Option<Vec<String>>,
     pub socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub read_only: Option<bool>,
+    pub allow_clients: Option<Vec<String>>,
+    pub limits: Option<Limits>,
     pub insecure_plaintext: Option<bool>,
     pub log: Option<String>,
     pub proc_root: Option<PathBuf>,
     pub sys_root: Option<PathBuf>,
     pub dev_root: Option<PathBuf>,
+}
+
+/// The files of the agent's TLS identity and of the CA its clients must be signed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Who may change the guest (PrepareDetach, CancelDetach). The root-only Unix socket always may.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// No network client may.
+    pub read_only: bool,
+    /// When not empty, only TLS clients with one of these identities may.
+    pub allowed_clients: Vec<String>,
+}
+
+/// Bounds that keep one client from starving the others. Each has a default; the file may lower or raise them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests running at once, over all connections.
+    pub max_requests: usize,
+    /// Requests running at once on one connection.
+    pub max_requests_per_connection: usize,
+    /// Open WatchDisks streams.
+    pub max_watchers: usize,
+    /// Longest a watch stays open, in seconds; the client then opens a new one (it gets a fresh snapshot).
+    pub max_watch_seconds: u64,
+    /// Largest request message, in bytes.
+    pub max_message_bytes: usize,
+    /// Deadline of a request that brings none, in seconds.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_requests: 64,
+            max_requests_per_connection: 16,
+            max_watchers: 32,
+            max_watch_seconds: 3600,
+            max_message_bytes: 64 * 1024,
+            request_timeout_seconds: 300,
+        }
+    }
 }
 
 /// The effective configuration.
@@ -60,6 +130,9 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub socket: Option<PathBuf>,
     pub state_dir: PathBuf,
+    pub tls: Option<TlsFiles>,
+    pub access: Access,
+    pub limits: Limits,
     pub insecure_plaintext: bool,
     pub log: String,
     pub roots: HostRoots,
@@ -75,9 +148,12 @@ pub enum ConfigError {
     BadListen(String),
     #[error(
         "refusing to serve plaintext gRPC on {0}, which is not a loopback address: anyone who reaches it could \
-         unmount this guest's disks. Listen on 127.0.0.1, or pass --insecure-plaintext if this is a lab"
+         unmount this guest's disks. Configure TLS (tls_cert, tls_key, tls_client_ca), listen on 127.0.0.1, or pass \
+         --insecure-plaintext if this is a lab"
     )]
     PlaintextOffLoopback(SocketAddr),
+    #[error("TLS needs all of tls_cert, tls_key and tls_client_ca; {0} is missing")]
+    IncompleteTls(&'static str),
 }
 
 impl Config {
@@ -98,9 +174,25 @@ impl Config {
         };
         let listen = listen_raw.iter().map(|s| parse_listen(s)).collect::<Result<Vec<_>, _>>()?;
         let insecure_plaintext = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
-        if !insecure_plaintext && let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback()) {
+        let tls = match (
+            args.tls_cert.clone().or(file.tls_cert),
+            args.tls_key.clone().or(file.tls_key),
+            args.tls_client_ca.clone().or(file.tls_client_ca),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles { cert, key, client_ca }),
+            (None, _, _) => return Err(ConfigError::IncompleteTls("tls_cert")),
+            (_, None, _) => return Err(ConfigError::IncompleteTls("tls_key")),
+            (_, _, None) => return Err(ConfigError::IncompleteTls("tls_client_ca")),
+        };
+        if tls.is_none()
+            && !insecure_plaintext
+            && let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback())
+        {
             return Err(ConfigError::PlaintextOffLoopback(*addr));
         }
+        let mut allowed_clients = args.allow_clients.clone();
+        allowed_clients.extend(file.allow_clients.unwrap_or_default());
         let socket = if args.no_socket {
             None
         } else {
@@ -111,6 +203,9 @@ impl Config {
             listen,
             socket,
             state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            tls,
+            access: Access { read_only: args.read_only || file.read_only.unwrap_or(false), allowed_clients },
+            limits: file.limits.unwrap_or_default(),
             insecure_plaintext,
             log: args.log.clone().or(file.log).unwrap_or_else(|| "info".to_string()),
             roots: HostRoots {
@@ -175,6 +270,42 @@ mod tests {
         let c = Config::load(&args(&["--listen", "0.0.0.0", "--insecure-plaintext", "--no-socket"])).unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:7443".parse().unwrap()]);
         assert_eq!(c.socket, None);
+    }
+
+    #[test]
+    fn tls_opens_non_loopback_and_needs_all_three_files() {
+        let c = Config::load(&args(&[
+            "--listen",
+            "0.0.0.0",
+            "--tls-cert",
+            "a.crt",
+            "--tls-key",
+            "a.key",
+            "--tls-client-ca",
+            "ca.crt",
+        ]))
+        .unwrap();
+        assert_eq!(c.tls.as_ref().map(|t| t.client_ca.clone()), Some("ca.crt".into()));
+        assert!(!c.insecure_plaintext);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "tls_cert = \"a.crt\"\ntls_client_ca = \"ca.crt\"\n").unwrap();
+        let err = Config::load(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert_eq!(err.to_string(), "TLS needs all of tls_cert, tls_key and tls_client_ca; tls_key is missing");
+    }
+
+    #[test]
+    fn access_and_limits_come_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "allow_clients = [\"operator\"]\n[limits]\nmax_watchers = 4\n").unwrap();
+        let c = Config::load(&args(&["--config", path.to_str().unwrap(), "--allow-client", "ops2"])).unwrap();
+        assert_eq!(c.access.allowed_clients, ["ops2", "operator"]);
+        assert!(!c.access.read_only);
+        assert_eq!(c.limits.max_watchers, 4);
+        assert_eq!(c.limits.max_requests, Limits::default().max_requests, "unset limits keep their default");
+        std::fs::write(&path, "[limits]\nmax_watcherz = 4\n").unwrap();
+        assert!(Config::load(&args(&["--config", path.to_str().unwrap()])).is_err(), "typos are refused");
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! Data flows one way: [`udev_source`] → [`inventory`] → [`service`]. Kernel state is read under [`roots::HostRoots`]
 //! so every parser runs on fixture trees.
 
+pub mod access;
 pub mod agent_info;
 pub mod config;
 pub mod disk;
 pub mod inventory;
+pub mod limits;
 pub mod release;
 pub mod roots;
 pub mod serial;

@@ -2,7 +2,8 @@
 //! and reflection) on every TCP address and the Unix socket until shutdown.
 
 use crate::agent_info::AgentFacts;
-use crate::config::Config;
+use crate::config::{Config, TlsFiles};
+use crate::limits::Admission;
 use crate::release::Releaser;
 use crate::release::journal::Journal;
 use crate::service::DiskAgentService;
@@ -13,15 +14,16 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::service::Routes;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use wukong_proto::v1::disk_agent_server::DiskAgentServer;
 
 /// How long running calls may take to finish after shutdown starts.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,20 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("cannot read the TLS file {path}: {source}")]
+    TlsFile { path: PathBuf, source: std::io::Error },
+    #[error("the TLS configuration is not usable: {0}; check that the certificate, its key and the client CA are PEM")]
+    Tls(tonic::transport::Error),
+}
+
+/// Mutual TLS for the TCP listeners: the agent's identity, and the CA every client certificate must chain to.
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let read =
+        |path: &PathBuf| std::fs::read(path).map_err(|source| ServerError::TlsFile { path: path.clone(), source });
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
+        .client_ca_root(Certificate::from_pem(read(&files.client_ca)?))
+        .client_auth_optional(false))
 }
 
 /// Serves until `shutdown` completes, then stops accepting, lets running calls finish, and returns.
@@ -53,7 +69,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let journal = Journal::new(Some(config.state_dir.clone()));
     let releaser = Releaser::new(config.roots.clone(), inventory.clone(), updates, usage.clone(), journal);
     releaser.recover().await;
-    let agent = DiskAgentServer::new(DiskAgentService::new(inventory, facts, usage, releaser, stop_rx.clone()));
+    let admission = Admission::new(config.limits);
+    let service =
+        DiskAgentService::new(inventory, facts, usage, releaser, config.access.clone(), admission, stop_rx.clone());
+    let agent = DiskAgentServer::new(service).max_decoding_message_size(config.limits.max_message_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DiskAgentServer<DiskAgentService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -62,24 +81,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .build_v1()?;
     let routes = Routes::new(agent).add_service(health_service).add_service(reflection);
 
+    let tls = config.tls.as_ref().map(tls_config).transpose()?;
+    let timeout = Duration::from_secs(config.limits.request_timeout_seconds);
     let mut servers = tokio::task::JoinSet::new();
     for addr in &config.listen {
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
         let local = listener.local_addr().map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
-        if !local.ip().is_loopback() {
-            tracing::warn!(
+        // Streams are not capped at the HTTP/2 level: a client would queue silently there. The service counts
+        // them and refuses with a sentence instead.
+        let mut builder = Server::builder().timeout(timeout);
+        match &tls {
+            Some(tls) => {
+                builder = builder.tls_config(tls.clone()).map_err(ServerError::Tls)?;
+                tracing::info!(address = %local, "serving gRPC over mutual TLS (client certificates required)");
+            }
+            None if !local.ip().is_loopback() => tracing::warn!(
                 address = %local,
                 "serving PLAINTEXT gRPC off loopback (--insecure-plaintext): anyone who reaches this address can \
                  use the agent"
-            );
+            ),
+            None => tracing::info!(address = %local, "serving plaintext gRPC on loopback"),
         }
-        tracing::info!(address = %local, "serving gRPC over TCP");
         let incoming = TcpListenerStream::new(listener);
-        servers.spawn(
-            Server::builder()
-                .add_routes(routes.clone())
-                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
-        );
+        servers
+            .spawn(builder.add_routes(routes.clone()).serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
     }
     if let Some(path) = &config.socket {
         let listener = bind_unix(path)?;
@@ -158,7 +183,7 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 
 /// Pings systemd's watchdog at half its interval, from the runtime: if the runtime wedges, pings stop and systemd
 /// restarts the agent.
-async fn ping_watchdog(interval: std::time::Duration) {
+async fn ping_watchdog(interval: Duration) {
     let mut tick = tokio::time::interval(interval / 2);
     loop {
         tick.tick().await;

@@ -1,8 +1,11 @@
 //! The `wukong.agent.v1.DiskAgent` gRPC service: validates requests, answers from the inventory, maps errors to
 //! status codes with sentences a person can act on.
 
+use crate::access::{Caller, may_change};
 use crate::agent_info::AgentFacts;
+use crate::config::Access;
 use crate::inventory::{Event, InventoryHandle, LookupError, Snapshot, disk_matches};
+use crate::limits::{Admission, Admitted};
 use crate::release::{ReleaseError, Releaser};
 use crate::serial::Serial;
 use crate::usage::{UsageError, UsageScanner};
@@ -36,6 +39,8 @@ pub struct DiskAgentService {
     facts: Arc<AgentFacts>,
     usage: UsageScanner,
     releaser: Releaser,
+    access: Access,
+    admission: Admission,
     /// Becomes true when the agent shuts down: long-running calls (watches, waits) end at once, so the server's
     /// graceful shutdown does not wait on them.
     stopping: watch::Receiver<bool>,
@@ -47,9 +52,11 @@ impl DiskAgentService {
         facts: Arc<AgentFacts>,
         usage: UsageScanner,
         releaser: Releaser,
+        access: Access,
+        admission: Admission,
         stopping: watch::Receiver<bool>,
     ) -> Self {
-        Self { inventory, facts, usage, releaser, stopping }
+        Self { inventory, facts, usage, releaser, access, admission, stopping }
     }
 
     /// Attaches a fresh usage report to each disk.
@@ -142,13 +149,16 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<DiskEvent, Status>> + Send>>
 
 #[tonic::async_trait]
 impl DiskAgent for DiskAgentService {
-    async fn get_agent_info(&self, _: Request<GetAgentInfoRequest>) -> Result<Response<AgentInfo>, Status> {
+    async fn get_agent_info(&self, req: Request<GetAgentInfoRequest>) -> Result<Response<AgentInfo>, Status> {
+        let _admitted = self.admission.request(&req)?;
         let mut info = self.facts.info();
+        info.read_only = may_change(&self.access, &Caller::of(&req)).is_err();
         info.disk_count = self.inventory.snapshot().disks.len() as u32;
         Ok(Response::new(info))
     }
 
     async fn list_disks(&self, req: Request<ListDisksRequest>) -> Result<Response<ListDisksResponse>, Status> {
+        let _admitted = self.admission.request(&req)?;
         let snap = self.inventory.snapshot();
         let mut disks: Vec<Disk> = snap.disks_by_id().into_iter().cloned().collect();
         if req.get_ref().include_usage {
@@ -158,6 +168,7 @@ impl DiskAgent for DiskAgentService {
     }
 
     async fn get_disk(&self, req: Request<GetDiskRequest>) -> Result<Response<Disk>, Status> {
+        let _admitted = self.admission.request(&req)?;
         let serial = parse_serial(&req.get_ref().serial)?;
         let disk = self.inventory.snapshot().find(&serial).map_err(lookup_status)?.clone();
         if req.get_ref().include_usage {
@@ -178,12 +189,27 @@ impl DiskAgent for DiskAgentService {
             )));
         }
         let filter = filter.iter().map(|s| parse_serial(s)).collect::<Result<Vec<_>, _>>()?;
+        let admitted = self.admission.watcher()?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(forward_events(self.inventory.clone(), filter, tx, self.stopping.clone()));
+        let longest = Duration::from_secs(self.admission.limits().max_watch_seconds);
+        let watch = forward_events(self.inventory.clone(), filter, tx.clone(), self.stopping.clone());
+        tokio::spawn(async move {
+            let _admitted: Admitted = admitted;
+            if tokio::time::timeout(longest, watch).await.is_err() {
+                let _ = tx
+                    .send(Err(Status::deadline_exceeded(format!(
+                        "this watch reached the longest the agent keeps one open ({}s); open a new one, which starts \
+                         with a fresh snapshot",
+                        longest.as_secs()
+                    ))))
+                    .await;
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn wait_for_disk(&self, req: Request<WaitForDiskRequest>) -> Result<Response<Disk>, Status> {
+        let _admitted = self.admission.request(&req)?;
         let serial = parse_serial(&req.get_ref().serial)?;
         let timeout = wait_timeout(req.get_ref().timeout)?;
         // Subscribe before looking, so a disk that arrives in between is not missed.
@@ -218,6 +244,7 @@ impl DiskAgent for DiskAgentService {
     }
 
     async fn check_usage(&self, req: Request<CheckUsageRequest>) -> Result<Response<UsageReport>, Status> {
+        let _admitted = self.admission.request(&req)?;
         let serial = parse_serial(&req.get_ref().serial)?;
         let disk = self.inventory.snapshot().find(&serial).map_err(lookup_status)?.clone();
         let reports = self.usage.check(std::slice::from_ref(&disk)).await.map_err(usage_status)?;
@@ -228,6 +255,8 @@ impl DiskAgent for DiskAgentService {
         &self,
         req: Request<PrepareDetachRequest>,
     ) -> Result<Response<PrepareDetachResponse>, Status> {
+        let _admitted = self.admission.request(&req)?;
+        may_change(&self.access, &Caller::of(&req))?;
         let PrepareDetachRequest { serial, unmount, dry_run } = req.into_inner();
         let serial = parse_serial(&serial)?;
         // A release runs to its end even if the caller goes away: stopping half-way would leave the disk
@@ -240,6 +269,8 @@ impl DiskAgent for DiskAgentService {
     }
 
     async fn cancel_detach(&self, req: Request<CancelDetachRequest>) -> Result<Response<CancelDetachResponse>, Status> {
+        let _admitted = self.admission.request(&req)?;
+        may_change(&self.access, &Caller::of(&req))?;
         let serial = parse_serial(&req.get_ref().serial)?;
         let releaser = self.releaser.clone();
         let cancelled = tokio::spawn(async move { releaser.cancel(&serial).await })

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use tonic::{Code, Request, Status};
 use wukong_proto::v1::disk_agent_client::DiskAgentClient;
 use wukong_proto::v1::{
@@ -23,10 +23,21 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts for an idempotent read that fails with UNAVAILABLE.
 const READ_ATTEMPTS: u32 = 3;
 
+/// The files for mutual TLS with the agent: the CA that signed the agent's certificate, and this client's own
+/// certificate and key. `server_name` is the name the agent's certificate must carry, when it is not the host of
+/// the address (e.g. one certificate for every agent, reached by changing pod IPs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_name: Option<String>,
+}
+
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddress {
-    /// `http://IP:PORT`.
+    /// `http://IP:PORT` or `https://IP:PORT`.
     Tcp(String),
     /// `unix:PATH`.
     Unix(PathBuf),
@@ -74,6 +85,10 @@ pub enum ClientError {
     Timeout { address: AgentAddress, timeout: Duration },
     #[error("{}", .status.message())]
     Agent { status: Status },
+    #[error("cannot read {path}: {source}")]
+    TlsFile { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ClientError {
@@ -108,12 +123,44 @@ pub struct AgentClient {
 impl AgentClient {
     /// Connects to the agent (lazily: the first call establishes the connection).
     pub fn connect(address: AgentAddress) -> Result<Self, ClientError> {
-        let channel = match &address {
-            AgentAddress::Tcp(url) => Endpoint::from_shared(url.clone())
+        Self::connect_with(address, None)
+    }
+
+    /// Connects to the agent, over mutual TLS when `tls` is given (the address then uses `https`).
+    pub fn connect_with(address: AgentAddress, tls: Option<&TlsFiles>) -> Result<Self, ClientError> {
+        let channel = match (&address, tls) {
+            (AgentAddress::Tcp(url), Some(tls)) => {
+                let url = match url.strip_prefix("http://") {
+                    Some(rest) => format!("https://{rest}"),
+                    None => url.clone(),
+                };
+                let endpoint = Endpoint::from_shared(url.clone()).map_err(|_| ClientError::BadAddress(url.clone()))?;
+                let host = endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_string();
+                let read = |path: &PathBuf| {
+                    std::fs::read(path).map_err(|source| ClientError::TlsFile { path: path.clone(), source })
+                };
+                let config = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+                    .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
+                    .domain_name(tls.server_name.clone().unwrap_or(host));
+                let address = AgentAddress::Tcp(url);
+                let channel = endpoint
+                    .tls_config(config)
+                    .map_err(|e| ClientError::Tls(format!("the TLS files are not usable: {e}")))?
+                    .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+                    .connect_lazy();
+                return Ok(Self { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT });
+            }
+            (AgentAddress::Tcp(url), None) if url.starts_with("https://") => {
+                return Err(ClientError::Tls(format!(
+                    "{url} needs TLS: give the CA, client certificate and key (--tls-ca, --tls-cert, --tls-key)"
+                )));
+            }
+            (AgentAddress::Tcp(url), None) => Endpoint::from_shared(url.clone())
                 .map_err(|_| ClientError::BadAddress(url.clone()))?
                 .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
                 .connect_lazy(),
-            AgentAddress::Unix(path) => {
+            (AgentAddress::Unix(path), _) => {
                 let path = path.clone();
                 // The URI is required by the API but unused: the connector below dials the socket.
                 Endpoint::from_static("http://agent.invalid")
@@ -144,12 +191,14 @@ impl AgentClient {
     }
 
     fn map_status(&self, status: Status, timeout: Duration) -> ClientError {
+        let timed_out = status.code() == Code::DeadlineExceeded || status.message().contains("Timeout expired");
         match status.code() {
-            Code::Unavailable | Code::Unknown if is_transport_error(&status) => {
-                ClientError::Unreachable { address: self.address.clone(), reason: transport_reason(&status) }
-            }
-            Code::Cancelled | Code::DeadlineExceeded if is_transport_error(&status) => {
+            Code::Cancelled | Code::DeadlineExceeded if timed_out && is_transport_error(&status) => {
                 ClientError::Timeout { address: self.address.clone(), timeout }
+            }
+            // A refused TLS handshake or a reset connection: the agent did not take the call.
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal if is_transport_error(&status) => {
+                ClientError::Unreachable { address: self.address.clone(), reason: transport_reason(&status) }
             }
             _ => ClientError::Agent { status },
         }
@@ -275,6 +324,7 @@ fn is_transport_error(status: &Status) -> bool {
         || status.message().contains("transport error")
         || status.message().contains("connect")
         || status.message().contains("Timeout expired")
+        || status.message().contains("h2 protocol error")
 }
 
 fn transport_reason(status: &Status) -> String {
@@ -284,6 +334,9 @@ fn transport_reason(status: &Status) -> String {
     while let Some(s) = source {
         reason = s.to_string();
         source = s.source();
+    }
+    if status.message().contains("h2 protocol error") {
+        reason.push_str(" (if the agent serves TLS, use --tls-ca, --tls-cert and --tls-key)");
     }
     reason
 }

@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 mod volumes;
 
-use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError};
+use std::path::PathBuf;
+use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError, TlsFiles};
 use wukong_controller_client::companion::CompanionError;
 use wukong_controller_client::output;
 
@@ -17,6 +18,8 @@ struct Cli {
     #[arg(long, global = true, env = "WUKONG_AGENT")]
     agent: Option<String>,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     backend: volumes::BackendArgs,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
@@ -24,6 +27,66 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// Mutual TLS with the agent: flags, their environment variables, or a file (flags win).
+#[derive(Debug, Clone, clap::Args)]
+struct TlsArgs {
+    /// CA (PEM) that signed the agent's certificate.
+    #[arg(long, global = true, env = "WUKONG_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM).
+    #[arg(long, global = true, env = "WUKONG_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, global = true, env = "WUKONG_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The name the agent's certificate carries, when it is not the address's host.
+    #[arg(long, global = true, env = "WUKONG_TLS_SERVER_NAME", value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// A TOML file with any of: agent, tls_ca, tls_cert, tls_key, tls_server_name (like a kubeconfig for the agent).
+    #[arg(long, global = true, env = "WUKONG_AGENT_CONFIG", value_name = "FILE")]
+    agent_config: Option<PathBuf>,
+}
+
+/// The `--agent-config` file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentConfigFile {
+    agent: Option<String>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The agent address from the file (if any), and the TLS files: all three or none.
+    fn resolve(&self) -> anyhow::Result<(Option<String>, Option<TlsFiles>)> {
+        let file: AgentConfigFile = match &self.agent_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("{} is not a valid agent configuration", path.display()))?
+            }
+            None => AgentConfigFile::default(),
+        };
+        let ca = self.tls_ca.clone().or(file.tls_ca);
+        let cert = self.tls_cert.clone().or(file.tls_cert);
+        let key = self.tls_key.clone().or(file.tls_key);
+        let server_name = self.tls_server_name.clone().or(file.tls_server_name);
+        let tls = match (ca, cert, key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key, server_name }),
+            _ => return Err(UsageError("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key".into()).into()),
+        };
+        Ok((file.agent, tls))
+    }
+}
+
+/// A mistake in how wukongctl was called (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -102,10 +165,13 @@ async fn main() -> ExitCode {
             if let Some(e) = e.downcast_ref::<CompanionError>() {
                 return ExitCode::from(companion_exit_code(e));
             }
+            if e.downcast_ref::<UsageError>().is_some() {
+                return ExitCode::from(EXIT_USAGE);
+            }
             let code = match e.downcast_ref::<ClientError>() {
                 Some(ClientError::Unreachable { .. }) => EXIT_UNREACHABLE,
                 Some(ClientError::Timeout { .. }) => EXIT_TIMEOUT,
-                Some(ClientError::BadAddress(_)) => EXIT_USAGE,
+                Some(ClientError::BadAddress(_) | ClientError::TlsFile { .. } | ClientError::Tls(_)) => EXIT_USAGE,
                 Some(err) if err.code() == Some(tonic::Code::InvalidArgument) => EXIT_USAGE,
                 Some(err) if err.code() == Some(tonic::Code::DeadlineExceeded) => EXIT_TIMEOUT,
                 _ => EXIT_OTHER,
@@ -138,8 +204,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Attach(_) | Command::Detach(_) => Some(volumes::Backend::connect(&cli.backend).await?),
         _ => None,
     };
-    let address = match (&cli.agent, &backend) {
-        (Some(a), _) => a.clone(),
+    let (file_agent, tls) = cli.tls.resolve()?;
+    let address = match (cli.agent.clone().or(file_agent), &backend) {
+        (Some(a), _) => a,
         (None, Some(b)) => match b.agent_address().await? {
             Some(a) => a,
             None if cli.backend.vmi.is_some() => {
@@ -149,7 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         },
         (None, None) => DEFAULT_AGENT.to_string(),
     };
-    let client = AgentClient::connect(address.parse::<AgentAddress>()?)?;
+    let client = AgentClient::connect_with(address.parse::<AgentAddress>()?, tls.as_ref())?;
     match cli.command {
         Command::Attach(args) => {
             volumes::attach(backend.as_ref().expect("connected above"), &client, args, json).await?
