@@ -325,8 +325,10 @@ mod tests {
     fn shipped_example_config_is_valid_and_safe() {
         let file: FileConfig = toml::from_str(include_str!("../../systemd/agent.toml")).unwrap();
         let c = Config::merge(&Args::default(), file).unwrap();
-        assert!(c.listen.iter().all(|a| a.ip().is_loopback()));
+        assert!(c.tls.is_some(), "off loopback only with mutual TLS");
         assert!(!c.insecure_plaintext);
+        assert_eq!(c.access.allowed_clients, ["wukong-companion"]);
+        assert_eq!(c.limits, Limits::default(), "the file states the defaults");
     }
 
     #[test]
