@@ -2,14 +2,12 @@
 //! allow-list and a read-only mode for the calls that change the guest, named errors for malformed and oversized
 //! messages, and limits that refuse with RESOURCE_EXHAUSTED while others keep being served.
 
-mod common;
-
-use common::pki::Pki;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
 use wukong_agent::config::{Args, Config, Limits};
 use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError};
+use wukong_e2e::pki::Pki;
 
 struct Running {
     port: u16,

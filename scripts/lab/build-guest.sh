@@ -11,8 +11,8 @@ set -euo pipefail
 out=${1:?usage: build-guest.sh OUT_DIR AGENT_BINARY}
 agent=${2:?usage: build-guest.sh OUT_DIR AGENT_BINARY}
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=../lib/apt.sh
-. "$here/../lib/apt.sh"
+# shellcheck source=lib.sh
+. "$here/lib.sh"
 
 [ -x "$agent" ] || { echo "build-guest: agent binary $agent not found; build it first (cargo build --release -p wukong-agent)" >&2; exit 1; }
 command -v busybox >/dev/null || { echo "build-guest: busybox not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
@@ -22,23 +22,7 @@ out=$(cd "$out" && pwd)
 cache=$out/cache
 
 # --- kernel -------------------------------------------------------------------------------------------------
-kdir=$cache/kernel
-if [ ! -f "$kdir/.complete" ]; then
-  rm -rf "$kdir"
-  mkdir -p "$kdir"
-  apt_private_update
-  pkg=$(apt_cache_private depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-  [ -n "$pkg" ] || { echo "build-guest: cannot resolve the Debian cloud kernel package" >&2; exit 1; }
-  echo "build-guest: downloading $pkg"
-  (cd "$cache" && apt_private -o APT::Sandbox::User=root download "$pkg" >/dev/null)
-  dpkg-deb -x "$cache/${pkg}"_*.deb "$kdir"
-  # The package leaves modules.dep to its postinst; generate it in the extracted tree.
-  depmod -b "$kdir" "$(ls "$kdir/lib/modules" | head -n1)"
-  rm -f "$cache/${pkg}"_*.deb
-  touch "$kdir/.complete"
-fi
-kver=$(ls "$kdir/lib/modules" | head -n1)
-moddir=$kdir/lib/modules/$kver
+fetch_kernel "$cache"
 cp "$kdir/boot/vmlinuz-$kver" "$out/vmlinuz"
 
 # --- initramfs tree ----------------------------------------------------------------------------------------
@@ -101,38 +85,7 @@ for g in root disk kmem dialout cdrom tape audio video input kvm render sgx tty 
 done
 
 # --- kernel modules, dependencies resolved from modules.dep -----------------------------------------------------
-wanted="virtio_pci virtio_scsi sd_mod virtio_blk virtio_net loop dm_mod dm_crypt raid1 ext4 xfs btrfs"
-order=()
-declare -A seen=()
-resolve() {
-  local name=$1 path dep
-  path=$(awk -F: -v n="$name" '{ f=$1; sub(/.*\//, "", f); sub(/\.ko(\.[a-z]+)?$/, "", f); gsub(/-/, "_", f); if (f == n) { print $1; exit } }' "$moddir/modules.dep")
-  if [ -z "$path" ]; then
-    if grep -qE "/${name//_/[_-]}\.ko" "$moddir/modules.builtin"; then
-      return 0
-    fi
-    echo "build-guest: kernel module $name not found for $kver" >&2
-    exit 1
-  fi
-  [ -n "${seen[$path]:-}" ] && return 0
-  seen[$path]=1
-  for dep in $(awk -F: -v p="$path" '$1 == p { print $2; exit }' "$moddir/modules.dep"); do
-    dep=${dep##*/}; dep=${dep%%.ko*}; dep=${dep//-/_}
-    resolve "$dep"
-  done
-  order+=("$path")
-}
-for m in $wanted; do resolve "$m"; done
-: > "$root/etc/modules-order"
-for path in "${order[@]}"; do
-  base=${path##*/}
-  case $base in
-    *.ko.xz) xz -dc "$moddir/$path" > "$root/lib/modules/${base%.xz}"; base=${base%.xz} ;;
-    *.ko.zst) zstd -qdc "$moddir/$path" > "$root/lib/modules/${base%.zst}"; base=${base%.zst} ;;
-    *) cp "$moddir/$path" "$root/lib/modules/$base" ;;
-  esac
-  echo "$base" >> "$root/etc/modules-order"
-done
+copy_modules "$root" virtio_pci virtio_scsi sd_mod virtio_blk virtio_net loop dm_mod dm_crypt raid1 ext4 xfs btrfs
 
 cp "$here/guest-init.sh" "$root/init"
 cp "$here/guest-ctl-handler.sh" "$root/bin/wukong-ctl-handler"
@@ -140,4 +93,4 @@ chmod +x "$root/init" "$root/bin/wukong-ctl-handler"
 
 (cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > "$out/initrd.img.tmp")
 mv "$out/initrd.img.tmp" "$out/initrd.img"
-echo "build-guest: kernel $kver, initrd $(du -h "$out/initrd.img" | cut -f1), ${#order[@]} modules"
+echo "build-guest: kernel $kver, initrd $(du -h "$out/initrd.img" | cut -f1), $(wc -l < "$root/etc/modules-order") modules"

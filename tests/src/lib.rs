@@ -4,6 +4,7 @@
 //! Nothing here is skipped when something is missing: a lab that cannot start fails the test with the reason.
 
 pub mod kubevirt_api;
+pub mod pki;
 
 use anyhow::{Context, Result, bail};
 use std::net::TcpListener;
@@ -23,6 +24,8 @@ const GUEST_AGENT_PORT: u16 = 7443;
 const GUEST_CONTROL_PORT: u16 = 2323;
 /// Time allowed for the guest to boot under TCG (it takes 5–15 s; CI machines can be slower).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// systemd, udev and cloud-init's first stages under TCG.
+const SYSTEMD_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest a command run in the guest may take.
 const GUEST_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// PCIe root ports for virtio-blk hot-plug (q35's root bus itself cannot hot-plug).
@@ -37,7 +40,6 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// The agent binary put into the guest: `$WUKONG_AGENT_BIN`, or the release build.
 /// The `wukongctl` of this build profile: `cargo test --workspace` builds it, `scripts/demo.sh` too. `WUKONGCTL`
 /// overrides.
 pub fn wukongctl_binary() -> PathBuf {
@@ -47,6 +49,7 @@ pub fn wukongctl_binary() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target").join(profile).join("wukongctl"))
 }
 
+/// The agent binary put into the guest: `$WUKONG_AGENT_BIN`, or the release build.
 pub fn agent_binary() -> PathBuf {
     std::env::var_os("WUKONG_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("release/wukong-agent"))
 }
@@ -58,41 +61,139 @@ pub struct Assets {
     pub initrd: PathBuf,
 }
 
-/// Builds the guest image if it is missing or older than the agent or the lab scripts. Test binaries share it,
-/// so the build holds a lock file.
+/// Runs `script` under the lab's lock when `product` is missing or older than `newer_than` or the lab scripts:
+/// test binaries share the images.
+fn build_if_stale(product: &Path, newer_than: &[PathBuf], script: &str, args: &[&Path]) -> Result<()> {
+    let dir = target_dir().join("wukong-lab");
+    std::fs::create_dir_all(&dir)?;
+    let scripts = workspace_root().join("scripts");
+    let stale = !product.exists()
+        || newer_than.iter().chain([&scripts.join("lab"), &scripts.join("lib")]).any(|p| newer(p, product));
+    if !stale {
+        return Ok(());
+    }
+    let status = std::process::Command::new("flock")
+        .arg(dir.join(".lock"))
+        .arg("bash")
+        .arg(scripts.join("lab").join(script))
+        .args(args)
+        .status()
+        .context("cannot run flock")?;
+    if !status.success() {
+        bail!("building the guest image failed (scripts/lab/{script}); see the messages above");
+    }
+    Ok(())
+}
+
+/// True when `path` (or, for a directory, any file under it) was modified after `than`.
+fn newer(path: &Path, than: &Path) -> bool {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(limit) = mtime(than) else { return true };
+    if path.is_dir() {
+        return std::fs::read_dir(path).map(|rd| rd.flatten().any(|e| newer(&e.path(), than))).unwrap_or(false);
+    }
+    mtime(path).is_some_and(|m| m > limit)
+}
+
+/// Builds the guest image (profile A) if it is missing or older than the agent or the lab scripts.
 pub fn assets() -> Result<&'static Assets> {
     static ASSETS: OnceLock<Assets> = OnceLock::new();
     if let Some(a) = ASSETS.get() {
         return Ok(a);
     }
     let dir = target_dir().join("wukong-lab");
-    std::fs::create_dir_all(&dir)?;
     let agent = agent_binary();
     if !agent.exists() {
         bail!("the agent binary {} does not exist; run `cargo build --release -p wukong-agent` first", agent.display());
     }
-    let scripts = workspace_root().join("scripts");
-    let status = std::process::Command::new("flock")
-        .arg(dir.join(".lock"))
-        .arg("bash")
-        .arg("-c")
-        .arg(
-            r#"set -e; out="$1"; agent="$2"; scripts="$3"
-               if [ ! -f "$out/initrd.img" ] || [ "$agent" -nt "$out/initrd.img" ] \
-                  || [ -n "$(find "$scripts/lab" "$scripts/lib" -newer "$out/initrd.img" -print -quit)" ]; then
-                 bash "$scripts/lab/build-guest.sh" "$out" "$agent"
-               fi"#,
-        )
-        .arg("build-if-stale")
-        .arg(&dir)
-        .arg(&agent)
-        .arg(&scripts)
-        .status()
-        .context("cannot run the guest image build (flock, bash)")?;
-    if !status.success() {
-        bail!("building the guest image failed ({status}); see the output above");
-    }
+    build_if_stale(&dir.join("initrd.img"), std::slice::from_ref(&agent), "build-guest.sh", &[&dir, &agent])?;
     Ok(ASSETS.get_or_init(|| Assets { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") }))
+}
+
+/// Profile B: the kernel, the loader initramfs and the root filesystem image of the systemd guest.
+#[derive(Debug, Clone)]
+pub struct SystemdAssets {
+    pub kernel: PathBuf,
+    pub loader: PathBuf,
+    pub root: PathBuf,
+}
+
+/// Builds the systemd guest (profile B) if it is missing or older than the lab scripts.
+pub fn systemd_assets() -> Result<&'static SystemdAssets> {
+    static ASSETS: OnceLock<SystemdAssets> = OnceLock::new();
+    if let Some(a) = ASSETS.get() {
+        return Ok(a);
+    }
+    let lab = target_dir().join("wukong-lab");
+    let dir = lab.join("systemd");
+    build_if_stale(&dir.join("root.img"), &[], "build-systemd-guest.sh", &[&lab])?;
+    Ok(ASSETS.get_or_init(|| SystemdAssets {
+        kernel: dir.join("vmlinuz"),
+        loader: dir.join("loader.img"),
+        root: dir.join("root.img"),
+    }))
+}
+
+/// A NoCloud seed (an ISO labelled `cidata`) with this user data, in `dir`.
+pub fn nocloud_seed(dir: &Path, user_data: &str) -> Result<PathBuf> {
+    let seed = dir.join("seed");
+    std::fs::create_dir_all(&seed)?;
+    std::fs::write(seed.join("user-data"), user_data)?;
+    std::fs::write(seed.join("meta-data"), "instance-id: wukong-lab-b\nlocal-hostname: wukong-lab-b\n")?;
+    let iso = dir.join("seed.iso");
+    let out = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-output"])
+        .arg(&iso)
+        .args(["-volid", "cidata", "-joliet", "-rock"])
+        .arg(seed.join("user-data"))
+        .arg(seed.join("meta-data"))
+        .output()
+        .context("cannot run genisoimage; run scripts/lib/install-deps.sh")?;
+    if !out.status.success() {
+        bail!("genisoimage failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(iso)
+}
+
+/// Serves one file over HTTP on a loopback port (the guest reaches it at 10.0.2.2:PORT), until dropped.
+pub struct FileServer {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FileServer {
+    pub async fn start(file: &Path) -> Result<Self> {
+        let body = std::sync::Arc::new(std::fs::read(file)?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    // Any request gets the file: reading up to the end of the headers is all the protocol needs.
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(&body).await;
+                });
+            }
+        });
+        Ok(Self { port, task })
+    }
 }
 
 /// Output of a command run in the guest.
@@ -164,15 +265,43 @@ fn free_port() -> Result<u16> {
 }
 
 impl Guest {
-    /// Boots a guest and waits until its agent is ready.
+    /// Boots a guest (profile A) and waits until its agent is ready.
     pub async fn boot() -> Result<Self> {
         let assets = assets()?;
+        let started = Instant::now();
+        let guest = Self::launch(&assets.kernel, &assets.initrd, "console=ttyS0 panic=-1 loglevel=4", 512, &[]).await?;
+        guest.wait_for_console("WUKONG-LAB-READY", BOOT_TIMEOUT).await?;
+        guest.wait_for_agent(Duration::from_secs(30)).await?;
+        tracing::info!(secs = started.elapsed().as_secs_f64(), "guest ready");
+        Ok(guest)
+    }
+
+    /// Boots the systemd guest (profile B) with a NoCloud seed, and waits until systemd has started the lab's
+    /// control channel. The agent is whatever cloud-init installs from the seed: wait for it separately.
+    pub async fn boot_systemd(seed: &Path) -> Result<Self> {
+        let assets = systemd_assets()?;
+        let drives = [
+            // snapshot: the image stays pristine for the next test.
+            format!("file={},format=raw,if=none,id=root,snapshot=on", assets.root.display()),
+            format!("file={},format=raw,if=none,id=seed,readonly=on", seed.display()),
+        ];
+        let mut extra = Vec::new();
+        for (drive, id) in drives.iter().zip(["root", "seed"]) {
+            extra.extend(["-drive".to_string(), drive.clone(), "-device".into(), format!("virtio-blk-pci,drive={id}")]);
+        }
+        let append = "console=ttyS0 panic=-1 loglevel=4 systemd.show_status=0";
+        let guest = Self::launch(&assets.kernel, &assets.loader, append, 1024, &extra).await?;
+        guest.wait_for_console("WUKONG-LAB-READY", SYSTEMD_BOOT_TIMEOUT).await?;
+        Ok(guest)
+    }
+
+    async fn launch(kernel: &Path, initrd: &Path, append: &str, memory_mb: u32, extra: &[String]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wukong-guest-").tempdir()?;
         let (agent_port, control_port) = (free_port()?, free_port()?);
         let console = dir.path().join("console.log");
         let qmp_path = dir.path().join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1"])
+        cmd.args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", &memory_mb.to_string(), "-smp", "1"])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"])
             .arg("-chardev")
             .arg(format!("file,id=ser0,path={}", console.display()))
@@ -183,11 +312,12 @@ impl Guest {
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", dir.path().join("companion.qmp").display()))
             .arg("-kernel")
-            .arg(&assets.kernel)
+            .arg(kernel)
             .arg("-initrd")
-            .arg(&assets.initrd)
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
-            .args(["-device", "virtio-scsi-pci,id=scsi0"]);
+            .arg(initrd)
+            .args(["-append", append])
+            .args(["-device", "virtio-scsi-pci,id=scsi0"])
+            .args(extra);
         for port in 1..=ROOT_PORTS {
             cmd.arg("-device").arg(format!("pcie-root-port,id=rp{port},bus=pcie.0,chassis={port}"));
         }
@@ -216,7 +346,7 @@ impl Guest {
                 ),
             }
         };
-        let guest = Self {
+        Ok(Self {
             qemu,
             dir,
             qmp,
@@ -224,11 +354,7 @@ impl Guest {
             control_port,
             next_disk: AtomicU32::new(0),
             free_ports: std::sync::Mutex::new((1..=ROOT_PORTS).rev().collect()),
-        };
-        guest.wait_for_console("WUKONG-LAB-READY", BOOT_TIMEOUT).await?;
-        guest.wait_for_agent(Duration::from_secs(30)).await?;
-        tracing::info!(secs = started.elapsed().as_secs_f64(), "guest ready");
-        Ok(guest)
+        })
     }
 
     /// Everything the guest printed on its serial console so far.

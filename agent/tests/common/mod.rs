@@ -2,8 +2,6 @@
 //! hold something, and the `findmnt` oracle. Each binary uses a subset, hence the allowance below.
 #![allow(dead_code)]
 
-pub mod pki;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! A throwaway PKI for TLS tests: a CA, the agent's certificate (DNS `wukong-agent`, IP 127.0.0.1), client
-//! certificates `operator` and `viewer`, and `intruder`, signed by another CA.
+//! certificates `operator`, `viewer` and `wukong-companion`, and `intruder`, signed by another CA.
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use std::path::PathBuf;
@@ -16,6 +16,12 @@ fn new_ca(name: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
     params.distinguished_name.push(DnType::CommonName, name);
     let cert = params.self_signed(&key).unwrap();
     (cert, Issuer::new(params, key))
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Pki {
@@ -38,6 +44,7 @@ impl Pki {
         leaf("agent", server, ExtendedKeyUsagePurpose::ServerAuth, &ca);
         leaf("operator", vec![], ExtendedKeyUsagePurpose::ClientAuth, &ca);
         leaf("viewer", vec![], ExtendedKeyUsagePurpose::ClientAuth, &ca);
+        leaf("wukong-companion", vec![], ExtendedKeyUsagePurpose::ClientAuth, &ca);
         leaf("intruder", vec![], ExtendedKeyUsagePurpose::ClientAuth, &other);
         Self { dir }
     }
