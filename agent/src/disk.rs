@@ -426,4 +426,58 @@ mod tests {
             assert_eq!(read_devnum(&t.dir.path().join("f")), want, "{content:?}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "DEVNAME",
+            "DEVLINKS",
+            "ID_SERIAL",
+            "ID_SERIAL_SHORT",
+            "ID_SCSI_SERIAL",
+            "ID_VENDOR",
+            "ID_MODEL",
+            "ID_WWN",
+            "ID_WWN_WITH_EXTENSION",
+            "ID_FS_TYPE",
+            "ID_BUS",
+        ];
+
+        proptest! {
+            /// Whatever udev's database holds (any text, control characters included), describing a disk never
+            /// panics, and what is reported comes from it faithfully: trimmed values, whitespace-free links.
+            #[test]
+            fn any_udev_properties_describe_safely(
+                values in proptest::collection::vec((0..KEYS.len(), "\\PC*|[ \t\n\x0b\x00a-z/_-]*"), 0..12),
+            ) {
+                let mut t = Tree::new();
+                t.scsi_disk("sdb", 16, "s", "s");
+                let props: Properties = values.iter().map(|(k, v)| (KEYS[*k].to_string(), v.clone())).collect();
+                t.db.0.insert("sdb".into(), props.clone());
+                if let Some(d) = describe(&t.roots(), &t.db, "sdb") {
+                    prop_assert!(d.by_id_links.iter().chain(&d.by_path_links).all(|l| !l.contains(char::is_whitespace)));
+                    prop_assert_eq!(&d.serial, &d.serial.trim().to_string());
+                    if !d.serial.is_empty() {
+                        prop_assert!(!d.by_id_links.is_empty(), "a disk with a serial is reported only with its link");
+                    }
+                    if let Some(fs) = props.get("ID_FS_TYPE") {
+                        prop_assert_eq!(d.fs_type, fs.trim().to_string());
+                    }
+                }
+            }
+
+            #[test]
+            fn scsi_addresses_round_trip_and_junk_is_refused(
+                h in any::<u32>(), c in any::<u32>(), tg in any::<u32>(), l in any::<u32>(), junk in "\\PC*",
+            ) {
+                let a = parse_scsi_address(&format!("{h}:{c}:{tg}:{l}")).unwrap();
+                prop_assert_eq!((a.host, a.channel, a.target, a.lun), (h, c, tg, l));
+                let longer = format!("{h}:{c}:{tg}:{l}:{junk}");
+                prop_assert!(parse_scsi_address(&longer).is_none());
+                let _ = parse_scsi_address(&junk);
+            }
+        }
+    }
 }
