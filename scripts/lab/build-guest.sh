@@ -23,7 +23,7 @@ cache=$out/cache
 
 # --- kernel -------------------------------------------------------------------------------------------------
 fetch_kernel "$cache"
-cp "$kdir/boot/vmlinuz-$kver" "$out/vmlinuz"
+cp "$kdir/boot/vmlinuz-$kver" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 
 # --- initramfs tree ----------------------------------------------------------------------------------------
 root=$(mktemp -d "$out/root.XXXXXX")

@@ -110,5 +110,5 @@ INIT
 chmod +x "$loader/init"
 (cd "$loader" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > "$dest/loader.img.tmp")
 mv "$dest/loader.img.tmp" "$dest/loader.img"
-cp "$kdir/boot/vmlinuz-$kver" "$dest/vmlinuz"
+cp "$kdir/boot/vmlinuz-$kver" "$dest/vmlinuz.tmp" && mv "$dest/vmlinuz.tmp" "$dest/vmlinuz"
 echo "build-systemd-guest: kernel $kver, root.img $(du -h "$dest/root.img" | cut -f1) used"

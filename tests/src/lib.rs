@@ -61,21 +61,29 @@ pub struct Assets {
     pub initrd: PathBuf,
 }
 
-/// Runs `script` under the lab's lock when `product` is missing or older than `newer_than` or the lab scripts:
-/// test binaries share the images.
-fn build_if_stale(product: &Path, newer_than: &[PathBuf], script: &str, args: &[&Path]) -> Result<()> {
+/// Runs `script` when `product` is missing or older than `newer_than` or the lab scripts. The check and the build
+/// both run under the lab's lock: test binaries share the images, and a guest must never boot from a half-written
+/// one.
+fn build_if_stale(product: &Path, newer_than: Option<&Path>, script: &str, args: &[&Path]) -> Result<()> {
     let dir = target_dir().join("wukong-lab");
     std::fs::create_dir_all(&dir)?;
     let scripts = workspace_root().join("scripts");
-    let stale = !product.exists()
-        || newer_than.iter().chain([&scripts.join("lab"), &scripts.join("lib")]).any(|p| newer(p, product));
-    if !stale {
-        return Ok(());
-    }
     let status = std::process::Command::new("flock")
         .arg(dir.join(".lock"))
         .arg("bash")
-        .arg(scripts.join("lab").join(script))
+        .arg("-c")
+        .arg(
+            r#"set -e; product="$1"; scripts="$2"; script="$3"; newer="$4"; shift 4
+               if [ ! -f "$product" ] || { [ -n "$newer" ] && [ "$newer" -nt "$product" ]; } \
+                  || [ -n "$(find "$scripts/lab" "$scripts/lib" -newer "$product" -print -quit)" ]; then
+                 bash "$scripts/lab/$script" "$@"
+               fi"#,
+        )
+        .arg("build-if-stale")
+        .arg(product)
+        .arg(&scripts)
+        .arg(script)
+        .arg(newer_than.map(Path::as_os_str).unwrap_or_default())
         .args(args)
         .status()
         .context("cannot run flock")?;
@@ -83,16 +91,6 @@ fn build_if_stale(product: &Path, newer_than: &[PathBuf], script: &str, args: &[
         bail!("building the guest image failed (scripts/lab/{script}); see the messages above");
     }
     Ok(())
-}
-
-/// True when `path` (or, for a directory, any file under it) was modified after `than`.
-fn newer(path: &Path, than: &Path) -> bool {
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let Some(limit) = mtime(than) else { return true };
-    if path.is_dir() {
-        return std::fs::read_dir(path).map(|rd| rd.flatten().any(|e| newer(&e.path(), than))).unwrap_or(false);
-    }
-    mtime(path).is_some_and(|m| m > limit)
 }
 
 /// Builds the guest image (profile A) if it is missing or older than the agent or the lab scripts.
@@ -106,7 +104,7 @@ pub fn assets() -> Result<&'static Assets> {
     if !agent.exists() {
         bail!("the agent binary {} does not exist; run `cargo build --release -p wukong-agent` first", agent.display());
     }
-    build_if_stale(&dir.join("initrd.img"), std::slice::from_ref(&agent), "build-guest.sh", &[&dir, &agent])?;
+    build_if_stale(&dir.join("initrd.img"), Some(&agent), "build-guest.sh", &[&dir, &agent])?;
     Ok(ASSETS.get_or_init(|| Assets { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") }))
 }
 
@@ -126,7 +124,7 @@ pub fn systemd_assets() -> Result<&'static SystemdAssets> {
     }
     let lab = target_dir().join("wukong-lab");
     let dir = lab.join("systemd");
-    build_if_stale(&dir.join("root.img"), &[], "build-systemd-guest.sh", &[&lab])?;
+    build_if_stale(&dir.join("root.img"), None, "build-systemd-guest.sh", &[&lab])?;
     Ok(ASSETS.get_or_init(|| SystemdAssets {
         kernel: dir.join("vmlinuz"),
         loader: dir.join("loader.img"),
