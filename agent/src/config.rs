@@ -107,7 +107,8 @@ pub struct Limits {
     pub max_watch_seconds: u64,
     /// Largest request message, in bytes.
     pub max_message_bytes: usize,
-    /// Deadline of a request that brings none, in seconds.
+    /// Longest any request may run, in seconds; a client's shorter deadline wins. Watches are bounded by
+    /// `max_watch_seconds` instead.
     pub request_timeout_seconds: u64,
 }
 
@@ -119,7 +120,8 @@ impl Default for Limits {
             max_watchers: 32,
             max_watch_seconds: 3600,
             max_message_bytes: 64 * 1024,
-            request_timeout_seconds: 300,
+            // Above the longest WaitForDisk (600 s), which has its own, clearer, deadline error.
+            request_timeout_seconds: 900,
         }
     }
 }
