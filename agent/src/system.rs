@@ -32,35 +32,56 @@ impl SystemView {
         Self { boot_swaps }
     }
 
+    /// The system mounts as they are now, read once for any number of disks.
+    pub fn now(&self, roots: &HostRoots) -> SystemNow<'_> {
+        // PID 1's namespace is the system's: the agent itself may run in a private one (systemd's ProtectSystem).
+        let text = std::fs::read_to_string(roots.proc.join("1/mountinfo"))
+            .or_else(|_| std::fs::read_to_string(roots.proc.join("self/mountinfo")))
+            .unwrap_or_default();
+        let mounts = parse_mountinfo(&text)
+            .into_iter()
+            .filter(|m| SYSTEM_MOUNTS.contains(&m.mount_point.as_str()))
+            .map(|m| {
+                let mut devices = vec![makedev(m.major.into(), m.minor.into())];
+                // btrfs shows an anonymous device number; its source names the member device.
+                if m.source.starts_with("/dev/")
+                    && let Ok(st) = stat(&crate::roots::resolve_dev_path(roots, &m.source))
+                {
+                    devices.push(st.st_rdev);
+                }
+                (m.mount_point, m.source, devices)
+            })
+            .collect();
+        SystemNow { view: self, mounts }
+    }
+}
+
+/// The system mounts read at one moment, with the boot swaps.
+pub struct SystemNow<'a> {
+    view: &'a SystemView,
+    /// (mount point, source, device numbers that mean this mount's disk).
+    mounts: Vec<(String, String, Vec<u64>)>,
+}
+
+impl SystemNow<'_> {
     /// Marks `disk` as a system disk, with the reason, when it is one.
-    pub fn mark(&self, roots: &HostRoots, disk: &mut Disk) {
-        if let Some(reason) = self.reason(roots, disk) {
+    pub fn mark(&self, disk: &mut Disk) {
+        if let Some(reason) = self.reason(disk) {
             disk.system = true;
             disk.system_reason = reason;
         }
     }
 
     /// Why `disk` is a system disk, if it is one.
-    pub fn reason(&self, roots: &HostRoots, disk: &Disk) -> Option<String> {
+    pub fn reason(&self, disk: &Disk) -> Option<String> {
         let devices = devices_of(disk);
-        // PID 1's namespace is the system's: the agent itself may run in a private one (systemd's ProtectSystem).
-        let text = std::fs::read_to_string(roots.proc.join("1/mountinfo"))
-            .or_else(|_| std::fs::read_to_string(roots.proc.join("self/mountinfo")))
-            .unwrap_or_default();
-        for m in parse_mountinfo(&text) {
-            if !SYSTEM_MOUNTS.contains(&m.mount_point.as_str()) {
-                continue;
-            }
-            let on_disk = devices.contains(&makedev(m.major.into(), m.minor.into()))
-                // btrfs shows an anonymous device number; its source names the member device.
-                || (m.source.starts_with("/dev/")
-                    && stat(&crate::roots::resolve_dev_path(roots, &m.source))
-                        .is_ok_and(|st| devices.contains(&st.st_rdev)));
-            if on_disk {
-                return Some(format!("{} of the running system is mounted from {}", m.mount_point, m.source));
-            }
+        if let Some((point, source, _)) =
+            self.mounts.iter().find(|(_, _, devs)| devs.iter().any(|d| devices.contains(d)))
+        {
+            return Some(format!("{point} of the running system is mounted from {source}"));
         }
-        self.boot_swaps
+        self.view
+            .boot_swaps
             .iter()
             .find(|(_, dev)| devices.contains(dev))
             .map(|(path, _)| format!("{path} is a swap area the guest had active when the agent started"))
@@ -130,11 +151,11 @@ mod tests {
         let (_dir, roots, _) = fixture("30 1 8:2 / / rw,relatime - ext4 /dev/sda2 rw");
         let view = SystemView::default();
         let mut sda = disk(8, 0, &[(8, 1), (8, 2)]);
-        view.mark(&roots, &mut sda);
+        view.now(&roots).mark(&mut sda);
         assert!(sda.system);
         assert_eq!(sda.system_reason, "/ of the running system is mounted from /dev/sda2");
         let mut sdb = disk(8, 16, &[(8, 17)]);
-        view.mark(&roots, &mut sdb);
+        view.now(&roots).mark(&mut sdb);
         assert!(!sdb.system, "/data is not a system mount: {}", sdb.system_reason);
     }
 
@@ -143,7 +164,7 @@ mod tests {
         let (_dir, roots, _) = fixture("30 1 253:0 / / rw - xfs /dev/mapper/vg-root rw");
         let mut sda = disk(8, 0, &[(8, 2)]);
         sda.partitions[0].holders.push(Holder { major: 253, minor: 0, ..Holder::default() });
-        assert!(SystemView::default().reason(&roots, &sda).is_some());
+        assert!(SystemView::default().now(&roots).reason(&sda).is_some());
     }
 
     #[test]
@@ -151,7 +172,7 @@ mod tests {
         let (_dir, roots, fs_dev) = fixture("30 1 8:2 / / rw - ext4 /dev/sda2 rw");
         let view = SystemView::capture(&roots);
         let (ma, mi) = (nix::sys::stat::major(fs_dev) as u32, nix::sys::stat::minor(fs_dev) as u32);
-        let reason = view.reason(&roots, &disk(ma, mi, &[])).expect("swap file's disk is a system disk");
+        let reason = view.now(&roots).reason(&disk(ma, mi, &[])).expect("swap file's disk is a system disk");
         assert!(reason.ends_with("swap file is a swap area the guest had active when the agent started"), "{reason}");
     }
 }

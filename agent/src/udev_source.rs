@@ -7,7 +7,7 @@
 use crate::disk;
 use crate::inventory::Update;
 use crate::roots::HostRoots;
-use crate::system::SystemView;
+use crate::system::{SystemNow, SystemView};
 use crate::udev_db::{LibUdevDb, UdevDb};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{setsockopt, sockopt};
@@ -77,9 +77,9 @@ struct Source<'a> {
 
 impl Source<'_> {
     /// The disk as udev and sysfs describe it, marked when it is a system disk.
-    fn describe(&self, kernel_name: &str) -> Option<Disk> {
+    fn describe(&self, system: &SystemNow<'_>, kernel_name: &str) -> Option<Disk> {
         let mut disk = disk::describe(self.roots, self.db, kernel_name)?;
-        self.system.mark(self.roots, &mut disk);
+        system.mark(&mut disk);
         Some(disk)
     }
 
@@ -89,13 +89,19 @@ impl Source<'_> {
             .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         names.sort();
-        names.iter().filter(|n| disk::is_physical_disk(self.roots, n)).filter_map(|n| self.describe(n)).collect()
+        // The system mounts are read once for all the disks.
+        let system = self.system.now(self.roots);
+        names
+            .iter()
+            .filter(|n| disk::is_physical_disk(self.roots, n))
+            .filter_map(|n| self.describe(&system, n))
+            .collect()
     }
 
     /// The inventory updates one event causes.
     fn updates_for(&self, trigger: &Trigger) -> Vec<Update> {
         let roots = self.roots;
-        let refresh = |name: &str| match self.describe(name) {
+        let refresh = |name: &str| match self.describe(&self.system.now(roots), name) {
             Some(d) => Update::Upsert(Box::new(d)),
             // Present in sysfs but not settled (no by-id link yet): it is not a disk we report, yet.
             None => Update::Remove(name.to_string()),
