@@ -138,14 +138,12 @@ fn refusal(serial: &str, e: ClientError) -> CompanionError {
         _ if matches!(e, ClientError::Unreachable { .. } | ClientError::Timeout { .. }) => {
             CompanionError::AgentUnreachable(Box::new(e))
         }
-        Some(Code::FailedPrecondition) => match e.refusal() {
-            Some(r) => CompanionError::Refused {
-                serial: serial.into(),
-                message,
-                report: Box::new(r.usage.unwrap_or_default()),
-            },
-            // Without details: the system-disk refusal.
-            None => CompanionError::SystemDisk { serial: serial.into(), reason: message },
+        // With details when the disk is in use; without them for a system disk or an ambiguous serial, whose
+        // sentence says which.
+        Some(Code::FailedPrecondition) => CompanionError::Refused {
+            serial: serial.into(),
+            message,
+            report: Box::new(e.refusal().and_then(|r| r.usage).unwrap_or_default()),
         },
         Some(Code::NotFound) => CompanionError::NotInGuest { serial: serial.into(), message },
         Some(Code::Aborted) => CompanionError::Busy(serial.into()),

@@ -190,7 +190,9 @@ pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, js
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Err(companion::CompanionError::Refused { report, .. }) = &detached {
+    if let Err(companion::CompanionError::Refused { report, .. }) = &detached
+        && !report.blockers.is_empty()
+    {
         if json {
             crate::print_json(&output::usage_json(report));
         } else {
