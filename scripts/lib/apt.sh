@@ -1,18 +1,70 @@
 # Private apt configuration: the machine's own sources plus bookworm-backports, without touching /etc/apt.
 # Source this file; it defines apt_private (apt-get with the private configuration) and apt_private_update.
+# The machine's sources may be deb822 files (sources.list.d/*.sources) or one-line entries (sources.list and
+# sources.list.d/*.list), or both; WUKONG_APT_ETC says where they are read from (tests point it at fixtures).
 
 WUKONG_APT_DIR=${WUKONG_APT_DIR:-/var/cache/wukong/apt}
+WUKONG_APT_ETC=${WUKONG_APT_ETC:-/etc/apt}
+
+# Prints the URIs of the enabled binary (deb) entries of deb822 files, one a line, in file order.
+apt_deb822_uris() {
+  awk '
+    function flush() { if (deb && enabled) for (i = 1; i <= n; i++) print uris[i]; deb = 0; enabled = 1; n = 0 }
+    BEGIN { enabled = 1 }
+    FNR == 1 { flush() }
+    /^[ \t]*#/ { next }
+    /^[ \t]*$/ { flush(); next }
+    {
+      field = tolower($1)
+      if (field == "types:") { for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
+      else if (field == "uris:") { for (i = 2; i <= NF; i++) uris[++n] = $i }
+      else if (field == "enabled:") { enabled = (tolower($2) != "no") }
+    }
+    END { flush() }
+  ' "$@"
+}
+
+# Prints the URIs of the deb lines of one-line files ("deb [options] URI suite components"), one a line.
+apt_one_line_uris() {
+  awk '
+    $1 == "deb" {
+      line = $0; sub(/^[ \t]*deb[ \t]+/, "", line)
+      if (line ~ /^\[/) { sub(/^\[[^]]*\][ \t]*/, "", line) }
+      split(line, words, /[ \t]+/); print words[1]
+    }
+  ' "$@"
+}
 
 apt_private_setup() {
-  mkdir -p "$WUKONG_APT_DIR/sources" "$WUKONG_APT_DIR/lists/partial"
-  cp /etc/apt/sources.list.d/*.sources "$WUKONG_APT_DIR/sources/" 2>/dev/null || true
-  local uri
-  uri=$(awk '/^URIs:/ {print $2}' /etc/apt/sources.list.d/*.sources | grep -v security | head -n1)
+  local etc=$WUKONG_APT_ETC sources=$WUKONG_APT_DIR/sources f uri
+  local deb822=() one_line=()
+  [ -f "$etc/sources.list" ] && one_line+=("$etc/sources.list")
+  for f in "$etc"/sources.list.d/*.list; do [ -f "$f" ] && one_line+=("$f"); done
+  for f in "$etc"/sources.list.d/*.sources; do [ -f "$f" ] && deb822+=("$f"); done
+  # The backports entry uses the machine's own mirror: the first network URI that is not a security archive (which
+  # has no backports suite).
+  uri=$(
+    {
+      [ ${#deb822[@]} -eq 0 ] || apt_deb822_uris "${deb822[@]}"
+      [ ${#one_line[@]} -eq 0 ] || apt_one_line_uris "${one_line[@]}"
+    } | grep -E '^[a-z0-9+]+://' | grep -v security | head -n1 || true # none found is reported below
+  )
   if [ -z "$uri" ]; then
-    echo "apt: no Debian mirror found in /etc/apt/sources.list.d/*.sources" >&2
+    echo "apt: no Debian mirror found in $etc/sources.list, $etc/sources.list.d/*.list or" \
+      "$etc/sources.list.d/*.sources; add the machine's mirror there (or point WUKONG_APT_ETC at a directory that has one)" >&2
     return 1
   fi
-  cat > "$WUKONG_APT_DIR/sources/backports.sources" <<SRC
+  # Copies from an earlier run go first: a source removed from the machine must not live on here.
+  mkdir -p "$sources" "$WUKONG_APT_DIR/lists/partial"
+  rm -f "$sources"/*.list "$sources"/*.sources
+  for f in "${deb822[@]}" "${one_line[@]}"; do
+    # sources.list itself keeps a distinct name: apt reads only *.list and *.sources from the parts directory.
+    case "$f" in
+      "$etc/sources.list") cp "$f" "$sources/etc-sources.list" ;;
+      *) cp "$f" "$sources/" ;;
+    esac
+  done
+  cat > "$sources/backports.sources" <<SRC
 Types: deb
 URIs: $uri
 Suites: bookworm-backports
