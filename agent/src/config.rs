@@ -74,6 +74,7 @@ pub struct FileConfig {
     pub proc_root: Option<PathBuf>,
     pub sys_root: Option<PathBuf>,
     pub dev_root: Option<PathBuf>,
+    pub run_root: Option<PathBuf>,
 }
 
 /// The files of the agent's TLS identity and of the CA its clients must be signed by.
@@ -144,8 +145,9 @@ pub struct Config {
 pub enum ConfigError {
     #[error("cannot read the configuration file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("the configuration file {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    // One line: toml's own Display is a multi-line excerpt of the file, which a journal shows as noise.
+    #[error("the configuration file {path} is not valid{}: {message}", at_line(*line))]
+    Parse { path: PathBuf, line: Option<usize>, message: String },
     #[error("'{0}' is not a listen address; use IP or IP:PORT, e.g. 127.0.0.1 or 0.0.0.0:7443 or [::1]:7443")]
     BadListen(String),
     #[error(
@@ -214,6 +216,7 @@ impl Config {
                 proc: file.proc_root.unwrap_or(defaults.proc),
                 sys: file.sys_root.unwrap_or(defaults.sys),
                 dev: file.dev_root.unwrap_or(defaults.dev),
+                run: file.run_root.unwrap_or(defaults.run),
             },
         })
     }
@@ -222,7 +225,15 @@ impl Config {
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        line: e.span().map(|span| text.bytes().take(span.start).filter(|&b| b == b'\n').count() + 1),
+        message: e.message().trim().replace('\n', "; "),
+    })
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|n| format!(" at line {n}")).unwrap_or_default()
 }
 
 /// Parses `IP`, `IP:PORT` or `[IPv6]:PORT`; the port defaults to 7443.
@@ -337,9 +348,12 @@ mod tests {
     fn bad_file_is_a_named_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
-        std::fs::write(&path, "lisen = []\n").unwrap();
+        std::fs::write(&path, "# the agent\n\nlisen = []\n").unwrap();
         let err = Config::load(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
-        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(matches!(err, ConfigError::Parse { line: Some(3), .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.starts_with(&format!("the configuration file {} is not valid at line 3: ", path.display())));
+        assert!(text.contains("lisen") && !text.contains('\n'), "one line naming the bad key: {text}");
         let err = Config::load(&args(&["--config", "/nonexistent/agent.toml"])).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
     }

@@ -1,26 +1,27 @@
-//! Where the agent finds `/proc`, `/sys` and `/dev`. Always passed in, never assumed, so every reader of kernel
-//! state runs on fixture trees in tests.
+//! Where the agent finds `/proc`, `/sys`, `/dev` and `/run`. Always passed in, never assumed, so every reader of
+//! kernel state runs on fixture trees in tests.
 
 use std::path::{Path, PathBuf};
 
-/// The three kernel-provided trees the agent reads.
+/// The kernel-provided trees the agent reads, and `/run`, where it looks for the udev daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRoots {
     pub proc: PathBuf,
     pub sys: PathBuf,
     pub dev: PathBuf,
+    pub run: PathBuf,
 }
 
 impl Default for HostRoots {
     fn default() -> Self {
-        Self { proc: "/proc".into(), sys: "/sys".into(), dev: "/dev".into() }
+        Self { proc: "/proc".into(), sys: "/sys".into(), dev: "/dev".into(), run: "/run".into() }
     }
 }
 
 impl HostRoots {
-    /// Roots below one directory holding `proc/`, `sys/` and `dev/` (a fixture tree).
+    /// Roots below one directory holding `proc/`, `sys/`, `dev/` and `run/` (a fixture tree).
     pub fn under(base: &Path) -> Self {
-        Self { proc: base.join("proc"), sys: base.join("sys"), dev: base.join("dev") }
+        Self { proc: base.join("proc"), sys: base.join("sys"), dev: base.join("dev"), run: base.join("run") }
     }
 
     /// `/sys/block/<name>`.

@@ -3,6 +3,7 @@
 
 use crate::agent_info::AgentFacts;
 use crate::config::{Config, TlsFiles};
+use crate::instance::{InstanceLock, StateDirError};
 use crate::limits::Admission;
 use crate::release::Releaser;
 use crate::release::journal::Journal;
@@ -29,6 +30,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
+    StateDir(#[from] StateDirError),
+    #[error(transparent)]
     Udev(#[from] udev_source::UdevSourceError),
     #[error("cannot listen on {addr}: {source}; is another agent running, or is the address not on this guest?")]
     BindTcp { addr: SocketAddr, source: std::io::Error },
@@ -36,6 +39,10 @@ pub enum ServerError {
     BindUnix { path: PathBuf, source: std::io::Error },
     #[error("{0} exists and is not a socket; remove it or choose another --socket path")]
     NotASocket(PathBuf),
+    #[error(
+        "{0} is served by another running process (another wukong-agent?); stop it or choose another --socket path"
+    )]
+    SocketInUse(PathBuf),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
@@ -58,6 +65,8 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
 
 /// Serves until `shutdown` completes, then stops accepting, lets running calls finish, and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    // First of all: the journal is replayed and the socket replaced below, neither of which another agent's may be.
+    let _lock = InstanceLock::acquire(&config.state_dir)?;
     let (updates, inventory) = inventory::spawn();
     let _udev_thread = udev_source::spawn(config.roots.clone(), updates.clone())?;
     inventory.wait_synced().await;
@@ -156,8 +165,9 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// Binds the Unix socket, readable and writable by root only. A stale socket from a previous run is replaced;
-/// any other file at that path is left alone and reported.
+/// Binds the Unix socket, readable and writable by root only. A stale socket from a previous run is replaced; a
+/// socket someone still serves (an agent with another state directory) and any other file are left alone and
+/// reported.
 fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
     use std::os::unix::fs::FileTypeExt;
     let err = |source| ServerError::BindUnix { path: path.to_path_buf(), source };
@@ -165,7 +175,12 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::SocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(err)?
+        }
         Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),

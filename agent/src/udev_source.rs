@@ -12,7 +12,7 @@ use crate::udev_db::{LibUdevDb, UdevDb};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{setsockopt, sockopt};
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread;
 use tokio::sync::mpsc;
 use wukong_proto::v1::Disk;
@@ -31,8 +31,24 @@ pub enum UdevSourceError {
     Thread(#[source] std::io::Error),
 }
 
+/// Whether a udev daemon runs: its control socket exists (what libudev itself checks). Without one the monitor
+/// opens fine but no device is ever initialised, so the agent would report no disks without saying why.
+fn daemon_running(roots: &HostRoots) -> bool {
+    control_socket(roots).exists()
+}
+
+fn control_socket(roots: &HostRoots) -> PathBuf {
+    roots.run.join("udev/control")
+}
+
 /// Starts the udev thread. The first update it sends is a full `Reconcile`; it stops when `updates` is closed.
 pub fn spawn(roots: HostRoots, updates: mpsc::Sender<Update>) -> Result<thread::JoinHandle<()>, UdevSourceError> {
+    if !daemon_running(&roots) {
+        tracing::warn!(
+            "no udev daemon found ({} is missing); disks will not be seen until systemd-udevd runs in this guest",
+            control_socket(&roots).display()
+        );
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = thread::Builder::new()
         .name("udev-source".into())
@@ -232,6 +248,15 @@ mod tests {
             let u = updates_for(&roots, &db, &t);
             assert!(matches!(&u[..], [Update::Reconcile(disks)] if disks.len() == 1), "{t:?}: {u:?}");
         }
+    }
+
+    #[test]
+    fn a_udev_daemon_is_known_by_its_control_socket() {
+        let (_dir, roots, _) = fixture();
+        assert!(!daemon_running(&roots));
+        std::fs::create_dir_all(roots.run.join("udev")).unwrap();
+        std::fs::write(roots.run.join("udev/control"), b"").unwrap();
+        assert!(daemon_running(&roots));
     }
 
     #[test]

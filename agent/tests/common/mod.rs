@@ -1,6 +1,9 @@
 //! Real-kernel fixtures shared by the test binaries of this crate: loop devices with filesystems, processes that
-//! hold something, and the `findmnt` oracle. Each binary uses a subset, hence the allowance below.
+//! hold something, the `findmnt` oracle, and the agent binary as a process ([`binary`]). Each binary uses a
+//! subset, hence the allowance below.
 #![allow(dead_code)]
+
+pub mod binary;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
