@@ -122,7 +122,7 @@ fn apt_setup(
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
         .env("WUKONG_APT_ETC", etc)
-        .env("WUKONG_APT_DIR", &out_dir)
+        .env("WUKONG_APT_DIR", out_dir)
         .output()?;
     let mut files = std::collections::BTreeMap::new();
     if let Ok(entries) = std::fs::read_dir(out_dir.join("sources")) {
