@@ -33,6 +33,15 @@ impl Caller {
             Caller::Anonymous => "an unauthenticated network client".into(),
         }
     }
+
+    /// The name the audit log gives the caller: its certificate's first identity.
+    fn name(&self) -> &str {
+        match self {
+            Caller::Local => "local",
+            Caller::Certified(ids) => ids.first().map(String::as_str).unwrap_or("?"),
+            Caller::Anonymous => "unauthenticated",
+        }
+    }
 }
 
 /// The common name and DNS names of a DER certificate.
@@ -48,6 +57,21 @@ fn identities(der: &[u8]) -> Vec<String> {
         }
     }
     ids
+}
+
+/// [`may_change`] for a call to `method`, which would change the guest. A refusal is also logged (who asked, from
+/// where, and why) so that an operator can see who tried to release a disk.
+pub fn authorize<T>(access: &Access, req: &Request<T>, method: &str) -> Result<(), Status> {
+    let caller = Caller::of(req);
+    may_change(access, &caller).inspect_err(|refused| {
+        tracing::warn!(
+            method,
+            client = caller.name(),
+            peer = %req.remote_addr().map_or_else(|| "local".to_string(), |a| a.to_string()),
+            reason = refused.message(),
+            "refused a release"
+        )
+    })
 }
 
 /// Allows or refuses a mutating call, with a sentence that says what to change.

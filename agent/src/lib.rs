@@ -16,6 +16,7 @@ pub mod serial;
 pub mod server;
 pub mod service;
 pub mod system;
+pub mod tls;
 pub mod udev_db;
 pub mod udev_source;
 pub mod usage;

@@ -2,12 +2,13 @@
 //! and reflection) on every TCP address and the Unix socket until shutdown.
 
 use crate::agent_info::AgentFacts;
-use crate::config::{Config, TlsFiles};
+use crate::config::Config;
 use crate::instance::{InstanceLock, StateDirError};
 use crate::limits::Admission;
 use crate::release::Releaser;
 use crate::release::journal::Journal;
 use crate::service::DiskAgentService;
+use crate::tls::{self, TlsConfigError};
 use crate::usage::UsageScanner;
 use crate::{inventory, udev_source};
 use std::future::Future;
@@ -20,7 +21,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::service::Routes;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use wukong_proto::v1::disk_agent_server::DiskAgentServer;
 
 /// How long running calls may take to finish after shutdown starts.
@@ -47,20 +48,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error("cannot read the TLS file {path}: {source}")]
-    TlsFile { path: PathBuf, source: std::io::Error },
-    #[error("the TLS configuration is not usable: {0}; check that the certificate, its key and the client CA are PEM")]
-    Tls(tonic::transport::Error),
-}
-
-/// Mutual TLS for the TCP listeners: the agent's identity, and the CA every client certificate must chain to.
-fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
-    let read =
-        |path: &PathBuf| std::fs::read(path).map_err(|source| ServerError::TlsFile { path: path.clone(), source });
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
-        .client_ca_root(Certificate::from_pem(read(&files.client_ca)?))
-        .client_auth_optional(false))
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
 }
 
 /// Serves until `shutdown` completes, then stops accepting, lets running calls finish, and returns.
@@ -90,7 +79,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .build_v1()?;
     let routes = Routes::new(agent).add_service(health_service).add_service(reflection);
 
-    let tls = config.tls.as_ref().map(tls_config).transpose()?;
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let timeout = Duration::from_secs(config.limits.request_timeout_seconds);
     let mut servers = tokio::task::JoinSet::new();
     for addr in &config.listen {
@@ -98,22 +87,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let local = listener.local_addr().map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
         // Streams are not capped at the HTTP/2 level: a client would queue silently there. The service counts
         // them and refuses with a sentence instead.
-        let mut builder = Server::builder().timeout(timeout);
-        match &tls {
-            Some(tls) => {
-                builder = builder.tls_config(tls.clone()).map_err(ServerError::Tls)?;
-                tracing::info!(address = %local, "serving gRPC over mutual TLS (client certificates required)");
-            }
-            None if !local.ip().is_loopback() => tracing::warn!(
+        let router = Server::builder().timeout(timeout).add_routes(routes.clone());
+        let stop = stopped(stop_rx.clone());
+        if let Some(tls) = &tls {
+            tracing::info!(address = %local, "serving gRPC over mutual TLS (client certificates required)");
+            servers.spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls.clone()), stop));
+            continue;
+        }
+        if local.ip().is_loopback() {
+            tracing::info!(address = %local, "serving plaintext gRPC on loopback");
+        } else {
+            tracing::warn!(
                 address = %local,
                 "serving PLAINTEXT gRPC off loopback (--insecure-plaintext): anyone who reaches this address can \
                  use the agent"
-            ),
-            None => tracing::info!(address = %local, "serving plaintext gRPC on loopback"),
+            );
         }
-        let incoming = TcpListenerStream::new(listener);
-        servers
-            .spawn(builder.add_routes(routes.clone()).serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
+        servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop));
     }
     if let Some(path) = &config.socket {
         let listener = bind_unix(path)?;

@@ -1,7 +1,7 @@
 //! The `wukong.agent.v1.DiskAgent` gRPC service: validates requests, answers from the inventory, maps errors to
 //! status codes with sentences a person can act on.
 
-use crate::access::{Caller, may_change};
+use crate::access::{Caller, authorize, may_change};
 use crate::agent_info::AgentFacts;
 use crate::config::Access;
 use crate::inventory::{Event, InventoryHandle, LookupError, Snapshot, disk_matches};
@@ -256,7 +256,7 @@ impl DiskAgent for DiskAgentService {
         req: Request<PrepareDetachRequest>,
     ) -> Result<Response<PrepareDetachResponse>, Status> {
         let _admitted = self.admission.request(&req)?;
-        may_change(&self.access, &Caller::of(&req))?;
+        authorize(&self.access, &req, "PrepareDetach")?;
         let PrepareDetachRequest { serial, unmount, dry_run } = req.into_inner();
         let serial = parse_serial(&serial)?;
         // A release runs to its end even if the caller goes away: stopping half-way would leave the disk
@@ -270,7 +270,7 @@ impl DiskAgent for DiskAgentService {
 
     async fn cancel_detach(&self, req: Request<CancelDetachRequest>) -> Result<Response<CancelDetachResponse>, Status> {
         let _admitted = self.admission.request(&req)?;
-        may_change(&self.access, &Caller::of(&req))?;
+        authorize(&self.access, &req, "CancelDetach")?;
         let serial = parse_serial(&req.get_ref().serial)?;
         let releaser = self.releaser.clone();
         let cancelled = tokio::spawn(async move { releaser.cancel(&serial).await })
