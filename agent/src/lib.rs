@@ -12,7 +12,7 @@ pub mod inventory;
 pub mod limits;
 pub mod release;
 pub mod roots;
-pub mod serial;
+pub use wukong_proto::serial;
 pub mod server;
 pub mod service;
 pub mod system;

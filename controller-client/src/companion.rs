@@ -3,9 +3,15 @@
 //! The invariant the detach path keeps, and the tests check: the hypervisor is asked to remove a volume only after
 //! the guest's agent reported the disk released *in this same operation*, or when the caller forced it. A system
 //! disk is never detached, forced or not. Attach returns only once the guest itself reports the disk.
+//!
+//! `detach` is safe to call again at any point, and should be: after a timeout, a crash, or on every reconcile.
+//! A volume the hypervisor is already removing (this detach's earlier run, or another tool) is joined: no second
+//! removal is sent, the guest is asked to release the disk if it has not yet, and the call waits. The guest gets its
+//! disk back (`CancelDetach`) only when the hypervisor refused the removal *and* still has the volume attached and
+//! not being removed; when that cannot be told, the disk stays released, which is safe, and the error says so.
 
 use crate::agent_client::{AgentClient, ClientError};
-use crate::hypervisor::{Hypervisor, HypervisorError, VolumeSpec, VolumeState};
+use crate::hypervisor::{Hypervisor, HypervisorError, Removal, VolumeSpec, VolumeState};
 use std::time::{Duration, Instant};
 use tonic::Code;
 use wukong_proto::v1::{Disk, DiskState, PrepareDetachResponse, ReleaseMethod, UsageReport};
@@ -18,6 +24,11 @@ pub const MAX_SERIAL: usize = 20;
 pub enum CompanionError {
     #[error("'{serial}' is not a portable serial: {why}; use at most 20 characters of a-z, 0-9, '.', '_' and '-'")]
     BadSerial { serial: String, why: &'static str },
+    #[error(
+        "'{name}' is not a volume name: {why}; KubeVirt's volume names are DNS labels (a-z, 0-9 and '-', at most 63 \
+         characters, starting with a letter)"
+    )]
+    BadVolumeName { name: String, why: &'static str },
     #[error("volume '{volume}' is attached to {hypervisor} with serial '{found}', not '{wanted}'")]
     SerialMismatch { volume: String, hypervisor: String, found: String, wanted: String },
     #[error("detach of disk '{serial}' refused; nothing was detached: {message}")]
@@ -39,16 +50,40 @@ pub enum CompanionError {
     #[error("{hypervisor} refused to remove volume '{volume}': {error}; {undo}")]
     RemoveFailed { volume: String, hypervisor: String, error: Box<HypervisorError>, undo: String },
     #[error(
+        "{hypervisor} is already removing volume '{volume}' (not at this detach's request), and the guest did not \
+         release disk '{serial}' first: {reason}. Nothing can stop that removal from here: stop what uses the disk in \
+         the guest now"
+    )]
+    RemovalUnguarded { volume: String, hypervisor: String, serial: String, reason: String, report: Box<UsageReport> },
+    #[error(
+        "the removal of volume '{volume}' is in progress but did not finish within {seconds}s ({detail}); {guest}. \
+         Run detach again to wait for it"
+    )]
+    RemovalPending { volume: String, detail: String, guest: String, seconds: u64 },
+    #[error(
         "{hypervisor} attached volume '{volume}', but the guest did not report a disk with serial '{serial}' within \
          {seconds}s; check that wukong-agent runs in the guest and that the serial reaches it"
     )]
     GuestDidNotSee { volume: String, hypervisor: String, serial: String, seconds: u64 },
+    #[error(
+        "{hypervisor} attached volume '{volume}', but the guest's agent cannot be reached to confirm the guest sees \
+         it ({error}); check that wukong-agent runs in the guest and is reachable"
+    )]
+    AttachUnconfirmed { volume: String, hypervisor: String, error: Box<ClientError> },
     #[error("{0}")]
     Timeout(String),
     #[error(transparent)]
     Hypervisor(Box<HypervisorError>),
     #[error("the guest's agent failed: {0}")]
     Agent(Box<ClientError>),
+}
+
+impl CompanionError {
+    /// True when the hypervisor is removing the volume (asked by this detach, an earlier one, or another tool): the
+    /// removal goes on whatever happens next, and running detach again waits for it.
+    pub fn removal_in_progress(&self) -> bool {
+        matches!(self, Self::RemovalPending { .. } | Self::RemovalUnguarded { .. })
+    }
 }
 
 impl From<HypervisorError> for CompanionError {
@@ -88,6 +123,8 @@ pub struct Detached {
     pub serial: String,
     /// The volume was not attached: nothing was done.
     pub already: bool,
+    /// Who asked the hypervisor to remove it: this detach, or an earlier request it joined. `None` when `already`.
+    pub removal: Option<Removal>,
     pub forced: bool,
     /// The agent's release, unless forced.
     pub release: Option<PrepareDetachResponse>,
@@ -119,16 +156,39 @@ pub fn check_serial(serial: &str) -> Result<(), CompanionError> {
     Ok(())
 }
 
-/// A portable serial from a volume name: lowercased, other characters as '-', at most 20 characters.
+/// Longest volume name: KubeVirt's volume names are DNS labels.
+pub const MAX_VOLUME_NAME: usize = 63;
+
+/// Checks a volume name by KubeVirt's rule (a DNS label: lowercase letters, digits and '-', at most 63, starting
+/// and ending with a letter or digit), which also makes it a valid QEMU device id when it starts with a letter.
+pub fn check_volume_name(name: &str) -> Result<(), CompanionError> {
+    let bad = |why| Err(CompanionError::BadVolumeName { name: name.into(), why });
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_VOLUME_NAME {
+        return bad("it is longer than 63 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return bad("it has characters other than lowercase letters, digits and '-'");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) || name.ends_with('-') {
+        return bad("it must start with a letter and end with a letter or digit");
+    }
+    Ok(())
+}
+
+/// The serial virtctl would give a volume: its name. A name longer than a portable serial is refused rather than
+/// cut short, since two names with the same first 20 characters would then share a serial.
 pub fn derive_serial(volume: &str) -> Result<String, CompanionError> {
-    let serial: String = volume
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
-        .take(MAX_SERIAL)
-        .collect();
-    check_serial(&serial)?;
-    Ok(serial)
+    check_volume_name(volume)?;
+    if volume.len() > MAX_SERIAL {
+        return Err(CompanionError::BadSerial {
+            serial: volume.into(),
+            why: "the volume name is longer than 20 characters, the longest portable serial; give one with --serial",
+        });
+    }
+    Ok(volume.to_string())
 }
 
 /// Turns an agent error on PrepareDetach into the refusal it means.
@@ -151,7 +211,8 @@ fn refusal(serial: &str, e: ClientError) -> CompanionError {
     }
 }
 
-/// Detaches a volume safely; see the module documentation for the invariant. `progress` hears each phase.
+/// Detaches a volume safely; see the module documentation for the invariant and why it may be called again.
+/// `progress` hears each phase.
 pub async fn detach<H: Hypervisor>(
     hypervisor: &H,
     agent: &AgentClient,
@@ -168,56 +229,31 @@ pub async fn detach<H: Hypervisor>(
         _ => volume.to_string(),
     };
     if state == VolumeState::Absent {
+        hypervisor.finish_removal(volume).await?;
         tracing::info!(%serial, volume, hypervisor = %hypervisor.describe(), "volume is not attached; nothing to do");
-        return Ok(Detached { serial, already: true, forced: options.force, release: None, timings });
+        return Ok(Detached { serial, already: true, removal: None, forced: options.force, release: None, timings });
     }
-    tracing::info!(%serial, volume, hypervisor = %hypervisor.describe(), force = options.force, "detaching");
-    let mut release = None;
+    let removing = matches!(state, VolumeState::Removing { .. });
+    tracing::info!(%serial, volume, hypervisor = %hypervisor.describe(), force = options.force, removing, "detaching");
     let step = Instant::now();
-    if options.force {
-        tracing::warn!(
-            %serial, volume,
-            "FORCED detach: the guest is not asked to release the disk; anything still using it loses its data"
-        );
-        // Forced or not, a system disk stays: ask the agent, if it answers.
-        if let Ok(d) = agent.get_disk(&serial, false).await
-            && d.system
-        {
-            return Err(CompanionError::SystemDisk { serial, reason: d.system_reason });
-        }
-    } else {
-        progress(&format!("asking the guest to release disk '{serial}'"));
-        let r = agent.prepare_detach(&serial, options.unmount, false).await.map_err(|e| refusal(&serial, e))?;
-        if !r.released {
-            let report = Box::new(r.usage.unwrap_or_default());
-            return Err(CompanionError::Refused { serial, message: "the agent did not release it".into(), report });
-        }
-        tracing::info!(%serial, "the guest released the disk");
-        release = Some(r);
+    let release = release(hypervisor, agent, options, &serial, removing, progress).await?;
+    if release.is_some() {
         timings.push(("release in the guest", step.elapsed()));
     }
 
     let step = Instant::now();
-    progress(&format!("removing volume '{volume}' from {}", hypervisor.describe()));
-    if let Err(error) = hypervisor.remove_volume(volume).await {
-        let undo = if release.is_some() {
-            match agent.cancel_detach(&serial).await {
-                Ok(_) => "the guest got its disk back (CancelDetach)".to_string(),
-                Err(e) => format!(
-                    "CancelDetach failed too ({e}); run `wukongctl cancel-release {serial}` in the guest to get the \
-                     disk back"
-                ),
-            }
-        } else {
-            "nothing was changed in the guest".to_string()
-        };
-        tracing::error!(%serial, volume, error = %error, undo = %undo, "removing the volume failed");
-        return Err(CompanionError::RemoveFailed {
-            volume: volume.into(),
-            hypervisor: hypervisor.describe(),
-            error: Box::new(error),
-            undo,
-        });
+    let removal = if removing {
+        tracing::info!(%serial, volume, "the hypervisor is already removing the volume; joining that removal");
+        Removal::AlreadyInProgress
+    } else {
+        progress(&format!("removing volume '{volume}' from {}", hypervisor.describe()));
+        match hypervisor.remove_volume(volume).await {
+            Ok(removal) => removal,
+            Err(error) => removal_refused(hypervisor, agent, volume, &serial, release.is_some(), error).await?,
+        }
+    };
+    if removal == Removal::AlreadyInProgress {
+        progress(&format!("{} is already removing volume '{volume}'; waiting for it", hypervisor.describe()));
     }
     timings.push(("remove request", step.elapsed()));
 
@@ -228,21 +264,130 @@ pub async fn detach<H: Hypervisor>(
         let hypervisor_done = hypervisor.volume_state(volume).await? == VolumeState::Absent;
         // Forced with the agent down, the guest cannot be asked; the hypervisor's word is all there is.
         if hypervisor_done && gone_from_guest(agent, &serial, options.force).await {
+            hypervisor.finish_removal(volume).await?;
             break;
         }
         if Instant::now() >= deadline {
-            return Err(CompanionError::Timeout(format!(
-                "volume '{volume}' was removed from {}, but {} within {}s",
-                hypervisor.describe(),
-                if hypervisor_done { "the guest still lists the disk" } else { "it still lists the volume" },
-                options.timeout.as_secs()
-            )));
+            let detail = match hypervisor_done {
+                true => format!("{} removed it, but the guest still lists disk '{serial}'", hypervisor.describe()),
+                false => format!("{} still lists it", hypervisor.describe()),
+            };
+            let guest = match &release {
+                Some(_) => format!("the guest released disk '{serial}', so nothing in it can use the disk"),
+                None => format!("the guest was not asked to release disk '{serial}'"),
+            };
+            return Err(CompanionError::RemovalPending {
+                volume: volume.into(),
+                detail,
+                guest,
+                seconds: options.timeout.as_secs(),
+            });
         }
         tokio::time::sleep(options.poll).await;
     }
     timings.push(("unplug wait", step.elapsed()));
-    tracing::info!(%serial, volume, elapsed = ?started.elapsed(), "detached");
-    Ok(Detached { serial, already: false, forced: options.force, release, timings })
+    tracing::info!(%serial, volume, elapsed = ?started.elapsed(), ?removal, "detached");
+    Ok(Detached { serial, already: false, removal: Some(removal), forced: options.force, release, timings })
+}
+
+/// The guest's side of a detach: the agent releases the disk (idempotent: a disk released by an earlier run is
+/// reported released again), or, forced, nothing but the system-disk check. `removing`: the hypervisor is already
+/// removing the volume, so a refusal cannot stop anything and says so, and a disk the guest does not have needs
+/// no release.
+async fn release<H: Hypervisor>(
+    hypervisor: &H,
+    agent: &AgentClient,
+    options: &DetachOptions,
+    serial: &str,
+    removing: bool,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Option<PrepareDetachResponse>, CompanionError> {
+    if options.force {
+        tracing::warn!(
+            %serial, volume = options.volume,
+            "FORCED detach: the guest is not asked to release the disk; anything still using it loses its data"
+        );
+        // Forced or not, a system disk stays: ask the agent, if it answers.
+        if let Ok(d) = agent.get_disk(serial, false).await
+            && d.system
+        {
+            return Err(CompanionError::SystemDisk { serial: serial.into(), reason: d.system_reason });
+        }
+        return Ok(None);
+    }
+    progress(&format!("asking the guest to release disk '{serial}'"));
+    let refused = match agent.prepare_detach(serial, options.unmount, false).await {
+        Ok(r) if r.released => {
+            tracing::info!(%serial, "the guest released the disk");
+            return Ok(Some(r));
+        }
+        Ok(r) => CompanionError::Refused {
+            serial: serial.into(),
+            message: "the agent did not release it".into(),
+            report: Box::new(r.usage.unwrap_or_default()),
+        },
+        Err(e) if removing && e.code() == Some(Code::NotFound) => {
+            tracing::info!(%serial, "the guest does not have the disk; nothing to release before the removal ends");
+            return Ok(None);
+        }
+        Err(e) => refusal(serial, e),
+    };
+    if !removing {
+        return Err(refused);
+    }
+    let report = match &refused {
+        CompanionError::Refused { report, .. } => report.clone(),
+        _ => Box::default(),
+    };
+    Err(CompanionError::RemovalUnguarded {
+        volume: options.volume.clone(),
+        hypervisor: hypervisor.describe(),
+        serial: serial.into(),
+        reason: refused.to_string(),
+        report,
+    })
+}
+
+/// The hypervisor refused the removal. Whether the guest gets its disk back depends on what the hypervisor says
+/// *now*: only a volume still attached and not being removed is given back; a removal under way (a retry that lost
+/// a race, another tool) is joined; when the state cannot be read, the disk stays released, which is safe.
+async fn removal_refused<H: Hypervisor>(
+    hypervisor: &H,
+    agent: &AgentClient,
+    volume: &str,
+    serial: &str,
+    released: bool,
+    error: HypervisorError,
+) -> Result<Removal, CompanionError> {
+    let failed = |undo: String, error: HypervisorError| {
+        tracing::error!(%serial, volume, error = %error, undo = %undo, "removing the volume failed");
+        CompanionError::RemoveFailed {
+            volume: volume.into(),
+            hypervisor: hypervisor.describe(),
+            error: Box::new(error),
+            undo,
+        }
+    };
+    let undo = match hypervisor.volume_state(volume).await {
+        Ok(VolumeState::Removing { .. } | VolumeState::Absent) => {
+            tracing::info!(%serial, volume, error = %error, "the removal request failed, but a removal is under way");
+            return Ok(Removal::AlreadyInProgress);
+        }
+        Err(state_error) => format!(
+            "could not tell whether the volume is being removed ({state_error}), so the guest keeps disk '{serial}' \
+             released{}; run detach again: it finishes a removal under way, or asks again",
+            if released { " (nothing in it can use the disk)" } else { "" }
+        ),
+        Ok(_) if !released => "nothing was changed in the guest".to_string(),
+        Ok(_) => match agent.cancel_detach(serial).await {
+            Ok(_) => "the guest got its disk back (CancelDetach)".to_string(),
+            Err(e) => format!(
+                "the volume is still attached and not being removed, but CancelDetach failed ({e}); run `wukongctl \
+                 cancel-release {serial}` in the guest to get the disk back, or detach again"
+            ),
+        },
+    };
+    Err(failed(undo, error))
 }
 
 /// True when the agent no longer has the disk in the guest: unknown, or a released SCSI disk (deleted in the
@@ -264,6 +409,7 @@ pub async fn attach<H: Hypervisor>(
     options: &AttachOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Attached, CompanionError> {
+    check_volume_name(&volume.name)?;
     check_serial(&volume.serial)?;
     let started = Instant::now();
     let deadline = started + options.timeout;
@@ -320,7 +466,11 @@ pub async fn attach<H: Hypervisor>(
             seconds: options.timeout.as_secs(),
         },
         _ if matches!(e, ClientError::Unreachable { .. } | ClientError::Timeout { .. }) => {
-            CompanionError::AgentUnreachable(Box::new(e))
+            CompanionError::AttachUnconfirmed {
+                volume: name.into(),
+                hypervisor: hypervisor.describe(),
+                error: Box::new(e),
+            }
         }
         _ => CompanionError::Agent(Box::new(e)),
     })?;
@@ -339,7 +489,13 @@ mod tests {
         for bad in ["", "Data", "a/b", "x".repeat(21).as_str()] {
             assert!(matches!(check_serial(bad), Err(CompanionError::BadSerial { .. })), "{bad:?}");
         }
-        assert_eq!(derive_serial("PG Data/2024-volume-long").unwrap(), "pg-data-2024-volume-");
-        assert!(derive_serial("").is_err());
+        assert_eq!(derive_serial("pg-data-2024").unwrap(), "pg-data-2024");
+        let long = derive_serial("pg-data-2024-volume-long").unwrap_err().to_string();
+        assert!(long.contains("give one with --serial"), "{long}");
+        for bad in ["", "Data1", "a/b", "1abc", "abc-", "pg data", &"a".repeat(64)] {
+            assert!(matches!(check_volume_name(bad), Err(CompanionError::BadVolumeName { .. })), "{bad:?}");
+            assert!(derive_serial(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_volume_name(&"a".repeat(63)).is_ok());
     }
 }

@@ -49,10 +49,22 @@ pub struct VolumeSpec {
 pub enum VolumeState {
     /// Not attached, and not on its way.
     Absent,
-    /// Attaching or detaching: known to the hypervisor, not ready.
+    /// Attaching: known to the hypervisor, not ready yet.
     Pending { phase: String, message: String },
     /// Attached and ready.
     Ready { serial: Option<String>, target: String },
+    /// Being removed: the hypervisor was asked to remove it (by anyone) and has not finished. Nothing can stop
+    /// that any more; a detach joins it instead of asking again or giving the disk back.
+    Removing { phase: String, message: String },
+}
+
+/// What became of a removal request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// This request started the removal.
+    Requested,
+    /// The hypervisor was already removing the volume (an earlier detach, or another tool); nothing was changed.
+    AlreadyInProgress,
 }
 
 /// A hypervisor error, named by what happened, carrying the hypervisor's own message.
@@ -80,8 +92,15 @@ pub trait Hypervisor: Send + Sync {
     fn describe(&self) -> String;
     /// Asks the hypervisor to attach the volume. Returns once the request is accepted, not when it is done.
     fn add_volume(&self, volume: &VolumeSpec) -> impl Future<Output = Result<(), HypervisorError>> + Send;
-    /// Asks the hypervisor to detach the volume. Returns once the request is accepted.
-    fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+    /// Asks the hypervisor to detach the volume. Returns once the request is accepted, or once the hypervisor says
+    /// a removal is already under way.
+    fn remove_volume(&self, name: &str) -> impl Future<Output = Result<Removal, HypervisorError>> + Send;
     /// Where the volume is now.
     fn volume_state(&self, name: &str) -> impl Future<Output = Result<VolumeState, HypervisorError>> + Send;
+    /// Tidies what the hypervisor keeps after the volume is gone (QEMU: its block node). Idempotent; called once
+    /// [`Hypervisor::volume_state`] reports [`VolumeState::Absent`].
+    fn finish_removal(&self, name: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send {
+        let _ = name;
+        std::future::ready(Ok(()))
+    }
 }

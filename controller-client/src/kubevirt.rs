@@ -2,7 +2,7 @@
 //! and the VMI's `status.volumeStatus`, through kube-rs. Request bodies and the parts of VMI/VM we read are our own
 //! serde types, matching KubeVirt's OpenAPI document (`v1.AddVolumeOptions`, `v1.VolumeStatus`, …).
 
-use crate::hypervisor::{Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState};
+use crate::hypervisor::{Hypervisor, HypervisorError, Removal, VolumeSource, VolumeSpec, VolumeState};
 use http::{Method, Request};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -175,12 +175,20 @@ pub struct KubeVirt {
     namespace: String,
     name: String,
     persist: bool,
+    /// The API server, for messages: "the Kubernetes API at https://…".
+    api: String,
 }
 
 impl KubeVirt {
     /// `persist`: change the VM's spec too (the `virtualmachines/…` subresources), so the volume survives a restart.
     pub fn new(client: kube::Client, namespace: &str, name: &str, persist: bool) -> Self {
-        Self { client, namespace: namespace.into(), name: name.into(), persist }
+        Self { client, namespace: namespace.into(), name: name.into(), persist, api: "the Kubernetes API".into() }
+    }
+
+    /// Names the API server's URL in messages (a client does not expose it).
+    pub fn with_api_url(mut self, url: &str) -> Self {
+        self.api = format!("the Kubernetes API at {url}");
+        self
     }
 
     fn subresource(&self, verb: &str) -> String {
@@ -277,7 +285,7 @@ impl KubeVirt {
                 }
             }
             kube::Error::SerdeError(e) => HypervisorError::Decode { what, message: e.to_string() },
-            other => HypervisorError::Unreachable { what: "the Kubernetes API".into(), message: other.to_string() },
+            other => HypervisorError::Unreachable { what: self.api.clone(), message: other.to_string() },
         }
     }
 }
@@ -320,8 +328,9 @@ impl Hypervisor for KubeVirt {
         self.put("addvolume", &body).await
     }
 
-    async fn remove_volume(&self, name: &str) -> Result<(), HypervisorError> {
-        self.put("removevolume", &RemoveVolumeOptions { name: name.into(), dry_run: Vec::new() }).await
+    async fn remove_volume(&self, name: &str) -> Result<Removal, HypervisorError> {
+        self.put("removevolume", &RemoveVolumeOptions { name: name.into(), dry_run: Vec::new() }).await?;
+        Ok(Removal::Requested)
     }
 
     async fn volume_state(&self, name: &str) -> Result<VolumeState, HypervisorError> {
@@ -329,18 +338,84 @@ impl Hypervisor for KubeVirt {
         let in_spec = vmi.spec.volumes.iter().any(|v| v.name == name);
         let serial = vmi.spec.domain.devices.disks.iter().find(|d| d.name == name).and_then(|d| d.serial.clone());
         let status = vmi.status.volume_status.iter().find(|s| s.name == name);
-        // A VM may still carry the volume in its template after the VMI let go of it.
-        let in_template = self.persist
-            && self.vm().await?.spec.template.is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name));
-        Ok(match status {
-            Some(s) if in_spec && s.phase == "Ready" && !s.target.is_empty() => {
-                VolumeState::Ready { serial, target: s.target.clone() }
-            }
-            Some(s) => VolumeState::Pending { phase: s.phase.clone(), message: s.message.clone() },
-            None if in_spec || in_template => {
-                VolumeState::Pending { phase: "Pending".into(), message: "no volume status yet".into() }
-            }
-            None => VolumeState::Absent,
-        })
+        // With `persist` the VM's template is the truth (with declarative hot-plug, editing it *is* the unplug): a
+        // volume gone from it is being removed even while the VMI still carries it.
+        let in_template = match self.persist {
+            true => Some(self.vm().await?.spec.template.is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name))),
+            false => None,
+        };
+        Ok(classify(in_spec, in_template, status, serial))
+    }
+}
+
+/// A volume's state from where KubeVirt has it: the VMI's spec, the VM's template (`None` when not consulted) and
+/// the VMI's volume status. A status entry outlives the volume's removal from the spec by seconds (the attachment
+/// pod is torn down, then `UnMountedFromPod`, `Detaching`): that whole time the volume is being removed.
+fn classify(
+    in_spec: bool,
+    in_template: Option<bool>,
+    status: Option<&VolumeStatus>,
+    serial: Option<String>,
+) -> VolumeState {
+    let leaving = in_template == Some(false) || (!in_spec && in_template.is_none());
+    match status {
+        Some(s) if leaving || !in_spec => VolumeState::Removing {
+            phase: if s.phase.is_empty() { "Unknown".into() } else { s.phase.clone() },
+            message: format!("volume '{}' left the spec; KubeVirt is unplugging it", s.name),
+        },
+        Some(s) if s.phase == "Ready" && !s.target.is_empty() => {
+            VolumeState::Ready { serial, target: s.target.clone() }
+        }
+        Some(s) => VolumeState::Pending { phase: s.phase.clone(), message: s.message.clone() },
+        None if in_spec && leaving => VolumeState::Removing {
+            phase: "Pending".into(),
+            message: "removed from the VM's spec; the VMI still has it".into(),
+        },
+        None if in_spec || in_template == Some(true) => {
+            VolumeState::Pending { phase: "Pending".into(), message: "no volume status yet".into() }
+        }
+        None => VolumeState::Absent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(phase: &str, target: &str) -> VolumeStatus {
+        VolumeStatus { name: "data1".into(), target: target.into(), phase: phase.into(), ..Default::default() }
+    }
+
+    fn kind(state: VolumeState) -> String {
+        match state {
+            VolumeState::Absent => "absent".into(),
+            VolumeState::Pending { phase, .. } => format!("pending {phase}"),
+            VolumeState::Ready { target, .. } => format!("ready {target}"),
+            VolumeState::Removing { phase, .. } => format!("removing {phase}"),
+        }
+    }
+
+    #[test]
+    fn a_volume_out_of_the_spec_with_a_status_entry_is_being_removed() {
+        let ready = status("Ready", "sda");
+        let cases: [(bool, Option<bool>, Option<&VolumeStatus>, &str); 11] = [
+            // The VMI alone (no --persist).
+            (true, None, Some(&ready), "ready sda"),
+            (true, None, Some(&status("MountedToPod", "")), "pending MountedToPod"),
+            (true, None, None, "pending Pending"),
+            (false, None, Some(&ready), "removing Ready"),
+            (false, None, Some(&status("UnMountedFromPod", "sda")), "removing UnMountedFromPod"),
+            (false, None, Some(&status("", "")), "removing Unknown"),
+            (false, None, None, "absent"),
+            // The VM's template decides: gone from it is a removal, even while the VMI still has the volume.
+            (true, Some(false), Some(&ready), "removing Ready"),
+            (true, Some(false), None, "removing Pending"),
+            (false, Some(true), None, "pending Pending"),
+            (false, Some(false), None, "absent"),
+        ];
+        for (in_spec, in_template, status, want) in cases {
+            let got = kind(classify(in_spec, in_template, status, None));
+            assert_eq!(got, want, "in_spec={in_spec} in_template={in_template:?} status={status:?}");
+        }
     }
 }

@@ -3,8 +3,8 @@
 use serde_json::{Value, json};
 use wukong_proto::v1::blocker::Detail;
 use wukong_proto::v1::{
-    Blocker, BlockerKind, Bus, Disk, DiskEvent, DiskState, EventKind, Partition, PrepareDetachResponse, ReleaseAction,
-    ReleaseMethod, UsageReport,
+    AgentInfo, Blocker, BlockerKind, Bus, Disk, DiskEvent, DiskState, EventKind, Partition, PrepareDetachResponse,
+    ReleaseAction, ReleaseMethod, UsageReport,
 };
 
 /// `1.5 GiB`-style sizes.
@@ -267,6 +267,46 @@ pub fn disk_json(d: &Disk) -> Value {
         "holders": d.holders.iter().map(|h| json!(h.kernel_name)).collect::<Vec<_>>(),
         "usage": d.usage.as_ref().map(usage_json),
     })
+}
+
+/// One watch event as a JSON object (a line of `watch -o json`).
+pub fn event_json(e: &DiskEvent) -> Value {
+    json!({
+        "kind": event_name(e.kind()), "sequence": e.sequence, "time": timestamp_json(&e.time),
+        "disk": e.disk.as_ref().map(disk_json),
+    })
+}
+
+/// The agent's facts as JSON.
+pub fn info_json(i: &AgentInfo) -> Value {
+    json!({
+        "version": i.version, "hostname": i.hostname, "kernel_release": i.kernel_release, "os": i.os,
+        "arch": i.arch, "boot_id": i.boot_id, "uptime_ms": duration_ms(&i.uptime),
+        "started_at": timestamp_json(&i.started_at), "memory_bytes": i.memory_bytes, "disk_count": i.disk_count,
+        "capabilities": i.capabilities, "read_only": i.read_only,
+    })
+}
+
+/// The agent's facts, one per line.
+pub fn info_text(i: &AgentInfo) -> String {
+    let releases = match i.read_only {
+        true => "refused for this client (read-only)",
+        false => "allowed",
+    };
+    [
+        ("version", i.version.clone()),
+        ("hostname", i.hostname.clone()),
+        ("kernel", i.kernel_release.clone()),
+        ("os", i.os.clone()),
+        ("arch", i.arch.clone()),
+        ("boot id", i.boot_id.clone()),
+        ("disks", i.disk_count.to_string()),
+        ("releases", releases.to_string()),
+        ("capabilities", i.capabilities.join(", ")),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{:<13} {v}\n", format!("{k}:")))
+    .collect()
 }
 
 /// One line per watch event.

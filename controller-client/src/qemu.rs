@@ -1,14 +1,15 @@
 //! The plain-QEMU backend: volumes are image files plugged over QMP (`blockdev-add` + `device_add` with the
-//! serial; `device_del`, `DEVICE_DELETED`, `blockdev-del`). The volume name is the QEMU device id.
+//! serial; `device_del`, then, once QEMU has deleted the device, `blockdev-del`). The volume name is the QEMU device
+//! id.
+//!
+//! QEMU does not show whether a device's unplug is pending (a PCIe unplug waits for the guest, about 5 s), but it
+//! refuses a second `device_del` for it, without side effects, saying "already in the process of unplug"; that
+//! refusal is how a retried detach learns it must join the removal instead of failing.
 
-use crate::hypervisor::{DiskBus, Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState};
-use crate::qmp::{DiskDevice, DiskPlug, QmpClient, QmpError};
+use crate::hypervisor::{DiskBus, Hypervisor, HypervisorError, Removal, VolumeSource, VolumeSpec, VolumeState};
+use crate::qmp::{DiskDevice, DiskPlug, QmpClient, QmpError, UnplugRequest};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-/// How long QEMU may take to confirm an unplug (`DEVICE_DELETED`); virtio-blk needs the guest's cooperation.
-const UNPLUG_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A QEMU process reached over its QMP socket.
 pub struct Qemu {
@@ -71,6 +72,8 @@ impl Hypervisor for Qemu {
                 })?,
             },
         };
+        // A detach interrupted after the unplug leaves the block node behind; it would make blockdev-add fail.
+        self.finish_removal(&volume.name).await?;
         let plug = DiskPlug {
             device: volume.name.clone(),
             node: Self::node(&volume.name),
@@ -82,8 +85,15 @@ impl Hypervisor for Qemu {
         self.qmp.plug_disk(&plug).await.map_err(|e| self.error(e))
     }
 
-    async fn remove_volume(&self, name: &str) -> Result<(), HypervisorError> {
-        self.qmp.unplug_disk(name, &Self::node(name), UNPLUG_TIMEOUT).await.map_err(|e| self.error(e))
+    async fn remove_volume(&self, name: &str) -> Result<Removal, HypervisorError> {
+        match self.qmp.request_unplug(name).await.map_err(|e| self.error(e))? {
+            UnplugRequest::Sent => Ok(Removal::Requested),
+            UnplugRequest::AlreadyPending => Ok(Removal::AlreadyInProgress),
+        }
+    }
+
+    async fn finish_removal(&self, name: &str) -> Result<(), HypervisorError> {
+        self.qmp.delete_node(&Self::node(name)).await.map_err(|e| self.error(e))
     }
 
     async fn volume_state(&self, name: &str) -> Result<VolumeState, HypervisorError> {

@@ -16,6 +16,21 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest QMP line accepted from QEMU; anything larger is treated as a protocol error.
 const MAX_LINE: usize = 4 << 20;
+/// How QEMU (6.2 and later) refuses a `device_del` for a device whose unplug is still pending. The refusal has no
+/// side effect; older QEMUs would press a PCIe slot's attention button again, which the guest takes as "cancel".
+const UNPLUG_PENDING: &str = "already in the process of unplug";
+
+/// How long a deleted device may keep its block node in use.
+const NODE_RELEASE: Duration = Duration::from_secs(10);
+
+/// What a `device_del` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnplugRequest {
+    /// QEMU accepted it: the unplug has started.
+    Sent,
+    /// QEMU was already unplugging the device and changed nothing.
+    AlreadyPending,
+}
 
 /// Errors of the QMP client.
 #[derive(Debug, thiserror::Error)]
@@ -158,10 +173,38 @@ impl QmpClient {
         Ok(())
     }
 
+    /// Asks QEMU to unplug the device. A device whose unplug is already pending is not asked again.
+    pub async fn request_unplug(&self, device: &str) -> Result<UnplugRequest, QmpError> {
+        match self.execute("device_del", Some(json!({ "id": device }))).await {
+            Ok(_) => Ok(UnplugRequest::Sent),
+            Err(QmpError::Command { desc, .. }) if desc.contains(UNPLUG_PENDING) => Ok(UnplugRequest::AlreadyPending),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a block node if it exists (idempotent): what is left of a disk once its device is gone. QEMU lets go
+    /// of the node a moment after the device leaves its tree, so "in use" is waited out for a while.
+    pub async fn delete_node(&self, node: &str) -> Result<(), QmpError> {
+        let started = std::time::Instant::now();
+        loop {
+            let nodes = self.execute("query-named-block-nodes", Some(json!({ "flat": true }))).await?;
+            if !nodes.as_array().is_some_and(|list| list.iter().any(|n| n["node-name"] == json!(node))) {
+                return Ok(());
+            }
+            match self.execute("blockdev-del", Some(json!({ "node-name": node }))).await {
+                Ok(_) => return Ok(()),
+                Err(QmpError::Command { desc, .. }) if desc.contains("in use") && started.elapsed() < NODE_RELEASE => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Unplugs the device, waits until QEMU reports it gone (`DEVICE_DELETED`), then removes its block node.
     pub async fn unplug_disk(&self, device: &str, node: &str, timeout: Duration) -> Result<(), QmpError> {
         let mut events = self.subscribe();
-        self.execute("device_del", Some(json!({ "id": device }))).await?;
+        self.request_unplug(device).await?;
         let deleted = async {
             loop {
                 match events.recv().await {
@@ -176,8 +219,7 @@ impl QmpClient {
         tokio::time::timeout(timeout, deleted)
             .await
             .map_err(|_| QmpError::Timeout { command: format!("device_del {device}"), timeout })??;
-        self.execute("blockdev-del", Some(json!({ "node-name": node }))).await?;
-        Ok(())
+        self.delete_node(node).await
     }
 }
 

@@ -9,5 +9,7 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of the protocol, served by gRPC reflection so `grpcurl` needs no local proto files.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("wukong_descriptor");
 
+pub mod serial;
+
 /// Default TCP port of the agent.
 pub const DEFAULT_PORT: u16 = 7443;

@@ -47,6 +47,10 @@ struct State {
     volumes: BTreeMap<String, Volume>,
     seen: Vec<Seen>,
     next_target: u8,
+    /// How long KubeVirt takes from `removevolume` to the guest's unplug (tearing down the attachment pod).
+    unplug_delay: Duration,
+    /// A 500 for every `removevolume`, the volume left in the spec: a removal KubeVirt really refuses.
+    refuse_removals: Option<String>,
 }
 
 /// The running server.
@@ -87,6 +91,8 @@ impl KubeVirtApi {
             volumes: BTreeMap::new(),
             seen: Vec::new(),
             next_target: 0,
+            unplug_delay: PHASE_STEP,
+            refuse_removals: None,
         }));
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -105,6 +111,17 @@ impl KubeVirtApi {
     /// A kubeconfig that points at this server, for `KUBECONFIG`.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// How long each unplug takes from `removevolume` until the guest loses the disk (default 150 ms; a real
+    /// KubeVirt takes seconds).
+    pub fn set_unplug_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().unplug_delay = delay;
+    }
+
+    /// Refuse every `removevolume` with a 500 carrying `message` (`None`: accept them again).
+    pub fn refuse_removals(&self, message: Option<&str>) {
+        self.state.lock().unwrap().refuse_removals = message.map(str::to_string);
     }
 
     /// Every request so far.
@@ -212,18 +229,25 @@ fn remove_volume(state: &Arc<Mutex<State>>, qemu: &Arc<Qemu>, body: Option<Value
     let Some(name) = body.as_ref().and_then(|b| b["name"].as_str()).map(str::to_string) else {
         return failure(StatusCode::BAD_REQUEST, "BadRequest", "RemoveVolumeOptions requires name");
     };
-    {
+    let delay = {
         let mut s = state.lock().unwrap();
+        if let Some(message) = &s.refuse_removals {
+            let message = format!("Internal error occurred: {message}");
+            return failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &message);
+        }
+        let delay = s.unplug_delay;
         let Some(v) = s.volumes.get_mut(&name).filter(|v| v.in_spec) else {
             let message = format!("Unable to remove volume [{name}] because it does not exist");
             return failure(StatusCode::CONFLICT, "Conflict", &message);
         };
         v.in_spec = false;
-    }
+        delay
+    };
     let (state, qemu) = (state.clone(), qemu.clone());
     tokio::spawn(async move {
-        // The entry stays Ready for a while after the volume left the spec, as in KubeVirt.
-        tokio::time::sleep(PHASE_STEP).await;
+        // The entry stays Ready for a while after the volume left the spec, as in KubeVirt, until the attachment
+        // pod is gone.
+        tokio::time::sleep(delay).await;
         set_phase(&state, &name, Some("UnMountedFromPod"));
         if let Err(e) = qemu.remove_volume(&name).await {
             tracing::error!(error = %e, "the lab's KubeVirt could not unplug {name}");

@@ -265,9 +265,16 @@ fn free_port() -> Result<u16> {
 impl Guest {
     /// Boots a guest (profile A) and waits until its agent is ready.
     pub async fn boot() -> Result<Self> {
+        Self::boot_with(&[]).await
+    }
+
+    /// Boots a guest (profile A) with extra QEMU arguments, and waits until its agent is ready.
+    pub async fn boot_with(qemu_args: &[&str]) -> Result<Self> {
         let assets = assets()?;
         let started = Instant::now();
-        let guest = Self::launch(&assets.kernel, &assets.initrd, "console=ttyS0 panic=-1 loglevel=4", 512, &[]).await?;
+        let extra: Vec<String> = qemu_args.iter().map(|a| a.to_string()).collect();
+        let append = "console=ttyS0 panic=-1 loglevel=4";
+        let guest = Self::launch(&assets.kernel, &assets.initrd, append, 512, &extra).await?;
         guest.wait_for_console("WUKONG-LAB-READY", BOOT_TIMEOUT).await?;
         guest.wait_for_agent(Duration::from_secs(30)).await?;
         tracing::info!(secs = started.elapsed().as_secs_f64(), "guest ready");

@@ -10,17 +10,20 @@ fn step(text: &str) {
     println!("\n\x1b[1m==> {text}\x1b[0m");
 }
 
-/// Runs the real CLI against the guest's agent and QEMU, as a user would; returns its exit code.
+/// Runs the real CLI against the guest's agent (and QEMU, for attach and detach), as a user would; returns its exit
+/// code.
 fn ctl_status(guest: &Guest, args: &[&str]) -> Result<i32> {
     let address = guest.agent_address().to_string();
     let qmp = guest.companion_qmp();
-    println!("$ wukongctl --agent {address} --qmp {} {}", qmp.display(), args.join(" "));
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if matches!(args.first().map(String::as_str), Some("attach" | "detach")) {
+        args.extend(["--qmp".to_string(), qmp.display().to_string()]);
+    }
+    println!("$ wukongctl --agent {address} {}", args.join(" "));
     let status = std::process::Command::new(wukongctl_binary())
         .arg("--agent")
         .arg(&address)
-        .arg("--qmp")
-        .arg(&qmp)
-        .args(args)
+        .args(&args)
         .status()
         .context("cannot run wukongctl; build it with cargo build -p wukong-controller-client")?;
     Ok(status.code().unwrap_or(-1))

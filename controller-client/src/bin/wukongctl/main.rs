@@ -2,27 +2,25 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 use std::process::ExitCode;
+mod target;
 mod volumes;
 
 use std::path::PathBuf;
 use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError, TlsFiles};
 use wukong_controller_client::companion::CompanionError;
 use wukong_controller_client::output;
+use wukong_proto::serial::Serial;
 
 /// Safe attach and detach of VM disks, checked with the guest's wukong-agent.
 #[derive(Debug, Parser)]
 #[command(name = "wukongctl", version)]
 struct Cli {
-    /// Agent address: http://IP:PORT or unix:PATH. Default: the VMI's interface IP with --vmi, else the local
-    /// socket unix:/run/wukong-agent/agent.sock.
-    #[arg(long, global = true, env = "WUKONG_AGENT")]
-    agent: Option<String>,
+    #[command(flatten)]
+    target: target::TargetArgs,
     #[command(flatten)]
     tls: TlsArgs,
-    #[command(flatten)]
-    backend: volumes::BackendArgs,
     /// Output format.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table, help_heading = "Output")]
     output: Format,
     #[command(subcommand)]
     command: Command,
@@ -32,19 +30,19 @@ struct Cli {
 #[derive(Debug, Clone, clap::Args)]
 struct TlsArgs {
     /// CA (PEM) that signed the agent's certificate.
-    #[arg(long, global = true, env = "WUKONG_TLS_CA", value_name = "FILE")]
+    #[arg(long, global = true, env = "WUKONG_TLS_CA", value_name = "FILE", help_heading = "Mutual TLS")]
     tls_ca: Option<PathBuf>,
     /// This client's certificate (PEM).
-    #[arg(long, global = true, env = "WUKONG_TLS_CERT", value_name = "FILE")]
+    #[arg(long, global = true, env = "WUKONG_TLS_CERT", value_name = "FILE", help_heading = "Mutual TLS")]
     tls_cert: Option<PathBuf>,
     /// This client's private key (PEM).
-    #[arg(long, global = true, env = "WUKONG_TLS_KEY", value_name = "FILE")]
+    #[arg(long, global = true, env = "WUKONG_TLS_KEY", value_name = "FILE", help_heading = "Mutual TLS")]
     tls_key: Option<PathBuf>,
     /// The name the agent's certificate carries, when it is not the address's host.
-    #[arg(long, global = true, env = "WUKONG_TLS_SERVER_NAME", value_name = "NAME")]
+    #[arg(long, global = true, env = "WUKONG_TLS_SERVER_NAME", value_name = "NAME", help_heading = "Mutual TLS")]
     tls_server_name: Option<String>,
     /// A TOML file with any of: agent, tls_ca, tls_cert, tls_key, tls_server_name (like a kubeconfig for the agent).
-    #[arg(long, global = true, env = "WUKONG_AGENT_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "WUKONG_AGENT_CONFIG", value_name = "FILE", help_heading = "Mutual TLS")]
     agent_config: Option<PathBuf>,
 }
 
@@ -64,9 +62,11 @@ impl TlsArgs {
     fn resolve(&self) -> anyhow::Result<(Option<String>, Option<TlsFiles>)> {
         let file: AgentConfigFile = match &self.agent_config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("{} is not a valid agent configuration", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| UsageError(format!("cannot read the agent configuration {}: {e}", path.display())))?;
+                toml::from_str(&text).map_err(|e| {
+                    UsageError(format!("{} is not a valid agent configuration: {}", path.display(), e.message()))
+                })?
             }
             None => AgentConfigFile::default(),
         };
@@ -83,10 +83,10 @@ impl TlsArgs {
     }
 }
 
-/// A mistake in how wukongctl was called (exit code 2).
+/// A mistake in how wukongctl was called (exit code 2), found before anything is contacted.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct UsageError(String);
+pub(crate) struct UsageError(String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -129,9 +129,9 @@ enum Command {
         /// The disk's serial.
         serial: String,
     },
-    /// Print the agent's facts (version, kernel, boot id, capabilities).
+    /// Print the agent's facts (version, kernel, boot id, capabilities, whether releases are allowed).
     Info,
-    /// Print disk events as they happen (a snapshot first), until interrupted.
+    /// Print disk events as they happen (a snapshot first), until interrupted; JSON lines with -o json.
     Watch {
         /// Only these serials.
         serials: Vec<String>,
@@ -147,49 +147,94 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_IN_USE: u8 = 3;
 const EXIT_UNREACHABLE: u8 = 4;
 const EXIT_TIMEOUT: u8 = 5;
+const EXIT_NOT_IN_GUEST: u8 = 6;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Quiet unless asked (WUKONG_LOG=info): the error sentence below is the whole story, printed once.
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::OFF.into())
+        .with_env_var("WUKONG_LOG")
+        .from_env_lossy();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("WUKONG_LOG"))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let json = cli.output == Format::Json;
     match run(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            let code = exit_code(&e);
+            let message = sentence(&e);
             // A refusal's blockers were printed as a table already; the message's own list would repeat them.
-            let message = format!("{e:#}");
-            eprintln!("wukongctl: {}", message.split(". Blockers: ").next().unwrap_or(&message));
-            if let Some(e) = e.downcast_ref::<CompanionError>() {
-                return ExitCode::from(companion_exit_code(e));
+            let message = message.split(". Blockers: ").next().unwrap_or(&message);
+            eprintln!("wukongctl: {message}");
+            if json {
+                let removal_in_progress =
+                    e.downcast_ref::<CompanionError>().is_some_and(CompanionError::removal_in_progress);
+                print_json(&serde_json::json!({
+                    "error": message, "exit_code": code, "removal_in_progress": removal_in_progress,
+                }));
             }
-            if e.downcast_ref::<UsageError>().is_some() {
-                return ExitCode::from(EXIT_USAGE);
-            }
-            let code = match e.downcast_ref::<ClientError>() {
-                Some(ClientError::Unreachable { .. }) => EXIT_UNREACHABLE,
-                Some(ClientError::Timeout { .. }) => EXIT_TIMEOUT,
-                Some(ClientError::BadAddress(_) | ClientError::TlsFile { .. } | ClientError::Tls(_)) => EXIT_USAGE,
-                Some(err) if err.code() == Some(tonic::Code::InvalidArgument) => EXIT_USAGE,
-                Some(err) if err.code() == Some(tonic::Code::DeadlineExceeded) => EXIT_TIMEOUT,
-                _ => EXIT_OTHER,
-            };
             ExitCode::from(code)
         }
+    }
+}
+
+/// The error and its causes as one sentence, each cause once: many errors quote their cause already.
+fn sentence(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out = format!("{out}: {cause}");
+        }
+    }
+    out
+}
+
+/// The documented exit code of a failure.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(e) = e.downcast_ref::<CompanionError>() {
+        return companion_exit_code(e);
+    }
+    if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<wukong_proto::serial::SerialError>().is_some() {
+        return EXIT_USAGE;
+    }
+    e.downcast_ref::<ClientError>().map_or(EXIT_OTHER, client_exit_code)
+}
+
+fn client_exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+        ClientError::Timeout { .. } => EXIT_TIMEOUT,
+        ClientError::BadAddress(_) | ClientError::TlsFile { .. } | ClientError::Tls(_) => EXIT_USAGE,
+        err => match err.code() {
+            Some(tonic::Code::InvalidArgument) => EXIT_USAGE,
+            Some(tonic::Code::DeadlineExceeded) => EXIT_TIMEOUT,
+            Some(tonic::Code::NotFound) => EXIT_NOT_IN_GUEST,
+            _ => EXIT_OTHER,
+        },
     }
 }
 
 /// Exit codes of attach and detach failures.
 fn companion_exit_code(e: &CompanionError) -> u8 {
     match e {
-        CompanionError::BadSerial { .. } | CompanionError::SerialMismatch { .. } => EXIT_USAGE,
-        CompanionError::Refused { .. } | CompanionError::SystemDisk { .. } | CompanionError::NotInGuest { .. } => {
-            EXIT_IN_USE
+        CompanionError::BadSerial { .. }
+        | CompanionError::BadVolumeName { .. }
+        | CompanionError::SerialMismatch { .. } => EXIT_USAGE,
+        CompanionError::Refused { .. }
+        | CompanionError::SystemDisk { .. }
+        | CompanionError::RemovalUnguarded { .. } => EXIT_IN_USE,
+        CompanionError::NotInGuest { .. } => EXIT_NOT_IN_GUEST,
+        CompanionError::AgentUnreachable(_) | CompanionError::AttachUnconfirmed { .. } => EXIT_UNREACHABLE,
+        CompanionError::Timeout(_) | CompanionError::GuestDidNotSee { .. } | CompanionError::RemovalPending { .. } => {
+            EXIT_TIMEOUT
         }
-        CompanionError::AgentUnreachable(_) => EXIT_UNREACHABLE,
-        CompanionError::Timeout(_) | CompanionError::GuestDidNotSee { .. } => EXIT_TIMEOUT,
+        CompanionError::Agent(e) => client_exit_code(e),
         _ => EXIT_OTHER,
     }
 }
@@ -198,28 +243,72 @@ pub(crate) fn print_json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialise"));
 }
 
+/// Checks the serials a command names, before anything is contacted (the agent's own rule).
+fn check_serials(command: &Command) -> Result<(), wukong_proto::serial::SerialError> {
+    let serials: Vec<&String> = match command {
+        Command::Usage { serial } | Command::Release { serial, .. } | Command::CancelRelease { serial } => vec![serial],
+        Command::Watch { serials } => serials.iter().collect(),
+        Command::Detach(args) => args.serial.iter().collect(),
+        Command::Attach(_) | Command::Disks { .. } | Command::Info => Vec::new(),
+    };
+    serials.into_iter().try_for_each(|s| Serial::parse(s).map(drop))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     let json = cli.output == Format::Json;
-    let backend = match &cli.command {
-        Command::Attach(_) | Command::Detach(_) => Some(volumes::Backend::connect(&cli.backend).await?),
+    // Every mistake in the call is found here, before anything is contacted.
+    let vmi = cli.target.vmi()?;
+    let (file_agent, tls) = cli.tls.resolve()?;
+    let agent = cli.target.agent.clone().or(file_agent);
+    let address = agent.as_deref().map(str::parse::<AgentAddress>).transpose()?;
+    check_serials(&cli.command)?;
+    let volume_target = match &cli.command {
+        Command::Attach(args) => Some(volumes::Target::of(vmi.as_ref(), &args.hypervisor, address.is_some())?),
+        Command::Detach(args) => Some(volumes::Target::of(vmi.as_ref(), &args.hypervisor, address.is_some())?),
         _ => None,
     };
-    let (file_agent, tls) = cli.tls.resolve()?;
-    let address = match (cli.agent.clone().or(file_agent), &backend) {
-        (Some(a), _) => a,
-        (None, Some(b)) => match b.agent_address().await? {
-            Some(a) => a,
-            None if cli.backend.vmi.is_some() => {
-                anyhow::bail!("the VMI reports no interface IP to reach its agent at; give --agent http://IP:7443")
-            }
-            None => DEFAULT_AGENT.to_string(),
-        },
-        (None, None) => DEFAULT_AGENT.to_string(),
+    let attach_volume = match (&cli.command, &volume_target) {
+        (Command::Attach(args), Some(target)) => Some(volumes::attach_volume(target, args)?),
+        _ => None,
     };
-    let client = AgentClient::connect_with(address.parse::<AgentAddress>()?, tls.as_ref())?;
+    if let (Command::Detach(args), Some(volumes::Target::Qemu(_))) = (&cli.command, &volume_target)
+        && args.delete_claim
+    {
+        return Err(UsageError("--delete-claim is for KubeVirt volumes (--vmi)".into()).into());
+    }
+
+    let kube = match &vmi {
+        Some(_) => Some(target::kube_client(&cli.target).await?),
+        None => None,
+    };
+    let backend = match (&cli.command, &volume_target) {
+        (Command::Attach(a), Some(t)) => Some(volumes::Backend::connect(t, kube.as_ref(), &a.hypervisor).await?),
+        (Command::Detach(a), Some(t)) => Some(volumes::Backend::connect(t, kube.as_ref(), &a.hypervisor).await?),
+        _ => None,
+    };
+    // The agent of the machine the command was pointed at, and no other.
+    let address = match (address, &vmi, &kube) {
+        (Some(address), _, _) => address,
+        (None, Some(vmi), Some((client, url))) => {
+            let kubevirt =
+                wukong_controller_client::kubevirt::KubeVirt::new(client.clone(), &vmi.namespace, &vmi.name, false)
+                    .with_api_url(url);
+            match kubevirt.agent_address().await? {
+                Some(address) => address.parse()?,
+                None => anyhow::bail!(
+                    "VMI {}/{} reports no interface IP to reach its agent at; give --agent http://IP:7443",
+                    vmi.namespace,
+                    vmi.name
+                ),
+            }
+        }
+        _ => DEFAULT_AGENT.parse()?,
+    };
+    let client = AgentClient::connect_with(address, tls.as_ref())?;
     match cli.command {
         Command::Attach(args) => {
-            volumes::attach(backend.as_ref().expect("connected above"), &client, args, json).await?
+            let volume = attach_volume.expect("checked above");
+            volumes::attach(backend.as_ref().expect("connected above"), &client, volume, args, json).await?
         }
         Command::Detach(args) => {
             volumes::detach(backend.as_ref().expect("connected above"), &client, args, json).await?
@@ -272,18 +361,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Info => {
             let info = client.agent_info().await?;
-            println!("version:      {}", info.version);
-            println!("hostname:     {}", info.hostname);
-            println!("kernel:       {}", info.kernel_release);
-            println!("os:           {}", info.os);
-            println!("boot id:      {}", info.boot_id);
-            println!("disks:        {}", info.disk_count);
-            println!("capabilities: {}", info.capabilities.join(", "));
+            if json {
+                print_json(&output::info_json(&info));
+            } else {
+                print!("{}", output::info_text(&info));
+            }
         }
         Command::Watch { serials } => {
             let mut stream = client.watch(serials).await?;
             while let Some(event) = stream.message().await.context("the watch ended with an error")? {
-                println!("{}", output::event_line(&event));
+                match json {
+                    // One compact object per line, so `jq` and scripts can follow the stream.
+                    true => println!("{}", output::event_json(&event)),
+                    false => println!("{}", output::event_line(&event)),
+                }
             }
         }
     }

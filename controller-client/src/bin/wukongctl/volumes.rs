@@ -1,43 +1,41 @@
 //! `wukongctl attach` and `detach`: the companion against KubeVirt (`--vmi NS/NAME`) or QEMU (`--qmp SOCKET`).
 
-use anyhow::{Context, bail};
+use crate::UsageError;
+use crate::target::VmiRef;
+use anyhow::bail;
 use indicatif::ProgressBar;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::companion::{self, AttachOptions, Attached, DetachOptions, Detached};
-use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
+use wukong_controller_client::hypervisor::{DiskBus, Removal, VolumeSource, VolumeSpec};
 use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_controller_client::output;
 use wukong_controller_client::qemu::Qemu;
 
-/// Which hypervisor holds the VM.
+/// Which hypervisor holds the VM, besides the global --vmi (attach and detach only).
 #[derive(Debug, Clone, clap::Args)]
-pub struct BackendArgs {
-    /// The KubeVirt VMI, NAMESPACE/NAME (kubeconfig found as kubectl finds it). The agent address defaults to the
-    /// VMI's first interface IP.
-    #[arg(long, global = true, value_name = "NS/NAME", conflicts_with = "qmp")]
-    pub vmi: Option<String>,
+pub struct HypervisorArgs {
     /// With --vmi: change the VM (its spec keeps the volume across restarts), not only the running VMI.
-    #[arg(long, global = true)]
+    #[arg(long, help_heading = "Hypervisor")]
     pub persist: bool,
-    /// A QEMU QMP socket (plain QEMU).
-    #[arg(long, global = true, value_name = "SOCKET")]
+    /// A QEMU QMP socket (plain QEMU); needs --agent, the guest agent's address.
+    #[arg(long, value_name = "SOCKET", help_heading = "Hypervisor")]
     pub qmp: Option<PathBuf>,
     /// With --qmp: the virtio-scsi bus for SCSI disks.
-    #[arg(long, global = true, default_value = "scsi0.0", value_name = "BUS")]
+    #[arg(long, default_value = "scsi0.0", value_name = "BUS", help_heading = "Hypervisor")]
     pub scsi_bus: String,
     /// With --qmp: a free hot-plug port for a virtio-blk disk (e.g. a pcie-root-port id).
-    #[arg(long, global = true, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", help_heading = "Hypervisor")]
     pub virtio_bus: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AttachArgs {
-    /// Volume name (KubeVirt) or QEMU device id.
+    /// Volume name (KubeVirt) or QEMU device id: a DNS label (a-z, 0-9, '-'), starting with a letter.
     pub volume: String,
-    /// The serial the guest sees; default: derived from the volume name (lowercase, at most 20 characters).
+    /// The serial the guest sees; default: the volume name, as virtctl does (at most 20 characters).
     #[arg(long)]
     pub serial: Option<String>,
     #[arg(long, value_enum, default_value_t = DiskBus::Scsi)]
@@ -57,6 +55,8 @@ pub struct AttachArgs {
     /// Seconds to wait for the hypervisor and then the guest.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub hypervisor: HypervisorArgs,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -75,9 +75,66 @@ pub struct DetachArgs {
     /// KubeVirt: delete the volume's PersistentVolumeClaim afterwards (default: keep it).
     #[arg(long)]
     pub delete_claim: bool,
-    /// Seconds to wait for the hypervisor and the guest to agree the disk is gone.
+    /// Seconds to wait for the hypervisor and the guest to agree the disk is gone. A removal that outlasts it goes
+    /// on (exit 5): run detach again to wait for it.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub hypervisor: HypervisorArgs,
+}
+
+/// The hypervisor a volume command was pointed at, checked before anything is contacted.
+pub enum Target<'a> {
+    KubeVirt(&'a VmiRef),
+    Qemu(&'a Path),
+}
+
+impl<'a> Target<'a> {
+    /// Exactly one of --vmi and --qmp, with the flags that go with it.
+    pub fn of(vmi: Option<&'a VmiRef>, args: &'a HypervisorArgs, agent_given: bool) -> Result<Self, UsageError> {
+        match (vmi, &args.qmp) {
+            (Some(_), Some(_)) => Err(UsageError("give either --vmi (KubeVirt) or --qmp (QEMU), not both".into())),
+            (None, None) => Err(UsageError(
+                "attach and detach need a hypervisor: --vmi NAMESPACE/NAME (KubeVirt) or --qmp SOCKET (QEMU)".into(),
+            )),
+            (Some(vmi), None) => Ok(Self::KubeVirt(vmi)),
+            (None, Some(_)) if args.persist => Err(UsageError("--persist is for KubeVirt (--vmi)".into())),
+            (None, Some(_)) if !agent_given => Err(UsageError(
+                "with --qmp, give --agent: the address of wukong-agent in that guest (e.g. http://10.0.2.15:7443)"
+                    .into(),
+            )),
+            (None, Some(socket)) => Ok(Self::Qemu(socket)),
+        }
+    }
+}
+
+/// Checks an attach's arguments against its target before anything is contacted; returns the volume to attach.
+pub fn attach_volume(target: &Target, args: &AttachArgs) -> anyhow::Result<VolumeSpec> {
+    companion::check_volume_name(&args.volume)?;
+    let serial = match &args.serial {
+        Some(s) => {
+            companion::check_serial(s)?;
+            s.clone()
+        }
+        None => companion::derive_serial(&args.volume)?,
+    };
+    let source = match (target, &args.claim, &args.data_volume, &args.image) {
+        (Target::KubeVirt(_), Some(c), _, _) => VolumeSource::PersistentVolumeClaim(c.clone()),
+        (Target::KubeVirt(_), _, Some(d), _) => VolumeSource::DataVolume(d.clone()),
+        (Target::Qemu(_), None, None, Some(i)) => VolumeSource::Image { path: i.clone(), format: args.format.clone() },
+        (Target::KubeVirt(_), ..) => {
+            return Err(UsageError("with --vmi, give --claim PVC or --data-volume DV".into()).into());
+        }
+        (Target::Qemu(_), ..) => {
+            return Err(UsageError("with --qmp, give --image FILE (and no --claim or --data-volume)".into()).into());
+        }
+    };
+    if matches!(target, Target::Qemu(_)) && args.bus == DiskBus::Virtio && args.hypervisor.virtio_bus.is_none() {
+        return Err(
+            UsageError("a virtio disk over --qmp needs --virtio-bus PORT (a free pcie-root-port id)".into()).into()
+        );
+    }
+    Ok(VolumeSpec { name: args.volume.clone(), serial, bus: args.bus, source })
 }
 
 /// A connected hypervisor.
@@ -87,24 +144,25 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub async fn connect(args: &BackendArgs) -> anyhow::Result<Self> {
-        if let Some(vmi) = &args.vmi {
-            let (ns, name) = vmi.split_once('/').context("--vmi takes NAMESPACE/NAME")?;
-            let client = kube::Client::try_default().await.context("cannot load a kubeconfig")?;
-            return Ok(Self::KubeVirt(KubeVirt::new(client, ns, name, args.persist)));
-        }
-        if let Some(socket) = &args.qmp {
-            let qemu = Qemu::connect(socket).await?;
-            return Ok(Self::Qemu(qemu.with_scsi_bus(&args.scsi_bus).with_virtio_bus(args.virtio_bus.clone())));
-        }
-        bail!("attach and detach need a hypervisor: --vmi NAMESPACE/NAME (KubeVirt) or --qmp SOCKET (QEMU)")
-    }
-
-    /// The agent's address when none was given: the VMI's interface IP.
-    pub async fn agent_address(&self) -> anyhow::Result<Option<String>> {
-        match self {
-            Self::KubeVirt(k) => Ok(k.agent_address().await?),
-            Self::Qemu(_) => Ok(None),
+    /// Connects to the hypervisor a volume command was pointed at; a VMI needs the Kubernetes client (and its API
+    /// server's URL, for messages).
+    pub async fn connect(
+        target: &Target<'_>,
+        kube: Option<&(kube::Client, String)>,
+        args: &HypervisorArgs,
+    ) -> anyhow::Result<Self> {
+        match target {
+            Target::KubeVirt(vmi) => {
+                let Some((client, url)) = kube else {
+                    bail!("--vmi {}/{} needs a Kubernetes client", vmi.namespace, vmi.name)
+                };
+                let kubevirt = KubeVirt::new(client.clone(), &vmi.namespace, &vmi.name, args.persist);
+                Ok(Self::KubeVirt(kubevirt.with_api_url(url)))
+            }
+            Target::Qemu(socket) => {
+                let qemu = Qemu::connect(socket).await?;
+                Ok(Self::Qemu(qemu.with_scsi_bus(&args.scsi_bus).with_virtio_bus(args.virtio_bus.clone())))
+            }
         }
     }
 }
@@ -128,18 +186,13 @@ fn timings_json(timings: &companion::Timings) -> serde_json::Value {
     timings.iter().map(|(step, d)| (step.to_string(), serde_json::json!(d.as_secs_f64() * 1e3))).collect()
 }
 
-pub async fn attach(backend: &Backend, agent: &AgentClient, args: AttachArgs, json: bool) -> anyhow::Result<()> {
-    let serial = match &args.serial {
-        Some(s) => s.clone(),
-        None => companion::derive_serial(&args.volume)?,
-    };
-    let source = match (&args.claim, &args.data_volume, &args.image) {
-        (Some(c), _, _) => VolumeSource::PersistentVolumeClaim(c.clone()),
-        (_, Some(d), _) => VolumeSource::DataVolume(d.clone()),
-        (_, _, Some(i)) => VolumeSource::Image { path: i.clone(), format: args.format.clone() },
-        _ => bail!("say what to attach: --claim PVC or --data-volume DV (KubeVirt), --image FILE (QEMU)"),
-    };
-    let volume = VolumeSpec { name: args.volume.clone(), serial, bus: args.bus, source };
+pub async fn attach(
+    backend: &Backend,
+    agent: &AgentClient,
+    volume: VolumeSpec,
+    args: AttachArgs,
+    json: bool,
+) -> anyhow::Result<()> {
     let options = AttachOptions { timeout: Duration::from_secs(args.timeout), poll: Duration::from_secs(1) };
     let (bar, report) = progress_reporter();
     let attached: Attached = match backend {
@@ -190,7 +243,9 @@ pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, js
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Err(companion::CompanionError::Refused { report, .. }) = &detached
+    if let Err(
+        companion::CompanionError::Refused { report, .. } | companion::CompanionError::RemovalUnguarded { report, .. },
+    ) = &detached
         && !report.blockers.is_empty()
     {
         if json {
@@ -207,6 +262,10 @@ pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, js
     if json {
         crate::print_json(&serde_json::json!({
             "volume": args.volume, "serial": detached.serial, "already": detached.already, "forced": detached.forced,
+            "removal": detached.removal.map(|r| match r {
+                Removal::Requested => "requested",
+                Removal::AlreadyInProgress => "joined",
+            }),
             "release": detached.release.as_ref().map(output::release_json), "deleted_claim": claim,
             "timings_ms": timings_json(&detached.timings),
         }));
@@ -218,6 +277,9 @@ pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, js
         }
         if let Some(r) = &detached.release {
             print!("{}", output::release_text(r));
+        }
+        if detached.removal == Some(Removal::AlreadyInProgress) {
+            println!("{} was already being removed; this detach waited for that removal", args.volume);
         }
         println!("{} is detached{}", args.volume, claim.map(|c| format!("; claim {c} deleted")).unwrap_or_default());
     }

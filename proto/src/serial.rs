@@ -1,4 +1,5 @@
-//! Disk serials: the only stable identity of a hot-plugged disk.
+//! Disk serials: the only stable identity of a hot-plugged disk. The agent and its clients check them by the same
+//! rule, so a client refuses a bad serial before it contacts anything.
 //!
 //! A serial is `[A-Za-z0-9._+-]{1,36}`. KubeVirt lowercases the XML of hot-plugged disks, so serials are compared
 //! case-insensitively; lowercase and at most 20 characters is the portable choice for both SCSI and virtio-blk.

@@ -1,0 +1,139 @@
+//! Which machine a command talks to: `--agent`, or the guest of a KubeVirt VMI (`--vmi`, with kubectl's
+//! `-n/--namespace`, `--kubeconfig` and `--context`). Every command reaches the agent of the machine it was pointed
+//! at, or fails: it never falls back to another one (a release on the wrong machine unmounts the wrong disk).
+
+use crate::UsageError;
+use std::path::PathBuf;
+
+/// Where the agent is. Global: every command takes these.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// Agent address: http://IP:PORT, https://IP:PORT or unix:PATH. Default: the VMI's interface IP with --vmi,
+    /// else the local socket unix:/run/wukong-agent/agent.sock (root only).
+    #[arg(long, global = true, env = "WUKONG_AGENT", value_name = "ADDRESS", help_heading = "Target")]
+    pub agent: Option<String>,
+    /// The KubeVirt VMI whose guest to talk to: NAMESPACE/NAME, or NAME with -n.
+    #[arg(long, global = true, value_name = "[NS/]NAME", help_heading = "Target")]
+    pub vmi: Option<String>,
+    /// The VMI's namespace (as kubectl takes it).
+    #[arg(long, short = 'n', global = true, value_name = "NS", help_heading = "Target")]
+    pub namespace: Option<String>,
+    /// The kubeconfig to use (default: $KUBECONFIG, then ~/.kube/config, then the in-cluster account).
+    #[arg(long, global = true, value_name = "FILE", help_heading = "Target")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true, value_name = "NAME", help_heading = "Target")]
+    pub context: Option<String>,
+}
+
+/// A VMI, by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmiRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl TargetArgs {
+    /// The VMI named by `--vmi` and `-n`, checked before anything is contacted.
+    pub fn vmi(&self) -> Result<Option<VmiRef>, UsageError> {
+        let Some(vmi) = &self.vmi else {
+            return Ok(None);
+        };
+        let (namespace, name) = match vmi.split_once('/') {
+            Some((ns, name)) => {
+                if let Some(n) = self.namespace.as_deref().filter(|n| *n != ns) {
+                    return Err(UsageError(format!("--vmi {vmi} and -n {n} name different namespaces")));
+                }
+                (ns.to_string(), name.to_string())
+            }
+            None => match &self.namespace {
+                Some(ns) => (ns.clone(), vmi.clone()),
+                None => {
+                    return Err(UsageError(format!(
+                        "--vmi {vmi} names no namespace; use --vmi NAMESPACE/{vmi} or -n NAMESPACE"
+                    )));
+                }
+            },
+        };
+        check_name("namespace", &namespace, 63, vmi)?;
+        check_name("VMI name", &name, 253, vmi)?;
+        Ok(Some(VmiRef { namespace, name }))
+    }
+}
+
+/// Kubernetes' names: lowercase letters, digits and '-' (and '.' in a VMI's name), starting and ending with a
+/// letter or digit.
+fn check_name(what: &str, value: &str, max: usize, given: &str) -> Result<(), UsageError> {
+    let dots = what != "namespace";
+    let fine = !value.is_empty()
+        && value.len() <= max
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+        && value.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && value.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    match fine {
+        true => Ok(()),
+        false => Err(UsageError(format!(
+            "--vmi {given}: {value:?} is not a valid {what} (lowercase letters, digits and '-', at most {max} \
+             characters, starting and ending with a letter or digit); use --vmi NAMESPACE/NAME"
+        ))),
+    }
+}
+
+/// A Kubernetes client as kubectl would build it from these flags, and the API server's URL for messages.
+pub async fn kube_client(args: &TargetArgs) -> anyhow::Result<(kube::Client, String)> {
+    use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+    let options = KubeConfigOptions { context: args.context.clone(), ..Default::default() };
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|e| UsageError(format!("cannot use the kubeconfig {}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|e| UsageError(e.to_string()))?
+        }
+        None if args.context.is_some() => {
+            Config::from_kubeconfig(&options).await.map_err(|e| UsageError(e.to_string()))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot find a kubeconfig or an in-cluster account: {e}"))?,
+    };
+    let url = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config)
+        .map_err(|e| anyhow::anyhow!("cannot build a Kubernetes client for {url}: {e}"))?;
+    Ok((client, url.trim_end_matches('/').to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(vmi: Option<&str>, namespace: Option<&str>) -> TargetArgs {
+        TargetArgs {
+            agent: None,
+            vmi: vmi.map(str::to_string),
+            namespace: namespace.map(str::to_string),
+            kubeconfig: None,
+            context: None,
+        }
+    }
+
+    #[test]
+    fn a_vmi_needs_a_namespace_and_valid_names() {
+        let vmi = |ns: &str, name: &str| Some(VmiRef { namespace: ns.into(), name: name.into() });
+        assert_eq!(args(Some("prod/pg-0"), None).vmi().unwrap(), vmi("prod", "pg-0"));
+        assert_eq!(args(Some("pg-0"), Some("prod")).vmi().unwrap(), vmi("prod", "pg-0"));
+        assert_eq!(args(Some("prod/pg-0"), Some("prod")).vmi().unwrap(), vmi("prod", "pg-0"));
+        assert_eq!(args(None, Some("prod")).vmi().unwrap(), None);
+        for (vmi, ns, says) in [
+            ("pg-0", None, "names no namespace"),
+            ("prod/pg-0", Some("dev"), "name different namespaces"),
+            ("prod/pg/0", None, "is not a valid VMI name"),
+            ("/pg-0", None, "is not a valid namespace"),
+            ("prod/", None, "is not a valid VMI name"),
+            ("Prod/pg-0", None, "is not a valid namespace"),
+            ("prod/-pg", None, "is not a valid VMI name"),
+        ] {
+            let err = args(Some(vmi), ns).vmi().unwrap_err().to_string();
+            assert!(err.contains(says), "{vmi} {ns:?}: {err}");
+        }
+    }
+}
