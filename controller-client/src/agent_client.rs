@@ -87,8 +87,13 @@ pub enum ClientError {
     Agent { status: Status },
     #[error("cannot read {path}: {source}")]
     TlsFile { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a PEM {what} ({flag}): {why}")]
+    NotPem { path: PathBuf, what: &'static str, flag: &'static str, why: String },
     #[error("{0}")]
     Tls(String),
+    /// The TLS handshake failed: one side refused the other, or only one side speaks TLS.
+    #[error("{0}")]
+    TlsRefused(String),
 }
 
 impl ClientError {
@@ -118,6 +123,8 @@ pub struct AgentClient {
     address: AgentAddress,
     inner: DiskAgentClient<Channel>,
     call_timeout: Duration,
+    /// The files of mutual TLS, to name them when a handshake fails.
+    tls: Option<TlsFiles>,
 }
 
 impl AgentClient {
@@ -136,12 +143,12 @@ impl AgentClient {
                 };
                 let endpoint = Endpoint::from_shared(url.clone()).map_err(|_| ClientError::BadAddress(url.clone()))?;
                 let host = endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_string();
-                let read = |path: &PathBuf| {
-                    std::fs::read(path).map_err(|source| ClientError::TlsFile { path: path.clone(), source })
-                };
                 let config = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
-                    .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
+                    .ca_certificate(Certificate::from_pem(read_pem(&tls.ca, Pem::Certificate, "--tls-ca")?))
+                    .identity(Identity::from_pem(
+                        read_pem(&tls.cert, Pem::Certificate, "--tls-cert")?,
+                        read_pem(&tls.key, Pem::Key, "--tls-key")?,
+                    ))
                     .domain_name(tls.server_name.clone().unwrap_or(host));
                 let address = AgentAddress::Tcp(url);
                 let channel = endpoint
@@ -149,7 +156,12 @@ impl AgentClient {
                     .map_err(|e| ClientError::Tls(format!("the TLS files are not usable: {e}")))?
                     .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
                     .connect_lazy();
-                return Ok(Self { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT });
+                return Ok(Self {
+                    address,
+                    inner: DiskAgentClient::new(channel),
+                    call_timeout: DEFAULT_CALL_TIMEOUT,
+                    tls: Some(tls.clone()),
+                });
             }
             (AgentAddress::Tcp(url), None) if url.starts_with("https://") => {
                 return Err(ClientError::Tls(format!(
@@ -171,7 +183,7 @@ impl AgentClient {
                     }))
             }
         };
-        Ok(Self { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT })
+        Ok(Self { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT, tls: None })
     }
 
     /// Sets the deadline of each unary call.
@@ -198,7 +210,11 @@ impl AgentClient {
             }
             // A refused TLS handshake or a reset connection: the agent did not take the call.
             Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal if is_transport_error(&status) => {
-                ClientError::Unreachable { address: self.address.clone(), reason: transport_reason(&status) }
+                let reason = transport_reason(&status);
+                match tls_refusal(&self.address, self.tls.as_ref(), &reason) {
+                    Some(sentence) => ClientError::TlsRefused(sentence),
+                    None => ClientError::Unreachable { address: self.address.clone(), reason },
+                }
             }
             _ => ClientError::Agent { status },
         }
@@ -335,10 +351,74 @@ fn transport_reason(status: &Status) -> String {
         reason = s.to_string();
         source = s.source();
     }
-    if status.message().contains("h2 protocol error") {
-        reason.push_str(" (if the agent serves TLS, use --tls-ca, --tls-cert and --tls-key)");
-    }
     reason
+}
+
+/// What a failed connection means when TLS is at stake, from the transport's own words: which side refused what.
+/// `None` when it looks like an ordinary unreachable agent.
+fn tls_refusal(address: &AgentAddress, tls: Option<&TlsFiles>, reason: &str) -> Option<String> {
+    match tls {
+        Some(tls) if reason.contains("invalid peer certificate: UnknownIssuer") => Some(format!(
+            "this client refused the agent's certificate at {address}: the agent's certificate is not signed by the \
+             CA in {} (--tls-ca); give the CA that signed it",
+            tls.ca.display()
+        )),
+        Some(tls) if reason.contains("invalid peer certificate") => Some(format!(
+            "this client refused the agent's certificate at {address} ({reason}); check --tls-ca {} and, when the \
+             certificate names another host, --tls-server-name",
+            tls.ca.display()
+        )),
+        Some(_) if reason.contains("InvalidContentType") || reason.contains("corrupt message") => Some(format!(
+            "the agent at {address} does not speak TLS (it answered in plaintext); drop --tls-ca, --tls-cert and \
+             --tls-key, or give the agent its TLS files"
+        )),
+        // TLS 1.3 checks the client's certificate after the client has finished: a refusal then arrives as an
+        // alert or a closed connection on the first request.
+        Some(tls)
+            if ["fatal alert", "broken pipe", "connection reset", "connection closed"]
+                .iter()
+                .any(|r| reason.contains(r)) =>
+        {
+            Some(format!(
+                "the agent at {address} refused this client's certificate ({}) during the TLS handshake ({reason}); \
+                 it must be signed by the CA the agent trusts (its tls_client_ca)",
+                tls.cert.display()
+            ))
+        }
+        None if ["connection closed", "h2 protocol error", "broken pipe", "connection reset"]
+            .iter()
+            .any(|r| reason.contains(r)) =>
+        {
+            Some(format!(
+                "the agent at {address} closed this plaintext connection at once ({reason}): it speaks TLS, as an \
+                 agent reachable beyond loopback must; give --tls-ca, --tls-cert and --tls-key"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// What a PEM file must hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    Certificate,
+    Key,
+}
+
+/// Reads a TLS file and checks it holds what its flag promises, so a wrong file is named before any handshake.
+fn read_pem(path: &PathBuf, what: Pem, flag: &'static str) -> Result<Vec<u8>, ClientError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bytes = std::fs::read(path).map_err(|source| ClientError::TlsFile { path: path.clone(), source })?;
+    let (checked, what) = match what {
+        Pem::Certificate => (CertificateDer::pem_slice_iter(&bytes).next().map(|c| c.map(drop)), "certificate"),
+        Pem::Key => (Some(PrivateKeyDer::from_pem_slice(&bytes).map(drop)), "private key"),
+    };
+    match checked {
+        Some(Ok(())) => Ok(bytes),
+        Some(Err(e)) => Err(ClientError::NotPem { path: path.clone(), what, flag, why: e.to_string() }),
+        None => Err(ClientError::NotPem { path: path.clone(), what, flag, why: format!("it holds no {what}") }),
+    }
 }
 
 #[cfg(test)]

@@ -41,8 +41,8 @@ pub enum CompanionError {
     )]
     NotInGuest { serial: String, message: String },
     #[error(
-        "cannot reach the guest's agent ({0}); nothing was detached (fail safe). Use --force only if nothing in the \
-         guest can be using the disk"
+        "cannot talk to the guest's agent ({0}); nothing was detached (fail safe). Use --force only if nothing in \
+         the guest can be using the disk"
     )]
     AgentUnreachable(Box<ClientError>),
     #[error("another release of disk '{0}' is running in the guest; retry when it has finished")]
@@ -66,8 +66,8 @@ pub enum CompanionError {
     )]
     GuestDidNotSee { volume: String, hypervisor: String, serial: String, seconds: u64 },
     #[error(
-        "{hypervisor} attached volume '{volume}', but the guest's agent cannot be reached to confirm the guest sees \
-         it ({error}); check that wukong-agent runs in the guest and is reachable"
+        "{hypervisor} attached volume '{volume}', but this client cannot talk to the guest's agent to confirm the guest \
+         sees it ({error}); check that wukong-agent runs in the guest and is reachable"
     )]
     AttachUnconfirmed { volume: String, hypervisor: String, error: Box<ClientError> },
     #[error("{0}")]
@@ -195,7 +195,11 @@ pub fn derive_serial(volume: &str) -> Result<String, CompanionError> {
 fn refusal(serial: &str, e: ClientError) -> CompanionError {
     let message = e.to_string();
     match e.code() {
-        _ if matches!(e, ClientError::Unreachable { .. } | ClientError::Timeout { .. }) => {
+        _ if matches!(
+            e,
+            ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::TlsRefused(_)
+        ) =>
+        {
             CompanionError::AgentUnreachable(Box::new(e))
         }
         // With details when the disk is in use; without them for a system disk or an ambiguous serial, whose
@@ -465,7 +469,11 @@ pub async fn attach<H: Hypervisor>(
             serial: volume.serial.clone(),
             seconds: options.timeout.as_secs(),
         },
-        _ if matches!(e, ClientError::Unreachable { .. } | ClientError::Timeout { .. }) => {
+        _ if matches!(
+            e,
+            ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::TlsRefused(_)
+        ) =>
+        {
             CompanionError::AttachUnconfirmed {
                 volume: name.into(),
                 hypervisor: hypervisor.describe(),

@@ -2,7 +2,8 @@
 //! serves for hot-plug: `PUT …/virtualmachineinstances/{name}/addvolume` and
 //! `…/removevolume` (202 with an empty body; 404, 409 and 400 with a `metav1.Status`), and `GET` of the VMI, whose
 //! `status.volumeStatus` moves through KubeVirt's phases over time. Each hot-plug is performed on the lab guest
-//! over QMP, so `wukongctl --vmi` runs through kube-rs, HTTP and a real guest. Bodies are read as plain JSON by the
+//! over QMP, so `wukongctl --vmi` runs through kube-rs, HTTP and a real guest; without a guest
+//! ([`KubeVirtApi::start_without_guest`]) volumes only move through the phases, for tests of the CLI's contract. Bodies are read as plain JSON by the
 //! documented field names, not with the companion's own types, so a shared mistake cannot hide.
 
 use crate::Guest;
@@ -15,7 +16,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec};
+use wukong_controller_client::hypervisor::{
+    DiskBus, Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState,
+};
 use wukong_controller_client::qemu::Qemu;
 
 /// How long each KubeVirt phase lasts here (the real ones take seconds).
@@ -43,10 +46,13 @@ struct Volume {
 struct State {
     namespace: String,
     name: String,
-    claims: BTreeMap<String, PathBuf>,
+    /// Each claim's image file; `None` without a guest.
+    claims: BTreeMap<String, Option<PathBuf>>,
     volumes: BTreeMap<String, Volume>,
     seen: Vec<Seen>,
     next_target: u8,
+    /// The VMI's interface IP, where wukongctl looks for the agent.
+    interface_ip: String,
     /// How long KubeVirt takes from `removevolume` to the guest's unplug (tearing down the attachment pod).
     unplug_delay: Duration,
     /// A 500 for every `removevolume`, the volume left in the spec: a removal KubeVirt really refuses.
@@ -72,6 +78,24 @@ impl KubeVirtApi {
     /// guest's companion QMP socket.
     pub async fn start(guest: &Guest, namespace: &str, name: &str, claims: &[(&str, &Path)]) -> Result<Self> {
         let qemu = Arc::new(Qemu::connect(&guest.companion_qmp()).await?);
+        let claims = claims.iter().map(|(c, p)| (c.to_string(), Some(p.to_path_buf()))).collect();
+        Self::serve(Some(qemu), namespace, name, claims, "10.0.2.15").await
+    }
+
+    /// Serves VMI `namespace/name` with no guest behind it: every claim in `claims` reaches `Ready` without a real
+    /// plug, and the VMI reports `interface_ip`, where wukongctl then looks for the agent.
+    pub async fn start_without_guest(namespace: &str, name: &str, claims: &[&str], interface_ip: &str) -> Result<Self> {
+        let claims = claims.iter().map(|c| (c.to_string(), None)).collect();
+        Self::serve(None, namespace, name, claims, interface_ip).await
+    }
+
+    async fn serve(
+        qemu: Option<Arc<Qemu>>,
+        namespace: &str,
+        name: &str,
+        claims: BTreeMap<String, Option<PathBuf>>,
+        interface_ip: &str,
+    ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let dir = tempfile::tempdir()?;
@@ -87,10 +111,11 @@ impl KubeVirtApi {
         let state = Arc::new(Mutex::new(State {
             namespace: namespace.into(),
             name: name.into(),
-            claims: claims.iter().map(|(c, p)| (c.to_string(), p.to_path_buf())).collect(),
+            claims,
             volumes: BTreeMap::new(),
             seen: Vec::new(),
             next_target: 0,
+            interface_ip: interface_ip.into(),
             unplug_delay: PHASE_STEP,
             refuse_removals: None,
         }));
@@ -149,7 +174,7 @@ fn failure(code: StatusCode, reason: &str, message: &str) -> Reply {
 
 async fn handle(
     state: Arc<Mutex<State>>,
-    qemu: Arc<Qemu>,
+    qemu: Option<Arc<Qemu>>,
     req: Request<Incoming>,
 ) -> Result<Reply, std::convert::Infallible> {
     let method = req.method().clone();
@@ -176,7 +201,7 @@ async fn handle(
     })
 }
 
-fn add_volume(state: &Arc<Mutex<State>>, qemu: &Arc<Qemu>, body: Option<Value>) -> Reply {
+fn add_volume(state: &Arc<Mutex<State>>, qemu: &Option<Arc<Qemu>>, body: Option<Value>) -> Reply {
     let Some(body) = body else {
         return failure(StatusCode::BAD_REQUEST, "BadRequest", "Can not unmarshal Request body to struct");
     };
@@ -209,8 +234,13 @@ fn add_volume(state: &Arc<Mutex<State>>, qemu: &Arc<Qemu>, body: Option<Value>) 
             set_phase(&state, &name, Some(phase));
             tokio::time::sleep(PHASE_STEP).await;
         }
-        // A claim without an image stays Pending, as an unbound PVC does.
-        let Some(path) = image else { return };
+        // An unknown claim stays Pending, as an unbound PVC does; without a guest, a known one is Ready at once.
+        let (Some(qemu), Some(Some(path))) = (qemu, image.clone()) else {
+            if image.is_some() {
+                set_phase(&state, &name, Some("Ready"));
+            }
+            return;
+        };
         let spec = VolumeSpec {
             name: name.clone(),
             serial: volume.serial.clone(),
@@ -225,7 +255,7 @@ fn add_volume(state: &Arc<Mutex<State>>, qemu: &Arc<Qemu>, body: Option<Value>) 
     reply(StatusCode::ACCEPTED, String::new())
 }
 
-fn remove_volume(state: &Arc<Mutex<State>>, qemu: &Arc<Qemu>, body: Option<Value>) -> Reply {
+fn remove_volume(state: &Arc<Mutex<State>>, qemu: &Option<Arc<Qemu>>, body: Option<Value>) -> Reply {
     let Some(name) = body.as_ref().and_then(|b| b["name"].as_str()).map(str::to_string) else {
         return failure(StatusCode::BAD_REQUEST, "BadRequest", "RemoveVolumeOptions requires name");
     };
@@ -249,7 +279,9 @@ fn remove_volume(state: &Arc<Mutex<State>>, qemu: &Arc<Qemu>, body: Option<Value
         // pod is gone.
         tokio::time::sleep(delay).await;
         set_phase(&state, &name, Some("UnMountedFromPod"));
-        if let Err(e) = qemu.remove_volume(&name).await {
+        if let Some(qemu) = qemu
+            && let Err(e) = unplug(&qemu, &name).await
+        {
             tracing::error!(error = %e, "the lab's KubeVirt could not unplug {name}");
             return;
         }
@@ -258,6 +290,15 @@ fn remove_volume(state: &Arc<Mutex<State>>, qemu: &Arc<Qemu>, body: Option<Value
         state.lock().unwrap().volumes.remove(&name);
     });
     reply(StatusCode::ACCEPTED, String::new())
+}
+
+/// Unplugs a volume from the guest and waits until QEMU has let go of it, as virt-launcher does.
+async fn unplug(qemu: &Qemu, name: &str) -> Result<(), HypervisorError> {
+    qemu.remove_volume(name).await?;
+    while qemu.volume_state(name).await? != VolumeState::Absent {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    qemu.finish_removal(name).await
 }
 
 fn set_phase(state: &Arc<Mutex<State>>, name: &str, phase: Option<&'static str>) {
@@ -291,6 +332,6 @@ fn vmi_json(s: &State) -> Value {
         "metadata": {"name": s.name, "namespace": s.namespace},
         "spec": {"domain": {"devices": {"disks": disks}}, "volumes": volumes},
         "status": {"phase": "Running", "volumeStatus": statuses,
-                   "interfaces": [{"name": "default", "ipAddress": "10.0.2.15", "ipAddresses": ["10.0.2.15"]}]}
+                   "interfaces": [{"name": "default", "ipAddress": s.interface_ip, "ipAddresses": [s.interface_ip]}]}
     })
 }

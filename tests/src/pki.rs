@@ -1,5 +1,5 @@
 //! A throwaway PKI for TLS tests: a CA, the agent's certificate (DNS `wukong-agent`, IP 127.0.0.1), client
-//! certificates `operator`, `viewer` and `wukong-companion`, and `intruder`, signed by another CA.
+//! certificates `operator`, `viewer` and `wukong-companion`, and `intruder`, signed by another CA (`other-ca.crt`).
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use std::path::PathBuf;
@@ -28,8 +28,9 @@ impl Pki {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (ca_cert, ca) = new_ca("wukong test CA");
-        let (_, other) = new_ca("some other CA");
+        let (other_cert, other) = new_ca("some other CA");
         std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("other-ca.crt"), other_cert.pem()).unwrap();
         let leaf =
             |name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose, issuer: &Issuer<'static, KeyPair>| {
                 let key = KeyPair::generate().unwrap();

@@ -1,5 +1,5 @@
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 mod target;
@@ -13,7 +13,13 @@ use wukong_proto::serial::Serial;
 
 /// Safe attach and detach of VM disks, checked with the guest's wukong-agent.
 #[derive(Debug, Parser)]
-#[command(name = "wukongctl", version)]
+#[command(
+    name = "wukongctl",
+    version,
+    after_help = "Exit codes: 0 done, 1 other error, 2 usage error (found before anything is contacted), 3 in use \
+                  (refused, with every reason), 4 agent unreachable, 5 timeout (a detach's removal goes on: run \
+                  detach again to wait for it), 6 the guest has no such disk, 7 TLS handshake refused."
+)]
 struct Cli {
     #[command(flatten)]
     target: target::TargetArgs,
@@ -148,10 +154,15 @@ const EXIT_IN_USE: u8 = 3;
 const EXIT_UNREACHABLE: u8 = 4;
 const EXIT_TIMEOUT: u8 = 5;
 const EXIT_NOT_IN_GUEST: u8 = 6;
+const EXIT_TLS: u8 = 7;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Only an --agent typed on this command line may override where --vmi leads; WUKONG_AGENT and --agent-config
+    // name a default agent, which is not the VMI's.
+    let agent_typed = matches.value_source("agent") == Some(clap::parser::ValueSource::CommandLine);
     // Quiet unless asked (WUKONG_LOG=info): the error sentence below is the whole story, printed once.
     let filter = tracing_subscriber::EnvFilter::builder()
         .with_default_directive(tracing_subscriber::filter::LevelFilter::OFF.into())
@@ -163,7 +174,7 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let json = cli.output == Format::Json;
-    match run(cli).await {
+    match run(cli, agent_typed).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = exit_code(&e);
@@ -210,7 +221,10 @@ fn client_exit_code(e: &ClientError) -> u8 {
     match e {
         ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
         ClientError::Timeout { .. } => EXIT_TIMEOUT,
-        ClientError::BadAddress(_) | ClientError::TlsFile { .. } | ClientError::Tls(_) => EXIT_USAGE,
+        ClientError::BadAddress(_) | ClientError::TlsFile { .. } | ClientError::NotPem { .. } | ClientError::Tls(_) => {
+            EXIT_USAGE
+        }
+        ClientError::TlsRefused(_) => EXIT_TLS,
         err => match err.code() {
             Some(tonic::Code::InvalidArgument) => EXIT_USAGE,
             Some(tonic::Code::DeadlineExceeded) => EXIT_TIMEOUT,
@@ -230,6 +244,11 @@ fn companion_exit_code(e: &CompanionError) -> u8 {
         | CompanionError::SystemDisk { .. }
         | CompanionError::RemovalUnguarded { .. } => EXIT_IN_USE,
         CompanionError::NotInGuest { .. } => EXIT_NOT_IN_GUEST,
+        CompanionError::AgentUnreachable(e) | CompanionError::AttachUnconfirmed { error: e, .. }
+            if matches!(**e, ClientError::TlsRefused(_)) =>
+        {
+            EXIT_TLS
+        }
         CompanionError::AgentUnreachable(_) | CompanionError::AttachUnconfirmed { .. } => EXIT_UNREACHABLE,
         CompanionError::Timeout(_) | CompanionError::GuestDidNotSee { .. } | CompanionError::RemovalPending { .. } => {
             EXIT_TIMEOUT
@@ -254,12 +273,16 @@ fn check_serials(command: &Command) -> Result<(), wukong_proto::serial::SerialEr
     serials.into_iter().try_for_each(|s| Serial::parse(s).map(drop))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<u8> {
+async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
     let json = cli.output == Format::Json;
     // Every mistake in the call is found here, before anything is contacted.
     let vmi = cli.target.vmi()?;
     let (file_agent, tls) = cli.tls.resolve()?;
-    let agent = cli.target.agent.clone().or(file_agent);
+    let agent = match &vmi {
+        Some(_) if agent_typed => cli.target.agent.clone(),
+        Some(_) => None,
+        None => cli.target.agent.clone().or(file_agent),
+    };
     let address = agent.as_deref().map(str::parse::<AgentAddress>).transpose()?;
     check_serials(&cli.command)?;
     let volume_target = match &cli.command {

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 /// Where the agent is. Global: every command takes these.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TargetArgs {
-    /// Agent address: http://IP:PORT, https://IP:PORT or unix:PATH. Default: the VMI's interface IP with --vmi,
-    /// else the local socket unix:/run/wukong-agent/agent.sock (root only).
+    /// Agent address: http://IP:PORT, https://IP:PORT or unix:PATH. Default: the VMI's interface IP with --vmi
+    /// (where only this flag, not WUKONG_AGENT or --agent-config, overrides it), else the local socket
+    /// unix:/run/wukong-agent/agent.sock (root only).
     #[arg(long, global = true, env = "WUKONG_AGENT", value_name = "ADDRESS", help_heading = "Target")]
     pub agent: Option<String>,
     /// The KubeVirt VMI whose guest to talk to: NAMESPACE/NAME, or NAME with -n.
@@ -85,7 +86,10 @@ pub async fn kube_client(args: &TargetArgs) -> anyhow::Result<(kube::Client, Str
     let options = KubeConfigOptions { context: args.context.clone(), ..Default::default() };
     let config = match &args.kubeconfig {
         Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
+            // Read here, not by kube, whose error quotes the path a second time.
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| UsageError(format!("cannot use the kubeconfig {}: {e}", path.display())))?;
+            let kubeconfig = Kubeconfig::from_yaml(&text)
                 .map_err(|e| UsageError(format!("cannot use the kubeconfig {}: {e}", path.display())))?;
             Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|e| UsageError(e.to_string()))?
         }
