@@ -3,6 +3,7 @@
 //!
 //! Nothing here is skipped when something is missing: a lab that cannot start fails the test with the reason.
 
+pub mod cluster;
 pub mod kubevirt_api;
 pub mod pki;
 

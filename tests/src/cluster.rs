@@ -1,0 +1,323 @@
+//! A genuine Kubernetes API server for the lab: etcd and kube-apiserver (built from Debian's packages by
+//! `scripts/lib/install-kube.sh`) on loopback, with a throwaway CA, RBAC, static-token identities (an admin in
+//! `system:masters` and least-privileged users with no rights until a test binds them), the front-proxy flags an
+//! aggregated API needs, and an audit log that records every write with its body. Everything stops on drop.
+
+use anyhow::{Context, Result, bail};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long etcd and the API server may take to become ready (about 5 s idle, 10 s under a build).
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// The admin identity (group `system:masters`).
+pub const ADMIN: &str = "lab-admin";
+/// Common name of the front-proxy client certificate (the API server's identity towards aggregated servers).
+pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
+
+/// Where the API server and etcd binaries are: `$WUKONG_KUBE_DIR/bin`, else `target/wukong-kube/bin`.
+pub fn kube_bin_dir() -> PathBuf {
+    std::env::var_os("WUKONG_KUBE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::target_dir().join("wukong-kube"))
+        .join("bin")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A throwaway certificate authority.
+pub struct Ca {
+    pub pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, in PEM.
+pub struct Leaf {
+    pub cert: String,
+    pub key: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self { pem, issuer: Issuer::new(params, key) })
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) with the given usage.
+    pub fn leaf(&self, common_name: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Result<Leaf> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf { cert: cert.pem(), key: key.serialize_pem() })
+    }
+}
+
+/// One recorded API request (an audit event at `RequestResponse` level for writes).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    pub verb: String,
+    pub request_uri: String,
+    #[serde(default)]
+    pub user: AuditUser,
+    #[serde(default)]
+    pub object_ref: Option<AuditObjectRef>,
+    #[serde(default)]
+    pub response_status: Option<serde_json::Value>,
+    #[serde(default)]
+    pub request_object: Option<serde_json::Value>,
+    pub stage: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct AuditUser {
+    #[serde(default)]
+    pub username: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditObjectRef {
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub subresource: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub api_group: Option<String>,
+}
+
+impl AuditEvent {
+    /// A write that reached the server and was decided (create, update, patch, delete).
+    pub fn is_write(&self) -> bool {
+        self.stage == "ResponseComplete" && matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete")
+    }
+
+    /// The HTTP status code the server answered.
+    pub fn code(&self) -> u16 {
+        self.response_status.as_ref().and_then(|s| s["code"].as_u64()).unwrap_or(0) as u16
+    }
+}
+
+/// A running etcd + kube-apiserver pair on loopback. Stopped (and its files removed) when dropped.
+pub struct Cluster {
+    etcd: Child,
+    apiserver: Child,
+    dir: tempfile::TempDir,
+    pub url: String,
+    pub port: u16,
+    etcd_ports: [u16; 2],
+    tokens: BTreeMap<String, String>,
+    /// The cluster's CA: it signed the API server's certificate.
+    pub ca: Ca,
+    /// The front-proxy CA: the API server presents a certificate from it to aggregated servers.
+    pub front_proxy_ca_pem: String,
+    pub started_in: Duration,
+}
+
+impl Cluster {
+    /// Starts etcd and the API server with an admin and the given least-privileged users (no rights until bound).
+    pub async fn start(users: &[&str]) -> Result<Self> {
+        let started = Instant::now();
+        let bin = kube_bin_dir();
+        for tool in ["etcd", "kube-apiserver"] {
+            if !bin.join(tool).is_file() {
+                bail!("{} is missing; run scripts/lib/install-kube.sh (scripts/test.sh does)", bin.join(tool).display());
+            }
+        }
+        let dir = tempfile::Builder::new().prefix("wukong-cluster-").tempdir()?;
+        let path = |f: &str| dir.path().join(f);
+        let write = |f: &str, text: &str| std::fs::write(path(f), text).with_context(|| format!("writing {f}"));
+
+        let ca = Ca::new("wukong lab cluster CA")?;
+        write("ca.crt", &ca.pem)?;
+        let serving = ca.leaf("kube-apiserver", &["127.0.0.1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth)?;
+        write("apiserver.crt", &serving.cert)?;
+        write("apiserver.key", &serving.key)?;
+        let front_proxy = Ca::new("wukong lab front-proxy CA")?;
+        write("front-proxy-ca.crt", &front_proxy.pem)?;
+        let proxy_client = front_proxy.leaf(FRONT_PROXY_CLIENT, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+        write("front-proxy-client.crt", &proxy_client.cert)?;
+        write("front-proxy-client.key", &proxy_client.key)?;
+        write("sa.key", &KeyPair::generate()?.serialize_pem())?;
+
+        let mut tokens = BTreeMap::new();
+        let mut token_file = String::new();
+        for (n, user) in std::iter::once(ADMIN).chain(users.iter().copied()).enumerate() {
+            let token = format!("{}{n:04}", random_hex());
+            let groups = if user == ADMIN { "system:masters" } else { "wukong:lab" };
+            token_file.push_str(&format!("{token},{user},uid-{n},\"{groups}\"\n"));
+            tokens.insert(user.to_string(), token);
+        }
+        write("tokens.csv", &token_file)?;
+        // Writes and subresource calls with their bodies, the rest as metadata: tests prove from the server's side
+        // what did (and did not) reach it.
+        write(
+            "audit-policy.yaml",
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+             - level: RequestResponse\n  verbs: [create, update, patch, delete]\n- level: Metadata\n",
+        )?;
+
+        let etcd_ports = [free_port()?, free_port()?];
+        let etcd_url = format!("http://127.0.0.1:{}", etcd_ports[0]);
+        let peer_url = format!("http://127.0.0.1:{}", etcd_ports[1]);
+        let etcd = Command::new(bin.join("etcd"))
+            .arg("--data-dir")
+            .arg(path("etcd"))
+            .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}"), "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(path("etcd.log"))?)
+            .spawn()
+            .context("starting etcd")?;
+
+        let port = free_port()?;
+        let p = |f: &str| path(f).display().to_string();
+        let apiserver = Command::new(bin.join("kube-apiserver"))
+            .args(["--etcd-servers", &etcd_url, "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
+            .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
+            .arg(format!("--client-ca-file={}", p("ca.crt")))
+            .arg(format!("--token-auth-file={}", p("tokens.csv")))
+            .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
+            .args(["--endpoint-reconciler-type=none", "--disable-admission-plugins=ServiceAccount"])
+            .arg(format!("--service-account-key-file={}", p("sa.key")))
+            .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg(format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")))
+            .arg(format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT}"))
+            .args(["--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group"])
+            .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+            .arg(format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")))
+            .arg(format!("--proxy-client-key-file={}", p("front-proxy-client.key")))
+            .arg(format!("--audit-policy-file={}", p("audit-policy.yaml")))
+            .arg(format!("--audit-log-path={}", p("audit.log")))
+            .arg("--audit-log-mode=blocking")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(path("apiserver.log"))?)
+            .spawn()
+            .context("starting kube-apiserver")?;
+
+        // From here on a failure drops the cluster, which stops both processes.
+        let mut cluster = Self {
+            etcd,
+            apiserver,
+            url: format!("https://127.0.0.1:{port}"),
+            port,
+            etcd_ports,
+            tokens,
+            ca,
+            front_proxy_ca_pem: front_proxy.pem,
+            dir,
+            started_in: Duration::ZERO,
+        };
+        cluster.wait_ready().await?;
+        cluster.started_in = started.elapsed();
+        tracing::info!(secs = cluster.started_in.as_secs_f64(), url = %cluster.url, "cluster ready");
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let client = self.client(ADMIN).await?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.apiserver.try_wait()? {
+                bail!("kube-apiserver exited ({status}): {}", self.log("apiserver.log"));
+            }
+            if let Some(status) = self.etcd.try_wait()? {
+                bail!("etcd exited ({status}): {}", self.log("etcd.log"));
+            }
+            let request = http::Request::get("/readyz").body(Vec::new())?;
+            if client.request_text(request).await.is_ok_and(|body| body.trim() == "ok") {
+                return Ok(());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!("kube-apiserver not ready within {READY_TIMEOUT:?}: {}", self.log("apiserver.log"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The last lines of one of the cluster's logs, for error messages.
+    pub fn log(&self, file: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(file)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// A kubeconfig for `user` (written once; for wukongctl and `KUBECONFIG`).
+    pub fn kubeconfig(&self, user: &str) -> Result<PathBuf> {
+        let token = self.tokens.get(user).with_context(|| format!("the lab cluster has no user {user}"))?;
+        let path = self.dir.path().join(format!("kubeconfig-{user}"));
+        if !path.exists() {
+            std::fs::write(
+                &path,
+                format!(
+                    "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {}\n    \
+                     certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n\
+                     - name: lab\n  context:\n    cluster: lab\n    user: {user}\ncurrent-context: lab\n",
+                    self.url,
+                    self.dir.path().join("ca.crt").display()
+                ),
+            )?;
+        }
+        Ok(path)
+    }
+
+    /// A client acting as `user`.
+    pub async fn client(&self, user: &str) -> Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig(user)?)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Every audit event so far (complete requests only).
+    pub fn audit(&self) -> Result<Vec<AuditEvent>> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        text.lines().map(|line| serde_json::from_str(line).with_context(|| format!("an audit line: {line}"))).collect()
+    }
+
+    /// The processes and ports this cluster holds, to check that dropping it leaves nothing behind.
+    pub fn footprint(&self) -> (Vec<u32>, Vec<u16>) {
+        let pids = vec![self.etcd.id(), self.apiserver.id()];
+        (pids, vec![self.port, self.etcd_ports[0], self.etcd_ports[1]])
+    }
+
+    /// The cluster's working directory (certificates, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The API server first, so it does not log etcd's absence.
+        for child in [&mut self.apiserver, &mut self.etcd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// 16 random hex digits from the kernel (tokens need not be strong here, only unguessable by other tests).
+fn random_hex() -> String {
+    let mut bytes = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
