@@ -373,27 +373,19 @@ fn tls_refusal(address: &AgentAddress, tls: Option<&TlsFiles>, reason: &str) -> 
              --tls-key, or give the agent its TLS files"
         )),
         // TLS 1.3 checks the client's certificate after the client has finished: a refusal then arrives as an
-        // alert or a closed connection on the first request.
-        Some(tls)
-            if ["fatal alert", "broken pipe", "connection reset", "connection closed"]
-                .iter()
-                .any(|r| reason.contains(r)) =>
-        {
+        // alert, a broken pipe or a closed connection on the first request. (A reset is not one: a port forwarder
+        // resets connections to an agent that is down.)
+        Some(tls) if ["fatal alert", "broken pipe", "connection closed"].iter().any(|r| reason.contains(r)) => {
             Some(format!(
                 "the agent at {address} refused this client's certificate ({}) during the TLS handshake ({reason}); \
-                 it must be signed by the CA the agent trusts (its tls_client_ca)",
+             it must be signed by the CA the agent trusts (its tls_client_ca)",
                 tls.cert.display()
             ))
         }
-        None if ["connection closed", "h2 protocol error", "broken pipe", "connection reset"]
-            .iter()
-            .any(|r| reason.contains(r)) =>
-        {
-            Some(format!(
-                "the agent at {address} closed this plaintext connection at once ({reason}): it speaks TLS, as an \
+        None if ["connection closed", "h2 protocol error"].iter().any(|r| reason.contains(r)) => Some(format!(
+            "the agent at {address} closed this plaintext connection at once ({reason}): it speaks TLS, as an \
                  agent reachable beyond loopback must; give --tls-ca, --tls-cert and --tls-key"
-            ))
-        }
+        )),
         _ => None,
     }
 }

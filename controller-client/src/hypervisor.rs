@@ -74,6 +74,11 @@ pub enum HypervisorError {
     NotFound { what: String, message: String },
     #[error("{what} refused the request (conflict): {message}")]
     Conflict { what: String, message: String },
+    #[error(
+        "{what}: the Kubernetes API refused this identity: {message}; the ClusterRole in deploy/companion-rbac.yaml \
+         grants what the companion needs"
+    )]
+    Forbidden { what: String, message: String },
     #[error("{what} rejected the request as invalid: {message}")]
     Invalid { what: String, message: String },
     #[error("{what} failed (HTTP {code}): {message}")]

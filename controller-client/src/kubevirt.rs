@@ -1,10 +1,16 @@
-//! The KubeVirt backend: the `addvolume`/`removevolume` subresources of a VMI (or of its VM, to persist the change)
-//! and the VMI's `status.volumeStatus`, through kube-rs. Request bodies and the parts of VMI/VM we read are our own
+//! The KubeVirt backend: the `addvolume`/`removevolume` subresources of a VMI or of its VM, and the VMI's
+//! `status.volumeStatus`, through kube-rs.
+//!
+//! Which object's subresources carry a request ([`Route`]) follows KubeVirt 1.9: with declarative hot-plug (its
+//! default) the VM's spec is the truth and VMI requests for a VM-owned VMI are refused, so such a VMI goes through
+//! its VM; with the deprecated `HotplugVolumes` gate a VM-owned VMI keeps VMI (ephemeral) hot-plug unless
+//! `--persist` asks for the VM. The mode is read from the cluster's `KubeVirt` object. Request bodies and the parts of VMI/VM we read are our own
 //! serde types, matching KubeVirt's OpenAPI document (`v1.AddVolumeOptions`, `v1.VolumeStatus`, …).
 
 use crate::hypervisor::{Hypervisor, HypervisorError, Removal, VolumeSource, VolumeSpec, VolumeState};
 use http::{Method, Request};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::time::Duration;
 
 /// How often a 422 caused by a concurrent modification is retried, as virtctl does.
@@ -80,9 +86,74 @@ pub struct DataVolumeSource {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct VirtualMachineInstance {
     #[serde(default)]
+    pub metadata: Metadata,
+    #[serde(default)]
     pub spec: VmiSpec,
     #[serde(default)]
     pub status: VmiStatus,
+}
+
+/// `metav1.ObjectMeta` (who owns the object).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// The parts of a `v1.KubeVirt` (the installation's configuration) the companion reads: its feature gates.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct KubeVirtConfig {
+    #[serde(default)]
+    spec: Value,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct List<T> {
+    #[serde(default = "Vec::new")]
+    items: Vec<T>,
+}
+
+/// Which hot-plug feature gate the cluster runs (KubeVirt 1.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotplugMode {
+    /// `DeclarativeHotplugVolumes`, the default since 1.9: the VM's spec is the truth.
+    Declarative,
+    /// `HotplugVolumes` (deprecated; takes precedence when on): VMI hot-plug is ephemeral unless the VM is asked.
+    HotplugVolumes,
+}
+
+/// Which object's subresources carry the hot-plug requests, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// A standalone VMI, or `HotplugVolumes` without --persist: the VMI's (lost at restart).
+    Vmi,
+    /// --persist: the VM's.
+    VmPersist,
+    /// Declarative hot-plug and a VM-owned VMI: the VM's (the VMI's would be refused with 400).
+    VmDeclarative,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Vmi => "vmi",
+            Route::VmPersist => "vm (--persist)",
+            Route::VmDeclarative => "vm (declarative hot-plug)",
+        }
+    }
+
+    fn through_vm(self) -> bool {
+        self != Route::Vmi
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -114,6 +185,14 @@ pub struct Volume {
     pub persistent_volume_claim: Option<ClaimSource>,
     #[serde(default)]
     pub data_volume: Option<DataVolumeSource>,
+}
+
+impl Volume {
+    /// A PVC or DataVolume plugged as hotpluggable.
+    pub fn hotpluggable(&self) -> bool {
+        self.persistent_volume_claim.as_ref().is_some_and(|c| c.hotpluggable)
+            || self.data_volume.as_ref().is_some_and(|d| d.hotpluggable)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -168,7 +247,7 @@ pub struct VmTemplate {
     pub spec: VmiSpec,
 }
 
-/// One VMI (and, with `persist`, its VM) in a namespace.
+/// One VMI (and its VM, when it has one) in a namespace.
 #[derive(Clone)]
 pub struct KubeVirt {
     client: kube::Client,
@@ -177,12 +256,65 @@ pub struct KubeVirt {
     persist: bool,
     /// The API server, for messages: "the Kubernetes API at https://…".
     api: String,
+    /// Found on first use.
+    route: tokio::sync::OnceCell<Route>,
 }
 
 impl KubeVirt {
-    /// `persist`: change the VM's spec too (the `virtualmachines/…` subresources), so the volume survives a restart.
+    /// `persist`: change the VM's spec (the `virtualmachines/…` subresources), so the volume survives a restart;
+    /// implied for a VM-owned VMI when the cluster runs declarative hot-plug.
     pub fn new(client: kube::Client, namespace: &str, name: &str, persist: bool) -> Self {
-        Self { client, namespace: namespace.into(), name: name.into(), persist, api: "the Kubernetes API".into() }
+        Self {
+            client,
+            namespace: namespace.into(),
+            name: name.into(),
+            persist,
+            api: "the Kubernetes API".into(),
+            route: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Which object's subresources this backend uses, found once: --persist, else the VMI's owner and the
+    /// cluster's hot-plug mode.
+    pub async fn route(&self) -> Result<Route, HypervisorError> {
+        self.route
+            .get_or_try_init(|| async {
+                if self.persist {
+                    return Ok(Route::VmPersist);
+                }
+                let vmi = self.vmi().await?;
+                if !vmi.metadata.owner_references.iter().any(|o| o.kind == "VirtualMachine") {
+                    return Ok(Route::Vmi);
+                }
+                let route = match self.hotplug_mode().await {
+                    HotplugMode::Declarative => Route::VmDeclarative,
+                    HotplugMode::HotplugVolumes => Route::Vmi,
+                };
+                tracing::info!(vmi = %format!("{}/{}", self.namespace, self.name), route = route.as_str(), "KubeVirt route");
+                Ok(route)
+            })
+            .await
+            .copied()
+    }
+
+    /// The cluster's hot-plug mode, from its `KubeVirt` object's feature gates. Unreadable (no rights, not
+    /// installed as expected): KubeVirt 1.9's default, declarative, which is also the safe guess (a VMI request
+    /// the cluster would refuse is never sent).
+    pub async fn hotplug_mode(&self) -> HotplugMode {
+        let list: Result<List<KubeVirtConfig>, _> = self.get("/apis/kubevirt.io/v1/kubevirts".into()).await;
+        let gates = list.ok().and_then(|l| l.items.into_iter().next()).map(|k| {
+            k.spec["configuration"]["developerConfiguration"]["featureGates"].as_array().cloned().unwrap_or_default()
+        });
+        match gates {
+            Some(gates) if gates.iter().any(|g| g == "HotplugVolumes") => HotplugMode::HotplugVolumes,
+            Some(_) => HotplugMode::Declarative,
+            None => {
+                tracing::info!(
+                    "cannot read the cluster's KubeVirt object; assuming declarative hot-plug (1.9's default)"
+                );
+                HotplugMode::Declarative
+            }
+        }
     }
 
     /// Names the API server's URL in messages (a client does not expose it).
@@ -191,24 +323,26 @@ impl KubeVirt {
         self
     }
 
-    fn subresource(&self, verb: &str) -> String {
-        let kind = if self.persist { "virtualmachines" } else { "virtualmachineinstances" };
+    fn subresource(&self, route: Route, verb: &str) -> String {
+        let kind = if route.through_vm() { "virtualmachines" } else { "virtualmachineinstances" };
         format!("/apis/subresources.kubevirt.io/v1/namespaces/{}/{kind}/{}/{verb}", self.namespace, self.name)
     }
 
     fn what(&self) -> String {
-        let kind = if self.persist { "VM" } else { "VMI" };
+        let through_vm = self.persist || self.route.get().is_some_and(|r| r.through_vm());
+        let kind = if through_vm { "VM" } else { "VMI" };
         format!("{kind} {}/{}", self.namespace, self.name)
     }
 
     /// PUTs a subresource body; 2xx is success. Retries the 422 a concurrent modification causes, as virtctl does.
     async fn put(&self, verb: &str, body: &impl Serialize) -> Result<(), HypervisorError> {
         let body = serde_json::to_vec(body).expect("option bodies always serialise");
+        let route = self.route().await?;
         let mut attempt = 1;
         loop {
             let request = Request::builder()
                 .method(Method::PUT)
-                .uri(self.subresource(verb))
+                .uri(self.subresource(route, verb))
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(body.clone())
                 .expect("a valid request");
@@ -278,6 +412,7 @@ impl KubeVirt {
             kube::Error::Api(status) => {
                 let message = status.message.clone();
                 match status.code {
+                    403 => HypervisorError::Forbidden { what, message },
                     404 => HypervisorError::NotFound { what, message },
                     409 => HypervisorError::Conflict { what, message },
                     400 | 422 => HypervisorError::Invalid { what, message },
@@ -335,12 +470,24 @@ impl Hypervisor for KubeVirt {
 
     async fn volume_state(&self, name: &str) -> Result<VolumeState, HypervisorError> {
         let vmi = self.vmi().await?;
+        // KubeVirt unplugs only what was plugged as hotpluggable; anything else needs the VM's restart.
+        if let Some(v) = vmi.spec.volumes.iter().find(|v| v.name == name)
+            && !v.hotpluggable()
+        {
+            return Err(HypervisorError::Invalid {
+                what: self.what(),
+                message: format!(
+                    "volume '{name}' is not hotpluggable: KubeVirt plugs and unplugs only volumes added with \
+                     hotpluggable: true (a PVC or DataVolume); this one changes only with a restart of the VM"
+                ),
+            });
+        }
         let in_spec = vmi.spec.volumes.iter().any(|v| v.name == name);
         let serial = vmi.spec.domain.devices.disks.iter().find(|d| d.name == name).and_then(|d| d.serial.clone());
         let status = vmi.status.volume_status.iter().find(|s| s.name == name);
-        // With `persist` the VM's template is the truth (with declarative hot-plug, editing it *is* the unplug): a
+        // Through the VM its template is the truth (with declarative hot-plug, editing it *is* the unplug): a
         // volume gone from it is being removed even while the VMI still carries it.
-        let in_template = match self.persist {
+        let in_template = match self.route().await?.through_vm() {
             true => Some(self.vm().await?.spec.template.is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name))),
             false => None,
         };

@@ -105,11 +105,13 @@ fn accepted() -> (u16, String) {
 
 #[tokio::test]
 async fn addvolume_sends_the_exact_body_to_the_vmi_and_accepts_202() {
-    let (client, seen) = api(Box::new(|_| accepted()));
+    // A standalone VMI (no owner): its own subresource, after one read to find that out.
+    let (client, seen) = api(Box::new(|s| if s.method == Method::GET { vmi(false, None) } else { accepted() }));
     KubeVirt::new(client, "ns1", "vm1", false).add_volume(&pvc_volume()).await.unwrap();
     let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0].path, VMI_PATH);
     assert_eq!(
-        seen,
+        seen[1..],
         [Seen {
             method: Method::PUT,
             path: format!("{SUBRESOURCES}/virtualmachineinstances/vm1/addvolume"),
@@ -183,7 +185,10 @@ async fn every_error_status_is_a_named_error_with_kubevirts_message() {
 #[tokio::test]
 async fn a_concurrent_modification_422_is_retried_until_accepted() {
     let mut n = 0;
-    let (client, seen) = api(Box::new(move |_| {
+    let (client, seen) = api(Box::new(move |s| {
+        if s.method == Method::GET {
+            return vmi(false, None);
+        }
         n += 1;
         if n < 3 {
             status(422, "Invalid", "the server rejected our request due to an error in our request")
@@ -192,12 +197,13 @@ async fn a_concurrent_modification_422_is_retried_until_accepted() {
         }
     }));
     KubeVirt::new(client, "ns1", "vm1", false).add_volume(&pvc_volume()).await.unwrap();
-    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert_eq!(seen.lock().unwrap().iter().filter(|s| s.method == Method::PUT).count(), 3);
 }
 
 #[tokio::test]
 async fn volume_state_follows_the_phases_to_ready_and_to_removal() {
     let timeline = vec![
+        vmi(true, None), // read once to find the route: a standalone VMI
         vmi(true, None),
         vmi(true, Some(("Bound", ""))),
         vmi(true, Some(("MountedToPod", ""))),

@@ -167,6 +167,16 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Which KubeVirt object's subresources were used ("vmi", "vm (declarative hot-plug)", …); none for QEMU.
+    async fn route(&self) -> Option<&'static str> {
+        match self {
+            Self::KubeVirt(k) => k.route().await.ok().map(|r| r.as_str()),
+            Self::Qemu(_) => None,
+        }
+    }
+}
+
 /// Shows the current phase on a TTY (a spinner), or logs it.
 fn progress_reporter() -> (Option<ProgressBar>, impl Fn(&str) + Sync) {
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -206,6 +216,7 @@ pub async fn attach(
     if json {
         crate::print_json(&serde_json::json!({
             "volume": args.volume, "already": attached.already, "disk": output::disk_json(d),
+            "kubevirt_route": backend.route().await,
             "timings_ms": timings_json(&attached.timings),
         }));
     } else {
@@ -262,6 +273,7 @@ pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, js
     if json {
         crate::print_json(&serde_json::json!({
             "volume": args.volume, "serial": detached.serial, "already": detached.already, "forced": detached.forced,
+            "kubevirt_route": backend.route().await,
             "removal": detached.removal.map(|r| match r {
                 Removal::Requested => "requested",
                 Removal::AlreadyInProgress => "joined",
