@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/lib/install-deps.sh
+bash scripts/lib/install-kube.sh
 cargo build --release --locked -p wukong-agent
 cargo build --locked -p wukong-controller-client
 cargo run --locked -q -p wukong-e2e --bin wukong-demo

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command. On a fresh Debian bookworm machine it installs what is missing (libudev-dev, QEMU from
-# bookworm-backports, busybox, ...), then runs the format check, clippy, unit tests, host integration tests and
-# the guest-lab end-to-end tests (real QEMU guests), and ends with one summary line.
+# bookworm-backports, busybox, ...) and builds a real kube-apiserver once (scripts/lib/install-kube.sh), then runs
+# the format check, clippy, unit tests, host integration tests and the guest-lab end-to-end tests (real QEMU
+# guests), and ends with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 bash scripts/lib/install-deps.sh
+bash scripts/lib/install-kube.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,5 +1,6 @@
 # Private apt configuration: the machine's own sources plus bookworm-backports, without touching /etc/apt.
-# Source this file; it defines apt_private (apt-get with the private configuration) and apt_private_update.
+# Source this file; it defines apt_private (apt-get with the private configuration) and apt_private_update, and
+# apt_private_add_deb_src for the few scripts that need Debian source packages.
 # The machine's sources may be deb822 files (sources.list.d/*.sources) or one-line entries (sources.list and
 # sources.list.d/*.list), or both; WUKONG_APT_ETC says where they are read from (tests point it at fixtures).
 
@@ -54,6 +55,7 @@ apt_private_setup() {
       "$etc/sources.list.d/*.sources; add the machine's mirror there (or point WUKONG_APT_ETC at a directory that has one)" >&2
     return 1
   fi
+  apt_mirror_uri=$uri
   # Copies from an earlier run go first: a source removed from the machine must not live on here.
   mkdir -p "$sources" "$WUKONG_APT_DIR/lists/partial"
   rm -f "$sources"/*.list "$sources"/*.sources
@@ -68,6 +70,19 @@ apt_private_setup() {
 Types: deb
 URIs: $uri
 Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+}
+
+# Adds source-package (deb-src) entries for the machine's main mirror (the one backports uses) to the private
+# sources, for `apt_private source`. apt_private_setup drops them again; run apt_private update afterwards.
+apt_private_add_deb_src() {
+  [ -n "${apt_mirror_uri:-}" ] || apt_private_setup || return 1
+  cat > "$WUKONG_APT_DIR/sources/deb-src.sources" <<SRC
+Types: deb-src
+URIs: $apt_mirror_uri
+Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
