@@ -68,6 +68,7 @@ impl Ca {
 #[serde(rename_all = "camelCase")]
 pub struct AuditEvent {
     pub verb: String,
+    #[serde(rename = "requestURI")]
     pub request_uri: String,
     #[serde(default)]
     pub user: AuditUser,
@@ -134,7 +135,10 @@ impl Cluster {
         let bin = kube_bin_dir();
         for tool in ["etcd", "kube-apiserver"] {
             if !bin.join(tool).is_file() {
-                bail!("{} is missing; run scripts/lib/install-kube.sh (scripts/test.sh does)", bin.join(tool).display());
+                bail!(
+                    "{} is missing; run scripts/lib/install-kube.sh (scripts/test.sh does)",
+                    bin.join(tool).display()
+                );
             }
         }
         let dir = tempfile::Builder::new().prefix("wukong-cluster-").tempdir()?;
@@ -151,7 +155,9 @@ impl Cluster {
         let proxy_client = front_proxy.leaf(FRONT_PROXY_CLIENT, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
         write("front-proxy-client.crt", &proxy_client.cert)?;
         write("front-proxy-client.key", &proxy_client.key)?;
-        write("sa.key", &KeyPair::generate()?.serialize_pem())?;
+        let service_accounts = KeyPair::generate()?;
+        write("sa.key", &service_accounts.serialize_pem())?;
+        write("sa.pub", &service_accounts.public_key_pem())?;
 
         let mut tokens = BTreeMap::new();
         let mut token_file = String::new();
@@ -196,7 +202,7 @@ impl Cluster {
             .arg(format!("--token-auth-file={}", p("tokens.csv")))
             .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
             .args(["--endpoint-reconciler-type=none", "--disable-admission-plugins=ServiceAccount"])
-            .arg(format!("--service-account-key-file={}", p("sa.key")))
+            .arg(format!("--service-account-key-file={}", p("sa.pub")))
             .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg(format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")))

@@ -4,7 +4,8 @@
 //! Nothing here is skipped when something is missing: a lab that cannot start fails the test with the reason.
 
 pub mod cluster;
-pub mod kubevirt_api;
+pub mod kubevirt_crds;
+pub mod kubevirt_lab;
 pub mod pki;
 
 use anyhow::{Context, Result, bail};

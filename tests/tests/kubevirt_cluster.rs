@@ -1,0 +1,367 @@
+//! `wukongctl --vmi` end to end through a genuine kube-apiserver: KubeVirt's CRDs, its hot-plug subresources as an
+//! aggregated API, and a lab controller that plugs into the QEMU guest and, like KubeVirt, checks nothing before an
+//! unplug. wukongctl runs with a token bound only to the ClusterRoles shipped in deploy/companion-rbac.yaml. What
+//! did and did not reach the server is read from the server's own audit log.
+
+use anyhow::{Context, Result};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use serde_json::{Value, json};
+use std::process::Output;
+use wukong_e2e::Guest;
+use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
+
+const NS: &str = "ns1";
+/// The identity wukongctl runs as, bound to the shipped roles only.
+const COMPANION: &str = "companion";
+/// Another identity, bound to the shipped role with one rule taken out.
+const LACKING: &str = "companion-lacking";
+
+struct Lab {
+    guest: Guest,
+    cluster: Cluster,
+    kubevirt: KubeVirtLab,
+    image: std::path::PathBuf,
+}
+
+fn dynamic(kind: &str, group: &str, plural: &str) -> ApiResource {
+    let api_version = if group.is_empty() { "v1".to_string() } else { format!("{group}/v1") };
+    ApiResource { group: group.into(), version: "v1".into(), api_version, kind: kind.into(), plural: plural.into() }
+}
+
+/// The shipped RBAC, bound to `user` in NS (the cluster-wide reader with a ClusterRoleBinding); `without` drops
+/// every rule that grants that verb on that resource, to prove each rule is needed.
+async fn bind_shipped_rbac(cluster: &Cluster, user: &str, without: Option<(&str, &str)>) -> Result<()> {
+    let text = std::fs::read_to_string(wukong_e2e::workspace_root().join("deploy/companion-rbac.yaml"))?;
+    let documents: Vec<Value> = serde_saphyr::from_multiple(&text).context("deploy/companion-rbac.yaml")?;
+    let client = cluster.client(ADMIN).await?;
+    let subject = json!([{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]);
+    for mut doc in documents {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let name = format!("{}-{user}", doc["metadata"]["name"].as_str().unwrap_or_default());
+        doc["metadata"]["name"] = json!(name);
+        match kind.as_str() {
+            "ClusterRole" => {
+                if let (Some((verb, resource)), Some(rules)) = (without, doc["rules"].as_array_mut()) {
+                    for rule in rules.iter_mut() {
+                        let grants = rule["verbs"].as_array().is_some_and(|v| v.iter().any(|v| v == verb));
+                        if let (true, Some(resources)) = (grants, rule["resources"].as_array_mut()) {
+                            resources.retain(|r| r != resource);
+                        }
+                    }
+                    rules.retain(|r| r["resources"].as_array().is_some_and(|r| !r.is_empty()));
+                }
+            }
+            "RoleBinding" | "ClusterRoleBinding" => {
+                doc["roleRef"]["name"] =
+                    json!(format!("{}-{user}", doc["roleRef"]["name"].as_str().unwrap_or_default()));
+                doc["subjects"] = subject.clone();
+                if kind == "RoleBinding" {
+                    doc["metadata"]["namespace"] = json!(NS);
+                }
+            }
+            other => anyhow::bail!("deploy/companion-rbac.yaml has a {other}, which this test does not expect"),
+        }
+        let plural = format!("{}s", kind.to_lowercase());
+        let resource = dynamic(&kind, "rbac.authorization.k8s.io", &plural);
+        let api: Api<DynamicObject> = match kind.as_str() {
+            "RoleBinding" => Api::namespaced_with(client.clone(), NS, &resource),
+            _ => Api::all_with(client.clone(), &resource),
+        };
+        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
+    }
+    Ok(())
+}
+
+async fn lab(mode: HotplugMode) -> Result<Lab> {
+    let guest = Guest::boot().await?;
+    let cluster = Cluster::start(&[COMPANION, LACKING]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, mode).await?;
+    bind_shipped_rbac(&cluster, COMPANION, None).await?;
+    let image = guest.new_image(64 << 20)?;
+    kubevirt.create_claim("pvc-a", &image).await?;
+    kubevirt.create_vm("vm1", true, "10.0.2.15").await?;
+    Ok(Lab { guest, cluster, kubevirt, image })
+}
+
+impl Lab {
+    /// Runs wukongctl as `user`. The lab's virt-api and controller run in this process: the wait must not hold a
+    /// runtime worker (tasks parked on it would wait for wukongctl, which waits for them).
+    fn ctl_as(&self, user: &str, args: &[&str]) -> Result<Output> {
+        self.ctl_on(user, "vm1", args)
+    }
+
+    /// Runs wukongctl as `user` against VMI `vmi` of NS.
+    fn ctl_on(&self, user: &str, vmi: &str, args: &[&str]) -> Result<Output> {
+        let mut command = std::process::Command::new(wukong_e2e::wukongctl_binary());
+        command
+            .env_clear()
+            .env("KUBECONFIG", self.cluster.kubeconfig(user)?)
+            .args(["--vmi", &format!("{NS}/{vmi}"), "--agent", &self.guest.agent_address().to_string()])
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        tokio::task::block_in_place(|| command.output()).context("running wukongctl")
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<Output> {
+        self.ctl_as(COMPANION, args)
+    }
+
+    /// wukongctl in the background (a detach still waiting while another starts).
+    fn spawn_ctl(&self, args: &[&str]) -> Result<std::process::Child> {
+        std::process::Command::new(wukong_e2e::wukongctl_binary())
+            .env_clear()
+            .env("KUBECONFIG", self.cluster.kubeconfig(COMPANION)?)
+            .args(["--vmi", &format!("{NS}/vm1"), "--agent", &self.guest.agent_address().to_string()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running wukongctl")
+    }
+
+    /// How many removevolume requests reached the API server so far.
+    fn removevolumes(&self) -> Result<usize> {
+        Ok(self.cluster.audit()?.iter().filter(|e| e.request_uri.contains("/removevolume")).count())
+    }
+
+    async fn attach_data1(&self) -> Result<String> {
+        let out = self.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--timeout", "90"])?;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        Ok(json_of(&out)?["disk"]["dev_node"].as_str().context("the guest's device")?.to_string())
+    }
+
+    /// The guest never gets the disk back while KubeVirt unplugs it: no CancelDetach, so no rescan, no remount.
+    async fn assert_not_given_back(&self) -> Result<()> {
+        self.guest.run_ok("! grep -q ' /mnt/k ' /proc/mounts").await.context("the released disk was mounted again")?;
+        Ok(())
+    }
+
+    async fn object(&self, kind: &str, plural: &str, name: &str) -> Result<Value> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.cluster.client(ADMIN).await?, NS, &dynamic(kind, "kubevirt.io", plural));
+        Ok(serde_json::to_value(api.get(name).await?)?)
+    }
+
+    /// The audit log from `mark` on: requests that changed a VM or VMI spec, or asked for a hot-plug.
+    fn hotplug_writes_since(&self, mark: usize) -> Result<Vec<AuditEvent>> {
+        Ok(self
+            .cluster
+            .audit()?
+            .into_iter()
+            .skip(mark)
+            .filter(|e| {
+                let Some(r) = &e.object_ref else { return false };
+                let vm_or_vmi = matches!(r.resource.as_str(), "virtualmachines" | "virtualmachineinstances");
+                let subresource = r.subresource.as_deref();
+                vm_or_vmi
+                    && (matches!(subresource, Some("addvolume" | "removevolume"))
+                        || (e.is_write() && subresource.is_none()))
+            })
+            .collect())
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn json_of(out: &Output) -> Result<Value> {
+    serde_json::from_slice(&out.stdout).with_context(|| format!("JSON from wukongctl: {}", text(out)))
+}
+
+fn template_volumes(vm: &Value) -> Vec<String> {
+    vm["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// KubeVirt 1.9's default (declarative hot-plug): attach, a refused detach that sends nothing, a safe detach,
+/// re-attach with the data intact, --force with the agent stopped, bad input, and the RBAC each step needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn declarative_hotplug_through_a_real_api_server_is_safe() -> Result<()> {
+    let lab = lab(HotplugMode::Declarative).await?;
+
+    let out = lab.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let attached = json_of(&out)?;
+    assert_eq!(attached["disk"]["serial"], "data1", "the serial is the volume name, as virtctl gives it");
+    assert_eq!(attached["kubevirt_route"], "vm (declarative hot-plug)");
+    let dev = attached["disk"]["dev_node"].as_str().context("the guest's device")?.to_string();
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(template_volumes(&vm).contains(&"data1".to_string()), "the VM's spec holds the volume: {vm}");
+    let disk = &vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"];
+    assert!(disk.as_array().unwrap().iter().any(|d| d["name"] == "data1" && d["serial"] == "data1"), "{disk}");
+
+    let sum = lab.guest.fill(&dev, "/mnt/k", 4 << 20).await?;
+    let pid =
+        lab.guest.run_ok("sh -c 'exec 3>>/mnt/k/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!").await?;
+    let mark = lab.cluster.audit()?.len();
+    let refused = lab.ctl(&["detach", "data1", "--unmount"])?;
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    assert!(text(&refused).contains(&format!("sleep (pid {}", pid.trim())), "{}", text(&refused));
+    let writes = lab.hotplug_writes_since(mark)?;
+    assert!(writes.is_empty(), "a refused detach reaches no VM or VMI spec and sends no removevolume: {writes:#?}");
+
+    lab.guest.run_ok(&format!("kill {0}; while kill -0 {0} 2>/dev/null; do usleep 50000; done", pid.trim())).await?;
+    let out = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(!template_volumes(&vm).contains(&"data1".to_string()), "gone from the VM's spec: {vm}");
+    let vmi = lab.object("VirtualMachineInstance", "virtualmachineinstances", "vm1").await?;
+    let statuses = vmi["status"]["volumeStatus"].as_array().cloned().unwrap_or_default();
+    assert!(!statuses.iter().any(|s| s["name"] == "data1"), "the VMI's status entry is gone: {statuses:?}");
+    let removals: Vec<_> =
+        lab.hotplug_writes_since(mark)?.into_iter().filter(|e| e.request_uri.contains("/removevolume")).collect();
+    assert_eq!(removals.len(), 1, "one removevolume, through the VM: {removals:#?}");
+    assert!(removals[0].request_uri.contains("/virtualmachines/vm1/removevolume"), "{:?}", removals[0].request_uri);
+    assert_eq!(removals[0].user.username, COMPANION);
+
+    let out = lab.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let dev = json_of(&out)?["disk"]["dev_node"].as_str().unwrap().to_string();
+    lab.guest.run_ok(&format!("mount {dev} /mnt/k")).await?;
+    assert_eq!(lab.guest.checksum("/mnt/k/data").await?, sum, "data intact after detach and re-attach");
+    lab.guest.run_ok("umount /mnt/k").await?;
+
+    // Bad input: a named error each, and nothing written.
+    let mark = lab.cluster.audit()?.len();
+    let out = lab.ctl_on(COMPANION, "nope", &["detach", "data1"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("\"nope\" not found"), "{}", text(&out));
+    let bad: [(&[&str], i32, &str); 3] = [
+        (&["detach", "rootdisk"], 1, "volume 'rootdisk' is not hotpluggable"),
+        (&["attach", "data2", "--claim", "pvc-a", "--serial", "Not/Portable"], 2, "is not a portable serial"),
+        (&["attach", "Data2", "--claim", "pvc-a"], 2, "'Data2' is not a volume name"),
+    ];
+    for (args, code, says) in bad {
+        let out = lab.ctl(args)?;
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(says), "{args:?}: {}", text(&out));
+    }
+    let unknown = lab.ctl(&["detach", "nosuch"])?;
+    assert!(text(&unknown).contains("nosuch is not attached; nothing to do"), "{}", text(&unknown));
+    assert!(lab.hotplug_writes_since(mark)?.is_empty(), "bad input changes nothing on the server");
+
+    // Each shipped rule is needed: without `get` on VMIs the command fails and says which verb and resource.
+    bind_shipped_rbac(&lab.cluster, LACKING, Some(("get", "virtualmachineinstances"))).await?;
+    let out = lab.ctl_as(LACKING, &["detach", "data1", "--unmount"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot get resource \"virtualmachineinstances\" in API group \"kubevirt.io\""),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("deploy/companion-rbac.yaml"), "{}", text(&out));
+
+    // The agent is down: refused (fail safe), unless forced.
+    lab.guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
+    let out = lab.ctl(&["detach", "data1", "--unmount"])?;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = lab.ctl(&["detach", "data1", "--force", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("WARNING: data1 was detached with --force"), "{}", text(&out));
+    lab.guest.restart_agent().await?;
+    println!("cluster started in {:.1} s; image {}", lab.cluster.started_in.as_secs_f64(), lab.image.display());
+    Ok(())
+}
+
+/// With the deprecated `HotplugVolumes` gate, a VM-owned VMI keeps VMI (ephemeral) hot-plug; --persist goes
+/// through the VM. Both are safe the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn hotplug_volumes_mode_through_a_real_api_server_is_safe() -> Result<()> {
+    let lab = lab(HotplugMode::HotplugVolumes).await?;
+    let out = lab.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let attached = json_of(&out)?;
+    assert_eq!(attached["kubevirt_route"], "vmi");
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(!template_volumes(&vm).contains(&"data1".to_string()), "ephemeral: the VM's spec is unchanged");
+    let dev = attached["disk"]["dev_node"].as_str().unwrap().to_string();
+    let sum = lab.guest.fill(&dev, "/mnt/k", 4 << 20).await?;
+
+    let mark = lab.cluster.audit()?.len();
+    let refused = lab.ctl(&["detach", "data1"])?;
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    assert!(lab.hotplug_writes_since(mark)?.is_empty(), "a refused detach sends nothing");
+    let out = lab.ctl(&["detach", "data1", "--unmount", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let out = lab.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--persist", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(json_of(&out)?["kubevirt_route"], "vm (--persist)");
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(template_volumes(&vm).contains(&"data1".to_string()), "--persist: in the VM's spec");
+    let dev = json_of(&out)?["disk"]["dev_node"].as_str().unwrap().to_string();
+    lab.guest.run_ok(&format!("mount {dev} /mnt/k")).await?;
+    assert_eq!(lab.guest.checksum("/mnt/k/data").await?, sum, "data intact");
+    let out = lab.ctl(&["detach", "data1", "--unmount", "--persist", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(!template_volumes(&vm).contains(&"data1".to_string()), "gone from the VM's spec");
+    Ok(())
+}
+
+/// Issue 14 through the real API server: a detach that timed out while KubeVirt was still unplugging is run again,
+/// as a user or an operator's next reconcile does: it joins the removal (no second removevolume, no CancelDetach)
+/// and the data survives. Then two detaches at once, and a removal KubeVirt really refuses, which still gives the
+/// guest its disk back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_detach_joins_kubevirts_removal_instead_of_giving_the_disk_back() -> Result<()> {
+    let lab = lab(HotplugMode::Declarative).await?;
+    let dev = lab.attach_data1().await?;
+    let sum = lab.guest.fill(&dev, "/mnt/k", 4 << 20).await?;
+    lab.kubevirt.set_unplug_delay(std::time::Duration::from_secs(4));
+
+    // The first detach gives up while the attachment pod is still being torn down.
+    let first = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "1"])?;
+    assert_eq!(first.status.code(), Some(5), "{}", text(&first));
+    let error = json_of(&first)?;
+    assert_eq!(error["removal_in_progress"], true, "{error}");
+    assert!(error["error"].as_str().unwrap_or_default().contains("Run detach again to wait for it"), "{error}");
+    assert!(!text(&first).contains("cancel-release"), "no advice to take the disk back: {}", text(&first));
+    assert_eq!(lab.removevolumes()?, 1);
+
+    // The retry waits for that removal.
+    let second = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "60"])?;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_eq!(json_of(&second)?["removal"], "joined");
+    assert_eq!(lab.removevolumes()?, 1, "no second removevolume");
+    lab.assert_not_given_back().await?;
+    let dev = lab.attach_data1().await?;
+    lab.guest.run_ok(&format!("mount {dev} /mnt/k")).await?;
+    assert_eq!(lab.guest.checksum("/mnt/k/data").await?, sum, "data intact after the retried detach");
+
+    // A second detach starts while the first one is still waiting: both end well, one removevolume.
+    lab.kubevirt.set_unplug_delay(std::time::Duration::from_secs(3));
+    let waiting = lab.spawn_ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "60"])?;
+    let started = std::time::Instant::now();
+    while lab.removevolumes()? < 2 {
+        anyhow::ensure!(started.elapsed().as_secs() < 60, "the first detach never sent its removevolume");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let joined = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "60"])?;
+    let first = tokio::task::block_in_place(|| waiting.wait_with_output())?;
+    assert_eq!(joined.status.code(), Some(0), "{}", text(&joined));
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert_eq!(json_of(&joined)?["removal"], "joined");
+    assert_eq!(json_of(&first)?["removal"], "requested");
+    assert_eq!(lab.removevolumes()?, 2, "one removevolume for the two detaches");
+    lab.assert_not_given_back().await?;
+
+    // KubeVirt really refuses the removal and keeps the volume: the guest gets its disk back, mounted and intact.
+    lab.kubevirt.set_unplug_delay(std::time::Duration::from_millis(150));
+    let dev = lab.attach_data1().await?;
+    lab.guest.run_ok(&format!("mount {dev} /mnt/k")).await?;
+    lab.kubevirt.refuse_removals(Some("the attachment pod could not be deleted"));
+    let refused = lab.ctl(&["detach", "data1", "--unmount", "--timeout", "60"])?;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(text(&refused).contains("the guest got its disk back (CancelDetach)"), "{}", text(&refused));
+    assert_eq!(lab.guest.checksum("/mnt/k/data").await?, sum, "mounted again and intact");
+    lab.guest.run_ok("echo more >> /mnt/k/data && sync").await.context("the disk is writable again")?;
+    Ok(())
+}
