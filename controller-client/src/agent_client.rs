@@ -382,10 +382,16 @@ fn tls_refusal(address: &AgentAddress, tls: Option<&TlsFiles>, reason: &str) -> 
                 tls.cert.display()
             ))
         }
-        None if ["connection closed", "h2 protocol error"].iter().any(|r| reason.contains(r)) => Some(format!(
-            "the agent at {address} closed this plaintext connection at once ({reason}): it speaks TLS, as an \
+        // A TLS server's alert, read as HTTP/2, is a frame of invalid size.
+        None if ["connection closed", "h2 protocol error", "frame with invalid size", "broken pipe"]
+            .iter()
+            .any(|r| reason.contains(r)) =>
+        {
+            Some(format!(
+                "the agent at {address} closed this plaintext connection at once ({reason}): it speaks TLS, as an \
                  agent reachable beyond loopback must; give --tls-ca, --tls-cert and --tls-key"
-        )),
+            ))
+        }
         _ => None,
     }
 }

@@ -196,6 +196,19 @@ async fn declarative_hotplug_through_a_real_api_server_is_safe() -> Result<()> {
     assert!(template_volumes(&vm).contains(&"data1".to_string()), "the VM's spec holds the volume: {vm}");
     let disk = &vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"];
     assert!(disk.as_array().unwrap().iter().any(|d| d["name"] == "data1" && d["serial"] == "data1"), "{disk}");
+    // The exact request, as the API server recorded it.
+    let add = lab.cluster.audit()?.into_iter().find(|e| e.request_uri.contains("/addvolume") && e.is_write());
+    let add = add.context("an addvolume in the audit log")?;
+    assert_eq!(
+        add.request_uri,
+        format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm1/addvolume")
+    );
+    assert_eq!(add.code(), 202);
+    assert_eq!(
+        add.request_object,
+        Some(json!({"name": "data1", "disk": {"name": "data1", "serial": "data1", "disk": {"bus": "scsi"}},
+                    "volumeSource": {"persistentVolumeClaim": {"claimName": "pvc-a", "hotpluggable": true}}}))
+    );
 
     let sum = lab.guest.fill(&dev, "/mnt/k", 4 << 20).await?;
     let pid =
@@ -260,8 +273,10 @@ async fn declarative_hotplug_through_a_real_api_server_is_safe() -> Result<()> {
 
     // The agent is down: refused (fail safe), unless forced.
     lab.guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
+    let mark = lab.cluster.audit()?.len();
     let out = lab.ctl(&["detach", "data1", "--unmount"])?;
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(lab.hotplug_writes_since(mark)?.is_empty(), "fail safe: nothing sent while the agent is down");
     let out = lab.ctl(&["detach", "data1", "--force", "--timeout", "90"])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("WARNING: data1 was detached with --force"), "{}", text(&out));
