@@ -2,12 +2,15 @@
 # Benchmarks, each compared with its peer in the same run (run as root):
 #   1. usage scan vs `fuser -m` and `lsof` on N processes x M fds (loop-mounted ext4 on this machine);
 #   2. hot-plug latency in the guest lab: QMP device_add -> the agent's ADDED event vs udev's by-id link;
-#   3. what a safe detach adds over a raw unplug (QEMU device_del alone), and where the time goes.
+#   3. what a safe detach adds over a raw unplug (QEMU device_del alone), and where the time goes;
+#   4. attach and safe detach through a real kube-apiserver with the lab's KubeVirt vs the same over QMP directly.
 # Arguments are passed to the usage benchmark, e.g. `scripts/bench.sh 2000x20 4000x20`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/lib/install-deps.sh
+bash scripts/lib/install-kube.sh
 cargo build --release --locked -p wukong-agent --example usage_bench
 target/release/examples/usage_bench "$@"
 cargo run --locked -q -p wukong-e2e --bin hotplug-latency
 cargo run --locked -q -p wukong-e2e --bin detach-overhead
+cargo run --locked -q -p wukong-e2e --bin kubevirt-overhead

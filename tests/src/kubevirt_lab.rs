@@ -83,6 +83,26 @@ struct Shared {
     /// A 500 for every `removevolume` (the volume stays): a removal KubeVirt really refuses.
     refuse_removals: Mutex<Option<String>>,
     next_target: Mutex<u8>,
+    /// Every hot-plug request virt-api received, as it received it.
+    received: Mutex<Vec<Received>>,
+}
+
+/// A hot-plug request as the lab's virt-api received it from the API server.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    /// The caller, as the API server vouches for it (`X-Remote-User`).
+    pub user: String,
+    pub body: Option<Value>,
+}
+
+impl Shared {
+    /// The hot-plugs of one VMI, by volume.
+    fn plugs_of(&self, vmi_name: &str) -> BTreeMap<String, Plug> {
+        let volumes = self.volumes.lock().unwrap();
+        volumes.iter().filter(|((vmi, _), _)| vmi == vmi_name).map(|((_, v), plug)| (v.clone(), plug.clone())).collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +166,7 @@ impl KubeVirtLab {
             unplug_delay: Mutex::new(PHASE_STEP),
             refuse_removals: Mutex::new(None),
             next_target: Mutex::new(0),
+            received: Mutex::new(Vec::new()),
         });
         let server = serve_subresources(cluster, shared.clone()).await?;
         let controller = tokio::spawn(run_controller(shared.clone()));
@@ -161,6 +182,11 @@ impl KubeVirtLab {
     /// Refuse every `removevolume` with a 500 carrying `message` (`None`: accept them again).
     pub fn refuse_removals(&self, message: Option<&str>) {
         *self.shared.refuse_removals.lock().unwrap() = message.map(str::to_string);
+    }
+
+    /// Every hot-plug request the lab's virt-api received (the API server does not record proxied bodies).
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
     }
 
     /// A PersistentVolumeClaim backed by `image` (bound by the controller, as a provisioner would).
@@ -360,6 +386,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, st
         (Method::GET, ["apis", GROUP, "v1"]) => reply(StatusCode::OK, resource_list().to_string()),
         (Method::PUT, ["apis", GROUP, "v1", "namespaces", ns, kind, name, verb]) => {
             let body: Option<Value> = serde_json::from_slice(&body).ok();
+            let received = Received { method: "PUT".into(), path: path.clone(), user, body: body.clone() };
+            shared.received.lock().unwrap().push(received);
             match volume_request(&shared, ns, kind, name, verb, body).await {
                 Ok(()) => reply(StatusCode::ACCEPTED, String::new()),
                 Err((code, message)) => failure(code, &message),
@@ -659,14 +687,7 @@ async fn sync_volumes(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> R
             (name, (v.clone(), disk))
         })
         .collect();
-    let tracked: Vec<(String, Plug)> = shared
-        .volumes
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|((vmi, _), _)| vmi == vmi_name)
-        .map(|((_, volume), plug)| (volume.clone(), plug.clone()))
-        .collect();
+    let tracked = shared.plugs_of(vmi_name);
     let mut unplugged = Vec::new();
     for (name, (volume, disk)) in &wanted {
         let key = (vmi_name.to_string(), name.clone());
@@ -758,14 +779,7 @@ async fn unplug(qemu: &Qemu, name: &str) -> Result<()> {
 /// Writes `status.volumeStatus` when it changed: the VMI's other entries as they are, the hot-plugged ones from
 /// the controller's state.
 async fn report_status(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Result<()> {
-    let tracked: BTreeMap<String, Plug> = shared
-        .volumes
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|((vmi, _), _)| vmi == vmi_name)
-        .map(|((_, volume), plug)| (volume.clone(), plug.clone()))
-        .collect();
+    let tracked = shared.plugs_of(vmi_name);
     let current = vmi.data["status"]["volumeStatus"].as_array().cloned().unwrap_or_default();
     let mut statuses: Vec<Value> = current
         .iter()

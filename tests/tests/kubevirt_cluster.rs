@@ -196,19 +196,18 @@ async fn declarative_hotplug_through_a_real_api_server_is_safe() -> Result<()> {
     assert!(template_volumes(&vm).contains(&"data1".to_string()), "the VM's spec holds the volume: {vm}");
     let disk = &vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"];
     assert!(disk.as_array().unwrap().iter().any(|d| d["name"] == "data1" && d["serial"] == "data1"), "{disk}");
-    // The exact request, as the API server recorded it.
-    let add = lab.cluster.audit()?.into_iter().find(|e| e.request_uri.contains("/addvolume") && e.is_write());
-    let add = add.context("an addvolume in the audit log")?;
+    // The exact request, as virt-api received it through the API server, with the caller it vouched for.
+    let add = lab.kubevirt.received().into_iter().find(|r| r.path.ends_with("/addvolume"));
+    let add = add.context("an addvolume at virt-api")?;
+    assert_eq!(add.path, format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm1/addvolume"));
+    assert_eq!(add.user, COMPANION);
     assert_eq!(
-        add.request_uri,
-        format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm1/addvolume")
-    );
-    assert_eq!(add.code(), 202);
-    assert_eq!(
-        add.request_object,
+        add.body,
         Some(json!({"name": "data1", "disk": {"name": "data1", "serial": "data1", "disk": {"bus": "scsi"}},
                     "volumeSource": {"persistentVolumeClaim": {"claimName": "pvc-a", "hotpluggable": true}}}))
     );
+    let audited = lab.cluster.audit()?.into_iter().filter(|e| e.request_uri == add.path && e.code() == 202).count();
+    assert_eq!(audited, 1, "the API server's audit log has the same request");
 
     let sum = lab.guest.fill(&dev, "/mnt/k", 4 << 20).await?;
     let pid =
@@ -240,6 +239,28 @@ async fn declarative_hotplug_through_a_real_api_server_is_safe() -> Result<()> {
     lab.guest.run_ok(&format!("mount {dev} /mnt/k")).await?;
     assert_eq!(lab.guest.checksum("/mnt/k/data").await?, sum, "data intact after detach and re-attach");
     lab.guest.run_ok("umount /mnt/k").await?;
+
+    // v1.9's declarative rule as the lab's virt-api plays it: VMI requests for a VM-owned VMI are refused.
+    let admin = lab.cluster.client(ADMIN).await?;
+    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/vm1/addvolume");
+    let body =
+        json!({"name": "x", "disk": {"name": "x"}, "volumeSource": {"persistentVolumeClaim": {"claimName": "pvc-a"}}});
+    let request =
+        http::Request::put(path).header("content-type", "application/json").body(serde_json::to_vec(&body)?)?;
+    match admin.request_text(request).await {
+        Err(kube::Error::Api(s)) => assert_eq!((s.code, s.message.as_str()), (400, "VMI ns1/vm1 is owned by a VM")),
+        other => panic!("expected a 400, got {other:?}"),
+    }
+
+    // A standalone VMI keeps its own subresources.
+    lab.kubevirt.create_vm("solo", false, "10.0.2.15").await?;
+    lab.kubevirt.create_claim("pvc-b", &lab.guest.new_image(16 << 20)?).await?;
+    let out =
+        lab.ctl_on(COMPANION, "solo", &["-o", "json", "attach", "data2", "--claim", "pvc-b", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(json_of(&out)?["kubevirt_route"], "vmi");
+    let out = lab.ctl_on(COMPANION, "solo", &["detach", "data2", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
     // Bad input: a named error each, and nothing written.
     let mark = lab.cluster.audit()?.len();

@@ -51,6 +51,7 @@ async fn main() -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             raw.push(ms(started.elapsed()));
+            qemu.finish_removal(&name).await?;
             guest.run_ok(&format!("umount -l /mnt/{name}")).await?;
         } else {
             let options = DetachOptions {
