@@ -165,9 +165,7 @@ impl Backend {
             }
         }
     }
-}
 
-impl Backend {
     /// Which KubeVirt object's subresources were used ("vmi", "vm (declarative hot-plug)", …); none for QEMU.
     async fn route(&self) -> Option<&'static str> {
         match self {
