@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/lib/install-deps.sh
 bash scripts/lib/install-kube.sh
+# The usage benchmark runs on this machine (a host build); the lab guests get the release agent for guests.
 cargo build --release --locked -p wukong-agent --example usage_bench
+bash scripts/lib/build-guest-agent.sh
 target/release/examples/usage_bench "$@"
 cargo run --locked -q -p wukong-e2e --bin hotplug-latency
 cargo run --locked -q -p wukong-e2e --bin detach-overhead

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/lib/install-deps.sh
 bash scripts/lib/install-kube.sh
-cargo build --release --locked -p wukong-agent
+bash scripts/lib/build-guest-agent.sh
 cargo build --locked -p wukong-controller-client
 cargo run --locked -q -p wukong-e2e --bin wukong-demo

@@ -17,8 +17,24 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== release agent for the guest lab"
-cargo build --release --locked -p wukong-agent
+echo "== release agent for guests (glibc 2.17), the binary the guest lab installs"
+bash scripts/lib/build-guest-agent.sh
+echo "== the guest agent runs on glibc >= 2.17"
+bash scripts/lib/check-glibc.sh target/x86_64-unknown-linux-gnu/release/wukong-agent
+# The checker itself: a program linked on this machine (glibc 2.36) must be refused, naming its symbol.
+fixture=$(mktemp -d)
+printf 'int main(void) { return 0; }\n' >"$fixture/new.c"
+gcc -o "$fixture/new" "$fixture/new.c"
+if bash scripts/lib/check-glibc.sh "$fixture/new" 2>"$fixture/err"; then
+  echo "test.sh: check-glibc.sh accepted a binary linked against this machine's glibc" >&2
+  exit 1
+fi
+grep -q '__libc_start_main@GLIBC_2\.3[0-9]* is newer than GLIBC_2\.17' "$fixture/err" || {
+  echo "test.sh: check-glibc.sh did not name the newer symbol:" >&2
+  cat "$fixture/err" >&2
+  exit 1
+}
+rm -rf "$fixture"
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -14,7 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
 
-[ -x "$agent" ] || { echo "build-guest: agent binary $agent not found; build it first (cargo build --release -p wukong-agent)" >&2; exit 1; }
+[ -x "$agent" ] || { echo "build-guest: agent binary $agent not found; build it first (scripts/lib/build-guest-agent.sh)" >&2; exit 1; }
 command -v busybox >/dev/null || { echo "build-guest: busybox not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
 
 mkdir -p "$out/cache"

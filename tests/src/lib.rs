@@ -51,9 +51,12 @@ pub fn wukongctl_binary() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target").join(profile).join("wukongctl"))
 }
 
-/// The agent binary put into the guest: `$WUKONG_AGENT_BIN`, or the release build.
+/// The agent binary put into the guest: `$WUKONG_AGENT_BIN`, or the release build for guests (glibc 2.17, built by
+/// `scripts/lib/build-guest-agent.sh`), the binary users download.
 pub fn agent_binary() -> PathBuf {
-    std::env::var_os("WUKONG_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("release/wukong-agent"))
+    std::env::var_os("WUKONG_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("x86_64-unknown-linux-gnu/release/wukong-agent"))
 }
 
 /// Kernel and initramfs of the guest.
@@ -104,7 +107,7 @@ pub fn assets() -> Result<&'static Assets> {
     let dir = target_dir().join("wukong-lab");
     let agent = agent_binary();
     if !agent.exists() {
-        bail!("the agent binary {} does not exist; run `cargo build --release -p wukong-agent` first", agent.display());
+        bail!("the agent binary {} does not exist; run `scripts/lib/build-guest-agent.sh` first", agent.display());
     }
     build_if_stale(&dir.join("initrd.img"), Some(&agent), "build-guest.sh", &[&dir, &agent])?;
     Ok(ASSETS.get_or_init(|| Assets { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") }))

@@ -1,7 +1,8 @@
 //! The install path's files: the cloud-config rendered from `systemd/cloud-init/user-data.yaml` is valid YAML whose
 //! files are exactly the shipped configuration and unit (and the given TLS files), and whose commands fetch the
-//! binary by the given URL and checksum (parsed with PyYAML, as cloud-init itself parses it); the renderer and the
-//! private apt configuration of scripts/lib/apt.sh say what is wrong in a sentence.
+//! binary by the given URL and checksum (parsed with PyYAML, as cloud-init itself parses it), only on a supported
+//! guest (x86_64, glibc >= 2.17); the renderer and the private apt configuration of scripts/lib/apt.sh say what is
+//! wrong in a sentence.
 
 use anyhow::{Context, Result};
 use std::process::Command;
@@ -30,12 +31,14 @@ fn rendered_user_data_carries_the_shipped_files_verbatim() -> Result<()> {
          d = yaml.safe_load(open({rendered:?}))\n\
          files = {{f['path']: f['content'] for f in d['write_files']}}\n\
          assert files['/etc/wukong-agent/agent.toml'] == open({config:?}).read(), 'config'\n\
-         assert files['/etc/systemd/system/wukong-agent.service'] == open({unit:?}).read(), 'unit'\n\
+         assert files['/etc/wukong-agent/wukong-agent.service'] == open({unit:?}).read(), 'unit, staged'\n\
+         assert not any(p.startswith('/etc/systemd/') for p in files), 'no unit before the guest is checked'\n\
          assert files['/etc/wukong-agent/tls/agent.crt'] == 'CERT\\nline 2\\n', 'cert'\n\
          assert files['/etc/wukong-agent/tls/agent.key'] == 'KEY\\n', 'key'\n\
+         assert len(d['runcmd']) == 1 and d['runcmd'][0][:2] == ['sh', '-ec'], d['runcmd']\n\
          cmd = d['runcmd'][0][2]\n\
          assert 'http://10.0.2.2:8000/wukong-agent' in cmd and {sha:?} in cmd, cmd\n\
-         assert d['runcmd'][-1] == ['systemctl', 'enable', '--now', 'wukong-agent.service']\n\
+         assert cmd.rstrip().endswith('systemctl enable --now wukong-agent.service'), cmd\n\
          print('ok')\n",
         config = root.join("systemd/agent.toml"),
         unit = root.join("systemd/wukong-agent.service"),
@@ -60,6 +63,129 @@ fn rendered_user_data_carries_the_shipped_files_verbatim() -> Result<()> {
         .output()?;
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--agent-sha256 must be 64 hex digits"));
+    Ok(())
+}
+
+/// The install script of the rendered user data, run with stand-ins for `uname`, `getconf`, `ldd` and every command
+/// that would change the guest (they only log their arguments): a supported guest gets the binary, the unit and
+/// `systemctl enable`, in that order; an aarch64 guest, an old glibc or a musl guest is refused with one sentence
+/// on stderr (cloud-init's log) and nothing is downloaded, installed or enabled.
+#[test]
+fn install_script_checks_the_guest_before_it_installs_anything() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    for (name, text) in [("a.crt", "CERT\n"), ("a.key", "KEY\n"), ("ca.crt", "CA\n")] {
+        std::fs::write(path(name), text)?;
+    }
+    let sha = "cd".repeat(32);
+    let (code, rendered, stderr) = render(&[
+        "--agent-url",
+        "http://10.0.2.2:8000/wukong-agent",
+        "--agent-sha256",
+        &sha,
+        "--cert",
+        &path("a.crt"),
+        "--key",
+        &path("a.key"),
+        "--client-ca",
+        &path("ca.crt"),
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::write(path("user-data"), rendered)?;
+    let extract =
+        format!("import yaml\nprint(yaml.safe_load(open({:?}))['runcmd'][0][2], end='')\n", path("user-data"));
+    let py = Command::new("python3").arg("-c").arg(&extract).output().context("python3 with PyYAML")?;
+    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    let script = String::from_utf8(py.stdout)?;
+
+    let fake = dir.path().join("bin");
+    std::fs::create_dir_all(&fake)?;
+    let stubs = [
+        ("uname", "echo \"$FAKE_ARCH\""),
+        ("getconf", "[ -n \"$FAKE_GETCONF\" ] || exit 1; echo \"glibc $FAKE_GETCONF\""),
+        (
+            "ldd",
+            "[ -n \"$FAKE_LDD\" ] || { echo 'musl libc (x86_64)' >&2; exit 1; }; echo \"ldd (GNU libc) $FAKE_LDD\"",
+        ),
+        ("ldconfig", "printf '\\tlibudev.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libudev.so.1\\n'"),
+    ];
+    for (name, body) in stubs {
+        std::fs::write(fake.join(name), format!("#!/bin/sh\n{body}\n"))?;
+    }
+    for name in ["curl", "sha256sum", "install", "rm", "systemctl"] {
+        std::fs::write(
+            fake.join(name),
+            format!("#!/bin/sh\ncat >/dev/null 2>&1 <&0 || true\necho \"{name} $*\" >>\"$FAKE_LOG\"\n"),
+        )?;
+    }
+    Command::new("chmod").arg("-R").arg("+x").arg(&fake).status()?;
+    let run = |arch: &str, getconf: &str, ldd: &str| -> Result<(Option<i32>, String, String)> {
+        let log = dir.path().join("log");
+        let _ = std::fs::remove_file(&log);
+        let out = Command::new("sh")
+            .args(["-ec", &script])
+            .env("PATH", format!("{}:/usr/bin:/bin", fake.display()))
+            .env("FAKE_ARCH", arch)
+            .env("FAKE_GETCONF", getconf)
+            .env("FAKE_LDD", ldd)
+            .env("FAKE_LOG", &log)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        Ok((out.status.code(), std::fs::read_to_string(&log).unwrap_or_default(), String::from_utf8(out.stderr)?))
+    };
+
+    for (arch, getconf, ldd) in
+        [("x86_64", "2.36", ""), ("x86_64", "2.17", ""), ("x86_64", "", "2.28"), ("x86_64", "3.0", "")]
+    {
+        let (code, log, stderr) = run(arch, getconf, ldd)?;
+        assert_eq!(code, Some(0), "{arch} {getconf} {ldd}: {stderr}");
+        let steps: Vec<&str> = log.lines().collect();
+        assert_eq!(
+            steps,
+            [
+                "curl -fsSL --retry 5 -o /usr/local/bin/.wukong-agent http://10.0.2.2:8000/wukong-agent",
+                "sha256sum -c -",
+                "install -m 0755 /usr/local/bin/.wukong-agent /usr/local/bin/wukong-agent",
+                "rm -f /usr/local/bin/.wukong-agent",
+                "install -m 0644 /etc/wukong-agent/wukong-agent.service /etc/systemd/system/wukong-agent.service",
+                "systemctl daemon-reload",
+                "systemctl enable --now wukong-agent.service",
+            ],
+            "{arch} {getconf} {ldd}"
+        );
+    }
+    for (arch, getconf, ldd, said) in [
+        (
+            "aarch64",
+            "2.36",
+            "",
+            "wukong-agent: not installed: this guest is aarch64; wukong-agent is built for x86_64 only",
+        ),
+        (
+            "x86_64",
+            "2.12",
+            "",
+            "wukong-agent: not installed: this guest has glibc 2.12; wukong-agent needs glibc 2.17 or newer",
+        ),
+        (
+            "x86_64",
+            "",
+            "2.9",
+            "wukong-agent: not installed: this guest has glibc 2.9; wukong-agent needs glibc 2.17 or newer",
+        ),
+        (
+            "x86_64",
+            "",
+            "",
+            "wukong-agent: not installed: no GNU libc found (getconf GNU_LIBC_VERSION, ldd --version); \
+             wukong-agent needs glibc 2.17 or newer",
+        ),
+    ] {
+        let (code, log, stderr) = run(arch, getconf, ldd)?;
+        assert_eq!(code, Some(1), "{arch} {getconf} {ldd}");
+        assert_eq!(stderr.trim(), said, "{arch} {getconf} {ldd}");
+        assert!(log.is_empty(), "{arch} {getconf} {ldd}: nothing is fetched, installed or enabled: {log}");
+    }
     Ok(())
 }
 

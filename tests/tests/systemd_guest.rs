@@ -1,5 +1,7 @@
 //! Profile B: a Debian guest with systemd as PID 1, where the agent is installed the way users install it, by
 //! cloud-init (NoCloud) from `systemd/cloud-init/user-data.yaml` rendered with the shipped unit and configuration.
+//! The binary it downloads is the one users download: the glibc 2.17 build of `scripts/lib/build-guest-agent.sh`
+//! (`agent_binary()`), served over HTTP from the host.
 //! Checks that cloud-init used the NoCloud seed, that the shipped unit runs the agent under systemd (READY, the
 //! watchdog, a restart after a crash), and a full safe attach and detach from the host over mutual TLS.
 

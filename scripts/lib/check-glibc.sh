@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Proves that a binary runs on every x86_64 distribution with glibc >= 2.17 (issue 16):
+#   * every versioned dynamic symbol it imports, and every version it requires, is at most GLIBC_2.17;
+#   * it needs no shared library beyond libudev.so.1, libm.so.6, libc.so.6, libpthread.so.0, libdl.so.2
+#     (and ld-linux-x86-64.so.2, should the linker record it).
+#
+#   check-glibc.sh BINARY [MAX_VERSION]
+#
+# Exits 1 naming every offending symbol or library; prints a one-line summary when the binary passes.
+set -euo pipefail
+
+bin=${1:?usage: check-glibc.sh BINARY [MAX_VERSION]}
+max=${2:-2.17}
+allowed_needed=(libudev.so.1 libm.so.6 libc.so.6 libpthread.so.0 libdl.so.2 ld-linux-x86-64.so.2)
+
+[ -f "$bin" ] || { echo "check-glibc: $bin does not exist" >&2; exit 1; }
+command -v readelf >/dev/null || { echo "check-glibc: readelf not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
+
+# Is version $1 newer than $2? (2.2.5 < 2.17 < 2.34: compared as versions, not as text)
+newer() { [ "$1" != "$2" ] && [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | tail -n1)" = "$1" ]; }
+
+bad=0
+highest=0
+# Imported symbols: readelf prints NAME@GLIBC_X.Y (a reference) or NAME@@GLIBC_X.Y; a "(N)" index may follow.
+while read -r sym ver; do
+  newer "$ver" "$highest" && highest=$ver
+  if newer "$ver" "$max"; then
+    echo "check-glibc: $bin: $sym@GLIBC_$ver is newer than GLIBC_$max" >&2
+    bad=1
+  fi
+done < <(readelf --dyn-syms -W "$bin" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /@@?GLIBC_[0-9.]+$/) print $i}' |
+  sed -E 's/@@?GLIBC_/ /' | sort -u)
+
+# Version requirements (.gnu.version_r), in case one is recorded without a symbol that shows it.
+while read -r ver; do
+  newer "$ver" "$highest" && highest=$ver
+  if newer "$ver" "$max"; then
+    echo "check-glibc: $bin: requires version GLIBC_$ver, newer than GLIBC_$max" >&2
+    bad=1
+  fi
+done < <(readelf -V -W "$bin" | grep -oE 'Name: GLIBC_[0-9.]+' | sed 's/Name: GLIBC_//' | sort -u)
+
+needed=$(readelf -d -W "$bin" | sed -nE 's/.*\(NEEDED\).*\[(.*)\].*/\1/p')
+for lib in $needed; do
+  ok=0
+  for a in "${allowed_needed[@]}"; do [ "$lib" = "$a" ] && ok=1; done
+  if [ "$ok" -eq 0 ]; then
+    echo "check-glibc: $bin: needs $lib, which is not in the guest baseline (${allowed_needed[*]})" >&2
+    bad=1
+  fi
+done
+
+if [ "$highest" = 0 ]; then
+  echo "check-glibc: $bin: no GLIBC symbol versions found (not a dynamically linked glibc binary?)" >&2
+  bad=1
+fi
+[ "$bad" -eq 0 ] || exit 1
+echo "check-glibc: $bin: highest symbol version GLIBC_$highest (<= GLIBC_$max); needs $(echo "$needed" | tr '\n' ' ')"
