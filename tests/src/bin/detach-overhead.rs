@@ -2,7 +2,7 @@
 //! (QEMU `device_del` alone, what KubeVirt's `removevolume` does), on the same kind of disk: a mounted, idle ext4
 //! filesystem on a 64 MiB SCSI disk. Medians of 10, with where the safe detach spends its time.
 //!
-//! Run: `cargo run -p wukong-e2e --bin detach-overhead` (after `cargo build --release -p wukong-agent`).
+//! Run: `cargo run -p wukong-e2e --bin detach-overhead` (after `scripts/lib/build-guest-agent.sh`).
 
 use anyhow::Result;
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
 //! Benchmark: how long after QMP `device_add` the agent reports a disk, compared with udev's own time (the by-id
 //! link appearing in the guest), and the agent's memory with 20 disks.
 //!
-//! Run: `cargo run -p wukong-e2e --bin hotplug-latency` (after `cargo build --release -p wukong-agent`).
+//! Run: `cargo run -p wukong-e2e --bin hotplug-latency` (after `scripts/lib/build-guest-agent.sh`).
 
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

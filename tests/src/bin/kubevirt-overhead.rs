@@ -3,7 +3,7 @@
 //! subresource, phases reported by the lab's controller), against the same done over QMP directly. The disk is a
 //! 64 MiB SCSI volume with a mounted, idle ext4. Medians of 5 each.
 //!
-//! Run: `cargo run -p wukong-e2e --bin kubevirt-overhead` (after `cargo build --release -p wukong-agent` and
+//! Run: `cargo run -p wukong-e2e --bin kubevirt-overhead` (after `scripts/lib/build-guest-agent.sh` and
 //! `scripts/lib/install-kube.sh`).
 
 use anyhow::Result;
