@@ -102,7 +102,7 @@ async fn mutual_tls_admits_only_clients_of_the_ca_and_the_allow_list_guards_rele
     let plaintext = AgentClient::connect(agent.tcp()).unwrap();
     let e = plaintext.agent_info().await.unwrap_err();
     assert!(
-        matches!(&e, ClientError::TlsRefused(m) if m.contains("it speaks TLS")),
+        matches!(&e, ClientError::TlsRefused(m) if m.contains("speaks TLS and closed this plaintext connection")),
         "plaintext against the TLS port fails, named as such: {e:?}"
     );
     let mut mismatched = pki.client("operator");

@@ -202,7 +202,7 @@ impl AgentClient {
         req
     }
 
-    fn map_status(&self, status: Status, timeout: Duration) -> ClientError {
+    async fn map_status(&self, status: Status, timeout: Duration) -> ClientError {
         let timed_out = status.code() == Code::DeadlineExceeded || status.message().contains("Timeout expired");
         match status.code() {
             Code::Cancelled | Code::DeadlineExceeded if timed_out && is_transport_error(&status) => {
@@ -211,7 +211,13 @@ impl AgentClient {
             // A refused TLS handshake or a reset connection: the agent did not take the call.
             Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal if is_transport_error(&status) => {
                 let reason = transport_reason(&status);
-                match tls_refusal(&self.address, self.tls.as_ref(), &reason) {
+                // Closed, broken or reset connections look alike for a TLS refusal and for a forwarder in front
+                // of an agent that is down: ask the address itself whether a TLS server answers there.
+                let speaks_tls = match &self.address {
+                    AgentAddress::Tcp(url) if !definitive(&reason) => answers_with_tls_alert(url).await,
+                    _ => false,
+                };
+                match tls_refusal(&self.address, self.tls.as_ref(), &reason, speaks_tls) {
                     Some(sentence) => ClientError::TlsRefused(sentence),
                     None => ClientError::Unreachable { address: self.address.clone(), reason },
                 }
@@ -229,7 +235,10 @@ impl AgentClient {
     where
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        call(self.inner.clone()).await.map(|r| r.into_inner()).map_err(|s| self.map_status(s, timeout))
+        match call(self.inner.clone()).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(self.map_status(status, timeout).await),
+        }
     }
 
     /// Runs an idempotent read, retrying while the agent is unreachable (e.g. restarting).
@@ -244,7 +253,7 @@ impl AgentClient {
             match call(self.inner.clone()).await {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(status) => {
-                    let err = self.map_status(status, self.call_timeout);
+                    let err = self.map_status(status, self.call_timeout).await;
                     if attempt >= READ_ATTEMPTS || !matches!(err, ClientError::Unreachable { .. }) {
                         return Err(err);
                     }
@@ -324,12 +333,10 @@ impl AgentClient {
         &self,
         serials: Vec<String>,
     ) -> Result<tonic::Streaming<wukong_proto::v1::DiskEvent>, ClientError> {
-        self.inner
-            .clone()
-            .watch_disks(WatchDisksRequest { serials })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.map_status(s, self.call_timeout))
+        match self.inner.clone().watch_disks(WatchDisksRequest { serials }).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(self.map_status(status, self.call_timeout).await),
+        }
     }
 }
 
@@ -354,9 +361,32 @@ fn transport_reason(status: &Status) -> String {
     reason
 }
 
-/// What a failed connection means when TLS is at stake, from the transport's own words: which side refused what.
-/// `None` when it looks like an ordinary unreachable agent.
-fn tls_refusal(address: &AgentAddress, tls: Option<&TlsFiles>, reason: &str) -> Option<String> {
+/// Transport words that say by themselves what happened in a TLS handshake.
+fn definitive(reason: &str) -> bool {
+    ["invalid peer certificate", "InvalidContentType", "corrupt message", "fatal alert"]
+        .iter()
+        .any(|r| reason.contains(r))
+}
+
+/// Whether a TLS server answers at `url`: sent bytes that are not TLS, it answers with an alert record (content
+/// type 21) before it closes; a forwarder with no agent behind it closes or resets without a word.
+async fn answers_with_tls_alert(url: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(authority) = url.parse::<Uri>().ok().and_then(|u| u.authority().map(|a| a.to_string())) else {
+        return false;
+    };
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+        let mut first = [0u8; 1];
+        (stream.read(&mut first).await.ok()? == 1).then_some(first[0])
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Some(21)))
+}
+
+/// What a failed connection means when TLS is at stake: which side refused what. `speaks_tls`: a TLS server
+/// answers at the address. `None` when it is an ordinary unreachable agent.
+fn tls_refusal(address: &AgentAddress, tls: Option<&TlsFiles>, reason: &str, speaks_tls: bool) -> Option<String> {
     match tls {
         Some(tls) if reason.contains("invalid peer certificate: UnknownIssuer") => Some(format!(
             "this client refused the agent's certificate at {address}: the agent's certificate is not signed by the \
@@ -373,25 +403,16 @@ fn tls_refusal(address: &AgentAddress, tls: Option<&TlsFiles>, reason: &str) -> 
              --tls-key, or give the agent its TLS files"
         )),
         // TLS 1.3 checks the client's certificate after the client has finished: a refusal then arrives as an
-        // alert, a broken pipe or a closed connection on the first request. (A reset is not one: a port forwarder
-        // resets connections to an agent that is down.)
-        Some(tls) if ["fatal alert", "broken pipe", "connection closed"].iter().any(|r| reason.contains(r)) => {
-            Some(format!(
-                "the agent at {address} refused this client's certificate ({}) during the TLS handshake ({reason}); \
-             it must be signed by the CA the agent trusts (its tls_client_ca)",
-                tls.cert.display()
-            ))
-        }
-        // A TLS server's alert, read as HTTP/2, is a frame of invalid size.
-        None if ["connection closed", "h2 protocol error", "frame with invalid size", "broken pipe"]
-            .iter()
-            .any(|r| reason.contains(r)) =>
-        {
-            Some(format!(
-                "the agent at {address} closed this plaintext connection at once ({reason}): it speaks TLS, as an \
-                 agent reachable beyond loopback must; give --tls-ca, --tls-cert and --tls-key"
-            ))
-        }
+        // alert, or as a closed connection on the first request from a server that does speak TLS.
+        Some(tls) if reason.contains("fatal alert") || speaks_tls => Some(format!(
+            "the agent at {address} refused this client's certificate ({}) during the TLS handshake ({reason}); it \
+             must be signed by the CA the agent trusts (its tls_client_ca)",
+            tls.cert.display()
+        )),
+        None if speaks_tls => Some(format!(
+            "the agent at {address} speaks TLS and closed this plaintext connection ({reason}), as an agent \
+             reachable beyond loopback must; give --tls-ca, --tls-cert and --tls-key"
+        )),
         _ => None,
     }
 }

@@ -289,7 +289,7 @@ fn tls_mistakes_are_named_as_tls_mistakes() -> Result<()> {
     let cases = [
         (run(&tls_url, client("other-ca.crt", "operator"))?, 7, "the agent's certificate is not signed by the CA in"),
         (run(&tls_url, client("ca.crt", "intruder"))?, 7, "refused this client's certificate"),
-        (run(&format!("http://{tls_address}"), vec![])?, 7, "it speaks TLS"),
+        (run(&format!("http://{tls_address}"), vec![])?, 7, "speaks TLS and closed this plaintext connection"),
         (run(&format!("http://{plain_address}"), client("ca.crt", "operator"))?, 7, "does not speak TLS"),
         (run(&tls_url, client("operator.key", "operator"))?, 2, "is not a PEM certificate (--tls-ca)"),
     ];
