@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -121,10 +121,6 @@ pub struct Cluster {
     pub port: u16,
     etcd_ports: [u16; 2],
     tokens: BTreeMap<String, String>,
-    /// The cluster's CA: it signed the API server's certificate.
-    pub ca: Ca,
-    /// The front-proxy CA: the API server presents a certificate from it to aggregated servers.
-    pub front_proxy_ca_pem: String,
     pub started_in: Duration,
 }
 
@@ -228,8 +224,6 @@ impl Cluster {
             port,
             etcd_ports,
             tokens,
-            ca,
-            front_proxy_ca_pem: front_proxy.pem,
             dir,
             started_in: Duration::ZERO,
         };
@@ -303,11 +297,6 @@ impl Cluster {
     pub fn footprint(&self) -> (Vec<u32>, Vec<u16>) {
         let pids = vec![self.etcd.id(), self.apiserver.id()];
         (pids, vec![self.port, self.etcd_ports[0], self.etcd_ports[1]])
-    }
-
-    /// The cluster's working directory (certificates, logs).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 
