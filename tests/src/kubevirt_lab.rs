@@ -515,6 +515,11 @@ fn hotplug_disk(body: &Value, volume: &str) -> Value {
     disk
 }
 
+/// The disk that goes with a volume in a VMI spec (or a VM template's spec).
+fn disk_of(spec: &Value, name: &Value) -> Option<Value> {
+    spec["domain"]["devices"]["disks"].as_array().and_then(|d| d.iter().find(|d| d["name"] == *name).cloned())
+}
+
 fn is_hotpluggable(volume: &Value) -> bool {
     ["persistentVolumeClaim", "dataVolume"].iter().any(|k| volume[k]["hotpluggable"] == json!(true))
 }
@@ -641,9 +646,6 @@ async fn declarative_sync(shared: &Shared, vmi: &DynamicObject) -> Result<bool> 
     let mut spec = vmi.data["spec"].clone();
     let listed =
         |spec: &Value, name: &Value| spec["volumes"].as_array().is_some_and(|v| v.iter().any(|v| v["name"] == *name));
-    let disk_of = |spec: &Value, name: &Value| {
-        spec["domain"]["devices"]["disks"].as_array().and_then(|d| d.iter().find(|d| d["name"] == *name).cloned())
-    };
     let mut changed = false;
     for volume in spec["volumes"].as_array().cloned().unwrap_or_default() {
         if is_hotpluggable(&volume) && !listed(template, &volume["name"]) {
@@ -655,8 +657,7 @@ async fn declarative_sync(shared: &Shared, vmi: &DynamicObject) -> Result<bool> 
     let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
     for volume in template["volumes"].as_array().cloned().unwrap_or_default() {
         let name = volume["name"].as_str().unwrap_or_default().to_string();
-        let unplugging = shared.volumes.lock().unwrap().contains_key(&(vmi_name.clone(), name.clone()))
-            && !listed(&spec, &volume["name"]);
+        let unplugging = shared.volumes.lock().unwrap().contains_key(&(vmi_name.clone(), name.clone()));
         if is_hotpluggable(&volume) && !listed(&spec, &volume["name"]) && !unplugging {
             let disk = disk_of(template, &volume["name"]).unwrap_or_else(|| json!({"name": name, "disk": {}}));
             change_volumes(&mut spec, true, &name, &volume, &disk).ok();
@@ -680,10 +681,7 @@ async fn sync_volumes(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> R
         .filter(|v| is_hotpluggable(v))
         .map(|v| {
             let name = v["name"].as_str().unwrap_or_default().to_string();
-            let disk = spec["domain"]["devices"]["disks"]
-                .as_array()
-                .and_then(|d| d.iter().find(|d| d["name"] == v["name"]).cloned())
-                .unwrap_or(Value::Null);
+            let disk = disk_of(spec, &v["name"]).unwrap_or(Value::Null);
             (name, (v.clone(), disk))
         })
         .collect();

@@ -93,6 +93,12 @@ impl Lab {
 
     /// Runs wukongctl as `user` against VMI `vmi` of NS.
     fn ctl_on(&self, user: &str, vmi: &str, args: &[&str]) -> Result<Output> {
+        let mut command = self.command(user, vmi, args)?;
+        tokio::task::block_in_place(|| command.output()).context("running wukongctl")
+    }
+
+    /// wukongctl as `user` against VMI `vmi` of NS, reaching the lab guest's agent, with nothing inherited.
+    fn command(&self, user: &str, vmi: &str, args: &[&str]) -> Result<std::process::Command> {
         let mut command = std::process::Command::new(wukong_e2e::wukongctl_binary());
         command
             .env_clear()
@@ -100,7 +106,7 @@ impl Lab {
             .args(["--vmi", &format!("{NS}/{vmi}"), "--agent", &self.guest.agent_address().to_string()])
             .args(args)
             .stdin(std::process::Stdio::null());
-        tokio::task::block_in_place(|| command.output()).context("running wukongctl")
+        Ok(command)
     }
 
     fn ctl(&self, args: &[&str]) -> Result<Output> {
@@ -109,12 +115,7 @@ impl Lab {
 
     /// wukongctl in the background (a detach still waiting while another starts).
     fn spawn_ctl(&self, args: &[&str]) -> Result<std::process::Child> {
-        std::process::Command::new(wukong_e2e::wukongctl_binary())
-            .env_clear()
-            .env("KUBECONFIG", self.cluster.kubeconfig(COMPANION)?)
-            .args(["--vmi", &format!("{NS}/vm1"), "--agent", &self.guest.agent_address().to_string()])
-            .args(args)
-            .stdin(std::process::Stdio::null())
+        self.command(COMPANION, "vm1", args)?
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
