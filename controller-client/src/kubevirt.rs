@@ -380,11 +380,7 @@ impl KubeVirt {
 
     /// The agent's address: the VMI's first interface IP (`http://IP:7443`).
     pub async fn agent_address(&self) -> Result<Option<String>, HypervisorError> {
-        let vmi = self.vmi().await?;
-        Ok(vmi.status.interfaces.iter().map(|i| i.ip_address.as_str()).find(|ip| !ip.is_empty()).map(|ip| {
-            let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
-            format!("http://{host}:{}", wukong_proto::DEFAULT_PORT)
-        }))
+        Ok(agent_address_of(&self.vmi().await?, wukong_proto::DEFAULT_PORT))
     }
 
     /// The claim (PVC or DataVolume name) behind a volume of the VMI.
@@ -482,17 +478,33 @@ impl Hypervisor for KubeVirt {
                 ),
             });
         }
-        let in_spec = vmi.spec.volumes.iter().any(|v| v.name == name);
-        let serial = vmi.spec.domain.devices.disks.iter().find(|d| d.name == name).and_then(|d| d.serial.clone());
-        let status = vmi.status.volume_status.iter().find(|s| s.name == name);
         // Through the VM its template is the truth (with declarative hot-plug, editing it *is* the unplug): a
         // volume gone from it is being removed even while the VMI still carries it.
-        let in_template = match self.route().await?.through_vm() {
-            true => Some(self.vm().await?.spec.template.is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name))),
+        let vm = match self.route().await?.through_vm() {
+            true => Some(self.vm().await?),
             false => None,
         };
-        Ok(classify(in_spec, in_template, status, serial))
+        Ok(volume_state_in(&vmi, vm.as_ref(), name))
     }
+}
+
+/// The agent's address from a VMI: its first interface IP, on `port` (`http://IP:PORT`).
+pub fn agent_address_of(vmi: &VirtualMachineInstance, port: u16) -> Option<String> {
+    vmi.status.interfaces.iter().map(|i| i.ip_address.as_str()).find(|ip| !ip.is_empty()).map(|ip| {
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        format!("http://{host}:{port}")
+    })
+}
+
+/// A volume's state from a VMI and, when the VM's template is the truth (declarative hot-plug, or a change made
+/// through the VM), its VM: for callers that read both once and ask about several volumes.
+pub fn volume_state_in(vmi: &VirtualMachineInstance, vm: Option<&VirtualMachine>, name: &str) -> VolumeState {
+    let in_spec = vmi.spec.volumes.iter().any(|v| v.name == name);
+    let serial = vmi.spec.domain.devices.disks.iter().find(|d| d.name == name).and_then(|d| d.serial.clone());
+    let status = vmi.status.volume_status.iter().find(|s| s.name == name);
+    let in_template =
+        vm.map(|vm| vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name)));
+    classify(in_spec, in_template, status, serial)
 }
 
 /// A volume's state from where KubeVirt has it: the VMI's spec, the VM's template (`None` when not consulted) and

@@ -1,0 +1,83 @@
+//! One active replica: every replica serves its probes and metrics and waits for the `coordination.k8s.io/v1`
+//! Lease (kube-lease-manager); the holder reconciles. A leader that loses the Lease stops at once and the process
+//! exits with an error, as controller-runtime's managers do, so two replicas never act on one disk.
+
+use crate::metrics::Metrics;
+use crate::server::{self, Health};
+use crate::{Config, Error, MANAGER, Result};
+use futures::FutureExt;
+use kube_lease_manager::LeaseManagerBuilder;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Seconds a Lease stays valid without renewal, and how early its holder renews it.
+const LEASE_SECONDS: u64 = 15;
+const LEASE_GRACE_SECONDS: u64 = 5;
+
+/// Runs the operator until `shutdown` completes: probes and metrics at once, the controller while this replica
+/// holds the Lease. Returns an error when the Lease is lost.
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let listener = tokio::net::TcpListener::bind(config.http_address)
+        .await
+        .map_err(|source| Error::Listen { address: config.http_address, source })?;
+    let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone()));
+    let result = lead(client, config, metrics, &health, shutdown.boxed().shared()).await;
+    server.abort();
+    result
+}
+
+async fn lead(
+    client: kube::Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    health: &Health,
+    shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
+) -> Result<()> {
+    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+        .with_namespace(&config.lease_namespace)
+        .with_identity(&config.identity)
+        .with_field_manager(format!("{MANAGER}-{}", config.identity))
+        .with_duration(LEASE_SECONDS)
+        .with_grace(LEASE_GRACE_SECONDS)
+        .build()
+        .await?;
+    let (mut leading, lease) = manager.watch().await;
+    health.set_ready(true);
+    let lease_name = format!("{}/{}", config.lease_namespace, config.lease_name);
+    tracing::info!(identity = %config.identity, lease = %lease_name, "waiting to hold the leader lease");
+    while !*leading.borrow_and_update() {
+        tokio::select! {
+            changed = leading.changed() => if changed.is_err() {
+                // The Lease task ended on its own: its error says why.
+                return lease.await.map_err(|e| Error::LostLease(format!("{lease_name} ({e})")))?.map(drop).map_err(Error::from);
+            },
+            () = shutdown.clone() => {
+                drop(leading);
+                let _ = lease.await;
+                return Ok(());
+            }
+        }
+    }
+    tracing::info!(identity = %config.identity, lease = %lease_name, "holding the leader lease: reconciling");
+    let lost = async {
+        while leading.changed().await.is_ok() {
+            if !*leading.borrow() {
+                return;
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        () = crate::reconcile::run(client, config, metrics, shutdown) => Ok(()),
+        () = lost => Err(Error::LostLease(lease_name)),
+    };
+    // Closing the channel makes the Lease task release the Lease (if still held) and end.
+    drop(leading);
+    let _ = lease.await;
+    outcome
+}

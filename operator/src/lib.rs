@@ -1,0 +1,99 @@
+//! wukong-operator: the `Wukong` resource's declarative disks. A disk added to `spec.disks` gets its claim and is
+//! hot-plugged; a disk removed is detached through the companion's safe detach (the guest's agent releases it in
+//! the same operation) as soon as the guest lets it go, with every refusal's reasons in status and Events.
+//!
+//! Layout after kube-rs' controller-rs: [`crd`] (the types, and the CRD they generate), [`validate`] (bad input),
+//! [`plan`] (pure decisions), [`reconcile`] (carrying them out), [`metrics`], [`server`] (metrics and probes),
+//! [`leader`] (one active replica).
+
+pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+pub mod server;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::time::Duration;
+use wukong_controller_client::agent_client::TlsFiles;
+use wukong_controller_client::hypervisor::HypervisorError;
+
+/// The operator's field manager (server-side apply) and Event reporter.
+pub const MANAGER: &str = "wukong-operator";
+
+/// Why a reconcile failed. Refusals (in use, agent unreachable, system disk) are not errors: they are status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the Kubernetes API failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("the finalizer of {object} failed: {source}")]
+    Finalizer { object: String, source: Box<kube::runtime::finalizer::Error<Error>> },
+    #[error("{object} cannot be read: {message}")]
+    Decode { object: String, message: String },
+    #[error("{object} is being deleted: waiting for VM {vm} to stop using claims {claims} before deleting them")]
+    ClaimsInUse { object: String, vm: String, claims: String },
+    #[error("the leader lease failed: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("this replica lost the leader lease {0}; exiting so that only the new leader acts")]
+    LostLease(String),
+    #[error("cannot serve metrics and probes on {address}: {source}")]
+    Listen { address: std::net::SocketAddr, source: std::io::Error },
+}
+
+impl Error {
+    /// A bounded label for the failures metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(_) => "kubernetes_api",
+            Error::Hypervisor(_) => "kubevirt",
+            Error::Finalizer { .. } => "finalizer",
+            Error::Decode { .. } => "decode",
+            Error::ClaimsInUse { .. } => "claims_in_use",
+            Error::Lease(_) | Error::LostLease(_) => "lease",
+            Error::Listen { .. } => "listen",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How the operator reaches guest agents: at each VMI's first interface IP, on `port`, over mutual TLS with the
+/// files of a mounted Secret (re-read on every connection, so a rotated Secret is picked up), or in plaintext
+/// (labs only).
+#[derive(Debug, Clone)]
+pub struct AgentAccess {
+    pub port: u16,
+    pub tls: Option<TlsFiles>,
+}
+
+impl AgentAccess {
+    /// TLS files from a directory holding a `kubernetes.io/tls` Secret plus its CA: `ca.crt`, `tls.crt`, `tls.key`.
+    pub fn tls_dir(dir: PathBuf, port: u16, server_name: Option<String>) -> Self {
+        let tls = TlsFiles { ca: dir.join("ca.crt"), cert: dir.join("tls.crt"), key: dir.join("tls.key"), server_name };
+        Self { port, tls: Some(tls) }
+    }
+}
+
+/// The operator's settings; nothing global.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: AgentAccess,
+    /// Watch one namespace; `None`: all.
+    pub namespace: Option<String>,
+    /// The Lease that elects the active replica.
+    pub lease_namespace: String,
+    pub lease_name: String,
+    /// This replica's name (the pod's), for the Lease and Events.
+    pub identity: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub http_address: std::net::SocketAddr,
+    /// How long one reconcile waits for an attach or a detach before it looks again on a later pass.
+    pub attach_wait: Duration,
+    pub detach_wait: Duration,
+}
+
+pub use leader::run;

@@ -1,0 +1,123 @@
+//! wukong-operator: `run` (the controller) or `crd` (print the CRD).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use wukong_operator::{AgentAccess, Config, crd};
+
+/// Declarative disks for the Wukong resource, detached only when the guest lets them go.
+#[derive(Debug, Parser)]
+#[command(name = "wukong-operator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Reconcile Wukong objects.
+    Run(RunArgs),
+    /// Print the CustomResourceDefinition (what deploy/crd.yaml holds).
+    Crd,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Directory of the agent client's TLS Secret: ca.crt, tls.crt, tls.key (mutual TLS with every agent).
+    #[arg(long, env = "WUKONG_AGENT_TLS_DIR", value_name = "DIR", required_unless_present = "agent_plaintext")]
+    agent_tls_dir: Option<PathBuf>,
+    /// The name the agents' certificates carry, when it is not their IP (one certificate for every agent).
+    #[arg(long, env = "WUKONG_AGENT_SERVER_NAME")]
+    agent_server_name: Option<String>,
+    /// Talk to agents without TLS: labs only; agents listening beyond loopback require mutual TLS.
+    #[arg(long, conflicts_with = "agent_tls_dir")]
+    agent_plaintext: bool,
+    /// The agents' port.
+    #[arg(long, env = "WUKONG_AGENT_PORT", default_value_t = wukong_proto::DEFAULT_PORT)]
+    agent_port: u16,
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "WUKONG_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "wukong-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "wukong-operator")]
+    lease_name: String,
+    /// This replica's identity (the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "WUKONG_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    http_address: SocketAddr,
+    /// Seconds one reconcile waits for an attach or a detach before looking again on a later pass.
+    #[arg(long, default_value_t = 30)]
+    wait_seconds: u64,
+    /// Log as JSON lines (for log collectors).
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            return Ok(());
+        }
+        Command::Run(args) => args,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_json {
+        true => logs.json().init(),
+        false => logs.init(),
+    }
+    let agent = match args.agent_tls_dir {
+        Some(dir) => AgentAccess::tls_dir(dir, args.agent_port, args.agent_server_name),
+        None => AgentAccess { port: args.agent_port, tls: None },
+    };
+    let identity = match args.identity {
+        Some(id) => id,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("no --identity (POD_NAME) and no hostname to use instead")?,
+    };
+    let config = Config {
+        agent,
+        namespace: args.watch_namespace,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
+        http_address: args.http_address,
+        attach_wait: Duration::from_secs(args.wait_seconds),
+        detach_wait: Duration::from_secs(args.wait_seconds),
+    };
+    let client = kube::Client::try_default().await.context("cannot configure a Kubernetes client")?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    wukong_operator::run(client, config, shutdown).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent_and_asks_for_agent_tls() {
+        Cli::command().debug_assert();
+        let error = Cli::try_parse_from(["wukong-operator", "run"]).unwrap_err().to_string();
+        assert!(error.contains("--agent-tls-dir"), "{error}");
+        assert!(Cli::try_parse_from(["wukong-operator", "run", "--agent-plaintext"]).is_ok());
+        let both = ["wukong-operator", "run", "--agent-plaintext", "--agent-tls-dir", "/x"];
+        assert!(Cli::try_parse_from(both).is_err());
+    }
+}

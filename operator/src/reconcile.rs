@@ -1,0 +1,786 @@
+//! The controller: watches `Wukong` objects (and the claims they own, and VMIs), plans each disk
+//! ([`crate::plan`]) and carries the plan out through the companion, then writes status by server-side apply
+//! when it changed (an idle cluster gets no writes).
+
+use crate::crd::{Condition, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name};
+use crate::metrics::Metrics;
+use crate::plan::{DiskPlan, Observed, Step, plan, refusal_backoff};
+use crate::validate::{SpecError, check};
+use crate::{Config, Error, MANAGER, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizing, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wukong_controller_client::agent_client::AgentClient;
+use wukong_controller_client::companion::{self, AttachOptions, CompanionError, DetachOptions};
+use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec};
+use wukong_controller_client::kubevirt::{
+    KubeVirt, VirtualMachine, VirtualMachineInstance, agent_address_of, volume_state_in,
+};
+
+/// Finalizer that holds a `Wukong` until the claims it must delete are no longer used by the VM.
+pub const FINALIZER: &str = "vm.novasphere.dev/claims";
+/// Labels on every claim the operator creates.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", MANAGER);
+pub const OWNER_LABEL: &str = "vm.novasphere.dev/wukong";
+pub const DISK_LABEL: &str = "vm.novasphere.dev/disk";
+/// Set on claims kept (`preserveData`) when their `Wukong` is deleted.
+pub const PRESERVED_LABEL: &str = "vm.novasphere.dev/preserved";
+/// A steady object is looked at again this often (drift, a VM started without an event reaching us).
+const RESYNC: Duration = Duration::from_secs(300);
+/// A step in progress (a claim binding, an unplug under way) is looked at again this soon.
+const SOON: Duration = Duration::from_secs(5);
+/// A VM that does not exist yet is looked for again this often.
+const VM_MISSING: Duration = Duration::from_secs(30);
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// Refused detaches in a row, per (object UID, disk): the backoff. Reset by a detach or a re-listing.
+    refusals: Mutex<HashMap<(String, String), u32>>,
+}
+
+fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "kubevirt.io".into(),
+        version: "v1".into(),
+        api_version: "kubevirt.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn vmi_resource() -> ApiResource {
+    resource("VirtualMachineInstance", "virtualmachineinstances")
+}
+
+/// Runs the controller until `shutdown` completes.
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (wukongs, claims, vmis) = match &config.namespace {
+        Some(ns) => (
+            Api::<Wukong>::namespaced(client.clone(), ns),
+            Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+            Api::<DynamicObject>::namespaced_with(client.clone(), ns, &vmi_resource()),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
+    };
+    let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
+    let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        config,
+        metrics,
+        refusals: Mutex::default(),
+    });
+    let controller = Controller::new(wukongs, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    controller
+        .owns(claims, watcher::Config::default().labels(&managed))
+        // A VMI that starts, stops or changes its volumes wakes the Wukong whose VM it belongs to.
+        .watches_with(vmis, vmi_resource(), watcher::Config::default(), move |vmi| {
+            let (ns, name) = (vmi.namespace(), vmi.name_any());
+            store
+                .state()
+                .into_iter()
+                .filter(|w| w.namespace() == ns && w.vm_name() == name)
+                .map(|w| ObjectRef::from_obj(&*w))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile did not finish");
+            }
+        })
+        .await;
+}
+
+/// Failures of the Kubernetes API or KubeVirt: counted, and retried soon from a fresh read.
+fn error_policy(wukong: Arc<Wukong>, error: &Error, context: Arc<Context>) -> Action {
+    context.metrics.failed(error.metric_label());
+    tracing::warn!(wukong = %ObjectRef::from_obj(&*wukong), %error, "reconcile failed; retrying");
+    Action::requeue(SOON)
+}
+
+async fn reconcile(wukong: Arc<Wukong>, context: Arc<Context>) -> Result<Action> {
+    context.metrics.reconciled();
+    let ns = wukong.namespace().unwrap_or_default();
+    let api: Api<Wukong> = Api::namespaced(context.client.clone(), &ns);
+    let object = ObjectRef::from_obj(&*wukong).to_string();
+    finalizer(&api, FINALIZER, wukong, |event| async {
+        match event {
+            Finalizing::Apply(wukong) => apply(&wukong, &context).await,
+            Finalizing::Cleanup(wukong) => cleanup(&wukong, &context).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer { object, source: Box::new(e) })
+}
+
+/// What one pass observed of a `Wukong`'s VM.
+struct Scene {
+    ns: String,
+    vm_name: String,
+    vm: VirtualMachine,
+    vmi: Option<VirtualMachineInstance>,
+    /// Claim name → bound.
+    claims: BTreeMap<String, bool>,
+}
+
+impl Scene {
+    fn observe(&self, disk: &str) -> Observed {
+        let in_vm = self.vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == disk));
+        Observed {
+            claim_bound: self.claims.get(&claim_name(&self.vm_name, disk)).copied(),
+            in_vm,
+            vmi: self.vmi.as_ref().map(|vmi| volume_state_in(vmi, Some(&self.vm), disk)),
+        }
+    }
+
+    /// The system disk is in the VM's definition: a volume of its name, or one using its claim.
+    fn has_system_disk(&self, disk: &str) -> bool {
+        let claim = claim_name(&self.vm_name, disk);
+        self.vm.spec.template.as_ref().is_some_and(|t| {
+            t.spec.volumes.iter().any(|v| {
+                v.name == disk
+                    || v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == claim)
+                    || v.data_volume.as_ref().is_some_and(|d| d.name == claim)
+            })
+        })
+    }
+
+    fn kubevirt(&self, client: &kube::Client) -> KubeVirt {
+        // A stopped VM has no VMI to route by: change the VM's spec.
+        KubeVirt::new(client.clone(), &self.ns, &self.vm_name, self.vmi.is_none())
+    }
+}
+
+async fn get<T: serde::de::DeserializeOwned>(
+    client: &kube::Client,
+    ns: &str,
+    resource: &ApiResource,
+    name: &str,
+) -> Result<Option<T>> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+    match api.get_opt(name).await? {
+        None => Ok(None),
+        Some(object) => serde_json::from_value(serde_json::to_value(object).expect("an object serialises"))
+            .map(Some)
+            .map_err(|e| Error::Decode { object: format!("{} {ns}/{name}", resource.kind), message: e.to_string() }),
+    }
+}
+
+/// Where the pass ended for one disk.
+struct DiskOutcome {
+    /// The disk's status entry; `None` once it is detached and forgotten.
+    status: Option<VolumeStatus>,
+    /// When to look again, if sooner than the resync.
+    requeue: Option<Duration>,
+    record: Option<DetachRecord>,
+}
+
+impl DiskOutcome {
+    fn settled(status: VolumeStatus) -> Self {
+        Self { status: Some(status), requeue: None, record: None }
+    }
+
+    fn again(status: VolumeStatus, after: Duration) -> Self {
+        Self { status: Some(status), requeue: Some(after), record: None }
+    }
+}
+
+fn now() -> String {
+    Timestamp::now().to_string()
+}
+
+async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
+    let client = &context.client;
+    let ns = wukong.namespace().unwrap_or_default();
+    let name = wukong.name_any();
+    let previous = wukong.status.clone().unwrap_or_default();
+    let vm_name = wukong.vm_name();
+    let mut status = WukongStatus { vm_name: vm_name.clone(), ..previous.clone() };
+    status.observed_generation = wukong.metadata.generation;
+
+    if let Err(error) = check_spec(wukong, client).await? {
+        set_condition(&mut status, "SpecValid", false, "InvalidSpec", &error.to_string(), wukong);
+        set_condition(
+            &mut status,
+            "Ready",
+            false,
+            "InvalidSpec",
+            "the spec must be fixed first; nothing was changed",
+            wukong,
+        );
+        if previous.conditions.iter().all(|c| c.type_ != "SpecValid" || c.message != error.to_string()) {
+            publish(context, wukong, EventType::Warning, "InvalidSpec", "Validate", &error.to_string()).await;
+        }
+        write_status(wukong, context, &previous, status).await?;
+        return Ok(Action::await_change());
+    }
+    set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
+
+    let Some(vm) = get::<VirtualMachine>(client, &ns, &resource("VirtualMachine", "virtualmachines"), &vm_name).await?
+    else {
+        let message = format!(
+            "VirtualMachine {ns}/{vm_name} does not exist: create it, or name it in spec.vmName; nothing was changed"
+        );
+        set_condition(&mut status, "VMAvailable", false, "VMNotFound", &message, wukong);
+        set_condition(&mut status, "Ready", false, "VMNotFound", &message, wukong);
+        write_status(wukong, context, &previous, status).await?;
+        return Ok(Action::requeue(VM_MISSING));
+    };
+    let vmi = get::<VirtualMachineInstance>(client, &ns, &vmi_resource(), &vm_name).await?;
+    let running = match &vmi {
+        Some(_) => "the VM is running",
+        None => "the VM is not running: disks are added to its spec and attached when it starts",
+    };
+    set_condition(&mut status, "VMAvailable", true, if vmi.is_some() { "Running" } else { "Stopped" }, running, wukong);
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={name}")))
+        .await?
+        .into_iter()
+        .map(|c| {
+            let bound = c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+            (c.name_any(), bound)
+        })
+        .collect();
+    let scene = Scene { ns: ns.clone(), vm_name, vm, vmi, claims };
+
+    let plans = plan(&wukong.spec.disks, &previous.volumes, |disk| scene.observe(disk));
+    let mut volumes = Vec::new();
+    let mut requeue = RESYNC;
+    for disk in plans {
+        let outcome = carry_out(&disk, wukong, &scene, context).await?;
+        requeue = requeue.min(outcome.requeue.unwrap_or(RESYNC));
+        status.history.extend(outcome.record);
+        volumes.extend(outcome.status);
+    }
+    let excess = status.history.len().saturating_sub(HISTORY_LIMIT);
+    status.history.drain(..excess);
+    status.attached = volumes.iter().filter(|v| v.phase == Phase::Attached).count() as u32;
+    status.blocked = volumes.iter().filter(|v| v.phase == Phase::DetachBlocked).count() as u32;
+    context.metrics.set_blocked(wukong.uid().as_deref().unwrap_or_default(), status.blocked as usize);
+    let blocked: Vec<String> = volumes
+        .iter()
+        .filter(|v| v.phase == Phase::DetachBlocked)
+        .map(|v| format!("{}: {}", v.name, v.blockers.join("; ")))
+        .collect();
+    match blocked.is_empty() {
+        true => set_condition(&mut status, "DetachBlocked", false, "NothingBlocked", "no detach is blocked", wukong),
+        false => set_condition(&mut status, "DetachBlocked", true, "GuestRefused", &blocked.join(" | "), wukong),
+    }
+    let waiting: Vec<&str> =
+        volumes.iter().filter(|v| v.phase != Phase::Attached && !v.system).map(|v| v.name.as_str()).collect();
+    match waiting.is_empty() {
+        true => set_condition(&mut status, "Ready", true, "AllAttached", "every listed disk is attached", wukong),
+        false => {
+            let message = format!("not settled yet: {}", waiting.join(", "));
+            set_condition(&mut status, "Ready", false, "InProgress", &message, wukong)
+        }
+    }
+    status.volumes = volumes;
+    write_status(wukong, context, &previous, status).await?;
+    Ok(Action::requeue(requeue))
+}
+
+/// The spec's own checks, then the StorageClasses it names. `Ok(Err(_))`: the spec is at fault.
+async fn check_spec(wukong: &Wukong, client: &kube::Client) -> Result<Result<(), SpecError>> {
+    if let Err(e) = check(&wukong.name_any(), &wukong.spec) {
+        return Ok(Err(e));
+    }
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    for (i, disk) in wukong.spec.disks.iter().enumerate() {
+        if let Some(class) = &disk.storage_class_name
+            && classes.get_opt(class).await?.is_none()
+        {
+            return Ok(Err(SpecError {
+                field: format!("spec.disks[{i}].storageClassName"),
+                message: format!("StorageClass '{class}' does not exist; name an existing one or leave it out"),
+            }));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The disk's status before this pass's step: from the list while it is listed (its options become the ones in
+/// force), else as recorded.
+fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
+    let recorded = disk.recorded.clone().unwrap_or_default();
+    let mut status = match &disk.wanted {
+        Some(spec) => VolumeStatus {
+            name: spec.name.clone(),
+            pvc_name: claim_name(&scene.vm_name, &spec.name),
+            size: spec.size.clone(),
+            serial: spec.serial(),
+            bus: spec.bus.unwrap_or_default(),
+            detach_options: spec.detach_options,
+            storage_class_name: spec.storage_class_name.clone(),
+            phase: recorded.phase,
+            device: recorded.device.clone(),
+            ..Default::default()
+        },
+        None => VolumeStatus { removal_since: recorded.removal_since.clone().or_else(|| Some(now())), ..recorded },
+    };
+    status.system = disk.system;
+    status.bound = scene.claims.get(&status.pvc_name).copied().unwrap_or(false);
+    status
+}
+
+async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Context) -> Result<DiskOutcome> {
+    let mut status = base_status(disk, scene);
+    let recorded_phase = disk.recorded.as_ref().map(|r| r.phase);
+    let key = (wukong.uid().unwrap_or_default(), disk.name.clone());
+    if disk.wanted.is_some() {
+        context.refusals.lock().expect("never poisoned").remove(&key);
+    }
+    let set = |status: &mut VolumeStatus, phase: Phase, message: &str| {
+        status.phase = phase;
+        status.message = (!message.is_empty()).then(|| message.to_string());
+    };
+    match &disk.step {
+        Step::KeepSystemDisk => {
+            let found = scene.has_system_disk(&disk.name);
+            let message = match found {
+                true => "the system disk: part of the VM's definition, never detached",
+                false => "the system disk is not in the VM's spec; the operator never plugs the system disk",
+            };
+            set(&mut status, if found { Phase::Attached } else { Phase::Pending }, message);
+            Ok(DiskOutcome::settled(status))
+        }
+        Step::RefuseSystemDiskRemoval => {
+            let message = format!(
+                "disk '{}' is the system disk of VM {}/{}; it is never detached, even with detachOptions.force. Put \
+                 it back in spec.disks",
+                disk.name, scene.ns, scene.vm_name
+            );
+            if recorded_phase != Some(Phase::DetachBlocked) {
+                publish(context, wukong, EventType::Warning, "SystemDiskRemovalRefused", "Detach", &message).await;
+            }
+            status.blockers = vec![message.clone()];
+            set(&mut status, Phase::DetachBlocked, &message);
+            Ok(DiskOutcome::settled(status))
+        }
+        Step::CreateClaim => {
+            create_claim(wukong, &status, context).await?;
+            let message = format!("claim {} created; waiting for it to bind", status.pvc_name);
+            publish(context, wukong, EventType::Normal, "ClaimCreated", "CreateClaim", &message).await;
+            set(&mut status, Phase::Pending, &message);
+            Ok(DiskOutcome::again(status, SOON))
+        }
+        Step::WaitForClaim => {
+            let message = format!("waiting for claim {} to bind", status.pvc_name);
+            set(&mut status, Phase::Pending, &message);
+            Ok(DiskOutcome::again(status, SOON))
+        }
+        Step::AddToStoppedVm => {
+            scene.kubevirt(&context.client).add_volume(&volume_spec(&status)).await?;
+            set(&mut status, Phase::Pending, "added to the VM's spec; attached when the VM starts");
+            Ok(DiskOutcome::settled(status))
+        }
+        Step::WaitForBoot => {
+            set(&mut status, Phase::Pending, "in the VM's spec; attached when the VM starts");
+            Ok(DiskOutcome::settled(status))
+        }
+        Step::Attach => attach(status, recorded_phase, wukong, scene, context).await,
+        Step::RemoveFromStoppedVm => {
+            scene.kubevirt(&context.client).remove_volume(&disk.name).await?;
+            set(&mut status, Phase::Detaching, "the VM is not running: removed from its spec");
+            Ok(DiskOutcome::again(status, SOON))
+        }
+        Step::Detach(options) => detach(status, recorded_phase, *options, &key, wukong, scene, context).await,
+        Step::Finish { delete_claim } => {
+            if *delete_claim {
+                delete_claim_named(context, &scene.ns, &status.pvc_name).await?;
+            }
+            context.refusals.lock().expect("never poisoned").remove(&key);
+            Ok(DiskOutcome { status: None, requeue: None, record: Some(detached_record(&status, context, false)) })
+        }
+    }
+}
+
+fn volume_spec(status: &VolumeStatus) -> VolumeSpec {
+    VolumeSpec {
+        name: status.name.clone(),
+        serial: status.serial.clone(),
+        bus: match status.bus {
+            crate::crd::Bus::Scsi => DiskBus::Scsi,
+            crate::crd::Bus::Virtio => DiskBus::Virtio,
+        },
+        source: VolumeSource::PersistentVolumeClaim(status.pvc_name.clone()),
+    }
+}
+
+/// The guest's agent of the VM, at its VMI's address; `None` when the VMI reports no IP.
+fn agent_of(scene: &Scene, context: &Context) -> Option<Result<AgentClient, String>> {
+    let address = agent_address_of(scene.vmi.as_ref()?, context.config.agent.port)?;
+    Some(
+        address
+            .parse()
+            .and_then(|a| AgentClient::connect_with(a, context.config.agent.tls.as_ref()))
+            .map_err(|e| e.to_string()),
+    )
+}
+
+async fn attach(
+    mut status: VolumeStatus,
+    recorded: Option<Phase>,
+    wukong: &Wukong,
+    scene: &Scene,
+    context: &Context,
+) -> Result<DiskOutcome> {
+    let agent = match agent_of(scene, context) {
+        Some(Ok(agent)) => agent,
+        Some(Err(e)) => {
+            status.phase = Phase::Attaching;
+            status.message = Some(format!("cannot reach the guest's agent: {e}"));
+            return Ok(DiskOutcome::again(status, SOON));
+        }
+        None => {
+            status.phase = Phase::Attaching;
+            status.message =
+                Some(format!("VMI {}/{} reports no IP to reach its agent at yet", scene.ns, scene.vm_name));
+            return Ok(DiskOutcome::again(status, SOON));
+        }
+    };
+    let options = AttachOptions { timeout: context.config.attach_wait, poll: Duration::from_millis(500) };
+    let hypervisor = scene.kubevirt(&context.client);
+    match companion::attach(&hypervisor, &agent, &volume_spec(&status), &options, &|_| {}).await {
+        Ok(attached) => {
+            use wukong_proto::v1::DiskState;
+            // Released by a detach that was interrupted (the operator restarted, the disk listed again): the
+            // guest gets it back.
+            if attached.disk.state() == DiskState::Released {
+                match agent.cancel_detach(&status.serial).await {
+                    Ok(_) => {
+                        let message = format!(
+                            "disk '{}' was released in the guest by an interrupted detach and is listed again: \
+                             given back (CancelDetach)",
+                            status.serial
+                        );
+                        publish(context, wukong, EventType::Normal, "ReleaseCancelled", "Attach", &message).await;
+                    }
+                    Err(e) => {
+                        status.phase = Phase::Attaching;
+                        status.message = Some(format!("the guest released the disk and CancelDetach failed: {e}"));
+                        return Ok(DiskOutcome::again(status, SOON));
+                    }
+                }
+            }
+            status.device = Some(attached.disk.dev_node.clone());
+            status.phase = Phase::Attached;
+            status.message = None;
+            if recorded != Some(Phase::Attached) {
+                let message = format!(
+                    "disk '{}' is attached: {} in the guest (claim {})",
+                    status.name, attached.disk.dev_node, status.pvc_name
+                );
+                publish(context, wukong, EventType::Normal, "Attached", "Attach", &message).await;
+            }
+            Ok(DiskOutcome::settled(status))
+        }
+        Err(CompanionError::Hypervisor(e)) => Err(Error::Hypervisor(*e)),
+        Err(e) => {
+            status.phase = Phase::Attaching;
+            status.message = Some(e.to_string());
+            Ok(DiskOutcome::again(status, SOON))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn detach(
+    mut status: VolumeStatus,
+    recorded: Option<Phase>,
+    options: crate::crd::DetachOptions,
+    key: &(String, String),
+    wukong: &Wukong,
+    scene: &Scene,
+    context: &Context,
+) -> Result<DiskOutcome> {
+    let blocked = |mut status: VolumeStatus, blockers: Vec<String>| {
+        let attempt = {
+            let mut refusals = context.refusals.lock().expect("never poisoned");
+            let n = refusals.entry(key.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let changed = recorded != Some(Phase::DetachBlocked) || status.blockers != blockers;
+        let after = refusal_backoff(attempt);
+        status.phase = Phase::DetachBlocked;
+        status.message = Some(format!("the guest did not let the disk go; retrying in {}s", after.as_secs()));
+        status.blockers = blockers;
+        (status, after, changed)
+    };
+    let agent = match agent_of(scene, context) {
+        Some(Ok(agent)) => agent,
+        Some(Err(e)) => {
+            let (status, after, changed) = blocked(status, vec![format!("cannot reach the guest's agent: {e}")]);
+            return refused(status, after, changed, wukong, context).await;
+        }
+        None => {
+            let sentence =
+                format!("VMI {}/{} reports no IP to reach the guest's agent at (fail safe)", scene.ns, scene.vm_name);
+            let (status, after, changed) = blocked(status, vec![sentence]);
+            return refused(status, after, changed, wukong, context).await;
+        }
+    };
+    if options.force && recorded != Some(Phase::Detaching) {
+        let message = format!(
+            "FORCED detach of disk '{}' (detachOptions.force): the guest is not asked to release it; anything still \
+             using it loses its data",
+            status.name
+        );
+        publish(context, wukong, EventType::Warning, "ForcedDetach", "Detach", &message).await;
+    }
+    let detach_options = DetachOptions {
+        volume: status.name.clone(),
+        serial: Some(status.serial.clone()),
+        unmount: options.unmount,
+        force: options.force,
+        timeout: context.config.detach_wait,
+        poll: Duration::from_millis(500),
+    };
+    let hypervisor = scene.kubevirt(&context.client);
+    match companion::detach(&hypervisor, &agent, &detach_options, &|_| {}).await {
+        Ok(detached) => {
+            if !options.preserve_data {
+                delete_claim_named(context, &scene.ns, &status.pvc_name).await?;
+            }
+            context.refusals.lock().expect("never poisoned").remove(key);
+            let record = detached_record(&status, context, detached.forced);
+            let message = format!(
+                "disk '{}' (serial {}) is detached{}; claim {} {}",
+                status.name,
+                status.serial,
+                if detached.forced { " (forced)" } else { " after the guest released it" },
+                status.pvc_name,
+                if options.preserve_data { "kept (preserveData)" } else { "deleted" }
+            );
+            publish(context, wukong, EventType::Normal, "Detached", "Detach", &message).await;
+            Ok(DiskOutcome { status: None, requeue: None, record: Some(record) })
+        }
+        Err(CompanionError::Hypervisor(e)) => Err(Error::Hypervisor(*e)),
+        Err(e @ (CompanionError::RemovalPending { .. } | CompanionError::Busy(_))) => {
+            status.phase = Phase::Detaching;
+            status.message = Some(e.to_string());
+            status.blockers.clear();
+            Ok(DiskOutcome::again(status, SOON))
+        }
+        Err(e) => {
+            let mut sentences: Vec<String> = match &e {
+                CompanionError::Refused { report, .. } | CompanionError::RemovalUnguarded { report, .. } => {
+                    report.blockers.iter().map(|b| b.message.clone()).collect()
+                }
+                _ => Vec::new(),
+            };
+            if sentences.is_empty() {
+                sentences.push(e.to_string());
+            }
+            let (status, after, changed) = blocked(status, sentences);
+            refused(status, after, changed, wukong, context).await
+        }
+    }
+}
+
+/// A refused detach: a Warning Event and a history line when its reasons changed, and a retry after the backoff.
+async fn refused(
+    status: VolumeStatus,
+    after: Duration,
+    changed: bool,
+    wukong: &Wukong,
+    context: &Context,
+) -> Result<DiskOutcome> {
+    let reason = status.blockers.join("; ");
+    let mut record = None;
+    if changed {
+        let message = format!("detach of disk '{}' refused, nothing was detached: {reason}", status.name);
+        publish(context, wukong, EventType::Warning, "DetachRefused", "Detach", &message).await;
+        record = Some(DetachRecord {
+            disk: status.name.clone(),
+            serial: status.serial.clone(),
+            at: now(),
+            outcome: "Refused".into(),
+            forced: status.detach_options.force,
+            duration_seconds: seconds_since(status.removal_since.as_deref()),
+            preserved_data: true,
+            reason: Some(reason),
+        });
+    }
+    Ok(DiskOutcome { status: Some(status), requeue: Some(after), record })
+}
+
+fn seconds_since(since: Option<&str>) -> u64 {
+    since
+        .and_then(|s| s.parse::<Timestamp>().ok())
+        .map(|t| Timestamp::now().duration_since(t).as_secs().max(0) as u64)
+        .unwrap_or(0)
+}
+
+fn detached_record(status: &VolumeStatus, context: &Context, forced: bool) -> DetachRecord {
+    let seconds = seconds_since(status.removal_since.as_deref());
+    context.metrics.detached(Duration::from_secs(seconds));
+    DetachRecord {
+        disk: status.name.clone(),
+        serial: status.serial.clone(),
+        at: now(),
+        outcome: "Detached".into(),
+        forced,
+        duration_seconds: seconds,
+        preserved_data: status.detach_options.preserve_data,
+        reason: None,
+    }
+}
+
+/// The claim of a disk, owned by its `Wukong` and labelled, by server-side apply.
+async fn create_claim(wukong: &Wukong, status: &VolumeStatus, context: &Context) -> Result<()> {
+    let ns = wukong.namespace().unwrap_or_default();
+    let owner = wukong.controller_owner_ref(&()).expect("a Wukong read from the API has a name and UID");
+    let mut spec = json!({"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": status.size}}});
+    if let Some(class) = &status.storage_class_name {
+        spec["storageClassName"] = json!(class);
+    }
+    let claim = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": status.pvc_name, "ownerReferences": [owner],
+                     "labels": {MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: status.name}},
+        "spec": spec,
+    });
+    Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &ns)
+        .patch(&status.pvc_name, &PatchParams::apply(MANAGER), &Patch::Apply(&claim))
+        .await?;
+    Ok(())
+}
+
+async fn delete_claim_named(context: &Context, ns: &str, claim: &str) -> Result<()> {
+    match Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), ns)
+        .delete(claim, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The `Wukong` is being deleted: claims of disks with `preserveData` are released from it (owner reference
+/// dropped, labelled `preserved`); the others are deleted once the VM no longer uses them.
+async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
+    let ns = wukong.namespace().unwrap_or_default();
+    let vm_name = wukong.vm_name();
+    let vm =
+        get::<VirtualMachine>(&context.client, &ns, &resource("VirtualMachine", "virtualmachines"), &vm_name).await?;
+    let vmi = get::<VirtualMachineInstance>(&context.client, &ns, &vmi_resource(), &vm_name).await?;
+    let uses = |claim: &str| {
+        let in_spec = |volumes: &[wukong_controller_client::kubevirt::Volume]| {
+            volumes.iter().any(|v| v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == claim))
+        };
+        vm.as_ref().and_then(|vm| vm.spec.template.as_ref()).is_some_and(|t| in_spec(&t.spec.volumes))
+            || vmi.as_ref().is_some_and(|vmi| in_spec(&vmi.spec.volumes))
+    };
+    let claims = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &ns);
+    let owned = claims.list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", wukong.name_any()))).await?;
+    let volumes = wukong.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default();
+    let mut in_use = Vec::new();
+    for claim in owned {
+        let name = claim.name_any();
+        let preserve = volumes.iter().find(|v| v.pvc_name == name).is_none_or(|v| v.detach_options.preserve_data);
+        if preserve {
+            let patch = json!({"metadata": {"ownerReferences": null, "labels": {PRESERVED_LABEL: "true"}}});
+            claims.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        } else if uses(&name) {
+            in_use.push(name);
+        } else {
+            delete_claim_named(context, &ns, &name).await?;
+        }
+    }
+    context.metrics.set_blocked(wukong.uid().as_deref().unwrap_or_default(), 0);
+    if in_use.is_empty() {
+        return Ok(Action::await_change());
+    }
+    // An error keeps the finalizer (and the object) until the VM lets go; the error policy looks again soon.
+    Err(Error::ClaimsInUse {
+        object: format!("Wukong {ns}/{}", wukong.name_any()),
+        vm: vm_name,
+        claims: in_use.join(", "),
+    })
+}
+
+fn set_condition(status: &mut WukongStatus, type_: &str, ok: bool, reason: &str, message: &str, wukong: &Wukong) {
+    let value = if ok { "True" } else { "False" };
+    let generation = wukong.metadata.generation;
+    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) if c.status == value && c.reason == reason && c.message == message => {
+            c.observed_generation = generation
+        }
+        Some(c) => {
+            let time = if c.status == value { c.last_transition_time.clone() } else { now() };
+            *c = Condition {
+                type_: type_.into(),
+                status: value.into(),
+                reason: reason.into(),
+                message: message.into(),
+                last_transition_time: time,
+                observed_generation: generation,
+            };
+        }
+        None => status.conditions.push(Condition {
+            type_: type_.into(),
+            status: value.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: now(),
+            observed_generation: generation,
+        }),
+    }
+}
+
+/// Writes status by server-side apply, only when it changed.
+async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatus, status: WukongStatus) -> Result<()> {
+    if *previous == status && wukong.status.is_some() {
+        return Ok(());
+    }
+    let api: Api<Wukong> = Api::namespaced(context.client.clone(), &wukong.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": Wukong::api_version(&()), "kind": Wukong::kind(&()), "status": status});
+    api.patch_status(&wukong.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// Records an Event on the `Wukong`; a failure to record one is logged, never fatal.
+async fn publish(context: &Context, wukong: &Wukong, type_: EventType, reason: &str, action: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    match type_ {
+        EventType::Warning => tracing::warn!(wukong = %ObjectRef::from_obj(wukong), reason, "{note}"),
+        EventType::Normal => tracing::info!(wukong = %ObjectRef::from_obj(wukong), reason, "{note}"),
+    }
+    if let Err(e) = context.recorder.publish(&event, &wukong.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "cannot record an Event");
+    }
+}

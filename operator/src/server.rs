@@ -1,0 +1,60 @@
+//! The operator's HTTP port: `/metrics` (Prometheus text), `/healthz` (the process serves) and `/readyz` (its
+//! watches are up, as leader or as a standby ready to take over).
+
+use crate::metrics::Metrics;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpListener;
+
+/// What the probes report.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+fn respond(request: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+    let (status, kind, body) = match request.uri().path() {
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if health.is_ready() => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: watches are not up yet\n".into()),
+        other => {
+            (StatusCode::NOT_FOUND, "text/plain", format!("no such path {other}; try /metrics, /healthz, /readyz\n"))
+        }
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", kind)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let (metrics, health) = (metrics.clone(), health.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = respond(&request, &metrics, &health);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
