@@ -56,9 +56,9 @@ pub struct DiskSpec {
     /// StorageClass of the claim. Default: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
-    /// Bus of the disk in the guest. Default: scsi.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bus: Option<Bus>,
+    /// Bus of the disk in the guest.
+    #[serde(default)]
+    pub bus: Bus,
     /// Serial the guest sees, its identity for the guest agent. Default: the disk's name (at most 20
     /// characters of a-z, 0-9, '.', '_' and '-').
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +96,7 @@ pub struct DetachOptions {
 
 /// What the operator observed and did, rebuilt on every reconcile.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[schemars(transform = no_defaults)]
 #[serde(rename_all = "camelCase")]
 pub struct WukongStatus {
     /// The generation of the spec this status describes.
@@ -122,11 +123,34 @@ pub struct WukongStatus {
     pub history: Vec<DetachRecord>,
 }
 
+/// Status is written by the operator only: its schema carries no defaults (and kube-apiserver before 1.22 refuses
+/// some that schemars derives, such as `default: ""`).
+fn no_defaults(schema: &mut schemars::Schema) {
+    if let Some(object) = schema.as_object_mut() {
+        object.remove("default");
+        for value in object.values_mut() {
+            strip_defaults(value);
+        }
+    }
+}
+
+fn strip_defaults(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.remove("default");
+            map.values_mut().for_each(strip_defaults);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_defaults),
+        _ => {}
+    }
+}
+
 /// How many detach records the status keeps.
 pub const HISTORY_LIMIT: usize = 20;
 
 /// Where one disk is.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[schemars(transform = no_defaults)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeStatus {
     pub name: String,
@@ -180,6 +204,7 @@ pub enum Phase {
 
 /// A condition of the object, in Kubernetes' shape.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[schemars(transform = no_defaults)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
@@ -196,6 +221,7 @@ pub struct Condition {
 
 /// One detach, or one refusal (recorded when its reasons change, not on every retry).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[schemars(transform = no_defaults)]
 #[serde(rename_all = "camelCase")]
 pub struct DetachRecord {
     pub disk: String,
@@ -288,6 +314,6 @@ mod tests {
         assert_eq!(claim_name(&w.vm_name(), "data"), "db-vm-data");
         assert_eq!(w.spec.disks[0].serial(), "data");
         assert_eq!(w.spec.disks[0].detach_options, DetachOptions::default());
-        assert_eq!(w.spec.disks[0].bus, None);
+        assert_eq!(w.spec.disks[0].bus, Bus::Scsi);
     }
 }

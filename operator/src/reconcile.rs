@@ -21,13 +21,14 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::companion::{self, AttachOptions, CompanionError, DetachOptions};
-use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec};
+use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec, VolumeState};
 use wukong_controller_client::kubevirt::{
     KubeVirt, VirtualMachine, VirtualMachineInstance, agent_address_of, volume_state_in,
 };
+use wukong_proto::v1::DiskState;
 
 /// Finalizer that holds a `Wukong` until the claims it must delete are no longer used by the VM.
 pub const FINALIZER: &str = "vm.novasphere.dev/claims";
@@ -50,8 +51,9 @@ pub struct Context {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     recorder: Recorder,
-    /// Refused detaches in a row, per (object UID, disk): the backoff. Reset by a detach or a re-listing.
-    refusals: Mutex<HashMap<(String, String), u32>>,
+    /// Refused detaches in a row per (object UID, disk), and when the next attempt is due: the backoff holds
+    /// whatever wakes the object meanwhile. Reset by a detach or a re-listing.
+    refusals: Mutex<HashMap<(String, String), (u32, Instant)>>,
 }
 
 fn resource(kind: &str, plural: &str) -> ApiResource {
@@ -334,7 +336,7 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
             pvc_name: claim_name(&scene.vm_name, &spec.name),
             size: spec.size.clone(),
             serial: spec.serial(),
-            bus: spec.bus.unwrap_or_default(),
+            bus: spec.bus,
             detach_options: spec.detach_options,
             storage_class_name: spec.storage_class_name.clone(),
             phase: recorded.phase,
@@ -394,12 +396,10 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             set(&mut status, Phase::Pending, &message);
             Ok(DiskOutcome::again(status, SOON))
         }
-        Step::AddToStoppedVm => {
-            scene.kubevirt(&context.client).add_volume(&volume_spec(&status)).await?;
-            set(&mut status, Phase::Pending, "added to the VM's spec; attached when the VM starts");
-            Ok(DiskOutcome::settled(status))
-        }
-        Step::WaitForBoot => {
+        Step::AddToStoppedVm | Step::WaitForBoot => {
+            if disk.step == Step::AddToStoppedVm {
+                scene.kubevirt(&context.client).add_volume(&volume_spec(&status)).await?;
+            }
             set(&mut status, Phase::Pending, "in the VM's spec; attached when the VM starts");
             Ok(DiskOutcome::settled(status))
         }
@@ -464,30 +464,29 @@ async fn attach(
             return Ok(DiskOutcome::again(status, SOON));
         }
     };
+    // Released by a detach that was interrupted (the operator restarted, the disk listed again) while the VM still
+    // has it plugged and nothing removes it: the guest gets it back before the attach waits for it.
+    let plugged = matches!(scene.observe(&status.name).vmi, Some(VolumeState::Ready { .. }));
+    if plugged
+        && let Ok(disk) = agent.get_disk(&status.serial, false).await
+        && disk.state() == DiskState::Released
+    {
+        if let Err(e) = agent.cancel_detach(&status.serial).await {
+            status.phase = Phase::Attaching;
+            status.message = Some(format!("the guest released the disk and CancelDetach failed: {e}"));
+            return Ok(DiskOutcome::again(status, SOON));
+        }
+        let message = format!(
+            "disk '{}' was released in the guest by an interrupted detach and is listed again: given back \
+             (CancelDetach)",
+            status.serial
+        );
+        publish(context, wukong, EventType::Normal, "ReleaseCancelled", "Attach", &message).await;
+    }
     let options = AttachOptions { timeout: context.config.attach_wait, poll: Duration::from_millis(500) };
     let hypervisor = scene.kubevirt(&context.client);
     match companion::attach(&hypervisor, &agent, &volume_spec(&status), &options, &|_| {}).await {
         Ok(attached) => {
-            use wukong_proto::v1::DiskState;
-            // Released by a detach that was interrupted (the operator restarted, the disk listed again): the
-            // guest gets it back.
-            if attached.disk.state() == DiskState::Released {
-                match agent.cancel_detach(&status.serial).await {
-                    Ok(_) => {
-                        let message = format!(
-                            "disk '{}' was released in the guest by an interrupted detach and is listed again: \
-                             given back (CancelDetach)",
-                            status.serial
-                        );
-                        publish(context, wukong, EventType::Normal, "ReleaseCancelled", "Attach", &message).await;
-                    }
-                    Err(e) => {
-                        status.phase = Phase::Attaching;
-                        status.message = Some(format!("the guest released the disk and CancelDetach failed: {e}"));
-                        return Ok(DiskOutcome::again(status, SOON));
-                    }
-                }
-            }
             status.device = Some(attached.disk.dev_node.clone());
             status.phase = Phase::Attached;
             status.message = None;
@@ -519,15 +518,22 @@ async fn detach(
     scene: &Scene,
     context: &Context,
 ) -> Result<DiskOutcome> {
+    let due = context.refusals.lock().expect("never poisoned").get(key).map(|(_, due)| *due);
+    if let Some(wait) = due.and_then(|due| due.checked_duration_since(Instant::now()))
+        && recorded == Some(Phase::DetachBlocked)
+    {
+        return Ok(DiskOutcome::again(status, wait));
+    }
     let blocked = |mut status: VolumeStatus, blockers: Vec<String>| {
-        let attempt = {
+        let after = {
             let mut refusals = context.refusals.lock().expect("never poisoned");
-            let n = refusals.entry(key.clone()).or_insert(0);
-            *n += 1;
-            *n
+            let (attempts, due) = refusals.entry(key.clone()).or_insert((0, Instant::now()));
+            *attempts += 1;
+            let after = refusal_backoff(*attempts);
+            *due = Instant::now() + after;
+            after
         };
         let changed = recorded != Some(Phase::DetachBlocked) || status.blockers != blockers;
-        let after = refusal_backoff(attempt);
         status.phase = Phase::DetachBlocked;
         status.message = Some(format!("the guest did not let the disk go; retrying in {}s", after.as_secs()));
         status.blockers = blockers;

@@ -264,7 +264,8 @@ impl Cluster {
     /// A kubeconfig for `user` (written once; for wukongctl and `KUBECONFIG`).
     pub fn kubeconfig(&self, user: &str) -> Result<PathBuf> {
         let token = self.tokens.get(user).with_context(|| format!("the lab cluster has no user {user}"))?;
-        let path = self.dir.path().join(format!("kubeconfig-{user}"));
+        // ':' separates paths in KUBECONFIG, and ServiceAccount user names are full of them.
+        let path = self.dir.path().join(format!("kubeconfig-{}", user.replace(':', "_")));
         if !path.exists() {
             std::fs::write(
                 &path,

@@ -73,8 +73,10 @@ struct Shared {
     namespace: String,
     mode: HotplugMode,
     qemu: Option<Arc<Qemu>>,
-    /// Claim → image file (the lab's storage: there is no provisioner).
+    /// Claim → image file (the lab's storage).
     images: Mutex<BTreeMap<String, PathBuf>>,
+    /// A dynamic provisioner: a directory for new images and the StorageClass it serves.
+    provisioner: Mutex<Option<(PathBuf, String)>>,
     /// (VMI, volume) → where its hot-plug is.
     volumes: Mutex<BTreeMap<(String, String), Plug>>,
     /// How long KubeVirt takes from a volume leaving the VMI's spec to the guest losing the disk (virt-handler,
@@ -162,6 +164,7 @@ impl KubeVirtLab {
             mode,
             qemu,
             images: Mutex::new(BTreeMap::new()),
+            provisioner: Mutex::new(None),
             volumes: Mutex::new(BTreeMap::new()),
             unplug_delay: Mutex::new(PHASE_STEP),
             refuse_removals: Mutex::new(None),
@@ -199,6 +202,23 @@ impl KubeVirtLab {
                      "volumeMode": "Block"},
         }))?;
         claims(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &object).await?;
+        Ok(())
+    }
+
+    /// Plays a dynamic provisioner for StorageClass `class` (made the default): any claim of that class (or of
+    /// none) gets a new sparse image of its requested size in `dir` and is bound.
+    pub async fn provision(&self, dir: &Path, class: &str) -> Result<()> {
+        let classes = Api::<DynamicObject>::all_with(
+            self.shared.client.clone(),
+            &resource("StorageClass", "storage.k8s.io", "v1", "storageclasses"),
+        );
+        let object = serde_json::from_value(json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": class, "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": "lab.wukong.invalid/images", "volumeBindingMode": "Immediate",
+        }))?;
+        classes.create(&PostParams::default(), &object).await?;
+        *self.shared.provisioner.lock().unwrap() = Some((dir.to_path_buf(), class.to_string()));
         Ok(())
     }
 
@@ -624,6 +644,9 @@ async fn bind_claims(shared: &Shared) -> Result<()> {
     let api = claims(&shared.client, &shared.namespace);
     for claim in api.list(&Default::default()).await? {
         let name = claim.metadata.name.clone().unwrap_or_default();
+        if claim.data["status"]["phase"] != "Bound" {
+            provision(shared, &name, &claim.data["spec"])?;
+        }
         if claim.data["status"]["phase"] != "Bound" && shared.images.lock().unwrap().contains_key(&name) {
             let size = claim.data["spec"]["resources"]["requests"]["storage"].clone();
             let status =
@@ -631,6 +654,23 @@ async fn bind_claims(shared: &Shared) -> Result<()> {
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
         }
     }
+    Ok(())
+}
+
+/// A new image for a claim without one, when the lab provisions claims of its class (or of none).
+fn provision(shared: &Shared, claim: &str, spec: &Value) -> Result<()> {
+    let Some((dir, class)) = shared.provisioner.lock().unwrap().clone() else { return Ok(()) };
+    let wanted = spec["storageClassName"].as_str().unwrap_or(&class);
+    let mut images = shared.images.lock().unwrap();
+    if wanted != class || images.contains_key(claim) {
+        return Ok(());
+    }
+    let size = spec["resources"]["requests"]["storage"].as_str().unwrap_or_default();
+    let bytes = wukong_operator::validate::quantity_bytes(size)
+        .map_err(|why| anyhow::anyhow!("claim {claim}: size '{size}' {why}"))?;
+    let image = dir.join(format!("{claim}.raw"));
+    std::fs::File::create(&image)?.set_len(bytes)?;
+    images.insert(claim.to_string(), image);
     Ok(())
 }
 

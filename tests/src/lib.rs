@@ -45,10 +45,17 @@ fn target_dir() -> PathBuf {
 /// The `wukongctl` of this build profile: `cargo test --workspace` builds it, `scripts/demo.sh` too. `WUKONGCTL`
 /// overrides.
 pub fn wukongctl_binary() -> PathBuf {
+    std::env::var_os("WUKONGCTL").map(PathBuf::from).unwrap_or_else(|| profile_binary("wukongctl"))
+}
+
+/// The `wukong-operator` of this build profile (`cargo test --workspace` builds it).
+pub fn operator_binary() -> PathBuf {
+    profile_binary("wukong-operator")
+}
+
+fn profile_binary(name: &str) -> PathBuf {
     let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    std::env::var_os("WUKONGCTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target").join(profile).join("wukongctl"))
+    target_dir().join(profile).join(name)
 }
 
 /// The agent binary put into the guest: `$WUKONG_AGENT_BIN`, or the release build for guests (glibc 2.17, built by

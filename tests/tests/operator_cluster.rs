@@ -1,0 +1,413 @@
+//! wukong-operator end to end through a genuine kube-apiserver: the shipped CRD and RBAC (the operator runs as its
+//! ServiceAccount, bound by deploy/operator.yaml, never as admin), the lab's KubeVirt (which, like KubeVirt,
+//! unplugs whatever it is told to) and a QEMU guest running the agent.
+
+use anyhow::{Context, Result, bail};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use wukong_e2e::Guest;
+use wukong_e2e::cluster::{ADMIN, Cluster};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
+use wukong_operator::crd::{Phase, Wukong};
+
+const NS: &str = "ns1";
+/// The operator's identity: its ServiceAccount, as the API server names it.
+const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator";
+
+fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
+    let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
+}
+
+/// deploy/crd.yaml and deploy/operator.yaml as shipped (the Deployment aside: the lab runs no pods).
+async fn install_operator(cluster: &Cluster) -> Result<()> {
+    let client = cluster.client(ADMIN).await?;
+    let mut documents = Vec::new();
+    for file in ["deploy/crd.yaml", "deploy/operator.yaml"] {
+        let text = std::fs::read_to_string(wukong_e2e::workspace_root().join(file))?;
+        documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);
+    }
+    for doc in documents {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let (group, version, plural, namespaced) = match kind {
+            "CustomResourceDefinition" => ("apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
+            "Namespace" => ("", "v1", "namespaces", false),
+            "ServiceAccount" => ("", "v1", "serviceaccounts", true),
+            "ClusterRole" => ("rbac.authorization.k8s.io", "v1", "clusterroles", false),
+            "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", false),
+            "Role" => ("rbac.authorization.k8s.io", "v1", "roles", true),
+            "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
+            "Deployment" => {
+                let account = &doc["spec"]["template"]["spec"]["serviceAccountName"];
+                assert_eq!(account, "wukong-operator", "the Deployment runs as the ServiceAccount the RBAC binds");
+                continue;
+            }
+            other => bail!("deploy/ has a {other}, which this test does not expect"),
+        };
+        let r = resource(kind, group, version, plural);
+        let api: Api<DynamicObject> = match namespaced {
+            true => Api::namespaced_with(client.clone(), doc["metadata"]["namespace"].as_str().unwrap_or(NS), &r),
+            false => Api::all_with(client.clone(), &r),
+        };
+        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
+    }
+    Ok(())
+}
+
+/// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
+struct Operator {
+    child: Child,
+}
+
+impl Operator {
+    fn start(cluster: &Cluster, identity: &str, agent_port: u16) -> Result<Self> {
+        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("wukong-operator-{identity}.log")))?;
+        let child = Command::new(wukong_e2e::operator_binary())
+            .env_clear()
+            .env("KUBECONFIG", cluster.kubeconfig(OPERATOR)?)
+            .env("RUST_LOG", "info,wukong_operator=debug")
+            .args(["run", "--agent-plaintext", "--agent-port", &agent_port.to_string(), "--identity", identity])
+            .args(["--http-address", &http.to_string(), "--wait-seconds", "10", "--lease-namespace", "wukong-system"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting wukong-operator (cargo build -p wukong-operator)")?;
+        Ok(Self { child })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wukongs(client: &kube::Client) -> Api<Wukong> {
+    Api::namespaced(client.clone(), NS)
+}
+
+/// Waits until the object satisfies `done`, polling; the last object seen is in the error.
+async fn wait_for(api: &Api<Wukong>, name: &str, seconds: u64, done: impl Fn(&Wukong) -> bool) -> Result<Wukong> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let object = api.get_opt(name).await?;
+        if let Some(object) = &object
+            && done(object)
+        {
+            return Ok(object.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("Wukong {name} did not get there within {seconds}s; last seen: {:#?}", object.map(|o| o.status));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn volume<'a>(w: &'a Wukong, disk: &str) -> Option<&'a wukong_operator::crd::VolumeStatus> {
+    w.status.as_ref()?.volumes.iter().find(|v| v.name == disk)
+}
+
+fn phase_is(disk: &'static str, phase: Phase) -> impl Fn(&Wukong) -> bool {
+    move |w| volume(w, disk).is_some_and(|v| v.phase == phase)
+}
+
+/// Events about Wukong objects in NS: (type, reason, note, reporting instance).
+async fn events(client: &kube::Client) -> Result<Vec<(String, String, String, String)>> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &resource("Event", "events.k8s.io", "v1", "events"));
+    Ok(api
+        .list(&Default::default())
+        .await?
+        .into_iter()
+        .filter(|e| e.data["regarding"]["kind"] == "Wukong")
+        .map(|e| {
+            let s = |k: &str| e.data[k].as_str().unwrap_or_default().to_string();
+            (s("type"), s("reason"), s("note"), s("reportingInstance"))
+        })
+        .collect())
+}
+
+async fn set_disks(api: &Api<Wukong>, name: &str, disks: Value) -> Result<()> {
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"disks": disks}}))).await?;
+    Ok(())
+}
+
+async fn object(client: &kube::Client, kind: &str, group: &str, plural: &str, name: &str) -> Result<Option<Value>> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource(kind, group, "v1", plural));
+    Ok(api.get_opt(name).await?.map(|o| serde_json::to_value(o).expect("an object serialises")))
+}
+
+fn template_volumes(vm: &Value) -> Vec<String> {
+    vm["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The guest has the disk (and has not released it for an unplug).
+async fn in_guest(agent: &wukong_controller_client::agent_client::AgentClient, serial: &str) -> bool {
+    agent.get_disk(serial, false).await.is_ok_and(|d| d.state() != wukong_proto::v1::DiskState::Released)
+}
+
+fn guest_agent_port(guest: &Guest) -> Result<u16> {
+    let address = guest.agent_address().to_string();
+    address.rsplit(':').next().and_then(|p| p.parse().ok()).with_context(|| format!("a port in {address}"))
+}
+
+/// Add a disk: claim, hot-plug, `Attached` with the guest's device. Remove it while a writer holds it: refused,
+/// `DetachBlocked` with the writer's pid, nothing touched; the writer stops: detached on its own within the
+/// backoff, the claim kept (`preserveData`), the data intact on re-attach. The system disk is never detached; a
+/// restart after an interrupted detach converges both ways; `force` with the agent down detaches with a Warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go() -> Result<()> {
+    let guest = Guest::boot().await?;
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
+    let images = tempfile::tempdir()?;
+    kubevirt.provision(images.path(), "lab-images").await?;
+    install_operator(&cluster).await?;
+    // The VMI reports the loopback address: the lab forwards the guest agent's port there.
+    kubevirt.create_vm("db-vm", true, "127.0.0.1").await?;
+    let agent_port = guest_agent_port(&guest)?;
+    let mut operator = Operator::start(&cluster, "op-1", agent_port)?;
+    let admin = cluster.client(ADMIN).await?;
+    let api = wukongs(&admin);
+
+    let data = json!({"name": "data", "size": "64Mi", "detachOptions": {"preserveData": true, "unmount": true}});
+    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
+        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, data]},
+    }))?;
+    let started = Instant::now();
+    api.create(&PostParams::default(), &wukong).await?;
+    let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
+    println!("add a disk → Attached in {:.1} s", started.elapsed().as_secs_f64());
+    let v = volume(&w, "data").unwrap();
+    let dev = v.device.clone().context("the guest's device in status")?;
+    assert_eq!((v.pvc_name.as_str(), v.serial.as_str(), v.bound), ("db-vm-data", "data", true), "{v:?}");
+    let system = volume(&w, "rootdisk").unwrap();
+    assert!(system.system && system.phase == Phase::Attached, "the first disk is the system disk: {system:?}");
+    let claim = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-data").await?.unwrap();
+    assert_eq!(claim["metadata"]["ownerReferences"][0]["kind"], "Wukong", "{claim}");
+    assert_eq!(claim["metadata"]["labels"]["vm.novasphere.dev/wukong"], "db", "{claim}");
+    assert_eq!(claim["status"]["phase"], "Bound");
+    let agent = guest.agent();
+    assert_eq!(agent.get_disk("data", false).await?.dev_node, dev, "the guest sees serial data at {dev}");
+
+    // A writer holds the filesystem: the removal is refused and nothing changes.
+    let sum = guest.fill(&dev, "/mnt/d", 4 << 20).await?;
+    let pid = guest.run_ok("sh -c 'exec 3>>/mnt/d/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!").await?;
+    let pid = pid.trim().to_string();
+    set_disks(&api, "db", json!([root])).await?;
+    let w = wait_for(&api, "db", 60, phase_is("data", Phase::DetachBlocked)).await?;
+    let v = volume(&w, "data").unwrap();
+    assert!(v.blockers.iter().any(|b| b.contains(&format!("pid {pid}"))), "the writer's pid in status: {v:?}");
+    assert!(v.detach_options.preserve_data && v.detach_options.unmount, "the options recorded while listed: {v:?}");
+    let refused = events(&admin).await?;
+    assert!(
+        refused.iter().any(|(t, r, note, _)| t == "Warning" && r == "DetachRefused" && note.contains(&pid)),
+        "{refused:#?}"
+    );
+    let vm = object(&admin, "VirtualMachine", "kubevirt.io", "virtualmachines", "db-vm").await?.unwrap();
+    assert!(template_volumes(&vm).contains(&"data".to_string()), "still in the VM's spec: {vm}");
+    guest.run_ok("grep -q ' /mnt/d ' /proc/mounts").await.context("still mounted in the guest")?;
+    assert_eq!(guest.checksum("/mnt/d/data").await?, sum, "the data is intact");
+
+    // The writer stops: the retry detaches it on its own (the first retry comes 15 s after the refusal).
+    guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
+    let stopped = Instant::now();
+    let w = wait_for(&api, "db", 90, |w| volume(w, "data").is_none()).await?;
+    println!("writer stopped → detached in {:.1} s", stopped.elapsed().as_secs_f64());
+    let history = &w.status.as_ref().unwrap().history;
+    let outcomes: Vec<(&str, &str, bool)> =
+        history.iter().map(|r| (r.disk.as_str(), r.outcome.as_str(), r.preserved_data)).collect();
+    assert_eq!(outcomes, [("data", "Refused", true), ("data", "Detached", true)], "{history:#?}");
+    let kept = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-data").await?;
+    assert!(kept.is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()), "preserveData keeps the claim");
+    assert!(!in_guest(&agent, "data").await, "unplugged from the guest");
+
+    // Listed again: the same claim, the data intact.
+    set_disks(&api, "db", json!([root, data])).await?;
+    let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
+    let dev = volume(&w, "data").unwrap().device.clone().unwrap();
+    guest.run_ok(&format!("mount {dev} /mnt/d")).await?;
+    assert_eq!(guest.checksum("/mnt/d/data").await?, sum, "the data is intact after detach and re-attach");
+    guest.run_ok("umount /mnt/d").await?;
+
+    // The system disk: refused, even if forced, and nothing touched.
+    set_disks(&api, "db", json!([data])).await?;
+    let w = wait_for(&api, "db", 60, phase_is("rootdisk", Phase::DetachBlocked)).await?;
+    assert!(volume(&w, "rootdisk").unwrap().blockers[0].contains("is the system disk"), "{w:?}");
+    let warned = events(&admin).await?;
+    assert!(warned.iter().any(|(t, r, _, _)| t == "Warning" && r == "SystemDiskRemovalRefused"), "{warned:#?}");
+    let vm = object(&admin, "VirtualMachine", "kubevirt.io", "virtualmachines", "db-vm").await?.unwrap();
+    assert!(template_volumes(&vm).contains(&"rootdisk".to_string()), "{vm}");
+    assert_eq!(volume(&w, "data").unwrap().phase, Phase::Attached, "the next disk does not become the system disk");
+    set_disks(&api, "db", json!([root, data])).await?;
+    wait_for(&api, "db", 60, phase_is("rootdisk", Phase::Attached)).await?;
+
+    // Killed between release and unplug, still listed: the restarted operator gives the disk back.
+    operator.kill();
+    assert!(agent.prepare_detach("data", false, false).await?.released);
+    let mut operator = Operator::start(&cluster, "op-1", agent_port)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !in_guest(&agent, "data").await {
+        assert!(Instant::now() < deadline, "the restarted operator did not give the released disk back");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let given = events(&admin).await?;
+    assert!(given.iter().any(|(_, r, _, _)| r == "ReleaseCancelled"), "{given:#?}");
+
+    // Killed between release and unplug, no longer listed: the restarted operator finishes the detach.
+    operator.kill();
+    assert!(agent.prepare_detach("data", false, false).await?.released);
+    set_disks(&api, "db", json!([root])).await?;
+    let _operator = Operator::start(&cluster, "op-1", agent_port)?;
+    wait_for(&api, "db", 60, |w| volume(w, "data").is_none()).await?;
+
+    // Forced, with the agent down: detached, with a Warning that says so; the claim is deleted.
+    let scratch = json!({"name": "scratch", "size": "16Mi", "detachOptions": {"force": true}});
+    set_disks(&api, "db", json!([root, scratch])).await?;
+    wait_for(&api, "db", 120, phase_is("scratch", Phase::Attached)).await?;
+    guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
+    set_disks(&api, "db", json!([root])).await?;
+    let w = wait_for(&api, "db", 90, |w| volume(w, "scratch").is_none()).await?;
+    let last = w.status.unwrap().history.last().cloned().unwrap();
+    assert!(last.disk == "scratch" && last.forced && last.outcome == "Detached", "{last:?}");
+    let forced = events(&admin).await?;
+    assert!(forced.iter().any(|(t, r, _, _)| t == "Warning" && r == "ForcedDetach"), "{forced:#?}");
+    // Deleted: with no kube-controller-manager in the lab, the API server's pvc-protection finalizer keeps the
+    // object, marked for deletion, as it does in a cluster until no pod uses the claim.
+    let scratch = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-scratch").await?;
+    assert!(scratch.is_none_or(|c| c["metadata"]["deletionTimestamp"].is_string()), "claim db-vm-scratch deleted");
+    guest.restart_agent().await?;
+
+    // Bad input: the field named, nothing created.
+    let bad: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "twice"},
+        "spec": {"vmName": "db-vm", "disks": [{"name": "a", "size": "1Gi"}, {"name": "b", "size": "1Gi", "serial": "a"}]},
+    }))?;
+    api.create(&PostParams::default(), &bad).await?;
+    let w = wait_for(&api, "twice", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
+    let valid = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == "SpecValid").unwrap();
+    assert_eq!(valid.status, "False");
+    assert!(
+        valid.message.starts_with("spec.disks[1].serial: serial 'a' is also the serial of spec.disks[0]"),
+        "{valid:?}"
+    );
+    let ghost: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "ghost"},
+        "spec": {"disks": [{"name": "a", "size": "1Gi"}, {"name": "b", "size": "1Gi"}]},
+    }))?;
+    api.create(&PostParams::default(), &ghost).await?;
+    let w = wait_for(&api, "ghost", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
+    let vm = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == "VMAvailable").unwrap();
+    assert!(vm.message.contains("VirtualMachine ns1/ghost-vm does not exist"), "{vm:?}");
+    for claim in ["db-vm-a", "db-vm-b", "ghost-vm-a", "ghost-vm-b"] {
+        let found = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", claim).await?;
+        assert!(found.is_none(), "bad input created claim {claim}");
+    }
+
+    // Deleted: the kept claim is released from the object and labelled.
+    api.delete("db", &Default::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.get_opt("db").await?.is_some() {
+        assert!(Instant::now() < deadline, "the finalizer never let go of Wukong db");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let claim = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-data").await?.unwrap();
+    assert_eq!(claim["metadata"]["labels"]["vm.novasphere.dev/preserved"], "true", "{claim}");
+    assert!(claim["metadata"]["ownerReferences"].is_null(), "{claim}");
+    Ok(())
+}
+
+/// Two replicas: only the Lease holder acts; when it dies without a goodbye, the other takes over. A stopped VM
+/// gets the disk in its spec only. An idle cluster gets no writes from the operator.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() -> Result<()> {
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, None, NS, HotplugMode::Declarative).await?;
+    let images = tempfile::tempdir()?;
+    kubevirt.provision(images.path(), "lab-images").await?;
+    install_operator(&cluster).await?;
+    kubevirt.create_vm("w1-vm", true, "127.0.0.1").await?;
+    let admin = cluster.client(ADMIN).await?;
+    // Stopped: the VM without its VMI.
+    let vmis: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        NS,
+        &resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances"),
+    );
+    vmis.delete("w1-vm", &Default::default()).await?;
+    let mut first = Operator::start(&cluster, "op-a", 1)?;
+    let leases: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), "wukong-system", &resource("Lease", "coordination.k8s.io", "v1", "leases"));
+    let holder = || async {
+        let lease = leases.get_opt("wukong-operator").await?;
+        Ok::<_, anyhow::Error>(lease.and_then(|l| l.data["spec"]["holderIdentity"].as_str().map(str::to_string)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holder().await?.as_deref() != Some("op-a") {
+        assert!(Instant::now() < deadline, "op-a never took the Lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _second = Operator::start(&cluster, "op-b", 1)?;
+    let api = wukongs(&admin);
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "w1"},
+        "spec": {"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]},
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    let w = wait_for(&api, "w1", 60, |w| {
+        volume(w, "data").is_some_and(|v| v.message.as_deref() == Some("in the VM's spec; attached when the VM starts"))
+    })
+    .await?;
+    assert_eq!(volume(&w, "data").unwrap().phase, Phase::Pending);
+    let vm = object(&admin, "VirtualMachine", "kubevirt.io", "virtualmachines", "w1-vm").await?.unwrap();
+    assert!(template_volumes(&vm).contains(&"data".to_string()), "the stopped VM's spec has the disk: {vm}");
+    let reporters: Vec<String> = events(&admin).await?.into_iter().map(|e| e.3).collect();
+    assert!(!reporters.is_empty() && reporters.iter().all(|r| r == "op-a"), "only the leader acts: {reporters:?}");
+
+    // Idle: no writes at all from the operator (the Lease renewals aside) for 10 s.
+    let mark = cluster.audit()?.len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let writes: Vec<String> = cluster
+        .audit()?
+        .into_iter()
+        .skip(mark)
+        .filter(|e| e.user.username == OPERATOR && e.is_write() && !e.request_uri.contains("/leases/"))
+        .map(|e| format!("{} {}", e.verb, e.request_uri))
+        .collect();
+    assert!(writes.is_empty(), "an idle cluster gets no writes: {writes:#?}");
+
+    // The leader dies without releasing the Lease: the standby takes over once it expires and acts.
+    first.kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while holder().await?.as_deref() != Some("op-b") {
+        assert!(Instant::now() < deadline, "op-b never took over the Lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    set_disks(
+        &api,
+        "w1",
+        json!([{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"},
+                                 {"name": "logs", "size": "16Mi"}]),
+    )
+    .await?;
+    wait_for(&api, "w1", 60, |w| volume(w, "logs").is_some_and(|v| v.phase == Phase::Pending && v.bound)).await?;
+    let reporters: Vec<String> = events(&admin).await?.into_iter().map(|e| e.3).collect();
+    assert!(reporters.iter().any(|r| r == "op-b"), "the new leader acts: {reporters:?}");
+    Ok(())
+}
