@@ -15,6 +15,7 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
+    reconcile_seconds: Histogram,
     failures: Family<Labels, Counter>,
     detach_seconds: Histogram,
     blocked: Gauge,
@@ -27,6 +28,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("wukong_operator");
         let reconciles = Counter::default();
         registry.register("reconciles", "Reconciles of Wukong objects", reconciles.clone());
+        // 1 ms to about 30 s: a pass that only reads takes milliseconds, one that waits for a guest seconds.
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register("reconcile_duration_seconds", "How long one reconcile took", reconcile_seconds.clone());
         let failures = Family::<Labels, Counter>::default();
         registry.register("reconcile_failures", "Reconciles that failed, by reason", failures.clone());
         // 0.5 s to about 17 min: a release takes seconds, a blocked disk can wait minutes.
@@ -42,13 +46,22 @@ impl Default for Metrics {
             "Disks whose detach the guest refused or could not be asked",
             blocked.clone(),
         );
-        Self { registry, reconciles, failures, detach_seconds, blocked, blocked_by_object: Mutex::default() }
+        Self {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            failures,
+            detach_seconds,
+            blocked,
+            blocked_by_object: Mutex::default(),
+        }
     }
 }
 
 impl Metrics {
-    pub fn reconciled(&self) {
+    pub fn reconciled(&self, took: Duration) {
         self.reconciles.inc();
+        self.reconcile_seconds.observe(took.as_secs_f64());
     }
 
     pub fn failed(&self, reason: &'static str) {
@@ -84,7 +97,7 @@ mod tests {
     #[test]
     fn the_exposition_has_every_metric_with_bounded_labels() {
         let metrics = Metrics::default();
-        metrics.reconciled();
+        metrics.reconciled(Duration::from_millis(3));
         metrics.failed("kubernetes_api");
         metrics.failed("kubernetes_api");
         metrics.detached(Duration::from_secs(3));
@@ -94,6 +107,7 @@ mod tests {
         let text = metrics.render();
         for line in [
             "wukong_operator_reconciles_total 1",
+            "wukong_operator_reconcile_duration_seconds_bucket{le=\"0.004\"} 1",
             "wukong_operator_reconcile_failures_total{reason=\"kubernetes_api\"} 2",
             "wukong_operator_detach_duration_seconds_count 1",
             "wukong_operator_blocked_disks 1",

@@ -54,6 +54,8 @@ pub struct Context {
     /// Refused detaches in a row per (object UID, disk), and when the next attempt is due: the backoff holds
     /// whatever wakes the object meanwhile. Reset by a detach or a re-listing.
     refusals: Mutex<HashMap<(String, String), (u32, Instant)>>,
+    /// The status last written per object UID (see `apply`).
+    written: Mutex<HashMap<String, WukongStatus>>,
 }
 
 fn resource(kind: &str, plural: &str) -> ApiResource {
@@ -92,6 +94,7 @@ pub async fn run(
         config,
         metrics,
         refusals: Mutex::default(),
+        written: Mutex::default(),
     });
     let controller = Controller::new(wukongs, watcher::Config::default().any_semantic());
     let store = controller.store();
@@ -126,18 +129,20 @@ fn error_policy(wukong: Arc<Wukong>, error: &Error, context: Arc<Context>) -> Ac
 }
 
 async fn reconcile(wukong: Arc<Wukong>, context: Arc<Context>) -> Result<Action> {
-    context.metrics.reconciled();
+    let started = Instant::now();
     let ns = wukong.namespace().unwrap_or_default();
     let api: Api<Wukong> = Api::namespaced(context.client.clone(), &ns);
     let object = ObjectRef::from_obj(&*wukong).to_string();
-    finalizer(&api, FINALIZER, wukong, |event| async {
+    let result = finalizer(&api, FINALIZER, wukong, |event| async {
         match event {
             Finalizing::Apply(wukong) => apply(&wukong, &context).await,
             Finalizing::Cleanup(wukong) => cleanup(&wukong, &context).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer { object, source: Box::new(e) })
+    .map_err(|e| Error::Finalizer { object, source: Box::new(e) });
+    context.metrics.reconciled(started.elapsed());
+    result
 }
 
 /// What one pass observed of a `Wukong`'s VM.
@@ -220,7 +225,11 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     let client = &context.client;
     let ns = wukong.namespace().unwrap_or_default();
     let name = wukong.name_any();
-    let previous = wukong.status.clone().unwrap_or_default();
+    // Only the operator writes status: what it wrote last is the truth, even while the watch cache still holds an
+    // older copy (a disk detached on the last pass must not be seen, and detached, again).
+    let uid = wukong.uid().unwrap_or_default();
+    let written = context.written.lock().expect("never poisoned").get(&uid).cloned();
+    let previous = written.or_else(|| wukong.status.clone()).unwrap_or_default();
     let vm_name = wukong.vm_name();
     let mut status = WukongStatus { vm_name: vm_name.clone(), ..previous.clone() };
     status.observed_generation = wukong.metadata.generation;
@@ -415,7 +424,11 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
                 delete_claim_named(context, &scene.ns, &status.pvc_name).await?;
             }
             context.refusals.lock().expect("never poisoned").remove(&key);
-            Ok(DiskOutcome { status: None, requeue: None, record: Some(detached_record(&status, context, false)) })
+            Ok(DiskOutcome {
+                status: None,
+                requeue: None,
+                record: Some(detached_record(&status, context, status.detach_options.force)),
+            })
         }
     }
 }
@@ -722,6 +735,7 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
         }
     }
     context.metrics.set_blocked(wukong.uid().as_deref().unwrap_or_default(), 0);
+    context.written.lock().expect("never poisoned").remove(&wukong.uid().unwrap_or_default());
     if in_use.is_empty() {
         return Ok(Action::await_change());
     }
@@ -764,12 +778,15 @@ fn set_condition(status: &mut WukongStatus, type_: &str, ok: bool, reason: &str,
 
 /// Writes status by server-side apply, only when it changed.
 async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatus, status: WukongStatus) -> Result<()> {
-    if *previous == status && wukong.status.is_some() {
-        return Ok(());
+    let uid = wukong.uid().unwrap_or_default();
+    let mut written = context.written.lock().expect("never poisoned").remove(&uid);
+    if *previous != status || (wukong.status.is_none() && written.is_none()) {
+        let api: Api<Wukong> = Api::namespaced(context.client.clone(), &wukong.namespace().unwrap_or_default());
+        let patch = json!({"apiVersion": Wukong::api_version(&()), "kind": Wukong::kind(&()), "status": status});
+        api.patch_status(&wukong.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        written = None;
     }
-    let api: Api<Wukong> = Api::namespaced(context.client.clone(), &wukong.namespace().unwrap_or_default());
-    let patch = json!({"apiVersion": Wukong::api_version(&()), "kind": Wukong::kind(&()), "status": status});
-    api.patch_status(&wukong.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    context.written.lock().expect("never poisoned").insert(uid, written.unwrap_or(status));
     Ok(())
 }
 

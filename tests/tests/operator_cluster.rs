@@ -59,6 +59,7 @@ async fn install_operator(cluster: &Cluster) -> Result<()> {
 /// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
 struct Operator {
     child: Child,
+    http: std::net::SocketAddr,
 }
 
 impl Operator {
@@ -76,7 +77,26 @@ impl Operator {
             .stderr(log)
             .spawn()
             .context("starting wukong-operator (cargo build -p wukong-operator)")?;
-        Ok(Self { child })
+        Ok(Self { child, http })
+    }
+
+    /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).
+    async fn get(&self, path: &str) -> Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match tokio::net::TcpStream::connect(self.http).await {
+                Ok(stream) => break stream,
+                Err(e) if Instant::now() > deadline => return Err(e).context("the operator's HTTP port"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("an HTTP status")?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((code, body))
     }
 
     fn kill(&mut self) {
@@ -284,8 +304,9 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
     set_disks(&api, "db", json!([root])).await?;
     let w = wait_for(&api, "db", 90, |w| volume(w, "scratch").is_none()).await?;
-    let last = w.status.unwrap().history.last().cloned().unwrap();
-    assert!(last.disk == "scratch" && last.forced && last.outcome == "Detached", "{last:?}");
+    let history = w.status.unwrap().history;
+    let scratch: Vec<_> = history.iter().filter(|r| r.disk == "scratch").collect();
+    assert!(scratch.len() == 1 && scratch[0].forced && scratch[0].outcome == "Detached", "one line: {history:#?}");
     let forced = events(&admin).await?;
     assert!(forced.iter().any(|(t, r, _, _)| t == "Warning" && r == "ForcedDetach"), "{forced:#?}");
     // Deleted: with no kube-controller-manager in the lab, the API server's pvc-protection finalizer keeps the
@@ -315,7 +336,18 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     let w = wait_for(&api, "ghost", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
     let vm = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == "VMAvailable").unwrap();
     assert!(vm.message.contains("VirtualMachine ns1/ghost-vm does not exist"), "{vm:?}");
-    for claim in ["db-vm-a", "db-vm-b", "ghost-vm-a", "ghost-vm-b"] {
+    let nostore: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "nostore"},
+        "spec": {"vmName": "db-vm", "disks": [{"name": "c", "size": "1Gi"}, {"name": "d", "size": "1Gi", "storageClassName": "nope"}]},
+    }))?;
+    api.create(&PostParams::default(), &nostore).await?;
+    let w = wait_for(&api, "nostore", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
+    let valid = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == "SpecValid").unwrap();
+    assert_eq!(
+        valid.message,
+        "spec.disks[1].storageClassName: StorageClass 'nope' does not exist; name an existing one or leave it out"
+    );
+    for claim in ["db-vm-a", "db-vm-b", "db-vm-c", "db-vm-d", "ghost-vm-a", "ghost-vm-b"] {
         let found = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", claim).await?;
         assert!(found.is_none(), "bad input created claim {claim}");
     }
@@ -363,7 +395,7 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
         assert!(Instant::now() < deadline, "op-a never took the Lease");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _second = Operator::start(&cluster, "op-b", 1)?;
+    let second = Operator::start(&cluster, "op-b", 1)?;
     let api = wukongs(&admin);
     let wukong: Wukong = serde_json::from_value(json!({
         "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "w1"},
@@ -379,6 +411,16 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     assert!(template_volumes(&vm).contains(&"data".to_string()), "the stopped VM's spec has the disk: {vm}");
     let reporters: Vec<String> = events(&admin).await?.into_iter().map(|e| e.3).collect();
     assert!(!reporters.is_empty() && reporters.iter().all(|r| r == "op-a"), "only the leader acts: {reporters:?}");
+    // Both replicas are ready (the standby can take over); only the leader has reconciled anything.
+    for (replica, reconciled) in [(&first, true), (&second, false)] {
+        assert_eq!(replica.get("/readyz").await?.0, 200);
+        assert_eq!(replica.get("/healthz").await?.0, 200);
+        let (code, metrics) = replica.get("/metrics").await?;
+        assert_eq!(code, 200);
+        let count = metrics.lines().find_map(|l| l.strip_prefix("wukong_operator_reconciles_total "));
+        assert_eq!(count.is_some_and(|c| c != "0"), reconciled, "{metrics}");
+        assert!(metrics.contains("wukong_operator_blocked_disks 0"), "{metrics}");
+    }
 
     // Idle: no writes at all from the operator (the Lease renewals aside) for 10 s.
     let mark = cluster.audit()?.len();
