@@ -42,6 +42,9 @@ pub const PRESERVED_LABEL: &str = "vm.novasphere.dev/preserved";
 const RESYNC: Duration = Duration::from_secs(300);
 /// A step in progress (a claim binding, an unplug under way) is looked at again this soon.
 const SOON: Duration = Duration::from_secs(5);
+/// Objects reconciled at once: enough that a pass waiting on a slow guest does not hold up the rest, few enough
+/// that a burst (an operator restart with hundreds of objects) does not queue every request at the API server.
+const CONCURRENCY: u16 = 16;
 /// A VM that does not exist yet is looked for again this often.
 const VM_MISSING: Duration = Duration::from_secs(30);
 
@@ -96,7 +99,8 @@ pub async fn run(
         refusals: Mutex::default(),
         written: Mutex::default(),
     });
-    let controller = Controller::new(wukongs, watcher::Config::default().any_semantic());
+    let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     controller

@@ -205,6 +205,21 @@ impl KubeVirtLab {
         Ok(())
     }
 
+    /// A stopped VM `name` (no VMI): hot-plugs change only its spec.
+    pub async fn create_stopped_vm(&self, name: &str) -> Result<()> {
+        self.create_vm_object(name, false).await.map(drop)
+    }
+
+    async fn create_vm_object(&self, name: &str, running: bool) -> Result<DynamicObject> {
+        let (domain, volumes) = root_disk();
+        let vm: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
+            "spec": {"running": running, "template": {"metadata": {"labels": {"kubevirt.io/vm": name}},
+                     "spec": {"domain": domain, "volumes": volumes}}},
+        }))?;
+        Ok(vms(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &vm).await?)
+    }
+
     /// Plays a dynamic provisioner for StorageClass `class` (made the default): any claim of that class (or of
     /// none) gets a new sparse image of its requested size in `dir` and is bound.
     pub async fn provision(&self, dir: &Path, class: &str) -> Result<()> {
@@ -226,16 +241,10 @@ impl KubeVirtLab {
     /// `interface_ip` is what the VMI reports as its address (where wukongctl looks for the agent).
     pub async fn create_vm(&self, name: &str, owned: bool, interface_ip: &str) -> Result<()> {
         let ns = &self.shared.namespace;
-        let domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}]}, "memory": {"guest": "512Mi"}});
-        let volumes = json!([{"name": "rootdisk", "containerDisk": {"image": "quay.io/containerdisks/debian:12"}}]);
+        let (domain, volumes) = root_disk();
         let mut owner = Vec::new();
         if owned {
-            let vm: DynamicObject = serde_json::from_value(json!({
-                "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
-                "spec": {"running": true, "template": {"metadata": {"labels": {"kubevirt.io/vm": name}},
-                         "spec": {"domain": domain, "volumes": volumes}}},
-            }))?;
-            let vm = vms(&self.shared.client, ns).create(&PostParams::default(), &vm).await?;
+            let vm = self.create_vm_object(name, true).await?;
             owner.push(json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": name,
                               "uid": vm.metadata.uid, "controller": true, "blockOwnerDeletion": true}));
         }
@@ -252,6 +261,14 @@ impl KubeVirtLab {
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
         Ok(())
     }
+}
+
+/// The domain and volumes of the lab's VMs: a container disk to boot from.
+fn root_disk() -> (Value, Value) {
+    let domain =
+        json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}]}, "memory": {"guest": "512Mi"}});
+    let volumes = json!([{"name": "rootdisk", "containerDisk": {"image": "quay.io/containerdisks/debian:12"}}]);
+    (domain, volumes)
 }
 
 /// The `KubeVirt` object of an installation (`kubevirts.kubevirt.io`), whose feature gates say which hot-plug mode

@@ -5,110 +5,18 @@
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
+use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
 use wukong_operator::crd::{Phase, Wukong};
 
 const NS: &str = "ns1";
-/// The operator's identity: its ServiceAccount, as the API server names it.
-const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator";
 
 fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
     let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
     ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
-}
-
-/// deploy/crd.yaml and deploy/operator.yaml as shipped (the Deployment aside: the lab runs no pods).
-async fn install_operator(cluster: &Cluster) -> Result<()> {
-    let client = cluster.client(ADMIN).await?;
-    let mut documents = Vec::new();
-    for file in ["deploy/crd.yaml", "deploy/operator.yaml"] {
-        let text = std::fs::read_to_string(wukong_e2e::workspace_root().join(file))?;
-        documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);
-    }
-    for doc in documents {
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        let (group, version, plural, namespaced) = match kind {
-            "CustomResourceDefinition" => ("apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
-            "Namespace" => ("", "v1", "namespaces", false),
-            "ServiceAccount" => ("", "v1", "serviceaccounts", true),
-            "ClusterRole" => ("rbac.authorization.k8s.io", "v1", "clusterroles", false),
-            "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", false),
-            "Role" => ("rbac.authorization.k8s.io", "v1", "roles", true),
-            "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
-            "Deployment" => {
-                let account = &doc["spec"]["template"]["spec"]["serviceAccountName"];
-                assert_eq!(account, "wukong-operator", "the Deployment runs as the ServiceAccount the RBAC binds");
-                continue;
-            }
-            other => bail!("deploy/ has a {other}, which this test does not expect"),
-        };
-        let r = resource(kind, group, version, plural);
-        let api: Api<DynamicObject> = match namespaced {
-            true => Api::namespaced_with(client.clone(), doc["metadata"]["namespace"].as_str().unwrap_or(NS), &r),
-            false => Api::all_with(client.clone(), &r),
-        };
-        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
-    }
-    Ok(())
-}
-
-/// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
-struct Operator {
-    child: Child,
-    http: std::net::SocketAddr,
-}
-
-impl Operator {
-    fn start(cluster: &Cluster, identity: &str, agent_port: u16) -> Result<Self> {
-        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("wukong-operator-{identity}.log")))?;
-        let child = Command::new(wukong_e2e::operator_binary())
-            .env_clear()
-            .env("KUBECONFIG", cluster.kubeconfig(OPERATOR)?)
-            .env("RUST_LOG", "info,wukong_operator=debug")
-            .args(["run", "--agent-plaintext", "--agent-port", &agent_port.to_string(), "--identity", identity])
-            .args(["--http-address", &http.to_string(), "--wait-seconds", "10", "--lease-namespace", "wukong-system"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting wukong-operator (cargo build -p wukong-operator)")?;
-        Ok(Self { child, http })
-    }
-
-    /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).
-    async fn get(&self, path: &str) -> Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut stream = loop {
-            match tokio::net::TcpStream::connect(self.http).await {
-                Ok(stream) => break stream,
-                Err(e) if Instant::now() > deadline => return Err(e).context("the operator's HTTP port"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("an HTTP status")?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Ok((code, body))
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 fn wukongs(client: &kube::Client) -> Api<Wukong> {
@@ -374,15 +282,8 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     let images = tempfile::tempdir()?;
     kubevirt.provision(images.path(), "lab-images").await?;
     install_operator(&cluster).await?;
-    kubevirt.create_vm("w1-vm", true, "127.0.0.1").await?;
+    kubevirt.create_stopped_vm("w1-vm").await?;
     let admin = cluster.client(ADMIN).await?;
-    // Stopped: the VM without its VMI.
-    let vmis: Api<DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        NS,
-        &resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances"),
-    );
-    vmis.delete("w1-vm", &Default::default()).await?;
     let mut first = Operator::start(&cluster, "op-a", 1)?;
     let leases: Api<DynamicObject> =
         Api::namespaced_with(admin.clone(), "wukong-system", &resource("Lease", "coordination.k8s.io", "v1", "leases"));

@@ -1,0 +1,116 @@
+//! wukong-operator in the lab: the shipped CRD and RBAC installed in a [`Cluster`], and operator processes that
+//! run as the shipped ServiceAccount (never as admin), for the tests and the scale benchmark.
+
+use crate::cluster::{ADMIN, Cluster};
+use anyhow::{Context, Result, bail};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use serde_json::Value;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The operator's identity: its ServiceAccount, as the API server names it.
+pub const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator";
+
+fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
+    let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
+}
+
+/// deploy/crd.yaml and deploy/operator.yaml as shipped (the Deployment aside: the lab runs no pods).
+pub async fn install_operator(cluster: &Cluster) -> Result<()> {
+    let client = cluster.client(ADMIN).await?;
+    let mut documents = Vec::new();
+    for file in ["deploy/crd.yaml", "deploy/operator.yaml"] {
+        let text = std::fs::read_to_string(crate::workspace_root().join(file))?;
+        documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);
+    }
+    for doc in documents {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let (group, version, plural, namespaced) = match kind {
+            "CustomResourceDefinition" => ("apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
+            "Namespace" => ("", "v1", "namespaces", false),
+            "ServiceAccount" => ("", "v1", "serviceaccounts", true),
+            "ClusterRole" => ("rbac.authorization.k8s.io", "v1", "clusterroles", false),
+            "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", false),
+            "Role" => ("rbac.authorization.k8s.io", "v1", "roles", true),
+            "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
+            "Deployment" => {
+                let account = &doc["spec"]["template"]["spec"]["serviceAccountName"];
+                if account != "wukong-operator" {
+                    bail!("the Deployment runs as {account}, not the ServiceAccount deploy/operator.yaml binds");
+                }
+                continue;
+            }
+            other => bail!("deploy/ has a {other}, which this test does not expect"),
+        };
+        let r = resource(kind, group, version, plural);
+        let api: Api<DynamicObject> = match namespaced {
+            true => Api::namespaced_with(client.clone(), doc["metadata"]["namespace"].as_str().unwrap_or_default(), &r),
+            false => Api::all_with(client.clone(), &r),
+        };
+        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
+    }
+    Ok(())
+}
+
+/// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
+pub struct Operator {
+    child: Child,
+    http: std::net::SocketAddr,
+}
+
+impl Operator {
+    /// Starts an operator as `identity`, reaching agents in plaintext on `agent_port` (the lab's agents), logging
+    /// to `$TMPDIR/wukong-operator-IDENTITY.log`.
+    pub fn start(cluster: &Cluster, identity: &str, agent_port: u16) -> Result<Self> {
+        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("wukong-operator-{identity}.log")))?;
+        let child = Command::new(crate::operator_binary())
+            .env_clear()
+            .env("KUBECONFIG", cluster.kubeconfig(OPERATOR)?)
+            .env("RUST_LOG", "info,wukong_operator=debug")
+            .args(["run", "--agent-plaintext", "--agent-port", &agent_port.to_string(), "--identity", identity])
+            .args(["--http-address", &http.to_string(), "--wait-seconds", "10", "--lease-namespace", "wukong-system"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting wukong-operator (cargo build -p wukong-operator)")?;
+        Ok(Self { child, http })
+    }
+
+    /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).
+    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match tokio::net::TcpStream::connect(self.http).await {
+                Ok(stream) => break stream,
+                Err(e) if Instant::now() > deadline => return Err(e).context("the operator's HTTP port"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("an HTTP status")?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((code, body))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it with SIGKILL: no goodbye, the Lease is not released.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
