@@ -169,15 +169,15 @@ impl Scene {
         }
     }
 
-    /// The system disk is in the VM's definition: a volume of its name, or one using its claim.
-    fn has_system_disk(&self, disk: &str) -> bool {
+    /// The system disk in the VM's definition (a volume of its name, or one using its claim): the claim it uses,
+    /// empty when it is not a claim (a container disk).
+    fn system_disk_claim(&self, disk: &str) -> Option<String> {
         let claim = claim_name(&self.vm_name, disk);
-        self.vm.spec.template.as_ref().is_some_and(|t| {
-            t.spec.volumes.iter().any(|v| {
-                v.name == disk
-                    || v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == claim)
-                    || v.data_volume.as_ref().is_some_and(|d| d.name == claim)
-            })
+        let template = self.vm.spec.template.as_ref()?;
+        template.spec.volumes.iter().find_map(|v| {
+            let source = v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone());
+            let source = source.or_else(|| v.data_volume.as_ref().map(|d| d.name.clone()));
+            (v.name == disk || source.as_deref() == Some(claim.as_str())).then(|| source.unwrap_or_default())
         })
     }
 
@@ -376,12 +376,14 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
     };
     match &disk.step {
         Step::KeepSystemDisk => {
-            let found = scene.has_system_disk(&disk.name);
-            let message = match found {
-                true => "the system disk: part of the VM's definition, never detached",
-                false => "the system disk is not in the VM's spec; the operator never plugs the system disk",
+            let claim = scene.system_disk_claim(&disk.name);
+            let message = match claim {
+                Some(_) => "the system disk: part of the VM's definition, never detached",
+                None => "the system disk is not in the VM's spec; the operator never plugs the system disk",
             };
-            set(&mut status, if found { Phase::Attached } else { Phase::Pending }, message);
+            status.pvc_name = claim.clone().unwrap_or_default();
+            status.bound = scene.claims.get(&status.pvc_name).copied().unwrap_or(false);
+            set(&mut status, if claim.is_some() { Phase::Attached } else { Phase::Pending }, message);
             Ok(DiskOutcome::settled(status))
         }
         Step::RefuseSystemDiskRemoval => {

@@ -1,10 +1,18 @@
 //! `scripts/demo.sh`: boots a throwaway guest with the agent, then the whole story with `wukongctl` against QEMU:
 //! attach (waiting until the guest sees the disk), mount and write, a detach the guest refuses (with every reason),
-//! a safe detach, and a re-attach with the data intact.
+//! a safe detach, and a re-attach with the data intact. Then the declarative story, on a genuine kube-apiserver with
+//! the lab's KubeVirt and wukong-operator running as its ServiceAccount: a `Wukong` gains a disk, its removal is
+//! refused with the reasons while a writer holds it, and the disk goes on its own once the writer stops.
 
-use anyhow::{Context, Result};
-use std::time::Instant;
+use anyhow::{Context, Result, bail};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use std::time::{Duration, Instant};
+use wukong_e2e::cluster::{ADMIN, Cluster};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
+use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
 use wukong_e2e::{Guest, wukongctl_binary};
+use wukong_operator::crd::{Phase, Wukong};
 
 fn step(text: &str) {
     println!("\n\x1b[1m==> {text}\x1b[0m");
@@ -86,7 +94,99 @@ async fn main() -> Result<()> {
     println!("# cat /srv/data/journal\n{journal}");
     anyhow::ensure!(journal.trim() == "started", "the file written before the detach is not intact: {journal}");
     ctl(&guest, &["disks"])?;
+    guest.run_ok("umount /srv/data").await?;
+    declarative(&guest).await?;
     guest.shutdown().await;
     step("done");
+    Ok(())
+}
+
+/// What `kubectl get wukong NAME` and its status say, in short.
+fn show(w: &Wukong) {
+    let Some(status) = &w.status else { return };
+    println!("$ kubectl get wukong {} -o wide", w.metadata.name.as_deref().unwrap_or_default());
+    println!("  VM: {}   attached: {}   blocked: {}", status.vm_name, status.attached, status.blocked);
+    for v in &status.volumes {
+        let device = v.device.as_deref().unwrap_or("-");
+        let claim = if v.pvc_name.is_empty() { "-" } else { &v.pvc_name };
+        let system = if v.system { " (system disk)" } else { "" };
+        println!("  disk {:<10} {:<14} claim {claim:<16} device {device}{system}", v.name, format!("{:?}", v.phase));
+        for blocker in &v.blockers {
+            println!("      blocked: {blocker}");
+        }
+    }
+    for record in &status.history {
+        let reason = record.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+        println!("  history: {} {} after {} s{reason}", record.disk, record.outcome, record.duration_seconds);
+    }
+}
+
+async fn wait_for(api: &Api<Wukong>, done: impl Fn(&Wukong) -> bool) -> Result<Wukong> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let w = api.get("shop").await?;
+        if done(&w) {
+            return Ok(w);
+        }
+        if Instant::now() > deadline {
+            bail!("Wukong shop did not get there within 120 s: {:#?}", w.status);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn phase_of(w: &Wukong, disk: &str) -> Option<Phase> {
+    w.status.as_ref()?.volumes.iter().find(|v| v.name == disk).map(|v| v.phase)
+}
+
+/// The declarative story: a `Wukong` gains a disk, a refused removal with reasons, a safe one.
+async fn declarative(guest: &Guest) -> Result<()> {
+    step("declarative disks: a genuine kube-apiserver, the lab's KubeVirt, wukong-operator as its ServiceAccount");
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, Some(guest), "shop", HotplugMode::Declarative).await?;
+    let images = tempfile::tempdir()?;
+    kubevirt.provision(images.path(), "lab-images").await?;
+    install_operator(&cluster).await?;
+    kubevirt.create_vm("shop-vm", true, "127.0.0.1").await?;
+    let port = guest.agent_address().to_string().rsplit(':').next().and_then(|p| p.parse().ok()).context("a port")?;
+    let _operator = Operator::start(&cluster, "demo", port)?;
+    let api: Api<Wukong> = Api::namespaced(cluster.client(ADMIN).await?, "shop");
+
+    step("a Wukong with a system disk and a data disk 'orders' (unmount idle filesystems, keep the data)");
+    let orders = json!({"name": "orders", "size": "64Mi", "detachOptions": {"unmount": true, "preserveData": true}});
+    let root = json!({"name": "rootdisk", "size": "10Gi"});
+    println!("$ kubectl apply -f shop.yaml   # spec.disks: [rootdisk, orders]");
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "shop"},
+        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, orders]},
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    let w = wait_for(&api, |w| phase_of(w, "orders") == Some(Phase::Attached)).await?;
+    show(&w);
+    let dev = w.status.as_ref().and_then(|s| s.volumes.iter().find_map(|v| v.device.clone())).context("a device")?;
+
+    step("in the guest: orders mounted, a process writing to it");
+    guest
+        .run_ok(&format!(
+            "mkfs.ext4 -q {dev} && mkdir -p /srv/orders && mount {dev} /srv/orders && echo order-1 > /srv/orders/log
+             (exec 3>>/srv/orders/log; exec sleep 1000) </dev/null >/dev/null 2>&1 &
+echo $! > /run/orders.pid"
+        ))
+        .await?;
+
+    step("orders removed from spec.disks: the guest refuses, the disk stays plugged, status says why");
+    println!("$ kubectl patch wukong shop --type merge -p '{{\"spec\":{{\"disks\":[rootdisk]}}}}'");
+    api.patch("shop", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"disks": [root]}}))).await?;
+    show(&wait_for(&api, |w| phase_of(w, "orders") == Some(Phase::DetachBlocked)).await?);
+
+    step("the writer stops: the operator retries on its own (15 s, then backing off) and the disk goes");
+    guest.run_ok("w=$(cat /run/orders.pid); kill $w; while kill -0 $w 2>/dev/null; do usleep 50000; done").await?;
+    let stopped = Instant::now();
+    let w = wait_for(&api, |w| phase_of(w, "orders").is_none()).await?;
+    println!(
+        "(detached {:.1} s after the writer stopped; the claim shop-vm-orders is kept)",
+        stopped.elapsed().as_secs_f64()
+    );
+    show(&w);
     Ok(())
 }
