@@ -3,7 +3,8 @@
 #   1. usage scan vs `fuser -m` and `lsof` on N processes x M fds (loop-mounted ext4 on this machine);
 #   2. hot-plug latency in the guest lab: QMP device_add -> the agent's ADDED event vs udev's by-id link;
 #   3. what a safe detach adds over a raw unplug (QEMU device_del alone), and where the time goes;
-#   4. attach and safe detach through a real kube-apiserver with the lab's KubeVirt vs the same over QMP directly.
+#   4. attach and safe detach through a real kube-apiserver with the lab's KubeVirt vs the same over QMP directly;
+#   5. wukong-operator with 500 Wukong objects: time to converge, peak RSS, API requests, idle writes.
 # Arguments are passed to the usage benchmark, e.g. `scripts/bench.sh 2000x20 4000x20`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +17,5 @@ target/release/examples/usage_bench "$@"
 cargo run --locked -q -p wukong-e2e --bin hotplug-latency
 cargo run --locked -q -p wukong-e2e --bin detach-overhead
 cargo run --locked -q -p wukong-e2e --bin kubevirt-overhead
+cargo build --release --locked -p wukong-operator
+cargo run --release --locked -q -p wukong-e2e --bin operator-scale
