@@ -154,6 +154,8 @@ pub const HISTORY_LIMIT: usize = 20;
 #[serde(rename_all = "camelCase")]
 pub struct VolumeStatus {
     pub name: String,
+    /// The claim; absent for a system disk that is not a claim (e.g. a container disk).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pvc_name: String,
     /// The claim is bound to a volume.
     pub bound: bool,

@@ -166,6 +166,44 @@ pub fn nocloud_seed(dir: &Path, user_data: &str) -> Result<PathBuf> {
     Ok(iso)
 }
 
+/// An agent on this machine (not in a guest), listening on `listen`, with its own socket and state directory;
+/// killed on drop. For tests of what talks to an agent, not of what the agent sees.
+pub struct HostAgent {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl HostAgent {
+    /// Starts it with `extra` flags and waits until it listens.
+    pub fn start(listen: &str, extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let child = std::process::Command::new(agent_binary())
+            .args(["--listen", listen, "--socket"])
+            .arg(dir.path().join("agent.sock"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting wukong-agent (cargo build --release -p wukong-agent)")?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(listen).is_err() {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(20), "wukong-agent never listened on {listen}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, _dir: dir })
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Serves one file over HTTP on a loopback port (the guest reaches it at 10.0.2.2:PORT), until dropped.
 pub struct FileServer {
     pub port: u16,

@@ -63,13 +63,19 @@ impl Operator {
     /// Starts an operator as `identity`, reaching agents in plaintext on `agent_port` (the lab's agents), logging
     /// to `$TMPDIR/wukong-operator-IDENTITY.log`.
     pub fn start(cluster: &Cluster, identity: &str, agent_port: u16) -> Result<Self> {
+        Self::start_with(cluster, identity, &["--agent-plaintext", "--agent-port", &agent_port.to_string()])
+    }
+
+    /// Starts an operator as `identity` with `agent` flags saying how it reaches agents.
+    pub fn start_with(cluster: &Cluster, identity: &str, agent: &[&str]) -> Result<Self> {
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let log = std::fs::File::create(std::env::temp_dir().join(format!("wukong-operator-{identity}.log")))?;
         let child = Command::new(crate::operator_binary())
             .env_clear()
             .env("KUBECONFIG", cluster.kubeconfig(OPERATOR)?)
             .env("RUST_LOG", "info,wukong_operator=debug")
-            .args(["run", "--agent-plaintext", "--agent-port", &agent_port.to_string(), "--identity", identity])
+            .args(["run", "--identity", identity])
+            .args(agent)
             .args(["--http-address", &http.to_string(), "--wait-seconds", "10", "--lease-namespace", "wukong-system"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

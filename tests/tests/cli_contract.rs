@@ -5,51 +5,14 @@
 
 use anyhow::{Context, Result};
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
 use wukong_e2e::pki::Pki;
-use wukong_e2e::{agent_binary, wukongctl_binary};
+use wukong_e2e::{HostAgent, wukongctl_binary};
 
 /// A wukong-agent on this machine, listening on `listen` (and a private Unix socket). Killed when dropped.
-struct Agent {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(listen: &str, extra: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let child = Command::new(agent_binary())
-            .args(["--listen", listen, "--socket"])
-            .arg(dir.path().join("agent.sock"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting wukong-agent (cargo build --release -p wukong-agent)")?;
-        let started = Instant::now();
-        while TcpStream::connect(listen).is_err() {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(20), "wukong-agent never listened on {listen}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self { child, _dir: dir })
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn free_address() -> Result<String> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
 }
@@ -114,9 +77,9 @@ async fn every_command_with_vmi_reaches_the_vmis_agent_and_no_other() -> Result<
     std::fs::File::create(&image)?.set_len(1 << 20)?;
     kubevirt.create_claim("pvc-a", &image).await?;
     kubevirt.create_vm("vm1", true, "127.0.0.77").await?;
-    let _vmi_agent = Agent::start("127.0.0.77:7443", &[])?;
+    let _vmi_agent = HostAgent::start("127.0.0.77:7443", &[])?;
     let decoy_address = free_address()?;
-    let _decoy = Agent::start(&decoy_address, &["--read-only"])?;
+    let _decoy = HostAgent::start(&decoy_address, &["--read-only"])?;
     let agent_config = dir.path().join("agent.toml");
     std::fs::write(&agent_config, format!("agent = \"http://{decoy_address}\"\n"))?;
     let kubeconfig = cluster.kubeconfig(ADMIN)?.to_str().unwrap().to_string();
@@ -233,7 +196,7 @@ fn usage_mistakes_exit_2_before_anything_is_contacted() -> Result<()> {
 #[test]
 fn exit_codes_say_what_happened() -> Result<()> {
     let address = free_address()?;
-    let _agent = Agent::start(&address, &[])?;
+    let _agent = HostAgent::start(&address, &[])?;
     let url = format!("http://{address}");
     let env = [("WUKONG_AGENT", url.as_str())];
     expect(&ctl(&env, &["info"])?, 0, "releases:");
@@ -262,12 +225,12 @@ fn tls_mistakes_are_named_as_tls_mistakes() -> Result<()> {
     let pki = Pki::new();
     let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
     let tls_address = free_address()?;
-    let _tls = Agent::start(
+    let _tls = HostAgent::start(
         &tls_address,
         &["--tls-cert", &p("agent.crt"), "--tls-key", &p("agent.key"), "--tls-client-ca", &p("ca.crt")],
     )?;
     let plain_address = free_address()?;
-    let _plain = Agent::start(&plain_address, &[])?;
+    let _plain = HostAgent::start(&plain_address, &[])?;
     let tls_url = format!("https://{tls_address}");
     let client = |ca: &str, who: &str| {
         vec![

@@ -6,10 +6,11 @@ use anyhow::{Context, Result, bail};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
+use wukong_e2e::pki::Pki;
+use wukong_e2e::{Guest, HostAgent};
 use wukong_operator::crd::{Phase, Wukong};
 
 const NS: &str = "ns1";
@@ -352,5 +353,50 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     wait_for(&api, "w1", 60, |w| volume(w, "logs").is_some_and(|v| v.phase == Phase::Pending && v.bound)).await?;
     let reporters: Vec<String> = events(&admin).await?.into_iter().map(|e| e.3).collect();
     assert!(reporters.iter().any(|r| r == "op-b"), "the new leader acts: {reporters:?}");
+    Ok(())
+}
+
+/// The operator reaches agents over mutual TLS with the files of its Secret (`--agent-tls-dir`: ca.crt, tls.crt,
+/// tls.key), re-read on every connection: a certificate the agent trusts gets answers (here: the agent, on this
+/// machine, has no such disk), a rotated one it does not trust is named as a TLS refusal in status.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Result<()> {
+    let pki = Pki::new();
+    let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let tls = ["--tls-cert", &p("agent.crt"), "--tls-key", &p("agent.key"), "--tls-client-ca", &p("ca.crt")];
+    let _agent = HostAgent::start(&listen.to_string(), &tls)?;
+    let secret = tempfile::tempdir()?;
+    let mount = |who: &str| -> Result<()> {
+        std::fs::copy(pki.path("ca.crt"), secret.path().join("ca.crt"))?;
+        std::fs::copy(pki.path(&format!("{who}.crt")), secret.path().join("tls.crt"))?;
+        std::fs::copy(pki.path(&format!("{who}.key")), secret.path().join("tls.key"))?;
+        Ok(())
+    };
+    mount("operator")?;
+
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, None, NS, HotplugMode::Declarative).await?;
+    let images = tempfile::tempdir()?;
+    kubevirt.provision(images.path(), "lab-images").await?;
+    install_operator(&cluster).await?;
+    kubevirt.create_vm("tls-vm", true, "127.0.0.1").await?;
+    let dir = secret.path().to_str().unwrap().to_string();
+    let port = listen.port().to_string();
+    let _operator = Operator::start_with(&cluster, "op-tls", &["--agent-tls-dir", &dir, "--agent-port", &port])?;
+    let api = wukongs(&cluster.client(ADMIN).await?);
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "tls"},
+        "spec": {"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]},
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    let says = |text: &'static str| {
+        move |w: &Wukong| volume(w, "data").and_then(|v| v.message.as_deref()).is_some_and(|m| m.contains(text))
+    };
+    wait_for(&api, "tls", 90, says("the guest did not report a disk with serial 'data'")).await?;
+    // The Secret rotates to a certificate of another CA: the next connection uses it, and the agent refuses it.
+    mount("intruder")?;
+    let w = wait_for(&api, "tls", 90, says("refused this client's certificate")).await?;
+    assert_eq!(volume(&w, "data").unwrap().phase, Phase::Attaching, "{w:?}");
     Ok(())
 }
