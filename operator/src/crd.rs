@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "vm.novasphere.dev";
 
 /// A VM and its data disks. Adding a disk to `disks` hot-plugs it; removing one detaches it as soon as the guest
-/// lets it go. `cpu` and `memory` describe the VM the platform created; the operator does not create or resize
-/// VMs, so it only reports them.
+/// lets it go. `cpu` and `memory` describe the VM the platform created: informational, since the operator does not
+/// create or resize VMs.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "vm.novasphere.dev",
@@ -200,7 +200,7 @@ pub enum Phase {
     Detaching,
     /// The guest refused to let it go (or could not be asked); retried with backoff.
     DetachBlocked,
-    /// Gone from the VM (the entry disappears on the next pass).
+    /// Gone from a stopped VM's spec (the entry, and the claim unless kept, go on the next pass).
     Detached,
 }
 

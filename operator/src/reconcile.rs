@@ -421,7 +421,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
         Step::Attach => attach(status, recorded_phase, wukong, scene, context).await,
         Step::RemoveFromStoppedVm => {
             scene.kubevirt(&context.client).remove_volume(&disk.name).await?;
-            set(&mut status, Phase::Detaching, "the VM is not running: removed from its spec");
+            set(&mut status, Phase::Detached, "the VM is not running: removed from its spec");
             Ok(DiskOutcome::again(status, SOON))
         }
         Step::Detach(options) => detach(status, recorded_phase, *options, &key, wukong, scene, context).await,

@@ -263,6 +263,16 @@ impl KubeVirtLab {
     }
 }
 
+/// The names of a VM's template volumes (a VM as JSON).
+pub fn template_volumes(vm: &Value) -> Vec<String> {
+    vm["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// The domain and volumes of the lab's VMs: a container disk to boot from.
 fn root_disk() -> (Value, Value) {
     let domain =

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::process::Output;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
-use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, template_volumes};
 
 const NS: &str = "ns1";
 /// The identity wukongctl runs as, bound to the shipped roles only.
@@ -170,15 +170,6 @@ fn text(out: &Output) -> String {
 
 fn json_of(out: &Output) -> Result<Value> {
     serde_json::from_slice(&out.stdout).with_context(|| format!("JSON from wukongctl: {}", text(out)))
-}
-
-fn template_volumes(vm: &Value) -> Vec<String> {
-    vm["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v["name"].as_str().map(str::to_string))
-        .collect()
 }
 
 /// KubeVirt 1.9's default (declarative hot-plug): attach, a refused detach that sends nothing, a safe detach,

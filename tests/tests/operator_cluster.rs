@@ -7,7 +7,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, template_volumes};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{Guest, HostAgent};
@@ -73,15 +73,6 @@ async fn set_disks(api: &Api<Wukong>, name: &str, disks: Value) -> Result<()> {
 async fn object(client: &kube::Client, kind: &str, group: &str, plural: &str, name: &str) -> Result<Option<Value>> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource(kind, group, "v1", plural));
     Ok(api.get_opt(name).await?.map(|o| serde_json::to_value(o).expect("an object serialises")))
-}
-
-fn template_volumes(vm: &Value) -> Vec<String> {
-    vm["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v["name"].as_str().map(str::to_string))
-        .collect()
 }
 
 /// The guest has the disk (and has not released it for an unplug).
@@ -224,38 +215,36 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     assert!(scratch.is_none_or(|c| c["metadata"]["deletionTimestamp"].is_string()), "claim db-vm-scratch deleted");
     guest.restart_agent().await?;
 
-    // Bad input: the field named, nothing created.
-    let bad: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "twice"},
-        "spec": {"vmName": "db-vm", "disks": [{"name": "a", "size": "1Gi"}, {"name": "b", "size": "1Gi", "serial": "a"}]},
-    }))?;
-    api.create(&PostParams::default(), &bad).await?;
-    let w = wait_for(&api, "twice", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
-    let valid = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == "SpecValid").unwrap();
-    assert_eq!(valid.status, "False");
-    assert!(
-        valid.message.starts_with("spec.disks[1].serial: serial 'a' is also the serial of spec.disks[0]"),
-        "{valid:?}"
-    );
-    let ghost: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "ghost"},
-        "spec": {"disks": [{"name": "a", "size": "1Gi"}, {"name": "b", "size": "1Gi"}]},
-    }))?;
-    api.create(&PostParams::default(), &ghost).await?;
-    let w = wait_for(&api, "ghost", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
-    let vm = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == "VMAvailable").unwrap();
-    assert!(vm.message.contains("VirtualMachine ns1/ghost-vm does not exist"), "{vm:?}");
-    let nostore: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "nostore"},
-        "spec": {"vmName": "db-vm", "disks": [{"name": "c", "size": "1Gi"}, {"name": "d", "size": "1Gi", "storageClassName": "nope"}]},
-    }))?;
-    api.create(&PostParams::default(), &nostore).await?;
-    let w = wait_for(&api, "nostore", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
-    let valid = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == "SpecValid").unwrap();
-    assert_eq!(
-        valid.message,
-        "spec.disks[1].storageClassName: StorageClass 'nope' does not exist; name an existing one or leave it out"
-    );
+    // Bad input: the field named in a False condition, nothing created.
+    let cases = [
+        (
+            "twice",
+            json!({"vmName": "db-vm", "disks": [{"name": "a", "size": "1Gi"}, {"name": "b", "size": "1Gi", "serial": "a"}]}),
+            "SpecValid",
+            "spec.disks[1].serial: serial 'a' is also the serial of spec.disks[0]",
+        ),
+        (
+            "ghost",
+            json!({"disks": [{"name": "a", "size": "1Gi"}, {"name": "b", "size": "1Gi"}]}),
+            "VMAvailable",
+            "VirtualMachine ns1/ghost-vm does not exist",
+        ),
+        (
+            "nostore",
+            json!({"vmName": "db-vm", "disks": [{"name": "c", "size": "1Gi"}, {"name": "d", "size": "1Gi", "storageClassName": "nope"}]}),
+            "SpecValid",
+            "spec.disks[1].storageClassName: StorageClass 'nope' does not exist; name an existing one or leave it out",
+        ),
+    ];
+    for (name, spec, condition, message) in cases {
+        let bad: Wukong = serde_json::from_value(json!({
+            "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": name}, "spec": spec,
+        }))?;
+        api.create(&PostParams::default(), &bad).await?;
+        let w = wait_for(&api, name, 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
+        let found = w.status.unwrap().conditions.into_iter().find(|c| c.type_ == condition).unwrap();
+        assert!(found.status == "False" && found.message.starts_with(message), "{name}: {found:?}");
+    }
     for claim in ["db-vm-a", "db-vm-b", "db-vm-c", "db-vm-d", "ghost-vm-a", "ghost-vm-b"] {
         let found = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", claim).await?;
         assert!(found.is_none(), "bad input created claim {claim}");
@@ -353,6 +342,14 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     wait_for(&api, "w1", 60, |w| volume(w, "logs").is_some_and(|v| v.phase == Phase::Pending && v.bound)).await?;
     let reporters: Vec<String> = events(&admin).await?.into_iter().map(|e| e.3).collect();
     assert!(reporters.iter().any(|r| r == "op-b"), "the new leader acts: {reporters:?}");
+
+    // Removed while the VM is stopped: no guest can use it; it leaves the VM's spec and the claim is deleted.
+    set_disks(&api, "w1", json!([{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}])).await?;
+    let w = wait_for(&api, "w1", 60, |w| volume(w, "logs").is_none()).await?;
+    let last = w.status.unwrap().history.last().cloned().unwrap();
+    assert!(last.disk == "logs" && last.outcome == "Detached" && !last.forced, "{last:?}");
+    let vm = object(&admin, "VirtualMachine", "kubevirt.io", "virtualmachines", "w1-vm").await?.unwrap();
+    assert!(!template_volumes(&vm).contains(&"logs".to_string()), "gone from the stopped VM's spec: {vm}");
     Ok(())
 }
 
