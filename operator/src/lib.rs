@@ -7,6 +7,8 @@
 //! [`leader`] (one active replica).
 
 pub mod crd;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

@@ -61,6 +61,20 @@ pub struct Context {
     written: Mutex<HashMap<String, WukongStatus>>,
 }
 
+impl Context {
+    pub fn new(client: kube::Client, config: Config, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            metrics,
+            refusals: Mutex::default(),
+            written: Mutex::default(),
+        }
+    }
+}
+
 fn resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: "kubevirt.io".into(),
@@ -90,15 +104,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
     };
-    let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
-    let context = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
-        client,
-        config,
-        metrics,
-        refusals: Mutex::default(),
-        written: Mutex::default(),
-    });
+    let context = Arc::new(Context::new(client, config, metrics));
     let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
@@ -811,5 +817,143 @@ async fn publish(context: &Context, wukong: &Wukong, type_: EventType, reason: &
     }
     if let Err(e) = context.recorder.publish(&event, &wukong.object_ref(&())).await {
         tracing::warn!(error = %e, reason, "cannot record an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{Api as MockApi, context, wukong};
+    use http::Method;
+
+    fn not_found(what: &str) -> (u16, serde_json::Value) {
+        let message = format!("{what} not found");
+        (
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": message}),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_invalid_spec_is_reported_and_nothing_else_is_touched() {
+        let object = wukong(json!([{"name": "data", "size": "1Gi"}, {"name": "data", "size": "2Gi"}]));
+        let api = MockApi::start(|_| None);
+        apply(&object, &context(api.client())).await.unwrap();
+        let seen = api.seen();
+        let calls: Vec<(Method, &str)> = seen.iter().map(|s| (s.method.clone(), s.path.as_str())).collect();
+        assert_eq!(
+            calls,
+            [
+                (Method::POST, "/apis/events.k8s.io/v1/namespaces/ns1/events"),
+                (Method::PATCH, "/apis/vm.novasphere.dev/v1alpha1/namespaces/ns1/wukongs/db/status"),
+            ]
+        );
+        assert_eq!(seen[0].body["reason"], "InvalidSpec");
+        let conditions = &seen[1].body["status"]["conditions"];
+        let valid = conditions.as_array().unwrap().iter().find(|c| c["type"] == "SpecValid").unwrap();
+        assert_eq!(valid["status"], "False");
+        assert_eq!(valid["message"], "spec.disks[1].name: disk 'data' is listed twice (also spec.disks[0])");
+    }
+
+    #[tokio::test]
+    async fn a_missing_vm_is_reported_and_nothing_else_is_touched() {
+        let object = wukong(json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "1Gi"}]));
+        let api = MockApi::start(|s| {
+            (s.path.ends_with("/virtualmachines/db-vm")).then(|| not_found("virtualmachines.kubevirt.io \"db-vm\""))
+        });
+        let action = apply(&object, &context(api.client())).await.unwrap();
+        assert_eq!(action, Action::requeue(VM_MISSING));
+        let seen = api.seen();
+        let calls: Vec<(Method, &str)> = seen.iter().map(|s| (s.method.clone(), s.path.as_str())).collect();
+        assert_eq!(
+            calls,
+            [
+                (Method::GET, "/apis/kubevirt.io/v1/namespaces/ns1/virtualmachines/db-vm"),
+                (Method::PATCH, "/apis/vm.novasphere.dev/v1alpha1/namespaces/ns1/wukongs/db/status"),
+            ]
+        );
+        let status = &seen[1].body["status"];
+        assert_eq!(status["volumes"], json!([]), "no disk is touched: {status}");
+        let vm = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "VMAvailable").unwrap();
+        assert!(vm["message"].as_str().unwrap().starts_with("VirtualMachine ns1/db-vm does not exist"), "{vm}");
+    }
+
+    #[tokio::test]
+    async fn a_new_disk_gets_its_claim_owned_and_labelled_before_anything_else() {
+        let object = wukong(
+            json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "8Gi", "storageClassName": "fast"}]),
+        );
+        let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
+                        "spec": {"template": {"spec": {"volumes": [{"name": "root", "containerDisk": {"image": "x"}}]}}}});
+        let api = MockApi::start(move |s| match s.path.as_str() {
+            p if p.ends_with("/virtualmachines/db-vm") => Some((200, vm.clone())),
+            p if p.ends_with("/virtualmachineinstances/db-vm") => {
+                Some(not_found("virtualmachineinstances.kubevirt.io"))
+            }
+            "/apis/storage.k8s.io/v1/storageclasses/fast" => Some((
+                200,
+                json!({"apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass", "metadata": {"name": "fast"}, "provisioner": "x"}),
+            )),
+            _ => None,
+        });
+        let action = apply(&object, &context(api.client())).await.unwrap();
+        assert_eq!(action, Action::requeue(SOON));
+        let seen = api.seen();
+        let writes: Vec<&str> = seen.iter().filter(|s| s.method != Method::GET).map(|s| s.path.as_str()).collect();
+        assert_eq!(
+            writes,
+            [
+                "/api/v1/namespaces/ns1/persistentvolumeclaims/db-vm-data",
+                "/apis/events.k8s.io/v1/namespaces/ns1/events",
+                "/apis/vm.novasphere.dev/v1alpha1/namespaces/ns1/wukongs/db/status",
+            ],
+            "one claim, one Event, one status write: no VM change before the claim is bound"
+        );
+        let claim = &seen.iter().find(|s| s.path.ends_with("/db-vm-data")).unwrap().body;
+        assert_eq!(claim["metadata"]["ownerReferences"][0]["kind"], "Wukong");
+        assert_eq!(claim["metadata"]["labels"]["vm.novasphere.dev/disk"], "data");
+        assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "8Gi");
+        assert_eq!(claim["spec"]["storageClassName"], "fast");
+        let volumes = &seen.last().unwrap().body["status"]["volumes"];
+        assert_eq!(volumes[0]["system"], true);
+        assert_eq!(volumes[0]["phase"], "Attached", "the system disk is the VM's own: {volumes}");
+        assert_eq!(volumes[1]["phase"], "Pending");
+        assert_eq!(volumes[1]["detachOptions"], json!({"force": false, "preserveData": false, "unmount": false}));
+    }
+
+    #[tokio::test]
+    async fn a_settled_object_gets_no_writes_even_from_a_stale_cache() {
+        let object = wukong(json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "1Gi"}]));
+        let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
+                        "spec": {"template": {"spec": {"volumes": [{"name": "root", "containerDisk": {"image": "x"}},
+                                 {"name": "data", "persistentVolumeClaim": {"claimName": "db-vm-data", "hotpluggable": true}}]}}}});
+        let claims = json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": [{"apiVersion": "v1",
+            "kind": "PersistentVolumeClaim", "metadata": {"name": "db-vm-data"}, "status": {"phase": "Bound"}}]});
+        let api = MockApi::start(move |s| match s.path.as_str() {
+            p if p.ends_with("/virtualmachines/db-vm") => Some((200, vm.clone())),
+            p if p.ends_with("/virtualmachineinstances/db-vm") => {
+                Some(not_found("virtualmachineinstances.kubevirt.io"))
+            }
+            p if p.ends_with("/persistentvolumeclaims") => Some((200, claims.clone())),
+            _ => None,
+        });
+        let context = context(api.client());
+        apply(&object, &context).await.unwrap();
+        let first = api.seen().len();
+        // The same object again, its status still unwritten in this (stale) copy: only reads.
+        for _ in 0..3 {
+            assert_eq!(apply(&object, &context).await.unwrap(), Action::requeue(RESYNC));
+        }
+        let again = api.seen();
+        let writes: Vec<String> = again[first..]
+            .iter()
+            .filter(|s| s.method != Method::GET)
+            .map(|s| format!("{} {}", s.method, s.path))
+            .collect();
+        assert!(writes.is_empty(), "a settled object gets no writes: {writes:?}");
+        let status = &again.iter().rfind(|s| s.method == Method::PATCH).unwrap().body["status"];
+        assert_eq!(status["volumes"][1]["phase"], "Pending");
+        assert_eq!(status["volumes"][1]["message"], "in the VM's spec; attached when the VM starts");
     }
 }

@@ -1,0 +1,103 @@
+//! Test fixtures: a kube client whose API server is a closure (kube-rs over a `tower-test` mock, as controller-rs
+//! does), recording every request, and a `Wukong` to reconcile. The journeys run against the real API server in
+//! `tests/tests/operator_cluster.rs`; these check each branch's exact requests.
+
+use crate::crd::Wukong;
+use crate::metrics::Metrics;
+use crate::reconcile::Context;
+use crate::{AgentAccess, Config};
+use http::{Method, Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One request as the mock API server saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub body: Value,
+}
+
+type Respond = dyn Fn(&Seen) -> Option<(u16, Value)> + Send + Sync;
+
+/// A mock API server: `respond` answers what it knows; anything else is echoed back with 200 (a write returns
+/// what was written, a list is empty).
+pub struct Api {
+    client: kube::Client,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Api {
+    pub fn start(respond: impl Fn(&Seen) -> Option<(u16, Value)> + Send + Sync + 'static) -> Self {
+        let respond: Arc<Respond> = Arc::new(respond);
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
+                let path = request.uri().path().to_string();
+                let bytes = request.into_body().collect_bytes().await.expect("a request body");
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let s = Seen { method, path, body };
+                let (status, answer) = respond(&s).unwrap_or_else(|| echo(&s));
+                log.lock().unwrap().push(s);
+                let response = Response::builder().status(status).body(Body::from(answer.to_string().into_bytes()));
+                send.send_response(response.expect("a valid response"));
+            }
+        });
+        Self { client: kube::Client::new(service, "default"), seen }
+    }
+
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// What the mock answers by default: an empty list for a read, the object written for a write (a status write:
+/// the object with that status).
+fn echo(seen: &Seen) -> (u16, Value) {
+    match (&seen.method, seen.path.strip_suffix("/status")) {
+        (&Method::GET, _) => (200, json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": []})),
+        (_, Some(object)) => {
+            let name = object.rsplit('/').next().unwrap_or_default();
+            let mut answer = seen.body.clone();
+            answer["metadata"] = json!({"name": name, "namespace": "ns1"});
+            answer["spec"] = json!({});
+            (200, answer)
+        }
+        _ => (200, seen.body.clone()),
+    }
+}
+
+/// A reconcile context on `client`.
+pub fn context(client: kube::Client) -> Context {
+    let config = Config {
+        agent: AgentAccess { port: 7443, tls: None },
+        namespace: None,
+        lease_namespace: "wukong-system".into(),
+        lease_name: "wukong-operator".into(),
+        identity: "test".into(),
+        http_address: "127.0.0.1:0".parse().unwrap(),
+        attach_wait: Duration::from_secs(1),
+        detach_wait: Duration::from_secs(1),
+    };
+    Context::new(client, config, Arc::new(Metrics::default()))
+}
+
+/// `Wukong` ns1/db (VM `db-vm`) with `disks`, as the API server returns it.
+pub fn wukong(disks: Value) -> Wukong {
+    serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong",
+        "metadata": {"name": "db", "namespace": "ns1", "uid": "7d2b9c1e-0000-4000-8000-000000000001", "generation": 1,
+                     "resourceVersion": "1", "finalizers": ["vm.novasphere.dev/claims"]},
+        "spec": {"disks": disks},
+    }))
+    .expect("a valid Wukong")
+}
