@@ -87,6 +87,7 @@ pub fn context(client: kube::Client) -> Context {
         http_address: "127.0.0.1:0".parse().unwrap(),
         attach_wait: Duration::from_secs(1),
         detach_wait: Duration::from_secs(1),
+        webhook: None,
     };
     Context::new(client, config, Arc::new(Metrics::default()))
 }

@@ -4,6 +4,7 @@
 
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
+use crate::webhook::Guard;
 use crate::{Config, Error, MANAGER, Result};
 use futures::FutureExt;
 use kube_lease_manager::LeaseManagerBuilder;
@@ -27,8 +28,26 @@ pub async fn run(
         .await
         .map_err(|source| Error::Listen { address: config.http_address, source })?;
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone()));
-    let result = lead(client, config, metrics, &health, shutdown.boxed().shared()).await;
+    // Every replica serves the webhook, leader or not: the API server calls whichever the Service picks.
+    let mut webhook = match &config.webhook {
+        Some(webhook) => {
+            health.expect_webhook();
+            let listener = tokio::net::TcpListener::bind(webhook.address)
+                .await
+                .map_err(|source| Error::Listen { address: webhook.address, source })?;
+            let guard = Arc::new(Guard::new(client.clone(), config.agent.clone(), &config.identity));
+            Some(tokio::spawn(crate::webhook::serve(listener, webhook.cert_dir.clone(), guard, health.clone())))
+        }
+        None => None,
+    };
+    let result = tokio::select! {
+        result = lead(client, config, metrics, &health, shutdown.boxed().shared()) => result,
+        Some(Ok(Err(e))) = async { match webhook.as_mut() { Some(task) => Some(task.await), None => None } } => Err(e),
+    };
     server.abort();
+    if let Some(task) = webhook {
+        task.abort();
+    }
     result
 }
 

@@ -9,12 +9,14 @@
 pub mod crd;
 #[cfg(test)]
 mod fixtures;
+pub mod guard;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod server;
 pub mod validate;
+pub mod webhook;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,6 +43,11 @@ pub enum Error {
     Lease(#[from] kube_lease_manager::LeaseManagerError),
     #[error("this replica lost the leader lease {0}; exiting so that only the new leader acts")]
     LostLease(String),
+    #[error(
+        "cannot serve the admission webhook: no usable certificate in {0} (tls.crt and tls.key, PEM); mount the \
+         webhook's serving certificate Secret there"
+    )]
+    Certificate(PathBuf),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -56,7 +63,7 @@ impl Error {
             Error::Decode { .. } => "decode",
             Error::ClaimsInUse { .. } => "claims_in_use",
             Error::Lease(_) | Error::LostLease(_) => "lease",
-            Error::Listen { .. } => "listen",
+            Error::Listen { .. } | Error::Certificate(_) => "listen",
         }
     }
 }
@@ -96,6 +103,15 @@ pub struct Config {
     /// How long one reconcile waits for an attach or a detach before it looks again on a later pass.
     pub attach_wait: Duration,
     pub detach_wait: Duration,
+    /// The admission guard's endpoint, when served.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// Where the admission guard listens, and its serving certificate's directory (`tls.crt`, `tls.key`).
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub address: std::net::SocketAddr,
+    pub cert_dir: PathBuf,
 }
 
 pub use leader::run;

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use wukong_operator::{AgentAccess, Config, crd};
+use wukong_operator::{AgentAccess, Config, WebhookConfig, crd};
 
 /// Declarative disks for the Wukong resource, detached only when the guest lets them go.
 #[derive(Debug, Parser)]
@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Reconcile Wukong objects.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinition (what deploy/crd.yaml holds).
     Crd,
 }
@@ -54,6 +54,12 @@ struct RunArgs {
     /// Seconds one reconcile waits for an attach or a detach before looking again on a later pass.
     #[arg(long, default_value_t = 30)]
     wait_seconds: u64,
+    /// Serve the admission guard (POST /validate) here, over HTTPS.
+    #[arg(long, env = "WUKONG_WEBHOOK_ADDRESS", requires = "webhook_cert_dir")]
+    webhook_address: Option<SocketAddr>,
+    /// Directory of the webhook's serving certificate Secret: tls.crt, tls.key (read again when they change).
+    #[arg(long, env = "WUKONG_WEBHOOK_CERT_DIR", value_name = "DIR", requires = "webhook_address")]
+    webhook_cert_dir: Option<PathBuf>,
     /// Log as JSON lines (for log collectors).
     #[arg(long)]
     log_json: bool,
@@ -66,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crd::crd_yaml());
             return Ok(());
         }
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -93,6 +99,10 @@ async fn main() -> anyhow::Result<()> {
         http_address: args.http_address,
         attach_wait: Duration::from_secs(args.wait_seconds),
         detach_wait: Duration::from_secs(args.wait_seconds),
+        webhook: args
+            .webhook_address
+            .zip(args.webhook_cert_dir)
+            .map(|(address, cert_dir)| WebhookConfig { address, cert_dir }),
     };
     let client = kube::Client::try_default().await.context("cannot configure a Kubernetes client")?;
     let shutdown = async {

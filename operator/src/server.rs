@@ -9,10 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 
-/// What the probes report.
-#[derive(Default)]
+/// What the probes report: ready once the leader election runs (leader or standby) and, when this replica serves
+/// the admission webhook, while the webhook has a usable certificate.
+#[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    webhook_expected: AtomicBool,
+    webhook_ready: AtomicBool,
 }
 
 impl Health {
@@ -20,8 +23,21 @@ impl Health {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+    /// This replica serves the webhook: readiness waits for it.
+    pub fn expect_webhook(&self) {
+        self.webhook_expected.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_webhook_ready(&self, ready: bool) {
+        self.webhook_ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("not ready: the leader election is not running yet\n");
+        }
+        let webhook = self.webhook_ready.load(Ordering::Relaxed) || !self.webhook_expected.load(Ordering::Relaxed);
+        (!webhook).then_some("not ready: the admission webhook has no usable serving certificate\n")
     }
 }
 
@@ -29,8 +45,10 @@ fn respond(request: &Request<Incoming>, metrics: &Metrics, health: &Health) -> R
     let (status, kind, body) = match request.uri().path() {
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if health.is_ready() => (StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: watches are not up yet\n".into()),
+        "/readyz" => match health.not_ready() {
+            None => (StatusCode::OK, "text/plain", "ok\n".into()),
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why.into()),
+        },
         other => {
             (StatusCode::NOT_FOUND, "text/plain", format!("no such path {other}; try /metrics, /healthz, /readyz\n"))
         }

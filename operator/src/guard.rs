@@ -1,0 +1,267 @@
+//! The admission guard's decisions, from the AdmissionReview alone (pure; `webhook` asks the guests). An update
+//! of a VirtualMachine or VirtualMachineInstance that drops a hotpluggable volume, or its disk, is an unplug since
+//! KubeVirt 1.9 (for a VM) and always was (for a VMI): the guard lets it be stored only once the guest has released
+//! the disk.
+
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use serde_json::Value;
+
+/// Label (on a VM, a VMI or their namespace) that opts objects into the guard: `enabled`.
+pub const GUARD_LABEL: &str = "vm.novasphere.dev/guard";
+/// Annotation on the object: `true` lets the update unplug without asking the guest, at the user's risk.
+pub const FORCE_ANNOTATION: &str = "vm.novasphere.dev/force-detach";
+/// Annotation on the object: `true` lets the guest's agent unmount idle filesystems of the disk when it releases it.
+pub const UNMOUNT_ANNOTATION: &str = "vm.novasphere.dev/unmount-on-detach";
+/// The largest AdmissionReview the guard reads (the API server's own request limit is 3 MiB).
+pub const MAX_REVIEW_BYTES: usize = 3 << 20;
+
+/// A disk an update unplugs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub volume: String,
+    /// The serial the guest knows it by: the removed disk entry's, else the volume's name.
+    pub serial: String,
+}
+
+/// What the guard does with a review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Allowed at once, without asking any guest.
+    Allow(&'static str),
+    /// Each removed disk must be released by the guest first (or, on a dry run, be free to release).
+    Release {
+        namespace: String,
+        /// The VMI whose guest has the disks (a VM's VMI has the VM's name).
+        vmi: String,
+        removals: Vec<Removal>,
+        force: bool,
+        unmount: bool,
+        dry_run: bool,
+        /// Who asked, as the API server vouches for it.
+        user: String,
+    },
+}
+
+/// Why a review cannot be decided: answered with a denial naming it, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the AdmissionReview is larger than {MAX_REVIEW_BYTES} bytes")]
+    TooLarge,
+    #[error("the body is not an admission.k8s.io/v1 AdmissionReview: {0}")]
+    Malformed(String),
+    #[error("the AdmissionReview has no request")]
+    NoRequest,
+    #[error(
+        "the guard reviews kubevirt.io VirtualMachines and VirtualMachineInstances, not {0}; check the webhook's rules"
+    )]
+    UnexpectedKind(String),
+    #[error("the update of {0} carries no {1}; the guard cannot tell which disks it removes")]
+    MissingObject(String, &'static str),
+}
+
+/// Reads a review from the request body.
+pub fn read_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, ReviewError> {
+    if body.len() > MAX_REVIEW_BYTES {
+        return Err(ReviewError::TooLarge);
+    }
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
+    if review.types.api_version != "admission.k8s.io/v1" || review.types.kind != "AdmissionReview" {
+        let found = format!("{} {}", review.types.api_version, review.types.kind);
+        return Err(ReviewError::Malformed(format!("it is a {found}; the webhook speaks admissionReviewVersions v1")));
+    }
+    review.request.ok_or(ReviewError::NoRequest)
+}
+
+/// Where the spec with volumes and disks is in each kind.
+fn spec_of<'a>(object: &'a DynamicObject, kind: &str) -> &'a Value {
+    match kind {
+        "VirtualMachine" => &object.data["spec"]["template"]["spec"],
+        _ => &object.data["spec"],
+    }
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list.as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect()
+}
+
+fn hotpluggable(volume: &Value) -> bool {
+    ["persistentVolumeClaim", "dataVolume"].iter().any(|k| volume[k]["hotpluggable"] == Value::Bool(true))
+}
+
+/// The hotpluggable volumes of `old` that `new` drops, or whose disk it drops.
+pub fn removals(old: &Value, new: &Value) -> Vec<Removal> {
+    let (new_volumes, new_disks) = (names(&new["volumes"]), names(&new["domain"]["devices"]["disks"]));
+    let old_disks = old["domain"]["devices"]["disks"].as_array().cloned().unwrap_or_default();
+    old["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| hotpluggable(v))
+        .filter_map(|v| v["name"].as_str())
+        .filter(|name| !new_volumes.contains(name) || !new_disks.contains(name))
+        .map(|name| {
+            let disk = old_disks.iter().find(|d| d["name"] == name);
+            let serial = disk.and_then(|d| d["serial"].as_str()).filter(|s| !s.is_empty()).unwrap_or(name);
+            Removal { volume: name.to_string(), serial: serial.to_string() }
+        })
+        .collect()
+}
+
+fn annotated(object: &DynamicObject, key: &str) -> bool {
+    object.metadata.annotations.as_ref().and_then(|a| a.get(key)).is_some_and(|v| v == "true")
+}
+
+/// Decides what a review needs, from the review alone.
+pub fn plan(request: &AdmissionRequest<DynamicObject>) -> Result<Plan, ReviewError> {
+    let kind = request.kind.kind.as_str();
+    let described = format!("{}/{} {}", request.kind.group, request.kind.version, kind);
+    if request.kind.group != "kubevirt.io" || !matches!(kind, "VirtualMachine" | "VirtualMachineInstance") {
+        return Err(ReviewError::UnexpectedKind(described));
+    }
+    if request.operation != Operation::Update {
+        return Ok(Plan::Allow("not an update"));
+    }
+    if request.sub_resource.is_some() {
+        return Ok(Plan::Allow("a subresource, not the spec"));
+    }
+    let object = request.object.as_ref().ok_or_else(|| ReviewError::MissingObject(described.clone(), "object"))?;
+    let old = request.old_object.as_ref().ok_or(ReviewError::MissingObject(described, "oldObject"))?;
+    let removals = removals(spec_of(old, kind), spec_of(object, kind));
+    if removals.is_empty() {
+        return Ok(Plan::Allow("no hotpluggable disk is removed"));
+    }
+    Ok(Plan::Release {
+        namespace: request.namespace.clone().unwrap_or_default(),
+        vmi: request.name.clone(),
+        removals,
+        force: annotated(object, FORCE_ANNOTATION),
+        unmount: annotated(object, UNMOUNT_ANNOTATION),
+        dry_run: request.dry_run,
+        user: request.user_info.username.clone().unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn spec(volumes: &[(&str, bool)], disks: &[(&str, Option<&str>)]) -> Value {
+        let volumes: Vec<Value> = volumes
+            .iter()
+            .map(|(n, hot)| json!({"name": n, "persistentVolumeClaim": {"claimName": format!("pvc-{n}"), "hotpluggable": hot}}))
+            .collect();
+        let disks: Vec<Value> =
+            disks.iter().map(|(n, s)| json!({"name": n, "serial": s, "disk": {"bus": "scsi"}})).collect();
+        json!({"domain": {"devices": {"disks": disks}}, "volumes": volumes})
+    }
+
+    fn review(kind: &str, operation: &str, old: Value, new: Value, annotations: Value, dry_run: bool) -> Vec<u8> {
+        let object = |spec: Value| {
+            let spec = if kind == "VirtualMachine" { json!({"template": {"spec": spec}}) } else { spec };
+            json!({"apiVersion": "kubevirt.io/v1", "kind": kind,
+                   "metadata": {"name": "vm1", "namespace": "ns1", "annotations": annotations}, "spec": spec})
+        };
+        let plural = if kind == "VirtualMachine" { "virtualmachines" } else { "virtualmachineinstances" };
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u1", "kind": {"group": "kubevirt.io", "version": "v1", "kind": kind},
+                        "resource": {"group": "kubevirt.io", "version": "v1", "resource": plural},
+                        "name": "vm1", "namespace": "ns1", "operation": operation,
+                        "userInfo": {"username": "alice"}, "object": object(new), "oldObject": object(old),
+                        "dryRun": dry_run},
+        }))
+        .unwrap()
+    }
+
+    fn plan_of(body: &[u8]) -> Result<Plan, ReviewError> {
+        plan(&read_review(body)?)
+    }
+
+    #[test]
+    fn a_removed_hotpluggable_disk_must_be_released_first() {
+        let old = spec(
+            &[("root", false), ("data", true), ("logs", true)],
+            &[("root", None), ("data", Some("pg-1")), ("logs", None)],
+        );
+        for kind in ["VirtualMachine", "VirtualMachineInstance"] {
+            // The volume and its disk gone; the disk alone gone (KubeVirt unplugs it too).
+            let dropped = spec(&[("root", false), ("logs", true)], &[("root", None), ("logs", None)]);
+            let diskless =
+                spec(&[("root", false), ("data", true), ("logs", true)], &[("root", None), ("data", Some("pg-1"))]);
+            let body = review(kind, "UPDATE", old.clone(), dropped, json!({}), false);
+            let Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user }) = plan_of(&body) else {
+                panic!("{kind}: a removal must be released")
+            };
+            assert_eq!((namespace.as_str(), vmi.as_str(), user.as_str()), ("ns1", "vm1", "alice"));
+            assert_eq!(removals, [Removal { volume: "data".into(), serial: "pg-1".into() }]);
+            assert!(!force && !unmount && !dry_run);
+            let body = review(kind, "UPDATE", old.clone(), diskless, json!({FORCE_ANNOTATION: "true"}), true);
+            let Ok(Plan::Release { removals, force, dry_run, .. }) = plan_of(&body) else { panic!("{kind}") };
+            assert_eq!(removals, [Removal { volume: "logs".into(), serial: "logs".into() }], "no serial: the name");
+            assert!(force && dry_run);
+        }
+    }
+
+    #[test]
+    fn additions_unrelated_changes_and_cold_volumes_are_allowed_at_once() {
+        let old = spec(&[("root", false), ("data", true)], &[("root", None), ("data", None)]);
+        let added =
+            spec(&[("root", false), ("data", true), ("new", true)], &[("root", None), ("data", None), ("new", None)]);
+        let cold = spec(&[("data", true)], &[("data", None)]);
+        for (new, operation) in [(added, "UPDATE"), (old.clone(), "UPDATE"), (cold, "UPDATE"), (json!({}), "DELETE")] {
+            let body = review("VirtualMachine", operation, old.clone(), new, json!({}), false);
+            assert!(matches!(plan_of(&body), Ok(Plan::Allow(_))), "{operation}");
+        }
+    }
+
+    #[test]
+    fn bad_reviews_are_named() {
+        assert!(matches!(read_review(b"{"), Err(ReviewError::Malformed(_))));
+        assert!(matches!(read_review(&vec![b' '; MAX_REVIEW_BYTES + 1]), Err(ReviewError::TooLarge)));
+        let v1beta1 = br#"{"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}"#;
+        assert!(read_review(v1beta1).unwrap_err().to_string().contains("admissionReviewVersions v1"));
+        let empty = br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}"#;
+        assert_eq!(read_review(empty).unwrap_err(), ReviewError::NoRequest);
+        let pod = String::from_utf8(review("VirtualMachine", "UPDATE", json!({}), json!({}), json!({}), false))
+            .unwrap()
+            .replace("\"group\":\"kubevirt.io\",\"kind\":\"VirtualMachine\"", "\"group\":\"\",\"kind\":\"Pod\"");
+        let error = plan_of(pod.as_bytes()).unwrap_err();
+        assert!(matches!(error, ReviewError::UnexpectedKind(_)), "{error}");
+        let mut orphan: Value =
+            serde_json::from_slice(&review("VirtualMachine", "UPDATE", json!({}), json!({}), json!({}), false))
+                .unwrap();
+        orphan["request"].as_object_mut().unwrap().remove("oldObject");
+        let error = plan_of(&serde_json::to_vec(&orphan).unwrap()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the update of kubevirt.io/v1 VirtualMachine carries no oldObject; the guard cannot tell which disks it removes"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_is_decided_or_refused_without_panicking(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = plan_of(&body);
+        }
+
+        #[test]
+        fn any_volume_lists_are_decided_without_panicking(
+            old in proptest::collection::vec(("[a-z]{1,3}", any::<bool>(), proptest::option::of("[a-z0-9]{0,4}")), 0..6),
+            keep in proptest::collection::vec(any::<bool>(), 6),
+        ) {
+            let volumes: Vec<(&str, bool)> = old.iter().map(|(n, h, _)| (n.as_str(), *h)).collect();
+            let disks: Vec<(&str, Option<&str>)> = old.iter().map(|(n, _, s)| (n.as_str(), s.as_deref())).collect();
+            let kept: Vec<(&str, bool)> = volumes.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v).collect();
+            let kept_disks: Vec<(&str, Option<&str>)> = disks.iter().zip(&keep).filter(|(_, k)| **k).map(|(d, _)| *d).collect();
+            let removed = removals(&spec(&volumes, &disks), &spec(&kept, &kept_disks));
+            for r in &removed {
+                prop_assert!(volumes.iter().any(|(n, hot)| *n == r.volume && *hot), "only hotpluggable volumes: {r:?}");
+                prop_assert!(!r.serial.is_empty());
+            }
+        }
+    }
+}
