@@ -421,31 +421,36 @@ pub async fn attach<H: Hypervisor>(
     let name = volume.name.as_str();
     let state = hypervisor.volume_state(name).await?;
     let already = matches!(state, VolumeState::Ready { .. });
-    match &state {
-        VolumeState::Ready { serial: Some(found), .. } if !found.eq_ignore_ascii_case(&volume.serial) => {
-            return Err(CompanionError::SerialMismatch {
-                volume: name.into(),
-                hypervisor: hypervisor.describe(),
-                found: found.clone(),
-                wanted: volume.serial.clone(),
-            });
-        }
-        VolumeState::Absent => {
-            progress(&format!("adding volume '{name}' to {}", hypervisor.describe()));
-            tracing::info!(serial = %volume.serial, volume = name, hypervisor = %hypervisor.describe(), "attaching");
-            hypervisor.add_volume(volume).await?;
-        }
-        _ => {}
+    if let VolumeState::Ready { serial: Some(found), .. } = &state
+        && !found.eq_ignore_ascii_case(&volume.serial)
+    {
+        return Err(CompanionError::SerialMismatch {
+            volume: name.into(),
+            hypervisor: hypervisor.describe(),
+            found: found.clone(),
+            wanted: volume.serial.clone(),
+        });
     }
     let step = Instant::now();
     let mut last = state;
+    let mut added = false;
     while !matches!(last, VolumeState::Ready { .. }) {
-        if let VolumeState::Pending { phase, .. } = &last {
-            progress(&format!("volume '{name}': {phase}"));
+        match &last {
+            // Added once; a volume still being removed (an earlier unplug) is added when it is gone.
+            VolumeState::Absent if !added => {
+                progress(&format!("adding volume '{name}' to {}", hypervisor.describe()));
+                tracing::info!(serial = %volume.serial, volume = name, hypervisor = %hypervisor.describe(), "attaching");
+                hypervisor.add_volume(volume).await?;
+                added = true;
+            }
+            VolumeState::Removing { phase, .. } => progress(&format!("volume '{name}' is being removed ({phase})")),
+            VolumeState::Pending { phase, .. } => progress(&format!("volume '{name}': {phase}")),
+            _ => {}
         }
         if Instant::now() >= deadline {
             let detail = match &last {
                 VolumeState::Pending { phase, message } => format!("last phase {phase}: {message}"),
+                VolumeState::Removing { phase, .. } => format!("an earlier removal of it is still in phase {phase}"),
                 _ => "it never appeared in the volume status".into(),
             };
             return Err(CompanionError::Timeout(format!(

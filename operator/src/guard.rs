@@ -71,7 +71,8 @@ pub fn read_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Revie
         let found = format!("{} {}", review.types.api_version, review.types.kind);
         return Err(ReviewError::Malformed(format!("it is a {found}; the webhook speaks admissionReviewVersions v1")));
     }
-    review.request.ok_or(ReviewError::NoRequest)
+    // The conversion carries the review's apiVersion and kind into the request, and from it into the response.
+    review.try_into().map_err(|_| ReviewError::NoRequest)
 }
 
 /// Where the spec with volumes and disks is in each kind.
@@ -226,6 +227,14 @@ mod tests {
         assert!(read_review(v1beta1).unwrap_err().to_string().contains("admissionReviewVersions v1"));
         let empty = br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}"#;
         assert_eq!(read_review(empty).unwrap_err(), ReviewError::NoRequest);
+        let request = read_review(&review("VirtualMachine", "UPDATE", json!({}), json!({}), json!({}), false)).unwrap();
+        let response =
+            serde_json::to_value(kube::core::admission::AdmissionResponse::from(&request).into_review()).unwrap();
+        assert_eq!(
+            (&response["apiVersion"], &response["kind"]),
+            (&json!("admission.k8s.io/v1"), &json!("AdmissionReview"))
+        );
+        assert_eq!(response["response"]["uid"], "u1", "the response answers the request's uid");
         let pod = String::from_utf8(review("VirtualMachine", "UPDATE", json!({}), json!({}), json!({}), false))
             .unwrap()
             .replace("\"group\":\"kubevirt.io\",\"kind\":\"VirtualMachine\"", "\"group\":\"\",\"kind\":\"Pod\"");

@@ -35,7 +35,7 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(webhook.address)
                 .await
                 .map_err(|source| Error::Listen { address: webhook.address, source })?;
-            let guard = Arc::new(Guard::new(client.clone(), config.agent.clone(), &config.identity));
+            let guard = Arc::new(Guard::new(client.clone(), config.agent.clone(), &config.identity, metrics.clone()));
             Some(tokio::spawn(crate::webhook::serve(listener, webhook.cert_dir.clone(), guard, health.clone())))
         }
         None => None,

@@ -19,6 +19,7 @@ pub struct Metrics {
     failures: Family<Labels, Counter>,
     detach_seconds: Histogram,
     blocked: Gauge,
+    reviews: Family<Labels, Counter>,
     /// Blocked disks per object UID; the gauge is their sum.
     blocked_by_object: Mutex<HashMap<String, i64>>,
 }
@@ -46,6 +47,8 @@ impl Default for Metrics {
             "Disks whose detach the guest refused or could not be asked",
             blocked.clone(),
         );
+        let reviews = Family::<Labels, Counter>::default();
+        registry.register("admission_reviews", "Admission reviews answered by the guard, by verdict", reviews.clone());
         Self {
             registry,
             reconciles,
@@ -53,6 +56,7 @@ impl Default for Metrics {
             failures,
             detach_seconds,
             blocked,
+            reviews,
             blocked_by_object: Mutex::default(),
         }
     }
@@ -66,6 +70,11 @@ impl Metrics {
 
     pub fn failed(&self, reason: &'static str) {
         self.failures.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn reviewed(&self, allowed: bool) {
+        let verdict = if allowed { "allowed" } else { "denied" };
+        self.reviews.get_or_create(&vec![("verdict", verdict)]).inc();
     }
 
     pub fn detached(&self, after: Duration) {

@@ -5,6 +5,7 @@
 //! a directory (`tls.crt`, `tls.key`, as a mounted Secret) and read again when the files change.
 
 use crate::guard::{FORCE_ANNOTATION, Plan, Removal, UNMOUNT_ANNOTATION, plan, read_review};
+use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::{AgentAccess, Error, MANAGER, Result};
 use http_body_util::{BodyExt, Full, Limited};
@@ -32,12 +33,13 @@ pub struct Guard {
     pub client: kube::Client,
     pub agent: AgentAccess,
     recorder: Recorder,
+    metrics: Arc<Metrics>,
 }
 
 impl Guard {
-    pub fn new(client: kube::Client, agent: AgentAccess, identity: &str) -> Self {
+    pub fn new(client: kube::Client, agent: AgentAccess, identity: &str, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity.to_string()) };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, agent }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, agent, metrics }
     }
 }
 
@@ -52,7 +54,7 @@ pub async fn review(guard: &Guard, body: &[u8]) -> AdmissionResponse {
     };
     let response = AdmissionResponse::from(&request);
     match plan(&request) {
-        Err(e) => response.deny(e),
+        Err(e) => forbid(response, e.to_string()),
         Ok(Plan::Allow(why)) => {
             tracing::debug!(object = %request.name, why, "allowed");
             response
@@ -63,11 +65,18 @@ pub async fn review(guard: &Guard, body: &[u8]) -> AdmissionResponse {
                 Ok(()) => response,
                 Err(message) => {
                     tracing::info!(%namespace, %vmi, %user, dry_run, "denied: {message}");
-                    response.deny(message)
+                    forbid(response, message)
                 }
             }
         }
     }
+}
+
+/// A denial the caller sees as HTTP 403 Forbidden (the API server's default for a bare denial is 400).
+fn forbid(response: AdmissionResponse, message: String) -> AdmissionResponse {
+    let mut response = response.deny(&message);
+    response.result = kube::core::Status::failure(&message, "Forbidden").with_code(403);
+    response
 }
 
 struct Target<'a> {
@@ -316,6 +325,7 @@ async fn handle(
         Err(_) => Bytes::from(vec![b' '; crate::guard::MAX_REVIEW_BYTES + 1]),
     };
     let response = review(&guard, &body).await;
+    guard.metrics.reviewed(response.allowed);
     let body = serde_json::to_string(&response.into_review()).expect("a review serialises");
     Ok(reply(StatusCode::OK, body))
 }

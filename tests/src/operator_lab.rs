@@ -53,6 +53,58 @@ pub async fn install_operator(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// The admission guard's serving certificate: a throwaway CA, and `tls.crt`/`tls.key` for 127.0.0.1 in a
+/// directory laid out as the mounted Secret.
+pub struct GuardTls {
+    pub ca_pem: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl GuardTls {
+    pub fn new() -> Result<Self> {
+        let ca = crate::cluster::Ca::new("wukong guard test CA")?;
+        let leaf = ca.leaf("wukong-guard", &["127.0.0.1"], rcgen::ExtendedKeyUsagePurpose::ServerAuth)?;
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("tls.crt"), leaf.cert)?;
+        std::fs::write(dir.path().join("tls.key"), leaf.key)?;
+        Ok(Self { ca_pem: ca.pem, dir })
+    }
+}
+
+/// deploy/guard.yaml's ValidatingWebhookConfiguration as shipped (rules, selectors, policies), pointed at `url`
+/// (the lab has no Service network) with the CA of `tls`.
+pub async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Result<()> {
+    use base64::Engine;
+    let client = cluster.client(ADMIN).await?;
+    let text = std::fs::read_to_string(crate::workspace_root().join("deploy/guard.yaml"))?;
+    for mut doc in serde_saphyr::from_multiple::<Value>(&text).context("deploy/guard.yaml")? {
+        match doc["kind"].as_str().unwrap_or_default() {
+            "Service" => {
+                if doc["spec"]["ports"][0]["targetPort"] != 8443 {
+                    bail!("deploy/guard.yaml's Service does not target the webhook port 8443");
+                }
+            }
+            "ValidatingWebhookConfiguration" => {
+                let ca = base64::engine::general_purpose::STANDARD.encode(&tls.ca_pem);
+                for webhook in doc["webhooks"].as_array_mut().context("webhooks")? {
+                    webhook["clientConfig"] = serde_json::json!({"url": url, "caBundle": ca});
+                }
+                let r = resource(
+                    "ValidatingWebhookConfiguration",
+                    "admissionregistration.k8s.io",
+                    "v1",
+                    "validatingwebhookconfigurations",
+                );
+                Api::<DynamicObject>::all_with(client.clone(), &r)
+                    .create(&PostParams::default(), &serde_json::from_value(doc)?)
+                    .await?;
+            }
+            other => bail!("deploy/guard.yaml has a {other}, which this lab does not expect"),
+        }
+    }
+    Ok(())
+}
+
 /// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
 pub struct Operator {
     child: Child,

@@ -1,0 +1,250 @@
+//! The admission guard through a genuine kube-apiserver: deploy/guard.yaml's webhooks (pointed at the operator on
+//! loopback with a caBundle), the lab's KubeVirt (which unplugs whatever leaves a spec) and a QEMU guest. Every
+//! path that unplugs is tried: a JSON patch of the VM's spec (kubectl edit, GitOps), virtctl-style removevolume
+//! through the aggregated API, and a VMI-spec edit.
+
+use anyhow::{Context, Result};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use wukong_controller_client::companion::{self, AttachOptions};
+use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
+use wukong_controller_client::kubevirt::KubeVirt;
+use wukong_e2e::Guest;
+use wukong_e2e::cluster::{ADMIN, Cluster};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, template_volumes};
+use wukong_e2e::operator_lab::{GuardTls, OPERATOR, Operator, install_guard, install_operator};
+
+const NS: &str = "guarded";
+
+fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "kubevirt.io".into(),
+        version: "v1".into(),
+        api_version: "kubevirt.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn vms(client: &kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), NS, &resource("VirtualMachine", "virtualmachines"))
+}
+
+fn vmis(client: &kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), NS, &resource("VirtualMachineInstance", "virtualmachineinstances"))
+}
+
+/// A JSON patch that removes volume `name` and its disk from the spec at `base` (`/spec/template/spec` of a VM,
+/// `/spec` of a VMI), as `kubectl edit` or a GitOps sync would send it.
+fn removal(object: &DynamicObject, base: &str, name: &str) -> Result<Value> {
+    let spec = base.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
+    let index = |list: &Value| list.as_array().and_then(|l| l.iter().position(|v| v["name"] == name));
+    let volume = index(&spec["volumes"]).with_context(|| format!("volume {name} in {base}"))?;
+    let disk = index(&spec["domain"]["devices"]["disks"]).with_context(|| format!("disk {name} in {base}"))?;
+    Ok(json!([
+        {"op": "test", "path": format!("{base}/volumes/{volume}/name"), "value": name},
+        {"op": "remove", "path": format!("{base}/volumes/{volume}")},
+        {"op": "remove", "path": format!("{base}/domain/devices/disks/{disk}")},
+    ]))
+}
+
+/// The API server's answer to a patch: `Ok` when stored, else its status code and message.
+async fn patch(api: &Api<DynamicObject>, name: &str, patch: Value, dry_run: bool) -> Result<Result<(), (u16, String)>> {
+    let params = PatchParams { dry_run, ..Default::default() };
+    let patch: json_patch::Patch = serde_json::from_value(patch)?;
+    match api.patch(name, &params, &Patch::<()>::Json(patch)).await {
+        Ok(_) => Ok(Ok(())),
+        Err(kube::Error::Api(s)) => Ok(Err((s.code, s.message))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn label(api: &Api<DynamicObject>, name: &str, labels: Value, annotations: Value) -> Result<()> {
+    let body = json!({"metadata": {"labels": labels, "annotations": annotations}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
+    Ok(())
+}
+
+/// Reviews the guard answered so far (from its metrics).
+async fn reviews(operator: &Operator) -> Result<u64> {
+    let (_, metrics) = operator.get("/metrics").await?;
+    Ok(metrics
+        .lines()
+        .filter(|l| l.starts_with("wukong_operator_admission_reviews_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+async fn attach(guest: &Guest, client: &kube::Client, vmi: &str, volume: &str, claim: &str) -> Result<String> {
+    let kubevirt = KubeVirt::new(client.clone(), NS, vmi, false);
+    let spec = VolumeSpec {
+        name: volume.into(),
+        serial: volume.into(),
+        bus: DiskBus::Scsi,
+        source: VolumeSource::PersistentVolumeClaim(claim.into()),
+    };
+    let options = AttachOptions { timeout: Duration::from_secs(90), poll: Duration::from_millis(100) };
+    Ok(companion::attach(&kubevirt, &guest.agent(), &spec, &options, &|_| {}).await?.disk.dev_node)
+}
+
+async fn writer(guest: &Guest, mnt: &str) -> Result<String> {
+    let script = format!("sh -c 'exec 3>>{mnt}/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!");
+    Ok(guest.run_ok(&script).await?.trim().to_string())
+}
+
+async fn stop(guest: &Guest, pid: &str) -> Result<()> {
+    guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
+    Ok(())
+}
+
+async fn wait_gone(guest: &Guest, serial: &str) -> Result<()> {
+    let agent = guest.agent();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.get_disk(serial, false).await.is_ok_and(|d| d.state() != wukong_proto::v1::DiskState::Released) {
+        anyhow::ensure!(Instant::now() < deadline, "disk {serial} was never unplugged");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
+    let guest = Guest::boot().await?;
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
+    install_operator(&cluster).await?;
+    let tls = GuardTls::new()?;
+    let webhook = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let agent_port = guest.agent_address().to_string().rsplit(':').next().unwrap_or_default().to_string();
+    let cert_dir = tls.dir.path().to_str().unwrap().to_string();
+    let address = webhook.to_string();
+    let args = [
+        "--agent-plaintext",
+        "--agent-port",
+        &agent_port,
+        "--webhook-address",
+        &address,
+        "--webhook-cert-dir",
+        &cert_dir,
+    ];
+    let mut operator = Operator::start_with(&cluster, "guard", &args)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while operator.get("/readyz").await?.0 != 200 {
+        anyhow::ensure!(Instant::now() < deadline, "the operator never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    install_guard(&cluster, &format!("https://{webhook}/validate"), &tls).await?;
+    let admin = cluster.client(ADMIN).await?;
+    let (vms, vmis) = (vms(&admin), vmis(&admin));
+    kubevirt.create_vm("vm1", true, "127.0.0.1").await?;
+    label(&vms, "vm1", json!({"vm.novasphere.dev/guard": "enabled"}), json!({})).await?;
+    kubevirt.create_claim("pvc-data", &guest.new_image(64 << 20)?).await?;
+    let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    let sum = guest.fill(&dev, "/mnt/g", 4 << 20).await?;
+    let pid = writer(&guest, "/mnt/g").await?;
+    let agent = guest.agent();
+
+    // kubectl edit / GitOps: the VM spec loses the disk while a writer holds it: denied, nothing changes.
+    let vm = vms.get("vm1").await?;
+    let remove = removal(&vm, "/spec/template/spec", "data")?;
+    let (code, message) = patch(&vms, "vm1", remove.clone(), false).await?.expect_err("the unplug must be denied");
+    assert_eq!(code, 403, "{message}");
+    assert!(
+        message.contains("wukong guard refused to unplug disk 'data' (volume data) of VMI guarded/vm1"),
+        "{message}"
+    );
+    assert!(message.contains(&format!("pid {pid}")), "the writer is named: {message}");
+    assert!(message.contains("vm.novasphere.dev/force-detach=true"), "how to force: {message}");
+    assert!(template_volumes(&serde_json::to_value(vms.get("vm1").await?)?).contains(&"data".to_string()));
+    assert_eq!(agent.get_disk("data", false).await?.state(), wukong_proto::v1::DiskState::Present);
+    assert_eq!(guest.checksum("/mnt/g/data").await?, sum, "the data is intact");
+
+    // A dry run: the same verdict, and the guest is not asked to release anything.
+    let (code, dry) = patch(&vms, "vm1", remove.clone(), true).await?.expect_err("denied on a dry run too");
+    assert_eq!((code, dry.contains(&format!("pid {pid}"))), (403, true), "{dry}");
+    guest.run_ok("grep -q ' /mnt/g ' /proc/mounts").await.context("a dry run unmounts nothing")?;
+
+    // An object that did not opt in: allowed, and the guard is not even asked.
+    kubevirt.create_stopped_vm("cold").await?;
+    let before = reviews(&operator).await?;
+    let add = json!([{"op": "add", "path": "/spec/template/spec/volumes/-",
+                      "value": {"name": "x", "persistentVolumeClaim": {"claimName": "pvc-x", "hotpluggable": true}}},
+                     {"op": "add", "path": "/spec/template/spec/domain/devices/disks/-", "value": {"name": "x", "disk": {"bus": "scsi"}}}]);
+    patch(&vms, "cold", add, false).await?.expect("an addition is allowed");
+    let cold = vms.get("cold").await?;
+    patch(&vms, "cold", removal(&cold, "/spec/template/spec", "x")?, false).await?.expect("not opted in");
+    assert_eq!(reviews(&operator).await?, before, "the webhook is not called for an object that did not opt in");
+
+    // The writer stops; with the unmount annotation the same patch is allowed, and KubeVirt unplugs the disk.
+    stop(&guest, &pid).await?;
+    label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/unmount-on-detach": "true"})).await?;
+    patch(&vms, "vm1", remove, false).await?.expect("the released disk's unplug is allowed");
+    wait_gone(&guest, "data").await?;
+    let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    guest.run_ok(&format!("mount {dev} /mnt/g")).await?;
+    assert_eq!(guest.checksum("/mnt/g/data").await?, sum, "the data is intact after the guarded unplug");
+
+    // virtctl removevolume, through the aggregated API: virt-api's change of the VM spec is reviewed the same way.
+    let pid = writer(&guest, "/mnt/g").await?;
+    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm1/removevolume");
+    let request = |path: &str| {
+        http::Request::put(path).header("content-type", "application/json").body(br#"{"name": "data"}"#.to_vec())
+    };
+    let refused = admin.request_text(request(&path)?).await.expect_err("removevolume must be refused");
+    assert!(refused.to_string().contains("wukong guard refused to unplug disk 'data'"), "{refused}");
+    assert!(refused.to_string().contains(&format!("pid {pid}")), "{refused}");
+    stop(&guest, &pid).await?;
+    admin.request_text(request(&path)?).await.context("removevolume once the guest let go")?;
+    wait_gone(&guest, "data").await?;
+
+    // The agent is down: denied (fail safe); forced: allowed, with a Warning Event naming who forced it.
+    attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
+    let remove = removal(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
+    let (code, message) = patch(&vms, "vm1", remove.clone(), false).await?.expect_err("fail safe");
+    assert_eq!(code, 403);
+    assert!(message.contains("cannot ask the guest of VMI guarded/vm1"), "{message}");
+    label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/force-detach": "true"})).await?;
+    patch(&vms, "vm1", remove, false).await?.expect("forced");
+    let events: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        NS,
+        &ApiResource {
+            group: "events.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "events.k8s.io/v1".into(),
+            kind: "Event".into(),
+            plural: "events".into(),
+        },
+    );
+    let forced = events.list(&Default::default()).await?.items;
+    assert!(
+        forced
+            .iter()
+            .any(|e| e.data["reason"] == "ForcedUnplug" && e.data["note"].as_str().unwrap_or("").contains(ADMIN)),
+        "a Warning Event names who forced it: {forced:#?}"
+    );
+    guest.restart_agent().await?;
+    label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/force-detach": null})).await?;
+
+    // The old path: a standalone VMI's spec loses a busy disk.
+    kubevirt.create_vm("solo", false, "127.0.0.1").await?;
+    label(&vmis, "solo", json!({"vm.novasphere.dev/guard": "enabled"}), json!({})).await?;
+    kubevirt.create_claim("pvc-solo", &guest.new_image(16 << 20)?).await?;
+    let dev = attach(&guest, &admin, "solo", "solo-data", "pvc-solo").await?;
+    guest.fill(&dev, "/mnt/s", 1 << 20).await?;
+    let pid = writer(&guest, "/mnt/s").await?;
+    let remove = removal(&vmis.get("solo").await?, "/spec", "solo-data")?;
+    let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("a VMI edit is guarded");
+    assert!(code == 403 && message.contains(&format!("pid {pid}")), "{message}");
+    stop(&guest, &pid).await?;
+
+    // The webhook is down: the API server's own refusal for failurePolicy: Fail.
+    operator.kill();
+    let (code, message) = patch(&vms, "vm1", json!([{"op": "add", "path": "/metadata/labels/x", "value": "y"}]), false)
+        .await?
+        .expect_err("no webhook, no change");
+    assert!(message.contains("failed calling webhook"), "{code}: {message}");
+    Ok(())
+}
