@@ -91,8 +91,18 @@ async fn lead(
             }
         }
     };
+    let watch = async {
+        match &config.webhook {
+            Some(webhook) => {
+                let (client, access) = (client.clone(), config.agent.clone());
+                crate::release_watch::run(client, access, webhook.grace, config.identity.clone()).await
+            }
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
-        () = crate::reconcile::run(client, config, metrics, shutdown) => Ok(()),
+        () = crate::reconcile::run(client.clone(), config.clone(), metrics, shutdown) => Ok(()),
+        () = watch => Ok(()),
         () = lost => Err(Error::LostLease(lease_name)),
     };
     // Closing the channel makes the Lease task release the Lease (if still held) and end.

@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod release_watch;
 pub mod server;
 pub mod validate;
 pub mod webhook;
@@ -112,6 +113,9 @@ pub struct Config {
 pub struct WebhookConfig {
     pub address: std::net::SocketAddr,
     pub cert_dir: PathBuf,
+    /// How long a guarded disk may stay released while its volume is still in the spec before the leader gives it
+    /// back ([`release_watch`]).
+    pub grace: Duration,
 }
 
 pub use leader::run;

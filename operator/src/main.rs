@@ -60,6 +60,10 @@ struct RunArgs {
     /// Directory of the webhook's serving certificate Secret: tls.crt, tls.key (read again when they change).
     #[arg(long, env = "WUKONG_WEBHOOK_CERT_DIR", value_name = "DIR", requires = "webhook_address")]
     webhook_cert_dir: Option<PathBuf>,
+    /// Seconds a guarded disk may stay released while its volume is still in the spec (an allowed update that was
+    /// not stored) before the guest gets it back.
+    #[arg(long, default_value_t = 60)]
+    guard_grace_seconds: u64,
     /// Log as JSON lines (for log collectors).
     #[arg(long)]
     log_json: bool,
@@ -99,10 +103,11 @@ async fn main() -> anyhow::Result<()> {
         http_address: args.http_address,
         attach_wait: Duration::from_secs(args.wait_seconds),
         detach_wait: Duration::from_secs(args.wait_seconds),
-        webhook: args
-            .webhook_address
-            .zip(args.webhook_cert_dir)
-            .map(|(address, cert_dir)| WebhookConfig { address, cert_dir }),
+        webhook: args.webhook_address.zip(args.webhook_cert_dir).map(|(address, cert_dir)| WebhookConfig {
+            address,
+            cert_dir,
+            grace: Duration::from_secs(args.guard_grace_seconds),
+        }),
     };
     let client = kube::Client::try_default().await.context("cannot configure a Kubernetes client")?;
     let shutdown = async {

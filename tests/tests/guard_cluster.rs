@@ -127,6 +127,8 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
         &address,
         "--webhook-cert-dir",
         &cert_dir,
+        "--guard-grace-seconds",
+        "3",
     ];
     let mut operator = Operator::start_with(&cluster, "guard", &args)?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -239,6 +241,30 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("a VMI edit is guarded");
     assert!(code == 403 && message.contains(&format!("pid {pid}")), "{message}");
     stop(&guest, &pid).await?;
+
+    // Closing the loop. A release whose update was never stored (here: the guest released the disk, the spec kept
+    // it) is given back after the grace period, with an Event.
+    attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    assert!(agent.prepare_detach("data", false, false).await?.released);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.get_disk("data", false).await.map(|d| d.state()).ok() != Some(wukong_proto::v1::DiskState::Present) {
+        anyhow::ensure!(Instant::now() < deadline, "the released disk still in the spec was never given back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let given = events.list(&Default::default()).await?.items;
+    assert!(given.iter().any(|e| e.data["reason"] == "ReleaseCancelled"), "{given:#?}");
+    // The other direction: a disk released for an unplug KubeVirt is carrying out (slowly) stays released.
+    kubevirt.set_unplug_delay(Duration::from_secs(15));
+    let remove = removal(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
+    patch(&vms, "vm1", remove, false).await?.expect("an idle disk's unplug is allowed");
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let state = agent.get_disk("data", false).await.map(|d| d.state()).ok();
+    assert!(
+        state != Some(wukong_proto::v1::DiskState::Present),
+        "a disk leaving the spec is not given back: {state:?}"
+    );
+    wait_gone(&guest, "data").await?;
+    kubevirt.set_unplug_delay(Duration::from_millis(150));
 
     // The webhook is down: the API server's own refusal for failurePolicy: Fail.
     operator.kill();
