@@ -20,6 +20,7 @@ pub struct Metrics {
     detach_seconds: Histogram,
     blocked: Gauge,
     reviews: Family<Labels, Counter>,
+    review_seconds: Histogram,
     /// Blocked disks per object UID; the gauge is their sum.
     blocked_by_object: Mutex<HashMap<String, i64>>,
 }
@@ -49,6 +50,13 @@ impl Default for Metrics {
         );
         let reviews = Family::<Labels, Counter>::default();
         registry.register("admission_reviews", "Admission reviews answered by the guard, by verdict", reviews.clone());
+        // 0.25 ms to about 32 s: a review that asks no guest takes well under a millisecond, a release seconds.
+        let review_seconds = Histogram::new(exponential_buckets(0.00025, 2.0, 18));
+        registry.register(
+            "admission_duration_seconds",
+            "How long the guard took to answer a review",
+            review_seconds.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -57,6 +65,7 @@ impl Default for Metrics {
             detach_seconds,
             blocked,
             reviews,
+            review_seconds,
             blocked_by_object: Mutex::default(),
         }
     }
@@ -72,9 +81,10 @@ impl Metrics {
         self.failures.get_or_create(&vec![("reason", reason)]).inc();
     }
 
-    pub fn reviewed(&self, allowed: bool) {
+    pub fn reviewed(&self, allowed: bool, took: Duration) {
         let verdict = if allowed { "allowed" } else { "denied" };
         self.reviews.get_or_create(&vec![("verdict", verdict)]).inc();
+        self.review_seconds.observe(took.as_secs_f64());
     }
 
     pub fn detached(&self, after: Duration) {

@@ -324,8 +324,9 @@ async fn handle(
         Ok(body) => body.to_bytes(),
         Err(_) => Bytes::from(vec![b' '; crate::guard::MAX_REVIEW_BYTES + 1]),
     };
+    let started = std::time::Instant::now();
     let response = review(&guard, &body).await;
-    guard.metrics.reviewed(response.allowed);
+    guard.metrics.reviewed(response.allowed, started.elapsed());
     let body = serde_json::to_string(&response.into_review()).expect("a review serialises");
     Ok(reply(StatusCode::OK, body))
 }

@@ -172,3 +172,22 @@ impl Drop for Operator {
         self.kill();
     }
 }
+
+/// A quantile of a Prometheus histogram, as the upper bound of the bucket it falls in.
+pub fn quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.parse().unwrap_or(f64::INFINITY), count.parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    buckets.iter().find(|(_, count)| *count >= q * total).map(|(le, _)| *le)
+}
+
+/// A counter or gauge of the Prometheus text.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}

@@ -14,7 +14,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
-use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
+use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, metric, quantile};
 use wukong_operator::crd::{Phase, Wukong};
 
 const NS: &str = "scale";
@@ -37,24 +37,6 @@ fn operator_requests(events: &[AuditEvent]) -> (usize, usize) {
         .collect();
     let writes = ours.iter().filter(|e| e.is_write()).count();
     (ours.len() - writes, writes)
-}
-
-/// A quantile of a Prometheus histogram, as the upper bound of the bucket it falls in.
-fn quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
-    let buckets: Vec<(f64, f64)> = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            Some((le.parse().unwrap_or(f64::INFINITY), count.parse().ok()?))
-        })
-        .collect();
-    let total = buckets.last()?.1;
-    buckets.iter().find(|(_, count)| *count >= q * total).map(|(le, _)| *le)
-}
-
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 fn peak_rss_kib(pid: u32) -> Result<u64> {
