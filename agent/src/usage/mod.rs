@@ -46,6 +46,11 @@ impl UsageScanner {
         Self { roots, deadline: SCAN_DEADLINE, in_flight: Arc::default() }
     }
 
+    /// The /proc, /sys and /dev it scans.
+    pub fn roots(&self) -> &HostRoots {
+        &self.roots
+    }
+
     /// A fresh report for each disk, in order. Disks that vanished meanwhile get a report with no blockers.
     pub async fn check(&self, disks: &[Disk]) -> ScanResult {
         let key: Vec<String> = disks.iter().map(|d| d.kernel_name.clone()).collect();
