@@ -4,6 +4,7 @@
 
 use crate::inventory::Snapshot;
 use crate::roots::{HostRoots, resolve_dev_path};
+use crate::usage::procfs_parse::{overlay_layers, parse_mountinfo};
 use nix::sys::stat::{SFlag, major, minor, stat};
 use std::path::PathBuf;
 use wukong_proto::v1::{Disk, Holder};
@@ -27,8 +28,21 @@ pub fn is_path(name: &str) -> bool {
 }
 
 /// The disk `path` is, or is on. Device paths are read in the dev root; other paths as the host's processes see
-/// them (through PID 1's root: the agent itself may run in a sandboxed mount namespace).
+/// them (through PID 1's root: the agent itself may run in a sandboxed mount namespace). A path on an overlay is on
+/// the disk of the first of its layers found on a disk.
 pub fn disk_for_path<'s>(roots: &HostRoots, snapshot: &'s Snapshot, path: &str) -> Result<&'s Disk, LocateError> {
+    disk_for_path_at(roots, snapshot, path, 0)
+}
+
+/// Overlays stacked on overlays deeper than this are not followed (a corrupt mount table must not loop).
+const MAX_STACKING: u32 = 8;
+
+fn disk_for_path_at<'s>(
+    roots: &HostRoots,
+    snapshot: &'s Snapshot,
+    path: &str,
+    depth: u32,
+) -> Result<&'s Disk, LocateError> {
     let resolved: PathBuf = if path.starts_with("/dev/") {
         resolve_dev_path(roots, path)
     } else {
@@ -39,11 +53,23 @@ pub fn disk_for_path<'s>(roots: &HostRoots, snapshot: &'s Snapshot, path: &str) 
     let is_block = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFBLK;
     let dev = if is_block { st.st_rdev } else { st.st_dev };
     let (ma, mi) = (major(dev) as u32, minor(dev) as u32);
-    snapshot.disks.values().find(|d| disk_has(d, ma, mi)).ok_or(LocateError::NoDisk {
-        path: path.to_string(),
-        major: ma,
-        minor: mi,
-    })
+    let no_disk = || LocateError::NoDisk { path: path.to_string(), major: ma, minor: mi };
+    if let Some(d) = snapshot.disks.values().find(|d| disk_has(d, ma, mi)) {
+        return Ok(d);
+    }
+    if is_block || depth >= MAX_STACKING {
+        return Err(no_disk());
+    }
+    let mountinfo = std::fs::read_to_string(roots.proc.join("1/mountinfo")).unwrap_or_default();
+    let overlay = parse_mountinfo(&mountinfo)
+        .into_iter()
+        .find(|m| m.fs_type == "overlay" && (m.major, m.minor) == (ma, mi))
+        .ok_or_else(no_disk)?;
+    overlay_layers(&overlay.super_options)
+        .iter()
+        .filter(|l| l.path.starts_with('/'))
+        .find_map(|l| disk_for_path_at(roots, snapshot, &l.path, depth + 1).ok())
+        .ok_or_else(no_disk)
 }
 
 /// Whether `major:minor` is the disk, one of its partitions or a device stacked on them.
@@ -109,6 +135,25 @@ mod tests {
         assert_eq!(disk_for_path(&roots, &snapshot, "/dev/disk/by-id/virtio-pg-part1").unwrap().id, "pg");
         symlink("/proc/version", dir.path().join("proc-link")).unwrap();
         assert_eq!(disk_for_path(&roots, &snapshot, "/proc-link").unwrap().id, "pg", "a volume stacked on it");
+    }
+
+    /// A file on an overlay (its device number stood for by /sys's) is on the disk of the first layer found on one.
+    #[test]
+    fn a_path_on_an_overlay_is_on_the_disk_of_its_layers() {
+        let (dir, roots, snapshot) = fixture();
+        let sys = std::fs::metadata("/sys/kernel").unwrap().dev();
+        symlink("/sys/kernel", dir.path().join("merged")).unwrap();
+        let line =
+            |layers: &str| format!("50 1 {}:{} / /merged rw - overlay overlay rw,{layers}\n", major(sys), minor(sys));
+        std::fs::write(roots.proc.join("1/mountinfo"), line("lowerdir=/nowhere:/srv/data\\040dir,upperdir=/x"))
+            .unwrap();
+        assert_eq!(disk_for_path(&roots, &snapshot, "/merged").unwrap().id, "pg");
+        std::fs::write(roots.proc.join("1/mountinfo"), line("lowerdir=/nowhere,upperdir=relative")).unwrap();
+        let err = disk_for_path(&roots, &snapshot, "/merged").unwrap_err();
+        assert!(matches!(err, LocateError::NoDisk { .. }), "{err}");
+        // An overlay whose layer is itself: followed a bounded number of times.
+        std::fs::write(roots.proc.join("1/mountinfo"), line("lowerdir=/merged")).unwrap();
+        assert!(disk_for_path(&roots, &snapshot, "/merged").is_err());
     }
 
     #[test]
