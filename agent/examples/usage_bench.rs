@@ -1,7 +1,10 @@
 //! Benchmark: our usage scan against `fuser -m <dev>` and `lsof <mountpoint>` on the same system state.
 //!
-//! Builds a loop-mounted ext4 and N processes with M open fds each; 5% of them hold a file on the loop mount, the
-//! rest only unrelated files. Times each tool (median of several runs) and checks all three agree on the PIDs.
+//! Builds a loop-mounted ext4 with an overlay stacked on it (its layers on the ext4, as a container engine's are)
+//! and N processes with M open fds each; 5% of them hold a file on the loop mount, 1% more one through the
+//! overlay, the rest only unrelated files. Times each tool (median of several runs), and our scan again without
+//! its stacked-mount analysis (what that analysis costs); checks that fuser and lsof find nothing we miss, and
+//! counts the users through the overlay each finds.
 //!
 //! Run as root: `cargo run --release -p wukong-agent --example usage_bench [PROCS FDS]...`
 //! (default sweep: 500x20 1000x20 2000x20 2000x40).
@@ -11,7 +14,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
-use wukong_agent::usage::scan_now;
+use wukong_agent::usage::{Analyses, scan_now_with};
 use wukong_proto::v1::{Disk, blocker::Detail};
 
 const RUNS: usize = 9;
@@ -20,6 +23,7 @@ struct Setup {
     dir: tempfile::TempDir,
     dev: String,
     mount: std::path::PathBuf,
+    overlay: std::path::PathBuf,
 }
 
 impl Setup {
@@ -33,12 +37,21 @@ impl Setup {
         std::fs::create_dir(&mount).unwrap();
         run(&format!("mount {dev} {}", mount.display()));
         std::fs::write(mount.join("held"), b"data").unwrap();
-        Self { dir, dev, mount }
+        let m = mount.display();
+        run(&format!("mkdir {m}/lower {m}/upper {m}/work && echo data > {m}/lower/layered"));
+        let overlay = dir.path().join("merged");
+        std::fs::create_dir(&overlay).unwrap();
+        run(&format!(
+            "mount -t overlay overlay -o lowerdir={m}/lower,upperdir={m}/upper,workdir={m}/work {}",
+            overlay.display()
+        ));
+        Self { dir, dev, mount, overlay }
     }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.overlay).status();
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
         let _ = self.dir.path();
@@ -51,18 +64,25 @@ fn run(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Starts `procs` sleeping processes with `fds` open files each; every 20th holds the file on the mount.
-/// Returns the processes and the PIDs that hold the mount.
-fn spawn_processes(setup: &Setup, procs: usize, fds: usize) -> (Vec<Child>, BTreeSet<i32>) {
+/// Starts `procs` sleeping processes with `fds` open files each; every 20th holds the file on the mount, and
+/// every 100th (offset by 10) one through the overlay. Returns the processes, the PIDs that hold the mount and
+/// those that hold it through the overlay.
+fn spawn_processes(setup: &Setup, procs: usize, fds: usize) -> (Vec<Child>, BTreeSet<i32>, BTreeSet<i32>) {
     let unrelated = setup.dir.path().join("unrelated");
     std::fs::write(&unrelated, b"x").unwrap();
     let mut children = Vec::with_capacity(procs);
     let mut holders = BTreeSet::new();
+    let mut stacked = BTreeSet::new();
     for i in 0..procs {
         let holds = i % 20 == 0;
+        let through_overlay = i % 100 == 10;
         let mut redirs = String::new();
         for fd in 3..3 + fds {
-            let file = if holds && fd == 3 { setup.mount.join("held") } else { unrelated.clone() };
+            let file = match fd {
+                3 if holds => setup.mount.join("held"),
+                3 if through_overlay => setup.overlay.join("layered"),
+                _ => unrelated.clone(),
+            };
             redirs.push_str(&format!("exec {fd}<'{}'\n", file.display()));
         }
         let child = Command::new("bash")
@@ -75,6 +95,9 @@ fn spawn_processes(setup: &Setup, procs: usize, fds: usize) -> (Vec<Child>, BTre
         if holds {
             holders.insert(child.id() as i32);
         }
+        if through_overlay {
+            stacked.insert(child.id() as i32);
+        }
         children.push(child);
     }
     // All were started at once; now wait until each has opened its files.
@@ -83,7 +106,7 @@ fn spawn_processes(setup: &Setup, procs: usize, fds: usize) -> (Vec<Child>, BTre
         let mut ready = [0u8; 6];
         c.stdout.take().expect("piped").read_exact(&mut ready).expect("the process reports ready");
     }
-    (children, holders)
+    (children, holders, stacked)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -125,27 +148,47 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
-        "{:>6} {:>4} {:>9} {:>9} {:>9} {:>12} {:>11}  agree",
-        "procs", "fds", "ours", "fuser -m", "lsof", "fuser/ours", "lsof/ours"
+        "{:>6} {:>4} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12} {:>11}  agree",
+        "procs", "fds", "ours", "w/o stacked", "cost", "fuser -m", "lsof", "fuser/ours", "lsof/ours"
     );
     for (procs, fds) in configs {
         let setup = Setup::new();
-        let (mut children, expected) = spawn_processes(&setup, procs, fds);
+        let (mut children, expected, stacked) = spawn_processes(&setup, procs, fds);
         let disk = {
             let name = setup.dev.trim_start_matches("/dev/").to_string();
             Disk { kernel_name: name.clone(), id: name, ..Disk::default() }
         };
         let roots = HostRoots::default();
-        let (ours_t, report) =
-            time(|| scan_now(&roots, std::slice::from_ref(&disk), Duration::from_secs(60)).expect("scan"));
-        let ours: BTreeSet<i32> = report[0]
-            .blockers
-            .iter()
-            .filter_map(|b| match &b.detail {
-                Some(Detail::Process(p)) => Some(p.pid),
-                _ => None,
-            })
-            .collect();
+        let pids = |reports: &[wukong_proto::v1::UsageReport]| -> BTreeSet<i32> {
+            reports[0]
+                .blockers
+                .iter()
+                .filter_map(|b| match &b.detail {
+                    Some(Detail::Process(p)) => Some(p.pid),
+                    _ => None,
+                })
+                .collect()
+        };
+        let scan = |stacked_mounts: bool| {
+            let analyses = Analyses { stacked_mounts };
+            scan_now_with(&roots, std::slice::from_ref(&disk), Duration::from_secs(60), analyses).expect("scan")
+        };
+        // The same state, scanned with and without the stacked-mount analysis in alternation (so that a load that
+        // comes and goes on a shared machine weighs on both alike): the cost is the ratio of the medians.
+        let (mut with_times, mut without_times) = (Vec::new(), Vec::new());
+        let (mut report, mut without) = (None, None);
+        for _ in 0..RUNS {
+            for (stacked_mounts, times, last) in
+                [(true, &mut with_times, &mut report), (false, &mut without_times, &mut without)]
+            {
+                let t = Instant::now();
+                *last = Some(scan(stacked_mounts));
+                times.push(t.elapsed());
+            }
+        }
+        let (ours_t, without_t) = (median(with_times), median(without_times));
+        let (report, without) = (report.expect("RUNS > 0"), without.expect("RUNS > 0"));
+        let (ours, without) = (pids(&report), pids(&without));
         let (fuser_t, fuser_out) =
             time(|| Command::new("fuser").arg("-m").arg(&setup.dev).stderr(Stdio::null()).output().unwrap());
         // fuser prints PIDs (with access letters such as "c" or "m") on stdout, the names on stderr.
@@ -156,10 +199,14 @@ fn main() {
         let (lsof_t, lsof_out) =
             time(|| Command::new("lsof").arg("-w").arg(&setup.mount).stderr(Stdio::null()).output().unwrap());
         let lsof = lsof_pids(&String::from_utf8_lossy(&lsof_out.stdout));
-        let agree = expected.is_subset(&ours) && fuser.is_subset(&ours) && lsof.is_subset(&ours);
+        let agree =
+            expected.is_subset(&ours) && stacked.is_subset(&ours) && fuser.is_subset(&ours) && lsof.is_subset(&ours);
+        let through = |found: &BTreeSet<i32>| found.intersection(&stacked).count();
         println!(
-            "{procs:>6} {fds:>4} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>11.1}x {:>10.1}x  {} (ours {}, fuser {}, lsof {}, expected {})",
+            "{procs:>6} {fds:>4} {:>7.1}ms {:>9.1}ms {:>+7.1}% {:>7.1}ms {:>7.1}ms {:>11.1}x {:>10.1}x  {} (ours {}, fuser {}, lsof {}, expected {}; through the overlay: ours {}, without the analysis {}, fuser {}, lsof {}, of {})",
             ours_t.as_secs_f64() * 1e3,
+            without_t.as_secs_f64() * 1e3,
+            (ours_t.as_secs_f64() / without_t.as_secs_f64() - 1.0) * 100.0,
             fuser_t.as_secs_f64() * 1e3,
             lsof_t.as_secs_f64() * 1e3,
             fuser_t.as_secs_f64() / ours_t.as_secs_f64(),
@@ -168,7 +215,12 @@ fn main() {
             ours.len(),
             fuser.len(),
             lsof.len(),
-            expected.len()
+            expected.len() + stacked.len(),
+            through(&ours),
+            through(&without),
+            through(&fuser),
+            through(&lsof),
+            stacked.len()
         );
         std::io::stdout().flush().ok();
         for c in children.iter_mut() {

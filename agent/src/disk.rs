@@ -56,6 +56,8 @@ pub fn describe(roots: &HostRoots, db: &dyn UdevDb, kernel_name: &str) -> Option
         holders: holders_of(roots, db, &dir, &mut HashSet::new(), 0),
         read_only: read_u64(&dir.join("ro")) == Some(1),
         fs_type: prop(&props, "ID_FS_TYPE").unwrap_or_default(),
+        fs_uuid: prop(&props, "ID_FS_UUID").unwrap_or_default(),
+        fs_label: prop(&props, "ID_FS_LABEL").unwrap_or_default(),
         state: DiskState::Present as i32,
         ..Disk::default()
     })
@@ -442,6 +444,8 @@ mod tests {
             "ID_WWN",
             "ID_WWN_WITH_EXTENSION",
             "ID_FS_TYPE",
+            "ID_FS_UUID",
+            "ID_FS_LABEL",
             "ID_BUS",
         ];
 
@@ -462,8 +466,10 @@ mod tests {
                     if !d.serial.is_empty() {
                         prop_assert!(!d.by_id_links.is_empty(), "a disk with a serial is reported only with its link");
                     }
-                    if let Some(fs) = props.get("ID_FS_TYPE") {
-                        prop_assert_eq!(d.fs_type, fs.trim().to_string());
+                    for (key, got) in [("ID_FS_TYPE", &d.fs_type), ("ID_FS_UUID", &d.fs_uuid), ("ID_FS_LABEL", &d.fs_label)] {
+                        if let Some(v) = props.get(key) {
+                            prop_assert_eq!(got, &v.trim().to_string());
+                        }
                     }
                 }
             }

@@ -10,6 +10,7 @@ pub mod disk;
 pub mod instance;
 pub mod inventory;
 pub mod limits;
+pub mod locate;
 pub mod release;
 pub mod roots;
 pub use wukong_proto::serial;

@@ -73,11 +73,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let agent = DiskAgentServer::new(service).max_decoding_message_size(config.limits.max_message_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DiskAgentServer<DiskAgentService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(wukong_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let routes = Routes::new(agent).add_service(health_service).add_service(reflection);
+    // Both reflection versions: grpc.reflection.v1 for current clients, v1alpha for those that still speak only
+    // it (older grpcurl, grpcui, Postman, evans).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(wukong_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let routes = Routes::new(agent)
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
 
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let timeout = Duration::from_secs(config.limits.request_timeout_seconds);

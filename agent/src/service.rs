@@ -59,6 +59,18 @@ impl DiskAgentService {
         Self { inventory, facts, usage, releaser, access, admission, stopping }
     }
 
+    /// The disk a request names: by serial, or by a path in the guest (a device, a by-id link, a mount point),
+    /// resolved to that disk's serial.
+    fn named(&self, name: &str) -> Result<Serial, Status> {
+        if !crate::locate::is_path(name) {
+            return parse_serial(name);
+        }
+        let snapshot = self.inventory.snapshot();
+        let disk = crate::locate::disk_for_path(self.usage.roots(), &snapshot, name)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        parse_serial(&disk.id)
+    }
+
     /// Attaches a fresh usage report to each disk.
     async fn with_usage(&self, mut disks: Vec<Disk>) -> Result<Vec<Disk>, Status> {
         let reports = self.usage.check(&disks).await.map_err(usage_status)?;
@@ -169,7 +181,7 @@ impl DiskAgent for DiskAgentService {
 
     async fn get_disk(&self, req: Request<GetDiskRequest>) -> Result<Response<Disk>, Status> {
         let _admitted = self.admission.request(&req)?;
-        let serial = parse_serial(&req.get_ref().serial)?;
+        let serial = self.named(&req.get_ref().serial)?;
         let disk = self.inventory.snapshot().find(&serial).map_err(lookup_status)?.clone();
         if req.get_ref().include_usage {
             let mut with = self.with_usage(vec![disk]).await?;
@@ -245,7 +257,7 @@ impl DiskAgent for DiskAgentService {
 
     async fn check_usage(&self, req: Request<CheckUsageRequest>) -> Result<Response<UsageReport>, Status> {
         let _admitted = self.admission.request(&req)?;
-        let serial = parse_serial(&req.get_ref().serial)?;
+        let serial = self.named(&req.get_ref().serial)?;
         let disk = self.inventory.snapshot().find(&serial).map_err(lookup_status)?.clone();
         let reports = self.usage.check(std::slice::from_ref(&disk)).await.map_err(usage_status)?;
         Ok(Response::new(reports[0].clone()))
@@ -258,7 +270,7 @@ impl DiskAgent for DiskAgentService {
         let _admitted = self.admission.request(&req)?;
         authorize(&self.access, &req, "PrepareDetach")?;
         let PrepareDetachRequest { serial, unmount, dry_run } = req.into_inner();
-        let serial = parse_serial(&serial)?;
+        let serial = self.named(&serial)?;
         // A release runs to its end even if the caller goes away: stopping half-way would leave the disk
         // half-released.
         let releaser = self.releaser.clone();
@@ -271,7 +283,7 @@ impl DiskAgent for DiskAgentService {
     async fn cancel_detach(&self, req: Request<CancelDetachRequest>) -> Result<Response<CancelDetachResponse>, Status> {
         let _admitted = self.admission.request(&req)?;
         authorize(&self.access, &req, "CancelDetach")?;
-        let serial = parse_serial(&req.get_ref().serial)?;
+        let serial = self.named(&req.get_ref().serial)?;
         let releaser = self.releaser.clone();
         let cancelled = tokio::spawn(async move { releaser.cancel(&serial).await })
             .await

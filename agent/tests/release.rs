@@ -271,3 +271,91 @@ async fn a_system_disk_is_never_released() {
     );
     assert!(!read_only(&disk.dev));
 }
+
+/// Overlay mount points (in this namespace) and their options as mountinfo shows them.
+fn overlays_at(paths: &[&Path]) -> BTreeSet<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .filter(|l| l.contains(" - overlay "))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let point = f[4].replace("\\040", " ");
+            paths.iter().any(|p| p.to_str() == Some(point.as_str())).then(|| (point, f[f.len() - 1].to_string()))
+        })
+        .collect()
+}
+
+/// Two idle overlays stacked on the disk (one with a space in its path and a lower directory named with a space)
+/// are unmounted before the disk's own mount and come back, with the same layers, after it on cancel. Used through
+/// an overlay, the disk is refused, naming the user, and nothing changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_stacked_overlays_are_released_and_restored_and_used_ones_refuse() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    for d in ["low 1", "low2", "up", "work", "up2", "work2"] {
+        std::fs::create_dir_all(a.join(d)).unwrap();
+    }
+    let (file, sum) = write_data(&a.join("low2"));
+    let (one, two) = (disk.dir.path().join("merged one"), a.join("low2/nested merged"));
+    for (point, upper, work) in [(&one, "up", "work"), (&two, "up2", "work2")] {
+        std::fs::create_dir_all(point).unwrap();
+        sh(&format!(
+            "mount -t overlay overlay -o 'lowerdir={a}/low 1:{a}/low2,upperdir={a}/{upper},workdir={a}/{work}' '{}'",
+            point.display(),
+            a = a.display()
+        ));
+        disk.mounts.push(point.clone());
+    }
+    let before = overlays_at(&[&one, &two]);
+    assert_eq!(before.len(), 2);
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+
+    let user = Holder::sh(&format!("exec 3<'{}/data.bin'", one.display()));
+    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    let ReleaseError::InUse { message, .. } = &err else { panic!("refused as in use: {err}") };
+    assert!(message.contains("it is in use; nothing was changed"), "{message}");
+    assert!(
+        message.contains(&format!(
+            "(pid {}, uid 0) has {}/data.bin open for reading (on overlay mounted at {}",
+            user.pid(),
+            one.display(),
+            one.display()
+        )),
+        "{message}"
+    );
+    assert_eq!(overlays_at(&[&one, &two]), before, "nothing changed");
+    drop(user);
+
+    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    assert!(released.released, "{released:#?}");
+    let unmounted: Vec<&str> =
+        released.actions.iter().filter(|a| a.kind == "unmount").map(|a| a.description.as_str()).collect();
+    assert_eq!(
+        unmounted,
+        [
+            format!("unmounted {} (overlay) in the host mount namespace", two.display()),
+            format!("unmounted {} (overlay) in the host mount namespace", one.display()),
+            format!("unmounted {} (ext4) in the host mount namespace", a.display()),
+        ],
+        "stacked first, deepest first"
+    );
+    assert!(
+        released.actions[0].description.contains("2 idle filesystem(s) are stacked on it"),
+        "{:?}",
+        released.actions[0]
+    );
+    assert!(overlays_at(&[&one, &two]).is_empty() && findmnt_targets(&disk.dev).is_empty());
+    assert!(read_only(&disk.dev));
+
+    let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
+    let mounted: Vec<&str> =
+        cancelled.actions.iter().filter(|a| a.kind == "mount").map(|a| a.description.as_str()).collect();
+    assert_eq!(mounted.len(), 3, "{:#?}", cancelled.actions);
+    assert!(mounted[0].contains("(ext4)"), "the disk first: {mounted:?}");
+    assert_eq!(overlays_at(&[&one, &two]), before, "the overlays are back with the same layers");
+    assert_eq!(checksum(&one.join("data.bin")), sum, "and show the disk's data");
+    assert_eq!(checksum(&file), sum);
+    assert_eq!(rig.state(), DiskState::Present);
+}

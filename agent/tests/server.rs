@@ -123,3 +123,35 @@ async fn release_requests_for_bad_or_unknown_serials_are_named_errors_and_change
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+/// Server reflection answers both `grpc.reflection.v1` and `v1alpha`, asked by an independent client: Debian's
+/// gRPC C core (python3-grpcio, installed by scripts/lib/install-deps.sh), with the request encoded by hand
+/// (ServerReflectionRequest field 7, list_services = "") and the answer read as raw bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_answers_v1_and_v1alpha_to_an_independent_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let (stop_tx, server) = start(&socket);
+    let client = connected(&socket).await;
+    client.agent_info().await.unwrap();
+    let script = r#"
+import sys, grpc
+channel = grpc.insecure_channel("unix:" + sys.argv[1])
+for version in ("v1", "v1alpha"):
+    call = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo")
+    answer = b"".join(call(iter([b"\x3a\x00"]), timeout=10))
+    print(version, "wukong.agent.v1.DiskAgent" in answer.decode("latin-1"), "grpc.health.v1.Health" in answer.decode("latin-1"))
+"#;
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&socket)
+        .output()
+        .await
+        .expect("python3 runs");
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout, "v1 True True\nv1alpha True True\n");
+}

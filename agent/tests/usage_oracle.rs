@@ -355,3 +355,182 @@ fn scans_survive_processes_exiting_mid_scan() {
     churn.join().unwrap();
     assert!(churned.load(Ordering::Relaxed) >= 50, "processes came and went during {scans} scans");
 }
+
+/// PIDs `lsof` finds holding files on `what` (a device or a mount point).
+fn lsof_pids(what: &str) -> BTreeSet<i32> {
+    let out = Command::new("lsof").arg("-w").arg("-t").arg(what).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|w| w.parse().ok()).collect()
+}
+
+fn stacked_of(report: &UsageReport) -> Vec<(&Blocker, &wukong_proto::v1::MountUse)> {
+    report
+        .blockers
+        .iter()
+        .filter(|b| b.kind() == BlockerKind::StackedMount)
+        .filter_map(|b| match &b.detail {
+            Some(Detail::Mount(m)) => Some((b, m)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The PID (in this namespace) of the only child of `pid`: the process `unshare --fork` runs.
+fn only_child(pid: i32) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let children: Vec<i32> = children.split_whitespace().map(|c| c.parse().unwrap()).collect();
+    assert_eq!(children.len(), 1, "{children:?}");
+    children[0]
+}
+
+/// What a container is, without a container engine: an overlay whose layers are on the disk, mounted inside a new
+/// mount and PID namespace, and a process there working in it. The host sees neither the overlay nor the disk's
+/// files in use; `fuser -m` and `lsof` find nothing; the scan reports the overlay, its namespace and the process.
+#[test]
+fn an_overlay_in_a_container_namespace_and_its_process_are_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("var lib containers");
+    for d in ["layer 1", "layer2", "upper", "work"] {
+        std::fs::create_dir_all(mp.join(d)).unwrap();
+    }
+    std::fs::write(mp.join("layer2/app.db"), b"rows").unwrap();
+    let merged = disk.dir.path().join("rootfs");
+    std::fs::create_dir_all(&merged).unwrap();
+    let m = mp.display();
+    let container = Holder::start(
+        "unshare",
+        &[
+            "--mount",
+            "--pid",
+            "--fork",
+            // Killing unshare must end the container too (its PID 1 is unshare's child).
+            "--kill-child",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &format!(
+                "mount -t overlay overlay -o 'lowerdir={m}/layer 1:{m}/layer2,upperdir={m}/upper,workdir={m}/work' \
+                 '{r}' && cd '{r}' && exec 3>>'{r}/app.db' && echo ready && exec sleep 1000",
+                r = merged.display()
+            ),
+        ],
+    );
+    let app = only_child(container.pid());
+    let report = disk.scan();
+    let stacked = stacked_of(&report);
+    assert_eq!(stacked.len(), 1, "{:#?}", messages(&report));
+    let (b, mount) = stacked[0];
+    assert!(!mount.host_namespace);
+    assert_eq!(mount.mount_point, merged.to_str().unwrap());
+    let layers: Vec<(&str, String)> = mount.layers.iter().map(|l| (l.option.as_str(), l.path.clone())).collect();
+    assert_eq!(
+        layers,
+        vec![
+            ("lowerdir", format!("{m}/layer 1")),
+            ("lowerdir", format!("{m}/layer2")),
+            ("upperdir", format!("{m}/upper")),
+            ("workdir", format!("{m}/work")),
+        ]
+    );
+    assert!(
+        b.message.starts_with(&format!("overlay mounted at {} in mount namespace ", merged.display())),
+        "{}",
+        b.message
+    );
+    assert!(
+        b.message.contains(&format!(
+            "lowerdir {m}/layer 1, lowerdir {m}/layer2, upperdir {m}/upper and workdir {m}/work on {}",
+            disk.dev
+        )),
+        "{}",
+        b.message
+    );
+    let w = find(&report, app, ProcessUseKind::OpenFile).expect("the container's process is found by its host pid");
+    assert!(
+        w.message.contains("app.db open for writing") && w.message.contains("(on overlay mounted at"),
+        "{}",
+        w.message
+    );
+    assert!(find(&report, app, ProcessUseKind::Cwd).is_some(), "{:#?}", messages(&report));
+    // Where the usual tools look, nothing shows.
+    assert!(!fuser_pids(&disk.dev).contains(&app), "fuser -m misses the container's process");
+    assert!(!lsof_pids(&disk.dev).contains(&app), "lsof of the device misses it");
+    assert!(!lsof_pids(mp.to_str().unwrap()).contains(&app), "lsof of the disk's mount point misses it");
+}
+
+/// An overlay in this namespace with several lower directories (one with a space) on the disk, used in every way a
+/// process can: an open file, its working and root directory, its program and a shared mapping. A second overlay
+/// has only a lower layer on the disk and its upper one on tmpfs: its files carry per-layer device numbers no
+/// mount names. `fuser -m` and `lsof` of the disk see none of these users.
+#[test]
+fn processes_using_files_through_overlays_are_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("data");
+    for d in ["low 1/bin", "low2", "up", "work"] {
+        std::fs::create_dir_all(mp.join(d)).unwrap();
+    }
+    std::fs::copy("/usr/bin/busybox", mp.join("low 1/bin/busybox")).unwrap();
+    std::fs::write(mp.join("low2/table"), vec![1u8; 8192]).unwrap();
+    let (merged, split) = (disk.dir.path().join("merged"), disk.dir.path().join("split view"));
+    let tmp = disk.dir.path().join("tmp");
+    for d in [&merged, &split, &tmp] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let m = mp.display();
+    sh(&format!(
+        "mount -t overlay overlay -o 'lowerdir={m}/low 1:{m}/low2,upperdir={m}/up,workdir={m}/work' '{}'",
+        merged.display()
+    ));
+    disk.mounts.push(merged.clone());
+    sh(&format!("mount -t tmpfs tmpfs '{t}' && mkdir '{t}/u' '{t}/w'", t = tmp.display()));
+    disk.mounts.insert(0, tmp.clone());
+    sh(&format!(
+        "mount -t overlay overlay -o 'lowerdir={m}/low2,upperdir={t}/u,workdir={t}/w' '{}'",
+        split.display(),
+        t = tmp.display()
+    ));
+    disk.mounts.push(split.clone());
+    let r = merged.display();
+    let writer = Holder::sh(&format!("exec 3>>'{r}/new file'"));
+    let cwd = Holder::sh(&format!("cd '{r}'"));
+    let rooted = Holder::start(
+        "chroot",
+        &[&r.to_string(), "/bin/busybox", "sh", "-c", "echo ready; exec /bin/busybox sleep 1000"],
+    );
+    let mapper = Holder::start(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            &format!(
+                "import mmap,time\nf=open('{r}/table','r+b')\nm=mmap.mmap(f.fileno(),0)\nf.close()\nprint('ready',flush=True)\ntime.sleep(1000)"
+            ),
+        ],
+    );
+    let split_reader = Holder::sh(&format!("exec 3<'{}/table'", split.display()));
+    let report = disk.scan();
+    let stacked = stacked_of(&report);
+    let points: BTreeSet<&str> = stacked.iter().map(|(_, m)| m.mount_point.as_str()).collect();
+    assert_eq!(points, BTreeSet::from([merged.to_str().unwrap(), split.to_str().unwrap()]), "{:#?}", messages(&report));
+    let (split_b, _) = stacked.iter().find(|(_, m)| m.mount_point == split.to_str().unwrap()).unwrap();
+    assert!(split_b.message.contains(&format!("its lowerdir {m}/low2 on {}", disk.dev)), "{}", split_b.message);
+    assert!(!split_b.message.contains("upperdir"), "the upper layer is not on the disk: {}", split_b.message);
+
+    let w = find(&report, writer.pid(), ProcessUseKind::OpenFile).expect("writer through the overlay");
+    assert!(w.message.contains("new file open for writing"), "{}", w.message);
+    assert!(find(&report, cwd.pid(), ProcessUseKind::Cwd).is_some(), "{:#?}", messages(&report));
+    assert!(find(&report, rooted.pid(), ProcessUseKind::Root).is_some(), "{:#?}", messages(&report));
+    assert!(find(&report, rooted.pid(), ProcessUseKind::Exe).is_some(), "{:#?}", messages(&report));
+    let map = find(&report, mapper.pid(), ProcessUseKind::Mmap).expect("shared mapping through the overlay");
+    assert!(map.message.contains("table"), "{}", map.message);
+    let s = find(&report, split_reader.pid(), ProcessUseKind::OpenFile).expect("reader of a per-layer device number");
+    assert!(s.message.contains("split view"), "{}", s.message);
+
+    let overlay_users = BTreeSet::from([writer.pid(), cwd.pid(), rooted.pid(), split_reader.pid()]);
+    let fuser = fuser_pids(&disk.dev);
+    let lsof = lsof_pids(&disk.dev);
+    assert!(fuser.is_disjoint(&overlay_users), "fuser -m misses them all: {fuser:?}");
+    assert!(lsof.is_disjoint(&overlay_users), "lsof misses them all: {lsof:?}");
+    assert!(pids_of(&report).is_superset(&fuser), "and we find all fuser finds");
+}

@@ -81,16 +81,26 @@ pub fn disks_table(disks: &[Disk]) -> String {
     let rows: Vec<Vec<String>> = disks
         .iter()
         .map(|d| {
-            let contents: Vec<String> = d
-                .partitions
-                .iter()
-                .map(|p| {
+            // A filesystem on the whole disk (no partition table) is its content, as a partition's would be.
+            let whole = (!d.fs_type.is_empty()).then(|| {
+                let mut fs = d.fs_type.clone();
+                if !d.fs_label.is_empty() {
+                    fs.push_str(&format!(" label={}", d.fs_label));
+                }
+                if !d.fs_uuid.is_empty() {
+                    fs.push_str(&format!(" uuid={}", d.fs_uuid));
+                }
+                fs
+            });
+            let contents: Vec<String> = whole
+                .into_iter()
+                .chain(d.partitions.iter().map(|p| {
                     if p.fs_type.is_empty() {
                         p.kernel_name.clone()
                     } else {
                         format!("{}:{}", p.kernel_name, p.fs_type)
                     }
-                })
+                }))
                 .chain(d.holders.iter().map(|h| format!("held by {}", h.kernel_name)))
                 .collect();
             vec![
@@ -126,6 +136,7 @@ pub fn blocker_kind_name(kind: BlockerKind) -> &'static str {
         BlockerKind::Process => "process",
         BlockerKind::KernelClaim => "kernel-claim",
         BlockerKind::System => "system",
+        BlockerKind::StackedMount => "stacked-mount",
         BlockerKind::Unspecified => "other",
     }
 }
@@ -255,6 +266,7 @@ pub fn disk_json(d: &Disk) -> Value {
         "major": d.major, "minor": d.minor, "bus": bus_name(d.bus()), "by_id_links": d.by_id_links,
         "by_path_links": d.by_path_links, "size_bytes": d.size_bytes, "vendor": d.vendor, "model": d.model,
         "wwn": d.wwn, "device_id": d.device_id, "read_only": d.read_only, "fs_type": d.fs_type,
+        "fs_uuid": d.fs_uuid, "fs_label": d.fs_label,
         "state": state_name(d), "system": d.system, "system_reason": d.system_reason,
         "released_at": timestamp_json(&d.released_at),
         "release_method": match d.release_method() {
@@ -403,5 +415,20 @@ mod tests {
         let t = disks_table(&[d, none]);
         assert!(t.lines().nth(1).unwrap().starts_with("data-1  /dev/sdb"), "{t}");
         assert!(t.lines().nth(2).unwrap().starts_with("-       /dev/vdc"), "{t}");
+    }
+
+    #[test]
+    fn a_filesystem_on_the_whole_disk_is_its_contents() {
+        let whole = Disk {
+            dev_node: "/dev/sdb".into(),
+            fs_type: "ext4".into(),
+            fs_label: "pgdata".into(),
+            fs_uuid: "0b1c".into(),
+            ..Disk::default()
+        };
+        let unlabelled = Disk { dev_node: "/dev/sdc".into(), fs_type: "xfs".into(), ..Disk::default() };
+        let t = disks_table(&[whole, unlabelled]);
+        assert!(t.lines().nth(1).unwrap().ends_with("  ext4 label=pgdata uuid=0b1c"), "{t}");
+        assert!(t.lines().nth(2).unwrap().ends_with("  xfs"), "{t}");
     }
 }

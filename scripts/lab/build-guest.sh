@@ -85,7 +85,7 @@ for g in root disk kmem dialout cdrom tape audio video input kvm render sgx tty 
 done
 
 # --- kernel modules, dependencies resolved from modules.dep -----------------------------------------------------
-copy_modules "$root" virtio_pci virtio_scsi sd_mod virtio_blk virtio_net loop dm_mod dm_crypt raid1 ext4 xfs btrfs
+copy_modules "$root" virtio_pci virtio_scsi sd_mod virtio_blk virtio_net loop dm_mod dm_crypt raid1 ext4 xfs btrfs overlay
 
 cp "$here/guest-init.sh" "$root/init"
 cp "$here/guest-ctl-handler.sh" "$root/bin/wukong-ctl-handler"

@@ -3,7 +3,8 @@
 //! The binary it downloads is the one users download: the glibc 2.17 build of `scripts/lib/build-guest-agent.sh`
 //! (`agent_binary()`), served over HTTP from the host.
 //! Checks that cloud-init used the NoCloud seed, that the shipped unit runs the agent under systemd (READY, the
-//! watchdog, a restart after a crash), and a full safe attach and detach from the host over mutual TLS.
+//! watchdog, a restart after a crash), and, under the unit's hardening, a refusal naming the user, a release
+//! undone by a cancel and a full safe attach and detach from the host over mutual TLS.
 
 use anyhow::{Context, Result, ensure};
 use std::process::Command;
@@ -104,6 +105,32 @@ async fn cloud_init_installs_the_agent_under_systemd_and_a_safe_detach_works_ove
     let attach = AttachOptions { timeout: Duration::from_secs(60), poll: Duration::from_millis(100) };
     let disk = companion::attach(&qemu, &agent, &volume, &attach, &|_| {}).await?.disk;
     let sum = guest.fill(&disk.dev_node, "/mnt/b", 4 << 20).await?;
+
+    // The hardened unit (systemd-analyze security: 3.1): a seccomp allow-list, /sys read-only but for
+    // /sys/devices, block devices only. Under it, a refusal names the user, and a release is undone by a cancel.
+    let sandbox = guest.run_ok("grep -E '^(Seccomp|NoNewPrivs):' /proc/$(pidof wukong-agent)/status").await?;
+    assert!(sandbox.contains("Seccomp:\t2") && sandbox.contains("NoNewPrivs:\t1"), "{sandbox}");
+    let holder = guest
+        .run_ok("sh -c 'exec 3>>/mnt/b/log; exec sleep 600' </dev/null >/dev/null 2>&1 & echo $!")
+        .await?
+        .trim()
+        .to_string();
+    let refused = agent.prepare_detach("data-b", true, false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
+    assert!(
+        refused.to_string().contains(&format!("(pid {holder}, uid 0) has /mnt/b/log open for writing")),
+        "{refused}"
+    );
+    guest.run_ok(&format!("kill {holder}; while [ -e /proc/{holder} ]; do sleep 0.1; done")).await?;
+    let released = agent.prepare_detach("data-b", true, false).await?;
+    assert!(released.released, "{released:?}");
+    let kinds: Vec<&str> = released.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert!(kinds.contains(&"scsi-delete"), "the sandboxed agent deleted the SCSI device: {kinds:?}");
+    let cancelled = agent.cancel_detach("data-b").await?;
+    let kinds: Vec<&str> = cancelled.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert!(kinds.contains(&"scsi-rescan") && kinds.contains(&"mount"), "rescanned and mounted back: {kinds:?}");
+    assert_eq!(guest.checksum("/mnt/b/data").await?, sum, "data intact after a release and a cancel");
+
     let options = DetachOptions {
         volume: "data-b".into(),
         serial: None,

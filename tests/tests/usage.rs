@@ -1,5 +1,6 @@
 //! CheckUsage in a real guest, for what the host cannot build: partitions on a hot-plugged SCSI disk, swap
-//! partitions, LVM, md RAID1 and dm-crypt stacks.
+//! partitions, LVM, md RAID1 and dm-crypt stacks; overlays on a hot-plugged disk used from a container's mount and
+//! PID namespace, released and restored.
 
 use anyhow::Result;
 use std::time::Duration;
@@ -136,5 +137,121 @@ async fn md_raid1_across_two_hotplugged_disks_blocks_both() -> Result<()> {
     }
     guest.run_ok("mdadm --stop --quiet /dev/md0 && udevadm settle").await?;
     assert!(!agent.check_usage("md-a").await?.in_use);
+    Ok(())
+}
+
+/// What a container engine does with a data disk, without one: overlays whose layers are on a hot-plugged disk
+/// (several lower directories, paths with spaces), one idle in the host namespace and one in a new mount and PID
+/// namespace (busybox `unshare`) used by the process there. The disk is named by path as well as by serial. In use,
+/// the release is refused naming the container's process; once it is gone, the release unmounts the idle overlay
+/// before the disk, and a cancel brings both back.
+#[tokio::test(flavor = "multi_thread")]
+async fn overlays_on_a_hotplugged_disk_block_it_until_idle_and_come_back_after_a_cancel() -> Result<()> {
+    let guest = Guest::boot().await?;
+    let agent = guest.agent();
+    let dev = plug(&guest, "ctr-data").await?;
+    let layers =
+        "lowerdir=/var/lib/ctr/layer 1:/var/lib/ctr/layer2,upperdir=/var/lib/ctr/upper,workdir=/var/lib/ctr/work";
+    guest
+        .run_ok(&format!(
+            "mkfs.ext4 -q -L ctr {dev} && udevadm settle && mkdir -p /var/lib/ctr && mount {dev} /var/lib/ctr && \
+             cd /var/lib/ctr && mkdir 'layer 1' layer2 upper work upper2 work2 && echo rows > layer2/app.db && \
+             mkdir -p '/run/ctr/root fs' /run/ctr2 && mount -t overlay overlay -o '{layers}' '/run/ctr/root fs'"
+        ))
+        .await?;
+    // The whole-disk filesystem is what the disk holds.
+    let disk = agent.get_disk("ctr-data", false).await?;
+    assert_eq!((disk.fs_type.as_str(), disk.fs_label.as_str()), ("ext4", "ctr"), "{disk:?}");
+    assert!(!disk.fs_uuid.is_empty());
+    let container = guest
+        .run_ok(
+            "unshare -m -p -f --propagation private sh -c \"mount -t overlay overlay -o \
+             'lowerdir=/var/lib/ctr/layer2,upperdir=/var/lib/ctr/upper2,workdir=/var/lib/ctr/work2' /run/ctr2 && \
+             exec 3</run/ctr2/app.db && cd /run/ctr2 && exec sleep 600\" </dev/null >/dev/null 2>&1 & u=$!; \
+             for i in $(seq 100); do c=$(cat /proc/$u/task/$u/children 2>/dev/null); c=${c% }; \
+             [ -n \"$c\" ] && [ \"$(cat /proc/$c/comm)\" = sleep ] && break; usleep 100000; done; echo $c",
+        )
+        .await?
+        .trim()
+        .to_string();
+    let pid: i32 = container.parse()?;
+
+    // By serial, by a mount point, by a by-id link: the same report.
+    let report = agent.check_usage("ctr-data").await?;
+    for name in ["/var/lib/ctr", "/run/ctr/root fs/app.db"] {
+        let by_path = agent.check_usage(name).await?;
+        assert_eq!(by_path.serial, "ctr-data", "{name}");
+    }
+    let by_id = disk.by_id_links.first().expect("a by-id link").clone();
+    assert_eq!(agent.check_usage(&by_id).await?.serial, "ctr-data");
+    let nowhere = agent.check_usage("/proc/version").await.unwrap_err();
+    assert_eq!(nowhere.code(), Some(Code::NotFound));
+    assert!(nowhere.to_string().contains("'/proc/version' is on device 0:"), "{nowhere}");
+
+    let stacked: Vec<&str> =
+        report.blockers.iter().filter(|b| b.kind() == BlockerKind::StackedMount).map(|b| b.message.as_str()).collect();
+    // The host's overlay, seen from both namespaces (the container's started as a copy), and the container's own.
+    assert_eq!(stacked.len(), 3, "{}", messages(&report));
+    assert!(
+        stacked.iter().any(|m| m.starts_with("overlay mounted at /run/ctr/root fs in the host mount namespace")
+            && m.contains(&format!("lowerdir /var/lib/ctr/layer 1, lowerdir /var/lib/ctr/layer2, upperdir /var/lib/ctr/upper and workdir /var/lib/ctr/work on {dev}"))),
+        "{}",
+        messages(&report)
+    );
+    assert!(
+        stacked
+            .iter()
+            .any(|m| m.starts_with("overlay mounted at /run/ctr2 in mount namespace ") && m.contains("(of pid ")),
+        "{}",
+        messages(&report)
+    );
+    let user = report
+        .blockers
+        .iter()
+        .find(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == pid && p.path == "/run/ctr2/app.db"))
+        .unwrap_or_else(|| panic!("the container's process {pid}:\n{}", messages(&report)));
+    assert!(user.message.contains("(on overlay mounted at /run/ctr2"), "{}", user.message);
+    // busybox's fuser -m in the guest misses it too.
+    let fuser = guest.run(&format!("fuser -m {dev}")).await?.output;
+    assert!(!fuser.split_whitespace().any(|w| w == container), "fuser -m found it: {fuser}");
+
+    let refused = agent.prepare_detach("ctr-data", true, false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition));
+    assert!(
+        refused.to_string().contains(&format!("sleep (pid {pid}, uid 0) has /run/ctr2/app.db open for reading")),
+        "{refused}"
+    );
+    assert!(guest.run_ok("grep -c ' overlay ' /proc/mounts").await?.trim() == "1", "nothing changed");
+
+    guest.run_ok(&format!("kill -9 {pid}; while [ -e /proc/{pid} ]; do usleep 50000; done")).await?;
+    let released = agent.prepare_detach("ctr-data", true, false).await?;
+    assert!(released.released, "{released:?}");
+    let unmounted: Vec<&str> =
+        released.actions.iter().filter(|a| a.kind == "unmount").map(|a| a.description.as_str()).collect();
+    assert_eq!(
+        unmounted,
+        [
+            "unmounted /run/ctr/root fs (overlay) in the host mount namespace",
+            "unmounted /var/lib/ctr (ext4) in the host mount namespace"
+        ],
+        "the idle overlay first"
+    );
+    let cancelled = agent.cancel_detach("ctr-data").await?;
+    let mounted: Vec<&str> =
+        cancelled.actions.iter().filter(|a| a.kind == "mount").map(|a| a.description.as_str()).collect();
+    assert_eq!(
+        mounted,
+        [
+            "mounted /var/lib/ctr (ext4) in the host mount namespace again",
+            "mounted /run/ctr/root fs (overlay) in the host mount namespace again"
+        ],
+        "{:?}",
+        cancelled.actions
+    );
+    assert_eq!(
+        guest.run_ok("cat '/run/ctr/root fs/app.db'").await?.trim(),
+        "rows",
+        "the overlay shows the disk's layers again"
+    );
     Ok(())
 }

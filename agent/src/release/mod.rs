@@ -4,8 +4,8 @@
 //! A release runs PRESENT → RELEASING → RELEASED, one operation per disk at a time:
 //! 1. a fresh usage scan; any blocker but an idle mount refuses, changing nothing (so does a mount without
 //!    `unmount`, and another filesystem mounted inside one of the disk's);
-//! 2. every mount of the disk, in every mount namespace, is undone deepest first; on a failure the undone ones are
-//!    mounted back;
+//! 2. every filesystem stacked on the disk (an overlay with a layer on it), then every mount of the disk, in every
+//!    mount namespace, is undone deepest first; on a failure the undone ones are mounted back;
 //! 3. a final scan, once udev's own probes of the disk are over, must find nothing;
 //! 4. flush: dirty buffers written, the device's write cache flushed;
 //! 5. fence: a SCSI device is deleted in the guest (nothing can reopen it); other buses are set read-only.
@@ -610,10 +610,13 @@ fn list(paths: &[PathBuf]) -> String {
 }
 
 fn scan_summary(report: &UsageReport) -> String {
-    let mounts = report.blockers.iter().filter(|b| b.kind() == BlockerKind::Mount).count();
-    match mounts {
-        0 => "nothing uses the disk".into(),
-        n => format!("the disk is mounted {n} time(s) and nothing else uses it"),
+    let count = |kind| report.blockers.iter().filter(|b| b.kind() == kind).count();
+    match (count(BlockerKind::Mount), count(BlockerKind::StackedMount)) {
+        (0, 0) => "nothing uses the disk".into(),
+        (n, 0) => format!("the disk is mounted {n} time(s) and nothing else uses it"),
+        (n, s) => format!(
+            "the disk is mounted {n} time(s), {s} idle filesystem(s) are stacked on it and nothing else uses it"
+        ),
     }
 }
 

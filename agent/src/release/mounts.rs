@@ -5,7 +5,7 @@
 //! there see them and the rest of the agent is untouched.
 
 use crate::roots::{HostRoots, resolve_dev_path};
-use crate::usage::procfs_parse::{MountEntry, parse_mountinfo};
+use crate::usage::procfs_parse::{MountEntry, parse_mountinfo, unescape_octal};
 use crate::usage::target::Target;
 use nix::dir::Dir;
 use nix::fcntl::OFlag;
@@ -38,6 +38,10 @@ pub struct MountRecord {
     pub partition: u32,
     /// Depth in the namespace's mount tree; deeper mounts are undone first.
     pub depth: u32,
+    /// A filesystem stacked on the disk (an overlay with a layer on it), not on its device: undone before the
+    /// disk's own mounts, mounted back after them. Absent in journals of agents before stacked mounts.
+    #[serde(default)]
+    pub stacked: bool,
 }
 
 impl MountRecord {
@@ -75,8 +79,10 @@ impl MountError {
     }
 }
 
-/// The mounts to undo for a disk whose scan reported `uses`, deepest first, non-host namespaces before the host's.
-/// Refuses (changing nothing) when another filesystem is mounted inside one of them.
+/// The mounts to undo for a disk whose scan reported `uses`: filesystems stacked on the disk first (an overlay pins
+/// its layers: unmounting the disk under it would succeed and leave the disk held by nothing one can name), then
+/// the disk's own; each deepest first, non-host namespaces before the host's. Refuses (changing nothing) when
+/// another filesystem is mounted inside one of them.
 pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec<MountRecord>, MountError> {
     let mut by_ns: BTreeMap<(bool, u64), Vec<&MountUse>> = BTreeMap::new();
     for u in uses {
@@ -98,6 +104,7 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
             })
         };
         let reported: HashSet<u32> = uses.iter().map(|u| u.mount_id).collect();
+        let stacked: HashSet<u32> = uses.iter().filter(|u| !u.layers.is_empty()).map(|u| u.mount_id).collect();
         let ours: HashMap<u32, &MountEntry> = entries
             .iter()
             .filter(|e| reported.contains(&e.mount_id) || device_of(e).is_some())
@@ -119,6 +126,7 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
         }
         for e in ours.values() {
             let kernel_name = device_of(e).unwrap_or_default();
+            let stacked = stacked.contains(&e.mount_id);
             group.push(MountRecord {
                 namespace: ns,
                 namespace_pid: pid,
@@ -130,13 +138,16 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
                 options: e.options.clone(),
                 super_options: e.super_options.clone(),
                 source: e.source.clone(),
-                partition: partition_number(roots, kernel_name),
+                partition: if stacked { 0 } else { partition_number(roots, kernel_name) },
                 depth: depth(&parents, e.mount_id),
+                stacked,
             });
         }
         group.sort_by(|a, b| b.depth.cmp(&a.depth).then(b.mount_id.cmp(&a.mount_id)));
         records.extend(group);
     }
+    // Stable: namespaces and depths keep their order within each kind.
+    records.sort_by_key(|r| !r.stacked);
     Ok(records)
 }
 
@@ -215,8 +226,9 @@ pub fn mount_back(
     node_for: &(dyn Fn(u32) -> Option<PathBuf> + Sync),
 ) -> Vec<(MountRecord, Result<(), MountError>)> {
     let mut ordered: Vec<&MountRecord> = records.iter().rev().collect();
-    // Whole filesystems before bind mounts of their subdirectories, which are made from them.
-    ordered.sort_by_key(|r| (r.root != "/", r.depth));
+    // The disk's filesystems before what is stacked on them; whole filesystems before bind mounts of their
+    // subdirectories, which are made from them.
+    ordered.sort_by_key(|r| (r.stacked, r.root != "/", r.depth));
     let mut outcomes = Vec::new();
     let mut by_ns: BTreeMap<u64, Vec<&MountRecord>> = BTreeMap::new();
     for r in ordered {
@@ -246,9 +258,21 @@ fn mount_one(
     node_for: &(dyn Fn(u32) -> Option<PathBuf> + Sync),
 ) -> Result<(), MountError> {
     let fail = |device: &str, reason: String| MountError::Mount { place: r.place(), device: device.into(), reason };
+    let flags = mount_flags(&r.options);
+    if r.stacked {
+        // An overlay comes back from its own options: the layers, as the mounter gave them.
+        let data = mount_data(&r.super_options);
+        return nix::mount::mount(
+            Some(r.source.as_str()),
+            r.mount_point.as_str(),
+            Some(r.fs_type.as_str()),
+            flags,
+            Some(data.as_str()),
+        )
+        .map_err(|e| fail(&r.source, e.desc().to_lowercase()));
+    }
     let node = node_for(r.partition).ok_or_else(|| fail(&r.source, "the disk is no longer in the guest".into()))?;
     let device = node.display().to_string();
-    let flags = mount_flags(&r.options);
     if r.root == "/" {
         let data = mount_data(&r.super_options);
         let mount = |data: Option<&str>| {
@@ -304,9 +328,16 @@ fn mount_flags(options: &str) -> MsFlags {
         .fold(MsFlags::empty(), |a, b| a | b)
 }
 
-/// Filesystem options among super options, without the read-only state the flags carry.
+/// Filesystem options among super options, without the read-only state the flags carry. mountinfo octal-escapes
+/// what it cannot show (`\054` for a comma in an overlay's layer path); decoded, each option is the string the
+/// mounter gave (with its own `\,` escapes), which is what mount takes back.
 fn mount_data(super_options: &str) -> String {
-    super_options.split(',').filter(|o| !matches!(*o, "rw" | "ro" | "")).collect::<Vec<_>>().join(",")
+    super_options
+        .split(',')
+        .filter(|o| !matches!(*o, "rw" | "ro" | ""))
+        .map(unescape_octal)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The mount namespace a worker thread has entered, with a view of its mount table.
@@ -372,6 +403,10 @@ mod tests {
         assert_eq!(f, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RELATIME);
         assert_eq!(mount_data("rw,errors=remount-ro,,data=ordered"), "errors=remount-ro,data=ordered");
         assert_eq!(mount_data("ro"), "");
+        assert_eq!(
+            mount_data("rw,lowerdir=/d/low\\0401:/x/c\\134\\054d,upperdir=/d/up,workdir=/d/w,uuid=on"),
+            "lowerdir=/d/low 1:/x/c\\,d,upperdir=/d/up,workdir=/d/w,uuid=on"
+        );
     }
 
     /// A process (pid 7) whose namespace mounts the disk 8:16 at /data, partition 8:17 at /data/a and, bound from
@@ -422,6 +457,25 @@ mod tests {
         assert_eq!(plan[0].super_options, "rw,attr2");
         assert_eq!(plan[1].root, "/sub");
         assert_eq!(plan[2].place(), "/data (ext4) in the host mount namespace");
+    }
+
+    /// An overlay at /merged with its lower directory on the disk's /data goes first, wherever it sits, and
+    /// comes back last.
+    #[test]
+    fn stacked_mounts_are_undone_first_and_mounted_back_last() {
+        let (_dir, roots, target, ns) = fixture(false);
+        let mountinfo = roots.proc.join("7/mountinfo");
+        let mut text = std::fs::read_to_string(&mountinfo).unwrap();
+        text.push_str(
+            "30 1 0:40 / /merged rw - overlay overlay rw,lowerdir=/data/l,upperdir=/data/u,workdir=/data/w\n",
+        );
+        std::fs::write(&mountinfo, text).unwrap();
+        let mut overlay = use_of(ns, 30);
+        overlay.layers = vec![wukong_proto::v1::StackedLayer { option: "lowerdir".into(), ..Default::default() }];
+        let plan = plan(&roots, &target, &[use_of(ns, 20), use_of(ns, 21), overlay]).unwrap();
+        let order: Vec<(&str, bool)> = plan.iter().map(|r| (r.mount_point.as_str(), r.stacked)).collect();
+        assert_eq!(order, vec![("/merged", true), ("/data/a", false), ("/srv/b", false), ("/data", false)]);
+        assert_eq!(plan[0].place(), "/merged (overlay) in the host mount namespace");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::roots::HostRoots;
 use crate::udev_db::LibUdevDb;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+pub use scan::Analyses;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -43,6 +44,11 @@ pub struct UsageScanner {
 impl UsageScanner {
     pub fn new(roots: HostRoots) -> Self {
         Self { roots, deadline: SCAN_DEADLINE, in_flight: Arc::default() }
+    }
+
+    /// The /proc, /sys and /dev it scans.
+    pub fn roots(&self) -> &HostRoots {
+        &self.roots
     }
 
     /// A fresh report for each disk, in order. Disks that vanished meanwhile get a report with no blockers.
@@ -84,8 +90,13 @@ impl UsageScanner {
     }
 }
 
-/// Scans now, on this thread.
+/// Scans now, on this thread, with every analysis.
 pub fn scan_now(roots: &HostRoots, disks: &[Disk], deadline: Duration) -> ScanResult {
+    scan_now_with(roots, disks, deadline, Analyses { stacked_mounts: true })
+}
+
+/// Scans now, on this thread, with the analyses asked for.
+pub fn scan_now_with(roots: &HostRoots, disks: &[Disk], deadline: Duration, analyses: Analyses) -> ScanResult {
     let started = Instant::now();
     let scanned_at = SystemTime::now();
     let targets: Vec<Target> = disks
@@ -95,7 +106,8 @@ pub fn scan_now(roots: &HostRoots, disks: &[Disk], deadline: Duration) -> ScanRe
                 .unwrap_or_else(|| Target { key: d.id.clone(), devices: Vec::new() })
         })
         .collect();
-    let blockers = scan::scan(roots, &targets, started + deadline).map_err(|_| UsageError::Deadline(deadline))?;
+    let blockers =
+        scan::scan(roots, &targets, started + deadline, analyses).map_err(|_| UsageError::Deadline(deadline))?;
     let duration = started.elapsed();
     let reports = disks
         .iter()
@@ -171,6 +183,88 @@ mod tests {
         let Some(Detail::Process(p)) = &process.detail else { panic!("process detail") };
         assert_eq!((p.fd, p.uid, p.writable, p.r#use()), (7, 999, true, ProcessUseKind::OpenFile));
         assert_eq!(p.cmdline, "postgres -D /var/lib/pg");
+    }
+
+    /// A fake process in its own mount namespace, seeing the fixture's directory as its root.
+    fn process_in_namespace(roots: &HostRoots, base: &std::path::Path, pid: i32, comm: &str, mountinfo: &str) {
+        let p = roots.proc.join(pid.to_string());
+        for sub in ["fd", "fdinfo", "ns"] {
+            std::fs::create_dir_all(p.join(sub)).unwrap();
+        }
+        std::fs::write(p.join("ns/mnt"), b"").unwrap();
+        std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
+        std::fs::write(p.join("status"), b"Uid:\t1000\t1000\t1000\t1000\n").unwrap();
+        std::fs::write(p.join("cmdline"), comm).unwrap();
+        std::fs::write(p.join("mountinfo"), mountinfo).unwrap();
+        symlink(base, p.join("root")).unwrap();
+    }
+
+    /// An overlay whose lower directory (a path with a space, among several) is on the disk, seen from two mount
+    /// namespaces; processes using files through it, including one whose file carries a per-layer device number
+    /// no mount names (found through the mount it was opened through).
+    #[test]
+    fn overlays_stacked_on_the_disk_and_their_users_are_found() {
+        let (dir, roots, disk) = fixture();
+        std::fs::create_dir_all(dir.path().join("layers/low 1")).unwrap();
+        // The overlay's own device number: any filesystem other than the fixture's (procfs here).
+        let overlay = std::fs::metadata("/proc/version").unwrap().dev();
+        let (oma, omi) = (nix::sys::stat::major(overlay), nix::sys::stat::minor(overlay));
+        let line = |id: u32| {
+            format!(
+                "{id} 1 {oma}:{omi} / /merged rw,relatime - overlay overlay \
+                 rw,lowerdir=/elsewhere:/layers/low\\0401,upperdir=/nowhere/u,workdir=/nowhere/w\n"
+            )
+        };
+        let mut host = std::fs::read_to_string(roots.proc.join("4242/mountinfo")).unwrap();
+        host.push_str(&line(40));
+        std::fs::write(roots.proc.join("4242/mountinfo"), host).unwrap();
+        symlink(dir.path(), roots.proc.join("4242/root")).unwrap();
+        // The agent's own namespace is the host's: pid 4242's.
+        symlink("4242", roots.proc.join("self")).unwrap();
+        process_in_namespace(&roots, dir.path(), 4243, "app", &line(50));
+        symlink("/proc/version", roots.proc.join("4243/fd/3")).unwrap();
+        std::fs::write(roots.proc.join("4243/fdinfo/3"), b"flags:\t0100000\nmnt_id:\t50\n").unwrap();
+        // A sysfs file stands for a per-layer device number: anonymous, regular, in no mountinfo of the tree.
+        symlink("/sys/kernel/uevent_seqnum", roots.proc.join("4243/fd/4")).unwrap();
+        std::fs::write(roots.proc.join("4243/fdinfo/4"), b"flags:\t0100001\nmnt_id:\t50\n").unwrap();
+        // The same kind of file opened through another mount is not the overlay's.
+        symlink("/sys/kernel/uevent_seqnum", roots.proc.join("4243/fd/5")).unwrap();
+        std::fs::write(roots.proc.join("4243/fdinfo/5"), b"flags:\t0100000\nmnt_id:\t77\n").unwrap();
+
+        let reports = scan_now(&roots, std::slice::from_ref(&disk), Duration::from_secs(10)).unwrap();
+        let r = &reports[0];
+        let stacked: Vec<&wukong_proto::v1::Blocker> =
+            r.blockers.iter().filter(|b| b.kind() == BlockerKind::StackedMount).collect();
+        assert_eq!(stacked.len(), 2, "seen from both namespaces: {:#?}", r.blockers);
+        let host = stacked.iter().find(|b| b.message.contains("host mount namespace")).expect("host overlay");
+        assert!(
+            host.message.starts_with("overlay mounted at /merged in the host mount namespace is stacked on this disk: its lowerdir /layers/low 1 on "),
+            "{}",
+            host.message
+        );
+        assert!(
+            host.message.ends_with("(ext4, mounted at /var/lib/pg data); it must be unmounted before the disk"),
+            "{}",
+            host.message
+        );
+        let other = stacked.iter().find(|b| b.message.contains("of pid 4243, app")).expect("namespaced overlay");
+        let Some(Detail::Mount(m)) = &other.detail else { panic!("mount detail") };
+        assert_eq!((m.mount_id, m.host_namespace, m.fs_type.as_str()), (50, false, "overlay"));
+        assert_eq!(m.layers.len(), 1);
+        assert_eq!((m.layers[0].option.as_str(), m.layers[0].path.as_str()), ("lowerdir", "/layers/low 1"));
+        let users: Vec<(i32, i32, bool)> = r
+            .blockers
+            .iter()
+            .filter_map(|b| match &b.detail {
+                // (Its root, the fixture's directory, is on the disk too.)
+                Some(Detail::Process(p)) if p.pid == 4243 && p.fd >= 0 => Some((p.pid, p.fd, p.writable)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(users, vec![(4243, 3, false), (4243, 4, true)], "{:#?}", r.blockers);
+        let user =
+            r.blockers.iter().find(|b| b.message.starts_with("app (pid 4243, uid 1000) has /proc/version")).unwrap();
+        assert!(user.message.contains("(on overlay mounted at /merged in"), "{}", user.message);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Parsers for the `/proc` files the usage scanner reads: `mountinfo`, `swaps`, `maps` and `fdinfo`.
+//! Parsers for the `/proc` files the usage scanner reads: `mountinfo` (and the layers in an overlay's super
+//! options), `swaps`, `maps` and `fdinfo`.
 //!
 //! They take text and never panic: a malformed or truncated line (a process exiting mid-read, a hostile fixture)
 //! is skipped, not trusted.
@@ -86,6 +87,85 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     })
 }
 
+/// A layer directory of an overlayfs, as its mount options name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayLayer {
+    /// "lowerdir", "upperdir", "workdir" or "datadir" (a data-only lower layer).
+    pub option: &'static str,
+    /// The directory as given to mount, escapes decoded; relative when the mounter gave a relative path.
+    pub path: String,
+}
+
+/// The layers of an overlayfs, from the super options mountinfo shows for it
+/// (`rw,lowerdir=/l1:/l2::/data,upperdir=/u,workdir=/w,...`).
+///
+/// Two levels of escaping: the kernel octal-escapes the option values (`\054` comma, `\040` space, `\134`
+/// backslash); under that is the string the mounter gave, where a backslash escapes the next character (`\:` a
+/// colon inside a path) and, in `lowerdir`, `:` separates layers and `::` starts the data-only ones. The per-layer
+/// options of Linux 6.7's mount API (`lowerdir+`, `datadir+`) name one layer each.
+pub fn overlay_layers(super_options: &str) -> Vec<OverlayLayer> {
+    let mut layers = Vec::new();
+    for option in super_options.split(',') {
+        let Some((key, raw)) = option.split_once('=') else { continue };
+        let value = unescape_octal(raw);
+        let option = match key {
+            "lowerdir" => {
+                layers.extend(split_lowerdir(&value));
+                continue;
+            }
+            "lowerdir+" => "lowerdir",
+            "datadir+" => "datadir",
+            "upperdir" => "upperdir",
+            "workdir" => "workdir",
+            _ => continue,
+        };
+        let path = unescape_backslash(&value);
+        if !path.is_empty() {
+            layers.push(OverlayLayer { option, path });
+        }
+    }
+    layers
+}
+
+/// Splits a `lowerdir` value the way overlayfs does: `\x` is a literal `x`, `:` ends a layer, and the layers after
+/// an empty one (`::`) are data-only.
+fn split_lowerdir(value: &str) -> Vec<OverlayLayer> {
+    let mut layers = Vec::new();
+    let mut option = "lowerdir";
+    let mut current = String::new();
+    let mut chars = value.chars();
+    let mut end = |current: &mut String, option: &mut &'static str| {
+        if current.is_empty() {
+            *option = "datadir";
+        } else {
+            layers.push(OverlayLayer { option, path: std::mem::take(current) });
+        }
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            ':' => end(&mut current, &mut option),
+            c => current.push(c),
+        }
+    }
+    end(&mut current, &mut option);
+    layers
+}
+
+/// Removes the mounter's backslash escapes (`\x` is `x`).
+fn unescape_backslash(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            out.extend(chars.next());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// One line of `/proc/swaps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SwapEntry {
@@ -157,6 +237,11 @@ pub fn fdinfo_writable(text: &str) -> bool {
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         .is_some_and(|flags| flags & 0o3 != 0)
+}
+
+/// The `mnt_id:` line of `/proc/<pid>/fdinfo/<fd>`: the mount the file was opened through.
+pub fn fdinfo_mount_id(text: &str) -> Option<u32> {
+    text.lines().find_map(|l| l.strip_prefix("mnt_id:")).and_then(|v| v.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -240,6 +325,45 @@ broken line
         assert_eq!((m[1].major, m[1].minor, m[1].shared_writable), (8, 0x11, true));
     }
 
+    /// What this machine's kernel (6.18) showed for overlays mounted with a space, an escaped colon, comma and
+    /// backslash in lower directories, and with a data-only layer.
+    #[test]
+    fn overlay_layers_decode_both_escape_levels() {
+        let shown = "rw,lowerdir=/d/low\\0401:/x/a\\134:b:/x/c\\134\\054d:/x/e\\134\\134f,upperdir=/d/up\\040per,\
+                     workdir=/d/work,uuid=on";
+        let layers = overlay_layers(shown);
+        let got: Vec<(&str, &str)> = layers.iter().map(|l| (l.option, l.path.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("lowerdir", "/d/low 1"),
+                ("lowerdir", "/x/a:b"),
+                ("lowerdir", "/x/c,d"),
+                ("lowerdir", "/x/e\\f"),
+                ("upperdir", "/d/up per"),
+                ("workdir", "/d/work"),
+            ]
+        );
+        let data = overlay_layers("ro,lowerdir=/x/u::/x/c\\134\\054d,redirect_dir=on");
+        let got: Vec<(&str, &str)> = data.iter().map(|l| (l.option, l.path.as_str())).collect();
+        assert_eq!(got, vec![("lowerdir", "/x/u"), ("datadir", "/x/c,d")]);
+        let plus = overlay_layers("rw,lowerdir+=/a,lowerdir+=/b,datadir+=/c,upperdir=/u,workdir=/w");
+        assert_eq!(
+            plus.iter().map(|l| l.option).collect::<Vec<_>>(),
+            ["lowerdir", "lowerdir", "datadir", "upperdir", "workdir"]
+        );
+    }
+
+    #[test]
+    fn overlay_layers_ignore_hostile_options() {
+        assert!(overlay_layers("").is_empty());
+        assert!(overlay_layers("rw,errors=remount-ro,lowerdir").is_empty());
+        let odd = overlay_layers("lowerdir=::\\,upperdir=\\,workdir=,lowerdir=a\\");
+        let got: Vec<(&str, &str)> = odd.iter().map(|l| (l.option, l.path.as_str())).collect();
+        // A dangling backslash escapes nothing; empty layers are no layers.
+        assert_eq!(got, vec![("lowerdir", "a")]);
+    }
+
     #[test]
     fn fdinfo_flags() {
         assert!(!fdinfo_writable("pos:\t0\nflags:\t0100000\nmnt_id:\t30\n"));
@@ -247,6 +371,10 @@ broken line
         assert!(fdinfo_writable("flags:\t02\n"));
         assert!(!fdinfo_writable("flags:\tzz\n"));
         assert!(!fdinfo_writable(""));
+        assert_eq!(fdinfo_mount_id("pos:\t0\nflags:\t0100000\nmnt_id:\t46\nino:\t13\n"), Some(46));
+        assert_eq!(fdinfo_mount_id("mnt_id:\t-1\n"), None);
+        assert_eq!(fdinfo_mount_id("mnt_id:\n"), None);
+        assert_eq!(fdinfo_mount_id("flags:\t02\n"), None);
     }
 }
 
@@ -274,7 +402,9 @@ mod properties {
             let _ = parse_swaps(&text);
             let _ = parse_maps(&text);
             let _ = fdinfo_writable(&text);
+            let _ = fdinfo_mount_id(&text);
             let _ = unescape_octal(&text);
+            let _ = overlay_layers(&text);
         }
 
         #[test]
@@ -283,6 +413,43 @@ mod properties {
             let _ = parse_mountinfo(&text);
             let _ = parse_swaps(&text);
             let _ = parse_maps(&text);
+            let _ = overlay_layers(&text);
+        }
+
+        /// Any layer paths, escaped by a mounter and then by the kernel, come back as they were, in order.
+        #[test]
+        fn overlay_layers_round_trip(
+            lower in proptest::collection::vec("/[^\u{0}]{1,24}", 1..5),
+            data in proptest::collection::vec("/[^\u{0}]{1,24}", 0..3),
+            upper in "/[^\u{0}]{1,24}",
+        ) {
+            // The mounter escapes backslash, colon and comma; the kernel then escapes what mountinfo cannot carry.
+            let mount_escape = |p: &String| p.replace('\\', "\\\\").replace(':', "\\:").replace(',', "\\,");
+            let kernel = |s: String| {
+                let mut out = String::new();
+                for c in s.chars() {
+                    match c {
+                        ' ' | '\t' | '\n' | '\\' | ',' | '=' => out.push_str(&format!("\\{:03o}", c as u32)),
+                        c => out.push(c),
+                    }
+                }
+                out
+            };
+            let mut lowerdir = lower.iter().map(mount_escape).collect::<Vec<_>>().join(":");
+            if !data.is_empty() {
+                lowerdir.push_str("::");
+                lowerdir.push_str(&data.iter().map(mount_escape).collect::<Vec<_>>().join(":"));
+            }
+            let shown = format!(
+                "rw,lowerdir={},upperdir={},workdir={},uuid=on",
+                kernel(lowerdir), kernel(mount_escape(&upper)), kernel(mount_escape(&upper))
+            );
+            let got = overlay_layers(&shown);
+            let want: Vec<(&str, &str)> = lower.iter().map(|p| ("lowerdir", p.as_str()))
+                .chain(data.iter().map(|p| ("datadir", p.as_str())))
+                .chain([("upperdir", upper.as_str()), ("workdir", upper.as_str())])
+                .collect();
+            prop_assert_eq!(got.iter().map(|l| (l.option, l.path.as_str())).collect::<Vec<_>>(), want);
         }
 
         #[test]

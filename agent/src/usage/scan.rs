@@ -4,7 +4,10 @@
 //! whatever mount namespace, chroot or deleted path it lives in. A process that exits mid-scan, or one entry we may
 //! not read, is skipped; it never fails the scan.
 
-use super::procfs_parse::{MapEntry, MountEntry, fdinfo_writable, parse_maps, parse_mountinfo, parse_swaps};
+use super::procfs_parse::{
+    MapEntry, MountEntry, OverlayLayer, fdinfo_mount_id, fdinfo_writable, overlay_layers, parse_maps, parse_mountinfo,
+    parse_swaps,
+};
 use super::procmap;
 use super::target::{Role, Target, describe_holder, holder_hint};
 use crate::roots::{HostRoots, resolve_dev_path};
@@ -16,8 +19,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 use wukong_proto::v1::{
-    Blocker, BlockerKind, HolderUse, KernelClaim, LoopUse, MountUse, ProcessUse, ProcessUseKind, SwapUse, SystemUse,
-    blocker::Detail,
+    Blocker, BlockerKind, HolderUse, KernelClaim, LoopUse, MountUse, ProcessUse, ProcessUseKind, StackedLayer, SwapUse,
+    SystemUse, blocker::Detail,
 };
 
 /// Uses listed per process and kind before the rest are summarised in one line.
@@ -50,10 +53,61 @@ struct Index<'a> {
     mounted_devs: HashSet<u64>,
     /// btrfs filesystems (fsid) of the targets.
     btrfs_fsids: HashMap<[u8; 16], usize>,
+    /// Stacked filesystems (overlays with a layer on a target), by the id of each of their mounts in any namespace.
+    /// A file of an overlay whose layers span filesystems carries a per-layer device number no mount names; the
+    /// mount it was opened through says which overlay it belongs to.
+    stacked_mounts: HashMap<u32, Filesystem>,
+}
+
+/// One mount namespace as the scan read it: its inode, a process in it and its mount table.
+struct Namespace {
+    inode: u64,
+    pid: i32,
+    is_host: bool,
+    mounts: Vec<MountEntry>,
+}
+
+impl Namespace {
+    /// e.g. "the host mount namespace", "mount namespace 4026532 (of pid 812, containerd-shim)".
+    fn describe(&self, roots: &HostRoots) -> String {
+        if self.is_host {
+            "the host mount namespace".to_string()
+        } else {
+            format!("mount namespace {} (of pid {}, {})", self.inode, self.pid, read_comm(&roots.proc, self.pid))
+        }
+    }
+
+    fn mount_use(&self, m: &MountEntry, layers: Vec<StackedLayer>) -> MountUse {
+        MountUse {
+            mount_point: m.mount_point.clone(),
+            fs_type: m.fs_type.clone(),
+            root: m.root.clone(),
+            options: m.options.clone(),
+            read_only: m.read_only(),
+            mount_namespace: self.inode,
+            host_namespace: self.is_host,
+            namespace_pid: self.pid,
+            mount_id: m.mount_id,
+            layers,
+        }
+    }
+}
+
+/// Which analyses a scan runs beyond the ones every scan needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Analyses {
+    /// Filesystems stacked on a target (overlayfs layers on it) and the processes using files through them. Always
+    /// on in the agent; the usage benchmark turns it off to measure what it costs.
+    pub stacked_mounts: bool,
 }
 
 /// Scans for every blocker of every target. Returns one list per target, in order.
-pub fn scan(roots: &HostRoots, targets: &[Target], deadline: Instant) -> Result<Vec<Vec<Blocker>>, DeadlineExceeded> {
+pub fn scan(
+    roots: &HostRoots,
+    targets: &[Target],
+    deadline: Instant,
+    analyses: Analyses,
+) -> Result<Vec<Vec<Blocker>>, DeadlineExceeded> {
     let mut blockers = vec![Vec::new(); targets.len()];
     let mut index = Index {
         targets,
@@ -61,6 +115,7 @@ pub fn scan(roots: &HostRoots, targets: &[Target], deadline: Instant) -> Result<
         filesystems: HashMap::new(),
         mounted_devs: HashSet::new(),
         btrfs_fsids: HashMap::new(),
+        stacked_mounts: HashMap::new(),
     };
     for (i, t) in targets.iter().enumerate() {
         for d in &t.devices {
@@ -68,7 +123,10 @@ pub fn scan(roots: &HostRoots, targets: &[Target], deadline: Instant) -> Result<
         }
     }
     let pids = list_pids(&roots.proc);
-    scan_mounts(roots, &pids, &mut index, &mut blockers);
+    let namespaces = scan_mounts(roots, &pids, &mut index, &mut blockers);
+    if analyses.stacked_mounts {
+        scan_stacked(roots, &namespaces, &mut index, &mut blockers);
+    }
     scan_holders(targets, &mut blockers);
     scan_swaps(roots, &index, &mut blockers);
     scan_loops(roots, &index, &mut blockers);
@@ -100,13 +158,18 @@ fn read_comm(proc_root: &Path, pid: i32) -> String {
 // --- mounts ----------------------------------------------------------------------------------------------------
 
 /// Reads mountinfo once per distinct mount namespace and reports mounts of the targets' devices; records their
-/// filesystems for the process scan.
-fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers: &mut [Vec<Blocker>]) {
+/// filesystems for the process scan. Returns the namespaces read, for the stacked-mount analysis.
+fn scan_mounts(
+    roots: &HostRoots,
+    pids: &[i32],
+    index: &mut Index<'_>,
+    blockers: &mut [Vec<Blocker>],
+) -> Vec<Namespace> {
     let host_ns = ns_inode(&roots.proc, 1).or_else(|| stat(&roots.proc.join("self/ns/mnt")).ok().map(|s| s.st_ino));
-    let mut namespaces: BTreeMap<u64, i32> = BTreeMap::new();
+    let mut first_pids: BTreeMap<u64, i32> = BTreeMap::new();
     for &pid in pids {
         if let Some(ino) = ns_inode(&roots.proc, pid) {
-            namespaces.entry(ino).or_insert(pid);
+            first_pids.entry(ino).or_insert(pid);
         }
     }
     let btrfs = btrfs_members(roots);
@@ -115,16 +178,16 @@ fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers:
             index.btrfs_fsids.insert(*fsid, t);
         }
     }
-    for (&ns, &pid) in &namespaces {
+    let mut namespaces = Vec::new();
+    for (inode, pid) in first_pids {
         let Ok(text) = std::fs::read_to_string(roots.proc.join(pid.to_string()).join("mountinfo")) else { continue };
-        let is_host = Some(ns) == host_ns;
+        let ns = Namespace { inode, pid, is_host: Some(inode) == host_ns, mounts: parse_mountinfo(&text) };
         // Described only for namespaces that do mount a target: reading comm for every container is wasted.
         let mut where_: Option<String> = None;
-        let mounts = parse_mountinfo(&text);
-        index.mounted_devs.extend(mounts.iter().map(|m| makedev(m.major.into(), m.minor.into())));
-        for m in mounts {
-            let Some(target) = mount_target(roots, &m, index, &btrfs) else { continue };
-            let device = source_label(index, target, &m);
+        index.mounted_devs.extend(ns.mounts.iter().map(|m| makedev(m.major.into(), m.minor.into())));
+        for m in &ns.mounts {
+            let Some(target) = mount_target(roots, m, index, &btrfs) else { continue };
+            let device = source_label(index, target, m);
             let bind = if m.root != "/" { format!(", a bind mount of {} on it", m.root) } else { String::new() };
             let fs_dev = makedev(m.major.into(), m.minor.into());
             index.filesystems.entry(fs_dev).or_insert_with(|| Filesystem {
@@ -144,14 +207,7 @@ fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers:
                     });
                 }
             }
-            if is_host && SYSTEM_MOUNTS.contains(&m.mount_point.as_str()) {
-                blockers[target].push(blocker(
-                    BlockerKind::System,
-                    &device,
-                    format!("{device} holds {} of the running system; it can never be detached", m.mount_point),
-                    Detail::System(SystemUse { reason: format!("{} is mounted from {device}", m.mount_point) }),
-                ));
-            }
+            system_blocker(&ns, m, &device, &mut blockers[target]);
             blockers[target].push(blocker(
                 BlockerKind::Mount,
                 &device,
@@ -159,25 +215,122 @@ fn scan_mounts(roots: &HostRoots, pids: &[i32], index: &mut Index<'_>, blockers:
                     "{device} is mounted at {} ({}{bind}) in {}",
                     m.mount_point,
                     m.fs_type,
-                    where_.get_or_insert_with(|| if is_host {
-                        "the host mount namespace".to_string()
-                    } else {
-                        format!("mount namespace {ns} (of pid {pid}, {})", read_comm(&roots.proc, pid))
-                    })
+                    where_.get_or_insert_with(|| ns.describe(roots))
                 ),
-                Detail::Mount(MountUse {
-                    mount_point: m.mount_point.clone(),
-                    fs_type: m.fs_type.clone(),
-                    root: m.root.clone(),
-                    options: m.options.clone(),
-                    read_only: m.read_only(),
-                    mount_namespace: ns,
-                    host_namespace: is_host,
-                    namespace_pid: pid,
-                    mount_id: m.mount_id,
-                }),
+                Detail::Mount(ns.mount_use(m, Vec::new())),
             ));
         }
+        namespaces.push(ns);
+    }
+    namespaces
+}
+
+/// A disk holding `/`, `/boot`, `/usr` or `/var` of the host, directly or through a filesystem stacked on it.
+fn system_blocker(ns: &Namespace, m: &MountEntry, device: &str, blockers: &mut Vec<Blocker>) {
+    if ns.is_host && SYSTEM_MOUNTS.contains(&m.mount_point.as_str()) {
+        blockers.push(blocker(
+            BlockerKind::System,
+            device,
+            format!("{device} holds {} of the running system; it can never be detached", m.mount_point),
+            Detail::System(SystemUse { reason: format!("{} is mounted from {device}", m.mount_point) }),
+        ));
+    }
+}
+
+// --- stacked filesystems ---------------------------------------------------------------------------------------
+
+/// Overlay mounts with a layer (lower, upper, work or data directory) on a target's filesystem, in every
+/// namespace. Their files carry the overlay's own device number, so they are recorded as filesystems of the
+/// target: the process scan then finds who uses the disk through them. An overlay on an overlay on the disk is
+/// found too (the outer one once the inner one is known).
+fn scan_stacked(roots: &HostRoots, namespaces: &[Namespace], index: &mut Index<'_>, blockers: &mut [Vec<Blocker>]) {
+    let mut pending: Vec<(&Namespace, &MountEntry, Vec<OverlayLayer>)> = namespaces
+        .iter()
+        .flat_map(|ns| ns.mounts.iter().filter(|m| m.fs_type == "overlay").map(move |m| (ns, m)))
+        .map(|(ns, m)| (ns, m, overlay_layers(&m.super_options)))
+        .collect();
+    loop {
+        let before = pending.len();
+        pending.retain(|(ns, m, layers)| !report_stacked(roots, ns, m, layers, index, blockers));
+        if pending.len() == before {
+            break;
+        }
+    }
+}
+
+/// Reports one overlay mount if a layer is on a target; true when it was.
+fn report_stacked(
+    roots: &HostRoots,
+    ns: &Namespace,
+    m: &MountEntry,
+    layers: &[OverlayLayer],
+    index: &mut Index<'_>,
+    blockers: &mut [Vec<Blocker>],
+) -> bool {
+    // Layer paths are as the mounter gave them, resolved in its namespace: seen through a process there. A
+    // relative path (resolved against the mounter's working directory at mount time) cannot be followed.
+    let seen_from = roots.proc.join(ns.pid.to_string()).join("root");
+    let on: Vec<(&OverlayLayer, Filesystem)> = layers
+        .iter()
+        .filter(|l| l.path.starts_with('/'))
+        .filter_map(|l| {
+            let st = stat(&seen_from.join(l.path.trim_start_matches('/'))).ok()?;
+            Some((l, index.filesystems.get(&st.st_dev)?.clone()))
+        })
+        .collect();
+    if on.is_empty() {
+        return false;
+    }
+    let overlay_dev = makedev(m.major.into(), m.minor.into());
+    let mut by_target: BTreeMap<usize, Vec<&(&OverlayLayer, Filesystem)>> = BTreeMap::new();
+    for hit in &on {
+        by_target.entry(hit.1.target).or_default().push(hit);
+    }
+    let where_ = ns.describe(roots);
+    for (target, hits) in by_target {
+        // Which layers are on which of the target's filesystems, e.g. "lowerdir /d/l and upperdir /d/u on /dev/sdb1
+        // (ext4, mounted at /d)".
+        let mut per_fs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (l, fs) in &hits {
+            per_fs.entry(fs.label.as_str()).or_default().push(format!("{} {}", l.option, l.path));
+        }
+        let layers_text: Vec<String> = per_fs.iter().map(|(fs, ls)| format!("{} on {fs}", join_and(ls))).collect();
+        let label = format!("{} mounted at {} in {where_}", m.fs_type, m.mount_point);
+        let device = hits[0].1.node.clone();
+        let fs = Filesystem { target, node: device.clone(), label: label.clone() };
+        index.filesystems.entry(overlay_dev).or_insert_with(|| fs.clone());
+        index.stacked_mounts.insert(m.mount_id, fs);
+        system_blocker(ns, m, &device, &mut blockers[target]);
+        blockers[target].push(blocker(
+            BlockerKind::StackedMount,
+            &device,
+            format!(
+                "{label} is stacked on this disk: its {}; it must be unmounted before the disk",
+                layers_text.join("; its ")
+            ),
+            Detail::Mount(
+                ns.mount_use(
+                    m,
+                    hits.iter()
+                        .map(|(l, fs)| StackedLayer {
+                            option: l.option.to_string(),
+                            path: l.path.clone(),
+                            on: fs.label.clone(),
+                        })
+                        .collect(),
+                ),
+            ),
+        ));
+    }
+    true
+}
+
+/// "a", "a and b", "a, b and c".
+fn join_and(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
 
@@ -483,6 +636,22 @@ fn target_fs(
         .clone()
 }
 
+/// The stacked filesystem a file belongs to when its device number is one an overlay made up for a layer (the
+/// layers span filesystems and no inode-number mapping is on): no mount names that number, but the mount the file
+/// was opened through (fdinfo's `mnt_id`) is the overlay's.
+fn stacked_fs(index: &Index<'_>, st: &FileStat, fdinfo: &Path) -> Option<Filesystem> {
+    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    if index.stacked_mounts.is_empty()
+        || major(st.st_dev) != 0
+        || index.mounted_devs.contains(&st.st_dev)
+        || !(kind == SFlag::S_IFREG || kind == SFlag::S_IFDIR)
+    {
+        return None;
+    }
+    let text = std::fs::read_to_string(fdinfo).ok()?;
+    index.stacked_mounts.get(&fdinfo_mount_id(&text)?).cloned()
+}
+
 /// Everything one process holds on any target.
 fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Scratch) -> Vec<Use> {
     let dir = roots.proc.join(pid.to_string());
@@ -513,8 +682,9 @@ fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Sc
                     (t, ProcessUseKind::BlockDevice, node.clone(), node)
                 })
             } else {
-                let link = dir.join("fd").join(name.to_string_lossy().as_ref());
-                target_fs(index, &st, &link, &mut scratch.subvolumes)
+                let fd_name = name.to_string_lossy();
+                target_fs(index, &st, &dir.join("fd").join(fd_name.as_ref()), &mut scratch.subvolumes)
+                    .or_else(|| stacked_fs(index, &st, &dir.join("fdinfo").join(fd_name.as_ref())))
                     .map(|fs| (fs.target, ProcessUseKind::OpenFile, fs.node, fs.label))
             };
             let Some((target, kind, device, place)) = hit else { continue };
@@ -737,6 +907,7 @@ mod tests {
             filesystems: HashMap::new(),
             mounted_devs: HashSet::new(),
             btrfs_fsids: HashMap::new(),
+            stacked_mounts: HashMap::new(),
         };
         let dev = std::fs::metadata(&path).unwrap().dev();
         index.filesystems.insert(dev, Filesystem { target: 0, node: "/dev/test".into(), label: "test fs".into() });

@@ -115,13 +115,15 @@ enum Command {
     },
     /// Who uses this disk right now (a fresh scan in the guest). Exit code 3 when it is in use.
     Usage {
-        /// The disk's serial.
+        /// The disk: its serial, or a path in the guest the agent resolves to its disk (/dev/sdb, /dev/sdb1,
+        /// /dev/disk/by-id/..., a mount point or any file on it).
         serial: String,
     },
     /// Release the disk in the guest so it can be unplugged safely: refused (exit 3, with every reason) while
     /// anything uses it.
     Release {
-        /// The disk's serial.
+        /// The disk: its serial, or a path in the guest the agent resolves to its disk (/dev/sdb, /dev/sdb1,
+        /// /dev/disk/by-id/..., a mount point or any file on it).
         serial: String,
         /// Unmount the disk's filesystems (in every mount namespace) if nothing else uses them.
         #[arg(long)]
@@ -132,7 +134,8 @@ enum Command {
     },
     /// Undo a release whose unplug did not happen: the disk comes back, with the mounts the release undid.
     CancelRelease {
-        /// The disk's serial.
+        /// The disk: its serial, or a path in the guest the agent resolves to its disk (/dev/sdb, /dev/sdb1,
+        /// /dev/disk/by-id/..., a mount point or any file on it).
         serial: String,
     },
     /// Print the agent's facts (version, kernel, boot id, capabilities, whether releases are allowed).
@@ -262,10 +265,13 @@ pub(crate) fn print_json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialise"));
 }
 
-/// Checks the serials a command names, before anything is contacted (the agent's own rule).
+/// Checks the serials a command names, before anything is contacted (the agent's own rule). A path (it starts with
+/// '/', which no serial does) is the guest's to resolve: only the agent sees its devices and mounts.
 fn check_serials(command: &Command) -> Result<(), wukong_proto::serial::SerialError> {
     let serials: Vec<&String> = match command {
-        Command::Usage { serial } | Command::Release { serial, .. } | Command::CancelRelease { serial } => vec![serial],
+        Command::Usage { serial } | Command::Release { serial, .. } | Command::CancelRelease { serial } => {
+            if serial.starts_with('/') { Vec::new() } else { vec![serial] }
+        }
         Command::Watch { serials } => serials.iter().collect(),
         Command::Detach(args) => args.serial.iter().collect(),
         Command::Attach(_) | Command::Disks { .. } | Command::Info => Vec::new(),

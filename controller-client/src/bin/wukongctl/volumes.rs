@@ -100,7 +100,8 @@ impl<'a> Target<'a> {
             (Some(vmi), None) => Ok(Self::KubeVirt(vmi)),
             (None, Some(_)) if args.persist => Err(UsageError("--persist is for KubeVirt (--vmi)".into())),
             (None, Some(_)) if !agent_given => Err(UsageError(
-                "with --qmp, give --agent: the address of wukong-agent in that guest (e.g. http://10.0.2.15:7443)"
+                "with --qmp, give --agent: the address of wukong-agent in that guest (e.g. https://10.0.2.15:7443, with \
+                 the --tls-* flags)"
                     .into(),
             )),
             (None, Some(socket)) => Ok(Self::Qemu(socket)),
