@@ -4,7 +4,8 @@
 #   2. hot-plug latency in the guest lab: QMP device_add -> the agent's ADDED event vs udev's by-id link;
 #   3. what a safe detach adds over a raw unplug (QEMU device_del alone), and where the time goes;
 #   4. attach and safe detach through a real kube-apiserver with the lab's KubeVirt vs the same over QMP directly;
-#   5. wukong-operator with 500 Wukong objects: time to converge, peak RSS, API requests, idle writes.
+#   5. wukong-operator with 500 Wukong objects: time to converge, peak RSS, API requests, idle writes;
+#   6. what the admission guard adds to a VM update (nothing removed; a disk released) vs the release alone.
 # Arguments are passed to the usage benchmark, e.g. `scripts/bench.sh 2000x20 4000x20`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +20,4 @@ cargo run --locked -q -p wukong-e2e --bin detach-overhead
 cargo run --locked -q -p wukong-e2e --bin kubevirt-overhead
 cargo build --release --locked -p wukong-operator
 cargo run --release --locked -q -p wukong-e2e --bin operator-scale
+cargo run --release --locked -q -p wukong-e2e --bin guard-latency

@@ -97,8 +97,9 @@ fn sentences(report: &UsageReport, unmount: bool) -> Vec<String> {
     report
         .blockers
         .iter()
-        // With unmount, an idle mount is the agent's to take down; a busy one also has its users listed.
-        .filter(|b| !(unmount && b.kind() == BlockerKind::Mount))
+        // With unmount, an idle mount (or an overlay on it) is the agent's to take down; a busy one also has its
+        // users listed.
+        .filter(|b| !(unmount && matches!(b.kind(), BlockerKind::Mount | BlockerKind::StackedMount)))
         .map(|b| b.message.clone())
         .collect()
 }
