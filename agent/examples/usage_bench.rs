@@ -14,8 +14,8 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
-use wukong_agent::usage::{Analyses, scan_now_with};
-use wukong_proto::v1::{Disk, blocker::Detail};
+use wukong_agent::usage::{Analyses, process_pids, scan_now_with};
+use wukong_proto::v1::Disk;
 
 const RUNS: usize = 9;
 
@@ -159,16 +159,7 @@ fn main() {
             Disk { kernel_name: name.clone(), id: name, ..Disk::default() }
         };
         let roots = HostRoots::default();
-        let pids = |reports: &[wukong_proto::v1::UsageReport]| -> BTreeSet<i32> {
-            reports[0]
-                .blockers
-                .iter()
-                .filter_map(|b| match &b.detail {
-                    Some(Detail::Process(p)) => Some(p.pid),
-                    _ => None,
-                })
-                .collect()
-        };
+        let pids = |reports: &[wukong_proto::v1::UsageReport]| process_pids(&reports[0]);
         let scan = |stacked_mounts: bool| {
             let analyses = Analyses { stacked_mounts };
             scan_now_with(&roots, std::slice::from_ref(&disk), Duration::from_secs(60), analyses).expect("scan")

@@ -9,19 +9,8 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use wukong_agent::roots::HostRoots;
-use wukong_agent::usage::scan_now;
+use wukong_agent::usage::{process_pids, scan_now};
 use wukong_proto::v1::{Blocker, BlockerKind, Disk, ProcessUseKind, UsageReport, blocker::Detail};
-
-fn pids_of(report: &UsageReport) -> BTreeSet<i32> {
-    report
-        .blockers
-        .iter()
-        .filter_map(|b| match &b.detail {
-            Some(Detail::Process(p)) => Some(p.pid),
-            _ => None,
-        })
-        .collect()
-}
 
 fn mounts_of(report: &UsageReport) -> BTreeSet<String> {
     report
@@ -50,7 +39,7 @@ fn fuser_pids(dev: &str) -> BTreeSet<i32> {
 /// Asserts the report is a superset of what fuser -m and findmnt find, and returns it.
 fn assert_superset_of_oracles(disk: &LoopDisk) -> UsageReport {
     let report = disk.scan();
-    let ours = pids_of(&report);
+    let ours = process_pids(&report);
     let fuser = fuser_pids(&disk.dev);
     assert!(fuser.is_subset(&ours), "fuser -m found {fuser:?}, we found {ours:?}\n{:#?}", messages(&report));
     let findmnt = findmnt_targets(&disk.dev);
@@ -244,7 +233,7 @@ fn randomised_scenarios_agree_with_the_oracles() {
         // Unrelated processes holding files elsewhere must not appear.
         let unrelated = Holder::sh("exec 3</etc/hostname; cd /tmp");
         let report = assert_superset_of_oracles(&disk);
-        let ours = pids_of(&report);
+        let ours = process_pids(&report);
         assert!(expected.is_subset(&ours), "seed {seed} round {round} ({fs}): expected {expected:?}, found {ours:?}");
         assert!(!ours.contains(&unrelated.pid()), "seed {seed} round {round}: unrelated process reported");
         assert!(report.in_use);
@@ -348,7 +337,7 @@ fn scans_survive_processes_exiting_mid_scan() {
     let mut scans = 0;
     while churned.load(Ordering::Relaxed) < 50 && started.elapsed() < Duration::from_secs(20) {
         let report = disk.scan();
-        assert!(pids_of(&report).contains(&steady.pid()), "{:#?}", messages(&report));
+        assert!(process_pids(&report).contains(&steady.pid()), "{:#?}", messages(&report));
         scans += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -532,5 +521,5 @@ fn processes_using_files_through_overlays_are_found() {
     let lsof = lsof_pids(&disk.dev);
     assert!(fuser.is_disjoint(&overlay_users), "fuser -m misses them all: {fuser:?}");
     assert!(lsof.is_disjoint(&overlay_users), "lsof misses them all: {lsof:?}");
-    assert!(pids_of(&report).is_superset(&fuser), "and we find all fuser finds");
+    assert!(process_pids(&report).is_superset(&fuser), "and we find all fuser finds");
 }

@@ -488,6 +488,25 @@ impl Hypervisor for KubeVirt {
     }
 }
 
+/// A `kubevirt.io/v1` resource, for clients of dynamic objects.
+pub fn resource(kind: &str, plural: &str) -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "kubevirt.io".into(),
+        version: "v1".into(),
+        api_version: "kubevirt.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+pub fn vm_resource() -> kube::api::ApiResource {
+    resource("VirtualMachine", "virtualmachines")
+}
+
+pub fn vmi_resource() -> kube::api::ApiResource {
+    resource("VirtualMachineInstance", "virtualmachineinstances")
+}
+
 /// The agent's address from a VMI: its first interface IP, on `port` (`http://IP:PORT`).
 pub fn agent_address_of(vmi: &VirtualMachineInstance, port: u16) -> Option<String> {
     vmi.status.interfaces.iter().map(|i| i.ip_address.as_str()).find(|ip| !ip.is_empty()).map(|ip| {

@@ -26,7 +26,7 @@ use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::companion::{self, AttachOptions, CompanionError, DetachOptions};
 use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec, VolumeState};
 use wukong_controller_client::kubevirt::{
-    KubeVirt, VirtualMachine, VirtualMachineInstance, agent_address_of, volume_state_in,
+    KubeVirt, VirtualMachine, VirtualMachineInstance, agent_address_of, vm_resource, vmi_resource, volume_state_in,
 };
 use wukong_proto::v1::DiskState;
 
@@ -73,20 +73,6 @@ impl Context {
             written: Mutex::default(),
         }
     }
-}
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
-
-fn vmi_resource() -> ApiResource {
-    resource("VirtualMachineInstance", "virtualmachineinstances")
 }
 
 /// Runs the controller until `shutdown` completes.
@@ -262,8 +248,7 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     }
     set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
 
-    let Some(vm) = get::<VirtualMachine>(client, &ns, &resource("VirtualMachine", "virtualmachines"), &vm_name).await?
-    else {
+    let Some(vm) = get::<VirtualMachine>(client, &ns, &vm_resource(), &vm_name).await? else {
         let message = format!(
             "VirtualMachine {ns}/{vm_name} does not exist: create it, or name it in spec.vmName; nothing was changed"
         );
@@ -720,8 +705,7 @@ async fn delete_claim_named(context: &Context, ns: &str, claim: &str) -> Result<
 async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
     let ns = wukong.namespace().unwrap_or_default();
     let vm_name = wukong.vm_name();
-    let vm =
-        get::<VirtualMachine>(&context.client, &ns, &resource("VirtualMachine", "virtualmachines"), &vm_name).await?;
+    let vm = get::<VirtualMachine>(&context.client, &ns, &vm_resource(), &vm_name).await?;
     let vmi = get::<VirtualMachineInstance>(&context.client, &ns, &vmi_resource(), &vm_name).await?;
     let uses = |claim: &str| {
         let in_spec = |volumes: &[wukong_controller_client::kubevirt::Volume]| {

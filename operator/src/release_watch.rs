@@ -6,28 +6,20 @@
 use crate::guard::GUARD_LABEL;
 use crate::{AgentAccess, MANAGER, Result};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
-use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::hypervisor::VolumeState;
-use wukong_controller_client::kubevirt::{VirtualMachine, VirtualMachineInstance, agent_address_of, volume_state_in};
+use wukong_controller_client::kubevirt::{
+    VirtualMachine, VirtualMachineInstance, agent_address_of, resource, vm_resource, vmi_resource, volume_state_in,
+};
 use wukong_proto::v1::DiskState;
 
 /// How often guarded VMs are looked at (at most; a shorter grace period looks more often).
 const INTERVAL: Duration = Duration::from_secs(15);
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
 
 /// Looks every [`INTERVAL`] (or grace period, if shorter) until the task is dropped; a failed pass is logged and the next one tries again.
 pub async fn run(client: kube::Client, agent: AgentAccess, grace: Duration, identity: String) {
@@ -72,10 +64,10 @@ async fn pass(
     seen: &mut HashMap<Released, Instant>,
 ) -> Result<()> {
     let mut still = HashMap::new();
-    let vmi_resource = resource("VirtualMachineInstance", "virtualmachineinstances");
+    let vmi_resource = vmi_resource();
     let mut targets: Vec<(ObjectReference, Option<VirtualMachine>, String)> = Vec::new();
     for vm in guarded(client, "VirtualMachine", "virtualmachines").await? {
-        targets.push((vm.object_ref(&resource("VirtualMachine", "virtualmachines")), Some(decode(&vm)), vm.name_any()));
+        targets.push((vm.object_ref(&vm_resource()), Some(decode(&vm)), vm.name_any()));
     }
     for vmi in guarded(client, "VirtualMachineInstance", "virtualmachineinstances").await? {
         // A VM's VMI is looked at through its VM, whose spec is the truth.

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, DynamicObject};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tonic::Code;
 use wukong_controller_client::agent_client::{AgentClient, ClientError};
-use wukong_controller_client::kubevirt::{VirtualMachineInstance, agent_address_of};
+use wukong_controller_client::kubevirt::{VirtualMachineInstance, agent_address_of, vmi_resource};
 use wukong_proto::v1::{BlockerKind, UsageReport};
 
 /// What the webhook needs.
@@ -181,16 +181,6 @@ async fn release(
         }
     }
     Ok(())
-}
-
-fn vmi_resource() -> ApiResource {
-    ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: "VirtualMachineInstance".into(),
-        plural: "virtualmachineinstances".into(),
-    }
 }
 
 /// A Warning Event on the object of a forced unplug; a failure to record it is logged.

@@ -44,7 +44,8 @@ pub enum HotplugMode {
     HotplugVolumes,
 }
 
-fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
+/// Any resource, for clients of dynamic objects.
+pub fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: group.into(),
         version: version.into(),

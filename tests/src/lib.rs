@@ -448,6 +448,11 @@ impl Guest {
     }
 
     /// Address of the guest's agent from the host (a loopback-bound forward).
+    /// The loopback port the guest agent's port is forwarded to.
+    pub fn agent_port(&self) -> u16 {
+        self.agent_port
+    }
+
     pub fn agent_address(&self) -> AgentAddress {
         AgentAddress::Tcp(format!("http://127.0.0.1:{}", self.agent_port))
     }

@@ -2,19 +2,15 @@
 //! run as the shipped ServiceAccount (never as admin), for the tests and the scale benchmark.
 
 use crate::cluster::{ADMIN, Cluster};
+use crate::kubevirt_lab::resource;
 use anyhow::{Context, Result, bail};
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::Value;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The operator's identity: its ServiceAccount, as the API server names it.
 pub const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator";
-
-fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
-    let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
-}
 
 /// deploy/crd.yaml and deploy/operator.yaml as shipped (the Deployment aside: the lab runs no pods).
 pub async fn install_operator(cluster: &Cluster) -> Result<()> {
@@ -73,7 +69,7 @@ impl GuardTls {
 
 /// deploy/guard.yaml's ValidatingWebhookConfiguration as shipped (rules, selectors, policies), pointed at `url`
 /// (the lab has no Service network) with the CA of `tls`.
-pub async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Result<()> {
+async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Result<()> {
     use base64::Engine;
     let client = cluster.client(ADMIN).await?;
     let text = std::fs::read_to_string(crate::workspace_root().join("deploy/guard.yaml"))?;
@@ -105,10 +101,34 @@ pub async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Resu
     Ok(())
 }
 
+/// An operator that also serves the admission guard (on a free loopback port, with a throwaway certificate),
+/// registered with `cluster` by deploy/guard.yaml once it is ready; `extra` flags are added.
+pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, extra: &[&str]) -> Result<Operator> {
+    let tls = GuardTls::new()?;
+    let webhook = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let (port, dir) = (agent_port.to_string(), tls.dir.path().to_str().context("a UTF-8 path")?.to_string());
+    let mut args = vec!["--agent-plaintext", "--agent-port", &port, "--webhook-address", &webhook];
+    args.extend(["--webhook-cert-dir", &dir]);
+    args.extend(extra);
+    let mut operator = Operator::start_with(cluster, identity, &args)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while operator.get("/readyz").await?.0 != 200 {
+        if Instant::now() > deadline {
+            bail!("the operator with the guard never became ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    install_guard(cluster, &format!("https://{webhook}/validate"), &tls).await?;
+    operator.guard_tls = Some(tls);
+    Ok(operator)
+}
+
 /// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
 pub struct Operator {
     child: Child,
     http: std::net::SocketAddr,
+    /// The guard's certificate directory, kept while the operator serves it.
+    guard_tls: Option<GuardTls>,
 }
 
 impl Operator {
@@ -134,7 +154,7 @@ impl Operator {
             .stderr(log)
             .spawn()
             .context("starting wukong-operator (cargo build -p wukong-operator)")?;
-        Ok(Self { child, http })
+        Ok(Self { child, http, guard_tls: None })
     }
 
     /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).

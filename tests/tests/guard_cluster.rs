@@ -9,30 +9,20 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wukong_controller_client::companion::{self, AttachOptions};
 use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
-use wukong_controller_client::kubevirt::KubeVirt;
+use wukong_controller_client::kubevirt::{KubeVirt, vm_resource, vmi_resource};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, template_volumes};
-use wukong_e2e::operator_lab::{GuardTls, OPERATOR, Operator, install_guard, install_operator};
+use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, start_guarded};
 
 const NS: &str = "guarded";
 
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
-
 fn vms(client: &kube::Client) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), NS, &resource("VirtualMachine", "virtualmachines"))
+    Api::namespaced_with(client.clone(), NS, &vm_resource())
 }
 
 fn vmis(client: &kube::Client) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), NS, &resource("VirtualMachineInstance", "virtualmachineinstances"))
+    Api::namespaced_with(client.clone(), NS, &vmi_resource())
 }
 
 /// A JSON patch that removes volume `name` and its disk from the spec at `base` (`/spec/template/spec` of a VM,
@@ -114,29 +104,8 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     let cluster = Cluster::start(&[OPERATOR]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
-    let tls = GuardTls::new()?;
-    let webhook = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let agent_port = guest.agent_address().to_string().rsplit(':').next().unwrap_or_default().to_string();
-    let cert_dir = tls.dir.path().to_str().unwrap().to_string();
-    let address = webhook.to_string();
-    let args = [
-        "--agent-plaintext",
-        "--agent-port",
-        &agent_port,
-        "--webhook-address",
-        &address,
-        "--webhook-cert-dir",
-        &cert_dir,
-        "--guard-grace-seconds",
-        "3",
-    ];
-    let mut operator = Operator::start_with(&cluster, "guard", &args)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while operator.get("/readyz").await?.0 != 200 {
-        anyhow::ensure!(Instant::now() < deadline, "the operator never became ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    install_guard(&cluster, &format!("https://{webhook}/validate"), &tls).await?;
+    let grace = ["--guard-grace-seconds", "3"];
+    let mut operator = start_guarded(&cluster, "guard", guest.agent_port(), &grace).await?;
     let admin = cluster.client(ADMIN).await?;
     let (vms, vmis) = (vms(&admin), vmis(&admin));
     kubevirt.create_vm("vm1", true, "127.0.0.1").await?;

@@ -3,22 +3,17 @@
 //! unplugs whatever it is told to) and a QEMU guest running the agent.
 
 use anyhow::{Context, Result, bail};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, template_volumes};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, resource, template_volumes};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{Guest, HostAgent};
 use wukong_operator::crd::{Phase, Wukong};
 
 const NS: &str = "ns1";
-
-fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
-    let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    ApiResource { group: group.into(), version: version.into(), api_version, kind: kind.into(), plural: plural.into() }
-}
 
 fn wukongs(client: &kube::Client) -> Api<Wukong> {
     Api::namespaced(client.clone(), NS)
@@ -80,11 +75,6 @@ async fn in_guest(agent: &wukong_controller_client::agent_client::AgentClient, s
     agent.get_disk(serial, false).await.is_ok_and(|d| d.state() != wukong_proto::v1::DiskState::Released)
 }
 
-fn guest_agent_port(guest: &Guest) -> Result<u16> {
-    let address = guest.agent_address().to_string();
-    address.rsplit(':').next().and_then(|p| p.parse().ok()).with_context(|| format!("a port in {address}"))
-}
-
 /// Add a disk: claim, hot-plug, `Attached` with the guest's device. Remove it while a writer holds it: refused,
 /// `DetachBlocked` with the writer's pid, nothing touched; the writer stops: detached on its own within the
 /// backoff, the claim kept (`preserveData`), the data intact on re-attach. The system disk is never detached; a
@@ -99,7 +89,7 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     install_operator(&cluster).await?;
     // The VMI reports the loopback address: the lab forwards the guest agent's port there.
     kubevirt.create_vm("db-vm", true, "127.0.0.1").await?;
-    let agent_port = guest_agent_port(&guest)?;
+    let agent_port = guest.agent_port();
     let mut operator = Operator::start(&cluster, "op-1", agent_port)?;
     let admin = cluster.client(ADMIN).await?;
     let api = wukongs(&admin);

@@ -90,6 +90,19 @@ impl UsageScanner {
     }
 }
 
+/// The processes a report names as users of the disk (what `fuser -m` and `lsof` answer, to compare with them).
+pub fn process_pids(report: &UsageReport) -> std::collections::BTreeSet<i32> {
+    use wukong_proto::v1::blocker::Detail;
+    report
+        .blockers
+        .iter()
+        .filter_map(|b| match &b.detail {
+            Some(Detail::Process(p)) => Some(p.pid),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Scans now, on this thread, with every analysis.
 pub fn scan_now(roots: &HostRoots, disks: &[Disk], deadline: Duration) -> ScanResult {
     scan_now_with(roots, disks, deadline, Analyses { stacked_mounts: true })

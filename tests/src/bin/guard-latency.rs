@@ -17,7 +17,7 @@ use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
-use wukong_e2e::operator_lab::{GuardTls, OPERATOR, Operator, install_guard, install_operator, quantile};
+use wukong_e2e::operator_lab::{OPERATOR, install_operator, quantile, start_guarded};
 
 const NS: &str = "bench";
 const UPDATES: usize = 200;
@@ -70,17 +70,7 @@ async fn main() -> Result<()> {
     let cluster = Cluster::start(&[OPERATOR]).await?;
     let lab = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
-    let tls = GuardTls::new()?;
-    let webhook = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let agent_port = guest.agent_address().to_string().rsplit(':').next().unwrap_or_default().to_string();
-    let (address, dir) = (webhook.to_string(), tls.dir.path().to_str().context("a path")?.to_string());
-    let args =
-        ["--agent-plaintext", "--agent-port", &agent_port, "--webhook-address", &address, "--webhook-cert-dir", &dir];
-    let operator = Operator::start_with(&cluster, "bench", &args)?;
-    while operator.get("/readyz").await?.0 != 200 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    install_guard(&cluster, &format!("https://{webhook}/validate"), &tls).await?;
+    let operator = start_guarded(&cluster, "bench", guest.agent_port(), &[]).await?;
     let admin = cluster.client(ADMIN).await?;
     let r = ApiResource {
         group: "kubevirt.io".into(),
