@@ -32,7 +32,7 @@ impl Health {
         self.webhook_ready.store(ready, Ordering::Relaxed);
     }
 
-    fn not_ready(&self) -> Option<&'static str> {
+    pub(crate) fn not_ready(&self) -> Option<&'static str> {
         if !self.ready.load(Ordering::Relaxed) {
             return Some("not ready: the leader election is not running yet\n");
         }

@@ -206,18 +206,22 @@ async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, note:
     }
 }
 
+/// When `tls.crt` and `tls.key` last changed.
+type FileTimes = (SystemTime, SystemTime);
+
 /// The serving certificate, read again when `tls.crt` or `tls.key` changes (a rotated Secret).
 #[derive(Debug)]
 struct Certificates {
     dir: PathBuf,
-    current: Mutex<Option<(SystemTime, Arc<CertifiedKey>)>>,
+    current: Mutex<Option<(FileTimes, Arc<CertifiedKey>)>>,
     health: Arc<Health>,
 }
 
 impl Certificates {
-    fn modified(&self) -> Option<SystemTime> {
+    /// When each file last changed: any change (a Secret update swaps both) is a reason to read them again.
+    fn modified(&self) -> Option<FileTimes> {
         let time = |f: &str| std::fs::metadata(self.dir.join(f)).and_then(|m| m.modified()).ok();
-        Some(time("tls.crt")?.max(time("tls.key")?))
+        Some((time("tls.crt")?, time("tls.key")?))
     }
 
     fn load(dir: &Path) -> Result<Arc<CertifiedKey>, String> {
@@ -320,4 +324,48 @@ async fn handle(
     guard.metrics.reviewed(response.allowed, started.elapsed());
     let body = serde_json::to_string(&response.into_review()).expect("a review serialises");
     Ok(reply(StatusCode::OK, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_certificate(dir: &Path, name: &str) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    }
+
+    /// A rotated Secret is served from the next handshake; a broken one keeps the last good certificate and makes
+    /// the replica unready until it is fixed.
+    #[test]
+    fn the_serving_certificate_follows_its_files_and_readiness_says_when_they_are_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let health = Arc::new(Health::default());
+        health.set_ready(true);
+        health.expect_webhook();
+        let certificates = Certificates { dir: dir.path().into(), current: Mutex::default(), health: health.clone() };
+        assert!(certificates.get().is_none(), "no files: nothing to serve");
+        assert!(health.not_ready().is_some());
+
+        write_certificate(dir.path(), "first.example");
+        let first = certificates.get().expect("a certificate");
+        assert!(health.not_ready().is_none());
+        assert!(Arc::ptr_eq(&first, &certificates.get().unwrap()), "unchanged files are not read again");
+
+        // Rotated: file times move on (set explicitly: a fast rewrite can keep the same timestamp).
+        write_certificate(dir.path(), "second.example");
+        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        for file in ["tls.crt", "tls.key"] {
+            std::fs::File::options().append(true).open(dir.path().join(file)).unwrap().set_modified(later).unwrap();
+        }
+        let second = certificates.get().expect("the rotated certificate");
+        assert_ne!(first.cert[0], second.cert[0], "the new certificate is served");
+
+        std::fs::write(dir.path().join("tls.key"), "not a key").unwrap();
+        let kept = certificates.get().expect("the last good certificate is kept");
+        assert_eq!(kept.cert[0], second.cert[0]);
+        assert_eq!(health.not_ready(), Some("not ready: the admission webhook has no usable serving certificate\n"));
+    }
 }
