@@ -19,10 +19,12 @@ pub mod server;
 pub mod validate;
 pub mod webhook;
 
+use kube::api::{Api, ApiResource, DynamicObject};
 use std::path::PathBuf;
 use std::time::Duration;
-use wukong_controller_client::agent_client::TlsFiles;
+use wukong_controller_client::agent_client::{AgentClient, ClientError, TlsFiles};
 use wukong_controller_client::hypervisor::HypervisorError;
+use wukong_controller_client::kubevirt::{VirtualMachineInstance, agent_address_of};
 
 /// The operator's field manager (server-side apply) and Event reporter.
 pub const MANAGER: &str = "wukong-operator";
@@ -81,6 +83,12 @@ pub struct AgentAccess {
 }
 
 impl AgentAccess {
+    /// A client of the agent in a VMI's guest, at its first interface IP; `None` while the VMI reports none.
+    pub fn connect(&self, vmi: &VirtualMachineInstance) -> Option<Result<AgentClient, ClientError>> {
+        let address = agent_address_of(vmi, self.port)?;
+        Some(address.parse().and_then(|a| AgentClient::connect_with(a, self.tls.as_ref())))
+    }
+
     /// TLS files from a directory holding a `kubernetes.io/tls` Secret plus its CA: `ca.crt`, `tls.crt`, `tls.key`.
     pub fn tls_dir(dir: PathBuf, port: u16, server_name: Option<String>) -> Self {
         let tls = TlsFiles { ca: dir.join("ca.crt"), cert: dir.join("tls.crt"), key: dir.join("tls.key"), server_name };
@@ -119,3 +127,24 @@ pub struct WebhookConfig {
 }
 
 pub use leader::run;
+
+/// A dynamic object as the typed view of the parts the operator reads (KubeVirt's objects have no crate).
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(object: &DynamicObject) -> Result<T, serde_json::Error> {
+    serde_json::to_value(object).and_then(serde_json::from_value)
+}
+
+/// Reads one object of `resource` in `ns`, typed; `None` when it does not exist.
+pub(crate) async fn get<T: serde::de::DeserializeOwned>(
+    client: &kube::Client,
+    ns: &str,
+    resource: &ApiResource,
+    name: &str,
+) -> Result<Option<T>> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+    match api.get_opt(name).await? {
+        None => Ok(None),
+        Some(object) => typed(&object)
+            .map(Some)
+            .map_err(|e| Error::Decode { object: format!("{} {ns}/{name}", resource.kind), message: e.to_string() }),
+    }
+}

@@ -6,12 +6,12 @@ use crate::crd::{Condition, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wu
 use crate::metrics::Metrics;
 use crate::plan::{DiskPlan, Observed, Step, plan, refusal_backoff};
 use crate::validate::{SpecError, check};
-use crate::{Config, Error, MANAGER, Result};
+use crate::{Config, Error, MANAGER, Result, get};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizing, finalizer};
@@ -22,11 +22,10 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::companion::{self, AttachOptions, CompanionError, DetachOptions};
 use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec, VolumeState};
 use wukong_controller_client::kubevirt::{
-    KubeVirt, VirtualMachine, VirtualMachineInstance, agent_address_of, vm_resource, vmi_resource, volume_state_in,
+    KubeVirt, VirtualMachine, VirtualMachineInstance, vm_resource, vmi_resource, volume_state_in,
 };
 use wukong_proto::v1::DiskState;
 
@@ -176,21 +175,6 @@ impl Scene {
     fn kubevirt(&self, client: &kube::Client) -> KubeVirt {
         // A stopped VM has no VMI to route by: change the VM's spec.
         KubeVirt::new(client.clone(), &self.ns, &self.vm_name, self.vmi.is_none())
-    }
-}
-
-async fn get<T: serde::de::DeserializeOwned>(
-    client: &kube::Client,
-    ns: &str,
-    resource: &ApiResource,
-    name: &str,
-) -> Result<Option<T>> {
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
-    match api.get_opt(name).await? {
-        None => Ok(None),
-        Some(object) => serde_json::from_value(serde_json::to_value(object).expect("an object serialises"))
-            .map(Some)
-            .map_err(|e| Error::Decode { object: format!("{} {ns}/{name}", resource.kind), message: e.to_string() }),
     }
 }
 
@@ -442,17 +426,6 @@ fn volume_spec(status: &VolumeStatus) -> VolumeSpec {
     }
 }
 
-/// The guest's agent of the VM, at its VMI's address; `None` when the VMI reports no IP.
-fn agent_of(scene: &Scene, context: &Context) -> Option<Result<AgentClient, String>> {
-    let address = agent_address_of(scene.vmi.as_ref()?, context.config.agent.port)?;
-    Some(
-        address
-            .parse()
-            .and_then(|a| AgentClient::connect_with(a, context.config.agent.tls.as_ref()))
-            .map_err(|e| e.to_string()),
-    )
-}
-
 async fn attach(
     mut status: VolumeStatus,
     recorded: Option<Phase>,
@@ -460,7 +433,7 @@ async fn attach(
     scene: &Scene,
     context: &Context,
 ) -> Result<DiskOutcome> {
-    let agent = match agent_of(scene, context) {
+    let agent = match scene.vmi.as_ref().and_then(|vmi| context.config.agent.connect(vmi)) {
         Some(Ok(agent)) => agent,
         Some(Err(e)) => {
             status.phase = Phase::Attaching;
@@ -549,7 +522,7 @@ async fn detach(
         status.blockers = blockers;
         (status, after, changed)
     };
-    let agent = match agent_of(scene, context) {
+    let agent = match scene.vmi.as_ref().and_then(|vmi| context.config.agent.connect(vmi)) {
         Some(Ok(agent)) => agent,
         Some(Err(e)) => {
             let (status, after, changed) = blocked(status, vec![format!("cannot reach the guest's agent: {e}")]);

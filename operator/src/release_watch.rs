@@ -4,17 +4,16 @@
 //! gives such a disk back (`CancelDetach`) once it has stayed released for a grace period, with an Event.
 
 use crate::guard::GUARD_LABEL;
-use crate::{AgentAccess, MANAGER, Result};
+use crate::{AgentAccess, MANAGER, Result, get, typed};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::hypervisor::VolumeState;
 use wukong_controller_client::kubevirt::{
-    VirtualMachine, VirtualMachineInstance, agent_address_of, resource, vm_resource, vmi_resource, volume_state_in,
+    VirtualMachine, VirtualMachineInstance, resource, vm_resource, vmi_resource, volume_state_in,
 };
 use wukong_proto::v1::DiskState;
 
@@ -49,10 +48,6 @@ async fn guarded(client: &kube::Client, kind: &str, plural: &str) -> Result<Vec<
     Ok(objects)
 }
 
-fn decode<T: serde::de::DeserializeOwned + Default>(object: &DynamicObject) -> T {
-    serde_json::to_value(object).ok().and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default()
-}
-
 /// A released disk of a guest: (namespace, VMI, serial).
 type Released = (String, String, String);
 
@@ -67,7 +62,7 @@ async fn pass(
     let vmi_resource = vmi_resource();
     let mut targets: Vec<(ObjectReference, Option<VirtualMachine>, String)> = Vec::new();
     for vm in guarded(client, "VirtualMachine", "virtualmachines").await? {
-        targets.push((vm.object_ref(&vm_resource()), Some(decode(&vm)), vm.name_any()));
+        targets.push((vm.object_ref(&vm_resource()), Some(typed(&vm).unwrap_or_default()), vm.name_any()));
     }
     for vmi in guarded(client, "VirtualMachineInstance", "virtualmachineinstances").await? {
         // A VM's VMI is looked at through its VM, whose spec is the truth.
@@ -78,16 +73,8 @@ async fn pass(
     tracing::debug!(targets = targets.len(), "looking for released disks still in a spec");
     for (reference, vm, name) in targets {
         let ns = reference.namespace.clone().unwrap_or_default();
-        let Some(vmi) =
-            Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &vmi_resource).get_opt(&name).await?
-        else {
-            continue;
-        };
-        let vmi: VirtualMachineInstance = decode(&vmi);
-        let Some(address) = agent_address_of(&vmi, access.port) else { continue };
-        let Ok(agent) = address.parse().and_then(|a| AgentClient::connect_with(a, access.tls.as_ref())) else {
-            continue;
-        };
+        let Some(vmi) = get::<VirtualMachineInstance>(client, &ns, &vmi_resource, &name).await? else { continue };
+        let Some(Ok(agent)) = access.connect(&vmi) else { continue };
         let disks = match agent.list_disks(false).await {
             Ok(disks) => disks,
             Err(e) => {

@@ -7,12 +7,12 @@
 use crate::guard::{FORCE_ANNOTATION, Plan, Removal, UNMOUNT_ANNOTATION, plan, read_review};
 use crate::metrics::Metrics;
 use crate::server::Health;
-use crate::{AgentAccess, Error, MANAGER, Result};
+use crate::{AgentAccess, Error, MANAGER, Result, get};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, DynamicObject};
+use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use std::path::{Path, PathBuf};
@@ -24,8 +24,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tonic::Code;
-use wukong_controller_client::agent_client::{AgentClient, ClientError};
-use wukong_controller_client::kubevirt::{VirtualMachineInstance, agent_address_of, vmi_resource};
+use wukong_controller_client::agent_client::ClientError;
+use wukong_controller_client::kubevirt::{VirtualMachineInstance, vmi_resource};
 use wukong_proto::v1::{BlockerKind, UsageReport};
 
 /// What the webhook needs.
@@ -114,31 +114,30 @@ async fn release(
     dry_run: bool,
 ) -> Result<(), String> {
     let (ns, name) = (target.namespace, target.vmi);
-    let vmis: Api<DynamicObject> = Api::namespaced_with(guard.client.clone(), ns, &vmi_resource());
-    let vmi = match vmis.get_opt(name).await {
+    let vmi: VirtualMachineInstance = match get(&guard.client, ns, &vmi_resource(), name).await {
         Ok(Some(vmi)) => vmi,
         // Not running: nothing is plugged, nothing to protect.
         Ok(None) => return Ok(()),
         Err(e) => return Err(format!("wukong guard cannot read VMI {ns}/{name} ({e}); denied (fail safe)")),
     };
-    let vmi: VirtualMachineInstance = serde_json::from_value(serde_json::to_value(vmi).unwrap_or_default())
-        .map_err(|e| format!("wukong guard cannot read VMI {ns}/{name} ({e}); denied (fail safe)"))?;
     let unreachable = |why: String| {
         format!(
             "wukong guard cannot ask the guest of VMI {ns}/{name} to release its disks ({why}); denied (fail safe). \
              Annotate the object {FORCE_ANNOTATION}=true to unplug anyway at the risk of losing data"
         )
     };
-    let address = agent_address_of(&vmi, guard.agent.port).ok_or_else(|| unreachable("it reports no IP".into()))?;
-    let agent = address
-        .parse()
-        .and_then(|a| AgentClient::connect_with(a, guard.agent.tls.as_ref()))
+    let agent = guard
+        .agent
+        .connect(&vmi)
+        .ok_or_else(|| unreachable("it reports no IP".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     for removal in removals {
         let Removal { volume, serial } = removal;
         let what = format!("disk '{serial}' (volume {volume}) of VMI {ns}/{name}");
-        // Forced or not, a system disk stays; the agent says which disk that is, when it answers.
-        if let Ok(disk) = agent.get_disk(serial, false).await
+        // A system disk stays, forced too: unforced, the release (or usage check) below refuses it itself; forced,
+        // the agent is asked which disk it is, when it answers.
+        if force
+            && let Ok(disk) = agent.get_disk(serial, false).await
             && disk.system
         {
             return Err(format!(
