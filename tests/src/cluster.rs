@@ -3,10 +3,10 @@
 //! `system:masters` and least-privileged users with no rights until a test binds them), the front-proxy flags an
 //! aggregated API needs, and an audit log that records every write with its body. Everything stops on drop.
 
+use crate::ports::free_port;
 use anyhow::{Context, Result, bail};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,10 +24,6 @@ pub fn kube_bin_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::target_dir().join("wukong-kube"))
         .join("bin")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A throwaway certificate authority.

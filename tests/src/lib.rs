@@ -8,9 +8,9 @@ pub mod kubevirt_crds;
 pub mod kubevirt_lab;
 pub mod operator_lab;
 pub mod pki;
+pub mod ports;
 
 use anyhow::{Context, Result, bail};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -309,10 +309,6 @@ pub struct Guest {
     free_ports: std::sync::Mutex<Vec<u32>>,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Guest {
     /// Boots a guest (profile A) and waits until its agent is ready.
     pub async fn boot() -> Result<Self> {
@@ -353,7 +349,7 @@ impl Guest {
 
     async fn launch(kernel: &Path, initrd: &Path, append: &str, memory_mb: u32, extra: &[String]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wukong-guest-").tempdir()?;
-        let (agent_port, control_port) = (free_port()?, free_port()?);
+        let (agent_port, control_port) = (ports::free_port()?, ports::free_port()?);
         let console = dir.path().join("console.log");
         let qmp_path = dir.path().join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");

@@ -6,6 +6,7 @@ use crate::kubevirt_lab::resource;
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::Value;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -105,7 +106,7 @@ async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Result<(
 /// registered with `cluster` by deploy/guard.yaml once it is ready; `extra` flags are added.
 pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, extra: &[&str]) -> Result<Operator> {
     let tls = GuardTls::new()?;
-    let webhook = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let webhook = crate::ports::free_address()?;
     let (port, dir) = (agent_port.to_string(), tls.dir.path().to_str().context("a UTF-8 path")?.to_string());
     let mut args = vec!["--agent-plaintext", "--agent-port", &port, "--webhook-address", &webhook];
     args.extend(["--webhook-cert-dir", &dir]);
@@ -127,21 +128,22 @@ pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, e
 pub struct Operator {
     child: Child,
     http: std::net::SocketAddr,
+    log: PathBuf,
     /// The guard's certificate directory, kept while the operator serves it.
     guard_tls: Option<GuardTls>,
 }
 
 impl Operator {
     /// Starts an operator as `identity`, reaching agents in plaintext on `agent_port` (the lab's agents), logging
-    /// to `$TMPDIR/wukong-operator-IDENTITY.log`.
+    /// to `$TMPDIR/wukong-operator-IDENTITY-PORT.log` (PORT: its HTTP port, so parallel tests keep their own).
     pub fn start(cluster: &Cluster, identity: &str, agent_port: u16) -> Result<Self> {
         Self::start_with(cluster, identity, &["--agent-plaintext", "--agent-port", &agent_port.to_string()])
     }
 
     /// Starts an operator as `identity` with `agent` flags saying how it reaches agents.
     pub fn start_with(cluster: &Cluster, identity: &str, agent: &[&str]) -> Result<Self> {
-        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("wukong-operator-{identity}.log")))?;
+        let http: std::net::SocketAddr = crate::ports::free_address()?.parse()?;
+        let log = std::env::temp_dir().join(format!("wukong-operator-{identity}-{}.log", http.port()));
         let child = Command::new(crate::operator_binary())
             .env_clear()
             .env("KUBECONFIG", cluster.kubeconfig(OPERATOR)?)
@@ -151,10 +153,10 @@ impl Operator {
             .args(["--http-address", &http.to_string(), "--wait-seconds", "10", "--lease-namespace", "wukong-system"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting wukong-operator (cargo build -p wukong-operator)")?;
-        Ok(Self { child, http, guard_tls: None })
+        Ok(Self { child, http, log, guard_tls: None })
     }
 
     /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).
@@ -188,8 +190,14 @@ impl Operator {
 }
 
 impl Drop for Operator {
+    /// Kills it and prints the end of its log: the test harness shows a test's output only when it fails, which is
+    /// when the operator's side of the story is wanted (CI keeps nothing else).
     fn drop(&mut self) {
         self.kill();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        println!("--- the last lines of {} ---", self.log.display());
+        println!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
     }
 }
 

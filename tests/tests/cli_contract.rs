@@ -10,12 +10,8 @@ use std::process::{Command, Output, Stdio};
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
 use wukong_e2e::pki::Pki;
+use wukong_e2e::ports::free_address;
 use wukong_e2e::{HostAgent, wukongctl_binary};
-
-/// A wukong-agent on this machine, listening on `listen` (and a private Unix socket). Killed when dropped.
-fn free_address() -> Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
-}
 
 /// Runs wukongctl with only the environment given (none of the caller's WUKONG_* or KUBECONFIG).
 fn ctl(env: &[(&str, &str)], args: &[&str]) -> Result<Output> {

@@ -350,9 +350,9 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
 async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Result<()> {
     let pki = Pki::new();
     let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let agent_port = wukong_e2e::ports::free_port()?;
     let tls = ["--tls-cert", &p("agent.crt"), "--tls-key", &p("agent.key"), "--tls-client-ca", &p("ca.crt")];
-    let _agent = HostAgent::start(&listen.to_string(), &tls)?;
+    let _agent = HostAgent::start(&format!("127.0.0.1:{agent_port}"), &tls)?;
     let secret = tempfile::tempdir()?;
     let mount = |who: &str| -> Result<()> {
         std::fs::copy(pki.path("ca.crt"), secret.path().join("ca.crt"))?;
@@ -369,7 +369,7 @@ async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Resul
     install_operator(&cluster).await?;
     kubevirt.create_vm("tls-vm", true, "127.0.0.1").await?;
     let dir = secret.path().to_str().unwrap().to_string();
-    let port = listen.port().to_string();
+    let port = agent_port.to_string();
     let _operator = Operator::start_with(&cluster, "op-tls", &["--agent-tls-dir", &dir, "--agent-port", &port])?;
     let api = wukongs(&cluster.client(ADMIN).await?);
     let wukong: Wukong = serde_json::from_value(json!({
