@@ -359,3 +359,36 @@ async fn idle_stacked_overlays_are_released_and_restored_and_used_ones_refuse() 
     assert_eq!(checksum(&file), sum);
     assert_eq!(rig.state(), DiskState::Present);
 }
+
+/// Docker's overlay with relative layer paths (`LoopDisk::docker_overlay`): refused while a process reads through it;
+/// idle, unmounted before the disk and, on cancel, mounted back from the driver's home with the options exactly as
+/// Docker gave them, showing the same data.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_overlays_with_relative_layers_are_released_and_restored() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let root = disk.mount_at("docker");
+    let (_, merged) = disk.docker_overlay(&root);
+    let (file, sum) = write_data(&merged);
+    let before = overlays_at(&[&merged]);
+    assert!(before.iter().all(|(_, o)| o.contains("lowerdir=l/L2:l/L1,upperdir=ctr/diff")), "{before:?}");
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+
+    let user = Holder::sh(&format!("exec 3<'{}'", file.display()));
+    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    let ReleaseError::InUse { message, .. } = &err else { panic!("refused as in use: {err}") };
+    assert!(message.contains(&format!("(pid {}, uid 0) has {}", user.pid(), file.display())), "{message}");
+    assert_eq!(overlays_at(&[&merged]), before, "nothing changed");
+    drop(user);
+
+    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    assert!(released.released, "{released:#?}");
+    assert!(overlays_at(&[&merged]).is_empty() && findmnt_targets(&disk.dev).is_empty());
+    let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
+    let mounted = cancelled.actions.iter().filter(|a| a.kind == "mount").count();
+    assert_eq!(mounted, 2, "{:#?}", cancelled.actions);
+    assert_eq!(overlays_at(&[&merged]), before, "Docker's overlay is back with its relative layers");
+    assert_eq!(checksum(&file), sum, "and shows the data written through it");
+    assert_eq!(rig.state(), DiskState::Present);
+}

@@ -448,6 +448,110 @@ fn an_overlay_in_a_container_namespace_and_its_process_are_found() {
     assert!(!lsof_pids(mp.to_str().unwrap()).contains(&app), "lsof of the disk's mount point misses it");
 }
 
+/// Docker with a long layer list: every layer path relative to its storage driver's home, which mountinfo does not
+/// show. Followed from the mount point's ancestors: the overlay is reported with its layers' full paths and the
+/// home, and a process writing through it is found. `fuser -m` and `lsof` of the disk do not see that process.
+#[test]
+fn docker_overlays_with_relative_layer_paths_are_followed() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let root = disk.mount_at("var lib docker");
+    let (home, merged) = disk.docker_overlay(&root);
+    let app = Holder::sh(&format!("exec 3>>'{}/app.log'", merged.display()));
+    let report = disk.scan();
+    let stacked = stacked_of(&report);
+    assert_eq!(stacked.len(), 1, "{:#?}", messages(&report));
+    let (b, mount) = stacked[0];
+    let h = home.display();
+    assert_eq!(mount.layers_relative_to, home.to_str().unwrap());
+    let layers: Vec<(&str, String)> = mount.layers.iter().map(|l| (l.option.as_str(), l.path.clone())).collect();
+    let full = |p: &str| format!("{h}/{p}");
+    assert_eq!(
+        layers,
+        vec![
+            ("lowerdir", full("l/L2")),
+            ("lowerdir", full("l/L1")),
+            ("upperdir", full("ctr/diff")),
+            ("workdir", full("ctr/work")),
+        ]
+    );
+    let named = format!(
+        "its lowerdir {}, lowerdir {}, upperdir {} and workdir {} on {}",
+        full("l/L2"),
+        full("l/L1"),
+        full("ctr/diff"),
+        full("ctr/work"),
+        disk.dev
+    );
+    assert!(b.message.contains(&named), "{}", b.message);
+    let w = find(&report, app.pid(), ProcessUseKind::OpenFile).expect("the writer through Docker's overlay");
+    assert!(
+        w.message.contains("app.log open for writing") && w.message.contains("(on overlay mounted at"),
+        "{}",
+        w.message
+    );
+    assert!(!fuser_pids(&disk.dev).contains(&app.pid()), "fuser -m misses the writer");
+    assert!(!lsof_pids(&disk.dev).contains(&app.pid()), "lsof of the device misses it");
+}
+
+/// containerd with a long lower list: its lower directories relative to the snapshots directory, the upper one
+/// absolute. Every layer is named with its full path, the relative ones found from the upper one's ancestors.
+#[test]
+fn containerd_overlays_with_relative_lower_dirs_name_every_layer() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let root = disk.mount_at("snapshotter");
+    let rootfs = disk.containerd_overlay(&root);
+    let report = disk.scan();
+    let stacked = stacked_of(&report);
+    assert_eq!(stacked.len(), 1, "{:#?}", messages(&report));
+    let (_, mount) = stacked[0];
+    assert_eq!(mount.mount_point, rootfs.to_str().unwrap());
+    let snapshots = root.join("snapshots");
+    assert_eq!(mount.layers_relative_to, snapshots.to_str().unwrap());
+    let paths: Vec<String> = mount.layers.iter().map(|l| l.path.clone()).collect();
+    let full = |p: &str| snapshots.join(p).display().to_string();
+    assert_eq!(paths, [full("2/fs"), full("1/fs"), full("3/fs"), full("3/work")]);
+}
+
+/// A FUSE filesystem stacked on the disk: fuse-overlayfs (what rootless Podman mounts) with its layers on the disk.
+/// mountinfo shows it without its layers, and the kernel does not say which process serves a FUSE mount, so a
+/// process reading through it is not attributed to the disk; what holds the disk is the daemon, with each layer
+/// directory open, and that is reported (as `fuser -m` does).
+#[test]
+fn a_fuse_overlay_daemon_with_its_layers_on_the_disk_is_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("containers");
+    for d in ["low", "up", "work"] {
+        std::fs::create_dir_all(mp.join(d)).unwrap();
+    }
+    std::fs::write(mp.join("low/app.conf"), b"threads=4\n").unwrap();
+    let merged = disk.dir.path().join("fuse-merged");
+    std::fs::create_dir_all(&merged).unwrap();
+    let (m, f) = (mp.display(), merged.display());
+    sh(&format!("fuse-overlayfs -o lowerdir={m}/low,upperdir={m}/up,workdir={m}/work {f}"));
+    disk.mounts.push(merged.clone());
+    let daemon: i32 = sh(&format!("pgrep -n -f '^fuse-overlayfs .*{f}$'")).trim().parse().unwrap();
+    assert_eq!(std::fs::read_to_string(merged.join("app.conf")).unwrap(), "threads=4\n");
+
+    let report = disk.scan();
+    let held: BTreeSet<String> = report
+        .blockers
+        .iter()
+        .filter(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == daemon))
+        .map(|b| b.message.clone())
+        .collect();
+    for layer in ["low", "up"] {
+        let path = format!("{m}/{layer}");
+        assert!(held.iter().any(|b| b.contains(&format!("(pid {daemon}, uid 0) has {path} open"))), "{held:#?}");
+    }
+    let fuser = fuser_pids(&disk.dev);
+    assert!(fuser.contains(&daemon), "fuser -m finds the daemon too: {fuser:?}");
+    assert!(process_pids(&report).is_superset(&fuser), "and we find all fuser finds");
+    assert_eq!(stacked_of(&report).len(), 0, "a FUSE mount names no layers to follow");
+}
+
 /// An overlay in this namespace with several lower directories (one with a space) on the disk, used in every way a
 /// process can: an open file, its working and root directory, its program and a shared mapping. A second overlay
 /// has only a lower layer on the disk and its upper one on tmpfs: its files carry per-layer device numbers no

@@ -42,6 +42,10 @@ pub struct MountRecord {
     /// disk's own mounts, mounted back after them. Absent in journals of agents before stacked mounts.
     #[serde(default)]
     pub stacked: bool,
+    /// For a stacked mount given relative layer paths: the directory they resolve against, where it is mounted
+    /// back from. Empty otherwise, and in journals of agents before it.
+    #[serde(default)]
+    pub layers_relative_to: String,
 }
 
 impl MountRecord {
@@ -104,7 +108,8 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
             })
         };
         let reported: HashSet<u32> = uses.iter().map(|u| u.mount_id).collect();
-        let stacked: HashSet<u32> = uses.iter().filter(|u| !u.layers.is_empty()).map(|u| u.mount_id).collect();
+        let stacked: HashMap<u32, &str> =
+            uses.iter().filter(|u| !u.layers.is_empty()).map(|u| (u.mount_id, u.layers_relative_to.as_str())).collect();
         let ours: HashMap<u32, &MountEntry> = entries
             .iter()
             .filter(|e| reported.contains(&e.mount_id) || device_of(e).is_some())
@@ -126,7 +131,8 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
         }
         for e in ours.values() {
             let kernel_name = device_of(e).unwrap_or_default();
-            let stacked = stacked.contains(&e.mount_id);
+            let relative_to = stacked.get(&e.mount_id);
+            let stacked = relative_to.is_some();
             group.push(MountRecord {
                 namespace: ns,
                 namespace_pid: pid,
@@ -141,6 +147,7 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
                 partition: if stacked { 0 } else { partition_number(roots, kernel_name) },
                 depth: depth(&parents, e.mount_id),
                 stacked,
+                layers_relative_to: relative_to.map(|base| base.to_string()).unwrap_or_default(),
             });
         }
         group.sort_by(|a, b| b.depth.cmp(&a.depth).then(b.mount_id.cmp(&a.mount_id)));
@@ -260,16 +267,25 @@ fn mount_one(
     let fail = |device: &str, reason: String| MountError::Mount { place: r.place(), device: device.into(), reason };
     let flags = mount_flags(&r.options);
     if r.stacked {
-        // An overlay comes back from its own options: the layers, as the mounter gave them.
+        // An overlay comes back from its own options: the layers, as the mounter gave them, relative ones from the
+        // directory they were given against (this thread's working directory is its own: see `in_namespace`).
         let data = mount_data(&r.super_options);
-        return nix::mount::mount(
+        if !r.layers_relative_to.is_empty() {
+            nix::unistd::chdir(r.layers_relative_to.as_str())
+                .map_err(|e| fail(&r.source, format!("{}: {}", r.layers_relative_to, e.desc().to_lowercase())))?;
+        }
+        let mounted = nix::mount::mount(
             Some(r.source.as_str()),
             r.mount_point.as_str(),
             Some(r.fs_type.as_str()),
             flags,
             Some(data.as_str()),
-        )
-        .map_err(|e| fail(&r.source, e.desc().to_lowercase()));
+        );
+        if !r.layers_relative_to.is_empty() {
+            // Back to where setns left it, for the next record; the root is always there.
+            let _ = nix::unistd::chdir("/");
+        }
+        return mounted.map_err(|e| fail(&r.source, e.desc().to_lowercase()));
     }
     let node = node_for(r.partition).ok_or_else(|| fail(&r.source, "the disk is no longer in the guest".into()))?;
     let device = node.display().to_string();

@@ -77,7 +77,7 @@ impl Namespace {
         }
     }
 
-    fn mount_use(&self, m: &MountEntry, layers: Vec<StackedLayer>) -> MountUse {
+    fn mount_use(&self, m: &MountEntry) -> MountUse {
         MountUse {
             mount_point: m.mount_point.clone(),
             fs_type: m.fs_type.clone(),
@@ -88,7 +88,7 @@ impl Namespace {
             host_namespace: self.is_host,
             namespace_pid: self.pid,
             mount_id: m.mount_id,
-            layers,
+            ..MountUse::default()
         }
     }
 }
@@ -217,7 +217,7 @@ fn scan_mounts(
                     m.fs_type,
                     where_.get_or_insert_with(|| ns.describe(roots))
                 ),
-                Detail::Mount(ns.mount_use(m, Vec::new())),
+                Detail::Mount(ns.mount_use(m)),
             ));
         }
         namespaces.push(ns);
@@ -267,36 +267,40 @@ fn report_stacked(
     index: &mut Index<'_>,
     blockers: &mut [Vec<Blocker>],
 ) -> bool {
-    // Layer paths are as the mounter gave them, resolved in its namespace: seen through a process there. A
-    // relative path (resolved against the mounter's working directory at mount time) cannot be followed.
+    // Layer paths are as the mounter gave them, resolved in its namespace: seen through a process there.
     let seen_from = roots.proc.join(ns.pid.to_string()).join("root");
-    let on: Vec<(&OverlayLayer, Filesystem)> = layers
+    let relative_to = relative_base(&seen_from, &m.mount_point, layers);
+    let on: Vec<(&OverlayLayer, String, Filesystem)> = layers
         .iter()
-        .filter(|l| l.path.starts_with('/'))
         .filter_map(|l| {
-            let st = stat(&seen_from.join(l.path.trim_start_matches('/'))).ok()?;
-            Some((l, index.filesystems.get(&st.st_dev)?.clone()))
+            let path = match &relative_to {
+                _ if l.path.starts_with('/') => l.path.clone(),
+                Some(base) => Path::new(base).join(&l.path).display().to_string(),
+                None => return None,
+            };
+            let st = stat(&seen_from.join(path.trim_start_matches('/'))).ok()?;
+            Some((l, path, index.filesystems.get(&st.st_dev)?.clone()))
         })
         .collect();
     if on.is_empty() {
         return false;
     }
     let overlay_dev = makedev(m.major.into(), m.minor.into());
-    let mut by_target: BTreeMap<usize, Vec<&(&OverlayLayer, Filesystem)>> = BTreeMap::new();
+    let mut by_target: BTreeMap<usize, Vec<&(&OverlayLayer, String, Filesystem)>> = BTreeMap::new();
     for hit in &on {
-        by_target.entry(hit.1.target).or_default().push(hit);
+        by_target.entry(hit.2.target).or_default().push(hit);
     }
     let where_ = ns.describe(roots);
     for (target, hits) in by_target {
         // Which layers are on which of the target's filesystems, e.g. "lowerdir /d/l and upperdir /d/u on /dev/sdb1
         // (ext4, mounted at /d)".
         let mut per_fs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for (l, fs) in &hits {
-            per_fs.entry(fs.label.as_str()).or_default().push(format!("{} {}", l.option, l.path));
+        for (l, path, fs) in &hits {
+            per_fs.entry(fs.label.as_str()).or_default().push(format!("{} {path}", l.option));
         }
         let layers_text: Vec<String> = per_fs.iter().map(|(fs, ls)| format!("{} on {fs}", join_and(ls))).collect();
         let label = format!("{} mounted at {} in {where_}", m.fs_type, m.mount_point);
-        let device = hits[0].1.node.clone();
+        let device = hits[0].2.node.clone();
         let fs = Filesystem { target, node: device.clone(), label: label.clone() };
         index.filesystems.entry(overlay_dev).or_insert_with(|| fs.clone());
         index.stacked_mounts.insert(m.mount_id, fs);
@@ -308,21 +312,43 @@ fn report_stacked(
                 "{label} is stacked on this disk: its {}; it must be unmounted before the disk",
                 layers_text.join("; its ")
             ),
-            Detail::Mount(
-                ns.mount_use(
-                    m,
-                    hits.iter()
-                        .map(|(l, fs)| StackedLayer {
-                            option: l.option.to_string(),
-                            path: l.path.clone(),
-                            on: fs.label.clone(),
-                        })
-                        .collect(),
-                ),
-            ),
+            Detail::Mount(MountUse {
+                layers: hits
+                    .iter()
+                    .map(|(l, path, fs)| StackedLayer {
+                        option: l.option.to_string(),
+                        path: path.clone(),
+                        on: fs.label.clone(),
+                    })
+                    .collect(),
+                layers_relative_to: relative_to.clone().unwrap_or_default(),
+                ..ns.mount_use(m)
+            }),
         ));
     }
     true
+}
+
+/// The directory an overlay's relative layer paths were given against, when it has any. The kernel keeps the paths
+/// as given but not the mounter's working directory. Docker and Podman give every path relative to their storage
+/// driver's home and mount at `<home>/<id>/merged`; containerd makes only its lower directories relative, to the
+/// snapshots directory its absolute upper one is in. So: the nearest ancestor of the mount point, else of an
+/// absolute layer, under which every relative layer exists. None when there is none (they cannot be followed).
+fn relative_base(seen_from: &Path, mount_point: &str, layers: &[OverlayLayer]) -> Option<String> {
+    let relative: Vec<&str> = layers.iter().map(|l| l.path.as_str()).filter(|p| !p.starts_with('/')).collect();
+    if relative.is_empty() {
+        return None;
+    }
+    let absolute = layers.iter().map(|l| Path::new(&l.path)).filter(|p| p.is_absolute());
+    // Each path's own directory is not a candidate: the mount point shows the overlay now, not what is beneath it.
+    std::iter::once(Path::new(mount_point))
+        .chain(absolute)
+        .flat_map(|p| p.ancestors().skip(1))
+        .find(|dir| {
+            let dir = seen_from.join(dir.strip_prefix("/").unwrap_or(dir));
+            relative.iter().all(|layer| dir.join(layer).exists())
+        })
+        .map(|dir| dir.display().to_string())
 }
 
 /// "a", "a and b", "a, b and c".
@@ -931,6 +957,38 @@ mod tests {
         assert_eq!(map_device(b"7f00-7f01 rw-p 00000000 00:00 0"), None);
         assert_eq!(map_device(b"garbage"), None);
         assert_eq!(map_device(b"a b c zz:01 5 /x"), None);
+    }
+
+    /// Relative layers are followed only from a directory where every one of them exists: the mount point's
+    /// nearest such ancestor first, then an absolute layer's; never the mount point itself; nothing for layers that
+    /// exist nowhere, empty or odd paths.
+    #[test]
+    fn relative_layers_resolve_only_where_all_of_them_exist() {
+        let root = tempfile::tempdir().unwrap();
+        for d in [
+            "home/l/A",
+            "home/l/B",
+            "home/ctr/merged/l/A",
+            "home/ctr/merged/l/B",
+            "home/ctr/merged/ctr",
+            "snap/1/fs",
+            "snap/3/fs",
+        ] {
+            std::fs::create_dir_all(root.path().join(d)).unwrap();
+        }
+        let layers = |paths: &[(&'static str, &str)]| -> Vec<OverlayLayer> {
+            paths.iter().map(|(option, path)| OverlayLayer { option, path: path.to_string() }).collect()
+        };
+        let base =
+            |mount_point: &str, paths: &[(&'static str, &str)]| relative_base(root.path(), mount_point, &layers(paths));
+        let docker = [("lowerdir", "l/A"), ("lowerdir", "l/B"), ("upperdir", "ctr")];
+        assert_eq!(base("/home/ctr/merged", &docker).as_deref(), Some("/home"), "not the mount point itself");
+        let containerd = [("lowerdir", "1/fs"), ("upperdir", "/snap/3/fs")];
+        assert_eq!(base("/run/rootfs", &containerd).as_deref(), Some("/snap"));
+        assert_eq!(base("/home/ctr/merged", &[("lowerdir", "l/A"), ("lowerdir", "l/C")]), None, "one is missing");
+        assert_eq!(base("/home/ctr/merged", &[("upperdir", "/home/l/A")]), None, "nothing relative");
+        assert_eq!(base("", &[("lowerdir", "l/A")]), None);
+        assert_eq!(base("relative/mount", &[("lowerdir", "nowhere/../..")]), None);
     }
 
     #[test]

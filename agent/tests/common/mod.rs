@@ -107,6 +107,49 @@ impl LoopDisk {
         mp
     }
 
+    /// Docker's overlay2 layout on this disk's filesystem mounted at `root` (standing for /var/lib/docker): two
+    /// image layers under `overlay2/<id>/diff`, their short links `overlay2/l/<ID>`, and a container's overlay
+    /// mounted the way Docker (and Podman) mount one whose absolute layer list would not fit the mount call's page:
+    /// from `overlay2`, the driver's home, every path relative, as mountinfo then shows them. Returns (home,
+    /// merged); the overlay is unmounted on drop.
+    pub fn docker_overlay(&mut self, root: &Path) -> (PathBuf, PathBuf) {
+        let home = root.join("overlay2");
+        for d in ["layer1/diff/etc", "layer2/diff", "ctr/diff", "ctr/work", "ctr/merged", "l"] {
+            std::fs::create_dir_all(home.join(d)).unwrap();
+        }
+        std::fs::write(home.join("layer1/diff/etc/app.conf"), b"threads=4\n").unwrap();
+        std::os::unix::fs::symlink("../layer1/diff", home.join("l/L1")).unwrap();
+        std::os::unix::fs::symlink("../layer2/diff", home.join("l/L2")).unwrap();
+        sh(&format!(
+            "cd '{}' && mount -t overlay overlay -o lowerdir=l/L2:l/L1,upperdir=ctr/diff,workdir=ctr/work ctr/merged",
+            home.display()
+        ));
+        let merged = home.join("ctr/merged");
+        self.mounts.push(merged.clone());
+        (home, merged)
+    }
+
+    /// containerd's overlayfs snapshotter on this disk's filesystem mounted at `root` (standing for
+    /// /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs): image snapshots `snapshots/1/fs` and
+    /// `snapshots/2/fs`, a container's `snapshots/3`, and its rootfs mounted at `rootfs` outside the disk the way
+    /// containerd mounts a long lower list: from `snapshots`, the lower directories relative, the upper and work
+    /// ones absolute. Returns the rootfs; unmounted on drop.
+    pub fn containerd_overlay(&mut self, root: &Path) -> PathBuf {
+        let snapshots = root.join("snapshots");
+        for d in ["1/fs", "2/fs", "3/fs", "3/work"] {
+            std::fs::create_dir_all(snapshots.join(d)).unwrap();
+        }
+        let rootfs = self.dir.path().join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        sh(&format!(
+            "cd '{s}' && mount -t overlay overlay -o 'lowerdir=2/fs:1/fs,upperdir={s}/3/fs,workdir={s}/3/work' '{}'",
+            rootfs.display(),
+            s = snapshots.display()
+        ));
+        self.mounts.push(rootfs.clone());
+        rootfs
+    }
+
     pub fn disk(&self) -> Disk {
         let name = self.name();
         Disk { kernel_name: name.clone(), id: name.clone(), serial: name, ..Disk::default() }
