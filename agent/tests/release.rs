@@ -392,3 +392,45 @@ async fn docker_overlays_with_relative_layers_are_released_and_restored() {
     assert_eq!(checksum(&file), sum, "and shows the data written through it");
     assert_eq!(rig.state(), DiskState::Present);
 }
+
+/// An overlay whose lower directories are inside another overlay on the disk (an image built inside a container):
+/// the one on top is undone first, although the one beneath sits deeper in the mount tree, and mounted back last.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overlay_on_an_overlay_is_undone_before_it_and_mounted_back_after_it() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    for d in ["low/x", "low/y", "up", "work"] {
+        std::fs::create_dir_all(a.join(d)).unwrap();
+    }
+    let (_, sum) = write_data(&a.join("low/x"));
+    let (beneath, top) = (a.join("beneath"), disk.dir.path().join("top"));
+    for point in [&beneath, &top] {
+        std::fs::create_dir_all(point).unwrap();
+    }
+    sh(&format!(
+        "mount -t overlay overlay -o 'lowerdir={a}/low,upperdir={a}/up,workdir={a}/work' '{}'",
+        beneath.display(),
+        a = a.display()
+    ));
+    disk.mounts.push(beneath.clone());
+    sh(&format!("mount -t overlay overlay -o 'lowerdir={b}/x:{b}/y' '{}'", top.display(), b = beneath.display()));
+    disk.mounts.push(top.clone());
+    let before = overlays_at(&[&beneath, &top]);
+    assert_eq!(before.len(), 2);
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+
+    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    assert!(released.released, "{released:#?}");
+    let unmounted: Vec<&str> =
+        released.actions.iter().filter(|a| a.kind == "unmount").map(|a| a.description.as_str()).collect();
+    let undone = |point: &Path, fs: &str| format!("unmounted {} ({fs}) in the host mount namespace", point.display());
+    assert_eq!(unmounted, [undone(&top, "overlay"), undone(&beneath, "overlay"), undone(&a, "ext4")]);
+    let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
+    let mounted: Vec<&str> =
+        cancelled.actions.iter().filter(|a| a.kind == "mount").map(|a| a.description.as_str()).collect();
+    assert!(mounted.len() == 3 && mounted[2].contains(&top.display().to_string()), "top last: {mounted:#?}");
+    assert_eq!(overlays_at(&[&beneath, &top]), before, "both overlays are back");
+    assert_eq!(checksum(&top.join("data.bin")), sum, "and the top one shows the disk's data");
+}

@@ -211,6 +211,16 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     assert!(code == 403 && message.contains(&format!("pid {pid}")), "{message}");
     stop(&guest, &pid).await?;
 
+    // A system disk (the guest mounted this one at /boot): denied, and forced too.
+    guest.run_ok(&format!("umount /mnt/s && mkdir -p /boot && mount {dev} /boot")).await?;
+    let remove = removal(&vmis.get("solo").await?, "/spec", "solo-data")?;
+    let (code, message) = patch(&vmis, "solo", remove.clone(), false).await?.expect_err("a system disk stays");
+    assert!(code == 403 && message.contains("/boot of the running system"), "{message}");
+    label(&vmis, "solo", json!({}), json!({"vm.novasphere.dev/force-detach": "true"})).await?;
+    let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("a system disk stays, forced too");
+    assert!(code == 403 && message.contains("is a system disk of the guest"), "{message}");
+    guest.run_ok("umount /boot").await?;
+
     // Closing the loop. A release whose update was never stored (here: the guest released the disk, the spec kept
     // it) is given back after the grace period, with an Event.
     attach(&guest, &admin, "vm1", "data", "pvc-data").await?;

@@ -4,8 +4,9 @@
 //! A release runs PRESENT → RELEASING → RELEASED, one operation per disk at a time:
 //! 1. a fresh usage scan; any blocker but an idle mount refuses, changing nothing (so does a mount without
 //!    `unmount`, and another filesystem mounted inside one of the disk's);
-//! 2. every filesystem stacked on the disk (an overlay with a layer on it), then every mount of the disk, in every
-//!    mount namespace, is undone deepest first; on a failure the undone ones are mounted back;
+//! 2. every filesystem stacked on the disk (an overlay with a layer on it; one on an overlay before that one), then
+//!    every mount of the disk, in every mount namespace, is undone deepest first; on a failure the undone ones are
+//!    mounted back;
 //! 3. a final scan, once udev's own probes of the disk are over, must find nothing;
 //! 4. flush: dirty buffers written, the device's write cache flushed;
 //! 5. fence: a SCSI device is deleted in the guest (nothing can reopen it); other buses are set read-only.

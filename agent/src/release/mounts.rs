@@ -84,9 +84,9 @@ impl MountError {
 }
 
 /// The mounts to undo for a disk whose scan reported `uses`: filesystems stacked on the disk first (an overlay pins
-/// its layers: unmounting the disk under it would succeed and leave the disk held by nothing one can name), then
-/// the disk's own; each deepest first, non-host namespaces before the host's. Refuses (changing nothing) when
-/// another filesystem is mounted inside one of them.
+/// its layers: unmounting the disk under it would succeed and leave the disk held by nothing one can name), an
+/// overlay with a layer on another overlay before that one, then the disk's own; each deepest first, non-host
+/// namespaces before the host's. Refuses (changing nothing) when another filesystem is mounted inside one of them.
 pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec<MountRecord>, MountError> {
     let mut by_ns: BTreeMap<(bool, u64), Vec<&MountUse>> = BTreeMap::new();
     for u in uses {
@@ -150,7 +150,11 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
                 layers_relative_to: relative_to.map(|base| base.to_string()).unwrap_or_default(),
             });
         }
-        group.sort_by(|a, b| b.depth.cmp(&a.depth).then(b.mount_id.cmp(&a.mount_id)));
+        let level = stack_levels(&uses);
+        let level_of = |r: &MountRecord| level.get(&r.mount_id).copied().unwrap_or(0);
+        group.sort_by(|a, b| {
+            level_of(b).cmp(&level_of(a)).then(b.depth.cmp(&a.depth)).then(b.mount_id.cmp(&a.mount_id))
+        });
         records.extend(group);
     }
     // Stable: namespaces and depths keep their order within each kind.
@@ -225,6 +229,38 @@ pub fn unmount(roots: &HostRoots, records: &[MountRecord]) -> (Vec<MountRecord>,
     (done, None)
 }
 
+/// How high each stacked mount of one namespace stands: 0 for one whose layers are on the disk's filesystems
+/// only, one more than the highest stacked mount a layer of it lies in (an overlay on an overlay on the disk).
+/// Higher ones are undone first and mounted back last.
+fn stack_levels(uses: &[&MountUse]) -> HashMap<u32, u32> {
+    let stacked: Vec<&MountUse> = uses.iter().copied().filter(|u| !u.layers.is_empty()).collect();
+    let under = |layer: &str, point: &str| {
+        Path::new(layer).starts_with(point) && !point.is_empty() && Path::new(point).is_absolute()
+    };
+    let mut level: HashMap<u32, u32> = stacked.iter().map(|u| (u.mount_id, 0)).collect();
+    // At most one round per stacked mount settles every chain; a cycle (impossible in a real mount table) stops
+    // there instead of looping.
+    for _ in 0..stacked.len() {
+        let mut changed = false;
+        for u in &stacked {
+            let highest_below = stacked
+                .iter()
+                .filter(|o| o.mount_id != u.mount_id && u.layers.iter().any(|l| under(&l.path, &o.mount_point)))
+                .map(|o| level[&o.mount_id] + 1)
+                .max()
+                .unwrap_or(0);
+            if highest_below > level[&u.mount_id] {
+                level.insert(u.mount_id, highest_below);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    level
+}
+
 /// Mounts `records` back, in the reverse of the order they were undone. `node_for` gives the device node of a
 /// partition number (0: the whole disk) now. Returns each record's outcome.
 pub fn mount_back(
@@ -234,8 +270,9 @@ pub fn mount_back(
 ) -> Vec<(MountRecord, Result<(), MountError>)> {
     let mut ordered: Vec<&MountRecord> = records.iter().rev().collect();
     // The disk's filesystems before what is stacked on them; whole filesystems before bind mounts of their
-    // subdirectories, which are made from them.
-    ordered.sort_by_key(|r| (r.stacked, r.root != "/", r.depth));
+    // subdirectories, which are made from them. Stacked mounts keep the reverse of their undo order: an overlay
+    // before the overlays on it.
+    ordered.sort_by_key(|r| (r.stacked, r.root != "/", if r.stacked { 0 } else { r.depth }));
     let mut outcomes = Vec::new();
     let mut by_ns: BTreeMap<u64, Vec<&MountRecord>> = BTreeMap::new();
     for r in ordered {
@@ -492,6 +529,34 @@ mod tests {
         let order: Vec<(&str, bool)> = plan.iter().map(|r| (r.mount_point.as_str(), r.stacked)).collect();
         assert_eq!(order, vec![("/merged", true), ("/data/a", false), ("/srv/b", false), ("/data", false)]);
         assert_eq!(plan[0].place(), "/merged (overlay) in the host mount namespace");
+    }
+
+    /// An overlay on an overlay on an overlay on the disk: each stands one higher than the one it lies on,
+    /// whatever order the scan reported them in; a path that merely shares a prefix is not inside.
+    #[test]
+    fn overlays_on_overlays_stand_higher() {
+        let overlay = |id: u32, point: &str, layers: &[&str]| MountUse {
+            mount_id: id,
+            mount_point: point.into(),
+            layers: layers
+                .iter()
+                .map(|p| wukong_proto::v1::StackedLayer {
+                    option: "lowerdir".into(),
+                    path: p.to_string(),
+                    on: "".into(),
+                })
+                .collect(),
+            ..MountUse::default()
+        };
+        let top = overlay(3, "/mc", &["/mb/x", "/data/z"]);
+        let middle = overlay(2, "/mb", &["/ma/x", "/mab/y"]);
+        let bottom = overlay(1, "/ma", &["/data/l"]);
+        let lookalike = overlay(4, "/mab", &["/data/m"]);
+        let disk_mount = use_of(7, 5);
+        let levels = stack_levels(&[&top, &middle, &disk_mount, &bottom, &lookalike]);
+        assert_eq!(levels, HashMap::from([(1, 0), (2, 1), (3, 2), (4, 0)]));
+        let looped = [overlay(1, "/a", &["/b/x"]), overlay(2, "/b", &["/a/x"])];
+        assert_eq!(stack_levels(&[&looped[0], &looped[1]]).len(), 2, "a cycle ends");
     }
 
     #[test]
