@@ -34,10 +34,7 @@ impl SystemView {
 
     /// The system mounts as they are now, read once for any number of disks.
     pub fn now(&self, roots: &HostRoots) -> SystemNow<'_> {
-        // PID 1's namespace is the system's: the agent itself may run in a private one (systemd's ProtectSystem).
-        let text = std::fs::read_to_string(roots.proc.join("1/mountinfo"))
-            .or_else(|_| std::fs::read_to_string(roots.proc.join("self/mountinfo")))
-            .unwrap_or_default();
+        let text = open_mount_table(roots).map(std::io::read_to_string).and_then(|r| r).unwrap_or_default();
         let mounts = parse_mountinfo(&text)
             .into_iter()
             .filter(|m| SYSTEM_MOUNTS.contains(&m.mount_point.as_str()))
@@ -54,6 +51,14 @@ impl SystemView {
             .collect();
         SystemNow { view: self, mounts }
     }
+}
+
+/// The system's mount table. PID 1's namespace is the system's: the agent itself may run in a private one
+/// (systemd's ProtectSystem). Polled for `POLLPRI`, the file reports every mount and unmount in that namespace,
+/// which is how a disk mounted at `/boot` or `/var` after it was plugged becomes a system disk at once.
+pub fn open_mount_table(roots: &HostRoots) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(roots.proc.join("1/mountinfo"))
+        .or_else(|_| std::fs::File::open(roots.proc.join("self/mountinfo")))
 }
 
 /// The system mounts read at one moment, with the boot swaps.

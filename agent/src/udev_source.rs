@@ -2,12 +2,13 @@
 //!
 //! libudev objects are `!Send`, so the monitor lives on one dedicated thread. The monitor socket is created before
 //! the first enumeration, so no event is lost between the two. Events are only triggers: the affected disk is
-//! re-described from sysfs and udev's database, which makes handling idempotent and order-proof.
+//! re-described from sysfs and udev's database, which makes handling idempotent and order-proof. The system's mount
+//! table is watched beside it: mounting a disk at `/boot` makes it a system disk without any udev event.
 
 use crate::disk;
 use crate::inventory::Update;
 use crate::roots::HostRoots;
-use crate::system::{SystemNow, SystemView};
+use crate::system::{self, SystemNow, SystemView};
 use crate::udev_db::{LibUdevDb, UdevDb};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{setsockopt, sockopt};
@@ -139,11 +140,18 @@ impl Source<'_> {
 }
 
 fn run(source: &Source<'_>, socket: &udev::MonitorSocket, updates: &mpsc::Sender<Update>) {
+    // Opened before the first enumeration, like the monitor: a mount between the two is seen.
+    let mount_table = system::open_mount_table(source.roots)
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "cannot watch the mount table; system disks are known at plug time"),
+        )
+        .ok();
     if updates.blocking_send(Update::Reconcile(source.enumerate())).is_err() {
         return;
     }
     loop {
-        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        fds.extend(mount_table.as_ref().map(|table| PollFd::new(table.as_fd(), PollFlags::POLLPRI)));
         match poll(&mut fds, PollTimeout::from(IDLE_CHECK_MS)) {
             Ok(0) => {
                 if updates.is_closed() {
@@ -158,21 +166,34 @@ fn run(source: &Source<'_>, socket: &udev::MonitorSocket, updates: &mpsc::Sender
                 return;
             }
         }
-        nix::errno::Errno::clear();
-        let triggers: Vec<Trigger> = socket.iter().map(|e| Trigger::from_event(&e)).collect();
-        // The iterator ends when a receive fails: EAGAIN when drained, ENOBUFS when the kernel dropped events.
-        let batch = if nix::errno::Errno::last() == nix::errno::Errno::ENOBUFS {
-            tracing::warn!("the udev monitor overflowed and dropped events; re-enumerating every disk");
-            vec![Update::Reconcile(source.enumerate())]
-        } else {
-            triggers.iter().flat_map(|t| source.updates_for(t)).collect()
-        };
+        let fired = |i: usize| fds.get(i).and_then(|fd| fd.revents()).is_some_and(|r| !r.is_empty());
+        let (udev_ready, mounts_changed) = (fired(0), fired(1));
+        let mut batch = Vec::new();
+        if mounts_changed {
+            // Which disks hold /, /boot, /usr or /var may have changed; the inventory publishes only real changes.
+            batch.push(Update::Reconcile(source.enumerate()));
+        }
+        if udev_ready {
+            batch.extend(udev_updates(source, socket));
+        }
         for update in batch {
             if updates.blocking_send(update).is_err() {
                 return;
             }
         }
     }
+}
+
+/// The inventory updates of the events the monitor has ready.
+fn udev_updates(source: &Source<'_>, socket: &udev::MonitorSocket) -> Vec<Update> {
+    nix::errno::Errno::clear();
+    let triggers: Vec<Trigger> = socket.iter().map(|e| Trigger::from_event(&e)).collect();
+    // The iterator ends when a receive fails: EAGAIN when drained, ENOBUFS when the kernel dropped events.
+    if nix::errno::Errno::last() == nix::errno::Errno::ENOBUFS {
+        tracing::warn!("the udev monitor overflowed and dropped events; re-enumerating every disk");
+        return vec![Update::Reconcile(source.enumerate())];
+    }
+    triggers.iter().flat_map(|t| source.updates_for(t)).collect()
 }
 
 /// What a udev event is about, copied out of libudev.

@@ -213,6 +213,12 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
 
     // A system disk (the guest mounted this one at /boot): denied, and forced too.
     guest.run_ok(&format!("umount /mnt/s && mkdir -p /boot && mount {dev} /boot")).await?;
+    // No udev event says so: the agent learns it from the mount table.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.get_disk("solo-data", false).await?.system {
+        anyhow::ensure!(Instant::now() < deadline, "the agent never saw that the disk holds /boot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let remove = removal(&vmis.get("solo").await?, "/spec", "solo-data")?;
     let (code, message) = patch(&vmis, "solo", remove.clone(), false).await?.expect_err("a system disk stays");
     assert!(code == 403 && message.contains("/boot of the running system"), "{message}");
@@ -220,6 +226,11 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("a system disk stays, forced too");
     assert!(code == 403 && message.contains("is a system disk of the guest"), "{message}");
     guest.run_ok("umount /boot").await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agent.get_disk("solo-data", false).await?.system {
+        anyhow::ensure!(Instant::now() < deadline, "unmounted from /boot, the disk is still a system disk");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Closing the loop. A release whose update was never stored (here: the guest released the disk, the spec kept
     // it) is given back after the grace period, with an Event.
