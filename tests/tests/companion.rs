@@ -13,12 +13,17 @@ use wukong_e2e::{Guest, wukongctl_binary};
 
 /// Runs `wukongctl --agent … ARGS --qmp …` against the guest (`--qmp` is a flag of attach and detach).
 fn ctl(guest: &Guest, args: &[&str]) -> Result<Output> {
+    let qmp = guest.companion_qmp();
+    let qmp = qmp.to_str().context("a UTF-8 QMP socket path")?;
+    agent_ctl(guest, &[args, &["--qmp", qmp]].concat())
+}
+
+/// Runs `wukongctl --agent … ARGS` against the guest's agent.
+fn agent_ctl(guest: &Guest, args: &[&str]) -> Result<Output> {
     let out = std::process::Command::new(wukongctl_binary())
         .arg("--agent")
         .arg(guest.agent_address().to_string())
         .args(args)
-        .arg("--qmp")
-        .arg(guest.companion_qmp())
         .stdin(std::process::Stdio::null())
         .output()
         .context("running wukongctl")?;
@@ -47,6 +52,19 @@ async fn wukongctl_attach_and_safe_detach_over_qmp_keep_the_data() -> Result<()>
     let sum = guest.fill(&dev, "/mnt/c", 8 << 20).await?;
     let pid = guest.run_ok("sh -c 'exec 3>>/mnt/c/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!").await?;
     let pid = pid.trim();
+
+    // In the guest people think in paths: `usage` takes the device, a file on it and the mount point as well.
+    for name in [dev.as_str(), "/mnt/c/log", "/mnt/c", "vol1"] {
+        let usage = agent_ctl(&guest, &["usage", name])?;
+        assert_eq!(usage.status.code(), Some(3), "in use: {}", text(&usage));
+        assert!(
+            text(&usage).contains(&format!("(pid {pid}, uid 0) has /mnt/c/log open for writing")),
+            "{}",
+            text(&usage)
+        );
+    }
+    let elsewhere = agent_ctl(&guest, &["usage", "/proc"])?;
+    assert_eq!(elsewhere.status.code(), Some(6), "a path on no disk the agent knows: {}", text(&elsewhere));
 
     let refused = ctl(&guest, &["detach", "vol1", "--unmount"])?;
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
