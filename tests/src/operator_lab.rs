@@ -129,6 +129,8 @@ pub struct Operator {
     child: Child,
     http: std::net::SocketAddr,
     log: PathBuf,
+    /// Print the end of the log when dropped (see `Drop`).
+    echo_log: bool,
     /// The guard's certificate directory, kept while the operator serves it.
     guard_tls: Option<GuardTls>,
 }
@@ -156,7 +158,7 @@ impl Operator {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting wukong-operator (cargo build -p wukong-operator)")?;
-        Ok(Self { child, http, log, guard_tls: None })
+        Ok(Self { child, http, log, echo_log: true, guard_tls: None })
     }
 
     /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).
@@ -178,6 +180,13 @@ impl Operator {
         Ok((code, body))
     }
 
+    /// Leaves its log alone when dropped: for programs (the demo, the benchmarks), whose output is not captured the
+    /// way a test's is.
+    pub fn quiet(mut self) -> Self {
+        self.echo_log = false;
+        self
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -194,6 +203,9 @@ impl Drop for Operator {
     /// when the operator's side of the story is wanted (CI keeps nothing else).
     fn drop(&mut self) {
         self.kill();
+        if !self.echo_log {
+            return;
+        }
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         println!("--- the last lines of {} ---", self.log.display());

@@ -70,7 +70,7 @@ async fn main() -> Result<()> {
     let cluster = Cluster::start(&[OPERATOR]).await?;
     let lab = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
-    let operator = start_guarded(&cluster, "bench", guest.agent_port(), &[]).await?;
+    let operator = start_guarded(&cluster, "bench", guest.agent_port(), &[]).await?.quiet();
     let admin = cluster.client(ADMIN).await?;
     let r = ApiResource {
         group: "kubevirt.io".into(),

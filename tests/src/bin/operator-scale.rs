@@ -79,7 +79,7 @@ async fn main() -> Result<()> {
 
     let mark = cluster.audit()?.len();
     let started = Instant::now();
-    let operator = Operator::start(&cluster, "bench", 1)?;
+    let operator = Operator::start(&cluster, "bench", 1)?.quiet();
     loop {
         let done = api.list(&Default::default()).await?.items.iter().filter(|w| converged(w)).count();
         if done == objects {

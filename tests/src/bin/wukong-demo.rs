@@ -148,7 +148,7 @@ async fn declarative(guest: &Guest) -> Result<()> {
     kubevirt.provision(images.path(), "lab-images").await?;
     install_operator(&cluster).await?;
     kubevirt.create_vm("shop-vm", true, "127.0.0.1").await?;
-    let _operator = Operator::start(&cluster, "demo", guest.agent_port())?;
+    let _operator = Operator::start(&cluster, "demo", guest.agent_port())?.quiet();
     let api: Api<Wukong> = Api::namespaced(cluster.client(ADMIN).await?, "shop");
 
     step("a Wukong with a system disk and a data disk 'orders' (unmount idle filesystems, keep the data)");
