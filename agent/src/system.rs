@@ -34,7 +34,7 @@ impl SystemView {
 
     /// The system mounts as they are now, read once for any number of disks.
     pub fn now(&self, roots: &HostRoots) -> SystemNow<'_> {
-        let text = open_mount_table(roots).map(std::io::read_to_string).and_then(|r| r).unwrap_or_default();
+        let text = open_mount_table(roots).and_then(std::io::read_to_string).unwrap_or_default();
         let mounts = parse_mountinfo(&text)
             .into_iter()
             .filter(|m| SYSTEM_MOUNTS.contains(&m.mount_point.as_str()))

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Holder, LoopDisk, findmnt_targets, serial, sh};
+use common::{Holder, LoopDisk, findmnt_targets, mkdirs, serial, sh};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use wukong_agent::inventory::{self, InventoryHandle, Update};
@@ -293,9 +293,7 @@ async fn idle_stacked_overlays_are_released_and_restored_and_used_ones_refuse() 
     let _serial = serial();
     let mut disk = LoopDisk::new("ext4");
     let a = disk.mount_at("a");
-    for d in ["low 1", "low2", "up", "work", "up2", "work2"] {
-        std::fs::create_dir_all(a.join(d)).unwrap();
-    }
+    mkdirs(&a, &["low 1", "low2", "up", "work", "up2", "work2"]);
     let (file, sum) = write_data(&a.join("low2"));
     let (one, two) = (disk.dir.path().join("merged one"), a.join("low2/nested merged"));
     for (point, upper, work) in [(&one, "up", "work"), (&two, "up2", "work2")] {
@@ -400,9 +398,7 @@ async fn an_overlay_on_an_overlay_is_undone_before_it_and_mounted_back_after_it(
     let _serial = serial();
     let mut disk = LoopDisk::new("ext4");
     let a = disk.mount_at("a");
-    for d in ["low/x", "low/y", "up", "work"] {
-        std::fs::create_dir_all(a.join(d)).unwrap();
-    }
+    mkdirs(&a, &["low/x", "low/y", "up", "work"]);
     let (_, sum) = write_data(&a.join("low/x"));
     let (beneath, top) = (a.join("beneath"), disk.dir.path().join("top"));
     for point in [&beneath, &top] {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Holder, LoopDisk, findmnt_targets, serial, sh};
+use common::{Holder, LoopDisk, findmnt_targets, mkdirs, serial, sh};
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -379,9 +379,7 @@ fn an_overlay_in_a_container_namespace_and_its_process_are_found() {
     let _serial = serial();
     let mut disk = LoopDisk::new("ext4");
     let mp = disk.mount_at("var lib containers");
-    for d in ["layer 1", "layer2", "upper", "work"] {
-        std::fs::create_dir_all(mp.join(d)).unwrap();
-    }
+    mkdirs(&mp, &["layer 1", "layer2", "upper", "work"]);
     std::fs::write(mp.join("layer2/app.db"), b"rows").unwrap();
     let merged = disk.dir.path().join("rootfs");
     std::fs::create_dir_all(&merged).unwrap();
@@ -523,9 +521,7 @@ fn a_fuse_overlay_daemon_with_its_layers_on_the_disk_is_found() {
     let _serial = serial();
     let mut disk = LoopDisk::new("ext4");
     let mp = disk.mount_at("containers");
-    for d in ["low", "up", "work"] {
-        std::fs::create_dir_all(mp.join(d)).unwrap();
-    }
+    mkdirs(&mp, &["low", "up", "work"]);
     std::fs::write(mp.join("low/app.conf"), b"threads=4\n").unwrap();
     let merged = disk.dir.path().join("fuse-merged");
     std::fs::create_dir_all(&merged).unwrap();
@@ -561,9 +557,7 @@ fn processes_using_files_through_overlays_are_found() {
     let _serial = serial();
     let mut disk = LoopDisk::new("ext4");
     let mp = disk.mount_at("data");
-    for d in ["low 1/bin", "low2", "up", "work"] {
-        std::fs::create_dir_all(mp.join(d)).unwrap();
-    }
+    mkdirs(&mp, &["low 1/bin", "low2", "up", "work"]);
     std::fs::copy("/usr/bin/busybox", mp.join("low 1/bin/busybox")).unwrap();
     std::fs::write(mp.join("low2/table"), vec![1u8; 8192]).unwrap();
     let (merged, split) = (disk.dir.path().join("merged"), disk.dir.path().join("split view"));

@@ -10,6 +10,7 @@
 //!   KubeVirt's phases, `status.interfaces` and the `VolumeUnplugged` event. Like KubeVirt it checks nothing about
 //!   use before an unplug: safety has to come from Wukong.
 
+use crate::Guest;
 use crate::cluster::{ADMIN, Ca, Cluster};
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
@@ -22,7 +23,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wukong_controller_client::companion::{self, AttachOptions};
 use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec, VolumeState};
+use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_controller_client::qemu::Qemu;
 
 /// How long each attach phase lasts (KubeVirt's take seconds: an attachment pod is scheduled and started).
@@ -262,6 +265,33 @@ impl KubeVirtLab {
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
         Ok(())
     }
+}
+
+/// Hot-plugs claim `claim` into `kubevirt`'s VMI as SCSI volume `volume` (its serial too) with the companion, which
+/// waits until the guest sees it; returns the guest's device node.
+pub async fn attach_claim(guest: &Guest, kubevirt: &KubeVirt, volume: &str, claim: &str) -> Result<String> {
+    let spec = VolumeSpec {
+        name: volume.into(),
+        serial: volume.into(),
+        bus: DiskBus::Scsi,
+        source: VolumeSource::PersistentVolumeClaim(claim.into()),
+    };
+    let options = AttachOptions { timeout: Duration::from_secs(120), poll: Duration::from_millis(50) };
+    Ok(companion::attach(kubevirt, &guest.agent(), &spec, &options, &|_| {}).await?.disk.dev_node)
+}
+
+/// A JSON patch that removes volume `name` and its disk from the spec at `base` (`/spec/template/spec` of a VM,
+/// `/spec` of a VMI), as `kubectl edit` or a GitOps sync would send it.
+pub fn removal_patch(object: &DynamicObject, base: &str, name: &str) -> Result<Value> {
+    let spec = base.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
+    let index = |list: &Value| list.as_array().and_then(|l| l.iter().position(|v| v["name"] == name));
+    let volume = index(&spec["volumes"]).with_context(|| format!("volume {name} in {base}"))?;
+    let disk = index(&spec["domain"]["devices"]["disks"]).with_context(|| format!("disk {name} in {base}"))?;
+    Ok(json!([
+        {"op": "test", "path": format!("{base}/volumes/{volume}/name"), "value": name},
+        {"op": "remove", "path": format!("{base}/volumes/{volume}")},
+        {"op": "remove", "path": format!("{base}/domain/devices/disks/{disk}")},
+    ]))
 }
 
 /// The names of a VM's template volumes (a VM as JSON).

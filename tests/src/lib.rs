@@ -427,6 +427,21 @@ impl Guest {
         }
     }
 
+    /// The guest has disk `serial` and has not released it for an unplug.
+    pub async fn has_disk(&self, serial: &str) -> bool {
+        self.agent().get_disk(serial, false).await.is_ok_and(|d| d.state() != wukong_proto::v1::DiskState::Released)
+    }
+
+    /// Waits until disk `serial` is unplugged (gone, or released for an unplug), polling every 50 ms.
+    pub async fn wait_unplugged(&self, serial: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.has_disk(serial).await {
+            anyhow::ensure!(Instant::now() < deadline, "disk {serial} was not unplugged within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// Waits until the agent answers over the network.
     pub async fn wait_for_agent(&self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
@@ -443,7 +458,6 @@ impl Guest {
         }
     }
 
-    /// Address of the guest's agent from the host (a loopback-bound forward).
     /// The loopback port the guest agent's port is forwarded to.
     pub fn agent_port(&self) -> u16 {
         self.agent_port

@@ -8,6 +8,7 @@
 
 use anyhow::{Result, bail};
 use std::net::TcpListener;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The lowest port handed out; below it live well-known and registered services.
@@ -18,8 +19,7 @@ static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
 
 /// A loopback port nothing listens on, below the kernel's ephemeral range, never returned before by this process.
 pub fn free_port() -> Result<u16> {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let ephemeral_start = range.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(32_768);
+    let ephemeral_start = ephemeral_start();
     let Some(span) = ephemeral_start.checked_sub(FIRST).filter(|span| *span >= 1_000) else {
         bail!(
             "the ephemeral port range starts at {ephemeral_start}, leaving the lab fewer than 1000 ports above \
@@ -38,6 +38,15 @@ pub fn free_port() -> Result<u16> {
     bail!("no free loopback port between {FIRST} and {ephemeral_start}; stop the lab processes still running")
 }
 
+/// The first port of the kernel's ephemeral range (Linux's default when it cannot be read), read once.
+fn ephemeral_start() -> u32 {
+    static START: OnceLock<u32> = OnceLock::new();
+    *START.get_or_init(|| {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+        range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32_768)
+    })
+}
+
 /// `127.0.0.1:PORT` with a port from [`free_port`].
 pub fn free_address() -> Result<String> {
     Ok(format!("127.0.0.1:{}", free_port()?))
@@ -52,9 +61,7 @@ mod tests {
         let ports: Vec<u16> = (0..200).map(|_| free_port()).collect::<Result<_>>()?;
         let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
-        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
-        let ephemeral_start: u16 = range.split_whitespace().next().unwrap().parse()?;
-        assert!(ports.iter().all(|p| (20_000..ephemeral_start).contains(p)), "{ports:?}");
+        assert!(ports.iter().all(|p| (FIRST..ephemeral_start()).contains(&u32::from(*p))), "{ports:?}");
         let held: Vec<TcpListener> =
             ports.iter().map(|p| TcpListener::bind(("127.0.0.1", *p))).collect::<Result<_, _>>()?;
         assert_eq!(held.len(), 200);

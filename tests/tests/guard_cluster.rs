@@ -7,12 +7,10 @@ use anyhow::{Context, Result};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use wukong_controller_client::companion::{self, AttachOptions};
-use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
 use wukong_controller_client::kubevirt::{KubeVirt, vm_resource, vmi_resource};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, template_volumes};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, start_guarded};
 
 const NS: &str = "guarded";
@@ -23,20 +21,6 @@ fn vms(client: &kube::Client) -> Api<DynamicObject> {
 
 fn vmis(client: &kube::Client) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), NS, &vmi_resource())
-}
-
-/// A JSON patch that removes volume `name` and its disk from the spec at `base` (`/spec/template/spec` of a VM,
-/// `/spec` of a VMI), as `kubectl edit` or a GitOps sync would send it.
-fn removal(object: &DynamicObject, base: &str, name: &str) -> Result<Value> {
-    let spec = base.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
-    let index = |list: &Value| list.as_array().and_then(|l| l.iter().position(|v| v["name"] == name));
-    let volume = index(&spec["volumes"]).with_context(|| format!("volume {name} in {base}"))?;
-    let disk = index(&spec["domain"]["devices"]["disks"]).with_context(|| format!("disk {name} in {base}"))?;
-    Ok(json!([
-        {"op": "test", "path": format!("{base}/volumes/{volume}/name"), "value": name},
-        {"op": "remove", "path": format!("{base}/volumes/{volume}")},
-        {"op": "remove", "path": format!("{base}/domain/devices/disks/{disk}")},
-    ]))
 }
 
 /// The API server's answer to a patch: `Ok` when stored, else its status code and message.
@@ -67,15 +51,7 @@ async fn reviews(operator: &Operator) -> Result<u64> {
 }
 
 async fn attach(guest: &Guest, client: &kube::Client, vmi: &str, volume: &str, claim: &str) -> Result<String> {
-    let kubevirt = KubeVirt::new(client.clone(), NS, vmi, false);
-    let spec = VolumeSpec {
-        name: volume.into(),
-        serial: volume.into(),
-        bus: DiskBus::Scsi,
-        source: VolumeSource::PersistentVolumeClaim(claim.into()),
-    };
-    let options = AttachOptions { timeout: Duration::from_secs(90), poll: Duration::from_millis(100) };
-    Ok(companion::attach(&kubevirt, &guest.agent(), &spec, &options, &|_| {}).await?.disk.dev_node)
+    attach_claim(guest, &KubeVirt::new(client.clone(), NS, vmi, false), volume, claim).await
 }
 
 async fn writer(guest: &Guest, mnt: &str) -> Result<String> {
@@ -85,16 +61,6 @@ async fn writer(guest: &Guest, mnt: &str) -> Result<String> {
 
 async fn stop(guest: &Guest, pid: &str) -> Result<()> {
     guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
-    Ok(())
-}
-
-async fn wait_gone(guest: &Guest, serial: &str) -> Result<()> {
-    let agent = guest.agent();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.get_disk(serial, false).await.is_ok_and(|d| d.state() != wukong_proto::v1::DiskState::Released) {
-        anyhow::ensure!(Instant::now() < deadline, "disk {serial} was never unplugged");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     Ok(())
 }
 
@@ -118,7 +84,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
 
     // kubectl edit / GitOps: the VM spec loses the disk while a writer holds it: denied, nothing changes.
     let vm = vms.get("vm1").await?;
-    let remove = removal(&vm, "/spec/template/spec", "data")?;
+    let remove = removal_patch(&vm, "/spec/template/spec", "data")?;
     let (code, message) = patch(&vms, "vm1", remove.clone(), false).await?.expect_err("the unplug must be denied");
     assert_eq!(code, 403, "{message}");
     assert!(
@@ -144,14 +110,14 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
                      {"op": "add", "path": "/spec/template/spec/domain/devices/disks/-", "value": {"name": "x", "disk": {"bus": "scsi"}}}]);
     patch(&vms, "cold", add, false).await?.expect("an addition is allowed");
     let cold = vms.get("cold").await?;
-    patch(&vms, "cold", removal(&cold, "/spec/template/spec", "x")?, false).await?.expect("not opted in");
+    patch(&vms, "cold", removal_patch(&cold, "/spec/template/spec", "x")?, false).await?.expect("not opted in");
     assert_eq!(reviews(&operator).await?, before, "the webhook is not called for an object that did not opt in");
 
     // The writer stops; with the unmount annotation the same patch is allowed, and KubeVirt unplugs the disk.
     stop(&guest, &pid).await?;
     label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/unmount-on-detach": "true"})).await?;
     patch(&vms, "vm1", remove, false).await?.expect("the released disk's unplug is allowed");
-    wait_gone(&guest, "data").await?;
+    guest.wait_unplugged("data", Duration::from_secs(60)).await?;
     let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
     guest.run_ok(&format!("mount {dev} /mnt/g")).await?;
     assert_eq!(guest.checksum("/mnt/g/data").await?, sum, "the data is intact after the guarded unplug");
@@ -167,12 +133,12 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     assert!(refused.to_string().contains(&format!("pid {pid}")), "{refused}");
     stop(&guest, &pid).await?;
     admin.request_text(request(&path)?).await.context("removevolume once the guest let go")?;
-    wait_gone(&guest, "data").await?;
+    guest.wait_unplugged("data", Duration::from_secs(60)).await?;
 
     // The agent is down: denied (fail safe); forced: allowed, with a Warning Event naming who forced it.
     attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
     guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
-    let remove = removal(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
+    let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
     let (code, message) = patch(&vms, "vm1", remove.clone(), false).await?.expect_err("fail safe");
     assert_eq!(code, 403);
     assert!(message.contains("cannot ask the guest of VMI guarded/vm1"), "{message}");
@@ -206,7 +172,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     let dev = attach(&guest, &admin, "solo", "solo-data", "pvc-solo").await?;
     guest.fill(&dev, "/mnt/s", 1 << 20).await?;
     let pid = writer(&guest, "/mnt/s").await?;
-    let remove = removal(&vmis.get("solo").await?, "/spec", "solo-data")?;
+    let remove = removal_patch(&vmis.get("solo").await?, "/spec", "solo-data")?;
     let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("a VMI edit is guarded");
     assert!(code == 403 && message.contains(&format!("pid {pid}")), "{message}");
     stop(&guest, &pid).await?;
@@ -219,7 +185,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "the agent never saw that the disk holds /boot");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let remove = removal(&vmis.get("solo").await?, "/spec", "solo-data")?;
+    let remove = removal_patch(&vmis.get("solo").await?, "/spec", "solo-data")?;
     let (code, message) = patch(&vmis, "solo", remove.clone(), false).await?.expect_err("a system disk stays");
     assert!(code == 403 && message.contains("/boot of the running system"), "{message}");
     label(&vmis, "solo", json!({}), json!({"vm.novasphere.dev/force-detach": "true"})).await?;
@@ -245,7 +211,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     assert!(given.iter().any(|e| e.data["reason"] == "ReleaseCancelled"), "{given:#?}");
     // The other direction: a disk released for an unplug KubeVirt is carrying out (slowly) stays released.
     kubevirt.set_unplug_delay(Duration::from_secs(15));
-    let remove = removal(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
+    let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
     patch(&vms, "vm1", remove, false).await?.expect("an idle disk's unplug is allowed");
     tokio::time::sleep(Duration::from_secs(9)).await;
     let state = agent.get_disk("data", false).await.map(|d| d.state()).ok();
@@ -253,7 +219,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
         state != Some(wukong_proto::v1::DiskState::Present),
         "a disk leaving the spec is not given back: {state:?}"
     );
-    wait_gone(&guest, "data").await?;
+    guest.wait_unplugged("data", Duration::from_secs(60)).await?;
     kubevirt.set_unplug_delay(Duration::from_millis(150));
 
     // The webhook is down: the API server's own refusal for failurePolicy: Fail.

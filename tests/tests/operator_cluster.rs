@@ -70,11 +70,6 @@ async fn object(client: &kube::Client, kind: &str, group: &str, plural: &str, na
     Ok(api.get_opt(name).await?.map(|o| serde_json::to_value(o).expect("an object serialises")))
 }
 
-/// The guest has the disk (and has not released it for an unplug).
-async fn in_guest(agent: &wukong_controller_client::agent_client::AgentClient, serial: &str) -> bool {
-    agent.get_disk(serial, false).await.is_ok_and(|d| d.state() != wukong_proto::v1::DiskState::Released)
-}
-
 /// Add a disk: claim, hot-plug, `Attached` with the guest's device. Remove it while a writer holds it: refused,
 /// `DetachBlocked` with the writer's pid, nothing touched; the writer stops: detached on its own within the
 /// backoff, the claim kept (`preserveData`), the data intact on re-attach. The system disk is never detached; a
@@ -146,7 +141,7 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     assert_eq!(outcomes, [("data", "Refused", true), ("data", "Detached", true)], "{history:#?}");
     let kept = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-data").await?;
     assert!(kept.is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()), "preserveData keeps the claim");
-    assert!(!in_guest(&agent, "data").await, "unplugged from the guest");
+    assert!(!guest.has_disk("data").await, "unplugged from the guest");
 
     // Listed again: the same claim, the data intact.
     set_disks(&api, "db", json!([root, data])).await?;
@@ -173,7 +168,7 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     assert!(agent.prepare_detach("data", false, false).await?.released);
     let mut operator = Operator::start(&cluster, "op-1", agent_port)?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !in_guest(&agent, "data").await {
+    while !guest.has_disk("data").await {
         assert!(Instant::now() < deadline, "the restarted operator did not give the released disk back");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

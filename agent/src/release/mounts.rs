@@ -234,9 +234,7 @@ pub fn unmount(roots: &HostRoots, records: &[MountRecord]) -> (Vec<MountRecord>,
 /// Higher ones are undone first and mounted back last.
 fn stack_levels(uses: &[&MountUse]) -> HashMap<u32, u32> {
     let stacked: Vec<&MountUse> = uses.iter().copied().filter(|u| !u.layers.is_empty()).collect();
-    let under = |layer: &str, point: &str| {
-        Path::new(layer).starts_with(point) && !point.is_empty() && Path::new(point).is_absolute()
-    };
+    let under = |layer: &str, point: &str| Path::new(point).is_absolute() && Path::new(layer).starts_with(point);
     let mut level: HashMap<u32, u32> = stacked.iter().map(|u| (u.mount_id, 0)).collect();
     // At most one round per stacked mount settles every chain; a cycle (impossible in a real mount table) stops
     // there instead of looping.

@@ -20,6 +20,13 @@ pub fn sh(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Creates each of `dirs` (with its parents) under `base`.
+pub fn mkdirs(base: &Path, dirs: &[&str]) {
+    for d in dirs {
+        std::fs::create_dir_all(base.join(d)).unwrap();
+    }
+}
+
 pub fn require_root() {
     assert!(nix::unistd::geteuid().is_root(), "usage oracle tests need root (loop devices, mounts); run as root");
 }
@@ -114,9 +121,7 @@ impl LoopDisk {
     /// merged); the overlay is unmounted on drop.
     pub fn docker_overlay(&mut self, root: &Path) -> (PathBuf, PathBuf) {
         let home = root.join("overlay2");
-        for d in ["layer1/diff/etc", "layer2/diff", "ctr/diff", "ctr/work", "ctr/merged", "l"] {
-            std::fs::create_dir_all(home.join(d)).unwrap();
-        }
+        mkdirs(&home, &["layer1/diff/etc", "layer2/diff", "ctr/diff", "ctr/work", "ctr/merged", "l"]);
         std::fs::write(home.join("layer1/diff/etc/app.conf"), b"threads=4\n").unwrap();
         std::os::unix::fs::symlink("../layer1/diff", home.join("l/L1")).unwrap();
         std::os::unix::fs::symlink("../layer2/diff", home.join("l/L2")).unwrap();
@@ -136,9 +141,7 @@ impl LoopDisk {
     /// ones absolute. Returns the rootfs; unmounted on drop.
     pub fn containerd_overlay(&mut self, root: &Path) -> PathBuf {
         let snapshots = root.join("snapshots");
-        for d in ["1/fs", "2/fs", "3/fs", "3/work"] {
-            std::fs::create_dir_all(snapshots.join(d)).unwrap();
-        }
+        mkdirs(&snapshots, &["1/fs", "2/fs", "3/fs", "3/work"]);
         let rootfs = self.dir.path().join("rootfs");
         std::fs::create_dir_all(&rootfs).unwrap();
         sh(&format!(

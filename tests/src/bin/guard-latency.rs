@@ -7,16 +7,14 @@
 //! Run: `cargo run --release -p wukong-e2e --bin guard-latency` (after `cargo build --release -p wukong-operator`,
 //! `scripts/lib/build-guest-agent.sh` and `scripts/lib/install-kube.sh`); `scripts/bench.sh` does all of them.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::json;
 use std::time::{Duration, Instant};
-use wukong_controller_client::companion::{self, AttachOptions};
-use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
 use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, attach_claim, removal_patch};
 use wukong_e2e::operator_lab::{OPERATOR, install_operator, quantile, start_guarded};
 
 const NS: &str = "bench";
@@ -42,25 +40,10 @@ async fn label_updates(vms: &Api<DynamicObject>, name: &str) -> Result<Vec<f64>>
 }
 
 async fn attach_mounted(guest: &Guest, kubevirt: &KubeVirt, volume: &str, claim: &str) -> Result<()> {
-    let spec = VolumeSpec {
-        name: volume.into(),
-        serial: volume.into(),
-        bus: DiskBus::Scsi,
-        source: VolumeSource::PersistentVolumeClaim(claim.into()),
-    };
-    let options = AttachOptions { timeout: Duration::from_secs(120), poll: Duration::from_millis(50) };
-    let dev = companion::attach(kubevirt, &guest.agent(), &spec, &options, &|_| {}).await?.disk.dev_node;
+    let dev = attach_claim(guest, kubevirt, volume, claim).await?;
     guest
         .run_ok(&format!("mkfs.ext4 -q {dev} && mkdir -p /mnt/{volume} && mount {dev} /mnt/{volume} && udevadm settle"))
         .await?;
-    Ok(())
-}
-
-async fn wait_gone(guest: &Guest, serial: &str) -> Result<()> {
-    let agent = guest.agent();
-    while agent.get_disk(serial, false).await.is_ok_and(|d| d.state() != wukong_proto::v1::DiskState::Released) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     Ok(())
 }
 
@@ -111,20 +94,12 @@ async fn main() -> Result<()> {
         let (volume, claim) = (format!("d{i}"), format!("pvc-{i}"));
         lab.create_claim(&claim, &guest.new_image(64 << 20)?).await?;
         attach_mounted(&guest, &kubevirt, &volume, &claim).await?;
-        let vm = vms.get("vm1").await?;
-        let spec = &vm.data["spec"]["template"]["spec"];
-        let index =
-            |list: &serde_json::Value| list.as_array().and_then(|l| l.iter().position(|v| v["name"] == *volume));
-        let (v, d) =
-            (index(&spec["volumes"]).context("volume")?, index(&spec["domain"]["devices"]["disks"]).context("disk")?);
-        let patch: json_patch::Patch = serde_json::from_value(json!([
-            {"op": "remove", "path": format!("/spec/template/spec/volumes/{v}")},
-            {"op": "remove", "path": format!("/spec/template/spec/domain/devices/disks/{d}")},
-        ]))?;
+        let removal = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", &volume)?;
+        let patch: json_patch::Patch = serde_json::from_value(removal)?;
         let started = Instant::now();
         vms.patch("vm1", &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
         through_guard.push(started.elapsed().as_secs_f64() * 1e3);
-        wait_gone(&guest, &volume).await?;
+        guest.wait_unplugged(&volume, Duration::from_secs(60)).await?;
 
         let (volume, claim) = (format!("r{i}"), format!("pvc-r{i}"));
         lab.create_claim(&claim, &guest.new_image(64 << 20)?).await?;
