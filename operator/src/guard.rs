@@ -6,9 +6,13 @@
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// Label (on a VM, a VMI or their namespace) that opts objects into the guard: `enabled`.
 pub const GUARD_LABEL: &str = "vm.novasphere.dev/guard";
+/// The value of [`GUARD_LABEL`] on a VM or VMI that opts it out in a namespace that opted in (a VM without an
+/// agent, e.g. Windows).
+pub const GUARD_DISABLED: &str = "disabled";
 /// Annotation on the object: `true` lets the update unplug without asking the guest, at the user's risk.
 pub const FORCE_ANNOTATION: &str = "vm.novasphere.dev/force-detach";
 /// Annotation on the object: `true` lets the guest's agent unmount idle filesystems of the disk when it releases it.
@@ -75,8 +79,19 @@ pub fn read_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Revie
     review.try_into().map_err(|_| ReviewError::NoRequest)
 }
 
+/// Whether deploy/guard.yaml's webhooks send the API server's reviews of an object with these labels, in a
+/// namespace with these labels: the object's own label decides (`enabled`, or [`GUARD_DISABLED`]), else its
+/// namespace's.
+pub fn guarded(object: &BTreeMap<String, String>, namespace: &BTreeMap<String, String>) -> bool {
+    match object.get(GUARD_LABEL).map(String::as_str) {
+        Some("enabled") => true,
+        Some(GUARD_DISABLED) => false,
+        _ => namespace.get(GUARD_LABEL).is_some_and(|v| v == "enabled"),
+    }
+}
+
 /// Where the spec with volumes and disks is in each kind.
-fn spec_of<'a>(object: &'a DynamicObject, kind: &str) -> &'a Value {
+pub(crate) fn spec_of<'a>(object: &'a DynamicObject, kind: &str) -> &'a Value {
     match kind {
         "VirtualMachine" => &object.data["spec"]["template"]["spec"],
         _ => &object.data["spec"],
@@ -91,17 +106,20 @@ fn hotpluggable(volume: &Value) -> bool {
     ["persistentVolumeClaim", "dataVolume"].iter().any(|k| volume[k]["hotpluggable"] == Value::Bool(true))
 }
 
-/// The hotpluggable volumes of `old` that `new` drops, or whose disk it drops.
+/// The hotpluggable volumes of `old` that `new` drops, changes (KubeVirt's `filterHotplugVMIVolumes` unplugs a
+/// hotplugged volume that is not deeply equal to the template's, to plug the new definition after it: pointing it
+/// at another claim unplugs the disk the guest has), or whose disk it drops.
 pub fn removals(old: &Value, new: &Value) -> Vec<Removal> {
-    let (new_volumes, new_disks) = (names(&new["volumes"]), names(&new["domain"]["devices"]["disks"]));
+    let new_disks = names(&new["domain"]["devices"]["disks"]);
+    let new_volumes: &[Value] = new["volumes"].as_array().map(Vec::as_slice).unwrap_or_default();
     let old_disks = old["domain"]["devices"]["disks"].as_array().cloned().unwrap_or_default();
     old["volumes"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|v| hotpluggable(v))
+        .filter(|v| !new_volumes.contains(v) || !v["name"].as_str().is_some_and(|name| new_disks.contains(&name)))
         .filter_map(|v| v["name"].as_str())
-        .filter(|name| !new_volumes.contains(name) || !new_disks.contains(name))
         .map(|name| {
             let disk = old_disks.iter().find(|d| d["name"] == name);
             let serial = disk.and_then(|d| d["serial"].as_str()).filter(|s| !s.is_empty()).unwrap_or(name);
@@ -204,6 +222,42 @@ mod tests {
             let Ok(Plan::Release { removals, force, dry_run, .. }) = plan_of(&body) else { panic!("{kind}") };
             assert_eq!(removals, [Removal { volume: "logs".into(), serial: "logs".into() }], "no serial: the name");
             assert!(force && dry_run);
+        }
+    }
+
+    /// KubeVirt unplugs a hotplugged volume whose definition changed (`filterHotplugVMIVolumes`), to plug the new
+    /// one after it: the guest loses the disk it has.
+    #[test]
+    fn a_changed_hotpluggable_volume_is_a_removal() {
+        let old = spec(&[("root", false), ("data", true)], &[("root", None), ("data", Some("pg-1"))]);
+        let mut moved = old.clone();
+        moved["volumes"][1]["persistentVolumeClaim"]["claimName"] = json!("another-claim");
+        let mut cold_changed = old.clone();
+        cold_changed["volumes"][0]["persistentVolumeClaim"]["claimName"] = json!("another-root");
+        let mut disk_changed = old.clone();
+        disk_changed["domain"]["devices"]["disks"][1]["disk"]["bus"] = json!("virtio");
+        assert_eq!(removals(&old, &moved), [Removal { volume: "data".into(), serial: "pg-1".into() }]);
+        assert_eq!(removals(&old, &cold_changed), [], "a volume that is not hotpluggable is not the guard's");
+        assert_eq!(removals(&old, &disk_changed), [], "the volume is unchanged: KubeVirt keeps it plugged");
+        let body = review("VirtualMachine", "UPDATE", old, moved, json!({}), false);
+        assert!(matches!(plan_of(&body), Ok(Plan::Release { .. })));
+    }
+
+    #[test]
+    fn an_object_is_guarded_by_its_own_label_else_by_its_namespace() {
+        let labels =
+            |v: Option<&str>| v.map(|v| BTreeMap::from([(GUARD_LABEL.to_string(), v.to_string())])).unwrap_or_default();
+        for (object, namespace, expected) in [
+            (Some("enabled"), None, true),
+            (Some("enabled"), Some("enabled"), true),
+            (None, Some("enabled"), true),
+            (Some("other"), Some("enabled"), true),
+            (Some(GUARD_DISABLED), Some("enabled"), false),
+            (None, None, false),
+            (None, Some("disabled"), false),
+            (Some(GUARD_DISABLED), None, false),
+        ] {
+            assert_eq!(guarded(&labels(object), &labels(namespace)), expected, "{object:?} in {namespace:?}");
         }
     }
 

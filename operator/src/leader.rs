@@ -29,21 +29,50 @@ pub async fn run(
         .map_err(|source| Error::Listen { address: config.http_address, source })?;
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone()));
     // Every replica serves the webhook, leader or not: the API server calls whichever the Service picks.
-    let mut webhook = match &config.webhook {
-        Some(webhook) => {
+    let (mut webhook, guard) = match &config.webhook {
+        Some(settings) => {
             health.expect_webhook();
-            let listener = tokio::net::TcpListener::bind(webhook.address)
+            let listener = tokio::net::TcpListener::bind(settings.address)
                 .await
-                .map_err(|source| Error::Listen { address: webhook.address, source })?;
-            let guard = Arc::new(Guard::new(client.clone(), config.agent.clone(), &config.identity, metrics.clone()));
-            Some(tokio::spawn(crate::webhook::serve(listener, webhook.cert_dir.clone(), guard, health.clone())))
+                .map_err(|source| Error::Listen { address: settings.address, source })?;
+            let guard = Arc::new(Guard::new(
+                client.clone(),
+                config.agent.clone(),
+                settings,
+                &config.lease_namespace,
+                &config.identity,
+                metrics.clone(),
+            ));
+            let (dir, auth) = (settings.cert_dir.clone(), settings.client_auth.clone());
+            let task = tokio::spawn(crate::webhook::serve(listener, dir, auth, guard.clone(), health.clone()));
+            (Some(task), Some((guard, settings.drain)))
         }
-        None => None,
+        None => (None, None),
     };
+    let shutdown = shutdown.boxed().shared();
+    // On SIGTERM: unready at once (the Service stops sending reviews here), new reviews refused fast, those under
+    // way finished (bounded); meanwhile the leader steps down.
+    let stopping = tokio::spawn({
+        let (shutdown, health) = (shutdown.clone(), health.clone());
+        async move {
+            shutdown.await;
+            health.set_stopping();
+            if let Some((guard, bound)) = guard {
+                match guard.drain.close(bound).await {
+                    0 => tracing::info!("every admission review under way was answered"),
+                    left => tracing::warn!(left, ?bound, "admission reviews still under way when the drain ended"),
+                }
+            }
+        }
+    });
     let result = tokio::select! {
-        result = lead(client, config, metrics, &health, shutdown.boxed().shared()) => result,
+        result = lead(client, config, metrics, &health, shutdown) => result,
         Some(Ok(Err(e))) = async { match webhook.as_mut() { Some(task) => Some(task.await), None => None } } => Err(e),
     };
+    match result.is_ok() {
+        true => drop(stopping.await),
+        false => stopping.abort(),
+    }
     server.abort();
     if let Some(task) = webhook {
         task.abort();
@@ -94,14 +123,20 @@ async fn lead(
     let watch = async {
         match &config.webhook {
             Some(webhook) => {
-                let (client, access) = (client.clone(), config.agent.clone());
-                crate::release_watch::run(client, access, webhook.grace, config.identity.clone()).await
+                let watch = crate::release_watch::Watch::new(
+                    client.clone(),
+                    config.agent.clone(),
+                    &config.lease_namespace,
+                    &config.identity,
+                    metrics.clone(),
+                );
+                watch.run(webhook.grace).await
             }
             None => std::future::pending().await,
         }
     };
     let outcome = tokio::select! {
-        () = crate::reconcile::run(client.clone(), config.clone(), metrics, shutdown) => Ok(()),
+        () = crate::reconcile::run(client.clone(), config.clone(), metrics.clone(), shutdown) => Ok(()),
         () = watch => Ok(()),
         () = lost => Err(Error::LostLease(lease_name)),
     };

@@ -11,12 +11,14 @@ pub mod crd;
 mod fixtures;
 pub mod guard;
 pub mod leader;
+pub mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod release_watch;
 pub mod server;
 pub mod validate;
+pub mod verify;
 pub mod webhook;
 
 use kube::api::{Api, ApiResource, DynamicObject};
@@ -51,6 +53,13 @@ pub enum Error {
          webhook's serving certificate Secret there"
     )]
     Certificate(PathBuf),
+    #[error(
+        "cannot require the API server's client certificate: no usable CA certificate in {0} (PEM); give \
+         --webhook-client-ca the CA that signed the certificate of the API server's AdmissionConfiguration"
+    )]
+    ClientCa(PathBuf),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -64,9 +73,10 @@ impl Error {
             Error::Hypervisor(_) => "kubevirt",
             Error::Finalizer { .. } => "finalizer",
             Error::Decode { .. } => "decode",
+            Error::Ledger(_) => "ledger",
             Error::ClaimsInUse { .. } => "claims_in_use",
             Error::Lease(_) | Error::LostLease(_) => "lease",
-            Error::Listen { .. } | Error::Certificate(_) => "listen",
+            Error::Listen { .. } | Error::Certificate(_) | Error::ClientCa(_) => "listen",
         }
     }
 }
@@ -85,8 +95,17 @@ pub struct AgentAccess {
 impl AgentAccess {
     /// A client of the agent in a VMI's guest, at its first interface IP; `None` while the VMI reports none.
     pub fn connect(&self, vmi: &VirtualMachineInstance) -> Option<Result<AgentClient, ClientError>> {
-        let address = agent_address_of(vmi, self.port)?;
-        Some(address.parse().and_then(|a| AgentClient::connect_with(a, self.tls.as_ref())))
+        self.address(vmi).map(|address| self.connect_to(&address))
+    }
+
+    /// Where the agent of a VMI's guest is reached; `None` while the VMI reports no IP.
+    pub fn address(&self, vmi: &VirtualMachineInstance) -> Option<String> {
+        agent_address_of(vmi, self.port)
+    }
+
+    /// A client of the agent at `address` (from [`Self::address`]).
+    pub fn connect_to(&self, address: &str) -> Result<AgentClient, ClientError> {
+        address.parse().and_then(|a| AgentClient::connect_with(a, self.tls.as_ref()))
     }
 
     /// TLS files from a directory holding a `kubernetes.io/tls` Secret plus its CA: `ca.crt`, `tls.crt`, `tls.key`.
@@ -121,6 +140,12 @@ pub struct Config {
 pub struct WebhookConfig {
     pub address: std::net::SocketAddr,
     pub cert_dir: PathBuf,
+    /// Require the API server's client certificate; `None`: check every review against the live objects.
+    pub client_auth: Option<webhook::ClientAuth>,
+    /// How long the guest may take to release one disk for a review before it rolls the release back.
+    pub release_deadline: Duration,
+    /// On SIGTERM, how long reviews under way may still take before the process exits.
+    pub drain: Duration,
     /// How long a guarded disk may stay released while its volume is still in the spec before the leader gives it
     /// back ([`release_watch`]).
     pub grace: Duration,

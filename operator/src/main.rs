@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use wukong_operator::webhook::ClientAuth;
 use wukong_operator::{AgentAccess, Config, WebhookConfig, crd};
 
 /// Declarative disks for the Wukong resource, detached only when the guest lets them go.
@@ -60,6 +61,23 @@ struct RunArgs {
     /// Directory of the webhook's serving certificate Secret: tls.crt, tls.key (read again when they change).
     #[arg(long, env = "WUKONG_WEBHOOK_CERT_DIR", value_name = "DIR", requires = "webhook_address")]
     webhook_cert_dir: Option<PathBuf>,
+    /// Require this CA's client certificate of every webhook caller: the API server's, from its
+    /// AdmissionConfiguration (see deploy/guard.yaml). Without it, every review is checked against the live objects
+    /// before a guest is asked anything.
+    #[arg(long, env = "WUKONG_WEBHOOK_CLIENT_CA", value_name = "FILE", requires = "webhook_address")]
+    webhook_client_ca: Option<PathBuf>,
+    /// With --webhook-client-ca: the names (common name or DNS SAN) a caller's certificate must carry, comma
+    /// separated (default: any certificate of the CA; set it when the CA signs other clients too).
+    #[arg(long, env = "WUKONG_WEBHOOK_CLIENT_NAMES", value_delimiter = ',', requires = "webhook_client_ca")]
+    webhook_client_names: Vec<String>,
+    /// Seconds the guest may take to release one disk for a review; a release that cannot finish in time is rolled
+    /// back by the agent and the update denied. Keep it well under the webhook's timeoutSeconds (30).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=28))]
+    guard_release_deadline_seconds: u64,
+    /// On SIGTERM, seconds the reviews under way may still take before the process exits (keep it under the Pod's
+    /// terminationGracePeriodSeconds).
+    #[arg(long, default_value_t = 25)]
+    shutdown_drain_seconds: u64,
     /// Seconds a guarded disk may stay released while its volume is still in the spec (an allowed update that was
     /// not stored) before the guest gets it back.
     #[arg(long, default_value_t = 60)]
@@ -106,6 +124,9 @@ async fn main() -> anyhow::Result<()> {
         webhook: args.webhook_address.zip(args.webhook_cert_dir).map(|(address, cert_dir)| WebhookConfig {
             address,
             cert_dir,
+            client_auth: args.webhook_client_ca.map(|ca| ClientAuth { ca, names: args.webhook_client_names.clone() }),
+            release_deadline: Duration::from_secs(args.guard_release_deadline_seconds),
+            drain: Duration::from_secs(args.shutdown_drain_seconds),
             grace: Duration::from_secs(args.guard_grace_seconds),
         }),
     };
@@ -134,5 +155,18 @@ mod tests {
         assert!(Cli::try_parse_from(["wukong-operator", "run", "--agent-plaintext"]).is_ok());
         let both = ["wukong-operator", "run", "--agent-plaintext", "--agent-tls-dir", "/x"];
         assert!(Cli::try_parse_from(both).is_err());
+        let webhook = ["wukong-operator", "run", "--agent-plaintext", "--webhook-address", "0.0.0.0:8443"];
+        let with = |extra: &[&str]| {
+            Cli::try_parse_from(webhook.iter().chain(["--webhook-cert-dir", "/c"].iter()).chain(extra))
+        };
+        let Command::Run(args) =
+            with(&["--webhook-client-ca", "/ca", "--webhook-client-names", "a,b"]).unwrap().command
+        else {
+            panic!("run")
+        };
+        assert_eq!(args.webhook_client_names, ["a", "b"]);
+        assert!(with(&["--webhook-client-names", "a"]).is_err(), "names without a CA mean nothing");
+        assert!(with(&["--guard-release-deadline-seconds", "30"]).is_err(), "a deadline must leave the review time");
+        assert!(with(&["--guard-release-deadline-seconds", "0"]).is_err());
     }
 }

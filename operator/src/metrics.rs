@@ -21,6 +21,11 @@ pub struct Metrics {
     blocked: Gauge,
     reviews: Family<Labels, Counter>,
     review_seconds: Histogram,
+    untrusted: Counter,
+    watch_passes: Family<Labels, Counter>,
+    given_back: Counter,
+    watch_errors: Family<Labels, Counter>,
+    pending_releases: Gauge,
     /// Blocked disks per object UID; the gauge is their sum.
     blocked_by_object: Mutex<HashMap<String, i64>>,
 }
@@ -57,8 +62,43 @@ impl Default for Metrics {
             "How long the guard took to answer a review",
             review_seconds.clone(),
         );
+        let untrusted = Counter::default();
+        registry.register(
+            "admission_untrusted_refused",
+            "Reviews or callers refused because they did not come from the API server or do not match the live objects",
+            untrusted.clone(),
+        );
+        let watch_passes = Family::<Labels, Counter>::default();
+        registry.register(
+            "guard_release_watch_passes",
+            "Passes of the guard's loop-closer over released disks, by outcome",
+            watch_passes.clone(),
+        );
+        let given_back = Counter::default();
+        registry.register(
+            "guard_releases_given_back",
+            "Released disks given back to their guest because no unplug followed",
+            given_back.clone(),
+        );
+        let watch_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "guard_release_watch_errors",
+            "Objects the loop-closer could not look at in a pass, by reason",
+            watch_errors.clone(),
+        );
+        let pending_releases = Gauge::default();
+        registry.register(
+            "guard_pending_releases",
+            "Releases the guard recorded whose update or give-back has not been seen yet",
+            pending_releases.clone(),
+        );
         Self {
             registry,
+            untrusted,
+            watch_passes,
+            given_back,
+            watch_errors,
+            pending_releases,
             reconciles,
             reconcile_seconds,
             failures,
@@ -85,6 +125,27 @@ impl Metrics {
         let verdict = if allowed { "allowed" } else { "denied" };
         self.reviews.get_or_create(&vec![("verdict", verdict)]).inc();
         self.review_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn untrusted_review_refused(&self) {
+        self.untrusted.inc();
+    }
+
+    /// One pass of the loop-closer: whether it could list what it looks at, and how many releases are pending.
+    pub fn release_watch_pass(&self, listed: bool, pending: usize) {
+        let outcome = if listed { "complete" } else { "failed" };
+        self.watch_passes.get_or_create(&vec![("outcome", outcome)]).inc();
+        if listed {
+            self.pending_releases.set(pending as i64);
+        }
+    }
+
+    pub fn release_given_back(&self) {
+        self.given_back.inc();
+    }
+
+    pub fn release_watch_error(&self, reason: &'static str) {
+        self.watch_errors.get_or_create(&vec![("reason", reason)]).inc();
     }
 
     pub fn detached(&self, after: Duration) {

@@ -1,16 +1,27 @@
 //! Closing the guard's loop. The guard releases a disk before an update that unplugs it is stored; that update may
 //! still fail (another webhook, a conflict), or KubeVirt may never unplug. The guest's disk is then released but
-//! still plugged and still in the spec. The leader looks at every guarded VM (and standalone VMI) periodically and
-//! gives such a disk back (`CancelDetach`) once it has stayed released for a grace period, with an Event.
+//! still plugged and still in the spec. The leader looks periodically at every guarded VM (and standalone VMI) and
+//! at every release the guard recorded ([`crate::ledger`], whether or not its object is still opted in), and gives
+//! such a disk back (`CancelDetach`) once it has stayed released for a grace period, with an Event. A record whose
+//! update was stored, or whose disk the guest has again, is forgotten.
+//!
+//! One object that cannot be looked at (its guest unreachable, a read failing) is counted and skipped; the others
+//! are still looked at. Clients of the agents are kept between passes, renewed every [`RECONNECT`] so that a
+//! rotated client certificate is used.
 
-use crate::guard::GUARD_LABEL;
-use crate::{AgentAccess, MANAGER, Result, get, typed};
+use crate::guard::{GUARD_LABEL, guarded};
+use crate::ledger::{Ledger, Release};
+use crate::metrics::Metrics;
+use crate::{AgentAccess, MANAGER, Result, typed};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
-use std::collections::HashMap;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::hypervisor::VolumeState;
 use wukong_controller_client::kubevirt::{
     VirtualMachine, VirtualMachineInstance, resource, vm_resource, vmi_resource, volume_state_in,
@@ -19,84 +30,266 @@ use wukong_proto::v1::DiskState;
 
 /// How often guarded VMs are looked at (at most; a shorter grace period looks more often).
 const INTERVAL: Duration = Duration::from_secs(15);
-
-/// Looks every [`INTERVAL`] (or grace period, if shorter) until the task is dropped; a failed pass is logged and the next one tries again.
-pub async fn run(client: kube::Client, agent: AgentAccess, grace: Duration, identity: String) {
-    let reporter = Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity) };
-    let recorder = Recorder::new(client.clone(), reporter);
-    // When each released disk was first seen released, on this clock: the guest's own clock may be off.
-    let mut seen = HashMap::new();
-    loop {
-        if let Err(e) = pass(&client, &agent, grace, &recorder, &mut seen).await {
-            tracing::warn!(error = %e, "looking for released disks still in a spec failed; trying again");
-        }
-        tokio::time::sleep(INTERVAL.min(grace)).await;
-    }
-}
-
-/// The guarded objects: labelled ones, and every one in a labelled namespace.
-async fn guarded(client: &kube::Client, kind: &str, plural: &str) -> Result<Vec<DynamicObject>> {
-    let selector = ListParams::default().labels(&format!("{GUARD_LABEL}=enabled"));
-    let r = resource(kind, plural);
-    let mut objects = Api::<DynamicObject>::all_with(client.clone(), &r).list(&selector).await?.items;
-    for ns in Api::<Namespace>::all(client.clone()).list(&selector).await? {
-        let api = Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name_any(), &r);
-        objects.extend(
-            api.list(&ListParams::default()).await?.items.into_iter().filter(|o| !o.labels().contains_key(GUARD_LABEL)),
-        );
-    }
-    Ok(objects)
-}
+/// How long a client of an agent is kept before a new one is made (and the TLS files read again).
+const RECONNECT: Duration = Duration::from_secs(600);
 
 /// A released disk of a guest: (namespace, VMI, serial).
 type Released = (String, String, String);
 
-async fn pass(
-    client: &kube::Client,
-    access: &AgentAccess,
-    grace: Duration,
-    recorder: &Recorder,
-    seen: &mut HashMap<Released, Instant>,
-) -> Result<()> {
-    let mut still = HashMap::new();
-    let vmi_resource = vmi_resource();
-    let mut targets: Vec<(ObjectReference, Option<VirtualMachine>, String)> = Vec::new();
-    for vm in guarded(client, "VirtualMachine", "virtualmachines").await? {
-        targets.push((vm.object_ref(&vm_resource()), Some(typed(&vm).unwrap_or_default()), vm.name_any()));
+/// An object whose guest is looked at: a guarded VM or standalone VMI, or the object of a recorded release.
+struct Target {
+    reference: ObjectReference,
+    /// The object as stored: its spec (a VM's template spec) is the truth about which volumes stay.
+    object: DynamicObject,
+    vmi: String,
+    releases: Vec<Release>,
+    /// Opted in: every released disk of its guest is looked at, not only the recorded ones.
+    guarded: bool,
+}
+
+impl Target {
+    fn new(object: DynamicObject, kind: &str) -> Self {
+        let r = if kind == "VirtualMachine" { vm_resource() } else { vmi_resource() };
+        Self { reference: object.object_ref(&r), vmi: object.name_any(), object, releases: Vec::new(), guarded: true }
     }
-    for vmi in guarded(client, "VirtualMachineInstance", "virtualmachineinstances").await? {
-        // A VM's VMI is looked at through its VM, whose spec is the truth.
-        if !vmi.owner_references().iter().any(|o| o.kind == "VirtualMachine") {
-            targets.push((vmi.object_ref(&vmi_resource), None, vmi.name_any()));
+
+    fn is_vm(&self) -> bool {
+        self.reference.kind.as_deref() == Some("VirtualMachine")
+    }
+
+    fn spec(&self) -> &Value {
+        crate::guard::spec_of(&self.object, self.reference.kind.as_deref().unwrap_or_default())
+    }
+
+    fn label(&self) -> String {
+        format!("{} {}/{}", self.reference.kind.clone().unwrap_or_default(), self.namespace(), self.vmi)
+    }
+
+    fn namespace(&self) -> String {
+        self.reference.namespace.clone().unwrap_or_default()
+    }
+}
+
+/// The loop-closer's state between passes.
+pub struct Watch {
+    client: kube::Client,
+    access: AgentAccess,
+    ledger: Ledger,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    /// When each released disk was first seen released, on this clock: the guest's own clock may be off.
+    seen: HashMap<Released, Instant>,
+    /// Clients of the agents by address, with when they were made.
+    clients: HashMap<String, (AgentClient, Instant)>,
+}
+
+impl Watch {
+    pub fn new(
+        client: kube::Client,
+        access: AgentAccess,
+        ledger_namespace: &str,
+        identity: &str,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity.to_string()) };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            ledger: Ledger::new(client.clone(), ledger_namespace),
+            client,
+            access,
+            metrics,
+            seen: HashMap::new(),
+            clients: HashMap::new(),
         }
     }
-    tracing::debug!(targets = targets.len(), "looking for released disks still in a spec");
-    for (reference, vm, name) in targets {
-        let ns = reference.namespace.clone().unwrap_or_default();
-        let Some(vmi) = get::<VirtualMachineInstance>(client, &ns, &vmi_resource, &name).await? else { continue };
-        let Some(Ok(agent)) = access.connect(&vmi) else { continue };
+
+    /// Looks every [`INTERVAL`] (or grace period, if shorter) until the task is dropped.
+    pub async fn run(mut self, grace: Duration) {
+        loop {
+            self.pass(grace).await;
+            tokio::time::sleep(INTERVAL.min(grace)).await;
+        }
+    }
+
+    /// The guarded objects of one kind: labelled ones, and the unlabelled ones of a labelled namespace.
+    async fn guarded(&self, kind: &str, plural: &str) -> Result<Vec<DynamicObject>> {
+        let enabled = ListParams::default().labels(&format!("{GUARD_LABEL}=enabled"));
+        let r = resource(kind, plural);
+        let mut objects = Api::<DynamicObject>::all_with(self.client.clone(), &r).list(&enabled).await?.items;
+        for ns in Api::<Namespace>::all(self.client.clone()).list(&enabled).await? {
+            let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &ns.name_any(), &r);
+            let namespace_labels = ns.labels().clone();
+            objects.extend(api.list(&ListParams::default()).await?.items.into_iter().filter(|o| {
+                o.labels().get(GUARD_LABEL).is_none_or(|v| v != "enabled") && guarded(o.labels(), &namespace_labels)
+            }));
+        }
+        Ok(objects)
+    }
+
+    /// Every object to look at, with the releases recorded for it.
+    async fn targets(&self) -> Result<(Vec<Target>, usize)> {
+        let mut targets: BTreeMap<(String, String, String), Target> = BTreeMap::new();
+        let key = |t: &Target| (t.namespace(), t.reference.kind.clone().unwrap_or_default(), t.vmi.clone());
+        for vm in self.guarded("VirtualMachine", "virtualmachines").await? {
+            let target = Target::new(vm, "VirtualMachine");
+            targets.insert(key(&target), target);
+        }
+        for vmi in self.guarded("VirtualMachineInstance", "virtualmachineinstances").await? {
+            // A VM's VMI is looked at through its VM, whose spec is the truth.
+            if !vmi.owner_references().iter().any(|o| o.kind == "VirtualMachine") {
+                let target = Target::new(vmi, "VirtualMachineInstance");
+                targets.insert(key(&target), target);
+            }
+        }
+        let releases = self.ledger.releases().await?;
+        let pending = releases.len();
+        for release in releases {
+            let id = (release.namespace.clone(), release.kind.clone(), release.name.clone());
+            if let Some(target) = targets.get_mut(&id) {
+                target.releases.push(release);
+                continue;
+            }
+            let r: ApiResource = if release.kind == "VirtualMachine" { vm_resource() } else { vmi_resource() };
+            let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &release.namespace, &r);
+            match api.get_opt(&release.name).await? {
+                Some(object) => {
+                    let mut target = Target { guarded: false, ..Target::new(object, &release.kind) };
+                    target.releases.push(release);
+                    targets.insert(id, target);
+                }
+                // Gone: nothing of it is plugged any more.
+                None => self.forget(&release).await,
+            }
+        }
+        Ok((targets.into_values().collect(), pending))
+    }
+
+    async fn pass(&mut self, grace: Duration) {
+        let (targets, pending) = match self.targets().await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list what the guard's loop-closer looks at; trying again");
+                self.metrics.release_watch_pass(false, 0);
+                return;
+            }
+        };
+        tracing::debug!(targets = targets.len(), pending, "looking for released disks still in a spec");
+        let mut still = HashMap::new();
+        let mut forgotten = 0;
+        for target in targets {
+            match self.look_at(&target, grace, &mut still).await {
+                Ok(n) => forgotten += n,
+                Err(reason) => self.metrics.release_watch_error(reason),
+            }
+        }
+        self.seen = still;
+        self.metrics.release_watch_pass(true, pending.saturating_sub(forgotten));
+    }
+
+    /// A client of the agent at `address`, kept between passes.
+    fn client_for(&mut self, address: &str) -> Option<AgentClient> {
+        if let Some((client, made)) = self.clients.get(address)
+            && made.elapsed() < RECONNECT
+        {
+            return Some(client.clone());
+        }
+        match self.access.connect_to(address) {
+            Ok(client) => {
+                self.clients.insert(address.to_string(), (client.clone(), Instant::now()));
+                Some(client)
+            }
+            Err(e) => {
+                tracing::warn!(%address, error = %e, "cannot make a client of the agent");
+                None
+            }
+        }
+    }
+
+    async fn forget(&self, release: &Release) {
+        if let Err(e) = self.ledger.forget(release).await {
+            tracing::warn!(error = %e, "cannot forget a finished release; the next pass tries again");
+        }
+    }
+
+    /// Looks at one object's guest; returns how many recorded releases it forgot, or why it could not look.
+    async fn look_at(
+        &mut self,
+        target: &Target,
+        grace: Duration,
+        still: &mut HashMap<Released, Instant>,
+    ) -> Result<usize, &'static str> {
+        let (ns, name) = (target.namespace(), target.vmi.clone());
+        let vmi = match crate::get::<VirtualMachineInstance>(&self.client, &ns, &vmi_resource(), &name).await {
+            Ok(vmi) => vmi,
+            Err(e) => {
+                tracing::warn!(object = %target.label(), error = %e, "cannot read the VMI");
+                return Err("read");
+            }
+        };
+        let Some(vmi) = vmi else {
+            // Not running: nothing is plugged, and nothing recorded for it can be given back.
+            for release in &target.releases {
+                self.forget(release).await;
+            }
+            return Ok(target.releases.len());
+        };
+        let spec = target.spec();
+        let in_spec =
+            |volume: &str| spec["volumes"].as_array().and_then(|l| l.iter().find(|v| v["name"] == volume).cloned());
+        let mut forgotten = 0;
+        let mut open = Vec::new();
+        for release in &target.releases {
+            if in_spec(&release.volume).as_ref() != Some(&release.definition) {
+                // The update was stored: the unplug is KubeVirt's now.
+                self.forget(release).await;
+                forgotten += 1;
+            } else {
+                open.push(release);
+            }
+        }
+        let Some(address) = self.access.address(&vmi) else { return Ok(forgotten) };
+        let Some(agent) = self.client_for(&address) else { return Err("agent") };
         let disks = match agent.list_disks(false).await {
             Ok(disks) => disks,
             Err(e) => {
                 tracing::debug!(%ns, %name, error = %e, "cannot list the guest's disks");
-                continue;
+                self.clients.remove(&address);
+                return Err("agent");
             }
         };
-        let spec = match &vm {
+        let released = |serial: &str| {
+            disks.iter().any(|d| d.state() == DiskState::Released && d.serial.eq_ignore_ascii_case(serial))
+        };
+        for release in open.iter().filter(|r| !released(&r.serial)) {
+            // The guest has the disk again (or no longer has it at all): nothing to give back.
+            self.forget(release).await;
+            forgotten += 1;
+        }
+        let vm: Option<VirtualMachine> = match target.is_vm() {
+            true => typed(&target.object).ok(),
+            false => None,
+        };
+        let typed_spec = match &vm {
             Some(vm) => vm.spec.template.as_ref().map(|t| t.spec.clone()).unwrap_or_default(),
-            None => vmi.spec.clone(),
+            None => typed::<VirtualMachineInstance>(&target.object).map(|v| v.spec).unwrap_or_default(),
         };
         for disk in disks.iter().filter(|d| d.state() == DiskState::Released) {
             let key = (ns.clone(), name.clone(), disk.serial.clone());
-            let since = seen.get(&key).copied().unwrap_or_else(Instant::now);
+            let recorded = open.iter().any(|r| r.serial.eq_ignore_ascii_case(&disk.serial));
+            if !target.guarded && !recorded {
+                // Not the guard's release, on an object that did not opt in: someone else's business.
+                continue;
+            }
+            let since = self.seen.get(&key).copied().unwrap_or_else(Instant::now);
             still.insert(key, since);
             let released_for = since.elapsed();
             // The volume whose disk this is, still in the spec, plugged and not being removed.
             let serial_of = |v: &str| {
-                let entry = spec.domain.devices.disks.iter().find(|d| d.name == v);
+                let entry = typed_spec.domain.devices.disks.iter().find(|d| d.name == v);
                 entry.and_then(|d| d.serial.clone()).unwrap_or_else(|| v.to_string())
             };
-            let Some(volume) = spec.volumes.iter().find(|v| serial_of(&v.name).eq_ignore_ascii_case(&disk.serial))
+            let Some(volume) =
+                typed_spec.volumes.iter().find(|v| serial_of(&v.name).eq_ignore_ascii_case(&disk.serial))
             else {
                 continue;
             };
@@ -108,6 +301,11 @@ async fn pass(
             if let Err(e) = agent.cancel_detach(&disk.serial).await {
                 tracing::warn!(%ns, %name, serial = %disk.serial, error = %e, "cannot give a released disk back");
                 continue;
+            }
+            self.metrics.release_given_back();
+            for release in open.iter().filter(|r| r.serial.eq_ignore_ascii_case(&disk.serial)) {
+                self.forget(release).await;
+                forgotten += 1;
             }
             let note = format!(
                 "disk '{}' (volume {}) stayed released {}s for an unplug that did not happen (the update was not \
@@ -124,11 +322,10 @@ async fn pass(
                 action: "CancelDetach".into(),
                 secondary: None,
             };
-            if let Err(e) = recorder.publish(&event, &reference).await {
+            if let Err(e) = self.recorder.publish(&event, &target.reference).await {
                 tracing::warn!(error = %e, "cannot record the ReleaseCancelled Event");
             }
         }
+        Ok(forgotten)
     }
-    *seen = still;
-    Ok(())
 }

@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 
 /// What the probes report: ready once the leader election runs (leader or standby) and, when this replica serves
-/// the admission webhook, while the webhook has a usable certificate.
+/// the admission webhook, while the webhook has a usable certificate; never again once it is shutting down.
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
     webhook_expected: AtomicBool,
     webhook_ready: AtomicBool,
+    stopping: AtomicBool,
 }
 
 impl Health {
@@ -32,7 +33,15 @@ impl Health {
         self.webhook_ready.store(ready, Ordering::Relaxed);
     }
 
+    /// The process is shutting down: unready from now on, so no new review is sent here.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
     pub(crate) fn not_ready(&self) -> Option<&'static str> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Some("not ready: shutting down\n");
+        }
         if !self.ready.load(Ordering::Relaxed) {
             return Some("not ready: the leader election is not running yet\n");
         }

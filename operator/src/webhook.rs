@@ -3,8 +3,14 @@
 //! update is allowed only if the guest released the disk in that call (the fence: nothing in the guest can touch
 //! the disk any more, so the unplug that follows the stored update is safe). The serving certificate is read from
 //! a directory (`tls.crt`, `tls.key`, as a mounted Secret) and read again when the files change.
+//!
+//! Nothing reaches a guest on a caller's word alone. With a client CA (`--webhook-client-ca`), only a caller with
+//! the API server's client certificate gets a review answered; without one, every release is first checked against
+//! the live objects ([`crate::verify`]). Every release is recorded in the cluster ([`crate::ledger`]) before the
+//! guest is asked, and given back at once when the review ends in a denial.
 
 use crate::guard::{FORCE_ANNOTATION, Plan, Removal, UNMOUNT_ANNOTATION, plan, read_review};
+use crate::ledger::{Ledger, Release};
 use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::{AgentAccess, Error, MANAGER, Result, get};
@@ -15,40 +21,121 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tonic::Code;
-use wukong_controller_client::agent_client::ClientError;
+use wukong_controller_client::agent_client::{AgentClient, ClientError};
 use wukong_controller_client::kubevirt::{VirtualMachineInstance, vmi_resource};
 use wukong_proto::v1::{BlockerKind, UsageReport};
+
+/// Who may call the webhook: the API server, known by its client certificate (its AdmissionConfiguration gives it
+/// one per webhook). `None`: anyone who reaches the port, and every review is checked against the live objects.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// The CA that signed the API server's webhook client certificate (PEM).
+    pub ca: PathBuf,
+    /// The names (common name or DNS subject alternative name) a client certificate must carry; empty: any
+    /// certificate of the CA. Set it when the CA signs other clients too (a cluster CA).
+    pub names: Vec<String>,
+}
+
+/// How this replica's reviews end: while it shuts down, new reviews are refused at once and the ones under way are
+/// waited for.
+#[derive(Debug, Default)]
+pub struct Drain {
+    closing: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Drain {
+    /// Refuses new reviews from now on and waits (at most `bound`) for those under way; returns how many were left.
+    pub async fn close(&self, bound: Duration) -> usize {
+        self.closing.store(true, Ordering::SeqCst);
+        let idle = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.in_flight.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(bound, idle).await;
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn enter(&self) -> Option<InFlight<'_>> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let review = InFlight(self);
+        (!self.closing.load(Ordering::SeqCst)).then_some(review)
+    }
+}
+
+/// A review under way; its end wakes a closing [`Drain`].
+struct InFlight<'a>(&'a Drain);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.idle.notify_waiters();
+    }
+}
 
 /// What the webhook needs.
 pub struct Guard {
     pub client: kube::Client,
     pub agent: AgentAccess,
+    /// Whether a review's body comes from the API server (the caller proved it with its client certificate).
+    trusted: bool,
+    /// How long the guest may take to release one disk: well under the webhook's `timeoutSeconds`, so a release
+    /// that cannot finish is rolled back by the agent before the API server gives up on the review.
+    release_deadline: Duration,
+    ledger: Ledger,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    pub drain: Drain,
+    identity: String,
 }
 
 impl Guard {
-    pub fn new(client: kube::Client, agent: AgentAccess, identity: &str, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        agent: AgentAccess,
+        settings: &crate::WebhookConfig,
+        ledger_namespace: &str,
+        identity: &str,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let reporter = Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity.to_string()) };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, agent, metrics }
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            ledger: Ledger::new(client.clone(), ledger_namespace),
+            trusted: settings.client_auth.is_some(),
+            release_deadline: settings.release_deadline,
+            client,
+            agent,
+            metrics,
+            drain: Drain::default(),
+            identity: identity.to_string(),
+        }
     }
 }
 
-/// Answers one review. Never fails: a review that cannot be read is denied with the reason.
-pub async fn review(guard: &Guard, body: &[u8]) -> AdmissionResponse {
+/// Answers one review from `peer`. Never fails: a review that cannot be read is denied with the reason.
+pub async fn review(guard: &Guard, body: &[u8], peer: SocketAddr) -> AdmissionResponse {
     let request = match read_review(body) {
         Ok(request) => request,
         Err(e) => {
-            tracing::warn!(error = %e, "admission review refused");
+            tracing::warn!(%peer, error = %e, "admission review refused");
             return AdmissionResponse::invalid(e);
         }
     };
@@ -56,15 +143,22 @@ pub async fn review(guard: &Guard, body: &[u8]) -> AdmissionResponse {
     match plan(&request) {
         Err(e) => forbid(response, e.to_string()),
         Ok(Plan::Allow(why)) => {
-            tracing::debug!(object = %request.name, why, "allowed");
+            tracing::debug!(%peer, object = %request.name, why, "allowed");
             response
         }
         Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user }) => {
             let target = Target { namespace: &namespace, vmi: &vmi, user: &user, request: &request };
+            if !guard.trusted
+                && let Err(e) = crate::verify::check(&guard.client, &request, &removals).await
+            {
+                tracing::warn!(%peer, %namespace, object = %request.name, %user, "review does not match the live objects: {e}");
+                guard.metrics.untrusted_review_refused();
+                return forbid(response, format!("wukong guard: {e}"));
+            }
             match release(guard, &target, &removals, force, unmount, dry_run).await {
                 Ok(()) => response,
                 Err(message) => {
-                    tracing::info!(%namespace, %vmi, %user, dry_run, "denied: {message}");
+                    tracing::info!(%peer, %namespace, %vmi, %user, dry_run, "denied: {message}");
                     forbid(response, message)
                 }
             }
@@ -104,7 +198,28 @@ fn sentences(report: &UsageReport, unmount: bool) -> Vec<String> {
         .collect()
 }
 
-/// Asks the guest to release every removed disk; the error is the denial's message.
+/// The record of releasing `removal` for this review.
+fn release_record(target: &Target<'_>, removal: &Removal) -> Release {
+    let kind = target.request.kind.kind.clone();
+    let old = target.request.old_object.as_ref();
+    let definition = old
+        .and_then(|o| crate::guard::spec_of(o, &kind)["volumes"].as_array())
+        .and_then(|volumes| volumes.iter().find(|v| v["name"] == removal.volume.as_str()).cloned())
+        .unwrap_or_default();
+    Release {
+        namespace: target.namespace.to_string(),
+        kind,
+        name: target.request.name.clone(),
+        vmi: target.vmi.to_string(),
+        volume: removal.volume.clone(),
+        serial: removal.serial.clone(),
+        definition,
+        user: target.user.to_string(),
+    }
+}
+
+/// Asks the guest to release every removed disk; the error is the denial's message. A denial leaves nothing
+/// released: the disks this review released before the one that was refused are given back before it answers.
 async fn release(
     guard: &Guard,
     target: &Target<'_>,
@@ -131,55 +246,117 @@ async fn release(
         .connect(&vmi)
         .ok_or_else(|| unreachable("it reports no IP".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
+    let mut released = Vec::new();
     for removal in removals {
-        let Removal { volume, serial } = removal;
-        let what = format!("disk '{serial}' (volume {volume}) of VMI {ns}/{name}");
-        // A system disk stays, forced too: unforced, the release (or usage check) below refuses it itself; forced,
-        // the agent is asked which disk it is, when it answers.
-        if force
-            && let Ok(disk) = agent.get_disk(serial, false).await
-            && disk.system
-        {
-            return Err(format!(
-                "wukong guard: {what} is a system disk of the guest ({}); it is never unplugged, even with \
-                 {FORCE_ANNOTATION}",
-                disk.system_reason
-            ));
-        }
-        if force {
-            let note = format!("{} unplugs {what} with {FORCE_ANNOTATION}=true: the guest was not asked", target.user);
-            tracing::warn!(user = target.user, %serial, "FORCED unplug allowed: {note}");
-            if !dry_run {
-                publish(guard, target.request, &note).await;
-            }
-            continue;
-        }
-        let refused = |sentences: Vec<String>| {
-            format!("wukong guard refused to unplug {what}: {}. {}", sentences.join("; "), advice())
-        };
-        let outcome = match dry_run {
-            true => agent.check_usage(serial).await.map(|report| (sentences(&report, unmount), false)),
-            false => agent.prepare_detach(serial, unmount, false).await.map(|r| match r.released {
-                true => (Vec::new(), true),
-                false => (r.usage.map(|u| sentences(&u, false)).unwrap_or_default(), false),
-            }),
-        };
+        let outcome = release_one(guard, target, &agent, removal, force, unmount, dry_run, &unreachable).await;
         match outcome {
-            Ok((blockers, _)) if blockers.is_empty() => {}
-            Ok((blockers, _)) => return Err(refused(blockers)),
-            // The guest does not have it: nothing in it can use it.
-            Err(e) if e.code() == Some(Code::NotFound) => {}
-            Err(e) if e.code() == Some(Code::FailedPrecondition) => {
-                let blockers = e.refusal().and_then(|r| r.usage).map(|u| sentences(&u, false)).unwrap_or_default();
-                return Err(refused(if blockers.is_empty() { vec![e.to_string()] } else { blockers }));
+            Ok(Some(record)) => released.push(record),
+            Ok(None) => {}
+            Err(message) => {
+                give_back(guard, &agent, &released).await;
+                return Err(message);
             }
-            Err(e @ (ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::TlsRefused(_))) => {
-                return Err(unreachable(e.to_string()));
-            }
-            Err(e) => return Err(refused(vec![e.to_string()])),
         }
     }
     Ok(())
+}
+
+/// Releases one disk; `Some` with its record when the guest released it for this review.
+#[allow(clippy::too_many_arguments)]
+async fn release_one(
+    guard: &Guard,
+    target: &Target<'_>,
+    agent: &AgentClient,
+    removal: &Removal,
+    force: bool,
+    unmount: bool,
+    dry_run: bool,
+    unreachable: &(dyn Fn(String) -> String + Sync),
+) -> Result<Option<Release>, String> {
+    let (ns, name) = (target.namespace, target.vmi);
+    let Removal { volume, serial } = removal;
+    let what = format!("disk '{serial}' (volume {volume}) of VMI {ns}/{name}");
+    // A system disk stays, forced too: unforced, the release (or usage check) below refuses it itself; forced,
+    // the agent is asked which disk it is, when it answers.
+    if force
+        && let Ok(disk) = agent.get_disk(serial, false).await
+        && disk.system
+    {
+        return Err(format!(
+            "wukong guard: {what} is a system disk of the guest ({}); it is never unplugged, even with \
+             {FORCE_ANNOTATION}",
+            disk.system_reason
+        ));
+    }
+    if force {
+        let note = format!("{} unplugs {what} with {FORCE_ANNOTATION}=true: the guest was not asked", target.user);
+        tracing::warn!(user = target.user, %serial, "FORCED unplug allowed: {note}");
+        if !dry_run {
+            publish(guard, target.request, &note).await;
+        }
+        return Ok(None);
+    }
+    let refused = |sentences: Vec<String>| {
+        format!("wukong guard refused to unplug {what}: {}. {}", sentences.join("; "), advice())
+    };
+    let record = release_record(target, removal);
+    let outcome = match dry_run {
+        true => agent.check_usage(serial).await.map(|report| (sentences(&report, unmount), false)),
+        false => {
+            // Recorded first: whatever happens to this replica from here on, another one finds the release.
+            guard.ledger.record(&record).await.map_err(|e| format!("wukong guard: {e}; denied (fail safe)"))?;
+            let outcome = agent.prepare_detach_within(serial, unmount, false, guard.release_deadline).await.map(|r| {
+                match r.released {
+                    true => (Vec::new(), true),
+                    false => (r.usage.map(|u| sentences(&u, false)).unwrap_or_default(), false),
+                }
+            });
+            if !matches!(outcome, Ok((_, true)))
+                && let Err(e) = guard.ledger.forget(&record).await
+            {
+                tracing::warn!(error = %e, "a refused release stays recorded; the leader will forget it");
+            }
+            outcome
+        }
+    };
+    match outcome {
+        Ok((_, true)) => Ok(Some(record)),
+        Ok((blockers, _)) if blockers.is_empty() => Ok(None),
+        Ok((blockers, _)) => Err(refused(blockers)),
+        // The guest does not have it: nothing in it can use it.
+        Err(e) if e.code() == Some(Code::NotFound) => Ok(None),
+        Err(e) if e.code() == Some(Code::FailedPrecondition) => {
+            let blockers = e.refusal().and_then(|r| r.usage).map(|u| sentences(&u, false)).unwrap_or_default();
+            Err(refused(if blockers.is_empty() { vec![e.to_string()] } else { blockers }))
+        }
+        Err(e) if e.code() == Some(Code::DeadlineExceeded) => Err(format!(
+            "wukong guard: the guest could not release {what} within {}s, so it undid the release: {e}. Retry; \
+             raise --guard-release-deadline-seconds (below the webhook's timeoutSeconds) if releases of this disk \
+             need longer",
+            guard.release_deadline.as_secs()
+        )),
+        Err(e @ (ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::TlsRefused(_))) => {
+            Err(unreachable(e.to_string()))
+        }
+        Err(e) => Err(refused(vec![e.to_string()])),
+    }
+}
+
+/// Gives back disks this review released before it was denied, so that no release outlives its review.
+async fn give_back(guard: &Guard, agent: &AgentClient, released: &[Release]) {
+    for record in released {
+        match agent.cancel_detach(&record.serial).await {
+            Ok(_) => {
+                if let Err(e) = guard.ledger.forget(record).await {
+                    tracing::warn!(error = %e, "a release given back stays recorded; the leader will forget it");
+                }
+            }
+            Err(e) => tracing::warn!(
+                serial = %record.serial, error = %e,
+                "cannot give back a disk released for a denied review; the leader will after the grace period"
+            ),
+        }
+    }
 }
 
 /// A Warning Event on the object of a forced unplug; a failure to record it is logged.
@@ -265,10 +442,41 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
+/// The verifier of callers' certificates, from `auth`'s CA file.
+fn client_verifier(auth: &ClientAuth) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let unusable = || Error::ClientCa(auth.ca.clone());
+    let pem = std::fs::read(&auth.ca).map_err(|_| unusable())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.map_err(|_| unusable())?).map_err(|_| unusable())?;
+    }
+    if roots.is_empty() {
+        return Err(unusable());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().map_err(|_| unusable())
+}
+
+/// The names a client certificate carries: its common name and its DNS subject alternative names.
+fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert) else { return Vec::new() };
+    let mut names: Vec<String> =
+        cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok().map(str::to_string)).collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push(dns.to_string());
+            }
+        }
+    }
+    names
+}
+
 /// Serves the webhook on `listener` until the task is dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cert_dir: PathBuf,
+    client_auth: Option<ClientAuth>,
     guard: Arc<Guard>,
     health: Arc<Health>,
 ) -> Result<()> {
@@ -276,20 +484,33 @@ pub async fn serve(
     if certificates.get().is_none() {
         return Err(Error::Certificate(cert_dir));
     }
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|_| Error::Certificate(cert_dir.clone()))?
-        .with_no_client_auth()
-        .with_cert_resolver(certificates);
+        .map_err(|_| Error::Certificate(cert_dir.clone()))?;
+    let config = match &client_auth {
+        Some(auth) => builder.with_client_cert_verifier(client_verifier(auth)?),
+        None => builder.with_no_client_auth(),
+    }
+    .with_cert_resolver(certificates);
+    let names = Arc::new(client_auth.map(|a| a.names).unwrap_or_default());
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     while let Ok((stream, peer)) = listener.accept().await {
-        let (acceptor, guard) = (acceptor.clone(), guard.clone());
+        let (acceptor, guard, names) = (acceptor.clone(), guard.clone(), names.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
                 Ok(tls) => tls,
-                Err(e) => return tracing::debug!(%peer, error = %e, "webhook TLS handshake failed"),
+                // Not debug: with client authentication, this is where a caller without the API server's
+                // certificate is turned away, and who tried is worth knowing.
+                Err(e) => return tracing::warn!(%peer, error = %e, "webhook TLS handshake refused"),
             };
-            let service = hyper::service::service_fn(move |request| handle(guard.clone(), request));
+            if !names.is_empty() {
+                let presented = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(certificate_names);
+                if !presented.unwrap_or_default().iter().any(|n| names.contains(n)) {
+                    guard.metrics.untrusted_review_refused();
+                    return tracing::warn!(%peer, allowed = ?names, "webhook caller's certificate names none of the allowed clients; connection closed");
+                }
+            }
+            let service = hyper::service::service_fn(move |request| handle(guard.clone(), request, peer));
             let io = hyper_util::rt::TokioIo::new(tls);
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
                 tracing::debug!(%peer, error = %e, "webhook connection ended");
@@ -302,6 +523,7 @@ pub async fn serve(
 async fn handle(
     guard: Arc<Guard>,
     request: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, body: String| {
         Response::builder()
@@ -319,7 +541,21 @@ async fn handle(
         Err(_) => Bytes::from(vec![b' '; crate::guard::MAX_REVIEW_BYTES + 1]),
     };
     let started = std::time::Instant::now();
-    let response = review(&guard, &body).await;
+    let response = match guard.drain.enter() {
+        Some(_in_flight) => review(&guard, &body, peer).await,
+        // Shutting down: answered at once, so the API server's call ends well before the Pod is gone.
+        None => match read_review(&body) {
+            Ok(request) => forbid(
+                AdmissionResponse::from(&request),
+                format!(
+                    "wukong guard replica {} is shutting down and reviewed nothing; retry the update (another \
+                     replica answers)",
+                    guard.identity
+                ),
+            ),
+            Err(e) => AdmissionResponse::invalid(e),
+        },
+    };
     guard.metrics.reviewed(response.allowed, started.elapsed());
     let body = serde_json::to_string(&response.into_review()).expect("a review serialises");
     Ok(reply(StatusCode::OK, body))
@@ -334,6 +570,45 @@ mod tests {
         let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().self_signed(&key).unwrap();
         std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
         std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    }
+
+    /// Shutting down: a review under way is waited for, a new one is turned away at once.
+    #[tokio::test]
+    async fn a_closing_drain_refuses_new_reviews_and_waits_for_those_under_way() {
+        let drain = Arc::new(Drain::default());
+        let under_way = drain.enter().expect("open: a review enters");
+        let closing = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.close(Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(drain.enter().is_none(), "closing: a new review is refused");
+        assert!(!closing.is_finished(), "the review under way is waited for");
+        drop(under_way);
+        assert_eq!(closing.await.unwrap(), 0, "nothing left under way");
+        let stuck = Drain::default();
+        let _forever = stuck.enter();
+        assert_eq!(stuck.close(Duration::from_millis(50)).await, 1, "bounded: a stuck review does not hold the exit");
+    }
+
+    #[test]
+    fn a_client_certificate_is_known_by_its_common_name_and_dns_names() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["wukong-guard-client.example".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "kube-apiserver-webhook-client");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(certificate_names(cert.der()), ["kube-apiserver-webhook-client", "wukong-guard-client.example"]);
+        assert!(certificate_names(&CertificateDer::from(vec![1, 2, 3])).is_empty(), "garbage names nobody");
+    }
+
+    #[test]
+    fn an_unusable_client_ca_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let error = client_verifier(&ClientAuth { ca: ca.clone(), names: Vec::new() }).err().unwrap();
+        assert!(matches!(&error, Error::ClientCa(path) if *path == ca), "{error}");
+        assert!(error.to_string().contains("--webhook-client-ca"), "{error}");
     }
 
     /// A rotated Secret is served from the next handshake; a broken one keeps the last good certificate and makes

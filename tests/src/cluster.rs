@@ -18,6 +18,9 @@ pub const ADMIN: &str = "lab-admin";
 /// Common name of the front-proxy client certificate (the API server's identity towards aggregated servers).
 pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
 
+/// Common name of the API server's client certificate towards admission webhooks.
+pub const WEBHOOK_CLIENT: &str = "wukong-lab-apiserver-webhook-client";
+
 /// Where the API server and etcd binaries are: `$WUKONG_KUBE_DIR/bin`, else `target/wukong-kube/bin`.
 pub fn kube_bin_dir() -> PathBuf {
     std::env::var_os("WUKONG_KUBE_DIR")
@@ -147,6 +150,33 @@ impl Cluster {
         let proxy_client = front_proxy.leaf(FRONT_PROXY_CLIENT, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
         write("front-proxy-client.crt", &proxy_client.cert)?;
         write("front-proxy-client.key", &proxy_client.key)?;
+        // The API server's client certificate towards admission webhooks (its AdmissionConfiguration), from a CA of
+        // its own: a webhook that requires it knows a review came from the API server.
+        let webhook_client_ca = Ca::new("wukong lab webhook-client CA")?;
+        write("webhook-client-ca.crt", &webhook_client_ca.pem)?;
+        let webhook_client = webhook_client_ca.leaf(WEBHOOK_CLIENT, &[], ExtendedKeyUsagePurpose::ClientAuth)?;
+        write("webhook-client.crt", &webhook_client.cert)?;
+        write("webhook-client.key", &webhook_client.key)?;
+        // The user is named '*': it serves every webhook (the lab's listen on ports chosen later). A cluster names
+        // it after the webhook's Service, wukong-guard.wukong-system.svc (deploy/guard.yaml).
+        write(
+            "webhook-clients.kubeconfig",
+            &format!(
+                "apiVersion: v1\nkind: Config\nusers:\n- name: '*'\n  user:\n    client-certificate: {}\n    \
+                 client-key: {}\n",
+                path("webhook-client.crt").display(),
+                path("webhook-client.key").display()
+            ),
+        )?;
+        write(
+            "admission.yaml",
+            &format!(
+                "apiVersion: apiserver.config.k8s.io/v1\nkind: AdmissionConfiguration\nplugins:\n\
+                 - name: ValidatingAdmissionWebhook\n  configuration:\n    apiVersion: apiserver.config.k8s.io/v1\n    \
+                 kind: WebhookAdmissionConfiguration\n    kubeConfigFile: {}\n",
+                path("webhook-clients.kubeconfig").display()
+            ),
+        )?;
         let service_accounts = KeyPair::generate()?;
         write("sa.key", &service_accounts.serialize_pem())?;
         write("sa.pub", &service_accounts.public_key_pem())?;
@@ -203,6 +233,7 @@ impl Cluster {
             .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
             .arg(format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")))
             .arg(format!("--proxy-client-key-file={}", p("front-proxy-client.key")))
+            .arg(format!("--admission-control-config-file={}", p("admission.yaml")))
             .arg(format!("--audit-policy-file={}", p("audit-policy.yaml")))
             .arg(format!("--audit-log-path={}", p("audit.log")))
             .arg("--audit-log-mode=blocking")
@@ -275,6 +306,11 @@ impl Cluster {
             )?;
         }
         Ok(path)
+    }
+
+    /// The CA file of the API server's client certificate towards webhooks (for `--webhook-client-ca`).
+    pub fn webhook_client_ca(&self) -> PathBuf {
+        self.dir.path().join("webhook-client-ca.crt")
     }
 
     /// A client acting as `user`.

@@ -13,17 +13,18 @@ use std::time::{Duration, Instant};
 /// The operator's identity: its ServiceAccount, as the API server names it.
 pub const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator";
 
-/// deploy/crd.yaml and deploy/operator.yaml as shipped (the Deployment aside: the lab runs no pods).
+/// deploy/crd.yaml, deploy/operator.yaml and deploy/network-policy.yaml as shipped (the Deployment aside: the lab
+/// runs no pods).
 pub async fn install_operator(cluster: &Cluster) -> Result<()> {
     let client = cluster.client(ADMIN).await?;
     let mut documents = Vec::new();
-    for file in ["deploy/crd.yaml", "deploy/operator.yaml"] {
+    for file in ["deploy/crd.yaml", "deploy/operator.yaml", "deploy/network-policy.yaml"] {
         let text = std::fs::read_to_string(crate::workspace_root().join(file))?;
         documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);
     }
-    for doc in documents {
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        let (group, version, plural, namespaced) = match kind {
+    for mut doc in documents {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let (group, version, plural, namespaced) = match kind.as_str() {
             "CustomResourceDefinition" => ("apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
             "Namespace" => ("", "v1", "namespaces", false),
             "ServiceAccount" => ("", "v1", "serviceaccounts", true),
@@ -31,6 +32,15 @@ pub async fn install_operator(cluster: &Cluster) -> Result<()> {
             "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", false),
             "Role" => ("rbac.authorization.k8s.io", "v1", "roles", true),
             "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
+            "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies", true),
+            // policy/v1 is newer than the lab's server (1.20): the same object in policy/v1beta1 proves its shape.
+            "PodDisruptionBudget" => {
+                if doc["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] != "wukong-operator" {
+                    bail!("the PodDisruptionBudget does not select the operator's Pods");
+                }
+                doc["apiVersion"] = "policy/v1beta1".into();
+                ("policy", "v1beta1", "poddisruptionbudgets", true)
+            }
             "Deployment" => {
                 let account = &doc["spec"]["template"]["spec"]["serviceAccountName"];
                 if account != "wukong-operator" {
@@ -40,7 +50,7 @@ pub async fn install_operator(cluster: &Cluster) -> Result<()> {
             }
             other => bail!("deploy/ has a {other}, which this test does not expect"),
         };
-        let r = resource(kind, group, version, plural);
+        let r = resource(&kind, group, version, plural);
         let api: Api<DynamicObject> = match namespaced {
             true => Api::namespaced_with(client.clone(), doc["metadata"]["namespace"].as_str().unwrap_or_default(), &r),
             false => Api::all_with(client.clone(), &r),
@@ -92,9 +102,17 @@ async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Result<(
                     "v1",
                     "validatingwebhookconfigurations",
                 );
-                Api::<DynamicObject>::all_with(client.clone(), &r)
-                    .create(&PostParams::default(), &serde_json::from_value(doc)?)
-                    .await?;
+                // A second guarded operator of one test takes the webhook over.
+                let api = Api::<DynamicObject>::all_with(client.clone(), &r);
+                let mut object: DynamicObject = serde_json::from_value(doc)?;
+                let name = object.metadata.name.clone().unwrap_or_default();
+                match api.get_opt(&name).await? {
+                    Some(current) => {
+                        object.metadata.resource_version = current.metadata.resource_version;
+                        api.replace(&name, &PostParams::default(), &object).await?;
+                    }
+                    None => drop(api.create(&PostParams::default(), &object).await?),
+                }
             }
             other => bail!("deploy/guard.yaml has a {other}, which this lab does not expect"),
         }
@@ -121,7 +139,36 @@ pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, e
     }
     install_guard(cluster, &format!("https://{webhook}/validate"), &tls).await?;
     operator.guard_tls = Some(tls);
+    operator.webhook = Some(webhook);
     Ok(operator)
+}
+
+/// What a caller that is not the API server gets from POSTing `review` to a guarded operator's webhook (curl, a
+/// local process with no client certificate): the HTTP status and body, or curl's own failure (a refused TLS
+/// handshake) as the error.
+pub async fn post_review(operator: &Operator, review: &Value) -> Result<(u16, String)> {
+    let (Some(webhook), Some(tls)) = (&operator.webhook, &operator.guard_tls) else {
+        bail!("the operator serves no guard");
+    };
+    let ca = tls.dir.path().join("ca.crt");
+    std::fs::write(&ca, &tls.ca_pem)?;
+    let body = tempfile::NamedTempFile::new()?;
+    std::fs::write(body.path(), serde_json::to_vec(review)?)?;
+    let output = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "60", "--cacert"])
+        .arg(&ca)
+        .args(["-H", "content-type: application/json", "-w", "\n%{http_code}", "--data-binary"])
+        .arg(format!("@{}", body.path().display()))
+        .arg(format!("https://{webhook}/validate?timeout=30s"))
+        .output()
+        .await
+        .context("running curl")?;
+    if !output.status.success() {
+        bail!("curl: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let text = String::from_utf8(output.stdout)?;
+    let (body, code) = text.rsplit_once('\n').context("curl's status line")?;
+    Ok((code.trim().parse()?, body.to_string()))
 }
 
 /// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
@@ -133,6 +180,8 @@ pub struct Operator {
     echo_log: bool,
     /// The guard's certificate directory, kept while the operator serves it.
     guard_tls: Option<GuardTls>,
+    /// Where it serves the guard.
+    webhook: Option<String>,
 }
 
 impl Operator {
@@ -158,7 +207,7 @@ impl Operator {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting wukong-operator (cargo build -p wukong-operator)")?;
-        Ok(Self { child, http, log, echo_log: true, guard_tls: None })
+        Ok(Self { child, http, log, echo_log: true, guard_tls: None, webhook: None })
     }
 
     /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).
@@ -189,6 +238,11 @@ impl Operator {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Kills it with SIGKILL: no goodbye, the Lease is not released.
@@ -230,4 +284,43 @@ pub fn quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
 /// A counter or gauge of the Prometheus text.
 pub fn metric(metrics: &str, name: &str) -> f64 {
     metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+/// The API server's answer to a JSON patch of `name`: `Ok` when stored, else its status code and message.
+pub async fn json_patch(
+    api: &Api<DynamicObject>,
+    name: &str,
+    patch: Value,
+    dry_run: bool,
+) -> Result<Result<(), (u16, String)>> {
+    let params = kube::api::PatchParams { dry_run, ..Default::default() };
+    let patch: json_patch::Patch = serde_json::from_value(patch)?;
+    match api.patch(name, &params, &kube::api::Patch::<()>::Json(patch)).await {
+        Ok(_) => Ok(Ok(())),
+        Err(kube::Error::Api(s)) => Ok(Err((s.code, s.message))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Merges labels and annotations into an object's metadata (`null` removes one).
+pub async fn label(api: &Api<DynamicObject>, name: &str, labels: Value, annotations: Value) -> Result<()> {
+    let body = serde_json::json!({"metadata": {"labels": labels, "annotations": annotations}});
+    api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&body)).await?;
+    Ok(())
+}
+
+/// Reviews the guard answered so far (from its metrics).
+pub async fn reviews(operator: &Operator) -> Result<u64> {
+    let (_, metrics) = operator.get("/metrics").await?;
+    Ok(metrics
+        .lines()
+        .filter(|l| l.starts_with("wukong_operator_admission_reviews_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// The `events.k8s.io/v1` Events of a namespace.
+pub async fn events(client: &kube::Client, ns: &str) -> Result<Vec<DynamicObject>> {
+    let r = resource("Event", "events.k8s.io", "v1", "events");
+    Ok(Api::<DynamicObject>::namespaced_with(client.clone(), ns, &r).list(&Default::default()).await?.items)
 }

@@ -4,14 +4,16 @@
 //! through the aggregated API, and a VMI-spec edit.
 
 use anyhow::{Context, Result};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use serde_json::{Value, json};
+use kube::api::{Api, DynamicObject};
+use serde_json::json;
 use std::time::{Duration, Instant};
 use wukong_controller_client::kubevirt::{KubeVirt, vm_resource, vmi_resource};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes};
-use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, start_guarded};
+use wukong_e2e::operator_lab::{
+    OPERATOR, events, install_operator, json_patch as patch, label, reviews, start_guarded,
+};
 
 const NS: &str = "guarded";
 
@@ -21,33 +23,6 @@ fn vms(client: &kube::Client) -> Api<DynamicObject> {
 
 fn vmis(client: &kube::Client) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), NS, &vmi_resource())
-}
-
-/// The API server's answer to a patch: `Ok` when stored, else its status code and message.
-async fn patch(api: &Api<DynamicObject>, name: &str, patch: Value, dry_run: bool) -> Result<Result<(), (u16, String)>> {
-    let params = PatchParams { dry_run, ..Default::default() };
-    let patch: json_patch::Patch = serde_json::from_value(patch)?;
-    match api.patch(name, &params, &Patch::<()>::Json(patch)).await {
-        Ok(_) => Ok(Ok(())),
-        Err(kube::Error::Api(s)) => Ok(Err((s.code, s.message))),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn label(api: &Api<DynamicObject>, name: &str, labels: Value, annotations: Value) -> Result<()> {
-    let body = json!({"metadata": {"labels": labels, "annotations": annotations}});
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
-    Ok(())
-}
-
-/// Reviews the guard answered so far (from its metrics).
-async fn reviews(operator: &Operator) -> Result<u64> {
-    let (_, metrics) = operator.get("/metrics").await?;
-    Ok(metrics
-        .lines()
-        .filter(|l| l.starts_with("wukong_operator_admission_reviews_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
 }
 
 async fn attach(guest: &Guest, client: &kube::Client, vmi: &str, volume: &str, claim: &str) -> Result<String> {
@@ -97,6 +72,16 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     assert_eq!(agent.get_disk("data", false).await?.state(), wukong_proto::v1::DiskState::Present);
     assert_eq!(guest.checksum("/mnt/g/data").await?, sum, "the data is intact");
 
+    // Pointing the hotplugged volume at another claim is an unplug too (KubeVirt drops a changed volume from the
+    // VMI to plug the new definition): denied the same way.
+    let volumes = vm.data["spec"]["template"]["spec"]["volumes"].as_array().context("volumes")?;
+    let index = volumes.iter().position(|v| v["name"] == "data").context("volume data")?;
+    let path = format!("/spec/template/spec/volumes/{index}/persistentVolumeClaim/claimName");
+    let moved = json!([{"op": "replace", "path": path, "value": "pvc-other"}]);
+    let (code, message) = patch(&vms, "vm1", moved, false).await?.expect_err("a changed claim must be denied");
+    assert!(code == 403 && message.contains(&format!("pid {pid}")), "{code}: {message}");
+    assert_eq!(agent.get_disk("data", false).await?.state(), wukong_proto::v1::DiskState::Present);
+
     // A dry run: the same verdict, and the guest is not asked to release anything.
     let (code, dry) = patch(&vms, "vm1", remove.clone(), true).await?.expect_err("denied on a dry run too");
     assert_eq!((code, dry.contains(&format!("pid {pid}"))), (403, true), "{dry}");
@@ -144,18 +129,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     assert!(message.contains("cannot ask the guest of VMI guarded/vm1"), "{message}");
     label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/force-detach": "true"})).await?;
     patch(&vms, "vm1", remove, false).await?.expect("forced");
-    let events: Api<DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        NS,
-        &ApiResource {
-            group: "events.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "events.k8s.io/v1".into(),
-            kind: "Event".into(),
-            plural: "events".into(),
-        },
-    );
-    let forced = events.list(&Default::default()).await?.items;
+    let forced = events(&admin, NS).await?;
     assert!(
         forced
             .iter()
@@ -207,7 +181,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "the released disk still in the spec was never given back");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let given = events.list(&Default::default()).await?.items;
+    let given = events(&admin, NS).await?;
     assert!(given.iter().any(|e| e.data["reason"] == "ReleaseCancelled"), "{given:#?}");
     // The other direction: a disk released for an unplug KubeVirt is carrying out (slowly) stays released.
     kubevirt.set_unplug_delay(Duration::from_secs(15));
