@@ -12,7 +12,7 @@
 //! Run: `cargo run -p wukong-e2e --bin record-reviews` (after `scripts/lib/install-kube.sh`); the fixtures are
 //! committed, so the operator's tests need no cluster.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -31,7 +31,8 @@ use wukong_e2e::kubevirt_lab::{removal_patch, resource};
 const NS: &str = "lab";
 /// KubeVirt's namespace in the upstream install, whose ServiceAccounts its components run as.
 const KUBEVIRT_NS: &str = "kubevirt";
-/// How long a newly registered webhook may take to be called (the API server's informer picks it up).
+/// How long a new CRD may take to be served, or a new webhook to be called (the API server's informers pick them
+/// up).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Recorded = Arc<Mutex<Vec<Value>>>;
@@ -69,13 +70,19 @@ async fn main() -> Result<()> {
     create_objects(&vms(&admin), &vmis(&admin)).await?;
     wait_registered(&vms(&admin), &recorded).await?;
 
-    // Each write below must call the webhook exactly once; its review is kept under `name`.
+    // Each write below calls the webhook; its review is kept under `name`. A patch right after another write may
+    // first be tried on the API server's cached, stale copy: storing that fails on the resourceVersion and the
+    // server tries again with the stored object, calling the webhook again. The last call is the one stored.
     let save = |name: &str| -> Result<()> {
         let reviews = std::mem::take(&mut *recorded.lock().unwrap());
-        ensure!(reviews.len() == 1, "{name}: the webhook was called {} times, not once", reviews.len());
+        let review = reviews.last().with_context(|| format!("{name}: the webhook was not called"))?;
         let path = out.join(format!("{name}.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&reviews[0])? + "\n")?;
-        println!("recorded {}", path.display());
+        std::fs::write(&path, serde_json::to_string_pretty(review)? + "\n")?;
+        println!(
+            "recorded {}{}",
+            path.display(),
+            if reviews.len() > 1 { " (the last of a retried write)" } else { "" }
+        );
         Ok(())
     };
     let merge = PatchParams::default();
@@ -153,29 +160,16 @@ async fn main() -> Result<()> {
 /// KubeVirt's CRDs as the lab generates them, but the VMI's without the status subresource, as KubeVirt's own
 /// (`NewVirtualMachineInstanceCrd`).
 async fn install_crds(admin: &kube::Client) -> Result<()> {
+    use kube::runtime::wait::{await_condition, conditions::is_crd_established};
     let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    let mut names = Vec::new();
     for mut crd in wukong_e2e::kubevirt_crds::crds()? {
         if crd.spec.names.kind == "VirtualMachineInstance" {
             crd.spec.versions.iter_mut().for_each(|v| v.subresources = None);
         }
-        names.push(crd.metadata.name.clone().context("a CRD without a name")?);
+        let name = crd.metadata.name.clone().context("a CRD without a name")?;
         api.create(&PostParams::default(), &crd).await?;
-    }
-    let started = Instant::now();
-    for name in names {
-        while !api
-            .get(&name)
-            .await?
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-        {
-            ensure!(started.elapsed() < REGISTER_TIMEOUT, "the CRD {name} was never Established");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let established = await_condition(api.clone(), &name, is_crd_established());
+        tokio::time::timeout(REGISTER_TIMEOUT, established).await.with_context(|| format!("the CRD {name}"))??;
     }
     Ok(())
 }
