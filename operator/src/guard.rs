@@ -118,7 +118,11 @@ pub fn removals(old: &Value, new: &Value) -> Vec<Removal> {
         .into_iter()
         .flatten()
         .filter(|v| hotpluggable(v))
-        .filter(|v| !new_volumes.contains(v) || !v["name"].as_str().is_some_and(|name| new_disks.contains(&name)))
+        .filter(|v| {
+            let name = v["name"].as_str().unwrap_or_default();
+            let disk_dropped = old_disks.iter().any(|d| d["name"] == name) && !new_disks.contains(&name);
+            !new_volumes.contains(v) || disk_dropped
+        })
         .filter_map(|v| v["name"].as_str())
         .map(|name| {
             let disk = old_disks.iter().find(|d| d["name"] == name);
@@ -239,6 +243,8 @@ mod tests {
         assert_eq!(removals(&old, &moved), [Removal { volume: "data".into(), serial: "pg-1".into() }]);
         assert_eq!(removals(&old, &cold_changed), [], "a volume that is not hotpluggable is not the guard's");
         assert_eq!(removals(&old, &disk_changed), [], "the volume is unchanged: KubeVirt keeps it plugged");
+        let diskless = spec(&[("data", true)], &[]);
+        assert_eq!(removals(&diskless, &diskless), [], "nothing changed: no disk was dropped");
         let body = review("VirtualMachine", "UPDATE", old, moved, json!({}), false);
         assert!(matches!(plan_of(&body), Ok(Plan::Release { .. })));
     }
