@@ -240,6 +240,22 @@ impl Operator {
         self.child.id()
     }
 
+    /// Stops it as Kubernetes does (SIGTERM) and waits at most `within` for it to exit; its exit status.
+    pub async fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.child.id());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("the operator did not exit within {within:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

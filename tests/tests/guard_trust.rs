@@ -213,5 +213,12 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     let remove = removal_patch(&vms.get("windows").await?, "/spec/template/spec", "x")?;
     json_patch(&vms, "windows", remove, false).await?.expect("stopped: nothing is plugged");
     assert!(reviews(&successor).await? > before, "without the opt-out the namespace's label brings it to the guard");
+
+    // 5. SIGTERM: nothing under way, so the replica steps down and exits at once, cleanly.
+    let mut successor = successor;
+    let status = successor.terminate(Duration::from_secs(10)).await?;
+    assert!(status.success(), "{status}");
+    let log = successor.log();
+    assert!(log.contains("every admission review under way was answered"), "{log}");
     Ok(())
 }
