@@ -613,6 +613,7 @@ async fn over_grpc_a_missed_deadline_is_deadline_exceeded_with_the_disk_back() {
     let serial = rig.serial.to_string();
 
     let client = AgentClient::connect(AgentAddress::Unix(socket.clone())).unwrap();
+    assert!(client.agent_info().await.unwrap().capabilities.contains(&"release-deadline".to_string()));
     let started = Instant::now();
     let err = client.prepare_detach_within(&serial, true, false, Duration::from_secs(2)).await.unwrap_err();
     let took = started.elapsed();
