@@ -345,7 +345,7 @@ impl AgentClient {
         dry_run: bool,
         deadline: Option<Duration>,
     ) -> Result<PrepareDetachResponse, ClientError> {
-        let timeout = deadline.map_or(RELEASE_TIMEOUT, |d| d + DEADLINE_MARGIN);
+        let timeout = deadline.map_or(RELEASE_TIMEOUT, |d| d.saturating_add(DEADLINE_MARGIN));
         let msg = PrepareDetachRequest {
             serial: serial.to_string(),
             unmount,
