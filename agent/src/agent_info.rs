@@ -7,7 +7,9 @@ use sysinfo::System;
 use wukong_proto::v1::AgentInfo;
 
 /// Features this agent implements; clients check these rather than version numbers.
-pub const CAPABILITIES: &[&str] = &["list", "watch", "wait", "usage", "release"];
+/// "release-deadline": PrepareDetach honours its deadline (an older agent ignores the field, and its release may
+/// outlive the call).
+pub const CAPABILITIES: &[&str] = &["list", "watch", "wait", "usage", "release", "release-deadline"];
 
 /// What stays fixed for the life of the agent process.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use crate::agent_info::AgentFacts;
 use crate::config::Access;
 use crate::inventory::{Event, InventoryHandle, LookupError, Snapshot, disk_matches};
 use crate::limits::{Admission, Admitted};
-use crate::release::{ReleaseError, Releaser};
+use crate::release::{Deadline, ReleaseError, Releaser};
 use crate::serial::Serial;
 use crate::usage::{UsageError, UsageScanner};
 use std::pin::Pin;
@@ -109,7 +109,7 @@ fn release_status(e: ReleaseError, dry_run: bool) -> Status {
         }
         ReleaseError::Failed { .. } => Status::internal(e.to_string()),
         ReleaseError::Gone { .. } => Status::not_found(e.to_string()),
-        ReleaseError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        ReleaseError::Timeout(_) | ReleaseError::DeadlineExceeded { .. } => Status::deadline_exceeded(e.to_string()),
     }
 }
 
@@ -155,6 +155,41 @@ fn wait_timeout(requested: Option<prost_types::Duration>) -> Result<Duration, St
         )));
     }
     Ok(d)
+}
+
+/// The deadline of a release: the request's or the call's own (its grpc-timeout header), whichever is shorter; none
+/// without either. A deadline that is not positive is refused.
+fn release_deadline(
+    requested: Option<prost_types::Duration>,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Option<Deadline>, Status> {
+    let requested = match requested {
+        None => None,
+        Some(d) => match Duration::try_from(d) {
+            Ok(d) if !d.is_zero() => Some(d),
+            _ => return Err(Status::invalid_argument("the deadline must be positive; leave it unset for no limit")),
+        },
+    };
+    let call = metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(grpc_timeout);
+    Ok(requested.into_iter().chain(call).min().and_then(Deadline::after))
+}
+
+/// Parses a grpc-timeout header value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<DiskEvent, Status>> + Send>>;
@@ -269,12 +304,13 @@ impl DiskAgent for DiskAgentService {
     ) -> Result<Response<PrepareDetachResponse>, Status> {
         let _admitted = self.admission.request(&req)?;
         authorize(&self.access, &req, "PrepareDetach")?;
-        let PrepareDetachRequest { serial, unmount, dry_run } = req.into_inner();
+        let deadline = release_deadline(req.get_ref().deadline, req.metadata())?;
+        let PrepareDetachRequest { serial, unmount, dry_run, .. } = req.into_inner();
         let serial = self.named(&serial)?;
         // A release runs to its end even if the caller goes away: stopping half-way would leave the disk
-        // half-released.
+        // half-released. With a deadline, that end is done or undone by then.
         let releaser = self.releaser.clone();
-        let released = tokio::spawn(async move { releaser.prepare(&serial, unmount, dry_run).await })
+        let released = tokio::spawn(async move { releaser.prepare(&serial, unmount, dry_run, deadline).await })
             .await
             .map_err(|e| Status::internal(format!("the release task failed: {e}")))?;
         released.map(Response::new).map_err(|e| release_status(e, dry_run))
@@ -364,6 +400,41 @@ mod tests {
         let long = wait_timeout(Some(prost_types::Duration { seconds: 601, nanos: 0 })).unwrap_err();
         assert_eq!(long.code(), tonic::Code::InvalidArgument);
         assert!(long.message().contains("600s"), "{}", long.message());
+    }
+
+    #[test]
+    fn release_deadline_is_the_shorter_of_request_and_call() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        let given = |d: Option<Deadline>| d.map(|d| d.given());
+        let secs = |s| Some(prost_types::Duration { seconds: s, nanos: 0 });
+        assert_eq!(given(release_deadline(None, &metadata).unwrap()), None, "no limit without either");
+        assert_eq!(given(release_deadline(secs(20), &metadata).unwrap()), Some(Duration::from_secs(20)));
+        metadata.insert("grpc-timeout", "5000m".parse().unwrap());
+        assert_eq!(given(release_deadline(secs(20), &metadata).unwrap()), Some(Duration::from_secs(5)));
+        assert_eq!(given(release_deadline(secs(2), &metadata).unwrap()), Some(Duration::from_secs(2)));
+        assert_eq!(given(release_deadline(None, &metadata).unwrap()), Some(Duration::from_secs(5)));
+        for bad in [secs(0), secs(-3)] {
+            let e = release_deadline(bad, &metadata).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert_eq!(e.message(), "the deadline must be positive; leave it unset for no limit");
+        }
+        let far = Some(prost_types::Duration { seconds: i64::MAX, nanos: 0 });
+        assert_eq!(given(release_deadline(far, &metadata).unwrap()), Some(Duration::from_secs(5)));
+        let none = tonic::metadata::MetadataMap::new();
+        assert_eq!(given(release_deadline(far, &none).unwrap()), None, "beyond what the clock holds: no limit");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(grpc_timeout("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(grpc_timeout("29999m"), Some(Duration::from_millis(29999)));
+        assert_eq!(grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "5s", "-5S", "5", "1.5S", "5é"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad}");
+        }
     }
 
     #[test]

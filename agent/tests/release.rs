@@ -9,9 +9,13 @@ mod common;
 use common::{Holder, LoopDisk, findmnt_targets, mkdirs, serial, sh};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use wukong_agent::inventory::{self, InventoryHandle, Update};
+use wukong_agent::release::fence::{self, BlockDevices, FenceError, Kernel};
 use wukong_agent::release::journal::Journal;
-use wukong_agent::release::{ReleaseError, Releaser};
+use wukong_agent::release::{Deadline, ReleaseError, Releaser};
 use wukong_agent::roots::HostRoots;
 use wukong_agent::serial::Serial;
 use wukong_agent::usage::UsageScanner;
@@ -27,6 +31,11 @@ struct Rig {
 }
 
 async fn rig(disk: &LoopDisk, state_dir: &Path) -> Rig {
+    rig_with(disk, state_dir, Arc::new(Kernel)).await
+}
+
+/// A rig whose releaser's block-device calls go to `devices`.
+async fn rig_with(disk: &LoopDisk, state_dir: &Path, devices: Arc<dyn BlockDevices>) -> Rig {
     let roots = HostRoots::default();
     let name = disk.name();
     // Built by hand: this machine may run no udevd, so udev's database does not know the loop device.
@@ -47,7 +56,8 @@ async fn rig(disk: &LoopDisk, state_dir: &Path) -> Rig {
     updates.send(Update::Reconcile(vec![d])).await.unwrap();
     inventory.wait_synced().await;
     let journal = Journal::new(Some(state_dir.to_path_buf()));
-    let releaser = Releaser::new(roots.clone(), inventory.clone(), updates.clone(), UsageScanner::new(roots), journal);
+    let usage = UsageScanner::new(roots.clone());
+    let releaser = Releaser::with_block_devices(roots, inventory.clone(), updates.clone(), usage, journal, devices);
     Rig { releaser, inventory, serial: Serial::parse(&serial).unwrap(), state_dir: state_dir.into(), _updates: updates }
 }
 
@@ -96,13 +106,13 @@ async fn idle_mounts_in_two_namespaces_are_released_and_cancel_brings_them_back(
     let state = tempfile::tempdir().unwrap();
     let rig = rig(&disk, state.path()).await;
 
-    let refused = rig.releaser.prepare(&rig.serial, false, false).await.unwrap_err();
+    let refused = rig.releaser.prepare(&rig.serial, false, false, None).await.unwrap_err();
     let ReleaseError::InUse { message, report, .. } = &refused else { panic!("refused as in use: {refused}") };
     assert!(message.contains("it is mounted; nothing was changed (ask for unmount"), "{message}");
     assert_eq!(report.blockers.iter().filter(|b| b.kind() == BlockerKind::Mount).count(), 4, "{message}");
     assert_eq!(findmnt_targets(&disk.dev), host_mounts, "nothing changed");
 
-    let dry = rig.releaser.prepare(&rig.serial, true, true).await.unwrap();
+    let dry = rig.releaser.prepare(&rig.serial, true, true, None).await.unwrap();
     assert!(dry.dry_run && !dry.released);
     let would: Vec<&str> = dry.actions.iter().map(|a| a.description.as_str()).collect();
     assert_eq!(would.iter().filter(|d| d.starts_with("would unmount")).count(), 4, "{would:#?}");
@@ -111,7 +121,7 @@ async fn idle_mounts_in_two_namespaces_are_released_and_cancel_brings_them_back(
     assert!(!read_only(&disk.dev));
     assert_eq!(rig.state(), DiskState::Present);
 
-    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    let released = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
     assert!(released.released, "{released:#?}");
     assert!(findmnt_targets(&disk.dev).is_empty(), "unmounted in the host namespace");
     assert!(findmnt_in(ns.pid(), &disk.dev).is_empty(), "unmounted in the private namespace");
@@ -127,7 +137,7 @@ async fn idle_mounts_in_two_namespaces_are_released_and_cancel_brings_them_back(
     assert!(d.released_at.is_some());
     assert!(std::fs::read_dir(&rig.state_dir).unwrap().count() == 1, "the release is journalled");
 
-    let again = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    let again = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
     assert!(again.released && again.actions[0].description.contains("already released"));
 
     let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
@@ -148,7 +158,7 @@ async fn a_process_using_the_disk_refuses_the_release_and_changes_nothing() {
     let writer = Holder::sh(&format!("exec 3>>'{}/log'", a.display()));
     let state = tempfile::tempdir().unwrap();
     let rig = rig(&disk, state.path()).await;
-    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    let err = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap_err();
     let ReleaseError::InUse { message, report, .. } = &err else { panic!("refused as in use: {err}") };
     let pid = writer.pid();
     assert!(
@@ -186,7 +196,7 @@ async fn a_release_that_fails_after_unmounting_puts_the_mounts_back() {
     ));
     let state = tempfile::tempdir().unwrap();
     let rig = rig(&disk, state.path()).await;
-    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    let err = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap_err();
     sh(&format!("umount {d}/ns && umount {d}", d = dir.display()));
     let ReleaseError::InUse { message, .. } = &err else { panic!("refused as in use: {err}") };
     assert!(message.contains("after unmounting, something still uses it"), "{message}");
@@ -210,8 +220,10 @@ async fn concurrent_releases_of_one_disk_let_exactly_one_proceed() {
     let disk = LoopDisk::new("ext4");
     let state = tempfile::tempdir().unwrap();
     let rig = rig(&disk, state.path()).await;
-    let (a, b) =
-        tokio::join!(rig.releaser.prepare(&rig.serial, true, false), rig.releaser.prepare(&rig.serial, true, false));
+    let (a, b) = tokio::join!(
+        rig.releaser.prepare(&rig.serial, true, false, None),
+        rig.releaser.prepare(&rig.serial, true, false, None)
+    );
     let (ok, busy) = match (a, b) {
         (Ok(ok), Err(e)) | (Err(e), Ok(ok)) => (ok, e),
         (a, b) => panic!("expected one release and one refusal, got {a:?} and {b:?}"),
@@ -235,7 +247,7 @@ async fn a_restarted_agent_undoes_an_interrupted_release() {
     let (file, sum) = write_data(&a);
     let state = tempfile::tempdir().unwrap();
     let first = rig(&disk, state.path()).await;
-    assert!(first.releaser.prepare(&first.serial, true, false).await.unwrap().released);
+    assert!(first.releaser.prepare(&first.serial, true, false, None).await.unwrap().released);
     let path = std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().path();
     let journalled = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, journalled.replace("\"phase\": \"released\"", "\"phase\": \"releasing\"")).unwrap();
@@ -261,7 +273,7 @@ async fn a_system_disk_is_never_released() {
     d.system_reason = "/ of the running system is mounted from /dev/x".into();
     rig._updates.send(Update::Upsert(Box::new(d))).await.unwrap();
     rig.inventory.wait_until(|s| s.find(&rig.serial).is_ok_and(|d| d.system)).await;
-    let err = rig.releaser.prepare(&rig.serial, true, true).await.unwrap_err();
+    let err = rig.releaser.prepare(&rig.serial, true, true, None).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
@@ -311,7 +323,7 @@ async fn idle_stacked_overlays_are_released_and_restored_and_used_ones_refuse() 
     let rig = rig(&disk, state.path()).await;
 
     let user = Holder::sh(&format!("exec 3<'{}/data.bin'", one.display()));
-    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    let err = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap_err();
     let ReleaseError::InUse { message, .. } = &err else { panic!("refused as in use: {err}") };
     assert!(message.contains("it is in use; nothing was changed"), "{message}");
     assert!(
@@ -326,7 +338,7 @@ async fn idle_stacked_overlays_are_released_and_restored_and_used_ones_refuse() 
     assert_eq!(overlays_at(&[&one, &two]), before, "nothing changed");
     drop(user);
 
-    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    let released = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
     assert!(released.released, "{released:#?}");
     let unmounted: Vec<&str> =
         released.actions.iter().filter(|a| a.kind == "unmount").map(|a| a.description.as_str()).collect();
@@ -374,13 +386,13 @@ async fn docker_overlays_with_relative_layers_are_released_and_restored() {
     let rig = rig(&disk, state.path()).await;
 
     let user = Holder::sh(&format!("exec 3<'{}'", file.display()));
-    let err = rig.releaser.prepare(&rig.serial, true, false).await.unwrap_err();
+    let err = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap_err();
     let ReleaseError::InUse { message, .. } = &err else { panic!("refused as in use: {err}") };
     assert!(message.contains(&format!("(pid {}, uid 0) has {}", user.pid(), file.display())), "{message}");
     assert_eq!(overlays_at(&[&merged]), before, "nothing changed");
     drop(user);
 
-    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    let released = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
     assert!(released.released, "{released:#?}");
     assert!(overlays_at(&[&merged]).is_empty() && findmnt_targets(&disk.dev).is_empty());
     let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
@@ -417,7 +429,7 @@ async fn an_overlay_on_an_overlay_is_undone_before_it_and_mounted_back_after_it(
     let state = tempfile::tempdir().unwrap();
     let rig = rig(&disk, state.path()).await;
 
-    let released = rig.releaser.prepare(&rig.serial, true, false).await.unwrap();
+    let released = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
     assert!(released.released, "{released:#?}");
     let unmounted: Vec<&str> =
         released.actions.iter().filter(|a| a.kind == "unmount").map(|a| a.description.as_str()).collect();
@@ -429,4 +441,213 @@ async fn an_overlay_on_an_overlay_is_undone_before_it_and_mounted_back_after_it(
     assert!(mounted.len() == 3 && mounted[2].contains(&top.display().to_string()), "top last: {mounted:#?}");
     assert_eq!(overlays_at(&[&beneath, &top]), before, "both overlays are back");
     assert_eq!(checksum(&top.join("data.bin")), sum, "and the top one shows the disk's data");
+}
+
+/// The kernel's block devices, but each flush first waits `delay`: a device stuck behind slow storage. Counts the
+/// flushes that have ended, so a test can wait for one it gave up on before its loop device goes away.
+struct SlowFlush {
+    delay: Duration,
+    ended: AtomicUsize,
+}
+
+impl SlowFlush {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Self { delay, ended: AtomicUsize::new(0) })
+    }
+
+    /// Waits until `n` flushes have ended.
+    fn wait_ended(&self, n: usize) {
+        let give_up = Instant::now() + self.delay * 2 + Duration::from_secs(5);
+        while self.ended.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < give_up, "the slow flush never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl BlockDevices for SlowFlush {
+    fn flush(&self, path: &Path) -> Result<(), FenceError> {
+        std::thread::sleep(self.delay);
+        let flushed = fence::flush(path);
+        self.ended.fetch_add(1, Ordering::SeqCst);
+        flushed
+    }
+}
+
+/// What a refused release must leave, observed the moment it returns: the disk mounted where it was, writable, PRESENT,
+/// nothing journalled, its data intact.
+fn assert_back(rig: &Rig, disk: &LoopDisk, mounted: &Path, file: &Path, sum: &str) {
+    assert_eq!(findmnt_targets(&disk.dev), BTreeSet::from([mounted.display().to_string()]), "mounted again");
+    assert!(!read_only(&disk.dev), "writable again");
+    assert_eq!(rig.state(), DiskState::Present);
+    assert_eq!(std::fs::read_dir(&rig.state_dir).map(|d| d.count()).unwrap_or(0), 0, "nothing journalled");
+    assert_eq!(checksum(file), sum);
+    std::fs::write(mounted.join("after"), b"usable").unwrap();
+}
+
+/// The flush hangs past the deadline, after the disk's filesystem was unmounted: the release answers within the
+/// deadline, naming the step, with the mount already back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_that_outlives_its_deadline_is_undone_before_it_answers() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let state = tempfile::tempdir().unwrap();
+    let slow = SlowFlush::new(Duration::from_secs(6));
+    let rig = rig_with(&disk, state.path(), slow.clone()).await;
+
+    let deadline = Duration::from_secs(3);
+    let started = Instant::now();
+    let err = rig.releaser.prepare(&rig.serial, true, false, Deadline::after(deadline)).await.unwrap_err();
+    let took = started.elapsed();
+    assert_back(&rig, &disk, &a, &file, &sum);
+    assert!(took < deadline, "answered within the deadline, after {took:?}");
+    assert!(took > deadline - Duration::from_secs(1), "not before the steps ran out of it: {took:?}");
+    assert!(matches!(err, ReleaseError::DeadlineExceeded { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "disk '{}' was not released: flushing it to the hypervisor's storage did not finish within the deadline \
+             of 3.0s; everything was put back: {} (ext4) in the host mount namespace mounted again; retry with a \
+             longer deadline",
+            rig.serial,
+            a.display()
+        )
+    );
+    slow.wait_ended(1);
+}
+
+/// udev's probes of the disk never end (a `blkid` holds it open for reading): the deadline passes during the first
+/// scan, before anything changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deadline_that_passes_while_udev_probes_the_disk_changes_nothing() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let blkid = disk.dir.path().join("blkid");
+    std::fs::copy("/usr/bin/sleep", &blkid).unwrap();
+    let probe =
+        Holder::start("sh", &["-c", &format!("exec 3<{}; echo ready; exec '{}' 1000", disk.dev, blkid.display())]);
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+
+    let started = Instant::now();
+    let err =
+        rig.releaser.prepare(&rig.serial, true, false, Deadline::after(Duration::from_secs(2))).await.unwrap_err();
+    let took = started.elapsed();
+    assert_back(&rig, &disk, &a, &file, &sum);
+    assert!(took < Duration::from_secs(2), "answered within the deadline, after {took:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "disk '{}' was not released: the scan of what uses it (and the wait for udev's probes of it to end) did \
+             not finish within the deadline of 2.0s; nothing was changed; retry with a longer deadline",
+            rig.serial
+        )
+    );
+    drop(probe);
+}
+
+/// A deadline long enough changes nothing: a slow flush that fits in it, the same steps as without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_within_its_deadline_is_the_same_release() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let state = tempfile::tempdir().unwrap();
+    let slow = SlowFlush::new(Duration::from_secs(1));
+    let rig = rig_with(&disk, state.path(), slow.clone()).await;
+
+    let released = rig.releaser.prepare(&rig.serial, true, false, Deadline::after(Duration::from_secs(30))).await;
+    let released = released.unwrap();
+    assert!(released.released, "{released:#?}");
+    let kinds: Vec<&str> = released.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, ["scan", "unmount", "verify", "flush", "read-only"]);
+    assert!(findmnt_targets(&disk.dev).is_empty() && read_only(&disk.dev));
+    assert_eq!(rig.state(), DiskState::Released);
+    assert_eq!(std::fs::read_dir(&rig.state_dir).unwrap().count(), 1, "journalled as a release without one is");
+    slow.wait_ended(1);
+
+    rig.releaser.cancel(&rig.serial).await.unwrap();
+    assert_back(&rig, &disk, &a, &file, &sum);
+}
+
+/// Serves the agent's gRPC service over the rig on a Unix socket in `dir`, as the agent does on its local socket.
+fn serve(rig: &Rig, dir: &Path) -> PathBuf {
+    use wukong_agent::{agent_info::AgentFacts, config::Limits, limits::Admission, service::DiskAgentService};
+    let socket = dir.join("agent.sock");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(tokio::net::UnixListener::bind(&socket).unwrap());
+    let (_, stopping) = tokio::sync::watch::channel(false);
+    let service = DiskAgentService::new(
+        rig.inventory.clone(),
+        Arc::new(AgentFacts::new("/proc".into())),
+        UsageScanner::new(HostRoots::default()),
+        rig.releaser.clone(),
+        Default::default(),
+        Admission::new(Limits::default()),
+        stopping,
+    );
+    let server = tonic::transport::Server::builder()
+        .add_service(wukong_proto::v1::disk_agent_server::DiskAgentServer::new(service))
+        .serve_with_incoming(incoming);
+    tokio::spawn(server);
+    socket
+}
+
+/// Through gRPC: the companion's deadline, and a plain client's own call deadline (grpc-timeout), each end in
+/// DEADLINE_EXCEEDED with the disk back by the time the answer arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_grpc_a_missed_deadline_is_deadline_exceeded_with_the_disk_back() {
+    use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let state = tempfile::tempdir().unwrap();
+    let slow = SlowFlush::new(Duration::from_secs(6));
+    let rig = rig_with(&disk, state.path(), slow.clone()).await;
+    let socket = serve(&rig, disk.dir.path());
+    let serial = rig.serial.to_string();
+
+    let client = AgentClient::connect(AgentAddress::Unix(socket.clone())).unwrap();
+    assert!(client.agent_info().await.unwrap().capabilities.contains(&"release-deadline".to_string()));
+    let started = Instant::now();
+    let err = client.prepare_detach_within(&serial, true, false, Duration::from_secs(2)).await.unwrap_err();
+    let took = started.elapsed();
+    assert_back(&rig, &disk, &a, &file, &sum);
+    assert!(took < Duration::from_secs(2), "answered within the deadline, after {took:?}");
+    assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded), "{err:?}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "disk '{serial}' was not released: flushing it to the hypervisor's storage did not finish within the \
+             deadline of 2.0s; everything was put back"
+        )),
+        "{err}"
+    );
+
+    let channel = tonic::transport::Endpoint::from_static("http://agent.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
+        }))
+        .await
+        .unwrap();
+    let mut plain = wukong_proto::v1::disk_agent_client::DiskAgentClient::new(channel);
+    let mut request = tonic::Request::new(wukong_proto::v1::PrepareDetachRequest {
+        serial: serial.clone(),
+        unmount: true,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(3));
+    let started = Instant::now();
+    let status = plain.prepare_detach(request).await.unwrap_err();
+    let took = started.elapsed();
+    assert_back(&rig, &disk, &a, &file, &sum);
+    assert!(took < Duration::from_secs(3), "answered within the call's deadline, after {took:?}");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("did not finish within the deadline of 3.0s"), "{}", status.message());
+    slow.wait_ended(2);
 }

@@ -18,6 +18,9 @@ use wukong_proto::v1::{
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of PrepareDetach and CancelDetach: a release waits for udev (up to 30 s) and for probes (up to 10 s).
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much longer than a release's deadline its call may take: the agent answers by the deadline, and its answer
+/// must still travel.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 /// Default time allowed to establish a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts for an idempotent read that fails with UNAVAILABLE.
@@ -318,8 +321,39 @@ impl AgentClient {
         unmount: bool,
         dry_run: bool,
     ) -> Result<PrepareDetachResponse, ClientError> {
-        let req = self.request(PrepareDetachRequest { serial: serial.to_string(), unmount, dry_run }, RELEASE_TIMEOUT);
-        self.once(RELEASE_TIMEOUT, |mut c| async move { c.prepare_detach(req).await }).await
+        self.prepare(serial, unmount, dry_run, None).await
+    }
+
+    /// [`Self::prepare_detach`] that is over within `deadline`: the disk is released by then, or the agent undoes
+    /// what it did (mounts back, fence lifted, the disk present again) before it answers with a
+    /// [`ClientError::Agent`] of code DEADLINE_EXCEEDED whose message names the disk and the step that ran out of
+    /// time. The call itself may take [`DEADLINE_MARGIN`] longer, for that answer to arrive.
+    pub async fn prepare_detach_within(
+        &self,
+        serial: &str,
+        unmount: bool,
+        dry_run: bool,
+        deadline: Duration,
+    ) -> Result<PrepareDetachResponse, ClientError> {
+        self.prepare(serial, unmount, dry_run, Some(deadline)).await
+    }
+
+    async fn prepare(
+        &self,
+        serial: &str,
+        unmount: bool,
+        dry_run: bool,
+        deadline: Option<Duration>,
+    ) -> Result<PrepareDetachResponse, ClientError> {
+        let timeout = deadline.map_or(RELEASE_TIMEOUT, |d| d.saturating_add(DEADLINE_MARGIN));
+        let msg = PrepareDetachRequest {
+            serial: serial.to_string(),
+            unmount,
+            dry_run,
+            deadline: deadline.and_then(|d| d.try_into().ok()),
+        };
+        let req = self.request(msg, timeout);
+        self.once(timeout, |mut c| async move { c.prepare_detach(req).await }).await
     }
 
     /// Undoes a release whose unplug did not happen (never retried).

@@ -3,7 +3,7 @@
 //! that change nothing, one release per disk at a time, and an agent killed mid-release.
 
 use anyhow::{Context, Result};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::Code;
 use wukong_controller_client::agent_client::{AgentClient, ClientError};
 use wukong_e2e::{DiskSpec, Guest};
@@ -22,6 +22,19 @@ fn kinds_of(err: &ClientError) -> Vec<BlockerKind> {
 
 async fn state(agent: &AgentClient, serial: &str) -> Result<DiskState> {
     Ok(agent.get_disk(serial, false).await?.state())
+}
+
+/// Starts a process named like udev's blkid probe that opens `dev` as soon as `mnt` is unmounted and holds it
+/// until killed (its pid is in /tmp/probe/pid): to the agent, a udev probe that never ends.
+async fn probe_after_unmount(guest: &Guest, dev: &str, mnt: &str) -> Result<()> {
+    guest
+        .run_ok(&format!(
+            "mkdir -p /tmp/probe && mkfifo /tmp/probe/never && \
+             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do usleep 20000; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
+             chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
+        ))
+        .await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,14 +209,7 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
     guest.hotplug(&DiskSpec::scsi("rel-kill")).await?;
     let dev = agent.wait_for_disk("rel-kill", WAIT).await?.dev_node;
     let sum = guest.fill(&dev, "/mnt/k", 8 << 20).await?;
-    // A process named like udev's blkid probe that opens the disk as soon as it is unmounted, and holds it.
-    guest
-        .run_ok(&format!(
-            "mkdir -p /tmp/probe && mkfifo /tmp/probe/never && \
-             printf '#!/bin/sh\\nwhile grep -q \" /mnt/k \" /proc/mounts; do usleep 20000; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
-             chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
-        ))
-        .await?;
+    probe_after_unmount(&guest, &dev, "/mnt/k").await?;
     let release = tokio::spawn({
         let agent = agent.clone();
         async move { agent.prepare_detach("rel-kill", true, false).await }
@@ -223,5 +229,45 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
     assert_eq!(guest.checksum("/mnt/k/data").await?, sum);
     let log = guest.run_ok("cat /var/log/wukong-agent.log").await?;
     assert!(log.contains("undoing a release the previous agent process did not finish"), "{log}");
+    Ok(())
+}
+
+/// The admission guard's case: a release with a deadline it cannot meet (after the unmount, a udev probe that never
+/// ends keeps the final scan waiting) is refused with DEADLINE_EXCEEDED within the deadline, and by then the disk
+/// is back: mounted, writable, PRESENT. Once the probe is gone, a deadline long enough releases it as always.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_that_cannot_meet_its_deadline_is_refused_with_the_disk_usable() -> Result<()> {
+    let guest = Guest::boot().await?;
+    let agent = guest.agent();
+    guest.hotplug(&DiskSpec::scsi("rel-late")).await?;
+    let dev = agent.wait_for_disk("rel-late", WAIT).await?.dev_node;
+    let sum = guest.fill(&dev, "/mnt/late", 8 << 20).await?;
+    probe_after_unmount(&guest, &dev, "/mnt/late").await?;
+
+    let deadline = Duration::from_secs(5);
+    let started = Instant::now();
+    let refused = agent.prepare_detach_within("rel-late", true, false, deadline).await.unwrap_err();
+    let took = started.elapsed();
+    let usable = guest.run("grep -q ' /mnt/late ' /proc/mounts && echo after > /mnt/late/after").await?;
+    let usable_after = started.elapsed() - took;
+    assert_eq!(usable.status, 0, "mounted and writable: {}", usable.output);
+    assert!(usable_after < Duration::from_secs(1), "usable {usable_after:?} after the refusal");
+    assert!(took < deadline, "refused within the deadline, after {took:?}");
+    assert_eq!(refused.code(), Some(Code::DeadlineExceeded), "{refused}");
+    assert_eq!(
+        refused.to_string(),
+        "disk 'rel-late' was not released: the final scan after unmounting (and the wait for udev's probes of it to \
+         end) did not finish within the deadline of 5.0s; everything was put back: /mnt/late (ext4) in the host \
+         mount namespace mounted again; retry with a longer deadline"
+    );
+    assert_eq!(state(&agent, "rel-late").await?, DiskState::Present);
+    assert_eq!(guest.checksum("/mnt/late/data").await?, sum);
+    guest.run_ok(&format!("test -b {dev}")).await.context("the SCSI device was never deleted")?;
+
+    guest.run_ok("kill $(cat /tmp/probe/pid)").await?;
+    let released = agent.prepare_detach_within("rel-late", true, false, Duration::from_secs(25)).await?;
+    let kinds: Vec<&str> = released.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, ["scan", "unmount", "verify", "flush", "scsi-delete"]);
+    assert!(released.released && !mounted(&guest, "/mnt/late").await?);
     Ok(())
 }

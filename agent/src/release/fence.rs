@@ -70,6 +70,36 @@ pub fn set_read_only(path: &Path, read_only: bool) -> Result<(), FenceError> {
     Ok(())
 }
 
+/// The block-device calls of a release, a seam so tests can make one slow or fail. The provided methods are the
+/// kernel's; [`Kernel`] keeps them all.
+pub trait BlockDevices: Send + Sync {
+    fn flush(&self, path: &Path) -> Result<(), FenceError> {
+        flush(path)
+    }
+
+    fn is_read_only(&self, path: &Path) -> Result<bool, FenceError> {
+        is_read_only(path)
+    }
+
+    fn set_read_only(&self, path: &Path, read_only: bool) -> Result<(), FenceError> {
+        set_read_only(path, read_only)
+    }
+
+    fn scsi_delete(&self, roots: &HostRoots, kernel_name: &str) -> Result<(), FenceError> {
+        scsi_delete(roots, kernel_name)
+    }
+
+    fn scsi_rescan(&self, roots: &HostRoots, address: &ScsiAddress) -> Result<bool, FenceError> {
+        scsi_rescan(roots, address)
+    }
+}
+
+/// The running kernel's block devices.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Kernel;
+
+impl BlockDevices for Kernel {}
+
 fn write_sysfs(path: &Path, value: &str) -> Result<(), FenceError> {
     std::fs::write(path, value).map_err(|source| FenceError::Sysfs { path: path.display().to_string(), source })
 }

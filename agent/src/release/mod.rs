@@ -13,6 +13,12 @@
 //!
 //! Each step is journalled (see [`journal`]), so a restarted agent undoes an interrupted release and still knows
 //! a completed one.
+//!
+//! A release may be given a [`Deadline`]: a caller that must decide by a fixed time (the admission guard, while the
+//! API server waits) needs the release over by then, never still running, or done, after it has given up. Steps
+//! that change nothing (scans, the flush) are abandoned when it comes; steps that change the disk are never cut
+//! half-way (what they changed must be known to be undone), so the deadline is checked around them. When it
+//! passes, what was done is undone before the answer.
 
 pub mod fence;
 pub mod journal;
@@ -24,6 +30,7 @@ use crate::serial::Serial;
 use crate::udev_db::LibUdevDb;
 use crate::usage::target::Target;
 use crate::usage::{UsageError, UsageScanner};
+use fence::{BlockDevices, Kernel};
 use journal::{Fence, Journal, Phase, Record};
 use mounts::MountRecord;
 use std::collections::HashSet;
@@ -42,6 +49,60 @@ const UDEV_WAIT: Duration = Duration::from_secs(30);
 const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// Processes that open a disk briefly on their own after it changes (udev workers and the probes they run).
 const TRANSIENT_PROBES: &[&str] = &["(udev-worker)", "systemd-udevd", "udevd", "blkid", "lvm", "pvscan", "mdadm"];
+/// How much of a deadline is kept back from a release's steps, to undo them and answer in time when they run out
+/// of it (mounting back and clearing read-only mode take milliseconds): this, or a fifth of the deadline if less.
+const UNDO_RESERVE: Duration = Duration::from_secs(1);
+
+/// When a release must be over: released, or undone, in time for its caller to hear which.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// When the steps must have ended, leaving the reserve to undo them and answer.
+    steps_end: Instant,
+    /// The time the caller gave, for messages.
+    given: Duration,
+}
+
+impl Deadline {
+    /// A deadline `given` from now; `None` when that is beyond what the clock can represent, which is no limit.
+    pub fn after(given: Duration) -> Option<Self> {
+        let reserve = UNDO_RESERVE.min(given / 5);
+        Some(Self { steps_end: Instant::now().checked_add(given - reserve)?, given })
+    }
+
+    pub fn given(&self) -> Duration {
+        self.given
+    }
+
+    fn exceeded(&self, disk: &Disk, step: &'static str) -> ReleaseError {
+        ReleaseError::DeadlineExceeded {
+            serial: disk.id.clone(),
+            step,
+            deadline: self.given,
+            undo: "nothing was changed".into(),
+        }
+    }
+}
+
+/// Runs a step that changes nothing (a scan, a flush), abandoning it when the deadline comes first. What it started
+/// in the kernel may still finish later, harmlessly.
+async fn within<T>(
+    deadline: Option<Deadline>,
+    disk: &Disk,
+    step: &'static str,
+    work: impl Future<Output = Result<T, ReleaseError>>,
+) -> Result<T, ReleaseError> {
+    let Some(d) = deadline else { return work.await };
+    tokio::time::timeout_at(d.steps_end.into(), work).await.unwrap_or_else(|_| Err(d.exceeded(disk, step)))
+}
+
+/// Checks the deadline next to a step that changes the disk: such a step is not started once it has passed, and
+/// what it did is undone when it ended too late.
+fn in_time(deadline: Option<Deadline>, disk: &Disk, step: &'static str) -> Result<(), ReleaseError> {
+    match deadline {
+        Some(d) if Instant::now() >= d.steps_end => Err(d.exceeded(disk, step)),
+        _ => Ok(()),
+    }
+}
 
 /// Why a release or its undoing did not happen. Every message names the disk and says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +123,12 @@ pub enum ReleaseError {
     Gone { serial: String, address: String },
     #[error("{0}")]
     Timeout(String),
+    #[error(
+        "disk '{serial}' was not released: {step} did not finish within the deadline of {:.1}s; {undo}; retry with \
+         a longer deadline",
+        deadline.as_secs_f64()
+    )]
+    DeadlineExceeded { serial: String, step: &'static str, deadline: Duration, undo: String },
 }
 
 /// Runs releases. Cheap to clone.
@@ -76,6 +143,7 @@ struct Inner {
     updates: mpsc::Sender<Update>,
     usage: UsageScanner,
     journal: Journal,
+    devices: Arc<dyn BlockDevices>,
     /// Disks (case-folded ids) with an operation running.
     running: Mutex<HashSet<String>>,
 }
@@ -118,7 +186,20 @@ impl Releaser {
         usage: UsageScanner,
         journal: Journal,
     ) -> Self {
-        Self { inner: Arc::new(Inner { roots, inventory, updates, usage, journal, running: Mutex::default() }) }
+        Self::with_block_devices(roots, inventory, updates, usage, journal, Arc::new(Kernel))
+    }
+
+    /// A releaser whose block-device calls go to `devices` instead of the kernel (a test's slow or failing ones).
+    pub fn with_block_devices(
+        roots: HostRoots,
+        inventory: InventoryHandle,
+        updates: mpsc::Sender<Update>,
+        usage: UsageScanner,
+        journal: Journal,
+        devices: Arc<dyn BlockDevices>,
+    ) -> Self {
+        let running = Mutex::default();
+        Self { inner: Arc::new(Inner { roots, inventory, updates, usage, journal, devices, running }) }
     }
 
     fn begin(&self, disk: &Disk) -> Result<Running<'_>, ReleaseError> {
@@ -155,12 +236,14 @@ impl Releaser {
         Ok(self.inner.inventory.snapshot().find(serial)?.clone())
     }
 
-    /// PrepareDetach: releases the disk, or says exactly what prevents it and changes nothing.
+    /// PrepareDetach: releases the disk, or says exactly what prevents it and changes nothing. With a deadline, the
+    /// release is done by then, or undone before this returns [`ReleaseError::DeadlineExceeded`].
     pub async fn prepare(
         &self,
         serial: &Serial,
         unmount: bool,
         dry_run: bool,
+        deadline: Option<Deadline>,
     ) -> Result<PrepareDetachResponse, ReleaseError> {
         let _running = self.begin(&self.current(serial)?)?;
         // Read again now that no other operation runs: one that just finished may have released it.
@@ -174,7 +257,9 @@ impl Releaser {
             return Err(ReleaseError::System { serial: disk.id.clone(), reason: disk.system_reason.clone() });
         }
         let started = Instant::now();
-        let report = self.settled_scan(&disk).await?;
+        let report = self
+            .settled_scan(&disk, deadline, "the scan of what uses it (and the wait for udev's probes of it to end)")
+            .await?;
         let plan = self.plan(&disk, &report, unmount, dry_run).await?;
         let mut summary = scan_summary(&report);
         let waited =
@@ -205,7 +290,7 @@ impl Releaser {
         let mut record = Record::new(&disk, fence_of(&disk));
         self.inner.journal.save(&record);
         let mut progress = Progress::default();
-        match self.execute(&disk, &plan, &mut record, &mut progress, &mut actions).await {
+        match self.execute(&disk, &plan, deadline, &mut record, &mut progress, &mut actions).await {
             Ok(method) => {
                 let at = SystemTime::now();
                 record.set_released(at);
@@ -231,6 +316,9 @@ impl Releaser {
                         ReleaseError::InUse { message: format!("{message}; {undo}"), report, disk }
                     }
                     ReleaseError::Failed { serial, error, .. } => ReleaseError::Failed { serial, error, undo },
+                    ReleaseError::DeadlineExceeded { serial, step, deadline, .. } => {
+                        ReleaseError::DeadlineExceeded { serial, step, deadline, undo }
+                    }
                     other => other,
                 })
             }
@@ -286,11 +374,13 @@ impl Releaser {
         &self,
         disk: &Disk,
         plan: &[MountRecord],
+        deadline: Option<Deadline>,
         record: &mut Record,
         progress: &mut Progress,
         actions: &mut Vec<ReleaseAction>,
     ) -> Result<ReleaseMethod, ReleaseError> {
         let roots = self.inner.roots.clone();
+        let devices = &self.inner.devices;
         let failed = |error| ReleaseError::Failed { serial: disk.id.clone(), error, undo: String::new() };
         if !plan.is_empty() {
             let started = Instant::now();
@@ -305,7 +395,7 @@ impl Releaser {
             self.inner.journal.save(record);
             if let Some(e) = error {
                 if e.is_busy() {
-                    let report = self.settled_scan(disk).await?;
+                    let report = self.settled_scan(disk, deadline, "the scan of what took the disk back").await?;
                     let why = format!("{e}: something started using it during the release");
                     return Err(ReleaseError::InUse {
                         message: in_use_message(disk, &why, &report, false),
@@ -315,23 +405,27 @@ impl Releaser {
                 }
                 return Err(failed(e.to_string()));
             }
+            in_time(deadline, disk, "unmounting its filesystems")?;
         }
         let started = Instant::now();
-        self.final_scan(disk).await?;
+        self.final_scan(disk, deadline).await?;
         actions.push(action("verify", "a final scan found nothing using the disk".into(), started));
 
         let started = Instant::now();
         let nodes = device_nodes(&roots, disk);
-        let n = nodes.clone();
-        blocking(move || n.iter().try_for_each(|p| fence::flush(p))).await.map_err(failed)?;
+        let (n, d) = (nodes.clone(), devices.clone());
+        let flushed = async { blocking(move || n.iter().try_for_each(|p| d.flush(p))).await.map_err(failed) };
+        within(deadline, disk, "flushing it to the hypervisor's storage", flushed).await?;
         actions.push(action("flush", format!("flushed {} to the hypervisor's storage", list(&nodes)), started));
 
         let started = Instant::now();
         match &record.fence {
             Fence::ScsiDelete { .. } => {
-                let (r, name) = (roots.clone(), disk.kernel_name.clone());
-                blocking(move || fence::scsi_delete(&r, &name)).await.map_err(failed)?;
-                self.wait_gone(disk).await;
+                // The delete is where a SCSI release is done for good: undoing it needs udev, maybe what is late.
+                in_time(deadline, disk, "deleting its SCSI device")?;
+                let (r, name, d) = (roots.clone(), disk.kernel_name.clone(), devices.clone());
+                blocking(move || d.scsi_delete(&r, &name)).await.map_err(failed)?;
+                self.wait_gone(disk, deadline).await;
                 actions.push(action(
                     "scsi-delete",
                     format!("deleted SCSI device {} in the guest; nothing can open it any more", disk.dev_node),
@@ -340,12 +434,12 @@ impl Releaser {
                 Ok(ReleaseMethod::ScsiDelete)
             }
             Fence::ReadOnly { .. } => {
-                let n = nodes.clone();
+                let (n, d) = (nodes.clone(), devices.clone());
                 let set = blocking(move || {
                     let mut set = Vec::new();
                     for p in &n {
-                        if !fence::is_read_only(p)? {
-                            fence::set_read_only(p, true)?;
+                        if !d.is_read_only(p)? {
+                            d.set_read_only(p, true)?;
                             set.push(p.clone());
                         }
                     }
@@ -356,6 +450,7 @@ impl Releaser {
                 progress.read_only = set.clone();
                 record.fence = Fence::ReadOnly { devices: set.iter().map(|p| p.display().to_string()).collect() };
                 self.inner.journal.save(record);
+                in_time(deadline, disk, "setting it read-only")?;
                 actions.push(action(
                     "read-only",
                     format!("set {} read-only, so nothing in the guest can write to it", list(&nodes)),
@@ -367,21 +462,36 @@ impl Releaser {
     }
 
     /// A fresh scan once udev's own probes of the disk are over (they open it briefly after every change, e.g. an
-    /// unmount); if they outlast [`PROBE_WAIT`], they are reported like any other user.
-    async fn settled_scan(&self, disk: &Disk) -> Result<UsageReport, ReleaseError> {
-        let deadline = Instant::now() + PROBE_WAIT;
-        loop {
-            let report = self.scan(disk).await?;
-            if !report.blockers.iter().any(is_transient_probe) || Instant::now() > deadline {
-                return Ok(report);
+    /// unmount); if they outlast [`PROBE_WAIT`], they are reported like any other user. `step` names it when the
+    /// deadline comes first.
+    async fn settled_scan(
+        &self,
+        disk: &Disk,
+        deadline: Option<Deadline>,
+        step: &'static str,
+    ) -> Result<UsageReport, ReleaseError> {
+        let settled = async {
+            let probes_end = Instant::now() + PROBE_WAIT;
+            loop {
+                let report = self.scan(disk).await?;
+                if !report.blockers.iter().any(is_transient_probe) || Instant::now() > probes_end {
+                    return Ok(report);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
+        within(deadline, disk, step, settled).await
     }
 
     /// Scans again after the unmounts: nothing at all may use the disk now.
-    async fn final_scan(&self, disk: &Disk) -> Result<(), ReleaseError> {
-        let report = self.settled_scan(disk).await?;
+    async fn final_scan(&self, disk: &Disk, deadline: Option<Deadline>) -> Result<(), ReleaseError> {
+        let report = self
+            .settled_scan(
+                disk,
+                deadline,
+                "the final scan after unmounting (and the wait for udev's probes of it to end)",
+            )
+            .await?;
         if !report.in_use {
             return Ok(());
         }
@@ -393,11 +503,13 @@ impl Releaser {
         })
     }
 
-    /// Waits until udev reports the deleted disk gone (the inventory keeps it as a tombstone).
-    async fn wait_gone(&self, disk: &Disk) {
+    /// Waits until udev reports the deleted disk gone (the inventory keeps it as a tombstone), at most until the
+    /// deadline's steps end.
+    async fn wait_gone(&self, disk: &Disk, deadline: Option<Deadline>) {
         let name = disk.kernel_name.clone();
         let gone = self.inner.inventory.wait_until(|s| s.disks.get(&name).is_none_or(|d| d.id != disk.id));
-        if tokio::time::timeout(UDEV_WAIT, gone).await.is_err() {
+        let wait = deadline.map_or(UDEV_WAIT, |d| d.steps_end.saturating_duration_since(Instant::now()).min(UDEV_WAIT));
+        if tokio::time::timeout(wait, gone).await.is_err() {
             // The kernel has deleted the device already; only udev's report is late.
             tracing::warn!(serial = %disk.id, device = %disk.dev_node, "udev did not report the deleted disk gone");
         }
@@ -407,7 +519,7 @@ impl Releaser {
     async fn undo(&self, disk: &Disk, progress: &Progress) -> String {
         let mut failures = Vec::new();
         for p in &progress.read_only {
-            if let Err(e) = fence::set_read_only(p, false) {
+            if let Err(e) = self.inner.devices.set_read_only(p, false) {
                 failures.push(e.to_string());
             }
         }
@@ -496,8 +608,8 @@ impl Releaser {
                 let shown = format!("{host}:{channel}:{target}:{lun}");
                 let serial = Serial::parse(&disk.id).map_err(|e| stays_released(e.to_string()))?;
                 if self.inner.inventory.snapshot().find_present(&serial).is_err() {
-                    let r = roots.clone();
-                    let answered = blocking(move || fence::scsi_rescan(&r, &address)).await.map_err(stays_released)?;
+                    let (r, d) = (roots.clone(), self.inner.devices.clone());
+                    let answered = blocking(move || d.scsi_rescan(&r, &address)).await.map_err(stays_released)?;
                     // Present again, or gone for good: either way the release is over.
                     self.mark(&disk.id, Mark::Present).await;
                     if !answered {
@@ -523,10 +635,8 @@ impl Releaser {
             }
             Fence::ReadOnly { devices } => {
                 let paths: Vec<PathBuf> = devices.iter().map(PathBuf::from).collect();
-                let p = paths.clone();
-                blocking(move || p.iter().try_for_each(|p| fence::set_read_only(p, false)))
-                    .await
-                    .map_err(stays_released)?;
+                let (p, d) = (paths.clone(), self.inner.devices.clone());
+                blocking(move || p.iter().try_for_each(|p| d.set_read_only(p, false))).await.map_err(stays_released)?;
                 self.mark(&disk.id, Mark::Present).await;
                 actions.push(action("read-write", format!("cleared read-only mode of {}", list(&paths)), started));
             }
