@@ -520,6 +520,18 @@ impl Guest {
     }
 
     /// Restarts the agent inside the guest and waits until it answers again.
+    /// Starts a process named like udev's blkid probe that opens `dev` as soon as `mnt` is unmounted and holds it
+    /// until killed (its pid is in /tmp/probe/pid): to the agent, a udev probe that never ends.
+    pub async fn probe_after_unmount(&self, dev: &str, mnt: &str) -> Result<()> {
+        self.run_ok(&format!(
+            "mkdir -p /tmp/probe && rm -f /tmp/probe/never && mkfifo /tmp/probe/never && \
+             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do usleep 20000; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
+             chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
+        ))
+        .await?;
+        Ok(())
+    }
+
     pub async fn restart_agent(&self) -> Result<()> {
         self.run_ok(
             "kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done

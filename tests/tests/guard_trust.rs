@@ -214,7 +214,30 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     json_patch(&vms, "windows", remove, false).await?.expect("stopped: nothing is plugged");
     assert!(reviews(&successor).await? > before, "without the opt-out the namespace's label brings it to the guard");
 
-    // 5. SIGTERM: nothing under way, so the replica steps down and exits at once, cleanly.
+    // 5. A release never outlives its review: a udev probe that never ends after the unmount keeps the agent from
+    // finishing within the guard's deadline; the agent puts everything back before it answers, so when the API
+    // server hands out the denial the disk is already mounted again.
+    let _strict_deadline =
+        start_guarded(&cluster, "deadline", guest.agent_port(), &["--guard-release-deadline-seconds", "3"]).await?;
+    let dev = guest.agent().get_disk("data", false).await?.dev_node;
+    guest.probe_after_unmount(&dev, "/mnt/t").await?;
+    let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
+    let (code, message) = json_patch(&vms, "vm1", remove, false).await?.expect_err("the release cannot finish");
+    let denied = Instant::now();
+    assert!(
+        code == 403 && message.contains("could not release disk 'data' (volume data) of VMI trust/vm1 within 3s"),
+        "{code}: {message}"
+    );
+    untouched(&guest, "data", "/mnt/t").await?;
+    let back = denied.elapsed();
+    assert!(back < Duration::from_secs(1), "the disk was back {back:?} after the denial");
+    println!("deadline: denied {code}, disk present and mounted {back:?} after the denial");
+    guest.run_ok("kill $(cat /tmp/probe/pid)").await?;
+    let recorded =
+        records.list(&kube::api::ListParams::default().labels("vm.novasphere.dev/guard-release=true")).await?;
+    assert!(recorded.items.is_empty(), "a refused release is forgotten at once: {:?}", recorded.items);
+
+    // 6. SIGTERM: nothing under way, so the replica steps down and exits at once, cleanly.
     let mut successor = successor;
     let status = successor.terminate(Duration::from_secs(10)).await?;
     assert!(status.success(), "{status}");

@@ -24,19 +24,6 @@ async fn state(agent: &AgentClient, serial: &str) -> Result<DiskState> {
     Ok(agent.get_disk(serial, false).await?.state())
 }
 
-/// Starts a process named like udev's blkid probe that opens `dev` as soon as `mnt` is unmounted and holds it
-/// until killed (its pid is in /tmp/probe/pid): to the agent, a udev probe that never ends.
-async fn probe_after_unmount(guest: &Guest, dev: &str, mnt: &str) -> Result<()> {
-    guest
-        .run_ok(&format!(
-            "mkdir -p /tmp/probe && mkfifo /tmp/probe/never && \
-             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do usleep 20000; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
-             chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
-        ))
-        .await?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn scsi_disks_are_released_refused_cancelled_and_replugged_with_data_intact() -> Result<()> {
     let guest = Guest::boot().await?;
@@ -209,7 +196,7 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
     guest.hotplug(&DiskSpec::scsi("rel-kill")).await?;
     let dev = agent.wait_for_disk("rel-kill", WAIT).await?.dev_node;
     let sum = guest.fill(&dev, "/mnt/k", 8 << 20).await?;
-    probe_after_unmount(&guest, &dev, "/mnt/k").await?;
+    guest.probe_after_unmount(&dev, "/mnt/k").await?;
     let release = tokio::spawn({
         let agent = agent.clone();
         async move { agent.prepare_detach("rel-kill", true, false).await }
@@ -242,7 +229,7 @@ async fn a_release_that_cannot_meet_its_deadline_is_refused_with_the_disk_usable
     guest.hotplug(&DiskSpec::scsi("rel-late")).await?;
     let dev = agent.wait_for_disk("rel-late", WAIT).await?.dev_node;
     let sum = guest.fill(&dev, "/mnt/late", 8 << 20).await?;
-    probe_after_unmount(&guest, &dev, "/mnt/late").await?;
+    guest.probe_after_unmount(&dev, "/mnt/late").await?;
 
     let deadline = Duration::from_secs(5);
     let started = Instant::now();
