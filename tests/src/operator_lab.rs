@@ -1,7 +1,7 @@
 //! wukong-operator in the lab: the shipped CRD and RBAC installed in a [`Cluster`], and operator processes that
 //! run as the shipped ServiceAccount (never as admin), for the tests and the scale benchmark.
 
-use crate::cluster::{ADMIN, Cluster};
+use crate::cluster::{ADMIN, Cluster, create_all};
 use crate::kubevirt_lab::resource;
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, DynamicObject, PostParams};
@@ -21,33 +21,15 @@ pub async fn install_operator(cluster: &Cluster) -> Result<()> {
         let text = std::fs::read_to_string(crate::workspace_root().join(file))?;
         documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);
     }
-    for doc in documents {
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        let (group, version, plural, namespaced) = match kind {
-            "CustomResourceDefinition" => ("apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
-            "Namespace" => ("", "v1", "namespaces", false),
-            "ServiceAccount" => ("", "v1", "serviceaccounts", true),
-            "ClusterRole" => ("rbac.authorization.k8s.io", "v1", "clusterroles", false),
-            "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", false),
-            "Role" => ("rbac.authorization.k8s.io", "v1", "roles", true),
-            "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
-            "Deployment" => {
-                let account = &doc["spec"]["template"]["spec"]["serviceAccountName"];
-                if account != "wukong-operator" {
-                    bail!("the Deployment runs as {account}, not the ServiceAccount deploy/operator.yaml binds");
-                }
-                continue;
-            }
-            other => bail!("deploy/ has a {other}, which this test does not expect"),
-        };
-        let r = resource(kind, group, version, plural);
-        let api: Api<DynamicObject> = match namespaced {
-            true => Api::namespaced_with(client.clone(), doc["metadata"]["namespace"].as_str().unwrap_or_default(), &r),
-            false => Api::all_with(client.clone(), &r),
-        };
-        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
+    // The lab runs no pods: the Deployment is only checked for the identity it runs as.
+    for deployment in documents.iter().filter(|d| d["kind"] == "Deployment") {
+        let account = &deployment["spec"]["template"]["spec"]["serviceAccountName"];
+        if account != "wukong-operator" {
+            bail!("the Deployment runs as {account}, not the ServiceAccount deploy/operator.yaml binds");
+        }
     }
-    Ok(())
+    documents.retain(|d| d["kind"] != "Deployment");
+    create_all(&client, documents).await
 }
 
 /// The admission guard's serving certificate: a throwaway CA, and `tls.crt`/`tls.key` for 127.0.0.1 in a
