@@ -565,6 +565,12 @@ async fn volume_request(
     let client = &shared.client;
     let not_found = |what: &str| (StatusCode::NOT_FOUND, format!("{what} \"{name}\" not found"));
     let internal = |e: kube::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    // A failed `test` (a concurrent spec change) is passed on as the API server's 422, which virtctl retries; any
+    // other failure is virt-api's 500.
+    let patch_failed = |e: kube::Error| match e {
+        kube::Error::Api(s) if s.code == 422 => (StatusCode::UNPROCESSABLE_ENTITY, s.message),
+        e => internal(e),
+    };
     match kind {
         "virtualmachines" => {
             let api = vms(client, ns);
@@ -575,14 +581,14 @@ async fn volume_request(
             if dry_run {
                 return Ok(());
             }
-            replace_path(&api, vm, &["spec", "template", "spec"], spec).await.map_err(internal)?;
+            patch_spec(&api, &vm, "/spec/template/spec", &spec).await.map_err(patch_failed)?;
             // With HotplugVolumes, virt-controller also hot-plugs into the running VMI (vm.status.volumeRequests).
             if shared.mode == HotplugMode::HotplugVolumes
                 && let Some(vmi) = vmis(client, ns).get_opt(name).await.map_err(internal)?
             {
                 let mut spec = vmi.data["spec"].clone();
                 if change_volumes(&mut spec, add, &volume, &new_volume, &new_disk).is_ok() {
-                    replace_path(&vmis(client, ns), vmi, &["spec"], spec).await.map_err(internal)?;
+                    patch_spec(&vmis(client, ns), &vmi, "/spec", &spec).await.map_err(patch_failed)?;
                 }
             }
             Ok(())
@@ -606,7 +612,7 @@ async fn volume_request(
             if dry_run {
                 return Ok(());
             }
-            replace_path(&api, vmi, &["spec"], spec).await.map_err(internal)
+            patch_spec(&api, &vmi, "/spec", &spec).await.map_err(patch_failed)
         }
         other => Err((StatusCode::NOT_FOUND, format!("the server could not find the requested resource ({other})"))),
     }
@@ -691,21 +697,15 @@ fn push(spec: &mut Value, key: &str, item: Value) {
     spec[key].as_array_mut().expect("an array").push(item);
 }
 
-/// Replaces one part of an object, guarded by its resourceVersion (a concurrent writer makes this fail, as
-/// KubeVirt's `test` patch operations do).
-async fn replace_path(
-    api: &Api<DynamicObject>,
-    mut object: DynamicObject,
-    path: &[&str],
-    value: Value,
-) -> kube::Result<()> {
-    let mut slot = &mut object.data;
-    for key in path {
-        slot = &mut slot[*key];
-    }
-    *slot = value;
-    let name = object.metadata.name.clone().unwrap_or_default();
-    api.replace(&name, &PostParams::default(), &object).await.map(drop)
+/// virt-api's change of the volumes and disks of the spec at `base` (`/spec/template/spec` of a VM, `/spec` of a VMI):
+/// a JSON patch guarded by `test`s of both lists (volumes.go `generateVolumeRequestPatch`), so a concurrent status
+/// write does not disturb it and a concurrent spec change makes it fail with 422.
+async fn patch_spec(api: &Api<DynamicObject>, object: &DynamicObject, base: &str, spec: &Value) -> kube::Result<()> {
+    let lists = [
+        (format!("{base}/volumes"), spec["volumes"].clone()),
+        (format!("{base}/domain/devices/disks"), spec["domain"]["devices"]["disks"].clone()),
+    ];
+    patch_lists(api, object, &lists).await
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -773,12 +773,12 @@ async fn update(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<()> {
     Ok(())
 }
 
-/// A JSON patch of the VMI, each changed list guarded by a `test` of its old value, as KubeVirt's patch sets are
+/// A JSON patch of an object's lists, each guarded by a `test` of its old value, as KubeVirt's patch sets are
 /// (pkg/apimachinery/patch): `add` where there was no list yet.
-async fn patch_lists(api: &Api<DynamicObject>, vmi: &DynamicObject, lists: &[(&str, Value)]) -> Result<()> {
+async fn patch_lists(api: &Api<DynamicObject>, object: &DynamicObject, lists: &[(String, Value)]) -> kube::Result<()> {
     let mut operations = Vec::new();
     for (path, new) in lists {
-        let old = path.trim_start_matches('/').split('/').fold(&vmi.data, |v, k| &v[k]);
+        let old = path.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
         match old.as_array().is_some_and(|l| !l.is_empty()) {
             true => operations.extend([
                 json!({"op": "test", "path": path, "value": old}),
@@ -787,10 +787,9 @@ async fn patch_lists(api: &Api<DynamicObject>, vmi: &DynamicObject, lists: &[(&s
             false => operations.push(json!({"op": "add", "path": path, "value": new})),
         }
     }
-    let patch: json_patch::Patch = serde_json::from_value(Value::Array(operations))?;
-    let name = vmi.metadata.name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
-    Ok(())
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(operations)).map_err(kube::Error::SerdeError)?;
+    let name = object.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await.map(drop)
 }
 
 fn key(vmi: &str, volume: &str) -> (String, String) {
@@ -920,8 +919,8 @@ async fn declarative_sync(shared: &Shared, vmi: &DynamicObject) -> Result<bool> 
         return Ok(false);
     }
     let api = vmis(&shared.controller, &shared.namespace);
-    patch_lists(&api, vmi, &[("/spec/volumes", volumes_value), ("/spec/domain/devices/disks", Value::Array(disks))])
-        .await?;
+    let lists = [("/spec/volumes".into(), volumes_value), ("/spec/domain/devices/disks".into(), Value::Array(disks))];
+    patch_lists(&api, vmi, &lists).await?;
     Ok(true)
 }
 
@@ -985,7 +984,7 @@ async fn controller_volume_status(shared: &Shared, api: &Api<DynamicObject>, vmi
     if new == old {
         return Ok(());
     }
-    patch_lists(api, vmi, &[("/status/volumeStatus", Value::Array(new.clone()))]).await?;
+    patch_lists(api, vmi, &[("/status/volumeStatus".into(), Value::Array(new.clone()))]).await?;
     stamp_changes(shared, &vmi_name, &old, &new);
     Ok(())
 }
