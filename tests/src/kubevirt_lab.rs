@@ -1008,7 +1008,10 @@ async fn handler_sync(shared: &Shared) -> Result<()> {
             }
             Some("Running") => {
                 sync_domain(shared, &name, &vmi).await?;
-                next.data["status"]["volumeStatus"] = Value::Array(statuses_from_domain(shared, &name, &vmi));
+                // virt-controller makes the entries; with none there is nothing to report.
+                if vmi.data["status"]["volumeStatus"].is_array() {
+                    next.data["status"]["volumeStatus"] = Value::Array(statuses_from_domain(shared, &name, &vmi));
+                }
             }
             _ => continue,
         }
