@@ -35,7 +35,7 @@ use wukong_controller_client::qemu::Qemu;
 
 /// How long each attach phase lasts (KubeVirt's take seconds: an attachment pod is scheduled and started).
 const PHASE_STEP: Duration = Duration::from_millis(150);
-/// How often the controller looks again when nothing happened (it is woken by watch events otherwise).
+/// How often virt-controller and virt-handler look again when nothing happened (watch events wake them otherwise).
 const RESYNC: Duration = Duration::from_millis(100);
 /// The namespace virt-api's Service lives in.
 const KUBEVIRT_NAMESPACE: &str = "kubevirt";
@@ -132,8 +132,8 @@ pub struct Received {
     pub body: Option<Value>,
 }
 
-/// KubeVirt, as far as the lab plays it, in one namespace of a [`Cluster`]. Stops its server and controller on
-/// drop.
+/// KubeVirt, as far as the lab plays it, in one namespace of a [`Cluster`]. Stops virt-api, virt-controller and
+/// virt-handler on drop.
 pub struct KubeVirtLab {
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -150,8 +150,8 @@ impl Drop for KubeVirtLab {
 impl KubeVirtLab {
     /// Installs KubeVirt's CRDs, aggregated API and identities (tests/kubevirt/rbac.yaml) in `cluster`, which must
     /// have been started with the users [`CONTROLLER`] and [`HANDLER`], and starts virt-controller and virt-handler
-    /// for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP socket); without one they
-    /// only move through the phases.
+    /// for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP
+    /// socket); without one they only move through the phases.
     pub async fn start(
         cluster: &Cluster,
         guest: Option<&crate::Guest>,
@@ -223,7 +223,7 @@ impl KubeVirtLab {
         self.shared.received.lock().unwrap().clone()
     }
 
-    /// A PersistentVolumeClaim backed by `image` (bound by the controller, as a provisioner would).
+    /// A PersistentVolumeClaim backed by `image` (bound by the lab, as a provisioner would).
     pub async fn create_claim(&self, name: &str, image: &Path) -> Result<()> {
         self.shared.images.lock().unwrap().insert(name.into(), image.into());
         let size = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
@@ -712,12 +712,14 @@ async fn patch_spec(api: &Api<DynamicObject>, object: &DynamicObject, base: &str
 // virt-controller and virt-handler: two loops, each as its own identity, writing the VMI as KubeVirt's do. The VMI
 // CRD has no status subresource, so each status write is a write of the whole VMI.
 
+/// Which of KubeVirt's components a loop plays.
 #[derive(Debug, Clone, Copy)]
 enum Component {
     Controller,
     Handler,
 }
 
+/// One component's loop: a sync on every watch event of what it watches, and at least every [`RESYNC`].
 async fn run(shared: Arc<Shared>, component: Component) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
