@@ -4,6 +4,7 @@
 //! volumes only move through their phases) and deploy/guard.yaml: the writes are KubeVirt's identities' and carry
 //! no subresource (the audit log), all are allowed, none makes the guard ask a guest (the agent port never answers,
 //! so a review that asked would be slow and denied), and the reviews per write and their latency are measured.
+//! While the guard is down, KubeVirt can write nothing of an opted-in VMI.
 
 use anyhow::{Context, Result};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -38,8 +39,11 @@ async fn counting_agent() -> Result<(u16, Arc<AtomicUsize>)> {
     Ok((port, calls))
 }
 
-/// Hot-plugs volume `name` (claim `claim`) through the VM's spec, as declarative hot-plug does.
-async fn plug(vms: &Api<DynamicObject>, name: &str, claim: &str) -> Result<()> {
+/// A new 16 MiB claim `pvc-NAME`, hot-plugged as volume NAME through the VM's spec, as declarative hot-plug does.
+async fn plug(kubevirt: &KubeVirtLab, vms: &Api<DynamicObject>, images: &std::path::Path, name: &str) -> Result<()> {
+    let (image, claim) = (images.join(format!("{name}.raw")), format!("pvc-{name}"));
+    std::fs::File::create(&image)?.set_len(16 << 20)?;
+    kubevirt.create_claim(&claim, &image).await?;
     let add = json!([
         {"op": "add", "path": "/spec/template/spec/volumes/-",
          "value": {"name": name, "persistentVolumeClaim": {"claimName": claim, "hotpluggable": true}}},
@@ -123,7 +127,7 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
     namespaces.patch(NS, &PatchParams::default(), &Patch::Merge(&label)).await?;
     install_operator(&cluster).await?;
     let (agent_port, agent_calls) = counting_agent().await?;
-    let operator = start_guarded(&cluster, "guard", agent_port, &[]).await?;
+    let mut operator = start_guarded(&cluster, "guard", agent_port, &[]).await?;
     let mark = cluster.audit()?.len();
 
     // A VM started (virt-controller creates its VMI and writes its start, virt-handler reports it running), then
@@ -133,10 +137,7 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
     let images = tempfile::tempdir()?;
     let disks = ["data1", "data2", "data3"];
     for disk in disks {
-        let image = images.path().join(format!("{disk}.raw"));
-        std::fs::File::create(&image)?.set_len(16 << 20)?;
-        kubevirt.create_claim(&format!("pvc-{disk}"), &image).await?;
-        plug(&vms, disk, &format!("pvc-{disk}")).await?;
+        plug(&kubevirt, &vms, images.path(), disk).await?;
         wait_ready(&cluster, &vmis, &[disk]).await?;
     }
 
@@ -206,10 +207,7 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
     vmis.patch("vm1", &PatchParams::default(), &Patch::Merge(&label)).await?;
     wait_ready(&cluster, &vmis, &disks).await?;
     let (mark, before) = (cluster.audit()?.len(), reviews(&operator).await?.0);
-    let image = images.path().join("data4.raw");
-    std::fs::File::create(&image)?.set_len(16 << 20)?;
-    kubevirt.create_claim("pvc-data4", &image).await?;
-    plug(&vms, "data4", "pvc-data4").await?;
+    plug(&kubevirt, &vms, images.path(), "data4").await?;
     wait_ready(&cluster, &vmis, &["data4"]).await?;
     let writes = writes_since(&cluster, mark)?;
     let vmi_writes = writes
@@ -223,5 +221,26 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
     assert_eq!((per_vmi_write, denied), (2.0, 0.0), "both webhooks review each write of a VMI opted in twice");
     let (_, _, metrics) = reviews(&operator).await?;
     assert!(quantile(&metrics, DURATION, 1.0).is_some_and(|s| s <= 1.0), "still no review waited for a guest");
+
+    // The guard is down (failurePolicy: Fail): KubeVirt can write nothing of an opted-in VMI, its status included.
+    // The namespace opts out first, so the VM, which did not opt in itself, can still be edited.
+    let label = json!({"metadata": {"labels": {OPT_IN: null}}});
+    namespaces.patch(NS, &PatchParams::default(), &Patch::Merge(&label)).await?;
+    operator.kill();
+    let mark = cluster.audit()?.len();
+    plug(&kubevirt, &vms, images.path(), "data5").await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let writes = writes_since(&cluster, mark)?;
+        if let Some(e) = writes.into_iter().find(|e| e.user.username == CONTROLLER && e.code() != 200) {
+            break e;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "virt-controller never tried to plug data5 into the VMI");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The API server's answer when it cannot call a webhook (the audit log keeps no message for it).
+    assert_eq!(refused.code(), 500, "{refused:?}");
+    let volumes = vmis.get("vm1").await?.data["spec"]["volumes"].clone();
+    assert!(!volumes.to_string().contains("data5"), "the VMI stays as it was: {volumes}");
     Ok(())
 }
