@@ -171,11 +171,12 @@ fn crd(
     serde_json::from_value(crd).with_context(|| format!("the CRD {plural}.{group} does not fit k8s-openapi's types"))
 }
 
-/// Marks every scalar of a schema `nullable`. The lab's API server is built with Go >= 1.19, under which its
-/// go-openapi `typeValidator` takes a zero scalar ("", false, 0) for null (it compares `reflect.Zero` with the value,
-/// and both point at the runtime's shared zero buffer now) and refuses it in a write of the object: KubeVirt's
-/// `target: ""` of a volume not attached yet could not be stored. With `nullable` zero values pass, as they do in a
-/// Kubernetes built with the Go of its day; a value of another type is still refused.
+/// Marks every scalar of a schema `nullable`. The lab's API server is built with Go 1.19, where `reflect.Zero` and a
+/// zero value stored in an interface point at the same runtime zero buffer, so its go-openapi `typeValidator`, which
+/// compares the two with `reflect.DeepEqual`, takes any zero scalar ("", false, 0) for null and refuses it (seen on
+/// creates, updates and patches of the object): KubeVirt's `target: ""` of a volume not attached yet could not be
+/// stored. With `nullable` zero values pass, as they do in a Kubernetes built with the Go of its day; a value of
+/// another type is still refused.
 fn zero_values_allowed(schema: &mut Value) {
     let Some(node) = schema.as_object_mut() else { return };
     if matches!(node.get("type").and_then(Value::as_str), Some("string" | "boolean" | "integer" | "number")) {

@@ -886,44 +886,46 @@ async fn declarative_sync(shared: &Shared, vmi: &DynamicObject) -> Result<bool> 
         return Ok(false);
     }
     let Some(vm) = vms(&shared.controller, &shared.namespace).get_opt(&owner.name).await? else { return Ok(false) };
-    let template = &vm.data["spec"]["template"]["spec"];
     let spec = &vmi.data["spec"];
-    let (vmi_volumes, vmi_disks) = (list(&spec["volumes"]), list(&spec["domain"]["devices"]["disks"]));
-    let template_disks = &template["domain"]["devices"]["disks"];
+    let (volumes, disks) = declarative_lists(&vm.data["spec"]["template"]["spec"], spec, &vmi.data["status"]);
+    if volumes == list(&spec["volumes"]) && disks == list(&spec["domain"]["devices"]["disks"]) {
+        return Ok(false);
+    }
+    let api = vmis(&shared.controller, &shared.namespace);
+    let lists =
+        [("/spec/volumes".into(), Value::Array(volumes)), ("/spec/domain/devices/disks".into(), Value::Array(disks))];
+    patch_lists(&api, vmi, &lists).await?;
+    Ok(true)
+}
 
-    let kept = vmi_volumes.iter().filter(|v| {
-        !is_hotpluggable(v) || named(&template["volumes"], &v["name"]).is_some_and(|t| !is_hotpluggable(t) || t == *v)
+/// The VMI's volumes and disks as `HandleDeclarativeVolumes` makes them from the VM's `template` spec, the VMI's
+/// `spec` and `status` (see [`declarative_sync`]).
+fn declarative_lists(template: &Value, spec: &Value, status: &Value) -> (Vec<Value>, Vec<Value>) {
+    let template_disks = &template["domain"]["devices"]["disks"];
+    let kept = list(&spec["volumes"]).into_iter().filter(|v| {
+        !is_hotpluggable(v) || named(&template["volumes"], &v["name"]).is_some_and(|t| !is_hotpluggable(t) || t == v)
     });
-    let with_status = |name: &Value| list(&vmi.data["status"]["volumeStatus"]).iter().any(|s| s["name"] == *name);
+    let with_status = |name: &Value| list(&status["volumeStatus"]).iter().any(|s| s["name"] == *name);
     let added = list(&template["volumes"])
         .into_iter()
         .filter(|v| is_hotpluggable(v) && named(&spec["volumes"], &v["name"]).is_none() && !with_status(&v["name"]));
-    let volumes: Vec<Value> = kept.cloned().chain(added).collect();
-
-    let volumes_value = Value::Array(volumes.clone());
-    let disks: Vec<Value> = vmi_disks
-        .iter()
+    let volumes = Value::Array(kept.chain(added).collect());
+    let disks = list(&spec["domain"]["devices"]["disks"])
+        .into_iter()
         .filter(|d| {
-            named(&volumes_value, &d["name"]).is_some()
+            named(&volumes, &d["name"]).is_some()
                 || named(template_disks, &d["name"]).is_some_and(|vm_disk| {
                     // A CD-ROM keeps its drive when its medium changes; any other disk goes with its volume.
                     named(&template["volumes"], &d["name"]).is_none()
                         || (vm_disk["cdrom"].is_object() && d["cdrom"].is_object())
                 })
         })
-        .cloned()
         .chain(list(template_disks).into_iter().filter(|d| {
-            named(&volumes_value, &d["name"]).is_some_and(is_hotpluggable)
+            named(&volumes, &d["name"]).is_some_and(is_hotpluggable)
                 && named(&spec["domain"]["devices"]["disks"], &d["name"]).is_none()
         }))
         .collect();
-    if volumes == vmi_volumes && disks == vmi_disks {
-        return Ok(false);
-    }
-    let api = vmis(&shared.controller, &shared.namespace);
-    let lists = [("/spec/volumes".into(), volumes_value), ("/spec/domain/devices/disks".into(), Value::Array(disks))];
-    patch_lists(&api, vmi, &lists).await?;
-    Ok(true)
+    (list(&volumes), disks)
 }
 
 /// `volumeStatus` as virt-controller keeps it for a running VMI (pkg/virt-controller/watch/vmi/storage.go
@@ -1180,4 +1182,83 @@ async fn event(shared: &Shared, vmi: &DynamicObject, reason: &str, message: &str
     }))?;
     events.create(&PostParams::default(), &event).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pvc(name: &str, claim: &str) -> Value {
+        json!({"name": name, "persistentVolumeClaim": {"claimName": claim, "hotpluggable": true}})
+    }
+
+    fn disk(name: &str) -> Value {
+        json!({"name": name, "serial": name, "disk": {"bus": "scsi"}})
+    }
+
+    /// A spec with the root disk and `volumes`, each with its disk.
+    fn spec(volumes: &[Value]) -> Value {
+        let (domain, root) = root_disk();
+        let mut spec = json!({"domain": domain, "volumes": root});
+        for volume in volumes {
+            push(&mut spec, "volumes", volume.clone());
+            spec["domain"]["devices"]["disks"].as_array_mut().unwrap().push(disk(name_of(volume)));
+        }
+        spec
+    }
+
+    fn names(list: &[Value]) -> Vec<&str> {
+        list.iter().map(name_of).collect()
+    }
+
+    #[test]
+    fn a_vmi_that_follows_its_template_is_left_alone() {
+        let both = spec(&[pvc("data", "pvc-a")]);
+        let (volumes, disks) = declarative_lists(&both, &both, &json!({}));
+        assert_eq!((volumes, disks), (list(&both["volumes"]), list(&both["domain"]["devices"]["disks"])));
+    }
+
+    #[test]
+    fn a_volume_gone_from_the_template_leaves_the_vmi_with_its_disk() {
+        let (template, vmi) = (spec(&[]), spec(&[pvc("data", "pvc-a")]));
+        let (volumes, disks) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!((names(&volumes), names(&disks)), (vec!["rootdisk"], vec!["rootdisk"]));
+    }
+
+    #[test]
+    fn another_claim_is_an_unplug_then_a_plug_once_the_old_status_is_gone() {
+        let (template, vmi) = (spec(&[pvc("data", "pvc-b")]), spec(&[pvc("data", "pvc-a")]));
+        let (volumes, disks) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!((names(&volumes), names(&disks)), (vec!["rootdisk"], vec!["rootdisk"]), "dropped, not replaced");
+
+        // Unplugging: its status entry is still there, so it is not added back yet.
+        let unplugging = json!({"volumeStatus": [{"name": "data", "phase": "Detaching", "hotplugVolume": {}}]});
+        let dropped = spec(&[]);
+        assert_eq!(names(&declarative_lists(&template, &dropped, &unplugging).0), ["rootdisk"]);
+
+        let (volumes, disks) = declarative_lists(&template, &dropped, &json!({"volumeStatus": []}));
+        assert_eq!(volumes.last(), Some(&pvc("data", "pvc-b")), "back with the new claim");
+        assert_eq!(disks.last(), Some(&disk("data")));
+    }
+
+    #[test]
+    fn volumes_that_are_not_hotpluggable_stay_as_they_are() {
+        let mut template = spec(&[]);
+        template["volumes"][0]["containerDisk"]["image"] = json!("another");
+        let mut vmi = spec(&[]);
+        push(&mut vmi, "volumes", json!({"name": "cold", "persistentVolumeClaim": {"claimName": "pvc-c"}}));
+        let (volumes, _) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!(volumes, list(&vmi["volumes"]), "a changed boot disk and a VMI-only cold volume stay");
+    }
+
+    #[test]
+    fn a_cdrom_keeps_its_drive_when_its_medium_changes() {
+        let cdrom = json!({"name": "iso", "cdrom": {"bus": "sata"}});
+        let mut template = spec(&[pvc("iso", "pvc-new")]);
+        template["domain"]["devices"]["disks"][1] = cdrom.clone();
+        let mut vmi = spec(&[pvc("iso", "pvc-old")]);
+        vmi["domain"]["devices"]["disks"][1] = cdrom.clone();
+        let (volumes, disks) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!((names(&volumes), disks.last()), (vec!["rootdisk"], Some(&cdrom)));
+    }
 }
