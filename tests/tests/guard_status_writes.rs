@@ -134,6 +134,13 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
     // three disks plugged one after the other through its spec, each a spec patch and a run of status writes by
     // both.
     kubevirt.create_vm("vm1", true, "127.0.0.1").await?;
+    // KubeVirt's identities have the rights of its ClusterRoles, no more: virt-handler reads VMIs by list and watch
+    // only, and cannot touch a VM.
+    let handler = cluster.client(HANDLER).await?;
+    let get = Api::<DynamicObject>::namespaced_with(handler.clone(), NS, &vmi_resource()).get("vm1").await;
+    assert!(matches!(&get, Err(kube::Error::Api(s)) if s.code == 403), "virt-handler got a VMI: {get:?}");
+    let vm = Api::<DynamicObject>::namespaced_with(handler, NS, &vm_resource()).list(&Default::default()).await;
+    assert!(matches!(&vm, Err(kube::Error::Api(s)) if s.code == 403), "virt-handler listed VMs: {vm:?}");
     let images = tempfile::tempdir()?;
     let disks = ["data1", "data2", "data3"];
     for disk in disks {
