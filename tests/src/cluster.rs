@@ -343,6 +343,40 @@ impl Drop for Cluster {
     }
 }
 
+/// Creates `documents` (namespaces, service accounts, CRDs and RBAC, as deploy/ and KubeVirt's manifests hold them)
+/// in order, as `kubectl create -f` does.
+pub async fn create_all(client: &kube::Client, documents: Vec<serde_json::Value>) -> Result<()> {
+    use kube::api::{Api, DynamicObject, PostParams};
+    for doc in documents {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let (group, version, plural, namespaced) = match kind {
+            "CustomResourceDefinition" => ("apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
+            "Namespace" => ("", "v1", "namespaces", false),
+            "ServiceAccount" => ("", "v1", "serviceaccounts", true),
+            "ClusterRole" => ("rbac.authorization.k8s.io", "v1", "clusterroles", false),
+            "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", false),
+            "Role" => ("rbac.authorization.k8s.io", "v1", "roles", true),
+            "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
+            "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies", true),
+            "PodDisruptionBudget" => ("policy", "v1beta1", "poddisruptionbudgets", true),
+            other => bail!("the lab cannot create a {other}"),
+        };
+        let r = crate::kubevirt_lab::resource(kind, group, version, plural);
+        let mut doc = doc.clone();
+        // policy/v1 is newer than the lab's server (1.20): the same object in policy/v1beta1 proves its shape.
+        doc["apiVersion"] = r.api_version.clone().into();
+        let api: Api<DynamicObject> = match namespaced {
+            true => Api::namespaced_with(client.clone(), doc["metadata"]["namespace"].as_str().unwrap_or_default(), &r),
+            false => Api::all_with(client.clone(), &r),
+        };
+        let name = format!("{kind} {}", doc["metadata"]["name"].as_str().unwrap_or_default());
+        api.create(&PostParams::default(), &serde_json::from_value(doc)?)
+            .await
+            .with_context(|| format!("creating the {name}"))?;
+    }
+    Ok(())
+}
+
 /// 16 random hex digits from the kernel (tokens need not be strong here, only unguessable by other tests).
 fn random_hex() -> String {
     let mut bytes = [0u8; 8];

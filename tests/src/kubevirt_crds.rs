@@ -66,18 +66,21 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>> {
             ("VirtualMachine", "virtualmachines", "virtualmachine", &["vm", "vms"]),
             definitions.kind_schema("v1.VirtualMachine")?,
             vm_columns,
+            Status::Subresource,
         )?,
         crd(
             ("kubevirt.io", "v1"),
             ("VirtualMachineInstance", "virtualmachineinstances", "virtualmachineinstance", &["vmi", "vmis"]),
             definitions.kind_schema("v1.VirtualMachineInstance")?,
             vmi_columns,
+            Status::InTheObject,
         )?,
         crd(
             ("cdi.kubevirt.io", "v1beta1"),
             ("DataVolume", "datavolumes", "datavolume", &["dv", "dvs"]),
             dv_schema,
             dv_columns,
+            Status::Subresource,
         )?,
     ])
 }
@@ -118,13 +121,26 @@ async fn wait_established(api: &Api<CustomResourceDefinition>, name: &str) -> Re
     }
 }
 
+/// Where a kind's status is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Through `/status` (a status subresource): a write of the object leaves the status alone.
+    Subresource,
+    /// With the object: KubeVirt's VirtualMachineInstance CRD has no status subresource
+    /// (pkg/virt-operator/resource/generate/components/crds.go, `NewVirtualMachineInstanceCrd` adds printer columns
+    /// only), so every status write by virt-controller and virt-handler is a plain update of the VMI, seen by every
+    /// validating webhook on VMI updates.
+    InTheObject,
+}
+
 fn crd(
     (group, version): (&str, &str),
     (kind, plural, singular, short_names): (&str, &str, &str, &[&str]),
     schema: Value,
     columns: Value,
+    status: Status,
 ) -> Result<CustomResourceDefinition> {
-    let crd = json!({
+    let mut crd = json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": format!("{plural}.{group}")},
@@ -144,12 +160,44 @@ fn crd(
                 "served": true,
                 "storage": true,
                 "schema": {"openAPIV3Schema": schema},
-                "subresources": {"status": {}},
                 "additionalPrinterColumns": columns,
             }],
         },
     });
+    if status == Status::Subresource {
+        crd["spec"]["versions"][0]["subresources"] = json!({"status": {}});
+    }
+    zero_values_allowed(&mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]);
     serde_json::from_value(crd).with_context(|| format!("the CRD {plural}.{group} does not fit k8s-openapi's types"))
+}
+
+/// Marks every scalar of a schema `nullable`. The lab's API server is built with Go 1.19, where `reflect.Zero` and a
+/// zero value stored in an interface point at the same runtime zero buffer, so its go-openapi `typeValidator`, which
+/// compares the two with `reflect.DeepEqual`, takes any zero scalar ("", false, 0) for null and refuses it (seen on
+/// creates, updates and patches of the object): KubeVirt's `target: ""` of a volume not attached yet could not be
+/// stored. With `nullable` zero values pass, as they do in a Kubernetes built with the Go of its day; a value of
+/// another type is still refused.
+fn zero_values_allowed(schema: &mut Value) {
+    let Some(node) = schema.as_object_mut() else { return };
+    if matches!(node.get("type").and_then(Value::as_str), Some("string" | "boolean" | "integer" | "number")) {
+        node.insert("nullable".into(), true.into());
+    }
+    if let Some(Value::Object(properties)) = node.get_mut("properties") {
+        properties.values_mut().for_each(zero_values_allowed);
+    }
+    if let Some(values) = node.get_mut("additionalProperties") {
+        zero_values_allowed(values);
+    }
+    // The API server allows no nullable item of a set, nor a nullable key of a list-map.
+    let set = node.get("x-kubernetes-list-type").is_some_and(|t| t == "set");
+    let keys = node.get("x-kubernetes-list-map-keys").cloned().unwrap_or_default();
+    if let Some(items) = node.get_mut("items").filter(|_| !set) {
+        zero_values_allowed(items);
+        for key in keys.as_array().into_iter().flatten().filter_map(Value::as_str) {
+            let key = items.get_mut("properties").and_then(|p| p.get_mut(key)).and_then(Value::as_object_mut);
+            key.map(|k| k.remove("nullable"));
+        }
+    }
 }
 
 /// The document's `definitions`, and their conversion into structural schemas
@@ -603,7 +651,9 @@ mod tests {
         let defs = Definitions::parse(OPENAPI).unwrap();
         let crds = generated();
         for (crd, kind) in crds.iter().zip(["v1.VirtualMachine", "v1.VirtualMachineInstance"]) {
-            assert_eq!(schema_of(crd), &defs.kind_schema(kind).unwrap(), "{kind}");
+            let mut expected = defs.kind_schema(kind).unwrap();
+            zero_values_allowed(&mut expected);
+            assert_eq!(schema_of(crd), &expected, "{kind}");
         }
     }
 
@@ -621,10 +671,12 @@ mod tests {
             assert!(size < SIZE_LIMIT, "{}: {size} bytes", crd["metadata"]["name"]);
             let version = &crd["spec"]["versions"][0];
             assert_eq!((version["served"].as_bool(), version["storage"].as_bool()), (Some(true), Some(true)));
-            assert_eq!(version["subresources"], json!({"status": {}}));
             assert_eq!(crd["spec"]["scope"], "Namespaced");
             assert_eq!(crd["spec"]["names"]["categories"], json!(["all"]));
         }
+        // As KubeVirt and CDI ship them: the VMI alone has its status in the object.
+        let subresources: Vec<&Value> = crds.iter().map(|c| &c["spec"]["versions"][0]["subresources"]).collect();
+        assert_eq!(subresources, [&json!({"status": {}}), &Value::Null, &json!({"status": {}})]);
         assert_eq!(crds[0]["spec"]["names"]["shortNames"], json!(["vm", "vms"]));
         assert_eq!(crds[1]["spec"]["names"]["shortNames"], json!(["vmi", "vmis"]));
         assert_eq!(crds[2]["spec"]["names"]["shortNames"], json!(["dv", "dvs"]));

@@ -4,14 +4,19 @@
 //!   HTTPS server through an `ExternalName` Service, as virt-api is served): `addvolume`/`removevolume` for VMs and
 //!   VMIs, with v1.9's rules, status codes and messages in both feature-gate modes. RBAC on the subresources is
 //!   enforced by the API server before a request gets here.
-//! * **virt-controller + virt-handler** for the lab guest: a controller that watches VMs and VMIs through the API
-//!   server, applies the declarative rule (hotpluggable VM volumes → VMI spec, and back), binds claims to image
-//!   files, hot-plugs and unplugs them over QMP with the disk's serial and bus, and reports `volumeStatus` with
-//!   KubeVirt's phases, `status.interfaces` and the `VolumeUnplugged` event. Like KubeVirt it checks nothing about
-//!   use before an unplug: safety has to come from Wukong.
+//! * **virt-controller and virt-handler** for the lab guest, two loops that watch VMs and VMIs through the API server
+//!   as KubeVirt's ServiceAccounts ([`CONTROLLER`], [`HANDLER`], bound to roughly KubeVirt's ClusterRoles by
+//!   tests/kubevirt/rbac.yaml), each writing what its upstream counterpart writes: virt-controller the VMI's start up
+//!   to Scheduled, the declarative rule (hotpluggable VM volumes → VMI spec, a changed one unplugged and plugged
+//!   again) and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
+//!   volumes' targets and their MountedToPod, Ready and UnMountedFromPod phases, the hot-plugs and unplugs over QMP
+//!   with the disk's serial and bus, and the `VolumeUnplugged` event. The VMI CRD has no status subresource, as
+//!   KubeVirt ships it: each of these writes is an update of the whole VMI, which every validating webhook on VMI
+//!   updates sees. Claims are bound to image files by the admin (the cluster's provisioner). Like KubeVirt the lab
+//!   checks nothing about use before an unplug: safety has to come from Wukong.
 
 use crate::Guest;
-use crate::cluster::{ADMIN, Ca, Cluster};
+use crate::cluster::{ADMIN, Ca, Cluster, create_all};
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -30,11 +35,24 @@ use wukong_controller_client::qemu::Qemu;
 
 /// How long each attach phase lasts (KubeVirt's take seconds: an attachment pod is scheduled and started).
 const PHASE_STEP: Duration = Duration::from_millis(150);
-/// How often the controller looks again when nothing happened (it is woken by watch events otherwise).
+/// How often virt-controller and virt-handler look again when nothing happened (watch events wake them otherwise).
 const RESYNC: Duration = Duration::from_millis(100);
 /// The namespace virt-api's Service lives in.
 const KUBEVIRT_NAMESPACE: &str = "kubevirt";
 const GROUP: &str = "subresources.kubevirt.io";
+/// virt-controller's identity, KubeVirt's ServiceAccount: it creates a running VM's VMI, writes its start up to
+/// Scheduled, the declarative VMI spec patches and the attach and detach phases of `volumeStatus`.
+pub const CONTROLLER: &str = "system:serviceaccount:kubevirt:kubevirt-controller";
+/// virt-handler's identity: it writes the phase Running, `interfaces`, and each volume's target and its MountedToPod,
+/// Ready and UnMountedFromPod phases.
+pub const HANDLER: &str = "system:serviceaccount:kubevirt:kubevirt-handler";
+/// The annotations virt-controller writes first on every VMI (vmi.go `execute`).
+const LATEST_API_VERSION: &str = "kubevirt.io/latest-observed-api-version";
+const STORAGE_API_VERSION: &str = "kubevirt.io/storage-observed-api-version";
+/// The node the lab's VMIs are scheduled to.
+const NODE: &str = "lab-node";
+/// How long a VMI may take to be Running (four writes, each seen by the next pass).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Which of KubeVirt v1.9's hot-plug feature gates is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,9 +89,14 @@ fn claims(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &resource("PersistentVolumeClaim", "", "v1", "persistentvolumeclaims"))
 }
 
-/// Shared between the aggregated server and the controller.
+/// Shared between the aggregated server, virt-controller and virt-handler.
 struct Shared {
+    /// The admin: virt-api's writes, and the claims' provisioner and binder (not KubeVirt's).
     client: kube::Client,
+    /// virt-controller, as [`CONTROLLER`].
+    controller: kube::Client,
+    /// virt-handler, as [`HANDLER`].
+    handler: kube::Client,
     namespace: String,
     mode: HotplugMode,
     qemu: Option<Arc<Qemu>>,
@@ -81,8 +104,14 @@ struct Shared {
     images: Mutex<BTreeMap<String, PathBuf>>,
     /// A dynamic provisioner: a directory for new images and the StorageClass it serves.
     provisioner: Mutex<Option<(PathBuf, String)>>,
-    /// (VMI, volume) → where its hot-plug is.
-    volumes: Mutex<BTreeMap<(String, String), Plug>>,
+    /// What virt-launcher's domains hold, as virt-handler sees them: (VMI, volume) → the disk's target.
+    domain: Mutex<BTreeMap<(String, String), String>>,
+    /// When each (VMI, volume)'s status last changed phase, to pace the phases.
+    stamps: Mutex<BTreeMap<(String, String), Instant>>,
+    /// When virt-handler first saw a plugged volume gone from its VMI's spec.
+    leaving: Mutex<BTreeMap<(String, String), Instant>>,
+    /// VMI → the address its interface reports.
+    addresses: Mutex<BTreeMap<String, String>>,
     /// How long KubeVirt takes from a volume leaving the VMI's spec to the guest losing the disk (virt-handler,
     /// virt-launcher and the attachment pod; seconds in a real cluster). Its status entry stays as it was meanwhile.
     unplug_delay: Mutex<Duration>,
@@ -103,26 +132,8 @@ pub struct Received {
     pub body: Option<Value>,
 }
 
-impl Shared {
-    /// The hot-plugs of one VMI, by volume.
-    fn plugs_of(&self, vmi_name: &str) -> BTreeMap<String, Plug> {
-        let volumes = self.volumes.lock().unwrap();
-        volumes.iter().filter(|((vmi, _), _)| vmi == vmi_name).map(|((_, v), plug)| (v.clone(), plug.clone())).collect()
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Plug {
-    phase: &'static str,
-    since: Instant,
-    target: String,
-    plugged: bool,
-    /// When the volume left the VMI's spec.
-    leaving: Option<Instant>,
-}
-
-/// KubeVirt, as far as the lab plays it, in one namespace of a [`Cluster`]. Stops its server and controller on
-/// drop.
+/// KubeVirt, as far as the lab plays it, in one namespace of a [`Cluster`]. Stops virt-api, virt-controller and
+/// virt-handler on drop.
 pub struct KubeVirtLab {
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -137,9 +148,10 @@ impl Drop for KubeVirtLab {
 }
 
 impl KubeVirtLab {
-    /// Installs KubeVirt's CRDs and aggregated API in `cluster` and starts the controller for `namespace`, which it
-    /// creates. With a guest, volumes are really plugged into it (over its companion QMP socket); without one they
-    /// only move through the phases.
+    /// Installs KubeVirt's CRDs, aggregated API and identities (tests/kubevirt/rbac.yaml) in `cluster`, which must
+    /// have been started with the users [`CONTROLLER`] and [`HANDLER`], and starts virt-controller and virt-handler
+    /// for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP
+    /// socket); without one they only move through the phases.
     pub async fn start(
         cluster: &Cluster,
         guest: Option<&crate::Guest>,
@@ -162,22 +174,37 @@ impl KubeVirtLab {
             Some(g) => Some(Arc::new(Qemu::connect(&g.companion_qmp()).await?)),
             None => None,
         };
+        let text = std::fs::read_to_string(crate::workspace_root().join("tests/kubevirt/rbac.yaml"))?;
+        create_all(&client, serde_saphyr::from_multiple(&text).context("tests/kubevirt/rbac.yaml")?).await?;
+        let as_kubevirt = |user| async move {
+            cluster.client(user).await.with_context(|| {
+                format!(
+                    "the lab's KubeVirt runs as {user}: start the cluster with kubevirt_lab::CONTROLLER and HANDLER"
+                )
+            })
+        };
         let shared = Arc::new(Shared {
+            controller: as_kubevirt(CONTROLLER).await?,
+            handler: as_kubevirt(HANDLER).await?,
             client: client.clone(),
             namespace: namespace.into(),
             mode,
             qemu,
             images: Mutex::new(BTreeMap::new()),
             provisioner: Mutex::new(None),
-            volumes: Mutex::new(BTreeMap::new()),
+            domain: Mutex::new(BTreeMap::new()),
+            stamps: Mutex::new(BTreeMap::new()),
+            leaving: Mutex::new(BTreeMap::new()),
+            addresses: Mutex::new(BTreeMap::new()),
             unplug_delay: Mutex::new(PHASE_STEP),
             refuse_removals: Mutex::new(None),
             next_target: Mutex::new(0),
             received: Mutex::new(Vec::new()),
         });
         let server = serve_subresources(cluster, shared.clone()).await?;
-        let controller = tokio::spawn(run_controller(shared.clone()));
-        Ok(Self { shared, tasks: vec![server, controller] })
+        let controller = tokio::spawn(run(shared.clone(), Component::Controller));
+        let handler = tokio::spawn(run(shared.clone(), Component::Handler));
+        Ok(Self { shared, tasks: vec![server, controller, handler] })
     }
 
     /// How long an unplug takes from the volume leaving the VMI's spec until the guest loses the disk (default
@@ -196,7 +223,7 @@ impl KubeVirtLab {
         self.shared.received.lock().unwrap().clone()
     }
 
-    /// A PersistentVolumeClaim backed by `image` (bound by the controller, as a provisioner would).
+    /// A PersistentVolumeClaim backed by `image` (bound by the lab, as a provisioner would).
     pub async fn create_claim(&self, name: &str, image: &Path) -> Result<()> {
         self.shared.images.lock().unwrap().insert(name.into(), image.into());
         let size = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
@@ -242,28 +269,44 @@ impl KubeVirtLab {
     }
 
     /// A running VM `name` and its VMI (owned by it), for the lab guest. With `owned: false`, a standalone VMI.
-    /// `interface_ip` is what the VMI reports as its address (where wukongctl looks for the agent).
+    /// `interface_ip` is what the VMI reports as its address (where wukongctl looks for the agent). Returns once the
+    /// lab's virt-controller and virt-handler have started it.
     pub async fn create_vm(&self, name: &str, owned: bool, interface_ip: &str) -> Result<()> {
         let ns = &self.shared.namespace;
+        self.shared.addresses.lock().unwrap().insert(name.into(), interface_ip.into());
         let (domain, volumes) = root_disk();
-        let mut owner = Vec::new();
-        if owned {
-            let vm = self.create_vm_object(name, true).await?;
-            owner.push(json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": name,
-                              "uid": vm.metadata.uid, "controller": true, "blockOwnerDeletion": true}));
-        }
+        let mut metadata = json!({"name": name});
+        // virt-controller starts a running VM's VMI from its template (vm.go `startVMI`); a standalone VMI is its
+        // user's.
+        let creator = match owned {
+            true => {
+                let vm = self.create_vm_object(name, true).await?;
+                metadata["labels"] = vm.data["spec"]["template"]["metadata"]["labels"].clone();
+                metadata["ownerReferences"] = json!([{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                    "name": name, "uid": vm.metadata.uid, "controller": true, "blockOwnerDeletion": true}]);
+                &self.shared.controller
+            }
+            false => &self.shared.client,
+        };
         let vmi: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
-            "metadata": {"name": name, "ownerReferences": owner},
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": metadata,
             "spec": {"domain": domain, "volumes": volumes},
         }))?;
+        vmis(creator, ns).create(&PostParams::default(), &vmi).await?;
         let api = vmis(&self.shared.client, ns);
-        api.create(&PostParams::default(), &vmi).await?;
-        let status = json!({"status": {"phase": "Running",
-            "volumeStatus": [{"name": "rootdisk", "target": "vda"}],
-            "interfaces": [{"name": "default", "ipAddress": interface_ip, "ipAddresses": [interface_ip]}]}});
-        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
-        Ok(())
+        let started = Instant::now();
+        loop {
+            let phase = api.get(name).await?.data["status"]["phase"].clone();
+            if phase == "Running" {
+                return Ok(());
+            }
+            if started.elapsed() > START_TIMEOUT {
+                bail!(
+                    "the lab's KubeVirt did not start VMI {ns}/{name} within {START_TIMEOUT:?}: its phase is {phase}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -522,6 +565,12 @@ async fn volume_request(
     let client = &shared.client;
     let not_found = |what: &str| (StatusCode::NOT_FOUND, format!("{what} \"{name}\" not found"));
     let internal = |e: kube::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    // A failed `test` (a concurrent spec change) is passed on as the API server's 422, which virtctl retries; any
+    // other failure is virt-api's 500.
+    let patch_failed = |e: kube::Error| match e {
+        kube::Error::Api(s) if s.code == 422 => (StatusCode::UNPROCESSABLE_ENTITY, s.message),
+        e => internal(e),
+    };
     match kind {
         "virtualmachines" => {
             let api = vms(client, ns);
@@ -532,14 +581,14 @@ async fn volume_request(
             if dry_run {
                 return Ok(());
             }
-            replace_path(&api, vm, &["spec", "template", "spec"], spec).await.map_err(internal)?;
+            patch_spec(&api, &vm, "/spec/template/spec", &spec).await.map_err(patch_failed)?;
             // With HotplugVolumes, virt-controller also hot-plugs into the running VMI (vm.status.volumeRequests).
             if shared.mode == HotplugMode::HotplugVolumes
                 && let Some(vmi) = vmis(client, ns).get_opt(name).await.map_err(internal)?
             {
                 let mut spec = vmi.data["spec"].clone();
                 if change_volumes(&mut spec, add, &volume, &new_volume, &new_disk).is_ok() {
-                    replace_path(&vmis(client, ns), vmi, &["spec"], spec).await.map_err(internal)?;
+                    patch_spec(&vmis(client, ns), &vmi, "/spec", &spec).await.map_err(patch_failed)?;
                 }
             }
             Ok(())
@@ -563,7 +612,7 @@ async fn volume_request(
             if dry_run {
                 return Ok(());
             }
-            replace_path(&api, vmi, &["spec"], spec).await.map_err(internal)
+            patch_spec(&api, &vmi, "/spec", &spec).await.map_err(patch_failed)
         }
         other => Err((StatusCode::NOT_FOUND, format!("the server could not find the requested resource ({other})"))),
     }
@@ -595,7 +644,12 @@ fn hotplug_disk(body: &Value, volume: &str) -> Value {
 
 /// The disk that goes with a volume in a VMI spec (or a VM template's spec).
 fn disk_of(spec: &Value, name: &Value) -> Option<Value> {
-    spec["domain"]["devices"]["disks"].as_array().and_then(|d| d.iter().find(|d| d["name"] == *name).cloned())
+    named(&spec["domain"]["devices"]["disks"], name).cloned()
+}
+
+/// The item of a list of volumes or disks with that name.
+fn named<'a>(list: &'a Value, name: &Value) -> Option<&'a Value> {
+    list.as_array().and_then(|l| l.iter().find(|v| v["name"] == *name))
 }
 
 fn is_hotpluggable(volume: &Value) -> bool {
@@ -643,58 +697,429 @@ fn push(spec: &mut Value, key: &str, item: Value) {
     spec[key].as_array_mut().expect("an array").push(item);
 }
 
-/// Replaces one part of an object, guarded by its resourceVersion (a concurrent writer makes this fail, as
-/// KubeVirt's `test` patch operations do).
-async fn replace_path(
-    api: &Api<DynamicObject>,
-    mut object: DynamicObject,
-    path: &[&str],
-    value: Value,
-) -> kube::Result<()> {
-    let mut slot = &mut object.data;
-    for key in path {
-        slot = &mut slot[*key];
-    }
-    *slot = value;
-    let name = object.metadata.name.clone().unwrap_or_default();
-    api.replace(&name, &PostParams::default(), &object).await.map(drop)
+/// virt-api's change of the volumes and disks of the spec at `base` (`/spec/template/spec` of a VM, `/spec` of a VMI):
+/// a JSON patch guarded by `test`s of both lists (volumes.go `generateVolumeRequestPatch`), so a concurrent status
+/// write does not disturb it and a concurrent spec change makes it fail with 422.
+async fn patch_spec(api: &Api<DynamicObject>, object: &DynamicObject, base: &str, spec: &Value) -> kube::Result<()> {
+    let lists = [
+        (format!("{base}/volumes"), spec["volumes"].clone()),
+        (format!("{base}/domain/devices/disks"), spec["domain"]["devices"]["disks"].clone()),
+    ];
+    patch_lists(api, object, &lists).await
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// virt-controller and virt-handler.
+// virt-controller and virt-handler: two loops, each as its own identity, writing the VMI as KubeVirt's do. The VMI
+// CRD has no status subresource, so each status write is a write of the whole VMI.
 
-async fn run_controller(shared: Arc<Shared>) {
+/// Which of KubeVirt's components a loop plays.
+#[derive(Debug, Clone, Copy)]
+enum Component {
+    Controller,
+    Handler,
+}
+
+/// One component's loop: a sync on every watch event of what it watches, and at least every [`RESYNC`].
+async fn run(shared: Arc<Shared>, component: Component) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
-    let (ns, client) = (shared.namespace.clone(), shared.client.clone());
+    let ns = shared.namespace.clone();
+    let client = match component {
+        Component::Controller => shared.controller.clone(),
+        Component::Handler => shared.handler.clone(),
+    };
     // Backed off on errors, as every controller's watches are: a failing API server must not spin the runtime.
-    let changes = futures::stream::select(
-        watcher(vms(&client, &ns), watcher::Config::default()).default_backoff().map(drop),
-        watcher(vmis(&client, &ns), watcher::Config::default()).default_backoff().map(drop),
-    );
-    futures::pin_mut!(changes);
+    let vmi_changes = watcher(vmis(&client, &ns), watcher::Config::default()).default_backoff().map(drop).boxed();
+    // virt-handler watches VMIs only: its ClusterRole has nothing on VMs.
+    let vm_changes = match component {
+        Component::Controller => {
+            watcher(vms(&client, &ns), watcher::Config::default()).default_backoff().map(drop).boxed()
+        }
+        Component::Handler => futures::stream::pending().boxed(),
+    };
+    let mut changes = futures::stream::select(vmi_changes, vm_changes);
     loop {
-        if let Err(e) = reconcile(&shared).await {
-            tracing::debug!(error = %e, "lab controller: will retry");
-            tokio::time::sleep(RESYNC).await;
+        let synced = match component {
+            Component::Controller => controller_sync(&shared).await,
+            Component::Handler => handler_sync(&shared).await,
+        };
+        match synced {
+            // A write that lost to another writer's (the resourceVersion moved on): requeued at once and redone from
+            // a fresh list, as KubeVirt's controllers requeue the key.
+            Err(e) if is_conflict(&e) => {
+                tracing::debug!(?component, error = %e, "lab {component:?}: conflict, requeued");
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(?component, error = %e, "lab {component:?}: will retry");
+                tokio::time::sleep(RESYNC).await;
+            }
+            Ok(()) => {}
         }
         let _ = tokio::time::timeout(RESYNC, changes.next()).await;
-        // A reconcile that fails at once never waits: yield so the task can always be stopped.
+        // A sync that fails at once never waits: yield so the task can always be stopped.
         tokio::task::yield_now().await;
     }
 }
 
-async fn reconcile(shared: &Shared) -> Result<()> {
-    let (client, ns) = (&shared.client, shared.namespace.as_str());
-    bind_claims(shared).await?;
-    for vmi in vmis(client, ns).list(&Default::default()).await? {
-        let name = vmi.metadata.name.clone().unwrap_or_default();
-        if shared.mode == HotplugMode::Declarative && declarative_sync(shared, &vmi).await? {
-            continue; // changed: the next round sees the new VMI
+fn is_conflict(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 409)
+}
+
+/// A full update of the VMI (PUT), guarded by the resourceVersion it was read with: 409 when another write came
+/// first.
+async fn update(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<()> {
+    let name = vmi.metadata.name.clone().unwrap_or_default();
+    api.replace(&name, &PostParams::default(), vmi).await?;
+    Ok(())
+}
+
+/// A JSON patch of an object's lists, each guarded by a `test` of its old value, as KubeVirt's patch sets are
+/// (pkg/apimachinery/patch): `add` where there was no list yet.
+async fn patch_lists(api: &Api<DynamicObject>, object: &DynamicObject, lists: &[(String, Value)]) -> kube::Result<()> {
+    let mut operations = Vec::new();
+    for (path, new) in lists {
+        let old = path.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
+        match old.as_array().is_some_and(|l| !l.is_empty()) {
+            true => operations.extend([
+                json!({"op": "test", "path": path, "value": old}),
+                json!({"op": "replace", "path": path, "value": new}),
+            ]),
+            false => operations.push(json!({"op": "add", "path": path, "value": new})),
         }
-        sync_volumes(shared, &name, &vmi).await?;
+    }
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(operations)).map_err(kube::Error::SerdeError)?;
+    let name = object.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await.map(drop)
+}
+
+fn key(vmi: &str, volume: &str) -> (String, String) {
+    (vmi.to_string(), volume.to_string())
+}
+
+fn name_of(value: &Value) -> &str {
+    value["name"].as_str().unwrap_or_default()
+}
+
+fn list(value: &Value) -> Vec<Value> {
+    value.as_array().cloned().unwrap_or_default()
+}
+
+/// Whether a volume's status has stayed in its phase for a step (what takes KubeVirt seconds).
+fn due(shared: &Shared, vmi: &str, volume: &str) -> bool {
+    shared.stamps.lock().unwrap().get(&key(vmi, volume)).is_none_or(|t| t.elapsed() >= PHASE_STEP)
+}
+
+/// Records when each volume's status changed phase in a write that was stored.
+fn stamp_changes(shared: &Shared, vmi: &str, old: &[Value], new: &[Value]) {
+    let now = Instant::now();
+    let mut stamps = shared.stamps.lock().unwrap();
+    for status in new {
+        let before = old.iter().find(|o| o["name"] == status["name"]);
+        if before.is_none_or(|b| b["phase"] != status["phase"]) {
+            stamps.insert(key(vmi, name_of(status)), now);
+        }
+    }
+}
+
+fn set_phase(status: &mut Value, phase: &str, reason: &str, message: String) {
+    status["phase"] = json!(phase);
+    status["reason"] = json!(reason);
+    status["message"] = json!(message);
+}
+
+/// virt-controller: for each VMI, the first of its writes that is due (the next pass sees what it wrote).
+async fn controller_sync(shared: &Shared) -> Result<()> {
+    bind_claims(shared).await?;
+    let api = vmis(&shared.controller, &shared.namespace);
+    for vmi in api.list(&Default::default()).await? {
+        if start(&api, &vmi).await? {
+            continue;
+        }
+        if shared.mode == HotplugMode::Declarative && declarative_sync(shared, &vmi).await? {
+            continue;
+        }
+        controller_volume_status(shared, &api, &vmi).await?;
     }
     Ok(())
+}
+
+/// A VMI's start as virt-controller writes it, each step a full update (lifecycle.go `updateStatus` updates, not
+/// patches, a VMI that is not yet running): first the observed API version annotations (vmi.go `execute`, "this
+/// must be first step in execution"), then the phases Pending, Scheduling (its virt-launcher pod is created) and
+/// Scheduled (the pod runs on a node). virt-handler takes it from there. Returns true when it wrote.
+async fn start(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<bool> {
+    let mut next = vmi.clone();
+    let annotations = next.metadata.annotations.get_or_insert_with(Default::default);
+    if !annotations.contains_key(LATEST_API_VERSION) {
+        annotations.insert(LATEST_API_VERSION.into(), "v1".into());
+        annotations.insert(STORAGE_API_VERSION.into(), "v1".into());
+    } else {
+        let phase = match vmi.data["status"]["phase"].as_str().unwrap_or_default() {
+            "" => "Pending",
+            "Pending" => "Scheduling",
+            "Scheduling" => "Scheduled",
+            _ => return Ok(false),
+        };
+        next.data["status"]["phase"] = json!(phase);
+        if phase == "Scheduled" {
+            next.data["status"]["nodeName"] = json!(NODE);
+        }
+    }
+    update(api, &next).await?;
+    Ok(true)
+}
+
+/// `HandleDeclarativeVolumes` (pkg/storage/hotplug/hotplug.go), run by virt-controller on every VM sync: the running
+/// VMI's hotpluggable volumes follow its VM's template. A VMI volume gone from the template, or whose template
+/// definition is not deeply equal to it (another claim, say), is dropped at once (`filterHotplugVMIVolumes`): that
+/// *is* the unplug. A template volume missing from the VMI is added unless the VMI still has a status entry for it,
+/// an unplug in progress (`getNewHotplugVMVolumes`): so a changed volume comes back with its new definition once the
+/// old one is gone. Disks follow their volumes (`filterHotplugVMIDisks`, `getNewHotplugVMDisks`). One JSON patch of
+/// both lists, guarded by `test`s of their old values. Returns true when it changed the VMI.
+async fn declarative_sync(shared: &Shared, vmi: &DynamicObject) -> Result<bool> {
+    let Some(owner) = vmi.metadata.owner_references.iter().flatten().find(|o| o.kind == "VirtualMachine") else {
+        return Ok(false);
+    };
+    if vmi.data["status"]["phase"] != "Running" {
+        return Ok(false);
+    }
+    let Some(vm) = vms(&shared.controller, &shared.namespace).get_opt(&owner.name).await? else { return Ok(false) };
+    let spec = &vmi.data["spec"];
+    let (volumes, disks) = declarative_lists(&vm.data["spec"]["template"]["spec"], spec, &vmi.data["status"]);
+    if volumes == list(&spec["volumes"]) && disks == list(&spec["domain"]["devices"]["disks"]) {
+        return Ok(false);
+    }
+    let api = vmis(&shared.controller, &shared.namespace);
+    let lists =
+        [("/spec/volumes".into(), Value::Array(volumes)), ("/spec/domain/devices/disks".into(), Value::Array(disks))];
+    patch_lists(&api, vmi, &lists).await?;
+    Ok(true)
+}
+
+/// The VMI's volumes and disks as `HandleDeclarativeVolumes` makes them from the VM's `template` spec, the VMI's
+/// `spec` and `status` (see [`declarative_sync`]).
+fn declarative_lists(template: &Value, spec: &Value, status: &Value) -> (Vec<Value>, Vec<Value>) {
+    let template_disks = &template["domain"]["devices"]["disks"];
+    let kept = list(&spec["volumes"]).into_iter().filter(|v| {
+        !is_hotpluggable(v) || named(&template["volumes"], &v["name"]).is_some_and(|t| !is_hotpluggable(t) || t == v)
+    });
+    let with_status = |name: &Value| list(&status["volumeStatus"]).iter().any(|s| s["name"] == *name);
+    let added = list(&template["volumes"])
+        .into_iter()
+        .filter(|v| is_hotpluggable(v) && named(&spec["volumes"], &v["name"]).is_none() && !with_status(&v["name"]));
+    let volumes = Value::Array(kept.chain(added).collect());
+    let disks = list(&spec["domain"]["devices"]["disks"])
+        .into_iter()
+        .filter(|d| {
+            named(&volumes, &d["name"]).is_some()
+                || named(template_disks, &d["name"]).is_some_and(|vm_disk| {
+                    // A CD-ROM keeps its drive when its medium changes; any other disk goes with its volume.
+                    named(&template["volumes"], &d["name"]).is_none()
+                        || (vm_disk["cdrom"].is_object() && d["cdrom"].is_object())
+                })
+        })
+        .chain(list(template_disks).into_iter().filter(|d| {
+            named(&volumes, &d["name"]).is_some_and(is_hotpluggable)
+                && named(&spec["domain"]["devices"]["disks"], &d["name"]).is_none()
+        }))
+        .collect();
+    (list(&volumes), disks)
+}
+
+/// `volumeStatus` as virt-controller keeps it for a running VMI (pkg/virt-controller/watch/vmi/storage.go
+/// `updateVolumeStatus`, `processHotplugVolumeStatus`, `phaseForUnpluggedVolume`): an entry for each volume of the
+/// spec; a hotpluggable one goes Pending → Bound (once its claim is) → AttachedToNode (its attachment pod runs). An
+/// entry whose volume left the spec stays as it is while virt-handler still has the disk (Ready, MountedToPod), goes
+/// Detaching once virt-handler let go of it (the attachment pod is deleted) and is dropped when the pod is gone.
+/// Written as KubeVirt writes a running VMI's status: a JSON patch with a `test` of the old list
+/// (lifecycle.go `prepareVMIPatch`).
+async fn controller_volume_status(shared: &Shared, api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<()> {
+    if vmi.data["status"]["phase"] != "Running" {
+        return Ok(());
+    }
+    let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
+    let old = list(&vmi.data["status"]["volumeStatus"]);
+    let mut left: BTreeMap<String, Value> = old.iter().map(|s| (name_of(s).to_string(), s.clone())).collect();
+    let mut new = Vec::new();
+    for volume in list(&vmi.data["spec"]["volumes"]) {
+        let name = name_of(&volume).to_string();
+        let mut status = left.remove(&name).unwrap_or_else(|| json!({"name": name, "target": ""}));
+        if is_hotpluggable(&volume) {
+            let pod = format!("hp-volume-{name}");
+            match status["phase"].as_str().unwrap_or_default() {
+                // Detaching in the spec: re-added while the old attachment pod goes; it starts over.
+                "" | "Pending" | "Detaching" => {
+                    let claim = volume["persistentVolumeClaim"]["claimName"].as_str();
+                    let claim = claim.or(volume["dataVolume"]["name"].as_str()).unwrap_or_default();
+                    let bound = shared.images.lock().unwrap().contains_key(claim);
+                    let (phase, reason) = if bound { ("Bound", "Bound") } else { ("Pending", "Pending") };
+                    set_phase(&mut status, phase, reason, format!("PVC {claim} is {}", phase.to_lowercase()));
+                    status["hotplugVolume"] = json!({});
+                }
+                "Bound" if due(shared, &vmi_name, &name) => {
+                    let message = format!("Created hotplug attachment pod {pod}, for volume {name}");
+                    set_phase(&mut status, "AttachedToNode", "SuccessfulCreate", message);
+                    status["hotplugVolume"] = json!({"attachPodName": pod, "attachPodUID": format!("uid-{pod}")});
+                }
+                _ => {}
+            }
+        }
+        new.push(status);
+    }
+    for (name, mut status) in left {
+        // Only a hot-plugged volume has an attachment pod to wait for.
+        if status["hotplugVolume"].is_null() {
+            continue;
+        }
+        match status["phase"].as_str().unwrap_or_default() {
+            "Ready" | "MountedToPod" => {}
+            "Detaching" if due(shared, &vmi_name, &name) => continue,
+            "Detaching" => {}
+            _ => {
+                let message = format!("Deleted hotplug attachment pod hp-volume-{name}, for volume {name}");
+                set_phase(&mut status, "Detaching", "SuccessfulDelete", message);
+            }
+        }
+        new.push(status);
+    }
+    new.sort_by(|a, b| name_of(a).cmp(name_of(b)));
+    if new == old {
+        return Ok(());
+    }
+    patch_lists(api, vmi, &[("/status/volumeStatus".into(), Value::Array(new.clone()))]).await?;
+    stamp_changes(shared, &vmi_name, &old, &new);
+    Ok(())
+}
+
+/// virt-handler (pkg/virt-handler/vm.go): starts a scheduled VMI's domain and reports it Running with its
+/// interfaces; for a running one keeps the domain in step with the VMI and reports each volume's target and phase
+/// from it. Whatever changed is written with a full update of the VMI, as `updateVMIStatus` does (`Update`).
+async fn handler_sync(shared: &Shared) -> Result<()> {
+    let api = vmis(&shared.handler, &shared.namespace);
+    for vmi in api.list(&Default::default()).await? {
+        let name = vmi.metadata.name.clone().unwrap_or_default();
+        let mut next = vmi.clone();
+        match vmi.data["status"]["phase"].as_str() {
+            Some("Scheduled") => {
+                boot(shared, &name, &vmi);
+                next.data["status"]["phase"] = json!("Running");
+                if let Some(ip) = shared.addresses.lock().unwrap().get(&name) {
+                    next.data["status"]["interfaces"] =
+                        json!([{"name": "default", "ipAddress": ip, "ipAddresses": [ip]}]);
+                }
+            }
+            Some("Running") => {
+                sync_domain(shared, &name, &vmi).await?;
+                // virt-controller makes the entries; with none there is nothing to report.
+                if vmi.data["status"]["volumeStatus"].is_array() {
+                    next.data["status"]["volumeStatus"] = Value::Array(statuses_from_domain(shared, &name, &vmi));
+                }
+            }
+            _ => continue,
+        }
+        if next.data != vmi.data {
+            update(&api, &next).await?;
+            let (old, new) = (list(&vmi.data["status"]["volumeStatus"]), list(&next.data["status"]["volumeStatus"]));
+            stamp_changes(shared, &name, &old, &new);
+        }
+    }
+    Ok(())
+}
+
+/// The domain starts with the VMI's disks that are not hot-plugged, on virtio targets in order.
+fn boot(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) {
+    let mut domain = shared.domain.lock().unwrap();
+    let boot = list(&vmi.data["spec"]["volumes"]).into_iter().filter(|v| !is_hotpluggable(v));
+    for (n, volume) in boot.enumerate() {
+        domain.insert(key(vmi_name, name_of(&volume)), format!("vd{}", (b'a' + n as u8) as char));
+    }
+}
+
+/// virt-launcher's disk sync, driven by virt-handler: a hotpluggable volume of the spec that virt-handler mounted
+/// into the pod (MountedToPod) is plugged into the guest with its disk's serial and bus; a plugged volume gone from
+/// the spec is unplugged once KubeVirt's time for that passed, whatever the guest does with it (libvirt
+/// `DetachDeviceFlags`).
+async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Result<()> {
+    let spec = &vmi.data["spec"];
+    let statuses = list(&vmi.data["status"]["volumeStatus"]);
+    let phase_of = |name: &str| statuses.iter().find(|s| s["name"] == name).map(|s| s["phase"].clone());
+    for volume in list(&spec["volumes"]).iter().filter(|v| is_hotpluggable(v)) {
+        let name = name_of(volume);
+        shared.leaving.lock().unwrap().remove(&key(vmi_name, name));
+        let plugged = shared.domain.lock().unwrap().contains_key(&key(vmi_name, name));
+        if plugged || phase_of(name) != Some(json!("MountedToPod")) || !due(shared, vmi_name, name) {
+            continue;
+        }
+        let claim = volume["persistentVolumeClaim"]["claimName"].as_str().or(volume["dataVolume"]["name"].as_str());
+        let image = claim.and_then(|c| shared.images.lock().unwrap().get(c).cloned());
+        let image = image.with_context(|| format!("the lab has no image for volume {name} of VMI {vmi_name}"))?;
+        let target = {
+            let mut next = shared.next_target.lock().unwrap();
+            *next += 1;
+            format!("sd{}", (b'a' + *next) as char)
+        };
+        if let Some(qemu) = &shared.qemu {
+            let disk = disk_of(spec, &volume["name"]).unwrap_or(Value::Null);
+            let spec = VolumeSpec {
+                name: name.into(),
+                serial: disk["serial"].as_str().unwrap_or(name).to_string(),
+                bus: if disk["disk"]["bus"] == "virtio" { DiskBus::Virtio } else { DiskBus::Scsi },
+                source: VolumeSource::Image { path: image, format: "raw".into() },
+            };
+            qemu.add_volume(&spec).await.with_context(|| format!("the lab's virt-handler could not plug {name}"))?;
+        }
+        shared.domain.lock().unwrap().insert(key(vmi_name, name), target);
+    }
+    let in_spec: Vec<String> = list(&spec["volumes"]).iter().map(|v| name_of(v).to_string()).collect();
+    let gone: Vec<String> = {
+        let domain = shared.domain.lock().unwrap();
+        domain.keys().filter(|(v, name)| v == vmi_name && !in_spec.contains(name)).map(|(_, n)| n.clone()).collect()
+    };
+    for name in gone {
+        let since = *shared.leaving.lock().unwrap().entry(key(vmi_name, &name)).or_insert_with(Instant::now);
+        if since.elapsed() < *shared.unplug_delay.lock().unwrap() {
+            continue;
+        }
+        if let Some(qemu) = &shared.qemu {
+            unplug(qemu, &name).await?;
+        }
+        shared.domain.lock().unwrap().remove(&key(vmi_name, &name));
+        shared.leaving.lock().unwrap().remove(&key(vmi_name, &name));
+        event(shared, vmi, "VolumeUnplugged", &format!("Volume {name} has been unplugged")).await?;
+    }
+    Ok(())
+}
+
+/// Each volume's status from the domain (vm.go `updateVolumeStatusesFromDomain`, `updateHotplugVolumeStatus`): its
+/// target is the domain's; a hot-plugged volume with a target is Ready; without one, it is MountedToPod once its
+/// attachment pod's volume is mounted into virt-launcher (a step after AttachedToNode), or UnMountedFromPod once it
+/// left the spec.
+fn statuses_from_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Vec<Value> {
+    let in_spec = |name: &str| list(&vmi.data["spec"]["volumes"]).iter().any(|v| v["name"] == name);
+    let domain = shared.domain.lock().unwrap().clone();
+    let mut statuses = list(&vmi.data["status"]["volumeStatus"]);
+    for status in &mut statuses {
+        let name = name_of(status).to_string();
+        let target = domain.get(&key(vmi_name, &name)).cloned().unwrap_or_default();
+        status["target"] = json!(target);
+        if status["hotplugVolume"].is_null() {
+            continue;
+        }
+        let phase = status["phase"].as_str().unwrap_or_default().to_string();
+        if !target.is_empty() {
+            let message = format!("Successfully attach hotplugged volume {name} to VM");
+            set_phase(status, "Ready", "VolumeReady", message);
+        } else if in_spec(&name) && phase == "AttachedToNode" && due(shared, vmi_name, &name) {
+            let message = format!("Volume {name} has been mounted in virt-launcher pod");
+            set_phase(status, "MountedToPod", "VolumeMountedToPod", message);
+        } else if !in_spec(&name) && matches!(phase.as_str(), "Ready" | "MountedToPod" | "AttachedToNode") {
+            let message = format!("Volume {name} has been unmounted from virt-launcher pod");
+            set_phase(status, "UnMountedFromPod", "VolumeUnMountedFromPod", message);
+        }
+    }
+    statuses
 }
 
 /// Binds every claim the lab has an image for (there is no provisioner).
@@ -732,136 +1157,6 @@ fn provision(shared: &Shared, claim: &str, spec: &Value) -> Result<()> {
     Ok(())
 }
 
-/// `HandleDeclarativeVolumes`: the VMI's hotpluggable volumes follow its VM's template. A VMI volume gone from
-/// the template is dropped at once (that *is* the unplug); a template volume is added unless the VMI still has a
-/// status entry for it (an unplug in progress). Returns true when it changed the VMI.
-async fn declarative_sync(shared: &Shared, vmi: &DynamicObject) -> Result<bool> {
-    let Some(owner) = vmi.metadata.owner_references.iter().flatten().find(|o| o.kind == "VirtualMachine") else {
-        return Ok(false);
-    };
-    let Some(vm) = vms(&shared.client, &shared.namespace).get_opt(&owner.name).await? else { return Ok(false) };
-    let template = &vm.data["spec"]["template"]["spec"];
-    let mut spec = vmi.data["spec"].clone();
-    let listed =
-        |spec: &Value, name: &Value| spec["volumes"].as_array().is_some_and(|v| v.iter().any(|v| v["name"] == *name));
-    let mut changed = false;
-    for volume in spec["volumes"].as_array().cloned().unwrap_or_default() {
-        if is_hotpluggable(&volume) && !listed(template, &volume["name"]) {
-            let name = volume["name"].as_str().unwrap_or_default();
-            change_volumes(&mut spec, false, name, &Value::Null, &Value::Null).ok();
-            changed = true;
-        }
-    }
-    let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
-    for volume in template["volumes"].as_array().cloned().unwrap_or_default() {
-        let name = volume["name"].as_str().unwrap_or_default().to_string();
-        let unplugging = shared.volumes.lock().unwrap().contains_key(&(vmi_name.clone(), name.clone()));
-        if is_hotpluggable(&volume) && !listed(&spec, &volume["name"]) && !unplugging {
-            let disk = disk_of(template, &volume["name"]).unwrap_or_else(|| json!({"name": name, "disk": {}}));
-            change_volumes(&mut spec, true, &name, &volume, &disk).ok();
-            changed = true;
-        }
-    }
-    if changed {
-        replace_path(&vmis(&shared.client, &shared.namespace), vmi.clone(), &["spec"], spec).await?;
-    }
-    Ok(changed)
-}
-
-/// virt-handler: moves each hotpluggable volume of the VMI through KubeVirt's phases, plugs and unplugs it in the
-/// guest, and reports `volumeStatus`.
-async fn sync_volumes(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Result<()> {
-    let spec = &vmi.data["spec"];
-    let wanted: BTreeMap<String, (Value, Value)> = spec["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|v| is_hotpluggable(v))
-        .map(|v| {
-            let name = v["name"].as_str().unwrap_or_default().to_string();
-            let disk = disk_of(spec, &v["name"]).unwrap_or(Value::Null);
-            (name, (v.clone(), disk))
-        })
-        .collect();
-    let tracked = shared.plugs_of(vmi_name);
-    let mut unplugged = Vec::new();
-    for (name, (volume, disk)) in &wanted {
-        let key = (vmi_name.to_string(), name.clone());
-        let plug = shared.volumes.lock().unwrap().get(&key).cloned();
-        let next = match plug {
-            None => Some(Plug {
-                phase: "Pending",
-                since: Instant::now(),
-                target: String::new(),
-                plugged: false,
-                leaving: None,
-            }),
-            Some(p) if p.since.elapsed() < PHASE_STEP || p.phase == "Ready" => None,
-            Some(p) => advance(shared, p, name, volume, disk).await?,
-        };
-        if let Some(next) = next {
-            shared.volumes.lock().unwrap().insert(key, next);
-        }
-    }
-    for (name, mut plug) in tracked.into_iter().filter(|(name, _)| !wanted.contains_key(name)) {
-        let key = (vmi_name.to_string(), name.clone());
-        let leaving = *plug.leaving.get_or_insert_with(Instant::now);
-        if plug.phase != "Detaching" && leaving.elapsed() >= *shared.unplug_delay.lock().unwrap() {
-            // Like virt-launcher: the disk left the domain, so it is detached, whatever the guest does with it.
-            if plug.plugged
-                && let Some(qemu) = &shared.qemu
-            {
-                unplug(qemu, &name).await?;
-            }
-            let detaching = Plug { phase: "Detaching", since: Instant::now(), plugged: false, ..plug };
-            shared.volumes.lock().unwrap().insert(key, detaching);
-        } else if plug.phase == "Detaching" && plug.since.elapsed() >= PHASE_STEP {
-            shared.volumes.lock().unwrap().remove(&key);
-            unplugged.push(name);
-        } else {
-            shared.volumes.lock().unwrap().insert(key, plug);
-        }
-    }
-    report_status(shared, vmi_name, vmi).await?;
-    for name in unplugged {
-        event(shared, vmi, "VolumeUnplugged", &format!("Volume {name} has been unplugged")).await?;
-    }
-    Ok(())
-}
-
-/// The next phase of an attach: Pending → Bound (once its claim is) → AttachedToNode → MountedToPod → Ready.
-async fn advance(shared: &Shared, plug: Plug, name: &str, volume: &Value, disk: &Value) -> Result<Option<Plug>> {
-    let now = Instant::now();
-    let claim = volume["persistentVolumeClaim"]["claimName"].as_str().or(volume["dataVolume"]["name"].as_str());
-    let image = claim.and_then(|c| shared.images.lock().unwrap().get(c).cloned());
-    let phase = match plug.phase {
-        "Pending" if image.is_none() => return Ok(None),
-        "Pending" => "Bound",
-        "Bound" => "AttachedToNode",
-        "AttachedToNode" => "MountedToPod",
-        _ => {
-            let target = {
-                let mut next = shared.next_target.lock().unwrap();
-                *next += 1;
-                format!("sd{}", (b'a' + *next) as char)
-            };
-            if let (Some(qemu), Some(path)) = (&shared.qemu, image) {
-                let spec = VolumeSpec {
-                    name: name.into(),
-                    serial: disk["serial"].as_str().unwrap_or(name).to_string(),
-                    bus: if disk["disk"]["bus"] == "virtio" { DiskBus::Virtio } else { DiskBus::Scsi },
-                    source: VolumeSource::Image { path, format: "raw".into() },
-                };
-                qemu.add_volume(&spec)
-                    .await
-                    .with_context(|| format!("the lab's virt-handler could not plug {name}"))?;
-            }
-            return Ok(Some(Plug { phase: "Ready", since: now, target, plugged: true, leaving: None }));
-        }
-    };
-    Ok(Some(Plug { phase, since: now, ..plug }))
-}
-
 /// Unplugs a volume from the guest and waits until QEMU has let go of it, as virt-launcher does.
 async fn unplug(qemu: &Qemu, name: &str) -> Result<()> {
     qemu.remove_volume(name).await?;
@@ -872,38 +1167,10 @@ async fn unplug(qemu: &Qemu, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes `status.volumeStatus` when it changed: the VMI's other entries as they are, the hot-plugged ones from
-/// the controller's state.
-async fn report_status(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Result<()> {
-    let tracked = shared.plugs_of(vmi_name);
-    let current = vmi.data["status"]["volumeStatus"].as_array().cloned().unwrap_or_default();
-    let mut statuses: Vec<Value> = current
-        .iter()
-        .filter(|s| s["hotplugVolume"].is_null() && !tracked.contains_key(s["name"].as_str().unwrap_or("")))
-        .cloned()
-        .collect();
-    for (name, plug) in &tracked {
-        let ready = plug.phase == "Ready";
-        statuses.push(json!({
-            "name": name, "phase": plug.phase, "target": plug.target,
-            "reason": if ready { "VolumeReady" } else { "" },
-            "message": if ready { format!("Successfully attach hotplugged volume {name} to VM") } else { String::new() },
-            "hotplugVolume": {"attachPodName": format!("hp-volume-{name}"), "attachPodUID": format!("uid-{name}")},
-        }));
-    }
-    if statuses != current {
-        let patch = json!({"status": {"volumeStatus": statuses}});
-        vmis(&shared.client, &shared.namespace)
-            .patch_status(vmi_name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
-    Ok(())
-}
-
 /// A core Event about the VMI, as virt-handler records one.
 async fn event(shared: &Shared, vmi: &DynamicObject, reason: &str, message: &str) -> Result<()> {
     let events = Api::<DynamicObject>::namespaced_with(
-        shared.client.clone(),
+        shared.handler.clone(),
         &shared.namespace,
         &resource("Event", "", "v1", "events"),
     );
@@ -915,4 +1182,83 @@ async fn event(shared: &Shared, vmi: &DynamicObject, reason: &str, message: &str
     }))?;
     events.create(&PostParams::default(), &event).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pvc(name: &str, claim: &str) -> Value {
+        json!({"name": name, "persistentVolumeClaim": {"claimName": claim, "hotpluggable": true}})
+    }
+
+    fn disk(name: &str) -> Value {
+        json!({"name": name, "serial": name, "disk": {"bus": "scsi"}})
+    }
+
+    /// A spec with the root disk and `volumes`, each with its disk.
+    fn spec(volumes: &[Value]) -> Value {
+        let (domain, root) = root_disk();
+        let mut spec = json!({"domain": domain, "volumes": root});
+        for volume in volumes {
+            push(&mut spec, "volumes", volume.clone());
+            spec["domain"]["devices"]["disks"].as_array_mut().unwrap().push(disk(name_of(volume)));
+        }
+        spec
+    }
+
+    fn names(list: &[Value]) -> Vec<&str> {
+        list.iter().map(name_of).collect()
+    }
+
+    #[test]
+    fn a_vmi_that_follows_its_template_is_left_alone() {
+        let both = spec(&[pvc("data", "pvc-a")]);
+        let (volumes, disks) = declarative_lists(&both, &both, &json!({}));
+        assert_eq!((volumes, disks), (list(&both["volumes"]), list(&both["domain"]["devices"]["disks"])));
+    }
+
+    #[test]
+    fn a_volume_gone_from_the_template_leaves_the_vmi_with_its_disk() {
+        let (template, vmi) = (spec(&[]), spec(&[pvc("data", "pvc-a")]));
+        let (volumes, disks) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!((names(&volumes), names(&disks)), (vec!["rootdisk"], vec!["rootdisk"]));
+    }
+
+    #[test]
+    fn another_claim_is_an_unplug_then_a_plug_once_the_old_status_is_gone() {
+        let (template, vmi) = (spec(&[pvc("data", "pvc-b")]), spec(&[pvc("data", "pvc-a")]));
+        let (volumes, disks) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!((names(&volumes), names(&disks)), (vec!["rootdisk"], vec!["rootdisk"]), "dropped, not replaced");
+
+        // Unplugging: its status entry is still there, so it is not added back yet.
+        let unplugging = json!({"volumeStatus": [{"name": "data", "phase": "Detaching", "hotplugVolume": {}}]});
+        let dropped = spec(&[]);
+        assert_eq!(names(&declarative_lists(&template, &dropped, &unplugging).0), ["rootdisk"]);
+
+        let (volumes, disks) = declarative_lists(&template, &dropped, &json!({"volumeStatus": []}));
+        assert_eq!(volumes.last(), Some(&pvc("data", "pvc-b")), "back with the new claim");
+        assert_eq!(disks.last(), Some(&disk("data")));
+    }
+
+    #[test]
+    fn volumes_that_are_not_hotpluggable_stay_as_they_are() {
+        let mut template = spec(&[]);
+        template["volumes"][0]["containerDisk"]["image"] = json!("another");
+        let mut vmi = spec(&[]);
+        push(&mut vmi, "volumes", json!({"name": "cold", "persistentVolumeClaim": {"claimName": "pvc-c"}}));
+        let (volumes, _) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!(volumes, list(&vmi["volumes"]), "a changed boot disk and a VMI-only cold volume stay");
+    }
+
+    #[test]
+    fn a_cdrom_keeps_its_drive_when_its_medium_changes() {
+        let cdrom = json!({"name": "iso", "cdrom": {"bus": "sata"}});
+        let mut template = spec(&[pvc("iso", "pvc-new")]);
+        template["domain"]["devices"]["disks"][1] = cdrom.clone();
+        let mut vmi = spec(&[pvc("iso", "pvc-old")]);
+        vmi["domain"]["devices"]["disks"][1] = cdrom.clone();
+        let (volumes, disks) = declarative_lists(&template, &vmi, &json!({}));
+        assert_eq!((names(&volumes), disks.last()), (vec!["rootdisk"], Some(&cdrom)));
+    }
 }

@@ -1,7 +1,7 @@
 //! wukong-operator in the lab: the shipped CRD and RBAC installed in a [`Cluster`], and operator processes that
 //! run as the shipped ServiceAccount (never as admin), for the tests and the scale benchmark.
 
-use crate::cluster::{ADMIN, Cluster};
+use crate::cluster::{ADMIN, Cluster, create_all};
 use crate::kubevirt_lab::resource;
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, DynamicObject, PostParams};
@@ -22,42 +22,20 @@ pub async fn install_operator(cluster: &Cluster) -> Result<()> {
         let text = std::fs::read_to_string(crate::workspace_root().join(file))?;
         documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);
     }
-    for mut doc in documents {
-        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
-        let (group, version, plural, namespaced) = match kind.as_str() {
-            "CustomResourceDefinition" => ("apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
-            "Namespace" => ("", "v1", "namespaces", false),
-            "ServiceAccount" => ("", "v1", "serviceaccounts", true),
-            "ClusterRole" => ("rbac.authorization.k8s.io", "v1", "clusterroles", false),
-            "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", false),
-            "Role" => ("rbac.authorization.k8s.io", "v1", "roles", true),
-            "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings", true),
-            "NetworkPolicy" => ("networking.k8s.io", "v1", "networkpolicies", true),
-            // policy/v1 is newer than the lab's server (1.20): the same object in policy/v1beta1 proves its shape.
-            "PodDisruptionBudget" => {
-                if doc["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] != "wukong-operator" {
-                    bail!("the PodDisruptionBudget does not select the operator's Pods");
-                }
-                doc["apiVersion"] = "policy/v1beta1".into();
-                ("policy", "v1beta1", "poddisruptionbudgets", true)
-            }
-            "Deployment" => {
-                let account = &doc["spec"]["template"]["spec"]["serviceAccountName"];
-                if account != "wukong-operator" {
-                    bail!("the Deployment runs as {account}, not the ServiceAccount deploy/operator.yaml binds");
-                }
-                continue;
-            }
-            other => bail!("deploy/ has a {other}, which this test does not expect"),
-        };
-        let r = resource(&kind, group, version, plural);
-        let api: Api<DynamicObject> = match namespaced {
-            true => Api::namespaced_with(client.clone(), doc["metadata"]["namespace"].as_str().unwrap_or_default(), &r),
-            false => Api::all_with(client.clone(), &r),
-        };
-        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
+    // The lab runs no pods: the Deployment is only checked for the identity it runs as.
+    for deployment in documents.iter().filter(|d| d["kind"] == "Deployment") {
+        let account = &deployment["spec"]["template"]["spec"]["serviceAccountName"];
+        if account != "wukong-operator" {
+            bail!("the Deployment runs as {account}, not the ServiceAccount deploy/operator.yaml binds");
+        }
     }
-    Ok(())
+    for budget in documents.iter().filter(|d| d["kind"] == "PodDisruptionBudget") {
+        if budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] != "wukong-operator" {
+            bail!("the PodDisruptionBudget does not select the operator's Pods");
+        }
+    }
+    documents.retain(|d| d["kind"] != "Deployment");
+    create_all(&client, documents).await
 }
 
 /// The admission guard's serving certificate: a throwaway CA, and `tls.crt`/`tls.key` for 127.0.0.1 in a

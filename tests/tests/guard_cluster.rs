@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use wukong_controller_client::kubevirt::{KubeVirt, vm_resource, vmi_resource};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes};
+use wukong_e2e::kubevirt_lab::{
+    CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes,
+};
 use wukong_e2e::operator_lab::{
     OPERATOR, events, install_operator, json_patch as patch, label, reviews, start_guarded,
 };
@@ -42,7 +44,7 @@ async fn stop(guest: &Guest, pid: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR]).await?;
+    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
     let grace = ["--guard-grace-seconds", "3"];

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::process::Output;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
-use wukong_e2e::kubevirt_lab::{HotplugMode, KubeVirtLab, template_volumes};
+use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, template_volumes};
 
 const NS: &str = "ns1";
 /// The identity wukongctl runs as, bound to the shipped roles only.
@@ -75,7 +75,7 @@ async fn bind_shipped_rbac(cluster: &Cluster, user: &str, without: Option<(&str,
 
 async fn lab(mode: HotplugMode) -> Result<Lab> {
     let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[COMPANION, LACKING]).await?;
+    let cluster = Cluster::start(&[COMPANION, LACKING, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, mode).await?;
     bind_shipped_rbac(&cluster, COMPANION, None).await?;
     let image = guest.new_image(64 << 20)?;
@@ -145,7 +145,8 @@ impl Lab {
         Ok(serde_json::to_value(api.get(name).await?)?)
     }
 
-    /// The audit log from `mark` on: requests that changed a VM or VMI spec, or asked for a hot-plug.
+    /// The audit log from `mark` on: requests that changed a VM or VMI, or asked for a hot-plug, by anyone but the
+    /// lab's KubeVirt (whose status writes are plain VMI updates: the VMI has no status subresource).
     fn hotplug_writes_since(&self, mark: usize) -> Result<Vec<AuditEvent>> {
         Ok(self
             .cluster
@@ -156,7 +157,9 @@ impl Lab {
                 let Some(r) = &e.object_ref else { return false };
                 let vm_or_vmi = matches!(r.resource.as_str(), "virtualmachines" | "virtualmachineinstances");
                 let subresource = r.subresource.as_deref();
+                let kubevirt = [CONTROLLER, HANDLER].contains(&e.user.username.as_str());
                 vm_or_vmi
+                    && !kubevirt
                     && (matches!(subresource, Some("addvolume" | "removevolume"))
                         || (e.is_write() && subresource.is_none()))
             })
@@ -391,5 +394,78 @@ async fn a_retried_detach_joins_kubevirts_removal_instead_of_giving_the_disk_bac
     assert!(text(&refused).contains("the guest got its disk back (CancelDetach)"), "{}", text(&refused));
     assert_eq!(lab.guest.checksum("/mnt/k/data").await?, sum, "mounted again and intact");
     lab.guest.run_ok("echo more >> /mnt/k/data && sync").await.context("the disk is writable again")?;
+    Ok(())
+}
+
+/// Writes `marker` at the start of an image file, where the guest reads it back from the disk.
+fn mark_image(image: &std::path::Path, marker: &str) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().write(true).open(image)?;
+    file.write_all(marker.as_bytes())?;
+    Ok(file.sync_all()?)
+}
+
+/// Issue 20: any change to a hot-plugged volume is an unplug (KubeVirt's `filterHotplugVMIVolumes`). The VM's
+/// template gets another claim for data1: virt-controller drops the old volume from the VMI, the guest loses that
+/// disk, and once its status entry is gone the new definition is plugged: the guest sees the other image under the
+/// same serial.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_claim_for_a_hotplugged_volume_unplugs_the_old_disk_and_plugs_the_new_one() -> Result<()> {
+    let lab = lab(HotplugMode::Declarative).await?;
+    mark_image(&lab.image, "old-disk")?;
+    let other = lab.guest.new_image(16 << 20)?;
+    mark_image(&other, "new-disk")?;
+    lab.kubevirt.create_claim("pvc-b", &other).await?;
+    let dev = lab.attach_data1().await?;
+    assert_eq!(lab.guest.run_ok(&format!("head -c 8 {dev}")).await?, "old-disk");
+
+    // kubectl edit or a GitOps sync changes the claim only: name, disk and serial stay.
+    let admin = lab.cluster.client(ADMIN).await?;
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    let volumes = vm["spec"]["template"]["spec"]["volumes"].as_array().context("the VM's volumes")?;
+    let index = volumes.iter().position(|v| v["name"] == "data1").context("data1 in the VM's spec")?;
+    let path = format!("/spec/template/spec/volumes/{index}");
+    let change = json!([{"op": "test", "path": format!("{path}/name"), "value": "data1"},
+                        {"op": "replace", "path": format!("{path}/persistentVolumeClaim/claimName"), "value": "pvc-b"}]);
+    let mark = lab.cluster.audit()?.len();
+    let vms: Api<DynamicObject> =
+        Api::namespaced_with(admin, NS, &dynamic("VirtualMachine", "kubevirt.io", "virtualmachines"));
+    vms.patch(
+        "vm1",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::<()>::Json(serde_json::from_value(change)?),
+    )
+    .await?;
+
+    lab.guest.wait_unplugged("data1", std::time::Duration::from_secs(60)).await.context("the old disk stays")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !lab.guest.has_disk("data1").await {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the new claim of data1 was never plugged");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let dev = lab.guest.agent().get_disk("data1", false).await?.dev_node;
+    assert_eq!(lab.guest.run_ok(&format!("head -c 8 {dev}")).await?, "new-disk", "the other image, as data1");
+
+    // virt-controller's two VMI spec patches: the old definition out, then the new one in.
+    let patches: Vec<Value> = lab
+        .cluster
+        .audit()?
+        .into_iter()
+        .skip(mark)
+        .filter(|e| e.is_write() && e.code() == 200 && e.user.username == CONTROLLER)
+        .filter(|e| e.object_ref.as_ref().is_some_and(|r| r.resource == "virtualmachineinstances"))
+        .filter_map(|e| e.request_object)
+        .flat_map(|ops| ops.as_array().cloned().unwrap_or_default())
+        .filter(|op| op["op"] == "replace" && op["path"] == "/spec/volumes")
+        .map(|op| {
+            op["value"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "data1").cloned()).unwrap_or(Value::Null)
+        })
+        .collect();
+    let claims: Vec<&Value> = patches.iter().map(|v| &v["persistentVolumeClaim"]["claimName"]).collect();
+    assert_eq!(claims, [&Value::Null, &json!("pvc-b")], "data1 dropped, then back with the new claim: {patches:?}");
+    let vmi = lab.object("VirtualMachineInstance", "virtualmachineinstances", "vm1").await?;
+    let statuses = vmi["status"]["volumeStatus"].as_array().cloned().unwrap_or_default();
+    let status = statuses.iter().find(|s| s["name"] == "data1").context("data1's status")?;
+    assert_eq!((&status["phase"], status["target"] != ""), (&json!("Ready"), true), "{status}");
     Ok(())
 }

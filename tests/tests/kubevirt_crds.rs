@@ -91,6 +91,8 @@ fn vmi_status() -> Value {
              "hotplugVolume": {"attachPodName": "hp-volume-x7k2p", "attachPodUID": "7b3f0c1e-0000-4000-8000-000000000001"},
              "persistentVolumeClaimInfo": {"claimName": "pvc-a", "accessModes": ["ReadWriteOnce"],
                                            "capacity": {"storage": "1Gi"}, "volumeMode": "Filesystem"}},
+            // Not attached yet: KubeVirt writes its empty target.
+            {"name": "data2", "target": "", "phase": "Bound", "reason": "", "hotplugVolume": {}},
         ],
         "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": null,
                         "lastTransitionTime": "2025-01-01T00:00:00Z"}],
@@ -116,7 +118,8 @@ async fn kubevirt_crds_are_established_and_keep_what_the_project_uses() -> Resul
     assert_eq!(read.data["spec"], vm("vm1")["spec"], "the VirtualMachine's spec reads back as written");
     assert_eq!(serde_json::to_value(&read.metadata.labels)?, json!({"app": "wukong"}));
 
-    // The VMI KubeVirt would start for vm1, owned by it; a status written with the object is not the object's.
+    // The VMI KubeVirt would start for vm1, owned by it. Its CRD has no status subresource, as KubeVirt ships it:
+    // the status is part of the object, written with it.
     let mut vmi = json!({
         "apiVersion": "kubevirt.io/v1",
         "kind": "VirtualMachineInstance",
@@ -130,17 +133,23 @@ async fn kubevirt_crds_are_established_and_keep_what_the_project_uses() -> Resul
     vmi["status"] = json!({"phase": "Scheduled"});
     vmis(&client).create(&PostParams::default(), &object(vmi.clone())?).await?;
     let read = vmis(&client).get("vm1").await?;
-    assert_eq!(read.data.get("status"), None, "the status subresource owns the status: {:?}", read.data);
+    assert_eq!(read.data["status"], vmi["status"], "the status is the object's, created with it: {:?}", read.data);
     assert_eq!(read.data["spec"], vmi["spec"]);
     let owners = serde_json::to_value(&read.metadata.owner_references)?;
     assert_eq!(owners, vmi["metadata"]["ownerReferences"]);
 
-    // A PUT of /status: in a merge patch the `lastProbeTime: null` KubeVirt writes would mean "remove".
+    // There is no /status to write to.
     let mut current = vmis(&client).get("vm1").await?;
     current.data["status"] = vmi_status();
-    vmis(&client).replace_status("vm1", &PostParams::default(), &current).await?;
+    match vmis(&client).replace_status("vm1", &PostParams::default(), &current).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 404, "{status:?}"),
+        other => bail!("a PUT of the VMI's /status was not refused with 404: {other:?}"),
+    }
+    // A PUT of the whole object writes it, as virt-handler does. In a merge patch the `lastProbeTime: null` KubeVirt
+    // writes would mean "remove".
+    vmis(&client).replace("vm1", &PostParams::default(), &current).await?;
     let read = vmis(&client).get("vm1").await?;
-    assert_eq!(read.data["status"], vmi_status(), "the VMI's status reads back as written through /status");
+    assert_eq!(read.data["status"], vmi_status(), "the VMI's status reads back as written with the object");
     assert_eq!(read.data["spec"], vmi["spec"], "a status write leaves the spec alone");
 
     // `kubectl get vmi` shows KubeVirt's columns.
