@@ -265,7 +265,8 @@ pub async fn detach<H: Hypervisor>(
     progress(&format!("waiting until {} and the guest agree volume '{volume}' is gone", hypervisor.describe()));
     let deadline = started + options.timeout;
     loop {
-        let hypervisor_done = hypervisor.volume_state(volume).await? == VolumeState::Absent;
+        let state = hypervisor.volume_state(volume).await?;
+        let hypervisor_done = state == VolumeState::Absent;
         // Forced with the agent down, the guest cannot be asked; the hypervisor's word is all there is.
         if hypervisor_done && gone_from_guest(agent, &serial, options.force).await {
             hypervisor.finish_removal(volume).await?;
@@ -274,7 +275,12 @@ pub async fn detach<H: Hypervisor>(
         if Instant::now() >= deadline {
             let detail = match hypervisor_done {
                 true => format!("{} removed it, but the guest still lists disk '{serial}'", hypervisor.describe()),
-                false => format!("{} still lists it", hypervisor.describe()),
+                false => match state {
+                    VolumeState::Removing { phase, message } | VolumeState::Pending { phase, message } => {
+                        format!("{} still lists it, in phase {phase}: {message}", hypervisor.describe())
+                    }
+                    _ => format!("{} still lists it", hypervisor.describe()),
+                },
             };
             let guest = match &release {
                 Some(_) => format!("the guest released disk '{serial}', so nothing in it can use the disk"),

@@ -216,6 +216,16 @@ pub struct VolumeStatus {
     pub reason: String,
     #[serde(default)]
     pub message: String,
+    #[serde(default, rename = "hotplugVolume")]
+    pub hotplug_volume: Option<HotplugVolumeStatus>,
+}
+
+/// `v1.HotplugVolumeStatus`: the attachment Pod that holds a hot-plugged volume on the node.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HotplugVolumeStatus {
+    #[serde(default)]
+    pub attach_pod_name: String,
 }
 
 /// `v1.VirtualMachineInstanceNetworkInterface`.
@@ -484,7 +494,41 @@ impl Hypervisor for KubeVirt {
             true => Some(self.vm().await?),
             false => None,
         };
-        Ok(volume_state_in(&vmi, vm.as_ref(), name))
+        match volume_state_in(&vmi, vm.as_ref(), name) {
+            VolumeState::Removing { phase, mut message } => {
+                for (volume, claim) in self.missing_claims(&vmi).await {
+                    message.push_str(&format!(
+                        "; but KubeVirt hot-plugs and unplugs nothing of this VMI while volume '{volume}' names claim \
+                         '{claim}', which does not exist (virt-controller's handleHotplugVolumes stops at it): create \
+                         claim '{claim}', or remove volume '{volume}' (the guest never got it: detach it with --force)"
+                    ));
+                }
+                Ok(VolumeState::Removing { phase, message })
+            }
+            state => Ok(state),
+        }
+    }
+}
+
+impl KubeVirt {
+    /// The hot-plugged volumes of the VMI, not attached yet, whose claim does not exist: (volume, claim). One such
+    /// volume stops every hot-plug and unplug of the VMI (volume-hotplug.go `handleHotplugVolumes` returns at the
+    /// first claim it cannot find), so a removal in progress never ends. A claim that cannot be read for another
+    /// reason (no `get` on claims) is not reported.
+    async fn missing_claims(&self, vmi: &VirtualMachineInstance) -> Vec<(String, String)> {
+        let mut missing = Vec::new();
+        for volume in vmi.spec.volumes.iter().filter(|v| v.hotpluggable()) {
+            let Some(claim) = &volume.persistent_volume_claim else { continue };
+            let status = vmi.status.volume_status.iter().find(|s| s.name == volume.name);
+            if status.is_some_and(|s| !s.phase.is_empty() && s.phase != "Pending") {
+                continue;
+            }
+            let path = format!("/api/v1/namespaces/{}/persistentvolumeclaims/{}", self.namespace, claim.claim_name);
+            if let Err(HypervisorError::NotFound { .. }) = self.get::<Value>(path).await {
+                missing.push((volume.name.clone(), claim.claim_name.clone()));
+            }
+        }
+        missing
     }
 }
 
@@ -527,8 +571,9 @@ pub fn volume_state_in(vmi: &VirtualMachineInstance, vm: Option<&VirtualMachine>
 }
 
 /// A volume's state from where KubeVirt has it: the VMI's spec, the VM's template (`None` when not consulted) and
-/// the VMI's volume status. A status entry outlives the volume's removal from the spec by seconds (the attachment
-/// pod is torn down, then `UnMountedFromPod`, `Detaching`): that whole time the volume is being removed.
+/// the VMI's volume status. A status entry outlives the volume's removal from the spec (`UnMountedFromPod`,
+/// `Detaching`) for as long as an attachment Pod holds the volume: seconds, minutes, or for ever when the Pod that
+/// replaces it never runs. That whole time the volume is being removed.
 fn classify(
     in_spec: bool,
     in_template: Option<bool>,
@@ -539,7 +584,7 @@ fn classify(
     match status {
         Some(s) if leaving || !in_spec => VolumeState::Removing {
             phase: if s.phase.is_empty() { "Unknown".into() } else { s.phase.clone() },
-            message: format!("volume '{}' left the spec; KubeVirt is unplugging it", s.name),
+            message: unplugging(s),
         },
         Some(s) if s.phase == "Ready" && !s.target.is_empty() => {
             VolumeState::Ready { serial, target: s.target.clone() }
@@ -553,6 +598,31 @@ fn classify(
             VolumeState::Pending { phase: "Pending".into(), message: "no volume status yet".into() }
         }
         None => VolumeState::Absent,
+    }
+}
+
+/// What a volume that left the spec waits for. While its phase is Ready or MountedToPod the guest's domain still has
+/// the disk: libvirt's `DetachDeviceFlags` may return with the removal pending until the guest acknowledges it
+/// (virtio), or fail; virt-handler reports both only as `SyncFailed` events of the VMI (virt-launcher manager.go
+/// `syncDisks`). After that its status entry goes only with the attachment Pod that holds it, and virt-controller
+/// deletes that Pod only once no unplugged volume in it is Ready or MountedToPod and, while other hot-plugged volumes
+/// stay, once the Pod that replaces it runs (volume-hotplug.go `cleanupAttachmentPods`).
+fn unplugging(s: &VolumeStatus) -> String {
+    let pod = s.hotplug_volume.as_ref().map(|h| h.attach_pod_name.as_str()).filter(|p| !p.is_empty());
+    match pod {
+        _ if matches!(s.phase.as_str(), "Ready" | "MountedToPod") => format!(
+            "volume '{}' left the spec, but the guest's domain still has the disk: the guest has not acknowledged the \
+             unplug, or libvirt failed it; the VMI's SyncFailed events say which (`kubectl get events \
+             --field-selector reason=SyncFailed`)",
+            s.name
+        ),
+        Some(pod) => format!(
+            "volume '{}' left the spec; KubeVirt keeps its status entry until attachment pod {pod} is gone, which it \
+             deletes once the guest let go of the volume and the VMI's newer attachment pod (if other hot-plugged \
+             volumes stay) runs: `kubectl get pods -l kubevirt.io=hotplug-disk` shows which is pending and why",
+            s.name
+        ),
+        None => format!("volume '{}' left the spec; KubeVirt is unplugging it", s.name),
     }
 }
 
@@ -571,6 +641,22 @@ mod tests {
             VolumeState::Ready { target, .. } => format!("ready {target}"),
             VolumeState::Removing { phase, .. } => format!("removing {phase}"),
         }
+    }
+
+    #[test]
+    fn a_removal_says_what_kubevirt_waits_for() {
+        let message = |phase: &str, pod: &str| {
+            let hotplug_volume = Some(HotplugVolumeStatus { attach_pod_name: pod.into() });
+            let s = VolumeStatus { hotplug_volume, ..status(phase, "") };
+            match classify(false, None, Some(&s), None) {
+                VolumeState::Removing { message, .. } => message,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(message("Ready", "hp-volume-x").contains("the guest's domain still has the disk"));
+        assert!(message("MountedToPod", "hp-volume-x").contains("SyncFailed"));
+        assert!(message("Detaching", "hp-volume-x").contains("until attachment pod hp-volume-x is gone"));
+        assert!(message("UnMountedFromPod", "").ends_with("KubeVirt is unplugging it"));
     }
 
     #[test]

@@ -674,7 +674,8 @@ async fn delete_claim_named(context: &Context, ns: &str, claim: &str) -> Result<
 }
 
 /// The `Wukong` is being deleted: claims of disks with `preserveData` are released from it (owner reference
-/// dropped, labelled `preserved`); the others are deleted once the VM no longer uses them.
+/// dropped, labelled `preserved`); the others are deleted once the VM no longer uses them: not in its spec, nor in
+/// its VMI's, and no VMI status entry for their disk (KubeVirt's attachment Pod still holds the claim until then).
 async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
     let ns = wukong.namespace().unwrap_or_default();
     let vm_name = wukong.vm_name();
@@ -687,6 +688,8 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
         vm.as_ref().and_then(|vm| vm.spec.template.as_ref()).is_some_and(|t| in_spec(&t.spec.volumes))
             || vmi.as_ref().is_some_and(|vmi| in_spec(&vmi.spec.volumes))
     };
+    let unplugging =
+        |disk: &str| vmi.as_ref().is_some_and(|vmi| vmi.status.volume_status.iter().any(|s| s.name == disk));
     let claims = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &ns);
     let owned = claims.list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", wukong.name_any()))).await?;
     let volumes = wukong.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default();
@@ -697,7 +700,7 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
         if preserve {
             let patch = json!({"metadata": {"ownerReferences": null, "labels": {PRESERVED_LABEL: "true"}}});
             claims.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        } else if uses(&name) {
+        } else if uses(&name) || claim.labels().get(DISK_LABEL).is_some_and(|disk| unplugging(disk)) {
             in_use.push(name);
         } else {
             delete_claim_named(context, &ns, &name).await?;

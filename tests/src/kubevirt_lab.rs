@@ -21,10 +21,10 @@ use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,6 +53,35 @@ const STORAGE_API_VERSION: &str = "kubevirt.io/storage-observed-api-version";
 const NODE: &str = "lab-node";
 /// How long a VMI may take to be Running (four writes, each seen by the next pass).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The label KubeVirt puts on its hot-plug attachment Pods.
+const ATTACHMENT_LABEL: (&str, &str) = ("kubevirt.io", "hotplug-disk");
+/// The lab's label naming the VMI an attachment Pod serves (KubeVirt finds them through the virt-launcher Pod, which
+/// the lab has not got).
+const ATTACHMENT_VMI_LABEL: &str = "lab.wukong.invalid/vmi";
+
+/// Why the lab's attachment Pods do not run (the lab's scheduler and kubelet play it; `None` in
+/// [`KubeVirtLab::set_attachment_pod_fault`]: each runs once [`KubeVirtLab::set_attachment_pod_start`] passed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachmentPodFault {
+    /// No node fits: Pending with PodScheduled False (Unschedulable), for as long as the fault lasts.
+    Unschedulable,
+    /// Scheduled, but its container never starts: the CSI driver will not attach a claim to a second Pod
+    /// (ContainerCreating, a Multi-Attach error), for as long as the fault lasts.
+    Stuck,
+}
+
+/// How virt-launcher's unplug of a disk fails in the guest's domain (libvirt `DetachDeviceFlags`, manager.go
+/// `syncDisks`); virt-handler reports each failed sync as a `SyncFailed` Warning event of the VMI, and the volume's
+/// status stays Ready because the domain still has the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnplugFailure {
+    /// `DetachDeviceFlags` returns, but the guest never acknowledges the removal (a virtio disk needs the guest's
+    /// PCIe acknowledgement): the disk stays, and every later try is refused by QEMU.
+    NeverAcknowledged,
+    /// libvirt refuses every try with this message.
+    Libvirt(String),
+}
 
 /// Which of KubeVirt v1.9's hot-plug feature gates is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +146,16 @@ struct Shared {
     unplug_delay: Mutex<Duration>,
     /// A 500 for every `removevolume` (the volume stays): a removal KubeVirt really refuses.
     refuse_removals: Mutex<Option<String>>,
+    /// How virt-launcher's unplugs fail, if they do.
+    unplug_failure: Mutex<Option<UnplugFailure>>,
+    /// When each (VMI, volume)'s failing unplug was last tried.
+    unplug_tried: Mutex<BTreeMap<(String, String), Instant>>,
+    /// How long a new attachment Pod takes to run (scheduled, its claims attached to the node, its container up).
+    pod_start: Mutex<Duration>,
+    /// What keeps new attachment Pods from running.
+    pod_fault: Mutex<Option<AttachmentPodFault>>,
+    /// When each attachment Pod was created, on the lab's clock (the API server's timestamps have whole seconds).
+    pods_created: Mutex<BTreeMap<String, Instant>>,
     next_target: Mutex<u8>,
     /// Every hot-plug request virt-api received, as it received it.
     received: Mutex<Vec<Received>>,
@@ -198,6 +237,11 @@ impl KubeVirtLab {
             addresses: Mutex::new(BTreeMap::new()),
             unplug_delay: Mutex::new(PHASE_STEP),
             refuse_removals: Mutex::new(None),
+            unplug_failure: Mutex::new(None),
+            unplug_tried: Mutex::new(BTreeMap::new()),
+            pod_start: Mutex::new(PHASE_STEP),
+            pod_fault: Mutex::new(None),
+            pods_created: Mutex::new(BTreeMap::new()),
             next_target: Mutex::new(0),
             received: Mutex::new(Vec::new()),
         });
@@ -211,6 +255,28 @@ impl KubeVirtLab {
     /// 150 ms; a real KubeVirt takes seconds).
     pub fn set_unplug_delay(&self, delay: Duration) {
         *self.shared.unplug_delay.lock().unwrap() = delay;
+    }
+
+    /// How long a new attachment Pod takes to run (default 150 ms; seconds to minutes in a real cluster). An unplug
+    /// of one of several hot-plugged volumes ends only once the Pod that replaces their old one runs.
+    pub fn set_attachment_pod_start(&self, delay: Duration) {
+        *self.shared.pod_start.lock().unwrap() = delay;
+    }
+
+    /// Keeps every attachment Pod that is not running yet from running, for as long as `fault` is set.
+    pub fn set_attachment_pod_fault(&self, fault: Option<AttachmentPodFault>) {
+        *self.shared.pod_fault.lock().unwrap() = fault;
+    }
+
+    /// The attachment Pods of VMI `vmi` as stored in the API server, oldest first.
+    pub async fn attachment_pods(&self, vmi: &str) -> Result<Vec<DynamicObject>> {
+        Ok(attachment_pods(&self.shared, &self.shared.client, vmi).await?)
+    }
+
+    /// Makes every unplug in the guest's domain fail that way, for as long as it is set (`None`: they work again,
+    /// as when the guest finally acknowledges).
+    pub fn set_unplug_failure(&self, failure: Option<UnplugFailure>) {
+        *self.shared.unplug_failure.lock().unwrap() = failure;
     }
 
     /// Refuse every `removevolume` with a 500 carrying `message` (`None`: accept them again).
@@ -840,7 +906,171 @@ async fn controller_sync(shared: &Shared) -> Result<()> {
         if shared.mode == HotplugMode::Declarative && declarative_sync(shared, &vmi).await? {
             continue;
         }
-        controller_volume_status(shared, &api, &vmi).await?;
+        if vmi.data["status"]["phase"] == "Running" {
+            let pods = handle_hotplug_volumes(shared, &vmi).await?;
+            controller_volume_status(shared, &api, &vmi, &pods).await?;
+        }
+    }
+    run_attachment_pods(shared).await
+}
+
+fn pods(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &resource("Pod", "", "v1", "pods"))
+}
+
+/// The attachment Pods of VMI `vmi`, oldest first.
+async fn attachment_pods(shared: &Shared, client: &kube::Client, vmi: &str) -> kube::Result<Vec<DynamicObject>> {
+    let selector = format!("{}={},{ATTACHMENT_VMI_LABEL}={vmi}", ATTACHMENT_LABEL.0, ATTACHMENT_LABEL.1);
+    let mut found = pods(client, &shared.namespace).list(&ListParams::default().labels(&selector)).await?.items;
+    let created = shared.pods_created.lock().unwrap().clone();
+    found.sort_by_key(|p| p.metadata.name.as_ref().and_then(|n| created.get(n).copied()));
+    Ok(found)
+}
+
+/// The names of the volumes an attachment Pod holds.
+fn pod_volumes(pod: &DynamicObject) -> BTreeSet<String> {
+    list(&pod.data["spec"]["volumes"]).iter().map(|v| name_of(v).to_string()).collect()
+}
+
+fn pod_running(pod: &DynamicObject) -> bool {
+    pod.data["status"]["phase"] == "Running"
+}
+
+/// The claim behind a hotpluggable volume.
+fn claim_of(volume: &Value) -> &str {
+    let claim = volume["persistentVolumeClaim"]["claimName"].as_str();
+    claim.or(volume["dataVolume"]["name"].as_str()).unwrap_or_default()
+}
+
+/// virt-controller's `handleHotplugVolumes` and `cleanupAttachmentPods` (pkg/virt-controller/watch/vmi/
+/// volume-hotplug.go) for a running VMI. One attachment Pod holds every ready hot-plugged volume; when that set
+/// changes (a volume plugged or unplugged) a new Pod is created for the new set, unless an old one is still pending.
+/// An old Pod is deleted only once no removed volume in it is Ready or MountedToPod, and one running old Pod is kept
+/// while the new one does not run yet: so an unplug of one of several volumes ends only when the replacement Pod
+/// runs. A hotpluggable volume whose claim does not exist stops all of it (`VolumeReadyToAttachToNode` fails, and
+/// `handleHotplugVolumes` returns at the first such volume): no Pod is created or deleted for any volume of the VMI.
+/// Returns the VMI's attachment Pods as they are afterwards, oldest first.
+async fn handle_hotplug_volumes(shared: &Shared, vmi: &DynamicObject) -> Result<Vec<DynamicObject>> {
+    let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
+    let existing = attachment_pods(shared, &shared.controller, &vmi_name).await?;
+    let claims = claims(&shared.controller, &shared.namespace).list(&ListParams::default()).await?.items;
+    let hotplug: Vec<Value> = list(&vmi.data["spec"]["volumes"]).into_iter().filter(is_hotpluggable).collect();
+    let mut ready = Vec::new();
+    for volume in &hotplug {
+        let Some(claim) = claims.iter().find(|c| c.metadata.name.as_deref() == Some(claim_of(volume))) else {
+            tracing::debug!(vmi = vmi_name, volume = name_of(volume), "lab virt-controller: claim not found");
+            return Ok(existing);
+        };
+        if claim.data["status"]["phase"] == "Bound" {
+            ready.push(volume.clone());
+        }
+    }
+    let ready_names: BTreeSet<String> = ready.iter().map(|v| name_of(v).to_string()).collect();
+    // getActiveAndOldAttachmentPods: the Pod holding exactly the ready volumes is current; old ones newest first.
+    let (mut current, mut old) = (None, Vec::new());
+    for pod in &existing {
+        match pod_volumes(pod) == ready_names {
+            true if pod.metadata.deletion_timestamp.is_none() => current = Some(pod.clone()),
+            true => {}
+            false => old.push(pod.clone()),
+        }
+    }
+    old.reverse();
+    let pending =
+        old.iter().any(|p| !matches!(p.data["status"]["phase"].as_str(), Some("Running" | "Succeeded" | "Failed")));
+    let mut changed = false;
+    if current.is_none() && !pending && !ready.is_empty() {
+        create_attachment_pod(shared, &vmi_name, &ready).await?;
+        changed = true;
+    }
+    // cleanupAttachmentPods.
+    let spec_names: BTreeSet<String> = hotplug.iter().map(|v| name_of(v).to_string()).collect();
+    let removed: BTreeMap<String, String> = list(&vmi.data["status"]["volumeStatus"])
+        .iter()
+        .filter(|s| !s["hotplugVolume"].is_null() && !spec_names.contains(name_of(s)))
+        .map(|s| (name_of(s).to_string(), s["phase"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    let blocks_delete =
+        |name: &String| removed.get(name).is_some_and(|phase| matches!(phase.as_str(), "Ready" | "MountedToPod"));
+    let current_not_running = current.as_ref().is_none_or(|p| !pod_running(p));
+    let mut found_running = false;
+    for pod in old {
+        let volumes = pod_volumes(&pod);
+        let preserve = volumes.iter().any(|v| spec_names.contains(v) || blocks_delete(v));
+        if !found_running && pod_running(&pod) && !ready.is_empty() && current_not_running && preserve {
+            found_running = true;
+            continue;
+        }
+        if volumes.iter().any(blocks_delete) {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+        match pods(&shared.controller, &shared.namespace).delete(&name, &now).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        shared.pods_created.lock().unwrap().remove(&name);
+        changed = true;
+    }
+    match changed {
+        true => Ok(attachment_pods(shared, &shared.controller, &vmi_name).await?),
+        false => Ok(existing),
+    }
+}
+
+/// `createAttachmentPod`: a Pod holding the claims of `volumes`, named `hp-volume-` and a random suffix.
+async fn create_attachment_pod(shared: &Shared, vmi: &str, volumes: &[Value]) -> Result<()> {
+    let pod_volumes: Vec<Value> = volumes
+        .iter()
+        .map(|v| json!({"name": name_of(v), "persistentVolumeClaim": {"claimName": claim_of(v)}}))
+        .collect();
+    let pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "hp-volume-",
+                     "labels": {ATTACHMENT_LABEL.0: ATTACHMENT_LABEL.1, ATTACHMENT_VMI_LABEL: vmi}},
+        "spec": {"containers": [{"name": "hotplug-disk", "image": "quay.io/kubevirt/virt-launcher:v1.9.0",
+                                 "command": ["/bin/sh", "-c", "/usr/bin/container-disk --copy-path /path/hp"]}],
+                 "volumes": pod_volumes},
+    }))?;
+    let created = pods(&shared.controller, &shared.namespace).create(&PostParams::default(), &pod).await?;
+    let name = created.metadata.name.unwrap_or_default();
+    shared.pods_created.lock().unwrap().insert(name, Instant::now());
+    Ok(())
+}
+
+/// The cluster's scheduler and kubelet for attachment Pods (as the admin): a Pod runs once its start time passed,
+/// unless a fault keeps it Pending.
+async fn run_attachment_pods(shared: &Shared) -> Result<()> {
+    let api = pods(&shared.client, &shared.namespace);
+    let selector = format!("{}={}", ATTACHMENT_LABEL.0, ATTACHMENT_LABEL.1);
+    let image = "quay.io/kubevirt/virt-launcher:v1.9.0";
+    for pod in api.list(&ListParams::default().labels(&selector)).await? {
+        if pod_running(&pod) {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let created = *shared.pods_created.lock().unwrap().entry(name.clone()).or_insert_with(Instant::now);
+        let fault = *shared.pod_fault.lock().unwrap();
+        let status = match fault {
+            Some(AttachmentPodFault::Unschedulable) => json!({"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/1 nodes are available: 1 node(s) had volume node affinity conflict."}]}),
+            Some(AttachmentPodFault::Stuck) => json!({"phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [{"name": "hotplug-disk", "ready": false, "restartCount": 0, "image": image,
+                    "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+            None if created.elapsed() >= *shared.pod_start.lock().unwrap() => json!({"phase": "Running",
+                "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "hotplug-disk", "ready": true, "restartCount": 0, "image": image,
+                    "imageID": "", "state": {"running": {}}}]}),
+            None => continue,
+        };
+        if pod.data["status"]["phase"] == status["phase"] && pod.data["status"]["conditions"] == status["conditions"] {
+            continue;
+        }
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status}))).await?;
     }
     Ok(())
 }
@@ -930,15 +1160,18 @@ fn declarative_lists(template: &Value, spec: &Value, status: &Value) -> (Vec<Val
 
 /// `volumeStatus` as virt-controller keeps it for a running VMI (pkg/virt-controller/watch/vmi/storage.go
 /// `updateVolumeStatus`, `processHotplugVolumeStatus`, `phaseForUnpluggedVolume`): an entry for each volume of the
-/// spec; a hotpluggable one goes Pending → Bound (once its claim is) → AttachedToNode (its attachment pod runs). An
-/// entry whose volume left the spec stays as it is while virt-handler still has the disk (Ready, MountedToPod), goes
-/// Detaching once virt-handler let go of it (the attachment pod is deleted) and is dropped when the pod is gone.
+/// spec; a hotpluggable one goes Pending → Bound (once its claim is) → AttachedToNode (a current attachment Pod holds
+/// it; its UID is recorded once the Pod runs, which virt-handler waits for). An entry whose volume left the spec
+/// stays while any attachment Pod (`pods`) still holds the volume: as it is while virt-handler still has the disk
+/// (Ready, MountedToPod), Detaching once virt-handler let go of it; it is dropped only when no Pod holds it.
 /// Written as KubeVirt writes a running VMI's status: a JSON patch with a `test` of the old list
 /// (lifecycle.go `prepareVMIPatch`).
-async fn controller_volume_status(shared: &Shared, api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<()> {
-    if vmi.data["status"]["phase"] != "Running" {
-        return Ok(());
-    }
+async fn controller_volume_status(
+    shared: &Shared,
+    api: &Api<DynamicObject>,
+    vmi: &DynamicObject,
+    pods: &[DynamicObject],
+) -> Result<()> {
     let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
     let old = list(&vmi.data["status"]["volumeStatus"]);
     let mut left: BTreeMap<String, Value> = old.iter().map(|s| (name_of(s).to_string(), s.clone())).collect();
@@ -947,40 +1180,44 @@ async fn controller_volume_status(shared: &Shared, api: &Api<DynamicObject>, vmi
         let name = name_of(&volume).to_string();
         let mut status = left.remove(&name).unwrap_or_else(|| json!({"name": name, "target": ""}));
         if is_hotpluggable(&volume) {
-            let pod = format!("hp-volume-{name}");
-            match status["phase"].as_str().unwrap_or_default() {
+            // The current Pod: the newest one, and it holds every ready volume (this one among them).
+            let pod = pods.last().filter(|p| pod_volumes(p).contains(&name));
+            let phase = status["phase"].as_str().unwrap_or_default().to_string();
+            match (phase.as_str(), pod) {
                 // Detaching in the spec: re-added while the old attachment pod goes; it starts over.
-                "" | "Pending" | "Detaching" => {
-                    let claim = volume["persistentVolumeClaim"]["claimName"].as_str();
-                    let claim = claim.or(volume["dataVolume"]["name"].as_str()).unwrap_or_default();
+                ("" | "Pending" | "Detaching", _) => {
+                    let claim = claim_of(&volume);
                     let bound = shared.images.lock().unwrap().contains_key(claim);
                     let (phase, reason) = if bound { ("Bound", "Bound") } else { ("Pending", "Pending") };
                     set_phase(&mut status, phase, reason, format!("PVC {claim} is {}", phase.to_lowercase()));
                     status["hotplugVolume"] = json!({});
                 }
-                "Bound" if due(shared, &vmi_name, &name) => {
-                    let message = format!("Created hotplug attachment pod {pod}, for volume {name}");
-                    set_phase(&mut status, "AttachedToNode", "SuccessfulCreate", message);
-                    status["hotplugVolume"] = json!({"attachPodName": pod, "attachPodUID": format!("uid-{pod}")});
+                (_, Some(pod)) => {
+                    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+                    if phase == "Bound" {
+                        let message = format!("Created hotplug attachment pod {pod_name}, for volume {name}");
+                        set_phase(&mut status, "AttachedToNode", "SuccessfulCreate", message);
+                    }
+                    // processHotplugVolumeStatus: the UID only once the Pod's container is ready.
+                    let uid =
+                        if pod_running(pod) { pod.metadata.uid.clone().unwrap_or_default() } else { String::new() };
+                    status["hotplugVolume"] = json!({"attachPodName": pod_name, "attachPodUID": uid});
                 }
-                _ => {}
+                (_, None) => {}
             }
         }
         new.push(status);
     }
     for (name, mut status) in left {
-        // Only a hot-plugged volume has an attachment pod to wait for.
+        // Only a hot-plugged volume has an attachment pod to wait for, and its entry lasts as long as a Pod holds it
+        // (`findAttachmentPodByVolumeName`).
+        let Some(pod) = pods.iter().find(|p| pod_volumes(p).contains(&name)) else { continue };
         if status["hotplugVolume"].is_null() {
             continue;
         }
-        match status["phase"].as_str().unwrap_or_default() {
-            "Ready" | "MountedToPod" => {}
-            "Detaching" if due(shared, &vmi_name, &name) => continue,
-            "Detaching" => {}
-            _ => {
-                let message = format!("Deleted hotplug attachment pod hp-volume-{name}, for volume {name}");
-                set_phase(&mut status, "Detaching", "SuccessfulDelete", message);
-            }
+        status["hotplugVolume"] = json!({"attachPodName": pod.metadata.name, "attachPodUID": pod.metadata.uid});
+        if !matches!(status["phase"].as_str(), Some("Ready" | "MountedToPod")) {
+            status["phase"] = json!("Detaching");
         }
         new.push(status);
     }
@@ -1082,12 +1319,18 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
         if since.elapsed() < *shared.unplug_delay.lock().unwrap() {
             continue;
         }
+        let failure = shared.unplug_failure.lock().unwrap().clone();
+        if let Some(failure) = failure {
+            failed_unplug(shared, vmi, &name, &failure).await?;
+            continue;
+        }
+        shared.unplug_tried.lock().unwrap().remove(&key(vmi_name, &name));
         if let Some(qemu) = &shared.qemu {
             unplug(qemu, &name).await?;
         }
         shared.domain.lock().unwrap().remove(&key(vmi_name, &name));
         shared.leaving.lock().unwrap().remove(&key(vmi_name, &name));
-        event(shared, vmi, "VolumeUnplugged", &format!("Volume {name} has been unplugged")).await?;
+        event(shared, vmi, "Normal", "VolumeUnplugged", &format!("Volume {name} has been unplugged")).await?;
     }
     Ok(())
 }
@@ -1111,7 +1354,11 @@ fn statuses_from_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) ->
         if !target.is_empty() {
             let message = format!("Successfully attach hotplugged volume {name} to VM");
             set_phase(status, "Ready", "VolumeReady", message);
-        } else if in_spec(&name) && phase == "AttachedToNode" && due(shared, vmi_name, &name) {
+        } else if in_spec(&name)
+            && phase == "AttachedToNode"
+            && status["hotplugVolume"]["attachPodUID"].as_str().is_some_and(|u| !u.is_empty())
+            && due(shared, vmi_name, &name)
+        {
             let message = format!("Volume {name} has been mounted in virt-launcher pod");
             set_phase(status, "MountedToPod", "VolumeMountedToPod", message);
         } else if !in_spec(&name) && matches!(phase.as_str(), "Ready" | "MountedToPod" | "AttachedToNode") {
@@ -1167,8 +1414,31 @@ async fn unplug(qemu: &Qemu, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A failing unplug of volume `name`, tried again about every second (virt-handler's retries of a failed sync): the
+/// disk stays in the domain, and each failed try is a `SyncFailed` Warning event (vm.go `sync`). A removal the guest
+/// never acknowledges fails from its second try, when QEMU refuses the repeated `device_del`.
+async fn failed_unplug(shared: &Shared, vmi: &DynamicObject, name: &str, failure: &UnplugFailure) -> Result<()> {
+    let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
+    let last = shared.unplug_tried.lock().unwrap().get(&key(&vmi_name, name)).copied();
+    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        return Ok(());
+    }
+    shared.unplug_tried.lock().unwrap().insert(key(&vmi_name, name), Instant::now());
+    let message = match failure {
+        UnplugFailure::NeverAcknowledged if last.is_none() => return Ok(()),
+        UnplugFailure::NeverAcknowledged => format!(
+            "internal error: unable to execute QEMU command 'device_del': Device ua-{name} is already in the process \
+             of unplug"
+        ),
+        UnplugFailure::Libvirt(message) => message.clone(),
+    };
+    let message =
+        format!("server error. command SyncVMI failed: \"LibvirtError(Code=1, Domain=10, Message='{message}')\"");
+    event(shared, vmi, "Warning", "SyncFailed", &message).await
+}
+
 /// A core Event about the VMI, as virt-handler records one.
-async fn event(shared: &Shared, vmi: &DynamicObject, reason: &str, message: &str) -> Result<()> {
+async fn event(shared: &Shared, vmi: &DynamicObject, type_: &str, reason: &str, message: &str) -> Result<()> {
     let events = Api::<DynamicObject>::namespaced_with(
         shared.handler.clone(),
         &shared.namespace,
@@ -1178,7 +1448,7 @@ async fn event(shared: &Shared, vmi: &DynamicObject, reason: &str, message: &str
         "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": format!("{}.", vmi.metadata.name.clone().unwrap_or_default())},
         "involvedObject": {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
                            "name": vmi.metadata.name, "namespace": shared.namespace, "uid": vmi.metadata.uid},
-        "reason": reason, "message": message, "type": "Normal", "source": {"component": "virt-handler"},
+        "reason": reason, "message": message, "type": type_, "source": {"component": "virt-handler"},
     }))?;
     events.create(&PostParams::default(), &event).await?;
     Ok(())

@@ -469,3 +469,185 @@ async fn another_claim_for_a_hotplugged_volume_unplugs_the_old_disk_and_plugs_th
     assert_eq!((&status["phase"], status["target"] != ""), (&json!("Ready"), true), "{status}");
     Ok(())
 }
+
+/// The VMI's status entry of `volume`, if it has one.
+async fn volume_status(lab: &Lab, volume: &str) -> Result<Option<Value>> {
+    let vmi = lab.object("VirtualMachineInstance", "virtualmachineinstances", "vm1").await?;
+    Ok(vmi["status"]["volumeStatus"].as_array().and_then(|l| l.iter().find(|s| s["name"] == volume).cloned()))
+}
+
+/// The names of the volumes each attachment Pod of vm1 holds (sorted), oldest Pod first, with the Pods' names.
+async fn pod_volumes(lab: &Lab) -> Result<Vec<(String, Vec<String>)>> {
+    let pods = lab.kubevirt.attachment_pods("vm1").await?;
+    Ok(pods
+        .into_iter()
+        .map(|p| {
+            let volumes = p.data["spec"]["volumes"].as_array().cloned().unwrap_or_default();
+            let mut names: Vec<String> =
+                volumes.iter().filter_map(|v| v["name"].as_str().map(str::to_string)).collect();
+            names.sort();
+            (p.metadata.name.unwrap_or_default(), names)
+        })
+        .collect())
+}
+
+/// Waits until vm1 has exactly one attachment Pod, holding `volumes` (sorted); returns its name.
+async fn one_pod_holding(lab: &Lab, volumes: &[&str]) -> Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let pods = pod_volumes(lab).await?;
+        if let [(name, held)] = pods.as_slice()
+            && held.iter().map(String::as_str).eq(volumes.iter().copied())
+        {
+            return Ok(name.clone());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "attachment pods never settled on {volumes:?}: {pods:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 29, item 3: KubeVirt's one attachment Pod per VMI. With data1 and data2 plugged, unplugging data1 ends only
+/// when the Pod that holds data2 alone runs and the old one is deleted (`cleanupAttachmentPods`). A detach through a
+/// slow, a stuck (ContainerCreating) and a never-scheduled replacement Pod gives up at its timeout naming the Pod
+/// that holds the volume, a retry joins the removal, and a re-add of the same name waits for the entry to go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detach_waits_for_the_attachment_pod_that_replaces_the_old_one() -> Result<()> {
+    use std::time::{Duration, Instant};
+    use wukong_e2e::kubevirt_lab::AttachmentPodFault;
+    let lab = lab(HotplugMode::Declarative).await?;
+    lab.kubevirt.create_claim("pvc-b", &lab.guest.new_image(16 << 20)?).await?;
+    lab.attach_data1().await?;
+    let first = one_pod_holding(&lab, &["data1"]).await?;
+    let out = lab.ctl(&["attach", "data2", "--claim", "pvc-b", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let both = one_pod_holding(&lab, &["data1", "data2"]).await?;
+    assert_ne!(first, both, "plugging data2 replaced the Pod that held data1 alone");
+    let status = volume_status(&lab, "data1").await?.context("data1's status")?;
+    assert_eq!(status["hotplugVolume"]["attachPodName"], both.as_str(), "{status}");
+
+    for fault in [None, Some(AttachmentPodFault::Stuck), Some(AttachmentPodFault::Unschedulable)] {
+        let holder = one_pod_holding(&lab, &["data1", "data2"]).await?;
+        lab.kubevirt.set_attachment_pod_start(Duration::from_secs(10));
+        lab.kubevirt.set_attachment_pod_fault(fault);
+        let out = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "3"])?;
+        assert_eq!(out.status.code(), Some(5), "{fault:?}: {}", text(&out));
+        let error = json_of(&out)?["error"].as_str().unwrap_or_default().to_string();
+        assert!(error.contains(&format!("attachment pod {holder} is gone")), "{fault:?}: {error}");
+        assert!(error.contains("Run detach again to wait for it"), "{fault:?}: {error}");
+        // The guest lost the disk (virt-handler let go of it: Detaching), the old Pod stays, its replacement waits.
+        let status = volume_status(&lab, "data1").await?.context("data1's entry stays")?;
+        assert_eq!(
+            (&status["phase"], &status["hotplugVolume"]["attachPodName"]),
+            (&json!("Detaching"), &json!(holder))
+        );
+        let pods = lab.kubevirt.attachment_pods("vm1").await?;
+        assert_eq!(pods.len(), 2, "{fault:?}: the old Pod and its replacement: {pods:?}");
+        let replacement = &pods[1].data["status"];
+        match fault {
+            None => assert_ne!(replacement["phase"], "Running", "still starting: {replacement}"),
+            Some(AttachmentPodFault::Stuck) => {
+                assert_eq!(replacement["containerStatuses"][0]["state"]["waiting"]["reason"], "ContainerCreating")
+            }
+            Some(AttachmentPodFault::Unschedulable) => {
+                assert_eq!(replacement["conditions"][0]["reason"], "Unschedulable", "{replacement}")
+            }
+        }
+        // Adding data1 again waits for the old entry: nothing is sent while it lasts.
+        let adds = lab.kubevirt.received().iter().filter(|r| r.path.ends_with("/addvolume")).count();
+        let out = lab.ctl(&["attach", "data1", "--claim", "pvc-a", "--timeout", "2"])?;
+        assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(text(&out).contains("an earlier removal of it is still in phase Detaching"), "{}", text(&out));
+        let now = lab.kubevirt.received().iter().filter(|r| r.path.ends_with("/addvolume")).count();
+        assert_eq!(now, adds, "no addvolume while data1's old entry lasts");
+
+        // The replacement runs: the old Pod goes, and with it the entry; a retried detach joins and ends.
+        lab.kubevirt.set_attachment_pod_fault(None);
+        let started = Instant::now();
+        let out = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "60"])?;
+        assert_eq!(out.status.code(), Some(0), "{fault:?}: {}", text(&out));
+        assert!(volume_status(&lab, "data1").await?.is_none(), "the entry went with the old Pod");
+        let kept = one_pod_holding(&lab, &["data2"]).await?;
+        println!("{fault:?}: the retry ended in {:.1} s; {kept} holds data2", started.elapsed().as_secs_f64());
+        lab.kubevirt.set_attachment_pod_start(Duration::from_millis(150));
+        lab.attach_data1().await?;
+    }
+    lab.assert_not_given_back().await?;
+    Ok(())
+}
+
+/// Issue 29, item 4: a hot-plugged volume whose claim does not exist (a typo'd --claim) stops every hot-plug and
+/// unplug of the VMI in KubeVirt (`handleHotplugVolumes` returns at it): data1's unplug never ends, though the guest
+/// released and lost the disk. The detach says which volume and claim stall it; once that volume goes, it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_claim_beside_a_detaching_volume_is_named() -> Result<()> {
+    let lab = lab(HotplugMode::Declarative).await?;
+    lab.kubevirt.create_claim("pvc-b", &lab.guest.new_image(16 << 20)?).await?;
+    lab.attach_data1().await?;
+    let out = lab.ctl(&["attach", "data2", "--claim", "pvc-b", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let holder = one_pod_holding(&lab, &["data1", "data2"]).await?;
+    let out = lab.ctl(&["attach", "typo", "--claim", "pvc-nope", "--timeout", "2"])?;
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+
+    let out = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "5"])?;
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let error = json_of(&out)?["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("volume 'typo' names claim 'pvc-nope', which does not exist"), "{error}");
+    let status = volume_status(&lab, "data1").await?.context("data1's entry stays")?;
+    assert_eq!(status["phase"], "Detaching", "the guest let go of data1: {status}");
+    let pods = pod_volumes(&lab).await?;
+    assert_eq!(pods, [(holder, vec!["data1".to_string(), "data2".to_string()])], "frozen: no replacement Pod");
+
+    let out = lab.ctl(&["detach", "typo", "--force", "--timeout", "60"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "60"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(volume_status(&lab, "data1").await?.is_none(), "data1's entry is gone");
+    one_pod_holding(&lab, &["data2"]).await?;
+    Ok(())
+}
+
+/// Issue 29, item 6: virt-launcher's unplug fails in the guest's domain: the guest never acknowledges it, or libvirt
+/// refuses it. The volume's status stays Ready, virt-handler records `SyncFailed` Warning events, and a detach gives
+/// up at its timeout saying the domain still has the disk and where KubeVirt says why; once the unplug goes through,
+/// a retry joins it and ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unplug_that_fails_in_the_domain_is_reported_with_kubevirts_sync_failures() -> Result<()> {
+    use wukong_e2e::kubevirt_lab::UnplugFailure;
+    let lab = lab(HotplugMode::Declarative).await?;
+    let refused =
+        "internal error: unable to execute QEMU command 'device_del': Bus 'scsi0.0' does not support hotplugging";
+    let failures = [
+        (UnplugFailure::NeverAcknowledged, "Device ua-data1 is already in the process of unplug"),
+        (UnplugFailure::Libvirt(refused.into()), refused),
+    ];
+    for (failure, says) in failures {
+        lab.attach_data1().await?;
+        lab.kubevirt.set_unplug_failure(Some(failure.clone()));
+        let out = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "4"])?;
+        assert_eq!(out.status.code(), Some(5), "{failure:?}: {}", text(&out));
+        let error = json_of(&out)?["error"].as_str().unwrap_or_default().to_string();
+        assert!(error.contains("in phase Ready"), "{failure:?}: {error}");
+        assert!(error.contains("the guest's domain still has the disk"), "{failure:?}: {error}");
+        assert!(error.contains("SyncFailed"), "{failure:?}: {error}");
+        let status = volume_status(&lab, "data1").await?.context("data1's entry")?;
+        assert_eq!(status["phase"], "Ready", "{failure:?}: {status}");
+        let events: Api<DynamicObject> =
+            Api::namespaced_with(lab.cluster.client(ADMIN).await?, NS, &dynamic("Event", "", "events"));
+        let warnings: Vec<String> = events
+            .list(&Default::default())
+            .await?
+            .into_iter()
+            .filter(|e| e.data["type"] == "Warning" && e.data["reason"] == "SyncFailed")
+            .filter_map(|e| e.data["message"].as_str().map(str::to_string))
+            .collect();
+        assert!(warnings.iter().any(|m| m.contains(says)), "{failure:?}: {warnings:#?}");
+
+        lab.kubevirt.set_unplug_failure(None);
+        let out = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--timeout", "60"])?;
+        assert_eq!(out.status.code(), Some(0), "{failure:?}: {}", text(&out));
+        assert_eq!(json_of(&out)?["removal"], "joined");
+    }
+    lab.assert_not_given_back().await?;
+    Ok(())
+}

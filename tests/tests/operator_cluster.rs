@@ -70,12 +70,9 @@ async fn object(client: &kube::Client, kind: &str, group: &str, plural: &str, na
     Ok(api.get_opt(name).await?.map(|o| serde_json::to_value(o).expect("an object serialises")))
 }
 
-/// Add a disk: claim, hot-plug, `Attached` with the guest's device. Remove it while a writer holds it: refused,
-/// `DetachBlocked` with the writer's pid, nothing touched; the writer stops: detached on its own within the
-/// backoff, the claim kept (`preserveData`), the data intact on re-attach. The system disk is never detached; a
-/// restart after an interrupted detach converges both ways; `force` with the agent down detaches with a Warning.
-#[tokio::test(flavor = "multi_thread")]
-async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go() -> Result<()> {
+/// A QEMU guest, a cluster with the lab's KubeVirt (claims provisioned as image files, kept in the returned
+/// directory), the operator's CRD and RBAC installed, and VM `db-vm` running.
+async fn operator_lab() -> Result<(Guest, Cluster, KubeVirtLab, tempfile::TempDir)> {
     let guest = Guest::boot().await?;
     let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
@@ -84,6 +81,71 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     install_operator(&cluster).await?;
     // The VMI reports the loopback address: the lab forwards the guest agent's port there.
     kubevirt.create_vm("db-vm", true, "127.0.0.1").await?;
+    Ok((guest, cluster, kubevirt, images))
+}
+
+/// Issue 29, item 3: a disk removed from spec.disks while KubeVirt's Pod that replaces the VM's attachment Pod is
+/// slow, stuck (ContainerCreating) or never scheduled. The operator reports `Detaching` with the attachment Pod that
+/// holds the volume, keeps the claim while the VMI's status entry lasts, and finishes (claim deleted) once the
+/// replacement runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_disk_keeps_its_claim_until_kubevirts_attachment_pod_is_gone() -> Result<()> {
+    use wukong_e2e::kubevirt_lab::AttachmentPodFault;
+    let (guest, cluster, kubevirt, _images) = operator_lab().await?;
+    let _operator = Operator::start(&cluster, "op-1", guest.agent_port())?;
+    let admin = cluster.client(ADMIN).await?;
+    let api = wukongs(&admin);
+    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let a = json!({"name": "a", "size": "16Mi"});
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
+        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, a]},
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    // A claim is deleted once it is gone or terminating (the lab has no controller-manager to end pvc-protection).
+    let claim = |name: &str| {
+        let (admin, name) = (admin.clone(), format!("db-vm-{name}"));
+        async move { object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", &name).await }
+    };
+    let faults = [("b", None), ("c", Some(AttachmentPodFault::Stuck)), ("d", Some(AttachmentPodFault::Unschedulable))];
+    for (disk, fault) in faults {
+        set_disks(&api, "db", json!([root, a, {"name": disk, "size": "16Mi"}])).await?;
+        wait_for(&api, "db", 120, |w| phase_is("a", Phase::Attached)(w) && phase_is(disk, Phase::Attached)(w)).await?;
+        let pods = kubevirt.attachment_pods("db-vm").await?;
+        let holder = pods.last().and_then(|p| p.metadata.name.clone()).context("an attachment pod")?;
+        kubevirt.set_attachment_pod_start(Duration::from_secs(20));
+        kubevirt.set_attachment_pod_fault(fault);
+        set_disks(&api, "db", json!([root, a])).await?;
+        let named = |w: &Wukong| {
+            volume(w, disk).is_some_and(|v| {
+                v.phase == Phase::Detaching
+                    && v.message.as_deref().is_some_and(|m| m.contains(&format!("attachment pod {holder} is gone")))
+            })
+        };
+        let w = wait_for(&api, "db", 60, named).await?;
+        println!("{fault:?}: {:?}", volume(&w, disk).and_then(|v| v.message.clone()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let w = api.get("db").await?;
+        assert_eq!(volume(&w, disk).map(|v| v.phase), Some(Phase::Detaching), "{fault:?}: {:?}", w.status);
+        let kept = claim(disk).await?;
+        assert!(kept.is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()), "{fault:?}: the claim stays");
+
+        kubevirt.set_attachment_pod_fault(None);
+        kubevirt.set_attachment_pod_start(Duration::from_millis(150));
+        wait_for(&api, "db", 90, |w| volume(w, disk).is_none()).await?;
+        let gone = claim(disk).await?;
+        assert!(gone.is_none_or(|c| c["metadata"]["deletionTimestamp"].is_string()), "{fault:?}: claim deleted");
+    }
+    Ok(())
+}
+
+/// Add a disk: claim, hot-plug, `Attached` with the guest's device. Remove it while a writer holds it: refused,
+/// `DetachBlocked` with the writer's pid, nothing touched; the writer stops: detached on its own within the
+/// backoff, the claim kept (`preserveData`), the data intact on re-attach. The system disk is never detached; a
+/// restart after an interrupted detach converges both ways; `force` with the agent down detaches with a Warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go() -> Result<()> {
+    let (guest, cluster, _kubevirt, _images) = operator_lab().await?;
     let agent_port = guest.agent_port();
     let mut operator = Operator::start(&cluster, "op-1", agent_port)?;
     let admin = cluster.client(ADMIN).await?;
