@@ -10,7 +10,10 @@
 //!   to Scheduled, the declarative rule (hotpluggable VM volumes → VMI spec, a changed one unplugged and plugged
 //!   again) and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
 //!   volumes' targets and their MountedToPod, Ready and UnMountedFromPod phases, the hot-plugs and unplugs over QMP
-//!   with the disk's serial and bus, and the `VolumeUnplugged` event. The VMI CRD has no status subresource, as
+//!   with the disk's serial and bus, and the `VolumeUnplugged` event. virt-controller's attachment Pods are real
+//!   Pods (`hp-volume-*`, one per VMI holding all its hot-plugged volumes; see `handle_hotplug_volumes`), run by the
+//!   lab's scheduler and kubelet unless an [`AttachmentPodFault`] keeps them Pending; unplugs in the domain can fail
+//!   ([`UnplugFailure`]). The VMI CRD has no status subresource, as
 //!   KubeVirt ships it: each of these writes is an update of the whole VMI, which every validating webhook on VMI
 //!   updates sees. Claims are bound to image files by the admin (the cluster's provisioner). Like KubeVirt the lab
 //!   checks nothing about use before an unplug: safety has to come from Wukong.

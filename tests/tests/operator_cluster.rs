@@ -87,7 +87,7 @@ async fn operator_lab() -> Result<(Guest, Cluster, KubeVirtLab, tempfile::TempDi
 /// Issue 29, item 3: a disk removed from spec.disks while KubeVirt's Pod that replaces the VM's attachment Pod is
 /// slow, stuck (ContainerCreating) or never scheduled. The operator reports `Detaching` with the attachment Pod that
 /// holds the volume, keeps the claim while the VMI's status entry lasts, and finishes (claim deleted) once the
-/// replacement runs.
+/// replacement runs. The Wukong's deletion in that state keeps the claim too, until KubeVirt lets go of it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_disk_keeps_its_claim_until_kubevirts_attachment_pod_is_gone() -> Result<()> {
     use wukong_e2e::kubevirt_lab::AttachmentPodFault;
@@ -135,6 +135,23 @@ async fn a_removed_disk_keeps_its_claim_until_kubevirts_attachment_pod_is_gone()
         wait_for(&api, "db", 90, |w| volume(w, disk).is_none()).await?;
         let gone = claim(disk).await?;
         assert!(gone.is_none_or(|c| c["metadata"]["deletionTimestamp"].is_string()), "{fault:?}: claim deleted");
+    }
+
+    // The Wukong is deleted while KubeVirt still holds a removed disk's claim: the claim stays until the entry goes.
+    set_disks(&api, "db", json!([root, a, {"name": "e", "size": "16Mi"}])).await?;
+    wait_for(&api, "db", 120, phase_is("e", Phase::Attached)).await?;
+    kubevirt.set_attachment_pod_fault(Some(AttachmentPodFault::Unschedulable));
+    set_disks(&api, "db", json!([root, a])).await?;
+    wait_for(&api, "db", 60, phase_is("e", Phase::Detaching)).await?;
+    api.delete("db", &Default::default()).await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let kept = claim("e").await?;
+    assert!(kept.is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()), "cleanup keeps claim db-vm-e");
+    kubevirt.set_attachment_pod_fault(None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while claim("e").await?.is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()) {
+        assert!(Instant::now() < deadline, "cleanup never deleted claim db-vm-e once KubeVirt let go of it");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(())
 }
