@@ -246,7 +246,7 @@ impl KubeVirtLab {
         let vm: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
             "spec": {"running": running, "template": {"metadata": {"labels": {"kubevirt.io/vm": name}},
-                     "spec": {"domain": domain, "volumes": volumes}}},
+                     "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()}}},
         }))?;
         Ok(vms(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &vm).await?)
     }
@@ -290,7 +290,7 @@ impl KubeVirtLab {
         };
         let vmi: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": metadata,
-            "spec": {"domain": domain, "volumes": volumes},
+            "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()},
         }))?;
         vmis(creator, ns).create(&PostParams::default(), &vmi).await?;
         let api = vmis(&self.shared.client, ns);
@@ -349,10 +349,17 @@ pub fn template_volumes(vm: &Value) -> Vec<String> {
 
 /// The domain and volumes of the lab's VMs: a container disk to boot from.
 fn root_disk() -> (Value, Value) {
-    let domain =
-        json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}]}, "memory": {"guest": "512Mi"}});
+    let domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}],
+                                    "interfaces": [{"name": "default", "masquerade": {}}]},
+                        "memory": {"guest": "512Mi"}});
     let volumes = json!([{"name": "rootdisk", "containerDisk": {"image": "quay.io/containerdisks/debian:12"}}]);
     (domain, volumes)
+}
+
+/// The pod network, as virt-api's defaulting gives a VMI that names none (`autoattachPodInterface`); the lab's
+/// virt-handler reports its interface under that name.
+fn pod_network() -> Value {
+    json!([{"name": "default", "pod": {}}])
 }
 
 /// The `KubeVirt` object of an installation (`kubevirts.kubevirt.io`), whose feature gates say which hot-plug mode
