@@ -59,7 +59,7 @@ pub enum Error {
     )]
     ClientCa(PathBuf),
     #[error(transparent)]
-    Ledger(#[from] ledger::LedgerError),
+    Ledger(#[from] Box<ledger::LedgerError>),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }

@@ -141,7 +141,7 @@ impl Watch {
                 targets.insert(key(&target), target);
             }
         }
-        let releases = self.ledger.releases().await?;
+        let releases = self.ledger.releases().await.map_err(Box::new)?;
         let pending = releases.len();
         for release in releases {
             let id = (release.namespace.clone(), release.kind.clone(), release.name.clone());
