@@ -411,19 +411,10 @@ async fn install_kubevirt_config(client: &kube::Client, mode: HotplugMode) -> Re
 
 /// Serves `subresources.kubevirt.io/v1` over HTTPS and registers it with the API server.
 async fn serve_subresources(cluster: &Cluster, shared: Arc<Shared>) -> Result<tokio::task::JoinHandle<()>> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
     let ca = Ca::new("wukong lab virt-api CA")?;
     let service_name = format!("virt-api.{KUBEVIRT_NAMESPACE}.svc");
     let leaf = ca.leaf("virt-api", &[&service_name], ExtendedKeyUsagePurpose::ServerAuth)?;
-    let certs =
-        rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes())?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = leaf.tls_acceptor()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let task = tokio::spawn(async move {
