@@ -262,6 +262,69 @@ async fn a_restarted_agent_undoes_an_interrupted_release() {
     assert!(!path.exists(), "the record is done with");
 }
 
+/// The mounts at `place` in this namespace: their mount IDs, from mountinfo.
+fn mount_ids_at(place: &Path) -> Vec<u32> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let place = place.display().to_string();
+    table
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(place.as_str()))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Rewrites the journalled release as one killed while its unmounts ran: still releasing, the mounts listed as being
+/// undone (journalled before the first unmount) and none yet as undone; `mount_id` replaces their IDs when given.
+fn as_killed_while_unmounting(path: &Path, mount_id: Option<u32>) {
+    let mut record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    record["phase"] = "releasing".into();
+    let mut unmounting = record["unmounted"].take();
+    record["unmounted"] = serde_json::json!([]);
+    for mount in unmounting.as_array_mut().unwrap() {
+        if let Some(id) = mount_id {
+            mount["mount_id"] = id.into();
+        }
+    }
+    record["unmounting"] = unmounting;
+    std::fs::write(path, serde_json::to_string_pretty(&record).unwrap()).unwrap();
+}
+
+/// An agent killed while an unmount runs (the kernel writes the filesystem back before umount returns: seconds on
+/// slow storage) has journalled the mounts it was undoing: the next agent mounts back the ones that are gone, and
+/// leaves alone one that is still there (killed before its unmount), never mounting it twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_while_unmounting_gets_the_mounts_back() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("xfs");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let state = tempfile::tempdir().unwrap();
+    let first = rig(&disk, state.path()).await;
+    assert!(first.releaser.prepare(&first.serial, true, false, None).await.unwrap().released);
+    let path = std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().path();
+    as_killed_while_unmounting(&path, None);
+    drop(first);
+
+    let second = rig(&disk, state.path()).await;
+    second.releaser.recover().await;
+    assert_eq!(mount_ids_at(&a).len(), 1, "the filesystem whose unmount had happened is mounted back");
+    assert!(!read_only(&disk.dev) && second.state() == DiskState::Present);
+    assert_eq!(checksum(&file), sum);
+    assert!(!path.exists(), "the record is done with");
+
+    // Killed before the unmount: the mount is still there (here mounted by hand, as the journal names it).
+    assert!(second.releaser.prepare(&second.serial, true, false, None).await.unwrap().released);
+    let path = std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().path();
+    sh(&format!("mount -o ro {} '{}'", disk.dev, a.display()));
+    let live = mount_ids_at(&a);
+    as_killed_while_unmounting(&path, live.first().copied());
+    drop(second);
+    let third = rig(&disk, state.path()).await;
+    third.releaser.recover().await;
+    assert_eq!(mount_ids_at(&a), live, "a mount that is still there is not mounted again");
+    assert!(!read_only(&disk.dev) && third.state() == DiskState::Present);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_system_disk_is_never_released() {
     let _serial = serial();
