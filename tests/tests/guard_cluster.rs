@@ -16,7 +16,7 @@ use wukong_e2e::kubevirt_lab::{
     CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes,
 };
 use wukong_e2e::operator_lab::{
-    OPERATOR, events, install_operator, json_patch as patch, label, reviews, start_guarded,
+    OPERATOR, Operator, events, install_operator, json_patch as patch, label, reviews, start_guarded,
 };
 
 const NS: &str = "guarded";
@@ -63,14 +63,20 @@ async fn removevolume(
     client.request_text(request).await.map(drop)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
+/// A guest, the API server with the lab's KubeVirt (declarative hot-plug) in NS, and the operator with the guard,
+/// which gives a release back after `grace` seconds.
+async fn guarded_lab(grace: &str) -> Result<(Guest, Cluster, KubeVirtLab, Operator)> {
     let guest = Guest::boot().await?;
     let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
-    let grace = ["--guard-grace-seconds", "3"];
-    let mut operator = start_guarded(&cluster, "guard", guest.agent_port(), &grace).await?;
+    let operator = start_guarded(&cluster, "guard", guest.agent_port(), &["--guard-grace-seconds", grace]).await?;
+    Ok((guest, cluster, kubevirt, operator))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
+    let (guest, cluster, kubevirt, mut operator) = guarded_lab("3").await?;
     let admin = cluster.client(ADMIN).await?;
     let (vms, vmis) = (vms(&admin), vmis(&admin));
     kubevirt.create_vm("vm1", true, "127.0.0.1").await?;
@@ -233,11 +239,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
 /// unplugs an idle, mounted disk the guard would otherwise release (the unmount annotation lets it unmount).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_update_kubevirt_refuses_releases_nothing() -> Result<()> {
-    let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
-    let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
-    install_operator(&cluster).await?;
-    let _operator = start_guarded(&cluster, "guard", guest.agent_port(), &["--guard-grace-seconds", "600"]).await?;
+    let (guest, cluster, kubevirt, _operator) = guarded_lab("600").await?;
     let admin = cluster.client(ADMIN).await?;
     let (vms, vmis) = (vms(&admin), vmis(&admin));
     let agent = guest.agent();
