@@ -65,8 +65,8 @@ pub enum Refusal {
     /// KubeVirt's rule that volumes and disks pair up: `validateExpectedDisksAndFilesystems` (storagehotplug.go) for
     /// a VMI, `validateBootOrder` (vmi-create-admitter.go, run by the VM admitter) for a VM's disks.
     #[error(
-        "wukong guard released nothing for {object}: KubeVirt refuses this update (\"{kubevirt}\": every disk needs \
-         its volume). Remove the volume and its disk together"
+        "wukong guard released nothing for {object}: KubeVirt refuses this update (\"{kubevirt}\"). Remove the \
+         volume and its disk together"
     )]
     Unpaired { object: String, kubevirt: String },
 }
@@ -78,7 +78,7 @@ const KUBEVIRT_ACCOUNTS: [&str; 4] =
     ["kubevirt-apiserver", "kubevirt-controller", "kubevirt-handler", "kubevirt-synchronization-controller"];
 
 /// Whether `user` is one of KubeVirt's service accounts.
-pub fn is_kubevirt(user: &str) -> bool {
+fn is_kubevirt(user: &str) -> bool {
     let account = user.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'));
     account.is_some_and(|(_, name)| KUBEVIRT_ACCOUNTS.contains(&name))
 }
