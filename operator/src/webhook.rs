@@ -141,6 +141,10 @@ pub async fn review(guard: &Guard, body: &[u8], peer: SocketAddr) -> AdmissionRe
     let response = AdmissionResponse::from(&request);
     match plan(&request) {
         Err(e) => forbid(response, e.to_string()),
+        Ok(Plan::Refuse(refusal)) => {
+            tracing::info!(%peer, object = %request.name, "denied: {refusal}");
+            forbid(response, refusal.to_string())
+        }
         Ok(Plan::Allow(why)) => {
             tracing::debug!(%peer, object = %request.name, why, "allowed");
             response
