@@ -1,7 +1,9 @@
 //! The admission guard's decisions, from the AdmissionReview alone (pure; `webhook` asks the guests). An update
 //! of a VirtualMachine or VirtualMachineInstance that drops a hotpluggable volume, or its disk, is an unplug since
 //! KubeVirt 1.9 (for a VM) and always was (for a VMI): the guard lets it be stored only once the guest has released
-//! the disk.
+//! the disk. An update KubeVirt's own admission refuses (the API server calls every validating webhook at once,
+//! so the guard cannot wait for KubeVirt's verdict) is denied without asking the guest: releasing a disk for an
+//! update that is never stored would leave it plugged but released until the grace period.
 
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
@@ -33,6 +35,8 @@ pub struct Removal {
 pub enum Plan {
     /// Allowed at once, without asking any guest.
     Allow(&'static str),
+    /// Denied without asking any guest: KubeVirt refuses the update itself.
+    Refuse(Refusal),
     /// Each removed disk must be released by the guest first (or, on a dry run, be free to release).
     Release {
         namespace: String,
@@ -45,6 +49,38 @@ pub enum Plan {
         /// Who asked, as the API server vouches for it.
         user: String,
     },
+}
+
+/// An update that unplugs a disk but that KubeVirt v1.9's own validating webhooks (virt-api-validator) refuse: the
+/// guard denies it first and releases nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// `VMIUpdateAdmitter.Admit` (vmi-update-admitter.go): only KubeVirt's service accounts change a VMI's spec.
+    #[error(
+        "wukong guard released nothing for VMI {object}: KubeVirt refuses any change of a VMI's spec by {user} \
+         (\"update of VMI object is restricted\": only KubeVirt's own service accounts change it). Unplug with \
+         virtctl removevolume on a standalone VMI, or remove the volume and its disk from the VM's spec"
+    )]
+    VmiSpecRestricted { object: String, user: String },
+    /// KubeVirt's rule that volumes and disks pair up: `validateExpectedDisksAndFilesystems` (storagehotplug.go) for
+    /// a VMI, `validateBootOrder` (vmi-create-admitter.go, run by the VM admitter) for a VM's disks.
+    #[error(
+        "wukong guard released nothing for {object}: KubeVirt refuses this update (\"{kubevirt}\"). Remove the \
+         volume and its disk together"
+    )]
+    Unpaired { object: String, kubevirt: String },
+}
+
+/// KubeVirt's service accounts (pkg/virt-api/webhooks/serviceaccounts.go `KubeVirtServiceAccounts`), the only
+/// users its VMI admitter lets change a VMI's spec. The guard does not know KubeVirt's namespace, so it takes these
+/// names in any: a stranger's look-alike account only gets the review the guard gave every update before.
+const KUBEVIRT_ACCOUNTS: [&str; 4] =
+    ["kubevirt-apiserver", "kubevirt-controller", "kubevirt-handler", "kubevirt-synchronization-controller"];
+
+/// Whether `user` is one of KubeVirt's service accounts.
+fn is_kubevirt(user: &str) -> bool {
+    let account = user.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'));
+    account.is_some_and(|(_, name)| KUBEVIRT_ACCOUNTS.contains(&name))
 }
 
 /// Why a review cannot be decided: answered with a denial naming it, never a panic.
@@ -108,8 +144,11 @@ fn hotpluggable(volume: &Value) -> bool {
 
 /// The hotpluggable volumes of `old` that `new` drops, changes (KubeVirt's `filterHotplugVMIVolumes` unplugs a
 /// hotplugged volume that is not deeply equal to the template's, to plug the new definition after it: pointing it
-/// at another claim unplugs the disk the guest has), or whose disk it drops.
-pub fn removals(old: &Value, new: &Value) -> Vec<Removal> {
+/// at another claim unplugs the disk the guest has), or, in a VMI (`disks_count`), whose disk it drops. A VM's
+/// template that keeps a volume but drops its disk unplugs nothing: KubeVirt's VM admitter accepts it (a volume
+/// without a disk gets a default one, `SetDefaultVolumeDisk`) and `filterHotplugVMIDisks` keeps the VMI's disk
+/// while its volume stays.
+pub fn removals(old: &Value, new: &Value, disks_count: bool) -> Vec<Removal> {
     let new_disks = names(&new["domain"]["devices"]["disks"]);
     let new_volumes: &[Value] = new["volumes"].as_array().map(Vec::as_slice).unwrap_or_default();
     let old_disks = old["domain"]["devices"]["disks"].as_array().cloned().unwrap_or_default();
@@ -120,7 +159,7 @@ pub fn removals(old: &Value, new: &Value) -> Vec<Removal> {
         .filter(|v| hotpluggable(v))
         .filter(|v| {
             let name = v["name"].as_str().unwrap_or_default();
-            let disk_dropped = old_disks.iter().any(|d| d["name"] == name) && !new_disks.contains(&name);
+            let disk_dropped = disks_count && old_disks.iter().any(|d| d["name"] == name) && !new_disks.contains(&name);
             !new_volumes.contains(v) || disk_dropped
         })
         .filter_map(|v| v["name"].as_str())
@@ -151,18 +190,62 @@ pub fn plan(request: &AdmissionRequest<DynamicObject>) -> Result<Plan, ReviewErr
     }
     let object = request.object.as_ref().ok_or_else(|| ReviewError::MissingObject(described.clone(), "object"))?;
     let old = request.old_object.as_ref().ok_or(ReviewError::MissingObject(described, "oldObject"))?;
-    let removals = removals(spec_of(old, kind), spec_of(object, kind));
+    let is_vmi = kind == "VirtualMachineInstance";
+    let (old_spec, new_spec) = (spec_of(old, kind), spec_of(object, kind));
+    let removals = removals(old_spec, new_spec, is_vmi);
     if removals.is_empty() {
         return Ok(Plan::Allow("no hotpluggable disk is removed"));
     }
+    let user = request.user_info.username.clone().unwrap_or_default();
+    let namespace = request.namespace.clone().unwrap_or_default();
+    if let Some(refusal) = kubevirt_refuses(&format!("{namespace}/{}", request.name), is_vmi, &user, new_spec) {
+        return Ok(Plan::Refuse(refusal));
+    }
     Ok(Plan::Release {
-        namespace: request.namespace.clone().unwrap_or_default(),
+        namespace,
         vmi: request.name.clone(),
         removals,
         force: annotated(object, FORCE_ANNOTATION),
         unmount: annotated(object, UNMOUNT_ANNOTATION),
         dry_run: request.dry_run,
-        user: request.user_info.username.clone().unwrap_or_default(),
+        user,
+    })
+}
+
+/// Whether KubeVirt's admission refuses an update (that unplugs a disk) by `user` whose new spec is `spec`, and why.
+/// `object` is `namespace/name`.
+fn kubevirt_refuses(object: &str, is_vmi: bool, user: &str, spec: &Value) -> Option<Refusal> {
+    let volumes = names(&spec["volumes"]);
+    let disks = spec["domain"]["devices"]["disks"].as_array().map(Vec::as_slice).unwrap_or_default();
+    // A CD-ROM may have no volume (an empty drive, DeclarativeHotplugVolumes); every other disk needs one.
+    let unpaired = disks
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d["cdrom"].is_null() && !d["name"].as_str().is_some_and(|n| volumes.contains(&n)));
+    if !is_vmi {
+        // The VM admitter's `validateBootOrder`, with its field path (it names `Name` with a capital N).
+        return unpaired.map(|(index, disk)| Refusal::Unpaired {
+            object: format!("VirtualMachine {object}"),
+            kubevirt: format!(
+                "spec.template.spec.domain.devices.disks[{index}].Name '{}' not found.",
+                disk["name"].as_str().unwrap_or_default()
+            ),
+        });
+    }
+    if !is_kubevirt(user) {
+        return Some(Refusal::VmiSpecRestricted { object: object.to_string(), user: user.to_string() });
+    }
+    // `validateExpectedDisksAndFilesystems`: a disk or filesystem for each volume but a memory dump.
+    let declared = spec["volumes"].as_array().into_iter().flatten().filter(|v| v["memoryDump"].is_null()).count();
+    let filesystems = spec["domain"]["devices"]["filesystems"].as_array().map_or(0, Vec::len);
+    let cdroms_without_volume = disks
+        .iter()
+        .filter(|d| !d["cdrom"].is_null() && !d["name"].as_str().is_some_and(|n| volumes.contains(&n)))
+        .count();
+    let required = filesystems + disks.len() - cdroms_without_volume;
+    (declared != required).then(|| Refusal::Unpaired {
+        object: format!("VMI {object}"),
+        kubevirt: format!("mismatch between volumes declared ({declared}) and required ({required})"),
     })
 }
 
@@ -182,7 +265,22 @@ mod tests {
         json!({"domain": {"devices": {"disks": disks}}, "volumes": volumes})
     }
 
+    /// virt-api's account, whose VMI spec changes (removevolume on a standalone VMI) KubeVirt admits.
+    const VIRT_API: &str = "system:serviceaccount:kubevirt:kubevirt-apiserver";
+
     fn review(kind: &str, operation: &str, old: Value, new: Value, annotations: Value, dry_run: bool) -> Vec<u8> {
+        review_by("alice", kind, operation, old, new, annotations, dry_run)
+    }
+
+    fn review_by(
+        user: &str,
+        kind: &str,
+        operation: &str,
+        old: Value,
+        new: Value,
+        annotations: Value,
+        dry_run: bool,
+    ) -> Vec<u8> {
         let object = |spec: Value| {
             let spec = if kind == "VirtualMachine" { json!({"template": {"spec": spec}}) } else { spec };
             json!({"apiVersion": "kubevirt.io/v1", "kind": kind,
@@ -194,7 +292,7 @@ mod tests {
             "request": {"uid": "u1", "kind": {"group": "kubevirt.io", "version": "v1", "kind": kind},
                         "resource": {"group": "kubevirt.io", "version": "v1", "resource": plural},
                         "name": "vm1", "namespace": "ns1", "operation": operation,
-                        "userInfo": {"username": "alice"}, "object": object(new), "oldObject": object(old),
+                        "userInfo": {"username": user}, "object": object(new), "oldObject": object(old),
                         "dryRun": dry_run},
         }))
         .unwrap()
@@ -210,22 +308,79 @@ mod tests {
             &[("root", false), ("data", true), ("logs", true)],
             &[("root", None), ("data", Some("pg-1")), ("logs", None)],
         );
-        for kind in ["VirtualMachine", "VirtualMachineInstance"] {
-            // The volume and its disk gone; the disk alone gone (KubeVirt unplugs it too).
+        // A user edits a VM's spec; only KubeVirt changes a VMI's (here virt-api, for removevolume).
+        for (kind, who) in [("VirtualMachine", "alice"), ("VirtualMachineInstance", VIRT_API)] {
             let dropped = spec(&[("root", false), ("logs", true)], &[("root", None), ("logs", None)]);
-            let diskless =
-                spec(&[("root", false), ("data", true), ("logs", true)], &[("root", None), ("data", Some("pg-1"))]);
-            let body = review(kind, "UPDATE", old.clone(), dropped, json!({}), false);
+            let body = review_by(who, kind, "UPDATE", old.clone(), dropped, json!({}), false);
             let Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user }) = plan_of(&body) else {
                 panic!("{kind}: a removal must be released")
             };
-            assert_eq!((namespace.as_str(), vmi.as_str(), user.as_str()), ("ns1", "vm1", "alice"));
+            assert_eq!((namespace.as_str(), vmi.as_str(), user.as_str()), ("ns1", "vm1", who));
             assert_eq!(removals, [Removal { volume: "data".into(), serial: "pg-1".into() }]);
             assert!(!force && !unmount && !dry_run);
-            let body = review(kind, "UPDATE", old.clone(), diskless, json!({FORCE_ANNOTATION: "true"}), true);
+            let no_logs = spec(&[("root", false), ("data", true)], &[("root", None), ("data", Some("pg-1"))]);
+            let body = review_by(who, kind, "UPDATE", old.clone(), no_logs, json!({FORCE_ANNOTATION: "true"}), true);
             let Ok(Plan::Release { removals, force, dry_run, .. }) = plan_of(&body) else { panic!("{kind}") };
             assert_eq!(removals, [Removal { volume: "logs".into(), serial: "logs".into() }], "no serial: the name");
             assert!(force && dry_run);
+        }
+    }
+
+    /// The API server asks KubeVirt's webhooks and the guard at once: an unplug KubeVirt refuses is denied before
+    /// the guest is asked, so no disk is left released for an update that is never stored.
+    #[test]
+    fn an_unplug_kubevirt_refuses_is_denied_without_asking_the_guest() {
+        let vmi = "VirtualMachineInstance";
+        let old = spec(&[("root", false), ("data", true)], &[("root", None), ("data", Some("pg-1"))]);
+        let dropped = spec(&[("root", false)], &[("root", None)]);
+        let refusal = |who: &str, kind: &str, new: &Value| match plan_of(&review_by(
+            who,
+            kind,
+            "UPDATE",
+            old.clone(),
+            new.clone(),
+            json!({}),
+            false,
+        )) {
+            Ok(Plan::Refuse(refusal)) => Some(refusal),
+            _ => None,
+        };
+        // A VMI's spec edited by anyone but KubeVirt, its look-alikes in other namespaces included.
+        for who in ["alice", "system:serviceaccount:ns1:default", "system:serviceaccount:kubevirt:kubevirt-operator"] {
+            let denied = refusal(who, vmi, &dropped).expect(who);
+            assert_eq!(denied, Refusal::VmiSpecRestricted { object: "ns1/vm1".into(), user: who.into() });
+            let message = denied.to_string();
+            assert!(message.starts_with("wukong guard released nothing for VMI ns1/vm1"), "{message}");
+            assert!(message.contains("(\"update of VMI object is restricted\""), "{message}");
+        }
+        for who in
+            [VIRT_API, "system:serviceaccount:kv:kubevirt-controller", "system:serviceaccount:kv:kubevirt-handler"]
+        {
+            assert_eq!(refusal(who, vmi, &dropped), None, "{who} is KubeVirt");
+        }
+        // KubeVirt's own write with unpaired volumes and disks (`validateExpectedDisksAndFilesystems`).
+        let volume_gone = spec(&[("root", false)], &[("root", None), ("data", Some("pg-1"))]);
+        let disk_gone = spec(&[("root", false), ("data", true)], &[("root", None)]);
+        for (new, declared, required) in [(&volume_gone, 1, 2), (&disk_gone, 2, 1)] {
+            let kubevirt = format!("mismatch between volumes declared ({declared}) and required ({required})");
+            assert_eq!(refusal(VIRT_API, vmi, new), Some(Refusal::Unpaired { object: "VMI ns1/vm1".into(), kubevirt }));
+        }
+        // A VM's template: a disk without its volume is refused (`validateBootOrder`)...
+        let denied = refusal("alice", "VirtualMachine", &volume_gone).expect("a disk without a volume");
+        let kubevirt = "spec.template.spec.domain.devices.disks[1].Name 'data' not found.".to_string();
+        assert_eq!(denied, Refusal::Unpaired { object: "VirtualMachine ns1/vm1".into(), kubevirt });
+        assert!(denied.to_string().contains("Remove the volume and its disk together"), "{denied}");
+        // ...a volume without its disk is admitted and unplugs nothing (the VMI keeps its disk): no release either.
+        let body = review("VirtualMachine", "UPDATE", old.clone(), disk_gone, json!({}), false);
+        assert_eq!(plan_of(&body), Ok(Plan::Allow("no hotpluggable disk is removed")));
+        // An emptied CD-ROM drive keeps its disk without a volume: an unplug KubeVirt carries out.
+        let mut ejected = volume_gone.clone();
+        ejected["domain"]["devices"]["disks"][1] = json!({"name": "data", "cdrom": {"bus": "sata"}});
+        let mut loaded = old.clone();
+        loaded["domain"]["devices"]["disks"][1] = json!({"name": "data", "cdrom": {"bus": "sata"}});
+        for (kind, who) in [("VirtualMachine", "alice"), (vmi, VIRT_API)] {
+            let body = review_by(who, kind, "UPDATE", loaded.clone(), ejected.clone(), json!({}), false);
+            assert!(matches!(plan_of(&body), Ok(Plan::Release { .. })), "{kind}");
         }
     }
 
@@ -240,11 +395,11 @@ mod tests {
         cold_changed["volumes"][0]["persistentVolumeClaim"]["claimName"] = json!("another-root");
         let mut disk_changed = old.clone();
         disk_changed["domain"]["devices"]["disks"][1]["disk"]["bus"] = json!("virtio");
-        assert_eq!(removals(&old, &moved), [Removal { volume: "data".into(), serial: "pg-1".into() }]);
-        assert_eq!(removals(&old, &cold_changed), [], "a volume that is not hotpluggable is not the guard's");
-        assert_eq!(removals(&old, &disk_changed), [], "the volume is unchanged: KubeVirt keeps it plugged");
+        assert_eq!(removals(&old, &moved, false), [Removal { volume: "data".into(), serial: "pg-1".into() }]);
+        assert_eq!(removals(&old, &cold_changed, true), [], "a volume that is not hotpluggable is not the guard's");
+        assert_eq!(removals(&old, &disk_changed, true), [], "the volume is unchanged: KubeVirt keeps it plugged");
         let diskless = spec(&[("data", true)], &[]);
-        assert_eq!(removals(&diskless, &diskless), [], "nothing changed: no disk was dropped");
+        assert_eq!(removals(&diskless, &diskless, true), [], "nothing changed: no disk was dropped");
         let body = review("VirtualMachine", "UPDATE", old, moved, json!({}), false);
         assert!(matches!(plan_of(&body), Ok(Plan::Release { .. })));
     }
@@ -326,7 +481,7 @@ mod tests {
             let disks: Vec<(&str, Option<&str>)> = old.iter().map(|(n, _, s)| (n.as_str(), s.as_deref())).collect();
             let kept: Vec<(&str, bool)> = volumes.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v).collect();
             let kept_disks: Vec<(&str, Option<&str>)> = disks.iter().zip(&keep).filter(|(_, k)| **k).map(|(d, _)| *d).collect();
-            let removed = removals(&spec(&volumes, &disks), &spec(&kept, &kept_disks));
+            let removed = removals(&spec(&volumes, &disks), &spec(&kept, &kept_disks), true);
             for r in &removed {
                 prop_assert!(volumes.iter().any(|(n, hot)| *n == r.volume && *hot), "only hotpluggable volumes: {r:?}");
                 prop_assert!(!r.serial.is_empty());

@@ -20,6 +20,7 @@
 
 use crate::Guest;
 use crate::cluster::{ADMIN, Ca, Cluster, create_all};
+use crate::kubevirt_webhooks::{VM_PATH, VMI_UPDATE_PATH};
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -41,8 +42,11 @@ const PHASE_STEP: Duration = Duration::from_millis(150);
 /// How often virt-controller and virt-handler look again when nothing happened (watch events wake them otherwise).
 const RESYNC: Duration = Duration::from_millis(100);
 /// The namespace virt-api's Service lives in.
-const KUBEVIRT_NAMESPACE: &str = "kubevirt";
+pub const KUBEVIRT_NAMESPACE: &str = "kubevirt";
 const GROUP: &str = "subresources.kubevirt.io";
+/// virt-api's identity: its VM and VMI patches for `addvolume` and `removevolume` (the lab's admin impersonates it,
+/// so no cluster needs a token for it). KubeVirt's VMI admitter lets only KubeVirt's accounts change a VMI's spec.
+pub const API: &str = "system:serviceaccount:kubevirt:kubevirt-apiserver";
 /// virt-controller's identity, KubeVirt's ServiceAccount: it creates a running VM's VMI, writes its start up to
 /// Scheduled, the declarative VMI spec patches and the attach and detach phases of `volumeStatus`.
 pub const CONTROLLER: &str = "system:serviceaccount:kubevirt:kubevirt-controller";
@@ -123,8 +127,10 @@ fn claims(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
 
 /// Shared between the aggregated server, virt-controller and virt-handler.
 struct Shared {
-    /// The admin: virt-api's writes, and the claims' provisioner and binder (not KubeVirt's).
+    /// The admin: the claims' provisioner and binder (not KubeVirt's).
     client: kube::Client,
+    /// virt-api, as [`API`].
+    api: kube::Client,
     /// virt-controller, as [`CONTROLLER`].
     controller: kube::Client,
     /// virt-handler, as [`HANDLER`].
@@ -225,7 +231,14 @@ impl KubeVirtLab {
                 )
             })
         };
+        let mut as_api = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(cluster.kubeconfig(ADMIN)?)?,
+            &Default::default(),
+        )
+        .await?;
+        as_api.auth_info.impersonate = Some(API.into());
         let shared = Arc::new(Shared {
+            api: kube::Client::try_from(as_api)?,
             controller: as_kubevirt(CONTROLLER).await?,
             handler: as_kubevirt(HANDLER).await?,
             client: client.clone(),
@@ -315,7 +328,7 @@ impl KubeVirtLab {
         let vm: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
             "spec": {"running": running, "template": {"metadata": {"labels": {"kubevirt.io/vm": name}},
-                     "spec": {"domain": domain, "volumes": volumes}}},
+                     "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()}}},
         }))?;
         Ok(vms(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &vm).await?)
     }
@@ -359,7 +372,7 @@ impl KubeVirtLab {
         };
         let vmi: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": metadata,
-            "spec": {"domain": domain, "volumes": volumes},
+            "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()},
         }))?;
         vmis(creator, ns).create(&PostParams::default(), &vmi).await?;
         let api = vmis(&self.shared.client, ns);
@@ -418,10 +431,17 @@ pub fn template_volumes(vm: &Value) -> Vec<String> {
 
 /// The domain and volumes of the lab's VMs: a container disk to boot from.
 fn root_disk() -> (Value, Value) {
-    let domain =
-        json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}]}, "memory": {"guest": "512Mi"}});
+    let domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}],
+                                    "interfaces": [{"name": "default", "masquerade": {}}]},
+                        "memory": {"guest": "512Mi"}});
     let volumes = json!([{"name": "rootdisk", "containerDisk": {"image": "quay.io/containerdisks/debian:12"}}]);
     (domain, volumes)
+}
+
+/// The pod network, as virt-api's defaulting gives a VMI that names none (`autoattachPodInterface`); the lab's
+/// virt-handler reports its interface under that name.
+fn pod_network() -> Value {
+    json!([{"name": "default", "pod": {}}])
 }
 
 /// The `KubeVirt` object of an installation (`kubevirts.kubevirt.io`), whose feature gates say which hot-plug mode
@@ -471,21 +491,13 @@ async fn install_kubevirt_config(client: &kube::Client, mode: HotplugMode) -> Re
 // ---------------------------------------------------------------------------------------------------------------
 // virt-api: the aggregated subresources.
 
-/// Serves `subresources.kubevirt.io/v1` over HTTPS and registers it with the API server.
+/// Serves `subresources.kubevirt.io/v1` and KubeVirt's validating webhooks ([`crate::kubevirt_webhooks`]) over
+/// HTTPS, as virt-api does, and registers both with the API server.
 async fn serve_subresources(cluster: &Cluster, shared: Arc<Shared>) -> Result<tokio::task::JoinHandle<()>> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
     let ca = Ca::new("wukong lab virt-api CA")?;
     let service_name = format!("virt-api.{KUBEVIRT_NAMESPACE}.svc");
     let leaf = ca.leaf("virt-api", &[&service_name], ExtendedKeyUsagePurpose::ServerAuth)?;
-    let certs =
-        rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes())?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = leaf.tls_acceptor()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let task = tokio::spawn(async move {
@@ -500,6 +512,7 @@ async fn serve_subresources(cluster: &Cluster, shared: Arc<Shared>) -> Result<to
         }
     });
     register(cluster, port, &ca.pem).await?;
+    crate::kubevirt_webhooks::register(&cluster.client(ADMIN).await?, port, &ca.pem).await?;
     Ok(task)
 }
 
@@ -574,6 +587,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, st
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     Ok(match (method, parts.as_slice()) {
         (Method::GET, ["apis", GROUP, "v1"]) => reply(StatusCode::OK, resource_list().to_string()),
+        (Method::POST, [webhook]) if [VMI_UPDATE_PATH, VM_PATH].contains(&format!("/{webhook}").as_str()) => {
+            let review = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            reply(StatusCode::OK, crate::kubevirt_webhooks::answer(&path, &review).to_string())
+        }
         (Method::PUT, ["apis", GROUP, "v1", "namespaces", ns, kind, name, verb]) => {
             let body: Option<Value> = serde_json::from_slice(&body).ok();
             let received = Received { method: "PUT".into(), path: path.clone(), user, body: body.clone() };
@@ -598,7 +615,9 @@ fn resource_list() -> Value {
 
 type Refusal = (StatusCode, String);
 
-/// One `addvolume`/`removevolume`, with virt-api v1.9's checks and messages (pkg/virt-api/rest/volumes.go).
+/// One `addvolume`/`removevolume`, with virt-api v1.9's checks, in its order, and messages
+/// (pkg/virt-api/rest/volumes.go). virt-api writes as [`API`]; a dry run is the same PATCH with `dryRun: All`
+/// (`getDryRunOption`), so every webhook reviews it.
 async fn volume_request(
     shared: &Shared,
     ns: &str,
@@ -610,7 +629,8 @@ async fn volume_request(
     let bad = |m: &str| (StatusCode::BAD_REQUEST, m.to_string());
     let Some(body) = body else { return Err(bad("Can not unmarshal Request body to struct")) };
     let volume = body["name"].as_str().filter(|n| !n.is_empty()).map(str::to_string);
-    let dry_run = body["dryRun"].as_array().is_some_and(|d| d.iter().any(|v| v == "All"));
+    // `getDryRunOption` honours the option only when its first value is "All".
+    let dry_run = body["dryRun"][0] == "All";
     let add = match verb {
         "addvolume" => {
             if volume.is_none() || body.get("disk").is_none() || body.get("volumeSource").is_none() {
@@ -631,8 +651,9 @@ async fn volume_request(
     };
     let volume = volume.expect("checked above");
     let (new_volume, new_disk) = (hotplug_volume(&body), hotplug_disk(&body, &volume));
-    let client = &shared.client;
-    let not_found = |what: &str| (StatusCode::NOT_FOUND, format!("{what} \"{name}\" not found"));
+    let client = &shared.api;
+    // `errors.NewNotFound(v1.Resource(resource), name)`.
+    let not_found = |resource: &str| (StatusCode::NOT_FOUND, format!("{resource}.kubevirt.io \"{name}\" not found"));
     let internal = |e: kube::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     // A failed `test` (a concurrent spec change) is passed on as the API server's 422, which virtctl retries; any
     // other failure is virt-api's 500.
@@ -643,47 +664,47 @@ async fn volume_request(
     match kind {
         "virtualmachines" => {
             let api = vms(client, ns);
-            let vm =
-                api.get_opt(name).await.map_err(internal)?.ok_or_else(|| not_found("virtualmachines.kubevirt.io"))?;
+            let vm = api.get_opt(name).await.map_err(internal)?.ok_or_else(|| not_found("virtualmachine"))?;
             let mut spec = vm.data["spec"]["template"]["spec"].clone();
-            change_volumes(&mut spec, add, &volume, &new_volume, &new_disk)?;
-            if dry_run {
-                return Ok(());
-            }
-            patch_spec(&api, &vm, "/spec/template/spec", &spec).await.map_err(patch_failed)?;
+            change_volumes(&mut spec, add, &volume, &new_volume, &new_disk)
+                .map_err(conflict("virtualmachine", name))?;
+            patch_spec(&api, &vm, "/spec/template/spec", &spec, dry_run).await.map_err(patch_failed)?;
             // With HotplugVolumes, virt-controller also hot-plugs into the running VMI (vm.status.volumeRequests).
             if shared.mode == HotplugMode::HotplugVolumes
+                && !dry_run
                 && let Some(vmi) = vmis(client, ns).get_opt(name).await.map_err(internal)?
             {
                 let mut spec = vmi.data["spec"].clone();
                 if change_volumes(&mut spec, add, &volume, &new_volume, &new_disk).is_ok() {
-                    patch_spec(&vmis(client, ns), &vmi, "/spec", &spec).await.map_err(patch_failed)?;
+                    patch_spec(&vmis(client, ns), &vmi, "/spec", &spec, false).await.map_err(patch_failed)?;
                 }
             }
             Ok(())
         }
         "virtualmachineinstances" => {
             let api = vmis(client, ns);
-            let vmi = api
-                .get_opt(name)
-                .await
-                .map_err(internal)?
-                .ok_or_else(|| not_found("virtualmachineinstances.kubevirt.io"))?;
-            if vmi.data["status"]["phase"] != "Running" {
-                return Err((StatusCode::CONFLICT, "VMI is not running".into()));
-            }
+            let vmi = api.get_opt(name).await.map_err(internal)?.ok_or_else(|| not_found("virtualmachineinstance"))?;
+            // `vmiVolumePatch` checks the owner before the phase: a stopped VM's VMI is refused as owned (400).
             let owned = vmi.metadata.owner_references.iter().flatten().any(|o| o.kind == "VirtualMachine");
             if owned && shared.mode == HotplugMode::Declarative {
                 return Err(bad(&format!("VMI {ns}/{name} is owned by a VM")));
             }
-            let mut spec = vmi.data["spec"].clone();
-            change_volumes(&mut spec, add, &volume, &new_volume, &new_disk)?;
-            if dry_run {
-                return Ok(());
+            if vmi.data["status"]["phase"] != "Running" {
+                return Err(conflict("virtualmachineinstance", name)("VMI is not running".into()));
             }
-            patch_spec(&api, &vmi, "/spec", &spec).await.map_err(patch_failed)
+            let mut spec = vmi.data["spec"].clone();
+            change_volumes(&mut spec, add, &volume, &new_volume, &new_disk)
+                .map_err(conflict("virtualmachineinstance", name))?;
+            patch_spec(&api, &vmi, "/spec", &spec, dry_run).await.map_err(patch_failed)
         }
         other => Err((StatusCode::NOT_FOUND, format!("the server could not find the requested resource ({other})"))),
+    }
+}
+
+/// `errors.NewConflict(v1.Resource(resource), name, why)`, as virt-api answers a refused volume request.
+fn conflict<'a>(resource: &'a str, name: &'a str) -> impl Fn(String) -> Refusal + 'a {
+    move |why| {
+        (StatusCode::CONFLICT, format!("Operation cannot be fulfilled on {resource}.kubevirt.io \"{name}\": {why}"))
     }
 }
 
@@ -725,16 +746,26 @@ fn is_hotpluggable(volume: &Value) -> bool {
     ["persistentVolumeClaim", "dataVolume"].iter().any(|k| volume[k]["hotpluggable"] == json!(true))
 }
 
-/// Adds or removes a volume and its disk in a VMI spec (or a VM template's spec), with KubeVirt's conflicts.
-fn change_volumes(spec: &mut Value, add: bool, name: &str, volume: &Value, disk: &Value) -> Result<(), Refusal> {
-    let conflict = |m: String| (StatusCode::CONFLICT, m);
+/// The claim or DataVolume behind a volume (volumes.go `volumeSourceName`, `volumeSourceExists`).
+fn source_name(volume: &Value) -> Option<&str> {
+    volume["persistentVolumeClaim"]["claimName"].as_str().or(volume["dataVolume"]["name"].as_str())
+}
+
+/// Adds or removes a volume and its disk in a VMI spec (or a VM template's spec); the error is why KubeVirt refuses
+/// it, answered as a conflict. `verifyVolumeOption` goes through the volumes in order: an addition conflicts with a
+/// volume of that name or of that claim; a removal finds its volume by name or by claim, but
+/// `ApplyVolumeRequestOnVMISpec` removes by name only, so a removal by claim name changes nothing and is accepted.
+fn change_volumes(spec: &mut Value, add: bool, name: &str, volume: &Value, disk: &Value) -> Result<(), String> {
     let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
-    let existing = volumes.iter().find(|v| v["name"] == name);
     if add {
-        if existing.is_some() {
-            return Err(conflict(format!(
-                "Unable to add volume [{name}] because volume with that name already exists"
-            )));
+        let claim = source_name(volume).unwrap_or_default();
+        for existing in &volumes {
+            if existing["name"] == name {
+                return Err(format!("Unable to add volume [{name}] because volume with that name already exists"));
+            }
+            if source_name(existing) == Some(claim) {
+                return Err(format!("Unable to add volume source [{claim}] because it already exists"));
+            }
         }
         push(spec, "volumes", volume.clone());
         let devices = &mut spec["domain"]["devices"];
@@ -744,10 +775,10 @@ fn change_volumes(spec: &mut Value, add: bool, name: &str, volume: &Value, disk:
         devices["disks"].as_array_mut().expect("an array").push(disk.clone());
         return Ok(());
     }
-    match existing {
-        None => Err(conflict(format!("Unable to remove volume [{name}] because it does not exist"))),
+    match volumes.iter().find(|v| v["name"] == name || source_name(v) == Some(name)) {
+        None => Err(format!("Unable to remove volume [{name}] because it does not exist")),
         Some(v) if !is_hotpluggable(v) => {
-            Err(conflict(format!("Unable to remove volume [{name}] because it is not hotpluggable")))
+            Err(format!("Unable to remove volume [{}] because it is not hotpluggable", name_of(v)))
         }
         Some(_) => {
             spec["volumes"] = json!(volumes.into_iter().filter(|v| v["name"] != name).collect::<Vec<_>>());
@@ -768,13 +799,20 @@ fn push(spec: &mut Value, key: &str, item: Value) {
 
 /// virt-api's change of the volumes and disks of the spec at `base` (`/spec/template/spec` of a VM, `/spec` of a VMI):
 /// a JSON patch guarded by `test`s of both lists (volumes.go `generateVolumeRequestPatch`), so a concurrent status
-/// write does not disturb it and a concurrent spec change makes it fail with 422.
-async fn patch_spec(api: &Api<DynamicObject>, object: &DynamicObject, base: &str, spec: &Value) -> kube::Result<()> {
+/// write does not disturb it and a concurrent spec change makes it fail with 422; on a dry run, sent with
+/// `dryRun: All`.
+async fn patch_spec(
+    api: &Api<DynamicObject>,
+    object: &DynamicObject,
+    base: &str,
+    spec: &Value,
+    dry_run: bool,
+) -> kube::Result<()> {
     let lists = [
         (format!("{base}/volumes"), spec["volumes"].clone()),
         (format!("{base}/domain/devices/disks"), spec["domain"]["devices"]["disks"].clone()),
     ];
-    patch_lists(api, object, &lists).await
+    patch_lists_with(api, object, &lists, &PatchParams { dry_run, ..Default::default() }).await
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -847,6 +885,16 @@ async fn update(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<()> {
 /// A JSON patch of an object's lists, each guarded by a `test` of its old value, as KubeVirt's patch sets are
 /// (pkg/apimachinery/patch): `add` where there was no list yet.
 async fn patch_lists(api: &Api<DynamicObject>, object: &DynamicObject, lists: &[(String, Value)]) -> kube::Result<()> {
+    patch_lists_with(api, object, lists, &PatchParams::default()).await
+}
+
+/// [`patch_lists`] with `params` (a dry run).
+async fn patch_lists_with(
+    api: &Api<DynamicObject>,
+    object: &DynamicObject,
+    lists: &[(String, Value)],
+    params: &PatchParams,
+) -> kube::Result<()> {
     let mut operations = Vec::new();
     for (path, new) in lists {
         let old = path.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
@@ -860,7 +908,7 @@ async fn patch_lists(api: &Api<DynamicObject>, object: &DynamicObject, lists: &[
     }
     let patch: json_patch::Patch = serde_json::from_value(Value::Array(operations)).map_err(kube::Error::SerdeError)?;
     let name = object.metadata.name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await.map(drop)
+    api.patch(&name, params, &Patch::<()>::Json(patch)).await.map(drop)
 }
 
 fn key(vmi: &str, volume: &str) -> (String, String) {
@@ -906,8 +954,15 @@ async fn controller_sync(shared: &Shared) -> Result<()> {
         if start(&api, &vmi).await? {
             continue;
         }
-        if shared.mode == HotplugMode::Declarative && declarative_sync(shared, &vmi).await? {
-            continue;
+        if shared.mode == HotplugMode::Declarative {
+            match declarative_sync(shared, &vmi).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) if is_conflict(&e) => return Err(e),
+                // KubeVirt's VM and VMI controllers are separate loops: a declarative patch its VMI admitter refuses
+                // (a hot-plugged disk on a bus it does not allow) is retried on the next sync and holds nothing else.
+                Err(e) => tracing::debug!(error = %e, "lab virt-controller: the declarative patch was refused"),
+            }
         }
         if vmi.data["status"]["phase"] == "Running" {
             let pods = handle_hotplug_volumes(shared, &vmi).await?;

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod kubevirt_crds;
 pub mod kubevirt_lab;
+pub mod kubevirt_webhooks;
 pub mod operator_lab;
 pub mod pki;
 pub mod ports;

@@ -1,7 +1,9 @@
 //! The admission guard through a genuine kube-apiserver: deploy/guard.yaml's webhooks (pointed at the operator on
 //! loopback with a caBundle), the lab's KubeVirt (which unplugs whatever leaves a spec) and a QEMU guest. Every
-//! path that unplugs is tried: a JSON patch of the VM's spec (kubectl edit, GitOps), virtctl-style removevolume
-//! through the aggregated API, and a VMI-spec edit.
+//! path that unplugs is tried: a JSON patch of the VM's spec (kubectl edit, GitOps) and virtctl-style removevolume
+//! through the aggregated API, for a VM and for a standalone VMI (whose spec only KubeVirt's accounts may change:
+//! KubeVirt's own webhooks, served by the lab, refuse anyone else's edit). An update KubeVirt refuses releases
+//! nothing.
 
 use anyhow::{Context, Result};
 use kube::api::{Api, DynamicObject};
@@ -14,7 +16,7 @@ use wukong_e2e::kubevirt_lab::{
     CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes,
 };
 use wukong_e2e::operator_lab::{
-    OPERATOR, events, install_operator, json_patch as patch, label, reviews, start_guarded,
+    OPERATOR, Operator, events, install_operator, json_patch as patch, label, reviews, start_guarded,
 };
 
 const NS: &str = "guarded";
@@ -41,14 +43,40 @@ async fn stop(guest: &Guest, pid: &str) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
+/// virtctl-style removevolume of `volume` from `plural`/`name` in NS through the aggregated API, as the admin.
+async fn removevolume(
+    client: &kube::Client,
+    plural: &str,
+    name: &str,
+    volume: &str,
+    dry_run: bool,
+) -> kube::Result<()> {
+    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/{plural}/{name}/removevolume");
+    let mut body = json!({"name": volume});
+    if dry_run {
+        body["dryRun"] = json!(["All"]);
+    }
+    let request = http::Request::put(path)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).expect("JSON"))
+        .expect("a request");
+    client.request_text(request).await.map(drop)
+}
+
+/// A guest, the API server with the lab's KubeVirt (declarative hot-plug) in NS, and the operator with the guard,
+/// which gives a release back after `grace` seconds.
+async fn guarded_lab(grace: &str) -> Result<(Guest, Cluster, KubeVirtLab, Operator)> {
     let guest = Guest::boot().await?;
     let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
-    let grace = ["--guard-grace-seconds", "3"];
-    let mut operator = start_guarded(&cluster, "guard", guest.agent_port(), &grace).await?;
+    let operator = start_guarded(&cluster, "guard", guest.agent_port(), &["--guard-grace-seconds", grace]).await?;
+    Ok((guest, cluster, kubevirt, operator))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
+    let (guest, cluster, kubevirt, mut operator) = guarded_lab("3").await?;
     let admin = cluster.client(ADMIN).await?;
     let (vms, vmis) = (vms(&admin), vmis(&admin));
     kubevirt.create_vm("vm1", true, "127.0.0.1").await?;
@@ -111,15 +139,13 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
 
     // virtctl removevolume, through the aggregated API: virt-api's change of the VM spec is reviewed the same way.
     let pid = writer(&guest, "/mnt/g").await?;
-    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm1/removevolume");
-    let request = |path: &str| {
-        http::Request::put(path).header("content-type", "application/json").body(br#"{"name": "data"}"#.to_vec())
-    };
-    let refused = admin.request_text(request(&path)?).await.expect_err("removevolume must be refused");
+    let refused = removevolume(&admin, "virtualmachines", "vm1", "data", false).await.expect_err("must be refused");
     assert!(refused.to_string().contains("wukong guard refused to unplug disk 'data'"), "{refused}");
     assert!(refused.to_string().contains(&format!("pid {pid}")), "{refused}");
     stop(&guest, &pid).await?;
-    admin.request_text(request(&path)?).await.context("removevolume once the guest let go")?;
+    removevolume(&admin, "virtualmachines", "vm1", "data", false)
+        .await
+        .context("removevolume once the guest let go")?;
     guest.wait_unplugged("data", Duration::from_secs(60)).await?;
 
     // The agent is down: denied (fail safe); forced: allowed, with a Warning Event naming who forced it.
@@ -141,16 +167,18 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     guest.restart_agent().await?;
     label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/force-detach": null})).await?;
 
-    // The old path: a standalone VMI's spec loses a busy disk.
+    // The old path: a standalone VMI's spec loses a busy disk. Only KubeVirt's accounts change a VMI's spec
+    // (vmi-update-admitter.go), so that is virt-api's removevolume on the VMI, patching it as kubevirt-apiserver.
     kubevirt.create_vm("solo", false, "127.0.0.1").await?;
     label(&vmis, "solo", json!({"vm.novasphere.dev/guard": "enabled"}), json!({})).await?;
     kubevirt.create_claim("pvc-solo", &guest.new_image(16 << 20)?).await?;
     let dev = attach(&guest, &admin, "solo", "solo-data", "pvc-solo").await?;
     guest.fill(&dev, "/mnt/s", 1 << 20).await?;
     let pid = writer(&guest, "/mnt/s").await?;
-    let remove = removal_patch(&vmis.get("solo").await?, "/spec", "solo-data")?;
-    let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("a VMI edit is guarded");
-    assert!(code == 403 && message.contains(&format!("pid {pid}")), "{message}");
+    let solo = |dry_run| removevolume(&admin, "virtualmachineinstances", "solo", "solo-data", dry_run);
+    let refused = solo(false).await.expect_err("virt-api's removal from the VMI is guarded").to_string();
+    assert!(refused.contains("wukong guard refused to unplug disk 'solo-data'"), "{refused}");
+    assert!(refused.contains(&format!("pid {pid}")), "{refused}");
     stop(&guest, &pid).await?;
 
     // A system disk (the guest mounted this one at /boot): denied, and forced too.
@@ -161,12 +189,11 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "the agent never saw that the disk holds /boot");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let remove = removal_patch(&vmis.get("solo").await?, "/spec", "solo-data")?;
-    let (code, message) = patch(&vmis, "solo", remove.clone(), false).await?.expect_err("a system disk stays");
-    assert!(code == 403 && message.contains("/boot of the running system"), "{message}");
+    let message = solo(false).await.expect_err("a system disk stays").to_string();
+    assert!(message.contains("/boot of the running system"), "{message}");
     label(&vmis, "solo", json!({}), json!({"vm.novasphere.dev/force-detach": "true"})).await?;
-    let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("a system disk stays, forced too");
-    assert!(code == 403 && message.contains("is a system disk of the guest"), "{message}");
+    let message = solo(false).await.expect_err("a system disk stays, forced too").to_string();
+    assert!(message.contains("is a system disk of the guest"), "{message}");
     guest.run_ok("umount /boot").await?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while agent.get_disk("solo-data", false).await?.system {
@@ -204,5 +231,75 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
         .await?
         .expect_err("no webhook, no change");
     assert!(message.contains("failed calling webhook"), "{code}: {message}");
+    Ok(())
+}
+
+/// The API server asks KubeVirt's webhooks and the guard at once. An unplug KubeVirt refuses must release nothing:
+/// the guest keeps its disk present and mounted, not fenced until a grace period gives it back. Each update here
+/// unplugs an idle, mounted disk the guard would otherwise release (the unmount annotation lets it unmount).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_kubevirt_refuses_releases_nothing() -> Result<()> {
+    let (guest, cluster, kubevirt, _operator) = guarded_lab("600").await?;
+    let admin = cluster.client(ADMIN).await?;
+    let (vms, vmis) = (vms(&admin), vmis(&admin));
+    let agent = guest.agent();
+    let opted_in = json!({"vm.novasphere.dev/guard": "enabled"});
+    let unmount = json!({"vm.novasphere.dev/unmount-on-detach": "true"});
+    let kept = |serial: &'static str, mnt: &'static str| {
+        let (agent, guest) = (&agent, &guest);
+        async move {
+            let state = agent.get_disk(serial, false).await?.state();
+            anyhow::ensure!(state == wukong_proto::v1::DiskState::Present, "{serial} was released: {state:?}");
+            guest.run_ok(&format!("grep -q ' {mnt} ' /proc/mounts")).await.context("the disk was unmounted")?;
+            Ok(())
+        }
+    };
+
+    // A user's edit of a standalone VMI's spec: "update of VMI object is restricted".
+    kubevirt.create_vm("solo", false, "127.0.0.1").await?;
+    label(&vmis, "solo", opted_in.clone(), unmount.clone()).await?;
+    kubevirt.create_claim("pvc-solo", &guest.new_image(16 << 20)?).await?;
+    let dev = attach(&guest, &admin, "solo", "solo-data", "pvc-solo").await?;
+    guest.fill(&dev, "/mnt/s", 1 << 20).await?;
+    let remove = removal_patch(&vmis.get("solo").await?, "/spec", "solo-data")?;
+    let (code, message) = patch(&vmis, "solo", remove, false).await?.expect_err("KubeVirt refuses a user's VMI edit");
+    assert!(matches!(code, 403 | 422) && message.contains("update of VMI object is restricted"), "{code}: {message}");
+    kept("solo-data", "/mnt/s").await?;
+    assert!(vmis.get("solo").await?.data["spec"]["volumes"].to_string().contains("solo-data"), "the VMI keeps it");
+
+    // A VM whose template keeps the disk but loses its volume: KubeVirt's VM admitter refuses it.
+    kubevirt.create_vm("vm1", true, "127.0.0.1").await?;
+    label(&vms, "vm1", opted_in, unmount).await?;
+    kubevirt.create_claim("pvc-data", &guest.new_image(16 << 20)?).await?;
+    let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    guest.fill(&dev, "/mnt/g", 1 << 20).await?;
+    let vm = vms.get("vm1").await?;
+    let mut volume_only = removal_patch(&vm, "/spec/template/spec", "data")?;
+    volume_only.as_array_mut().context("a patch")?.pop();
+    let (code, message) = patch(&vms, "vm1", volume_only, false).await?.expect_err("a disk without its volume");
+    assert!(matches!(code, 403 | 422) && message.contains("Name 'data' not found."), "{code}: {message}");
+    kept("data", "/mnt/g").await?;
+
+    // Its template loses the disk but keeps the volume: KubeVirt admits it and unplugs nothing (the VMI keeps its
+    // volume and disk), so there is nothing to release either.
+    let mut disk_only = removal_patch(&vm, "/spec/template/spec", "data")?;
+    disk_only.as_array_mut().context("a patch")?.remove(1);
+    patch(&vms, "vm1", disk_only, false).await?.expect("a volume without its disk is admitted");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kept("data", "/mnt/g").await?;
+    assert!(guest.has_disk("data").await, "nothing was unplugged");
+
+    // A dry run reaches virt-api's PATCH (`dryRun: true` in the review): the guard asks the guest and releases
+    // nothing.
+    let pid = writer(&guest, "/mnt/s").await?;
+    let refused = removevolume(&admin, "virtualmachineinstances", "solo", "solo-data", true)
+        .await
+        .expect_err("a dry run of a busy disk's removal is refused");
+    assert!(refused.to_string().contains(&format!("pid {pid}")), "the guard reviewed the dry run: {refused}");
+    stop(&guest, &pid).await?;
+    removevolume(&admin, "virtualmachineinstances", "solo", "solo-data", true)
+        .await
+        .context("an idle disk's dry run")?;
+    kept("solo-data", "/mnt/s").await?;
     Ok(())
 }

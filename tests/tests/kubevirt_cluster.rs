@@ -651,3 +651,142 @@ async fn an_unplug_that_fails_in_the_domain_is_reported_with_kubevirts_sync_fail
     lab.assert_not_given_back().await?;
     Ok(())
 }
+
+/// PUTs `body` to subresource `verb` of `plural`/`name` in `ns` through the aggregated API: a refusal's code and
+/// message.
+async fn subresource(
+    client: &kube::Client,
+    ns: &str,
+    plural: &str,
+    name: &str,
+    verb: &str,
+    body: Value,
+) -> Result<Result<(), (u16, String)>> {
+    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{ns}/{plural}/{name}/{verb}");
+    let request =
+        http::Request::put(path).header("content-type", "application/json").body(serde_json::to_vec(&body)?)?;
+    match client.request_text(request).await {
+        Ok(_) => Ok(Ok(())),
+        Err(kube::Error::Api(s)) => Ok(Err((s.code, s.message))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn add_options(name: &str, claim: &str, bus: &str) -> Value {
+    json!({"name": name, "disk": {"name": name, "serial": name, "disk": {"bus": bus}},
+           "volumeSource": {"persistentVolumeClaim": {"claimName": claim}}})
+}
+
+/// Issue 29, item 9: virt-api v1.9.0's subresource rules (pkg/virt-api/rest/volumes.go) as the lab plays them: a
+/// claim in use by another volume, a removal by claim name, a dry run that reaches the PATCH, a bad bus that is
+/// accepted and never attaches, and the owner checked before the phase.
+#[tokio::test(flavor = "multi_thread")]
+async fn virt_api_answers_volume_requests_as_kubevirt_does() -> Result<()> {
+    let lab = lab(HotplugMode::Declarative).await?;
+    lab.attach_data1().await?;
+    let admin = lab.cluster.client(ADMIN).await?;
+    let vm1 = |verb: &'static str, body: Value| subresource(&admin, NS, "virtualmachines", "vm1", verb, body);
+
+    // `verifyVolumeOption`: another volume already has that claim.
+    let in_use = "Unable to add volume source [pvc-a] because it already exists";
+    let refused = vm1("addvolume", add_options("data2", "pvc-a", "scsi")).await?;
+    let message = format!("Operation cannot be fulfilled on virtualmachine.kubevirt.io \"vm1\": {in_use}");
+    assert_eq!(refused, Err((409, message)));
+    let out = lab.ctl(&["attach", "data2", "--claim", "pvc-a", "--timeout", "30"])?;
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains(in_use), "wukongctl passes KubeVirt's reason on: {}", text(&out));
+
+    // A removal by claim name finds the volume (`volumeExists`) but removes by name (`ApplyVolumeRequestOnVMISpec`):
+    // accepted, and nothing changes.
+    let before = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert_eq!(vm1("removevolume", json!({"name": "pvc-a"})).await?, Ok(()));
+    let after = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert_eq!(after["spec"], before["spec"], "a removal by claim name changes nothing");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(lab.guest.has_disk("data1").await, "the guest keeps data1");
+
+    // A dry run is virt-api's PATCH with dryRun=All (`getDryRunOption`): every webhook reviews it, nothing is
+    // stored.
+    let mark = lab.cluster.audit()?.len();
+    assert_eq!(vm1("removevolume", json!({"name": "data1", "dryRun": ["All"]})).await?, Ok(()));
+    let dry = lab.cluster.audit()?.into_iter().skip(mark).find(|e| {
+        e.is_write() && e.verb == "patch" && e.object_ref.as_ref().is_some_and(|r| r.resource == "virtualmachines")
+    });
+    let dry = dry.context("a dry run reaches the API server as virt-api's PATCH of the VM")?;
+    assert!(dry.request_uri.contains("dryRun=All") && dry.code() == 200, "{dry:?}");
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(template_volumes(&vm).contains(&"data1".to_string()), "a dry run stores nothing: {vm}");
+
+    // The owner is checked before the phase (`vmiVolumePatch`). The lab's KubeVirt runs nothing in namespace
+    // `idle`: its VMIs never run.
+    let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "idle"}});
+    wukong_e2e::cluster::create_all(&admin, vec![namespace]).await?;
+    let vms: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), "idle", &dynamic("VirtualMachine", "kubevirt.io", "virtualmachines"));
+    let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "held"},
+                    "spec": {"running": false, "template": {"spec": {"domain": {"devices": {}}}}}});
+    let uid = vms.create(&PostParams::default(), &serde_json::from_value(vm)?).await?.metadata.uid;
+    let vmis: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        "idle",
+        &dynamic("VirtualMachineInstance", "kubevirt.io", "virtualmachineinstances"),
+    );
+    for (name, owners) in [
+        (
+            "held",
+            json!([{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": "held", "uid": uid,
+                         "controller": true}]),
+        ),
+        ("loose", json!([])),
+    ] {
+        let vmi = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                         "metadata": {"name": name, "ownerReferences": owners}, "spec": {"domain": {"devices": {}}}});
+        vmis.create(&PostParams::default(), &serde_json::from_value(vmi)?).await?;
+    }
+    let vmi = |name: &'static str| {
+        subresource(&admin, "idle", "virtualmachineinstances", name, "addvolume", add_options("x", "pvc-x", "scsi"))
+    };
+    assert_eq!(vmi("held").await?, Err((400, "VMI idle/held is owned by a VM".into())));
+    let not_running =
+        "Operation cannot be fulfilled on virtualmachineinstance.kubevirt.io \"loose\": VMI is not running";
+    assert_eq!(vmi("loose").await?, Err((409, not_running.into())));
+
+    // A bus KubeVirt cannot hot-plug, with declarative hot-plug: the VM admitter takes it into the VM's spec; the VMI
+    // admitter refuses virt-controller's patch of the VMI every time (`ValidateHotplugDiskConfiguration`): it never
+    // attaches.
+    lab.kubevirt.create_claim("pvc-c", &lab.guest.new_image(16 << 20)?).await?;
+    let mark = lab.cluster.audit()?.len();
+    assert_eq!(vm1("addvolume", add_options("data3", "pvc-c", "sata")).await?, Ok(()));
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(template_volumes(&vm).contains(&"data3".to_string()), "accepted into the VM's spec: {vm}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let refused = lab.cluster.audit()?.into_iter().skip(mark).find(|e| {
+            let vmi = e.object_ref.as_ref().is_some_and(|r| r.resource == "virtualmachineinstances");
+            vmi && e.is_write() && e.user.username == CONTROLLER && e.code() == 422
+        });
+        if let Some(refused) = refused {
+            break refused;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "virt-controller's patch of the VMI was never refused");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    // The audit log keeps no message: the same patch, sent again as virt-controller, says why.
+    let patch: json_patch::Patch = serde_json::from_value(refused.request_object.context("the refused patch")?)?;
+    let as_controller: Api<DynamicObject> = Api::namespaced_with(
+        lab.cluster.client(CONTROLLER).await?,
+        NS,
+        &dynamic("VirtualMachineInstance", "kubevirt.io", "virtualmachineinstances"),
+    );
+    let bus = "Hotplug configuration for disk [data3] requires bus to be 'scsi' or 'virtio'. [sata] is not permitted.";
+    match as_controller.patch("vm1", &kube::api::PatchParams::default(), &kube::api::Patch::<()>::Json(patch)).await {
+        Err(kube::Error::Api(s)) => assert!(s.code == 422 && s.message.ends_with(bus), "{s:?}"),
+        other => panic!("KubeVirt's VMI admitter must refuse the bad bus: {other:?}"),
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let vmi = lab.object("VirtualMachineInstance", "virtualmachineinstances", "vm1").await?;
+    let in_vmi = |key: &str| vmi[key].to_string().contains("data3");
+    assert!(!in_vmi("spec") && !in_vmi("status"), "data3 never reaches the VMI: {vmi}");
+    assert!(!lab.guest.has_disk("data3").await, "the guest never gets data3");
+    Ok(())
+}

@@ -36,6 +36,11 @@ pub struct Record {
     pub released_at: Option<f64>,
     /// Mounts the release undid, in the order it undid them.
     pub unmounted: Vec<MountRecord>,
+    /// Mounts the release is undoing, journalled before the first unmount: the kernel writes a filesystem back
+    /// before `umount` returns (seconds on slow storage), so an agent killed meanwhile finds here what may already
+    /// be gone. Absent in journals of agents before it.
+    #[serde(default)]
+    pub unmounting: Vec<MountRecord>,
     /// The disk as it was before the release (protobuf, hex), to list it again after a restart.
     disk: String,
 }
@@ -48,6 +53,7 @@ impl Record {
             fence,
             released_at: None,
             unmounted: Vec::new(),
+            unmounting: Vec::new(),
             disk: disk.encode_to_vec().iter().map(|b| format!("{b:02x}")).collect(),
         }
     }

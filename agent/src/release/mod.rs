@@ -385,6 +385,8 @@ impl Releaser {
         if !plan.is_empty() {
             let started = Instant::now();
             let records = plan.to_vec();
+            record.unmounting = records.clone();
+            self.inner.journal.save(record);
             let (r, p) = (roots.clone(), records.clone());
             let (done, error) = blocking(move || Ok::<_, String>(mounts::unmount(&r, &p))).await.map_err(failed)?;
             for r in &done {
@@ -392,6 +394,7 @@ impl Releaser {
             }
             progress.unmounted = done.clone();
             record.unmounted = done;
+            record.unmounting.clear();
             self.inner.journal.save(record);
             if let Some(e) = error {
                 if e.is_busy() {
@@ -667,6 +670,12 @@ impl Releaser {
             match (record.phase, &record.fence, present) {
                 (Phase::Releasing, ..) => {
                     tracing::warn!(serial = %record.id, "undoing a release the previous agent process did not finish");
+                    let mut record = record.clone();
+                    // Killed while unmounting: what is gone from its namespace comes back too.
+                    let roots = self.inner.roots.clone();
+                    let unmounting = std::mem::take(&mut record.unmounting);
+                    let gone = blocking(move || Ok::<_, String>(mounts::gone(&roots, &unmounting))).await;
+                    record.unmounted.extend(gone.unwrap_or_default());
                     match self.bring_back(&disk, &record).await {
                         Ok(_) => tracing::info!(serial = %record.id, "interrupted release undone; the disk is present"),
                         Err(e) => {

@@ -229,6 +229,20 @@ pub fn unmount(roots: &HostRoots, records: &[MountRecord]) -> (Vec<MountRecord>,
     (done, None)
 }
 
+/// The mounts among `records` no longer in their namespace (an unmount was under way when a previous agent process
+/// was killed: it may or may not have happened). A namespace that cannot be entered any more has nothing to mount
+/// back into.
+pub fn gone(roots: &HostRoots, records: &[MountRecord]) -> Vec<MountRecord> {
+    records
+        .iter()
+        .filter(|r| {
+            in_namespace(roots, r.namespace, r.namespace_pid, |ns| !ns.mount_ids().contains(&r.mount_id))
+                .unwrap_or(false)
+        })
+        .cloned()
+        .collect()
+}
+
 /// How high each stacked mount of one namespace stands: 0 for one whose layers are on the disk's filesystems
 /// only, one more than the highest stacked mount a layer of it lies in (an overlay on an overlay on the disk).
 /// Higher ones are undone first and mounted back last.
