@@ -289,7 +289,8 @@ async fn release_one(
         ));
     }
     if force {
-        let note = format!("{} unplugs {what} with {FORCE_ANNOTATION}=true: the guest was not asked", target.user);
+        let note =
+            format!("{} unplugs {what} with {FORCE_ANNOTATION}=true: the guest was not asked", requester(target.user));
         tracing::warn!(user = target.user, %serial, "FORCED unplug allowed: {note}");
         if !dry_run {
             publish(guard, target.request, &note).await;
@@ -339,6 +340,19 @@ async fn release_one(
             Err(unreachable(e.to_string()))
         }
         Err(e) => Err(refused(vec![e.to_string()])),
+    }
+}
+
+/// Who unplugs, in words: the review's user, unless that is one of KubeVirt's ServiceAccounts (in whatever namespace
+/// KubeVirt runs) acting for someone. virt-api writes a `removevolume` as `kubevirt-apiserver` and passes on nothing
+/// of its caller (no impersonation, no `userInfo.extra`), so the review cannot name who asked; virt-controller
+/// writes as `kubevirt-controller` what a VM's spec or volume requests say.
+fn requester(user: &str) -> String {
+    let account = user.strip_prefix("system:serviceaccount:").and_then(|a| a.split_once(':')).map(|(_, name)| name);
+    match account {
+        Some("kubevirt-apiserver") => format!("KubeVirt ({user}) acting for a removevolume request"),
+        Some("kubevirt-controller") => format!("KubeVirt ({user}) acting for a change of the VM"),
+        _ => user.to_string(),
     }
 }
 
@@ -599,6 +613,20 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(certificate_names(cert.der()), ["kube-apiserver-webhook-client", "wukong-guard-client.example"]);
         assert!(certificate_names(&CertificateDer::from(vec![1, 2, 3])).is_empty(), "garbage names nobody");
+    }
+
+    #[test]
+    fn kubevirt_acting_for_someone_is_said_so() {
+        assert_eq!(requester("alice"), "alice");
+        assert_eq!(
+            requester("system:serviceaccount:kubevirt:kubevirt-apiserver"),
+            "KubeVirt (system:serviceaccount:kubevirt:kubevirt-apiserver) acting for a removevolume request"
+        );
+        assert_eq!(
+            requester("system:serviceaccount:openshift-cnv:kubevirt-controller"),
+            "KubeVirt (system:serviceaccount:openshift-cnv:kubevirt-controller) acting for a change of the VM"
+        );
+        assert_eq!(requester("system:serviceaccount:ns1:builder"), "system:serviceaccount:ns1:builder");
     }
 
     #[test]
