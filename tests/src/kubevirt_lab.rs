@@ -2,13 +2,15 @@
 //!
 //! * **virt-api's `subresources.kubevirt.io/v1`**, served as an aggregated API (an `APIService` pointing at this
 //!   HTTPS server through an `ExternalName` Service, as virt-api is served): `addvolume`/`removevolume` for VMs and
-//!   VMIs, with v1.9's rules, status codes and messages in both feature-gate modes. RBAC on the subresources is
-//!   enforced by the API server before a request gets here.
+//!   VMIs, with v1.9's rules, status codes and messages in both feature-gate modes, writing as KubeVirt's
+//!   `kubevirt-apiserver` ServiceAccount ([`API_SERVER`]), not as its caller. RBAC on the subresources is enforced
+//!   by the API server before a request gets here.
 //! * **virt-controller and virt-handler** for the lab guest, two loops that watch VMs and VMIs through the API server
 //!   as KubeVirt's ServiceAccounts ([`CONTROLLER`], [`HANDLER`], bound to roughly KubeVirt's ClusterRoles by
 //!   tests/kubevirt/rbac.yaml), each writing what its upstream counterpart writes: virt-controller the VMI's start up
 //!   to Scheduled, the declarative rule (hotpluggable VM volumes → VMI spec, a changed one unplugged and plugged
-//!   again) and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
+//!   again) or, with `HotplugVolumes`, a VM's `status.volumeRequests` (through the VMI's subresources, then the
+//!   VM's spec), and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
 //!   volumes' targets and their MountedToPod, Ready and UnMountedFromPod phases, the hot-plugs and unplugs over QMP
 //!   with the disk's serial and bus, and the `VolumeUnplugged` event. The VMI CRD has no status subresource, as
 //!   KubeVirt ships it: each of these writes is an update of the whole VMI, which every validating webhook on VMI
@@ -26,6 +28,7 @@ use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wukong_controller_client::companion::{self, AttachOptions};
@@ -46,6 +49,9 @@ pub const CONTROLLER: &str = "system:serviceaccount:kubevirt:kubevirt-controller
 /// virt-handler's identity: it writes the phase Running, `interfaces`, and each volume's target and its MountedToPod,
 /// Ready and UnMountedFromPod phases.
 pub const HANDLER: &str = "system:serviceaccount:kubevirt:kubevirt-handler";
+/// virt-api's identity: its subresources write VMs and VMIs as this account, not as their caller, so a webhook sees
+/// `kubevirt-apiserver` for a user's `removevolume`.
+pub const API_SERVER: &str = "system:serviceaccount:kubevirt:kubevirt-apiserver";
 /// The annotations virt-controller writes first on every VMI (vmi.go `execute`).
 const LATEST_API_VERSION: &str = "kubevirt.io/latest-observed-api-version";
 const STORAGE_API_VERSION: &str = "kubevirt.io/storage-observed-api-version";
@@ -60,8 +66,9 @@ pub enum HotplugMode {
     /// `DeclarativeHotplugVolumes` only, v1.9's default: the VM spec is the truth; editing it plugs and unplugs,
     /// and VMI add/remove on a VM-owned VMI is refused with 400.
     Declarative,
-    /// `HotplugVolumes` (deprecated in v1.9, takes precedence when on): the subresources change the VMI (and, for a
-    /// VM, its spec too); editing the VM spec does nothing until a restart.
+    /// `HotplugVolumes` (deprecated in v1.9, takes precedence when on): the VMI's subresources change the VMI; the
+    /// VM's only record a request in `vm.status.volumeRequests`, which virt-controller carries out through the VMI's
+    /// and then stores in the VM's spec; editing the VM spec does nothing until a restart.
     HotplugVolumes,
 }
 
@@ -91,8 +98,10 @@ fn claims(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
 
 /// Shared between the aggregated server, virt-controller and virt-handler.
 struct Shared {
-    /// The admin: virt-api's writes, and the claims' provisioner and binder (not KubeVirt's).
+    /// The admin: the claims' provisioner and binder (not KubeVirt's).
     client: kube::Client,
+    /// virt-api, as [`API_SERVER`].
+    apiserver: kube::Client,
     /// virt-controller, as [`CONTROLLER`].
     controller: kube::Client,
     /// virt-handler, as [`HANDLER`].
@@ -117,6 +126,11 @@ struct Shared {
     unplug_delay: Mutex<Duration>,
     /// A 500 for every `removevolume` (the volume stays): a removal KubeVirt really refuses.
     refuse_removals: Mutex<Option<String>>,
+    /// virt-controller is down (restarting, say): it writes nothing until resumed.
+    controller_paused: AtomicBool,
+    /// The next spec patch of virt-api loses a race: another write of the list it tests lands between its read and
+    /// its patch.
+    lose_next_race: AtomicBool,
     next_target: Mutex<u8>,
     /// Every hot-plug request virt-api received, as it received it.
     received: Mutex<Vec<Received>>,
@@ -149,8 +163,8 @@ impl Drop for KubeVirtLab {
 
 impl KubeVirtLab {
     /// Installs KubeVirt's CRDs, aggregated API and identities (tests/kubevirt/rbac.yaml) in `cluster`, which must
-    /// have been started with the users [`CONTROLLER`] and [`HANDLER`], and starts virt-controller and virt-handler
-    /// for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP
+    /// have been started with the users [`API_SERVER`], [`CONTROLLER`] and [`HANDLER`], and starts virt-controller
+    /// and virt-handler for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP
     /// socket); without one they only move through the phases.
     pub async fn start(
         cluster: &Cluster,
@@ -179,11 +193,13 @@ impl KubeVirtLab {
         let as_kubevirt = |user| async move {
             cluster.client(user).await.with_context(|| {
                 format!(
-                    "the lab's KubeVirt runs as {user}: start the cluster with kubevirt_lab::CONTROLLER and HANDLER"
+                    "the lab's KubeVirt runs as {user}: start the cluster with kubevirt_lab::API_SERVER, CONTROLLER \
+                     and HANDLER"
                 )
             })
         };
         let shared = Arc::new(Shared {
+            apiserver: as_kubevirt(API_SERVER).await?,
             controller: as_kubevirt(CONTROLLER).await?,
             handler: as_kubevirt(HANDLER).await?,
             client: client.clone(),
@@ -198,6 +214,8 @@ impl KubeVirtLab {
             addresses: Mutex::new(BTreeMap::new()),
             unplug_delay: Mutex::new(PHASE_STEP),
             refuse_removals: Mutex::new(None),
+            controller_paused: AtomicBool::new(false),
+            lose_next_race: AtomicBool::new(false),
             next_target: Mutex::new(0),
             received: Mutex::new(Vec::new()),
         });
@@ -216,6 +234,18 @@ impl KubeVirtLab {
     /// Refuse every `removevolume` with a 500 carrying `message` (`None`: accept them again).
     pub fn refuse_removals(&self, message: Option<&str>) {
         *self.shared.refuse_removals.lock().unwrap() = message.map(str::to_string);
+    }
+
+    /// Stops (`true`) or resumes the lab's virt-controller, as its restart or an outage does: meanwhile it writes
+    /// nothing (a VM's volume requests stay pending, VMI phases and volume statuses stay as they are).
+    pub fn pause_controller(&self, paused: bool) {
+        self.shared.controller_paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// virt-api's next VM or VMI spec patch loses a race with another writer (virt-controller changes the disks it
+    /// tests first), so its JSON patch's `test` fails: KubeVirt answers 422 and its clients retry.
+    pub fn lose_next_race(&self) {
+        self.shared.lose_next_race.store(true, Ordering::SeqCst);
     }
 
     /// Every hot-plug request the lab's virt-api received (the API server does not record proxied bodies).
@@ -562,15 +592,10 @@ async fn volume_request(
     };
     let volume = volume.expect("checked above");
     let (new_volume, new_disk) = (hotplug_volume(&body), hotplug_disk(&body, &volume));
-    let client = &shared.client;
+    // virt-api reads and writes as its own ServiceAccount, whoever called it.
+    let client = &shared.apiserver;
     let not_found = |what: &str| (StatusCode::NOT_FOUND, format!("{what} \"{name}\" not found"));
     let internal = |e: kube::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    // A failed `test` (a concurrent spec change) is passed on as the API server's 422, which virtctl retries; any
-    // other failure is virt-api's 500.
-    let patch_failed = |e: kube::Error| match e {
-        kube::Error::Api(s) if s.code == 422 => (StatusCode::UNPROCESSABLE_ENTITY, s.message),
-        e => internal(e),
-    };
     match kind {
         "virtualmachines" => {
             let api = vms(client, ns);
@@ -581,17 +606,13 @@ async fn volume_request(
             if dry_run {
                 return Ok(());
             }
-            patch_spec(&api, &vm, "/spec/template/spec", &spec).await.map_err(patch_failed)?;
-            // With HotplugVolumes, virt-controller also hot-plugs into the running VMI (vm.status.volumeRequests).
-            if shared.mode == HotplugMode::HotplugVolumes
-                && let Some(vmi) = vmis(client, ns).get_opt(name).await.map_err(internal)?
-            {
-                let mut spec = vmi.data["spec"].clone();
-                if change_volumes(&mut spec, add, &volume, &new_volume, &new_disk).is_ok() {
-                    patch_spec(&vmis(client, ns), &vmi, "/spec", &spec).await.map_err(patch_failed)?;
-                }
+            // With HotplugVolumes the VM route only records a request (`vmVolumePatchStatus`); virt-controller
+            // carries it out later.
+            if shared.mode == HotplugMode::HotplugVolumes {
+                return request_volume_change(&api, &vm, add, &volume, &body).await;
             }
-            Ok(())
+            race(shared, &vm, "/spec/template/spec").await;
+            patch_spec(&api, &vm, "/spec/template/spec", &spec).await.map_err(|e| patch_failed("vm", e))
         }
         "virtualmachineinstances" => {
             let api = vmis(client, ns);
@@ -612,20 +633,112 @@ async fn volume_request(
             if dry_run {
                 return Ok(());
             }
-            patch_spec(&api, &vmi, "/spec", &spec).await.map_err(patch_failed)
+            race(shared, &vmi, "/spec").await;
+            patch_spec(&api, &vmi, "/spec", &spec).await.map_err(|e| patch_failed("vmi", e))
         }
         other => Err((StatusCode::NOT_FOUND, format!("the server could not find the requested resource ({other})"))),
     }
 }
 
-/// `v1.Volume` from `AddVolumeOptions`: virt-api forces `hotpluggable: true`.
-fn hotplug_volume(body: &Value) -> Value {
+/// How virt-api answers a failed patch of a `vm`, `vmi` or `vm status` (volumes.go `vmVolumePatch`,
+/// `vmiVolumePatch`, `vmVolumePatchStatus`): an Invalid status (422; a failed `test`, that is a concurrent change,
+/// which virtctl retries) is passed on as it is; anything else, a webhook's denial included, is a 500.
+fn patch_failed(what: &str, e: kube::Error) -> Refusal {
+    match e {
+        kube::Error::Api(s) if s.reason == "Invalid" => (StatusCode::UNPROCESSABLE_ENTITY, s.message),
+        kube::Error::Api(s) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Internal error occurred: unable to patch {what}: {}", s.message),
+        ),
+        e => (StatusCode::INTERNAL_SERVER_ERROR, format!("Internal error occurred: unable to patch {what}: {e}")),
+    }
+}
+
+/// Plays [`KubeVirtLab::lose_next_race`]: virt-controller changes the disks of `object`'s spec at `base` (their
+/// first one's boot order) after virt-api read it and before virt-api patches it.
+async fn race(shared: &Shared, object: &DynamicObject, base: &str) {
+    if !shared.lose_next_race.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let spec = base.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
+    let order = spec["domain"]["devices"]["disks"][0]["bootOrder"].as_u64().unwrap_or(0) + 1;
+    let change = json!([{"op": "add", "path": format!("{base}/domain/devices/disks/0/bootOrder"), "value": order}]);
+    let api = match object.types.as_ref().is_some_and(|t| t.kind == "VirtualMachine") {
+        true => vms(&shared.controller, &shared.namespace),
+        false => vmis(&shared.controller, &shared.namespace),
+    };
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let patch = serde_json::from_value(change).expect("a valid JSON patch");
+    if let Err(e) = api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+        tracing::warn!(error = %e, "the lab's concurrent write for lose_next_race failed");
+    }
+}
+
+/// `vmVolumePatchStatus` (volumes.go) with the `HotplugVolumes` gate: the request is only appended to the VM's
+/// `status.volumeRequests`, with a JSON patch of the status subresource guarded by a `test` of the old list, and
+/// answered 202 at once; virt-controller carries it out later ([`handle_volume_requests`]). Another request for
+/// the same volume is refused while one is pending (`addAddVolumeRequests`, `addRemoveVolumeRequests`, with their
+/// messages), except that a remove request replaces a pending add.
+async fn request_volume_change(
+    api: &Api<DynamicObject>,
+    vm: &DynamicObject,
+    add: bool,
+    volume: &str,
+    body: &Value,
+) -> Result<(), Refusal> {
+    let vm_name = vm.metadata.name.clone().unwrap_or_default();
+    // errors.NewConflict(v1.Resource("virtualmachine"), name, err)
+    let conflict = |why: String| {
+        let message = format!("Operation cannot be fulfilled on virtualmachine.kubevirt.io \"{vm_name}\": {why}");
+        Err((StatusCode::CONFLICT, message))
+    };
+    let mut requests = Vec::new();
+    for request in list(&vm.data["status"]["volumeRequests"]) {
+        let adds = request["addVolumeOptions"]["name"] == volume;
+        let removes = request["removeVolumeOptions"]["name"] == volume;
+        match (add, adds, removes) {
+            (true, true, _) => return conflict(format!("add volume request for volume [{volume}] already exists")),
+            (true, _, true) => {
+                return conflict(format!(
+                    "unable to add volume since a remove volume request for volume [{volume}] already exists and is \
+                     still being processed"
+                ));
+            }
+            (false, _, true) => {
+                return conflict(format!(
+                    "a remove volume request for volume [{volume}] already exists and is still being processed"
+                ));
+            }
+            (false, true, _) => continue,
+            _ => requests.push(request),
+        }
+    }
+    requests.push(match add {
+        true => json!({"addVolumeOptions": {"name": volume, "disk": hotplug_disk(body, volume),
+                                            "volumeSource": hotplug_source(body)}}),
+        false => json!({"removeVolumeOptions": {"name": volume}}),
+    });
+    let patch = guarded_patch(vm, &[("/status/volumeRequests".into(), Value::Array(requests))]);
+    api.patch_status(&vm_name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map(drop)
+        .map_err(|e| patch_failed("vm status", e))
+}
+
+/// `v1.HotplugVolumeSource` from `AddVolumeOptions`: virt-api forces `hotpluggable: true`.
+fn hotplug_source(body: &Value) -> Value {
     let mut source = body["volumeSource"].clone();
     for key in ["persistentVolumeClaim", "dataVolume"] {
         if source[key].is_object() {
             source[key]["hotpluggable"] = json!(true);
         }
     }
+    source
+}
+
+/// `v1.Volume` from `AddVolumeOptions` (or a VM's add volume request).
+fn hotplug_volume(body: &Value) -> Value {
+    let source = hotplug_source(body);
     let mut volume = json!({"name": body["name"]});
     if let Some(map) = source.as_object() {
         for (k, v) in map {
@@ -778,6 +891,12 @@ async fn update(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<()> {
 /// A JSON patch of an object's lists, each guarded by a `test` of its old value, as KubeVirt's patch sets are
 /// (pkg/apimachinery/patch): `add` where there was no list yet.
 async fn patch_lists(api: &Api<DynamicObject>, object: &DynamicObject, lists: &[(String, Value)]) -> kube::Result<()> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(guarded_patch(object, lists))).await.map(drop)
+}
+
+/// The operations of [`patch_lists`].
+fn guarded_patch(object: &DynamicObject, lists: &[(String, Value)]) -> json_patch::Patch {
     let mut operations = Vec::new();
     for (path, new) in lists {
         let old = path.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
@@ -789,9 +908,7 @@ async fn patch_lists(api: &Api<DynamicObject>, object: &DynamicObject, lists: &[
             false => operations.push(json!({"op": "add", "path": path, "value": new})),
         }
     }
-    let patch: json_patch::Patch = serde_json::from_value(Value::Array(operations)).map_err(kube::Error::SerdeError)?;
-    let name = object.metadata.name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await.map(drop)
+    serde_json::from_value(Value::Array(operations)).expect("test, add and replace operations are a JSON patch")
 }
 
 fn key(vmi: &str, volume: &str) -> (String, String) {
@@ -831,7 +948,15 @@ fn set_phase(status: &mut Value, phase: &str, reason: &str, message: String) {
 
 /// virt-controller: for each VMI, the first of its writes that is due (the next pass sees what it wrote).
 async fn controller_sync(shared: &Shared) -> Result<()> {
+    if shared.controller_paused.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     bind_claims(shared).await?;
+    if shared.mode == HotplugMode::HotplugVolumes {
+        for vm in vms(&shared.controller, &shared.namespace).list(&Default::default()).await? {
+            handle_volume_requests(shared, &vm).await?;
+        }
+    }
     let api = vmis(&shared.controller, &shared.namespace);
     for vmi in api.list(&Default::default()).await? {
         if start(&api, &vmi).await? {
@@ -869,6 +994,65 @@ async fn start(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<bool> {
     }
     update(api, &next).await?;
     Ok(true)
+}
+
+/// A VM's sync with the `HotplugVolumes` gate (pkg/virt-controller/watch/vm/vm.go `sync`, `handleVolumeRequests`,
+/// `updateStatus`, `trimDoneVolumeRequests`): each request of `vm.status.volumeRequests` is applied to a copy of the
+/// template (`ApplyVolumeRequestOnVMISpec`) and, for a running VMI that does not reflect it yet, carried out first
+/// through the VMI's own `addvolume`/`removevolume` (so virt-api patches the VMI, as itself). Only at the end of the
+/// sync is the template change stored (an update of the VM), and the status update after it drops the requests the
+/// template now reflects. A failed VMI call ends the sync with the template unchanged and the request pending, to be
+/// tried again on the next sync.
+async fn handle_volume_requests(shared: &Shared, vm: &DynamicObject) -> Result<()> {
+    let requests = list(&vm.data["status"]["volumeRequests"]);
+    if requests.is_empty() {
+        return Ok(());
+    }
+    let (ns, name) = (&shared.namespace, vm.metadata.name.clone().unwrap_or_default());
+    let vmi = vmis(&shared.controller, ns).get_opt(&name).await?;
+    let vmi_volumes = vmi.filter(|v| v.metadata.deletion_timestamp.is_none()).map(|v| list(&v.data["spec"]["volumes"]));
+    let mut template = vm.data["spec"]["template"]["spec"].clone();
+    for request in &requests {
+        let add = request["addVolumeOptions"].is_object();
+        let (verb, options) = match add {
+            true => ("addvolume", &request["addVolumeOptions"]),
+            false => ("removevolume", &request["removeVolumeOptions"]),
+        };
+        let volume = name_of(options);
+        // Nothing to do is no error: a volume already added, or already gone.
+        let _ = change_volumes(&mut template, add, volume, &hotplug_volume(options), &hotplug_disk(options, volume));
+        let Some(vmi_volumes) = &vmi_volumes else { continue };
+        if vmi_volumes.iter().any(|v| v["name"] == volume) == add {
+            continue;
+        }
+        let path = format!("/apis/{GROUP}/v1/namespaces/{ns}/virtualmachineinstances/{name}/{verb}");
+        let call =
+            http::Request::put(path).header("content-type", "application/json").body(serde_json::to_vec(options)?)?;
+        // Not a kube::Error: a refusal is requeued with a pause, not at once as a lost write is.
+        if let Err(e) = shared.controller.request_text(call).await {
+            bail!("Error encountered while handling volume hotplug requests: {e}");
+        }
+    }
+    let api = vms(&shared.controller, ns);
+    let mut vm = vm.clone();
+    if template != vm.data["spec"]["template"]["spec"] {
+        vm.data["spec"]["template"]["spec"] = template.clone();
+        vm = api.replace(&name, &PostParams::default(), &vm).await?;
+    }
+    let done = |request: &Value| {
+        let (add, volume) = match request["addVolumeOptions"].is_object() {
+            true => (true, &request["addVolumeOptions"]["name"]),
+            false => (false, &request["removeVolumeOptions"]["name"]),
+        };
+        let in_template = |list: &Value| named(list, volume).is_some();
+        add == in_template(&template["volumes"]) && add == in_template(&template["domain"]["devices"]["disks"])
+    };
+    let pending: Vec<Value> = requests.iter().filter(|r| !done(r)).cloned().collect();
+    if pending != requests {
+        vm.data["status"]["volumeRequests"] = Value::Array(pending);
+        api.replace_status(&name, &PostParams::default(), &vm).await?;
+    }
+    Ok(())
 }
 
 /// `HandleDeclarativeVolumes` (pkg/storage/hotplug/hotplug.go), run by virt-controller on every VM sync: the running
