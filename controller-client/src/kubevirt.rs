@@ -604,15 +604,19 @@ fn classify(
                     .into(),
             };
         }
-        Some(PendingRequest::Add) if !status.is_some_and(|s| s.phase == "Ready" && !s.target.is_empty()) => {
-            return VolumeState::Pending {
-                phase: phase_or("Requested"),
-                message: "an add request for it is pending in the VM's status.volumeRequests; virt-controller \
-                          carries it out"
-                    .into(),
+        // Ready before virt-controller stored the template and dropped the request: attached.
+        Some(PendingRequest::Add) => {
+            return match status.filter(|s| s.phase == "Ready" && !s.target.is_empty()) {
+                Some(s) => VolumeState::Ready { serial, target: s.target.clone() },
+                None => VolumeState::Pending {
+                    phase: phase_or("Requested"),
+                    message: "an add request for it is pending in the VM's status.volumeRequests; virt-controller \
+                              carries it out"
+                        .into(),
+                },
             };
         }
-        _ => {}
+        None => {}
     }
     let leaving = in_template == Some(false) || (!in_spec && in_template.is_none());
     match status {

@@ -718,7 +718,15 @@ async fn request_volume_change(
                                             "volumeSource": hotplug_source(body)}}),
         false => json!({"removeVolumeOptions": {"name": volume}}),
     });
-    let patch = guarded_patch(vm, &[("/status/volumeRequests".into(), Value::Array(requests))]);
+    let patch = match vm.data["status"].is_object() {
+        true => guarded_patch(vm, &[("/status/volumeRequests".into(), Value::Array(requests))]),
+        // KubeVirt's virt-controller always writes a VM's status (printableStatus); the lab's writes none, so the
+        // first request makes it.
+        false => {
+            serde_json::from_value(json!([{"op": "add", "path": "/status", "value": {"volumeRequests": requests}}]))
+                .expect("a valid JSON patch")
+        }
+    };
     api.patch_status(&vm_name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
         .map(drop)
