@@ -686,7 +686,9 @@ mod tests {
     fn a_pending_volume_request_decides_over_the_template_and_the_vmi() {
         let ready = status("Ready", "sda");
         let (add, remove) = (Some(PendingRequest::Add), Some(PendingRequest::Remove));
-        let cases: [(bool, Option<bool>, Option<PendingRequest>, Option<&VolumeStatus>, &str); 7] = [
+        // in the VMI's spec, in the template, the pending request, the VMI's status entry: the state.
+        type Case<'a> = (bool, Option<bool>, Option<PendingRequest>, Option<&'a VolumeStatus>, &'a str);
+        let cases: [Case; 7] = [
             // Remove requested: nothing changed yet, the VMI lost it first, then the template too.
             (true, Some(true), remove, Some(&ready), "removing Ready"),
             (false, Some(true), remove, Some(&status("Detaching", "")), "removing Detaching"),

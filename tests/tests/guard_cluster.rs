@@ -145,12 +145,12 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
     admin.request_text(request(&path)?).await.context("a forced removevolume")?;
     guest.wait_unplugged("data", Duration::from_secs(60)).await?;
-    let kubevirt = format!("KubeVirt ({API_SERVER}) acting for a removevolume request");
+    let acting = format!("KubeVirt ({API_SERVER}) acting for a removevolume request");
     let forced = events(&admin, NS).await?;
     assert!(
         forced
             .iter()
-            .any(|e| e.data["reason"] == "ForcedUnplug" && e.data["note"].as_str().unwrap_or("").contains(&kubevirt)),
+            .any(|e| e.data["reason"] == "ForcedUnplug" && e.data["note"].as_str().unwrap_or("").contains(&acting)),
         "a Warning Event says KubeVirt acted for someone: {forced:#?}"
     );
     label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/force-detach": null})).await?;
