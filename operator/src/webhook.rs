@@ -382,6 +382,9 @@ async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, note:
         name: Some(request.name.clone()),
         namespace: request.namespace.clone(),
         uid: object.and_then(|o| o.metadata.uid.clone()),
+        // The version the update was made to: the recorder folds Events with the same reference into one series
+        // that keeps the first note, which would hide who forced a later unplug of the same object.
+        resource_version: object.and_then(|o| o.metadata.resource_version.clone()),
         ..Default::default()
     };
     let event = Event {
