@@ -474,6 +474,38 @@ impl BlockDevices for SlowFlush {
     }
 }
 
+/// A mounted ext4 loop disk with data at `a`, and a rig whose flushes take `flush_delay`; the tests of release
+/// deadlines start from it.
+struct SlowDisk {
+    rig: Rig,
+    slow: Arc<SlowFlush>,
+    a: PathBuf,
+    file: PathBuf,
+    sum: String,
+    // Dropped after the rig: the rig's state lives there, the disk's filesystem is mounted from there.
+    _state: tempfile::TempDir,
+    disk: LoopDisk,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl SlowDisk {
+    async fn new(flush_delay: Duration) -> Self {
+        let _serial = serial();
+        let mut disk = LoopDisk::new("ext4");
+        let a = disk.mount_at("a");
+        let (file, sum) = write_data(&a);
+        let state = tempfile::tempdir().unwrap();
+        let slow = SlowFlush::new(flush_delay);
+        let rig = rig_with(&disk, state.path(), slow.clone()).await;
+        Self { rig, slow, a, file, sum, _state: state, disk, _serial }
+    }
+
+    /// What a refused release must leave: see [`assert_back`].
+    fn assert_back(&self) {
+        assert_back(&self.rig, &self.disk, &self.a, &self.file, &self.sum);
+    }
+}
+
 /// What a refused release must leave, observed the moment it returns: the disk mounted where it was, writable, PRESENT,
 /// nothing journalled, its data intact.
 fn assert_back(rig: &Rig, disk: &LoopDisk, mounted: &Path, file: &Path, sum: &str) {
@@ -489,19 +521,14 @@ fn assert_back(rig: &Rig, disk: &LoopDisk, mounted: &Path, file: &Path, sum: &st
 /// deadline, naming the step, with the mount already back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_release_that_outlives_its_deadline_is_undone_before_it_answers() {
-    let _serial = serial();
-    let mut disk = LoopDisk::new("ext4");
-    let a = disk.mount_at("a");
-    let (file, sum) = write_data(&a);
-    let state = tempfile::tempdir().unwrap();
-    let slow = SlowFlush::new(Duration::from_secs(6));
-    let rig = rig_with(&disk, state.path(), slow.clone()).await;
+    let fixture = SlowDisk::new(Duration::from_secs(6)).await;
+    let (rig, a) = (&fixture.rig, &fixture.a);
 
     let deadline = Duration::from_secs(3);
     let started = Instant::now();
     let err = rig.releaser.prepare(&rig.serial, true, false, Deadline::after(deadline)).await.unwrap_err();
     let took = started.elapsed();
-    assert_back(&rig, &disk, &a, &file, &sum);
+    fixture.assert_back();
     assert!(took < deadline, "answered within the deadline, after {took:?}");
     assert!(took > deadline - Duration::from_secs(1), "not before the steps ran out of it: {took:?}");
     assert!(matches!(err, ReleaseError::DeadlineExceeded { .. }), "{err:?}");
@@ -515,7 +542,7 @@ async fn a_release_that_outlives_its_deadline_is_undone_before_it_answers() {
             a.display()
         )
     );
-    slow.wait_ended(1);
+    fixture.slow.wait_ended(1);
 }
 
 /// udev's probes of the disk never end (a `blkid` holds it open for reading): the deadline passes during the first
@@ -553,13 +580,8 @@ async fn a_deadline_that_passes_while_udev_probes_the_disk_changes_nothing() {
 /// A deadline long enough changes nothing: a slow flush that fits in it, the same steps as without one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_release_within_its_deadline_is_the_same_release() {
-    let _serial = serial();
-    let mut disk = LoopDisk::new("ext4");
-    let a = disk.mount_at("a");
-    let (file, sum) = write_data(&a);
-    let state = tempfile::tempdir().unwrap();
-    let slow = SlowFlush::new(Duration::from_secs(1));
-    let rig = rig_with(&disk, state.path(), slow.clone()).await;
+    let fixture = SlowDisk::new(Duration::from_secs(1)).await;
+    let (rig, disk) = (&fixture.rig, &fixture.disk);
 
     let released = rig.releaser.prepare(&rig.serial, true, false, Deadline::after(Duration::from_secs(30))).await;
     let released = released.unwrap();
@@ -569,10 +591,10 @@ async fn a_release_within_its_deadline_is_the_same_release() {
     assert!(findmnt_targets(&disk.dev).is_empty() && read_only(&disk.dev));
     assert_eq!(rig.state(), DiskState::Released);
     assert_eq!(std::fs::read_dir(&rig.state_dir).unwrap().count(), 1, "journalled as a release without one is");
-    slow.wait_ended(1);
+    fixture.slow.wait_ended(1);
 
     rig.releaser.cancel(&rig.serial).await.unwrap();
-    assert_back(&rig, &disk, &a, &file, &sum);
+    fixture.assert_back();
 }
 
 /// Serves the agent's gRPC service over the rig on a Unix socket in `dir`, as the agent does on its local socket.
@@ -602,14 +624,9 @@ fn serve(rig: &Rig, dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn over_grpc_a_missed_deadline_is_deadline_exceeded_with_the_disk_back() {
     use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
-    let _serial = serial();
-    let mut disk = LoopDisk::new("ext4");
-    let a = disk.mount_at("a");
-    let (file, sum) = write_data(&a);
-    let state = tempfile::tempdir().unwrap();
-    let slow = SlowFlush::new(Duration::from_secs(6));
-    let rig = rig_with(&disk, state.path(), slow.clone()).await;
-    let socket = serve(&rig, disk.dir.path());
+    let fixture = SlowDisk::new(Duration::from_secs(6)).await;
+    let rig = &fixture.rig;
+    let socket = serve(rig, fixture.disk.dir.path());
     let serial = rig.serial.to_string();
 
     let client = AgentClient::connect(AgentAddress::Unix(socket.clone())).unwrap();
@@ -617,7 +634,7 @@ async fn over_grpc_a_missed_deadline_is_deadline_exceeded_with_the_disk_back() {
     let started = Instant::now();
     let err = client.prepare_detach_within(&serial, true, false, Duration::from_secs(2)).await.unwrap_err();
     let took = started.elapsed();
-    assert_back(&rig, &disk, &a, &file, &sum);
+    fixture.assert_back();
     assert!(took < Duration::from_secs(2), "answered within the deadline, after {took:?}");
     assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded), "{err:?}");
     assert!(
@@ -645,9 +662,9 @@ async fn over_grpc_a_missed_deadline_is_deadline_exceeded_with_the_disk_back() {
     let started = Instant::now();
     let status = plain.prepare_detach(request).await.unwrap_err();
     let took = started.elapsed();
-    assert_back(&rig, &disk, &a, &file, &sum);
+    fixture.assert_back();
     assert!(took < Duration::from_secs(3), "answered within the call's deadline, after {took:?}");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("did not finish within the deadline of 3.0s"), "{}", status.message());
-    slow.wait_ended(2);
+    fixture.slow.wait_ended(2);
 }

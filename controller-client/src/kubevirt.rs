@@ -162,7 +162,20 @@ pub struct VmiSpec {
     pub domain: Domain,
     #[serde(default)]
     pub volumes: Vec<Volume>,
+    #[serde(default)]
+    pub networks: Vec<Network>,
 }
+
+/// `v1.Network`: its name, and whether it is the pod network (`pod: {}`); Multus networks are the others.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Network {
+    pub name: String,
+    #[serde(default)]
+    pub pod: Option<serde_json::Value>,
+}
+
+/// The network KubeVirt gives a VMI that names none (`autoattachPodInterface`): the pod network, `default`.
+const DEFAULT_POD_NETWORK: &str = "default";
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Domain {
@@ -428,7 +441,7 @@ impl KubeVirt {
         self.get(format!("/apis/kubevirt.io/v1/namespaces/{}/virtualmachines/{}", self.namespace, self.name)).await
     }
 
-    /// The agent's address: the VMI's first interface IP (`http://IP:7443`).
+    /// The agent's address: the IP of the VMI's pod network interface (`http://IP:7443`).
     pub async fn agent_address(&self) -> Result<Option<String>, HypervisorError> {
         Ok(agent_address_of(&self.vmi().await?, wukong_proto::DEFAULT_PORT))
     }
@@ -557,9 +570,18 @@ pub fn vmi_resource() -> kube::api::ApiResource {
     resource("VirtualMachineInstance", "virtualmachineinstances")
 }
 
-/// The agent's address from a VMI: its first interface IP, on `port` (`http://IP:PORT`).
+/// The agent's address from a VMI: the IP of its pod network's interface, on `port` (`http://IP:PORT`); `None`
+/// while that interface reports none. Chosen by name, never by position: KubeVirt lists the pod network's interface
+/// first but appends the guest's own interfaces (an empty `name`, addresses only the guest can reach, e.g. a
+/// Docker bridge) and clears the IP when the guest agent reports none, so the first address there may be one
+/// nobody outside the guest can reach.
 pub fn agent_address_of(vmi: &VirtualMachineInstance, port: u16) -> Option<String> {
-    vmi.status.interfaces.iter().map(|i| i.ip_address.as_str()).find(|ip| !ip.is_empty()).map(|ip| {
+    let pod = match vmi.spec.networks.is_empty() {
+        true => DEFAULT_POD_NETWORK,
+        false => vmi.spec.networks.iter().find(|n| n.pod.is_some())?.name.as_str(),
+    };
+    let interface = vmi.status.interfaces.iter().find(|i| i.name == pod)?;
+    Some(interface.ip_address.as_str()).filter(|ip| !ip.is_empty()).map(|ip| {
         let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
         format!("http://{host}:{port}")
     })
@@ -654,6 +676,45 @@ mod tests {
             VolumeState::Ready { target, .. } => format!("ready {target}"),
             VolumeState::Removing { phase, .. } => format!("removing {phase}"),
         }
+    }
+
+    /// Interfaces as KubeVirt reports them (`status.interfaces`): the pod network's first, by name, then what the
+    /// guest agent adds with no name.
+    #[test]
+    fn the_agent_is_reached_on_the_pod_network_never_at_a_guest_only_address() {
+        let vmi = |networks: serde_json::Value, interfaces: serde_json::Value| -> VirtualMachineInstance {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "vm1", "namespace": "ns1"},
+                "spec": {"networks": networks}, "status": {"interfaces": interfaces},
+            }))
+            .unwrap()
+        };
+        let pod = serde_json::json!([{"name": "default", "pod": {}}]);
+        let guest_only = serde_json::json!({"name": "", "ipAddress": "172.17.0.1", "interfaceName": "docker0"});
+        let pod_ip = serde_json::json!({"name": "default", "ipAddress": "10.244.1.7", "interfaceName": "eth0"});
+        let address = |v: &VirtualMachineInstance| agent_address_of(v, 7443);
+        let both = vmi(pod.clone(), serde_json::json!([guest_only, pod_ip]));
+        assert_eq!(address(&both).as_deref(), Some("http://10.244.1.7:7443"), "a guest-only address listed first");
+        let cleared = serde_json::json!({"name": "default", "ipAddress": "", "interfaceName": "eth0"});
+        assert_eq!(address(&vmi(pod.clone(), serde_json::json!([cleared, guest_only]))), None, "no pod IP: none");
+        let multus =
+            serde_json::json!([{"name": "default", "pod": {}}, {"name": "storage", "multus": {"networkName": "s"}}]);
+        let storage = serde_json::json!({"name": "storage", "ipAddress": "192.168.5.5"});
+        assert_eq!(
+            address(&vmi(multus, serde_json::json!([storage, pod_ip]))).as_deref(),
+            Some("http://10.244.1.7:7443"),
+            "the pod network's interface, wherever it is listed"
+        );
+        let renamed = serde_json::json!([{"name": "podnet", "pod": {}}]);
+        let ipv6 = serde_json::json!({"name": "podnet", "ipAddress": "fd00::7"});
+        assert_eq!(address(&vmi(renamed, serde_json::json!([ipv6]))).as_deref(), Some("http://[fd00::7]:7443"));
+        assert_eq!(
+            address(&vmi(serde_json::json!([]), serde_json::json!([pod_ip]))).as_deref(),
+            Some("http://10.244.1.7:7443"),
+            "no networks listed: KubeVirt's default pod network"
+        );
+        let secondary_only = serde_json::json!([{"name": "storage", "multus": {"networkName": "s"}}]);
+        assert_eq!(address(&vmi(secondary_only, serde_json::json!([storage]))), None, "no pod network: none");
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub enum Error {
     )]
     ClientCa(PathBuf),
     #[error(transparent)]
-    Ledger(#[from] ledger::LedgerError),
+    Ledger(#[from] Box<ledger::LedgerError>),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -152,6 +152,13 @@ pub struct WebhookConfig {
 }
 
 pub use leader::run;
+
+/// The Event recorder of the admission guard's parts (the webhook and its loop-closer), as this replica.
+pub(crate) fn guard_recorder(client: &kube::Client, identity: &str) -> kube::runtime::events::Recorder {
+    let reporter =
+        kube::runtime::events::Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity.into()) };
+    kube::runtime::events::Recorder::new(client.clone(), reporter)
+}
 
 /// A dynamic object as the typed view of the parts the operator reads (KubeVirt's objects have no crate).
 pub(crate) fn typed<T: serde::de::DeserializeOwned>(object: &DynamicObject) -> Result<T, serde_json::Error> {

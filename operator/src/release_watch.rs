@@ -12,10 +12,10 @@
 use crate::guard::{GUARD_LABEL, guarded};
 use crate::ledger::{Ledger, Release};
 use crate::metrics::Metrics;
-use crate::{AgentAccess, MANAGER, Result, typed};
+use crate::{AgentAccess, Result, typed};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -91,9 +91,8 @@ impl Watch {
         identity: &str,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity.to_string()) };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: crate::guard_recorder(&client, identity),
             ledger: Ledger::new(client.clone(), ledger_namespace),
             client,
             access,
@@ -141,7 +140,7 @@ impl Watch {
                 targets.insert(key(&target), target);
             }
         }
-        let releases = self.ledger.releases().await?;
+        let releases = self.ledger.releases().await.map_err(Box::new)?;
         let pending = releases.len();
         for release in releases {
             let id = (release.namespace.clone(), release.kind.clone(), release.name.clone());

@@ -13,14 +13,14 @@ use crate::guard::{FORCE_ANNOTATION, Plan, Removal, UNMOUNT_ANNOTATION, plan, re
 use crate::ledger::{Ledger, Release};
 use crate::metrics::Metrics;
 use crate::server::Health;
-use crate::{AgentAccess, Error, MANAGER, Result, get};
+use crate::{AgentAccess, Error, Result, get};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -115,9 +115,8 @@ impl Guard {
         identity: &str,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity.to_string()) };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: crate::guard_recorder(&client, identity),
             ledger: Ledger::new(client.clone(), ledger_namespace),
             trusted: settings.client_auth.is_some(),
             release_deadline: settings.release_deadline,

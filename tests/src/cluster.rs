@@ -41,6 +41,23 @@ pub struct Leaf {
     pub key: String,
 }
 
+impl Leaf {
+    /// A TLS acceptor serving this certificate (a lab server's).
+    pub fn tls_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        let certs =
+            rustls::pki_types::CertificateDer::pem_slice_iter(self.cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key.as_bytes())?;
+        let config =
+            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)?;
+        Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+    }
+}
+
 impl Ca {
     pub fn new(name: &str) -> Result<Self> {
         let key = KeyPair::generate()?;

@@ -276,7 +276,7 @@ impl KubeVirtLab {
         let vm: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
             "spec": {"running": running, "template": {"metadata": {"labels": {"kubevirt.io/vm": name}},
-                     "spec": {"domain": domain, "volumes": volumes}}},
+                     "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()}}},
         }))?;
         Ok(vms(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &vm).await?)
     }
@@ -320,7 +320,7 @@ impl KubeVirtLab {
         };
         let vmi: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": metadata,
-            "spec": {"domain": domain, "volumes": volumes},
+            "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()},
         }))?;
         vmis(creator, ns).create(&PostParams::default(), &vmi).await?;
         let api = vmis(&self.shared.client, ns);
@@ -379,10 +379,17 @@ pub fn template_volumes(vm: &Value) -> Vec<String> {
 
 /// The domain and volumes of the lab's VMs: a container disk to boot from.
 fn root_disk() -> (Value, Value) {
-    let domain =
-        json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}]}, "memory": {"guest": "512Mi"}});
+    let domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}],
+                                    "interfaces": [{"name": "default", "masquerade": {}}]},
+                        "memory": {"guest": "512Mi"}});
     let volumes = json!([{"name": "rootdisk", "containerDisk": {"image": "quay.io/containerdisks/debian:12"}}]);
     (domain, volumes)
+}
+
+/// The pod network, as virt-api's defaulting gives a VMI that names none (`autoattachPodInterface`); the lab's
+/// virt-handler reports its interface under that name.
+fn pod_network() -> Value {
+    json!([{"name": "default", "pod": {}}])
 }
 
 /// The `KubeVirt` object of an installation (`kubevirts.kubevirt.io`), whose feature gates say which hot-plug mode
@@ -434,19 +441,10 @@ async fn install_kubevirt_config(client: &kube::Client, mode: HotplugMode) -> Re
 
 /// Serves `subresources.kubevirt.io/v1` over HTTPS and registers it with the API server.
 async fn serve_subresources(cluster: &Cluster, shared: Arc<Shared>) -> Result<tokio::task::JoinHandle<()>> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
     let ca = Ca::new("wukong lab virt-api CA")?;
     let service_name = format!("virt-api.{KUBEVIRT_NAMESPACE}.svc");
     let leaf = ca.leaf("virt-api", &[&service_name], ExtendedKeyUsagePurpose::ServerAuth)?;
-    let certs =
-        rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes())?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = leaf.tls_acceptor()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let task = tokio::spawn(async move {

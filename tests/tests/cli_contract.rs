@@ -4,9 +4,11 @@
 //! JSON on every command; one error line; help that shows the flags that apply.
 
 use anyhow::{Context, Result};
+use kube::api::{Api, DynamicObject, PostParams};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use wukong_controller_client::kubevirt::vmi_resource;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
 use wukong_e2e::pki::Pki;
@@ -92,6 +94,16 @@ async fn every_command_with_vmi_reaches_the_vmis_agent_and_no_other() -> Result<
         let info = ctl(&env, &[vmi, &["-o", "json", "info"]].concat())?;
         assert_eq!(json(&info)["read_only"], false, "{vmi:?} reached the VMI's agent: {}", text(&info));
     }
+    // KubeVirt appends the guest's own interfaces (no name; here one whose address has nothing behind port 7443)
+    // and may list them first: the agent is still the pod network's.
+    let vmis = Api::<DynamicObject>::namespaced_with(cluster.client(ADMIN).await?, "ns1", &vmi_resource());
+    let mut object = vmis.get("vm1").await?;
+    let interfaces = object.data["status"]["interfaces"].as_array_mut().context("interfaces")?;
+    interfaces.insert(0, serde_json::json!({"name": "", "ipAddress": "127.0.0.79", "interfaceName": "docker0"}));
+    vmis.replace("vm1", &PostParams::default(), &object).await?;
+    let info = ctl(&env, &["--vmi", "ns1/vm1", "-o", "json", "info"])?;
+    assert_eq!(json(&info)["read_only"], false, "the pod network's agent answered: {}", text(&info));
+
     let vmi = ["--vmi", "ns1/vm1"];
     let disks = ctl(&env, &[&vmi[..], &["disks", "-o", "json"]].concat())?;
     assert!(json(&disks).is_array(), "{}", text(&disks));

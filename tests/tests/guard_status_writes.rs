@@ -203,7 +203,13 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
         agent_calls.load(Ordering::SeqCst)
     );
     assert_eq!(denied, 0.0, "no write was denied");
-    assert_eq!(allowed, reviewed_writes as f64, "one review per stored write of an object in an opted-in namespace");
+    // One review per stored write; a patch the API server first tried on a stale cached copy is reviewed again
+    // when it retries, so a few writes cost two.
+    let writes = reviewed_writes as f64;
+    assert!(
+        allowed >= writes && allowed <= writes * 1.2,
+        "{allowed} reviews for {reviewed_writes} stored writes of objects in an opted-in namespace"
+    );
     // No review asked the guest: its agent port accepts and never answers, so a review that asked would have
     // waited for the agent's call timeout (30 s) and then been denied (fail safe). Connections there come from the
     // guard's release watch, which asks every guarded guest every 15 s whatever is written.
@@ -211,8 +217,8 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
     assert!(slowest <= 1.0, "the slowest review took up to {slowest} s: it waited for a guest");
     assert!(p99 <= 0.1, "p99 of the reviews (a bucket bound): {p99} s");
 
-    // Opted in twice (the VMI's own label too): both of deploy/guard.yaml's webhooks match, each write is reviewed
-    // twice.
+    // Opted in twice (the VMI's own label too): still one review per write, the object webhook's (the namespace
+    // webhook leaves objects labelled enabled to it).
     let label = json!({"metadata": {"labels": {OPT_IN: "enabled"}}});
     vmis.patch("vm1", &PatchParams::default(), &Patch::Merge(&label)).await?;
     wait_ready(&cluster, &vmis, &disks).await?;
@@ -228,7 +234,8 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
     let (after, denied, _) = reviews(&operator).await?;
     let per_vmi_write = (after - before - vm_writes as f64) / vmi_writes as f64;
     println!("opted in by namespace and label: {vmi_writes} VMI writes, {per_vmi_write:.2} reviews each");
-    assert_eq!((per_vmi_write, denied), (2.0, 0.0), "both webhooks review each write of a VMI opted in twice");
+    assert_eq!(denied, 0.0);
+    assert!((1.0..1.2).contains(&per_vmi_write), "one review per write of a VMI opted in twice: {per_vmi_write}");
     let (_, _, metrics) = reviews(&operator).await?;
     assert!(quantile(&metrics, DURATION, 1.0).is_some_and(|s| s <= 1.0), "still no review waited for a guest");
 

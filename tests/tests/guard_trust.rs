@@ -181,6 +181,9 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     operator.kill();
     label(&namespaces, NS, json!({"lab.wukong/unreachable-webhook": null}), json!({})).await?;
     let successor = start_guarded(&cluster, "successor", guest.agent_port(), &["--guard-grace-seconds", "3"]).await?;
+    // Another guarded VM whose guest nobody can reach: the leader's passes skip it and still give vm1's disk back.
+    kubevirt.create_vm("ghost", true, "127.0.0.66").await?;
+    label(&vms, "ghost", json!({GUARD: "enabled"}), json!({})).await?;
     label(&vms, "vm1", json!({GUARD: null}), json!({})).await?;
     // The successor leads once the killed replica's Lease runs out (15 s), then waits the grace period.
     wait_for("the give-back of the released disk", Duration::from_secs(90), async || {
@@ -195,6 +198,13 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     let recorded =
         records.list(&kube::api::ListParams::default().labels("vm.novasphere.dev/guard-release=true")).await?;
     assert!(recorded.items.is_empty(), "the record is forgotten: {:?}", recorded.items);
+    let (_, metrics) = successor.get("/metrics").await?;
+    assert!(metrics.contains("wukong_operator_guard_releases_given_back_total 1"), "{metrics}");
+    let unreachable = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wukong_operator_guard_release_watch_errors_total{reason=\"agent\"} "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(unreachable.is_some_and(|n| n >= 1), "the unreachable guest is counted and skipped:\n{metrics}");
 
     // 4. Opted out in an opted-in namespace (a VM without an agent): its updates never reach the guard.
     label(&namespaces, NS, json!({GUARD: "enabled"}), json!({})).await?;

@@ -23,7 +23,6 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio_rustls::rustls;
 use wukong_e2e::cluster::{ADMIN, Ca, Cluster};
 use wukong_e2e::kubevirt_lab::{removal_patch, resource};
 
@@ -255,17 +254,9 @@ fn disk_index(spec: &Value, name: &str) -> Result<usize> {
 /// Serves the recording webhook on loopback and registers it; returns what it records.
 async fn serve_recorder(admin: &kube::Client) -> Result<Recorded> {
     use base64::Engine;
-    use rustls::pki_types::pem::PemObject;
     let ca = Ca::new("wukong review recorder CA")?;
     let leaf = ca.leaf("recorder", &["127.0.0.1"], rcgen::ExtendedKeyUsagePurpose::ServerAuth)?;
-    let certs =
-        rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes())?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = leaf.tls_acceptor()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let recorded = Recorded::default();
