@@ -251,11 +251,61 @@ pub struct NetworkInterface {
     pub ip_address: String,
 }
 
-/// The parts of a `v1.VirtualMachine` the companion reads: its template's volumes.
+/// The parts of a `v1.VirtualMachine` the companion reads: its template's volumes and its pending volume requests.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct VirtualMachine {
     #[serde(default)]
     pub spec: VmSpec,
+    #[serde(default)]
+    pub status: VmStatus,
+}
+
+/// `v1.VirtualMachineStatus` (the part we read).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    /// With the `HotplugVolumes` gate, the VM's `addvolume`/`removevolume` only record a request here; virt-controller
+    /// carries it out later and drops it once the template reflects it.
+    #[serde(default)]
+    pub volume_requests: Vec<VolumeRequest>,
+}
+
+/// `v1.VirtualMachineVolumeRequest`: one of the two options is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRequest {
+    #[serde(default)]
+    pub add_volume_options: Option<RequestedVolume>,
+    #[serde(default)]
+    pub remove_volume_options: Option<RequestedVolume>,
+}
+
+/// The volume a request names (the rest of its options is not read).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RequestedVolume {
+    pub name: String,
+}
+
+/// What a pending request of `vm.status.volumeRequests` asks for a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingRequest {
+    Add,
+    Remove,
+}
+
+impl VirtualMachine {
+    /// The last pending request for volume `name` (virt-api refuses a second one while one is pending, except that a
+    /// remove replaces an add).
+    pub fn pending_request(&self, name: &str) -> Option<PendingRequest> {
+        self.status.volume_requests.iter().rev().find_map(|r| {
+            let named = |o: &Option<RequestedVolume>| o.as_ref().is_some_and(|v| v.name == name);
+            match (named(&r.add_volume_options), named(&r.remove_volume_options)) {
+                (_, true) => Some(PendingRequest::Remove),
+                (true, _) => Some(PendingRequest::Add),
+                _ => None,
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -589,19 +639,52 @@ pub fn volume_state_in(vmi: &VirtualMachineInstance, vm: Option<&VirtualMachine>
     let status = vmi.status.volume_status.iter().find(|s| s.name == name);
     let in_template =
         vm.map(|vm| vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name)));
-    classify(in_spec, in_template, status, serial)
+    let request = vm.and_then(|vm| vm.pending_request(name));
+    classify(in_spec, in_template, request, status, serial)
 }
 
-/// A volume's state from where KubeVirt has it: the VMI's spec, the VM's template (`None` when not consulted) and
-/// the VMI's volume status. A status entry outlives the volume's removal from the spec (`UnMountedFromPod`,
-/// `Detaching`) for as long as an attachment Pod holds the volume: seconds, minutes, or for ever when the Pod that
-/// replaces it never runs. That whole time the volume is being removed.
+/// A volume's state from where KubeVirt has it: the VMI's spec, the VM's template (`None` when not consulted), a
+/// pending request of the VM's `status.volumeRequests`, and the VMI's volume status. A status entry outlives the
+/// volume's removal from the spec (`UnMountedFromPod`, `Detaching`) for as long as an attachment Pod holds the
+/// volume: seconds, minutes, or for ever when the Pod that replaces it never runs. That whole time the volume is
+/// being removed.
+///
+/// A pending request comes first: while one waits for virt-controller, the template and the VMI still show the
+/// volume as it was (a removal) or already half-changed (an add that reached the VMI before the template). A pending
+/// remove is a removal in progress until virt-controller has carried it out and dropped it; a pending add is an
+/// attach in progress until the volume is ready.
 fn classify(
     in_spec: bool,
     in_template: Option<bool>,
+    request: Option<PendingRequest>,
     status: Option<&VolumeStatus>,
     serial: Option<String>,
 ) -> VolumeState {
+    let phase_or =
+        |default: &str| status.map(|s| s.phase.as_str()).filter(|p| !p.is_empty()).unwrap_or(default).to_string();
+    match request {
+        Some(PendingRequest::Remove) => {
+            return VolumeState::Removing {
+                phase: phase_or("Requested"),
+                message: "a remove request for it is pending in the VM's status.volumeRequests; virt-controller \
+                          carries it out"
+                    .into(),
+            };
+        }
+        // Ready before virt-controller stored the template and dropped the request: attached.
+        Some(PendingRequest::Add) => {
+            return match status.filter(|s| s.phase == "Ready" && !s.target.is_empty()) {
+                Some(s) => VolumeState::Ready { serial, target: s.target.clone() },
+                None => VolumeState::Pending {
+                    phase: phase_or("Requested"),
+                    message: "an add request for it is pending in the VM's status.volumeRequests; virt-controller \
+                              carries it out"
+                        .into(),
+                },
+            };
+        }
+        None => {}
+    }
     let leaving = in_template == Some(false) || (!in_spec && in_template.is_none());
     match status {
         Some(s) if leaving || !in_spec => VolumeState::Removing {
@@ -709,7 +792,7 @@ mod tests {
         let message = |phase: &str, pod: &str| {
             let hotplug_volume = Some(HotplugVolumeStatus { attach_pod_name: pod.into() });
             let s = VolumeStatus { hotplug_volume, ..status(phase, "") };
-            match classify(false, None, Some(&s), None) {
+            match classify(false, None, None, Some(&s), None) {
                 VolumeState::Removing { message, .. } => message,
                 other => panic!("{other:?}"),
             }
@@ -739,8 +822,44 @@ mod tests {
             (false, Some(false), None, "absent"),
         ];
         for (in_spec, in_template, status, want) in cases {
-            let got = kind(classify(in_spec, in_template, status, None));
+            let got = kind(classify(in_spec, in_template, None, status, None));
             assert_eq!(got, want, "in_spec={in_spec} in_template={in_template:?} status={status:?}");
         }
+    }
+
+    /// `HotplugVolumes` through the VM: virt-api only records the request; until virt-controller has carried it out,
+    /// the template and the VMI still show the volume as it was, or half-changed.
+    #[test]
+    fn a_pending_volume_request_decides_over_the_template_and_the_vmi() {
+        let ready = status("Ready", "sda");
+        let (add, remove) = (Some(PendingRequest::Add), Some(PendingRequest::Remove));
+        // in the VMI's spec, in the template, the pending request, the VMI's status entry: the state.
+        type Case<'a> = (bool, Option<bool>, Option<PendingRequest>, Option<&'a VolumeStatus>, &'a str);
+        let cases: [Case; 7] = [
+            // Remove requested: nothing changed yet, the VMI lost it first, then the template too.
+            (true, Some(true), remove, Some(&ready), "removing Ready"),
+            (false, Some(true), remove, Some(&status("Detaching", "")), "removing Detaching"),
+            (false, Some(false), remove, None, "removing Requested"),
+            // Add requested: nothing yet, the VMI has it before the template does, then it is ready.
+            (false, Some(false), add, None, "pending Requested"),
+            (true, Some(false), add, Some(&status("Bound", "")), "pending Bound"),
+            (true, Some(false), add, Some(&ready), "ready sda"),
+            (true, Some(true), None, Some(&ready), "ready sda"),
+        ];
+        for (in_spec, in_template, request, status, want) in cases {
+            let got = kind(classify(in_spec, in_template, request, status, None));
+            assert_eq!(
+                got, want,
+                "in_spec={in_spec} in_template={in_template:?} request={request:?} status={status:?}"
+            );
+        }
+        let vm: VirtualMachine = serde_json::from_value(serde_json::json!({"status": {"volumeRequests": [
+            {"addVolumeOptions": {"name": "data2", "disk": {"name": "data2"}, "volumeSource": {}}},
+            {"removeVolumeOptions": {"name": "data1"}}]}}))
+        .unwrap();
+        assert_eq!(
+            (vm.pending_request("data1"), vm.pending_request("data2"), vm.pending_request("data3")),
+            (remove, add, None)
+        );
     }
 }

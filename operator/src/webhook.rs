@@ -292,7 +292,8 @@ async fn release_one(
         ));
     }
     if force {
-        let note = format!("{} unplugs {what} with {FORCE_ANNOTATION}=true: the guest was not asked", target.user);
+        let note =
+            format!("{} unplugs {what} with {FORCE_ANNOTATION}=true: the guest was not asked", requester(target.user));
         tracing::warn!(user = target.user, %serial, "FORCED unplug allowed: {note}");
         if !dry_run {
             publish(guard, target.request, &note).await;
@@ -345,6 +346,19 @@ async fn release_one(
     }
 }
 
+/// Who unplugs, in words: the review's user, unless that is one of KubeVirt's ServiceAccounts (in whatever namespace
+/// KubeVirt runs) acting for someone. virt-api writes a `removevolume` as `kubevirt-apiserver` and passes on nothing
+/// of its caller (no impersonation, no `userInfo.extra`), so the review cannot name who asked; virt-controller
+/// writes as `kubevirt-controller` what a VM's spec or volume requests say.
+fn requester(user: &str) -> String {
+    let account = user.strip_prefix("system:serviceaccount:").and_then(|a| a.split_once(':')).map(|(_, name)| name);
+    match account {
+        Some("kubevirt-apiserver") => format!("KubeVirt ({user}) acting for a removevolume request"),
+        Some("kubevirt-controller") => format!("KubeVirt ({user}) acting for a change of the VM"),
+        _ => user.to_string(),
+    }
+}
+
 /// Gives back disks this review released before it was denied, so that no release outlives its review.
 async fn give_back(guard: &Guard, agent: &AgentClient, released: &[Release]) {
     for record in released {
@@ -371,6 +385,9 @@ async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, note:
         name: Some(request.name.clone()),
         namespace: request.namespace.clone(),
         uid: object.and_then(|o| o.metadata.uid.clone()),
+        // The version the update was made to: the recorder folds Events with the same reference into one series
+        // that keeps the first note, which would hide who forced a later unplug of the same object.
+        resource_version: object.and_then(|o| o.metadata.resource_version.clone()),
         ..Default::default()
     };
     let event = Event {
@@ -602,6 +619,20 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(certificate_names(cert.der()), ["kube-apiserver-webhook-client", "wukong-guard-client.example"]);
         assert!(certificate_names(&CertificateDer::from(vec![1, 2, 3])).is_empty(), "garbage names nobody");
+    }
+
+    #[test]
+    fn kubevirt_acting_for_someone_is_said_so() {
+        assert_eq!(requester("alice"), "alice");
+        assert_eq!(
+            requester("system:serviceaccount:kubevirt:kubevirt-apiserver"),
+            "KubeVirt (system:serviceaccount:kubevirt:kubevirt-apiserver) acting for a removevolume request"
+        );
+        assert_eq!(
+            requester("system:serviceaccount:openshift-cnv:kubevirt-controller"),
+            "KubeVirt (system:serviceaccount:openshift-cnv:kubevirt-controller) acting for a change of the VM"
+        );
+        assert_eq!(requester("system:serviceaccount:ns1:builder"), "system:serviceaccount:ns1:builder");
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //!
 //! * **virt-api's `subresources.kubevirt.io/v1`**, served as an aggregated API (an `APIService` pointing at this
 //!   HTTPS server through an `ExternalName` Service, as virt-api is served): `addvolume`/`removevolume` for VMs and
-//!   VMIs, with v1.9's rules, status codes and messages in both feature-gate modes. RBAC on the subresources is
-//!   enforced by the API server before a request gets here.
+//!   VMIs, with v1.9's rules, status codes and messages in both feature-gate modes, writing as KubeVirt's
+//!   `kubevirt-apiserver` ServiceAccount ([`API_SERVER`]), not as its caller. RBAC on the subresources is enforced
+//!   by the API server before a request gets here.
 //! * **virt-controller and virt-handler** for the lab guest, two loops that watch VMs and VMIs through the API server
 //!   as KubeVirt's ServiceAccounts ([`CONTROLLER`], [`HANDLER`], bound to roughly KubeVirt's ClusterRoles by
 //!   tests/kubevirt/rbac.yaml), each writing what its upstream counterpart writes: virt-controller the VMI's start up
 //!   to Scheduled, the declarative rule (hotpluggable VM volumes → VMI spec, a changed one unplugged and plugged
-//!   again) and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
+//!   again) or, with `HotplugVolumes`, a VM's `status.volumeRequests` (through the VMI's subresources, then the
+//!   VM's spec), and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
 //!   volumes' targets and their MountedToPod, Ready and UnMountedFromPod phases, the hot-plugs and unplugs over QMP
 //!   with the disk's serial and bus, and the `VolumeUnplugged` event. virt-controller's attachment Pods are real
 //!   Pods (`hp-volume-*`, one per VMI holding all its hot-plugged volumes; see `handle_hotplug_volumes`), run by the
@@ -30,6 +32,7 @@ use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wukong_controller_client::companion::{self, AttachOptions};
@@ -44,15 +47,16 @@ const RESYNC: Duration = Duration::from_millis(100);
 /// The namespace virt-api's Service lives in.
 pub const KUBEVIRT_NAMESPACE: &str = "kubevirt";
 const GROUP: &str = "subresources.kubevirt.io";
-/// virt-api's identity: its VM and VMI patches for `addvolume` and `removevolume` (the lab's admin impersonates it,
-/// so no cluster needs a token for it). KubeVirt's VMI admitter lets only KubeVirt's accounts change a VMI's spec.
-pub const API: &str = "system:serviceaccount:kubevirt:kubevirt-apiserver";
 /// virt-controller's identity, KubeVirt's ServiceAccount: it creates a running VM's VMI, writes its start up to
 /// Scheduled, the declarative VMI spec patches and the attach and detach phases of `volumeStatus`.
 pub const CONTROLLER: &str = "system:serviceaccount:kubevirt:kubevirt-controller";
 /// virt-handler's identity: it writes the phase Running, `interfaces`, and each volume's target and its MountedToPod,
 /// Ready and UnMountedFromPod phases.
 pub const HANDLER: &str = "system:serviceaccount:kubevirt:kubevirt-handler";
+/// virt-api's identity: its subresources write VMs and VMIs as this account, not as their caller, so a webhook sees
+/// `kubevirt-apiserver` for a user's `removevolume`. KubeVirt's VMI admitter lets only KubeVirt's accounts change a
+/// VMI's spec.
+pub const API_SERVER: &str = "system:serviceaccount:kubevirt:kubevirt-apiserver";
 /// The annotations virt-controller writes first on every VMI (vmi.go `execute`).
 const LATEST_API_VERSION: &str = "kubevirt.io/latest-observed-api-version";
 const STORAGE_API_VERSION: &str = "kubevirt.io/storage-observed-api-version";
@@ -96,8 +100,9 @@ pub enum HotplugMode {
     /// `DeclarativeHotplugVolumes` only, v1.9's default: the VM spec is the truth; editing it plugs and unplugs,
     /// and VMI add/remove on a VM-owned VMI is refused with 400.
     Declarative,
-    /// `HotplugVolumes` (deprecated in v1.9, takes precedence when on): the subresources change the VMI (and, for a
-    /// VM, its spec too); editing the VM spec does nothing until a restart.
+    /// `HotplugVolumes` (deprecated in v1.9, takes precedence when on): the VMI's subresources change the VMI; the
+    /// VM's only record a request in `vm.status.volumeRequests`, which virt-controller carries out through the VMI's
+    /// and then stores in the VM's spec; editing the VM spec does nothing until a restart.
     HotplugVolumes,
 }
 
@@ -129,8 +134,8 @@ fn claims(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
 struct Shared {
     /// The admin: the claims' provisioner and binder (not KubeVirt's).
     client: kube::Client,
-    /// virt-api, as [`API`].
-    api: kube::Client,
+    /// virt-api, as [`API_SERVER`].
+    apiserver: kube::Client,
     /// virt-controller, as [`CONTROLLER`].
     controller: kube::Client,
     /// virt-handler, as [`HANDLER`].
@@ -165,6 +170,11 @@ struct Shared {
     pod_fault: Mutex<Option<AttachmentPodFault>>,
     /// When each attachment Pod was created, on the lab's clock (the API server's timestamps have whole seconds).
     pods_created: Mutex<BTreeMap<String, Instant>>,
+    /// virt-controller is down (restarting, say): it writes nothing until resumed.
+    controller_paused: AtomicBool,
+    /// The next spec patch of virt-api loses a race: another write of the list it tests lands between its read and
+    /// its patch.
+    lose_next_race: AtomicBool,
     next_target: Mutex<u8>,
     /// Every hot-plug request virt-api received, as it received it.
     received: Mutex<Vec<Received>>,
@@ -197,8 +207,8 @@ impl Drop for KubeVirtLab {
 
 impl KubeVirtLab {
     /// Installs KubeVirt's CRDs, aggregated API and identities (tests/kubevirt/rbac.yaml) in `cluster`, which must
-    /// have been started with the users [`CONTROLLER`] and [`HANDLER`], and starts virt-controller and virt-handler
-    /// for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP
+    /// have been started with the users [`API_SERVER`], [`CONTROLLER`] and [`HANDLER`], and starts virt-controller
+    /// and virt-handler for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP
     /// socket); without one they only move through the phases.
     pub async fn start(
         cluster: &Cluster,
@@ -227,18 +237,13 @@ impl KubeVirtLab {
         let as_kubevirt = |user| async move {
             cluster.client(user).await.with_context(|| {
                 format!(
-                    "the lab's KubeVirt runs as {user}: start the cluster with kubevirt_lab::CONTROLLER and HANDLER"
+                    "the lab's KubeVirt runs as {user}: start the cluster with kubevirt_lab::API_SERVER, CONTROLLER \
+                     and HANDLER"
                 )
             })
         };
-        let mut as_api = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(cluster.kubeconfig(ADMIN)?)?,
-            &Default::default(),
-        )
-        .await?;
-        as_api.auth_info.impersonate = Some(API.into());
         let shared = Arc::new(Shared {
-            api: kube::Client::try_from(as_api)?,
+            apiserver: as_kubevirt(API_SERVER).await?,
             controller: as_kubevirt(CONTROLLER).await?,
             handler: as_kubevirt(HANDLER).await?,
             client: client.clone(),
@@ -258,6 +263,8 @@ impl KubeVirtLab {
             pod_start: Mutex::new(PHASE_STEP),
             pod_fault: Mutex::new(None),
             pods_created: Mutex::new(BTreeMap::new()),
+            controller_paused: AtomicBool::new(false),
+            lose_next_race: AtomicBool::new(false),
             next_target: Mutex::new(0),
             received: Mutex::new(Vec::new()),
         });
@@ -298,6 +305,18 @@ impl KubeVirtLab {
     /// Refuse every `removevolume` with a 500 carrying `message` (`None`: accept them again).
     pub fn refuse_removals(&self, message: Option<&str>) {
         *self.shared.refuse_removals.lock().unwrap() = message.map(str::to_string);
+    }
+
+    /// Stops (`true`) or resumes the lab's virt-controller, as its restart or an outage does: meanwhile it writes
+    /// nothing (a VM's volume requests stay pending, VMI phases and volume statuses stay as they are).
+    pub fn pause_controller(&self, paused: bool) {
+        self.shared.controller_paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// virt-api's next VM or VMI spec patch loses a race with another writer (virt-controller changes the disks it
+    /// tests first), so its JSON patch's `test` fails: KubeVirt answers 422 and its clients retry.
+    pub fn lose_next_race(&self) {
+        self.shared.lose_next_race.store(true, Ordering::SeqCst);
     }
 
     /// Every hot-plug request the lab's virt-api received (the API server does not record proxied bodies).
@@ -616,8 +635,8 @@ fn resource_list() -> Value {
 type Refusal = (StatusCode, String);
 
 /// One `addvolume`/`removevolume`, with virt-api v1.9's checks, in its order, and messages
-/// (pkg/virt-api/rest/volumes.go). virt-api writes as [`API`]; a dry run is the same PATCH with `dryRun: All`
-/// (`getDryRunOption`), so every webhook reviews it.
+/// (pkg/virt-api/rest/volumes.go). virt-api reads and writes as its own ServiceAccount ([`API_SERVER`]), whoever
+/// called it; a dry run is the same PATCH with `dryRun: All` (`getDryRunOption`), so every webhook reviews it.
 async fn volume_request(
     shared: &Shared,
     ns: &str,
@@ -651,16 +670,10 @@ async fn volume_request(
     };
     let volume = volume.expect("checked above");
     let (new_volume, new_disk) = (hotplug_volume(&body), hotplug_disk(&body, &volume));
-    let client = &shared.api;
+    let client = &shared.apiserver;
     // `errors.NewNotFound(v1.Resource(resource), name)`.
     let not_found = |resource: &str| (StatusCode::NOT_FOUND, format!("{resource}.kubevirt.io \"{name}\" not found"));
     let internal = |e: kube::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    // A failed `test` (a concurrent spec change) is passed on as the API server's 422, which virtctl retries; any
-    // other failure is virt-api's 500.
-    let patch_failed = |e: kube::Error| match e {
-        kube::Error::Api(s) if s.code == 422 => (StatusCode::UNPROCESSABLE_ENTITY, s.message),
-        e => internal(e),
-    };
     match kind {
         "virtualmachines" => {
             let api = vms(client, ns);
@@ -668,18 +681,15 @@ async fn volume_request(
             let mut spec = vm.data["spec"]["template"]["spec"].clone();
             change_volumes(&mut spec, add, &volume, &new_volume, &new_disk)
                 .map_err(conflict("virtualmachine", name))?;
-            patch_spec(&api, &vm, "/spec/template/spec", &spec, dry_run).await.map_err(patch_failed)?;
-            // With HotplugVolumes, virt-controller also hot-plugs into the running VMI (vm.status.volumeRequests).
-            if shared.mode == HotplugMode::HotplugVolumes
-                && !dry_run
-                && let Some(vmi) = vmis(client, ns).get_opt(name).await.map_err(internal)?
-            {
-                let mut spec = vmi.data["spec"].clone();
-                if change_volumes(&mut spec, add, &volume, &new_volume, &new_disk).is_ok() {
-                    patch_spec(&vmis(client, ns), &vmi, "/spec", &spec, false).await.map_err(patch_failed)?;
-                }
+            // With HotplugVolumes the VM route only records a request (`vmVolumePatchStatus`); virt-controller
+            // carries it out later.
+            if shared.mode == HotplugMode::HotplugVolumes {
+                return request_volume_change(&api, &vm, add, &volume, &body, dry_run).await;
             }
-            Ok(())
+            if !dry_run {
+                race(shared, &vm, "/spec/template/spec").await;
+            }
+            patch_spec(&api, &vm, "/spec/template/spec", &spec, dry_run).await.map_err(|e| patch_failed("vm", e))
         }
         "virtualmachineinstances" => {
             let api = vmis(client, ns);
@@ -695,7 +705,10 @@ async fn volume_request(
             let mut spec = vmi.data["spec"].clone();
             change_volumes(&mut spec, add, &volume, &new_volume, &new_disk)
                 .map_err(conflict("virtualmachineinstance", name))?;
-            patch_spec(&api, &vmi, "/spec", &spec, dry_run).await.map_err(patch_failed)
+            if !dry_run {
+                race(shared, &vmi, "/spec").await;
+            }
+            patch_spec(&api, &vmi, "/spec", &spec, dry_run).await.map_err(|e| patch_failed("vmi", e))
         }
         other => Err((StatusCode::NOT_FOUND, format!("the server could not find the requested resource ({other})"))),
     }
@@ -708,14 +721,113 @@ fn conflict<'a>(resource: &'a str, name: &'a str) -> impl Fn(String) -> Refusal 
     }
 }
 
-/// `v1.Volume` from `AddVolumeOptions`: virt-api forces `hotpluggable: true`.
-fn hotplug_volume(body: &Value) -> Value {
+/// How virt-api answers a failed patch of a `vm`, `vmi` or `vm status` (volumes.go `vmVolumePatch`,
+/// `vmiVolumePatch`, `vmVolumePatchStatus`): an Invalid status (422; a failed `test`, that is a concurrent change,
+/// which virtctl retries) is passed on as it is; anything else, a webhook's denial included, is a 500.
+fn patch_failed(what: &str, e: kube::Error) -> Refusal {
+    match e {
+        kube::Error::Api(s) if s.reason == "Invalid" => (StatusCode::UNPROCESSABLE_ENTITY, s.message),
+        kube::Error::Api(s) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Internal error occurred: unable to patch {what}: {}", s.message),
+        ),
+        e => (StatusCode::INTERNAL_SERVER_ERROR, format!("Internal error occurred: unable to patch {what}: {e}")),
+    }
+}
+
+/// Plays [`KubeVirtLab::lose_next_race`]: virt-controller changes the disks of `object`'s spec at `base` (their
+/// first one's boot order) after virt-api read it and before virt-api patches it.
+async fn race(shared: &Shared, object: &DynamicObject, base: &str) {
+    if !shared.lose_next_race.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let spec = base.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
+    let order = spec["domain"]["devices"]["disks"][0]["bootOrder"].as_u64().unwrap_or(0) + 1;
+    let change = json!([{"op": "add", "path": format!("{base}/domain/devices/disks/0/bootOrder"), "value": order}]);
+    let api = match object.types.as_ref().is_some_and(|t| t.kind == "VirtualMachine") {
+        true => vms(&shared.controller, &shared.namespace),
+        false => vmis(&shared.controller, &shared.namespace),
+    };
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let patch = serde_json::from_value(change).expect("a valid JSON patch");
+    if let Err(e) = api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+        tracing::warn!(error = %e, "the lab's concurrent write for lose_next_race failed");
+    }
+}
+
+/// `vmVolumePatchStatus` (volumes.go) with the `HotplugVolumes` gate: the request is only appended to the VM's
+/// `status.volumeRequests`, with a JSON patch of the status subresource guarded by a `test` of the old list (sent
+/// with `dryRun: All` on a dry run), and answered 202 at once; virt-controller carries it out later
+/// ([`handle_volume_requests`]). Another request for the same volume is refused while one is pending
+/// (`addAddVolumeRequests`, `addRemoveVolumeRequests`, with their messages), except that a remove request replaces
+/// a pending add.
+async fn request_volume_change(
+    api: &Api<DynamicObject>,
+    vm: &DynamicObject,
+    add: bool,
+    volume: &str,
+    body: &Value,
+    dry_run: bool,
+) -> Result<(), Refusal> {
+    let vm_name = vm.metadata.name.clone().unwrap_or_default();
+    let conflict = conflict("virtualmachine", &vm_name);
+    let mut requests = Vec::new();
+    for request in list(&vm.data["status"]["volumeRequests"]) {
+        let adds = request["addVolumeOptions"]["name"] == volume;
+        let removes = request["removeVolumeOptions"]["name"] == volume;
+        match (add, adds, removes) {
+            (true, true, _) => {
+                return Err(conflict(format!("add volume request for volume [{volume}] already exists")));
+            }
+            (true, _, true) => {
+                return Err(conflict(format!(
+                    "unable to add volume since a remove volume request for volume [{volume}] already exists and is \
+                     still being processed"
+                )));
+            }
+            (false, _, true) => {
+                return Err(conflict(format!(
+                    "a remove volume request for volume [{volume}] already exists and is still being processed"
+                )));
+            }
+            (false, true, _) => continue,
+            _ => requests.push(request),
+        }
+    }
+    requests.push(match add {
+        true => json!({"addVolumeOptions": {"name": volume, "disk": hotplug_disk(body, volume),
+                                            "volumeSource": hotplug_source(body)}}),
+        false => json!({"removeVolumeOptions": {"name": volume}}),
+    });
+    let patch = match vm.data["status"].is_object() {
+        true => guarded_patch(vm, &[("/status/volumeRequests".into(), Value::Array(requests))]),
+        // KubeVirt's virt-controller always writes a VM's status (printableStatus); the lab's writes none, so the
+        // first request makes it.
+        false => {
+            serde_json::from_value(json!([{"op": "add", "path": "/status", "value": {"volumeRequests": requests}}]))
+                .expect("a valid JSON patch")
+        }
+    };
+    api.patch_status(&vm_name, &PatchParams { dry_run, ..Default::default() }, &Patch::<()>::Json(patch))
+        .await
+        .map(drop)
+        .map_err(|e| patch_failed("vm status", e))
+}
+
+/// `v1.HotplugVolumeSource` from `AddVolumeOptions`: virt-api forces `hotpluggable: true`.
+fn hotplug_source(body: &Value) -> Value {
     let mut source = body["volumeSource"].clone();
     for key in ["persistentVolumeClaim", "dataVolume"] {
         if source[key].is_object() {
             source[key]["hotpluggable"] = json!(true);
         }
     }
+    source
+}
+
+/// `v1.Volume` from `AddVolumeOptions` (or a VM's add volume request).
+fn hotplug_volume(body: &Value) -> Value {
+    let source = hotplug_source(body);
     let mut volume = json!({"name": body["name"]});
     if let Some(map) = source.as_object() {
         for (k, v) in map {
@@ -895,6 +1007,12 @@ async fn patch_lists_with(
     lists: &[(String, Value)],
     params: &PatchParams,
 ) -> kube::Result<()> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, params, &Patch::<()>::Json(guarded_patch(object, lists))).await.map(drop)
+}
+
+/// The operations of [`patch_lists`].
+fn guarded_patch(object: &DynamicObject, lists: &[(String, Value)]) -> json_patch::Patch {
     let mut operations = Vec::new();
     for (path, new) in lists {
         let old = path.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
@@ -906,9 +1024,7 @@ async fn patch_lists_with(
             false => operations.push(json!({"op": "add", "path": path, "value": new})),
         }
     }
-    let patch: json_patch::Patch = serde_json::from_value(Value::Array(operations)).map_err(kube::Error::SerdeError)?;
-    let name = object.metadata.name.clone().unwrap_or_default();
-    api.patch(&name, params, &Patch::<()>::Json(patch)).await.map(drop)
+    serde_json::from_value(Value::Array(operations)).expect("test, add and replace operations are a JSON patch")
 }
 
 fn key(vmi: &str, volume: &str) -> (String, String) {
@@ -948,7 +1064,15 @@ fn set_phase(status: &mut Value, phase: &str, reason: &str, message: String) {
 
 /// virt-controller: for each VMI, the first of its writes that is due (the next pass sees what it wrote).
 async fn controller_sync(shared: &Shared) -> Result<()> {
+    if shared.controller_paused.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     bind_claims(shared).await?;
+    if shared.mode == HotplugMode::HotplugVolumes {
+        for vm in vms(&shared.controller, &shared.namespace).list(&Default::default()).await? {
+            handle_volume_requests(shared, &vm).await?;
+        }
+    }
     let api = vmis(&shared.controller, &shared.namespace);
     for vmi in api.list(&Default::default()).await? {
         if start(&api, &vmi).await? {
@@ -1157,6 +1281,65 @@ async fn start(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<bool> {
     }
     update(api, &next).await?;
     Ok(true)
+}
+
+/// A VM's sync with the `HotplugVolumes` gate (pkg/virt-controller/watch/vm/vm.go `sync`, `handleVolumeRequests`,
+/// `updateStatus`, `trimDoneVolumeRequests`): each request of `vm.status.volumeRequests` is applied to a copy of the
+/// template (`ApplyVolumeRequestOnVMISpec`) and, for a running VMI that does not reflect it yet, carried out first
+/// through the VMI's own `addvolume`/`removevolume` (so virt-api patches the VMI, as itself). Only at the end of the
+/// sync is the template change stored (an update of the VM), and the status update after it drops the requests the
+/// template now reflects. A failed VMI call ends the sync with the template unchanged and the request pending, to be
+/// tried again on the next sync.
+async fn handle_volume_requests(shared: &Shared, vm: &DynamicObject) -> Result<()> {
+    let requests = list(&vm.data["status"]["volumeRequests"]);
+    if requests.is_empty() {
+        return Ok(());
+    }
+    let (ns, name) = (&shared.namespace, vm.metadata.name.clone().unwrap_or_default());
+    let vmi = vmis(&shared.controller, ns).get_opt(&name).await?;
+    let vmi_volumes = vmi.filter(|v| v.metadata.deletion_timestamp.is_none()).map(|v| list(&v.data["spec"]["volumes"]));
+    let mut template = vm.data["spec"]["template"]["spec"].clone();
+    for request in &requests {
+        let add = request["addVolumeOptions"].is_object();
+        let (verb, options) = match add {
+            true => ("addvolume", &request["addVolumeOptions"]),
+            false => ("removevolume", &request["removeVolumeOptions"]),
+        };
+        let volume = name_of(options);
+        // Nothing to do is no error: a volume already added, or already gone.
+        let _ = change_volumes(&mut template, add, volume, &hotplug_volume(options), &hotplug_disk(options, volume));
+        let Some(vmi_volumes) = &vmi_volumes else { continue };
+        if vmi_volumes.iter().any(|v| v["name"] == volume) == add {
+            continue;
+        }
+        let path = format!("/apis/{GROUP}/v1/namespaces/{ns}/virtualmachineinstances/{name}/{verb}");
+        let call =
+            http::Request::put(path).header("content-type", "application/json").body(serde_json::to_vec(options)?)?;
+        // Not a kube::Error: a refusal is requeued with a pause, not at once as a lost write is.
+        if let Err(e) = shared.controller.request_text(call).await {
+            bail!("Error encountered while handling volume hotplug requests: {e}");
+        }
+    }
+    let api = vms(&shared.controller, ns);
+    let mut vm = vm.clone();
+    if template != vm.data["spec"]["template"]["spec"] {
+        vm.data["spec"]["template"]["spec"] = template.clone();
+        vm = api.replace(&name, &PostParams::default(), &vm).await?;
+    }
+    let done = |request: &Value| {
+        let (add, volume) = match request["addVolumeOptions"].is_object() {
+            true => (true, &request["addVolumeOptions"]["name"]),
+            false => (false, &request["removeVolumeOptions"]["name"]),
+        };
+        let in_template = |list: &Value| named(list, volume).is_some();
+        add == in_template(&template["volumes"]) && add == in_template(&template["domain"]["devices"]["disks"])
+    };
+    let pending: Vec<Value> = requests.iter().filter(|r| !done(r)).cloned().collect();
+    if pending != requests {
+        vm.data["status"]["volumeRequests"] = Value::Array(pending);
+        api.replace_status(&name, &PostParams::default(), &vm).await?;
+    }
+    Ok(())
 }
 
 /// `HandleDeclarativeVolumes` (pkg/storage/hotplug/hotplug.go), run by virt-controller on every VM sync: the running

@@ -206,7 +206,7 @@ fn name_of(value: &Value) -> &str {
 mod tests {
     use super::*;
 
-    const VIRT_API: &str = "system:serviceaccount:kubevirt:kubevirt-apiserver";
+    use crate::kubevirt_lab::API_SERVER as VIRT_API;
 
     fn spec(volumes: &[&str], disks: &[Value]) -> Value {
         let volumes: Vec<Value> = volumes

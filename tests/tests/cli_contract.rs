@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use wukong_controller_client::kubevirt::vmi_resource;
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
 use wukong_e2e::pki::Pki;
 use wukong_e2e::ports::free_address;
 use wukong_e2e::{HostAgent, wukongctl_binary};
@@ -68,7 +68,7 @@ fn dead_kubeconfig(dir: &Path) -> Result<PathBuf> {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_command_with_vmi_reaches_the_vmis_agent_and_no_other() -> Result<()> {
     // KubeVirt in a real API server, with no guest behind the VMI: it reports 127.0.0.77 as its address.
-    let cluster = Cluster::start(&[CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, None, "ns1", HotplugMode::Declarative).await?;
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("pvc-a.raw");

@@ -13,7 +13,7 @@ use wukong_controller_client::kubevirt::{KubeVirt, vm_resource, vmi_resource};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{
-    CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes,
+    API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes,
 };
 use wukong_e2e::operator_lab::{
     OPERATOR, Operator, events, install_operator, json_patch as patch, label, reviews, start_guarded,
@@ -67,7 +67,7 @@ async fn removevolume(
 /// which gives a release back after `grace` seconds.
 async fn guarded_lab(grace: &str) -> Result<(Guest, Cluster, KubeVirtLab, Operator)> {
     let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
     let operator = start_guarded(&cluster, "guard", guest.agent_port(), &["--guard-grace-seconds", grace]).await?;
@@ -140,6 +140,8 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     // virtctl removevolume, through the aggregated API: virt-api's change of the VM spec is reviewed the same way.
     let pid = writer(&guest, "/mnt/g").await?;
     let refused = removevolume(&admin, "virtualmachines", "vm1", "data", false).await.expect_err("must be refused");
+    // virt-api turns the webhook's denial of its patch into a 500 (volumes.go `vmVolumePatch`).
+    assert!(matches!(&refused, kube::Error::Api(s) if s.code == 500), "{refused}");
     assert!(refused.to_string().contains("wukong guard refused to unplug disk 'data'"), "{refused}");
     assert!(refused.to_string().contains(&format!("pid {pid}")), "{refused}");
     stop(&guest, &pid).await?;
@@ -165,6 +167,18 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
         "a Warning Event names who forced it: {forced:#?}"
     );
     guest.restart_agent().await?;
+    // Forced through virt-api: the review names virt-api's account, so the Event says KubeVirt acted for a request.
+    attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    removevolume(&admin, "virtualmachines", "vm1", "data", false).await.context("a forced removevolume")?;
+    guest.wait_unplugged("data", Duration::from_secs(60)).await?;
+    let acting = format!("KubeVirt ({API_SERVER}) acting for a removevolume request");
+    let forced = events(&admin, NS).await?;
+    assert!(
+        forced
+            .iter()
+            .any(|e| e.data["reason"] == "ForcedUnplug" && e.data["note"].as_str().unwrap_or("").contains(&acting)),
+        "a Warning Event says KubeVirt acted for someone: {forced:#?}"
+    );
     label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/force-detach": null})).await?;
 
     // The old path: a standalone VMI's spec loses a busy disk. Only KubeVirt's accounts change a VMI's spec

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use wukong_controller_client::kubevirt::{vm_resource, vmi_resource};
 use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, metric, quantile, start_guarded};
 
 const NS: &str = "statuses";
@@ -114,7 +114,7 @@ async fn reviews(operator: &Operator) -> Result<(f64, f64, String)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Result<()> {
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, None, NS, HotplugMode::Declarative).await?;
     let admin = cluster.client(ADMIN).await?;
     let (vms, vmis) = (
@@ -158,7 +158,10 @@ async fn kubevirts_status_writes_pass_the_guard_without_asking_a_guest() -> Resu
         *by_writer.entry((e.user.username.clone(), e.verb.clone(), e.code())).or_default() += 1;
         let r = e.object_ref.as_ref().context("a VMI write names its object")?;
         assert_eq!(r.subresource, None, "a VMI write has no subresource: {e:?}");
-        assert!([CONTROLLER, HANDLER].contains(&e.user.username.as_str()), "only KubeVirt writes the VMI: {e:?}");
+        assert!(
+            [API_SERVER, CONTROLLER, HANDLER].contains(&e.user.username.as_str()),
+            "only KubeVirt writes the VMI: {e:?}"
+        );
         // A write lost to another writer is refused before admission (409, or 422 for a failed `test`) and redone.
         assert!(matches!(e.code(), 200 | 409 | 422), "a KubeVirt write of an opted-in VMI was refused: {e:?}");
     }

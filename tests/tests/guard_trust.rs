@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use wukong_controller_client::kubevirt::{KubeVirt, vm_resource};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster, WEBHOOK_CLIENT};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, resource};
+use wukong_e2e::kubevirt_lab::{
+    API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, resource,
+};
 use wukong_e2e::operator_lab::{
     OPERATOR, events, install_operator, json_patch, label, post_review, reviews, start_guarded,
 };
@@ -75,7 +77,7 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
     let admin = cluster.client(ADMIN).await?;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::process::Output;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, template_volumes};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, template_volumes};
 
 const NS: &str = "ns1";
 /// The identity wukongctl runs as, bound to the shipped roles only.
@@ -75,7 +75,7 @@ async fn bind_shipped_rbac(cluster: &Cluster, user: &str, without: Option<(&str,
 
 async fn lab(mode: HotplugMode) -> Result<Lab> {
     let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[COMPANION, LACKING, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[COMPANION, LACKING, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, mode).await?;
     bind_shipped_rbac(&cluster, COMPANION, None).await?;
     let image = guest.new_image(64 << 20)?;
@@ -127,6 +127,15 @@ impl Lab {
         Ok(self.cluster.audit()?.iter().filter(|e| e.request_uri.contains("/removevolume")).count())
     }
 
+    /// The answers to the removevolume requests wukongctl sent so far, in order.
+    fn companion_removevolumes(&self) -> Result<Vec<u16>> {
+        let audit = self.cluster.audit()?.into_iter();
+        Ok(audit
+            .filter(|e| e.request_uri.contains("/removevolume") && e.user.username == COMPANION)
+            .map(|e| e.code())
+            .collect())
+    }
+
     async fn attach_data1(&self) -> Result<String> {
         let out = self.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--timeout", "90"])?;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -157,7 +166,7 @@ impl Lab {
                 let Some(r) = &e.object_ref else { return false };
                 let vm_or_vmi = matches!(r.resource.as_str(), "virtualmachines" | "virtualmachineinstances");
                 let subresource = r.subresource.as_deref();
-                let kubevirt = [CONTROLLER, HANDLER].contains(&e.user.username.as_str());
+                let kubevirt = [API_SERVER, CONTROLLER, HANDLER].contains(&e.user.username.as_str());
                 vm_or_vmi
                     && !kubevirt
                     && (matches!(subresource, Some("addvolume" | "removevolume"))
@@ -319,8 +328,11 @@ async fn hotplug_volumes_mode_through_a_real_api_server_is_safe() -> Result<()> 
     let refused = lab.ctl(&["detach", "data1"])?;
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
     assert!(lab.hotplug_writes_since(mark)?.is_empty(), "a refused detach sends nothing");
+    // virt-api's VMI patch loses a race with virt-controller's write: KubeVirt answers 422, and the detach asks again.
+    lab.kubevirt.lose_next_race();
     let out = lab.ctl(&["detach", "data1", "--unmount", "--timeout", "90"])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(lab.companion_removevolumes()?, [422, 202], "the lost race is retried");
 
     let out = lab.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--persist", "--timeout", "90"])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -334,6 +346,85 @@ async fn hotplug_volumes_mode_through_a_real_api_server_is_safe() -> Result<()> 
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
     assert!(!template_volumes(&vm).contains(&"data1".to_string()), "gone from the VM's spec");
+    Ok(())
+}
+
+/// Issue 29: with the `HotplugVolumes` gate the VM's removevolume only records a request in
+/// `vm.status.volumeRequests`, and virt-controller carries it out later. A detach run again while that request is
+/// pending (virt-controller down, then refused by virt-api on each try) joins it: it never gives the guest its disk
+/// back and sends no second removevolume; once virt-controller gets through, the retry finishes the removal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_detach_joins_a_pending_volume_request_in_hotplug_volumes_mode() -> Result<()> {
+    let lab = lab(HotplugMode::HotplugVolumes).await?;
+    let out = lab.ctl(&["-o", "json", "attach", "data1", "--claim", "pvc-a", "--persist", "--timeout", "90"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let dev = json_of(&out)?["disk"]["dev_node"].as_str().context("the guest's device")?.to_string();
+    let sum = lab.guest.fill(&dev, "/mnt/k", 4 << 20).await?;
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(template_volumes(&vm).contains(&"data1".to_string()), "virt-controller stored the template: {vm}");
+    let requests = vm["status"]["volumeRequests"].as_array().cloned().unwrap_or_default();
+    assert!(requests.is_empty(), "and dropped the done request: {vm}");
+
+    // virt-controller is down when the removal is asked for: the request waits, the detach gives up waiting.
+    lab.kubevirt.pause_controller(true);
+    let detach = ["-o", "json", "detach", "data1", "--unmount", "--persist", "--timeout", "2"];
+    let first = lab.ctl(&detach)?;
+    assert_eq!(first.status.code(), Some(5), "{}", text(&first));
+    assert_eq!(json_of(&first)?["removal_in_progress"], true, "{}", text(&first));
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert_eq!(vm["status"]["volumeRequests"], json!([{"removeVolumeOptions": {"name": "data1"}}]), "{vm}");
+    assert!(template_volumes(&vm).contains(&"data1".to_string()), "nothing carried out yet: {vm}");
+
+    // Run again while the request is pending: it joins the removal (virt-api would answer 409), the disk stays
+    // released.
+    let second = lab.ctl(&detach)?;
+    assert_eq!(second.status.code(), Some(5), "{}", text(&second));
+    let error = json_of(&second)?;
+    assert_eq!(error["removal_in_progress"], true, "{error}");
+    assert!(error["error"].as_str().unwrap_or_default().contains("Run detach again to wait for it"), "{error}");
+    assert!(!text(&second).contains("CancelDetach"), "{}", text(&second));
+    lab.assert_not_given_back().await?;
+    assert!(!lab.guest.has_disk("data1").await, "disk data1 stays released in the guest");
+    assert_eq!(lab.companion_removevolumes()?, [202], "no second removevolume");
+
+    // virt-controller is back but virt-api refuses its VMI removevolume: the request stays pending, retried.
+    lab.kubevirt.refuse_removals(Some("the attachment pod could not be deleted"));
+    lab.kubevirt.pause_controller(false);
+    let third = lab.ctl(&detach)?;
+    assert_eq!(third.status.code(), Some(5), "{}", text(&third));
+    lab.assert_not_given_back().await?;
+    let refused = |e: &AuditEvent| {
+        e.user.username == CONTROLLER && e.request_uri.contains("/virtualmachineinstances/vm1/removevolume")
+    };
+    assert!(
+        lab.cluster.audit()?.iter().any(|e| refused(e) && e.code() == 500),
+        "virt-controller tried and was refused"
+    );
+
+    // It gets through: the retry waits for the removal to end.
+    lab.kubevirt.refuse_removals(None);
+    let last = lab.ctl(&["-o", "json", "detach", "data1", "--unmount", "--persist", "--timeout", "60"])?;
+    assert_eq!(last.status.code(), Some(0), "{}", text(&last));
+    assert_eq!(json_of(&last)?["removal"], "joined");
+    assert_eq!(lab.companion_removevolumes()?, [202], "one removevolume for the four detaches");
+    let vm = lab.object("VirtualMachine", "virtualmachines", "vm1").await?;
+    assert!(!template_volumes(&vm).contains(&"data1".to_string()), "gone from the template: {vm}");
+    assert!(!lab.guest.has_disk("data1").await, "the guest lost the disk");
+    // KubeVirt as KubeVirt does it: virt-controller through the VMI's subresource, virt-api's patch as itself.
+    let audit = lab.cluster.audit()?;
+    assert!(audit.iter().any(|e| refused(e) && e.code() == 202), "virt-controller's VMI removevolume");
+    let vmi_patch = |e: &&AuditEvent| {
+        let ops = e.request_object.as_ref().and_then(|o| o.as_array().cloned()).unwrap_or_default();
+        e.verb == "patch" && e.code() == 200 && ops.iter().any(|op| op["path"] == "/spec/volumes")
+    };
+    assert!(
+        audit.iter().filter(vmi_patch).all(|e| e.user.username == API_SERVER),
+        "virt-api patches the VMI as itself"
+    );
+
+    let dev = lab.attach_data1().await?;
+    lab.guest.run_ok(&format!("mount {dev} /mnt/k")).await?;
+    assert_eq!(lab.guest.checksum("/mnt/k/data").await?, sum, "data intact after the joined removal");
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, template_volumes};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, template_volumes};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{Guest, HostAgent};
@@ -74,7 +74,7 @@ async fn object(client: &kube::Client, kind: &str, group: &str, plural: &str, na
 /// directory), the operator's CRD and RBAC installed, and VM `db-vm` running.
 async fn operator_lab() -> Result<(Guest, Cluster, KubeVirtLab, tempfile::TempDir)> {
     let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     let images = tempfile::tempdir()?;
     kubevirt.provision(images.path(), "lab-images").await?;
@@ -331,7 +331,7 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
 /// gets the disk in its spec only. An idle cluster gets no writes from the operator.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() -> Result<()> {
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, None, NS, HotplugMode::Declarative).await?;
     let images = tempfile::tempdir()?;
     kubevirt.provision(images.path(), "lab-images").await?;
@@ -436,7 +436,7 @@ async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Resul
     };
     mount("operator")?;
 
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, None, NS, HotplugMode::Declarative).await?;
     let images = tempfile::tempdir()?;
     kubevirt.provision(images.path(), "lab-images").await?;

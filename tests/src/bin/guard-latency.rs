@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch};
+use wukong_e2e::kubevirt_lab::{
+    API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch,
+};
 use wukong_e2e::operator_lab::{OPERATOR, install_operator, quantile, start_guarded};
 
 const NS: &str = "bench";
@@ -50,7 +52,7 @@ async fn attach_mounted(guest: &Guest, kubevirt: &KubeVirt, volume: &str, claim:
 #[tokio::main]
 async fn main() -> Result<()> {
     let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let lab = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
     install_operator(&cluster).await?;
     let operator = start_guarded(&cluster, "bench", guest.agent_port(), &[]).await?.quiet();

@@ -14,7 +14,7 @@ use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_controller_client::qemu::Qemu;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
 
 const SAMPLES: usize = 5;
 
@@ -67,7 +67,7 @@ async fn main() -> Result<()> {
         measure(&guest, &qemu, |i| Ok(VolumeSource::Image { path: images[i].clone(), format: "raw".into() })).await?;
     drop(qemu);
 
-    let cluster = Cluster::start(&[CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), "bench", HotplugMode::Declarative).await?;
     kubevirt.create_vm("vm1", true, "10.0.2.15").await?;
     for i in 0..SAMPLES {

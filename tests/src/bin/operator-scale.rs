@@ -13,7 +13,7 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, metric, quantile};
 use wukong_operator::crd::{Phase, Wukong};
 
@@ -51,7 +51,7 @@ fn peak_rss_kib(pid: u32) -> Result<u64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let objects: usize = std::env::args().nth(1).map(|n| n.parse()).transpose()?.unwrap_or(500);
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, None, NS, HotplugMode::Declarative).await?;
     let images = tempfile::tempdir()?;
     kubevirt.provision(images.path(), "lab-images").await?;

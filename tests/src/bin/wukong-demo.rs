@@ -9,7 +9,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
 use wukong_e2e::{Guest, wukongctl_binary};
 use wukong_operator::crd::{Phase, Wukong};
@@ -142,7 +142,7 @@ fn phase_of(w: &Wukong, disk: &str) -> Option<Phase> {
 /// The declarative story: a `Wukong` gains a disk, a refused removal with reasons, a safe one.
 async fn declarative(guest: &Guest) -> Result<()> {
     step("declarative disks: a genuine kube-apiserver, the lab's KubeVirt, wukong-operator as its ServiceAccount");
-    let cluster = Cluster::start(&[OPERATOR, CONTROLLER, HANDLER]).await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(guest), "shop", HotplugMode::Declarative).await?;
     let images = tempfile::tempdir()?;
     kubevirt.provision(images.path(), "lab-images").await?;
