@@ -735,16 +735,31 @@ fn patch_failed(what: &str, e: kube::Error) -> Refusal {
     }
 }
 
-/// Plays [`KubeVirtLab::lose_next_race`]: virt-controller changes the disks of `object`'s spec at `base` (their
-/// first one's boot order) after virt-api read it and before virt-api patches it.
+/// Plays [`KubeVirtLab::lose_next_race`]: virt-controller changes the disks of `object`'s spec at `base` after
+/// virt-api read it and before virt-api patches it: a VM's first disk's boot order; a VMI's disks in another order
+/// (the first one last), as KubeVirt's VMI admitter refuses any change to a permanent disk but pairs disks with their
+/// volumes by name.
 async fn race(shared: &Shared, object: &DynamicObject, base: &str) {
     if !shared.lose_next_race.swap(false, Ordering::SeqCst) {
         return;
     }
     let spec = base.trim_start_matches('/').split('/').fold(&object.data, |v, k| &v[k]);
-    let order = spec["domain"]["devices"]["disks"][0]["bootOrder"].as_u64().unwrap_or(0) + 1;
-    let change = json!([{"op": "add", "path": format!("{base}/domain/devices/disks/0/bootOrder"), "value": order}]);
-    let api = match object.types.as_ref().is_some_and(|t| t.kind == "VirtualMachine") {
+    let is_vm = object.types.as_ref().is_some_and(|t| t.kind == "VirtualMachine");
+    let change = match is_vm {
+        true => {
+            let order = spec["domain"]["devices"]["disks"][0]["bootOrder"].as_u64().unwrap_or(0) + 1;
+            json!([{"op": "add", "path": format!("{base}/domain/devices/disks/0/bootOrder"), "value": order}])
+        }
+        false => {
+            let mut disks = list(&spec["domain"]["devices"]["disks"]);
+            if !disks.is_empty() {
+                let first = disks.remove(0);
+                disks.push(first);
+            }
+            json!([{"op": "replace", "path": format!("{base}/domain/devices/disks"), "value": disks}])
+        }
+    };
+    let api = match is_vm {
         true => vms(&shared.controller, &shared.namespace),
         false => vmis(&shared.controller, &shared.namespace),
     };
