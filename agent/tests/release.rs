@@ -238,20 +238,38 @@ async fn concurrent_releases_of_one_disk_let_exactly_one_proceed() {
     assert!(!read_only(&disk.dev));
 }
 
+/// A mounted xfs loop disk with data, released (unmounted, fenced) by an agent process that is gone since, and the
+/// journal file it left, for a test to rewrite as that process's last word.
+struct ReleasedBefore {
+    disk: LoopDisk,
+    a: PathBuf,
+    file: PathBuf,
+    sum: String,
+    state: tempfile::TempDir,
+    journal: PathBuf,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl ReleasedBefore {
+    async fn new() -> Self {
+        let _serial = serial();
+        let mut disk = LoopDisk::new("xfs");
+        let a = disk.mount_at("a");
+        let (file, sum) = write_data(&a);
+        let state = tempfile::tempdir().unwrap();
+        let first = rig(&disk, state.path()).await;
+        assert!(first.releaser.prepare(&first.serial, true, false, None).await.unwrap().released);
+        let journal = std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().path();
+        Self { disk, a, file, sum, state, journal, _serial }
+    }
+}
+
 /// A release journalled as still running (the agent died mid-way) is undone by the next agent process.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_agent_undoes_an_interrupted_release() {
-    let _serial = serial();
-    let mut disk = LoopDisk::new("xfs");
-    let a = disk.mount_at("a");
-    let (file, sum) = write_data(&a);
-    let state = tempfile::tempdir().unwrap();
-    let first = rig(&disk, state.path()).await;
-    assert!(first.releaser.prepare(&first.serial, true, false, None).await.unwrap().released);
-    let path = std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().path();
+    let ReleasedBefore { disk, a, file, sum, state, journal: path, _serial } = ReleasedBefore::new().await;
     let journalled = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, journalled.replace("\"phase\": \"released\"", "\"phase\": \"releasing\"")).unwrap();
-    drop(first);
 
     let second = rig(&disk, state.path()).await;
     second.releaser.recover().await;
@@ -294,16 +312,8 @@ fn as_killed_while_unmounting(path: &Path, mount_id: Option<u32>) {
 /// leaves alone one that is still there (killed before its unmount), never mounting it twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_while_unmounting_gets_the_mounts_back() {
-    let _serial = serial();
-    let mut disk = LoopDisk::new("xfs");
-    let a = disk.mount_at("a");
-    let (file, sum) = write_data(&a);
-    let state = tempfile::tempdir().unwrap();
-    let first = rig(&disk, state.path()).await;
-    assert!(first.releaser.prepare(&first.serial, true, false, None).await.unwrap().released);
-    let path = std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().path();
+    let ReleasedBefore { disk, a, file, sum, state, journal: path, _serial } = ReleasedBefore::new().await;
     as_killed_while_unmounting(&path, None);
-    drop(first);
 
     let second = rig(&disk, state.path()).await;
     second.releaser.recover().await;
