@@ -6,9 +6,11 @@
 
 use crate::guard::{GUARD_DISABLED, GUARD_LABEL, Removal, guarded, spec_of};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::ResourceExt;
+use kube::api::{Api, DynamicObject};
 use kube::core::admission::AdmissionRequest;
 use serde_json::Value;
+use wukong_controller_client::kubevirt::{vm_resource, vmi_resource};
 
 /// Why a review does not match the live objects; each is a denial that names the check and releases nothing.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +50,8 @@ pub async fn check(
     let kind = request.kind.kind.as_str();
     let ns = request.namespace.clone().unwrap_or_default();
     let object = format!("{kind} {ns}/{}", request.name);
-    let resource = ApiResource {
-        group: request.kind.group.clone(),
-        version: request.kind.version.clone(),
-        api_version: format!("{}/{}", request.kind.group, request.kind.version),
-        kind: kind.to_string(),
-        plural: request.resource.resource.clone(),
-    };
+    // From the kind the planner accepted, not from the body's `resource`, which is the caller's word.
+    let resource = if kind == "VirtualMachine" { vm_resource() } else { vmi_resource() };
     let read = |what: &str| {
         let what = what.to_string();
         move |source| VerifyError::Read { what, source }
@@ -65,8 +62,7 @@ pub async fn check(
         .map_err(read(&object))?
         .ok_or_else(|| VerifyError::Missing { object: object.clone() })?;
     let namespace = Api::<Namespace>::all(client.clone()).get(&ns).await.map_err(read(&format!("namespace {ns}")))?;
-    let labels = |l: &Option<std::collections::BTreeMap<String, String>>| l.clone().unwrap_or_default();
-    if !guarded(&labels(&live.metadata.labels), &labels(&namespace.metadata.labels)) {
+    if !guarded(live.labels(), namespace.labels()) {
         return Err(VerifyError::NotOptedIn { object });
     }
     let old = request.old_object.as_ref();
