@@ -47,6 +47,11 @@ pub enum CompanionError {
     AgentUnreachable(Box<ClientError>),
     #[error("another release of disk '{0}' is running in the guest; retry when it has finished")]
     Busy(String),
+    #[error(
+        "{hypervisor} would not hot-unplug volume '{volume}': {reason}; nothing was changed (the guest was not asked \
+         to release it)"
+    )]
+    WouldNotUnplug { volume: String, hypervisor: String, reason: String },
     #[error("{hypervisor} refused to remove volume '{volume}': {error}; {undo}")]
     RemoveFailed { volume: String, hypervisor: String, error: Box<HypervisorError>, undo: String },
     #[error(
@@ -238,6 +243,15 @@ pub async fn detach<H: Hypervisor>(
         return Ok(Detached { serial, already: true, removal: None, forced: options.force, release: None, timings });
     }
     let removing = matches!(state, VolumeState::Removing { .. });
+    // A removal the hypervisor would accept but never carry out leaves the guest's disk released and plugged: ask
+    // before anything changes.
+    if !removing && let Some(reason) = hypervisor.unplug_blocker(volume).await? {
+        return Err(CompanionError::WouldNotUnplug {
+            volume: volume.into(),
+            hypervisor: hypervisor.describe(),
+            reason,
+        });
+    }
     tracing::info!(%serial, volume, hypervisor = %hypervisor.describe(), force = options.force, removing, "detaching");
     let step = Instant::now();
     let release = release(hypervisor, agent, options, &serial, removing, progress).await?;

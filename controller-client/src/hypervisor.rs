@@ -102,6 +102,12 @@ pub trait Hypervisor: Send + Sync {
     fn remove_volume(&self, name: &str) -> impl Future<Output = Result<Removal, HypervisorError>> + Send;
     /// Where the volume is now.
     fn volume_state(&self, name: &str) -> impl Future<Output = Result<VolumeState, HypervisorError>> + Send;
+    /// Why a removal of the volume, accepted now, would not be carried out while the guest runs (`None`: it would
+    /// be). Asked before the guest releases the disk: a released disk that stays plugged is of no use to anyone.
+    fn unplug_blocker(&self, name: &str) -> impl Future<Output = Result<Option<String>, HypervisorError>> + Send {
+        let _ = name;
+        std::future::ready(Ok(None))
+    }
     /// Tidies what the hypervisor keeps after the volume is gone (QEMU: its block node). Idempotent; called once
     /// [`Hypervisor::volume_state`] reports [`VolumeState::Absent`].
     fn finish_removal(&self, name: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send {

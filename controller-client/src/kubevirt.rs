@@ -184,9 +184,14 @@ pub struct Domain {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Devices {
     #[serde(default)]
     pub disks: Vec<Disk>,
+    /// No hot-plug directory in the virt-launcher Pod (template.go `withHotplugSupport`): nothing can be
+    /// hot-plugged into the guest.
+    #[serde(default)]
+    pub disable_hotplug: bool,
 }
 
 /// `v1.Volume` (name and the hot-pluggable sources).
@@ -211,6 +216,9 @@ impl Volume {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmiStatus {
+    /// Pending, Scheduling, Scheduled, Running, Succeeded, Failed (Paused is a condition of Running).
+    #[serde(default)]
+    pub phase: String,
     #[serde(default)]
     pub volume_status: Vec<VolumeStatus>,
     #[serde(default)]
@@ -294,6 +302,13 @@ pub enum PendingRequest {
 }
 
 impl VirtualMachine {
+    /// With `updateVolumesStrategy: Migration` declarative hot-plug leaves the VMI alone (hotplug.go
+    /// `HandleDeclarativeVolumes` returns at once): a volume that leaves the template stays plugged until the VM
+    /// restarts, and one added to it is plugged only then.
+    pub fn migrates_volumes(&self) -> bool {
+        self.spec.update_volumes_strategy.as_deref() == Some("Migration")
+    }
+
     /// The last pending request for volume `name` (virt-api refuses a second one while one is pending, except that a
     /// remove replaces an add).
     pub fn pending_request(&self, name: &str) -> Option<PendingRequest> {
@@ -309,9 +324,13 @@ impl VirtualMachine {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VmSpec {
     #[serde(default)]
     pub template: Option<VmTemplate>,
+    /// `Replacement` (the default) or `Migration`.
+    #[serde(default)]
+    pub update_volumes_strategy: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -519,6 +538,22 @@ impl Hypervisor for KubeVirt {
                 });
             }
         };
+        match self.vmi().await {
+            Ok(vmi) if vmi.spec.domain.devices.disable_hotplug => {
+                return Err(HypervisorError::Invalid {
+                    what: self.what(),
+                    message: format!(
+                        "VMI {}/{} has spec.domain.devices.disableHotplug: true, so its virt-launcher Pod has no \
+                         hot-plug directory and KubeVirt can plug nothing into the running guest; nothing was \
+                         changed. Add volume '{}' to the VM's spec and restart the VM instead",
+                        self.namespace, self.name, volume.name
+                    ),
+                });
+            }
+            // A stopped VM has no VMI: the volume goes into its spec only.
+            Ok(_) | Err(HypervisorError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
         let body = AddVolumeOptions {
             name: volume.name.clone(),
             disk: Disk {
@@ -530,6 +565,24 @@ impl Hypervisor for KubeVirt {
             dry_run: Vec::new(),
         };
         self.put("addvolume", &body).await
+    }
+
+    async fn unplug_blocker(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        let declarative = match self.route().await? {
+            Route::Vmi => false,
+            Route::VmDeclarative => true,
+            Route::VmPersist => self.hotplug_mode().await == HotplugMode::Declarative,
+        };
+        if !declarative || !self.vm().await?.migrates_volumes() {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "VM {}/{} has spec.updateVolumesStrategy: Migration, and KubeVirt's declarative hot-plug leaves the VMI of \
+             such a VM alone (HandleDeclarativeVolumes), so removing volume '{name}' from its spec would leave the disk \
+             plugged until the VM restarts. Set spec.updateVolumesStrategy to Replacement (or remove it) and detach \
+             again, or stop the VM",
+            self.namespace, self.name
+        )))
     }
 
     async fn remove_volume(&self, name: &str) -> Result<Removal, HypervisorError> {
@@ -637,8 +690,10 @@ pub fn volume_state_in(vmi: &VirtualMachineInstance, vm: Option<&VirtualMachine>
     let in_spec = vmi.spec.volumes.iter().any(|v| v.name == name);
     let serial = vmi.spec.domain.devices.disks.iter().find(|d| d.name == name).and_then(|d| d.serial.clone());
     let status = vmi.status.volume_status.iter().find(|s| s.name == name);
-    let in_template =
-        vm.map(|vm| vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name)));
+    // With the Migration strategy the template says what the VM gets at its next start, not what is unplugged now.
+    let in_template = vm
+        .filter(|vm| !vm.migrates_volumes())
+        .map(|vm| vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name)));
     let request = vm.and_then(|vm| vm.pending_request(name));
     classify(in_spec, in_template, request, status, serial)
 }
@@ -825,6 +880,28 @@ mod tests {
             let got = kind(classify(in_spec, in_template, None, status, None));
             assert_eq!(got, want, "in_spec={in_spec} in_template={in_template:?} status={status:?}");
         }
+    }
+
+    /// With `updateVolumesStrategy: Migration` KubeVirt does not unplug what leaves the template: the VMI's word
+    /// counts, so a volume gone from the template but still plugged is Ready, not being removed for ever.
+    #[test]
+    fn a_migration_strategy_vm_template_does_not_unplug() {
+        let vmi: VirtualMachineInstance = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vm1"},
+            "spec": {"volumes": [{"name": "data1", "persistentVolumeClaim": {"claimName": "c", "hotpluggable": true}}]},
+            "status": {"phase": "Running", "volumeStatus": [{"name": "data1", "target": "sda", "phase": "Ready"}]},
+        }))
+        .unwrap();
+        let vm = |strategy: Option<&str>| -> VirtualMachine {
+            serde_json::from_value(serde_json::json!({
+                "spec": {"updateVolumesStrategy": strategy, "template": {"spec": {"volumes": []}}},
+            }))
+            .unwrap()
+        };
+        assert!(vm(Some("Migration")).migrates_volumes());
+        assert_eq!(kind(volume_state_in(&vmi, Some(&vm(Some("Migration"))), "data1")), "ready sda");
+        assert_eq!(kind(volume_state_in(&vmi, Some(&vm(Some("Replacement"))), "data1")), "removing Ready");
+        assert_eq!(kind(volume_state_in(&vmi, Some(&vm(None)), "data1")), "removing Ready");
     }
 
     /// `HotplugVolumes` through the VM: virt-api only records the request; until virt-controller has carried it out,

@@ -37,6 +37,10 @@ pub enum Plan {
     Allow(&'static str),
     /// Denied without asking any guest: KubeVirt refuses the update itself.
     Refuse(Refusal),
+    /// Allowed without asking the guest, with a warning for the caller: the disks leave a VM's template, but
+    /// KubeVirt leaves its running VMI alone (`updateVolumesStrategy: Migration`), so they stay plugged until the VM
+    /// restarts. Releasing them would leave the guest without disks that are still there.
+    Kept { warning: String },
     /// Each removed disk must be released by the guest first (or, on a dry run, be free to release).
     Release {
         namespace: String,
@@ -48,6 +52,10 @@ pub enum Plan {
         dry_run: bool,
         /// Who asked, as the API server vouches for it.
         user: String,
+        /// A VM leaving `updateVolumesStrategy: Migration`: KubeVirt then unplugs at once every hotpluggable volume
+        /// its running VMI has and the new template lacks (or defines otherwise), kept there meanwhile. Those are
+        /// removals too, found in the live VMI (`removals` has only the template's own).
+        catching_up: bool,
     },
 }
 
@@ -171,6 +179,12 @@ pub fn removals(old: &Value, new: &Value, disks_count: bool) -> Vec<Removal> {
         .collect()
 }
 
+/// A VM whose declarative hot-plug KubeVirt leaves alone: `HandleDeclarativeVolumes` (pkg/storage/hotplug/hotplug.go)
+/// returns at once for `spec.updateVolumesStrategy: Migration`.
+fn migrates_volumes(vm: &DynamicObject) -> bool {
+    vm.data["spec"]["updateVolumesStrategy"] == "Migration"
+}
+
 fn annotated(object: &DynamicObject, key: &str) -> bool {
     object.metadata.annotations.as_ref().and_then(|a| a.get(key)).is_some_and(|v| v == "true")
 }
@@ -193,13 +207,26 @@ pub fn plan(request: &AdmissionRequest<DynamicObject>) -> Result<Plan, ReviewErr
     let is_vmi = kind == "VirtualMachineInstance";
     let (old_spec, new_spec) = (spec_of(old, kind), spec_of(object, kind));
     let removals = removals(old_spec, new_spec, is_vmi);
-    if removals.is_empty() {
+    let catching_up = !is_vmi && migrates_volumes(old) && !migrates_volumes(object);
+    if removals.is_empty() && !catching_up {
         return Ok(Plan::Allow("no hotpluggable disk is removed"));
     }
     let user = request.user_info.username.clone().unwrap_or_default();
     let namespace = request.namespace.clone().unwrap_or_default();
-    if let Some(refusal) = kubevirt_refuses(&format!("{namespace}/{}", request.name), is_vmi, &user, new_spec) {
+    let object_name = format!("{namespace}/{}", request.name);
+    if let Some(refusal) = kubevirt_refuses(&object_name, is_vmi, &user, new_spec) {
         return Ok(Plan::Refuse(refusal));
+    }
+    if !is_vmi && migrates_volumes(object) {
+        let disks: Vec<String> = removals.iter().map(|r| format!("'{}' (volume {})", r.serial, r.volume)).collect();
+        return Ok(Plan::Kept {
+            warning: format!(
+                "wukong guard: VirtualMachine {object_name} has spec.updateVolumesStrategy: Migration, so KubeVirt \
+                 does not hot-unplug: disk {} stays plugged in the running guest until the VM restarts; the guest \
+                 was not asked to release it",
+                disks.join(", ")
+            ),
+        });
     }
     Ok(Plan::Release {
         namespace,
@@ -209,6 +236,7 @@ pub fn plan(request: &AdmissionRequest<DynamicObject>) -> Result<Plan, ReviewErr
         unmount: annotated(object, UNMOUNT_ANNOTATION),
         dry_run: request.dry_run,
         user,
+        catching_up,
     })
 }
 
@@ -312,7 +340,8 @@ mod tests {
         for (kind, who) in [("VirtualMachine", "alice"), ("VirtualMachineInstance", VIRT_API)] {
             let dropped = spec(&[("root", false), ("logs", true)], &[("root", None), ("logs", None)]);
             let body = review_by(who, kind, "UPDATE", old.clone(), dropped, json!({}), false);
-            let Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user }) = plan_of(&body) else {
+            let Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user, .. }) = plan_of(&body)
+            else {
                 panic!("{kind}: a removal must be released")
             };
             assert_eq!((namespace.as_str(), vmi.as_str(), user.as_str()), ("ns1", "vm1", who));
@@ -402,6 +431,41 @@ mod tests {
         assert_eq!(removals(&diskless, &diskless, true), [], "nothing changed: no disk was dropped");
         let body = review("VirtualMachine", "UPDATE", old, moved, json!({}), false);
         assert!(matches!(plan_of(&body), Ok(Plan::Release { .. })));
+    }
+
+    /// `updateVolumesStrategy: Migration`: KubeVirt leaves the running VMI alone, so a template edit unplugs
+    /// nothing (allowed, with a warning, the guest not asked); leaving that strategy unplugs at once whatever the
+    /// VMI kept meanwhile (a release, found in the live VMI).
+    #[test]
+    fn a_migration_strategy_vm_keeps_its_disks_until_it_leaves_that_strategy() {
+        let strategy = |body: Vec<u8>, old: Option<&str>, new: Option<&str>| -> Vec<u8> {
+            let mut review: Value = serde_json::from_slice(&body).unwrap();
+            review["request"]["oldObject"]["spec"]["updateVolumesStrategy"] = json!(old);
+            review["request"]["object"]["spec"]["updateVolumesStrategy"] = json!(new);
+            serde_json::to_vec(&review).unwrap()
+        };
+        let old = spec(&[("root", false), ("data", true)], &[("root", None), ("data", Some("pg-1"))]);
+        let dropped = spec(&[("root", false)], &[("root", None)]);
+        let body = review("VirtualMachine", "UPDATE", old.clone(), dropped.clone(), json!({}), false);
+        let Ok(Plan::Kept { warning }) = plan_of(&strategy(body.clone(), Some("Migration"), Some("Migration"))) else {
+            panic!("a Migration VM's template edit is not an unplug")
+        };
+        assert!(warning.contains("VirtualMachine ns1/vm1 has spec.updateVolumesStrategy: Migration"), "{warning}");
+        assert!(warning.contains("disk 'pg-1' (volume data) stays plugged"), "{warning}");
+        // Set in the same update that drops the volume: KubeVirt reads the stored VM, which has it.
+        assert!(matches!(plan_of(&strategy(body.clone(), None, Some("Migration"))), Ok(Plan::Kept { .. })));
+        // Leaving it: KubeVirt unplugs what the template lost meanwhile, even if this update drops nothing.
+        let unchanged = review("VirtualMachine", "UPDATE", dropped.clone(), dropped, json!({}), false);
+        let Ok(Plan::Release { removals, catching_up, .. }) = plan_of(&strategy(unchanged, Some("Migration"), None))
+        else {
+            panic!("leaving the Migration strategy may unplug")
+        };
+        assert!(catching_up && removals.is_empty());
+        let Ok(Plan::Release { removals, catching_up, .. }) = plan_of(&strategy(body, Some("Migration"), None)) else {
+            panic!("leaving the Migration strategy and dropping a volume is an unplug")
+        };
+        assert!(catching_up);
+        assert_eq!(removals, [Removal { volume: "data".into(), serial: "pg-1".into() }]);
     }
 
     #[test]

@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wukong_controller_client::companion::{self, AttachOptions, CompanionError, DetachOptions};
-use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec, VolumeState};
+use wukong_controller_client::hypervisor::{
+    DiskBus, Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState,
+};
 use wukong_controller_client::kubevirt::{
     KubeVirt, VirtualMachine, VirtualMachineInstance, vm_resource, vmi_resource, volume_state_in,
 };
@@ -46,6 +48,8 @@ const SOON: Duration = Duration::from_secs(5);
 const CONCURRENCY: u16 = 16;
 /// A VM that does not exist yet is looked for again this often.
 const VM_MISSING: Duration = Duration::from_secs(30);
+/// An attach KubeVirt refused (a VMI with disableHotplug, a bus it does not allow) is tried again this often.
+const ATTACH_REFUSED: Duration = Duration::from_secs(30);
 
 /// What every reconcile shares.
 pub struct Context {
@@ -481,6 +485,14 @@ async fn attach(
                 publish(context, wukong, EventType::Normal, "Attached", "Attach", &message).await;
             }
             Ok(DiskOutcome::settled(status))
+        }
+        // KubeVirt refused this disk: why belongs in its status, not in a failed reconcile of the whole object.
+        Err(CompanionError::Hypervisor(e))
+            if matches!(*e, HypervisorError::Invalid { .. } | HypervisorError::Conflict { .. }) =>
+        {
+            status.phase = Phase::Attaching;
+            status.message = Some(e.to_string());
+            Ok(DiskOutcome::again(status, ATTACH_REFUSED))
         }
         Err(CompanionError::Hypervisor(e)) => Err(Error::Hypervisor(*e)),
         Err(e) => {

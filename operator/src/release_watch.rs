@@ -3,7 +3,9 @@
 //! still plugged and still in the spec. The leader looks periodically at every guarded VM (and standalone VMI) and
 //! at every release the guard recorded ([`crate::ledger`], whether or not its object is still opted in), and gives
 //! such a disk back (`CancelDetach`) once it has stayed released for a grace period, with an Event. A record whose
-//! update was stored, or whose disk the guest has again, is forgotten.
+//! update was stored and whose disk KubeVirt is unplugging, or whose disk the guest has again, is forgotten. A stored
+//! update KubeVirt does not carry out (a VM whose `updateVolumesStrategy` is `Migration` keeps its disks until it
+//! restarts) is given back like one never stored.
 //!
 //! One object that cannot be looked at (its guest unreachable, a read failing) is counted and skipped; the others
 //! are still looked at. Clients of the agents are kept between passes, renewed every [`RECONNECT`] so that a
@@ -235,11 +237,18 @@ impl Watch {
         let spec = target.spec();
         let in_spec =
             |volume: &str| spec["volumes"].as_array().and_then(|l| l.iter().find(|v| v["name"] == volume).cloned());
+        let vm: Option<VirtualMachine> = match target.is_vm() {
+            true => typed(&target.object).ok(),
+            false => None,
+        };
+        // Plugged and staying: ready in the VMI, and not leaving it (a VM's template that KubeVirt follows lost it).
+        let staying = |volume: &str| matches!(volume_state_in(&vmi, vm.as_ref(), volume), VolumeState::Ready { .. });
         let mut forgotten = 0;
         let mut open = Vec::new();
         for release in &target.releases {
-            if in_spec(&release.volume).as_ref() != Some(&release.definition) {
-                // The update was stored: the unplug is KubeVirt's now.
+            if in_spec(&release.volume).as_ref() != Some(&release.definition) && !staying(&release.volume) {
+                // The update was stored and KubeVirt is unplugging: that is KubeVirt's now. (Stored but staying: a
+                // VM whose updateVolumesStrategy is Migration keeps the disk plugged until it restarts.)
                 self.forget(release).await;
                 forgotten += 1;
             } else {
@@ -264,14 +273,6 @@ impl Watch {
             self.forget(release).await;
             forgotten += 1;
         }
-        let vm: Option<VirtualMachine> = match target.is_vm() {
-            true => typed(&target.object).ok(),
-            false => None,
-        };
-        let typed_spec = match &vm {
-            Some(vm) => vm.spec.template.as_ref().map(|t| t.spec.clone()).unwrap_or_default(),
-            None => typed::<VirtualMachineInstance>(&target.object).map(|v| v.spec).unwrap_or_default(),
-        };
         for disk in disks.iter().filter(|d| d.state() == DiskState::Released) {
             let key = (ns.clone(), name.clone(), disk.serial.clone());
             let recorded = open.iter().any(|r| r.serial.eq_ignore_ascii_case(&disk.serial));
@@ -282,18 +283,17 @@ impl Watch {
             let since = self.seen.get(&key).copied().unwrap_or_else(Instant::now);
             still.insert(key, since);
             let released_for = since.elapsed();
-            // The volume whose disk this is, still in the spec, plugged and not being removed.
+            // The VMI's volume whose disk this is: plugged, and staying.
             let serial_of = |v: &str| {
-                let entry = typed_spec.domain.devices.disks.iter().find(|d| d.name == v);
+                let entry = vmi.spec.domain.devices.disks.iter().find(|d| d.name == v);
                 entry.and_then(|d| d.serial.clone()).unwrap_or_else(|| v.to_string())
             };
-            let Some(volume) =
-                typed_spec.volumes.iter().find(|v| serial_of(&v.name).eq_ignore_ascii_case(&disk.serial))
+            let Some(volume) = vmi.spec.volumes.iter().find(|v| serial_of(&v.name).eq_ignore_ascii_case(&disk.serial))
             else {
                 continue;
             };
-            let plugged = matches!(volume_state_in(&vmi, vm.as_ref(), &volume.name), VolumeState::Ready { .. });
-            tracing::debug!(%ns, %name, serial = %disk.serial, plugged, ?released_for, "a released disk still in the spec");
+            let plugged = staying(&volume.name);
+            tracing::debug!(%ns, %name, serial = %disk.serial, plugged, ?released_for, "a released disk still plugged");
             if !plugged || released_for < grace {
                 continue;
             }

@@ -149,7 +149,13 @@ pub async fn review(guard: &Guard, body: &[u8], peer: SocketAddr) -> AdmissionRe
             tracing::debug!(%peer, object = %request.name, why, "allowed");
             response
         }
-        Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user }) => {
+        Ok(Plan::Kept { warning }) => {
+            tracing::info!(%peer, object = %request.name, "allowed without a release: {warning}");
+            let mut response = response;
+            response.warnings = Some(vec![warning]);
+            response
+        }
+        Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user, catching_up }) => {
             let target = Target { namespace: &namespace, vmi: &vmi, user: &user, request: &request };
             if !guard.trusted
                 && let Err(e) = crate::verify::check(&guard.client, &request, &removals).await
@@ -158,7 +164,7 @@ pub async fn review(guard: &Guard, body: &[u8], peer: SocketAddr) -> AdmissionRe
                 guard.metrics.untrusted_review_refused();
                 return forbid(response, format!("wukong guard: {e}"));
             }
-            match release(guard, &target, &removals, force, unmount, dry_run).await {
+            match release(guard, &target, removals, catching_up, force, unmount, dry_run).await {
                 Ok(()) => response,
                 Err(message) => {
                     tracing::info!(%peer, %namespace, %vmi, %user, dry_run, "denied: {message}");
@@ -221,23 +227,38 @@ fn release_record(target: &Target<'_>, removal: &Removal) -> Release {
     }
 }
 
-/// Asks the guest to release every removed disk; the error is the denial's message. A denial leaves nothing
-/// released: the disks this review released before the one that was refused are given back before it answers.
+/// Asks the guest to release every removed disk (with `catching_up`, also those the live VMI has and the new
+/// template lacks); the error is the denial's message. A denial leaves nothing released: the disks this review
+/// released before the one that was refused are given back before it answers.
 async fn release(
     guard: &Guard,
     target: &Target<'_>,
-    removals: &[Removal],
+    mut removals: Vec<Removal>,
+    catching_up: bool,
     force: bool,
     unmount: bool,
     dry_run: bool,
 ) -> Result<(), String> {
     let (ns, name) = (target.namespace, target.vmi);
-    let vmi: VirtualMachineInstance = match get(&guard.client, ns, &vmi_resource(), name).await {
+    let object: DynamicObject = match get(&guard.client, ns, &vmi_resource(), name).await {
         Ok(Some(vmi)) => vmi,
         // Not running: nothing is plugged, nothing to protect.
         Ok(None) => return Ok(()),
         Err(e) => return Err(format!("wukong guard cannot read VMI {ns}/{name} ({e}); denied (fail safe)")),
     };
+    if catching_up && let Some(vm) = target.request.object.as_ref() {
+        let kept = crate::guard::removals(&object.data["spec"], crate::guard::spec_of(vm, "VirtualMachine"), false);
+        for removal in kept {
+            if !removals.iter().any(|r| r.volume == removal.volume) {
+                removals.push(removal);
+            }
+        }
+    }
+    if removals.is_empty() {
+        return Ok(());
+    }
+    let vmi: VirtualMachineInstance = crate::typed(&object)
+        .map_err(|e| format!("wukong guard cannot read VMI {ns}/{name} ({e}); denied (fail safe)"))?;
     let unreachable = |why: String| {
         format!(
             "wukong guard cannot ask the guest of VMI {ns}/{name} to release its disks ({why}); denied (fail safe). \
@@ -250,7 +271,7 @@ async fn release(
         .ok_or_else(|| unreachable("it reports no IP".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let mut released = Vec::new();
-    for removal in removals {
+    for removal in &removals {
         let outcome = release_one(guard, target, &agent, removal, force, unmount, dry_run, &unreachable).await;
         match outcome {
             Ok(Some(record)) => released.push(record),

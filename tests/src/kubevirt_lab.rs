@@ -12,7 +12,7 @@
 //!   again) or, with `HotplugVolumes`, a VM's `status.volumeRequests` (through the VMI's subresources, then the
 //!   VM's spec), and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
 //!   volumes' targets and their MountedToPod, Ready and UnMountedFromPod phases, the hot-plugs and unplugs over QMP
-//!   with the disk's serial and bus, and the `VolumeUnplugged` event. virt-controller's attachment Pods are real
+//!   with the disk's serial and bus, and the events of each phase change. virt-controller's attachment Pods are real
 //!   Pods (`hp-volume-*`, one per VMI holding all its hot-plugged volumes; see `handle_hotplug_volumes`), run by the
 //!   lab's scheduler and kubelet unless an [`AttachmentPodFault`] keeps them Pending; unplugs in the domain can fail
 //!   ([`UnplugFailure`]). The VMI CRD has no status subresource, as
@@ -164,6 +164,8 @@ struct Shared {
     unplug_failure: Mutex<Option<UnplugFailure>>,
     /// When each (VMI, volume)'s failing unplug was last tried.
     unplug_tried: Mutex<BTreeMap<(String, String), Instant>>,
+    /// (VMI, volume)s virt-handler could not mount into their virt-launcher Pod (`disableHotplug`), reported.
+    mount_failed: Mutex<BTreeSet<(String, String)>>,
     /// How long a new attachment Pod takes to run (scheduled, its claims attached to the node, its container up).
     pod_start: Mutex<Duration>,
     /// What keeps new attachment Pods from running.
@@ -260,6 +262,7 @@ impl KubeVirtLab {
             refuse_removals: Mutex::new(None),
             unplug_failure: Mutex::new(None),
             unplug_tried: Mutex::new(BTreeMap::new()),
+            mount_failed: Mutex::new(BTreeSet::new()),
             pod_start: Mutex::new(PHASE_STEP),
             pod_fault: Mutex::new(None),
             pods_created: Mutex::new(BTreeMap::new()),
@@ -339,11 +342,11 @@ impl KubeVirtLab {
 
     /// A stopped VM `name` (no VMI): hot-plugs change only its spec.
     pub async fn create_stopped_vm(&self, name: &str) -> Result<()> {
-        self.create_vm_object(name, false).await.map(drop)
+        self.create_vm_object(name, false, false).await.map(drop)
     }
 
-    async fn create_vm_object(&self, name: &str, running: bool) -> Result<DynamicObject> {
-        let (domain, volumes) = root_disk();
+    async fn create_vm_object(&self, name: &str, running: bool, disable_hotplug: bool) -> Result<DynamicObject> {
+        let (domain, volumes) = root_disk(disable_hotplug);
         let vm: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
             "spec": {"running": running, "template": {"metadata": {"labels": {"kubevirt.io/vm": name}},
@@ -373,15 +376,25 @@ impl KubeVirtLab {
     /// `interface_ip` is what the VMI reports as its address (where wukongctl looks for the agent). Returns once the
     /// lab's virt-controller and virt-handler have started it.
     pub async fn create_vm(&self, name: &str, owned: bool, interface_ip: &str) -> Result<()> {
+        self.start_vm(name, owned, interface_ip, false).await
+    }
+
+    /// As [`Self::create_vm`] with `disableHotplug: true` in the VMI's devices: its virt-launcher Pod gets no
+    /// hot-plug directory, so nothing can be hot-plugged into its guest (see `hotplug_mount_failure`).
+    pub async fn create_vm_without_hotplug(&self, name: &str, interface_ip: &str) -> Result<()> {
+        self.start_vm(name, true, interface_ip, true).await
+    }
+
+    async fn start_vm(&self, name: &str, owned: bool, interface_ip: &str, disable_hotplug: bool) -> Result<()> {
         let ns = &self.shared.namespace;
         self.shared.addresses.lock().unwrap().insert(name.into(), interface_ip.into());
-        let (domain, volumes) = root_disk();
+        let (domain, volumes) = root_disk(disable_hotplug);
         let mut metadata = json!({"name": name});
         // virt-controller starts a running VM's VMI from its template (vm.go `startVMI`); a standalone VMI is its
         // user's.
         let creator = match owned {
             true => {
-                let vm = self.create_vm_object(name, true).await?;
+                let vm = self.create_vm_object(name, true, disable_hotplug).await?;
                 metadata["labels"] = vm.data["spec"]["template"]["metadata"]["labels"].clone();
                 metadata["ownerReferences"] = json!([{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
                     "name": name, "uid": vm.metadata.uid, "controller": true, "blockOwnerDeletion": true}]);
@@ -449,10 +462,13 @@ pub fn template_volumes(vm: &Value) -> Vec<String> {
 }
 
 /// The domain and volumes of the lab's VMs: a container disk to boot from.
-fn root_disk() -> (Value, Value) {
-    let domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}],
-                                    "interfaces": [{"name": "default", "masquerade": {}}]},
-                        "memory": {"guest": "512Mi"}});
+fn root_disk(disable_hotplug: bool) -> (Value, Value) {
+    let mut domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}],
+                                        "interfaces": [{"name": "default", "masquerade": {}}]},
+                            "memory": {"guest": "512Mi"}});
+    if disable_hotplug {
+        domain["devices"]["disableHotplug"] = json!(true);
+    }
     let volumes = json!([{"name": "rootdisk", "containerDisk": {"image": "quay.io/containerdisks/debian:12"}}]);
     (domain, volumes)
 }
@@ -1177,7 +1193,7 @@ async fn handle_hotplug_volumes(shared: &Shared, vmi: &DynamicObject) -> Result<
         old.iter().any(|p| !matches!(p.data["status"]["phase"].as_str(), Some("Running" | "Succeeded" | "Failed")));
     let mut changed = false;
     if current.is_none() && !pending && !ready.is_empty() {
-        create_attachment_pod(shared, &vmi_name, &ready).await?;
+        create_attachment_pod(shared, vmi, &ready).await?;
         changed = true;
     }
     // cleanupAttachmentPods.
@@ -1204,7 +1220,10 @@ async fn handle_hotplug_volumes(shared: &Shared, vmi: &DynamicObject) -> Result<
         let name = pod.metadata.name.clone().unwrap_or_default();
         let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
         match pods(&shared.controller, &shared.namespace).delete(&name, &now).await {
-            Ok(_) => {}
+            Ok(_) => {
+                let message = format!("Deleted attachment pod {name}");
+                event(shared, Component::Controller, vmi, "Normal", "SuccessfulDelete", &message).await?;
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
@@ -1218,7 +1237,8 @@ async fn handle_hotplug_volumes(shared: &Shared, vmi: &DynamicObject) -> Result<
 }
 
 /// `createAttachmentPod`: a Pod holding the claims of `volumes`, named `hp-volume-` and a random suffix.
-async fn create_attachment_pod(shared: &Shared, vmi: &str, volumes: &[Value]) -> Result<()> {
+async fn create_attachment_pod(shared: &Shared, vmi: &DynamicObject, volumes: &[Value]) -> Result<()> {
+    let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
     let pod_volumes: Vec<Value> = volumes
         .iter()
         .map(|v| json!({"name": name_of(v), "persistentVolumeClaim": {"claimName": claim_of(v)}}))
@@ -1226,15 +1246,16 @@ async fn create_attachment_pod(shared: &Shared, vmi: &str, volumes: &[Value]) ->
     let pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"generateName": "hp-volume-",
-                     "labels": {ATTACHMENT_LABEL.0: ATTACHMENT_LABEL.1, ATTACHMENT_VMI_LABEL: vmi}},
+                     "labels": {ATTACHMENT_LABEL.0: ATTACHMENT_LABEL.1, ATTACHMENT_VMI_LABEL: vmi_name}},
         "spec": {"containers": [{"name": "hotplug-disk", "image": "quay.io/kubevirt/virt-launcher:v1.9.0",
                                  "command": ["/bin/sh", "-c", "/usr/bin/container-disk --copy-path /path/hp"]}],
                  "volumes": pod_volumes},
     }))?;
     let created = pods(&shared.controller, &shared.namespace).create(&PostParams::default(), &pod).await?;
     let name = created.metadata.name.unwrap_or_default();
-    shared.pods_created.lock().unwrap().insert(name, Instant::now());
-    Ok(())
+    shared.pods_created.lock().unwrap().insert(name.clone(), Instant::now());
+    event(shared, Component::Controller, vmi, "Normal", "SuccessfulCreate", &format!("Created attachment pod {name}"))
+        .await
 }
 
 /// The cluster's scheduler and kubelet for attachment Pods (as the admin): a Pod runs once its start time passed,
@@ -1358,7 +1379,8 @@ async fn handle_volume_requests(shared: &Shared, vm: &DynamicObject) -> Result<(
 }
 
 /// `HandleDeclarativeVolumes` (pkg/storage/hotplug/hotplug.go), run by virt-controller on every VM sync: the running
-/// VMI's hotpluggable volumes follow its VM's template. A VMI volume gone from the template, or whose template
+/// VMI's hotpluggable volumes follow its VM's template, unless the VM's `updateVolumesStrategy` is `Migration` or the
+/// VMI is not Running (`patchHotplugVolumes`), when nothing happens at all. A VMI volume gone from the template, or whose template
 /// definition is not deeply equal to it (another claim, say), is dropped at once (`filterHotplugVMIVolumes`): that
 /// *is* the unplug. A template volume missing from the VMI is added unless the VMI still has a status entry for it,
 /// an unplug in progress (`getNewHotplugVMVolumes`): so a changed volume comes back with its new definition once the
@@ -1372,6 +1394,11 @@ async fn declarative_sync(shared: &Shared, vmi: &DynamicObject) -> Result<bool> 
         return Ok(false);
     }
     let Some(vm) = vms(&shared.controller, &shared.namespace).get_opt(&owner.name).await? else { return Ok(false) };
+    // HandleDeclarativeVolumes returns at once for `updateVolumesStrategy: Migration` ("Are there some cases we can
+    // proceed?"): the VMI keeps every volume the template lost until it restarts.
+    if vm.data["spec"]["updateVolumesStrategy"] == "Migration" {
+        return Ok(false);
+    }
     let spec = &vmi.data["spec"];
     let (volumes, disks) = declarative_lists(&vm.data["spec"]["template"]["spec"], spec, &vmi.data["status"]);
     if volumes == list(&spec["volumes"]) && disks == list(&spec["domain"]["devices"]["disks"]) {
@@ -1516,9 +1543,48 @@ async fn handler_sync(shared: &Shared) -> Result<()> {
             update(&api, &next).await?;
             let (old, new) = (list(&vmi.data["status"]["volumeStatus"]), list(&next.data["status"]["volumeStatus"]));
             stamp_changes(shared, &name, &old, &new);
+            for (reason, message) in phase_events(&old, &new) {
+                event(shared, Component::Handler, &next, "Normal", &reason, &message).await?;
+            }
+        }
+        if let Some(message) = hotplug_mount_failure(shared, &name, &next) {
+            event(shared, Component::Handler, &next, "Warning", "SyncFailed", &message).await?;
         }
     }
     Ok(())
+}
+
+/// The events virt-handler records for its own status update (vm.go `generateEventsForVolumeStatusChange`): each
+/// entry whose phase changed, with its new reason and message. Its `VolumeUnplugged` branch (an entry gone) never
+/// fires here, as it effectively never does in KubeVirt: virt-handler keeps every entry it was given, and
+/// virt-controller drops them with the attachment Pod.
+fn phase_events(old: &[Value], new: &[Value]) -> Vec<(String, String)> {
+    new.iter()
+        .filter(|n| old.iter().find(|o| o["name"] == n["name"]).is_none_or(|o| o["phase"] != n["phase"]))
+        .filter_map(|n| Some((n["reason"].as_str()?.to_string(), n["message"].as_str().unwrap_or_default().into())))
+        .filter(|(reason, _)| !reason.is_empty())
+        .collect()
+}
+
+/// A VMI with `disableHotplug` has a virt-launcher Pod without the `hotplug-disks` directory (template.go adds
+/// `withHotplugSupport` only without it), so virt-handler cannot mount any attached volume into it
+/// (hotplug-disk/mount.go): each such volume stays AttachedToNode and every sync fails. Returns the `SyncFailed`
+/// message the first time a volume fails so (recorded once per volume: the recorder aggregates the repeats).
+fn hotplug_mount_failure(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Option<String> {
+    if vmi.data["spec"]["domain"]["devices"]["disableHotplug"] != true {
+        return None;
+    }
+    let statuses = list(&vmi.data["status"]["volumeStatus"]);
+    let stuck = statuses.iter().find(|s| s["phase"] == "AttachedToNode" && !s["hotplugVolume"].is_null())?;
+    let volume = name_of(stuck).to_string();
+    if !shared.mount_failed.lock().unwrap().insert(key(vmi_name, &volume)) {
+        return None;
+    }
+    let uid = vmi.metadata.uid.clone().unwrap_or_default();
+    Some(format!(
+        "failed to mount filesystem hotplug volume {volume}: failed to resolve /var/lib/kubelet/pods/{uid}/volumes/\
+         kubernetes.io~empty-dir/hotplug-disks: no such file or directory"
+    ))
 }
 
 /// The domain starts with the VMI's disks that are not hot-plugged, on virtio targets in order.
@@ -1586,7 +1652,6 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
         }
         shared.domain.lock().unwrap().remove(&key(vmi_name, &name));
         shared.leaving.lock().unwrap().remove(&key(vmi_name, &name));
-        event(shared, vmi, "Normal", "VolumeUnplugged", &format!("Volume {name} has been unplugged")).await?;
     }
     Ok(())
 }
@@ -1612,6 +1677,7 @@ fn statuses_from_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) ->
             set_phase(status, "Ready", "VolumeReady", message);
         } else if in_spec(&name)
             && phase == "AttachedToNode"
+            && vmi.data["spec"]["domain"]["devices"]["disableHotplug"] != true
             && status["hotplugVolume"]["attachPodUID"].as_str().is_some_and(|u| !u.is_empty())
             && due(shared, vmi_name, &name)
         {
@@ -1690,13 +1756,24 @@ async fn failed_unplug(shared: &Shared, vmi: &DynamicObject, name: &str, failure
     };
     let message =
         format!("server error. command SyncVMI failed: \"LibvirtError(Code=1, Domain=10, Message='{message}')\"");
-    event(shared, vmi, "Warning", "SyncFailed", &message).await
+    event(shared, Component::Handler, vmi, "Warning", "SyncFailed", &message).await
 }
 
-/// A core Event about the VMI, as virt-handler records one.
-async fn event(shared: &Shared, vmi: &DynamicObject, type_: &str, reason: &str, message: &str) -> Result<()> {
+/// A core Event about the VMI, as `component` records one (as its own identity).
+async fn event(
+    shared: &Shared,
+    component: Component,
+    vmi: &DynamicObject,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) -> Result<()> {
+    let (client, source) = match component {
+        Component::Controller => (&shared.controller, "virtualmachine-controller"),
+        Component::Handler => (&shared.handler, "virt-handler"),
+    };
     let events = Api::<DynamicObject>::namespaced_with(
-        shared.handler.clone(),
+        client.clone(),
         &shared.namespace,
         &resource("Event", "", "v1", "events"),
     );
@@ -1704,7 +1781,7 @@ async fn event(shared: &Shared, vmi: &DynamicObject, type_: &str, reason: &str, 
         "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": format!("{}.", vmi.metadata.name.clone().unwrap_or_default())},
         "involvedObject": {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
                            "name": vmi.metadata.name, "namespace": shared.namespace, "uid": vmi.metadata.uid},
-        "reason": reason, "message": message, "type": type_, "source": {"component": "virt-handler"},
+        "reason": reason, "message": message, "type": type_, "source": {"component": source},
     }))?;
     events.create(&PostParams::default(), &event).await?;
     Ok(())
@@ -1724,7 +1801,7 @@ mod tests {
 
     /// A spec with the root disk and `volumes`, each with its disk.
     fn spec(volumes: &[Value]) -> Value {
-        let (domain, root) = root_disk();
+        let (domain, root) = root_disk(false);
         let mut spec = json!({"domain": domain, "volumes": root});
         for volume in volumes {
             push(&mut spec, "volumes", volume.clone());

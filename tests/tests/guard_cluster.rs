@@ -63,6 +63,22 @@ async fn removevolume(
     client.request_text(request).await.map(drop)
 }
 
+/// Waits until the guard's leader gave disk `serial` back to the guest and published its `ReleaseCancelled` Event
+/// (the Event follows the CancelDetach).
+async fn given_back(guest: &Guest, admin: &kube::Client, serial: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let state = guest.agent().get_disk(serial, false).await.map(|d| d.state()).ok();
+        let present = state == Some(wukong_proto::v1::DiskState::Present);
+        let event = events(admin, NS).await?.iter().any(|e| e.data["reason"] == "ReleaseCancelled");
+        if present && event {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never given back: disk {state:?}, ReleaseCancelled Event {event}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A guest, the API server with the lab's KubeVirt (declarative hot-plug) in NS, and the operator with the guard,
 /// which gives a release back after `grace` seconds.
 async fn guarded_lab(grace: &str) -> Result<(Guest, Cluster, KubeVirtLab, Operator)> {
@@ -219,13 +235,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     // it) is given back after the grace period, with an Event.
     attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
     assert!(agent.prepare_detach("data", false, false).await?.released);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.get_disk("data", false).await.map(|d| d.state()).ok() != Some(wukong_proto::v1::DiskState::Present) {
-        anyhow::ensure!(Instant::now() < deadline, "the released disk still in the spec was never given back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let given = events(&admin, NS).await?;
-    assert!(given.iter().any(|e| e.data["reason"] == "ReleaseCancelled"), "{given:#?}");
+    given_back(&guest, &admin, "data").await.context("the released disk still in the spec")?;
     // The other direction: a disk released for an unplug KubeVirt is carrying out (slowly) stays released.
     kubevirt.set_unplug_delay(Duration::from_secs(15));
     let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
@@ -315,5 +325,116 @@ async fn an_update_kubevirt_refuses_releases_nothing() -> Result<()> {
         .await
         .context("an idle disk's dry run")?;
     kept("solo-data", "/mnt/s").await?;
+    Ok(())
+}
+
+/// A JSON patch of VM `name` in NS as the admin, sent raw to read the response's `Warning` headers (the API server
+/// passes admission warnings on there): the status code and the warnings.
+async fn patch_vm_warned(client: &kube::Client, name: &str, patch: serde_json::Value) -> Result<(u16, Vec<String>)> {
+    let path = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/{name}");
+    let request = http::Request::patch(path)
+        .header("content-type", "application/json-patch+json")
+        .body(kube::client::Body::from(serde_json::to_vec(&patch)?))?;
+    let response = client.send(request).await?;
+    let warnings =
+        response.headers().get_all("warning").iter().map(|v| v.to_str().unwrap_or_default().to_string()).collect();
+    Ok((response.status().as_u16(), warnings))
+}
+
+/// `updateVolumesStrategy: Migration`: KubeVirt's declarative hot-plug leaves the running VMI alone (hotplug.go
+/// `HandleDeclarativeVolumes`), so a disk that leaves the template stays plugged until the VM restarts. Nothing may
+/// release it for an unplug that never comes (the guard allows the edit with a warning, the companion refuses a
+/// detach it could not finish), a release that happened anyway is given back, and leaving the strategy, which
+/// unplugs at once what the template lost meanwhile, is guarded like any other unplug.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_strategy_vm_keeps_its_disks_and_nothing_releases_them_for_nothing() -> Result<()> {
+    let (guest, cluster, kubevirt, _operator) = guarded_lab("3").await?;
+    let admin = cluster.client(ADMIN).await?;
+    let vms = vms(&admin);
+    let agent = guest.agent();
+    kubevirt.create_vm("vm1", true, "127.0.0.1").await?;
+    label(&vms, "vm1", json!({"vm.novasphere.dev/guard": "enabled"}), json!({})).await?;
+    kubevirt.create_claim("pvc-data", &guest.new_image(32 << 20)?).await?;
+    let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    let sum = guest.fill(&dev, "/mnt/g", 2 << 20).await?;
+    let pid = writer(&guest, "/mnt/g").await?;
+    let strategy = |value: serde_json::Value| {
+        let vms = vms.clone();
+        async move {
+            let body = json!({"spec": {"updateVolumesStrategy": value}});
+            vms.patch("vm1", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&body)).await
+        }
+    };
+    let untouched = |why: &'static str| {
+        let (agent, guest, pid) = (&agent, &guest, &pid);
+        async move {
+            let state = agent.get_disk("data", false).await?.state();
+            anyhow::ensure!(state == wukong_proto::v1::DiskState::Present, "{why}: the disk is {state:?}");
+            guest.run_ok(&format!("grep -q ' /mnt/g ' /proc/mounts && kill -0 {pid}")).await.context(why)?;
+            Ok(())
+        }
+    };
+    strategy(json!("Migration")).await?;
+
+    // The companion's detach through the VM would only edit the template: refused before the guest is asked.
+    let companion = KubeVirt::new(admin.clone(), NS, "vm1", false);
+    let options = wukong_controller_client::companion::DetachOptions {
+        volume: "data".into(),
+        serial: None,
+        unmount: true,
+        force: false,
+        timeout: Duration::from_secs(20),
+        poll: Duration::from_millis(100),
+    };
+    let refused = wukong_controller_client::companion::detach(&companion, &agent, &options, &|_| {})
+        .await
+        .expect_err("a detach KubeVirt would never carry out");
+    let message = refused.to_string();
+    assert!(message.contains("would not hot-unplug volume 'data'"), "{message}");
+    assert!(message.contains("VM guarded/vm1 has spec.updateVolumesStrategy: Migration"), "{message}");
+    assert!(template_volumes(&serde_json::to_value(vms.get("vm1").await?)?).contains(&"data".to_string()));
+    untouched("the companion changed nothing").await?;
+
+    // kubectl edit: the template loses the busy disk. Not an unplug here: allowed, with a warning, the guest not
+    // asked; the lab's KubeVirt (as v1.9) keeps the volume in the VMI and the disk in the guest.
+    let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
+    let (code, warnings) = patch_vm_warned(&admin, "vm1", remove).await?;
+    assert_eq!(code, 200, "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("disk 'data' (volume data) stays plugged in the running guest")),
+        "the caller is told why nothing was unplugged: {warnings:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vmi = vmis(&admin).get("vm1").await?;
+    assert!(vmi.data["spec"]["volumes"].to_string().contains("pvc-data"), "KubeVirt keeps the volume in the VMI");
+    untouched("a template edit of a Migration VM").await?;
+
+    // Leaving the strategy unplugs what the template lost: guarded, refused while the writer holds the disk.
+    let refused = strategy(serde_json::Value::Null).await.expect_err("leaving Migration would unplug a busy disk");
+    assert!(refused.to_string().contains("wukong guard refused to unplug disk 'data' (volume data)"), "{refused}");
+    assert!(refused.to_string().contains(&format!("pid {pid}")), "{refused}");
+    untouched("a refused strategy change").await?;
+    stop(&guest, &pid).await?;
+
+    // A release KubeVirt does not follow: the guard releases the idle disk for leaving the strategy (virt-controller
+    // is down meanwhile), then the strategy is back before KubeVirt acted. The disk stays plugged, so the leader
+    // gives it back after the grace period (3 s).
+    label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/unmount-on-detach": "true"})).await?;
+    kubevirt.pause_controller(true);
+    strategy(serde_json::Value::Null).await.context("the idle disk is released for leaving the strategy")?;
+    assert_eq!(agent.get_disk("data", false).await?.state(), wukong_proto::v1::DiskState::Released);
+    strategy(json!("Migration")).await?;
+    kubevirt.pause_controller(false);
+    given_back(&guest, &admin, "data").await.context("a released disk KubeVirt keeps plugged")?;
+    assert!(guest.has_disk("data").await, "KubeVirt kept it plugged");
+
+    // Leaving it for good with the disk idle: released, then unplugged by KubeVirt, the data intact.
+    strategy(serde_json::Value::Null).await.context("leaving Migration with an idle disk")?;
+    guest.wait_unplugged("data", Duration::from_secs(60)).await?;
+    let vmi = vmis(&admin).get("vm1").await?;
+    assert!(!vmi.data["spec"]["volumes"].to_string().contains("pvc-data"), "KubeVirt unplugged it");
+    let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
+    guest.run_ok(&format!("mount {dev} /mnt/g")).await?;
+    assert_eq!(guest.checksum("/mnt/g/data").await?, sum, "the data is intact");
     Ok(())
 }

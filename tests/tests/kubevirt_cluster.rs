@@ -881,3 +881,99 @@ async fn virt_api_answers_volume_requests_as_kubevirt_does() -> Result<()> {
     assert!(!lab.guest.has_disk("data3").await, "the guest never gets data3");
     Ok(())
 }
+
+/// The core Events of VMI `vmi` in NS: (reason, message, source component), oldest first.
+async fn vmi_events(lab: &Lab, vmi: &str) -> Result<Vec<(String, String, String)>> {
+    let events: Api<DynamicObject> =
+        Api::namespaced_with(lab.cluster.client(ADMIN).await?, NS, &dynamic("Event", "", "events"));
+    let field = |e: &DynamicObject, path: &[&str]| {
+        path.iter().fold(&e.data, |v, k| &v[k]).as_str().unwrap_or_default().to_string()
+    };
+    Ok(events
+        .list(&Default::default())
+        .await?
+        .into_iter()
+        .filter(|e| e.data["involvedObject"]["name"] == vmi)
+        .map(|e| (field(&e, &["reason"]), field(&e, &["message"]), field(&e, &["source", "component"])))
+        .collect())
+}
+
+/// Issue 29, items 5 and 10. The lab records the Events KubeVirt v1.9 records for a hot-plug and an unplug
+/// (virt-controller's attachment Pod created and deleted, virt-handler's phase changes) and never `VolumeUnplugged`,
+/// which virt-handler emits only for a status entry it drops itself, which it never does; nothing of ours waits for
+/// it. A VMI with `disableHotplug` has no hot-plug directory in its virt-launcher Pod: a volume plugged into its VM's
+/// template stays AttachedToNode with `SyncFailed` events (the lab as KubeVirt), and the companion refuses to attach
+/// there at all, changing nothing, instead of waiting for a disk that never comes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lab_records_kubevirts_events_and_a_vmi_without_hotplug_gets_nothing() -> Result<()> {
+    let lab = lab(HotplugMode::Declarative).await?;
+    lab.attach_data1().await?;
+    let out = lab.ctl(&["-o", "json", "detach", "data1", "--timeout", "60"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The attachment Pod is deleted once the volume is unmounted from virt-launcher: wait for that Event.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let events = loop {
+        let events = vmi_events(&lab, "vm1").await?;
+        if events.iter().any(|(reason, ..)| reason == "SuccessfulDelete") {
+            break events;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no SuccessfulDelete: {events:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let has = |reason: &str, message: &str, component: &str| {
+        events.iter().any(|(r, m, c)| r == reason && m.starts_with(message) && c == component)
+    };
+    assert!(has("SuccessfulCreate", "Created attachment pod hp-volume-", "virtualmachine-controller"), "{events:#?}");
+    assert!(has("VolumeMountedToPod", "Volume data1 has been mounted in virt-launcher pod", "virt-handler"));
+    assert!(has("VolumeReady", "Successfully attach hotplugged volume data1 to VM", "virt-handler"));
+    assert!(has("VolumeUnMountedFromPod", "Volume data1 has been unmounted from virt-launcher pod", "virt-handler"));
+    assert!(has("SuccessfulDelete", "Deleted attachment pod hp-volume-", "virtualmachine-controller"));
+    assert!(!events.iter().any(|(r, ..)| r == "VolumeUnplugged"), "{events:#?}");
+
+    // disableHotplug: the companion refuses before anything changes.
+    lab.kubevirt.create_vm_without_hotplug("vm2", "10.0.2.15").await?;
+    lab.kubevirt.create_claim("pvc-b", &lab.guest.new_image(16 << 20)?).await?;
+    let received = lab.kubevirt.received().len();
+    let out =
+        lab.ctl_on(COMPANION, "vm2", &["-o", "json", "attach", "data2", "--claim", "pvc-b", "--timeout", "20"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let error = json_of(&out)?["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("VMI ns1/vm2 has spec.domain.devices.disableHotplug: true"), "{error}");
+    assert!(error.contains("nothing was changed"), "{error}");
+    assert_eq!(lab.kubevirt.received().len(), received, "no addvolume was sent");
+    let vm2 = lab.object("VirtualMachine", "virtualmachines", "vm2").await?;
+    assert!(!template_volumes(&vm2).contains(&"data2".to_string()), "{vm2}");
+
+    // The lab as KubeVirt: a volume someone else puts into the template reaches the VMI and an attachment Pod, but
+    // never the guest.
+    let vms: Api<DynamicObject> = Api::namespaced_with(
+        lab.cluster.client(ADMIN).await?,
+        NS,
+        &dynamic("VirtualMachine", "kubevirt.io", "virtualmachines"),
+    );
+    let add = json!([
+        {"op": "add", "path": "/spec/template/spec/volumes/-",
+         "value": {"name": "data2", "persistentVolumeClaim": {"claimName": "pvc-b", "hotpluggable": true}}},
+        {"op": "add", "path": "/spec/template/spec/domain/devices/disks/-",
+         "value": {"name": "data2", "serial": "data2", "disk": {"bus": "scsi"}}},
+    ]);
+    let patch: json_patch::Patch = serde_json::from_value(add)?;
+    vms.patch("vm2", &Default::default(), &kube::api::Patch::<()>::Json(patch)).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let failure = loop {
+        let events = vmi_events(&lab, "vm2").await?;
+        if let Some((_, message, _)) = events.iter().find(|(r, ..)| r == "SyncFailed") {
+            break message.clone();
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no SyncFailed for vm2: {events:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(failure.contains("failed to mount filesystem hotplug volume data2"), "{failure}");
+    assert!(failure.contains("hotplug-disks: no such file or directory"), "{failure}");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let vmi = lab.object("VirtualMachineInstance", "virtualmachineinstances", "vm2").await?;
+    let status = vmi["status"]["volumeStatus"].as_array().and_then(|l| l.iter().find(|s| s["name"] == "data2"));
+    assert_eq!(status.map(|s| s["phase"].clone()), Some(json!("AttachedToNode")), "{vmi}");
+    assert!(!lab.guest.has_disk("data2").await, "nothing reaches the guest");
+    Ok(())
+}

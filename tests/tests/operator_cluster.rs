@@ -156,6 +156,72 @@ async fn a_removed_disk_keeps_its_claim_until_kubevirts_attachment_pod_is_gone()
     Ok(())
 }
 
+/// Issue 29, item 5. KubeVirt hot-plugs nothing for a VM with `updateVolumesStrategy: Migration` (declarative
+/// hot-plug leaves its VMI alone) and nothing into a VMI with `disableHotplug`. Before, a removed disk waited in
+/// `Detaching` for ever (the template lost it, the VMI kept it) with the guest's disk released, and an added disk
+/// waited for a guest that never got it. Now the removal is `DetachBlocked` with KubeVirt's reason, nothing touched,
+/// and goes through by itself once the strategy is gone; the addition says why in its status.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_kubevirt_would_not_hot_plug_is_explained_not_waited_for() -> Result<()> {
+    let (guest, cluster, kubevirt, _images) = operator_lab().await?;
+    let _operator = Operator::start(&cluster, "op-1", guest.agent_port())?;
+    let admin = cluster.client(ADMIN).await?;
+    let api = wukongs(&admin);
+    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let a = json!({"name": "a", "size": "16Mi"});
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
+        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, a]},
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    let w = wait_for(&api, "db", 120, phase_is("a", Phase::Attached)).await?;
+    let serial = volume(&w, "a").map(|v| v.serial.clone()).context("disk a's serial")?;
+    let vms: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), NS, &resource("VirtualMachine", "kubevirt.io", "v1", "virtualmachines"));
+    let strategy = |value: Value| {
+        let vms = vms.clone();
+        async move {
+            let body = json!({"spec": {"updateVolumesStrategy": value}});
+            vms.patch("db-vm", &PatchParams::default(), &Patch::Merge(&body)).await.map(drop)
+        }
+    };
+    strategy(json!("Migration")).await?;
+    set_disks(&api, "db", json!([root])).await?;
+    let explained = |w: &Wukong| {
+        volume(w, "a").is_some_and(|v| {
+            v.phase == Phase::DetachBlocked
+                && v.blockers.iter().any(|b| b.contains("VM ns1/db-vm has spec.updateVolumesStrategy: Migration"))
+        })
+    };
+    wait_for(&api, "db", 60, explained).await?;
+    let vm = object(&admin, "VirtualMachine", "kubevirt.io", "virtualmachines", "db-vm").await?.context("db-vm")?;
+    assert!(template_volumes(&vm).contains(&"a".to_string()), "the VM's spec is untouched");
+    let state = guest.agent().get_disk(&serial, false).await?.state();
+    assert_eq!(state, wukong_proto::v1::DiskState::Present, "the guest was not asked to release it");
+    // The strategy goes: the refusal's retry (15 s) detaches it.
+    strategy(Value::Null).await?;
+    wait_for(&api, "db", 90, |w| volume(w, "a").is_none()).await?;
+    guest.wait_unplugged(&serial, Duration::from_secs(30)).await?;
+
+    // A VMI without hot-plug: the added disk says why it is not plugged.
+    kubevirt.create_vm_without_hotplug("cold-vm", "127.0.0.1").await?;
+    let cold: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "cold"},
+        "spec": {"cpu": 1, "memory": "1Gi", "vmName": "cold-vm", "disks": [root, {"name": "b", "size": "16Mi"}]},
+    }))?;
+    api.create(&PostParams::default(), &cold).await?;
+    let refused = |w: &Wukong| {
+        volume(w, "b").is_some_and(|v| {
+            v.phase == Phase::Attaching
+                && v.message.as_deref().is_some_and(|m| m.contains("has spec.domain.devices.disableHotplug: true"))
+        })
+    };
+    wait_for(&api, "cold", 60, refused).await?;
+    let vm = object(&admin, "VirtualMachine", "kubevirt.io", "virtualmachines", "cold-vm").await?.context("cold-vm")?;
+    assert!(!template_volumes(&vm).contains(&"b".to_string()), "nothing was added to the VM's spec");
+    Ok(())
+}
+
 /// Add a disk: claim, hot-plug, `Attached` with the guest's device. Remove it while a writer holds it: refused,
 /// `DetachBlocked` with the writer's pid, nothing touched; the writer stops: detached on its own within the
 /// backoff, the claim kept (`preserveData`), the data intact on re-attach. The system disk is never detached; a
