@@ -159,8 +159,9 @@ async fn a_service_reaches_its_pod_from_the_host_and_the_api_server_calls_a_webh
         &admin,
         &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "webhook", "namespace": NS},
                 "spec": {"selector": {"app": "webhook"},
-                         "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT},
-                                   {"name": "https", "port": 443, "targetPort": WEBHOOK_PORT}]}}),
+                         // 1.20's server-side apply needs `protocol`: it is part of the ports' list-map key.
+                         "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT, "protocol": "TCP"},
+                                   {"name": "https", "port": 443, "targetPort": WEBHOOK_PORT, "protocol": "TCP"}]}}),
     )
     .await?;
     let (pod, _) = run_deployment(&admin, &deployment("webhook", json!([]), Some("webhook-tls"))).await?;
