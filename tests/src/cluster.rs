@@ -405,10 +405,11 @@ impl Drop for Cluster {
     }
 }
 
-/// Applies `document` (of any kind the server serves) with server-side apply, as `kubectl apply --server-side`
-/// does; returns the object as stored.
+/// Creates `document` (of any kind the server serves), or merges it into the object when it exists, as
+/// `kubectl apply` does; returns the object as stored. Not server-side apply: on 1.20 that refuses Service and
+/// container ports without `protocol` (part of their list key), which manifests leave to the defaults.
 pub async fn apply(client: &kube::Client, document: &serde_json::Value) -> Result<kube::api::DynamicObject> {
-    use kube::api::{Api, GroupVersionKind, Patch, PatchParams};
+    use kube::api::{Api, GroupVersionKind, Patch, PatchParams, PostParams};
     use kube::discovery::{Scope, pinned_kind};
     let (api_version, kind) = (document["apiVersion"].as_str().unwrap_or_default(), document["kind"].as_str());
     let kind = kind.with_context(|| format!("a document without a kind: {document}"))?;
@@ -424,9 +425,13 @@ pub async fn apply(client: &kube::Client, document: &serde_json::Value) -> Resul
         }
         Scope::Cluster => Api::all_with(client.clone(), &resource),
     };
-    api.patch(name, &PatchParams::apply("wukong-lab").force(), &Patch::Apply(document))
-        .await
-        .with_context(|| format!("applying the {kind} {name}"))
+    match api.create(&PostParams::default(), &serde_json::from_value(document.clone())?).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(document)).await
+        }
+        created => created,
+    }
+    .with_context(|| format!("applying the {kind} {name}"))
 }
 
 /// Creates `documents` (namespaces, service accounts, CRDs and RBAC, as deploy/ and KubeVirt's manifests hold them)

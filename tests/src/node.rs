@@ -97,8 +97,10 @@ pub fn lab_images() -> Result<LabImages> {
     let dir = crate::target_dir().join("wukong-lab").join("pod-images");
     let binary = crate::profile_binary("wukong-lab-pod");
     if !binary.is_file() {
-        bail!("{} does not exist; `cargo test -p wukong-e2e` builds it (or cargo build -p wukong-e2e --bins)",
-              binary.display());
+        bail!(
+            "{} does not exist; `cargo test -p wukong-e2e` builds it (or cargo build -p wukong-e2e --bins)",
+            binary.display()
+        );
     }
     crate::build_if_stale(&dir.join("pod.tar"), Some(&binary), "build-pod-images.sh", &[&dir, &binary])?;
     Ok(LabImages { pause: dir.join("pause.tar"), pod: dir.join("pod.tar") })
@@ -215,10 +217,9 @@ impl Node {
         };
         node.guard_egress()?;
         run("ip", &["addr", "add", &format!("{NODE_ADDRESS}/32"), "dev", "lo"])?;
-        let identities =
-            [(CONTROLLER_MANAGER, ""), (SCHEDULER, ""), (PROXY, ""), (KUBELET, "system:nodes")];
-        let cluster = Cluster::start_with(users, Some(NodeApi { address: NODE_ADDRESS, identities: &identities }))
-            .await?;
+        let identities = [(CONTROLLER_MANAGER, ""), (SCHEDULER, ""), (PROXY, ""), (KUBELET, "system:nodes")];
+        let cluster =
+            Cluster::start_with(users, Some(NodeApi { address: NODE_ADDRESS, identities: &identities })).await?;
         node.cluster = Some(cluster);
         node.timings.api_server_ready = started.elapsed();
         node.start_control_plane()?;
@@ -526,18 +527,19 @@ state = "{d}/state"
         }
         for (name, value) in &self.before.sysctls {
             let path = Path::new("/proc/sys").join(name);
-            if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != value) {
-                if let Err(e) = std::fs::write(&path, value) {
-                    errors.push(format!("restoring {name} to {value}: {e}"));
-                }
+            if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != value)
+                && let Err(e) = std::fs::write(&path, value)
+            {
+                errors.push(format!("restoring {name} to {value}: {e}"));
             }
         }
         for (path, existed) in &self.before.paths {
             let path = Path::new(path);
-            if !existed && path.exists() {
-                if let Err(e) = std::fs::remove_dir_all(path) {
-                    errors.push(format!("removing {}: {e}", path.display()));
-                }
+            if !existed
+                && path.exists()
+                && let Err(e) = std::fs::remove_dir_all(path)
+            {
+                errors.push(format!("removing {}: {e}", path.display()));
             }
         }
         for e in &errors {
@@ -614,12 +616,7 @@ fn lo_has_node_address() -> bool {
 /// leaves the kubelet's).
 fn lab_chains(tool: &str, table: &str) -> Result<Vec<String>> {
     let rules = output(tool, &["-t", table, "-S"])?;
-    Ok(rules
-        .lines()
-        .filter_map(|l| l.strip_prefix("-N "))
-        .filter(|c| is_lab_chain(c))
-        .map(str::to_string)
-        .collect())
+    Ok(rules.lines().filter_map(|l| l.strip_prefix("-N ")).filter(|c| is_lab_chain(c)).map(str::to_string).collect())
 }
 
 fn is_lab_chain(chain: &str) -> bool {
@@ -637,15 +634,15 @@ fn remove_lab_state() -> Result<()> {
             }
         }
     }
-    if Path::new("/sys/class/net").join(BRIDGE).exists() {
-        if let Err(e) = run("ip", &["link", "del", BRIDGE]) {
-            failures.push(format!("{e:#}"));
-        }
+    if Path::new("/sys/class/net").join(BRIDGE).exists()
+        && let Err(e) = run("ip", &["link", "del", BRIDGE])
+    {
+        failures.push(format!("{e:#}"));
     }
-    if lo_has_node_address() {
-        if let Err(e) = run("ip", &["addr", "del", &format!("{NODE_ADDRESS}/32"), "dev", "lo"]) {
-            failures.push(format!("{e:#}"));
-        }
+    if lo_has_node_address()
+        && let Err(e) = run("ip", &["addr", "del", &format!("{NODE_ADDRESS}/32"), "dev", "lo"])
+    {
+        failures.push(format!("{e:#}"));
     }
     for cgroup in kubepods_cgroups() {
         if let Err(e) = remove_cgroup(&cgroup) {
@@ -861,7 +858,10 @@ mod tests {
             split_rule(rule),
             ["KUBE-SERVICES", "-m", "comment", "--comment", r#"kubernetes service "portals""#, "-j", "KUBE-MARK-MASQ"]
         );
-        assert_eq!(split_rule(r#"OUTPUT -m comment --comment "" -j X"#), ["OUTPUT", "-m", "comment", "--comment", "", "-j", "X"]);
+        assert_eq!(
+            split_rule(r#"OUTPUT -m comment --comment "" -j X"#),
+            ["OUTPUT", "-m", "comment", "--comment", "", "-j", "X"]
+        );
     }
 
     #[test]

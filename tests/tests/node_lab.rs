@@ -64,7 +64,8 @@ fn deployment(name: &str, env: Value, tls: Option<&str>) -> Value {
     });
     if let Some(secret) = tls {
         pod["volumes"] = json!([{"name": "tls", "secret": {"secretName": secret}}]);
-        pod["containers"][0]["volumeMounts"] = json!([{"name": "tls", "mountPath": lab_pod::TLS_DIR, "readOnly": true}]);
+        pod["containers"][0]["volumeMounts"] =
+            json!([{"name": "tls", "mountPath": lab_pod::TLS_DIR, "readOnly": true}]);
     }
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NS},
@@ -92,8 +93,7 @@ async fn report(admin: &kube::Client, pod: &str) -> Result<BTreeMap<String, Stri
 /// GET / over plain HTTP; returns the body.
 async fn http_get(address: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(address)).await??;
+    let mut stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(address)).await??;
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
@@ -159,9 +159,8 @@ async fn a_service_reaches_its_pod_from_the_host_and_the_api_server_calls_a_webh
         &admin,
         &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "webhook", "namespace": NS},
                 "spec": {"selector": {"app": "webhook"},
-                         // 1.20's server-side apply needs `protocol`: it is part of the ports' list-map key.
-                         "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT, "protocol": "TCP"},
-                                   {"name": "https", "port": 443, "targetPort": WEBHOOK_PORT, "protocol": "TCP"}]}}),
+                         "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT},
+                                   {"name": "https", "port": 443, "targetPort": WEBHOOK_PORT}]}}),
     )
     .await?;
     let (pod, _) = run_deployment(&admin, &deployment("webhook", json!([]), Some("webhook-tls"))).await?;
@@ -174,7 +173,10 @@ async fn a_service_reaches_its_pod_from_the_host_and_the_api_server_calls_a_webh
         match http_get(&format!("{cluster_ip}:80")).await {
             Ok(body) => break body,
             Err(e) if started.elapsed() > SYNC_TIMEOUT => {
-                bail!("the Service's ClusterIP {cluster_ip}:80 never answered: {e:#}; kube-proxy: {}", node.log("kube-proxy"))
+                bail!(
+                    "the Service's ClusterIP {cluster_ip}:80 never answered: {e:#}; kube-proxy: {}",
+                    node.log("kube-proxy")
+                )
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
@@ -242,11 +244,8 @@ async fn the_egress_guard_drops_what_would_leave_the_lab() -> Result<()> {
     // Each connect's SYN and at least one retransmission within the Pod's 3 s.
     assert!(forwarded >= 4, "the FORWARD guard dropped {forwarded} packets");
 
-    let host = tokio::time::timeout(
-        Duration::from_secs(3),
-        tokio::net::TcpStream::connect((METADATA_ADDRESS, 80)),
-    )
-    .await;
+    let host =
+        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((METADATA_ADDRESS, 80))).await;
     assert!(!matches!(host, Ok(Ok(_))), "the host connected to {METADATA_ADDRESS}");
     assert!(node.dropped(OUTPUT_GUARD)? >= 1, "the OUTPUT guard dropped nothing");
     Ok(())
