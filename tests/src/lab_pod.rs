@@ -36,6 +36,11 @@ pub fn report_name(pod: &str) -> String {
     format!("report-{pod}")
 }
 
+/// The line the Pod prints once its report is written.
+pub fn reported(pod: &str) -> String {
+    format!("{pod} created {}", report_name(pod))
+}
+
 /// Reports, then serves until killed.
 pub async fn run() -> Result<()> {
     let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set; set it in the Pod spec"));
@@ -70,6 +75,8 @@ pub async fn run() -> Result<()> {
         .create(&PostParams::default(), &map)
         .await
         .context("creating the report through the kubernetes Service with the ServiceAccount token")?;
+    // What `kubectl logs` shows: the API server fetches it from the kubelet.
+    println!("{}", reported(&pod));
 
     let http = tokio::spawn(serve_name(pod.clone()));
     let tls = std::path::Path::new(TLS_DIR);

@@ -451,12 +451,13 @@ state = "{d}/state"
                 .arg(format!("--volume-plugin-dir={}", flex.display()))
                 .arg(format!("--seccomp-profile-root={}", seccomp.display()))
                 .arg(format!("--pod-infra-container-image={PAUSE_IMAGE}"))
+                // The default -999 for itself needs CAP_SYS_RESOURCE, which root lacks here (see restrict_oom_score_adj).
                 .args(["--read-only-port=0", "--healthz-bind-address=127.0.0.1", "--oom-score-adj=0"])
                 // The lab's disk is shared and often nearly full: no eviction and no image garbage collection.
                 .arg("--eviction-hard=memory.available<50Mi,nodefs.available<1%,imagefs.available<1%")
                 .args(["--image-gc-high-threshold=100", "--image-gc-low-threshold=99"]),
         )?;
-        // --conntrack-*=0 leaves the kernel's conntrack settings alone.
+        // --conntrack-*=0 leaves the kernel's conntrack settings alone; --oom-score-adj as the kubelet's.
         self.spawn(
             "kube-proxy",
             Command::new(bin.join("kube-proxy"))

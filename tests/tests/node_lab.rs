@@ -135,9 +135,12 @@ async fn a_deployment_from_a_local_image_runs_as_its_pod_spec_says_and_reaches_t
         .context("the audit log has no create of the Pod's report")?;
     assert_eq!(writer.user.username, format!("system:serviceaccount:{NS}:{ACCOUNT}"));
     assert_eq!(writer.code(), 201);
-    let spec = Api::<Pod>::namespaced(admin.clone(), NS).get(&pod).await?.spec.unwrap_or_default();
-    let volumes = serde_json::to_value(&spec.volumes)?;
+    let pods = Api::<Pod>::namespaced(admin.clone(), NS);
+    let volumes = serde_json::to_value(pods.get(&pod).await?.spec.unwrap_or_default().volumes)?;
     assert!(volumes.to_string().contains(&format!("{ACCOUNT}-token-")), "no token volume: {volumes}");
+    // The API server reaches the kubelet (`kubectl logs`), at the node's InternalIP.
+    let logs = pods.logs(&pod, &Default::default()).await?;
+    assert!(logs.contains(&lab_pod::reported(&pod)), "the Pod's log: {logs}");
     Ok(())
 }
 
