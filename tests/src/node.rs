@@ -9,6 +9,21 @@
 //! a second [`Node::start`] (another test thread, or another test binary) waits for it. Before the first kubelet
 //! start an egress guard drops everything sent to the cloud metadata address and everything between the Pods'
 //! bridge and any other interface. Dropping the node stops everything in order and removes what it made.
+//!
+//! ```no_run
+//! # async fn f() -> anyhow::Result<()> {
+//! use wukong_e2e::{cluster, node};
+//! let node = node::Node::start(&[]).await?; // etcd, API server, node Ready (about 21 s)
+//! node.import_image(std::path::Path::new("image.oci.tar"))?; // then `imagePullPolicy: IfNotPresent` or `Never`
+//! let admin = node.client(cluster::ADMIN).await?;
+//! let document = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lab"}});
+//! cluster::apply(&admin, &document).await?; // any kind: created, or merged into what exists
+//! node::wait_for_pods(&admin, "lab", "app=x", 1, std::time::Duration::from_secs(120)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Pods reach the host only at [`NODE_ADDRESS`] (never 127.0.0.1): a host server a Pod must call binds there.
+//! The bridge plugin enforces no NetworkPolicy.
 
 use crate::cluster::{Cluster, NodeApi};
 use anyhow::{Context, Result, bail};
