@@ -128,6 +128,18 @@ impl AuditEvent {
     }
 }
 
+/// What the API server of a cluster with a node needs beyond the loopback-only default (see `crate::node`).
+pub(crate) struct NodeApi<'a> {
+    /// The address it binds and advertises (an extra /32 on `lo`): Pods reach it there through the `kubernetes`
+    /// Service, and the kubelet registers with it.
+    pub address: std::net::Ipv4Addr,
+    /// The control plane's and the node's identities, with their groups (`system:nodes` for the kubelet).
+    pub identities: &'a [(&'a str, &'a str)],
+}
+
+/// The `kubernetes` Service's ClusterIP: the first address of `--service-cluster-ip-range`.
+pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
+
 /// A running etcd + kube-apiserver pair on loopback. Stopped (and its files removed) when dropped.
 pub struct Cluster {
     etcd: Child,
@@ -143,6 +155,13 @@ pub struct Cluster {
 impl Cluster {
     /// Starts etcd and the API server with an admin and the given least-privileged users (no rights until bound).
     pub async fn start(users: &[&str]) -> Result<Self> {
+        Self::start_with(users, None).await
+    }
+
+    /// Starts it for a node when `node` is given: bound to the node's address, with a serving certificate Pods
+    /// accept, the `kubernetes` Service's endpoints kept, ServiceAccount tokens mounted into Pods, and the Node
+    /// authorizer for the kubelet.
+    pub(crate) async fn start_with(users: &[&str], node: Option<NodeApi<'_>>) -> Result<Self> {
         let started = Instant::now();
         let bin = kube_bin_dir();
         for tool in ["etcd", "kube-apiserver"] {
@@ -159,7 +178,13 @@ impl Cluster {
 
         let ca = Ca::new("wukong lab cluster CA")?;
         write("ca.crt", &ca.pem)?;
-        let serving = ca.leaf("kube-apiserver", &["127.0.0.1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth)?;
+        let address = node.as_ref().map_or("127.0.0.1".to_string(), |n| n.address.to_string());
+        let mut names = vec!["127.0.0.1", "localhost"];
+        if node.is_some() {
+            // Pods dial the `kubernetes` Service (KUBERNETES_SERVICE_HOST is its ClusterIP), the kubelet the address.
+            names.extend([address.as_str(), KUBERNETES_SERVICE_IP, "kubernetes.default.svc"]);
+        }
+        let serving = ca.leaf("kube-apiserver", &names, ExtendedKeyUsagePurpose::ServerAuth)?;
         write("apiserver.crt", &serving.cert)?;
         write("apiserver.key", &serving.key)?;
         let front_proxy = Ca::new("wukong lab front-proxy CA")?;
@@ -200,9 +225,12 @@ impl Cluster {
 
         let mut tokens = BTreeMap::new();
         let mut token_file = String::new();
-        for (n, user) in std::iter::once(ADMIN).chain(users.iter().copied()).enumerate() {
+        let identities = node.as_ref().map_or(&[][..], |n| n.identities);
+        let everyone = std::iter::once((ADMIN, "system:masters"))
+            .chain(users.iter().map(|user| (*user, "wukong:lab")))
+            .chain(identities.iter().copied());
+        for (n, (user, groups)) in everyone.enumerate() {
             let token = format!("{}{n:04}", random_hex());
-            let groups = if user == ADMIN { "system:masters" } else { "wukong:lab" };
             token_file.push_str(&format!("{token},{user},uid-{n},\"{groups}\"\n"));
             tokens.insert(user.to_string(), token);
         }
@@ -232,15 +260,27 @@ impl Cluster {
 
         let port = free_port()?;
         let p = |f: &str| path(f).display().to_string();
-        let apiserver = Command::new(bin.join("kube-apiserver"))
-            .args(["--etcd-servers", &etcd_url, "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+        let mut apiserver = Command::new(bin.join("kube-apiserver"));
+        match node {
+            // Without a node nothing routes to Services and no Pod runs: no endpoints, no token mounts.
+            None => apiserver
+                .args(["--authorization-mode=RBAC", "--endpoint-reconciler-type=none"])
+                .arg("--disable-admission-plugins=ServiceAccount"),
+            // The kubelet reports only an InternalIP: the node's name does not resolve.
+            Some(_) => apiserver
+                .args(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"])
+                .arg("--kubelet-preferred-address-types=InternalIP"),
+        };
+        let apiserver = apiserver
+            .args(["--etcd-servers", &etcd_url])
+            .arg(format!("--bind-address={address}"))
+            .arg(format!("--advertise-address={address}"))
             .arg(format!("--secure-port={port}"))
             .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
             .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
             .arg(format!("--client-ca-file={}", p("ca.crt")))
             .arg(format!("--token-auth-file={}", p("tokens.csv")))
-            .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
-            .args(["--endpoint-reconciler-type=none", "--disable-admission-plugins=ServiceAccount"])
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
             .arg(format!("--service-account-key-file={}", p("sa.pub")))
             .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
@@ -264,7 +304,7 @@ impl Cluster {
         let mut cluster = Self {
             etcd,
             apiserver,
-            url: format!("https://127.0.0.1:{port}"),
+            url: format!("https://{address}:{port}"),
             port,
             etcd_ports,
             tokens,
@@ -325,6 +365,11 @@ impl Cluster {
         Ok(path)
     }
 
+    /// A file of the cluster's: `ca.crt` (the API server's CA), `sa.key` (the ServiceAccount signing key), logs.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     /// The CA file of the API server's client certificate towards webhooks (for `--webhook-client-ca`).
     pub fn webhook_client_ca(&self) -> PathBuf {
         self.dir.path().join("webhook-client-ca.crt")
@@ -358,6 +403,35 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
     }
+}
+
+/// Creates `document` (of any kind the server serves), or merges it into the object when it exists, as
+/// `kubectl apply` does; returns the object as stored. Not server-side apply: on 1.20 that refuses Service and
+/// container ports without `protocol` (part of their list key), which manifests leave to the defaults.
+pub async fn apply(client: &kube::Client, document: &serde_json::Value) -> Result<kube::api::DynamicObject> {
+    use kube::api::{Api, GroupVersionKind, Patch, PatchParams, PostParams};
+    use kube::discovery::{Scope, pinned_kind};
+    let (api_version, kind) = (document["apiVersion"].as_str().unwrap_or_default(), document["kind"].as_str());
+    let kind = kind.with_context(|| format!("a document without a kind: {document}"))?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let (resource, capabilities) = pinned_kind(client, &GroupVersionKind::gvk(group, version, kind))
+        .await
+        .with_context(|| format!("the API server does not serve {kind} in {api_version}"))?;
+    let name = document["metadata"]["name"].as_str().with_context(|| format!("a {kind} without a name"))?;
+    let api = match capabilities.scope {
+        Scope::Namespaced => {
+            let namespace = document["metadata"]["namespace"].as_str().unwrap_or("default");
+            Api::namespaced_with(client.clone(), namespace, &resource)
+        }
+        Scope::Cluster => Api::all_with(client.clone(), &resource),
+    };
+    match api.create(&PostParams::default(), &serde_json::from_value(document.clone())?).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(document)).await
+        }
+        created => created,
+    }
+    .with_context(|| format!("applying the {kind} {name}"))
 }
 
 /// Creates `documents` (namespaces, service accounts, CRDs and RBAC, as deploy/ and KubeVirt's manifests hold them)

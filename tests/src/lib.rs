@@ -7,6 +7,8 @@ pub mod cluster;
 pub mod kubevirt_crds;
 pub mod kubevirt_lab;
 pub mod kubevirt_webhooks;
+pub mod lab_pod;
+pub mod node;
 pub mod operator_lab;
 pub mod pki;
 pub mod ports;
@@ -76,8 +78,8 @@ pub struct Assets {
 }
 
 /// Runs `script` when `product` is missing or older than `newer_than` or the lab scripts. The check and the build
-/// both run under the lab's lock: test binaries share the images, and a guest must never boot from a half-written
-/// one.
+/// both run under the lab's lock: test binaries share the images, and a guest (or a node) must never start from a
+/// half-written one.
 fn build_if_stale(product: &Path, newer_than: Option<&Path>, script: &str, args: &[&Path]) -> Result<()> {
     let dir = target_dir().join("wukong-lab");
     std::fs::create_dir_all(&dir)?;
@@ -102,7 +104,7 @@ fn build_if_stale(product: &Path, newer_than: Option<&Path>, script: &str, args:
         .status()
         .context("cannot run flock")?;
     if !status.success() {
-        bail!("building the guest image failed (scripts/lab/{script}); see the messages above");
+        bail!("building {} failed (scripts/lab/{script}); see the messages above", product.display());
     }
     Ok(())
 }
