@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
-use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
+use wukong_controller_client::agent_client::{AgentAddress, AgentClient, TlsFiles};
 use wukong_controller_client::qmp::{DiskDevice, DiskPlug, QmpClient};
 
 /// Port the agent listens on inside the guest.
@@ -310,6 +310,8 @@ pub struct Guest {
     control_port: u16,
     next_disk: AtomicU32,
     free_ports: std::sync::Mutex<Vec<u32>>,
+    /// The lab's client certificate once the agent serves mutual TLS ([`Guest::serve_agent_tls`]).
+    agent_tls: std::sync::Mutex<Option<TlsFiles>>,
 }
 
 impl Guest {
@@ -409,6 +411,7 @@ impl Guest {
             control_port,
             next_disk: AtomicU32::new(0),
             free_ports: std::sync::Mutex::new((1..=ROOT_PORTS).rev().collect()),
+            agent_tls: std::sync::Mutex::new(None),
         })
     }
 
@@ -472,7 +475,38 @@ impl Guest {
 
     /// A client of the guest's agent.
     pub fn agent(&self) -> AgentClient {
-        AgentClient::connect(self.agent_address()).expect("the lab's agent address is valid")
+        let tls = self.agent_tls.lock().unwrap().clone();
+        AgentClient::connect_with(self.agent_address(), tls.as_ref()).expect("the lab's agent address is valid")
+    }
+
+    /// Restarts the guest's agent serving mutual TLS as a real deployment has it: `pki`'s agent certificate (DNS
+    /// `wukong-agent`), clients of `pki`'s CA only. The lab's own client (`agent()`) then presents `client`'s
+    /// certificate.
+    pub async fn serve_agent_tls(&self, pki: &pki::Pki, client: &str) -> Result<()> {
+        let mut script = String::from("mkdir -p /etc/wukong/tls\n");
+        for (file, name) in [("agent.crt", "tls.crt"), ("agent.key", "tls.key"), ("ca.crt", "ca.crt")] {
+            let pem = std::fs::read_to_string(pki.path(file))?;
+            script.push_str(&format!("cat > /etc/wukong/tls/{name} <<'PEM'\n{pem}PEM\n"));
+        }
+        script.push_str(
+            "kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done\n\
+             setsid wukong-agent --listen 0.0.0.0:7443 --tls-cert /etc/wukong/tls/tls.crt --tls-key \
+             /etc/wukong/tls/tls.key --tls-client-ca /etc/wukong/tls/ca.crt </dev/null >>/var/log/wukong-agent.log \
+             2>&1 &\n",
+        );
+        self.run_ok(&script).await?;
+        *self.agent_tls.lock().unwrap() = Some(pki.client(client));
+        self.wait_for_agent(Duration::from_secs(30)).await
+    }
+
+    /// Forwards `address`:7443 on the host to the guest's agent too (QEMU's `hostfwd_add`), where Pods on the lab's
+    /// node reach it: a VMI that reports `address` as its pod network's IP is then reached as in a cluster.
+    pub async fn forward_agent(&self, address: std::net::Ipv4Addr) -> Result<()> {
+        let rule = format!("hostfwd_add n0 tcp:{address}:{GUEST_AGENT_PORT}-:{GUEST_AGENT_PORT}");
+        let reply = self.qmp.execute("human-monitor-command", Some(serde_json::json!({"command-line": rule}))).await?;
+        let said = reply.as_str().unwrap_or_default();
+        anyhow::ensure!(said.trim().is_empty(), "QEMU refused to forward {address}:{GUEST_AGENT_PORT}: {said}");
+        Ok(())
     }
 
     /// Runs a shell script in the guest (busybox sh) and returns its output and exit status.
