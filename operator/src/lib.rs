@@ -61,6 +61,8 @@ pub enum Error {
     ClientCa(PathBuf),
     #[error(transparent)]
     Ledger(#[from] Box<ledger::LedgerError>),
+    #[error("the admission webhook stopped serving ({0}); exiting so that the replica is restarted")]
+    WebhookStopped(String),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -77,7 +79,7 @@ impl Error {
             Error::Ledger(_) => "ledger",
             Error::ClaimsInUse { .. } => "claims_in_use",
             Error::Lease(_) | Error::LostLease(_) => "lease",
-            Error::Listen { .. } | Error::Certificate(_) | Error::ClientCa(_) => "listen",
+            Error::Listen { .. } | Error::Certificate(_) | Error::ClientCa(_) | Error::WebhookStopped(_) => "listen",
         }
     }
 }

@@ -499,7 +499,7 @@ pub async fn serve(
     client_auth: Option<ClientAuth>,
     guard: Arc<Guard>,
     health: Arc<Health>,
-) -> Result<()> {
+) -> Result<std::convert::Infallible> {
     let certificates = Arc::new(Certificates { dir: cert_dir.clone(), current: Mutex::default(), health });
     if certificates.get().is_none() {
         return Err(Error::Certificate(cert_dir));
@@ -514,7 +514,8 @@ pub async fn serve(
     .with_cert_resolver(certificates);
     let names = Arc::new(client_auth.map(|a| a.names).unwrap_or_default());
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    while let Ok((stream, peer)) = listener.accept().await {
+    loop {
+        let (stream, peer) = listener.accept().await.map_err(|e| Error::WebhookStopped(e.to_string()))?;
         let (acceptor, guard, names) = (acceptor.clone(), guard.clone(), names.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
@@ -537,7 +538,6 @@ pub async fn serve(
             }
         });
     }
-    Ok(())
 }
 
 async fn handle(
