@@ -4,11 +4,12 @@
 # and prints that path on stdout (progress goes to stderr).
 #
 # Why this way: the image is FROM scratch (operator/Containerfile), so the binary must need nothing from the
-# filesystem: it is linked statically (glibc's crt-static on the gnu target; no musl target is installed here)
+# filesystem: it is linked statically (glibc's crt-static on the gnu target: the toolchain has no musl target)
 # in its own target directory (target/wukong-image/cargo), so the workspace's debug build is not invalidated.
 # buildah assembles the image with the vfs driver and private storage under target/, as root, with no daemon.
 # Reproducible: every timestamp (the config's `created`, the history, the files' mtimes) is the commit's time
-# (or SOURCE_DATE_EPOCH), and source paths are remapped, so one commit gives one digest on any machine.
+# (or SOURCE_DATE_EPOCH), and source paths are remapped: one commit gives one digest (tests/tests/operator_image.rs
+# builds it twice and compares).
 #
 #   scripts/build-image.sh [--out DIR]      DIR defaults to target/wukong-image
 # A release pushes the archive as it is, e.g.
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
       out=$(mkdir -p "$2" && cd "$2" && pwd)
       shift 2
       ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "build-image: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -103,7 +103,7 @@ fn run_install(work: &Path) -> Result<Installed> {
     std::os::unix::fs::symlink(workspace_root().join("deploy"), work.join("deploy"))?;
     std::fs::create_dir(work.join("bin"))?;
     std::fs::write(work.join("bin/kubectl"), KUBECTL)?;
-    Command::new("chmod").arg("+x").arg(work.join("bin/kubectl")).status()?;
+    std::fs::set_permissions(work.join("bin/kubectl"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let path = format!("{}:{}", work.join("bin").display(), std::env::var("PATH").unwrap_or_default());
     let output = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &block])
