@@ -71,8 +71,8 @@ pub async fn run(
             }
         }
     });
-    // The webhook never ends while the replica runs: if it does (it failed, or panicked), the process exits, since
-    // a replica in the Service that answers no review is worse than a restart.
+    // The webhook never ends while the replica runs (it fails only at start, on its certificate): if it does anyway
+    // (a panic), the process exits, since a replica in the Service that answers no review is worse than a restart.
     let result = tokio::select! {
         result = lead(client, config, metrics, &health, shutdown) => result,
         Some(ended) = async { match webhook.as_mut() { Some(task) => Some(task.await), None => None } } => {

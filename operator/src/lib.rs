@@ -61,7 +61,7 @@ pub enum Error {
     ClientCa(PathBuf),
     #[error(transparent)]
     Ledger(#[from] Box<ledger::LedgerError>),
-    #[error("the admission webhook stopped serving ({0}); exiting so that the replica is restarted")]
+    #[error("the admission webhook's server panicked ({0}); exiting so that the replica is restarted")]
     WebhookStopped(String),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },

@@ -515,7 +515,19 @@ pub async fn serve(
     let names = Arc::new(client_auth.map(|a| a.names).unwrap_or_default());
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     loop {
-        let (stream, peer) = listener.accept().await.map_err(|e| Error::WebhookStopped(e.to_string()))?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // As hyper's and axum's servers do: a connection that failed before it was accepted is that
+            // connection's affair; running out of file descriptors or memory passes, so wait rather than spin or
+            // stop serving (a webhook that stopped accepting would leave this replica in the Service, answering no
+            // review).
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "the admission webhook cannot accept connections; retrying in a second");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let (acceptor, guard, names) = (acceptor.clone(), guard.clone(), names.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
@@ -538,6 +550,11 @@ pub async fn serve(
             }
         });
     }
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset)
 }
 
 async fn handle(

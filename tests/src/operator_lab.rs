@@ -218,6 +218,11 @@ impl Operator {
         self.child.id()
     }
 
+    /// Where it serves the admission guard, when it does.
+    pub fn webhook_address(&self) -> Option<&str> {
+        self.webhook.as_deref()
+    }
+
     /// Its exit status, once it has exited.
     pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
         Ok(self.child.try_wait()?)

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, template_volumes};
-use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
+use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, post_review, start_guarded};
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{Guest, HostAgent};
 use wukong_operator::crd::{Phase, Wukong};
@@ -541,5 +541,42 @@ async fn a_leader_that_cannot_renew_its_lease_fails_its_liveness_probe_and_a_sta
         assert!(Instant::now() < deadline, "no replica leads and is alive a minute after the API server came back");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    Ok(())
+}
+
+/// The admission guard outlives running out of file descriptors: while the process is at its limit the webhook
+/// cannot accept connections (it says so and tries again a second later), and once descriptors are free it answers
+/// reviews again. A webhook that stopped accepting would leave the replica in the Service answering nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guard_serves_again_after_the_process_ran_out_of_file_descriptors() -> Result<()> {
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    install_operator(&cluster).await?;
+    let operator = start_guarded(&cluster, "fds", 1, &[]).await?;
+    assert!(post_review(&operator, &json!({})).await.is_ok(), "the guard answers before");
+    let pid = operator.pid().to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    // The soft limit only, so that it can be given back.
+    let prlimit = |args: &[&str]| std::process::Command::new("prlimit").args(["--pid", &pid]).args(args).output();
+    let soft = String::from_utf8(prlimit(&["--nofile", "--output=SOFT", "--noheadings"])?.stdout)?;
+    let limit = |n: &str| {
+        anyhow::ensure!(prlimit(&[&format!("--nofile={n}:")])?.status.success(), "prlimit --nofile={n}: failed");
+        Ok(())
+    };
+    limit(&(open + 4).to_string())?;
+    let address = operator.webhook_address().context("a webhook")?;
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(tokio::net::TcpStream::connect(address).await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !operator.log().contains("the admission webhook cannot accept connections; retrying in a second") {
+        assert!(Instant::now() < deadline, "the operator never ran out of descriptors: {}", operator.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+    limit(soft.trim())?;
+    let (code, body) = post_review(&operator, &json!({})).await.context("the guard after the descriptors came back")?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("the body is not an admission.k8s.io/v1 AdmissionReview"), "answered as before: {body}");
     Ok(())
 }
