@@ -35,6 +35,8 @@ grep -q '__libc_start_main@GLIBC_2\.3[0-9]* is newer than GLIBC_2\.17' "$fixture
   exit 1
 }
 rm -rf "$fixture"
+echo "== wukong-operator's image (static binary, OCI archive under target/wukong-image)"
+bash scripts/build-image.sh
 echo "== binaries the end-to-end tests run (cargo test builds a package's binaries only for its own tests)"
 cargo build --workspace --locked --bins
 echo "== cargo test"

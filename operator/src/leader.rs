@@ -7,13 +7,19 @@ use crate::server::{self, Health};
 use crate::webhook::Guard;
 use crate::{Config, Error, MANAGER, Result};
 use futures::FutureExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use kube_lease_manager::LeaseManagerBuilder;
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Seconds a Lease stays valid without renewal, and how early its holder renews it.
 const LEASE_SECONDS: u64 = 15;
 const LEASE_GRACE_SECONDS: u64 = 5;
+/// How often the leader reads its Lease back to see its renewals stored (for `/healthz`).
+const LEASE_CHECK_SECONDS: u64 = 5;
 
 /// Runs the operator until `shutdown` completes: probes and metrics at once, the controller while this replica
 /// holds the Lease. Returns an error when the Lease is lost.
@@ -65,9 +71,17 @@ pub async fn run(
             }
         }
     });
+    // The webhook never ends while the replica runs (it fails only at start, on its certificate): if it does anyway
+    // (a panic), the process exits, since a replica in the Service that answers no review is worse than a restart.
     let result = tokio::select! {
         result = lead(client, config, metrics, &health, shutdown) => result,
-        Some(Ok(Err(e))) = async { match webhook.as_mut() { Some(task) => Some(task.await), None => None } } => Err(e),
+        Some(ended) = async { match webhook.as_mut() { Some(task) => Some(task.await), None => None } } => {
+            Err(match ended {
+                Ok(Ok(never)) => match never {},
+                Ok(Err(e)) => e,
+                Err(panic) => Error::WebhookStopped(panic.to_string()),
+            })
+        }
     };
     match result.is_ok() {
         true => drop(stopping.await),
@@ -113,11 +127,18 @@ async fn lead(
         }
     }
     tracing::info!(identity = %config.identity, lease = %lease_name, "holding the leader lease: reconciling");
+    health.lead(&lease_name, Duration::from_secs(LEASE_SECONDS + LEASE_CHECK_SECONDS));
     let lost = async {
-        while leading.changed().await.is_ok() {
-            if !*leading.borrow() {
-                return;
+        let stepped_down = async {
+            while leading.changed().await.is_ok() {
+                if !*leading.borrow() {
+                    return;
+                }
             }
+        };
+        tokio::select! {
+            () = stepped_down => {}
+            never = watch_renewals(&client, &config, health) => match never {},
         }
     };
     let watch = async {
@@ -144,4 +165,25 @@ async fn lead(
     drop(leading);
     let _ = lease.await;
     outcome
+}
+
+/// Reads this replica's Lease back while it leads and tells `health` of every renewal stored: kube-lease-manager
+/// reports no renewals, and keeps calling this replica the leader while it cannot reach the API server.
+async fn watch_renewals(client: &kube::Client, config: &Config, health: &Health) -> Infallible {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.lease_namespace);
+    let every = Duration::from_secs(LEASE_CHECK_SECONDS);
+    loop {
+        tokio::time::sleep(every).await;
+        // Bounded: a stalled API server must not stall the check with it.
+        match tokio::time::timeout(every, leases.get_opt(&config.lease_name)).await {
+            Ok(Ok(lease)) => {
+                let spec = lease.and_then(|l| l.spec).unwrap_or_default();
+                if spec.holder_identity.as_deref() == Some(config.identity.as_str()) {
+                    spec.renew_time.into_iter().for_each(|at| health.lease_renewed(at.0.into()));
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the leader Lease back"),
+            Err(_) => tracing::debug!(?every, "reading the leader Lease back timed out"),
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! [`plan`] (pure decisions), [`reconcile`] (carrying them out), [`metrics`], [`server`] (metrics and probes),
 //! [`leader`] (one active replica).
 
+pub mod cli;
 pub mod crd;
 #[cfg(test)]
 mod fixtures;
@@ -60,6 +61,8 @@ pub enum Error {
     ClientCa(PathBuf),
     #[error(transparent)]
     Ledger(#[from] Box<ledger::LedgerError>),
+    #[error("the admission webhook's server panicked ({0}); exiting so that the replica is restarted")]
+    WebhookStopped(String),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
 }
@@ -76,7 +79,7 @@ impl Error {
             Error::Ledger(_) => "ledger",
             Error::ClaimsInUse { .. } => "claims_in_use",
             Error::Lease(_) | Error::LostLease(_) => "lease",
-            Error::Listen { .. } | Error::Certificate(_) | Error::ClientCa(_) => "listen",
+            Error::Listen { .. } | Error::Certificate(_) | Error::ClientCa(_) | Error::WebhookStopped(_) => "listen",
         }
     }
 }
@@ -84,8 +87,8 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How the operator reaches guest agents: at each VMI's first interface IP, on `port`, over mutual TLS with the
-/// files of a mounted Secret (re-read on every connection, so a rotated Secret is picked up), or in plaintext
-/// (labs only).
+/// files of a mounted Secret (re-read on every connection, so a rotated Secret is picked up) and the one name all
+/// agents' certificates carry, or in plaintext (labs only).
 #[derive(Debug, Clone)]
 pub struct AgentAccess {
     pub port: u16,
@@ -108,9 +111,11 @@ impl AgentAccess {
         address.parse().and_then(|a| AgentClient::connect_with(a, self.tls.as_ref()))
     }
 
-    /// TLS files from a directory holding a `kubernetes.io/tls` Secret plus its CA: `ca.crt`, `tls.crt`, `tls.key`.
-    pub fn tls_dir(dir: PathBuf, port: u16, server_name: Option<String>) -> Self {
-        let tls = TlsFiles { ca: dir.join("ca.crt"), cert: dir.join("tls.crt"), key: dir.join("tls.key"), server_name };
+    /// TLS files from a directory holding a `kubernetes.io/tls` Secret plus its CA: `ca.crt`, `tls.crt`, `tls.key`;
+    /// every agent's certificate must carry `server_name`.
+    pub fn tls_dir(dir: PathBuf, port: u16, server_name: String) -> Self {
+        let (ca, cert, key) = (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"));
+        let tls = TlsFiles { ca, cert, key, server_name: Some(server_name) };
         Self { port, tls: Some(tls) }
     }
 }

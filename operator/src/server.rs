@@ -1,12 +1,19 @@
-//! The operator's HTTP port: `/metrics` (Prometheus text), `/healthz` (the process serves) and `/readyz` (its
-//! watches are up, as leader or as a standby ready to take over).
+//! The operator's HTTP port: `/metrics` (Prometheus text), `/healthz` (liveness: restarting the process would
+//! help) and `/readyz` (its watches are up, as leader or as a standby ready to take over).
+//!
+//! Liveness after kube-controller-manager's leader-election health check: a replica that leads must still renew
+//! its Lease. One that has not for longer than the Lease lasts (its API server unreachable or its renewals stuck)
+//! may no longer be the only replica acting, and kube-lease-manager keeps calling it the leader until it reaches the
+//! API server again; failing liveness gets it restarted. A standby is never unhealthy for an API outage: restarting
+//! it would not bring the API server back.
 
 use crate::metrics::Metrics;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 
 /// What the probes report: ready once the leader election runs (leader or standby) and, when this replica serves
@@ -17,6 +24,15 @@ pub struct Health {
     webhook_expected: AtomicBool,
     webhook_ready: AtomicBool,
     stopping: AtomicBool,
+    /// While this replica leads: its Lease, how long a renewal lasts, and the last renewal it saw stored.
+    leading: Mutex<Option<Leading>>,
+}
+
+#[derive(Debug, Clone)]
+struct Leading {
+    lease: String,
+    overdue_after: Duration,
+    renewed: SystemTime,
 }
 
 impl Health {
@@ -38,6 +54,34 @@ impl Health {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
+    /// This replica leads on `lease` from now on: it is unhealthy once no renewal has been seen stored for
+    /// `overdue_after`.
+    pub fn lead(&self, lease: &str, overdue_after: Duration) {
+        let leading = Leading { lease: lease.to_string(), overdue_after, renewed: SystemTime::now() };
+        *self.leading.lock().expect("health lock") = Some(leading);
+    }
+
+    /// The API server has this replica's Lease renewed at `at` (its own clock wrote it).
+    pub fn lease_renewed(&self, at: SystemTime) {
+        if let Some(leading) = self.leading.lock().expect("health lock").as_mut() {
+            leading.renewed = leading.renewed.max(at);
+        }
+    }
+
+    /// Why a restart is due, or `None` while alive.
+    pub(crate) fn not_alive(&self) -> Option<String> {
+        let leading = self.leading.lock().expect("health lock").clone()?;
+        let since = SystemTime::now().duration_since(leading.renewed).unwrap_or_default();
+        (since > leading.overdue_after).then(|| {
+            format!(
+                "not alive: this replica leads but its Lease {} has not been renewed for {} s (the API server \
+                 unreachable?); another replica may hold it by now\n",
+                leading.lease,
+                since.as_secs()
+            )
+        })
+    }
+
     pub(crate) fn not_ready(&self) -> Option<&'static str> {
         if self.stopping.load(Ordering::Relaxed) {
             return Some("not ready: shutting down\n");
@@ -53,7 +97,10 @@ impl Health {
 fn respond(request: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
     let (status, kind, body) = match request.uri().path() {
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" => match health.not_alive() {
+            None => (StatusCode::OK, "text/plain", "ok\n".into()),
+            Some(why) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", why),
+        },
         "/readyz" => match health.not_ready() {
             None => (StatusCode::OK, "text/plain", "ok\n".into()),
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why.into()),
@@ -83,5 +130,34 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
                 tracing::debug!(error = %e, "metrics connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_leader_whose_renewals_stopped_is_not_alive() {
+        let health = Health::default();
+        assert_eq!(health.not_alive(), None, "a standby is alive whatever its API server does");
+        health.lease_renewed(SystemTime::now() - Duration::from_secs(3600));
+        assert_eq!(health.not_alive(), None, "a renewal seen by a standby means nothing");
+        health.lead("ns/lease", Duration::from_secs(20));
+        assert_eq!(health.not_alive(), None, "leading from now on");
+        *health.leading.lock().unwrap() = Some(Leading {
+            lease: "ns/lease".into(),
+            overdue_after: Duration::from_secs(20),
+            renewed: SystemTime::UNIX_EPOCH,
+        });
+        let why = health.not_alive().expect("overdue");
+        assert!(
+            why.starts_with("not alive: this replica leads but its Lease ns/lease has not been renewed for "),
+            "{why}"
+        );
+        health.lease_renewed(SystemTime::now());
+        assert_eq!(health.not_alive(), None, "renewed again");
+        health.lease_renewed(SystemTime::UNIX_EPOCH);
+        assert_eq!(health.not_alive(), None, "an older renewal read late does not undo a newer one");
     }
 }

@@ -520,7 +520,7 @@ pub async fn serve(
     client_auth: Option<ClientAuth>,
     guard: Arc<Guard>,
     health: Arc<Health>,
-) -> Result<()> {
+) -> Result<std::convert::Infallible> {
     let certificates = Arc::new(Certificates { dir: cert_dir.clone(), current: Mutex::default(), health });
     if certificates.get().is_none() {
         return Err(Error::Certificate(cert_dir));
@@ -535,7 +535,20 @@ pub async fn serve(
     .with_cert_resolver(certificates);
     let names = Arc::new(client_auth.map(|a| a.names).unwrap_or_default());
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    while let Ok((stream, peer)) = listener.accept().await {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // As hyper's and axum's servers do: a connection that failed before it was accepted is that
+            // connection's affair; running out of file descriptors or memory passes, so wait rather than spin or
+            // stop serving (a webhook that stopped accepting would leave this replica in the Service, answering no
+            // review).
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "the admission webhook cannot accept connections; retrying in a second");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let (acceptor, guard, names) = (acceptor.clone(), guard.clone(), names.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
@@ -558,7 +571,11 @@ pub async fn serve(
             }
         });
     }
-    Ok(())
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset)
 }
 
 async fn handle(

@@ -13,3 +13,7 @@ pub mod serial;
 
 /// Default TCP port of the agent.
 pub const DEFAULT_PORT: u16 = 7443;
+
+/// The name every agent's certificate is issued for (README, "Declarative disks"): one name for all guests, since a
+/// certificate rendered into cloud-init exists before the VM has an address. Clients verify agents against it.
+pub const AGENT_SERVER_NAME: &str = "wukong-agent";

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the host packages the build, the guest lab and the node lab need, on a fresh Debian bookworm machine
-# (buildah writes the node lab's local images, scripts/lab/build-pod-images.sh).
+# (buildah, skopeo and umoci build and check the operator's image without a container daemon, scripts/build-image.sh;
+# buildah also writes the node lab's local images, scripts/lab/build-pod-images.sh).
 # QEMU must come from bookworm-backports: the image's qemu-utils comes from there and bookworm's own
 # qemu-system-x86 (7.2) conflicts with it.
 set -euo pipefail
@@ -8,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=apt.sh
 . "$here/apt.sh"
 
-need_base=(gcc libc6-dev curl buildah libudev-dev pkg-config busybox-static udev kmod e2fsprogs xfsprogs btrfs-progs util-linux fdisk procps psmisc lsof fuse-overlayfs xz-utils lvm2 mdadm dmsetup python3 python3-yaml python3-venv python3-grpcio binutils debootstrap genisoimage)
+need_base=(gcc libc6-dev curl libudev-dev pkg-config busybox-static udev kmod e2fsprogs xfsprogs btrfs-progs util-linux fdisk procps psmisc lsof fuse-overlayfs xz-utils lvm2 mdadm dmsetup python3 python3-yaml python3-venv python3-grpcio binutils debootstrap genisoimage file buildah skopeo umoci)
 need_backports=(qemu-system-x86)
 
 missing() {

@@ -388,6 +388,11 @@ impl Cluster {
         text.lines().map(|line| serde_json::from_str(line).with_context(|| format!("an audit line: {line}"))).collect()
     }
 
+    /// The API server's process: a test stops it (SIGSTOP) to play an API server that no longer answers.
+    pub fn apiserver_pid(&self) -> u32 {
+        self.apiserver.id()
+    }
+
     /// The processes and ports this cluster holds, to check that dropping it leaves nothing behind.
     pub fn footprint(&self) -> (Vec<u32>, Vec<u16>) {
         let pids = vec![self.etcd.id(), self.apiserver.id()];

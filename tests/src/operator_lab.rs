@@ -218,6 +218,16 @@ impl Operator {
         self.child.id()
     }
 
+    /// Where it serves the admission guard, when it does.
+    pub fn webhook_address(&self) -> Option<&str> {
+        self.webhook.as_deref()
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Stops it as Kubernetes does (SIGTERM) and waits at most `within` for it to exit; its exit status.
     pub async fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, template_volumes};
-use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
+use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, post_review, start_guarded};
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{Guest, HostAgent};
 use wukong_operator::crd::{Phase, Wukong};
@@ -525,5 +525,124 @@ async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Resul
     mount("intruder")?;
     let w = wait_for(&api, "tls", 90, says("refused this client's certificate")).await?;
     assert_eq!(volume(&w, "data").unwrap().phase, Phase::Attaching, "{w:?}");
+    Ok(())
+}
+
+/// Liveness (`/healthz`): a leader whose API server stops answering (SIGSTOP: connections open, nothing answers)
+/// can no longer renew its Lease; once the Lease has run out it fails its liveness probe, naming the Lease, so the
+/// kubelet restarts it, while the standby stays alive (restarting it would not bring the API server back). When the
+/// API server answers again, one replica leads and is alive; a leader that lost the Lease meanwhile has exited.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_that_cannot_renew_its_lease_fails_its_liveness_probe_and_a_standby_does_not() -> Result<()> {
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    install_operator(&cluster).await?;
+    let admin = cluster.client(ADMIN).await?;
+    let leases: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), "wukong-system", &resource("Lease", "coordination.k8s.io", "v1", "leases"));
+    let holder = || async {
+        let lease = leases.get_opt("wukong-operator").await?;
+        Ok::<_, anyhow::Error>(lease.and_then(|l| l.data["spec"]["holderIdentity"].as_str().map(str::to_string)))
+    };
+    let mut leader = Operator::start(&cluster, "live-a", 1)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holder().await?.as_deref() != Some("live-a") {
+        assert!(Instant::now() < deadline, "live-a never took the Lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let standby = Operator::start(&cluster, "live-b", 1)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while standby.get("/readyz").await?.0 != 200 {
+        assert!(Instant::now() < deadline, "the standby never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Healthy leading through several renewals, not only right after taking the Lease.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(leader.get("/healthz").await?, (200, "ok\n".to_string()));
+    assert_eq!(standby.get("/healthz").await?, (200, "ok\n".to_string()));
+
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").args([name, &cluster.apiserver_pid().to_string()]).status();
+        anyhow::ensure!(status?.success(), "kill {name} of the API server failed");
+        Ok(())
+    };
+    signal("-STOP")?;
+    let frozen = Instant::now();
+    let unhealthy = loop {
+        let (code, body) = leader.get("/healthz").await?;
+        if code != 200 {
+            break (code, body, frozen.elapsed());
+        }
+        if frozen.elapsed() > Duration::from_secs(60) {
+            signal("-CONT")?;
+            bail!("the leader stayed alive 60 s after its API server stopped answering");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let standby_health = standby.get("/healthz").await;
+    signal("-CONT")?;
+    let (code, body, after) = unhealthy;
+    assert_eq!(code, 500, "{body}");
+    assert!(
+        body.starts_with(
+            "not alive: this replica leads but its Lease wukong-system/wukong-operator has not been renewed for"
+        ),
+        "{body}"
+    );
+    // The Lease was renewed at most 10 s before the freeze and lasts 15 s: never unhealthy before it could expire.
+    assert!(after > Duration::from_secs(9), "unhealthy {after:?} after the freeze: before the Lease could run out");
+    assert_eq!(standby_health?, (200, "ok\n".to_string()), "a standby is not restarted for an API outage");
+
+    // The API server answers again: the leader renews (or the standby wins the expired Lease and the old leader,
+    // finding it lost, exits); either way the holder is alive.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let alive = match holder().await?.as_deref() {
+            Some("live-a") => leader.get("/healthz").await?.0 == 200,
+            Some("live-b") => standby.get("/healthz").await?.0 == 200 && leader.exited()?.is_some(),
+            _ => false,
+        };
+        if alive {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no replica leads and is alive a minute after the API server came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+/// The admission guard outlives running out of file descriptors: while the process is at its limit the webhook
+/// cannot accept connections (it says so and tries again a second later), and once descriptors are free it answers
+/// reviews again. A webhook that stopped accepting would leave the replica in the Service answering nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guard_serves_again_after_the_process_ran_out_of_file_descriptors() -> Result<()> {
+    let cluster = Cluster::start(&[OPERATOR]).await?;
+    install_operator(&cluster).await?;
+    let operator = start_guarded(&cluster, "fds", 1, &[]).await?;
+    assert!(post_review(&operator, &json!({})).await.is_ok(), "the guard answers before");
+    let pid = operator.pid().to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    // The soft limit only, so that it can be given back.
+    let prlimit = |args: &[&str]| std::process::Command::new("prlimit").args(["--pid", &pid]).args(args).output();
+    let soft = String::from_utf8(prlimit(&["--nofile", "--output=SOFT", "--noheadings"])?.stdout)?;
+    let limit = |n: &str| {
+        anyhow::ensure!(prlimit(&[&format!("--nofile={n}:")])?.status.success(), "prlimit --nofile={n}: failed");
+        Ok(())
+    };
+    limit(&(open + 4).to_string())?;
+    let address = operator.webhook_address().context("a webhook")?;
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(tokio::net::TcpStream::connect(address).await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !operator.log().contains("the admission webhook cannot accept connections; retrying in a second") {
+        assert!(Instant::now() < deadline, "the operator never ran out of descriptors: {}", operator.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+    limit(soft.trim())?;
+    let (code, body) = post_review(&operator, &json!({})).await.context("the guard after the descriptors came back")?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("the body is not an admission.k8s.io/v1 AdmissionReview"), "answered as before: {body}");
     Ok(())
 }

@@ -1,0 +1,171 @@
+//! The command line (`run`, `crd`): parsed here rather than in `main.rs` so that tests can read the shipped
+//! Deployment's arguments exactly as the binary does.
+
+use crate::webhook::ClientAuth;
+use crate::{AgentAccess, Config, WebhookConfig};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Declarative disks for the Wukong resource, detached only when the guest lets them go.
+#[derive(Debug, Parser)]
+#[command(name = "wukong-operator", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Reconcile Wukong objects.
+    Run(Box<RunArgs>),
+    /// Print the CustomResourceDefinition (what deploy/crd.yaml holds).
+    Crd,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Directory of the agent client's TLS Secret: ca.crt, tls.crt, tls.key (mutual TLS with every agent).
+    #[arg(long, env = "WUKONG_AGENT_TLS_DIR", value_name = "DIR", required_unless_present = "agent_plaintext")]
+    agent_tls_dir: Option<PathBuf>,
+    /// The name every agent's certificate carries (one certificate name for all agents: a certificate rendered into
+    /// cloud-init cannot carry an address the VM does not have yet, so agents are never verified by their IP).
+    #[arg(long, env = "WUKONG_AGENT_SERVER_NAME", default_value = wukong_proto::AGENT_SERVER_NAME)]
+    agent_server_name: String,
+    /// Talk to agents without TLS: labs only; agents listening beyond loopback require mutual TLS.
+    #[arg(long, conflicts_with = "agent_tls_dir")]
+    agent_plaintext: bool,
+    /// The agents' port.
+    #[arg(long, env = "WUKONG_AGENT_PORT", default_value_t = wukong_proto::DEFAULT_PORT)]
+    agent_port: u16,
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "WUKONG_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "wukong-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "wukong-operator")]
+    lease_name: String,
+    /// This replica's identity (the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "WUKONG_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    http_address: SocketAddr,
+    /// Seconds one reconcile waits for an attach or a detach before looking again on a later pass.
+    #[arg(long, default_value_t = 30)]
+    wait_seconds: u64,
+    /// Serve the admission guard (POST /validate) here, over HTTPS.
+    #[arg(long, env = "WUKONG_WEBHOOK_ADDRESS", requires = "webhook_cert_dir")]
+    webhook_address: Option<SocketAddr>,
+    /// Directory of the webhook's serving certificate Secret: tls.crt, tls.key (read again when they change).
+    #[arg(long, env = "WUKONG_WEBHOOK_CERT_DIR", value_name = "DIR", requires = "webhook_address")]
+    webhook_cert_dir: Option<PathBuf>,
+    /// Require this CA's client certificate of every webhook caller: the API server's, from its
+    /// AdmissionConfiguration (see deploy/guard.yaml). Without it, every review is checked against the live objects
+    /// before a guest is asked anything.
+    #[arg(long, env = "WUKONG_WEBHOOK_CLIENT_CA", value_name = "FILE", requires = "webhook_address")]
+    webhook_client_ca: Option<PathBuf>,
+    /// With --webhook-client-ca: the names (common name or DNS SAN) a caller's certificate must carry, comma
+    /// separated (default: any certificate of the CA; set it when the CA signs other clients too).
+    #[arg(long, env = "WUKONG_WEBHOOK_CLIENT_NAMES", value_delimiter = ',', requires = "webhook_client_ca")]
+    webhook_client_names: Vec<String>,
+    /// Seconds the guest may take to release one disk for a review; a release that cannot finish in time is rolled
+    /// back by the agent and the update denied. Keep it well under the webhook's timeoutSeconds (30).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=28))]
+    guard_release_deadline_seconds: u64,
+    /// On SIGTERM, seconds the reviews under way may still take before the process exits (keep it under the Pod's
+    /// terminationGracePeriodSeconds).
+    #[arg(long, default_value_t = 25)]
+    shutdown_drain_seconds: u64,
+    /// Seconds a guarded disk may stay released while its volume is still in the spec (an allowed update that was
+    /// not stored) before the guest gets it back.
+    #[arg(long, default_value_t = 60)]
+    guard_grace_seconds: u64,
+    /// Log as JSON lines (for log collectors).
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+impl RunArgs {
+    /// How this replica reaches the guests' agents.
+    pub fn agent_access(&self) -> AgentAccess {
+        match &self.agent_tls_dir {
+            Some(dir) => AgentAccess::tls_dir(dir.clone(), self.agent_port, self.agent_server_name.clone()),
+            None => AgentAccess { port: self.agent_port, tls: None },
+        }
+    }
+
+    /// The operator's settings, as `identity` (the Pod's name).
+    pub fn config(&self, identity: String) -> Config {
+        Config {
+            agent: self.agent_access(),
+            namespace: self.watch_namespace.clone(),
+            lease_namespace: self.lease_namespace.clone(),
+            lease_name: self.lease_name.clone(),
+            identity,
+            http_address: self.http_address,
+            attach_wait: Duration::from_secs(self.wait_seconds),
+            detach_wait: Duration::from_secs(self.wait_seconds),
+            webhook: self.webhook_address.zip(self.webhook_cert_dir.clone()).map(|(address, cert_dir)| WebhookConfig {
+                address,
+                cert_dir,
+                client_auth: self
+                    .webhook_client_ca
+                    .clone()
+                    .map(|ca| ClientAuth { ca, names: self.webhook_client_names.clone() }),
+                release_deadline: Duration::from_secs(self.guard_release_deadline_seconds),
+                drain: Duration::from_secs(self.shutdown_drain_seconds),
+                grace: Duration::from_secs(self.guard_grace_seconds),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match Cli::try_parse_from(["wukong-operator", "run"].iter().chain(args)).unwrap().command {
+            Command::Run(args) => *args,
+            Command::Crd => panic!("run"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent_and_asks_for_agent_tls() {
+        Cli::command().debug_assert();
+        let error = Cli::try_parse_from(["wukong-operator", "run"]).unwrap_err().to_string();
+        assert!(error.contains("--agent-tls-dir"), "{error}");
+        assert!(Cli::try_parse_from(["wukong-operator", "run", "--agent-plaintext"]).is_ok());
+        let both = ["wukong-operator", "run", "--agent-plaintext", "--agent-tls-dir", "/x"];
+        assert!(Cli::try_parse_from(both).is_err());
+        let webhook = ["wukong-operator", "run", "--agent-plaintext", "--webhook-address", "0.0.0.0:8443"];
+        let with = |extra: &[&str]| {
+            Cli::try_parse_from(webhook.iter().chain(["--webhook-cert-dir", "/c"].iter()).chain(extra))
+        };
+        let Command::Run(args) =
+            with(&["--webhook-client-ca", "/ca", "--webhook-client-names", "a,b"]).unwrap().command
+        else {
+            panic!("run")
+        };
+        assert_eq!(args.webhook_client_names, ["a", "b"]);
+        assert!(with(&["--webhook-client-names", "a"]).is_err(), "names without a CA mean nothing");
+        assert!(with(&["--guard-release-deadline-seconds", "30"]).is_err(), "a deadline must leave the review time");
+        assert!(with(&["--guard-release-deadline-seconds", "0"]).is_err());
+    }
+
+    /// Without --agent-server-name the operator verifies agents against the name the README's install issues
+    /// their certificates for, never against the IP it dials (which no cloud-init certificate can carry).
+    #[test]
+    fn agents_are_verified_by_the_certificates_name_unless_told_otherwise() {
+        let name = |args: &RunArgs| args.agent_access().tls.and_then(|t| t.server_name);
+        assert_eq!(name(&run_args(&["--agent-tls-dir", "/tls"])).as_deref(), Some("wukong-agent"));
+        let other = run_args(&["--agent-tls-dir", "/tls", "--agent-server-name", "agents.example"]);
+        assert_eq!(name(&other).as_deref(), Some("agents.example"));
+        assert!(run_args(&["--agent-plaintext"]).agent_access().tls.is_none());
+    }
+}
