@@ -75,8 +75,13 @@ pub struct RunArgs {
     /// back by the agent and the update denied. Keep it well under the webhook's timeoutSeconds (30).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=28))]
     guard_release_deadline_seconds: u64,
-    /// On SIGTERM, seconds the reviews under way may still take before the process exits (keep it under the Pod's
-    /// terminationGracePeriodSeconds).
+    /// On SIGTERM, seconds the replica, unready at once, goes on answering reviews as usual while the Service stops
+    /// sending it any (a `preStop` sleep in the process: it works on every Kubernetes version and in an image
+    /// without a shell).
+    #[arg(long, default_value_t = 5)]
+    shutdown_delay_seconds: u64,
+    /// Then, seconds the reviews under way may still take before the process exits (with the delay, keep it under
+    /// the Pod's terminationGracePeriodSeconds).
     #[arg(long, default_value_t = 25)]
     shutdown_drain_seconds: u64,
     /// Seconds a guarded disk may stay released while its volume is still in the spec (an allowed update that was
@@ -116,6 +121,7 @@ impl RunArgs {
                     .clone()
                     .map(|ca| ClientAuth { ca, names: self.webhook_client_names.clone() }),
                 release_deadline: Duration::from_secs(self.guard_release_deadline_seconds),
+                shutdown_delay: Duration::from_secs(self.shutdown_delay_seconds),
                 drain: Duration::from_secs(self.shutdown_drain_seconds),
                 grace: Duration::from_secs(self.guard_grace_seconds),
             }),

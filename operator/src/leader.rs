@@ -51,19 +51,21 @@ pub async fn run(
             ));
             let (dir, auth) = (settings.cert_dir.clone(), settings.client_auth.clone());
             let task = tokio::spawn(crate::webhook::serve(listener, dir, auth, guard.clone(), health.clone()));
-            (Some(task), Some((guard, settings.drain)))
+            (Some(task), Some((guard, settings.shutdown_delay, settings.drain)))
         }
         None => (None, None),
     };
     let shutdown = shutdown.boxed().shared();
-    // On SIGTERM: unready at once (the Service stops sending reviews here), new reviews refused fast, those under
-    // way finished (bounded); meanwhile the leader steps down.
+    // On SIGTERM: unready at once (the Service stops sending reviews here), reviews answered as usual while that
+    // takes effect, then new reviews refused fast and those under way finished (bounded); meanwhile the leader
+    // steps down.
     let stopping = tokio::spawn({
         let (shutdown, health) = (shutdown.clone(), health.clone());
         async move {
             shutdown.await;
             health.set_stopping();
-            if let Some((guard, bound)) = guard {
+            if let Some((guard, delay, bound)) = guard {
+                tokio::time::sleep(delay).await;
                 match guard.drain.close(bound).await {
                     0 => tracing::info!("every admission review under way was answered"),
                     left => tracing::warn!(left, ?bound, "admission reviews still under way when the drain ended"),

@@ -149,7 +149,10 @@ pub struct WebhookConfig {
     pub client_auth: Option<webhook::ClientAuth>,
     /// How long the guest may take to release one disk for a review before it rolls the release back.
     pub release_deadline: Duration,
-    /// On SIGTERM, how long reviews under way may still take before the process exits.
+    /// On SIGTERM, how long the replica goes on answering reviews as usual while it leaves the Service (the
+    /// endpoints controller and every kube-proxy take a few seconds to stop sending it any).
+    pub shutdown_delay: Duration,
+    /// Then, how long reviews under way may still take before the process exits.
     pub drain: Duration,
     /// How long a guarded disk may stay released while its volume is still in the spec before the leader gives it
     /// back ([`release_watch`]).

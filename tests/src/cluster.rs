@@ -418,6 +418,14 @@ pub async fn apply(client: &kube::Client, document: &serde_json::Value) -> Resul
     use kube::discovery::{Scope, pinned_kind};
     let (api_version, kind) = (document["apiVersion"].as_str().unwrap_or_default(), document["kind"].as_str());
     let kind = kind.with_context(|| format!("a document without a kind: {document}"))?;
+    // policy/v1 is newer than the lab's server (1.20): the same object in policy/v1beta1 proves its shape.
+    let mut document = document.clone();
+    let api_version = match (kind, api_version) {
+        ("PodDisruptionBudget", "policy/v1") => "policy/v1beta1",
+        _ => api_version,
+    };
+    document["apiVersion"] = api_version.into();
+    let document = &document;
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let (resource, capabilities) = pinned_kind(client, &GroupVersionKind::gvk(group, version, kind))
         .await

@@ -1140,9 +1140,11 @@ async fn attachment_pods(shared: &Shared, client: &kube::Client, vmi: &str) -> k
     Ok(found)
 }
 
-/// The names of the volumes an attachment Pod holds.
+/// The names of the claims' volumes an attachment Pod holds: only those count (volume-hotplug.go
+/// `podVolumesMatchesReadyVolumes`), not the ServiceAccount token the API server adds.
 fn pod_volumes(pod: &DynamicObject) -> BTreeSet<String> {
-    list(&pod.data["spec"]["volumes"]).iter().map(|v| name_of(v).to_string()).collect()
+    let volumes = list(&pod.data["spec"]["volumes"]);
+    volumes.iter().filter(|v| v["persistentVolumeClaim"].is_object()).map(|v| name_of(v).to_string()).collect()
 }
 
 fn pod_running(pod: &DynamicObject) -> bool {
@@ -1247,7 +1249,10 @@ async fn create_attachment_pod(shared: &Shared, vmi: &DynamicObject, volumes: &[
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"generateName": "hp-volume-",
                      "labels": {ATTACHMENT_LABEL.0: ATTACHMENT_LABEL.1, ATTACHMENT_VMI_LABEL: vmi_name}},
-        "spec": {"containers": [{"name": "hotplug-disk", "image": "quay.io/kubevirt/virt-launcher:v1.9.0",
+        // On the VMI's node (KubeVirt pins it there by node affinity); no kubelet runs the lab's NODE, so on a lab
+        // with a real node its kubelet leaves the Pod to the lab's (`run_attachment_pods`).
+        "spec": {"nodeName": NODE,
+                 "containers": [{"name": "hotplug-disk", "image": "quay.io/kubevirt/virt-launcher:v1.9.0",
                                  "command": ["/bin/sh", "-c", "/usr/bin/container-disk --copy-path /path/hp"]}],
                  "volumes": pod_volumes},
     }))?;

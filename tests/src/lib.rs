@@ -12,6 +12,7 @@ pub mod node;
 pub mod operator_lab;
 pub mod pki;
 pub mod ports;
+pub mod readme_install;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -479,23 +480,22 @@ impl Guest {
         AgentClient::connect_with(self.agent_address(), tls.as_ref()).expect("the lab's agent address is valid")
     }
 
-    /// Restarts the guest's agent serving mutual TLS as a real deployment has it: `pki`'s agent certificate (DNS
-    /// `wukong-agent`), clients of `pki`'s CA only. The lab's own client (`agent()`) then presents `client`'s
-    /// certificate.
-    pub async fn serve_agent_tls(&self, pki: &pki::Pki, client: &str) -> Result<()> {
-        let mut script = String::from("mkdir -p /etc/wukong/tls\n");
-        for (file, name) in [("agent.crt", "tls.crt"), ("agent.key", "tls.key"), ("ca.crt", "ca.crt")] {
-            let pem = std::fs::read_to_string(pki.path(file))?;
-            script.push_str(&format!("cat > /etc/wukong/tls/{name} <<'PEM'\n{pem}PEM\n"));
+    /// Installs files into the guest (host file → guest path) and restarts its agent with `args` (`--config
+    /// /etc/wukong-agent/agent.toml`, say), as an install in a real guest does. With `client`, the lab's own
+    /// connections (`agent()`) then use mutual TLS with those files.
+    pub async fn install_agent(&self, files: &[(&Path, &str)], args: &str, client: Option<TlsFiles>) -> Result<()> {
+        let mut script = String::new();
+        for (from, to) in files {
+            let text = std::fs::read_to_string(from).with_context(|| from.display().to_string())?;
+            let dir = Path::new(to).parent().and_then(Path::to_str).unwrap_or("/");
+            script.push_str(&format!("mkdir -p {dir}\ncat > {to} <<'WUKONG-FILE'\n{text}\nWUKONG-FILE\n"));
         }
-        script.push_str(
+        script.push_str(&format!(
             "kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done\n\
-             setsid wukong-agent --listen 0.0.0.0:7443 --tls-cert /etc/wukong/tls/tls.crt --tls-key \
-             /etc/wukong/tls/tls.key --tls-client-ca /etc/wukong/tls/ca.crt </dev/null >>/var/log/wukong-agent.log \
-             2>&1 &\n",
-        );
+             setsid wukong-agent {args} </dev/null >>/var/log/wukong-agent.log 2>&1 &\n"
+        ));
         self.run_ok(&script).await?;
-        *self.agent_tls.lock().unwrap() = Some(pki.client(client));
+        *self.agent_tls.lock().unwrap() = client;
         self.wait_for_agent(Duration::from_secs(30)).await
     }
 

@@ -260,10 +260,37 @@ impl Node {
     /// Imports an OCI archive into containerd's `k8s.io` namespace, under the name its index gives it, where the
     /// kubelet finds it: Pods use it with `imagePullPolicy: Never`.
     pub fn import_image(&self, archive: &Path) -> Result<()> {
+        self.import(archive, None)
+    }
+
+    /// As [`Self::import_image`] for an archive whose index names only a tag (`wukong-operator:0.1.0` is stored
+    /// as `0.1.0`): containerd keeps the full reference only under `base_name` (`ctr import --base-name`), as the
+    /// README's air-gapped install does.
+    pub fn import_image_as(&self, archive: &Path, base_name: &str) -> Result<()> {
+        self.import(archive, Some(base_name))
+    }
+
+    /// SIGKILLs container `id`'s task (a crash, not a stop: no SIGTERM, no preStop); the kubelet then restarts it
+    /// or, with its Pod deleted, does not.
+    pub fn kill_container(&self, id: &str) -> Result<()> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.containerd_socket())
+            .args(["-n", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", id])
+            .output()
+            .context("cannot run ctr; run scripts/lib/install-kube.sh")?;
+        if !out.status.success() {
+            bail!("SIGKILL of container {id} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn import(&self, archive: &Path, base_name: Option<&str>) -> Result<()> {
         let out = Command::new("ctr")
             .arg("--address")
             .arg(self.containerd_socket())
             .args(["-n", "k8s.io", "images", "import"])
+            .args(base_name.map(|b| format!("--base-name={b}")))
             .arg(archive)
             .output()
             .context("cannot run ctr; run scripts/lib/install-kube.sh")?;
@@ -371,6 +398,10 @@ impl Node {
                 .arg(format!("--service-account-private-key-file={}", sa_key.display()))
                 .arg(format!("--root-ca-file={}", ca.display()))
                 .args(["--leader-elect=false", "--port=0", "--secure-port=0"])
+                // The lab's KubeVirt binds claims to image files itself, as a CSI provisioner would (the volume
+                // binder would call such a claim Lost: Bound, no PersistentVolume), and runs its attachment Pods on
+                // its own node, which has no Node object (the Pod garbage collector would delete them as orphans).
+                .arg("--controllers=*,-persistentvolume-binder,-attachdetach,-podgc")
                 .arg(format!("--cert-dir={}", certs.display())),
         )?;
         self.spawn(

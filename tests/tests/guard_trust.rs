@@ -249,7 +249,8 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
         records.list(&kube::api::ListParams::default().labels("vm.novasphere.dev/guard-release=true")).await?;
     assert!(recorded.items.is_empty(), "a refused release is forgotten at once: {:?}", recorded.items);
 
-    // 6. SIGTERM: nothing under way, so the replica steps down and exits at once, cleanly.
+    // 6. SIGTERM: nothing under way, so the replica steps down, answers on for the shutdown delay (5 s) while it
+    // leaves the Service, and exits cleanly.
     let mut successor = successor;
     let status = successor.terminate(Duration::from_secs(10)).await?;
     assert!(status.success(), "{status}");

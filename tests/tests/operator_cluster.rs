@@ -646,3 +646,196 @@ async fn the_guard_serves_again_after_the_process_ran_out_of_file_descriptors() 
     assert!(body.contains("the body is not an admission.k8s.io/v1 AdmissionReview"), "answered as before: {body}");
     Ok(())
 }
+
+/// scripts/build-image.sh's archive (built by scripts/test.sh before the tests; cached, so a second build only
+/// checks its inputs).
+fn operator_image() -> Result<std::path::PathBuf> {
+    let out = std::process::Command::new("bash")
+        .arg(wukong_e2e::workspace_root().join("scripts/build-image.sh"))
+        .output()
+        .context("running scripts/build-image.sh")?;
+    anyhow::ensure!(out.status.success(), "scripts/build-image.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?.trim().into())
+}
+
+/// Issue 21: wukong-operator as a platform engineer runs it. Its image (scripts/build-image.sh) imported into the
+/// lab's real node (kubelet, containerd), the README's install replayed against the API server as it is (its
+/// openssl certificates, both Secrets, deploy/crd.yaml, deploy/operator.yaml, the guard with its caBundle,
+/// deploy/network-policy.yaml), a guest agent installed with the README's agent certificate and systemd/agent.toml,
+/// reached by the Pods at its VMI's pod IP over mutual TLS. Both replicas run and turn Ready, one holds the Lease;
+/// the API server calls the guard through its Service (an unplug of a busy disk denied, then allowed once idle);
+/// a Wukong disk is added, its removal refused naming the writer; the leader is killed (its container SIGKILLed, its
+/// Pod deleted with no grace) while that removal waits, and the other replica finishes it once the writer stops,
+/// the claim kept and the data intact. Then the system disk is refused, a forced detach with the agent down is
+/// fenced by the guard until the VM is annotated to force too and then goes with a Warning, and bad input is named
+/// in a condition with nothing created.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use wukong_e2e::node::{NODE_ADDRESS, Node, wait_for_pods};
+    use wukong_e2e::readme_install::{readme_agent_files, run_install};
+    let archive = operator_image()?;
+    let work = tempfile::tempdir()?;
+    let installed = run_install(work.path())?;
+    let deployment = installed.kind("Deployment").next().context("the install applies no Deployment")?;
+    let image = deployment["spec"]["template"]["spec"]["containers"][0]["image"].as_str().context("image")?;
+    let base = image.rsplit_once(':').map(|(base, _)| base).context("an image reference with a tag")?;
+
+    let node = Node::start(&[API_SERVER, CONTROLLER, HANDLER]).await?;
+    node.import_image_as(&archive, base)?;
+    let guest = Guest::boot().await?;
+    let files = readme_agent_files()?;
+    let file = |flag: &str| work.path().join(&files[flag]);
+    let config = wukong_e2e::workspace_root().join("systemd/agent.toml");
+    let (cert, key, client_ca) = (file("--cert"), file("--key"), file("--client-ca"));
+    let install = [
+        (cert.as_path(), "/etc/wukong-agent/tls/agent.crt"),
+        (key.as_path(), "/etc/wukong-agent/tls/agent.key"),
+        (client_ca.as_path(), "/etc/wukong-agent/tls/client-ca.crt"),
+        (config.as_path(), "/etc/wukong-agent/agent.toml"),
+    ];
+    let lab_client = wukong_controller_client::agent_client::TlsFiles {
+        ca: work.path().join("ca.crt"),
+        cert: work.path().join("operator.crt"),
+        key: work.path().join("operator.key"),
+        server_name: Some("wukong-agent".into()),
+    };
+    guest.install_agent(&install, "--config /etc/wukong-agent/agent.toml", Some(lab_client)).await?;
+    guest.forward_agent(NODE_ADDRESS).await?;
+    let kubevirt = KubeVirtLab::start(node.cluster(), Some(&guest), NS, HotplugMode::Declarative).await?;
+    let images = tempfile::tempdir()?;
+    kubevirt.provision(images.path(), "lab-images").await?;
+    let admin = node.client(ADMIN).await?;
+
+    let started = Instant::now();
+    installed.apply(&admin, None).await?;
+    let selector = "app.kubernetes.io/name=wukong-operator";
+    let pods = wait_for_pods(&admin, "wukong-system", selector, 2, Duration::from_secs(180)).await?;
+    println!("README install applied → both replicas Ready in {:.1} s", started.elapsed().as_secs_f64());
+    let names: Vec<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let leases: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), "wukong-system", &resource("Lease", "coordination.k8s.io", "v1", "leases"));
+    let holder = || async {
+        let lease = leases.get_opt("wukong-operator").await?;
+        Ok::<_, anyhow::Error>(lease.and_then(|l| l.data["spec"]["holderIdentity"].as_str().map(str::to_string)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        if let Some(h) = holder().await?.filter(|h| names.contains(h)) {
+            break h;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no replica of {names:?} took the Lease");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let pod_api: Api<Pod> = Api::namespaced(admin.clone(), "wukong-system");
+    for pod in &pods {
+        let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
+        assert!(statuses.iter().all(|c| c.ready && c.restart_count == 0), "probes pass, no restarts: {statuses:?}");
+    }
+
+    // The guard through its Service: a busy disk's unplug by a JSON patch of the VM is denied, naming the writer.
+    kubevirt.create_vm("db-vm", true, &NODE_ADDRESS.to_string()).await?;
+    let vms: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), NS, &resource("VirtualMachine", "kubevirt.io", "v1", "virtualmachines"));
+    let opt_in = json!({"metadata": {"labels": {"vm.novasphere.dev/guard": "enabled"}}});
+    vms.patch("db-vm", &PatchParams::default(), &Patch::Merge(&opt_in)).await?;
+    kubevirt.create_claim("pvc-g", &guest.new_image(16 << 20)?).await?;
+    let companion = wukong_controller_client::kubevirt::KubeVirt::new(admin.clone(), NS, "db-vm", false);
+    let dev = wukong_e2e::kubevirt_lab::attach_claim(&guest, &companion, "g", "pvc-g").await?;
+    guest.fill(&dev, "/mnt/g", 1 << 20).await?;
+    let writer = "sh -c 'exec 3>>/mnt/g/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!";
+    let pid = guest.run_ok(writer).await?.trim().to_string();
+    let remove = wukong_e2e::kubevirt_lab::removal_patch(&vms.get("db-vm").await?, "/spec/template/spec", "g")?;
+    let patch = |p: &Value| -> Result<json_patch::Patch> { Ok(serde_json::from_value(p.clone())?) };
+    let denied = vms.patch("db-vm", &PatchParams::default(), &Patch::<()>::Json(patch(&remove)?)).await;
+    let denied = denied.expect_err("the guard in its Pods denies a busy disk's unplug").to_string();
+    assert!(denied.contains("wukong guard refused to unplug disk 'g'") && denied.contains(&format!("pid {pid}")));
+    guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
+    let unmount = json!({"metadata": {"annotations": {"vm.novasphere.dev/unmount-on-detach": "true"}}});
+    vms.patch("db-vm", &PatchParams::default(), &Patch::Merge(&unmount)).await?;
+    vms.patch("db-vm", &PatchParams::default(), &Patch::<()>::Json(patch(&remove)?)).await.context("idle: allowed")?;
+    guest.wait_unplugged("g", Duration::from_secs(60)).await?;
+
+    // A Wukong disk: attached by the leader's Pod, its removal refused while a writer holds it.
+    let api = wukongs(&admin);
+    let data = json!({"name": "data", "size": "32Mi", "detachOptions": {"preserveData": true, "unmount": true}});
+    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
+        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, data]},
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
+    let dev = volume(&w, "data").and_then(|v| v.device.clone()).context("the guest's device in status")?;
+    let sum = guest.fill(&dev, "/mnt/d", 2 << 20).await?;
+    let writer = "sh -c 'exec 3>>/mnt/d/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!";
+    let pid = guest.run_ok(writer).await?.trim().to_string();
+    set_disks(&api, "db", json!([root])).await?;
+    let w = wait_for(&api, "db", 60, phase_is("data", Phase::DetachBlocked)).await?;
+    let v = volume(&w, "data").context("data")?;
+    assert!(v.blockers.iter().any(|b| b.contains(&format!("pid {pid}"))), "the writer's pid in status: {v:?}");
+
+    // The leader dies hard: its container SIGKILLed, its Pod deleted with no grace. The other replica takes the
+    // Lease and finishes the detach once the writer stops.
+    let pod = pod_api.get(&leader).await?;
+    let container = pod.status.and_then(|s| s.container_statuses).and_then(|c| c.first().cloned());
+    let id = container.and_then(|c| c.container_id).context("the leader's container id")?;
+    node.kill_container(id.trim_start_matches("containerd://"))?;
+    let now = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    pod_api.delete(&leader, &now).await?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let successor = loop {
+        if let Some(h) = holder().await?.filter(|h| *h != leader) {
+            break h;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no replica took the Lease over from {leader}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!("leader {leader} killed → {successor} leads");
+    guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
+    wait_for(&api, "db", 120, |w| volume(w, "data").is_none()).await?;
+    let kept = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-data").await?;
+    assert!(kept.is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()), "preserveData keeps the claim");
+    set_disks(&api, "db", json!([root, data])).await?;
+    let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
+    let dev = volume(&w, "data").and_then(|v| v.device.clone()).context("the device")?;
+    guest.run_ok(&format!("mount {dev} /mnt/d")).await?;
+    assert_eq!(guest.checksum("/mnt/d/data").await?, sum, "the data is intact after the leader's death");
+    guest.run_ok("umount /mnt/d").await?;
+    // The Deployment replaces the deleted Pod: two replicas Ready again.
+    wait_for_pods(&admin, "wukong-system", selector, 2, Duration::from_secs(120)).await?;
+
+    // The system disk stays, and nothing is touched.
+    set_disks(&api, "db", json!([data])).await?;
+    let w = wait_for(&api, "db", 60, phase_is("rootdisk", Phase::DetachBlocked)).await?;
+    assert!(volume(&w, "rootdisk").is_some_and(|v| v.blockers[0].contains("is the system disk")), "{w:?}");
+    set_disks(&api, "db", json!([root, data])).await?;
+    // Forced with the guest's agent down. The VM is guarded, and the guard cannot ask the guest either: it refuses
+    // the unplug (fail safe) until the VM itself says force; then the disk goes, with a Warning.
+    let forced = json!({"name": "data", "size": "32Mi", "detachOptions": {"preserveData": true, "force": true}});
+    set_disks(&api, "db", json!([root, forced])).await?;
+    wait_for(&api, "db", 60, phase_is("rootdisk", Phase::Attached)).await?;
+    guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
+    set_disks(&api, "db", json!([root])).await?;
+    let fenced = |w: &Wukong| {
+        volume(w, "data").is_some_and(|v| v.blockers.iter().any(|b| b.contains("vm.novasphere.dev/force-detach=true")))
+    };
+    wait_for(&api, "db", 60, fenced).await?;
+    let force = json!({"metadata": {"annotations": {"vm.novasphere.dev/force-detach": "true"}}});
+    vms.patch("db-vm", &PatchParams::default(), &Patch::Merge(&force)).await?;
+    wait_for(&api, "db", 120, |w| volume(w, "data").is_none()).await?;
+    let warned = events(&admin).await?;
+    assert!(warned.iter().any(|(t, r, ..)| t == "Warning" && r == "ForcedDetach"), "{warned:#?}");
+    // Bad input: named in a False condition, nothing created.
+    let bad: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "bad"},
+        "spec": {"vmName": "db-vm", "disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "x", "size": "ten"}]},
+    }))?;
+    api.create(&PostParams::default(), &bad).await?;
+    let w = wait_for(&api, "bad", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
+    let valid =
+        w.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "SpecValid")).context("SpecValid")?;
+    assert!(valid.status == "False" && valid.message.contains("spec.disks[1].size"), "{valid:?}");
+    assert!(object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-x").await?.is_none());
+    Ok(())
+}

@@ -1,6 +1,5 @@
-//! The README's operator install, run as a platform engineer would: its commands (the certificates made by the
-//! real openssl) in a scratch directory, with kubectl recorded rather than sent (the lab has no kubectl of its own:
-//! what each call would create is read from its arguments and its input). Then what the shipped manifests need of
+//! The README's operator install, run as a platform engineer would ([`wukong_e2e::readme_install`]: its commands in
+//! a scratch directory, kubectl recorded rather than sent). Then what the shipped manifests need of
 //! that install is checked with real parts: every Secret the Deployment mounts exists with every file the operator
 //! reads from it; the Deployment's arguments, parsed by the operator's own command line, make it accept a real
 //! agent installed with the README's agent certificate (dialled at the VMI's pod IP, which that certificate cannot
@@ -12,133 +11,12 @@ use base64::Engine;
 use clap::Parser;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use wukong_controller_client::kubevirt::VirtualMachineInstance;
+use wukong_e2e::readme_install::{readme_agent_files, run_install};
 use wukong_e2e::{HostAgent, workspace_root};
 use wukong_operator::cli::{Cli, Command as Run};
-
-/// Stands in for kubectl: records each call's arguments (NUL-separated) and, for `-f -`, what it reads.
-const KUBECTL: &str = r#"#!/bin/bash
-set -euo pipefail
-calls=$(dirname "$0")/../calls
-mkdir -p "$calls"
-n=$(printf '%03d' "$(find "$calls" -name '*.args' | wc -l)")
-printf '%s\0' "$@" > "$calls/$n.args"
-if [ "${*: -1}" = - ]; then cat > "$calls/$n.stdin"; fi
-"#;
-
-/// The first `sh` block of the README that contains `needle`, continuation lines joined, comments dropped.
-fn readme_block(needle: &str) -> Result<String> {
-    let readme = std::fs::read_to_string(workspace_root().join("README.md"))?;
-    let block = readme
-        .split("```sh\n")
-        .skip(1)
-        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
-        .find(|block| block.contains(needle))
-        .with_context(|| format!("the README has no sh block with {needle}"))?;
-    Ok(block.replace("\\\n", " "))
-}
-
-/// What the install's kubectl calls would have created or applied.
-#[derive(Default)]
-struct Installed {
-    /// (namespace, name) → key → the file it holds.
-    secrets: BTreeMap<(String, String), BTreeMap<String, PathBuf>>,
-    /// Every document applied, in order.
-    applied: Vec<Value>,
-}
-
-impl Installed {
-    fn record(&mut self, work: &Path, call: &[String], stdin: Option<PathBuf>) -> Result<()> {
-        let mut namespace = "default".to_string();
-        let mut words = Vec::new();
-        let mut args = call.iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "-n" | "--namespace" => namespace = args.next().context("-n without a namespace")?.clone(),
-                _ => match arg.strip_prefix("--namespace=") {
-                    Some(ns) => namespace = ns.to_string(),
-                    None => words.push(arg.as_str()),
-                },
-            }
-        }
-        let flag = |name: &'static str| words.iter().filter_map(move |w| w.strip_prefix(name));
-        match words.as_slice() {
-            ["create", "namespace", _] => {}
-            ["create", "secret", "generic", name, ..] => {
-                let keys = flag("--from-file=")
-                    .map(|f| f.split_once('=').map(|(k, p)| (k.to_string(), work.join(p))))
-                    .collect::<Option<_>>()
-                    .with_context(|| format!("Secret {name}: --from-file without KEY= ({call:?})"))?;
-                self.secrets.insert((namespace, name.to_string()), keys);
-            }
-            ["create", "secret", "tls", name, ..] => {
-                let one =
-                    |f: &'static str| flag(f).next().map(|p| work.join(p)).context(format!("{f} of Secret {name}"));
-                let keys = BTreeMap::from([("tls.crt".into(), one("--cert=")?), ("tls.key".into(), one("--key=")?)]);
-                self.secrets.insert((namespace, name.to_string()), keys);
-            }
-            ["apply", "-f", file] => {
-                let path = match *file {
-                    "-" => stdin.context("kubectl apply -f - read nothing")?,
-                    file => work.join(file),
-                };
-                let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-                self.applied.extend(serde_saphyr::from_multiple::<Value>(&text).context(file.to_string())?);
-            }
-            _ => bail!("the README's install calls kubectl {call:?}, which this test cannot read; teach it"),
-        }
-        Ok(())
-    }
-
-    fn kind(&self, kind: &str) -> impl Iterator<Item = &Value> {
-        self.applied.iter().filter(move |d| d["kind"] == kind)
-    }
-}
-
-/// Runs the README's install block in `work` and reads back what kubectl was asked to do.
-fn run_install(work: &Path) -> Result<Installed> {
-    let block = readme_block("kubectl apply -f deploy/operator.yaml")?;
-    std::os::unix::fs::symlink(workspace_root().join("deploy"), work.join("deploy"))?;
-    std::fs::create_dir(work.join("bin"))?;
-    std::fs::write(work.join("bin/kubectl"), KUBECTL)?;
-    std::fs::set_permissions(work.join("bin/kubectl"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let path = format!("{}:{}", work.join("bin").display(), std::env::var("PATH").unwrap_or_default());
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &block])
-        .current_dir(work)
-        .env("PATH", path)
-        .output()
-        .context("running bash")?;
-    ensure!(output.status.success(), "the README's install failed: {}", String::from_utf8_lossy(&output.stderr));
-    let mut installed = Installed::default();
-    let mut calls: Vec<PathBuf> = std::fs::read_dir(work.join("calls"))?
-        .map(|e| e.map(|e| e.path()))
-        .filter(|p| p.as_ref().is_ok_and(|p| p.extension().is_some_and(|e| e == "args")))
-        .collect::<Result<_, _>>()?;
-    calls.sort();
-    for call in calls {
-        let args = std::fs::read_to_string(&call)?;
-        let args: Vec<String> = args.split_terminator('\0').map(str::to_string).collect();
-        let stdin = Some(call.with_extension("stdin")).filter(|p| p.exists());
-        installed.record(work, &args, stdin)?;
-    }
-    Ok(installed)
-}
-
-/// The `--cert`, `--key` and `--client-ca` the README gives scripts/render-user-data.sh: the agent's files.
-fn readme_agent_files() -> Result<BTreeMap<String, String>> {
-    let block = readme_block("scripts/render-user-data.sh")?;
-    let words: Vec<&str> = block.split_whitespace().collect();
-    ["--cert", "--key", "--client-ca"]
-        .iter()
-        .map(|flag| {
-            let at = words.iter().position(|w| w == flag).with_context(|| format!("render-user-data {flag}"))?;
-            Ok((flag.to_string(), words.get(at + 1).context("a value")?.to_string()))
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certificates_that_verify() -> Result<()> {

@@ -1,0 +1,171 @@
+//! The README's operator install, run as a platform engineer would: its commands (the certificates made by the
+//! real openssl) in a scratch directory, with kubectl recorded rather than sent (the lab has no kubectl of its own):
+//! what each call would create is read from its arguments and its input. `tests/tests/operator_install.rs` checks
+//! what it makes against the shipped manifests; [`Installed::apply`] sends it to a lab API server, so the operator's
+//! Pods run from exactly what the README installs.
+
+use crate::workspace_root;
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Stands in for kubectl: records each call's arguments (NUL-separated) and, for `-f -`, what it reads.
+const KUBECTL: &str = r#"#!/bin/bash
+set -euo pipefail
+calls=$(dirname "$0")/../calls
+mkdir -p "$calls"
+n=$(printf '%03d' "$(find "$calls" -name '*.args' | wc -l)")
+printf '%s\0' "$@" > "$calls/$n.args"
+if [ "${*: -1}" = - ]; then cat > "$calls/$n.stdin"; fi
+"#;
+
+/// The first `sh` block of the README that contains `needle`, continuation lines joined, comments dropped.
+pub fn readme_block(needle: &str) -> Result<String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md"))?;
+    let block = readme
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .find(|block| block.contains(needle))
+        .with_context(|| format!("the README has no sh block with {needle}"))?;
+    Ok(block.replace("\\\n", " "))
+}
+
+/// What the install's kubectl calls would have created or applied.
+#[derive(Default)]
+pub struct Installed {
+    /// (namespace, name) → key → the file it holds.
+    pub secrets: BTreeMap<(String, String), BTreeMap<String, PathBuf>>,
+    /// Every document applied, in order.
+    pub applied: Vec<Value>,
+}
+
+impl Installed {
+    fn record(&mut self, work: &Path, call: &[String], stdin: Option<PathBuf>) -> Result<()> {
+        let mut namespace = "default".to_string();
+        let mut words = Vec::new();
+        let mut args = call.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-n" | "--namespace" => namespace = args.next().context("-n without a namespace")?.clone(),
+                _ => match arg.strip_prefix("--namespace=") {
+                    Some(ns) => namespace = ns.to_string(),
+                    None => words.push(arg.as_str()),
+                },
+            }
+        }
+        let flag = |name: &'static str| words.iter().filter_map(move |w| w.strip_prefix(name));
+        match words.as_slice() {
+            ["create", "namespace", _] => {}
+            ["create", "secret", "generic", name, ..] => {
+                let keys = flag("--from-file=")
+                    .map(|f| f.split_once('=').map(|(k, p)| (k.to_string(), work.join(p))))
+                    .collect::<Option<_>>()
+                    .with_context(|| format!("Secret {name}: --from-file without KEY= ({call:?})"))?;
+                self.secrets.insert((namespace, name.to_string()), keys);
+            }
+            ["create", "secret", "tls", name, ..] => {
+                let one =
+                    |f: &'static str| flag(f).next().map(|p| work.join(p)).context(format!("{f} of Secret {name}"));
+                let keys = BTreeMap::from([("tls.crt".into(), one("--cert=")?), ("tls.key".into(), one("--key=")?)]);
+                self.secrets.insert((namespace, name.to_string()), keys);
+            }
+            ["apply", "-f", file] => {
+                let path = match *file {
+                    "-" => stdin.context("kubectl apply -f - read nothing")?,
+                    file => work.join(file),
+                };
+                let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+                self.applied.extend(serde_saphyr::from_multiple::<Value>(&text).context(file.to_string())?);
+            }
+            _ => bail!("the README's install calls kubectl {call:?}, which this test cannot read; teach it"),
+        }
+        Ok(())
+    }
+
+    pub fn kind(&self, kind: &str) -> impl Iterator<Item = &Value> {
+        self.applied.iter().filter(move |d| d["kind"] == kind)
+    }
+}
+
+/// Runs the README's install block in `work` and reads back what kubectl was asked to do.
+pub fn run_install(work: &Path) -> Result<Installed> {
+    let block = readme_block("kubectl apply -f deploy/operator.yaml")?;
+    std::os::unix::fs::symlink(workspace_root().join("deploy"), work.join("deploy"))?;
+    std::fs::create_dir(work.join("bin"))?;
+    std::fs::write(work.join("bin/kubectl"), KUBECTL)?;
+    std::fs::set_permissions(work.join("bin/kubectl"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let path = format!("{}:{}", work.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &block])
+        .current_dir(work)
+        .env("PATH", path)
+        .output()
+        .context("running bash")?;
+    ensure!(output.status.success(), "the README's install failed: {}", String::from_utf8_lossy(&output.stderr));
+    let mut installed = Installed::default();
+    let mut calls: Vec<PathBuf> = std::fs::read_dir(work.join("calls"))?
+        .map(|e| e.map(|e| e.path()))
+        .filter(|p| p.as_ref().is_ok_and(|p| p.extension().is_some_and(|e| e == "args")))
+        .collect::<Result<_, _>>()?;
+    calls.sort();
+    for call in calls {
+        let args = std::fs::read_to_string(&call)?;
+        let args: Vec<String> = args.split_terminator('\0').map(str::to_string).collect();
+        let stdin = Some(call.with_extension("stdin")).filter(|p| p.exists());
+        installed.record(work, &args, stdin)?;
+    }
+    Ok(installed)
+}
+
+/// The `--cert`, `--key` and `--client-ca` the README gives scripts/render-user-data.sh: the agent's files.
+pub fn readme_agent_files() -> Result<BTreeMap<String, String>> {
+    let block = readme_block("scripts/render-user-data.sh")?;
+    let words: Vec<&str> = block.split_whitespace().collect();
+    ["--cert", "--key", "--client-ca"]
+        .iter()
+        .map(|flag| {
+            let at = words.iter().position(|w| w == flag).with_context(|| format!("render-user-data {flag}"))?;
+            Ok((flag.to_string(), words.get(at + 1).context("a value")?.to_string()))
+        })
+        .collect()
+}
+
+impl Installed {
+    /// Sends what the install made to the API server `client` talks to, in the install's order (Secrets first, then
+    /// every applied document, created or merged), with the operator's image reference replaced by `image` when
+    /// given. Namespaces the Secrets need are created first, as the install's `kubectl create namespace` does.
+    pub async fn apply(&self, client: &kube::Client, image: Option<&str>) -> Result<()> {
+        use base64::Engine;
+        let encode = |file: &PathBuf| -> Result<String> {
+            let bytes = std::fs::read(file).with_context(|| file.display().to_string())?;
+            Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+        };
+        for doc in self.applied.iter().filter(|d| d["kind"] == "CustomResourceDefinition") {
+            crate::cluster::apply(client, doc).await?;
+        }
+        for (namespace, _) in self.secrets.keys() {
+            let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+            crate::cluster::apply(client, &ns).await?;
+        }
+        for ((namespace, name), keys) in &self.secrets {
+            let data = keys.iter().map(|(k, f)| Ok((k.clone(), Value::String(encode(f)?)))).collect::<Result<_>>()?;
+            let kind = if keys.contains_key("tls.crt") && keys.len() == 2 { "kubernetes.io/tls" } else { "Opaque" };
+            let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": kind,
+                "metadata": {"name": name, "namespace": namespace}, "data": Value::Object(data)});
+            crate::cluster::apply(client, &secret).await?;
+        }
+        for doc in self.applied.iter().filter(|d| d["kind"] != "CustomResourceDefinition") {
+            let mut doc = doc.clone();
+            if let (Some(image), "Deployment") = (image, doc["kind"].as_str().unwrap_or_default()) {
+                for container in doc["spec"]["template"]["spec"]["containers"].as_array_mut().into_iter().flatten() {
+                    container["image"] = Value::String(image.to_string());
+                }
+            }
+            crate::cluster::apply(client, &doc).await?;
+        }
+        Ok(())
+    }
+}
