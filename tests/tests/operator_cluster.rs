@@ -60,6 +60,15 @@ async fn events(client: &kube::Client) -> Result<Vec<(String, String, String, St
         .collect())
 }
 
+/// Creates Wukong `name` in NS with `spec`, as a user does.
+async fn create_wukong(api: &Api<Wukong>, name: &str, spec: Value) -> Result<()> {
+    let wukong: Wukong = serde_json::from_value(json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": name}, "spec": spec,
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    Ok(())
+}
+
 async fn set_disks(api: &Api<Wukong>, name: &str, disks: Value) -> Result<()> {
     api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"disks": disks}}))).await?;
     Ok(())
@@ -84,6 +93,30 @@ async fn operator_lab() -> Result<(Guest, Cluster, KubeVirtLab, tempfile::TempDi
     Ok((guest, cluster, kubevirt, images))
 }
 
+/// [`operator_lab`] with an operator running and Wukong `db` created with disks `rootdisk` and `a`.
+struct DbLab {
+    guest: Guest,
+    cluster: Cluster,
+    kubevirt: KubeVirtLab,
+    _images: tempfile::TempDir,
+    _operator: Operator,
+    admin: kube::Client,
+    api: Api<Wukong>,
+    root: Value,
+    a: Value,
+}
+
+async fn db_lab() -> Result<DbLab> {
+    let (guest, cluster, kubevirt, _images) = operator_lab().await?;
+    let _operator = Operator::start(&cluster, "op-1", guest.agent_port())?;
+    let admin = cluster.client(ADMIN).await?;
+    let api = wukongs(&admin);
+    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let a = json!({"name": "a", "size": "16Mi"});
+    create_wukong(&api, "db", json!({"cpu": 2, "memory": "4Gi", "disks": [root, a]})).await?;
+    Ok(DbLab { guest, cluster, kubevirt, _images, _operator, admin, api, root, a })
+}
+
 /// Issue 29, item 3: a disk removed from spec.disks while KubeVirt's Pod that replaces the VM's attachment Pod is
 /// slow, stuck (ContainerCreating) or never scheduled. The operator reports `Detaching` with the attachment Pod that
 /// holds the volume, keeps the claim while the VMI's status entry lasts, and finishes (claim deleted) once the
@@ -91,17 +124,9 @@ async fn operator_lab() -> Result<(Guest, Cluster, KubeVirtLab, tempfile::TempDi
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_disk_keeps_its_claim_until_kubevirts_attachment_pod_is_gone() -> Result<()> {
     use wukong_e2e::kubevirt_lab::AttachmentPodFault;
-    let (guest, cluster, kubevirt, _images) = operator_lab().await?;
-    let _operator = Operator::start(&cluster, "op-1", guest.agent_port())?;
-    let admin = cluster.client(ADMIN).await?;
-    let api = wukongs(&admin);
-    let root = json!({"name": "rootdisk", "size": "1Gi"});
-    let a = json!({"name": "a", "size": "16Mi"});
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
-        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, a]},
-    }))?;
-    api.create(&PostParams::default(), &wukong).await?;
+    // Every field bound (`_`-prefixed ones too): the operator and the images live until the test ends.
+    let DbLab { guest: _guest, cluster: _cluster, kubevirt, admin, api, root, a, _images, _operator } =
+        db_lab().await?;
     // A claim is deleted once it is gone or terminating (the lab has no controller-manager to end pvc-protection).
     let claim = |name: &str| {
         let (admin, name) = (admin.clone(), format!("db-vm-{name}"));
@@ -163,17 +188,7 @@ async fn a_removed_disk_keeps_its_claim_until_kubevirts_attachment_pod_is_gone()
 /// and goes through by itself once the strategy is gone; the addition says why in its status.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_disk_kubevirt_would_not_hot_plug_is_explained_not_waited_for() -> Result<()> {
-    let (guest, cluster, kubevirt, _images) = operator_lab().await?;
-    let _operator = Operator::start(&cluster, "op-1", guest.agent_port())?;
-    let admin = cluster.client(ADMIN).await?;
-    let api = wukongs(&admin);
-    let root = json!({"name": "rootdisk", "size": "1Gi"});
-    let a = json!({"name": "a", "size": "16Mi"});
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
-        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, a]},
-    }))?;
-    api.create(&PostParams::default(), &wukong).await?;
+    let DbLab { guest, cluster: _cluster, kubevirt, admin, api, root, a: _, _images, _operator } = db_lab().await?;
     let w = wait_for(&api, "db", 120, phase_is("a", Phase::Attached)).await?;
     let serial = volume(&w, "a").map(|v| v.serial.clone()).context("disk a's serial")?;
     let vms: Api<DynamicObject> =
@@ -205,11 +220,12 @@ async fn a_disk_kubevirt_would_not_hot_plug_is_explained_not_waited_for() -> Res
 
     // A VMI without hot-plug: the added disk says why it is not plugged.
     kubevirt.create_vm_without_hotplug("cold-vm", "127.0.0.1").await?;
-    let cold: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "cold"},
-        "spec": {"cpu": 1, "memory": "1Gi", "vmName": "cold-vm", "disks": [root, {"name": "b", "size": "16Mi"}]},
-    }))?;
-    api.create(&PostParams::default(), &cold).await?;
+    create_wukong(
+        &api,
+        "cold",
+        json!({"cpu": 1, "memory": "1Gi", "vmName": "cold-vm", "disks": [root, {"name": "b", "size": "16Mi"}]}),
+    )
+    .await?;
     let refused = |w: &Wukong| {
         volume(w, "b").is_some_and(|v| {
             v.phase == Phase::Attaching
@@ -236,12 +252,8 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
 
     let data = json!({"name": "data", "size": "64Mi", "detachOptions": {"preserveData": true, "unmount": true}});
     let root = json!({"name": "rootdisk", "size": "1Gi"});
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
-        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, data]},
-    }))?;
     let started = Instant::now();
-    api.create(&PostParams::default(), &wukong).await?;
+    create_wukong(&api, "db", json!({"cpu": 2, "memory": "4Gi", "disks": [root, data]})).await?;
     let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
     println!("add a disk → Attached in {:.1} s", started.elapsed().as_secs_f64());
     let v = volume(&w, "data").unwrap();
@@ -418,11 +430,12 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     }
     let second = Operator::start(&cluster, "op-b", 1)?;
     let api = wukongs(&admin);
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "w1"},
-        "spec": {"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]},
-    }))?;
-    api.create(&PostParams::default(), &wukong).await?;
+    create_wukong(
+        &api,
+        "w1",
+        json!({"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]}),
+    )
+    .await?;
     let w = wait_for(&api, "w1", 60, |w| {
         volume(w, "data").is_some_and(|v| v.message.as_deref() == Some("in the VM's spec; attached when the VM starts"))
     })
@@ -512,11 +525,12 @@ async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Resul
     let port = agent_port.to_string();
     let _operator = Operator::start_with(&cluster, "op-tls", &["--agent-tls-dir", &dir, "--agent-port", &port])?;
     let api = wukongs(&cluster.client(ADMIN).await?);
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "tls"},
-        "spec": {"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]},
-    }))?;
-    api.create(&PostParams::default(), &wukong).await?;
+    create_wukong(
+        &api,
+        "tls",
+        json!({"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]}),
+    )
+    .await?;
     let says = |text: &'static str| {
         move |w: &Wukong| volume(w, "data").and_then(|v| v.message.as_deref()).is_some_and(|m| m.contains(text))
     };
@@ -760,11 +774,7 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
     let api = wukongs(&admin);
     let data = json!({"name": "data", "size": "32Mi", "detachOptions": {"preserveData": true, "unmount": true}});
     let root = json!({"name": "rootdisk", "size": "1Gi"});
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "db"},
-        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, data]},
-    }))?;
-    api.create(&PostParams::default(), &wukong).await?;
+    create_wukong(&api, "db", json!({"cpu": 2, "memory": "4Gi", "disks": [root, data]})).await?;
     let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
     let dev = volume(&w, "data").and_then(|v| v.device.clone()).context("the guest's device in status")?;
     let sum = guest.fill(&dev, "/mnt/d", 2 << 20).await?;
@@ -827,11 +837,12 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
     let warned = events(&admin).await?;
     assert!(warned.iter().any(|(t, r, ..)| t == "Warning" && r == "ForcedDetach"), "{warned:#?}");
     // Bad input: named in a False condition, nothing created.
-    let bad: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "bad"},
-        "spec": {"vmName": "db-vm", "disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "x", "size": "ten"}]},
-    }))?;
-    api.create(&PostParams::default(), &bad).await?;
+    create_wukong(
+        &api,
+        "bad",
+        json!({"vmName": "db-vm", "disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "x", "size": "ten"}]}),
+    )
+    .await?;
     let w = wait_for(&api, "bad", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;
     let valid =
         w.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "SpecValid")).context("SpecValid")?;
