@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 /// The operator's identity: its ServiceAccount, as the API server names it.
 pub const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator";
 
-/// deploy/crd.yaml, deploy/operator.yaml and deploy/network-policy.yaml as shipped (the Deployment aside: the lab
-/// runs no pods).
+/// deploy/crd.yaml, deploy/operator.yaml and deploy/network-policy.yaml as shipped, the Deployment aside: these
+/// tests run the operator's binary on the host (operator_cluster.rs runs the Deployment itself as Pods of its image
+/// on the lab's node, from the README's install).
 pub async fn install_operator(cluster: &Cluster) -> Result<()> {
     let client = cluster.client(ADMIN).await?;
     let mut documents = Vec::new();
@@ -22,7 +23,7 @@ pub async fn install_operator(cluster: &Cluster) -> Result<()> {
         let text = std::fs::read_to_string(crate::workspace_root().join(file))?;
         documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);
     }
-    // The lab runs no pods: the Deployment is only checked for the identity it runs as.
+    // Without a node the Deployment is only checked for the identity it runs as.
     for deployment in documents.iter().filter(|d| d["kind"] == "Deployment") {
         let account = &deployment["spec"]["template"]["spec"]["serviceAccountName"];
         if account != "wukong-operator" {
