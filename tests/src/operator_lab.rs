@@ -231,15 +231,26 @@ impl Operator {
 
     /// Stops it as Kubernetes does (SIGTERM) and waits at most `within` for it to exit; its exit status.
     pub async fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        self.send_sigterm()?;
+        self.wait_exit(within).await
+    }
+
+    /// Sends SIGTERM (what the kubelet does to a Pod's container) and returns at once.
+    pub fn send_sigterm(&self) -> Result<()> {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
         anyhow::ensure!(status.success(), "kill -TERM {} failed", self.child.id());
+        Ok(())
+    }
+
+    /// Waits until the process exited, at most `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("the operator did not exit within {within:?} of SIGTERM");
+                bail!("the operator did not exit within {within:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -251,9 +251,22 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
 
     // 6. SIGTERM: nothing under way, so the replica steps down, answers on for the shutdown delay (5 s) while it
     // leaves the Service, and exits cleanly.
+    // During the delay it is unready but still reviews as usual (a review that unplugs nothing is allowed, not
+    // turned away with "retry"): the Service is still taking it out.
     let mut successor = successor;
-    let status = successor.terminate(Duration::from_secs(10)).await?;
+    let vm = vms.get("vm1").await?;
+    let sent = Instant::now();
+    successor.send_sigterm()?;
+    while successor.get("/readyz").await?.0 == 200 {
+        anyhow::ensure!(sent.elapsed() < Duration::from_secs(1), "still ready a second after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, body) = post_review(&successor, &forged_review(&vm, &vm)).await?;
+    assert!(code == 200 && body.contains("\"allowed\":true"), "{code}: {body}");
+    let status = successor.wait_exit(Duration::from_secs(15)).await?;
     assert!(status.success(), "{status}");
+    let took = sent.elapsed();
+    assert!(took >= Duration::from_millis(4500), "the shutdown delay (5 s) was kept: exited after {took:?}");
     let log = successor.log();
     assert!(log.contains("every admission review under way was answered"), "{log}");
     Ok(())
