@@ -216,9 +216,6 @@ impl Volume {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmiStatus {
-    /// Pending, Scheduling, Scheduled, Running, Succeeded, Failed (Paused is a condition of Running).
-    #[serde(default)]
-    pub phase: String,
     #[serde(default)]
     pub volume_status: Vec<VolumeStatus>,
     #[serde(default)]

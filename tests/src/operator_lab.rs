@@ -39,6 +39,21 @@ pub async fn install_operator(cluster: &Cluster) -> Result<()> {
     create_all(&client, documents).await
 }
 
+/// scripts/build-image.sh's OCI archive of the operator, in `out` (by default target/wukong-image): its path, as the
+/// script prints it. The script caches the archive, so an unchanged build only checks its inputs.
+pub fn build_operator_image(out: Option<&std::path::Path>) -> Result<PathBuf> {
+    let mut command = Command::new("bash");
+    command.arg(crate::workspace_root().join("scripts/build-image.sh")).current_dir(crate::workspace_root());
+    if let Some(out) = out {
+        command.arg("--out").arg(out);
+    }
+    let output = command.output().context("running scripts/build-image.sh")?;
+    if !output.status.success() {
+        bail!("scripts/build-image.sh failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?.trim().into())
+}
+
 /// The admission guard's serving certificate: a throwaway CA, and `tls.crt`/`tls.key` for 127.0.0.1 in a
 /// directory laid out as the mounted Secret.
 pub struct GuardTls {

@@ -36,10 +36,18 @@ pub fn readme_block(needle: &str) -> Result<String> {
 /// What the install's kubectl calls would have created or applied.
 #[derive(Default)]
 pub struct Installed {
-    /// (namespace, name) → key → the file it holds.
-    pub secrets: BTreeMap<(String, String), BTreeMap<String, PathBuf>>,
+    /// The namespaces created, in order.
+    pub namespaces: Vec<String>,
+    /// (namespace, name) → the Secret.
+    pub secrets: BTreeMap<(String, String), Secret>,
     /// Every document applied, in order.
     pub applied: Vec<Value>,
+}
+
+/// A Secret the install creates: its type (`kubectl create secret generic` or `tls`) and each key's file.
+pub struct Secret {
+    pub type_: &'static str,
+    pub files: BTreeMap<String, PathBuf>,
 }
 
 impl Installed {
@@ -58,19 +66,19 @@ impl Installed {
         }
         let flag = |name: &'static str| words.iter().filter_map(move |w| w.strip_prefix(name));
         match words.as_slice() {
-            ["create", "namespace", _] => {}
+            ["create", "namespace", name] => self.namespaces.push(name.to_string()),
             ["create", "secret", "generic", name, ..] => {
-                let keys = flag("--from-file=")
+                let files = flag("--from-file=")
                     .map(|f| f.split_once('=').map(|(k, p)| (k.to_string(), work.join(p))))
                     .collect::<Option<_>>()
                     .with_context(|| format!("Secret {name}: --from-file without KEY= ({call:?})"))?;
-                self.secrets.insert((namespace, name.to_string()), keys);
+                self.secrets.insert((namespace, name.to_string()), Secret { type_: "Opaque", files });
             }
             ["create", "secret", "tls", name, ..] => {
                 let one =
                     |f: &'static str| flag(f).next().map(|p| work.join(p)).context(format!("{f} of Secret {name}"));
-                let keys = BTreeMap::from([("tls.crt".into(), one("--cert=")?), ("tls.key".into(), one("--key=")?)]);
-                self.secrets.insert((namespace, name.to_string()), keys);
+                let files = BTreeMap::from([("tls.crt".into(), one("--cert=")?), ("tls.key".into(), one("--key=")?)]);
+                self.secrets.insert((namespace, name.to_string()), Secret { type_: "kubernetes.io/tls", files });
             }
             ["apply", "-f", file] => {
                 let path = match *file {
@@ -134,37 +142,27 @@ pub fn readme_agent_files() -> Result<BTreeMap<String, String>> {
 }
 
 impl Installed {
-    /// Sends what the install made to the API server `client` talks to, in the install's order (Secrets first, then
-    /// every applied document, created or merged), with the operator's image reference replaced by `image` when
-    /// given. Namespaces the Secrets need are created first, as the install's `kubectl create namespace` does.
-    pub async fn apply(&self, client: &kube::Client, image: Option<&str>) -> Result<()> {
+    /// Sends what the install made to the API server `client` talks to, as kubectl would have: the namespaces, the
+    /// Secrets, then every applied document in order (created, or merged into an existing object).
+    pub async fn apply(&self, client: &kube::Client) -> Result<()> {
         use base64::Engine;
         let encode = |file: &PathBuf| -> Result<String> {
             let bytes = std::fs::read(file).with_context(|| file.display().to_string())?;
             Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
         };
-        for doc in self.applied.iter().filter(|d| d["kind"] == "CustomResourceDefinition") {
-            crate::cluster::apply(client, doc).await?;
-        }
-        for (namespace, _) in self.secrets.keys() {
+        for namespace in &self.namespaces {
             let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
             crate::cluster::apply(client, &ns).await?;
         }
-        for ((namespace, name), keys) in &self.secrets {
-            let data = keys.iter().map(|(k, f)| Ok((k.clone(), Value::String(encode(f)?)))).collect::<Result<_>>()?;
-            let kind = if keys.contains_key("tls.crt") && keys.len() == 2 { "kubernetes.io/tls" } else { "Opaque" };
-            let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": kind,
+        for ((namespace, name), secret) in &self.secrets {
+            let data = secret.files.iter().map(|(k, f)| Ok((k.clone(), Value::String(encode(f)?))));
+            let data = data.collect::<Result<_>>()?;
+            let object = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": secret.type_,
                 "metadata": {"name": name, "namespace": namespace}, "data": Value::Object(data)});
-            crate::cluster::apply(client, &secret).await?;
+            crate::cluster::apply(client, &object).await?;
         }
-        for doc in self.applied.iter().filter(|d| d["kind"] != "CustomResourceDefinition") {
-            let mut doc = doc.clone();
-            if let (Some(image), "Deployment") = (image, doc["kind"].as_str().unwrap_or_default()) {
-                for container in doc["spec"]["template"]["spec"]["containers"].as_array_mut().into_iter().flatten() {
-                    container["image"] = Value::String(image.to_string());
-                }
-            }
-            crate::cluster::apply(client, &doc).await?;
+        for doc in &self.applied {
+            crate::cluster::apply(client, doc).await?;
         }
         Ok(())
     }

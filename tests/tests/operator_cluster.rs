@@ -661,17 +661,6 @@ async fn the_guard_serves_again_after_the_process_ran_out_of_file_descriptors() 
     Ok(())
 }
 
-/// scripts/build-image.sh's archive (built by scripts/test.sh before the tests; cached, so a second build only
-/// checks its inputs).
-fn operator_image() -> Result<std::path::PathBuf> {
-    let out = std::process::Command::new("bash")
-        .arg(wukong_e2e::workspace_root().join("scripts/build-image.sh"))
-        .output()
-        .context("running scripts/build-image.sh")?;
-    anyhow::ensure!(out.status.success(), "scripts/build-image.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?.trim().into())
-}
-
 /// Issue 21: wukong-operator as a platform engineer runs it. Its image (scripts/build-image.sh) imported into the
 /// lab's real node (kubelet, containerd), the README's install replayed against the API server as it is (its
 /// openssl certificates, both Secrets, deploy/crd.yaml, deploy/operator.yaml, the guard with its caBundle,
@@ -688,7 +677,8 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
     use k8s_openapi::api::core::v1::Pod;
     use wukong_e2e::node::{NODE_ADDRESS, Node, wait_for_pods};
     use wukong_e2e::readme_install::{readme_agent_files, run_install};
-    let archive = operator_image()?;
+    // Built by scripts/test.sh before the tests: this only checks the script's inputs.
+    let archive = wukong_e2e::operator_lab::build_operator_image(None)?;
     let work = tempfile::tempdir()?;
     let installed = run_install(work.path())?;
     let deployment = installed.kind("Deployment").next().context("the install applies no Deployment")?;
@@ -722,7 +712,7 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
     let admin = node.client(ADMIN).await?;
 
     let started = Instant::now();
-    installed.apply(&admin, None).await?;
+    installed.apply(&admin).await?;
     let selector = "app.kubernetes.io/name=wukong-operator";
     let pods = wait_for_pods(&admin, "wukong-system", selector, 2, Duration::from_secs(180)).await?;
     println!("README install applied → both replicas Ready in {:.1} s", started.elapsed().as_secs_f64());

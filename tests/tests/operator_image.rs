@@ -24,9 +24,8 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 
 /// Builds the image into `out`; the archive's path, as the script prints it.
 fn build(out: &Path) -> Result<PathBuf> {
-    let printed = run("bash", &["scripts/build-image.sh", "--out", out.to_str().context("a UTF-8 path")?])?;
-    let archive = PathBuf::from(printed.trim());
-    ensure!(archive.starts_with(out) && archive.exists(), "build-image.sh printed {printed:?}");
+    let archive = wukong_e2e::operator_lab::build_operator_image(Some(out))?;
+    ensure!(archive.starts_with(out) && archive.exists(), "build-image.sh printed {}", archive.display());
     Ok(archive)
 }
 

@@ -37,7 +37,7 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
             }
             _ => bail!("volume {name} is neither a Secret nor a ConfigMap; teach this test its kind"),
         };
-        let keys = installed.secrets.get(&(ns.clone(), secret.to_string())).with_context(|| {
+        let keys = installed.secrets.get(&(ns.clone(), secret.to_string())).map(|s| &s.files).with_context(|| {
             format!(
                 "the Deployment mounts Secret {ns}/{secret} (volume {name}), which the README's install never creates"
             )
@@ -119,7 +119,7 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
         .find(|(path, _)| webhook.cert_dir.strip_prefix(root.path()).is_ok_and(|d| Path::new("/").join(d) == *path))
         .map(|(_, secret)| secret)
         .context("the webhook's certificate directory is no mounted Secret")?;
-    let serving = &installed.secrets[&(ns.clone(), guard_secret.clone())]["tls.crt"];
+    let serving = &installed.secrets[&(ns.clone(), guard_secret.clone())].files["tls.crt"];
     let configuration = installed.kind("ValidatingWebhookConfiguration").next().context("no guard applied")?;
     for hook in configuration["webhooks"].as_array().context("webhooks")? {
         let service = &hook["clientConfig"]["service"];
