@@ -39,6 +39,9 @@ pub const OWNER_LABEL: &str = "vm.novasphere.dev/wukong";
 pub const DISK_LABEL: &str = "vm.novasphere.dev/disk";
 /// Set on claims kept (`preserveData`) when their `Wukong` is deleted.
 pub const PRESERVED_LABEL: &str = "vm.novasphere.dev/preserved";
+/// The finalizer the API server adds for a delete with `propagationPolicy: Orphan` (`kubectl delete
+/// --cascade=orphan`).
+const ORPHAN_FINALIZER: &str = "orphan";
 /// A steady object is looked at again this often (drift, a VM started without an event reaching us).
 const RESYNC: Duration = Duration::from_secs(300);
 /// A step in progress (a claim binding, an unplug under way) is looked at again this soon.
@@ -705,10 +708,15 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
     let claims = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &ns);
     let owned = claims.list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", wukong.name_any()))).await?;
     let volumes = wukong.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default();
+    // `kubectl delete --cascade=orphan` (the API server then adds the `orphan` finalizer) asks to keep what the
+    // object owns, as the garbage collector keeps owned objects: every claim is kept as `preserveData` keeps one,
+    // plugged or not. An uninstall deletes the `Wukong` objects this way and loses no disk.
+    let orphaned = wukong.finalizers().iter().any(|f| f == ORPHAN_FINALIZER);
     let mut in_use = Vec::new();
     for claim in owned {
         let name = claim.name_any();
-        let preserve = volumes.iter().find(|v| v.pvc_name == name).is_none_or(|v| v.detach_options.preserve_data);
+        let preserve =
+            orphaned || volumes.iter().find(|v| v.pvc_name == name).is_none_or(|v| v.detach_options.preserve_data);
         if preserve {
             let patch = json!({"metadata": {"ownerReferences": null, "labels": {PRESERVED_LABEL: "true"}}});
             claims.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;

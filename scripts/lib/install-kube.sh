@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs a real Kubernetes control plane and node for the tests: kube-apiserver, kube-controller-manager,
-# kube-scheduler, kube-proxy and kubelet v1.20.2, built once per machine from Debian bookworm's `kubernetes` source
+# kube-scheduler, kube-proxy and kubelet v1.20.2, and the kubectl that matches them (the demo and the README's
+# install run it; Debian's kubernetes-client package would clash with a kubectl a machine may already have), built once per machine from Debian bookworm's `kubernetes` source
 # package (the whole upstream tree with vendor/) with Debian's Go 1.19, and etcd 3.4 from Debian's etcd-server
 # package. Go and etcd are unpacked into a private prefix (nothing is installed system-wide for them); apt runs with
 # the private configuration of apt.sh plus deb-src entries, never /etc/apt. The node's runtime comes from Debian as
 # packages: containerd, runc, the CNI plugins, and iptables for kube-proxy and the lab's egress guard.
 #
 # Output: $WUKONG_KUBE_DIR/bin (default target/wukong-kube/bin, under $CARGO_TARGET_DIR if set, where the tests
-# look) with the five Kubernetes binaries, etcd and .complete. The build happens in $WUKONG_KUBE_DIR/build and is
+# look) with the six Kubernetes binaries, etcd and .complete. The build happens in $WUKONG_KUBE_DIR/build and is
 # published by renaming a finished directory, whose .complete stamp (versions and this script's checksum, so a
 # changed script builds again) is written last. A later run checks the stamp and the binaries and finishes in about
 # a second; concurrent runs wait for each other (flock).
@@ -20,7 +21,7 @@ kube_version=v1.20.2
 # Built from one source tree in one `go build`, which shares the packages they have in common. Measured on 2 cores
 # with another build running: 10m18s for all five from a fresh machine (download, OpenAPI generation, the build;
 # kube-apiserver alone took about 7.5 min), 0.7 s for a later run that finds them.
-components=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet)
+components=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl)
 # The node's runtime, from bookworm: containerd 1.6.20, runc 1.1.5, containernetworking-plugins 1.1.1; kube-proxy
 # programs iptables (and clears UDP flows with conntrack).
 node_packages=(containerd runc containernetworking-plugins iptables conntrack)
@@ -47,9 +48,15 @@ elapsed() {
 verify() {
   local dir=$1 c kube etcd
   for c in "${components[@]}"; do
-    kube=$("$dir/$c" --version 2>&1) || { echo "$dir/$c --version failed: $kube" >&2; return 1; }
+    if [ "$c" = kubectl ]; then
+      # kubectl has no --version flag; its client version says the same in other words.
+      kube=$("$dir/$c" version --client --short 2>&1) || { echo "$dir/$c version failed: $kube" >&2; return 1; }
+      kube=${kube/#Client Version: /Kubernetes }
+    else
+      kube=$("$dir/$c" --version 2>&1) || { echo "$dir/$c --version failed: $kube" >&2; return 1; }
+    fi
     if [ "$kube" != "Kubernetes $kube_version" ]; then
-      echo "$dir/$c --version prints '$kube', not 'Kubernetes $kube_version'" >&2
+      echo "$dir/$c prints version '$kube', not 'Kubernetes $kube_version'" >&2
       return 1
     fi
   done

@@ -167,3 +167,74 @@ impl Installed {
         Ok(())
     }
 }
+
+/// The README's runnable install, as a user copies it: each `sh` block that follows a `<!-- run: NAME -->` line.
+/// The block named `settings` holds the user's own values (`NAME=value` lines); a test replaces those it must (the
+/// lab's file server, say) and runs every other block as written, in a scratch directory beside a checkout's
+/// `deploy/` and `scripts/`, with the lab's kubectl and helm and the workspace's wukongctl first in `PATH`.
+pub struct ReadmeShell {
+    dir: PathBuf,
+    settings: String,
+    path: String,
+    kubeconfig: PathBuf,
+}
+
+/// The `sh` block the README marks `<!-- run: NAME -->`.
+pub fn readme_run_block(name: &str) -> Result<String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md"))?;
+    let marker = format!("<!-- run: {name} -->\n");
+    let (_, rest) = readme.split_once(&marker).with_context(|| format!("the README has no {marker:?} line"))?;
+    let body = rest.strip_prefix("```sh\n").with_context(|| format!("{marker:?} is not followed by a sh block"))?;
+    let (block, _) = body.split_once("\n```").with_context(|| format!("the sh block after {marker:?} never ends"))?;
+    Ok(format!("{block}\n"))
+}
+
+impl ReadmeShell {
+    /// Takes the README's settings with `overrides` in place of its values: every override must name a setting the
+    /// README has, so a renamed setting fails here rather than running with the README's placeholder.
+    pub fn new(dir: &Path, kubeconfig: &Path, overrides: &[(&str, String)]) -> Result<Self> {
+        let mut settings = readme_run_block("settings")?;
+        for (name, value) in overrides {
+            let prefix = format!("{name}=");
+            let line = settings
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .with_context(|| format!("the README's settings have no {name}=; update this test"))?
+                .to_string();
+            let quoted = format!("{name}='{}'", value.replace('\'', r"'\''"));
+            settings = settings.replace(&line, &quoted);
+        }
+        for link in ["deploy", "scripts", "systemd"] {
+            std::os::unix::fs::symlink(workspace_root().join(link), dir.join(link))?;
+        }
+        let wukongctl = crate::wukongctl_binary();
+        let bins = [
+            crate::cluster::kube_bin_dir(),
+            crate::helm_bin_dir(),
+            wukongctl.parent().context("wukongctl's directory")?.to_path_buf(),
+        ];
+        let mut path = std::env::join_paths(bins)?.into_string().map_err(|p| anyhow::anyhow!("PATH {p:?}"))?;
+        path.push(':');
+        path.push_str(&std::env::var("PATH").unwrap_or_default());
+        Ok(Self { dir: dir.to_path_buf(), settings, path, kubeconfig: kubeconfig.to_path_buf() })
+    }
+
+    /// Runs the block `name` after the settings, with bash's `-euo pipefail`; its output, or an error with it.
+    pub fn run(&self, name: &str) -> Result<String> {
+        let script = format!("{}{}", self.settings, readme_run_block(name)?);
+        let output = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .current_dir(&self.dir)
+            .env("PATH", &self.path)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .context("running bash")?;
+        let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        ensure!(
+            output.status.success(),
+            "the README's {name} block failed ({}):\n{script}\n---\n{said}",
+            output.status
+        );
+        Ok(said)
+    }
+}

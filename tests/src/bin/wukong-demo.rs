@@ -1,14 +1,15 @@
 //! `scripts/demo.sh`: boots a throwaway guest with the agent, then the whole story with `wukongctl` against QEMU:
 //! attach (waiting until the guest sees the disk), mount and write, a detach the guest refuses (with every reason),
 //! a safe detach, and a re-attach with the data intact. Then the declarative story, on a genuine kube-apiserver with
-//! the lab's KubeVirt and wukong-operator running as its ServiceAccount: a `Wukong` gains a disk, its removal is
-//! refused with the reasons while a writer holds it, and the disk goes on its own once the writer stops.
+//! the lab's KubeVirt and wukong-operator running as its ServiceAccount, driven and shown with real kubectl: a `Wukong`
+//! gains a disk, its removal is refused with the reasons while a writer holds it, and the disk goes on its own once
+//! the writer stops.
 
 use anyhow::{Context, Result, bail};
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
+use kube::api::Api;
+use std::path::Path;
 use std::time::{Duration, Instant};
-use wukong_e2e::cluster::{ADMIN, Cluster};
+use wukong_e2e::cluster::{ADMIN, Cluster, kube_bin_dir};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
 use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator};
 use wukong_e2e::{Guest, wukongctl_binary};
@@ -43,6 +44,26 @@ fn ctl(guest: &Guest, args: &[&str]) -> Result<()> {
     anyhow::ensure!(code == 0, "wukongctl {} failed with exit code {code}", args.join(" "));
     Ok(())
 }
+
+/// The `Wukong` the declarative story applies.
+const SHOP: &str = "\
+apiVersion: vm.novasphere.dev/v1alpha1
+kind: Wukong
+metadata:
+  name: shop
+  namespace: shop
+spec:
+  cpu: 2
+  memory: 4Gi
+  disks:
+    - name: rootdisk
+      size: 10Gi
+    - name: orders
+      size: 64Mi
+      detachOptions:
+        unmount: true
+        preserveData: true
+";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -101,24 +122,38 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// What `kubectl get wukong NAME` and its status say, in short.
-fn show(w: &Wukong) {
-    let Some(status) = &w.status else { return };
-    println!("$ kubectl get wukong {} -o wide", w.metadata.name.as_deref().unwrap_or_default());
-    println!("  VM: {}   attached: {}   blocked: {}", status.vm_name, status.attached, status.blocked);
-    for v in &status.volumes {
-        let device = v.device.as_deref().unwrap_or("-");
-        let claim = if v.pvc_name.is_empty() { "-" } else { &v.pvc_name };
-        let system = if v.system { " (system disk)" } else { "" };
-        println!("  disk {:<10} {:<14} claim {claim:<16} device {device}{system}", v.name, format!("{:?}", v.phase));
-        for blocker in &v.blockers {
-            println!("      blocked: {blocker}");
-        }
-    }
-    for record in &status.history {
-        let reason = record.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
-        println!("  history: {} {} after {} s{reason}", record.disk, record.outcome, record.duration_seconds);
-    }
+/// Runs the lab's kubectl (built with its API server by scripts/lib/install-kube.sh) as the cluster's admin, as a user
+/// would type it, and shows what it prints.
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<()> {
+    let shown: Vec<String> =
+        args.iter().map(|a| if a.contains([' ', '"', '{', '[']) { format!("'{a}'") } else { a.to_string() }).collect();
+    println!("$ kubectl {}", shown.join(" "));
+    let binary = kube_bin_dir().join("kubectl");
+    let status = std::process::Command::new(&binary)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .status()
+        .with_context(|| format!("cannot run {}; scripts/lib/install-kube.sh builds it", binary.display()))?;
+    anyhow::ensure!(status.success(), "kubectl {} failed: {status}", args.join(" "));
+    Ok(())
+}
+
+/// What a user looks at: the printer columns, then each disk's status and the detach history.
+fn show(kubeconfig: &Path) -> Result<()> {
+    kubectl(kubeconfig, &["-n", "shop", "get", "wukong", "shop", "-o", "wide"])?;
+    kubectl(
+        kubeconfig,
+        &[
+            "-n",
+            "shop",
+            "get",
+            "wukong",
+            "shop",
+            "-o",
+            "jsonpath={range .status.volumes[*]}{.name}{\"\\t\"}{.phase}{\"\\t\"}{.device}{\"\\t\"}{.blockers}{\"\\n\"}{end}\
+             {range .status.history[*]}history: {.disk} {.outcome} {.reason}{\"\\n\"}{end}",
+        ],
+    )
 }
 
 async fn wait_for(api: &Api<Wukong>, done: impl Fn(&Wukong) -> bool) -> Result<Wukong> {
@@ -151,17 +186,14 @@ async fn declarative(guest: &Guest) -> Result<()> {
     let _operator = Operator::start(&cluster, "demo", guest.agent_port())?.quiet();
     let api: Api<Wukong> = Api::namespaced(cluster.client(ADMIN).await?, "shop");
 
+    let kubeconfig = cluster.kubeconfig(ADMIN)?;
     step("a Wukong with a system disk and a data disk 'orders' (unmount idle filesystems, keep the data)");
-    let orders = json!({"name": "orders", "size": "64Mi", "detachOptions": {"unmount": true, "preserveData": true}});
-    let root = json!({"name": "rootdisk", "size": "10Gi"});
-    println!("$ kubectl apply -f shop.yaml   # spec.disks: [rootdisk, orders]");
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": "shop"},
-        "spec": {"cpu": 2, "memory": "4Gi", "disks": [root, orders]},
-    }))?;
-    api.create(&PostParams::default(), &wukong).await?;
+    let manifest = images.path().join("shop.yaml");
+    std::fs::write(&manifest, SHOP)?;
+    println!("$ cat shop.yaml\n{SHOP}");
+    kubectl(&kubeconfig, &["apply", "-f", manifest.to_str().context("manifest path")?])?;
     let w = wait_for(&api, |w| phase_of(w, "orders") == Some(Phase::Attached)).await?;
-    show(&w);
+    show(&kubeconfig)?;
     let dev = w.status.as_ref().and_then(|s| s.volumes.iter().find_map(|v| v.device.clone())).context("a device")?;
 
     step("in the guest: orders mounted, a process writing to it");
@@ -174,18 +206,33 @@ echo $! > /run/orders.pid"
         .await?;
 
     step("orders removed from spec.disks: the guest refuses, the disk stays plugged, status says why");
-    println!("$ kubectl patch wukong shop --type merge -p '{{\"spec\":{{\"disks\":[rootdisk]}}}}'");
-    api.patch("shop", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"disks": [root]}}))).await?;
-    show(&wait_for(&api, |w| phase_of(w, "orders") == Some(Phase::DetachBlocked)).await?);
+    kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "shop",
+            "patch",
+            "wukong",
+            "shop",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/disks/1"}]"#,
+        ],
+    )?;
+    wait_for(&api, |w| phase_of(w, "orders") == Some(Phase::DetachBlocked)).await?;
+    show(&kubeconfig)?;
+    kubectl(&kubeconfig, &["-n", "shop", "get", "events", "--field-selector", "reason=DetachRefused"])?;
 
     step("the writer stops: the operator retries on its own (15 s, then backing off) and the disk goes");
     guest.run_ok("w=$(cat /run/orders.pid); kill $w; while kill -0 $w 2>/dev/null; do usleep 50000; done").await?;
     let stopped = Instant::now();
-    let w = wait_for(&api, |w| phase_of(w, "orders").is_none()).await?;
+    wait_for(&api, |w| phase_of(w, "orders").is_none()).await?;
     println!(
         "(detached {:.1} s after the writer stopped; the claim shop-vm-orders is kept)",
         stopped.elapsed().as_secs_f64()
     );
-    show(&w);
+    show(&kubeconfig)?;
+    kubectl(&kubeconfig, &["-n", "shop", "get", "pvc", "shop-vm-orders"])?;
     Ok(())
 }
