@@ -123,7 +123,8 @@ async fn main() -> Result<()> {
 }
 
 /// Runs the lab's kubectl (built with its API server by scripts/lib/install-kube.sh) as the cluster's admin, as a user
-/// would type it, and shows what it prints.
+/// would type it, and shows what it prints. It runs in the kubeconfig's directory, where the demo writes its
+/// manifest.
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<()> {
     let shown: Vec<String> =
         args.iter().map(|a| if a.contains([' ', '"', '{', '[']) { format!("'{a}'") } else { a.to_string() }).collect();
@@ -132,6 +133,7 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<()> {
     let status = std::process::Command::new(&binary)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
+        .current_dir(kubeconfig.parent().context("the kubeconfig's directory")?)
         .status()
         .with_context(|| format!("cannot run {}; scripts/lib/install-kube.sh builds it", binary.display()))?;
     anyhow::ensure!(status.success(), "kubectl {} failed: {status}", args.join(" "));
@@ -188,10 +190,9 @@ async fn declarative(guest: &Guest) -> Result<()> {
 
     let kubeconfig = cluster.kubeconfig(ADMIN)?;
     step("a Wukong with a system disk and a data disk 'orders' (unmount idle filesystems, keep the data)");
-    let manifest = images.path().join("shop.yaml");
-    std::fs::write(&manifest, SHOP)?;
+    std::fs::write(kubeconfig.with_file_name("shop.yaml"), SHOP)?;
     println!("$ cat shop.yaml\n{SHOP}");
-    kubectl(&kubeconfig, &["apply", "-f", manifest.to_str().context("manifest path")?])?;
+    kubectl(&kubeconfig, &["apply", "-f", "shop.yaml"])?;
     let w = wait_for(&api, |w| phase_of(w, "orders") == Some(Phase::Attached)).await?;
     show(&kubeconfig)?;
     let dev = w.status.as_ref().and_then(|s| s.volumes.iter().find_map(|v| v.device.clone())).context("a device")?;
