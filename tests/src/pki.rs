@@ -1,4 +1,5 @@
-//! A throwaway PKI for TLS tests: a CA, the agent's certificate (DNS `wukong-agent`, IP 127.0.0.1), client
+//! A throwaway PKI for TLS tests: a CA, the agent's certificate (DNS `wukong-agent`, IP 127.0.0.1) and one with the
+//! name alone (`named-agent`, as agents are shipped: no address), client
 //! certificates `operator`, `viewer` and `wukong-companion`, and `intruder`, signed by another CA (`other-ca.crt`).
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
@@ -43,6 +44,7 @@ impl Pki {
             };
         let server = vec!["wukong-agent".to_string(), "127.0.0.1".to_string()];
         leaf("agent", server, ExtendedKeyUsagePurpose::ServerAuth, &ca);
+        leaf("named-agent", vec!["wukong-agent".into()], ExtendedKeyUsagePurpose::ServerAuth, &ca);
         leaf("operator", vec![], ExtendedKeyUsagePurpose::ClientAuth, &ca);
         leaf("viewer", vec![], ExtendedKeyUsagePurpose::ClientAuth, &ca);
         leaf("wukong-companion", vec![], ExtendedKeyUsagePurpose::ClientAuth, &ca);

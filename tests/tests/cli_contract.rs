@@ -272,6 +272,26 @@ fn tls_mistakes_are_named_as_tls_mistakes() -> Result<()> {
     Ok(())
 }
 
+/// An agent's certificate names `wukong-agent`, never an address (cloud-init renders it before the VM has one):
+/// wukongctl verifies that name unless told another, wherever it dials.
+#[test]
+fn agents_are_verified_by_their_name_not_the_address_dialled() -> Result<()> {
+    let pki = Pki::new();
+    let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
+    let address = free_address()?;
+    let _agent = HostAgent::start(
+        &address,
+        &["--tls-cert", &p("named-agent.crt"), "--tls-key", &p("named-agent.key"), "--tls-client-ca", &p("ca.crt")],
+    )?;
+    let url = format!("https://{address}");
+    let tls = ["--tls-ca", &p("ca.crt"), "--tls-cert", &p("operator.crt"), "--tls-key", &p("operator.key")];
+    let run = |extra: &[&str]| ctl(&[], &[&["--agent", url.as_str()][..], &tls[..], extra, &["info"]].concat());
+    expect(&run(&[])?, 0, "releases:");
+    let by_address = run(&["--tls-server-name", "127.0.0.1"])?;
+    expect(&by_address, 7, "this client refused the agent's certificate");
+    Ok(())
+}
+
 /// `--help` of a subcommand shows the global flags apart, and only the flags that apply.
 #[test]
 fn help_shows_what_applies() -> Result<()> {

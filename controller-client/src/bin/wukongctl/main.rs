@@ -44,7 +44,9 @@ struct TlsArgs {
     /// This client's private key (PEM).
     #[arg(long, global = true, env = "WUKONG_TLS_KEY", value_name = "FILE", help_heading = "Mutual TLS")]
     tls_key: Option<PathBuf>,
-    /// The name the agent's certificate carries, when it is not the address's host.
+    /// The name the agent's certificate must carry [default: wukong-agent, the name every agent's certificate has,
+    /// as the operator verifies it: an agent is never verified by the IP it is dialled at, which a certificate
+    /// rendered into cloud-init before the VM had an address cannot name].
     #[arg(long, global = true, env = "WUKONG_TLS_SERVER_NAME", value_name = "NAME", help_heading = "Mutual TLS")]
     tls_server_name: Option<String>,
     /// A TOML file with any of: agent, tls_ca, tls_cert, tls_key, tls_server_name (like a kubeconfig for the agent).
@@ -80,6 +82,7 @@ impl TlsArgs {
         let cert = self.tls_cert.clone().or(file.tls_cert);
         let key = self.tls_key.clone().or(file.tls_key);
         let server_name = self.tls_server_name.clone().or(file.tls_server_name);
+        let server_name = Some(server_name.unwrap_or_else(|| wukong_proto::AGENT_SERVER_NAME.to_string()));
         let tls = match (ca, cert, key) {
             (None, None, None) => None,
             (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key, server_name }),
