@@ -226,17 +226,22 @@ fn exit_codes_say_what_happened() -> Result<()> {
     Ok(())
 }
 
+/// A host agent serving mutual TLS with the test PKI's certificate `cert` (`agent` or `named-agent`).
+fn tls_agent(pki: &Pki, cert: &str) -> Result<(String, HostAgent)> {
+    let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
+    let address = free_address()?;
+    let (crt, key) = (p(&format!("{cert}.crt")), p(&format!("{cert}.key")));
+    let agent = HostAgent::start(&address, &["--tls-cert", &crt, "--tls-key", &key, "--tls-client-ca", &p("ca.crt")])?;
+    Ok((address, agent))
+}
+
 /// Each TLS mistake gets a sentence saying which side refused what (exit 7), never a bare "unreachable"; a file
 /// that is not what its flag says is a usage error.
 #[test]
 fn tls_mistakes_are_named_as_tls_mistakes() -> Result<()> {
     let pki = Pki::new();
     let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
-    let tls_address = free_address()?;
-    let _tls = HostAgent::start(
-        &tls_address,
-        &["--tls-cert", &p("agent.crt"), "--tls-key", &p("agent.key"), "--tls-client-ca", &p("ca.crt")],
-    )?;
+    let (tls_address, _tls) = tls_agent(&pki, "agent")?;
     let plain_address = free_address()?;
     let _plain = HostAgent::start(&plain_address, &[])?;
     let tls_url = format!("https://{tls_address}");
@@ -278,11 +283,7 @@ fn tls_mistakes_are_named_as_tls_mistakes() -> Result<()> {
 fn agents_are_verified_by_their_name_not_the_address_dialled() -> Result<()> {
     let pki = Pki::new();
     let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
-    let address = free_address()?;
-    let _agent = HostAgent::start(
-        &address,
-        &["--tls-cert", &p("named-agent.crt"), "--tls-key", &p("named-agent.key"), "--tls-client-ca", &p("ca.crt")],
-    )?;
+    let (address, _agent) = tls_agent(&pki, "named-agent")?;
     let url = format!("https://{address}");
     let tls = ["--tls-ca", &p("ca.crt"), "--tls-cert", &p("operator.crt"), "--tls-key", &p("operator.key")];
     let run = |extra: &[&str]| ctl(&[], &[&["--agent", url.as_str()][..], &tls[..], extra, &["info"]].concat());
