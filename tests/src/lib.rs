@@ -597,7 +597,7 @@ impl Guest {
     pub async fn probe_after_unmount(&self, dev: &str, mnt: &str) -> Result<()> {
         self.run_ok(&format!(
             "mkdir -p /tmp/probe && rm -f /tmp/probe/never && mkfifo /tmp/probe/never && \
-             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do usleep 20000; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
+             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do sleep 0.02; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
              chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
         ))
         .await?;

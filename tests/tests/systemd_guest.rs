@@ -5,9 +5,10 @@
 //! over HTTP from the host.
 //! Checks that cloud-init used the NoCloud seed, that the shipped unit runs the agent under systemd (READY, the
 //! watchdog, a restart after a crash), and, under the unit's hardening, a refusal naming the user, a release that
-//! survives a restart of the agent and is undone by the restarted agent's cancel, and a full safe attach and
-//! detach from the host over mutual TLS; then that an upgrade to a newer .deb keeps a modified configuration and
-//! restarts the agent with it, and that a purge removes the package but keeps a journalled release.
+//! survives a restart of the agent and is undone by the restarted agent's cancel, a release interrupted by a
+//! crash and undone by the agent systemd restarts, and a full safe attach and detach from the host over mutual
+//! TLS; then that an upgrade to a newer .deb keeps a modified configuration and restarts the agent with it, and
+//! that a purge removes the package but keeps a journalled release.
 
 use anyhow::{Context, Result, ensure};
 use std::process::Command;
@@ -19,6 +20,7 @@ use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
 use wukong_controller_client::qemu::Qemu;
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{FileServer, Guest, agent_binary, agent_packages, nocloud_seed, workspace_root};
+use wukong_proto::v1::DiskState;
 
 fn sha256(path: &std::path::Path) -> Result<String> {
     let out = Command::new("sha256sum").arg(path).output()?;
@@ -187,6 +189,33 @@ async fn cloud_init_installs_the_deb_a_safe_detach_works_over_mtls_and_an_upgrad
     let kinds: Vec<&str> = cancelled.actions.iter().map(|a| a.kind.as_str()).collect();
     assert!(kinds.contains(&"scsi-rescan") && kinds.contains(&"mount"), "rescanned and mounted back: {kinds:?}");
     assert_eq!(guest.checksum("/mnt/b/data").await?, sum, "data intact after a release and a cancel");
+
+    // A release interrupted by a crash: the agent is SIGKILLed after it unmounted the disk, while what looks like
+    // a udev probe holds it; systemd restarts it (the journal untouched, as on any systemd) and the new agent
+    // undoes the release: the disk is present and mounted again.
+    // The cancel's rescan may have named the disk anew.
+    let dev = agent.get_disk("data-b", false).await?.dev_node;
+    guest.probe_after_unmount(&dev, "/mnt/b").await?;
+    let release = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.prepare_detach("data-b", true, false).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while guest.run("grep -q ' /mnt/b ' /proc/mounts").await?.status == 0 {
+        ensure!(Instant::now() < deadline, "the release never unmounted /mnt/b");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.get_disk("data-b", false).await?.state(), DiskState::Releasing);
+    let pid = systemctl_show(&guest, "MainPID").await?.trim().trim_start_matches("MainPID=").to_string();
+    guest.run_ok("kill -KILL $(pidof wukong-agent)").await?;
+    assert!(release.await?.is_err(), "the interrupted release did not answer success");
+    wait_restarted(&guest, &pid).await?;
+    assert_eq!(agent.get_disk("data-b", false).await?.state(), DiskState::Present, "never stuck RELEASING");
+    guest.run_ok("grep -q ' /mnt/b ' /proc/mounts").await.context("the interrupted release was undone: mounted")?;
+    let journal = guest.run_ok("journalctl -u wukong-agent.service --no-pager -o cat").await?;
+    assert!(journal.contains("undoing a release the previous agent process did not finish"), "{journal}");
+    guest.run_ok("kill $(cat /tmp/probe/pid)").await?;
+    assert_eq!(guest.checksum("/mnt/b/data").await?, sum, "data intact after an interrupted release");
 
     let options = DetachOptions {
         volume: "data-b".into(),
