@@ -35,6 +35,13 @@ grep -q '__libc_start_main@GLIBC_2\.3[0-9]* is newer than GLIBC_2\.17' "$fixture
   exit 1
 }
 rm -rf "$fixture"
+echo "== the agent's .deb and .rpm (target/wukong-packages), linted"
+# Emptied first, so that the lints see this version's packages only.
+rm -rf target/wukong-packages
+bash scripts/package-agent.sh
+# Overrides, each with its reason: packaging/deb/lintian-overrides (shipped in the .deb), packaging/rpm/*.rpmlintrc.
+lintian --fail-on error,warning,info,pedantic --pedantic target/wukong-packages/wukong-agent_*_amd64.deb
+rpmlint -r packaging/rpm/wukong-agent.rpmlintrc target/wukong-packages/wukong-agent-*-1.x86_64.rpm
 echo "== wukong-operator's image (static binary, OCI archive under target/wukong-image)"
 bash scripts/build-image.sh
 echo "== binaries the end-to-end tests run (cargo test builds a package's binaries only for its own tests)"

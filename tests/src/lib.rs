@@ -213,7 +213,8 @@ impl Drop for HostAgent {
     }
 }
 
-/// Serves one file over HTTP on a loopback port (the guest reaches it at 10.0.2.2:PORT), until dropped.
+/// Serves files over HTTP on a loopback port (the guest reaches it at 10.0.2.2:PORT), each at `/` and its file
+/// name (anything else is a 404), until dropped.
 pub struct FileServer {
     pub port: u16,
     task: tokio::task::JoinHandle<()>,
@@ -226,15 +227,20 @@ impl Drop for FileServer {
 }
 
 impl FileServer {
-    pub async fn start(file: &Path) -> Result<Self> {
-        let body = std::sync::Arc::new(std::fs::read(file)?);
+    pub async fn start(files: &[&Path]) -> Result<Self> {
+        let mut bodies = std::collections::HashMap::new();
+        for file in files {
+            let name = file.file_name().and_then(|n| n.to_str()).context("a file name in UTF-8")?;
+            bodies.insert(format!("/{name}"), std::sync::Arc::new(std::fs::read(file)?));
+        }
+        let bodies = std::sync::Arc::new(bodies);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let body = body.clone();
+                let bodies = bodies.clone();
                 tokio::spawn(async move {
-                    // Any request gets the file: reading up to the end of the headers is all the protocol needs.
+                    // Reading up to the end of the headers is all the protocol needs: the path is on the first line.
                     let mut request = Vec::new();
                     let mut buf = [0u8; 1024];
                     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -243,15 +249,44 @@ impl FileServer {
                             Ok(n) => request.extend_from_slice(&buf[..n]),
                         }
                     }
+                    let line = String::from_utf8_lossy(&request);
+                    let path = line.split_whitespace().nth(1).unwrap_or_default();
+                    let (status, body) = match bodies.get(path) {
+                        Some(body) => ("200 OK", body.as_slice()),
+                        None => ("404 Not Found", &b""[..]),
+                    };
                     let head =
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
                     let _ = stream.write_all(head.as_bytes()).await;
-                    let _ = stream.write_all(&body).await;
+                    let _ = stream.write_all(body).await;
                 });
             }
         });
         Ok(Self { port, task })
     }
+
+    /// The URL the guest downloads `file` from.
+    pub fn url(&self, file: &Path) -> String {
+        format!("http://10.0.2.2:{}/{}", self.port, file.file_name().unwrap_or_default().to_string_lossy())
+    }
+}
+
+/// The agent's .deb and .rpm as `scripts/package-agent.sh` builds them from `agent_binary()`, with `version`
+/// (a newer one makes an upgrade of the same binary), written to `out`.
+pub fn agent_packages(out: &Path, version: &str) -> Result<(PathBuf, PathBuf)> {
+    let status = std::process::Command::new("bash")
+        .arg(workspace_root().join("scripts/package-agent.sh"))
+        .args(["--version", version, "--binary"])
+        .arg(agent_binary())
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "scripts/package-agent.sh failed: {status}");
+    Ok((
+        out.join(format!("wukong-agent_{version}_amd64.deb")),
+        out.join(format!("wukong-agent-{version}-1.x86_64.rpm")),
+    ))
 }
 
 /// Output of a command run in the guest.
@@ -567,7 +602,7 @@ impl Guest {
     pub async fn probe_after_unmount(&self, dev: &str, mnt: &str) -> Result<()> {
         self.run_ok(&format!(
             "mkdir -p /tmp/probe && rm -f /tmp/probe/never && mkfifo /tmp/probe/never && \
-             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do usleep 20000; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
+             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do sleep 0.02; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
              chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
         ))
         .await?;

@@ -32,16 +32,17 @@ fn rendered_user_data_carries_the_shipped_files_verbatim() -> Result<()> {
          files = {{f['path']: f['content'] for f in d['write_files']}}\n\
          assert files['/etc/wukong-agent/agent.toml'] == open({config:?}).read(), 'config'\n\
          assert files['/etc/wukong-agent/wukong-agent.service'] == open({unit:?}).read(), 'unit, staged'\n\
+         assert files['/etc/wukong-agent/wukong-agent.tmpfiles'] == open({tmpfiles:?}).read(), 'tmpfiles, staged'\n\
          assert not any(p.startswith('/etc/systemd/') for p in files), 'no unit before the guest is checked'\n\
          assert files['/etc/wukong-agent/tls/agent.crt'] == 'CERT\\nline 2\\n', 'cert'\n\
          assert files['/etc/wukong-agent/tls/agent.key'] == 'KEY\\n', 'key'\n\
          assert len(d['runcmd']) == 1 and d['runcmd'][0][:2] == ['sh', '-ec'], d['runcmd']\n\
          cmd = d['runcmd'][0][2]\n\
-         assert 'http://10.0.2.2:8000/wukong-agent' in cmd and {sha:?} in cmd, cmd\n\
-         assert cmd.rstrip().endswith('systemctl enable --now wukong-agent.service'), cmd\n\
+         assert cmd.startswith(\"kind=binary\\nurl='http://10.0.2.2:8000/wukong-agent'\\nsha={sha}\\n\"), cmd\n\
          print('ok')\n",
         config = root.join("systemd/agent.toml"),
         unit = root.join("systemd/wukong-agent.service"),
+        tmpfiles = root.join("systemd/wukong-agent.tmpfiles"),
     );
     let py = Command::new("python3").arg("-c").arg(&check).output().context("python3 with PyYAML")?;
     assert!(py.status.success(), "{}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
@@ -66,93 +67,158 @@ fn rendered_user_data_carries_the_shipped_files_verbatim() -> Result<()> {
     Ok(())
 }
 
-/// The install script of the rendered user data, run with stand-ins for `uname`, `getconf`, `ldd` and every command
-/// that would change the guest (they only log their arguments): a supported guest gets the binary, the unit and
-/// `systemctl enable`, in that order; an aarch64 guest, an old glibc or a musl guest is refused with one sentence
-/// on stderr (cloud-init's log) and nothing is downloaded, installed or enabled.
-#[test]
-fn install_script_checks_the_guest_before_it_installs_anything() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    for (name, text) in [("a.crt", "CERT\n"), ("a.key", "KEY\n"), ("ca.crt", "CA\n")] {
-        std::fs::write(path(name), text)?;
-    }
-    let sha = "cd".repeat(32);
-    let (code, rendered, stderr) = render(&[
-        "--agent-url",
-        "http://10.0.2.2:8000/wukong-agent",
-        "--agent-sha256",
-        &sha,
-        "--cert",
-        &path("a.crt"),
-        "--key",
-        &path("a.key"),
-        "--client-ca",
-        &path("ca.crt"),
-    ])?;
-    assert_eq!(code, Some(0), "{stderr}");
-    std::fs::write(path("user-data"), rendered)?;
-    let extract =
-        format!("import yaml\nprint(yaml.safe_load(open({:?}))['runcmd'][0][2], end='')\n", path("user-data"));
-    let py = Command::new("python3").arg("-c").arg(&extract).output().context("python3 with PyYAML")?;
-    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
-    let script = String::from_utf8(py.stdout)?;
+/// A stand-in guest for the rendered install script: `uname`, `getconf`, `ldd` and `ldconfig` answer as the
+/// environment says (FAKE_ARCH, FAKE_GETCONF, FAKE_LDD), every command that would change the guest only logs its
+/// arguments (FAKE_LOG; curl also writes the URL it got, byte for byte, to FAKE_URL), and nothing else is on PATH
+/// but sed, grep and cat. `with_package_tools: false` is a guest without dpkg and rpm.
+struct FakeGuest {
+    dir: tempfile::TempDir,
+    script: String,
+}
 
-    let fake = dir.path().join("bin");
-    std::fs::create_dir_all(&fake)?;
-    let stubs = [
-        ("uname", "echo \"$FAKE_ARCH\""),
-        ("getconf", "[ -n \"$FAKE_GETCONF\" ] || exit 1; echo \"glibc $FAKE_GETCONF\""),
-        (
-            "ldd",
-            "[ -n \"$FAKE_LDD\" ] || { echo 'musl libc (x86_64)' >&2; exit 1; }; echo \"ldd (GNU libc) $FAKE_LDD\"",
-        ),
-        ("ldconfig", "printf '\\tlibudev.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libudev.so.1\\n'"),
-    ];
-    for (name, body) in stubs {
-        std::fs::write(fake.join(name), format!("#!/bin/sh\n{body}\n"))?;
+impl FakeGuest {
+    /// Renders the user data with `args` (and throwaway TLS files) and extracts its install script with PyYAML, as
+    /// cloud-init parses it.
+    fn render(args: &[&str], with_package_tools: bool) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+        for (name, text) in [("a.crt", "CERT\n"), ("a.key", "KEY\n"), ("ca.crt", "CA\n")] {
+            std::fs::write(path(name), text)?;
+        }
+        let mut all: Vec<&str> = args.to_vec();
+        let files = [path("a.crt"), path("a.key"), path("ca.crt")];
+        all.extend(["--cert", &files[0], "--key", &files[1], "--client-ca", &files[2]]);
+        let (code, rendered, stderr) = render(&all)?;
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        std::fs::write(path("user-data"), rendered)?;
+        let extract =
+            format!("import yaml\nprint(yaml.safe_load(open({:?}))['runcmd'][0][2], end='')\n", path("user-data"));
+        let py = Command::new("python3").arg("-c").arg(&extract).output().context("python3 with PyYAML")?;
+        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        let script = String::from_utf8(py.stdout)?;
+
+        let fake = dir.path().join("bin");
+        std::fs::create_dir_all(&fake)?;
+        let stubs = [
+            ("uname", "echo \"$FAKE_ARCH\""),
+            ("getconf", "[ -n \"$FAKE_GETCONF\" ] || exit 1; echo \"glibc $FAKE_GETCONF\""),
+            (
+                "ldd",
+                "[ -n \"$FAKE_LDD\" ] || { echo 'musl libc (x86_64)' >&2; exit 1; }; echo \"ldd (GNU libc) $FAKE_LDD\"",
+            ),
+            ("ldconfig", "printf '\\tlibudev.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libudev.so.1\\n'"),
+        ];
+        for (name, body) in stubs {
+            std::fs::write(fake.join(name), format!("#!/bin/sh\n{body}\n"))?;
+        }
+        let mut changers = vec!["curl", "sha256sum", "install", "rm", "systemctl", "systemd-tmpfiles"];
+        if with_package_tools {
+            changers.extend(["dpkg", "rpm"]);
+        }
+        for name in changers {
+            std::fs::write(
+                fake.join(name),
+                format!(
+                    "#!/bin/sh\ncat >/dev/null 2>&1 <&0 || true\necho \"{name} $*\" >>\"$FAKE_LOG\"\n\
+                     if [ {name} = curl ]; then for a; do last=$a; done; printf %s \"$last\" >\"$FAKE_URL\"; fi\n"
+                ),
+            )?;
+        }
+        for tool in ["sed", "grep", "cat"] {
+            std::os::unix::fs::symlink(format!("/bin/{tool}"), fake.join(tool))?;
+        }
+        Command::new("chmod").arg("-R").arg("+x").arg(&fake).status()?;
+        Ok(Self { dir, script })
     }
-    for name in ["curl", "sha256sum", "install", "rm", "systemctl"] {
-        std::fs::write(
-            fake.join(name),
-            format!("#!/bin/sh\ncat >/dev/null 2>&1 <&0 || true\necho \"{name} $*\" >>\"$FAKE_LOG\"\n"),
-        )?;
-    }
-    Command::new("chmod").arg("-R").arg("+x").arg(&fake).status()?;
-    let run = |arch: &str, getconf: &str, ldd: &str| -> Result<(Option<i32>, String, String)> {
-        let log = dir.path().join("log");
+
+    /// Runs the script on a guest with this machine name and glibc; returns its exit code, the log of what it
+    /// changed, its stderr and the URL curl got (empty when it did not run).
+    fn run(&self, arch: &str, getconf: &str, ldd: &str) -> Result<(Option<i32>, String, String, Vec<u8>)> {
+        let (log, url) = (self.dir.path().join("log"), self.dir.path().join("url"));
         let _ = std::fs::remove_file(&log);
-        let out = Command::new("sh")
-            .args(["-ec", &script])
-            .env("PATH", format!("{}:/usr/bin:/bin", fake.display()))
+        let _ = std::fs::remove_file(&url);
+        let out = Command::new("/bin/sh")
+            .args(["-ec", &self.script])
+            .env_clear()
+            .env("PATH", self.dir.path().join("bin"))
             .env("FAKE_ARCH", arch)
             .env("FAKE_GETCONF", getconf)
             .env("FAKE_LDD", ldd)
             .env("FAKE_LOG", &log)
+            .env("FAKE_URL", &url)
             .stdin(std::process::Stdio::null())
             .output()?;
-        Ok((out.status.code(), std::fs::read_to_string(&log).unwrap_or_default(), String::from_utf8(out.stderr)?))
-    };
+        Ok((
+            out.status.code(),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            String::from_utf8(out.stderr)?,
+            std::fs::read(&url).unwrap_or_default(),
+        ))
+    }
+}
 
+/// The install script of the rendered user data, on stand-in guests: a supported guest gets the binary, the
+/// tmpfiles.d entry, the unit and `systemctl enable`, in that order (or the package, installed by dpkg or rpm,
+/// keeping the configuration written before it); an aarch64 guest, an old glibc, a musl guest or a guest without
+/// the package's tool is refused with one sentence on stderr (cloud-init's log) and nothing is downloaded,
+/// installed or enabled.
+#[test]
+fn install_script_checks_the_guest_before_it_installs_anything() -> Result<()> {
+    let sha = "cd".repeat(32);
+    let url = "http://10.0.2.2:8000/wukong-agent";
+    let binary = FakeGuest::render(&["--agent-url", url, "--agent-sha256", &sha], true)?;
     for (arch, getconf, ldd) in
         [("x86_64", "2.36", ""), ("x86_64", "2.17", ""), ("x86_64", "", "2.28"), ("x86_64", "3.0", "")]
     {
-        let (code, log, stderr) = run(arch, getconf, ldd)?;
+        let (code, log, stderr, _) = binary.run(arch, getconf, ldd)?;
         assert_eq!(code, Some(0), "{arch} {getconf} {ldd}: {stderr}");
         let steps: Vec<&str> = log.lines().collect();
         assert_eq!(
             steps,
             [
-                "curl -fsSL --retry 5 -o /usr/local/bin/.wukong-agent http://10.0.2.2:8000/wukong-agent",
+                "curl -fsSL --retry 5 -o /usr/sbin/.wukong-agent http://10.0.2.2:8000/wukong-agent",
                 "sha256sum -c -",
-                "install -m 0755 /usr/local/bin/.wukong-agent /usr/local/bin/wukong-agent",
-                "rm -f /usr/local/bin/.wukong-agent",
+                "install -m 0755 /usr/sbin/.wukong-agent /usr/sbin/wukong-agent",
+                "rm -f /usr/sbin/.wukong-agent",
+                "install -m 0644 /etc/wukong-agent/wukong-agent.tmpfiles /etc/tmpfiles.d/wukong-agent.conf",
+                "systemd-tmpfiles --create wukong-agent.conf",
                 "install -m 0644 /etc/wukong-agent/wukong-agent.service /etc/systemd/system/wukong-agent.service",
                 "systemctl daemon-reload",
                 "systemctl enable --now wukong-agent.service",
             ],
             "{arch} {getconf} {ldd}"
         );
+    }
+    for (flag, kind, install) in [
+        ("--agent-deb", "deb", "dpkg --force-confold -i /var/tmp/wukong-agent.deb"),
+        ("--agent-rpm", "rpm", "rpm -U /var/tmp/wukong-agent.rpm"),
+    ] {
+        let package = FakeGuest::render(&[flag, url, "--agent-sha256", &sha], true)?;
+        let (code, log, stderr, _) = package.run("x86_64", "2.28", "")?;
+        assert_eq!(code, Some(0), "{flag}: {stderr}");
+        let steps: Vec<&str> = log.lines().collect();
+        let rm = format!(
+            "rm -f /var/tmp/wukong-agent.{kind} /etc/wukong-agent/wukong-agent.service \
+             /etc/wukong-agent/wukong-agent.tmpfiles"
+        );
+        assert_eq!(
+            steps,
+            [&format!("curl -fsSL --retry 5 -o /var/tmp/wukong-agent.{kind} {url}"), "sha256sum -c -", install, &rm],
+            "{flag}: the package's own scripts enable and start the unit"
+        );
+        let (code, log, stderr, _) =
+            FakeGuest::render(&[flag, url, "--agent-sha256", &sha], false)?.run("x86_64", "2.28", "")?;
+        assert_eq!(code, Some(1), "{flag} on a guest without its tool");
+        let tool = if kind == "deb" { "dpkg" } else { "rpm" };
+        assert_eq!(
+            stderr.trim(),
+            format!(
+                "wukong-agent: not installed: this guest has no {tool}; render the user data for the package \
+                 format it has"
+            ),
+            "{flag}"
+        );
+        assert!(log.is_empty(), "{flag}: nothing is fetched without {tool}: {log}");
     }
     for (arch, getconf, ldd, said) in [
         (
@@ -181,10 +247,49 @@ fn install_script_checks_the_guest_before_it_installs_anything() -> Result<()> {
              wukong-agent needs glibc 2.17 or newer",
         ),
     ] {
-        let (code, log, stderr) = run(arch, getconf, ldd)?;
+        let (code, log, stderr, _) = binary.run(arch, getconf, ldd)?;
         assert_eq!(code, Some(1), "{arch} {getconf} {ldd}");
         assert_eq!(stderr.trim(), said, "{arch} {getconf} {ldd}");
         assert!(log.is_empty(), "{arch} {getconf} {ldd}: nothing is fetched, installed or enabled: {log}");
+    }
+    Ok(())
+}
+
+/// Any one-line URL reaches the guest's curl byte for byte, through the YAML (parsed as cloud-init parses it) and
+/// the shell: a presigned URL's `&` (which awk's gsub would have replaced with the placeholder), `\`, `|`, `#`,
+/// quotes of both kinds and would-be command substitutions. A line break or another control character is refused
+/// by name, and nothing is rendered.
+#[test]
+fn render_user_data_passes_any_url_through_unchanged() -> Result<()> {
+    let sha = "ef".repeat(32);
+    let hostile = [
+        "https://b.s3.example/wukong-agent.deb?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK%2F20260101&X-Amz-Signature=abc",
+        r"http://h/a\1\\b\&c",
+        "http://h/a|b||c#frag # not a comment",
+        r#"http://h/it's "quoted" 'twice''"#,
+        "http://h/$(touch /tmp/pwned)`id`${HOME}$HOME",
+        "http://h/@AGENT_URL@&@AGENT_SHA256@ spaces  and more",
+    ];
+    for (i, url) in hostile.iter().enumerate() {
+        let flag = ["--agent-url", "--agent-deb", "--agent-rpm"][i % 3];
+        let guest = FakeGuest::render(&[flag, url, "--agent-sha256", &sha], true)?;
+        let (code, _, stderr, got) = guest.run("x86_64", "2.36", "")?;
+        assert_eq!(code, Some(0), "{flag} {url:?}: {stderr}");
+        assert_eq!(String::from_utf8_lossy(&got), *url, "{flag}: curl got the URL byte for byte");
+        assert!(guest.script.contains(&format!("sha={sha}\n")), "{flag} {url:?}: the checksum is intact");
+    }
+    for (url, what) in
+        [("http://h/a\nb", "a newline"), ("http://h/a\rb", "a carriage return"), ("http://h/\u{1b}[0m", "an escape")]
+    {
+        let (code, stdout, stderr) =
+            render(&["--agent-deb", url, "--agent-sha256", &sha, "--cert", "a", "--key", "b", "--client-ca", "c"])?;
+        assert_eq!(code, Some(2), "{what}");
+        assert!(stdout.is_empty(), "{what}: nothing rendered");
+        assert_eq!(
+            stderr.trim(),
+            "render-user-data: --agent-deb holds a line break or another control character; give the URL on one line",
+            "{what}"
+        );
     }
     Ok(())
 }
@@ -199,17 +304,38 @@ fn render(args: &[&str]) -> Result<(Option<i32>, String, String)> {
 fn render_user_data_names_its_real_flags_and_explains_itself() -> Result<()> {
     let (code, usage, _) = render(&["--help"])?;
     assert_eq!(code, Some(0));
-    for flag in ["--agent-url", "--agent-sha256", "--cert", "--key", "--client-ca", "--config", "userDataSecretRef"] {
+    for flag in [
+        "--agent-url",
+        "--agent-deb",
+        "--agent-rpm",
+        "--agent-sha256",
+        "--cert",
+        "--key",
+        "--client-ca",
+        "--config",
+        "userDataSecretRef",
+    ] {
         assert!(usage.contains(flag), "--help mentions {flag}:\n{usage}");
     }
     let sha = "ab".repeat(32);
     for (args, said) in [
-        (vec![], "render-user-data: --agent-url, --agent-sha256, --cert, --key and --client-ca are required"),
+        (
+            vec![],
+            "render-user-data: --agent-url (or --agent-deb, --agent-rpm), --agent-sha256, --cert, --key and \
+             --client-ca are required",
+        ),
         (
             vec!["--agent-url", "http://x", "--agent-sha256", &sha, "--cert", "a", "--key", "b"],
             "--client-ca is required",
         ),
-        (vec!["--agent-sha256", &sha, "--cert", "a", "--key", "b", "--client-ca", "c"], "--agent-url is required"),
+        (
+            vec!["--agent-sha256", &sha, "--cert", "a", "--key", "b", "--client-ca", "c"],
+            "--agent-url (or --agent-deb, --agent-rpm) is required",
+        ),
+        (
+            vec!["--agent-deb", "http://x", "--agent-rpm", "http://y"],
+            "render-user-data: give one of --agent-url, --agent-deb and --agent-rpm, not --agent-deb and --agent-rpm",
+        ),
         (vec!["--agent-url", "http://x", "--cert"], "render-user-data: --cert needs a value"),
         (vec!["--key", "--cert", "a.crt"], "render-user-data: --key needs a value"),
         (vec!["--client-ca"], "render-user-data: --client-ca needs a value"),

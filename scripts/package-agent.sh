@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Packages the guest agent (the glibc 2.17 build of scripts/lib/build-guest-agent.sh) as a .deb and an .rpm, laid out
+# as distributions lay out their own guest agents (Debian's qemu-guest-agent): /usr/sbin/wukong-agent, the unit in
+# /lib/systemd/system (deb) or /usr/lib/systemd/system (rpm), tmpfiles.d/wukong-agent.conf for /run/wukong-agent,
+# and /etc/wukong-agent/agent.toml as a conffile (%config(noreplace)). The maintainer scripts are in packaging/.
+# wukongctl is not packaged: it is the companion's tool (KubeVirt, QMP), not built for glibc 2.17, and nothing in a
+# guest needs it.
+#
+#   scripts/package-agent.sh [--version V] [--binary FILE] [--out DIR]
+#
+# Writes DIR/wukong-agent_V_amd64.deb and DIR/wukong-agent-V-1.x86_64.rpm (default: the workspace's version,
+# target/x86_64-unknown-linux-gnu/release/wukong-agent, target/wukong-packages). Reproducible: every timestamp is
+# SOURCE_DATE_EPOCH (default: the last commit's time), so two runs over one binary give identical files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=$(awk '/^\[workspace.package\]/ {p = 1; next} /^\[/ {p = 0} p && $1 == "version" {gsub(/"/, "", $3); print $3}' Cargo.toml)
+binary=target/x86_64-unknown-linux-gnu/release/wukong-agent
+out=target/wukong-packages
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --version | --binary | --out)
+      [ $# -ge 2 ] || { echo "package-agent: $1 needs a value" >&2; exit 2; }
+      case "$1" in --version) version=$2 ;; --binary) binary=$2 ;; --out) out=$2 ;; esac
+      shift 2
+      ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "package-agent: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "package-agent: version '$version' is not MAJOR.MINOR.PATCH" >&2; exit 2; }
+[ -x "$binary" ] || { echo "package-agent: no agent binary at $binary; run scripts/lib/build-guest-agent.sh first" >&2; exit 1; }
+for tool in dpkg-deb rpmbuild; do
+  command -v "$tool" >/dev/null || { echo "package-agent: $tool not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
+done
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+  SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null) \
+    || { echo "package-agent: not a git checkout; set SOURCE_DATE_EPOCH to the release's time" >&2; exit 1; }
+fi
+export SOURCE_DATE_EPOCH
+maintainer="Wukong disk agent maintainers <wukong-disk-agent@users.noreply.github.com>"
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+umask 022
+
+# --- .deb
+root=$work/deb
+install -D -m 0755 "$binary" "$root/usr/sbin/wukong-agent"
+install -D -m 0644 systemd/wukong-agent.service "$root/lib/systemd/system/wukong-agent.service"
+install -D -m 0644 systemd/wukong-agent.tmpfiles "$root/usr/lib/tmpfiles.d/wukong-agent.conf"
+install -D -m 0600 systemd/agent.toml "$root/etc/wukong-agent/agent.toml"
+chmod 0700 "$root/etc/wukong-agent"
+install -D -m 0644 packaging/deb/copyright "$root/usr/share/doc/wukong-agent/copyright"
+# A native package's changelog, in Debian's format; CHANGELOG.md in the source says what changed.
+cat > "$work/changelog" <<CHANGELOG
+wukong-agent ($version) unstable; urgency=medium
+
+  * Release $version; see CHANGELOG.md in the source.
+
+ -- $maintainer  $(LC_ALL=C date -u -R -d "@$SOURCE_DATE_EPOCH")
+CHANGELOG
+gzip -n -9 -c "$work/changelog" > "$root/usr/share/doc/wukong-agent/changelog.gz"
+chmod 0644 "$root/usr/share/doc/wukong-agent/changelog.gz"
+install -d -m 0755 "$root/usr/share/lintian/overrides"
+install -m 0644 packaging/deb/lintian-overrides "$root/usr/share/lintian/overrides/wukong-agent"
+install -d -m 0755 "$root/DEBIAN"
+install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$root/DEBIAN/"
+echo /etc/wukong-agent/agent.toml > "$root/DEBIAN/conffiles"
+chmod 0644 "$root/DEBIAN/conffiles"
+size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+cat > "$root/DEBIAN/control" <<CONTROL
+Package: wukong-agent
+Version: $version
+Architecture: amd64
+Maintainer: $maintainer
+Installed-Size: $size
+Depends: libc6 (>= 2.17), libudev1, init-system-helpers (>= 1.52)
+Section: admin
+Priority: optional
+Homepage: https://github.com/wukong-disk-agent/wukong
+Description: releases disks safely before they are hot-unplugged from a VM
+ The guest agent of Wukong: it knows every disk of the guest by its serial,
+ tells who uses one (mounts, swap, holders, open files) and releases it
+ (unmount, flush, fence) before KubeVirt or QEMU unplugs it, or refuses and
+ says why. Configure it in /etc/wukong-agent/agent.toml (mutual TLS).
+CONTROL
+chmod 0644 "$root/DEBIAN/control"
+# dpkg-deb clamps file times to SOURCE_DATE_EPOCH; the ones older than it are set too, so the files' times on this
+# machine never reach the package.
+find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+deb=$out/wukong-agent_${version}_amd64.deb
+dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+echo "package-agent: $deb"
+
+# --- .rpm
+src=$work/rpm-src
+mkdir -p "$src"
+cp "$binary" "$src/wukong-agent"
+cp systemd/wukong-agent.service systemd/wukong-agent.tmpfiles systemd/agent.toml LICENSE README.md "$src/"
+# xz payload and SHA-256 digests: what rpm 4.11 (CentOS 7, Amazon Linux 2) still reads (not rpm 4.18's zstd).
+rpmbuild -bb --quiet \
+  --define "_topdir $work/rpmbuild" \
+  --define "_build_id_links none" \
+  --define "_buildhost wukong-build" \
+  --define "use_source_date_epoch_as_buildtime 1" \
+  --define "clamp_mtime_to_source_date_epoch 1" \
+  --define "_binary_payload w9.xzdio" \
+  --define "_binary_filedigest_algorithm 8" \
+  --define "wukong_version $version" \
+  --define "wukong_maintainer $maintainer" \
+  --define "wukong_changelog_date $(LC_ALL=C date -u -d "@$SOURCE_DATE_EPOCH" '+%a %b %d %Y')" \
+  --define "wukong_src $src" \
+  packaging/rpm/wukong-agent.spec
+rpm=$out/wukong-agent-${version}-1.x86_64.rpm
+cp "$work/rpmbuild/RPMS/x86_64/wukong-agent-${version}-1.x86_64.rpm" "$rpm"
+echo "package-agent: $rpm"
