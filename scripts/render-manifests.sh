@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Renders deploy/*.yaml from the chart deploy/chart/wukong-operator, the one source of the cluster manifests, with
+# its default values (release wukong-operator in namespace wukong-system), for `kubectl apply` users and the tests
+# that read them: crd.yaml (the chart's crds/), operator.yaml, guard.yaml, network-policy.yaml, companion-rbac.yaml.
+# companion-rbac.yaml also gets the example bindings (companion.bindings of the service account wukong-companion
+# in namespace prod, as its comment says: change both), which the chart does not install by default.
+# tests/tests/chart.rs fails when the committed files differ from a fresh render. Needs scripts/lib/install-helm.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+helm_bin=${CARGO_TARGET_DIR:-target}/wukong-helm/bin
+[ -x "$helm_bin/helm" ] || bash scripts/lib/install-helm.sh >/dev/null
+# shellcheck source=/dev/null
+. "$helm_bin/helm-env"
+
+chart=deploy/chart/wukong-operator
+out=${1:-deploy}
+header="# generated from deploy/chart by scripts/render-manifests.sh; do not edit"
+mkdir -p "$out"
+
+# Writes to FILE the documents of helm template's output on stdin (install order, as helm applies them), without
+# the `# Source:` lines, separated by ---.
+write() {
+  local file=$1
+  { echo "$header"; sed -e '1{/^---$/d}' -e '/^# Source: /d'; } >"$out/$file.tmp"
+  mv "$out/$file.tmp" "$out/$file"
+}
+
+render() {
+  helm template wukong-operator "$chart" --namespace wukong-system "$@"
+}
+
+helm show crds "$chart" | { echo "$header"; sed '1{/^---$/d}'; } >"$out/crd.yaml.tmp" && mv "$out/crd.yaml.tmp" "$out/crd.yaml"
+for name in operator guard network-policy; do
+  render --show-only "templates/$name.yaml" | write "$name.yaml"
+done
+render --show-only templates/companion-rbac.yaml \
+  --set-json 'companion.bindings=[{"namespace":"prod","serviceAccount":"wukong-companion"}]' | write companion-rbac.yaml
