@@ -89,6 +89,8 @@ async fn present(admin: &kube::Client) -> Result<Vec<String>> {
             false,
         ),
         ("Secret", "", "v1", "secrets", true),
+        ("ConfigMap", "", "v1", "configmaps", true),
+        ("Lease", "coordination.k8s.io", "v1", "leases", true),
         ("CustomResourceDefinition", "apiextensions.k8s.io", "v1", "customresourcedefinitions", false),
     ];
     let ours = |name: &str| name.starts_with("wukong") || name.starts_with("sh.helm.release");
@@ -218,17 +220,23 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_on_a_real_node() -> Res
     assert_eq!((status["version"].as_i64(), status["info"]["status"].as_str()), (Some(2), Some("deployed")));
     assert_eq!(webhooks.get("wukong-guard").await?.data["webhooks"][0]["clientConfig"]["caBundle"], json!(ca_bundle));
 
-    // Uninstall: nothing of the chart is left (the Pods go with their ReplicaSets), but the CRD and our Secrets.
+    // Uninstall: nothing of the chart is left (the Pods go with their ReplicaSets), but the CRD (crds/ is never
+    // deleted: that would delete every Wukong) and the Secrets made before the install. The leader Lease is the
+    // operator's own record, not the chart's: it stays with the namespace.
     helm::run(&[&["uninstall", "wukong-operator", "--wait"][..], &common[..]].concat())?;
+    let expected = ["Lease wukong-operator", "CustomResourceDefinition wukongs.vm.novasphere.dev"];
     let deadline = Instant::now() + Duration::from_secs(120);
     let left = loop {
-        let left: Vec<String> = present(&admin).await?.into_iter().filter(|o| !before.contains(o)).collect();
-        if left == ["CustomResourceDefinition wukongs.vm.novasphere.dev"] || Instant::now() > deadline {
+        let mut left: Vec<String> = present(&admin).await?.into_iter().filter(|o| !before.contains(o)).collect();
+        left.sort();
+        if left.iter().all(|o| expected.contains(&o.as_str())) || Instant::now() > deadline {
             break left;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert_eq!(left, ["CustomResourceDefinition wukongs.vm.novasphere.dev"], "left after helm uninstall");
+    let mut expected = expected.map(str::to_string).to_vec();
+    expected.sort();
+    assert_eq!(left, expected, "left after helm uninstall");
     let secrets: Api<DynamicObject> = Api::namespaced_with(admin.clone(), NS, &resource("Secret", "", "v1", "secrets"));
     for name in ["wukong-agent-client-tls", "wukong-guard-tls"] {
         secrets.get(name).await.with_context(|| format!("our Secret {name} stays"))?;
