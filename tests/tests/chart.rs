@@ -195,6 +195,12 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_on_a_real_node() -> Res
         );
         assert!(hook.get("matchConditions").is_none(), "1.20 has no matchConditions: {hook}");
     }
+    // helm 4 applies server-side by default, and does here: the Deployment's fields are helm's by an Apply.
+    let deployment = Api::<Deployment>::namespaced(admin.clone(), NS).get("wukong-operator").await?;
+    let managers = deployment.metadata.managed_fields.unwrap_or_default();
+    let applied =
+        managers.iter().any(|m| m.manager.as_deref() == Some("helm") && m.operation.as_deref() == Some("Apply"));
+    assert!(applied, "helm's server-side apply owns the Deployment's fields: {managers:?}");
     let args = |pod: &k8s_openapi::api::core::v1::Pod| pod.spec.as_ref().map(|s| s.containers[0].args.clone());
     assert!(pods.iter().all(|p| args(p).flatten().is_some_and(|a| a.contains(&"--log-json".to_string()))));
     let first: Vec<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
