@@ -21,7 +21,12 @@ mkdir -p "$out"
 # the `# Source:` lines, separated by ---.
 write() {
   local file=$1
-  { echo "$header"; sed -e '1{/^---$/d}' -e '/^# Source: /d'; } >"$out/$file.tmp"
+  {
+    echo "$header"
+    echo "# Without Helm: create the namespace wukong-system and the Secrets first (README, \"Declarative disks\"), then"
+    echo "# kubectl apply -f deploy/crd.yaml and this file."
+    sed -e '1{/^---$/d}' -e '/^# Source: /d'
+  } >"$out/$file.tmp"
   mv "$out/$file.tmp" "$out/$file"
 }
 
