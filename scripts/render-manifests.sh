@@ -17,16 +17,11 @@ out=${1:-deploy}
 header="# generated from deploy/chart by scripts/render-manifests.sh; do not edit"
 mkdir -p "$out"
 
-# Writes to FILE the documents of helm template's output on stdin (install order, as helm applies them), without
-# the `# Source:` lines, separated by ---.
+# Writes to FILE the header, $note if set, and the documents of helm template's output on stdin (install order, as
+# helm applies them) without the `# Source:` lines, separated by ---.
 write() {
   local file=$1
-  {
-    echo "$header"
-    echo "# Without Helm: create the namespace wukong-system and the Secrets first (README, \"Declarative disks\"), then"
-    echo "# kubectl apply -f deploy/crd.yaml and this file."
-    sed -e '1{/^---$/d}' -e '/^# Source: /d'
-  } >"$out/$file.tmp"
+  { echo "$header"; [ -z "$note" ] || echo "$note"; sed -e '1{/^---$/d}' -e '/^# Source: /d'; } >"$out/$file.tmp"
   mv "$out/$file.tmp" "$out/$file"
 }
 
@@ -35,8 +30,11 @@ render() {
 }
 
 helm show crds "$chart" | { echo "$header"; sed '1{/^---$/d}'; } >"$out/crd.yaml.tmp" && mv "$out/crd.yaml.tmp" "$out/crd.yaml"
+note="# Without Helm: create the namespace wukong-system and the Secrets first (README, \"Declarative disks\"), then
+# kubectl apply -f deploy/crd.yaml and this file."
 for name in operator guard network-policy; do
   render --show-only "templates/$name.yaml" | write "$name.yaml"
 done
+note=""
 render --show-only templates/companion-rbac.yaml \
   --set-json 'companion.bindings=[{"namespace":"prod","serviceAccount":"wukong-companion"}]' | write companion-rbac.yaml
