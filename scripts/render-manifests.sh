@@ -29,7 +29,8 @@ render() {
   helm template wukong-operator "$chart" --namespace wukong-system "$@"
 }
 
-helm show crds "$chart" | { echo "$header"; sed '1{/^---$/d}'; } >"$out/crd.yaml.tmp" && mv "$out/crd.yaml.tmp" "$out/crd.yaml"
+helm show crds "$chart" | { echo "$header"; sed '1{/^---$/d}'; } >"$out/crd.yaml.tmp"
+mv "$out/crd.yaml.tmp" "$out/crd.yaml"
 note="# Without Helm: create the namespace wukong-system and the Secrets first (README, \"Declarative disks\"), then
 # kubectl apply -f deploy/crd.yaml and this file."
 for name in operator guard network-policy; do

