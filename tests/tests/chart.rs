@@ -33,6 +33,65 @@ fn the_committed_manifests_are_the_charts_rendering() -> Result<()> {
     Ok(())
 }
 
+/// The chart rendered with `values` (files under the chart's ci/) for Kubernetes `version`: its documents.
+fn render(values: &[&str], version: &str) -> Result<Vec<Value>> {
+    let chart = helm::chart();
+    let chart = chart.to_str().context("a UTF-8 chart path")?;
+    let mut args = vec!["template", "wukong-operator", chart, "--namespace", NS, "--kube-version", version];
+    let files: Vec<String> = values.iter().map(|v| format!("{chart}/ci/{v}")).collect();
+    for file in &files {
+        args.extend(["--values", file.as_str()]);
+    }
+    let text = helm::run(&args)?;
+    Ok(serde_saphyr::from_multiple::<Value>(&text)?.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn one<'a>(documents: &'a [Value], kind: &str) -> Result<&'a Value> {
+    documents.iter().find(|d| d["kind"] == kind).with_context(|| format!("no {kind} rendered"))
+}
+
+/// What the switches change: with cert-manager the webhooks carry no caBundle field at all (the injector owns it)
+/// and the annotation, a Certificate for the Service's name and its Issuer; a digest pins the image; the
+/// ServiceMonitor comes with its Service. Without the guard: no webhook, Service or webhook port, flag or mount.
+/// For a 1.20 server: a policy/v1beta1 PDB and no matchConditions.
+#[test]
+fn the_values_switch_what_the_chart_renders() -> Result<()> {
+    let docs = render(&["cert-manager-values.yaml"], "1.31.0")?;
+    let config = one(&docs, "ValidatingWebhookConfiguration")?;
+    assert_eq!(config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"], "wukong-system/wukong-guard");
+    for hook in config["webhooks"].as_array().context("webhooks")? {
+        assert!(hook["clientConfig"].get("caBundle").is_none(), "no caBundle field: {}", hook["clientConfig"]);
+        let expressions = &hook["namespaceSelector"]["matchExpressions"];
+        assert_eq!(expressions[0]["values"], json!(["kube-system"]), "the extra namespaceSelector: {hook}");
+    }
+    let certificate = one(&docs, "Certificate")?;
+    assert_eq!(certificate["spec"]["dnsNames"], json!(["wukong-guard.wukong-system.svc"]));
+    assert_eq!(certificate["spec"]["secretName"], "wukong-guard-tls");
+    assert_eq!(one(&docs, "Issuer")?["metadata"]["name"], certificate["spec"]["issuerRef"]["name"]);
+    let pod = &one(&docs, "Deployment")?["spec"]["template"]["spec"];
+    let image = pod["containers"][0]["image"].as_str().context("image")?;
+    assert!(image.starts_with("ghcr.io/wukong-disk-agent/wukong-operator@sha256:"), "{image}");
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
+    assert_eq!(one(&docs, "ServiceMonitor")?["metadata"]["labels"]["release"], "prometheus");
+    assert!(docs.iter().any(|d| d["kind"] == "Service" && d["metadata"]["name"] == "wukong-operator-metrics"));
+
+    let docs = render(&["guard-disabled-values.yaml"], "1.31.0")?;
+    for kind in ["ValidatingWebhookConfiguration", "Service", "PodDisruptionBudget"] {
+        assert!(docs.iter().all(|d| d["kind"] != kind), "guard disabled, yet a {kind}");
+    }
+    let container = &one(&docs, "Deployment")?["spec"]["template"]["spec"]["containers"][0];
+    let text = container.to_string();
+    assert!(!text.contains("8443") && !text.contains("--webhook") && !text.contains("guard-tls"), "{text}");
+    let ingress = &one(&docs, "NetworkPolicy")?["spec"]["ingress"];
+    assert_eq!(ingress.as_array().map(Vec::len), Some(1), "only the metrics port is open: {ingress}");
+
+    let docs = render(&[], "1.20.2")?;
+    assert_eq!(one(&docs, "PodDisruptionBudget")?["apiVersion"], "policy/v1beta1");
+    let config = one(&docs, "ValidatingWebhookConfiguration")?;
+    assert!(config["webhooks"].as_array().context("webhooks")?.iter().all(|h| h.get("matchConditions").is_none()));
+    Ok(())
+}
+
 const NS: &str = "wukong-system";
 const SELECTOR: &str = "app.kubernetes.io/name=wukong-operator";
 
