@@ -12,6 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 bash scripts/lib/install-deps.sh
 bash scripts/lib/install-kube.sh
+bash scripts/lib/install-helm.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -42,6 +43,27 @@ bash scripts/package-agent.sh
 # Overrides, each with its reason: packaging/deb/lintian-overrides (shipped in the .deb), packaging/rpm/*.rpmlintrc.
 lintian --fail-on error,warning,info,pedantic --pedantic target/wukong-packages/wukong-agent_*_amd64.deb
 rpmlint -r packaging/rpm/wukong-agent.rpmlintrc target/wukong-packages/wukong-agent-*-1.x86_64.rpm
+echo "== the Helm chart: helm lint --strict, and its manifests validated against Kubernetes 1.31's schemas"
+# With the default values and with each values file under ci/ (cert-manager, a ServiceMonitor, an image by digest;
+# no guard). Custom resources (cert-manager's, the ServiceMonitor) have no schema there: kubernetes-validate only
+# warns about them. tests/tests/chart.rs checks that deploy/*.yaml are the chart's rendering.
+(
+  # shellcheck source=/dev/null
+  . target/wukong-helm/bin/helm-env
+  chart=deploy/chart/wukong-operator
+  rendered=$(mktemp)
+  trap 'rm -f "$rendered"' EXIT
+  for values in "" "$chart"/ci/*.yaml; do
+    set -- ${values:+--values "$values"}
+    helm lint --strict --quiet "$chart" --namespace wukong-system "$@" >/dev/null
+    helm template wukong-operator "$chart" --namespace wukong-system --kube-version 1.31.0 --include-crds "$@" \
+      >"$rendered"
+    kubernetes-validate --quiet --strict -k 1.31.0 "$rendered" || {
+      echo "test.sh: the chart's manifests ${values:+with $values }are not valid for Kubernetes 1.31" >&2
+      exit 1
+    }
+  done
+)
 echo "== wukong-operator's image (static binary, OCI archive under target/wukong-image)"
 bash scripts/build-image.sh
 echo "== binaries the end-to-end tests run (cargo test builds a package's binaries only for its own tests)"

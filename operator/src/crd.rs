@@ -1,5 +1,6 @@
 //! The `Wukong` resource (`wukongs.vm.novasphere.dev/v1alpha1`): a VM's data disks, declared. The CRD in
-//! `deploy/crd.yaml` is generated from these types (`wukong-operator crd`), and a test keeps the two equal.
+//! The chart's CRD (`deploy/chart/wukong-operator/crds/wukong.yaml`, rendered into `deploy/crd.yaml`) is generated
+//! from these types (`wukong-operator crd`), and a test keeps the two equal.
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -262,7 +263,7 @@ pub fn claim_name(vm: &str, disk: &str) -> String {
     format!("{vm}-{disk}")
 }
 
-/// The CRD as YAML, as shipped in `deploy/crd.yaml`.
+/// The CRD as YAML, as shipped in the chart's `crds/wukong.yaml`.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let crd = serde_json::to_value(Wukong::crd()).expect("the CRD serialises");
@@ -276,11 +277,12 @@ mod tests {
 
     #[test]
     fn the_shipped_crd_is_the_generated_one() {
-        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml"))
-            .expect("deploy/crd.yaml is checked in");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/chart/wukong-operator/crds/wukong.yaml");
+        let shipped = std::fs::read_to_string(path).expect("the chart's crds/wukong.yaml is checked in");
         assert!(
             shipped == crd_yaml(),
-            "deploy/crd.yaml differs from the Rust types: run `cargo run -p wukong-operator -- crd > deploy/crd.yaml`"
+            "deploy/chart/wukong-operator/crds/wukong.yaml differs from the Rust types: run `cargo run -p \
+             wukong-operator -- crd > deploy/chart/wukong-operator/crds/wukong.yaml` and scripts/render-manifests.sh"
         );
     }
 

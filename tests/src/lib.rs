@@ -4,6 +4,7 @@
 //! Nothing here is skipped when something is missing: a lab that cannot start fails the test with the reason.
 
 pub mod cluster;
+pub mod helm;
 pub mod kubevirt_crds;
 pub mod kubevirt_lab;
 pub mod kubevirt_webhooks;

@@ -18,7 +18,9 @@ pub const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator"
 /// on the lab's node, from the README's install).
 pub async fn install_operator(cluster: &Cluster) -> Result<()> {
     let client = cluster.client(ADMIN).await?;
-    let mut documents = Vec::new();
+    // The namespace comes first, as in the README (the chart installs into it; the Secrets are made in it before).
+    let namespace = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "wukong-system"}});
+    let mut documents = vec![namespace];
     for file in ["deploy/crd.yaml", "deploy/operator.yaml", "deploy/network-policy.yaml"] {
         let text = std::fs::read_to_string(crate::workspace_root().join(file))?;
         documents.extend(serde_saphyr::from_multiple::<Value>(&text).with_context(|| file.to_string())?);

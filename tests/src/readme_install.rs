@@ -1,6 +1,8 @@
 //! The README's operator install, run as a platform engineer would: its commands (the certificates made by the
-//! real openssl) in a scratch directory, with kubectl recorded rather than sent (the lab has no kubectl of its own):
-//! what each call would create is read from its arguments and its input. `tests/tests/operator_install.rs` checks
+//! real openssl) in a scratch directory, with kubectl and helm recorded rather than sent: what each kubectl call
+//! would create is read from its arguments and its input, and what `helm install` would install is rendered by the
+//! real `helm template` with the same arguments (CRDs included), in helm's install order.
+//! `tests/tests/operator_install.rs` checks
 //! what it makes against the shipped manifests; [`Installed::apply`] sends it to a lab API server, so the operator's
 //! Pods run from exactly what the README installs.
 
@@ -11,13 +13,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Stands in for kubectl: records each call's arguments (NUL-separated) and, for `-f -`, what it reads.
-const KUBECTL: &str = r#"#!/bin/bash
+/// Stands in for kubectl and helm: records each call's program and arguments (NUL-separated) and, for kubectl's
+/// `-f -`, what it reads; for `helm install`, what the real helm ($WUKONG_HELM) renders from the same arguments.
+const STAND_IN: &str = r#"#!/bin/bash
 set -euo pipefail
 calls=$(dirname "$0")/../calls
 mkdir -p "$calls"
 n=$(printf '%03d' "$(find "$calls" -name '*.args' | wc -l)")
-printf '%s\0' "$@" > "$calls/$n.args"
+printf '%s\0' "$(basename "$0")" "$@" > "$calls/$n.args"
+if [ "$(basename "$0")" = helm ] && [ "${1:-}" = install ]; then
+  shift
+  exec "$WUKONG_HELM" template "$@" --include-crds > "$calls/$n.stdin"
+fi
 if [ "${*: -1}" = - ]; then cat > "$calls/$n.stdin"; fi
 "#;
 
@@ -54,6 +61,7 @@ impl Installed {
     fn record(&mut self, work: &Path, call: &[String], stdin: Option<PathBuf>) -> Result<()> {
         let mut namespace = "default".to_string();
         let mut words = Vec::new();
+        let (program, call) = call.split_first().context("a call without its program")?;
         let mut args = call.iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -65,6 +73,18 @@ impl Installed {
             }
         }
         let flag = |name: &'static str| words.iter().filter_map(move |w| w.strip_prefix(name));
+        if program == "helm" {
+            match words.as_slice() {
+                ["install", ..] => {
+                    let rendered = stdin.context("helm template rendered nothing")?;
+                    let text = std::fs::read_to_string(&rendered)?;
+                    let documents = serde_saphyr::from_multiple::<Value>(&text).context("helm template's output")?;
+                    self.applied.extend(documents.into_iter().filter(|d| !d.is_null()));
+                }
+                _ => bail!("the README's install calls helm {call:?}, which this test cannot read; teach it"),
+            }
+            return Ok(());
+        }
         match words.as_slice() {
             ["create", "namespace", name] => self.namespaces.push(name.to_string()),
             ["create", "secret", "generic", name, ..] => {
@@ -100,13 +120,18 @@ impl Installed {
 
 /// Runs the README's install block in `work` and reads back what kubectl was asked to do.
 pub fn run_install(work: &Path) -> Result<Installed> {
-    let block = readme_block("kubectl apply -f deploy/operator.yaml")?;
+    let block = readme_block("helm install wukong-operator")?;
     std::os::unix::fs::symlink(workspace_root().join("deploy"), work.join("deploy"))?;
     std::fs::create_dir(work.join("bin"))?;
-    std::fs::write(work.join("bin/kubectl"), KUBECTL)?;
-    std::fs::set_permissions(work.join("bin/kubectl"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    for program in ["kubectl", "helm"] {
+        std::fs::write(work.join("bin").join(program), STAND_IN)?;
+        std::fs::set_permissions(work.join("bin").join(program), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
     let path = format!("{}:{}", work.join("bin").display(), std::env::var("PATH").unwrap_or_default());
-    let output = Command::new("bash")
+    let helm = crate::helm::command()?;
+    let mut bash = Command::new("bash");
+    bash.envs(helm.get_envs().filter_map(|(k, v)| Some((k, v?)))).env("WUKONG_HELM", helm.get_program());
+    let output = bash
         .args(["-euo", "pipefail", "-c", &block])
         .current_dir(work)
         .env("PATH", path)

@@ -66,9 +66,13 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
             None => arg.to_string(),
         }
     };
+    // The agents' port as shipped is the agent's own default; the lab's agent listens on a free one instead.
     let agent_port = wukong_e2e::ports::free_port()?;
+    let shipped = container["args"].as_array().context("args")?.iter().map(|a| a.as_str().unwrap_or_default());
+    let port = format!("--agent-port={}", wukong_proto::DEFAULT_PORT);
+    ensure!(shipped.clone().any(|a| a == port), "the Deployment does not dial the agents' default port ({port})");
     let args: Vec<String> = std::iter::once("wukong-operator".to_string())
-        .chain(container["args"].as_array().context("args")?.iter().map(|a| mounted(a.as_str().unwrap_or_default())))
+        .chain(shipped.filter(|a| !a.starts_with("--agent-port=")).map(mounted))
         .chain([format!("--agent-port={agent_port}")])
         .collect();
     let Run::Run(run) = Cli::try_parse_from(&args).context("the Deployment's args")?.command else {

@@ -1,0 +1,56 @@
+{{/*
+The image reference: repository@digest when a digest is set (immutable), else repository:tag (tag defaults to the
+chart's appVersion).
+*/}}
+{{- define "wukong.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Pods' labels and the selector of the Deployment, PodDisruptionBudget, NetworkPolicy and Services. Only the name:
+a selector cannot change after the install, and the operator is one per cluster (see values.yaml).
+*/}}
+{{- define "wukong.selectorLabels" -}}
+app.kubernetes.io/name: wukong-operator
+{{- end -}}
+
+{{/*
+The webhook Service's DNS name, which the serving certificate must carry.
+*/}}
+{{- define "wukong.guardServiceHost" -}}
+wukong-guard.{{ .Release.Namespace }}.svc
+{{- end -}}
+
+{{/*
+The webhooks' caBundle field, by guard.certificates:
+  secret       the guard.caBundle value, rendered even when empty (a caBundle filled in later, as the README's
+               kubectl route did);
+  certManager  no field at all: cert-manager's cainjector owns it, and a rendered empty value would make every
+               server-side apply (helm, Argo CD, Flux) take it back from the injector.
+The third mode, operator (the operator makes its own CA and serving certificate and patches caBundle itself), goes
+here as a third branch rendering no field, like certManager; see also "guard.certificates" in guard.yaml and
+operator.yaml.
+*/}}
+{{- define "wukong.guardCaBundle" -}}
+{{- if eq .Values.guard.certificates "secret" -}}
+caBundle: {{ .Values.guard.caBundle | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A webhook's selector: the guard's own (the argument "own", a dict) with the user's guard.namespaceSelector or
+guard.objectSelector (the argument "extra") added: matchLabels merged (the guard's own label wins), matchExpressions
+appended.
+*/}}
+{{- define "wukong.selector" -}}
+{{- $labels := merge (deepCopy (.own.matchLabels | default dict)) (.extra.matchLabels | default dict) -}}
+{{- $expressions := concat (.own.matchExpressions | default list) (.extra.matchExpressions | default list) -}}
+{{- $selector := dict -}}
+{{- if $labels }}{{ $_ := set $selector "matchLabels" $labels }}{{ end -}}
+{{- if $expressions }}{{ $_ := set $selector "matchExpressions" $expressions }}{{ end -}}
+{{- toYaml $selector -}}
+{{- end -}}
