@@ -1,7 +1,7 @@
 //! The README's install section, run as written on the lab's node: each block a user copies (marked `<!-- run: NAME
 //! -->` in the README) runs in bash with the lab's real kubectl and helm, and the workspace's wukongctl, against the
 //! genuine API server; the test changes only the settings block (the lab's VM and the file server its guest
-//! downloads the agent from) and adds what a cluster already has (the operator's image on the node, KubeVirt). What
+//! downloads the agent's .deb from) and adds what a cluster already has (the operator's image on the node, KubeVirt). What
 //! KubeVirt does with the VM's `cloudInitNoCloud` Secret the lab does too: the guest boots from that Secret's user
 //! data on a NoCloud disk, so the agent in it is installed exactly as the README makes it. Then the README's
 //! uninstall runs, and must leave the guest's disk plugged with its data, its claim kept, and no finalizer
@@ -16,7 +16,7 @@ use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, Kub
 use wukong_e2e::node::{NODE_ADDRESS, Node, wait_for_pods};
 use wukong_e2e::operator_lab::build_operator_image;
 use wukong_e2e::readme_install::ReadmeShell;
-use wukong_e2e::{FileServer, Guest, agent_binary, nocloud_seed};
+use wukong_e2e::{FileServer, Guest, agent_packages, nocloud_seed};
 use wukong_operator::crd::{Phase, Wukong};
 
 const NS: &str = "shop";
@@ -55,14 +55,16 @@ async fn the_readmes_install_runs_as_written_on_a_node_and_its_uninstall_keeps_e
     wukong_e2e::kubevirt_crds::install(&admin).await?;
     let namespace = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
     wukong_e2e::cluster::apply(&admin, &namespace).await?;
-    let files = FileServer::start(&agent_binary()).await?;
     let work = tempfile::tempdir()?;
+    let (deb, _) = agent_packages(work.path(), env!("CARGO_PKG_VERSION"))?;
+    let files = FileServer::start(&[&deb]).await?;
+    let deb_name = deb.file_name().and_then(|n| n.to_str()).context("the package's name")?;
     let kubeconfig = node.cluster().kubeconfig(ADMIN)?;
     let settings = [
         ("VM_NAMESPACE", NS.to_string()),
         ("VM", VM.to_string()),
-        ("AGENT_URL", format!("http://10.0.2.2:{}/wukong-agent", files.port)),
-        ("AGENT_SHA256", sha256(&agent_binary())?),
+        ("AGENT_DEB_URL", format!("http://10.0.2.2:{}/{deb_name}", files.port)),
+        ("AGENT_SHA256", sha256(&deb)?),
     ];
     let shell = ReadmeShell::new(work.path(), &kubeconfig, &settings)?;
     let started = Instant::now();
