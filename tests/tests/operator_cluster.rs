@@ -699,9 +699,9 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
         (config.as_path(), "/etc/wukong-agent/agent.toml"),
     ];
     let lab_client = wukong_controller_client::agent_client::TlsFiles {
-        ca: work.path().join("ca.crt"),
-        cert: work.path().join("operator.crt"),
-        key: work.path().join("operator.key"),
+        ca: file("--client-ca"),
+        cert: work.path().join("pki").join(wukong_controller_client::pki::CLIENT_CERT),
+        key: work.path().join("pki").join(wukong_controller_client::pki::CLIENT_KEY),
         server_name: Some("wukong-agent".into()),
     };
     guest.install_agent(&install, "--config /etc/wukong-agent/agent.toml", Some(lab_client)).await?;
