@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// not stored) before the guest gets it back.
     #[arg(long, default_value_t = 60)]
     guard_grace_seconds: u64,
+    /// Warn (a gauge, and a Warning Event `AgentCertificateExpiring` at most once a day per VM) when a running VM's
+    /// agent serves a certificate that expires within this many days.
+    #[arg(long, default_value_t = 30)]
+    agent_cert_warning_days: u64,
     /// Log as JSON lines (for log collectors).
     #[arg(long)]
     pub log_json: bool,
@@ -113,6 +117,7 @@ impl RunArgs {
             http_address: self.http_address,
             attach_wait: Duration::from_secs(self.wait_seconds),
             detach_wait: Duration::from_secs(self.wait_seconds),
+            agent_cert_warning: Duration::from_secs(self.agent_cert_warning_days * 86400),
             webhook: self.webhook_address.zip(self.webhook_cert_dir.clone()).map(|(address, cert_dir)| WebhookConfig {
                 address,
                 cert_dir,

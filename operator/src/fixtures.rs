@@ -88,6 +88,7 @@ pub fn context(client: kube::Client) -> Context {
         attach_wait: Duration::from_secs(1),
         detach_wait: Duration::from_secs(1),
         webhook: None,
+        agent_cert_warning: Duration::from_secs(30 * 86400),
     };
     Context::new(client, config, Arc::new(Metrics::default()))
 }

@@ -6,6 +6,7 @@
 //! [`plan`] (pure decisions), [`reconcile`] (carrying them out), [`metrics`], [`server`] (metrics and probes),
 //! [`leader`] (one active replica).
 
+pub mod agent_certificate;
 pub mod cli;
 pub mod crd;
 #[cfg(test)]
@@ -138,6 +139,8 @@ pub struct Config {
     pub detach_wait: Duration,
     /// The admission guard's endpoint, when served.
     pub webhook: Option<WebhookConfig>,
+    /// An agent certificate that expires within this long is warned about ([`agent_certificate`]).
+    pub agent_cert_warning: Duration,
 }
 
 /// Where the admission guard listens, and its serving certificate's directory (`tls.crt`, `tls.key`).

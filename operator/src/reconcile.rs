@@ -2,6 +2,7 @@
 //! ([`crate::plan`]) and carries the plan out through the companion, then writes status by server-side apply
 //! when it changed (an idle cluster gets no writes).
 
+use crate::agent_certificate;
 use crate::crd::{Condition, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name};
 use crate::metrics::Metrics;
 use crate::plan::{DiskPlan, Observed, Step, plan, refusal_backoff};
@@ -62,6 +63,8 @@ pub struct Context {
     refusals: Mutex<HashMap<(String, String), (u32, Instant)>>,
     /// The status last written per object UID (see `apply`).
     written: Mutex<HashMap<String, WukongStatus>>,
+    /// When each VM's expiring agent certificate was last warned about.
+    certificate_warned: agent_certificate::Warned,
 }
 
 impl Context {
@@ -74,6 +77,7 @@ impl Context {
             metrics,
             refusals: Mutex::default(),
             written: Mutex::default(),
+            certificate_warned: agent_certificate::Warned::default(),
         }
     }
 }
@@ -261,6 +265,12 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         })
         .collect();
     let scene = Scene { ns: ns.clone(), vm_name, vm, vmi, claims };
+    // Plaintext agents (labs) have no certificate to expire.
+    if let Some(vmi) = &scene.vmi
+        && context.config.agent.tls.is_some()
+    {
+        check_agent_certificate(context, wukong, &scene.ns, &scene.vm_name, vmi).await;
+    }
 
     let plans = plan(&wukong.spec.disks, &previous.volumes, |disk| scene.observe(disk));
     let mut volumes = Vec::new();
@@ -772,6 +782,32 @@ async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatu
     }
     context.written.lock().expect("never poisoned").insert(uid, written.unwrap_or(status));
     Ok(())
+}
+
+/// Asks a running VM's agent which certificate it serves and warns when that expires soon (see
+/// [`agent_certificate`]). An agent that cannot be asked is left to the steps that need it: they say so in status.
+async fn check_agent_certificate(context: &Context, wukong: &Wukong, ns: &str, vm: &str, vmi: &VirtualMachineInstance) {
+    let Some(Ok(agent)) = context.config.agent.connect(vmi) else { return };
+    let info = match agent.agent_info().await {
+        Ok(info) => info,
+        Err(e) => {
+            return tracing::debug!(vm = %format!("{ns}/{vm}"), error = %e, "cannot ask the agent for its certificate");
+        }
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    match agent_certificate::assess(info.certificate_not_after, now, context.config.agent_cert_warning) {
+        agent_certificate::Expiry::Fine => {
+            context.metrics.agent_certificate_expiry(ns, vm, None);
+            context.certificate_warned.clear(ns, vm);
+        }
+        agent_certificate::Expiry::Soon(left) => {
+            context.metrics.agent_certificate_expiry(ns, vm, Some(info.certificate_not_after));
+            if context.certificate_warned.due(ns, vm, Instant::now()) {
+                let note = agent_certificate::warning(ns, vm, &info.certificate_subject, left);
+                publish(context, wukong, EventType::Warning, "AgentCertificateExpiring", "CheckAgent", &note).await;
+            }
+        }
+    }
 }
 
 /// Records an Event on the `Wukong`; a failure to record one is logged, never fatal.
