@@ -23,8 +23,10 @@ pub const CLIENT_KEY: &str = "companion.key";
 /// The Secret `deploy/operator.yaml` mounts at `--agent-tls-dir` (its keys: `ca.crt`, `tls.crt`, `tls.key`).
 pub const CLIENT_SECRET: &str = "wukong-agent-client-tls";
 
+pub use rcgen::ExtendedKeyUsagePurpose as Usage;
+
 /// A certificate is valid from a little before it was made, so a peer whose clock lags still accepts it.
-const BACKDATE: Duration = Duration::minutes(5);
+pub const BACKDATE: Duration = Duration::minutes(5);
 
 /// Why the certificates were not made. Nothing in the directory changed when one of these is returned.
 #[derive(Debug, thiserror::Error)]
@@ -121,16 +123,10 @@ pub fn init(options: &PkiOptions) -> Result<String, PkiError> {
         }
     }
     let now = OffsetDateTime::now_utc();
-    let key = generate("the CA")?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("no names to parse");
-    params.distinguished_name.push(DnType::CommonName, "wukong-agents-ca");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.not_before = now - BACKDATE;
-    params.not_after = now + Duration::days(options.ca_days.into());
-    let cert = params.self_signed(&key).map_err(|source| PkiError::Generate { name: "the CA".into(), source })?;
-    let mut files = vec![(CA_CERT, cert.pem(), false), (CA_KEY, key.serialize_pem(), true)];
-    files.extend(leaves(options, &Issuer::new(params, key), now)?);
+    let ca = new_ca("wukong-agents-ca", now - BACKDATE, now + Duration::days(options.ca_days.into()))
+        .map_err(|source| PkiError::Generate { name: "the CA".into(), source })?;
+    let mut files = vec![(CA_CERT, ca.cert_pem, false), (CA_KEY, ca.key_pem, true)];
+    files.extend(leaves(options, &ca.issuer, now)?);
     write_all(&options.dir, &files)?;
     secret_manifest(options)
 }
@@ -145,7 +141,7 @@ pub fn renew(options: &PkiOptions) -> Result<String, PkiError> {
     let (ca_pem, key_pem) = (read(CA_CERT)?, read(CA_KEY)?);
     let unusable = |file: &str, what, source| PkiError::Unusable { path: options.dir.join(file), what, source };
     let key = KeyPair::from_pem(&key_pem).map_err(|e| unusable(CA_KEY, "private key", e))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| unusable(CA_CERT, "CA certificate", e))?;
+    let issuer = load_ca(&ca_pem, key).map_err(|e| unusable(CA_CERT, "CA certificate", e))?;
     let files = leaves(options, &issuer, OffsetDateTime::now_utc())?;
     write_all(&options.dir, &files)?;
     secret_manifest(options)
@@ -157,19 +153,10 @@ fn leaves(
     issuer: &Issuer<'_, KeyPair>,
     now: OffsetDateTime,
 ) -> Result<Vec<(&'static str, String, bool)>, PkiError> {
-    let leaf = |name: &str, sans: Vec<String>, usage| -> Result<(String, String), PkiError> {
-        let key = generate(name)?;
-        let mut params =
-            CertificateParams::new(sans).map_err(|source| PkiError::Generate { name: name.to_string(), source })?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.not_before = now - BACKDATE;
-        params.not_after = now + Duration::days(options.days.into());
-        let cert =
-            params.signed_by(&key, issuer).map_err(|source| PkiError::Generate { name: name.to_string(), source })?;
-        Ok((cert.pem(), key.serialize_pem()))
+    let (not_before, not_after) = (now - BACKDATE, now + Duration::days(options.days.into()));
+    let leaf = |name: &str, sans: Vec<String>, usage| {
+        issue(issuer, name, sans, usage, not_before, not_after)
+            .map_err(|source| PkiError::Generate { name: name.to_string(), source })
     };
     let agent = &options.agent_name;
     let (agent_cert, agent_key) = leaf(agent, vec![agent.clone()], ExtendedKeyUsagePurpose::ServerAuth)?;
@@ -182,8 +169,49 @@ fn leaves(
     ])
 }
 
-fn generate(name: &str) -> Result<KeyPair, PkiError> {
-    KeyPair::generate().map_err(|source| PkiError::Generate { name: name.to_string(), source })
+/// A CA: its certificate and key (PEM), and the issuer that signs with them.
+pub struct Ca {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub issuer: Issuer<'static, KeyPair>,
+}
+
+/// A new CA (ECDSA P-256) named `common_name` that may sign leaves only, valid from `not_before` to `not_after`.
+pub fn new_ca(common_name: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) -> Result<Ca, rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    (params.not_before, params.not_after) = (not_before, not_after);
+    let cert_pem = params.self_signed(&key)?.pem();
+    let key_pem = key.serialize_pem();
+    Ok(Ca { cert_pem, key_pem, issuer: Issuer::new(params, key) })
+}
+
+/// The issuer of an existing CA: its certificate (the first of `cert_pem`) and its key.
+pub fn load_ca(cert_pem: &str, key: KeyPair) -> Result<Issuer<'static, KeyPair>, rcgen::Error> {
+    Issuer::from_ca_cert_pem(cert_pem, key)
+}
+
+/// A leaf certificate and its new key (PEM), named `common_name` and `sans` (DNS names or IP addresses), for
+/// `usage`, signed by `issuer`.
+pub fn issue(
+    issuer: &Issuer<'_, KeyPair>,
+    common_name: &str,
+    sans: Vec<String>,
+    usage: ExtendedKeyUsagePurpose,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(sans)?;
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    (params.not_before, params.not_after) = (not_before, not_after);
+    Ok((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
 }
 
 /// Writes every file through a temporary file renamed into place, so a reader (an agent reloading its files)

@@ -1,6 +1,7 @@
 //! The command line (`run`, `crd`): parsed here rather than in `main.rs` so that tests can read the shipped
 //! Deployment's arguments exactly as the binary does.
 
+use crate::guard_certs::ManagedCerts;
 use crate::webhook::ClientAuth;
 use crate::{AgentAccess, Config, WebhookConfig};
 use clap::{Parser, Subcommand};
@@ -71,6 +72,30 @@ pub struct RunArgs {
     /// separated (default: any certificate of the CA; set it when the CA signs other clients too).
     #[arg(long, env = "WUKONG_WEBHOOK_CLIENT_NAMES", value_delimiter = ',', requires = "webhook_client_ca")]
     webhook_client_names: Vec<String>,
+    /// Make and rotate the webhook's serving certificate itself, kept in this Secret of the operator's namespace
+    /// (a CA and a certificate for the guard Service's names); every replica writes it into --webhook-cert-dir
+    /// (then a writable emptyDir, not a mounted Secret). The leader keeps every caBundle of
+    /// --guard-webhook-configuration equal to its CA bundle.
+    #[arg(long, env = "WUKONG_GUARD_CERT_SECRET", value_name = "NAME", requires = "webhook_address")]
+    guard_cert_secret: Option<String>,
+    /// With --guard-cert-secret: the ValidatingWebhookConfiguration whose webhooks' caBundle the leader keeps.
+    #[arg(long, default_value = "wukong-guard", requires = "guard_cert_secret")]
+    guard_webhook_configuration: String,
+    /// With --guard-cert-secret: the guard's Service (in the operator's namespace): the certificate is for
+    /// NAME, NAME.NAMESPACE, NAME.NAMESPACE.svc and NAME.NAMESPACE.svc.cluster.local.
+    #[arg(long, default_value = "wukong-guard", requires = "guard_cert_secret")]
+    guard_service: String,
+    /// With --guard-cert-secret: more names (DNS names or IP addresses) for the certificate, comma separated, for
+    /// a webhook reached by URL.
+    #[arg(long, value_delimiter = ',', requires = "guard_cert_secret")]
+    guard_cert_extra_names: Vec<String>,
+    /// With --guard-cert-secret: the CA's lifetime; a new CA is made at two thirds of it, and the old one stays
+    /// trusted until it expires.
+    #[arg(long, default_value_t = 365 * 86400, value_parser = clap::value_parser!(u64).range(3..))]
+    guard_ca_validity_seconds: u64,
+    /// With --guard-cert-secret: the serving certificate's lifetime; a new one is issued at two thirds of it.
+    #[arg(long, default_value_t = 30 * 86400, value_parser = clap::value_parser!(u64).range(3..))]
+    guard_cert_validity_seconds: u64,
     /// Seconds the guest may take to release one disk for a review; a release that cannot finish in time is rolled
     /// back by the agent and the update denied. Keep it well under the webhook's timeoutSeconds (30).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=28))]
@@ -129,6 +154,18 @@ impl RunArgs {
                 shutdown_delay: Duration::from_secs(self.shutdown_delay_seconds),
                 drain: Duration::from_secs(self.shutdown_drain_seconds),
                 grace: Duration::from_secs(self.guard_grace_seconds),
+                managed: self.guard_cert_secret.clone().map(|secret| ManagedCerts {
+                    names: ManagedCerts::service_names(
+                        &self.guard_service,
+                        &self.lease_namespace,
+                        &self.guard_cert_extra_names,
+                    ),
+                    namespace: self.lease_namespace.clone(),
+                    secret,
+                    webhook_configuration: self.guard_webhook_configuration.clone(),
+                    ca_validity: Duration::from_secs(self.guard_ca_validity_seconds),
+                    cert_validity: Duration::from_secs(self.guard_cert_validity_seconds),
+                }),
             }),
         }
     }

@@ -50,7 +50,26 @@ pub async fn run(
                 metrics.clone(),
             ));
             let (dir, auth) = (settings.cert_dir.clone(), settings.client_auth.clone());
-            let task = tokio::spawn(crate::webhook::serve(listener, dir, auth, guard.clone(), health.clone()));
+            let serve = crate::webhook::serve(listener, dir.clone(), auth, guard.clone(), health.clone());
+            let task = match settings.managed.clone() {
+                None => tokio::spawn(serve),
+                // The certificate comes from the Secret the leader makes: until this replica has written one, it
+                // serves nothing and stays unready.
+                Some(managed) => tokio::spawn({
+                    let client = client.clone();
+                    async move {
+                        let (ready, mut written) = tokio::sync::watch::channel(false);
+                        let follow = crate::guard_certs::follow(client, managed, dir, ready);
+                        tokio::select! {
+                            never = follow => match never {},
+                            served = async {
+                                let _ = written.wait_for(|written| *written).await;
+                                serve.await
+                            } => served,
+                        }
+                    }
+                }),
+            };
             (Some(task), Some((guard, settings.shutdown_delay, settings.drain)))
         }
         None => (None, None),
@@ -158,9 +177,16 @@ async fn lead(
             None => std::future::pending().await,
         }
     };
+    let certificates = async {
+        match config.webhook.as_ref().and_then(|w| w.managed.clone()) {
+            Some(managed) => match crate::guard_certs::lead(client.clone(), managed).await {},
+            None => std::future::pending::<()>().await,
+        }
+    };
     let outcome = tokio::select! {
         () = crate::reconcile::run(client.clone(), config.clone(), metrics.clone(), shutdown) => Ok(()),
         () = watch => Ok(()),
+        () = certificates => Ok(()),
         () = lost => Err(Error::LostLease(lease_name)),
     };
     // Closing the channel makes the Lease task release the Lease (if still held) and end.

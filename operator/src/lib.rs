@@ -12,6 +12,7 @@ pub mod crd;
 #[cfg(test)]
 mod fixtures;
 pub mod guard;
+pub mod guard_certs;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
@@ -160,6 +161,9 @@ pub struct WebhookConfig {
     /// How long a guarded disk may stay released while its volume is still in the spec before the leader gives it
     /// back ([`release_watch`]).
     pub grace: Duration,
+    /// The serving certificate made and rotated by the operator itself, written into `cert_dir` by every replica;
+    /// `None`: `cert_dir` is a mounted Secret ([`guard_certs`]).
+    pub managed: Option<guard_certs::ManagedCerts>,
 }
 
 pub use leader::run;
