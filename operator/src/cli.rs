@@ -216,4 +216,27 @@ mod tests {
         assert_eq!(name(&other).as_deref(), Some("agents.example"));
         assert!(run_args(&["--agent-plaintext"]).agent_access().tls.is_none());
     }
+
+    /// The self-managed guard certificate: off unless --guard-cert-secret names its Secret; then for the Service's
+    /// names in the operator's namespace, and meaningless without the webhook.
+    #[test]
+    fn the_guard_manages_its_certificate_only_when_asked() {
+        let base = ["--agent-plaintext", "--webhook-address", "0.0.0.0:8443", "--webhook-cert-dir", "/c"];
+        let managed = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            run_args(&args).config("r".into()).webhook.unwrap().managed
+        };
+        assert!(managed(&[]).is_none(), "the mounted Secret stays the default");
+        let m = managed(&["--guard-cert-secret", "wukong-guard-certs", "--lease-namespace", "ops"]).unwrap();
+        assert_eq!(
+            (m.namespace.as_str(), m.secret.as_str(), m.webhook_configuration.as_str()),
+            ("ops", "wukong-guard-certs", "wukong-guard")
+        );
+        assert_eq!(m.names[0], "wukong-guard.ops.svc", "the name the API server verifies comes first (the CN)");
+        assert_eq!((m.ca_validity.as_secs(), m.cert_validity.as_secs()), (365 * 86400, 30 * 86400));
+        let no_webhook = ["wukong-operator", "run", "--agent-plaintext", "--guard-cert-secret", "s"];
+        assert!(Cli::try_parse_from(no_webhook).is_err());
+        let orphan = ["wukong-operator", "run", "--agent-plaintext", "--guard-service", "s"];
+        assert!(Cli::try_parse_from(orphan).is_err(), "--guard-service means nothing without --guard-cert-secret");
+    }
 }
