@@ -1,11 +1,13 @@
-//! The agents' certificates, seen from the operator: each reconcile of a running VM asks its agent for the
-//! certificate it serves (`GetAgentInfo`), and one that expires within `--agent-cert-warning-days` is shown as a
-//! gauge and, at most once a day per VM, a Warning Event on the `Wukong`, so that a guest's certificate is renewed
-//! before the operator (and the guard) can no longer reach its agent.
+//! The agents' certificates, seen from the operator: each reconcile of a running VM, and each guarded unplug, asks
+//! the agent for the certificate it serves (`GetAgentInfo`), and one that expires within
+//! `--agent-cert-warning-days` is shown as a gauge and, at most once a day per VM, a Warning Event, so that a
+//! guest's certificate is renewed before the operator (and the guard) can no longer reach its agent.
 
+use crate::metrics::Metrics;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wukong_controller_client::agent_client::AgentClient;
 
 /// The same VM is warned about again only after this long, however often it is reconciled.
 const WARN_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -61,6 +63,45 @@ impl Warned {
     pub fn clear(&self, namespace: &str, vm: &str) {
         let mut warned = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         warned.remove(&(namespace.to_string(), vm.to_string()));
+    }
+}
+
+/// The check the reconciler and the guard share, so that a VM is warned about once a day whoever asked.
+pub struct CertificateCheck {
+    threshold: Duration,
+    warned: Warned,
+    metrics: Arc<Metrics>,
+}
+
+impl CertificateCheck {
+    pub fn new(threshold: Duration, metrics: Arc<Metrics>) -> Self {
+        Self { threshold, warned: Warned::default(), metrics }
+    }
+
+    /// Asks the agent of `namespace/vm` which certificate it serves and updates the gauge; the Warning Event's
+    /// sentence when one is due. An agent that cannot be asked is left to the steps that need it.
+    pub async fn check(&self, agent: &AgentClient, namespace: &str, vm: &str) -> Option<String> {
+        let info = match agent.agent_info().await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(vm = %format!("{namespace}/{vm}"), error = %e, "cannot ask the agent for its certificate");
+                return None;
+            }
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        match assess(info.certificate_not_after, now, self.threshold) {
+            Expiry::Fine => {
+                self.metrics.agent_certificate_expiry(namespace, vm, None);
+                self.warned.clear(namespace, vm);
+                None
+            }
+            Expiry::Soon(left) => {
+                self.metrics.agent_certificate_expiry(namespace, vm, Some(info.certificate_not_after));
+                self.warned
+                    .due(namespace, vm, Instant::now())
+                    .then(|| warning(namespace, vm, &info.certificate_subject, left))
+            }
+        }
     }
 }
 

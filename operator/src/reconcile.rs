@@ -63,12 +63,17 @@ pub struct Context {
     refusals: Mutex<HashMap<(String, String), (u32, Instant)>>,
     /// The status last written per object UID (see `apply`).
     written: Mutex<HashMap<String, WukongStatus>>,
-    /// When each VM's expiring agent certificate was last warned about.
-    certificate_warned: agent_certificate::Warned,
+    /// The agents' expiring certificates (shared with the guard).
+    certificates: Arc<agent_certificate::CertificateCheck>,
 }
 
 impl Context {
-    pub fn new(client: kube::Client, config: Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        config: Config,
+        metrics: Arc<Metrics>,
+        certificates: Arc<agent_certificate::CertificateCheck>,
+    ) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -77,7 +82,7 @@ impl Context {
             metrics,
             refusals: Mutex::default(),
             written: Mutex::default(),
-            certificate_warned: agent_certificate::Warned::default(),
+            certificates,
         }
     }
 }
@@ -87,6 +92,7 @@ pub async fn run(
     client: kube::Client,
     config: Config,
     metrics: Arc<Metrics>,
+    certificates: Arc<agent_certificate::CertificateCheck>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (wukongs, claims, vmis) = match &config.namespace {
@@ -97,7 +103,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
     };
-    let context = Arc::new(Context::new(client, config, metrics));
+    let context = Arc::new(Context::new(client, config, metrics, certificates));
     let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
@@ -785,28 +791,11 @@ async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatu
 }
 
 /// Asks a running VM's agent which certificate it serves and warns when that expires soon (see
-/// [`agent_certificate`]). An agent that cannot be asked is left to the steps that need it: they say so in status.
+/// [`agent_certificate`]).
 async fn check_agent_certificate(context: &Context, wukong: &Wukong, ns: &str, vm: &str, vmi: &VirtualMachineInstance) {
     let Some(Ok(agent)) = context.config.agent.connect(vmi) else { return };
-    let info = match agent.agent_info().await {
-        Ok(info) => info,
-        Err(e) => {
-            return tracing::debug!(vm = %format!("{ns}/{vm}"), error = %e, "cannot ask the agent for its certificate");
-        }
-    };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    match agent_certificate::assess(info.certificate_not_after, now, context.config.agent_cert_warning) {
-        agent_certificate::Expiry::Fine => {
-            context.metrics.agent_certificate_expiry(ns, vm, None);
-            context.certificate_warned.clear(ns, vm);
-        }
-        agent_certificate::Expiry::Soon(left) => {
-            context.metrics.agent_certificate_expiry(ns, vm, Some(info.certificate_not_after));
-            if context.certificate_warned.due(ns, vm, Instant::now()) {
-                let note = agent_certificate::warning(ns, vm, &info.certificate_subject, left);
-                publish(context, wukong, EventType::Warning, "AgentCertificateExpiring", "CheckAgent", &note).await;
-            }
-        }
+    if let Some(note) = context.certificates.check(&agent, ns, vm).await {
+        publish(context, wukong, EventType::Warning, "AgentCertificateExpiring", "CheckAgent", &note).await;
     }
 }
 
