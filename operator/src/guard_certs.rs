@@ -573,4 +573,85 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join("tls.key")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
+
+    const CONFIG: &str = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/wukong-guard";
+    const SECRET: &str = "/api/v1/namespaces/wukong-system/secrets/wukong-guard-certs";
+
+    fn status(code: u16, reason: &str) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason,
+                                      "code": code, "message": reason, "metadata": {}});
+        (code, body)
+    }
+
+    fn configuration(bundle: &str) -> serde_json::Value {
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(bundle);
+        let hook = |name: &str| {
+            serde_json::json!({"name": name, "clientConfig": {"url": "https://127.0.0.1:1/validate", "caBundle": ca},
+                               "sideEffects": "None", "admissionReviewVersions": ["v1"]})
+        };
+        serde_json::json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+                           "metadata": {"name": "wukong-guard", "resourceVersion": "7"},
+                           "webhooks": [hook("objects.guard.example"), hook("namespaces.guard.example")]})
+    }
+
+    fn put_bundles(seen: &[crate::fixtures::Seen]) -> Vec<Vec<String>> {
+        use base64::Engine;
+        seen.iter()
+            .filter(|s| s.method == http::Method::PUT && s.path == CONFIG)
+            .map(|s| {
+                let hooks = s.body["webhooks"].as_array().unwrap();
+                hooks
+                    .iter()
+                    .map(|h| {
+                        let b64 = h["clientConfig"]["caBundle"].as_str().unwrap();
+                        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Two replicas race to create the Secret (a leader that has not yet noticed it lost the Lease): the one that
+    /// loses gets 409, writes nothing more in that pass, and the next pass adopts what the other wrote.
+    #[tokio::test]
+    async fn a_lost_race_to_create_the_secret_adopts_the_winners() {
+        let s = settings(3000, 300);
+        let api = crate::fixtures::Api::start(|seen| match (seen.method.as_str(), seen.path.as_str()) {
+            ("GET", CONFIG) => Some((200, configuration(""))),
+            ("GET", SECRET) => Some(status(404, "NotFound")),
+            ("POST", "/api/v1/namespaces/wukong-system/secrets") => Some(status(409, "AlreadyExists")),
+            _ => None,
+        });
+        pass(&api.client(), &s).await.unwrap();
+        let seen = api.seen();
+        let writes: Vec<_> = seen.iter().filter(|r| r.method != http::Method::GET).map(|r| r.method.clone()).collect();
+        assert_eq!(writes, [http::Method::PUT, http::Method::POST], "trust first, then the Secret; nothing after 409");
+        let trusted = put_bundles(&seen).remove(0);
+        assert!(trusted.iter().all(|b| certs(b).len() == 1 && *b == trusted[0]), "every webhook trusts the new CA");
+
+        // The winner's Secret, and a caBundle that still has the loser's CA: adopted, the bundle made the winner's.
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let (winner, _) = decide(None, "", now, &s).unwrap().unwrap();
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("wukong-guard-certs".into()),
+                resource_version: Some("3".into()),
+                ..Default::default()
+            },
+            data: Some(winner.data()),
+            ..Default::default()
+        };
+        let secret = serde_json::to_value(&secret).unwrap();
+        let loser_bundle = trusted[0].clone();
+        let api = crate::fixtures::Api::start(move |seen| match (seen.method.as_str(), seen.path.as_str()) {
+            ("GET", CONFIG) => Some((200, configuration(&loser_bundle))),
+            ("GET", SECRET) => Some((200, secret.clone())),
+            _ => None,
+        });
+        pass(&api.client(), &s).await.unwrap();
+        let seen = api.seen();
+        assert!(seen.iter().all(|r| r.path != SECRET || r.method == http::Method::GET), "the winner's Secret is kept");
+        assert_eq!(put_bundles(&seen), [vec![winner.ca_bundle.clone(), winner.ca_bundle.clone()]]);
+    }
 }
