@@ -273,14 +273,14 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tcp = TcpStream::connect(address).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("wukong-agent").unwrap();
-        let (client, server) = tokio::join!(connector.connect(name, tcp), futures_next(&mut incoming));
+        let (client, server) = tokio::join!(connector.connect(name, tcp), next_accepted(&mut incoming));
         server.expect("the agent accepted");
         let client = client.expect("the client accepted the agent's certificate");
         let presented = client.get_ref().1.peer_certificates().unwrap()[0].clone();
         summary(&presented).unwrap().not_after
     }
 
-    async fn futures_next(
+    async fn next_accepted(
         incoming: &mut ReceiverStream<io::Result<TlsStream<TcpStream>>>,
     ) -> io::Result<TlsStream<TcpStream>> {
         use tokio_stream::StreamExt;
