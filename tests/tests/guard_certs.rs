@@ -1,6 +1,6 @@
 //! The admission guard's certificates managed by the operator itself (`--guard-cert-secret`), through a genuine
 //! kube-apiserver, with the operator running as the ServiceAccount of deploy/operator.yaml: from nothing (no
-//! Secret, an empty caBundle) the leader makes the Secret and the caBundle and the replica turns ready; with
+//! Secret, an empty caBundle) a replica is unready until the leader made the Secret and the caBundle; with
 //! lifetimes of seconds, the serving certificate and the CA rotate while the API server sends reviews without a
 //! pause, and not one review fails; a standby replica serves the rotated certificate; a deleted Secret is made again.
 
@@ -98,10 +98,37 @@ async fn the_operator_makes_and_rotates_its_certificates_and_no_review_fails() -
         ];
         Operator::start_with(&cluster, identity, &flags)
     };
+    // Another holder's Lease, running out in 4 s: until this replica leads, nobody makes a certificate, and a
+    // replica without one is not ready.
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let lease = Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("wukong-operator".into()),
+            namespace: Some("wukong-system".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("ghost".into()),
+            lease_duration_seconds: Some(4),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            ..Default::default()
+        }),
+    };
+    let mut lease = serde_json::to_value(&lease)?;
+    (lease["apiVersion"], lease["kind"]) = ("coordination.k8s.io/v1".into(), "Lease".into());
+    wukong_e2e::cluster::apply(&admin, &lease).await?;
     let a = replica("certs-a", &a_address, &a_dir)?;
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "wukong-system");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, body) = a.get("/readyz").await?;
+    assert_ne!(code, 200, "ready without a certificate");
+    assert!(body.contains("no usable serving certificate"), "{body}");
+    assert!(secrets.get_opt(SECRET).await?.is_none(), "a replica that does not lead made the Secret");
     let took = ready(&a, Duration::from_secs(30)).await?;
     println!("from nothing to a ready replica with its own certificate: {:.1} s", took.as_secs_f64());
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "wukong-system");
     let secret = secrets.get(SECRET).await?;
     let keys: BTreeSet<&str> = secret.data.as_ref().context("data")?.keys().map(String::as_str).collect();
     assert_eq!(keys, BTreeSet::from(["ca.crt", "ca.key", "tls.crt", "tls.key"]));
