@@ -1,7 +1,9 @@
 //! Facts about the agent and its guest for `GetAgentInfo`. Host facts come from sysinfo; the boot id, which
 //! sysinfo does not know, from procfs.
 
+use crate::tls::ReloadingTls;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use sysinfo::System;
 use wukong_proto::v1::AgentInfo;
@@ -12,15 +14,17 @@ use wukong_proto::v1::AgentInfo;
 pub const CAPABILITIES: &[&str] = &["list", "watch", "wait", "usage", "release", "release-deadline"];
 
 /// What stays fixed for the life of the agent process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentFacts {
     pub started_at: SystemTime,
     pub proc_root: PathBuf,
+    /// The TCP listeners' TLS identity, whose certificate is reported.
+    pub tls: Option<Arc<ReloadingTls>>,
 }
 
 impl AgentFacts {
-    pub fn new(proc_root: PathBuf) -> Self {
-        Self { started_at: SystemTime::now(), proc_root }
+    pub fn new(proc_root: PathBuf, tls: Option<Arc<ReloadingTls>>) -> Self {
+        Self { started_at: SystemTime::now(), proc_root, tls }
     }
 
     /// Current facts (uptime and memory are read at each call).
@@ -34,7 +38,10 @@ impl AgentFacts {
         let boot_id = std::fs::read_to_string(self.proc_root.join("sys/kernel/random/boot_id"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
+        let certificate = self.tls.as_ref().map(|tls| tls.certificate());
         AgentInfo {
+            certificate_not_after: certificate.as_ref().map_or(0, |c| c.not_after),
+            certificate_subject: certificate.map(|c| c.subject).unwrap_or_default(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             hostname: System::host_name().unwrap_or_default(),
             kernel_release: System::kernel_version().unwrap_or_default(),
@@ -57,7 +64,7 @@ mod tests {
 
     #[test]
     fn reports_this_machine() {
-        let info = AgentFacts::new("/proc".into()).info();
+        let info = AgentFacts::new("/proc".into(), None).info();
         assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(info.boot_id.len(), 36, "boot id is a UUID: {:?}", info.boot_id);
         assert!(!info.kernel_release.is_empty());

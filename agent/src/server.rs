@@ -62,7 +62,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(disks = inventory.snapshot().disks.len(), "initial disk inventory complete");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let facts = Arc::new(AgentFacts::new(config.roots.proc.clone()));
+    let tls = config.tls.clone().map(tls::ReloadingTls::new).transpose()?.map(Arc::new);
+    let facts = Arc::new(AgentFacts::new(config.roots.proc.clone(), tls.clone()));
     let usage = UsageScanner::new(config.roots.clone());
     let journal = Journal::new(Some(config.state_dir.clone()));
     let releaser = Releaser::new(config.roots.clone(), inventory.clone(), updates, usage.clone(), journal);
@@ -85,7 +86,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
 
-    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let timeout = Duration::from_secs(config.limits.request_timeout_seconds);
     let mut servers = tokio::task::JoinSet::new();
     for addr in &config.listen {

@@ -1,13 +1,15 @@
 //! Mutual TLS for the TCP listeners, with the handshake done here rather than inside tonic: tonic drops a failed
 //! handshake with a debug line that has no peer address, and a refused client is exactly what an audit trail must
 //! show. tonic still sees the client's certificate (its `TlsConnectInfo`), so `Request::peer_certs` works as before.
+//! The files are read again when they change (a renewed certificate needs no restart): each new connection is
+//! served with the files as they were when it arrived; a broken replacement keeps the last good ones, said in the log.
 
 use crate::config::TlsFiles;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -36,9 +38,88 @@ pub enum TlsConfigError {
     ClientCa(#[from] rustls::server::VerifierBuilderError),
 }
 
+/// The agent's own certificate, as `GetAgentInfo` reports it so that callers see an expiry coming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// The end of its validity, in Unix seconds.
+    pub not_after: i64,
+    /// Its subject, e.g. `CN=wukong-agent`.
+    pub subject: String,
+}
+
+/// What identifies a version of a file: a replaced file (renamed into place, or a Kubernetes-style symlink swap)
+/// has another inode, one rewritten in place another modification time or length.
+type Stamp = [Option<(u64, SystemTime, u64)>; 3];
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    [&files.cert, &files.key, &files.client_ca].map(|path| {
+        std::fs::metadata(path).ok().map(|m| (m.ino(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+    })
+}
+
+/// The TLS files, loaded, and read again when they change.
+pub struct ReloadingTls {
+    files: TlsFiles,
+    current: Mutex<Loaded>,
+}
+
+struct Loaded {
+    /// The files' versions last looked at, loaded or not (a broken version is reported once, not per handshake).
+    seen: Stamp,
+    acceptor: TlsAcceptor,
+    certificate: CertificateSummary,
+}
+
+impl ReloadingTls {
+    /// Loads the files; at start a broken file is an error (the agent does not run without its identity).
+    pub fn new(files: TlsFiles) -> Result<Self, TlsConfigError> {
+        let seen = stamp(&files);
+        let (acceptor, certificate) = acceptor(&files)?;
+        Ok(Self { files, current: Mutex::new(Loaded { seen, acceptor, certificate }) })
+    }
+
+    /// The acceptor for a new connection, from the files as they are now if they changed and are usable.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.refresh().0
+    }
+
+    /// The certificate new connections are served with.
+    pub fn certificate(&self) -> CertificateSummary {
+        self.refresh().1
+    }
+
+    fn refresh(&self) -> (TlsAcceptor, CertificateSummary) {
+        let mut current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = stamp(&self.files);
+        if now != current.seen {
+            current.seen = now;
+            match acceptor(&self.files) {
+                Ok((acceptor, certificate)) => {
+                    tracing::info!(
+                        cert = %self.files.cert.display(),
+                        subject = %certificate.subject,
+                        not_after = certificate.not_after,
+                        "TLS files changed: new connections use the new certificate"
+                    );
+                    (current.acceptor, current.certificate) = (acceptor, certificate);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    subject = %current.certificate.subject,
+                    not_after = current.certificate.not_after,
+                    "TLS files changed but cannot be used: still serving the previous certificate"
+                ),
+            }
+        }
+        (current.acceptor.clone(), current.certificate.clone())
+    }
+}
+
 /// The agent's identity, and the CA every client certificate must chain to (a client without one is refused).
-pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsConfigError> {
+fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, CertificateSummary), TlsConfigError> {
     let certs = certificates(&files.cert, "certificate")?;
+    let summary = summary(&certs[0]).ok_or_else(|| TlsConfigError::NoPem(files.cert.clone(), "X.509 certificate"))?;
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
         .map_err(|_| TlsConfigError::NoPem(files.key.clone(), "private key"))?;
     let mut roots = RootCertStore::empty();
@@ -49,7 +130,12 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsConfigError> {
     let mut config = ServerConfig::builder().with_client_cert_verifier(verifier).with_single_cert(certs, key)?;
     // gRPC is HTTP/2; clients (tonic's among them) insist on it being negotiated.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), summary))
+}
+
+fn summary(cert: &CertificateDer<'_>) -> Option<CertificateSummary> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(CertificateSummary { not_after: cert.validity().not_after.timestamp(), subject: cert.subject().to_string() })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsConfigError> {
@@ -68,7 +154,7 @@ fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'s
 /// The TLS connections of `listener`, for tonic's `serve_with_incoming`. Each handshake runs on its own task; a
 /// refused one is logged with the peer's address and why. Errors of `accept` itself go to tonic, which decides
 /// (as it does for a plain listener) which of them end the server. Stops accepting when tonic drops the stream.
-pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+pub fn incoming(listener: TcpListener, tls: Arc<ReloadingTls>) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -78,7 +164,7 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> ReceiverStream<
             };
             match accepted {
                 Ok((tcp, peer)) => {
-                    let (tx, acceptor) = (tx.clone(), acceptor.clone());
+                    let (tx, acceptor) = (tx.clone(), tls.acceptor());
                     tokio::spawn(async move {
                         if let Some(tls) = handshake(&acceptor, tcp, peer).await {
                             let _ = tx.send(Ok(tls)).await;
@@ -139,5 +225,98 @@ mod tests {
         let missing = dir.path().join("missing.crt");
         let Err(err) = acceptor(&files(&missing)) else { panic!("a missing file was accepted") };
         assert!(err.to_string().starts_with(&format!("cannot read the TLS file {}: ", missing.display())), "{err}");
+    }
+
+    /// A CA, and a leaf of it named `name` valid `days` (the agent's, or a client's), written as `stem.crt/.key`.
+    struct Ca(rcgen::Issuer<'static, rcgen::KeyPair>);
+
+    impl Ca {
+        fn new(dir: &Path) -> Self {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            std::fs::write(dir.join("ca.crt"), params.self_signed(&key).unwrap().pem()).unwrap();
+            Self(rcgen::Issuer::new(params, key))
+        }
+
+        fn leaf(&self, dir: &Path, stem: &str, name: &str, days: i64) -> i64 {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let not_after = SystemTime::now() + Duration::from_secs(days as u64 * 86400);
+            params.not_after = not_after.into();
+            let cert = params.signed_by(&key, &self.0).unwrap();
+            // Renamed into place, as `wukongctl pki renew` and a kubelet's Secret update do.
+            for (ext, text) in [("crt", cert.pem()), ("key", key.serialize_pem())] {
+                std::fs::write(dir.join(format!(".{stem}.{ext}")), text).unwrap();
+                std::fs::rename(dir.join(format!(".{stem}.{ext}")), dir.join(format!("{stem}.{ext}"))).unwrap();
+            }
+            not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64
+        }
+    }
+
+    /// One real handshake against `tls` on loopback: the not-after of the certificate the agent presented.
+    async fn handshake_not_after(tls: &Arc<ReloadingTls>, dir: &Path) -> i64 {
+        use tokio_rustls::rustls::ClientConfig;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut incoming = incoming(listener, tls.clone());
+        let mut roots = RootCertStore::empty();
+        roots.add(certificates(&dir.join("ca.crt"), "CA").unwrap().remove(0)).unwrap();
+        let client_certs = certificates(&dir.join("client.crt"), "certificate").unwrap();
+        let client_key = PrivateKeyDer::from_pem_slice(&std::fs::read(dir.join("client.key")).unwrap()).unwrap();
+        let mut config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(client_certs, client_key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(address).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("wukong-agent").unwrap();
+        let (client, server) = tokio::join!(connector.connect(name, tcp), next_accepted(&mut incoming));
+        server.expect("the agent accepted");
+        let client = client.expect("the client accepted the agent's certificate");
+        let presented = client.get_ref().1.peer_certificates().unwrap()[0].clone();
+        summary(&presented).unwrap().not_after
+    }
+
+    async fn next_accepted(
+        incoming: &mut ReceiverStream<io::Result<TlsStream<TcpStream>>>,
+    ) -> io::Result<TlsStream<TcpStream>> {
+        use tokio_stream::StreamExt;
+        incoming.next().await.expect("the listener stopped")
+    }
+
+    /// A renewed certificate is served from the next handshake and reported; a broken replacement keeps the
+    /// previous one in service (and in the report) until a usable one arrives.
+    #[tokio::test]
+    async fn new_handshakes_use_replaced_files_and_a_broken_replacement_keeps_the_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path());
+        let first = ca.leaf(dir.path(), "agent", "wukong-agent", 365);
+        ca.leaf(dir.path(), "client", "wukong-companion", 365);
+        let files = TlsFiles {
+            cert: dir.path().join("agent.crt"),
+            key: dir.path().join("agent.key"),
+            client_ca: dir.path().join("ca.crt"),
+        };
+        let tls = Arc::new(ReloadingTls::new(files.clone()).unwrap());
+        assert_eq!(handshake_not_after(&tls, dir.path()).await, first);
+        assert_eq!(tls.certificate(), CertificateSummary { not_after: first, subject: "CN=wukong-agent".into() });
+
+        let renewed = ca.leaf(dir.path(), "agent", "wukong-agent", 20);
+        assert_ne!(renewed, first);
+        assert_eq!(handshake_not_after(&tls, dir.path()).await, renewed, "the renewed certificate is served");
+        assert_eq!(tls.certificate().not_after, renewed);
+
+        // A half-written key (it does not match the certificate) and a junk certificate: the renewed one stays.
+        std::fs::write(&files.key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        assert_eq!(handshake_not_after(&tls, dir.path()).await, renewed);
+        std::fs::write(&files.cert, "junk").unwrap();
+        assert_eq!(handshake_not_after(&tls, dir.path()).await, renewed);
+        assert_eq!(tls.certificate().not_after, renewed);
+
+        let fixed = ca.leaf(dir.path(), "agent", "wukong-agent", 40);
+        assert_eq!(handshake_not_after(&tls, dir.path()).await, fixed, "a usable replacement is taken again");
     }
 }

@@ -678,7 +678,7 @@ fn serve(rig: &Rig, dir: &Path) -> PathBuf {
     let (_, stopping) = tokio::sync::watch::channel(false);
     let service = DiskAgentService::new(
         rig.inventory.clone(),
-        Arc::new(AgentFacts::new("/proc".into())),
+        Arc::new(AgentFacts::new("/proc".into(), None)),
         UsageScanner::new(HostRoots::default()),
         rig.releaser.clone(),
         Default::default(),

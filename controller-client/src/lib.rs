@@ -6,5 +6,6 @@ pub mod companion;
 pub mod hypervisor;
 pub mod kubevirt;
 pub mod output;
+pub mod pki;
 pub mod qemu;
 pub mod qmp;

@@ -296,6 +296,9 @@ pub fn info_json(i: &AgentInfo) -> Value {
         "arch": i.arch, "boot_id": i.boot_id, "uptime_ms": duration_ms(&i.uptime),
         "started_at": timestamp_json(&i.started_at), "memory_bytes": i.memory_bytes, "disk_count": i.disk_count,
         "capabilities": i.capabilities, "read_only": i.read_only,
+        "certificate": (i.certificate_not_after != 0).then(|| json!({
+            "subject": i.certificate_subject, "not_after": i.certificate_not_after,
+        })),
     })
 }
 
@@ -315,10 +318,27 @@ pub fn info_text(i: &AgentInfo) -> String {
         ("disks", i.disk_count.to_string()),
         ("releases", releases.to_string()),
         ("capabilities", i.capabilities.join(", ")),
+        ("certificate", certificate_text(i)),
     ]
     .iter()
     .map(|(k, v)| format!("{:<13} {v}\n", format!("{k}:")))
     .collect()
+}
+
+/// The agent's certificate: its subject and when it expires, in UTC and in days from now.
+fn certificate_text(i: &AgentInfo) -> String {
+    if i.certificate_not_after == 0 {
+        return "none (plaintext or the Unix socket only)".into();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let left = i.certificate_not_after - now;
+    let when = time::OffsetDateTime::from_unix_timestamp(i.certificate_not_after)
+        .map(|t| format!("{} {:02}:{:02}:{:02} UTC", t.date(), t.hour(), t.minute(), t.second()))
+        .unwrap_or_else(|_| i.certificate_not_after.to_string());
+    match left {
+        ..0 => format!("{}, EXPIRED {when}", i.certificate_subject),
+        _ => format!("{}, expires {when} (in {} days)", i.certificate_subject, left / 86400),
+    }
 }
 
 /// One line per watch event.

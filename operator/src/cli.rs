@@ -1,6 +1,7 @@
 //! The command line (`run`, `crd`): parsed here rather than in `main.rs` so that tests can read the shipped
 //! Deployment's arguments exactly as the binary does.
 
+use crate::guard_certs::ManagedCerts;
 use crate::webhook::ClientAuth;
 use crate::{AgentAccess, Config, WebhookConfig};
 use clap::{Parser, Subcommand};
@@ -71,6 +72,30 @@ pub struct RunArgs {
     /// separated (default: any certificate of the CA; set it when the CA signs other clients too).
     #[arg(long, env = "WUKONG_WEBHOOK_CLIENT_NAMES", value_delimiter = ',', requires = "webhook_client_ca")]
     webhook_client_names: Vec<String>,
+    /// Make and rotate the webhook's serving certificate itself, kept in this Secret of the operator's namespace
+    /// (a CA and a certificate for the guard Service's names); every replica writes it into --webhook-cert-dir
+    /// (then a writable emptyDir, not a mounted Secret). The leader keeps every caBundle of
+    /// --guard-webhook-configuration equal to its CA bundle.
+    #[arg(long, env = "WUKONG_GUARD_CERT_SECRET", value_name = "NAME", requires = "webhook_address")]
+    guard_cert_secret: Option<String>,
+    /// With --guard-cert-secret: the ValidatingWebhookConfiguration whose webhooks' caBundle the leader keeps.
+    #[arg(long, default_value = "wukong-guard", requires = "guard_cert_secret")]
+    guard_webhook_configuration: String,
+    /// With --guard-cert-secret: the guard's Service (in the operator's namespace): the certificate is for
+    /// NAME, NAME.NAMESPACE, NAME.NAMESPACE.svc and NAME.NAMESPACE.svc.cluster.local.
+    #[arg(long, default_value = "wukong-guard", requires = "guard_cert_secret")]
+    guard_service: String,
+    /// With --guard-cert-secret: more names (DNS names or IP addresses) for the certificate, comma separated, for
+    /// a webhook reached by URL.
+    #[arg(long, value_delimiter = ',', requires = "guard_cert_secret")]
+    guard_cert_extra_names: Vec<String>,
+    /// With --guard-cert-secret: the CA's lifetime; a new CA is made at two thirds of it, and the old one stays
+    /// trusted until it expires.
+    #[arg(long, default_value_t = 365 * 86400, value_parser = clap::value_parser!(u64).range(3..))]
+    guard_ca_validity_seconds: u64,
+    /// With --guard-cert-secret: the serving certificate's lifetime; a new one is issued at two thirds of it.
+    #[arg(long, default_value_t = 30 * 86400, value_parser = clap::value_parser!(u64).range(3..))]
+    guard_cert_validity_seconds: u64,
     /// Seconds the guest may take to release one disk for a review; a release that cannot finish in time is rolled
     /// back by the agent and the update denied. Keep it well under the webhook's timeoutSeconds (30).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=28))]
@@ -88,6 +113,10 @@ pub struct RunArgs {
     /// not stored) before the guest gets it back.
     #[arg(long, default_value_t = 60)]
     guard_grace_seconds: u64,
+    /// Warn (a gauge, and a Warning Event `AgentCertificateExpiring` at most once a day per VM) when a running VM's
+    /// agent serves a certificate that expires within this many days.
+    #[arg(long, default_value_t = 30)]
+    agent_cert_warning_days: u64,
     /// Log as JSON lines (for log collectors).
     #[arg(long)]
     pub log_json: bool,
@@ -113,6 +142,7 @@ impl RunArgs {
             http_address: self.http_address,
             attach_wait: Duration::from_secs(self.wait_seconds),
             detach_wait: Duration::from_secs(self.wait_seconds),
+            agent_cert_warning: Duration::from_secs(self.agent_cert_warning_days * 86400),
             webhook: self.webhook_address.zip(self.webhook_cert_dir.clone()).map(|(address, cert_dir)| WebhookConfig {
                 address,
                 cert_dir,
@@ -124,6 +154,18 @@ impl RunArgs {
                 shutdown_delay: Duration::from_secs(self.shutdown_delay_seconds),
                 drain: Duration::from_secs(self.shutdown_drain_seconds),
                 grace: Duration::from_secs(self.guard_grace_seconds),
+                managed: self.guard_cert_secret.clone().map(|secret| ManagedCerts {
+                    names: ManagedCerts::service_names(
+                        &self.guard_service,
+                        &self.lease_namespace,
+                        &self.guard_cert_extra_names,
+                    ),
+                    namespace: self.lease_namespace.clone(),
+                    secret,
+                    webhook_configuration: self.guard_webhook_configuration.clone(),
+                    ca_validity: Duration::from_secs(self.guard_ca_validity_seconds),
+                    cert_validity: Duration::from_secs(self.guard_cert_validity_seconds),
+                }),
             }),
         }
     }
@@ -173,5 +215,28 @@ mod tests {
         let other = run_args(&["--agent-tls-dir", "/tls", "--agent-server-name", "agents.example"]);
         assert_eq!(name(&other).as_deref(), Some("agents.example"));
         assert!(run_args(&["--agent-plaintext"]).agent_access().tls.is_none());
+    }
+
+    /// The self-managed guard certificate: off unless --guard-cert-secret names its Secret; then for the Service's
+    /// names in the operator's namespace, and meaningless without the webhook.
+    #[test]
+    fn the_guard_manages_its_certificate_only_when_asked() {
+        let base = ["--agent-plaintext", "--webhook-address", "0.0.0.0:8443", "--webhook-cert-dir", "/c"];
+        let managed = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            run_args(&args).config("r".into()).webhook.unwrap().managed
+        };
+        assert!(managed(&[]).is_none(), "the mounted Secret stays the default");
+        let m = managed(&["--guard-cert-secret", "wukong-guard-certs", "--lease-namespace", "ops"]).unwrap();
+        assert_eq!(
+            (m.namespace.as_str(), m.secret.as_str(), m.webhook_configuration.as_str()),
+            ("ops", "wukong-guard-certs", "wukong-guard")
+        );
+        assert_eq!(m.names[0], "wukong-guard.ops.svc", "the name the API server verifies comes first (the CN)");
+        assert_eq!((m.ca_validity.as_secs(), m.cert_validity.as_secs()), (365 * 86400, 30 * 86400));
+        let no_webhook = ["wukong-operator", "run", "--agent-plaintext", "--guard-cert-secret", "s"];
+        assert!(Cli::try_parse_from(no_webhook).is_err());
+        let orphan = ["wukong-operator", "run", "--agent-plaintext", "--guard-service", "s"];
+        assert!(Cli::try_parse_from(orphan).is_err(), "--guard-service means nothing without --guard-cert-secret");
     }
 }

@@ -88,8 +88,12 @@ pub fn context(client: kube::Client) -> Context {
         attach_wait: Duration::from_secs(1),
         detach_wait: Duration::from_secs(1),
         webhook: None,
+        agent_cert_warning: Duration::from_secs(30 * 86400),
     };
-    Context::new(client, config, Arc::new(Metrics::default()))
+    let metrics = Arc::new(Metrics::default());
+    let certificates =
+        Arc::new(crate::agent_certificate::CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
+    Context::new(client, config, metrics, certificates)
 }
 
 /// `Wukong` ns1/db (VM `db-vm`) with `disks`, as the API server returns it.

@@ -2,6 +2,7 @@
 //! Lease (kube-lease-manager); the holder reconciles. A leader that loses the Lease stops at once and the process
 //! exits with an error, as controller-runtime's managers do, so two replicas never act on one disk.
 
+use crate::agent_certificate::CertificateCheck;
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::webhook::Guard;
@@ -29,6 +30,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
+    let certificates = Arc::new(CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
     let health = Arc::new(Health::default());
     let listener = tokio::net::TcpListener::bind(config.http_address)
         .await
@@ -48,9 +50,29 @@ pub async fn run(
                 &config.lease_namespace,
                 &config.identity,
                 metrics.clone(),
+                certificates.clone(),
             ));
             let (dir, auth) = (settings.cert_dir.clone(), settings.client_auth.clone());
-            let task = tokio::spawn(crate::webhook::serve(listener, dir, auth, guard.clone(), health.clone()));
+            let serve = crate::webhook::serve(listener, dir.clone(), auth, guard.clone(), health.clone());
+            let task = match settings.managed.clone() {
+                None => tokio::spawn(serve),
+                // The certificate comes from the Secret the leader makes: until this replica has written one, it
+                // serves nothing and stays unready.
+                Some(managed) => tokio::spawn({
+                    let client = client.clone();
+                    async move {
+                        let (ready, mut written) = tokio::sync::watch::channel(false);
+                        let follow = crate::guard_certs::follow(client, managed, dir, ready);
+                        tokio::select! {
+                            never = follow => match never {},
+                            served = async {
+                                let _ = written.wait_for(|written| *written).await;
+                                serve.await
+                            } => served,
+                        }
+                    }
+                }),
+            };
             (Some(task), Some((guard, settings.shutdown_delay, settings.drain)))
         }
         None => (None, None),
@@ -76,7 +98,7 @@ pub async fn run(
     // The webhook never ends while the replica runs (it fails only at start, on its certificate): if it does anyway
     // (a panic), the process exits, since a replica in the Service that answers no review is worse than a restart.
     let result = tokio::select! {
-        result = lead(client, config, metrics, &health, shutdown) => result,
+        result = lead(client, config, metrics, certificates, &health, shutdown) => result,
         Some(ended) = async { match webhook.as_mut() { Some(task) => Some(task.await), None => None } } => {
             Err(match ended {
                 Ok(Ok(never)) => match never {},
@@ -100,6 +122,7 @@ async fn lead(
     client: kube::Client,
     config: Config,
     metrics: Arc<Metrics>,
+    certificates: Arc<CertificateCheck>,
     health: &Health,
     shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
 ) -> Result<()> {
@@ -158,9 +181,16 @@ async fn lead(
             None => std::future::pending().await,
         }
     };
+    let guard_certificates = async {
+        match config.webhook.as_ref().and_then(|w| w.managed.clone()) {
+            Some(managed) => match crate::guard_certs::lead(client.clone(), managed).await {},
+            None => std::future::pending::<()>().await,
+        }
+    };
     let outcome = tokio::select! {
-        () = crate::reconcile::run(client.clone(), config.clone(), metrics.clone(), shutdown) => Ok(()),
+        () = crate::reconcile::run(client.clone(), config.clone(), metrics.clone(), certificates, shutdown) => Ok(()),
         () = watch => Ok(()),
+        () = guard_certificates => Ok(()),
         () = lost => Err(Error::LostLease(lease_name)),
     };
     // Closing the channel makes the Lease task release the Lease (if still held) and end.

@@ -6,11 +6,13 @@
 //! [`plan`] (pure decisions), [`reconcile`] (carrying them out), [`metrics`], [`server`] (metrics and probes),
 //! [`leader`] (one active replica).
 
+pub mod agent_certificate;
 pub mod cli;
 pub mod crd;
 #[cfg(test)]
 mod fixtures;
 pub mod guard;
+pub mod guard_certs;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
@@ -138,6 +140,8 @@ pub struct Config {
     pub detach_wait: Duration,
     /// The admission guard's endpoint, when served.
     pub webhook: Option<WebhookConfig>,
+    /// An agent certificate that expires within this long is warned about ([`agent_certificate`]).
+    pub agent_cert_warning: Duration,
 }
 
 /// Where the admission guard listens, and its serving certificate's directory (`tls.crt`, `tls.key`).
@@ -157,6 +161,9 @@ pub struct WebhookConfig {
     /// How long a guarded disk may stay released while its volume is still in the spec before the leader gives it
     /// back ([`release_watch`]).
     pub grace: Duration,
+    /// The serving certificate made and rotated by the operator itself, written into `cert_dir` by every replica;
+    /// `None`: `cert_dir` is a mounted Secret ([`guard_certs`]).
+    pub managed: Option<guard_certs::ManagedCerts>,
 }
 
 pub use leader::run;

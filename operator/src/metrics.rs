@@ -26,6 +26,8 @@ pub struct Metrics {
     given_back: Counter,
     watch_errors: Family<Labels, Counter>,
     pending_releases: Gauge,
+    /// Per VM (only those whose agent's certificate expires soon, so the label set stays small).
+    agent_certificate_expiry: Family<Vec<(&'static str, String)>, Gauge>,
     /// Blocked disks per object UID; the gauge is their sum.
     blocked_by_object: Mutex<HashMap<String, i64>>,
 }
@@ -92,8 +94,15 @@ impl Default for Metrics {
             "Releases the guard recorded whose update or give-back has not been seen yet",
             pending_releases.clone(),
         );
+        let agent_certificate_expiry = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "agent_certificate_expiry_timestamp_seconds",
+            "When the certificate a VM's agent serves expires (Unix time), for agents within the warning threshold",
+            agent_certificate_expiry.clone(),
+        );
         Self {
             registry,
+            agent_certificate_expiry,
             untrusted,
             watch_passes,
             given_back,
@@ -125,6 +134,19 @@ impl Metrics {
         let verdict = if allowed { "allowed" } else { "denied" };
         self.reviews.get_or_create(&vec![("verdict", verdict)]).inc();
         self.review_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The expiry of `namespace/vm`'s agent certificate when it is soon (`Some`), or its series removed.
+    pub fn agent_certificate_expiry(&self, namespace: &str, vm: &str, not_after: Option<i64>) {
+        let labels = vec![("namespace", namespace.to_string()), ("vm", vm.to_string())];
+        match not_after {
+            Some(not_after) => {
+                self.agent_certificate_expiry.get_or_create(&labels).set(not_after);
+            }
+            None => {
+                self.agent_certificate_expiry.remove(&labels);
+            }
+        }
     }
 
     pub fn untrusted_review_refused(&self) {

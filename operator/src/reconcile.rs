@@ -2,6 +2,7 @@
 //! ([`crate::plan`]) and carries the plan out through the companion, then writes status by server-side apply
 //! when it changed (an idle cluster gets no writes).
 
+use crate::agent_certificate;
 use crate::crd::{Condition, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name};
 use crate::metrics::Metrics;
 use crate::plan::{DiskPlan, Observed, Step, plan, refusal_backoff};
@@ -65,10 +66,17 @@ pub struct Context {
     refusals: Mutex<HashMap<(String, String), (u32, Instant)>>,
     /// The status last written per object UID (see `apply`).
     written: Mutex<HashMap<String, WukongStatus>>,
+    /// The agents' expiring certificates (shared with the guard).
+    certificates: Arc<agent_certificate::CertificateCheck>,
 }
 
 impl Context {
-    pub fn new(client: kube::Client, config: Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        config: Config,
+        metrics: Arc<Metrics>,
+        certificates: Arc<agent_certificate::CertificateCheck>,
+    ) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -77,6 +85,7 @@ impl Context {
             metrics,
             refusals: Mutex::default(),
             written: Mutex::default(),
+            certificates,
         }
     }
 }
@@ -86,6 +95,7 @@ pub async fn run(
     client: kube::Client,
     config: Config,
     metrics: Arc<Metrics>,
+    certificates: Arc<agent_certificate::CertificateCheck>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (wukongs, claims, vmis) = match &config.namespace {
@@ -96,7 +106,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
     };
-    let context = Arc::new(Context::new(client, config, metrics));
+    let context = Arc::new(Context::new(client, config, metrics, certificates));
     let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
@@ -264,6 +274,12 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         })
         .collect();
     let scene = Scene { ns: ns.clone(), vm_name, vm, vmi, claims };
+    // Plaintext agents (labs) have no certificate to expire.
+    if let Some(vmi) = &scene.vmi
+        && context.config.agent.tls.is_some()
+    {
+        check_agent_certificate(context, wukong, &scene.ns, &scene.vm_name, vmi).await;
+    }
 
     let plans = plan(&wukong.spec.disks, &previous.volumes, |disk| scene.observe(disk));
     let mut volumes = Vec::new();
@@ -780,6 +796,15 @@ async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatu
     }
     context.written.lock().expect("never poisoned").insert(uid, written.unwrap_or(status));
     Ok(())
+}
+
+/// Asks a running VM's agent which certificate it serves and warns when that expires soon (see
+/// [`agent_certificate`]).
+async fn check_agent_certificate(context: &Context, wukong: &Wukong, ns: &str, vm: &str, vmi: &VirtualMachineInstance) {
+    let Some(Ok(agent)) = context.config.agent.connect(vmi) else { return };
+    if let Some(note) = context.certificates.check(&agent, ns, vm).await {
+        publish(context, wukong, EventType::Warning, "AgentCertificateExpiring", "CheckAgent", &note).await;
+    }
 }
 
 /// Records an Event on the `Wukong`; a failure to record one is logged, never fatal.

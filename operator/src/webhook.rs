@@ -9,6 +9,7 @@
 //! the live objects ([`crate::verify`]). Every release is recorded in the cluster ([`crate::ledger`]) before the
 //! guest is asked, and given back at once when the review ends in a denial.
 
+use crate::agent_certificate::CertificateCheck;
 use crate::guard::{FORCE_ANNOTATION, Plan, Removal, UNMOUNT_ANNOTATION, plan, read_review};
 use crate::ledger::{Ledger, Release};
 use crate::metrics::Metrics;
@@ -102,6 +103,8 @@ pub struct Guard {
     ledger: Ledger,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    /// The agents' expiring certificates (shared with the reconciler).
+    certificates: Arc<CertificateCheck>,
     pub drain: Drain,
     identity: String,
 }
@@ -114,8 +117,10 @@ impl Guard {
         ledger_namespace: &str,
         identity: &str,
         metrics: Arc<Metrics>,
+        certificates: Arc<CertificateCheck>,
     ) -> Self {
         Self {
+            certificates,
             recorder: crate::guard_recorder(&client, identity),
             ledger: Ledger::new(client.clone(), ledger_namespace),
             trusted: settings.client_auth.is_some(),
@@ -270,6 +275,11 @@ async fn release(
         .connect(&vmi)
         .ok_or_else(|| unreachable("it reports no IP".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
+    if guard.agent.tls.is_some()
+        && let Some(note) = guard.certificates.check(&agent, ns, name).await
+    {
+        publish(guard, target.request, "AgentCertificateExpiring", "CheckAgent", &note).await;
+    }
     let mut released = Vec::new();
     for removal in &removals {
         let outcome = release_one(guard, target, &agent, removal, force, unmount, dry_run, &unreachable).await;
@@ -317,7 +327,7 @@ async fn release_one(
             format!("{} unplugs {what} with {FORCE_ANNOTATION}=true: the guest was not asked", requester(target.user));
         tracing::warn!(user = target.user, %serial, "FORCED unplug allowed: {note}");
         if !dry_run {
-            publish(guard, target.request, &note).await;
+            publish(guard, target.request, "ForcedUnplug", "Admit", &note).await;
         }
         return Ok(None);
     }
@@ -397,8 +407,9 @@ async fn give_back(guard: &Guard, agent: &AgentClient, released: &[Release]) {
     }
 }
 
-/// A Warning Event on the object of a forced unplug; a failure to record it is logged.
-async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, note: &str) {
+/// A Warning Event on the reviewed object (`reason`: ForcedUnplug, AgentCertificateExpiring); a failure to record
+/// it is logged.
+async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, reason: &str, action: &str, note: &str) {
     let object = request.object.as_ref();
     let reference = ObjectReference {
         api_version: Some(format!("{}/{}", request.kind.group, request.kind.version)),
@@ -413,13 +424,13 @@ async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, note:
     };
     let event = Event {
         type_: EventType::Warning,
-        reason: "ForcedUnplug".into(),
+        reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
-        action: "Admit".into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = guard.recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %e, "cannot record the ForcedUnplug Event");
+        tracing::warn!(error = %e, reason, "cannot record an Event");
     }
 }
 

@@ -207,6 +207,13 @@ impl HostAgent {
     }
 }
 
+impl HostAgent {
+    /// Whether the process is still the one started (it did not exit).
+    pub fn running(&mut self) -> Result<bool> {
+        Ok(self.child.try_wait()?.is_none())
+    }
+}
+
 impl Drop for HostAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();

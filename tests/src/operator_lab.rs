@@ -75,8 +75,9 @@ impl GuardTls {
 }
 
 /// deploy/guard.yaml's ValidatingWebhookConfiguration as shipped (rules, selectors, policies), pointed at `url`
-/// (the lab has no Service network) with the CA of `tls`.
-async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Result<()> {
+/// (the lab has no Service network) with `ca_pem` as its caBundle (`None`: left empty, for an operator that
+/// manages it, `--guard-cert-secret`).
+pub async fn install_guard(cluster: &Cluster, url: &str, ca_pem: Option<&str>) -> Result<()> {
     use base64::Engine;
     let client = cluster.client(ADMIN).await?;
     let text = std::fs::read_to_string(crate::workspace_root().join("deploy/guard.yaml"))?;
@@ -88,7 +89,7 @@ async fn install_guard(cluster: &Cluster, url: &str, tls: &GuardTls) -> Result<(
                 }
             }
             "ValidatingWebhookConfiguration" => {
-                let ca = base64::engine::general_purpose::STANDARD.encode(&tls.ca_pem);
+                let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem.unwrap_or_default());
                 for webhook in doc["webhooks"].as_array_mut().context("webhooks")? {
                     webhook["clientConfig"] = serde_json::json!({"url": url, "caBundle": ca});
                 }
@@ -133,7 +134,7 @@ pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, e
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    install_guard(cluster, &format!("https://{webhook}/validate"), &tls).await?;
+    install_guard(cluster, &format!("https://{webhook}/validate"), Some(&tls.ca_pem)).await?;
     operator.guard_tls = Some(tls);
     operator.webhook = Some(webhook);
     Ok(operator)

@@ -1,7 +1,7 @@
 //! The README's operator install, run as a platform engineer would: its commands (the certificates made by the
-//! real openssl) in a scratch directory, with kubectl and helm recorded rather than sent: what each kubectl call
-//! would create is read from its arguments and its input, and what `helm install` would install is rendered by the
-//! real `helm template` with the same arguments (CRDs included), in helm's install order.
+//! real `wukongctl pki` and openssl) in a scratch directory, with kubectl and helm recorded rather than sent: what
+//! each kubectl call would create is read from its arguments and its input, and what `helm install` would install is
+//! rendered by the real `helm template` with the same arguments (CRDs included), in helm's install order.
 //! `tests/tests/operator_install.rs` checks
 //! what it makes against the shipped manifests; [`Installed::apply`] sends it to a lab API server, so the operator's
 //! Pods run from exactly what the README installs.
@@ -106,10 +106,35 @@ impl Installed {
                     file => work.join(file),
                 };
                 let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-                self.applied.extend(serde_saphyr::from_multiple::<Value>(&text).context(file.to_string())?);
+                for doc in serde_saphyr::from_multiple::<Value>(&text).context(file.to_string())? {
+                    match doc["kind"].as_str() {
+                        Some("Secret") => self.record_secret(work, &doc)?,
+                        _ => self.applied.push(doc),
+                    }
+                }
             }
             _ => bail!("the README's install calls kubectl {call:?}, which this test cannot read; teach it"),
         }
+        Ok(())
+    }
+
+    /// An applied Secret (`wukongctl pki`'s), its keys written out as files the way `create secret` reads them.
+    fn record_secret(&mut self, work: &Path, doc: &Value) -> Result<()> {
+        use base64::Engine;
+        let name = doc["metadata"]["name"].as_str().context("an applied Secret without a name")?;
+        let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("default");
+        ensure!(doc["type"].as_str().unwrap_or("Opaque") == "Opaque", "Secret {name}: teach this test its type");
+        let dir = work.join("applied-secrets").join(namespace).join(name);
+        std::fs::create_dir_all(&dir)?;
+        let mut files = BTreeMap::new();
+        for (key, value) in doc["data"].as_object().with_context(|| format!("Secret {name} has no data"))? {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str().unwrap_or_default())
+                .with_context(|| format!("Secret {name} key {key} is not base64"))?;
+            std::fs::write(dir.join(key), bytes)?;
+            files.insert(key.clone(), dir.join(key));
+        }
+        self.secrets.insert((namespace.to_string(), name.to_string()), Secret { type_: "Opaque", files });
         Ok(())
     }
 
@@ -127,6 +152,14 @@ pub fn run_install(work: &Path) -> Result<Installed> {
         std::fs::write(work.join("bin").join(program), STAND_IN)?;
         std::fs::set_permissions(work.join("bin").join(program), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
+    // The wukongctl of this build (`cargo build -p wukong-controller-client` first), as an installer has it.
+    let wukongctl = crate::wukongctl_binary();
+    ensure!(
+        wukongctl.exists(),
+        "{} is missing: cargo build -p wukong-controller-client --bin wukongctl",
+        wukongctl.display()
+    );
+    std::os::unix::fs::symlink(&wukongctl, work.join("bin/wukongctl"))?;
     let path = format!("{}:{}", work.join("bin").display(), std::env::var("PATH").unwrap_or_default());
     let helm = crate::helm::command()?;
     let mut bash = Command::new("bash");

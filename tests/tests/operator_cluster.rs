@@ -542,6 +542,128 @@ async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Resul
     Ok(())
 }
 
+/// Runs `wukongctl pki ARGS` (offline); its stdout, the operator's Secret.
+fn pki(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(wukong_e2e::wukongctl_binary()).arg("pki").args(args).output()?;
+    anyhow::ensure!(out.status.success(), "wukongctl pki {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The value of `name{labels}` in the Prometheus text, if the series exists.
+fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(&format!("{name_and_labels} "))).and_then(|v| v.parse().ok())
+}
+
+/// Certificates from `wukongctl pki` make the operator and a real agent talk mutual TLS. An agent certificate that
+/// expires within `--agent-cert-warning-days` is a gauge and one Warning Event `AgentCertificateExpiring`; renewed
+/// on the agent's disk (`wukongctl pki renew`) under the running operator and agent, the next handshakes carry the
+/// new certificate: `wukongctl info` and the operator's gauge follow it, no Event is repeated, and a certificate
+/// valid beyond the threshold removes the series. Neither process restarts.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expiring_agent_certificate_is_warned_about_and_its_renewal_seen_without_restarts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    pki(&["init", "--dir", &d("pki"), "--days", "10"])?;
+    let p = |f: &str| d(&format!("pki/{f}"));
+    let agent_port = wukong_e2e::ports::free_port()?;
+    let tls = ["--tls-cert", &p("agent.crt"), "--tls-key", &p("agent.key"), "--tls-client-ca", &p("ca.crt")];
+    let mut agent = HostAgent::start(&format!("127.0.0.1:{agent_port}"), &tls)?;
+    // The operator's Secret as the kubelet mounts it: the Secret's own keys.
+    let secret = dir.path().join("secret");
+    std::fs::create_dir(&secret)?;
+    for (key, file) in [("ca.crt", "ca.crt"), ("tls.crt", "companion.crt"), ("tls.key", "companion.key")] {
+        std::fs::copy(p(file), secret.join(key))?;
+    }
+    let info = || -> Result<Value> {
+        let out = std::process::Command::new(wukong_e2e::wukongctl_binary())
+            .args(["--agent", &format!("https://127.0.0.1:{agent_port}"), "--tls-server-name", "wukong-agent"])
+            .args(["--tls-ca", &p("ca.crt"), "--tls-cert", &p("companion.crt"), "--tls-key", &p("companion.key")])
+            .args(["-o", "json", "info"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "wukongctl info: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;
+    let day = 86400.0;
+    let first = info()?;
+    assert_eq!(first["certificate"]["subject"], "CN=wukong-agent", "{first}");
+    let first_expiry = first["certificate"]["not_after"].as_f64().context("not_after")?;
+    assert!((first_expiry - (now() + 10.0 * day)).abs() < 600.0, "{first}");
+
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, None, NS, HotplugMode::Declarative).await?;
+    let images = tempfile::tempdir()?;
+    kubevirt.provision(images.path(), "lab-images").await?;
+    install_operator(&cluster).await?;
+    kubevirt.create_vm("cert-vm", true, "127.0.0.1").await?;
+    let secret_dir = secret.to_str().unwrap().to_string();
+    let port = agent_port.to_string();
+    let flags = ["--agent-tls-dir", &secret_dir, "--agent-port", &port, "--agent-cert-warning-days", "15"];
+    let operator = Operator::start_with(&cluster, "op-cert", &flags)?;
+    let admin = cluster.client(ADMIN).await?;
+    let api = wukongs(&admin);
+    // A disk the host's agent does not have: it stays Attaching, so the Wukong is reconciled every few seconds.
+    create_wukong(
+        &api,
+        "cert",
+        json!({"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]}),
+    )
+    .await?;
+    let gauge =
+        format!("wukong_operator_agent_certificate_expiry_timestamp_seconds{{namespace=\"{NS}\",vm=\"cert-vm\"}}");
+    let wait_gauge = |want: Option<f64>| {
+        let (operator, gauge) = (&operator, &gauge);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let seen = series(&operator.get("/metrics").await?.1, gauge);
+                if seen == want {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                anyhow::ensure!(Instant::now() < deadline, "{gauge} is {seen:?}, not {want:?}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    wait_gauge(Some(first_expiry)).await?;
+    let warnings = || async {
+        let all = events(&admin).await?;
+        Ok::<_, anyhow::Error>(all.into_iter().filter(|e| e.1 == "AgentCertificateExpiring").collect::<Vec<_>>())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let warned = loop {
+        let warned = warnings().await?;
+        if !warned.is_empty() || Instant::now() > deadline {
+            break warned;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    let (type_, _, note, _) = &warned[0];
+    assert_eq!(type_, "Warning");
+    assert!(
+        note.starts_with(&format!(
+            "the agent of VM {NS}/cert-vm serves a certificate (CN=wukong-agent) that expires in 9 days"
+        )),
+        "{note}"
+    );
+
+    // Renewed from the same CA while both run: new handshakes carry it.
+    pki(&["renew", "--dir", &d("pki"), "--days", "12"])?;
+    let renewed = info()?["certificate"]["not_after"].as_f64().context("not_after")?;
+    assert!((renewed - (now() + 12.0 * day)).abs() < 600.0, "{renewed}");
+    wait_gauge(Some(renewed)).await?;
+    // A broken file on the agent's disk: the renewed certificate stays in service.
+    std::fs::write(p("agent.crt"), "half a certificate")?;
+    assert_eq!(info()?["certificate"]["not_after"].as_f64(), Some(renewed));
+    pki(&["renew", "--dir", &d("pki"), "--days", "100"])?;
+    wait_gauge(None).await?;
+    assert_eq!(warnings().await?.len(), 1, "warned once, not on every pass");
+    assert!(agent.running()?, "the agent was not restarted");
+    assert!(operator.log().contains("AgentCertificateExpiring"), "the warning is in the operator's log too");
+    Ok(())
+}
+
 /// Liveness (`/healthz`): a leader whose API server stops answering (SIGSTOP: connections open, nothing answers)
 /// can no longer renew its Lease; once the Lease has run out it fails its liveness probe, naming the Lease, so the
 /// kubelet restarts it, while the standby stays alive (restarting it would not bring the API server back). When the
@@ -699,9 +821,9 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
         (config.as_path(), "/etc/wukong-agent/agent.toml"),
     ];
     let lab_client = wukong_controller_client::agent_client::TlsFiles {
-        ca: work.path().join("ca.crt"),
-        cert: work.path().join("operator.crt"),
-        key: work.path().join("operator.key"),
+        ca: file("--client-ca"),
+        cert: work.path().join("pki").join(wukong_controller_client::pki::CLIENT_CERT),
+        key: work.path().join("pki").join(wukong_controller_client::pki::CLIENT_KEY),
         server_name: Some("wukong-agent".into()),
     };
     guest.install_agent(&install, "--config /etc/wukong-agent/agent.toml", Some(lab_client)).await?;

@@ -1,5 +1,6 @@
 //! The README's operator install, run as a platform engineer would ([`wukong_e2e::readme_install`]: its commands in
-//! a scratch directory, kubectl recorded rather than sent). Then what the shipped manifests need of
+//! a scratch directory, `wukongctl pki init` making the agents' and the operator's certificates, kubectl recorded
+//! rather than sent). Then what the shipped manifests need of
 //! that install is checked with real parts: every Secret the Deployment mounts exists with every file the operator
 //! reads from it; the Deployment's arguments, parsed by the operator's own command line, make it accept a real
 //! agent installed with the README's agent certificate (dialled at the VMI's pod IP, which that certificate cannot
@@ -96,6 +97,12 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
     // allow_clients), dialled at a VMI's pod IP that its certificate does not carry.
     let files = readme_agent_files()?;
     let file = |flag: &str| work.path().join(&files[flag]).to_str().map(str::to_string).context("a UTF-8 path");
+    // `wukongctl pki init` made both sides: the CA the agents trust for clients is the one the operator's Secret
+    // verifies agents with.
+    ensure!(
+        std::fs::read(file("--client-ca")?)? == std::fs::read(&tls.ca)?,
+        "the agents' client CA is not the CA in the operator's Secret"
+    );
     let listen = format!("127.0.0.1:{agent_port}");
     let config_file = workspace_root().join("systemd/agent.toml");
     let flags = [

@@ -148,6 +148,80 @@ enum Command {
         /// Only these serials.
         serials: Vec<String>,
     },
+    /// Make the certificates of the agents and the operator, offline; the operator's Secret goes to stdout (for
+    /// `kubectl apply -f -`). Contacts nothing.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// A new CA, the agents' certificate and the companion's client certificate in --dir (refused if any exists,
+    /// unless --force).
+    Init(PkiArgs),
+    /// New certificates (and keys) for the agents and the companion from the CA already in --dir.
+    Renew(PkiArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PkiArgs {
+    /// Where ca.crt, ca.key, agent.crt, agent.key, companion.crt and companion.key are written (keys 0600).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Validity of the agent's and the companion's certificates.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    /// Validity of the CA (init only).
+    #[arg(long, default_value_t = 3650)]
+    ca_days: u32,
+    /// The name the agents' certificate carries: the operator's --agent-server-name.
+    #[arg(long, default_value = wukong_proto::AGENT_SERVER_NAME)]
+    agent_name: String,
+    /// The companion's certificate name: the agents' allow_clients.
+    #[arg(long, default_value = "wukong-companion")]
+    client_name: String,
+    /// The operator's namespace, where the Secret wukong-agent-client-tls goes.
+    #[arg(long, default_value = "wukong-system")]
+    namespace: String,
+    /// Replace existing keys (init): every certificate of the old CA stops being trusted.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `wukongctl pki`: writes the files and prints the Secret.
+fn pki(command: PkiCommand) -> anyhow::Result<u8> {
+    use wukong_controller_client::pki;
+    let (args, renew) = match command {
+        PkiCommand::Init(args) => (args, false),
+        PkiCommand::Renew(args) => (args, true),
+    };
+    let options = pki::PkiOptions {
+        dir: args.dir,
+        ca_days: args.ca_days,
+        days: args.days,
+        agent_name: args.agent_name,
+        client_name: args.client_name,
+        namespace: args.namespace,
+        force: args.force,
+    };
+    let manifest = match renew {
+        false => pki::init(&options),
+        true => pki::renew(&options),
+    }
+    .map_err(|e| match e {
+        pki::PkiError::Exists(_) | pki::PkiError::BadName { .. } | pki::PkiError::BadDays { .. } => {
+            anyhow::Error::new(UsageError(e.to_string()))
+        }
+        e => e.into(),
+    })?;
+    print!("{manifest}");
+    eprintln!(
+        "wukongctl: wrote {} in {}: give the agents agent.crt, agent.key and ca.crt (their tls_client_ca); apply the \
+         Secret above in the operator's namespace",
+        [pki::CA_CERT, pki::CA_KEY, pki::AGENT_CERT, pki::AGENT_KEY, pki::CLIENT_CERT, pki::CLIENT_KEY].join(", "),
+        options.dir.display()
+    );
+    Ok(0)
 }
 
 /// The local agent's socket (root only).
@@ -277,12 +351,15 @@ fn check_serials(command: &Command) -> Result<(), wukong_proto::serial::SerialEr
         }
         Command::Watch { serials } => serials.iter().collect(),
         Command::Detach(args) => args.serial.iter().collect(),
-        Command::Attach(_) | Command::Disks { .. } | Command::Info => Vec::new(),
+        Command::Attach(_) | Command::Disks { .. } | Command::Info | Command::Pki(_) => Vec::new(),
     };
     serials.into_iter().try_for_each(|s| Serial::parse(s).map(drop))
 }
 
 async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
+    if let Command::Pki(command) = cli.command {
+        return pki(command);
+    }
     let json = cli.output == Format::Json;
     // Every mistake in the call is found here, before anything is contacted.
     let vmi = cli.target.vmi()?;
@@ -399,6 +476,7 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
                 print!("{}", output::info_text(&info));
             }
         }
+        Command::Pki(_) => unreachable!("answered before any agent is contacted"),
         Command::Watch { serials } => {
             let mut stream = client.watch(serials).await?;
             while let Some(event) = stream.message().await.context("the watch ended with an error")? {

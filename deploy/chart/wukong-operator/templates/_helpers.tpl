@@ -30,10 +30,8 @@ The webhooks' caBundle field, by guard.certificates:
   secret       the guard.caBundle value, rendered even when empty (a caBundle filled in later, as the README's
                kubectl route did);
   certManager  no field at all: cert-manager's cainjector owns it, and a rendered empty value would make every
-               server-side apply (helm, Argo CD, Flux) take it back from the injector.
-The third mode, operator (the operator makes its own CA and serving certificate and patches caBundle itself), goes
-here as a third branch rendering no field, like certManager; see also "guard.certificates" in guard.yaml and
-operator.yaml.
+               server-side apply (helm, Argo CD, Flux) take it back from the injector;
+  operator     no field either, for the same reason: the operator's leader keeps it equal to its CA bundle.
 */}}
 {{- define "wukong.guardCaBundle" -}}
 {{- if eq .Values.guard.certificates "secret" -}}
