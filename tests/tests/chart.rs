@@ -203,7 +203,8 @@ async fn rolled_out(
 }
 
 /// Issue 22: the chart as a platform engineer installs it. The operator's image (scripts/build-image.sh) imported
-/// into the lab's node, the two Secrets made first, then `helm install` with the guard's caBundle: both replicas
+/// into the lab's node, the two Secrets made first, then `helm install` with `guard.certificates=secret` and the
+/// guard's caBundle: both replicas
 /// Ready from that image, the webhook configuration with that caBundle in both webhooks (and, on this 1.20 server,
 /// without matchConditions, which it does not know); `helm upgrade` with a changed value rolls the Pods to the new
 /// arguments; `helm uninstall` leaves nothing of the chart but its CRD (helm never deletes what crds/ installed).
@@ -223,7 +224,10 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_on_a_real_node() -> Res
     let started = Instant::now();
     let bundle = format!("guard.caBundle={ca_bundle}");
     let common = ["--kubeconfig", kubeconfig, "--namespace", NS];
-    helm::run(&[&["install", "wukong-operator", chart, "--set", &bundle][..], &common[..]].concat())?;
+    // The guard's certificate from a Secret of the user's (the operator's own is the default: the README's install
+    // journey runs that one).
+    let install = ["install", "wukong-operator", chart, "--set", "guard.certificates=secret", "--set", &bundle];
+    helm::run(&[&install[..], &common[..]].concat())?;
     let pods = rolled_out(&admin, 2, Duration::from_secs(180)).await?;
     println!("helm install → both replicas Ready in {:.1} s", started.elapsed().as_secs_f64());
     for pod in &pods {

@@ -28,15 +28,20 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
     let pod = &deployment["spec"]["template"]["spec"];
 
     // Every Secret and ConfigMap a volume names is created by the install, or the Pods stay in ContainerCreating.
+    // An emptyDir is the Pod's own (the operator writes its guard certificates there): no keys.
     let mut volumes = BTreeMap::new();
     for volume in pod["volumes"].as_array().context("the Deployment's volumes")? {
         let name = volume["name"].as_str().context("a volume's name")?;
-        let secret = match (&volume["secret"], &volume["configMap"]) {
-            (Value::Object(s), _) => s["secretName"].as_str().context("secretName")?,
-            (_, Value::Object(c)) => {
+        let secret = match (&volume["secret"], &volume["configMap"], &volume["emptyDir"]) {
+            (Value::Object(s), _, _) => s["secretName"].as_str().context("secretName")?,
+            (_, Value::Object(c), _) => {
                 bail!("volume {name} mounts ConfigMap {}, which the install does not create", c["name"])
             }
-            _ => bail!("volume {name} is neither a Secret nor a ConfigMap; teach this test its kind"),
+            (_, _, Value::Object(_)) => {
+                volumes.insert(name.to_string(), (format!("emptyDir {name}"), BTreeMap::new()));
+                continue;
+            }
+            _ => bail!("volume {name} is neither a Secret, a ConfigMap nor an emptyDir; teach this test its kind"),
         };
         let keys = installed.secrets.get(&(ns.clone(), secret.to_string())).map(|s| &s.files).with_context(|| {
             format!(
@@ -85,7 +90,22 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
     let tls = config.agent.tls.clone().context("the Deployment talks to agents without TLS")?;
     let webhook = config.webhook.clone().context("the Deployment serves no admission guard")?;
     let mut read = vec![tls.ca.clone(), tls.cert.clone(), tls.key.clone()];
-    read.extend([webhook.cert_dir.join("tls.crt"), webhook.cert_dir.join("tls.key")]);
+    // With its own guard certificates the operator writes them itself, into a writable emptyDir.
+    let cert_dir = webhook.cert_dir.strip_prefix(root.path()).map(|d| Path::new("/").join(d))?;
+    let cert_mount = mounts.iter().find(|(path, _)| *path == cert_dir.to_string_lossy());
+    let cert_volume = cert_mount.map(|(_, volume)| volume.as_str()).unwrap_or_default();
+    let cert_writable =
+        container["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+            m["mountPath"].as_str() == Some(&cert_dir.to_string_lossy()) && m["readOnly"] != Value::Bool(true)
+        });
+    match &webhook.managed {
+        Some(_) => ensure!(
+            cert_volume.starts_with("emptyDir ") && cert_writable,
+            "the operator writes its guard certificates into {}, which is not a writable emptyDir ({cert_volume:?})",
+            cert_dir.display()
+        ),
+        None => read.extend([webhook.cert_dir.join("tls.crt"), webhook.cert_dir.join("tls.key")]),
+    }
     read.extend(webhook.client_auth.iter().map(|a| a.ca.clone()));
     for file in &read {
         let inside = file.strip_prefix(root.path()).unwrap_or(file);
@@ -124,13 +144,9 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
     let info = client.agent_info().await.context("the shipped Deployment's operator calling the README's agent")?;
     assert!(!info.read_only, "the agent must let the operator release disks (its name in allow_clients): {info:?}");
 
-    // The guard: its Service's name, the CA the install put in every caBundle, the Secret the operator serves.
-    let guard_secret = mounts
-        .iter()
-        .find(|(path, _)| webhook.cert_dir.strip_prefix(root.path()).is_ok_and(|d| Path::new("/").join(d) == *path))
-        .map(|(_, secret)| secret)
-        .context("the webhook's certificate directory is no mounted Secret")?;
-    let serving = &installed.secrets[&(ns.clone(), guard_secret.clone())].files["tls.crt"];
+    // The guard: its Service's name, and either the operator's own certificates (their configuration and names
+    // are what the install applies, no caBundle rendered for a server-side apply to take back) or the CA the
+    // install put in every caBundle and the Secret the operator serves.
     let configuration = installed.kind("ValidatingWebhookConfiguration").next().context("no guard applied")?;
     for hook in configuration["webhooks"].as_array().context("webhooks")? {
         let service = &hook["clientConfig"]["service"];
@@ -141,6 +157,13 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
             "webhook {} calls Service {host}, which the install does not create",
             hook["name"]
         );
+        if let Some(managed) = &webhook.managed {
+            ensure!(configuration["metadata"]["name"] == managed.webhook_configuration.as_str());
+            ensure!(managed.names.contains(&host), "the operator's certificate is not for {host}: {:?}", managed.names);
+            ensure!(hook["clientConfig"].get("caBundle").is_none(), "{}: a caBundle field is rendered", hook["name"]);
+            continue;
+        }
+        let serving = &installed.secrets[&(ns.clone(), cert_volume.to_string())].files["tls.crt"];
         let bundle = hook["clientConfig"]["caBundle"].as_str().unwrap_or_default();
         let ca = base64::engine::general_purpose::STANDARD.decode(bundle).context("caBundle is base64")?;
         ensure!(!ca.is_empty(), "webhook {}'s caBundle is empty after the install", hook["name"]);
