@@ -1,10 +1,11 @@
-//! The README's operator install, run as a platform engineer would: its commands (the certificates made by the
-//! real `wukongctl pki` and openssl) in a scratch directory, with kubectl and helm recorded rather than sent: what
+//! The README's operator install, two ways. Recorded: its operator block (the certificates made by the real
+//! `wukongctl pki`) in a scratch directory, with kubectl and helm recorded rather than sent: what
 //! each kubectl call would create is read from its arguments and its input, and what `helm install` would install is
 //! rendered by the real `helm template` with the same arguments (CRDs included), in helm's install order.
 //! `tests/tests/operator_install.rs` checks
 //! what it makes against the shipped manifests; [`Installed::apply`] sends it to a lab API server, so the operator's
-//! Pods run from exactly what the README installs.
+//! Pods run from exactly what the README installs. Run: [`ReadmeShell`] runs the README's marked blocks as
+//! written, with the lab's real kubectl and helm (`tests/tests/install_journey.rs`).
 
 use crate::workspace_root;
 use anyhow::{Context, Result, bail, ensure};

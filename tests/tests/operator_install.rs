@@ -1,11 +1,13 @@
-//! The README's operator install, run as a platform engineer would ([`wukong_e2e::readme_install`]: its commands in
-//! a scratch directory, `wukongctl pki init` making the agents' and the operator's certificates, kubectl recorded
-//! rather than sent). Then what the shipped manifests need of
-//! that install is checked with real parts: every Secret the Deployment mounts exists with every file the operator
-//! reads from it; the Deployment's arguments, parsed by the operator's own command line, make it accept a real
-//! agent installed with the README's agent certificate (dialled at the VMI's pod IP, which that certificate cannot
-//! carry), and the agent accept it; the guard's serving certificate verifies against the applied `caBundle` for
-//! the name the API server calls it by.
+//! The README's operator install, read without a cluster ([`wukong_e2e::readme_install`]: its commands in a scratch
+//! directory, `wukongctl pki init` making the agents' and the operator's certificates, kubectl and helm recorded
+//! rather than sent; `tests/tests/install_journey.rs` runs the same blocks for real on the lab's node). Then what
+//! the shipped manifests need of that install is checked with real parts: every Secret the Deployment mounts
+//! exists with every file the operator reads from it; the Deployment's arguments, parsed by the operator's own
+//! command line, make it accept a real agent installed with the README's agent certificate (dialled at the VMI's
+//! pod IP, which that certificate cannot carry), and the agent accept it; the guard's serving certificate is the
+//! operator's own, for the name the API server calls it by, written into a writable emptyDir and with no
+//! `caBundle` rendered for a server-side apply to take back (with a certificate of the user's: it verifies
+//! against the applied `caBundle`).
 
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
