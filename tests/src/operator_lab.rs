@@ -74,6 +74,17 @@ impl GuardTls {
     }
 }
 
+/// The cluster's ValidatingWebhookConfigurations (the guard's is `wukong-guard`).
+pub fn webhook_configurations(client: &kube::Client) -> Api<DynamicObject> {
+    let r = resource(
+        "ValidatingWebhookConfiguration",
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingwebhookconfigurations",
+    );
+    Api::all_with(client.clone(), &r)
+}
+
 /// deploy/guard.yaml's ValidatingWebhookConfiguration as shipped (rules, selectors, policies), pointed at `url`
 /// (the lab has no Service network) with `ca_pem` as its caBundle (`None`: left empty, for an operator that
 /// manages it, `--guard-cert-secret`).
@@ -93,14 +104,8 @@ pub async fn install_guard(cluster: &Cluster, url: &str, ca_pem: Option<&str>) -
                 for webhook in doc["webhooks"].as_array_mut().context("webhooks")? {
                     webhook["clientConfig"] = serde_json::json!({"url": url, "caBundle": ca});
                 }
-                let r = resource(
-                    "ValidatingWebhookConfiguration",
-                    "admissionregistration.k8s.io",
-                    "v1",
-                    "validatingwebhookconfigurations",
-                );
                 // A second guarded operator of one test takes the webhook over.
-                let api = Api::<DynamicObject>::all_with(client.clone(), &r);
+                let api = webhook_configurations(&client);
                 let mut object: DynamicObject = serde_json::from_value(doc)?;
                 let name = object.metadata.name.clone().unwrap_or_default();
                 match api.get_opt(&name).await? {

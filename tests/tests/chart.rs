@@ -238,15 +238,7 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_on_a_real_node() -> Res
         let image_id = statuses.first().map(|c| c.image_id.clone()).unwrap_or_default();
         assert!(image_id.contains("sha256:"), "the imported image runs: {image_id}");
     }
-    let webhooks: Api<DynamicObject> = Api::all_with(
-        admin.clone(),
-        &resource(
-            "ValidatingWebhookConfiguration",
-            "admissionregistration.k8s.io",
-            "v1",
-            "validatingwebhookconfigurations",
-        ),
-    );
+    let webhooks = wukong_e2e::operator_lab::webhook_configurations(&admin);
     let config = webhooks.get("wukong-guard").await?;
     let hooks = config.data["webhooks"].as_array().context("webhooks")?;
     assert_eq!(hooks.len(), 2);

@@ -20,13 +20,7 @@ const SECRET: &str = "wukong-guard-certs";
 
 /// Every webhook's caBundle of the guard's configuration, as text.
 async fn ca_bundles(admin: &kube::Client) -> Result<Vec<String>> {
-    let r = resource(
-        "ValidatingWebhookConfiguration",
-        "admissionregistration.k8s.io",
-        "v1",
-        "validatingwebhookconfigurations",
-    );
-    let configuration = Api::<DynamicObject>::all_with(admin.clone(), &r).get("wukong-guard").await?;
+    let configuration = wukong_e2e::operator_lab::webhook_configurations(admin).get("wukong-guard").await?;
     let hooks = configuration.data["webhooks"].as_array().context("webhooks")?.clone();
     hooks
         .iter()

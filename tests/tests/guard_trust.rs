@@ -157,13 +157,7 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
                       "rules": [{"apiGroups": ["kubevirt.io"], "apiVersions": ["*"], "operations": ["UPDATE"],
                                  "resources": ["virtualmachines"]}]}],
     });
-    let webhooks = resource(
-        "ValidatingWebhookConfiguration",
-        "admissionregistration.k8s.io",
-        "v1",
-        "validatingwebhookconfigurations",
-    );
-    Api::<DynamicObject>::all_with(admin.clone(), &webhooks)
+    wukong_e2e::operator_lab::webhook_configurations(&admin)
         .create(&PostParams::default(), &serde_json::from_value(failing)?)
         .await?;
     let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;

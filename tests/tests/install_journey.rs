@@ -111,15 +111,7 @@ async fn the_readmes_install_runs_as_written_on_a_node_and_its_uninstall_keeps_e
         &resource("CustomResourceDefinition", "apiextensions.k8s.io", "v1", "customresourcedefinitions"),
     );
     ensure!(crds.get_opt("wukongs.vm.novasphere.dev").await?.is_none(), "the Wukong CRD is gone");
-    let hooks: Api<DynamicObject> = Api::all_with(
-        admin.clone(),
-        &resource(
-            "ValidatingWebhookConfiguration",
-            "admissionregistration.k8s.io",
-            "v1",
-            "validatingwebhookconfigurations",
-        ),
-    );
+    let hooks = wukong_e2e::operator_lab::webhook_configurations(&admin);
     ensure!(hooks.get_opt("wukong-guard").await?.is_none(), "the guard's webhook configuration is gone");
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
     wait_until("the namespace wukong-system is gone", 120, || async {
