@@ -724,15 +724,20 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
     let claims = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &ns);
     let owned = claims.list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", wukong.name_any()))).await?;
     let volumes = wukong.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default();
-    // `kubectl delete --cascade=orphan` (the API server then adds the `orphan` finalizer) asks to keep what the
-    // object owns, as the garbage collector keeps owned objects: every claim is kept as `preserveData` keeps one,
-    // plugged or not. An uninstall deletes the `Wukong` objects this way and loses no disk.
+    // `kubectl delete --cascade=orphan` asks to keep what the object owns: the API server adds the `orphan`
+    // finalizer, and the garbage collector takes this object's owner reference off every claim and then removes that
+    // finalizer, before or after we look. Either sign keeps every claim as `preserveData` keeps one, plugged or not:
+    // an uninstall deletes the `Wukong` objects this way and loses no disk. A claim we do not own is never ours to
+    // delete anyway.
     let orphaned = wukong.finalizers().iter().any(|f| f == ORPHAN_FINALIZER);
+    let uid = wukong.uid().unwrap_or_default();
     let mut in_use = Vec::new();
     for claim in owned {
         let name = claim.name_any();
-        let preserve =
-            orphaned || volumes.iter().find(|v| v.pvc_name == name).is_none_or(|v| v.detach_options.preserve_data);
+        let ours = claim.owner_references().iter().any(|o| o.uid == uid);
+        let preserve = orphaned
+            || !ours
+            || volumes.iter().find(|v| v.pvc_name == name).is_none_or(|v| v.detach_options.preserve_data);
         if preserve {
             let patch = json!({"metadata": {"ownerReferences": null, "labels": {PRESERVED_LABEL: "true"}}});
             claims.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
@@ -960,5 +965,46 @@ mod tests {
         let status = &again.iter().rfind(|s| s.method == Method::PATCH).unwrap().body["status"];
         assert_eq!(status["volumes"][1]["phase"], "Pending");
         assert_eq!(status["volumes"][1]["message"], "in the VM's spec; attached when the VM starts");
+    }
+
+    /// `kubectl delete --cascade=orphan`: the garbage collector may take our owner reference off the claims and
+    /// remove the `orphan` finalizer before the operator looks. A claim we no longer own is kept (labelled
+    /// preserved), even one the VM still uses; a claim we own and the VM uses still holds the deletion.
+    #[tokio::test]
+    async fn a_deleted_object_keeps_the_claims_the_garbage_collector_orphaned() {
+        let mut object = wukong(json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "1Gi"}]));
+        object.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-12-05T04:16:40Z".parse().unwrap()));
+        let volume = |name: &str| {
+            json!({"name": name, "pvcName": format!("db-vm-{name}"), "bound": true, "size": "1Gi",
+            "phase": "Attached", "serial": name, "bus": "scsi"})
+        };
+        object.status = Some(serde_json::from_value(json!({"volumes": [volume("data"), volume("logs")]})).unwrap());
+        let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
+                        "spec": {"template": {"spec": {"volumes": [
+                                 {"name": "data", "persistentVolumeClaim": {"claimName": "db-vm-data", "hotpluggable": true}},
+                                 {"name": "logs", "persistentVolumeClaim": {"claimName": "db-vm-logs", "hotpluggable": true}}]}}}});
+        let owner = json!([{"apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "name": "db",
+                            "uid": object.metadata.uid.clone().unwrap()}]);
+        let claim = |name: &str, owners: serde_json::Value| {
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "ownerReferences": owners}})
+        };
+        let claims = json!({"apiVersion": "v1", "kind": "List", "metadata": {},
+            "items": [claim("db-vm-data", json!([])), claim("db-vm-logs", owner)]});
+        let api = MockApi::start(move |s| match s.path.as_str() {
+            p if p.ends_with("/virtualmachines/db-vm") => Some((200, vm.clone())),
+            p if p.ends_with("/virtualmachineinstances/db-vm") => {
+                Some(not_found("virtualmachineinstances.kubevirt.io"))
+            }
+            p if p.ends_with("/persistentvolumeclaims") => Some((200, claims.clone())),
+            p if p.contains("/persistentvolumeclaims/") => Some((200, claim("x", json!([])))),
+            _ => None,
+        });
+        let error = cleanup(&object, &context(api.client())).await.unwrap_err().to_string();
+        assert!(error.contains("db-vm-logs") && !error.contains("db-vm-data"), "{error}");
+        let writes: Vec<(Method, String)> =
+            api.seen().into_iter().filter(|s| s.method != Method::GET).map(|s| (s.method, s.path)).collect();
+        assert_eq!(writes, [(Method::PATCH, "/api/v1/namespaces/ns1/persistentvolumeclaims/db-vm-data".to_string())]);
     }
 }

@@ -278,22 +278,23 @@ impl ReadmeShell {
         Ok(Self { dir: dir.to_path_buf(), settings, path, kubeconfig: kubeconfig.to_path_buf() })
     }
 
-    /// Runs the block `name` after the settings, with bash's `-euo pipefail`; its output, or an error with it.
+    /// Runs the block `name` after the settings, with bash's `-euo pipefail`, for at most 10 minutes (a `kubectl
+    /// --wait` on a finalizer that never goes must fail the test, not hang it); its output, or an error with it.
     pub fn run(&self, name: &str) -> Result<String> {
         let script = format!("{}{}", self.settings, readme_run_block(name)?);
-        let output = Command::new("bash")
-            .args(["-euo", "pipefail", "-c", &script])
+        let output = Command::new("timeout")
+            .args(["--kill-after=10", "600", "bash", "-euo", "pipefail", "-c", &script])
             .current_dir(&self.dir)
             .env("PATH", &self.path)
             .env("KUBECONFIG", &self.kubeconfig)
             .output()
             .context("running bash")?;
         let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        ensure!(
-            output.status.success(),
-            "the README's {name} block failed ({}):\n{script}\n---\n{said}",
-            output.status
-        );
+        let why = match output.status.code() {
+            Some(124 | 137) => "did not finish within 600 s".to_string(),
+            _ => format!("failed ({})", output.status),
+        };
+        ensure!(output.status.success(), "the README's {name} block {why}:\n{script}\n---\n{said}");
         Ok(said)
     }
 }

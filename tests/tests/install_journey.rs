@@ -104,8 +104,7 @@ async fn the_readmes_install_runs_as_written_on_a_node_and_its_uninstall_keeps_e
     guest.run_ok("umount /mnt/data").await?;
 
     // The README's uninstall: nothing hangs, and the guest keeps its disk and data, the claim kept.
-    let uninstall = tokio::time::timeout(Duration::from_secs(300), async { shell.run("uninstall") }).await;
-    println!("{}", uninstall.context("the README's uninstall did not finish within 300 s")??);
+    println!("{}", shell.run("uninstall")?);
     let crds: Api<DynamicObject> = Api::all_with(
         admin.clone(),
         &resource("CustomResourceDefinition", "apiextensions.k8s.io", "v1", "customresourcedefinitions"),
