@@ -39,8 +39,9 @@ pub struct WukongSpec {
     /// Memory of the VM, a quantity such as `4Gi` (informational: the operator does not resize VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
-    /// The VM's disks. The one named `system`, else the first, is the system disk: it is part of the VM's own
-    /// definition and is never plugged, unplugged or deleted by the operator.
+    /// The VM's disks. The one marked `system: true`, or else the one named `system`, is the system disk: it is part
+    /// of the VM's own definition and is never plugged, unplugged or deleted by the operator. Every other disk is a
+    /// data disk, hot-plugged and detached by the operator; a list without a system disk lists data disks only.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub disks: Vec<DiskSpec>,
@@ -52,11 +53,32 @@ pub struct WukongSpec {
 pub struct DiskSpec {
     /// The disk's name: the KubeVirt volume's name and the suffix of its claim `<vm>-<name>` (a DNS label).
     pub name: String,
-    /// Capacity of the claim, a Kubernetes quantity such as `10Gi`.
-    pub size: String,
+    /// This disk is the system disk (as is a disk named `system` when no disk says so): part of the VM's own
+    /// definition, reported but never plugged, unplugged or deleted. At most one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub system: bool,
+    /// Capacity of the claim, a Kubernetes quantity such as `10Gi`. Required for a data disk, except a clone
+    /// (`source.pvc`), which defaults to its source's size; not used for the system disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
     /// StorageClass of the claim. Default: the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// Access modes of the claim. Default: the class's (its CDI StorageProfile), else `[ReadWriteOnce]`. A VM
+    /// whose disks are all `ReadWriteMany` can live-migrate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minItems" = 1, "maxItems" = 4))]
+    pub access_modes: Option<Vec<AccessMode>>,
+    /// Whether the claim is a filesystem holding the disk's image or a raw block device. Default: the class's (its
+    /// CDI StorageProfile), else `Filesystem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = no_null_in_enum)]
+    pub volume_mode: Option<VolumeMode>,
+    /// Where the disk's content comes from, as a CDI DataVolume's `spec.source`: set, the operator creates a
+    /// DataVolume `<vm>-<name>` (CDI must be installed) and hot-plugs it once CDI has filled it; unset, a bare
+    /// empty claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<DiskSource>,
     /// Bus of the disk in the guest.
     #[serde(default)]
     pub bus: Bus,
@@ -68,6 +90,82 @@ pub struct DiskSpec {
     /// in force for a removal are the last ones seen.
     #[serde(default)]
     pub detach_options: DetachOptions,
+}
+
+/// An access mode of a claim, as Kubernetes names them.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadOnlyMany,
+    ReadWriteMany,
+    ReadWriteOncePod,
+}
+
+/// The volume mode of a claim, as Kubernetes names them.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum VolumeMode {
+    Filesystem,
+    Block,
+}
+
+/// The content of a new disk: exactly one of CDI's DataVolume sources (`cdi.kubevirt.io/v1beta1`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct DiskSource {
+    /// An empty disk, made by CDI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blank: Option<BlankSource>,
+    /// An image downloaded over HTTP(S) (raw, qcow2, compressed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    /// A container disk image from a registry (`docker://…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistrySource>,
+    /// A copy of a claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<ClaimSource>,
+}
+
+/// CDI's `blank` source: no fields.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct BlankSource {}
+
+/// CDI's `http` source.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSource {
+    /// `http://` or `https://` address of the image.
+    pub url: String,
+    /// A Secret (`accessKeyId`, `secretKey`) for basic authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<String>,
+    /// A ConfigMap with the CA bundle of an `https://` server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_config_map: Option<String>,
+}
+
+/// CDI's `registry` source.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrySource {
+    /// `docker://` or `oci-archive://` address of the image.
+    pub url: String,
+    /// A Secret (`accessKeyId`, `secretKey`) for the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<String>,
+    /// A ConfigMap with the registry's CA bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_config_map: Option<String>,
+}
+
+/// CDI's `pvc` source: the claim to clone, in this namespace unless another is given.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimSource {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// The bus of a data disk.
@@ -124,6 +222,14 @@ pub struct WukongStatus {
     pub history: Vec<DetachRecord>,
 }
 
+/// An optional enum's schema lists `null` among its values, which kube-apiserver refuses (an enum's values must be
+/// of its type); `nullable: true` already allows it.
+fn no_null_in_enum(schema: &mut schemars::Schema) {
+    if let Some(serde_json::Value::Array(values)) = schema.get_mut("enum") {
+        values.retain(|v| !v.is_null());
+    }
+}
+
 /// Status is written by the operator only: its schema carries no defaults (and kube-apiserver before 1.22 refuses
 /// some that schemars derives, such as `default: ""`).
 fn no_defaults(schema: &mut schemars::Schema) {
@@ -160,7 +266,8 @@ pub struct VolumeStatus {
     pub pvc_name: String,
     /// The claim is bound to a volume.
     pub bound: bool,
-    /// Capacity asked for.
+    /// Capacity asked for; empty when none is (the system disk, a clone of its source's size).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub size: String,
     pub phase: Phase,
     pub serial: String,
@@ -182,9 +289,36 @@ pub struct VolumeStatus {
     pub detach_options: DetachOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// The claim's binding mode, from its StorageClass: `Immediate`, or `WaitForFirstConsumer` (the claim binds
+    /// once KubeVirt's attachment Pod uses it, so the disk is hot-plugged while the claim is still Pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding_mode: Option<String>,
+    /// The claim's access modes, as it has them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_modes: Vec<String>,
+    /// The claim's volume mode, as it has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+    /// The DataVolume that fills the disk (`source`), as CDI reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_volume: Option<DataVolumeStatus>,
     /// When the disk's removal from the list was first seen (RFC 3339), for the history's durations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_since: Option<String>,
+}
+
+/// A DataVolume as CDI reports it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[schemars(transform = no_defaults)]
+#[serde(rename_all = "camelCase")]
+pub struct DataVolumeStatus {
+    pub name: String,
+    /// CDI's phase, e.g. `ImportInProgress`, `Succeeded`, `WaitForFirstConsumer`, `Failed`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub phase: String,
+    /// CDI's progress, e.g. `45.00%`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub progress: String,
 }
 
 /// The phase of one disk.
@@ -255,6 +389,11 @@ impl DiskSpec {
     /// The serial the guest sees: `serial`, else the name.
     pub fn serial(&self) -> String {
         self.serial.clone().unwrap_or_else(|| self.name.clone())
+    }
+
+    /// The capacity asked for, empty when none is (the system disk, a clone).
+    pub fn size(&self) -> &str {
+        self.size.as_deref().unwrap_or_default()
     }
 }
 

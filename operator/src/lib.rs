@@ -20,6 +20,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod release_watch;
 pub mod server;
+pub mod storage;
 pub mod validate;
 pub mod verify;
 pub mod webhook;

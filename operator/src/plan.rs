@@ -7,11 +7,25 @@ use wukong_controller_client::hypervisor::VolumeState;
 /// The name of the disk that is the system disk when one is called so.
 pub const SYSTEM_DISK_NAME: &str = "system";
 
+/// Where a disk's claim stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimState {
+    Bound,
+    /// Pending because its StorageClass binds a claim only once a Pod uses it (`WaitForFirstConsumer`), or because
+    /// the class cannot be read (no RBAC for StorageClasses): KubeVirt's attachment Pod is that Pod, so the disk is
+    /// hot-plugged now, and KubeVirt's attach waits for the bind.
+    AwaitsConsumer,
+    /// Pending for any other reason: wait.
+    Pending,
+}
+
 /// What is observed of one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
-    /// The claim `<vm>-<disk>`: `None` when it does not exist, else whether it is bound.
-    pub claim_bound: Option<bool>,
+    /// The claim `<vm>-<disk>`, `None` when it does not exist.
+    pub claim: Option<ClaimState>,
+    /// The DataVolume `<vm>-<disk>` of a disk with a `source`: `None` when it does not exist, else its phase.
+    pub data_volume: Option<String>,
     /// The VM's spec lists a volume of this name.
     pub in_vm: bool,
     /// The volume as the running VMI has it; `None` when the VM is not running.
@@ -29,6 +43,10 @@ pub enum Step {
     CreateClaim,
     /// The claim exists and is not bound yet.
     WaitForClaim,
+    /// Create the DataVolume that fills the disk from its `source` (CDI makes its claim).
+    CreateDataVolume,
+    /// The DataVolume exists and is not ready to be plugged yet (CDI is filling it, or failed).
+    WaitForDataVolume,
     /// The VM runs: hot-plug through the companion and wait until the guest sees the disk (idempotent; gives
     /// back a guest copy released by an interrupted detach).
     Attach,
@@ -56,15 +74,24 @@ pub struct DiskPlan {
     pub step: Step,
 }
 
-/// The system disk: one recorded as such (it never stops being the system disk, even if the list changes),
-/// else the disk named `system`, else the first.
+/// The system disk: one recorded as such (it never stops being the system disk, even if the list changes: an
+/// object made when the first disk was the system disk keeps it), else the disk marked `system: true`, else the
+/// disk named `system`. No other: a list of data disks has no system disk.
 pub fn system_disk<'a>(disks: &'a [DiskSpec], recorded: &'a [VolumeStatus]) -> Option<&'a str> {
     recorded
         .iter()
         .find(|v| v.system)
         .map(|v| v.name.as_str())
+        .or_else(|| disks.iter().find(|d| d.system).map(|d| d.name.as_str()))
         .or_else(|| disks.iter().find(|d| d.name == SYSTEM_DISK_NAME).map(|d| d.name.as_str()))
-        .or_else(|| disks.first().map(|d| d.name.as_str()))
+}
+
+/// A DataVolume in this phase can be plugged, as KubeVirt decides (pkg/storage/types/pvc.go
+/// `VolumeReadyToAttachToNode`, with CDI's `IsSucceededOrPendingPopulation`): filled (`Succeeded`), or waiting for
+/// its consumer (`PendingPopulation`, and `WaitForFirstConsumer`, for which KubeVirt starts a Pod that lets CDI
+/// fill it, `triggerHotplugPopulation`).
+pub fn data_volume_pluggable(phase: &str) -> bool {
+    matches!(phase, "Succeeded" | "PendingPopulation" | "WaitForFirstConsumer")
 }
 
 /// Plans every disk that is listed or recorded: listed ones in list order, then the removed ones.
@@ -87,12 +114,14 @@ fn step(wanted: Option<&DiskSpec>, recorded: Option<&VolumeStatus>, system: bool
     let present = seen.in_vm || seen.vmi.as_ref().is_some_and(|s| *s != VolumeState::Absent);
     match wanted {
         Some(_) if system => Step::KeepSystemDisk,
-        Some(_) => match (seen.claim_bound, &seen.vmi) {
-            (None, _) if !present => Step::CreateClaim,
-            (Some(false), _) if !present => Step::WaitForClaim,
-            (_, Some(_)) => Step::Attach,
-            (_, None) if seen.in_vm => Step::WaitForBoot,
-            (_, None) => Step::AddToStoppedVm,
+        Some(disk) => match (disk.source.is_some(), &seen.data_volume, seen.claim, &seen.vmi) {
+            (true, None, _, _) if !present => Step::CreateDataVolume,
+            (true, Some(phase), _, _) if !present && !data_volume_pluggable(phase) => Step::WaitForDataVolume,
+            (false, _, None, _) if !present => Step::CreateClaim,
+            (false, _, Some(ClaimState::Pending), _) if !present => Step::WaitForClaim,
+            (_, _, _, Some(_)) => Step::Attach,
+            (_, _, _, None) if seen.in_vm => Step::WaitForBoot,
+            (_, _, _, None) => Step::AddToStoppedVm,
         },
         None if system => Step::RefuseSystemDiskRemoval,
         None => {
@@ -117,11 +146,15 @@ pub fn refusal_backoff(attempt: u32) -> std::time::Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Bus, Phase};
+    use crate::crd::{BlankSource, Bus, DiskSource, Phase};
     use std::time::Duration;
 
     fn disk(name: &str) -> DiskSpec {
-        DiskSpec { name: name.into(), size: "1Gi".into(), ..Default::default() }
+        DiskSpec { name: name.into(), size: Some("1Gi".into()), ..Default::default() }
+    }
+
+    fn system(name: &str) -> DiskSpec {
+        DiskSpec { system: true, ..disk(name) }
     }
 
     fn recorded(name: &str, options: DetachOptions) -> VolumeStatus {
@@ -143,12 +176,17 @@ mod tests {
     }
 
     fn seen(claim_bound: Option<bool>, in_vm: bool, vmi: Option<VolumeState>) -> Observed {
-        Observed { claim_bound, in_vm, vmi }
+        let claim = claim_bound.map(|b| if b { ClaimState::Bound } else { ClaimState::Pending });
+        Observed { claim, data_volume: None, in_vm, vmi }
     }
 
     /// The step for disk "data" (the system disk is "root", listed first).
     fn step_of(listed: bool, options: DetachOptions, observed: Observed) -> Step {
-        let disks = if listed { vec![disk("root"), disk("data")] } else { vec![disk("root")] };
+        step_of_disk(listed.then(|| disk("data")), options, observed)
+    }
+
+    fn step_of_disk(data: Option<DiskSpec>, options: DetachOptions, observed: Observed) -> Step {
+        let disks: Vec<DiskSpec> = [system("root")].into_iter().chain(data).collect();
         let status = [recorded("root", DetachOptions::default()), recorded("data", options)];
         let plans =
             plan(&disks, &status, |name| if name == "data" { observed.clone() } else { seen(None, true, None) });
@@ -166,6 +204,11 @@ mod tests {
         assert_eq!(step_of(true, none, seen(Some(true), true, ready())), Step::Attach);
         // A disk already in the VM (attached before its claim was lost from view) is not re-created first.
         assert_eq!(step_of(true, none, seen(None, true, ready())), Step::Attach);
+        // A claim whose class waits for a first consumer binds only once KubeVirt's attachment Pod uses it.
+        let awaits =
+            Observed { claim: Some(ClaimState::AwaitsConsumer), ..seen(None, false, Some(VolumeState::Absent)) };
+        assert_eq!(step_of(true, none, awaits.clone()), Step::Attach);
+        assert_eq!(step_of(true, none, Observed { vmi: None, ..awaits }), Step::AddToStoppedVm);
         let removing = Some(VolumeState::Removing { phase: "Detaching".into(), message: String::new() });
         assert_eq!(step_of(true, none, seen(Some(true), false, removing)), Step::Attach);
         assert_eq!(step_of(true, none, seen(Some(true), false, None)), Step::AddToStoppedVm);
@@ -190,12 +233,44 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_with_a_source_is_plugged_once_cdi_lets_kubevirt_plug_it() {
+        let none = DetachOptions::default();
+        let blank =
+            DiskSpec { source: Some(DiskSource { blank: Some(BlankSource {}), ..Default::default() }), ..disk("data") };
+        let with = |phase: Option<&str>, vmi: Option<VolumeState>| Observed {
+            data_volume: phase.map(str::to_string),
+            ..seen(phase.map(|_| false), false, vmi)
+        };
+        let absent = Some(VolumeState::Absent);
+        let step = |phase, vmi| step_of_disk(Some(blank.clone()), none, with(phase, vmi));
+        assert_eq!(step(None, absent.clone()), Step::CreateDataVolume);
+        for phase in ["Pending", "ImportScheduled", "ImportInProgress", "CloneInProgress", "Failed", "Unknown"] {
+            assert_eq!(step(Some(phase), absent.clone()), Step::WaitForDataVolume, "{phase}");
+        }
+        for phase in ["Succeeded", "PendingPopulation", "WaitForFirstConsumer"] {
+            assert_eq!(step(Some(phase), absent.clone()), Step::Attach, "{phase}");
+            assert_eq!(step(Some(phase), None), Step::AddToStoppedVm, "{phase}");
+        }
+        // Plugged already (a DataVolume deleted behind our back is not made again under the guest).
+        assert_eq!(step(None, ready()), Step::Attach);
+    }
+
+    #[test]
     fn the_system_disk_is_never_touched() {
-        let disks = [disk("root"), disk("data")];
+        let disks = [system("root"), disk("data")];
         let plans = plan(&disks, &[], |_| seen(None, false, Some(VolumeState::Absent)));
         assert_eq!(plans[0].step, Step::KeepSystemDisk);
         assert!(plans[0].system);
         assert_eq!(plans[1].step, Step::CreateClaim);
+        // No disk marked or named so: every disk is a data disk, the first too.
+        let plans = plan(&[disk("root"), disk("data")], &[], |_| seen(None, false, Some(VolumeState::Absent)));
+        let steps: Vec<_> = plans.iter().map(|p| (p.system, p.step.clone())).collect();
+        assert_eq!(steps, [(false, Step::CreateClaim), (false, Step::CreateClaim)]);
+        // An object whose status recorded its first disk as the system disk (the old rule) keeps it.
+        let mut root = recorded("root", DetachOptions::default());
+        root.system = true;
+        let plans = plan(&[disk("root"), disk("data")], &[root], |_| seen(None, false, Some(VolumeState::Absent)));
+        assert_eq!((plans[0].system, plans[0].step.clone()), (true, Step::KeepSystemDisk));
         // Named "system": that one, wherever it is listed.
         let disks = [disk("data"), disk(SYSTEM_DISK_NAME)];
         let plans = plan(&disks, &[], |_| seen(None, false, None));

@@ -3,14 +3,16 @@
 //! when it changed (an idle cluster gets no writes).
 
 use crate::agent_certificate;
-use crate::crd::{Condition, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name};
+use crate::crd::{
+    Condition, DataVolumeStatus, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name,
+};
 use crate::metrics::Metrics;
-use crate::plan::{DiskPlan, Observed, Step, plan, refusal_backoff};
-use crate::validate::{SpecError, check};
+use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
+use crate::storage::{self, Claim, Classes, DataVolume, data_volume_resource};
+use crate::validate::{SpecError, check, check_against_status};
 use crate::{Config, Error, MANAGER, Result, get};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -111,8 +113,13 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    let owner_of = |claim: PersistentVolumeClaim| {
+        let wukong = claim.labels().get(OWNER_LABEL)?.clone();
+        Some(ObjectRef::<Wukong>::new(&wukong).within(&claim.namespace()?))
+    };
     controller
-        .owns(claims, watcher::Config::default().labels(&managed))
+        // By label, not owner: a DataVolume's claim is owned by the DataVolume (CDI copies its labels).
+        .watches(claims, watcher::Config::default().labels(&managed), owner_of)
         // A VMI that starts, stops or changes its volumes wakes the Wukong whose VM it belongs to.
         .watches_with(vmis, vmi_resource(), watcher::Config::default(), move |vmi| {
             let (ns, name) = (vmi.namespace(), vmi.name_any());
@@ -163,15 +170,25 @@ struct Scene {
     vm_name: String,
     vm: VirtualMachine,
     vmi: Option<VirtualMachineInstance>,
-    /// Claim name → bound.
-    claims: BTreeMap<String, bool>,
+    /// The claims of the object's disks, by name.
+    claims: BTreeMap<String, Claim>,
+    /// The DataVolumes of the object's disks, by name (read only when a disk has a `source`).
+    data_volumes: BTreeMap<String, DataVolume>,
+    classes: Classes,
 }
 
 impl Scene {
     fn observe(&self, disk: &str) -> Observed {
         let in_vm = self.vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == disk));
+        let name = claim_name(&self.vm_name, disk);
+        let claim = self.claims.get(&name).map(|c| match c.bound() {
+            true => ClaimState::Bound,
+            false if self.classes.awaits_consumer(c.class.as_deref()) => ClaimState::AwaitsConsumer,
+            false => ClaimState::Pending,
+        });
         Observed {
-            claim_bound: self.claims.get(&claim_name(&self.vm_name, disk)).copied(),
+            claim,
+            data_volume: self.data_volumes.get(&name).map(|d| d.phase.clone()),
             in_vm,
             vmi: self.vmi.as_ref().map(|vmi| volume_state_in(vmi, Some(&self.vm), disk)),
         }
@@ -231,23 +248,10 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     let mut status = WukongStatus { vm_name: vm_name.clone(), ..previous.clone() };
     status.observed_generation = wukong.metadata.generation;
 
-    if let Err(error) = check_spec(wukong, client).await? {
-        set_condition(&mut status, "SpecValid", false, "InvalidSpec", &error.to_string(), wukong);
-        set_condition(
-            &mut status,
-            "Ready",
-            false,
-            "InvalidSpec",
-            "the spec must be fixed first; nothing was changed",
-            wukong,
-        );
-        if previous.conditions.iter().all(|c| c.type_ != "SpecValid" || c.message != error.to_string()) {
-            publish(context, wukong, EventType::Warning, "InvalidSpec", "Validate", &error.to_string()).await;
-        }
-        write_status(wukong, context, &previous, status).await?;
-        return Ok(Action::await_change());
+    if let Err(error) = check(&name, &wukong.spec).and_then(|()| check_against_status(&wukong.spec, &previous.volumes))
+    {
+        return invalid(wukong, context, &previous, status, &error).await;
     }
-    set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
 
     let Some(vm) = get::<VirtualMachine>(client, &ns, &vm_resource(), &vm_name).await? else {
         let message = format!(
@@ -264,16 +268,44 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         None => "the VM is not running: disks are added to its spec and attached when it starts",
     };
     set_condition(&mut status, "VMAvailable", true, if vmi.is_some() { "Running" } else { "Stopped" }, running, wukong);
-    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={name}")))
+    let mine = ListParams::default().labels(&format!("{OWNER_LABEL}={name}"));
+    let claims: BTreeMap<String, Claim> = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+        .list(&mine)
         .await?
         .into_iter()
-        .map(|c| {
-            let bound = c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
-            (c.name_any(), bound)
-        })
+        .map(|c| (c.name_any(), Claim::of(&c)))
         .collect();
-    let scene = Scene { ns: ns.clone(), vm_name, vm, vmi, claims };
+    let sourced = wukong.spec.disks.iter().any(|d| d.source.is_some())
+        || previous.volumes.iter().any(|v| v.data_volume.is_some());
+    let data_volumes = match sourced {
+        false => Some(BTreeMap::new()),
+        true => {
+            match Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &data_volume_resource()).list(&mine).await
+            {
+                Ok(list) => Some(list.items.iter().map(|d| (d.name_any(), DataVolume::of(d))).collect()),
+                // No CDI in this cluster.
+                Err(kube::Error::Api(s)) if s.code == 404 => None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    // StorageClasses matter only for a disk whose claim is not bound yet: a steady object reads none.
+    let unsettled =
+        wukong.spec.disks.iter().any(|d| !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound));
+    let classes = if unsettled { Classes::read(client).await? } else { Classes::default() };
+    let scene = Scene {
+        ns: ns.clone(),
+        vm_name,
+        vm,
+        vmi,
+        claims,
+        data_volumes: data_volumes.clone().unwrap_or_default(),
+        classes,
+    };
+    if let Err(error) = check_storage(wukong, &previous.volumes, &scene, data_volumes.is_some(), client).await? {
+        return invalid(wukong, context, &previous, status, &error).await;
+    }
+    set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
     // Plaintext agents (labs) have no certificate to expire.
     if let Some(vmi) = &scene.vmi
         && context.config.agent.tls.is_some()
@@ -318,20 +350,82 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     Ok(Action::requeue(requeue))
 }
 
-/// The spec's own checks, then the StorageClasses it names. `Ok(Err(_))`: the spec is at fault.
-async fn check_spec(wukong: &Wukong, client: &kube::Client) -> Result<Result<(), SpecError>> {
-    if let Err(e) = check(&wukong.name_any(), &wukong.spec) {
-        return Ok(Err(e));
+/// A spec at fault: a `SpecValid` condition and an Event naming the field, and nothing else is done.
+async fn invalid(
+    wukong: &Wukong,
+    context: &Context,
+    previous: &WukongStatus,
+    mut status: WukongStatus,
+    error: &SpecError,
+) -> Result<Action> {
+    set_condition(&mut status, "SpecValid", false, "InvalidSpec", &error.to_string(), wukong);
+    set_condition(
+        &mut status,
+        "Ready",
+        false,
+        "InvalidSpec",
+        "the spec must be fixed first; nothing was changed",
+        wukong,
+    );
+    if previous.conditions.iter().all(|c| c.type_ != "SpecValid" || c.message != error.to_string()) {
+        publish(context, wukong, EventType::Warning, "InvalidSpec", "Validate", &error.to_string()).await;
     }
-    let classes: Api<StorageClass> = Api::all(client.clone());
+    write_status(wukong, context, previous, status).await?;
+    Ok(Action::await_change())
+}
+
+/// The checks that need the cluster, for the disks whose claim or DataVolume is still to be made (what exists
+/// already was checked before it was made): the StorageClass exists, CDI is installed for a `source`, a clone's
+/// claim exists, and the class can give the modes asked for. `Ok(Err(_))`: the spec is at fault.
+async fn check_storage(
+    wukong: &Wukong,
+    recorded: &[VolumeStatus],
+    scene: &Scene,
+    cdi: bool,
+    client: &kube::Client,
+) -> Result<Result<(), SpecError>> {
+    let system = crate::plan::system_disk(&wukong.spec.disks, recorded);
     for (i, disk) in wukong.spec.disks.iter().enumerate() {
+        let name = claim_name(&scene.vm_name, &disk.name);
+        let made = scene.claims.contains_key(&name) || scene.data_volumes.contains_key(&name);
+        if system == Some(disk.name.as_str()) || made || scene.observe(&disk.name).in_vm {
+            continue;
+        }
+        let field = |f: &str| format!("spec.disks[{i}].{f}");
+        let fault = |f: &str, message: String| Ok(Err(SpecError { field: field(f), message }));
         if let Some(class) = &disk.storage_class_name
-            && classes.get_opt(class).await?.is_none()
+            && scene.classes.exists(class) == Some(false)
         {
-            return Ok(Err(SpecError {
-                field: format!("spec.disks[{i}].storageClassName"),
-                message: format!("StorageClass '{class}' does not exist; name an existing one or leave it out"),
-            }));
+            return fault(
+                "storageClassName",
+                format!("StorageClass '{class}' does not exist; name an existing one or leave it out"),
+            );
+        }
+        if let Some(source) = &disk.source {
+            if !cdi {
+                return fault(
+                    "source",
+                    "CDI is not installed in this cluster (no datavolumes.cdi.kubevirt.io API): install CDI, or remove \
+                     source to get an empty claim"
+                        .into(),
+                );
+            }
+            if let Some(clone) = &source.pvc {
+                let ns = clone.namespace.clone().unwrap_or_else(|| scene.ns.clone());
+                let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns);
+                if claims.get_opt(&clone.name).await?.is_none() {
+                    return fault(
+                        "source.pvc",
+                        format!("claim {ns}/{} does not exist; name an existing claim to clone", clone.name),
+                    );
+                }
+            }
+        }
+        if let Some(class) = scene.classes.resolve(disk.storage_class_name.as_deref()) {
+            let sets = storage::property_sets(client, class).await?;
+            if let Err(refused) = storage::resolve_modes(disk, class, &sets) {
+                return fault(refused.field, refused.message);
+            }
         }
     }
     Ok(Ok(()))
@@ -345,7 +439,7 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
         Some(spec) => VolumeStatus {
             name: spec.name.clone(),
             pvc_name: claim_name(&scene.vm_name, &spec.name),
-            size: spec.size.clone(),
+            size: spec.size().to_string(),
             serial: spec.serial(),
             bus: spec.bus,
             detach_options: spec.detach_options,
@@ -357,8 +451,25 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
         None => VolumeStatus { removal_since: recorded.removal_since.clone().or_else(|| Some(now())), ..recorded },
     };
     status.system = disk.system;
-    status.bound = scene.claims.get(&status.pvc_name).copied().unwrap_or(false);
+    let claim = scene.claims.get(&status.pvc_name);
+    status.bound = claim.is_some_and(Claim::bound);
+    if !disk.system {
+        let class = claim.and_then(|c| c.class.as_deref()).or(status.storage_class_name.as_deref());
+        status.binding_mode = scene.classes.binding_mode(class).map(str::to_string).or(recorded_binding(disk));
+        status.access_modes = claim.map(|c| c.access_modes.clone()).unwrap_or_default();
+        status.volume_mode = claim.and_then(|c| c.volume_mode.clone());
+        let sourced = disk.wanted.as_ref().map(|d| d.source.is_some()).unwrap_or(status.data_volume.is_some());
+        status.data_volume = sourced.then(|| {
+            let seen = scene.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
+            DataVolumeStatus { name: status.pvc_name.clone(), phase: seen.phase, progress: seen.progress }
+        });
+    }
     status
+}
+
+/// The binding mode recorded for a disk, kept while the classes are not read (its claim is bound).
+fn recorded_binding(disk: &DiskPlan) -> Option<String> {
+    disk.recorded.as_ref().and_then(|r| r.binding_mode.clone())
 }
 
 async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Context) -> Result<DiskOutcome> {
@@ -380,7 +491,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
                 None => "the system disk is not in the VM's spec; the operator never plugs the system disk",
             };
             status.pvc_name = claim.clone().unwrap_or_default();
-            status.bound = scene.claims.get(&status.pvc_name).copied().unwrap_or(false);
+            status.bound = scene.claims.get(&status.pvc_name).is_some_and(Claim::bound);
             set(&mut status, if claim.is_some() { Phase::Attached } else { Phase::Pending }, message);
             Ok(DiskOutcome::settled(status))
         }
@@ -397,15 +508,28 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             set(&mut status, Phase::DetachBlocked, &message);
             Ok(DiskOutcome::settled(status))
         }
-        Step::CreateClaim => {
-            create_claim(wukong, &status, context).await?;
-            let message = format!("claim {} created; waiting for it to bind", status.pvc_name);
-            publish(context, wukong, EventType::Normal, "ClaimCreated", "CreateClaim", &message).await;
+        Step::CreateClaim | Step::CreateDataVolume => {
+            let spec = disk.wanted.as_ref().expect("only a listed disk is created");
+            let made = create_storage(wukong, spec, &status, scene, context).await?;
+            let message = match disk.step {
+                Step::CreateClaim => format!("claim {} created; waiting for it to bind", status.pvc_name),
+                _ => format!("DataVolume {} created; waiting for CDI to fill it", status.pvc_name),
+            };
+            publish(context, wukong, EventType::Normal, made, "CreateClaim", &message).await;
             set(&mut status, Phase::Pending, &message);
             Ok(DiskOutcome::again(status, SOON))
         }
         Step::WaitForClaim => {
             let message = format!("waiting for claim {} to bind", status.pvc_name);
+            set(&mut status, Phase::Pending, &message);
+            Ok(DiskOutcome::again(status, SOON))
+        }
+        Step::WaitForDataVolume => {
+            let seen = scene.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
+            let progress = if seen.progress.is_empty() { String::new() } else { format!(", {}", seen.progress) };
+            let why = seen.message.map(|m| format!(": {m}")).unwrap_or_default();
+            let message =
+                format!("waiting for CDI to fill DataVolume {} (phase {}{progress}){why}", status.pvc_name, seen.phase);
             set(&mut status, Phase::Pending, &message);
             Ok(DiskOutcome::again(status, SOON))
         }
@@ -425,7 +549,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
         Step::Detach(options) => detach(status, recorded_phase, *options, &key, wukong, scene, context).await,
         Step::Finish { delete_claim } => {
             if *delete_claim {
-                delete_claim_named(context, &scene.ns, &status.pvc_name).await?;
+                delete_storage(context, &scene.ns, &status).await?;
             }
             context.refusals.lock().expect("never poisoned").remove(&key);
             Ok(DiskOutcome {
@@ -445,7 +569,10 @@ fn volume_spec(status: &VolumeStatus) -> VolumeSpec {
             crate::crd::Bus::Scsi => DiskBus::Scsi,
             crate::crd::Bus::Virtio => DiskBus::Virtio,
         },
-        source: VolumeSource::PersistentVolumeClaim(status.pvc_name.clone()),
+        source: match status.data_volume {
+            Some(_) => VolumeSource::DataVolume(status.pvc_name.clone()),
+            None => VolumeSource::PersistentVolumeClaim(status.pvc_name.clone()),
+        },
     }
 }
 
@@ -586,7 +713,7 @@ async fn detach(
     match companion::detach(&hypervisor, &agent, &detach_options, &|_| {}).await {
         Ok(detached) => {
             if !options.preserve_data {
-                delete_claim_named(context, &scene.ns, &status.pvc_name).await?;
+                delete_storage(context, &scene.ns, &status).await?;
             }
             context.refusals.lock().expect("never poisoned").remove(key);
             let record = detached_record(&status, context, detached.forced);
@@ -673,24 +800,58 @@ fn detached_record(status: &VolumeStatus, context: &Context, forced: bool) -> De
     }
 }
 
-/// The claim of a disk, owned by its `Wukong` and labelled, by server-side apply.
-async fn create_claim(wukong: &Wukong, status: &VolumeStatus, context: &Context) -> Result<()> {
-    let ns = wukong.namespace().unwrap_or_default();
+/// The claim of a disk, or the DataVolume that makes it (a disk with a `source`), owned by its `Wukong` and
+/// labelled (CDI copies a DataVolume's labels to its claim), by server-side apply. Returns the Event's reason.
+async fn create_storage(
+    wukong: &Wukong,
+    disk: &crate::crd::DiskSpec,
+    status: &VolumeStatus,
+    scene: &Scene,
+    context: &Context,
+) -> Result<&'static str> {
     let owner = wukong.controller_owner_ref(&()).expect("a Wukong read from the API has a name and UID");
-    let mut spec = json!({"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": status.size}}});
-    if let Some(class) = &status.storage_class_name {
-        spec["storageClassName"] = json!(class);
-    }
-    let claim = json!({
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": status.pvc_name, "ownerReferences": [owner],
-                     "labels": {MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: status.name}},
-        "spec": spec,
+    let class = disk.storage_class_name.as_deref();
+    let sets = match scene.classes.resolve(class) {
+        Some(class) => storage::property_sets(&context.client, class).await?,
+        None => Vec::new(),
+    };
+    // Checked before this pass went on (`check_storage`); a profile changed since is CDI's or the provisioner's to
+    // refuse.
+    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &sets).unwrap_or_else(|_| storage::Modes {
+        access_modes: vec!["ReadWriteOnce".into()],
+        volume_mode: "Filesystem".into(),
     });
-    Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &ns)
-        .patch(&status.pvc_name, &PatchParams::apply(MANAGER), &Patch::Apply(&claim))
+    let metadata = json!({"name": status.pvc_name, "ownerReferences": [owner],
+        "labels": {MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: status.name}});
+    let (resource, spec, reason) = match &disk.source {
+        Some(source) => {
+            (data_volume_resource(), storage::data_volume_spec(source, disk.size(), class, &modes), "DataVolumeCreated")
+        }
+        None => (claim_resource(), storage::claim_spec(disk.size(), class, &modes), "ClaimCreated"),
+    };
+    let object = json!({"apiVersion": resource.api_version, "kind": resource.kind, "metadata": metadata, "spec": spec});
+    Api::<DynamicObject>::namespaced_with(context.client.clone(), &scene.ns, &resource)
+        .patch(&status.pvc_name, &PatchParams::apply(MANAGER), &Patch::Apply(&object))
         .await?;
-    Ok(())
+    Ok(reason)
+}
+
+fn claim_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource::erase::<PersistentVolumeClaim>(&())
+}
+
+/// Deletes a disk's storage: its DataVolume first when it has one (CDI would make a deleted claim again from it;
+/// the garbage collector deletes its claim), then the claim.
+async fn delete_storage(context: &Context, ns: &str, status: &VolumeStatus) -> Result<()> {
+    if status.data_volume.is_some() {
+        let api = Api::<DynamicObject>::namespaced_with(context.client.clone(), ns, &data_volume_resource());
+        match api.delete(&status.pvc_name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    delete_claim_named(context, ns, &status.pvc_name).await
 }
 
 async fn delete_claim_named(context: &Context, ns: &str, claim: &str) -> Result<()> {
@@ -714,16 +875,34 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
     let vmi = get::<VirtualMachineInstance>(&context.client, &ns, &vmi_resource(), &vm_name).await?;
     let uses = |claim: &str| {
         let in_spec = |volumes: &[wukong_controller_client::kubevirt::Volume]| {
-            volumes.iter().any(|v| v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == claim))
+            volumes.iter().any(|v| {
+                v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == claim)
+                    || v.data_volume.as_ref().is_some_and(|d| d.name == claim)
+            })
         };
         vm.as_ref().and_then(|vm| vm.spec.template.as_ref()).is_some_and(|t| in_spec(&t.spec.volumes))
             || vmi.as_ref().is_some_and(|vmi| in_spec(&vmi.spec.volumes))
     };
     let unplugging =
         |disk: &str| vmi.as_ref().is_some_and(|vmi| vmi.status.volume_status.iter().any(|s| s.name == disk));
-    let claims = Api::<PersistentVolumeClaim>::namespaced(context.client.clone(), &ns);
-    let owned = claims.list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", wukong.name_any()))).await?;
+    let mine = ListParams::default().labels(&format!("{OWNER_LABEL}={}", wukong.name_any()));
     let volumes = wukong.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default();
+    // A disk's storage: its claim, or the DataVolume that owns its claim (kept or deleted with it).
+    let mut owned = Vec::new();
+    for resource in [claim_resource(), data_volume_resource()] {
+        let is_data_volume = resource.kind == "DataVolume";
+        if is_data_volume && volumes.iter().all(|v| v.data_volume.is_none()) {
+            continue;
+        }
+        let api = Api::<DynamicObject>::namespaced_with(context.client.clone(), &ns, &resource);
+        let objects = match api.list(&mine).await {
+            Ok(list) => list.items,
+            Err(kube::Error::Api(s)) if s.code == 404 && is_data_volume => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let by_data_volume = |o: &DynamicObject| o.owner_references().iter().any(|r| r.kind == "DataVolume");
+        owned.extend(objects.into_iter().filter(|o| is_data_volume || !by_data_volume(o)).map(|o| (api.clone(), o)));
+    }
     // `kubectl delete --cascade=orphan` asks to keep what the object owns: the API server adds the `orphan`
     // finalizer, and the garbage collector takes this object's owner reference off every claim and then removes that
     // finalizer, before or after we look. Either sign keeps every claim as `preserveData` keeps one, plugged or not:
@@ -732,19 +911,18 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
     let orphaned = wukong.finalizers().iter().any(|f| f == ORPHAN_FINALIZER);
     let uid = wukong.uid().unwrap_or_default();
     let mut in_use = Vec::new();
-    for claim in owned {
-        let name = claim.name_any();
-        let ours = claim.owner_references().iter().any(|o| o.uid == uid);
-        let preserve = orphaned
-            || !ours
-            || volumes.iter().find(|v| v.pvc_name == name).is_none_or(|v| v.detach_options.preserve_data);
+    for (api, object) in owned {
+        let name = object.name_any();
+        let ours = object.owner_references().iter().any(|o| o.uid == uid);
+        let recorded = volumes.iter().find(|v| v.pvc_name == name);
+        let preserve = orphaned || !ours || recorded.is_none_or(|v| v.detach_options.preserve_data);
         if preserve {
             let patch = json!({"metadata": {"ownerReferences": null, "labels": {PRESERVED_LABEL: "true"}}});
-            claims.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        } else if uses(&name) || claim.labels().get(DISK_LABEL).is_some_and(|disk| unplugging(disk)) {
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        } else if uses(&name) || object.labels().get(DISK_LABEL).is_some_and(|disk| unplugging(disk)) {
             in_use.push(name);
-        } else {
-            delete_claim_named(context, &ns, &name).await?;
+        } else if let Some(volume) = recorded {
+            delete_storage(context, &ns, volume).await?;
         }
     }
     context.metrics.set_blocked(wukong.uid().as_deref().unwrap_or_default(), 0);
@@ -867,7 +1045,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_vm_is_reported_and_nothing_else_is_touched() {
-        let object = wukong(json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "1Gi"}]));
+        let object = wukong(json!([{"name": "root", "system": true}, {"name": "data", "size": "1Gi"}]));
         let api = MockApi::start(|s| {
             (s.path.ends_with("/virtualmachines/db-vm")).then(|| not_found("virtualmachines.kubevirt.io \"db-vm\""))
         });
@@ -891,7 +1069,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_disk_gets_its_claim_owned_and_labelled_before_anything_else() {
         let object = wukong(
-            json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "8Gi", "storageClassName": "fast"}]),
+            json!([{"name": "root", "system": true}, {"name": "data", "size": "8Gi", "storageClassName": "fast"}]),
         );
         let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
                         "spec": {"template": {"spec": {"volumes": [{"name": "root", "containerDisk": {"image": "x"}}]}}}});
@@ -900,10 +1078,10 @@ mod tests {
             p if p.ends_with("/virtualmachineinstances/db-vm") => {
                 Some(not_found("virtualmachineinstances.kubevirt.io"))
             }
-            "/apis/storage.k8s.io/v1/storageclasses/fast" => Some((
+            "/apis/storage.k8s.io/v1/storageclasses" => Some((
                 200,
-                json!({"apiVersion": "storage.k8s.io/v1",
-                "kind": "StorageClass", "metadata": {"name": "fast"}, "provisioner": "x"}),
+                json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList", "metadata": {},
+                       "items": [{"metadata": {"name": "fast"}, "provisioner": "x", "volumeBindingMode": "Immediate"}]}),
             )),
             _ => None,
         });
@@ -930,11 +1108,145 @@ mod tests {
         assert_eq!(volumes[0]["phase"], "Attached", "the system disk is the VM's own: {volumes}");
         assert_eq!(volumes[1]["phase"], "Pending");
         assert_eq!(volumes[1]["detachOptions"], json!({"force": false, "preserveData": false, "unmount": false}));
+        assert_eq!(claim["spec"]["accessModes"], json!(["ReadWriteOnce"]), "no profile: RWO");
+        assert_eq!(claim["spec"]["volumeMode"], "Filesystem");
+        assert_eq!(volumes[1]["bindingMode"], "Immediate");
+    }
+
+    /// A stopped VM (no VMI), its claims as `claims`, StorageClass `fast` binding as `binding`, CDI's StorageProfile
+    /// of `fast` offering `profile`, and CDI installed or not; returns every request `object`'s pass made.
+    async fn pass(
+        object: &Wukong,
+        claims: serde_json::Value,
+        binding: &str,
+        profile: serde_json::Value,
+        cdi: bool,
+    ) -> Vec<crate::fixtures::Seen> {
+        let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
+                        "spec": {"template": {"spec": {"volumes": [{"name": "root", "containerDisk": {"image": "x"}}]}}}});
+        let classes = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList", "metadata": {}, "items": [
+            {"metadata": {"name": "fast", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+             "provisioner": "x", "volumeBindingMode": binding}]});
+        let claims = json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": claims});
+        let profile = json!({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "StorageProfile",
+                             "metadata": {"name": "fast"}, "status": {"claimPropertySets": profile}});
+        let api = MockApi::start(move |s| match (s.method.clone(), s.path.as_str()) {
+            (_, p) if p.ends_with("/virtualmachines/db-vm") && s.method == Method::GET => Some((200, vm.clone())),
+            (_, p) if p.ends_with("/virtualmachineinstances/db-vm") => {
+                Some(not_found("virtualmachineinstances.kubevirt.io"))
+            }
+            (Method::GET, "/apis/storage.k8s.io/v1/storageclasses") => Some((200, classes.clone())),
+            (Method::GET, "/apis/cdi.kubevirt.io/v1beta1/storageprofiles/fast") => Some((200, profile.clone())),
+            (Method::GET, "/api/v1/namespaces/ns1/persistentvolumeclaims") => Some((200, claims.clone())),
+            (Method::GET, p) if p.contains("/persistentvolumeclaims/") => Some(not_found("persistentvolumeclaims")),
+            (_, p) if p.starts_with("/apis/cdi.kubevirt.io/") && !cdi => {
+                Some(not_found("the server could not find the requested resource"))
+            }
+            _ => None,
+        });
+        apply(object, &context(api.client())).await.unwrap();
+        api.seen()
+    }
+
+    fn writes(seen: &[crate::fixtures::Seen]) -> Vec<String> {
+        seen.iter().filter(|s| s.method != Method::GET).map(|s| format!("{} {}", s.method, s.path)).collect()
+    }
+
+    fn spec_error(seen: &[crate::fixtures::Seen]) -> String {
+        let status = &seen.last().unwrap().body["status"];
+        let valid = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "SpecValid").unwrap();
+        assert_eq!(valid["status"], "False", "{status}");
+        valid["message"].as_str().unwrap().to_string()
+    }
+
+    fn pending_claim(class: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "db-vm-data", "labels": {"vm.novasphere.dev/wukong": "db"}},
+               "spec": {"storageClassName": class, "accessModes": ["ReadWriteOnce"], "volumeMode": "Block"},
+               "status": {"phase": "Pending"}})
+    }
+
+    #[tokio::test]
+    async fn a_claim_waiting_for_its_first_consumer_is_plugged_and_an_immediate_one_is_waited_for() {
+        let object = wukong(json!([{"name": "root", "system": true}, {"name": "data", "size": "1Gi"}]));
+        let seen = pass(&object, json!([pending_claim("fast")]), "WaitForFirstConsumer", json!([]), true).await;
+        let vm_patch = "PUT /apis/subresources.kubevirt.io/v1/namespaces/ns1/virtualmachines/db-vm/addvolume";
+        assert!(writes(&seen).iter().any(|w| w == vm_patch), "added to the stopped VM: {:?}", writes(&seen));
+        let data = &seen.last().unwrap().body["status"]["volumes"][1];
+        assert_eq!((data["bound"].clone(), data["bindingMode"].clone()), (json!(false), json!("WaitForFirstConsumer")));
+        assert_eq!(
+            (data["volumeMode"].clone(), data["accessModes"].clone()),
+            (json!("Block"), json!(["ReadWriteOnce"]))
+        );
+
+        let seen = pass(&object, json!([pending_claim("fast")]), "Immediate", json!([]), true).await;
+        assert!(!writes(&seen).iter().any(|w| w == vm_patch), "{:?}", writes(&seen));
+        let data = &seen.last().unwrap().body["status"]["volumes"][1];
+        assert_eq!(data["message"], "waiting for claim db-vm-data to bind");
+    }
+
+    #[tokio::test]
+    async fn a_disk_with_a_source_gets_a_data_volume_with_the_profiles_modes() {
+        let object = wukong(json!([{"name": "data", "size": "2Gi", "source": {"blank": {}}}]));
+        let profile = json!([{"accessModes": ["ReadWriteMany"], "volumeMode": "Block"}]);
+        let seen = pass(&object, json!([]), "Immediate", profile, true).await;
+        assert_eq!(
+            writes(&seen),
+            [
+                "PATCH /apis/cdi.kubevirt.io/v1beta1/namespaces/ns1/datavolumes/db-vm-data",
+                "POST /apis/events.k8s.io/v1/namespaces/ns1/events",
+                "PATCH /apis/vm.novasphere.dev/v1alpha1/namespaces/ns1/wukongs/db/status",
+            ],
+            "a DataVolume and no bare claim"
+        );
+        let dv = &seen.iter().find(|s| s.path.ends_with("/datavolumes/db-vm-data")).unwrap().body;
+        assert_eq!(dv["metadata"]["labels"]["vm.novasphere.dev/wukong"], "db");
+        assert_eq!(dv["metadata"]["ownerReferences"][0]["kind"], "Wukong");
+        assert_eq!(
+            dv["spec"],
+            json!({"source": {"blank": {}}, "storage": {"accessModes": ["ReadWriteMany"], "volumeMode": "Block",
+                   "resources": {"requests": {"storage": "2Gi"}}}})
+        );
+        let data = &seen.last().unwrap().body["status"]["volumes"][0];
+        assert_eq!(data["system"], false, "a list of data disks has no system disk");
+        assert_eq!(data["dataVolume"]["name"], "db-vm-data");
+    }
+
+    #[tokio::test]
+    async fn bad_storage_is_named_and_nothing_is_created() {
+        let cases = [
+            (
+                json!({"name": "data", "size": "1Gi", "source": {"blank": {}}}),
+                json!([]),
+                false,
+                "spec.disks[0].source: CDI is not installed in this cluster",
+            ),
+            (
+                json!({"name": "data", "source": {"pvc": {"name": "golden"}}}),
+                json!([]),
+                true,
+                "spec.disks[0].source.pvc: claim ns1/golden does not exist; name an existing claim to clone",
+            ),
+            (
+                json!({"name": "data", "size": "1Gi", "volumeMode": "Block"}),
+                json!([{"accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem"}]),
+                true,
+                "spec.disks[0].volumeMode: StorageClass 'fast' cannot provide Block volumes",
+            ),
+        ];
+        for (disk, profile, cdi, message) in cases {
+            let object = wukong(json!([disk]));
+            let seen = pass(&object, json!([]), "Immediate", profile, cdi).await;
+            assert!(spec_error(&seen).starts_with(message), "{} does not start with {message}", spec_error(&seen));
+            let created: Vec<String> =
+                writes(&seen).into_iter().filter(|w| !w.contains("/events") && !w.ends_with("/status")).collect();
+            assert!(created.is_empty(), "nothing is created: {created:?}");
+        }
     }
 
     #[tokio::test]
     async fn a_settled_object_gets_no_writes_even_from_a_stale_cache() {
-        let object = wukong(json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "1Gi"}]));
+        let object = wukong(json!([{"name": "root", "system": true}, {"name": "data", "size": "1Gi"}]));
         let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
                         "spec": {"template": {"spec": {"volumes": [{"name": "root", "containerDisk": {"image": "x"}},
                                  {"name": "data", "persistentVolumeClaim": {"claimName": "db-vm-data", "hotpluggable": true}}]}}}});
@@ -972,7 +1284,7 @@ mod tests {
     /// preserved), even one the VM still uses; a claim we own and the VM uses still holds the deletion.
     #[tokio::test]
     async fn a_deleted_object_keeps_the_claims_the_garbage_collector_orphaned() {
-        let mut object = wukong(json!([{"name": "root", "size": "1Gi"}, {"name": "data", "size": "1Gi"}]));
+        let mut object = wukong(json!([{"name": "root", "system": true}, {"name": "data", "size": "1Gi"}]));
         object.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-12-05T04:16:40Z".parse().unwrap()));
         let volume = |name: &str| {

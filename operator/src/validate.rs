@@ -1,7 +1,8 @@
 //! Checks a `Wukong`'s spec before anything is changed: a bad field is reported with its path, and nothing is
 //! created, plugged or unplugged for that object until it is fixed.
 
-use crate::crd::{WukongSpec, claim_name};
+use crate::crd::{AccessMode, DiskSource, DiskSpec, VolumeStatus, WukongSpec, claim_name};
+use crate::plan::SYSTEM_DISK_NAME;
 use std::collections::BTreeMap;
 use wukong_controller_client::companion::{check_serial, check_volume_name};
 
@@ -21,8 +22,8 @@ fn bad(field: String, message: impl Into<String>) -> SpecError {
 /// Longest name of an object Kubernetes accepts (a DNS subdomain), here for `<vm>-<disk>` claims.
 const MAX_OBJECT_NAME: usize = 253;
 
-/// Checks the spec of the object named `name`: the VM name, every disk's name, size and serial, and that no two
-/// disks share a name or a serial.
+/// Checks the spec of the object named `name`: the VM name, every disk's name, size, serial, access modes and
+/// source, that no two disks share a name or a serial, and that at most one disk is the system disk.
 pub fn check(name: &str, spec: &WukongSpec) -> Result<(), SpecError> {
     let vm = spec.vm_name.clone().unwrap_or_else(|| format!("{name}-vm"));
     if let Some(given) = &spec.vm_name
@@ -45,7 +46,7 @@ pub fn check(name: &str, spec: &WukongSpec) -> Result<(), SpecError> {
         if claim.len() > MAX_OBJECT_NAME {
             return Err(bad(field("name"), format!("the claim name '{claim}' would be longer than 253 characters")));
         }
-        quantity_bytes(&disk.size).map_err(|why| bad(field("size"), format!("'{}' {why}", disk.size)))?;
+        check_storage(disk, &field)?;
         let serial = disk.serial();
         let serial_field = if disk.serial.is_some() { field("serial") } else { field("name") };
         check_serial(&serial).map_err(|e| match disk.serial {
@@ -64,7 +65,139 @@ pub fn check(name: &str, spec: &WukongSpec) -> Result<(), SpecError> {
             return Err(bad(field("storageClassName"), format!("'{class}' is not a StorageClass name: {why}")));
         }
     }
+    check_system_disks(&spec.disks)
+}
+
+/// At most one disk is marked `system: true`, and a disk named `system` is not a data disk beside another one.
+fn check_system_disks(disks: &[DiskSpec]) -> Result<(), SpecError> {
+    let marked: Vec<usize> = disks.iter().enumerate().filter(|(_, d)| d.system).map(|(i, _)| i).collect();
+    if let [first, second, ..] = marked[..] {
+        return Err(bad(
+            format!("spec.disks[{second}].system"),
+            format!("spec.disks[{first}] is the system disk already; a VM has one system disk"),
+        ));
+    }
+    if let Some(&marked) = marked.first()
+        && let Some(named) = disks.iter().position(|d| d.name == SYSTEM_DISK_NAME && !d.system)
+    {
+        return Err(bad(
+            format!("spec.disks[{named}].name"),
+            format!(
+                "a disk named '{SYSTEM_DISK_NAME}' is the system disk, but spec.disks[{marked}] is marked system: \
+                 true; rename one of them"
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Size, access modes, volume mode and source of one disk. The system disk is the VM's own: the operator creates
+/// nothing for it, so none of these may ask it to, and its size is optional.
+fn check_storage(disk: &DiskSpec, field: &dyn Fn(&str) -> String) -> Result<(), SpecError> {
+    let system = disk.system || disk.name == SYSTEM_DISK_NAME;
+    if system {
+        let creating = [
+            ("source", disk.source.is_some()),
+            ("accessModes", disk.access_modes.is_some()),
+            ("volumeMode", disk.volume_mode.is_some()),
+        ];
+        if let Some((name, _)) = creating.iter().find(|(_, set)| *set) {
+            return Err(bad(
+                field(name),
+                "the system disk is part of the VM's own definition and the operator creates nothing for it; \
+                 remove this field, or make this a data disk",
+            ));
+        }
+    }
+    let clone = disk.source.as_ref().is_some_and(|s| s.pvc.is_some());
+    match &disk.size {
+        Some(size) => {
+            quantity_bytes(size).map_err(|why| bad(field("size"), format!("'{size}' {why}")))?;
+        }
+        None if !system && !clone => {
+            return Err(bad(field("size"), "a data disk needs a size, a Kubernetes quantity such as 10Gi"));
+        }
+        None => {}
+    }
+    if let Some(modes) = &disk.access_modes {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = modes.iter().find(|m| !seen.insert(**m)) {
+            return Err(bad(field("accessModes"), format!("{twice:?} is listed twice")));
+        }
+        if modes.is_empty() {
+            return Err(bad(field("accessModes"), "give at least one access mode, or leave the field out"));
+        }
+        if modes.iter().all(|m| *m == AccessMode::ReadOnlyMany) {
+            return Err(bad(
+                field("accessModes"),
+                "a data disk is written by its guest, and ReadOnlyMany alone cannot be; add ReadWriteOnce or \
+                 ReadWriteMany",
+            ));
+        }
+    }
+    if let Some(source) = &disk.source {
+        check_source(source, &|f| field(&format!("source.{f}")), &field("source"))?;
+    }
+    Ok(())
+}
+
+/// A DataVolume source: exactly one kind, with an address CDI can use.
+fn check_source(source: &DiskSource, field: &dyn Fn(&str) -> String, whole: &str) -> Result<(), SpecError> {
+    let kinds = [
+        ("blank", source.blank.is_some()),
+        ("http", source.http.is_some()),
+        ("registry", source.registry.is_some()),
+        ("pvc", source.pvc.is_some()),
+    ];
+    let given: Vec<&str> = kinds.iter().filter(|(_, set)| *set).map(|(kind, _)| *kind).collect();
+    if given.len() != 1 {
+        let found = if given.is_empty() { "none".to_string() } else { given.join(" and ") };
+        return Err(bad(
+            whole.to_string(),
+            format!("give exactly one of blank, http, registry or pvc (CDI's DataVolume sources); found {found}"),
+        ));
+    }
+    if let Some(http) = &source.http {
+        check_url(&http.url, &["http://", "https://"]).map_err(|why| bad(field("http.url"), why))?;
+    }
+    if let Some(registry) = &source.registry {
+        check_url(&registry.url, &["docker://", "oci-archive://"]).map_err(|why| bad(field("registry.url"), why))?;
+    }
+    if let Some(claim) = &source.pvc {
+        dns_subdomain(&claim.name)
+            .map_err(|why| bad(field("pvc.name"), format!("'{}' is not a claim name: {why}", claim.name)))?;
+        if let Some(ns) = &claim.namespace {
+            dns_label(ns).map_err(|why| bad(field("pvc.namespace"), format!("'{ns}' is not a namespace: {why}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// An address with one of `schemes` and something after it, without spaces.
+fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
+    let rest = schemes.iter().find_map(|scheme| url.strip_prefix(scheme));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !url.chars().any(char::is_whitespace) => Ok(()),
+        _ => Err(format!("'{url}' is not an address CDI can use: it must start with {}", schemes.join(" or "))),
+    }
+}
+
+/// The system disk never changes: an object whose status records one (its first disk, under the old rule, say)
+/// cannot mark another.
+pub fn check_against_status(spec: &WukongSpec, recorded: &[VolumeStatus]) -> Result<(), SpecError> {
+    let Some(system) = recorded.iter().find(|v| v.system) else { return Ok(()) };
+    let other = spec.disks.iter().position(|d| d.system && d.name != system.name);
+    match other {
+        Some(i) => Err(bad(
+            format!("spec.disks[{i}].system"),
+            format!(
+                "disk '{}' is this VM's system disk (status.volumes) and the system disk never changes; remove \
+                 system: true from disk '{}'",
+                system.name, spec.disks[i].name
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A DNS subdomain (RFC 1123), the rule for the names of most Kubernetes objects.
@@ -80,6 +213,14 @@ fn dns_subdomain(name: &str) -> Result<(), &'static str> {
         return Err("it must start and end with a letter or digit");
     }
     Ok(())
+}
+
+/// A DNS label (RFC 1123), the rule for namespaces.
+fn dns_label(name: &str) -> Result<(), &'static str> {
+    if name.len() > 63 || name.contains('.') {
+        return Err("it must have at most 63 characters and no '.'");
+    }
+    dns_subdomain(name)
 }
 
 /// The bytes a Kubernetes quantity stands for (`10Gi`, `500M`, `1e9`, `1.5Gi`); more than zero, whole bytes.
@@ -131,11 +272,19 @@ pub fn quantity_bytes(text: &str) -> Result<u64, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::DiskSpec;
+    use crate::crd::{BlankSource, ClaimSource, HttpSource, RegistrySource, VolumeMode};
     use proptest::prelude::*;
 
     fn disk(name: &str, size: &str) -> DiskSpec {
-        DiskSpec { name: name.into(), size: size.into(), ..Default::default() }
+        DiskSpec { name: name.into(), size: Some(size.into()), ..Default::default() }
+    }
+
+    fn sourced(name: &str, source: DiskSource) -> DiskSpec {
+        DiskSpec { source: Some(source), ..disk(name, "1Gi") }
+    }
+
+    fn http(url: &str) -> DiskSource {
+        DiskSource { http: Some(HttpSource { url: url.into(), ..Default::default() }), ..Default::default() }
     }
 
     fn spec(disks: Vec<DiskSpec>) -> WukongSpec {
@@ -171,6 +320,71 @@ mod tests {
                 "spec.disks[0].storageClassName",
             ),
             (WukongSpec { vm_name: Some("My VM".into()), ..Default::default() }, "spec.vmName"),
+            (spec(vec![DiskSpec { size: None, ..disk("data", "") }]), "spec.disks[0].size"),
+            (
+                spec(vec![
+                    DiskSpec { system: true, ..disk("root", "1Gi") },
+                    DiskSpec { system: true, ..disk("b", "1Gi") },
+                ]),
+                "spec.disks[1].system",
+            ),
+            (spec(vec![DiskSpec { system: true, ..disk("root", "1Gi") }, disk("system", "1Gi")]), "spec.disks[1].name"),
+            (
+                spec(vec![DiskSpec { system: true, volume_mode: Some(VolumeMode::Block), ..disk("root", "1Gi") }]),
+                "spec.disks[0].volumeMode",
+            ),
+            (spec(vec![sourced("system", http("https://images.example/a.img"))]), "spec.disks[0].source"),
+            (
+                spec(vec![DiskSpec { access_modes: Some(vec![AccessMode::ReadOnlyMany]), ..disk("a", "1Gi") }]),
+                "spec.disks[0].accessModes",
+            ),
+            (
+                spec(vec![DiskSpec {
+                    access_modes: Some(vec![AccessMode::ReadWriteMany, AccessMode::ReadWriteMany]),
+                    ..disk("a", "1Gi")
+                }]),
+                "spec.disks[0].accessModes",
+            ),
+            (spec(vec![sourced("a", DiskSource::default())]), "spec.disks[0].source"),
+            (
+                spec(vec![sourced(
+                    "a",
+                    DiskSource { blank: Some(BlankSource {}), http: http("http://x/y").http, ..Default::default() },
+                )]),
+                "spec.disks[0].source",
+            ),
+            (spec(vec![sourced("a", http("ftp://images/a.img"))]), "spec.disks[0].source.http.url"),
+            (spec(vec![sourced("a", http("https://"))]), "spec.disks[0].source.http.url"),
+            (
+                spec(vec![sourced(
+                    "a",
+                    DiskSource {
+                        registry: Some(RegistrySource { url: "quay.io/x".into(), ..Default::default() }),
+                        ..Default::default()
+                    },
+                )]),
+                "spec.disks[0].source.registry.url",
+            ),
+            (
+                spec(vec![sourced(
+                    "a",
+                    DiskSource {
+                        pvc: Some(ClaimSource { name: "Gold".into(), namespace: None }),
+                        ..Default::default()
+                    },
+                )]),
+                "spec.disks[0].source.pvc.name",
+            ),
+            (
+                spec(vec![sourced(
+                    "a",
+                    DiskSource {
+                        pvc: Some(ClaimSource { name: "gold".into(), namespace: Some("a.b".into()) }),
+                        ..Default::default()
+                    },
+                )]),
+                "spec.disks[0].source.pvc.namespace",
+            ),
             (WukongSpec { memory: Some("4 GB".into()), ..Default::default() }, "spec.memory"),
         ];
         for (spec, field) in cases {
@@ -180,6 +394,40 @@ mod tests {
         }
         let good = spec(vec![disk("system", "20Gi"), DiskSpec { serial: Some("pg-1".into()), ..disk("data", "1Gi") }]);
         assert_eq!(check("db", &good), Ok(()));
+        // The system disk needs no size; a clone defaults to its source's; the other sources are checked.
+        let clone =
+            DiskSource { pvc: Some(ClaimSource { name: "golden".into(), namespace: None }), ..Default::default() };
+        let registry = DiskSource {
+            registry: Some(RegistrySource {
+                url: "docker://quay.io/containerdisks/fedora:41".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let good = spec(vec![
+            DiskSpec { system: true, size: None, ..disk("root", "") },
+            DiskSpec { size: None, ..sourced("copy", clone) },
+            sourced("image", http("https://images.example/fedora.qcow2")),
+            sourced("registry", registry),
+            sourced("blank", DiskSource { blank: Some(BlankSource {}), ..Default::default() }),
+            DiskSpec {
+                access_modes: Some(vec![AccessMode::ReadWriteMany]),
+                volume_mode: Some(VolumeMode::Block),
+                ..disk("shared", "1Gi")
+            },
+        ]);
+        assert_eq!(check("db", &good), Ok(()));
+    }
+
+    #[test]
+    fn the_recorded_system_disk_stays_the_system_disk() {
+        let recorded = [VolumeStatus { name: "root".into(), system: true, ..Default::default() }];
+        let moved = spec(vec![disk("root", "1Gi"), DiskSpec { system: true, ..disk("data", "1Gi") }]);
+        let error = check_against_status(&moved, &recorded).unwrap_err();
+        assert_eq!(error.field, "spec.disks[1].system", "{error}");
+        let kept = spec(vec![DiskSpec { system: true, ..disk("root", "1Gi") }, disk("data", "1Gi")]);
+        assert_eq!(check_against_status(&kept, &recorded), Ok(()));
+        assert_eq!(check_against_status(&moved, &[]), Ok(()));
     }
 
     proptest! {

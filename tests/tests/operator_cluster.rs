@@ -111,7 +111,7 @@ async fn db_lab() -> Result<DbLab> {
     let _operator = Operator::start(&cluster, "op-1", guest.agent_port())?;
     let admin = cluster.client(ADMIN).await?;
     let api = wukongs(&admin);
-    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let root = json!({"name": "rootdisk", "system": true});
     let a = json!({"name": "a", "size": "16Mi"});
     create_wukong(&api, "db", json!({"cpu": 2, "memory": "4Gi", "disks": [root, a]})).await?;
     Ok(DbLab { guest, cluster, kubevirt, _images, _operator, admin, api, root, a })
@@ -251,7 +251,7 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     let api = wukongs(&admin);
 
     let data = json!({"name": "data", "size": "64Mi", "detachOptions": {"preserveData": true, "unmount": true}});
-    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let root = json!({"name": "rootdisk", "system": true});
     let started = Instant::now();
     create_wukong(&api, "db", json!({"cpu": 2, "memory": "4Gi", "disks": [root, data]})).await?;
     let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
@@ -260,7 +260,10 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     let dev = v.device.clone().context("the guest's device in status")?;
     assert_eq!((v.pvc_name.as_str(), v.serial.as_str(), v.bound), ("db-vm-data", "data", true), "{v:?}");
     let system = volume(&w, "rootdisk").unwrap();
-    assert!(system.system && system.phase == Phase::Attached, "the first disk is the system disk: {system:?}");
+    assert!(
+        system.system && system.phase == Phase::Attached,
+        "the disk marked system: true is the system disk: {system:?}"
+    );
     let claim = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-data").await?.unwrap();
     assert_eq!(claim["metadata"]["ownerReferences"][0]["kind"], "Wukong", "{claim}");
     assert_eq!(claim["metadata"]["labels"]["vm.novasphere.dev/wukong"], "db", "{claim}");
@@ -433,7 +436,7 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     create_wukong(
         &api,
         "w1",
-        json!({"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]}),
+        json!({"disks": [{"name": "rootdisk", "system": true}, {"name": "data", "size": "16Mi"}]}),
     )
     .await?;
     let w = wait_for(&api, "w1", 60, |w| {
@@ -478,7 +481,7 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     set_disks(
         &api,
         "w1",
-        json!([{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"},
+        json!([{"name": "rootdisk", "system": true}, {"name": "data", "size": "16Mi"},
                                  {"name": "logs", "size": "16Mi"}]),
     )
     .await?;
@@ -487,7 +490,7 @@ async fn two_replicas_only_the_leader_acts_and_an_idle_cluster_gets_no_writes() 
     assert!(reporters.iter().any(|r| r == "op-b"), "the new leader acts: {reporters:?}");
 
     // Removed while the VM is stopped: no guest can use it; it leaves the VM's spec and the claim is deleted.
-    set_disks(&api, "w1", json!([{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}])).await?;
+    set_disks(&api, "w1", json!([{"name": "rootdisk", "system": true}, {"name": "data", "size": "16Mi"}])).await?;
     let w = wait_for(&api, "w1", 60, |w| volume(w, "logs").is_none()).await?;
     let last = w.status.unwrap().history.last().cloned().unwrap();
     assert!(last.disk == "logs" && last.outcome == "Detached" && !last.forced, "{last:?}");
@@ -528,7 +531,7 @@ async fn the_operator_talks_to_agents_over_mutual_tls_from_its_secret() -> Resul
     create_wukong(
         &api,
         "tls",
-        json!({"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]}),
+        json!({"disks": [{"name": "rootdisk", "system": true}, {"name": "data", "size": "16Mi"}]}),
     )
     .await?;
     let says = |text: &'static str| {
@@ -606,7 +609,7 @@ async fn an_expiring_agent_certificate_is_warned_about_and_its_renewal_seen_with
     create_wukong(
         &api,
         "cert",
-        json!({"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]}),
+        json!({"disks": [{"name": "rootdisk", "system": true}, {"name": "data", "size": "16Mi"}]}),
     )
     .await?;
     let gauge =
@@ -885,7 +888,7 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
     // A Wukong disk: attached by the leader's Pod, its removal refused while a writer holds it.
     let api = wukongs(&admin);
     let data = json!({"name": "data", "size": "32Mi", "detachOptions": {"preserveData": true, "unmount": true}});
-    let root = json!({"name": "rootdisk", "size": "1Gi"});
+    let root = json!({"name": "rootdisk", "system": true});
     create_wukong(&api, "db", json!({"cpu": 2, "memory": "4Gi", "disks": [root, data]})).await?;
     let w = wait_for(&api, "db", 120, phase_is("data", Phase::Attached)).await?;
     let dev = volume(&w, "data").and_then(|v| v.device.clone()).context("the guest's device in status")?;
@@ -952,7 +955,7 @@ async fn the_shipped_deployment_runs_as_pods_of_its_image_and_keeps_data_safe() 
     create_wukong(
         &api,
         "bad",
-        json!({"vmName": "db-vm", "disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "x", "size": "ten"}]}),
+        json!({"vmName": "db-vm", "disks": [{"name": "rootdisk", "system": true}, {"name": "x", "size": "ten"}]}),
     )
     .await?;
     let w = wait_for(&api, "bad", 30, |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())).await?;

@@ -66,7 +66,7 @@ async fn main() -> Result<()> {
                 kubevirt.create_stopped_vm(&format!("w{i}-vm")).await?;
                 let wukong: Wukong = serde_json::from_value(json!({
                     "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": format!("w{i}")},
-                    "spec": {"disks": [{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]},
+                    "spec": {"disks": [{"name": "rootdisk", "system": true}, {"name": "data", "size": "16Mi"}]},
                 }))?;
                 api.create(&PostParams::default(), &wukong).await?;
                 Ok::<_, anyhow::Error>(())

@@ -57,7 +57,7 @@ spec:
   memory: 4Gi
   disks:
     - name: rootdisk
-      size: 10Gi
+      system: true
     - name: orders
       size: 64Mi
       detachOptions:
