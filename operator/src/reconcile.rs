@@ -2,6 +2,7 @@
 //! ([`crate::plan`]) and carries the plan out through the companion, then writes status by server-side apply
 //! when it changed (an idle cluster gets no writes).
 
+use crate::access::ClusterReads;
 use crate::agent_certificate;
 use crate::crd::{Condition, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name};
 use crate::metrics::Metrics;
@@ -10,7 +11,6 @@ use crate::validate::{SpecError, check};
 use crate::{Config, Error, MANAGER, Result, get};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -68,6 +68,8 @@ pub struct Context {
     written: Mutex<HashMap<String, WukongStatus>>,
     /// The agents' expiring certificates (shared with the guard).
     certificates: Arc<agent_certificate::CertificateCheck>,
+    /// The cluster-scoped reads this identity may make.
+    reads: Arc<ClusterReads>,
 }
 
 impl Context {
@@ -76,6 +78,7 @@ impl Context {
         config: Config,
         metrics: Arc<Metrics>,
         certificates: Arc<agent_certificate::CertificateCheck>,
+        reads: Arc<ClusterReads>,
     ) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
         Self {
@@ -86,6 +89,7 @@ impl Context {
             refusals: Mutex::default(),
             written: Mutex::default(),
             certificates,
+            reads,
         }
     }
 }
@@ -96,6 +100,7 @@ pub async fn run(
     config: Config,
     metrics: Arc<Metrics>,
     certificates: Arc<agent_certificate::CertificateCheck>,
+    reads: Arc<ClusterReads>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (wukongs, claims, vmis) = match &config.namespace {
@@ -106,7 +111,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
     };
-    let context = Arc::new(Context::new(client, config, metrics, certificates));
+    let context = Arc::new(Context::new(client, config, metrics, certificates, reads));
     let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
@@ -189,9 +194,9 @@ impl Scene {
         })
     }
 
-    fn kubevirt(&self, client: &kube::Client) -> KubeVirt {
+    fn kubevirt(&self, context: &Context) -> KubeVirt {
         // A stopped VM has no VMI to route by: change the VM's spec.
-        KubeVirt::new(client.clone(), &self.ns, &self.vm_name, self.vmi.is_none())
+        context.reads.kubevirt(KubeVirt::new(context.client.clone(), &self.ns, &self.vm_name, self.vmi.is_none()))
     }
 }
 
@@ -231,7 +236,7 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     let mut status = WukongStatus { vm_name: vm_name.clone(), ..previous.clone() };
     status.observed_generation = wukong.metadata.generation;
 
-    if let Err(error) = check_spec(wukong, client).await? {
+    if let Err(error) = check_spec(wukong, context).await? {
         set_condition(&mut status, "SpecValid", false, "InvalidSpec", &error.to_string(), wukong);
         set_condition(
             &mut status,
@@ -318,15 +323,15 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     Ok(Action::requeue(requeue))
 }
 
-/// The spec's own checks, then the StorageClasses it names. `Ok(Err(_))`: the spec is at fault.
-async fn check_spec(wukong: &Wukong, client: &kube::Client) -> Result<Result<(), SpecError>> {
+/// The spec's own checks, then the StorageClasses it names (when this identity may read them). `Ok(Err(_))`: the
+/// spec is at fault.
+async fn check_spec(wukong: &Wukong, context: &Context) -> Result<Result<(), SpecError>> {
     if let Err(e) = check(&wukong.name_any(), &wukong.spec) {
         return Ok(Err(e));
     }
-    let classes: Api<StorageClass> = Api::all(client.clone());
     for (i, disk) in wukong.spec.disks.iter().enumerate() {
         if let Some(class) = &disk.storage_class_name
-            && classes.get_opt(class).await?.is_none()
+            && context.reads.storage_class_exists(&context.client, class).await? == Some(false)
         {
             return Ok(Err(SpecError {
                 field: format!("spec.disks[{i}].storageClassName"),
@@ -411,14 +416,14 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
         }
         Step::AddToStoppedVm | Step::WaitForBoot => {
             if disk.step == Step::AddToStoppedVm {
-                scene.kubevirt(&context.client).add_volume(&volume_spec(&status)).await?;
+                scene.kubevirt(context).add_volume(&volume_spec(&status)).await?;
             }
             set(&mut status, Phase::Pending, "in the VM's spec; attached when the VM starts");
             Ok(DiskOutcome::settled(status))
         }
         Step::Attach => attach(status, recorded_phase, wukong, scene, context).await,
         Step::RemoveFromStoppedVm => {
-            scene.kubevirt(&context.client).remove_volume(&disk.name).await?;
+            scene.kubevirt(context).remove_volume(&disk.name).await?;
             set(&mut status, Phase::Detached, "the VM is not running: removed from its spec");
             Ok(DiskOutcome::again(status, SOON))
         }
@@ -490,7 +495,7 @@ async fn attach(
         publish(context, wukong, EventType::Normal, "ReleaseCancelled", "Attach", &message).await;
     }
     let options = AttachOptions { timeout: context.config.attach_wait, poll: Duration::from_millis(500) };
-    let hypervisor = scene.kubevirt(&context.client);
+    let hypervisor = scene.kubevirt(context);
     match companion::attach(&hypervisor, &agent, &volume_spec(&status), &options, &|_| {}).await {
         Ok(attached) => {
             status.device = Some(attached.disk.dev_node.clone());
@@ -582,7 +587,7 @@ async fn detach(
         timeout: context.config.detach_wait,
         poll: Duration::from_millis(500),
     };
-    let hypervisor = scene.kubevirt(&context.client);
+    let hypervisor = scene.kubevirt(context);
     match companion::detach(&hypervisor, &agent, &detach_options, &|_| {}).await {
         Ok(detached) => {
             if !options.preserve_data {
