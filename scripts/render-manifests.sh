@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders deploy/*.yaml from the chart deploy/chart/wukong-operator, the one source of the cluster manifests, with
 # its default values (release wukong-operator in namespace wukong-system), for `kubectl apply` users and the tests
-# that read them: crd.yaml (the chart's crds/), operator.yaml, guard.yaml, network-policy.yaml, companion-rbac.yaml.
+# that read them: crd.yaml (the chart's crds/), operator.yaml, guard.yaml, network-policy.yaml, companion-rbac.yaml,
+# and operator-namespaced.yaml (operator.yaml and guard.yaml of a namespaced install, watchNamespace=prod).
 # companion-rbac.yaml also gets the example bindings (companion.bindings of the service account wukong-companion
 # in namespace prod, as its comment says: change both), which the chart does not install by default.
 # tests/tests/chart.rs fails when the committed files differ from a fresh render. Needs scripts/lib/install-helm.sh.
@@ -38,6 +39,12 @@ note="# Without Helm: create the namespace wukong-system and the Secrets first (
 for name in operator guard network-policy; do
   render --show-only "templates/$name.yaml" | write "$name.yaml"
 done
+# The namespaced install (watchNamespace) of the example namespace prod, with the guard's certificate from a Secret.
+note="# Without Helm, a namespaced install watching namespace prod (change prod throughout; before Kubernetes 1.21 label
+# it kubernetes.io/metadata.name=prod): create the namespace wukong-system and the Secrets first, set caBundle (README,
+# \"Namespaced install\"), then kubectl apply -f deploy/crd.yaml, deploy/network-policy.yaml and this file."
+render --show-only templates/operator.yaml --show-only templates/guard.yaml \
+  --set watchNamespace=prod --set guard.certificates=secret | write operator-namespaced.yaml
 note=""
 render --show-only templates/companion-rbac.yaml \
   --set-json 'companion.bindings=[{"namespace":"prod","serviceAccount":"wukong-companion"}]' | write companion-rbac.yaml

@@ -347,6 +347,8 @@ pub struct KubeVirt {
     api: String,
     /// Found on first use.
     route: tokio::sync::OnceCell<Route>,
+    /// The cluster's hot-plug mode when the caller knows it already; `None`: read from the `KubeVirt` object.
+    known_mode: Option<HotplugMode>,
 }
 
 impl KubeVirt {
@@ -360,7 +362,15 @@ impl KubeVirt {
             persist,
             api: "the Kubernetes API".into(),
             route: tokio::sync::OnceCell::new(),
+            known_mode: None,
         }
+    }
+
+    /// Takes the cluster's hot-plug mode as `mode` instead of reading it: for a caller that may not list `KubeVirt`
+    /// objects in every namespace (a namespaced install), whose every read would be refused.
+    pub fn with_hotplug_mode(mut self, mode: HotplugMode) -> Self {
+        self.known_mode = Some(mode);
+        self
     }
 
     /// Which object's subresources this backend uses, found once: --persist, else the VMI's owner and the
@@ -386,10 +396,13 @@ impl KubeVirt {
             .copied()
     }
 
-    /// The cluster's hot-plug mode, from its `KubeVirt` object's feature gates. Unreadable (no rights, not
-    /// installed as expected): KubeVirt 1.9's default, declarative, which is also the safe guess (a VMI request
-    /// the cluster would refuse is never sent).
+    /// The cluster's hot-plug mode, from its `KubeVirt` object's feature gates (unless [`Self::with_hotplug_mode`]
+    /// gave it). Unreadable (no rights, not installed as expected): KubeVirt 1.9's default, declarative, which is
+    /// also the safe guess (a VMI request the cluster would refuse is never sent).
     pub async fn hotplug_mode(&self) -> HotplugMode {
+        if let Some(mode) = self.known_mode {
+            return mode;
+        }
         let list: Result<List<KubeVirtConfig>, _> = self.get("/apis/kubevirt.io/v1/kubevirts".into()).await;
         let gates = list.ok().and_then(|l| l.items.into_iter().next()).map(|k| {
             k.spec["configuration"]["developerConfiguration"]["featureGates"].as_array().cloned().unwrap_or_default()

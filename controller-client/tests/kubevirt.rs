@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use tower_test::mock;
 use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, HypervisorError, VolumeSource, VolumeSpec};
-use wukong_controller_client::kubevirt::KubeVirt;
+use wukong_controller_client::kubevirt::{HotplugMode, KubeVirt, Route};
 
 const SUBRESOURCES: &str = "/apis/subresources.kubevirt.io/v1/namespaces/ns1";
 
@@ -177,4 +177,27 @@ async fn a_concurrent_modification_422_is_retried_until_accepted() {
     }));
     KubeVirt::new(client, "ns1", "vm1", false).add_volume(&pvc_volume()).await.unwrap();
     assert_eq!(seen.lock().unwrap().iter().filter(|s| s.method == Method::PUT).count(), 3);
+}
+
+/// A caller that may not list `KubeVirt` objects in every namespace (a namespaced operator) gives the mode: a VM's
+/// VMI is routed by it, and the cluster-wide list that would be refused is never sent.
+#[tokio::test]
+async fn a_given_hotplug_mode_is_taken_without_reading_the_kubevirt_object() {
+    let (client, seen) = api(Box::new(|s| match s.path.as_str() {
+        "/apis/kubevirt.io/v1/namespaces/ns1/virtualmachineinstances/vm1" => {
+            let (code, text) = vmi(false, None);
+            let mut body: Value = serde_json::from_str(&text).unwrap();
+            body["metadata"]["ownerReferences"] = json!([{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                                          "name": "vm1", "uid": "1", "controller": true}]);
+            (code, body.to_string())
+        }
+        _ => status(403, "Forbidden", "kubevirts.kubevirt.io is forbidden"),
+    }));
+    let given = KubeVirt::new(client.clone(), "ns1", "vm1", false).with_hotplug_mode(HotplugMode::HotplugVolumes);
+    assert_eq!(given.route().await.unwrap(), Route::Vmi, "HotplugVolumes: a VM's VMI keeps VMI hot-plug");
+    assert!(seen.lock().unwrap().iter().all(|s| !s.path.contains("/kubevirts")), "{:?}", seen.lock().unwrap());
+    // Not given: read, refused, and declarative assumed (the VM's subresources).
+    let read = KubeVirt::new(client, "ns1", "vm1", false);
+    assert_eq!(read.route().await.unwrap(), Route::VmDeclarative);
+    assert!(seen.lock().unwrap().iter().any(|s| s.path == "/apis/kubevirt.io/v1/kubevirts"));
 }

@@ -40,7 +40,8 @@ pub struct RunArgs {
     /// The agents' port.
     #[arg(long, env = "WUKONG_AGENT_PORT", default_value_t = wukong_proto::DEFAULT_PORT)]
     agent_port: u16,
-    /// Watch only this namespace (default: all).
+    /// Watch, reconcile and guard only this namespace (default: all): nothing beyond it is listed or watched, so a
+    /// Role there suffices (the chart's watchNamespace).
     #[arg(long, env = "WUKONG_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
     /// Namespace of the leader Lease (the operator's own).

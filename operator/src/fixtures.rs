@@ -5,7 +5,7 @@
 use crate::crd::Wukong;
 use crate::metrics::Metrics;
 use crate::reconcile::Context;
-use crate::{AgentAccess, Config};
+use crate::{AgentAccess, Config, WebhookConfig};
 use http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -76,9 +76,9 @@ fn echo(seen: &Seen) -> (u16, Value) {
     }
 }
 
-/// A reconcile context on `client`.
-pub fn context(client: kube::Client) -> Context {
-    let config = Config {
+/// The settings of a cluster-wide operator without the guard.
+pub fn config() -> Config {
+    Config {
         agent: AgentAccess { port: 7443, tls: None },
         namespace: None,
         lease_namespace: "wukong-system".into(),
@@ -89,11 +89,30 @@ pub fn context(client: kube::Client) -> Context {
         detach_wait: Duration::from_secs(1),
         webhook: None,
         agent_cert_warning: Duration::from_secs(30 * 86400),
-    };
+    }
+}
+
+/// The guard's settings, its certificate from a mounted Secret.
+pub fn webhook() -> WebhookConfig {
+    WebhookConfig {
+        address: "127.0.0.1:0".parse().unwrap(),
+        cert_dir: "/etc/wukong/guard-tls".into(),
+        client_auth: None,
+        release_deadline: Duration::from_secs(15),
+        shutdown_delay: Duration::from_secs(5),
+        drain: Duration::from_secs(25),
+        grace: Duration::from_secs(60),
+        managed: None,
+    }
+}
+
+/// A reconcile context on `client`, every cluster read allowed.
+pub fn context(client: kube::Client) -> Context {
+    let config = config();
     let metrics = Arc::new(Metrics::default());
     let certificates =
         Arc::new(crate::agent_certificate::CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
-    Context::new(client, config, metrics, certificates)
+    Context::new(client, config, metrics, certificates, Arc::default())
 }
 
 /// `Wukong` ns1/db (VM `db-vm`) with `disks`, as the API server returns it.

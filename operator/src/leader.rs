@@ -2,6 +2,7 @@
 //! Lease (kube-lease-manager); the holder reconciles. A leader that loses the Lease stops at once and the process
 //! exits with an error, as controller-runtime's managers do, so two replicas never act on one disk.
 
+use crate::access::ClusterReads;
 use crate::agent_certificate::CertificateCheck;
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
@@ -29,6 +30,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // Before anything is served: a replica that lacks a permission says which, once, and does nothing.
+    let reads = Arc::new(crate::access::check(&client, &config).await?);
     let metrics = Arc::new(Metrics::default());
     let certificates = Arc::new(CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
     let health = Arc::new(Health::default());
@@ -43,15 +46,7 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(settings.address)
                 .await
                 .map_err(|source| Error::Listen { address: settings.address, source })?;
-            let guard = Arc::new(Guard::new(
-                client.clone(),
-                config.agent.clone(),
-                settings,
-                &config.lease_namespace,
-                &config.identity,
-                metrics.clone(),
-                certificates.clone(),
-            ));
+            let guard = Arc::new(Guard::new(client.clone(), &config, settings, metrics.clone(), certificates.clone()));
             let (dir, auth) = (settings.cert_dir.clone(), settings.client_auth.clone());
             let serve = crate::webhook::serve(listener, dir.clone(), auth, guard.clone(), health.clone());
             let task = match settings.managed.clone() {
@@ -98,7 +93,7 @@ pub async fn run(
     // The webhook never ends while the replica runs (it fails only at start, on its certificate): if it does anyway
     // (a panic), the process exits, since a replica in the Service that answers no review is worse than a restart.
     let result = tokio::select! {
-        result = lead(client, config, metrics, certificates, &health, shutdown) => result,
+        result = lead(client, config, metrics, certificates, reads, &health, shutdown) => result,
         Some(ended) = async { match webhook.as_mut() { Some(task) => Some(task.await), None => None } } => {
             Err(match ended {
                 Ok(Ok(never)) => match never {},
@@ -123,6 +118,7 @@ async fn lead(
     config: Config,
     metrics: Arc<Metrics>,
     certificates: Arc<CertificateCheck>,
+    reads: Arc<ClusterReads>,
     health: &Health,
     shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
 ) -> Result<()> {
@@ -172,6 +168,7 @@ async fn lead(
                 let watch = crate::release_watch::Watch::new(
                     client.clone(),
                     config.agent.clone(),
+                    config.namespace.clone(),
                     &config.lease_namespace,
                     &config.identity,
                     metrics.clone(),
@@ -188,7 +185,7 @@ async fn lead(
         }
     };
     let outcome = tokio::select! {
-        () = crate::reconcile::run(client.clone(), config.clone(), metrics.clone(), certificates, shutdown) => Ok(()),
+        () = crate::reconcile::run(client.clone(), config.clone(), metrics.clone(), certificates, reads, shutdown) => Ok(()),
         () = watch => Ok(()),
         () = guard_certificates => Ok(()),
         () = lost => Err(Error::LostLease(lease_name)),

@@ -4,8 +4,9 @@
 //!
 //! Layout after kube-rs' controller-rs: [`crd`] (the types, and the CRD they generate), [`validate`] (bad input),
 //! [`plan`] (pure decisions), [`reconcile`] (carrying them out), [`metrics`], [`server`] (metrics and probes),
-//! [`leader`] (one active replica).
+//! [`leader`] (one active replica), [`access`] (what its identity may do).
 
+pub mod access;
 pub mod agent_certificate;
 pub mod cli;
 pub mod crd;
@@ -68,6 +69,8 @@ pub enum Error {
     WebhookStopped(String),
     #[error("cannot serve metrics and probes on {address}: {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
 }
 
 impl Error {
@@ -82,6 +85,7 @@ impl Error {
             Error::Ledger(_) => "ledger",
             Error::ClaimsInUse { .. } => "claims_in_use",
             Error::Lease(_) | Error::LostLease(_) => "lease",
+            Error::Access(_) => "access",
             Error::Listen { .. } | Error::Certificate(_) | Error::ClientCa(_) | Error::WebhookStopped(_) => "listen",
         }
     }
@@ -127,7 +131,7 @@ impl AgentAccess {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub agent: AgentAccess,
-    /// Watch one namespace; `None`: all.
+    /// Watch one namespace (a namespaced install: nothing is listed, watched or guarded beyond it); `None`: all.
     pub namespace: Option<String>,
     /// The Lease that elects the active replica.
     pub lease_namespace: String,

@@ -2,6 +2,7 @@
 //! ([`crate::plan`]) and carries the plan out through the companion, then writes status by server-side apply
 //! when it changed (an idle cluster gets no writes).
 
+use crate::access::ClusterReads;
 use crate::agent_certificate;
 use crate::crd::{
     Condition, DataVolumeStatus, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name,
@@ -70,6 +71,8 @@ pub struct Context {
     written: Mutex<HashMap<String, WukongStatus>>,
     /// The agents' expiring certificates (shared with the guard).
     certificates: Arc<agent_certificate::CertificateCheck>,
+    /// The cluster-scoped reads this identity may make.
+    reads: Arc<ClusterReads>,
 }
 
 impl Context {
@@ -78,6 +81,7 @@ impl Context {
         config: Config,
         metrics: Arc<Metrics>,
         certificates: Arc<agent_certificate::CertificateCheck>,
+        reads: Arc<ClusterReads>,
     ) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
         Self {
@@ -88,6 +92,7 @@ impl Context {
             refusals: Mutex::default(),
             written: Mutex::default(),
             certificates,
+            reads,
         }
     }
 }
@@ -98,6 +103,7 @@ pub async fn run(
     config: Config,
     metrics: Arc<Metrics>,
     certificates: Arc<agent_certificate::CertificateCheck>,
+    reads: Arc<ClusterReads>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (wukongs, claims, vmis) = match &config.namespace {
@@ -108,7 +114,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
     };
-    let context = Arc::new(Context::new(client, config, metrics, certificates));
+    let context = Arc::new(Context::new(client, config, metrics, certificates, reads));
     let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
@@ -206,9 +212,9 @@ impl Scene {
         })
     }
 
-    fn kubevirt(&self, client: &kube::Client) -> KubeVirt {
+    fn kubevirt(&self, context: &Context) -> KubeVirt {
         // A stopped VM has no VMI to route by: change the VM's spec.
-        KubeVirt::new(client.clone(), &self.ns, &self.vm_name, self.vmi.is_none())
+        context.reads.kubevirt(KubeVirt::new(context.client.clone(), &self.ns, &self.vm_name, self.vmi.is_none()))
     }
 }
 
@@ -292,7 +298,7 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     // StorageClasses matter only for a disk whose claim is not bound yet: a steady object reads none.
     let unsettled =
         wukong.spec.disks.iter().any(|d| !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound));
-    let classes = if unsettled { Classes::read(client).await? } else { Classes::default() };
+    let classes = if unsettled { Classes::read(client, &context.reads).await? } else { Classes::default() };
     let scene = Scene {
         ns: ns.clone(),
         vm_name,
@@ -302,7 +308,7 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         data_volumes: data_volumes.clone().unwrap_or_default(),
         classes,
     };
-    if let Err(error) = check_storage(wukong, &previous.volumes, &scene, data_volumes.is_some(), client).await? {
+    if let Err(error) = check_storage(wukong, &previous.volumes, &scene, data_volumes.is_some(), context).await? {
         return invalid(wukong, context, &previous, status, &error).await;
     }
     set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
@@ -382,8 +388,9 @@ async fn check_storage(
     recorded: &[VolumeStatus],
     scene: &Scene,
     cdi: bool,
-    client: &kube::Client,
+    context: &Context,
 ) -> Result<Result<(), SpecError>> {
+    let client = &context.client;
     let system = crate::plan::system_disk(&wukong.spec.disks, recorded);
     for (i, disk) in wukong.spec.disks.iter().enumerate() {
         let name = claim_name(&scene.vm_name, &disk.name);
@@ -422,7 +429,7 @@ async fn check_storage(
             }
         }
         if let Some(class) = scene.classes.resolve(disk.storage_class_name.as_deref()) {
-            let sets = storage::property_sets(client, class).await?;
+            let sets = storage::property_sets(client, &context.reads, class).await?;
             if let Err(refused) = storage::resolve_modes(disk, class, &sets) {
                 return fault(refused.field, refused.message);
             }
@@ -535,14 +542,14 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
         }
         Step::AddToStoppedVm | Step::WaitForBoot => {
             if disk.step == Step::AddToStoppedVm {
-                scene.kubevirt(&context.client).add_volume(&volume_spec(&status)).await?;
+                scene.kubevirt(context).add_volume(&volume_spec(&status)).await?;
             }
             set(&mut status, Phase::Pending, "in the VM's spec; attached when the VM starts");
             Ok(DiskOutcome::settled(status))
         }
         Step::Attach => attach(status, recorded_phase, wukong, scene, context).await,
         Step::RemoveFromStoppedVm => {
-            scene.kubevirt(&context.client).remove_volume(&disk.name).await?;
+            scene.kubevirt(context).remove_volume(&disk.name).await?;
             set(&mut status, Phase::Detached, "the VM is not running: removed from its spec");
             Ok(DiskOutcome::again(status, SOON))
         }
@@ -617,7 +624,7 @@ async fn attach(
         publish(context, wukong, EventType::Normal, "ReleaseCancelled", "Attach", &message).await;
     }
     let options = AttachOptions { timeout: context.config.attach_wait, poll: Duration::from_millis(500) };
-    let hypervisor = scene.kubevirt(&context.client);
+    let hypervisor = scene.kubevirt(context);
     match companion::attach(&hypervisor, &agent, &volume_spec(&status), &options, &|_| {}).await {
         Ok(attached) => {
             status.device = Some(attached.disk.dev_node.clone());
@@ -709,7 +716,7 @@ async fn detach(
         timeout: context.config.detach_wait,
         poll: Duration::from_millis(500),
     };
-    let hypervisor = scene.kubevirt(&context.client);
+    let hypervisor = scene.kubevirt(context);
     match companion::detach(&hypervisor, &agent, &detach_options, &|_| {}).await {
         Ok(detached) => {
             if !options.preserve_data {
@@ -812,7 +819,7 @@ async fn create_storage(
     let owner = wukong.controller_owner_ref(&()).expect("a Wukong read from the API has a name and UID");
     let class = disk.storage_class_name.as_deref();
     let sets = match scene.classes.resolve(class) {
-        Some(class) => storage::property_sets(&context.client, class).await?,
+        Some(class) => storage::property_sets(&context.client, &context.reads, class).await?,
         None => Vec::new(),
     };
     // Checked before this pass went on (`check_storage`); a profile changed since is CDI's or the provisioner's to

@@ -7,6 +7,9 @@
 //! update KubeVirt does not carry out (a VM whose `updateVolumesStrategy` is `Migration` keeps its disks until it
 //! restarts) is given back like one never stored.
 //!
+//! With `--watch-namespace` only that namespace is looked at: its objects are listed there, and the namespace itself
+//! is read (a namespaced install may not list namespaces).
+//!
 //! One object that cannot be looked at (its guest unreachable, a read failing) is counted and skipped; the others
 //! are still looked at. Clients of the agents are kept between passes, renewed every [`RECONNECT`] so that a
 //! rotated client certificate is used.
@@ -34,6 +37,11 @@ use wukong_proto::v1::DiskState;
 const INTERVAL: Duration = Duration::from_secs(15);
 /// How long a client of an agent is kept before a new one is made (and the TLS files read again).
 const RECONNECT: Duration = Duration::from_secs(600);
+
+/// Objects (and namespaces) labelled as opted in.
+fn enabled() -> ListParams {
+    ListParams::default().labels(&format!("{GUARD_LABEL}=enabled"))
+}
 
 /// A released disk of a guest: (namespace, VMI, serial).
 type Released = (String, String, String);
@@ -76,6 +84,8 @@ impl Target {
 pub struct Watch {
     client: kube::Client,
     access: AgentAccess,
+    /// The one namespace looked at; `None`: all.
+    namespace: Option<String>,
     ledger: Ledger,
     recorder: Recorder,
     metrics: Arc<Metrics>,
@@ -89,11 +99,13 @@ impl Watch {
     pub fn new(
         client: kube::Client,
         access: AgentAccess,
+        namespace: Option<String>,
         ledger_namespace: &str,
         identity: &str,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            namespace,
             recorder: crate::guard_recorder(&client, identity),
             ledger: Ledger::new(client.clone(), ledger_namespace),
             client,
@@ -112,12 +124,29 @@ impl Watch {
         }
     }
 
-    /// The guarded objects of one kind: labelled ones, and the unlabelled ones of a labelled namespace.
-    async fn guarded(&self, kind: &str, plural: &str) -> Result<Vec<DynamicObject>> {
-        let enabled = ListParams::default().labels(&format!("{GUARD_LABEL}=enabled"));
+    /// The namespaces that opted in: every one labelled, or the watched one if it is.
+    async fn opted_in(&self) -> Result<Vec<Namespace>> {
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        Ok(match &self.namespace {
+            None => namespaces.list(&enabled()).await?.items,
+            Some(ns) => namespaces
+                .get_opt(ns)
+                .await?
+                .into_iter()
+                .filter(|n| n.labels().get(GUARD_LABEL).is_some_and(|v| v == "enabled"))
+                .collect(),
+        })
+    }
+
+    /// The guarded objects of one kind: labelled ones, and the unlabelled ones of the namespaces that opted in.
+    async fn guarded(&self, kind: &str, plural: &str, opted_in: &[Namespace]) -> Result<Vec<DynamicObject>> {
         let r = resource(kind, plural);
-        let mut objects = Api::<DynamicObject>::all_with(self.client.clone(), &r).list(&enabled).await?.items;
-        for ns in Api::<Namespace>::all(self.client.clone()).list(&enabled).await? {
+        let labelled = match &self.namespace {
+            Some(ns) => Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &r),
+            None => Api::<DynamicObject>::all_with(self.client.clone(), &r),
+        };
+        let mut objects = labelled.list(&enabled()).await?.items;
+        for ns in opted_in {
             let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &ns.name_any(), &r);
             let namespace_labels = ns.labels().clone();
             objects.extend(api.list(&ListParams::default()).await?.items.into_iter().filter(|o| {
@@ -131,11 +160,12 @@ impl Watch {
     async fn targets(&self) -> Result<(Vec<Target>, usize)> {
         let mut targets: BTreeMap<(String, String, String), Target> = BTreeMap::new();
         let key = |t: &Target| (t.namespace(), t.reference.kind.clone().unwrap_or_default(), t.vmi.clone());
-        for vm in self.guarded("VirtualMachine", "virtualmachines").await? {
+        let opted_in = self.opted_in().await?;
+        for vm in self.guarded("VirtualMachine", "virtualmachines", &opted_in).await? {
             let target = Target::new(vm, "VirtualMachine");
             targets.insert(key(&target), target);
         }
-        for vmi in self.guarded("VirtualMachineInstance", "virtualmachineinstances").await? {
+        for vmi in self.guarded("VirtualMachineInstance", "virtualmachineinstances", &opted_in).await? {
             // A VM's VMI is looked at through its VM, whose spec is the truth.
             if !vmi.owner_references().iter().any(|o| o.kind == "VirtualMachine") {
                 let target = Target::new(vmi, "VirtualMachineInstance");
@@ -326,5 +356,48 @@ impl Watch {
             }
         }
         Ok(forgotten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::Api as MockApi;
+    use serde_json::json;
+
+    /// What one pass reads, watching `namespace` (`None`: all); every namespace is opted in.
+    async fn reads(namespace: Option<&str>) -> Vec<String> {
+        let api = MockApi::start(|s| {
+            let name = s.path.strip_prefix("/api/v1/namespaces/").filter(|n| !n.contains('/'))?;
+            Some((
+                200,
+                json!({"apiVersion": "v1", "kind": "Namespace",
+                              "metadata": {"name": name, "labels": {GUARD_LABEL: "enabled"}}}),
+            ))
+        });
+        let access = AgentAccess { port: 7443, tls: None };
+        let metrics = Arc::new(Metrics::default());
+        let watch = Watch::new(api.client(), access, namespace.map(Into::into), "wukong-system", "test", metrics);
+        watch.targets().await.expect("a pass");
+        api.seen().into_iter().map(|s| s.path).collect()
+    }
+
+    /// A namespaced install lists nothing beyond its namespace and its own, and reads its namespace's labels.
+    #[tokio::test]
+    async fn watching_one_namespace_reads_only_that_namespace() {
+        let paths = reads(Some("prod")).await;
+        assert_eq!(
+            paths,
+            [
+                "/api/v1/namespaces/prod",
+                "/apis/kubevirt.io/v1/namespaces/prod/virtualmachines",
+                "/apis/kubevirt.io/v1/namespaces/prod/virtualmachines",
+                "/apis/kubevirt.io/v1/namespaces/prod/virtualmachineinstances",
+                "/apis/kubevirt.io/v1/namespaces/prod/virtualmachineinstances",
+                "/api/v1/namespaces/wukong-system/configmaps",
+            ]
+        );
+        let everywhere = reads(None).await;
+        assert_eq!(everywhere[..2], ["/api/v1/namespaces", "/apis/kubevirt.io/v1/virtualmachines"]);
     }
 }

@@ -1,12 +1,12 @@
 //! The cluster's storage as the operator needs it: StorageClasses (which is the default, which binding mode each
 //! has), CDI's StorageProfiles (the access and volume modes a class offers), and the claim or DataVolume a disk gets.
 
+use crate::Result;
+use crate::access::ClusterReads;
 use crate::crd::{AccessMode, DiskSource, DiskSpec, VolumeMode};
-use crate::{Error, Result};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -27,7 +27,7 @@ pub fn data_volume_resource() -> ApiResource {
 }
 
 /// CDI's `StorageProfile` (cluster-scoped, one per StorageClass, of the class's name).
-fn storage_profile_resource() -> ApiResource {
+pub fn storage_profile_resource() -> ApiResource {
     ApiResource { kind: "StorageProfile".into(), plural: "storageprofiles".into(), ..data_volume_resource() }
 }
 
@@ -93,15 +93,8 @@ pub struct Classes {
 }
 
 impl Classes {
-    pub async fn read(client: &kube::Client) -> Result<Self> {
-        let classes = match Api::<StorageClass>::all(client.clone()).list(&Default::default()).await {
-            Ok(list) => list.items,
-            Err(kube::Error::Api(s)) if s.code == 403 => {
-                tracing::debug!("StorageClasses cannot be read (no RBAC): classes are not checked");
-                return Ok(Self::default());
-            }
-            Err(e) => return Err(Error::Kube(e)),
-        };
+    pub async fn read(client: &kube::Client, reads: &ClusterReads) -> Result<Self> {
+        let Some(classes) = reads.storage_classes(client).await? else { return Ok(Self::default()) };
         let default = classes
             .iter()
             .find(|c| c.annotations().get(DEFAULT_CLASS).is_some_and(|v| v == "true"))
@@ -151,15 +144,8 @@ pub struct PropertySet {
 
 /// The combinations class `class` offers, from its CDI StorageProfile (`spec.claimPropertySets`, the admin's,
 /// before `status.claimPropertySets`, CDI's, as CDI reads them); empty when unknown (no CDI, no profile, no RBAC).
-pub async fn property_sets(client: &kube::Client, class: &str) -> Result<Vec<PropertySet>> {
-    let api = Api::<DynamicObject>::all_with(client.clone(), &storage_profile_resource());
-    let profile = match api.get_opt(class).await {
-        Ok(Some(profile)) => profile,
-        Ok(None) => return Ok(Vec::new()),
-        // No CDI at all (the resource is unknown), or no right to read it: nothing is known.
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => return Ok(Vec::new()),
-        Err(e) => return Err(Error::Kube(e)),
-    };
+pub async fn property_sets(client: &kube::Client, reads: &ClusterReads, class: &str) -> Result<Vec<PropertySet>> {
+    let Some(profile) = reads.storage_profile(client, class).await? else { return Ok(Vec::new()) };
     let sets = |part: &str| profile.data[part]["claimPropertySets"].as_array().cloned().unwrap_or_default();
     let chosen = Some(sets("spec")).filter(|s| !s.is_empty()).unwrap_or_else(|| sets("status"));
     Ok(chosen

@@ -107,29 +107,31 @@ pub struct Guard {
     certificates: Arc<CertificateCheck>,
     pub drain: Drain,
     identity: String,
+    /// The one namespace this replica guards (`--watch-namespace`); `None`: all.
+    namespace: Option<String>,
 }
 
 impl Guard {
+    /// The guard of the operator set up by `config`, serving as `settings` say.
     pub fn new(
         client: kube::Client,
-        agent: AgentAccess,
+        config: &crate::Config,
         settings: &crate::WebhookConfig,
-        ledger_namespace: &str,
-        identity: &str,
         metrics: Arc<Metrics>,
         certificates: Arc<CertificateCheck>,
     ) -> Self {
         Self {
             certificates,
-            recorder: crate::guard_recorder(&client, identity),
-            ledger: Ledger::new(client.clone(), ledger_namespace),
+            recorder: crate::guard_recorder(&client, &config.identity),
+            ledger: Ledger::new(client.clone(), &config.lease_namespace),
             trusted: settings.client_auth.is_some(),
             release_deadline: settings.release_deadline,
             client,
-            agent,
+            agent: config.agent.clone(),
             metrics,
             drain: Drain::default(),
-            identity: identity.to_string(),
+            identity: config.identity.clone(),
+            namespace: config.namespace.clone(),
         }
     }
 }
@@ -161,6 +163,10 @@ pub async fn review(guard: &Guard, body: &[u8], peer: SocketAddr) -> AdmissionRe
             response
         }
         Ok(Plan::Release { namespace, vmi, removals, force, unmount, dry_run, user, catching_up }) => {
+            if let Some(refusal) = outside(guard.namespace.as_deref(), &namespace, &vmi) {
+                tracing::warn!(%peer, %namespace, object = %request.name, %user, "denied: {refusal}");
+                return forbid(response, refusal);
+            }
             let target = Target { namespace: &namespace, vmi: &vmi, user: &user, request: &request };
             if !guard.trusted
                 && let Err(e) = crate::verify::check(&guard.client, &request, &removals).await
@@ -178,6 +184,17 @@ pub async fn review(guard: &Guard, body: &[u8], peer: SocketAddr) -> AdmissionRe
             }
         }
     }
+}
+
+/// The denial of a release in `namespace` by a guard of namespace `watched` only: it may not read, or act on,
+/// anything beyond it, and nothing unplugs unguarded (fail safe).
+fn outside(watched: Option<&str>, namespace: &str, vmi: &str) -> Option<String> {
+    let watched = watched.filter(|w| *w != namespace)?;
+    Some(format!(
+        "wukong guard guards namespace {watched} only (--watch-namespace) and cannot ask the guest of VMI \
+         {namespace}/{vmi}; denied (fail safe). Make the webhooks of its ValidatingWebhookConfiguration select \
+         namespace {watched} only (the chart's watchNamespace does, by the label kubernetes.io/metadata.name)"
+    ))
 }
 
 /// A denial the caller sees as HTTP 403 Forbidden (the API server's default for a bare denial is 400).
@@ -668,6 +685,15 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(certificate_names(cert.der()), ["kube-apiserver-webhook-client", "wukong-guard-client.example"]);
         assert!(certificate_names(&CertificateDer::from(vec![1, 2, 3])).is_empty(), "garbage names nobody");
+    }
+
+    #[test]
+    fn a_namespaced_guard_releases_nothing_beyond_its_namespace() {
+        assert_eq!(outside(None, "prod", "db"), None, "a cluster-wide guard");
+        assert_eq!(outside(Some("prod"), "prod", "db"), None);
+        let refusal = outside(Some("prod"), "dev", "db").expect("another namespace is refused");
+        assert!(refusal.starts_with("wukong guard guards namespace prod only (--watch-namespace)"), "{refusal}");
+        assert!(refusal.contains("VMI dev/db; denied (fail safe)"), "{refusal}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use wukong_operator::crd::Wukong;
 
 /// The operator's identity: its ServiceAccount, as the API server names it.
 pub const OPERATOR: &str = "system:serviceaccount:wukong-system:wukong-operator";
@@ -85,18 +86,34 @@ pub fn webhook_configurations(client: &kube::Client) -> Api<DynamicObject> {
     Api::all_with(client.clone(), &r)
 }
 
+/// deploy/guard.yaml's documents, as shipped.
+pub fn shipped_guard() -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(crate::workspace_root().join("deploy/guard.yaml"))?;
+    serde_saphyr::from_multiple::<Value>(&text).context("deploy/guard.yaml")
+}
+
 /// deploy/guard.yaml's ValidatingWebhookConfiguration as shipped (rules, selectors, policies), pointed at `url`
 /// (the lab has no Service network) with `ca_pem` as its caBundle (`None`: left empty, for an operator that
 /// manages it, `--guard-cert-secret`).
 pub async fn install_guard(cluster: &Cluster, url: &str, ca_pem: Option<&str>) -> Result<()> {
+    install_guard_from(cluster, shipped_guard()?, url, ca_pem).await
+}
+
+/// [`install_guard`] from `documents` (the guard's Service and ValidatingWebhookConfiguration, e.g. a rendering of
+/// the chart with other values).
+pub async fn install_guard_from(
+    cluster: &Cluster,
+    documents: Vec<Value>,
+    url: &str,
+    ca_pem: Option<&str>,
+) -> Result<()> {
     use base64::Engine;
     let client = cluster.client(ADMIN).await?;
-    let text = std::fs::read_to_string(crate::workspace_root().join("deploy/guard.yaml"))?;
-    for mut doc in serde_saphyr::from_multiple::<Value>(&text).context("deploy/guard.yaml")? {
+    for mut doc in documents {
         match doc["kind"].as_str().unwrap_or_default() {
             "Service" => {
                 if doc["spec"]["ports"][0]["targetPort"] != 8443 {
-                    bail!("deploy/guard.yaml's Service does not target the webhook port 8443");
+                    bail!("the guard's Service does not target the webhook port 8443");
                 }
             }
             "ValidatingWebhookConfiguration" => {
@@ -116,7 +133,7 @@ pub async fn install_guard(cluster: &Cluster, url: &str, ca_pem: Option<&str>) -
                     None => drop(api.create(&PostParams::default(), &object).await?),
                 }
             }
-            other => bail!("deploy/guard.yaml has a {other}, which this lab does not expect"),
+            other => bail!("the guard's manifest has a {other}, which this lab does not expect"),
         }
     }
     Ok(())
@@ -125,6 +142,17 @@ pub async fn install_guard(cluster: &Cluster, url: &str, ca_pem: Option<&str>) -
 /// An operator that also serves the admission guard (on a free loopback port, with a throwaway certificate),
 /// registered with `cluster` by deploy/guard.yaml once it is ready; `extra` flags are added.
 pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, extra: &[&str]) -> Result<Operator> {
+    start_guarded_with(cluster, identity, agent_port, extra, shipped_guard()?).await
+}
+
+/// [`start_guarded`], registered by the guard's `documents` (see [`install_guard_from`]).
+pub async fn start_guarded_with(
+    cluster: &Cluster,
+    identity: &str,
+    agent_port: u16,
+    extra: &[&str],
+    documents: Vec<Value>,
+) -> Result<Operator> {
     let tls = GuardTls::new()?;
     let webhook = crate::ports::free_address()?;
     let (port, dir) = (agent_port.to_string(), tls.dir.path().to_str().context("a UTF-8 path")?.to_string());
@@ -139,7 +167,7 @@ pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, e
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    install_guard(cluster, &format!("https://{webhook}/validate"), Some(&tls.ca_pem)).await?;
+    install_guard_from(cluster, documents, &format!("https://{webhook}/validate"), Some(&tls.ca_pem)).await?;
     operator.guard_tls = Some(tls);
     operator.webhook = Some(webhook);
     Ok(operator)
@@ -362,4 +390,42 @@ pub async fn reviews(operator: &Operator) -> Result<u64> {
 pub async fn events(client: &kube::Client, ns: &str) -> Result<Vec<DynamicObject>> {
     let r = resource("Event", "events.k8s.io", "v1", "events");
     Ok(Api::<DynamicObject>::namespaced_with(client.clone(), ns, &r).list(&Default::default()).await?.items)
+}
+
+/// Waits until the guard's leader gave disk `serial` back to the guest and published its `ReleaseCancelled` Event
+/// in namespace `ns` (the Event follows the CancelDetach).
+pub async fn given_back(guest: &crate::Guest, admin: &kube::Client, ns: &str, serial: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let state = guest.agent().get_disk(serial, false).await.map(|d| d.state()).ok();
+        let present = state == Some(wukong_proto::v1::DiskState::Present);
+        let event = events(admin, ns).await?.iter().any(|e| e.data["reason"] == "ReleaseCancelled");
+        if present && event {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never given back: disk {state:?}, ReleaseCancelled Event {event}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until Wukong `name` satisfies `done`, polling; the last object seen is in the error.
+pub async fn wait_for_wukong(
+    api: &Api<Wukong>,
+    name: &str,
+    seconds: u64,
+    done: impl Fn(&Wukong) -> bool,
+) -> Result<Wukong> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let object = api.get_opt(name).await?;
+        if let Some(object) = &object
+            && done(object)
+        {
+            return Ok(object.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("Wukong {name} did not get there within {seconds}s; last seen: {:#?}", object.map(|o| o.status));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

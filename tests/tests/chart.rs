@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
+use clap::Parser;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, DynamicObject};
 use serde_json::{Value, json};
@@ -12,8 +13,17 @@ use wukong_e2e::cluster::{ADMIN, Ca};
 use wukong_e2e::kubevirt_lab::resource;
 use wukong_e2e::node::{Node, wait_for_pods};
 use wukong_e2e::{helm, workspace_root};
+use wukong_operator::access::{Permission, Scope, required};
+use wukong_operator::cli::{Cli, Command};
 
-const FILES: [&str; 5] = ["crd.yaml", "operator.yaml", "guard.yaml", "network-policy.yaml", "companion-rbac.yaml"];
+const FILES: [&str; 6] = [
+    "crd.yaml",
+    "operator.yaml",
+    "guard.yaml",
+    "network-policy.yaml",
+    "companion-rbac.yaml",
+    "operator-namespaced.yaml",
+];
 
 #[test]
 fn the_committed_manifests_are_the_charts_rendering() -> Result<()> {
@@ -35,12 +45,20 @@ fn the_committed_manifests_are_the_charts_rendering() -> Result<()> {
 
 /// The chart rendered with `values` (files under the chart's ci/) for Kubernetes `version`: its documents.
 fn render(values: &[&str], version: &str) -> Result<Vec<Value>> {
+    render_set(values, &[], version)
+}
+
+/// [`render`] with `set` (`key=value`) too.
+fn render_set(values: &[&str], set: &[&str], version: &str) -> Result<Vec<Value>> {
     let chart = helm::chart();
     let chart = chart.to_str().context("a UTF-8 chart path")?;
     let mut args = vec!["template", "wukong-operator", chart, "--namespace", NS, "--kube-version", version];
     let files: Vec<String> = values.iter().map(|v| format!("{chart}/ci/{v}")).collect();
     for file in &files {
         args.extend(["--values", file.as_str()]);
+    }
+    for value in set {
+        args.extend(["--set", value]);
     }
     let text = helm::run(&args)?;
     Ok(serde_saphyr::from_multiple::<Value>(&text)?.into_iter().filter(|d| !d.is_null()).collect())
@@ -89,6 +107,145 @@ fn the_values_switch_what_the_chart_renders() -> Result<()> {
     assert_eq!(one(&docs, "PodDisruptionBudget")?["apiVersion"], "policy/v1beta1");
     let config = one(&docs, "ValidatingWebhookConfiguration")?;
     assert!(config["webhooks"].as_array().context("webhooks")?.iter().all(|h| h.get("matchConditions").is_none()));
+    Ok(())
+}
+
+/// Whether RBAC `rules` allow `permission` (no aggregation, no non-resource URLs: the chart has neither).
+fn grants(rules: &Value, permission: &Permission) -> bool {
+    let has = |list: &Value, item: &str| list.as_array().is_some_and(|l| l.iter().any(|v| v == item || v == "*"));
+    rules.as_array().into_iter().flatten().any(|rule| {
+        let names = rule["resourceNames"].as_array().filter(|n| !n.is_empty());
+        has(&rule["apiGroups"], permission.group)
+            && has(&rule["resources"], permission.resource)
+            && has(&rule["verbs"], permission.verb)
+            && names.is_none_or(|n| permission.name.as_ref().is_some_and(|name| n.iter().any(|v| v == name.as_str())))
+    })
+}
+
+/// Whether the rendered RBAC gives the operator's ServiceAccount `permission`: a ClusterRole bound cluster-wide, or
+/// a Role bound in the permission's namespace.
+fn granted(documents: &[Value], permission: &Permission) -> bool {
+    let operator = |binding: &Value| {
+        binding["subjects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["kind"] == "ServiceAccount" && s["name"] == "wukong-operator" && s["namespace"] == NS)
+    };
+    let role = |kind: &str, name: &Value, namespace: Option<&Value>| {
+        documents.iter().find(|d| {
+            d["kind"] == kind
+                && &d["metadata"]["name"] == name
+                && namespace.is_none_or(|ns| &d["metadata"]["namespace"] == ns)
+        })
+    };
+    documents.iter().filter(|d| operator(d)).any(|binding| {
+        let (kind, name) = (&binding["roleRef"]["kind"], &binding["roleRef"]["name"]);
+        match (binding["kind"].as_str(), &permission.scope) {
+            (Some("ClusterRoleBinding"), _) => {
+                role("ClusterRole", name, None).is_some_and(|r| grants(&r["rules"], permission))
+            }
+            (Some("RoleBinding"), Scope::Namespace(ns)) if binding["metadata"]["namespace"] == ns.as_str() => {
+                let found = match kind.as_str() {
+                    Some("Role") => role("Role", name, Some(&binding["metadata"]["namespace"])),
+                    _ => role("ClusterRole", name, None),
+                };
+                found.is_some_and(|r| grants(&r["rules"], permission))
+            }
+            _ => false,
+        }
+    })
+}
+
+/// The operator's settings from the rendered Deployment's arguments, parsed by its own command line.
+fn deployed_config(documents: &[Value]) -> Result<wukong_operator::Config> {
+    let deployment = one(documents, "Deployment")?;
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_array().context("args")?;
+    let args = std::iter::once("wukong-operator").chain(args.iter().filter_map(Value::as_str));
+    let Command::Run(run) = Cli::try_parse_from(args)?.command else { anyhow::bail!("the Deployment does not run") };
+    Ok(run.config("chart-test".into()))
+}
+
+/// Every permission the operator checks at start (`access::required`, its SelfSubjectAccessReviews) is granted by
+/// the chart's RBAC, cluster-wide and namespaced, guard or not, with each way of providing its certificate.
+#[test]
+fn the_charts_rbac_grants_what_the_operator_checks_at_start() -> Result<()> {
+    let namespaced = ["watchNamespace=prod", "guard.certificates=secret"];
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&[], &[]),
+        (&["guard-disabled-values.yaml"], &[]),
+        (&["secret-values.yaml"], &[]),
+        (&["namespaced-values.yaml"], &[]),
+        (&[], &namespaced),
+    ];
+    for (values, set) in cases {
+        let documents = render_set(values, set, "1.31.0")?;
+        let config = deployed_config(&documents)?;
+        let missing: Vec<String> =
+            required(&config).iter().filter(|p| !granted(&documents, p)).map(ToString::to_string).collect();
+        assert!(missing.is_empty(), "with {values:?} {set:?} the chart does not grant: {missing:#?}");
+    }
+    // And the check itself: a Role bound in another namespace grants nothing here.
+    let documents = render_set(&[], &namespaced, "1.31.0")?;
+    let mut config = deployed_config(&documents)?;
+    config.namespace = Some("dev".into());
+    assert!(required(&config).iter().any(|p| !granted(&documents, p)), "a Role in prod grants nothing in dev");
+    Ok(())
+}
+
+/// watchNamespace: the operator's ClusterRole becomes a Role with the same rules in the watched namespace (and the
+/// namespace itself, by name), the optional read-only ClusterRole holds what a Role cannot grant, the Deployment
+/// watches that namespace, and both webhooks select it by kubernetes.io/metadata.name. The operator's own
+/// certificates are refused with the reason.
+#[test]
+fn a_namespaced_install_binds_a_role_in_its_namespace_and_guards_only_it() -> Result<()> {
+    let cluster_wide = render(&[], "1.31.0")?;
+    let docs = render(&["namespaced-values.yaml"], "1.31.0")?;
+    let named = |kind: &str, name: &str| docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name);
+    assert!(
+        named("ClusterRole", "wukong-operator").is_none() && named("ClusterRoleBinding", "wukong-operator").is_none()
+    );
+    let role = named("Role", "wukong-operator").context("the Role")?;
+    assert_eq!(role["metadata"]["namespace"], "prod");
+    let rules = role["rules"].as_array().context("rules")?;
+    let (last, same) = rules.split_last().context("rules")?;
+    let operator_role =
+        cluster_wide.iter().find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "wukong-operator");
+    let cluster_rules = &operator_role.context("the cluster-wide ClusterRole")?["rules"];
+    assert_eq!(Some(same), cluster_rules.as_array().map(|r| &r[..same.len()]), "the ClusterRole's namespaced rules");
+    assert_eq!(
+        last,
+        &json!({"apiGroups": [""], "resources": ["namespaces"], "resourceNames": ["prod"], "verbs": ["get"]})
+    );
+    let binding = named("RoleBinding", "wukong-operator").context("the RoleBinding")?;
+    assert_eq!(binding["metadata"]["namespace"], "prod");
+    assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": "wukong-operator", "namespace": NS}]));
+    let reads = named("ClusterRole", "wukong-operator-cluster-reads").context("the optional ClusterRole")?;
+    for rule in reads["rules"].as_array().context("rules")? {
+        let verbs = rule["verbs"].as_array().context("verbs")?;
+        assert!(verbs.iter().all(|v| v == "get" || v == "list"), "read-only: {rule}");
+    }
+    let args = one(&docs, "Deployment")?["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("\"--watch-namespace=prod\""), "{args}");
+    let watched = json!([{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["prod"]}]);
+    let hooks = one(&docs, "ValidatingWebhookConfiguration")?["webhooks"].clone();
+    assert_eq!(hooks[0]["namespaceSelector"], json!({"matchExpressions": watched}), "{hooks}");
+    assert_eq!(
+        hooks[1]["namespaceSelector"],
+        json!({"matchLabels": {"vm.novasphere.dev/guard": "enabled"}, "matchExpressions": watched}),
+        "{hooks}"
+    );
+
+    // Without the optional ClusterRole nothing cluster-wide is bound to the operator.
+    let docs = render_set(&["namespaced-values.yaml"], &["clusterReads=false"], "1.31.0")?;
+    let cluster_bound = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding")
+        .any(|d| d["subjects"].to_string().contains("\"wukong-operator\""));
+    assert!(!cluster_bound, "a ClusterRoleBinding of the operator with clusterReads=false");
+
+    let refused = render_set(&[], &["watchNamespace=prod"], "1.31.0").expect_err("the operator's own certificates");
+    assert!(refused.to_string().contains("needs guard.certificates=secret or certManager"), "{refused:#}");
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use wukong_e2e::kubevirt_lab::{
     API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes,
 };
 use wukong_e2e::operator_lab::{
-    OPERATOR, Operator, events, install_operator, json_patch as patch, label, reviews, start_guarded,
+    OPERATOR, Operator, events, given_back, install_operator, json_patch as patch, label, reviews, start_guarded,
 };
 
 const NS: &str = "guarded";
@@ -61,22 +61,6 @@ async fn removevolume(
         .body(serde_json::to_vec(&body).expect("JSON"))
         .expect("a request");
     client.request_text(request).await.map(drop)
-}
-
-/// Waits until the guard's leader gave disk `serial` back to the guest and published its `ReleaseCancelled` Event
-/// (the Event follows the CancelDetach).
-async fn given_back(guest: &Guest, admin: &kube::Client, serial: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let state = guest.agent().get_disk(serial, false).await.map(|d| d.state()).ok();
-        let present = state == Some(wukong_proto::v1::DiskState::Present);
-        let event = events(admin, NS).await?.iter().any(|e| e.data["reason"] == "ReleaseCancelled");
-        if present && event {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "never given back: disk {state:?}, ReleaseCancelled Event {event}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// A guest, the API server with the lab's KubeVirt (declarative hot-plug) in NS, and the operator with the guard,
@@ -235,7 +219,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     // it) is given back after the grace period, with an Event.
     attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
     assert!(agent.prepare_detach("data", false, false).await?.released);
-    given_back(&guest, &admin, "data").await.context("the released disk still in the spec")?;
+    given_back(&guest, &admin, NS, "data").await.context("the released disk still in the spec")?;
     // The other direction: a disk released for an unplug KubeVirt is carrying out (slowly) stays released.
     kubevirt.set_unplug_delay(Duration::from_secs(15));
     let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
@@ -425,7 +409,7 @@ async fn a_migration_strategy_vm_keeps_its_disks_and_nothing_releases_them_for_n
     assert_eq!(agent.get_disk("data", false).await?.state(), wukong_proto::v1::DiskState::Released);
     strategy(json!("Migration")).await?;
     kubevirt.pause_controller(false);
-    given_back(&guest, &admin, "data").await.context("a released disk KubeVirt keeps plugged")?;
+    given_back(&guest, &admin, NS, "data").await.context("a released disk KubeVirt keeps plugged")?;
     assert!(guest.has_disk("data").await, "KubeVirt kept it plugged");
 
     // Leaving it for good with the disk idle: released, then unplugged by KubeVirt, the data intact.

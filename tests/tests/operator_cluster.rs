@@ -8,7 +8,9 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, template_volumes};
-use wukong_e2e::operator_lab::{OPERATOR, Operator, install_operator, post_review, start_guarded};
+use wukong_e2e::operator_lab::{
+    OPERATOR, Operator, install_operator, post_review, start_guarded, wait_for_wukong as wait_for,
+};
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{Guest, HostAgent};
 use wukong_operator::crd::{Phase, Wukong};
@@ -17,23 +19,6 @@ const NS: &str = "ns1";
 
 fn wukongs(client: &kube::Client) -> Api<Wukong> {
     Api::namespaced(client.clone(), NS)
-}
-
-/// Waits until the object satisfies `done`, polling; the last object seen is in the error.
-async fn wait_for(api: &Api<Wukong>, name: &str, seconds: u64, done: impl Fn(&Wukong) -> bool) -> Result<Wukong> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    loop {
-        let object = api.get_opt(name).await?;
-        if let Some(object) = &object
-            && done(object)
-        {
-            return Ok(object.clone());
-        }
-        if Instant::now() > deadline {
-            bail!("Wukong {name} did not get there within {seconds}s; last seen: {:#?}", object.map(|o| o.status));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn volume<'a>(w: &'a Wukong, disk: &str) -> Option<&'a wukong_operator::crd::VolumeStatus> {

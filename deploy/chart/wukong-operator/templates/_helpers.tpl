@@ -52,3 +52,64 @@ appended.
 {{- if $expressions }}{{ $_ := set $selector "matchExpressions" $expressions }}{{ end -}}
 {{- toYaml $selector -}}
 {{- end -}}
+
+
+{{/*
+What the operator does in the namespaces it watches: the rules of its ClusterRole, or of its Role in the watched
+namespace (watchNamespace).
+*/}}
+{{- define "wukong.namespacedRules" -}}
+# The Wukong objects: watched, a finalizer added and removed, status written.
+- apiGroups: ["vm.novasphere.dev"]
+  resources: ["wukongs"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["vm.novasphere.dev"]
+  resources: ["wukongs/status"]
+  verbs: ["get", "patch", "update"]
+# Owner references with blockOwnerDeletion on the claims need update on the owner's finalizers.
+- apiGroups: ["vm.novasphere.dev"]
+  resources: ["wukongs/finalizers"]
+  verbs: ["update"]
+# The disks' claims: created by server-side apply, deleted after a detach unless preserveData.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The disks' DataVolumes (CDI), when a disk is imported or cloned: made and removed as their claims are.
+- apiGroups: ["cdi.kubevirt.io"]
+  resources: ["datavolumes"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The VMs and their VMIs: read only; changes go through KubeVirt's hot-plug subresources.
+- apiGroups: ["kubevirt.io"]
+  resources: ["virtualmachines", "virtualmachineinstances"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["subresources.kubevirt.io"]
+  resources:
+    - virtualmachines/addvolume
+    - virtualmachines/removevolume
+    - virtualmachineinstances/addvolume
+    - virtualmachineinstances/removevolume
+  verbs: ["update"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+{{/*
+The cluster-scoped reads that make the operator's checks complete, read-only: in its ClusterRole, or with
+watchNamespace in the optional ClusterRole wukong-operator-cluster-reads (clusterReads).
+*/}}
+{{- define "wukong.clusterReadRules" -}}
+# Which StorageClasses exist, which is the default, and which bind only for a first consumer (read while a claim is
+# not bound yet).
+- apiGroups: ["storage.k8s.io"]
+  resources: ["storageclasses"]
+  verbs: ["get", "list"]
+# CDI's StorageProfiles: a DataVolume's access and volume modes for its StorageClass.
+- apiGroups: ["cdi.kubevirt.io"]
+  resources: ["storageprofiles"]
+  verbs: ["get"]
+# The cluster's hot-plug mode (feature gates of the KubeVirt object, in KubeVirt's namespace).
+- apiGroups: ["kubevirt.io"]
+  resources: ["kubevirts"]
+  verbs: ["list"]
+{{- end -}}
