@@ -118,10 +118,10 @@ pub struct DiskSource {
     pub blank: Option<BlankSource>,
     /// An image downloaded over HTTP(S) (raw, qcow2, compressed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpSource>,
+    pub http: Option<RemoteSource>,
     /// A container disk image from a registry (`docker://…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub registry: Option<RegistrySource>,
+    pub registry: Option<RemoteSource>,
     /// A copy of a claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc: Option<ClaimSource>,
@@ -131,30 +131,17 @@ pub struct DiskSource {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub struct BlankSource {}
 
-/// CDI's `http` source.
+/// CDI's `http` and `registry` sources: where the image is (`http://` or `https://`; `docker://` or
+/// `oci-archive://`), and what reaches it.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct HttpSource {
-    /// `http://` or `https://` address of the image.
+pub struct RemoteSource {
+    /// The image's address.
     pub url: String,
-    /// A Secret (`accessKeyId`, `secretKey`) for basic authentication.
+    /// A Secret (`accessKeyId`, `secretKey`) for the server or registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<String>,
-    /// A ConfigMap with the CA bundle of an `https://` server.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_config_map: Option<String>,
-}
-
-/// CDI's `registry` source.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RegistrySource {
-    /// `docker://` or `oci-archive://` address of the image.
-    pub url: String,
-    /// A Secret (`accessKeyId`, `secretKey`) for the registry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_ref: Option<String>,
-    /// A ConfigMap with the registry's CA bundle.
+    /// A ConfigMap with the CA bundle of an `https://` server or of the registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_config_map: Option<String>,
 }

@@ -272,7 +272,7 @@ pub fn quantity_bytes(text: &str) -> Result<u64, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{BlankSource, ClaimSource, HttpSource, RegistrySource, VolumeMode};
+    use crate::crd::{BlankSource, ClaimSource, RemoteSource, VolumeMode};
     use proptest::prelude::*;
 
     fn disk(name: &str, size: &str) -> DiskSpec {
@@ -284,7 +284,7 @@ mod tests {
     }
 
     fn http(url: &str) -> DiskSource {
-        DiskSource { http: Some(HttpSource { url: url.into(), ..Default::default() }), ..Default::default() }
+        DiskSource { http: Some(RemoteSource { url: url.into(), ..Default::default() }), ..Default::default() }
     }
 
     fn spec(disks: Vec<DiskSpec>) -> WukongSpec {
@@ -359,7 +359,7 @@ mod tests {
                 spec(vec![sourced(
                     "a",
                     DiskSource {
-                        registry: Some(RegistrySource { url: "quay.io/x".into(), ..Default::default() }),
+                        registry: Some(RemoteSource { url: "quay.io/x".into(), ..Default::default() }),
                         ..Default::default()
                     },
                 )]),
@@ -398,7 +398,7 @@ mod tests {
         let clone =
             DiskSource { pvc: Some(ClaimSource { name: "golden".into(), namespace: None }), ..Default::default() };
         let registry = DiskSource {
-            registry: Some(RegistrySource {
+            registry: Some(RemoteSource {
                 url: "docker://quay.io/containerdisks/fedora:41".into(),
                 ..Default::default()
             }),
@@ -436,6 +436,20 @@ mod tests {
             match quantity_bytes(&text) {
                 Ok(bytes) => prop_assert!(bytes > 0),
                 Err(why) => prop_assert!(!why.is_empty()),
+            }
+        }
+
+        #[test]
+        fn any_address_is_usable_or_refused_naming_the_field(url in "\\PC{0,40}", registry in any::<bool>()) {
+            let remote = Some(RemoteSource { url: url.clone(), ..Default::default() });
+            let source = match registry {
+                true => DiskSource { registry: remote, ..Default::default() },
+                false => DiskSource { http: remote, ..Default::default() },
+            };
+            let schemes: &[&str] = if registry { &["docker://", "oci-archive://"] } else { &["http://", "https://"] };
+            match check("db", &spec(vec![sourced("a", source)])) {
+                Ok(()) => prop_assert!(schemes.iter().any(|s| url.starts_with(s)) && !url.contains(char::is_whitespace)),
+                Err(e) => prop_assert!(e.field.starts_with("spec.disks[0].source.") && e.message.contains(&url)),
             }
         }
 

@@ -408,6 +408,27 @@ pub async fn given_back(guest: &crate::Guest, admin: &kube::Client, ns: &str, se
     }
 }
 
+/// Creates Wukong `name` with `spec` in `api`'s namespace, as a user does.
+pub async fn create_wukong(api: &Api<Wukong>, name: &str, spec: Value) -> Result<()> {
+    let wukong: Wukong = serde_json::from_value(serde_json::json!({
+        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": name}, "spec": spec,
+    }))?;
+    api.create(&PostParams::default(), &wukong).await?;
+    Ok(())
+}
+
+/// Replaces the disks of Wukong `name`, as `kubectl patch --type merge` does.
+pub async fn set_disks(api: &Api<Wukong>, name: &str, disks: Value) -> Result<()> {
+    let patch = serde_json::json!({"spec": {"disks": disks}});
+    api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// Disk `disk` in the status of `w`.
+pub fn volume<'a>(w: &'a Wukong, disk: &str) -> Option<&'a wukong_operator::crd::VolumeStatus> {
+    w.status.as_ref()?.volumes.iter().find(|v| v.name == disk)
+}
+
 /// Waits until Wukong `name` satisfies `done`, polling; the last object seen is in the error.
 pub async fn wait_for_wukong(
     api: &Api<Wukong>,

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, template_volumes};
 use wukong_e2e::operator_lab::{
-    OPERATOR, Operator, install_operator, post_review, start_guarded, wait_for_wukong as wait_for,
+    OPERATOR, Operator, create_wukong, install_operator, post_review, set_disks, start_guarded, volume,
+    wait_for_wukong as wait_for,
 };
 use wukong_e2e::pki::Pki;
 use wukong_e2e::{Guest, HostAgent};
@@ -19,10 +20,6 @@ const NS: &str = "ns1";
 
 fn wukongs(client: &kube::Client) -> Api<Wukong> {
     Api::namespaced(client.clone(), NS)
-}
-
-fn volume<'a>(w: &'a Wukong, disk: &str) -> Option<&'a wukong_operator::crd::VolumeStatus> {
-    w.status.as_ref()?.volumes.iter().find(|v| v.name == disk)
 }
 
 fn phase_is(disk: &'static str, phase: Phase) -> impl Fn(&Wukong) -> bool {
@@ -43,20 +40,6 @@ async fn events(client: &kube::Client) -> Result<Vec<(String, String, String, St
             (s("type"), s("reason"), s("note"), s("reportingInstance"))
         })
         .collect())
-}
-
-/// Creates Wukong `name` in NS with `spec`, as a user does.
-async fn create_wukong(api: &Api<Wukong>, name: &str, spec: Value) -> Result<()> {
-    let wukong: Wukong = serde_json::from_value(json!({
-        "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": name}, "spec": spec,
-    }))?;
-    api.create(&PostParams::default(), &wukong).await?;
-    Ok(())
-}
-
-async fn set_disks(api: &Api<Wukong>, name: &str, disks: Value) -> Result<()> {
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"disks": disks}}))).await?;
-    Ok(())
 }
 
 async fn object(client: &kube::Client, kind: &str, group: &str, plural: &str, name: &str) -> Result<Option<Value>> {
