@@ -176,10 +176,17 @@ struct Scene {
     vm_name: String,
     vm: VirtualMachine,
     vmi: Option<VirtualMachineInstance>,
+    stored: Stored,
+}
+
+/// The storage of an object's disks, as one pass read it.
+struct Stored {
     /// The claims of the object's disks, by name.
     claims: BTreeMap<String, Claim>,
     /// The DataVolumes of the object's disks, by name (read only when a disk has a `source`).
     data_volumes: BTreeMap<String, DataVolume>,
+    /// CDI is installed (or nothing asked whether it is).
+    cdi: bool,
     classes: Classes,
 }
 
@@ -187,14 +194,14 @@ impl Scene {
     fn observe(&self, disk: &str) -> Observed {
         let in_vm = self.vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == disk));
         let name = claim_name(&self.vm_name, disk);
-        let claim = self.claims.get(&name).map(|c| match c.bound() {
+        let claim = self.stored.claims.get(&name).map(|c| match c.bound() {
             true => ClaimState::Bound,
-            false if self.classes.awaits_consumer(c.class.as_deref()) => ClaimState::AwaitsConsumer,
+            false if self.stored.classes.awaits_consumer(c.class.as_deref()) => ClaimState::AwaitsConsumer,
             false => ClaimState::Pending,
         });
         Observed {
             claim,
-            data_volume: self.data_volumes.get(&name).map(|d| d.phase.clone()),
+            data_volume: self.stored.data_volumes.get(&name).map(|d| d.phase.clone()),
             in_vm,
             vmi: self.vmi.as_ref().map(|vmi| volume_state_in(vmi, Some(&self.vm), disk)),
         }
@@ -259,21 +266,6 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         return invalid(wukong, context, &previous, status, &error).await;
     }
 
-    let Some(vm) = get::<VirtualMachine>(client, &ns, &vm_resource(), &vm_name).await? else {
-        let message = format!(
-            "VirtualMachine {ns}/{vm_name} does not exist: create it, or name it in spec.vmName; nothing was changed"
-        );
-        set_condition(&mut status, "VMAvailable", false, "VMNotFound", &message, wukong);
-        set_condition(&mut status, "Ready", false, "VMNotFound", &message, wukong);
-        write_status(wukong, context, &previous, status).await?;
-        return Ok(Action::requeue(VM_MISSING));
-    };
-    let vmi = get::<VirtualMachineInstance>(client, &ns, &vmi_resource(), &vm_name).await?;
-    let running = match &vmi {
-        Some(_) => "the VM is running",
-        None => "the VM is not running: disks are added to its spec and attached when it starts",
-    };
-    set_condition(&mut status, "VMAvailable", true, if vmi.is_some() { "Running" } else { "Stopped" }, running, wukong);
     let mine = ListParams::default().labels(&format!("{OWNER_LABEL}={name}"));
     let claims: BTreeMap<String, Claim> = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
         .list(&mine)
@@ -299,19 +291,30 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     let unsettled =
         wukong.spec.disks.iter().any(|d| !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound));
     let classes = if unsettled { Classes::read(client, &context.reads).await? } else { Classes::default() };
-    let scene = Scene {
-        ns: ns.clone(),
-        vm_name,
-        vm,
-        vmi,
-        claims,
-        data_volumes: data_volumes.clone().unwrap_or_default(),
-        classes,
-    };
-    if let Err(error) = check_storage(wukong, &previous.volumes, &scene, data_volumes.is_some(), context).await? {
+    let stored =
+        Stored { claims, cdi: data_volumes.is_some(), data_volumes: data_volumes.unwrap_or_default(), classes };
+    // Before the VM is looked at: a spec at fault is said whatever the VM's state.
+    if let Err(error) = check_storage(wukong, &previous.volumes, &vm_name, &stored, context).await? {
         return invalid(wukong, context, &previous, status, &error).await;
     }
     set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
+
+    let Some(vm) = get::<VirtualMachine>(client, &ns, &vm_resource(), &vm_name).await? else {
+        let message = format!(
+            "VirtualMachine {ns}/{vm_name} does not exist: create it, or name it in spec.vmName; nothing was changed"
+        );
+        set_condition(&mut status, "VMAvailable", false, "VMNotFound", &message, wukong);
+        set_condition(&mut status, "Ready", false, "VMNotFound", &message, wukong);
+        write_status(wukong, context, &previous, status).await?;
+        return Ok(Action::requeue(VM_MISSING));
+    };
+    let vmi = get::<VirtualMachineInstance>(client, &ns, &vmi_resource(), &vm_name).await?;
+    let running = match &vmi {
+        Some(_) => "the VM is running",
+        None => "the VM is not running: disks are added to its spec and attached when it starts",
+    };
+    set_condition(&mut status, "VMAvailable", true, if vmi.is_some() { "Running" } else { "Stopped" }, running, wukong);
+    let scene = Scene { ns: ns.clone(), vm_name, vm, vmi, stored };
     // Plaintext agents (labs) have no certificate to expire.
     if let Some(vmi) = &scene.vmi
         && context.config.agent.tls.is_some()
@@ -386,22 +389,23 @@ async fn invalid(
 async fn check_storage(
     wukong: &Wukong,
     recorded: &[VolumeStatus],
-    scene: &Scene,
-    cdi: bool,
+    vm_name: &str,
+    stored: &Stored,
     context: &Context,
 ) -> Result<Result<(), SpecError>> {
+    let ns = wukong.namespace().unwrap_or_default();
     let client = &context.client;
     let system = crate::plan::system_disk(&wukong.spec.disks, recorded);
     for (i, disk) in wukong.spec.disks.iter().enumerate() {
-        let name = claim_name(&scene.vm_name, &disk.name);
-        let made = scene.claims.contains_key(&name) || scene.data_volumes.contains_key(&name);
-        if system == Some(disk.name.as_str()) || made || scene.observe(&disk.name).in_vm {
+        let name = claim_name(vm_name, &disk.name);
+        let made = stored.claims.contains_key(&name) || stored.data_volumes.contains_key(&name);
+        if system == Some(disk.name.as_str()) || made {
             continue;
         }
         let field = |f: &str| format!("spec.disks[{i}].{f}");
         let fault = |f: &str, message: String| Ok(Err(SpecError { field: field(f), message }));
         if let Some(class) = &disk.storage_class_name
-            && scene.classes.exists(class) == Some(false)
+            && stored.classes.exists(class) == Some(false)
         {
             return fault(
                 "storageClassName",
@@ -409,7 +413,7 @@ async fn check_storage(
             );
         }
         if let Some(source) = &disk.source {
-            if !cdi {
+            if !stored.cdi {
                 return fault(
                     "source",
                     "CDI is not installed in this cluster (no datavolumes.cdi.kubevirt.io API): install CDI, or remove \
@@ -418,7 +422,7 @@ async fn check_storage(
                 );
             }
             if let Some(clone) = &source.pvc {
-                let ns = clone.namespace.clone().unwrap_or_else(|| scene.ns.clone());
+                let ns = clone.namespace.clone().unwrap_or_else(|| ns.clone());
                 let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns);
                 if claims.get_opt(&clone.name).await?.is_none() {
                     return fault(
@@ -428,7 +432,7 @@ async fn check_storage(
                 }
             }
         }
-        if let Some(class) = scene.classes.resolve(disk.storage_class_name.as_deref()) {
+        if let Some(class) = stored.classes.resolve(disk.storage_class_name.as_deref()) {
             let sets = storage::property_sets(client, &context.reads, class).await?;
             if let Err(refused) = storage::resolve_modes(disk, class, &sets) {
                 return fault(refused.field, refused.message);
@@ -458,16 +462,16 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
         None => VolumeStatus { removal_since: recorded.removal_since.clone().or_else(|| Some(now())), ..recorded },
     };
     status.system = disk.system;
-    let claim = scene.claims.get(&status.pvc_name);
+    let claim = scene.stored.claims.get(&status.pvc_name);
     status.bound = claim.is_some_and(Claim::bound);
     if !disk.system {
         let class = claim.and_then(|c| c.class.as_deref()).or(status.storage_class_name.as_deref());
-        status.binding_mode = scene.classes.binding_mode(class).map(str::to_string).or(recorded_binding(disk));
+        status.binding_mode = scene.stored.classes.binding_mode(class).map(str::to_string).or(recorded_binding(disk));
         status.access_modes = claim.map(|c| c.access_modes.clone()).unwrap_or_default();
         status.volume_mode = claim.and_then(|c| c.volume_mode.clone());
         let sourced = disk.wanted.as_ref().map(|d| d.source.is_some()).unwrap_or(status.data_volume.is_some());
         status.data_volume = sourced.then(|| {
-            let seen = scene.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
+            let seen = scene.stored.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
             DataVolumeStatus { name: status.pvc_name.clone(), phase: seen.phase, progress: seen.progress }
         });
     }
@@ -498,7 +502,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
                 None => "the system disk is not in the VM's spec; the operator never plugs the system disk",
             };
             status.pvc_name = claim.clone().unwrap_or_default();
-            status.bound = scene.claims.get(&status.pvc_name).is_some_and(Claim::bound);
+            status.bound = scene.stored.claims.get(&status.pvc_name).is_some_and(Claim::bound);
             set(&mut status, if claim.is_some() { Phase::Attached } else { Phase::Pending }, message);
             Ok(DiskOutcome::settled(status))
         }
@@ -532,7 +536,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             Ok(DiskOutcome::again(status, SOON))
         }
         Step::WaitForDataVolume => {
-            let seen = scene.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
+            let seen = scene.stored.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
             let progress = if seen.progress.is_empty() { String::new() } else { format!(", {}", seen.progress) };
             let why = seen.message.map(|m| format!(": {m}")).unwrap_or_default();
             let message =
@@ -818,7 +822,7 @@ async fn create_storage(
 ) -> Result<&'static str> {
     let owner = wukong.controller_owner_ref(&()).expect("a Wukong read from the API has a name and UID");
     let class = disk.storage_class_name.as_deref();
-    let sets = match scene.classes.resolve(class) {
+    let sets = match scene.stored.classes.resolve(class) {
         Some(class) => storage::property_sets(&context.client, &context.reads, class).await?,
         None => Vec::new(),
     };
@@ -1060,14 +1064,17 @@ mod tests {
         assert_eq!(action, Action::requeue(VM_MISSING));
         let seen = api.seen();
         let calls: Vec<(Method, &str)> = seen.iter().map(|s| (s.method.clone(), s.path.as_str())).collect();
+        // The disks' storage is read (and checked) first, then the VM; the only write is status.
         assert_eq!(
             calls,
             [
+                (Method::GET, "/api/v1/namespaces/ns1/persistentvolumeclaims"),
+                (Method::GET, "/apis/storage.k8s.io/v1/storageclasses"),
                 (Method::GET, "/apis/kubevirt.io/v1/namespaces/ns1/virtualmachines/db-vm"),
                 (Method::PATCH, "/apis/vm.novasphere.dev/v1alpha1/namespaces/ns1/wukongs/db/status"),
             ]
         );
-        let status = &seen[1].body["status"];
+        let status = &seen[3].body["status"];
         assert_eq!(status["volumes"], json!([]), "no disk is touched: {status}");
         let vm = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "VMAvailable").unwrap();
         assert!(vm["message"].as_str().unwrap().starts_with("VirtualMachine ns1/db-vm does not exist"), "{vm}");

@@ -147,14 +147,18 @@ async fn a_namespaced_install_works_with_only_its_role_and_stays_in_its_namespac
     let flags = ["--watch-namespace", NS, "--guard-grace-seconds", "3", "--shutdown-delay-seconds", "0"];
     let mut operator = start_guarded_with(&cluster, "op-ns", guest.agent_port(), &flags, guard.clone()).await?;
     let log = operator.log();
-    for read in ["get storageclasses.storage.k8s.io", "list kubevirts.kubevirt.io in every namespace"] {
+    for read in [
+        "list storageclasses.storage.k8s.io",
+        "get storageprofiles.cdi.kubevirt.io",
+        "list kubevirts.kubevirt.io in every namespace",
+    ] {
         let said = log.matches(&format!("the operator's identity may not {read}")).count();
         assert_eq!(said, 1, "the skipped read {read} is said once: {log}");
     }
 
     // A Wukong in NS converges: its claim made, its disk hot-plugged into the guest.
     let api: Api<Wukong> = Api::namespaced(admin.clone(), NS);
-    let disks = json!([{"name": "rootdisk", "size": "1Gi"}, {"name": "data", "size": "16Mi"}]);
+    let disks = json!([{"name": "rootdisk", "system": true}, {"name": "data", "size": "16Mi"}]);
     let created = Instant::now();
     api.create(&PostParams::default(), &wukong("db", json!({"disks": disks}))?).await?;
     let phase = |disk: &'static str, phase: Phase| {
@@ -166,7 +170,7 @@ async fn a_namespaced_install_works_with_only_its_role_and_stays_in_its_namespac
     println!("a disk in the watched namespace Attached in {:.1} s", created.elapsed().as_secs_f64());
     assert!(guest.has_disk("data").await, "hot-plugged into the guest");
     // A StorageClass the operator may not read is not checked: the spec is valid, its VM the only problem.
-    let typo = json!({"vmName": "nowhere", "disks": [{"name": "rootdisk", "size": "1Gi"},
+    let typo = json!({"vmName": "nowhere", "disks": [{"name": "rootdisk", "system": true},
                       {"name": "data", "size": "16Mi", "storageClassName": "no-such-class"}]});
     api.create(&PostParams::default(), &wukong("typo", typo)?).await?;
     let w = wait_for(&api, "typo", 30, |w| condition(w, "VMAvailable").is_some()).await?;
@@ -209,8 +213,12 @@ async fn a_namespaced_install_works_with_only_its_role_and_stays_in_its_namespac
     println!("with {CLUSTER_READS}: {:?}", condition(&w, "SpecValid").map(|c| &c.message));
     assert!(!operator.log().contains("the operator's identity may not"), "{}", operator.log());
     // The ClusterRole lets it read the cluster's hot-plug mode too, should a disk be routed.
-    let cluster_scoped = audit_operator(&cluster.audit()?[mark..], &["/apis/kubevirt.io/v1/kubevirts"]);
-    assert!(cluster_scoped.contains(&"get /apis/storage.k8s.io/v1/storageclasses/no-such-class".to_string()));
+    let classes = "/apis/storage.k8s.io/v1/storageclasses";
+    let events = &cluster.audit()?[mark..];
+    audit_operator(events, &["/apis/kubevirt.io/v1/kubevirts", classes]);
+    let listed =
+        |e: &&AuditEvent| e.user.username == OPERATOR && e.verb == "list" && e.request_uri.starts_with(classes);
+    assert!(events.iter().any(|e| listed(&e)), "with {CLUSTER_READS} the operator lists StorageClasses");
     println!("the namespaced install's test took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
