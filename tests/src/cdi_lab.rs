@@ -435,7 +435,7 @@ impl Cdi {
         let mut claim = claims.get_opt(&dv_name).await?;
         if claim.is_none() {
             match self.render_claim(&dv, &operation).await? {
-                Err(sync) => return self.write_status(&dv, None, Some(sync), &operation).await,
+                Err(sync) => return self.write_status(&dv, StatusFrom::Sync(sync), &operation).await,
                 Ok(object) => {
                     claim = Some(claims.create(&PostParams::default(), &object).await?);
                     if let (Operation::Clone { .. }, Some(created)) = (&operation, &claim) {
@@ -450,7 +450,7 @@ impl Cdi {
         let claim = claim.expect("found or made above");
         // The DataVolume controller and the worker's controllers are separate loops in CDI: the status shows what the
         // claim said before the worker's step, and the worker's step shows on the next pass.
-        self.write_status(&dv, Some(&claim), None, &operation).await?;
+        self.write_status(&dv, StatusFrom::Claim(&claim), &operation).await?;
         self.work(&dv, claim, &operation).await.map(drop)
     }
 
@@ -861,25 +861,22 @@ impl Cdi {
         }
     }
 
-    /// `updateStatus` (or, with `sync`, `updateDataVolumeStatusPhaseWithEvent`) and `emitEvent`: the DataVolume's
-    /// phase, claim name, restart count, progress and conditions, written when they change, with the Events of a
-    /// phase change and of the conditions.
-    async fn write_status(
-        &self,
-        dv: &DynamicObject,
-        claim: Option<&DynamicObject>,
-        sync: Option<Sync>,
-        operation: &Operation,
-    ) -> Result<()> {
+    /// `updateStatus` (or `updateDataVolumeStatusPhaseWithEvent`) and `emitEvent`: the DataVolume's phase, claim
+    /// name, restart count, progress and conditions, written when they change, with the Events of a phase change and
+    /// of the conditions.
+    async fn write_status(&self, dv: &DynamicObject, from: StatusFrom<'_>, operation: &Operation) -> Result<()> {
         let old = dv.data["status"].clone();
         let mut status = if old.is_object() { old.clone() } else { json!({}) };
         let current = old["phase"].as_str().unwrap_or_default().to_string();
-        let (event, reason, message) = match sync {
-            Some(sync) => {
+        let (claim, event, reason, message) = match from {
+            StatusFrom::Sync(sync) => {
                 status["phase"] = json!(sync.phase);
-                (Some(sync.event), sync.reason, sync.message)
+                (None, Some(sync.event), sync.reason, sync.message)
             }
-            None => (self.next_phase(claim, &mut status, operation).await?, String::new(), String::new()),
+            StatusFrom::Claim(claim) => {
+                let event = self.next_phase(claim, &mut status, operation).await?;
+                (Some(claim), event, String::new(), String::new())
+            }
         };
         if !status["phase"].is_string() || status["phase"] == "" {
             status.as_object_mut().expect("an object").remove("phase");
@@ -945,16 +942,13 @@ impl Cdi {
     /// with the Event of that phase; sets `claimName`, `restartCount` and `progress` as CDI does.
     async fn next_phase(
         &self,
-        claim: Option<&DynamicObject>,
+        claim: &DynamicObject,
         status: &mut Value,
         operation: &Operation,
     ) -> Result<Option<Event>> {
-        let Some(claim) = claim.filter(|c| c.metadata.deletion_timestamp.is_none()) else {
-            if claim.is_none() && status["phase"].as_str().is_none_or(str::is_empty) {
-                status["phase"] = json!("Pending");
-            }
+        if claim.metadata.deletion_timestamp.is_some() {
             return Ok(None);
-        };
+        }
         status["claimName"] = json!(name(claim));
         let mut event = None;
         if annotation(claim, ANN_POD_PHASE) == Some("Succeeded") {
@@ -1039,6 +1033,12 @@ fn phase_of_work(claim: &DynamicObject, status: &mut Value, operation: &Operatio
         }
         _ => None,
     }
+}
+
+/// What a DataVolume's status is written from: its claim, or a sync that found none to make yet.
+enum StatusFrom<'a> {
+    Claim(&'a DynamicObject),
+    Sync(Sync),
 }
 
 /// `syncDataVolumeStatusPhaseWithEvent` with no claim: the phase to write, the reason and message its Bound and

@@ -138,6 +138,10 @@ fn pattern(path: &std::path::Path, size: usize) -> Result<Vec<u8>> {
 async fn blank_and_cloned_data_volumes_walk_cdis_phases() -> Result<()> {
     let started = std::time::Instant::now();
     let lab = lab().await?;
+    let crds = resource("CustomResourceDefinition", "apiextensions.k8s.io", "v1", "customresourcedefinitions");
+    let crd = Api::<DynamicObject>::all_with(lab.admin.clone(), &crds).get("datavolumes.cdi.kubevirt.io").await?;
+    let spec = &crd.data["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert!(spec["properties"]["source"]["properties"]["http"].is_object(), "CDI's own schema: {spec}");
     let dir = tempfile::tempdir()?;
     let source = pattern(&dir.path().join("src.raw"), 8 << 20)?;
     lab.kubevirt.create_claim("src", &dir.path().join("src.raw")).await?;
