@@ -149,6 +149,8 @@ pub struct Cluster {
     pub port: u16,
     etcd_ports: [u16; 2],
     tokens: BTreeMap<String, String>,
+    /// Started for a node, whose kube-controller-manager runs its controllers (see `crate::node`).
+    node: bool,
     pub started_in: Duration,
 }
 
@@ -308,6 +310,7 @@ impl Cluster {
             port,
             etcd_ports,
             tokens,
+            node: node.is_some(),
             dir,
             started_in: Duration::ZERO,
         };
@@ -336,6 +339,12 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether kube-controller-manager runs for this cluster (it does with a node: its garbage collector and its
+    /// pvc-protection and pv-protection controllers, but not its PV binder), so the lab must not play those.
+    pub fn runs_controller_manager(&self) -> bool {
+        self.node
     }
 
     /// The last lines of one of the cluster's logs, for error messages.

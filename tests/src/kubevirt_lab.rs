@@ -17,12 +17,19 @@
 //!   lab's scheduler and kubelet unless an [`AttachmentPodFault`] keeps them Pending; unplugs in the domain can fail
 //!   ([`UnplugFailure`]). The VMI CRD has no status subresource, as
 //!   KubeVirt ships it: each of these writes is an update of the whole VMI, which every validating webhook on VMI
-//!   updates sees. Claims are bound to image files by the admin (the cluster's provisioner). Like KubeVirt the lab
-//!   checks nothing about use before an unplug: safety has to come from Wukong.
+//!   updates sees. Like KubeVirt the lab checks nothing about use before an unplug: safety has to come from Wukong.
+//!
+//! The cluster's storage is [`crate::storage_lab`]: real PersistentVolumes, a provisioner, the PV controller's binder,
+//! `WaitForFirstConsumer` classes (a claim of one is bound once the lab's scheduler gives it an attachment Pod's
+//! node). virt-controller decides which hot-plugged volumes are ready as v1.9 does (`VolumeReadyToAttachToNode`:
+//! a claim that exists is ready whatever its phase, a DataVolume's claim once the DataVolume is Succeeded or
+//! PendingPopulation, and a DataVolume in WaitForFirstConsumer gets a population trigger Pod), and virt-handler plugs
+//! a Block claim's device and a Filesystem claim's `disk.img` (see [`crate::cdi_lab`] for DataVolumes).
 
 use crate::Guest;
 use crate::cluster::{ADMIN, Ca, Cluster, create_all};
 use crate::kubevirt_webhooks::{VM_PATH, VMI_UPDATE_PATH};
+use crate::storage_lab::{self, BindingMode, NODE, Storage, VolumeMode, VolumeScheduling};
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -31,7 +38,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch
 use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,8 +67,6 @@ pub const API_SERVER: &str = "system:serviceaccount:kubevirt:kubevirt-apiserver"
 /// The annotations virt-controller writes first on every VMI (vmi.go `execute`).
 const LATEST_API_VERSION: &str = "kubevirt.io/latest-observed-api-version";
 const STORAGE_API_VERSION: &str = "kubevirt.io/storage-observed-api-version";
-/// The node the lab's VMIs are scheduled to.
-const NODE: &str = "lab-node";
 /// How long a VMI may take to be Running (four writes, each seen by the next pass).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -70,6 +75,13 @@ const ATTACHMENT_LABEL: (&str, &str) = ("kubevirt.io", "hotplug-disk");
 /// The lab's label naming the VMI an attachment Pod serves (KubeVirt finds them through the virt-launcher Pod, which
 /// the lab has not got).
 const ATTACHMENT_VMI_LABEL: &str = "lab.wukong.invalid/vmi";
+/// Marks virt-controller's population trigger Pods as temporary (`v1.EphemeralProvisioningObject`).
+const EPHEMERAL: &str = "kubevirt.io/ephemeral-provisioning";
+/// The image of KubeVirt's attachment Pods (`t.launcherImage`).
+const LAUNCHER_IMAGE: &str = "quay.io/kubevirt/virt-launcher:v1.9.0";
+/// KubeVirt's filesystem overhead when it finds no CDI resource (`storagetypes.DefaultFSOverhead`): the lab's API
+/// server never has one, CDI lab or not (see [`crate::cdi_lab`]).
+const DEFAULT_FS_OVERHEAD: &str = "0.055";
 
 /// Why the lab's attachment Pods do not run (the lab's scheduler and kubelet play it; `None` in
 /// [`KubeVirtLab::set_attachment_pod_fault`]: each runs once [`KubeVirtLab::set_attachment_pod_start`] passed).
@@ -132,7 +144,7 @@ fn claims(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
 
 /// Shared between the aggregated server, virt-controller and virt-handler.
 struct Shared {
-    /// The admin: the claims' provisioner and binder (not KubeVirt's).
+    /// The admin: the lab's scheduler and kubelet for attachment Pods (not KubeVirt's).
     client: kube::Client,
     /// virt-api, as [`API_SERVER`].
     apiserver: kube::Client,
@@ -143,10 +155,8 @@ struct Shared {
     namespace: String,
     mode: HotplugMode,
     qemu: Option<Arc<Qemu>>,
-    /// Claim → image file (the lab's storage).
-    images: Mutex<BTreeMap<String, PathBuf>>,
-    /// A dynamic provisioner: a directory for new images and the StorageClass it serves.
-    provisioner: Mutex<Option<(PathBuf, String)>>,
+    /// The cluster's storage: where a bound claim's data lives, and the scheduler's volume binding.
+    storage: Arc<Storage>,
     /// What virt-launcher's domains hold, as virt-handler sees them: (VMI, volume) → the disk's target.
     domain: Mutex<BTreeMap<(String, String), String>>,
     /// When each (VMI, volume)'s status last changed phase, to pace the phases.
@@ -164,7 +174,8 @@ struct Shared {
     unplug_failure: Mutex<Option<UnplugFailure>>,
     /// When each (VMI, volume)'s failing unplug was last tried.
     unplug_tried: Mutex<BTreeMap<(String, String), Instant>>,
-    /// (VMI, volume)s virt-handler could not mount into their virt-launcher Pod (`disableHotplug`), reported.
+    /// (VMI, volume)s virt-handler could not mount into their virt-launcher Pod (`disableHotplug`, or a Filesystem
+    /// claim without `disk.img`), reported.
     mount_failed: Mutex<BTreeSet<(String, String)>>,
     /// How long a new attachment Pod takes to run (scheduled, its claims attached to the node, its container up).
     pod_start: Mutex<Duration>,
@@ -192,8 +203,8 @@ pub struct Received {
     pub body: Option<Value>,
 }
 
-/// KubeVirt, as far as the lab plays it, in one namespace of a [`Cluster`]. Stops virt-api, virt-controller and
-/// virt-handler on drop.
+/// KubeVirt, as far as the lab plays it, in one namespace of a [`Cluster`], with the cluster's storage
+/// ([`crate::storage_lab`]). Stops virt-api, virt-controller, virt-handler and the storage controllers on drop.
 pub struct KubeVirtLab {
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -210,7 +221,8 @@ impl Drop for KubeVirtLab {
 impl KubeVirtLab {
     /// Installs KubeVirt's CRDs, aggregated API and identities (tests/kubevirt/rbac.yaml) in `cluster`, which must
     /// have been started with the users [`API_SERVER`], [`CONTROLLER`] and [`HANDLER`], and starts virt-controller
-    /// and virt-handler for `namespace`, which it creates. With a guest, volumes are really plugged into it (over its companion QMP
+    /// and virt-handler for `namespace`, which it creates, and the cluster's storage controllers (no StorageClass yet:
+    /// see [`Self::provision_class`]). With a guest, volumes are really plugged into it (over its companion QMP
     /// socket); without one they only move through the phases.
     pub async fn start(
         cluster: &Cluster,
@@ -244,6 +256,7 @@ impl KubeVirtLab {
                 )
             })
         };
+        let storage = Arc::new(Storage::new(client.clone(), cluster.runs_controller_manager()));
         let shared = Arc::new(Shared {
             apiserver: as_kubevirt(API_SERVER).await?,
             controller: as_kubevirt(CONTROLLER).await?,
@@ -252,8 +265,7 @@ impl KubeVirtLab {
             namespace: namespace.into(),
             mode,
             qemu,
-            images: Mutex::new(BTreeMap::new()),
-            provisioner: Mutex::new(None),
+            storage: storage.clone(),
             domain: Mutex::new(BTreeMap::new()),
             stamps: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(BTreeMap::new()),
@@ -274,7 +286,8 @@ impl KubeVirtLab {
         let server = serve_subresources(cluster, shared.clone()).await?;
         let controller = tokio::spawn(run(shared.clone(), Component::Controller));
         let handler = tokio::spawn(run(shared.clone(), Component::Handler));
-        Ok(Self { shared, tasks: vec![server, controller, handler] })
+        let storage = tokio::spawn(storage.run(RESYNC));
+        Ok(Self { shared, tasks: vec![server, controller, handler, storage] })
     }
 
     /// How long an unplug takes from the volume leaving the VMI's spec until the guest loses the disk (default
@@ -327,17 +340,27 @@ impl KubeVirtLab {
         self.shared.received.lock().unwrap().clone()
     }
 
-    /// A PersistentVolumeClaim backed by `image` (bound by the lab, as a provisioner would).
+    /// A `volumeMode: Block` PersistentVolumeClaim of the size of `image`, bound to a PersistentVolume an
+    /// administrator made of `image` (pre-bound to the claim, policy Retain: the image is the test's, and stays).
     pub async fn create_claim(&self, name: &str, image: &Path) -> Result<()> {
-        self.shared.images.lock().unwrap().insert(name.into(), image.into());
-        let size = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
-        let object: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size.to_string()}},
-                     "volumeMode": "Block"},
-        }))?;
-        claims(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &object).await?;
-        Ok(())
+        self.shared.storage.add_static_claim(&self.shared.namespace, name, image).await
+    }
+
+    /// Where claim `name` of the lab's namespace keeps its data once bound (`None` before): a Filesystem claim's disk
+    /// is `disk.img` at the volume's root ([`storage_lab::Volume::disk_image`]), which KubeVirt never creates for a
+    /// hot-plugged volume: CDI does, or whoever fills the volume.
+    pub async fn claim_volume(&self, name: &str) -> Result<Option<storage_lab::Volume>> {
+        self.shared.storage.volume(&self.shared.namespace, name).await
+    }
+
+    /// The cluster's storage, for the CDI lab.
+    pub(crate) fn storage(&self) -> Arc<Storage> {
+        self.shared.storage.clone()
+    }
+
+    /// The lab's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.shared.namespace
     }
 
     /// A stopped VM `name` (no VMI): hot-plugs change only its spec.
@@ -355,21 +378,17 @@ impl KubeVirtLab {
         Ok(vms(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &vm).await?)
     }
 
-    /// Plays a dynamic provisioner for StorageClass `class` (made the default): any claim of that class (or of
-    /// none) gets a new sparse image of its requested size in `dir` and is bound.
+    /// The default StorageClass `class`, `Immediate`, its volumes made in `dir` by the lab's provisioner (see
+    /// [`Self::provision_class`]).
     pub async fn provision(&self, dir: &Path, class: &str) -> Result<()> {
-        let classes = Api::<DynamicObject>::all_with(
-            self.shared.client.clone(),
-            &resource("StorageClass", "storage.k8s.io", "v1", "storageclasses"),
-        );
-        let object = serde_json::from_value(json!({
-            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-            "metadata": {"name": class, "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-            "provisioner": "lab.wukong.invalid/images", "volumeBindingMode": "Immediate",
-        }))?;
-        classes.create(&PostParams::default(), &object).await?;
-        *self.shared.provisioner.lock().unwrap() = Some((dir.to_path_buf(), class.to_string()));
-        Ok(())
+        self.provision_class(dir, class, BindingMode::Immediate, true).await
+    }
+
+    /// A StorageClass `class` served by the lab's provisioner ([`storage_lab::PROVISIONER`]) with `mode`, its volumes
+    /// in `dir` (a sparse file for a Block claim, a directory for a Filesystem one); with `default`, the cluster's
+    /// default class (the API server gives it to claims that name none).
+    pub async fn provision_class(&self, dir: &Path, class: &str, mode: BindingMode, default: bool) -> Result<()> {
+        self.shared.storage.add_class(dir, class, mode, default).await
     }
 
     /// A running VM `name` and its VMI (owned by it), for the lab guest. With `owned: false`, a standalone VMI.
@@ -1098,7 +1117,6 @@ async fn controller_sync(shared: &Shared) -> Result<()> {
     if shared.controller_paused.load(Ordering::SeqCst) {
         return Ok(());
     }
-    bind_claims(shared).await?;
     if shared.mode == HotplugMode::HotplugVolumes {
         for vm in vms(&shared.controller, &shared.namespace).list(&Default::default()).await? {
             handle_volume_requests(shared, &vm).await?;
@@ -1131,7 +1149,8 @@ fn pods(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &resource("Pod", "", "v1", "pods"))
 }
 
-/// The attachment Pods of VMI `vmi`, oldest first.
+/// The attachment Pods of VMI `vmi` (its population trigger Pods too: KubeVirt lists every Pod its virt-launcher Pod
+/// controls), oldest first.
 async fn attachment_pods(shared: &Shared, client: &kube::Client, vmi: &str) -> kube::Result<Vec<DynamicObject>> {
     let selector = format!("{}={},{ATTACHMENT_VMI_LABEL}={vmi}", ATTACHMENT_LABEL.0, ATTACHMENT_LABEL.1);
     let mut found = pods(client, &shared.namespace).list(&ListParams::default().labels(&selector)).await?.items;
@@ -1141,7 +1160,7 @@ async fn attachment_pods(shared: &Shared, client: &kube::Client, vmi: &str) -> k
 }
 
 /// The names of the claims' volumes an attachment Pod holds: only those count (volume-hotplug.go
-/// `podVolumesMatchesReadyVolumes`), not the ServiceAccount token the API server adds.
+/// `podVolumesMatchesReadyVolumes`), not its `hotplug-disks` directory or the ServiceAccount token the API server adds.
 fn pod_volumes(pod: &DynamicObject) -> BTreeSet<String> {
     let volumes = list(&pod.data["spec"]["volumes"]);
     volumes.iter().filter(|v| v["persistentVolumeClaim"].is_object()).map(|v| name_of(v).to_string()).collect()
@@ -1151,33 +1170,89 @@ fn pod_running(pod: &DynamicObject) -> bool {
     pod.data["status"]["phase"] == "Running"
 }
 
+fn pod_phase(pod: &DynamicObject) -> &str {
+    pod.data["status"]["phase"].as_str().unwrap_or_default()
+}
+
 /// The claim behind a hotpluggable volume.
 fn claim_of(volume: &Value) -> &str {
     let claim = volume["persistentVolumeClaim"]["claimName"].as_str();
     claim.or(volume["dataVolume"]["name"].as_str()).unwrap_or_default()
 }
 
+fn named_object<'a>(objects: &'a [DynamicObject], name: &str) -> Option<&'a DynamicObject> {
+    objects.iter().find(|o| o.metadata.name.as_deref() == Some(name))
+}
+
+fn is_temporary(pod: &DynamicObject) -> bool {
+    pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(EPHEMERAL))
+}
+
+/// How ready a hot-plugged volume is to be attached to the node (pkg/storage/types/pvc.go
+/// `VolumeReadyToAttachToNode`, with CDI's `IsSucceededOrPendingPopulation` and
+/// `IsWaitForFirstConsumerBeforePopulating`, containerized-data-importer-api v1beta1/utils.go).
+enum Readiness {
+    Ready,
+    NotReady,
+    /// A DataVolume in phase WaitForFirstConsumer: nothing populates its claim until a Pod that uses it is scheduled.
+    WaitForFirstConsumer,
+}
+
+/// A claim that exists is ready whatever its phase, unless its controller is a DataVolume: then ready once the
+/// DataVolume is Succeeded or PendingPopulation. `Err` is KubeVirt's sync error: the claim, or its DataVolume, does
+/// not exist.
+async fn readiness(shared: &Shared, claims: &[DynamicObject], volume: &Value) -> Result<Readiness, String> {
+    let name = claim_of(volume);
+    let claim = named_object(claims, name).ok_or_else(|| format!("didn't find PVC {name}"))?;
+    let owner = claim.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true));
+    let Some(owner) = owner.filter(|o| o.kind == "DataVolume") else { return Ok(Readiness::Ready) };
+    let ns = &shared.namespace;
+    // DataVolumeByNameFunc.
+    let data_volumes =
+        Api::<DynamicObject>::namespaced_with(shared.controller.clone(), ns, &crate::cdi_lab::data_volumes_resource());
+    let data_volume = data_volumes.get_opt(&owner.name).await.map_err(|e| e.to_string())?;
+    let data_volume = data_volume.ok_or_else(|| format!("unable to find datavolume {ns}/{}", owner.name))?;
+    Ok(match data_volume.data["status"]["phase"].as_str() {
+        Some("Succeeded" | "PendingPopulation") => Readiness::Ready,
+        Some("WaitForFirstConsumer") => Readiness::WaitForFirstConsumer,
+        _ => Readiness::NotReady,
+    })
+}
+
 /// virt-controller's `handleHotplugVolumes` and `cleanupAttachmentPods` (pkg/virt-controller/watch/vmi/
-/// volume-hotplug.go) for a running VMI. One attachment Pod holds every ready hot-plugged volume; when that set
-/// changes (a volume plugged or unplugged) a new Pod is created for the new set, unless an old one is still pending.
-/// An old Pod is deleted only once no removed volume in it is Ready or MountedToPod, and one running old Pod is kept
-/// while the new one does not run yet: so an unplug of one of several volumes ends only when the replacement Pod
-/// runs. A hotpluggable volume whose claim does not exist stops all of it (`VolumeReadyToAttachToNode` fails, and
-/// `handleHotplugVolumes` returns at the first such volume): no Pod is created or deleted for any volume of the VMI.
-/// Returns the VMI's attachment Pods as they are afterwards, oldest first.
+/// volume-hotplug.go) for a running VMI, when `needsHandleHotplug` (more than one attachment Pod, or one that does
+/// not hold exactly the VMI's hot-plugged volumes), after `cleanupWaitForFirstConsumerTemporaryPods`. One attachment
+/// Pod holds every ready hot-plugged volume ([`readiness`]); when that set changes (a volume plugged or unplugged) a
+/// new Pod is created for the new set, unless an old one is still pending. A DataVolume waiting for its first
+/// consumer gets a population trigger Pod instead (`triggerHotplugPopulation`). An old Pod is deleted only once no
+/// removed volume in it is Ready or MountedToPod, and one running old Pod is kept while the new one does not run yet:
+/// so an unplug of one of several volumes ends only when the replacement Pod runs. A hotpluggable volume whose claim
+/// (or DataVolume) does not exist stops all of it (`VolumeReadyToAttachToNode` fails, and `handleHotplugVolumes`
+/// returns at the first such volume): no Pod is created or deleted for any volume of the VMI. Returns the VMI's
+/// attachment Pods as this sync found them, oldest first: KubeVirt's status update in the same sync reads its Pod
+/// informer, which has not seen what the sync created or deleted yet.
 async fn handle_hotplug_volumes(shared: &Shared, vmi: &DynamicObject) -> Result<Vec<DynamicObject>> {
     let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
+    cleanup_temporary_pods(shared, vmi).await?;
     let existing = attachment_pods(shared, &shared.controller, &vmi_name).await?;
-    let claims = claims(&shared.controller, &shared.namespace).list(&ListParams::default()).await?.items;
     let hotplug: Vec<Value> = list(&vmi.data["spec"]["volumes"]).into_iter().filter(is_hotpluggable).collect();
+    let spec_names: BTreeSet<String> = hotplug.iter().map(|v| name_of(v).to_string()).collect();
+    let needs_handling =
+        existing.len() > 1 || existing.first().map_or(!hotplug.is_empty(), |pod| pod_volumes(pod) != spec_names);
+    if !needs_handling {
+        return Ok(existing);
+    }
+    let claims = claims(&shared.controller, &shared.namespace).list(&ListParams::default()).await?.items;
     let mut ready = Vec::new();
     for volume in &hotplug {
-        let Some(claim) = claims.iter().find(|c| c.metadata.name.as_deref() == Some(claim_of(volume))) else {
-            tracing::debug!(vmi = vmi_name, volume = name_of(volume), "lab virt-controller: claim not found");
-            return Ok(existing);
-        };
-        if claim.data["status"]["phase"] == "Bound" {
-            ready.push(volume.clone());
+        match readiness(shared, &claims, volume).await {
+            Err(why) => {
+                tracing::debug!(vmi = vmi_name, volume = name_of(volume), why, "lab virt-controller: sync error");
+                return Ok(existing);
+            }
+            Ok(Readiness::WaitForFirstConsumer) => trigger_population(shared, vmi, volume, &claims).await?,
+            Ok(Readiness::NotReady) => {}
+            Ok(Readiness::Ready) => ready.push(volume.clone()),
         }
     }
     let ready_names: BTreeSet<String> = ready.iter().map(|v| name_of(v).to_string()).collect();
@@ -1191,15 +1266,11 @@ async fn handle_hotplug_volumes(shared: &Shared, vmi: &DynamicObject) -> Result<
         }
     }
     old.reverse();
-    let pending =
-        old.iter().any(|p| !matches!(p.data["status"]["phase"].as_str(), Some("Running" | "Succeeded" | "Failed")));
-    let mut changed = false;
+    let pending = old.iter().any(|p| !matches!(pod_phase(p), "Running" | "Succeeded" | "Failed"));
     if current.is_none() && !pending && !ready.is_empty() {
-        create_attachment_pod(shared, vmi, &ready).await?;
-        changed = true;
+        create_attachment_pod(shared, vmi, &ready, &claims).await?;
     }
     // cleanupAttachmentPods.
-    let spec_names: BTreeSet<String> = hotplug.iter().map(|v| name_of(v).to_string()).collect();
     let removed: BTreeMap<String, String> = list(&vmi.data["status"]["volumeStatus"])
         .iter()
         .filter(|s| !s["hotplugVolume"].is_null() && !spec_names.contains(name_of(s)))
@@ -1219,76 +1290,211 @@ async fn handle_hotplug_volumes(shared: &Shared, vmi: &DynamicObject) -> Result<
         if volumes.iter().any(blocks_delete) {
             continue;
         }
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
-        match pods(&shared.controller, &shared.namespace).delete(&name, &now).await {
-            Ok(_) => {
-                let message = format!("Deleted attachment pod {name}");
-                event(shared, Component::Controller, vmi, "Normal", "SuccessfulDelete", &message).await?;
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        shared.pods_created.lock().unwrap().remove(&name);
-        changed = true;
+        delete_pod(shared, vmi, &pod, "Deleted attachment pod").await?;
     }
-    match changed {
-        true => Ok(attachment_pods(shared, &shared.controller, &vmi_name).await?),
-        false => Ok(existing),
-    }
+    Ok(existing)
 }
 
-/// `createAttachmentPod`: a Pod holding the claims of `volumes`, named `hp-volume-` and a random suffix.
-async fn create_attachment_pod(shared: &Shared, vmi: &DynamicObject, volumes: &[Value]) -> Result<()> {
+/// Deletes an attachment Pod at once (grace period 0, `deleteAttachmentPod`) and records the Event `what <pod>`.
+async fn delete_pod(shared: &Shared, vmi: &DynamicObject, pod: &DynamicObject, what: &str) -> Result<()> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    match pods(&shared.controller, &shared.namespace).delete(&name, &now).await {
+        Ok(_) => {
+            event(shared, Component::Controller, vmi, "Normal", "SuccessfulDelete", &format!("{what} {name}")).await?
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    shared.pods_created.lock().unwrap().remove(&name);
+    Ok(())
+}
+
+/// `cleanupWaitForFirstConsumerTemporaryPods` (lifecycle.go), run on every sync of a VMI none of whose
+/// non-hotplugged DataVolumes waits for a consumer (the lab's VMIs have none): each temporary Pod that runs or has
+/// finished is deleted.
+async fn cleanup_temporary_pods(shared: &Shared, vmi: &DynamicObject) -> Result<()> {
     let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
-    let pod_volumes: Vec<Value> = volumes
-        .iter()
-        .map(|v| json!({"name": name_of(v), "persistentVolumeClaim": {"claimName": claim_of(v)}}))
-        .collect();
-    let pod = serde_json::from_value(json!({
+    for pod in attachment_pods(shared, &shared.controller, &vmi_name).await? {
+        if is_temporary(&pod) && matches!(pod_phase(&pod), "Running" | "Succeeded" | "Failed") {
+            delete_pod(shared, vmi, &pod, "Deleted WaitForFirstConsumer temporary pod").await?;
+        }
+    }
+    Ok(())
+}
+
+/// The `hotplug-disks` directory of an attachment Pod, and its container's mount of it.
+fn hotplug_disks() -> (Value, Value) {
+    let volume = json!({"name": "hotplug-disks", "emptyDir": {}});
+    let mount = json!({"name": "hotplug-disks", "mountPath": "/path", "mountPropagation": "HostToContainer"});
+    (volume, mount)
+}
+
+/// A new Pod object of virt-controller's for VMI `vmi` (labelled for the lab to find it): `hp-volume-` and a random
+/// suffix, no grace period.
+fn attachment_pod(vmi: &DynamicObject, spec: Value, annotations: Value) -> Result<DynamicObject> {
+    let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
+    let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"generateName": "hp-volume-",
+        "metadata": {"generateName": "hp-volume-", "annotations": annotations,
                      "labels": {ATTACHMENT_LABEL.0: ATTACHMENT_LABEL.1, ATTACHMENT_VMI_LABEL: vmi_name}},
-        // On the VMI's node (KubeVirt pins it there by node affinity); no kubelet runs the lab's NODE, so on a lab
-        // with a real node its kubelet leaves the Pod to the lab's (`run_attachment_pods`).
-        "spec": {"nodeName": NODE,
-                 "containers": [{"name": "hotplug-disk", "image": "quay.io/kubevirt/virt-launcher:v1.9.0",
-                                 "command": ["/bin/sh", "-c", "/usr/bin/container-disk --copy-path /path/hp"]}],
-                 "volumes": pod_volumes},
-    }))?;
-    let created = pods(&shared.controller, &shared.namespace).create(&PostParams::default(), &pod).await?;
+        "spec": spec,
+    });
+    pod["spec"]["terminationGracePeriodSeconds"] = json!(0);
+    Ok(serde_json::from_value(pod)?)
+}
+
+/// Creates `pod` as virt-controller and remembers when; returns its name.
+async fn create_pod(shared: &Shared, pod: &DynamicObject) -> Result<String> {
+    let created = pods(&shared.controller, &shared.namespace).create(&PostParams::default(), pod).await?;
     let name = created.metadata.name.unwrap_or_default();
     shared.pods_created.lock().unwrap().insert(name.clone(), Instant::now());
+    Ok(name)
+}
+
+/// `createAttachmentPod` with `RenderHotplugAttachmentPodTemplate` (pkg/virt-controller/services/template.go): a Pod
+/// pinned to the VMI's node by node affinity (the scheduler binds it) holding the claims of `volumes`, a Block
+/// claim's device at `/path/<volume>/<claim UID>`, a Filesystem claim mounted at `/<volume>` unless already Ready or
+/// MountedToPod.
+async fn create_attachment_pod(
+    shared: &Shared,
+    vmi: &DynamicObject,
+    volumes: &[Value],
+    claims: &[DynamicObject],
+) -> Result<()> {
+    let statuses = list(&vmi.data["status"]["volumeStatus"]);
+    let (directory, directory_mount) = hotplug_disks();
+    let mut container = json!({"name": "hotplug-disk", "image": LAUNCHER_IMAGE,
+                               "command": ["/bin/sh", "-c", "/usr/bin/container-disk --copy-path /path/hp"],
+                               "volumeMounts": [directory_mount]});
+    let mut pod_volumes = vec![directory];
+    for volume in volumes {
+        let name = name_of(volume);
+        pod_volumes.push(json!({"name": name, "persistentVolumeClaim": {"claimName": claim_of(volume)}}));
+        let Some(claim) = named_object(claims, claim_of(volume)) else { continue };
+        let phase = statuses.iter().find(|s| s["name"] == name).and_then(|s| s["phase"].as_str());
+        match VolumeMode::of(&claim.data["spec"]) {
+            VolumeMode::Block => {
+                let uid = claim.metadata.uid.clone().unwrap_or_default();
+                push(
+                    &mut container,
+                    "volumeDevices",
+                    json!({"name": name, "devicePath": format!("/path/{name}/{uid}")}),
+                );
+            }
+            VolumeMode::Filesystem if !matches!(phase, Some("Ready" | "MountedToPod")) => {
+                push(&mut container, "volumeMounts", json!({"name": name, "mountPath": format!("/{name}")}));
+            }
+            VolumeMode::Filesystem => {}
+        }
+    }
+    let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE]}]}]}}});
+    let spec = json!({"containers": [container], "affinity": affinity, "volumes": pod_volumes});
+    let name = create_pod(shared, &attachment_pod(vmi, spec, json!({}))?).await?;
     event(shared, Component::Controller, vmi, "Normal", "SuccessfulCreate", &format!("Created attachment pod {name}"))
         .await
 }
 
-/// The cluster's scheduler and kubelet for attachment Pods (as the admin): a Pod runs once its start time passed,
-/// unless a fault keeps it Pending.
+/// `triggerHotplugPopulation` with `RenderHotplugAttachmentTriggerPodTemplate` (template.go): a temporary Pod
+/// (`kubevirt.io/ephemeral-provisioning`) beside the VMI's virt-launcher Pod (pod affinity) that uses the DataVolume's
+/// claim and exits at once, so that kube-scheduler picks a node for the claim and CDI can populate it.
+async fn trigger_population(
+    shared: &Shared,
+    vmi: &DynamicObject,
+    volume: &Value,
+    claims: &[DynamicObject],
+) -> Result<()> {
+    let name = name_of(volume);
+    let (directory, directory_mount) = hotplug_disks();
+    let mut container = json!({"name": "hotplug-disk", "image": LAUNCHER_IMAGE,
+                               "command": ["/bin/bash", "-c", "exit", "0"], "volumeMounts": [directory_mount]});
+    let block =
+        named_object(claims, claim_of(volume)).is_some_and(|c| VolumeMode::of(&c.data["spec"]) == VolumeMode::Block);
+    match block {
+        true => container["volumeDevices"] = json!([{"name": name, "devicePath": "/dev/hotplugblockdevice"}]),
+        false => push(&mut container, "volumeMounts", json!({"name": name, "mountPath": "/pvc"})),
+    }
+    let launcher = json!({"kubevirt.io": "virt-launcher", "kubevirt.io/created-by": vmi.metadata.uid});
+    let mut spec = json!({
+        "containers": [container],
+        "affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": launcher}, "topologyKey": "kubernetes.io/hostname"}]}},
+        "volumes": [{"name": name, "persistentVolumeClaim": {"claimName": claim_of(volume), "readOnly": false}}, directory],
+    });
+    if block {
+        spec["securityContext"] = json!({"runAsUser": 0});
+    }
+    create_pod(shared, &attachment_pod(vmi, spec, json!({EPHEMERAL: "true"}))?).await?;
+    let message = format!("Created hotplug trigger pod for volume {name}");
+    event(shared, Component::Controller, vmi, "Normal", "SuccessfulCreate", &message).await
+}
+
+/// kube-scheduler's bind (`DefaultBinder`): a `Binding` of the Pod to the lab's node, from which the API server sets
+/// `spec.nodeName`.
+async fn bind_pod(shared: &Shared, name: &str) -> Result<()> {
+    let ns = &shared.namespace;
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                         "target": {"apiVersion": "v1", "kind": "Node", "name": NODE}});
+    let request = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{name}/binding"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&binding)?)?;
+    shared.client.request_text(request).await.with_context(|| format!("binding Pod {ns}/{name} to node {NODE}"))?;
+    Ok(())
+}
+
+/// The cluster's kube-scheduler and the lab node's kubelet for attachment Pods (as the admin). The scheduler binds a
+/// Pod to the node once its volumes allow it ([`Storage::schedule`]: a claim of a `WaitForFirstConsumer` class is
+/// given the node and waited for; an unbound `Immediate` one, a missing one, refuse the Pod), else writes why not in
+/// `PodScheduled`; the kubelet runs a bound Pod once its start time passed (a temporary trigger Pod runs `exit 0` and
+/// Succeeds), unless a fault keeps it Pending.
 async fn run_attachment_pods(shared: &Shared) -> Result<()> {
     let api = pods(&shared.client, &shared.namespace);
     let selector = format!("{}={}", ATTACHMENT_LABEL.0, ATTACHMENT_LABEL.1);
-    let image = "quay.io/kubevirt/virt-launcher:v1.9.0";
     for pod in api.list(&ListParams::default().labels(&selector)).await? {
-        if pod_running(&pod) {
+        if pod.metadata.deletion_timestamp.is_some() || matches!(pod_phase(&pod), "Running" | "Succeeded" | "Failed") {
             continue;
         }
         let name = pod.metadata.name.clone().unwrap_or_default();
         let created = *shared.pods_created.lock().unwrap().entry(name.clone()).or_insert_with(Instant::now);
         let fault = *shared.pod_fault.lock().unwrap();
+        if pod.data["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
+            let verdict = match fault {
+                Some(AttachmentPodFault::Unschedulable) => VolumeScheduling::Unschedulable(storage_lab::unschedulable(
+                    "1 node(s) had volume node affinity conflict",
+                )),
+                _ => shared.storage.schedule(&pod, NODE).await?,
+            };
+            match verdict {
+                VolumeScheduling::Bound => bind_pod(shared, &name).await?,
+                VolumeScheduling::Waiting => {}
+                VolumeScheduling::Unschedulable(message) => {
+                    let conditions = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                             "message": message}]);
+                    if pod.data["status"]["conditions"] != conditions {
+                        let status = json!({"status": {"phase": "Pending", "conditions": conditions}});
+                        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+                    }
+                }
+            }
+            continue;
+        }
+        let container = |ready: bool, state: Value| {
+            json!([{"name": "hotplug-disk", "ready": ready, "restartCount": 0, "image": LAUNCHER_IMAGE, "imageID": "",
+                    "state": state}])
+        };
         let status = match fault {
-            Some(AttachmentPodFault::Unschedulable) => json!({"phase": "Pending", "conditions": [
-                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                 "message": "0/1 nodes are available: 1 node(s) had volume node affinity conflict."}]}),
             Some(AttachmentPodFault::Stuck) => json!({"phase": "Pending",
                 "conditions": [{"type": "PodScheduled", "status": "True"}],
-                "containerStatuses": [{"name": "hotplug-disk", "ready": false, "restartCount": 0, "image": image,
-                    "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
-            None if created.elapsed() >= *shared.pod_start.lock().unwrap() => json!({"phase": "Running",
+                "containerStatuses": container(false, json!({"waiting": {"reason": "ContainerCreating"}}))}),
+            _ if created.elapsed() < *shared.pod_start.lock().unwrap() => continue,
+            _ if is_temporary(&pod) => json!({"phase": "Succeeded",
+                "conditions": [{"type": "PodScheduled", "status": "True"},
+                               {"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+                "containerStatuses": container(false, json!({"terminated": {"exitCode": 0, "reason": "Completed"}}))}),
+            _ => json!({"phase": "Running",
                 "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
-                "containerStatuses": [{"name": "hotplug-disk", "ready": true, "restartCount": 0, "image": image,
-                    "imageID": "", "state": {"running": {}}}]}),
-            None => continue,
+                "containerStatuses": container(true, json!({"running": {}}))}),
         };
         if pod.data["status"]["phase"] == status["phase"] && pod.data["status"]["conditions"] == status["conditions"] {
             continue;
@@ -1446,14 +1652,46 @@ fn declarative_lists(template: &Value, spec: &Value, status: &Value) -> (Vec<Val
     (list(&volumes), disks)
 }
 
+/// `getVolumePhaseMessageReason` (storage.go): a hot-plugged volume's phase, reason and message from its claim.
+fn claim_phase(claims: &[DynamicObject], name: &str) -> (&'static str, &'static str, String) {
+    match named_object(claims, name).map(|c| c.data["status"]["phase"].as_str().unwrap_or_default()) {
+        None => ("Pending", "FailedPvcNotFound", format!("PVC {name} not found")),
+        Some("Pending") => ("Pending", "PVCNotReady", "PVC is in phase ClaimPending".into()),
+        Some("Bound") => ("Bound", "PVCNotReady", "PVC is in phase Bound".into()),
+        Some(_) => ("Pending", "PVCNotReady", "PVC is in phase Lost".into()),
+    }
+}
+
+/// `processPVCInfo` (storage.go): what a volume's status says of its claim, when the claim exists. The filesystem
+/// overhead is KubeVirt's default: it finds no CDI resource in the lab's API server.
+fn claim_info(status: &mut Value, claims: &[DynamicObject], name: &str) {
+    let Some(claim) = named_object(claims, name) else { return };
+    let spec = &claim.data["spec"];
+    let mut info = json!({"claimName": name, "filesystemOverhead": DEFAULT_FS_OVERHEAD});
+    for (key, value) in [
+        ("accessModes", &spec["accessModes"]),
+        ("volumeMode", &spec["volumeMode"]),
+        ("capacity", &claim.data["status"]["capacity"]),
+        ("requests", &spec["resources"]["requests"]),
+    ] {
+        if !value.is_null() {
+            info[key] = value.clone();
+        }
+    }
+    status["persistentVolumeClaimInfo"] = info;
+}
+
 /// `volumeStatus` as virt-controller keeps it for a running VMI (pkg/virt-controller/watch/vmi/storage.go
-/// `updateVolumeStatus`, `processHotplugVolumeStatus`, `phaseForUnpluggedVolume`): an entry for each volume of the
-/// spec; a hotpluggable one goes Pending → Bound (once its claim is) → AttachedToNode (a current attachment Pod holds
-/// it; its UID is recorded once the Pod runs, which virt-handler waits for). An entry whose volume left the spec
-/// stays while any attachment Pod (`pods`) still holds the volume: as it is while virt-handler still has the disk
-/// (Ready, MountedToPod), Detaching once virt-handler let go of it; it is dropped only when no Pod holds it.
-/// Written as KubeVirt writes a running VMI's status: a JSON patch with a `test` of the old list
-/// (lifecycle.go `prepareVMIPatch`).
+/// `updateVolumeStatus`, `processHotplugVolumeStatus`, `processPVCInfo`, `phaseForUnpluggedVolume`): an entry for
+/// each volume of the spec, with its claim's `persistentVolumeClaimInfo`. A hot-plugged volume's attachment Pod is the
+/// current one, the Pod (not being deleted) holding exactly the VMI's hot-plugged volumes
+/// (`getActiveAndOldAttachmentPods`), a population trigger Pod too. Without one, a volume that is not Ready takes its
+/// phase from its claim ([`claim_phase`]: Pending, or Bound once the claim is); with one, a Pending or Bound volume
+/// is AttachedToNode (with virt-controller's Event), and the Pod's UID is recorded once its container is ready, which
+/// virt-handler waits for. An entry whose volume left the spec stays while any attachment Pod (`pods`) still holds the
+/// volume: as it is while virt-handler still has the disk (Ready, MountedToPod), Detaching once virt-handler let go
+/// of it; it is dropped only when no Pod holds it. Written as KubeVirt writes a running VMI's status: a JSON patch
+/// with a `test` of the old list (lifecycle.go `prepareVMIPatch`).
 async fn controller_volume_status(
     shared: &Shared,
     api: &Api<DynamicObject>,
@@ -1461,38 +1699,51 @@ async fn controller_volume_status(
     pods: &[DynamicObject],
 ) -> Result<()> {
     let vmi_name = vmi.metadata.name.clone().unwrap_or_default();
+    let claims = claims(&shared.controller, &shared.namespace).list(&ListParams::default()).await?.items;
     let old = list(&vmi.data["status"]["volumeStatus"]);
     let mut left: BTreeMap<String, Value> = old.iter().map(|s| (name_of(s).to_string(), s.clone())).collect();
+    let volumes = list(&vmi.data["spec"]["volumes"]);
+    let hotplug: BTreeSet<String> =
+        volumes.iter().filter(|v| is_hotpluggable(v)).map(|v| name_of(v).to_string()).collect();
+    let current = pods.iter().rev().find(|p| p.metadata.deletion_timestamp.is_none() && pod_volumes(p) == hotplug);
+    let mut attached = Vec::new();
     let mut new = Vec::new();
-    for volume in list(&vmi.data["spec"]["volumes"]) {
-        let name = name_of(&volume).to_string();
+    for volume in &volumes {
+        let name = name_of(volume).to_string();
         let mut status = left.remove(&name).unwrap_or_else(|| json!({"name": name, "target": ""}));
-        if is_hotpluggable(&volume) {
-            // The current Pod: the newest one, and it holds every ready volume (this one among them).
-            let pod = pods.last().filter(|p| pod_volumes(p).contains(&name));
-            let phase = status["phase"].as_str().unwrap_or_default().to_string();
-            match (phase.as_str(), pod) {
-                // Detaching in the spec: re-added while the old attachment pod goes; it starts over.
-                ("" | "Pending" | "Detaching", _) => {
-                    let claim = claim_of(&volume);
-                    let bound = shared.images.lock().unwrap().contains_key(claim);
-                    let (phase, reason) = if bound { ("Bound", "Bound") } else { ("Pending", "Pending") };
-                    set_phase(&mut status, phase, reason, format!("PVC {claim} is {}", phase.to_lowercase()));
-                    status["hotplugVolume"] = json!({});
-                }
-                (_, Some(pod)) => {
-                    let pod_name = pod.metadata.name.clone().unwrap_or_default();
-                    if phase == "Bound" {
-                        let message = format!("Created hotplug attachment pod {pod_name}, for volume {name}");
-                        set_phase(&mut status, "AttachedToNode", "SuccessfulCreate", message);
-                    }
-                    // processHotplugVolumeStatus: the UID only once the Pod's container is ready.
-                    let uid =
-                        if pod_running(pod) { pod.metadata.uid.clone().unwrap_or_default() } else { String::new() };
-                    status["hotplugVolume"] = json!({"attachPodName": pod_name, "attachPodUID": uid});
-                }
-                (_, None) => {}
+        if is_hotpluggable(volume) {
+            if status["hotplugVolume"].is_null() {
+                status["hotplugVolume"] = json!({});
             }
+            let phase = status["phase"].as_str().unwrap_or_default().to_string();
+            let from_claim = match current {
+                None if phase != "Ready" => {
+                    status["hotplugVolume"]["attachPodUID"] = json!("");
+                    true
+                }
+                None => false,
+                Some(pod) => {
+                    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+                    let ready = pod.data["status"]["containerStatuses"][0]["ready"] == true;
+                    let uid = if ready { pod.metadata.uid.clone().unwrap_or_default() } else { String::new() };
+                    status["hotplugVolume"]["attachPodName"] = json!(pod_name);
+                    status["hotplugVolume"]["attachPodUID"] = json!(uid);
+                    if matches!(phase.as_str(), "" | "Bound" | "Pending") {
+                        let message = format!("Created hotplug attachment pod {pod_name}, for volume {name}");
+                        set_phase(&mut status, "AttachedToNode", "SuccessfulCreate", message.clone());
+                        attached.push(message);
+                    }
+                    // A volume re-added while its old attachment Pod still goes starts over from its claim.
+                    phase == "Detaching"
+                }
+            };
+            if from_claim {
+                let (phase, reason, message) = claim_phase(&claims, claim_of(volume));
+                set_phase(&mut status, phase, reason, message);
+            }
+        }
+        if let Some(claim) = source_name(volume) {
+            claim_info(&mut status, &claims, claim);
         }
         new.push(status);
     }
@@ -1515,6 +1766,9 @@ async fn controller_volume_status(
     }
     patch_lists(api, vmi, &[("/status/volumeStatus".into(), Value::Array(new.clone()))]).await?;
     stamp_changes(shared, &vmi_name, &old, &new);
+    for message in attached {
+        event(shared, Component::Controller, vmi, "Normal", "SuccessfulCreate", &message).await?;
+    }
     Ok(())
 }
 
@@ -1526,6 +1780,7 @@ async fn handler_sync(shared: &Shared) -> Result<()> {
     for vmi in api.list(&Default::default()).await? {
         let name = vmi.metadata.name.clone().unwrap_or_default();
         let mut next = vmi.clone();
+        let mut failures = BTreeMap::new();
         match vmi.data["status"]["phase"].as_str() {
             Some("Scheduled") => {
                 boot(shared, &name, &vmi);
@@ -1537,9 +1792,11 @@ async fn handler_sync(shared: &Shared) -> Result<()> {
             }
             Some("Running") => {
                 sync_domain(shared, &name, &vmi).await?;
+                failures = mount_failures(shared, &vmi).await?;
                 // virt-controller makes the entries; with none there is nothing to report.
                 if vmi.data["status"]["volumeStatus"].is_array() {
-                    next.data["status"]["volumeStatus"] = Value::Array(statuses_from_domain(shared, &name, &vmi));
+                    let statuses = statuses_from_domain(shared, &name, &vmi, &failures);
+                    next.data["status"]["volumeStatus"] = Value::Array(statuses);
                 }
             }
             _ => continue,
@@ -1552,8 +1809,11 @@ async fn handler_sync(shared: &Shared) -> Result<()> {
                 event(shared, Component::Handler, &next, "Normal", &reason, &message).await?;
             }
         }
-        if let Some(message) = hotplug_mount_failure(shared, &name, &next) {
-            event(shared, Component::Handler, &next, "Warning", "SyncFailed", &message).await?;
+        // Recorded once per volume: the recorder aggregates the repeats.
+        for (volume, message) in failures {
+            if shared.mount_failed.lock().unwrap().insert(key(&name, &volume)) {
+                event(shared, Component::Handler, &next, "Warning", "SyncFailed", &message).await?;
+            }
         }
     }
     Ok(())
@@ -1571,25 +1831,46 @@ fn phase_events(old: &[Value], new: &[Value]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A VMI with `disableHotplug` has a virt-launcher Pod without the `hotplug-disks` directory (template.go adds
-/// `withHotplugSupport` only without it), so virt-handler cannot mount any attached volume into it
-/// (hotplug-disk/mount.go): each such volume stays AttachedToNode and every sync fails. Returns the `SyncFailed`
-/// message the first time a volume fails so (recorded once per volume: the recorder aggregates the repeats).
-fn hotplug_mount_failure(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Option<String> {
-    if vmi.data["spec"]["domain"]["devices"]["disableHotplug"] != true {
-        return None;
+/// Why virt-handler cannot mount attached volumes into the VMI's virt-launcher Pod (hotplug-disk/mount.go
+/// `mountHotplugVolume`), for each AttachedToNode hot-plugged volume: a VMI with `disableHotplug` has a virt-launcher
+/// Pod without the `hotplug-disks` directory (template.go adds `withHotplugSupport` only without it); a Filesystem
+/// claim (so `persistentVolumeClaimInfo.volumeMode` says, which is what virt-handler's `isBlockVolume` reads) without
+/// `disk.img` at its root cannot be bind-mounted (`mountFileSystemHotplugVolume`), and KubeVirt creates `disk.img`
+/// only for volumes that are not hot-plugged (host-disk.go `shouldSkipVolumeSource`). Each such volume stays
+/// AttachedToNode and every sync fails with the message.
+async fn mount_failures(shared: &Shared, vmi: &DynamicObject) -> Result<BTreeMap<String, String>> {
+    let mut failures = BTreeMap::new();
+    let disabled = vmi.data["spec"]["domain"]["devices"]["disableHotplug"] == true;
+    let vmi_uid = vmi.metadata.uid.clone().unwrap_or_default();
+    for status in list(&vmi.data["status"]["volumeStatus"]) {
+        if status["hotplugVolume"].is_null() || status["phase"] != "AttachedToNode" {
+            continue;
+        }
+        let volume = name_of(&status).to_string();
+        if disabled {
+            let message = format!(
+                "failed to mount filesystem hotplug volume {volume}: failed to resolve /var/lib/kubelet/pods/{vmi_uid}/\
+                 volumes/kubernetes.io~empty-dir/hotplug-disks: no such file or directory"
+            );
+            failures.insert(volume, message);
+            continue;
+        }
+        let pod_uid = status["hotplugVolume"]["attachPodUID"].as_str().unwrap_or_default();
+        if pod_uid.is_empty() || status["persistentVolumeClaimInfo"]["volumeMode"] == "Block" {
+            continue;
+        }
+        let Some(spec_volume) = named(&vmi.data["spec"]["volumes"], &json!(volume)) else { continue };
+        let Some(found) = shared.storage.volume(&shared.namespace, claim_of(spec_volume)).await? else { continue };
+        if !found.disk_image().exists() {
+            let message = format!(
+                "failed to mount filesystem hotplug volume {volume}: lstat /var/lib/kubelet/pods/{pod_uid}/volumes/\
+                 kubernetes.io~local-volume/{}/disk.img: no such file or directory",
+                found.name
+            );
+            failures.insert(volume, message);
+        }
     }
-    let statuses = list(&vmi.data["status"]["volumeStatus"]);
-    let stuck = statuses.iter().find(|s| s["phase"] == "AttachedToNode" && !s["hotplugVolume"].is_null())?;
-    let volume = name_of(stuck).to_string();
-    if !shared.mount_failed.lock().unwrap().insert(key(vmi_name, &volume)) {
-        return None;
-    }
-    let uid = vmi.metadata.uid.clone().unwrap_or_default();
-    Some(format!(
-        "failed to mount filesystem hotplug volume {volume}: failed to resolve /var/lib/kubelet/pods/{uid}/volumes/\
-         kubernetes.io~empty-dir/hotplug-disks: no such file or directory"
-    ))
+    Ok(failures)
 }
 
 /// The domain starts with the VMI's disks that are not hot-plugged, on virtio targets in order.
@@ -1616,9 +1897,10 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
         if plugged || phase_of(name) != Some(json!("MountedToPod")) || !due(shared, vmi_name, name) {
             continue;
         }
-        let claim = volume["persistentVolumeClaim"]["claimName"].as_str().or(volume["dataVolume"]["name"].as_str());
-        let image = claim.and_then(|c| shared.images.lock().unwrap().get(c).cloned());
-        let image = image.with_context(|| format!("the lab has no image for volume {name} of VMI {vmi_name}"))?;
+        let claim = claim_of(volume);
+        let found = shared.storage.volume(&shared.namespace, claim).await?;
+        let image = found.map(|v| v.disk_image());
+        let image = image.with_context(|| format!("claim {claim} of volume {name} of VMI {vmi_name} is not bound"))?;
         let target = {
             let mut next = shared.next_target.lock().unwrap();
             *next += 1;
@@ -1663,9 +1945,14 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
 
 /// Each volume's status from the domain (vm.go `updateVolumeStatusesFromDomain`, `updateHotplugVolumeStatus`): its
 /// target is the domain's; a hot-plugged volume with a target is Ready; without one, it is MountedToPod once its
-/// attachment pod's volume is mounted into virt-launcher (a step after AttachedToNode), or UnMountedFromPod once it
-/// left the spec.
-fn statuses_from_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Vec<Value> {
+/// attachment pod's volume is mounted into virt-launcher (a step after AttachedToNode, unless the mount fails:
+/// `failures`), or UnMountedFromPod once it left the spec.
+fn statuses_from_domain(
+    shared: &Shared,
+    vmi_name: &str,
+    vmi: &DynamicObject,
+    failures: &BTreeMap<String, String>,
+) -> Vec<Value> {
     let in_spec = |name: &str| list(&vmi.data["spec"]["volumes"]).iter().any(|v| v["name"] == name);
     let domain = shared.domain.lock().unwrap().clone();
     let mut statuses = list(&vmi.data["status"]["volumeStatus"]);
@@ -1682,7 +1969,7 @@ fn statuses_from_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) ->
             set_phase(status, "Ready", "VolumeReady", message);
         } else if in_spec(&name)
             && phase == "AttachedToNode"
-            && vmi.data["spec"]["domain"]["devices"]["disableHotplug"] != true
+            && !failures.contains_key(&name)
             && status["hotplugVolume"]["attachPodUID"].as_str().is_some_and(|u| !u.is_empty())
             && due(shared, vmi_name, &name)
         {
@@ -1694,41 +1981,6 @@ fn statuses_from_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) ->
         }
     }
     statuses
-}
-
-/// Binds every claim the lab has an image for (there is no provisioner).
-async fn bind_claims(shared: &Shared) -> Result<()> {
-    let api = claims(&shared.client, &shared.namespace);
-    for claim in api.list(&Default::default()).await? {
-        let name = claim.metadata.name.clone().unwrap_or_default();
-        if claim.data["status"]["phase"] != "Bound" {
-            provision(shared, &name, &claim.data["spec"])?;
-        }
-        if claim.data["status"]["phase"] != "Bound" && shared.images.lock().unwrap().contains_key(&name) {
-            let size = claim.data["spec"]["resources"]["requests"]["storage"].clone();
-            let status =
-                json!({"status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"], "capacity": {"storage": size}}});
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
-        }
-    }
-    Ok(())
-}
-
-/// A new image for a claim without one, when the lab provisions claims of its class (or of none).
-fn provision(shared: &Shared, claim: &str, spec: &Value) -> Result<()> {
-    let Some((dir, class)) = shared.provisioner.lock().unwrap().clone() else { return Ok(()) };
-    let wanted = spec["storageClassName"].as_str().unwrap_or(&class);
-    let mut images = shared.images.lock().unwrap();
-    if wanted != class || images.contains_key(claim) {
-        return Ok(());
-    }
-    let size = spec["resources"]["requests"]["storage"].as_str().unwrap_or_default();
-    let bytes = wukong_operator::validate::quantity_bytes(size)
-        .map_err(|why| anyhow::anyhow!("claim {claim}: size '{size}' {why}"))?;
-    let image = dir.join(format!("{claim}.raw"));
-    std::fs::File::create(&image)?.set_len(bytes)?;
-    images.insert(claim.to_string(), image);
-    Ok(())
 }
 
 /// Unplugs a volume from the guest and waits until QEMU has let go of it, as virt-launcher does.
@@ -1777,19 +2029,8 @@ async fn event(
         Component::Controller => (&shared.controller, "virtualmachine-controller"),
         Component::Handler => (&shared.handler, "virt-handler"),
     };
-    let events = Api::<DynamicObject>::namespaced_with(
-        client.clone(),
-        &shared.namespace,
-        &resource("Event", "", "v1", "events"),
-    );
-    let event = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": format!("{}.", vmi.metadata.name.clone().unwrap_or_default())},
-        "involvedObject": {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
-                           "name": vmi.metadata.name, "namespace": shared.namespace, "uid": vmi.metadata.uid},
-        "reason": reason, "message": message, "type": type_, "source": {"component": source},
-    }))?;
-    events.create(&PostParams::default(), &event).await?;
-    Ok(())
+    let of = resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances");
+    crate::lab_events::record(client, &of, vmi, type_, reason, message, source).await
 }
 
 #[cfg(test)]

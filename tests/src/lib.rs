@@ -3,17 +3,20 @@
 //!
 //! Nothing here is skipped when something is missing: a lab that cannot start fails the test with the reason.
 
+pub mod cdi_lab;
 pub mod cluster;
 pub mod helm;
 pub mod kubevirt_crds;
 pub mod kubevirt_lab;
 pub mod kubevirt_webhooks;
+pub mod lab_events;
 pub mod lab_pod;
 pub mod node;
 pub mod operator_lab;
 pub mod pki;
 pub mod ports;
 pub mod readme_install;
+pub mod storage_lab;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -38,6 +41,25 @@ const SYSTEMD_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// PCIe root ports for virtio-blk hot-plug (q35's root bus itself cannot hot-plug).
 const ROOT_PORTS: u32 = 4;
+
+/// Polls `check` every 100 ms until it yields a value, for at most `timeout`; the error names `what` was awaited and
+/// the last thing `check` saw.
+pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<std::result::Result<T, String>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await? {
+            Ok(value) => return Ok(value),
+            Err(seen) if Instant::now() > deadline => {
+                bail!("{what} did not happen within {timeout:?}; last seen: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
 
 /// Workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
@@ -271,6 +293,11 @@ impl FileServer {
     /// The URL the guest downloads `file` from.
     pub fn url(&self, file: &Path) -> String {
         format!("http://10.0.2.2:{}/{}", self.port, file.file_name().unwrap_or_default().to_string_lossy())
+    }
+
+    /// The URL the host (the lab's CDI, say) downloads `file` from.
+    pub fn host_url(&self, file: &Path) -> String {
+        format!("http://127.0.0.1:{}/{}", self.port, file.file_name().unwrap_or_default().to_string_lossy())
     }
 }
 

@@ -398,9 +398,10 @@ impl Node {
                 .arg(format!("--service-account-private-key-file={}", sa_key.display()))
                 .arg(format!("--root-ca-file={}", ca.display()))
                 .args(["--leader-elect=false", "--port=0", "--secure-port=0"])
-                // The lab's KubeVirt binds claims to image files itself, as a CSI provisioner would (the volume
-                // binder would call such a claim Lost: Bound, no PersistentVolume), and runs its attachment Pods on
-                // its own node, which has no Node object (the Pod garbage collector would delete them as orphans).
+                // The lab's storage (crate::storage_lab) binds claims as the current PV controller does: this 1.20
+                // binder would race it, and writes only the beta provisioner annotation. The lab's KubeVirt runs its
+                // attachment Pods on its own node, which has no Node object (the Pod garbage collector would delete
+                // them as orphans). The garbage collector and the pvc- and pv-protection controllers run.
                 .arg("--controllers=*,-persistentvolume-binder,-attachdetach,-podgc")
                 .arg(format!("--cert-dir={}", certs.display())),
         )?;

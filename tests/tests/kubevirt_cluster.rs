@@ -567,15 +567,16 @@ async fn volume_status(lab: &Lab, volume: &str) -> Result<Option<Value>> {
     Ok(vmi["status"]["volumeStatus"].as_array().and_then(|l| l.iter().find(|s| s["name"] == volume).cloned()))
 }
 
-/// The names of the volumes each attachment Pod of vm1 holds (sorted), oldest Pod first, with the Pods' names.
+/// The names of the claims' volumes each attachment Pod of vm1 holds (sorted; not its `hotplug-disks` directory),
+/// oldest Pod first, with the Pods' names.
 async fn pod_volumes(lab: &Lab) -> Result<Vec<(String, Vec<String>)>> {
     let pods = lab.kubevirt.attachment_pods("vm1").await?;
     Ok(pods
         .into_iter()
         .map(|p| {
             let volumes = p.data["spec"]["volumes"].as_array().cloned().unwrap_or_default();
-            let mut names: Vec<String> =
-                volumes.iter().filter_map(|v| v["name"].as_str().map(str::to_string)).collect();
+            let claims = volumes.iter().filter(|v| v["persistentVolumeClaim"].is_object());
+            let mut names: Vec<String> = claims.filter_map(|v| v["name"].as_str().map(str::to_string)).collect();
             names.sort();
             (p.metadata.name.unwrap_or_default(), names)
         })
