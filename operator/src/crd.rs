@@ -70,7 +70,8 @@ pub struct DiskSpec {
     #[schemars(extend("minItems" = 1, "maxItems" = 4))]
     pub access_modes: Option<Vec<AccessMode>>,
     /// Whether the claim is a filesystem holding the disk's image or a raw block device. Default: the class's (its
-    /// CDI StorageProfile), else `Filesystem`.
+    /// CDI StorageProfile), else `Filesystem` for a DataVolume and `Block` for a bare claim (KubeVirt cannot
+    /// hot-plug an empty Filesystem claim: without a `source`, a disk is a blank DataVolume when CDI is installed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = no_null_in_enum)]
     pub volume_mode: Option<VolumeMode>,

@@ -24,8 +24,10 @@ pub enum ClaimState {
 pub struct Observed {
     /// The claim `<vm>-<disk>`, `None` when it does not exist.
     pub claim: Option<ClaimState>,
-    /// The DataVolume `<vm>-<disk>` of a disk with a `source`: `None` when it does not exist, else its phase.
+    /// The DataVolume `<vm>-<disk>`: `None` when it does not exist, else its phase.
     pub data_volume: Option<String>,
+    /// The disk is made from a DataVolume (its `source`, or a blank one), not a bare claim.
+    pub from_data_volume: bool,
     /// The VM's spec lists a volume of this name.
     pub in_vm: bool,
     /// The volume as the running VMI has it; `None` when the VM is not running.
@@ -114,7 +116,7 @@ fn step(wanted: Option<&DiskSpec>, recorded: Option<&VolumeStatus>, system: bool
     let present = seen.in_vm || seen.vmi.as_ref().is_some_and(|s| *s != VolumeState::Absent);
     match wanted {
         Some(_) if system => Step::KeepSystemDisk,
-        Some(disk) => match (disk.source.is_some(), &seen.data_volume, seen.claim, &seen.vmi) {
+        Some(_) => match (seen.from_data_volume, &seen.data_volume, seen.claim, &seen.vmi) {
             (true, None, _, _) if !present => Step::CreateDataVolume,
             (true, Some(phase), _, _) if !present && !data_volume_pluggable(phase) => Step::WaitForDataVolume,
             (false, _, None, _) if !present => Step::CreateClaim,
@@ -177,7 +179,7 @@ mod tests {
 
     fn seen(claim_bound: Option<bool>, in_vm: bool, vmi: Option<VolumeState>) -> Observed {
         let claim = claim_bound.map(|b| if b { ClaimState::Bound } else { ClaimState::Pending });
-        Observed { claim, data_volume: None, in_vm, vmi }
+        Observed { claim, data_volume: None, from_data_volume: false, in_vm, vmi }
     }
 
     /// The step for disk "data" (the system disk is "root", listed first).
@@ -239,6 +241,7 @@ mod tests {
             DiskSpec { source: Some(DiskSource { blank: Some(BlankSource {}), ..Default::default() }), ..disk("data") };
         let with = |phase: Option<&str>, vmi: Option<VolumeState>| Observed {
             data_volume: phase.map(str::to_string),
+            from_data_volume: true,
             ..seen(phase.map(|_| false), false, vmi)
         };
         let absent = Some(VolumeState::Absent);

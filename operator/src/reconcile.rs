@@ -23,7 +23,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wukong_controller_client::companion::{self, AttachOptions, CompanionError, DetachOptions};
@@ -187,6 +187,8 @@ struct Stored {
     data_volumes: BTreeMap<String, DataVolume>,
     /// CDI is installed (or nothing asked whether it is).
     cdi: bool,
+    /// The listed disks made from a DataVolume (see [`storage::data_volume_source`]).
+    from_data_volume: BTreeSet<String>,
     classes: Classes,
 }
 
@@ -202,6 +204,7 @@ impl Scene {
         Observed {
             claim,
             data_volume: self.stored.data_volumes.get(&name).map(|d| d.phase.clone()),
+            from_data_volume: self.stored.from_data_volume.contains(disk),
             in_vm,
             vmi: self.vmi.as_ref().map(|vmi| volume_state_in(vmi, Some(&self.vm), disk)),
         }
@@ -273,9 +276,13 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         .into_iter()
         .map(|c| (c.name_any(), Claim::of(&c)))
         .collect();
+    // StorageClasses, and whether CDI is installed, matter only for a disk whose claim is not bound yet: a steady
+    // object reads neither.
+    let unsettled =
+        wukong.spec.disks.iter().any(|d| !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound));
     let sourced = wukong.spec.disks.iter().any(|d| d.source.is_some())
         || previous.volumes.iter().any(|v| v.data_volume.is_some());
-    let data_volumes = match sourced {
+    let data_volumes = match sourced || unsettled {
         false => Some(BTreeMap::new()),
         true => {
             match Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &data_volume_resource()).list(&mine).await
@@ -287,12 +294,22 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
             }
         }
     };
-    // StorageClasses matter only for a disk whose claim is not bound yet: a steady object reads none.
-    let unsettled =
-        wukong.spec.disks.iter().any(|d| !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound));
     let classes = if unsettled { Classes::read(client, &context.reads).await? } else { Classes::default() };
-    let stored =
-        Stored { claims, cdi: data_volumes.is_some(), data_volumes: data_volumes.unwrap_or_default(), classes };
+    let cdi = data_volumes.is_some();
+    let data_volumes = data_volumes.unwrap_or_default();
+    // Made from a DataVolume: a disk that has one, or whose storage is still to be made and should be one.
+    let from_data_volume = wukong
+        .spec
+        .disks
+        .iter()
+        .filter(|d| {
+            let name = claim_name(&vm_name, &d.name);
+            data_volumes.contains_key(&name)
+                || !claims.contains_key(&name) && storage::data_volume_source(d, cdi).is_some()
+        })
+        .map(|d| d.name.clone())
+        .collect();
+    let stored = Stored { claims, cdi, data_volumes, from_data_volume, classes };
     // Before the VM is looked at: a spec at fault is said whatever the VM's state.
     if let Err(error) = check_storage(wukong, &previous.volumes, &vm_name, &stored, context).await? {
         return invalid(wukong, context, &previous, status, &error).await;
@@ -432,9 +449,19 @@ async fn check_storage(
                 }
             }
         }
+        if disk.source.is_none() && !stored.cdi && disk.volume_mode == Some(crate::crd::VolumeMode::Filesystem) {
+            return fault(
+                "volumeMode",
+                "KubeVirt cannot hot-plug an empty Filesystem claim (it makes no disk.img for a hot-plugged volume), \
+                 and CDI, which would write one into a blank DataVolume, is not installed: use volumeMode: Block, or \
+                 install CDI"
+                    .into(),
+            );
+        }
         if let Some(class) = stored.classes.resolve(disk.storage_class_name.as_deref()) {
             let sets = storage::property_sets(client, &context.reads, class).await?;
-            if let Err(refused) = storage::resolve_modes(disk, class, &sets) {
+            let data_volume = stored.from_data_volume.contains(&disk.name);
+            if let Err(refused) = storage::resolve_modes(disk, class, &sets, data_volume) {
                 return fault(refused.field, refused.message);
             }
         }
@@ -469,7 +496,10 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
         status.binding_mode = scene.stored.classes.binding_mode(class).map(str::to_string).or(recorded_binding(disk));
         status.access_modes = claim.map(|c| c.access_modes.clone()).unwrap_or_default();
         status.volume_mode = claim.and_then(|c| c.volume_mode.clone());
-        let sourced = disk.wanted.as_ref().map(|d| d.source.is_some()).unwrap_or(status.data_volume.is_some());
+        let sourced = match disk.wanted {
+            Some(_) => scene.stored.from_data_volume.contains(&disk.name),
+            None => status.data_volume.is_some(),
+        };
         status.data_volume = sourced.then(|| {
             let seen = scene.stored.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
             DataVolumeStatus { name: status.pvc_name.clone(), phase: seen.phase, progress: seen.progress }
@@ -826,17 +856,23 @@ async fn create_storage(
         Some(class) => storage::property_sets(&context.client, &context.reads, class).await?,
         None => Vec::new(),
     };
+    let source = storage::data_volume_source(disk, scene.stored.cdi);
     // Checked before this pass went on (`check_storage`); a profile changed since is CDI's or the provisioner's to
     // refuse.
-    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &sets).unwrap_or_else(|_| storage::Modes {
-        access_modes: vec!["ReadWriteOnce".into()],
-        volume_mode: "Filesystem".into(),
-    });
+    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &[], source.is_some());
+    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &sets, source.is_some())
+        .or(modes)
+        .expect("without a profile every mode is offered");
     let metadata = json!({"name": status.pvc_name, "ownerReferences": [owner],
         "labels": {MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: status.name}});
-    let (resource, spec, reason) = match &disk.source {
-        Some(source) => {
-            (data_volume_resource(), storage::data_volume_spec(source, disk.size(), class, &modes), "DataVolumeCreated")
+    let (resource, spec, reason) = match source {
+        Some(mut source) => {
+            // CDI needs the namespace of a claim to clone; the disk's own is the default.
+            if let Some(clone) = source.pvc.as_mut() {
+                clone.namespace.get_or_insert_with(|| scene.ns.clone());
+            }
+            let spec = storage::data_volume_spec(&source, disk.size(), class, &modes);
+            (data_volume_resource(), spec, "DataVolumeCreated")
         }
         None => (claim_resource(), storage::claim_spec(disk.size(), class, &modes), "ClaimCreated"),
     };
@@ -1069,12 +1105,13 @@ mod tests {
             calls,
             [
                 (Method::GET, "/api/v1/namespaces/ns1/persistentvolumeclaims"),
+                (Method::GET, "/apis/cdi.kubevirt.io/v1beta1/namespaces/ns1/datavolumes"),
                 (Method::GET, "/apis/storage.k8s.io/v1/storageclasses"),
                 (Method::GET, "/apis/kubevirt.io/v1/namespaces/ns1/virtualmachines/db-vm"),
                 (Method::PATCH, "/apis/vm.novasphere.dev/v1alpha1/namespaces/ns1/wukongs/db/status"),
             ]
         );
-        let status = &seen[3].body["status"];
+        let status = &seen[4].body["status"];
         assert_eq!(status["volumes"], json!([]), "no disk is touched: {status}");
         let vm = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "VMAvailable").unwrap();
         assert!(vm["message"].as_str().unwrap().starts_with("VirtualMachine ns1/db-vm does not exist"), "{vm}");
@@ -1097,6 +1134,8 @@ mod tests {
                 json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList", "metadata": {},
                        "items": [{"metadata": {"name": "fast"}, "provisioner": "x", "volumeBindingMode": "Immediate"}]}),
             )),
+            // No CDI: a bare claim.
+            p if p.starts_with("/apis/cdi.kubevirt.io/") => Some(not_found("the server could not find the resource")),
             _ => None,
         });
         let action = apply(&object, &context(api.client())).await.unwrap();
@@ -1123,7 +1162,7 @@ mod tests {
         assert_eq!(volumes[1]["phase"], "Pending");
         assert_eq!(volumes[1]["detachOptions"], json!({"force": false, "preserveData": false, "unmount": false}));
         assert_eq!(claim["spec"]["accessModes"], json!(["ReadWriteOnce"]), "no profile: RWO");
-        assert_eq!(claim["spec"]["volumeMode"], "Filesystem");
+        assert_eq!(claim["spec"]["volumeMode"], "Block", "KubeVirt hot-plugs no empty Filesystem claim");
         assert_eq!(volumes[1]["bindingMode"], "Immediate");
     }
 

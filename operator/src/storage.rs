@@ -3,7 +3,7 @@
 
 use crate::Result;
 use crate::access::ClusterReads;
-use crate::crd::{AccessMode, DiskSource, DiskSpec, VolumeMode};
+use crate::crd::{AccessMode, BlankSource, DiskSource, DiskSpec, VolumeMode};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::ResourceExt;
 use kube::api::{ApiResource, DynamicObject};
@@ -135,6 +135,21 @@ impl Classes {
     }
 }
 
+/// The DataVolume a new disk is made from: its own `source`, else a blank one when CDI is installed and the claim
+/// may hold a filesystem. KubeVirt hot-plugs a Filesystem claim's `disk.img` and creates that file only for the
+/// volumes a VM boots with, never for a hot-plugged one (pkg/host-disk/host-disk.go `shouldSkipVolumeSource`): an
+/// empty Filesystem claim cannot be hot-plugged, and CDI writes `disk.img` into a blank DataVolume's. `None`: a bare
+/// claim, of volume mode `Block` unless the disk says otherwise.
+pub fn data_volume_source(disk: &DiskSpec, cdi: bool) -> Option<DiskSource> {
+    match &disk.source {
+        Some(source) => Some(source.clone()),
+        None if cdi && disk.volume_mode != Some(VolumeMode::Block) => {
+            Some(DiskSource { blank: Some(BlankSource {}), ..Default::default() })
+        }
+        None => None,
+    }
+}
+
 /// One combination of modes a class offers (CDI's `claimPropertySets`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PropertySet {
@@ -176,8 +191,14 @@ pub struct ModesRefused {
 
 /// The modes of a new claim for `disk` of class `class` offering `sets`: the disk's own, else the first set that
 /// fits what the disk does say (as CDI's `renderPvcSpecVolumeModeAndAccessModesAndStorageClass` picks them), else
-/// `[ReadWriteOnce]` and `Filesystem`. A mode the class's profile does not offer is refused, naming the field.
-pub fn resolve_modes(disk: &DiskSpec, class: &str, sets: &[PropertySet]) -> Result<Modes, ModesRefused> {
+/// `[ReadWriteOnce]` and `Filesystem` for a DataVolume's claim, `Block` for a bare one (see [`data_volume_source`]).
+/// A mode the class's profile does not offer is refused, naming the field.
+pub fn resolve_modes(
+    disk: &DiskSpec,
+    class: &str,
+    sets: &[PropertySet],
+    data_volume: bool,
+) -> Result<Modes, ModesRefused> {
     let name = |m: &AccessMode| format!("{m:?}");
     let wanted_access: Option<Vec<String>> = disk.access_modes.as_ref().map(|m| m.iter().map(name).collect());
     let wanted_mode = disk.volume_mode.map(|m| match m {
@@ -214,7 +235,7 @@ pub fn resolve_modes(disk: &DiskSpec, class: &str, sets: &[PropertySet]) -> Resu
             .unwrap_or_else(|| vec!["ReadWriteOnce".into()]),
         volume_mode: wanted_mode
             .or_else(|| fitting.map(|s| s.volume_mode.clone()))
-            .unwrap_or_else(|| "Filesystem".into()),
+            .unwrap_or_else(|| if data_volume { "Filesystem" } else { "Block" }.into()),
     })
 }
 
@@ -257,21 +278,23 @@ mod tests {
     #[test]
     fn modes_come_from_the_disk_then_the_profile_then_rwo_filesystem() {
         let rwo_fs = Modes { access_modes: vec!["ReadWriteOnce".into()], volume_mode: "Filesystem".into() };
-        assert_eq!(resolve_modes(&disk(None, None), "local", &[]), Ok(rwo_fs));
+        assert_eq!(resolve_modes(&disk(None, None), "local", &[], true), Ok(rwo_fs));
+        // A bare claim must be Block to be hot-plugged (KubeVirt makes no disk.img for a hot-plugged Filesystem one).
+        assert_eq!(resolve_modes(&disk(None, None), "local", &[], false).unwrap().volume_mode, "Block");
         let profile = [set(&["ReadWriteMany"], "Block"), set(&["ReadWriteOnce"], "Filesystem")];
-        let first = resolve_modes(&disk(None, None), "ceph", &profile).unwrap();
+        let first = resolve_modes(&disk(None, None), "ceph", &profile, true).unwrap();
         assert_eq!((first.access_modes, first.volume_mode.as_str()), (vec!["ReadWriteMany".into()], "Block"));
         // The disk says Filesystem: the set that offers it gives the access modes.
-        let fs = resolve_modes(&disk(None, Some(VolumeMode::Filesystem)), "ceph", &profile).unwrap();
+        let fs = resolve_modes(&disk(None, Some(VolumeMode::Filesystem)), "ceph", &profile, true).unwrap();
         assert_eq!((fs.access_modes, fs.volume_mode.as_str()), (vec!["ReadWriteOnce".into()], "Filesystem"));
-        let rwx = resolve_modes(&disk(Some(vec![AccessMode::ReadWriteMany]), None), "ceph", &profile).unwrap();
+        let rwx = resolve_modes(&disk(Some(vec![AccessMode::ReadWriteMany]), None), "ceph", &profile, true).unwrap();
         assert_eq!(rwx.volume_mode, "Block");
     }
 
     #[test]
     fn a_mode_the_class_does_not_offer_is_refused_naming_the_field() {
         let profile = [set(&["ReadWriteOnce"], "Filesystem")];
-        let refused = resolve_modes(&disk(None, Some(VolumeMode::Block)), "local", &profile).unwrap_err();
+        let refused = resolve_modes(&disk(None, Some(VolumeMode::Block)), "local", &profile, true).unwrap_err();
         assert_eq!(refused.field, "volumeMode");
         assert_eq!(
             refused.message,
@@ -281,13 +304,27 @@ mod tests {
             &disk(Some(vec![AccessMode::ReadWriteMany]), Some(VolumeMode::Filesystem)),
             "local",
             &profile,
+            true,
         )
         .unwrap_err();
         assert_eq!(refused.field, "accessModes", "{}", refused.message);
         // Access modes alone are the claim's to check (the provisioner refuses them): not refused here.
-        assert!(resolve_modes(&disk(Some(vec![AccessMode::ReadWriteMany]), None), "local", &profile).is_ok());
+        assert!(resolve_modes(&disk(Some(vec![AccessMode::ReadWriteMany]), None), "local", &profile, true).is_ok());
         // Without a profile nothing is known, so nothing is refused.
-        assert!(resolve_modes(&disk(None, Some(VolumeMode::Block)), "local", &[]).is_ok());
+        assert!(resolve_modes(&disk(None, Some(VolumeMode::Block)), "local", &[], true).is_ok());
+    }
+
+    #[test]
+    fn a_disk_without_a_source_is_a_blank_data_volume_with_cdi_else_a_bare_claim() {
+        let blank = Some(DiskSource { blank: Some(BlankSource {}), ..Default::default() });
+        assert_eq!(data_volume_source(&disk(None, None), true), blank);
+        assert_eq!(data_volume_source(&disk(None, Some(VolumeMode::Filesystem)), true), blank);
+        assert_eq!(data_volume_source(&disk(None, Some(VolumeMode::Block)), true), None);
+        assert_eq!(data_volume_source(&disk(None, None), false), None);
+        let clone =
+            DiskSource { pvc: Some(ClaimSource { name: "golden".into(), namespace: None }), ..Default::default() };
+        let cloned = DiskSpec { source: Some(clone.clone()), ..disk(None, Some(VolumeMode::Block)) };
+        assert_eq!(data_volume_source(&cloned, true), Some(clone));
     }
 
     #[test]
