@@ -358,11 +358,6 @@ impl KubeVirtLab {
         self.shared.storage.clone()
     }
 
-    /// The lab's namespace.
-    pub fn namespace(&self) -> &str {
-        &self.shared.namespace
-    }
-
     /// A stopped VM `name` (no VMI): hot-plugs change only its spec.
     pub async fn create_stopped_vm(&self, name: &str) -> Result<()> {
         self.create_vm_object(name, false, false).await.map(drop)
