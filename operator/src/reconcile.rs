@@ -118,14 +118,14 @@ pub async fn run(
     let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
-    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let owner_of = |claim: PersistentVolumeClaim| {
         let wukong = claim.labels().get(OWNER_LABEL)?.clone();
         Some(ObjectRef::<Wukong>::new(&wukong).within(&claim.namespace()?))
     };
     controller
-        // By label, not owner: a DataVolume's claim is owned by the DataVolume (CDI copies its labels).
-        .watches(claims, watcher::Config::default().labels(&managed), owner_of)
+        // By the owner label, not the owner reference: a DataVolume's claim is owned by the DataVolume (CDI copies
+        // its labels, but sets its own `managed-by`).
+        .watches(claims, watcher::Config::default().labels(OWNER_LABEL), owner_of)
         // A VMI that starts, stops or changes its volumes wakes the Wukong whose VM it belongs to.
         .watches_with(vmis, vmi_resource(), watcher::Config::default(), move |vmi| {
             let (ns, name) = (vmi.namespace(), vmi.name_any());

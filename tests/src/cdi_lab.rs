@@ -140,7 +140,7 @@ impl CdiLab {
             let text = std::fs::read_to_string(crate::workspace_root().join("tests/kubevirt").join(file))?;
             serde_saphyr::from_multiple(&text).with_context(|| format!("tests/kubevirt/{file}"))
         };
-        // CDI's DataVolume CRD replaces the stand-in the lab's KubeVirt installs (crate::kubevirt_crds).
+        // KubeVirt ships no DataVolume CRD (crate::kubevirt_crds): CDI's come with CDI.
         for crd in manifest("cdi-crds.yaml")? {
             apply(&admin, &crd).await?;
         }

@@ -1,6 +1,7 @@
-//! KubeVirt's CRDs for the lab cluster: `virtualmachines.kubevirt.io`, `virtualmachineinstances.kubevirt.io` and
-//! CDI's `datavolumes.cdi.kubevirt.io`, so the API server stores, validates and prunes KubeVirt objects as a cluster
-//! with KubeVirt installed does.
+//! KubeVirt's CRDs for the lab cluster: `virtualmachines.kubevirt.io` and `virtualmachineinstances.kubevirt.io`, so
+//! the API server stores, validates and prunes KubeVirt objects as a cluster with KubeVirt installed does. KubeVirt
+//! ships no DataVolume CRD: CDI does, and a cluster without CDI has none (the lab's CDI, [`crate::cdi_lab`],
+//! installs CDI's own).
 //!
 //! The VirtualMachine and VirtualMachineInstance schemas are not written by hand: they are generated from KubeVirt
 //! v1.9's OpenAPI document (`tests/kubevirt/openapi.json`) into the structural schemas Kubernetes requires, so a
@@ -42,24 +43,6 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>> {
         {"name": "NodeName", "type": "string", "jsonPath": ".status.nodeName"},
         {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type=='Ready')].status"},
     ]);
-    let dv_columns = json!([
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "The phase the data volume is in"},
-        {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "Transfer progress in percentage if known, N/A otherwise"},
-        {"name": "Restarts", "type": "integer", "jsonPath": ".status.restartCount", "description": "The number of times the transfer has been restarted."},
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    ]);
-    // CDI's types are not in KubeVirt's document: a DataVolume keeps whatever it is given.
-    let dv_schema = json!({
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-        },
-    });
     Ok(vec![
         crd(
             ("kubevirt.io", "v1"),
@@ -74,13 +57,6 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>> {
             definitions.kind_schema("v1.VirtualMachineInstance")?,
             vmi_columns,
             Status::InTheObject,
-        )?,
-        crd(
-            ("cdi.kubevirt.io", "v1beta1"),
-            ("DataVolume", "datavolumes", "datavolume", &["dv", "dvs"]),
-            dv_schema,
-            dv_columns,
-            Status::Subresource,
         )?,
     ])
 }
@@ -661,10 +637,7 @@ mod tests {
     fn the_crds_are_named_and_sized_for_the_api_server() {
         let crds = generated();
         let names: Vec<&str> = crds.iter().map(|c| c["metadata"]["name"].as_str().unwrap()).collect();
-        assert_eq!(
-            names,
-            ["virtualmachines.kubevirt.io", "virtualmachineinstances.kubevirt.io", "datavolumes.cdi.kubevirt.io"]
-        );
+        assert_eq!(names, ["virtualmachines.kubevirt.io", "virtualmachineinstances.kubevirt.io"]);
         for crd in &crds {
             let size = crd.to_string().len();
             println!("{}: {size} bytes of JSON", crd["metadata"]["name"]);
@@ -674,13 +647,11 @@ mod tests {
             assert_eq!(crd["spec"]["scope"], "Namespaced");
             assert_eq!(crd["spec"]["names"]["categories"], json!(["all"]));
         }
-        // As KubeVirt and CDI ship them: the VMI alone has its status in the object.
+        // As KubeVirt ships them: the VMI has its status in the object.
         let subresources: Vec<&Value> = crds.iter().map(|c| &c["spec"]["versions"][0]["subresources"]).collect();
-        assert_eq!(subresources, [&json!({"status": {}}), &Value::Null, &json!({"status": {}})]);
+        assert_eq!(subresources, [&json!({"status": {}}), &Value::Null]);
         assert_eq!(crds[0]["spec"]["names"]["shortNames"], json!(["vm", "vms"]));
         assert_eq!(crds[1]["spec"]["names"]["shortNames"], json!(["vmi", "vmis"]));
-        assert_eq!(crds[2]["spec"]["names"]["shortNames"], json!(["dv", "dvs"]));
-        assert_eq!(crds[2]["spec"]["versions"][0]["name"], "v1beta1");
     }
 
     #[test]
