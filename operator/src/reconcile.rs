@@ -278,8 +278,10 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         .collect();
     // StorageClasses, and whether CDI is installed, matter only for a disk whose claim is not bound yet: a steady
     // object reads neither.
-    let unsettled =
-        wukong.spec.disks.iter().any(|d| !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound));
+    let system = crate::plan::system_disk(&wukong.spec.disks, &previous.volumes);
+    let unsettled = wukong.spec.disks.iter().any(|d| {
+        system != Some(d.name.as_str()) && !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound)
+    });
     let sourced = wukong.spec.disks.iter().any(|d| d.source.is_some())
         || previous.volumes.iter().any(|v| v.data_volume.is_some());
     let data_volumes = match sourced || unsettled {
@@ -1327,6 +1329,11 @@ mod tests {
             .map(|s| format!("{} {}", s.method, s.path))
             .collect();
         assert!(writes.is_empty(), "a settled object gets no writes: {writes:?}");
+        let reads: Vec<&str> = again[first..].iter().map(|s| s.path.as_str()).collect();
+        assert!(
+            reads.iter().all(|p| !p.contains("storageclasses") && !p.contains("datavolumes")),
+            "every claim bound: neither classes nor DataVolumes are read: {reads:?}"
+        );
         let status = &again.iter().rfind(|s| s.method == Method::PATCH).unwrap().body["status"];
         assert_eq!(status["volumes"][1]["phase"], "Pending");
         assert_eq!(status["volumes"][1]["message"], "in the VM's spec; attached when the VM starts");
