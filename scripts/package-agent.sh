@@ -100,7 +100,9 @@ mkdir -p "$src"
 cp "$binary" "$src/wukong-agent"
 cp systemd/wukong-agent.service systemd/wukong-agent.tmpfiles systemd/agent.toml LICENSE README.md "$src/"
 # xz payload and SHA-256 digests: what rpm 4.11 (CentOS 7, Amazon Linux 2) still reads (not rpm 4.18's zstd).
+# Debian's rpm keeps its database in ~/.rpmdb: a private one, so that nothing is written outside the build.
 rpmbuild -bb --quiet \
+  --dbpath "$work/rpmdb" \
   --define "_topdir $work/rpmbuild" \
   --define "_build_id_links none" \
   --define "_buildhost wukong-build" \

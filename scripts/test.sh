@@ -42,7 +42,9 @@ rm -rf target/wukong-packages
 bash scripts/package-agent.sh
 # Overrides, each with its reason: packaging/deb/lintian-overrides (shipped in the .deb), packaging/rpm/*.rpmlintrc.
 lintian --fail-on error,warning,info,pedantic --pedantic target/wukong-packages/wukong-agent_*_amd64.deb
-rpmlint -r packaging/rpm/wukong-agent.rpmlintrc target/wukong-packages/wukong-agent-*-1.x86_64.rpm
+# rpmlint's rpm opens ~/.rpmdb: a scratch HOME under target/, so that nothing is written outside the checkout.
+mkdir -p target/rpmlint-home
+HOME="$PWD/target/rpmlint-home" rpmlint -r packaging/rpm/wukong-agent.rpmlintrc target/wukong-packages/wukong-agent-*-1.x86_64.rpm
 echo "== the Helm chart: helm lint --strict, and its manifests validated against Kubernetes 1.31's schemas"
 # With the default values and with each values file under ci/ (cert-manager, a ServiceMonitor, an image by digest;
 # no guard). Custom resources (cert-manager's, the ServiceMonitor) have no schema there: kubernetes-validate only

@@ -9,7 +9,13 @@ use std::process::Command;
 use wukong_e2e::{agent_binary, agent_packages, workspace_root};
 
 fn output(program: &str, args: &[&str], path: &Path) -> Result<String> {
-    let out = Command::new(program).args(args).arg(path).output().with_context(|| program.to_string())?;
+    let mut command = Command::new(program);
+    // Debian's rpm opens a database in ~/.rpmdb even to read a package file: a throwaway one, nothing in HOME.
+    let rpmdb = tempfile::tempdir()?;
+    if program == "rpm" {
+        command.arg("--dbpath").arg(rpmdb.path());
+    }
+    let out = command.args(args).arg(path).output().with_context(|| program.to_string())?;
     ensure!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8(out.stdout)?)
 }
