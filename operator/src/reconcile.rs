@@ -859,11 +859,11 @@ async fn create_storage(
         None => Vec::new(),
     };
     let source = storage::data_volume_source(disk, scene.stored.cdi);
-    // Checked before this pass went on (`check_storage`); a profile changed since is CDI's or the provisioner's to
-    // refuse.
-    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &[], source.is_some());
-    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &sets, source.is_some())
-        .or(modes)
+    // Checked before this pass went on (`check_storage`): a profile changed since is CDI's or the provisioner's to
+    // refuse, so the disk's own modes are asked for as they are.
+    let from = source.is_some();
+    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &sets, from)
+        .or_else(|_| storage::resolve_modes(disk, class.unwrap_or_default(), &[], from))
         .expect("without a profile every mode is offered");
     let metadata = json!({"name": status.pvc_name, "ownerReferences": [owner],
         "labels": {MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: status.name}});
