@@ -189,6 +189,8 @@ struct Stored {
     cdi: bool,
     /// The listed disks made from a DataVolume (see [`storage::data_volume_source`]).
     from_data_volume: BTreeSet<String>,
+    /// Class → the modes its CDI StorageProfile offers, for the classes of disks still to be made.
+    profiles: BTreeMap<String, Vec<storage::PropertySet>>,
     classes: Classes,
 }
 
@@ -311,9 +313,21 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         })
         .map(|d| d.name.clone())
         .collect();
-    let stored = Stored { claims, cdi, data_volumes, from_data_volume, classes };
+    // The modes each class offers, read once for the disks whose storage is still to be made.
+    let mut profiles = BTreeMap::new();
+    for disk in wukong.spec.disks.iter().filter(|d| system != Some(d.name.as_str())) {
+        let name = claim_name(&vm_name, &disk.name);
+        let made = claims.contains_key(&name) || data_volumes.contains_key(&name);
+        if let Some(class) = classes.resolve(disk.storage_class_name.as_deref())
+            && !made
+            && !profiles.contains_key(class)
+        {
+            profiles.insert(class.to_string(), storage::property_sets(client, &context.reads, class).await?);
+        }
+    }
+    let stored = Stored { claims, cdi, data_volumes, from_data_volume, classes, profiles };
     // Before the VM is looked at: a spec at fault is said whatever the VM's state.
-    if let Err(error) = check_storage(wukong, &previous.volumes, &vm_name, &stored, context).await? {
+    if let Err(error) = check_storage(wukong, system, &vm_name, &stored, context).await? {
         return invalid(wukong, context, &previous, status, &error).await;
     }
     set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
@@ -407,14 +421,13 @@ async fn invalid(
 /// claim exists, and the class can give the modes asked for. `Ok(Err(_))`: the spec is at fault.
 async fn check_storage(
     wukong: &Wukong,
-    recorded: &[VolumeStatus],
+    system: Option<&str>,
     vm_name: &str,
     stored: &Stored,
     context: &Context,
 ) -> Result<Result<(), SpecError>> {
     let ns = wukong.namespace().unwrap_or_default();
     let client = &context.client;
-    let system = crate::plan::system_disk(&wukong.spec.disks, recorded);
     for (i, disk) in wukong.spec.disks.iter().enumerate() {
         let name = claim_name(vm_name, &disk.name);
         let made = stored.claims.contains_key(&name) || stored.data_volumes.contains_key(&name);
@@ -461,9 +474,9 @@ async fn check_storage(
             );
         }
         if let Some(class) = stored.classes.resolve(disk.storage_class_name.as_deref()) {
-            let sets = storage::property_sets(client, &context.reads, class).await?;
+            let sets = stored.profiles.get(class).map(Vec::as_slice).unwrap_or_default();
             let data_volume = stored.from_data_volume.contains(&disk.name);
-            if let Err(refused) = storage::resolve_modes(disk, class, &sets, data_volume) {
+            if let Err(refused) = storage::resolve_modes(disk, class, sets, data_volume) {
                 return fault(refused.field, refused.message);
             }
         }
@@ -854,15 +867,13 @@ async fn create_storage(
 ) -> Result<&'static str> {
     let owner = wukong.controller_owner_ref(&()).expect("a Wukong read from the API has a name and UID");
     let class = disk.storage_class_name.as_deref();
-    let sets = match scene.stored.classes.resolve(class) {
-        Some(class) => storage::property_sets(&context.client, &context.reads, class).await?,
-        None => Vec::new(),
-    };
+    let sets = scene.stored.classes.resolve(class).and_then(|c| scene.stored.profiles.get(c));
+    let sets = sets.map(Vec::as_slice).unwrap_or_default();
     let source = storage::data_volume_source(disk, scene.stored.cdi);
     // Checked before this pass went on (`check_storage`): a profile changed since is CDI's or the provisioner's to
     // refuse, so the disk's own modes are asked for as they are.
     let from = source.is_some();
-    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), &sets, from)
+    let modes = storage::resolve_modes(disk, class.unwrap_or_default(), sets, from)
         .or_else(|_| storage::resolve_modes(disk, class.unwrap_or_default(), &[], from))
         .expect("without a profile every mode is offered");
     let metadata = json!({"name": status.pvc_name, "ownerReferences": [owner],

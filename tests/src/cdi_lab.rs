@@ -296,24 +296,13 @@ impl Cdi {
     /// The controllers' loop: a pass on every change of a DataVolume, claim, StorageClass or StorageProfile, and at
     /// least every [`RESYNC`].
     async fn run(self: Arc<Self>) {
-        use futures::StreamExt;
-        use kube::runtime::{WatchStreamExt, watcher};
-        let watch = |r: ApiResource| {
-            watcher(self.api(&r, None), watcher::Config::default()).default_backoff().map(drop).boxed()
-        };
-        let mut changes = futures::stream::select_all([
-            watch(data_volumes_resource()),
-            watch(claims_resource()),
-            watch(resource("StorageClass", "storage.k8s.io", "v1", "storageclasses")),
-            watch(storage_profiles_resource()),
-        ]);
-        loop {
-            if let Err(e) = self.sync().await {
-                tracing::debug!(error = %e, "lab CDI: will retry");
-            }
-            let _ = tokio::time::timeout(RESYNC, changes.next()).await;
-            tokio::task::yield_now().await;
-        }
+        let resources = vec![
+            data_volumes_resource(),
+            claims_resource(),
+            resource("StorageClass", "storage.k8s.io", "v1", "storageclasses"),
+            storage_profiles_resource(),
+        ];
+        crate::resync_loop("lab CDI", &self.client, resources, RESYNC, || self.sync()).await
     }
 
     /// One pass over every StorageClass and DataVolume (a failed write is tried again on the next pass, as CDI's

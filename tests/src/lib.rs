@@ -42,6 +42,35 @@ const GUEST_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// PCIe root ports for virtio-blk hot-plug (q35's root bus itself cannot hot-plug).
 const ROOT_PORTS: u32 = 4;
 
+/// A lab controller's loop, until its task is aborted: `sync` once, then again on every change of `resources`
+/// (watched cluster-wide as `client`) and at least every `resync`. A failed pass is logged and tried on the next
+/// one, as a controller requeues.
+pub async fn resync_loop<F, Fut>(
+    what: &str,
+    client: &kube::Client,
+    resources: Vec<kube::api::ApiResource>,
+    resync: Duration,
+    mut sync: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let watches = resources.iter().map(|r| {
+        let api = kube::Api::<kube::api::DynamicObject>::all_with(client.clone(), r);
+        watcher(api, watcher::Config::default()).default_backoff().map(drop).boxed()
+    });
+    let mut changes = futures::stream::select_all(watches);
+    loop {
+        if let Err(e) = sync().await {
+            tracing::debug!(error = %e, "{what}: will retry");
+        }
+        let _ = tokio::time::timeout(resync, changes.next()).await;
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Polls `check` every 100 ms until it yields a value, for at most `timeout`; the error names `what` was awaited and
 /// the last thing `check` saw.
 pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>

@@ -276,21 +276,8 @@ impl Storage {
     /// Runs the controllers until the task is aborted: a pass on every change of a claim, PV or Pod, and at least every
     /// `resync`.
     pub(crate) async fn run(self: std::sync::Arc<Self>, resync: std::time::Duration) {
-        use futures::StreamExt;
-        use kube::runtime::{WatchStreamExt, watcher};
-        let watch = |r: ApiResource| {
-            let api = Api::<DynamicObject>::all_with(self.client.clone(), &r);
-            watcher(api, watcher::Config::default()).default_backoff().map(drop).boxed()
-        };
-        let mut changes =
-            futures::stream::select_all([watch(claims_resource()), watch(volumes_resource()), watch(pods_resource())]);
-        loop {
-            if let Err(e) = self.sync().await {
-                tracing::debug!(error = %e, "lab storage: will retry");
-            }
-            let _ = tokio::time::timeout(resync, changes.next()).await;
-            tokio::task::yield_now().await;
-        }
+        let resources = vec![claims_resource(), volumes_resource(), pods_resource()];
+        crate::resync_loop("lab storage", &self.client, resources, resync, || self.sync()).await
     }
 
     /// One pass of every controller over every claim and PV. A write that fails (lost to another writer) is tried
