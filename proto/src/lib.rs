@@ -6,6 +6,13 @@ pub mod v1 {
     tonic::include_proto!("wukong.agent.v1");
 }
 
+/// KubeVirt's `kubevirt.vsock.system.v1.System`, which virt-handler serves to guests at host CID 2, port 1: the CA
+/// bundle of its vsock client certificate (`vsock?tls=true`).
+pub mod kubevirt_system {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("kubevirt.vsock.system.v1");
+}
+
 /// Encoded `FileDescriptorSet` of the protocol, served by gRPC reflection so `grpcurl` needs no local proto files.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("wukong_descriptor");
 
