@@ -28,6 +28,9 @@ fi
 
 # cargo-zigbuild finds Zig as `python3 -m ziglang` when `zig` is not on PATH; the venv's python comes first.
 export PATH="$PWD/$tools/venv/bin:$PWD/$tools/bin:$PATH"
+# Their caches beside them, not in ~/.cache: cargo-zigbuild's linker wrappers and Zig's compiled C runtime.
+export CARGO_ZIGBUILD_CACHE_DIR="$PWD/$tools/zigbuild-cache"
+export ZIG_GLOBAL_CACHE_DIR="$PWD/$tools/zig-cache" ZIG_LOCAL_CACHE_DIR="$PWD/$tools/zig-cache"
 
 # For the glibc 2.17 target only (the host build is untouched): the host's libudev.so, which the linker reads to
 # resolve udev_* symbols, itself references newer glibc symbols (pthread_once@GLIBC_2.34, ...), and lld refuses
