@@ -18,7 +18,7 @@ pub const CAPABILITIES: &[&str] = &["list", "watch", "wait", "usage", "release",
 pub struct AgentFacts {
     pub started_at: SystemTime,
     pub proc_root: PathBuf,
-    /// The TCP listeners' TLS identity, whose certificate is reported.
+    /// The TCP and vsock listeners' TLS identity, whose certificate is reported.
     pub tls: Option<Arc<ReloadingTls>>,
 }
 

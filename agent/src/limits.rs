@@ -2,8 +2,8 @@
 //! with RESOURCE_EXHAUSTED and a sentence, so one client cannot starve the others.
 
 use crate::config::Limits;
+use crate::transport::{ConnectionInfo, Peer};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tonic::{Request, Status};
 
@@ -17,7 +17,7 @@ pub struct Admission {
 #[derive(Debug, Default)]
 struct Counts {
     requests: usize,
-    per_connection: HashMap<SocketAddr, usize>,
+    per_connection: HashMap<Peer, usize>,
     watchers: usize,
 }
 
@@ -25,7 +25,7 @@ struct Counts {
 #[derive(Debug)]
 pub struct Admitted {
     state: Arc<Mutex<Counts>>,
-    connection: Option<SocketAddr>,
+    connection: Option<Peer>,
     watcher: bool,
 }
 
@@ -37,12 +37,12 @@ impl Drop for Admitted {
             return;
         }
         c.requests -= 1;
-        if let Some(addr) = self.connection
-            && let Some(n) = c.per_connection.get_mut(&addr)
+        if let Some(peer) = &self.connection
+            && let Some(n) = c.per_connection.get_mut(peer)
         {
             *n -= 1;
             if *n == 0 {
-                c.per_connection.remove(&addr);
+                c.per_connection.remove(peer);
             }
         }
     }
@@ -61,9 +61,10 @@ impl Admission {
         &self.limits
     }
 
-    /// Admits a request, or says which bound it hit.
+    /// Admits a request, or says which bound it hit. A connection is told apart by its peer (TCP address, vsock
+    /// CID and port); the Unix socket's, which all look alike, count only towards the overall bound.
     pub fn request<T>(&self, req: &Request<T>) -> Result<Admitted, Status> {
-        let connection = req.remote_addr();
+        let connection = ConnectionInfo::of(req).map(|info| info.peer.clone()).filter(|peer| *peer != Peer::Local);
         let mut c = self.state.lock().expect("never poisoned");
         if c.requests >= self.limits.max_requests {
             return Err(busy(format!(
@@ -71,8 +72,8 @@ impl Admission {
                 c.requests
             )));
         }
-        if let Some(addr) = connection {
-            let n = c.per_connection.entry(addr).or_default();
+        if let Some(peer) = &connection {
+            let n = c.per_connection.entry(peer.clone()).or_default();
             if *n >= self.limits.max_requests_per_connection {
                 return Err(busy(format!(
                     "this connection has {n} requests running, the most one connection may; wait for some to finish"
@@ -118,5 +119,25 @@ mod tests {
         assert!(admission.watcher().unwrap_err().message().starts_with("1 disk watches are open"));
         drop(w);
         assert!(admission.watcher().is_ok());
+    }
+
+    /// Each vsock connection has its own bound, as each TCP one has; the Unix socket's only the overall one.
+    #[test]
+    fn vsock_connections_are_bounded_one_by_one() {
+        use crate::transport::Auth;
+        let admission = Admission::new(Limits { max_requests_per_connection: 1, ..Limits::default() });
+        let on = |peer| {
+            let mut req = Request::new(());
+            req.extensions_mut().insert(ConnectionInfo { peer, auth: Auth::None });
+            req
+        };
+        let first = on(Peer::Vsock { cid: 2, port: 1000 });
+        let _running = admission.request(&first).unwrap();
+        let e = admission.request(&first).unwrap_err();
+        assert!(e.message().starts_with("this connection has 1 requests running"), "{e:?}");
+        let _other = admission.request(&on(Peer::Vsock { cid: 2, port: 1001 })).expect("another connection");
+        let local = on(Peer::Local);
+        let _one = admission.request(&local).unwrap();
+        let _two = admission.request(&local).expect("the Unix socket's connections are not told apart");
     }
 }

@@ -1,25 +1,25 @@
 //! Runs the agent: starts the inventory and the udev source, then serves gRPC (the agent service, standard health
-//! and reflection) on every TCP address and the Unix socket until shutdown.
+//! and reflection) on every TCP and vsock address and the Unix socket until shutdown.
 
 use crate::agent_info::AgentFacts;
-use crate::config::Config;
+use crate::config::{Config, Listen};
 use crate::instance::{InstanceLock, StateDirError};
+use crate::kubevirt::KubeVirtTls;
 use crate::limits::Admission;
 use crate::release::Releaser;
 use crate::release::journal::Journal;
 use crate::service::DiskAgentService;
 use crate::tls::{self, TlsConfigError};
+use crate::transport::{self, BindError, Listener, Security};
 use crate::usage::UsageScanner;
 use crate::{inventory, udev_source};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::service::Routes;
 use tonic::transport::Server;
 use wukong_proto::v1::disk_agent_server::DiskAgentServer;
@@ -34,8 +34,8 @@ pub enum ServerError {
     StateDir(#[from] StateDirError),
     #[error(transparent)]
     Udev(#[from] udev_source::UdevSourceError),
-    #[error("cannot listen on {addr}: {source}; is another agent running, or is the address not on this guest?")]
-    BindTcp { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot create the Unix socket {path}: {source}")]
     BindUnix { path: PathBuf, source: std::io::Error },
     #[error("{0} exists and is not a socket; remove it or choose another --socket path")]
@@ -88,33 +88,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let timeout = Duration::from_secs(config.limits.request_timeout_seconds);
     let mut servers = tokio::task::JoinSet::new();
-    for addr in &config.listen {
-        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
-        let local = listener.local_addr().map_err(|source| ServerError::BindTcp { addr: *addr, source })?;
+    // One for every kubevirt-vsock listener: they verify clients against the same fetched bundle.
+    let mut kubevirt: Option<Arc<KubeVirtTls>> = None;
+    for (listener, address) in transport::bind_all(&config.listen, config.socket.is_some())? {
+        let security = match address {
+            Listen::KubeVirtVsock { .. } => Security::KubeVirt(match &kubevirt {
+                Some(kubevirt) => kubevirt.clone(),
+                None => kubevirt.insert(Arc::new(KubeVirtTls::new(config.kubevirt_ca.clone(), tls.clone())?)).clone(),
+            }),
+            Listen::Tcp(_) | Listen::Vsock { .. } => tls.clone().map_or(Security::Plaintext, Security::MutualTls),
+        };
+        log_serving(&address, &security);
         // Streams are not capped at the HTTP/2 level: a client would queue silently there. The service counts
         // them and refuses with a sentence instead.
         let router = Server::builder().timeout(timeout).add_routes(routes.clone());
-        let stop = stopped(stop_rx.clone());
-        if let Some(tls) = &tls {
-            tracing::info!(address = %local, "serving gRPC over mutual TLS (client certificates required)");
-            servers.spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls.clone()), stop));
-            continue;
-        }
-        if local.ip().is_loopback() {
-            tracing::info!(address = %local, "serving plaintext gRPC on loopback");
-        } else {
-            tracing::warn!(
-                address = %local,
-                "serving PLAINTEXT gRPC off loopback (--insecure-plaintext): anyone who reaches this address can \
-                 use the agent"
-            );
-        }
-        servers.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop));
+        let incoming = transport::incoming(listener, security);
+        servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
     }
     if let Some(path) = &config.socket {
         let listener = bind_unix(path)?;
         tracing::info!(path = %path.display(), "serving gRPC on the Unix socket");
-        let incoming = UnixListenerStream::new(listener);
+        let incoming = transport::incoming(Listener::Unix(listener), Security::Plaintext);
         servers.spawn(
             Server::builder()
                 .add_routes(routes.clone())
@@ -122,6 +116,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
 
+    // Started once nothing can fail the start any more: a refused start leaves no task behind.
+    let ca_refresh = kubevirt.map(|kubevirt| tokio::spawn(kubevirt.keep_current()));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled().map(|interval| tokio::spawn(ping_watchdog(interval)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "wukong-agent ready");
@@ -148,13 +144,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still running after the shutdown grace period were cut off");
         servers.abort_all();
     }
-    if let Some(w) = watchdog {
-        w.abort();
+    for task in watchdog.into_iter().chain(ca_refresh) {
+        task.abort();
     }
     if let Some(path) = &config.socket {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// Says how a listener serves, loudly when anyone who reaches it may use the agent.
+fn log_serving(address: &Listen, security: &Security) {
+    match (security, address) {
+        (Security::MutualTls(_), _) => {
+            tracing::info!(address = %address, "serving gRPC over mutual TLS (client certificates required)")
+        }
+        (Security::KubeVirt(kubevirt), _) => tracing::info!(
+            ca = %kubevirt.ca_source(),
+            address = %address,
+            "serving gRPC to KubeVirt's vsock subresource (tls=true): virt-handler's client certificate is verified \
+             against KubeVirt's CA"
+        ),
+        (Security::Plaintext, Listen::Tcp(addr)) if addr.ip().is_loopback() => {
+            tracing::info!(address = %address, "serving plaintext gRPC on loopback")
+        }
+        (Security::Plaintext, Listen::Tcp(_)) => tracing::warn!(
+            address = %address,
+            "serving PLAINTEXT gRPC off loopback (--insecure-plaintext): anyone who reaches this address can use \
+             the agent"
+        ),
+        (Security::Plaintext, _) => tracing::warn!(
+            address = %address,
+            "serving PLAINTEXT gRPC on vsock (--insecure-plaintext): the host, and anyone KubeVirt's vsock \
+             subresource lets in, can use the agent"
+        ),
+    }
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

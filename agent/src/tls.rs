@@ -1,27 +1,20 @@
-//! Mutual TLS for the TCP listeners, with the handshake done here rather than inside tonic: tonic drops a failed
-//! handshake with a debug line that has no peer address, and a refused client is exactly what an audit trail must
-//! show. tonic still sees the client's certificate (its `TlsConnectInfo`), so `Request::peer_certs` works as before.
-//! The files are read again when they change (a renewed certificate needs no restart): each new connection is
-//! served with the files as they were when it arrived; a broken replacement keeps the last good ones, said in the log.
+//! The agent's own mutual TLS (tls_cert, tls_key, tls_client_ca), served on its TCP and vsock listeners; the
+//! handshake itself is done in [`crate::transport`], which logs every refused one. The files are read again when they
+//! change (a renewed certificate needs no restart): each new connection is served with the files as they were when
+//! it arrived; a broken replacement keeps the last good ones, said in the log.
 
 use crate::config::TlsFiles;
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{self, CertificateError, RootCertStore, ServerConfig};
-use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
-
-/// Longest a client may take over its handshake: one that stalls would otherwise hold a task forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use tokio_rustls::rustls::sign::{CertifiedKey, SingleCertAndKey};
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 
 /// Why the TLS files cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +29,13 @@ pub enum TlsConfigError {
     Rejected(#[from] rustls::Error),
     #[error("the client CA is not usable: {0}; check that --tls-client-ca is a CA certificate")]
     ClientCa(#[from] rustls::server::VerifierBuilderError),
+    #[error("cannot make the self-signed certificate of the kubevirt-vsock listeners: {0}")]
+    SelfSigned(#[from] rcgen::Error),
+}
+
+/// The cryptography of every TLS server of the agent: ring, as tonic's.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The agent's own certificate, as `GetAgentInfo` reports it so that callers see an expiry coming.
@@ -64,45 +64,58 @@ pub struct ReloadingTls {
     current: Mutex<Loaded>,
 }
 
+impl std::fmt::Debug for ReloadingTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingTls").field("files", &self.files).finish_non_exhaustive()
+    }
+}
+
+/// One usable version of the files.
 struct Loaded {
     /// The files' versions last looked at, loaded or not (a broken version is reported once, not per handshake).
     seen: Stamp,
     acceptor: TlsAcceptor,
     certificate: CertificateSummary,
+    /// The certificate and key alone, which kubevirt-vsock listeners present too (with KubeVirt's client CA).
+    key: Arc<CertifiedKey>,
 }
 
 impl ReloadingTls {
     /// Loads the files; at start a broken file is an error (the agent does not run without its identity).
     pub fn new(files: TlsFiles) -> Result<Self, TlsConfigError> {
-        let seen = stamp(&files);
-        let (acceptor, certificate) = acceptor(&files)?;
-        Ok(Self { files, current: Mutex::new(Loaded { seen, acceptor, certificate }) })
+        let loaded = load(&files, stamp(&files))?;
+        Ok(Self { files, current: Mutex::new(loaded) })
     }
 
     /// The acceptor for a new connection, from the files as they are now if they changed and are usable.
     pub fn acceptor(&self) -> TlsAcceptor {
-        self.refresh().0
+        self.refresh().acceptor.clone()
     }
 
     /// The certificate new connections are served with.
     pub fn certificate(&self) -> CertificateSummary {
-        self.refresh().1
+        self.refresh().certificate.clone()
     }
 
-    fn refresh(&self) -> (TlsAcceptor, CertificateSummary) {
+    /// The certificate and key new connections are served with.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.refresh().key.clone()
+    }
+
+    fn refresh(&self) -> MutexGuard<'_, Loaded> {
         let mut current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = stamp(&self.files);
         if now != current.seen {
             current.seen = now;
-            match acceptor(&self.files) {
-                Ok((acceptor, certificate)) => {
+            match load(&self.files, now) {
+                Ok(loaded) => {
                     tracing::info!(
                         cert = %self.files.cert.display(),
-                        subject = %certificate.subject,
-                        not_after = certificate.not_after,
+                        subject = %loaded.certificate.subject,
+                        not_after = loaded.certificate.not_after,
                         "TLS files changed: new connections use the new certificate"
                     );
-                    (current.acceptor, current.certificate) = (acceptor, certificate);
+                    *current = loaded;
                 }
                 Err(e) => tracing::warn!(
                     error = %e,
@@ -112,25 +125,31 @@ impl ReloadingTls {
                 ),
             }
         }
-        (current.acceptor.clone(), current.certificate.clone())
+        current
     }
 }
 
 /// The agent's identity, and the CA every client certificate must chain to (a client without one is refused).
-fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, CertificateSummary), TlsConfigError> {
+fn load(files: &TlsFiles, seen: Stamp) -> Result<Loaded, TlsConfigError> {
+    let provider = provider();
     let certs = certificates(&files.cert, "certificate")?;
-    let summary = summary(&certs[0]).ok_or_else(|| TlsConfigError::NoPem(files.cert.clone(), "X.509 certificate"))?;
+    let certificate =
+        summary(&certs[0]).ok_or_else(|| TlsConfigError::NoPem(files.cert.clone(), "X.509 certificate"))?;
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
         .map_err(|_| TlsConfigError::NoPem(files.key.clone(), "private key"))?;
+    let key = Arc::new(CertifiedKey::from_der(certs, key, &provider)?);
     let mut roots = RootCertStore::empty();
     for ca in certificates(&files.client_ca, "CA certificate")? {
         roots.add(ca)?;
     }
-    let verifier = WebPkiClientVerifier::builder(roots.into()).build()?;
-    let mut config = ServerConfig::builder().with_client_cert_verifier(verifier).with_single_cert(certs, key)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone()).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(key.clone())));
     // gRPC is HTTP/2; clients (tonic's among them) insist on it being negotiated.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((TlsAcceptor::from(Arc::new(config)), summary))
+    Ok(Loaded { seen, acceptor: TlsAcceptor::from(Arc::new(config)), certificate, key })
 }
 
 fn summary(cert: &CertificateDer<'_>) -> Option<CertificateSummary> {
@@ -151,65 +170,10 @@ fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-/// The TLS connections of `listener`, for tonic's `serve_with_incoming`. Each handshake runs on its own task; a
-/// refused one is logged with the peer's address and why. Errors of `accept` itself go to tonic, which decides
-/// (as it does for a plain listener) which of them end the server. Stops accepting when tonic drops the stream.
-pub fn incoming(listener: TcpListener, tls: Arc<ReloadingTls>) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = tx.closed() => return,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    let (tx, acceptor) = (tx.clone(), tls.acceptor());
-                    tokio::spawn(async move {
-                        if let Some(tls) = handshake(&acceptor, tcp, peer).await {
-                            let _ = tx.send(Ok(tls)).await;
-                        }
-                    });
-                }
-                Err(e) => {
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-async fn handshake(acceptor: &TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
-    let reason = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => return Some(tls),
-        Ok(Err(e)) => refusal(&e),
-        Err(_) => format!("no TLS handshake within {}s", HANDSHAKE_TIMEOUT.as_secs()),
-    };
-    tracing::warn!(peer = %peer, reason = %reason, "refused a TLS connection");
-    None
-}
-
-/// Why a handshake failed, in words an operator reading the log can act on.
-fn refusal(e: &io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
-            "its client certificate is not signed by the client CA (tls_client_ca)".into()
-        }
-        Some(rustls::Error::NoCertificatesPresented) => "it sent no client certificate".into(),
-        Some(rustls::Error::InvalidMessage(_)) => {
-            "it does not speak TLS (a plaintext client against the TLS port?)".into()
-        }
-        Some(other) => other.to_string(),
-        None => format!("the connection failed during the handshake: {e}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn unusable_files_are_named() {
@@ -217,13 +181,13 @@ mod tests {
         let junk = dir.path().join("agent.crt");
         std::fs::write(&junk, "not a certificate\n").unwrap();
         let files = |cert: &Path| TlsFiles { cert: cert.into(), key: junk.clone(), client_ca: junk.clone() };
-        let Err(err) = acceptor(&files(&junk)) else { panic!("junk was accepted") };
+        let Err(err) = load(&files(&junk), Stamp::default()) else { panic!("junk was accepted") };
         assert_eq!(
             err.to_string(),
             format!("the TLS file {} holds no PEM certificate; check that it is the right file", junk.display())
         );
         let missing = dir.path().join("missing.crt");
-        let Err(err) = acceptor(&files(&missing)) else { panic!("a missing file was accepted") };
+        let Err(err) = load(&files(&missing), Stamp::default()) else { panic!("a missing file was accepted") };
         assert!(err.to_string().starts_with(&format!("cannot read the TLS file {}: ", missing.display())), "{err}");
     }
 
@@ -255,12 +219,16 @@ mod tests {
         }
     }
 
-    /// One real handshake against `tls` on loopback: the not-after of the certificate the agent presented.
+    /// One real handshake against `tls` on loopback, through the listeners' accept path: the not-after of the
+    /// certificate the agent presented.
     async fn handshake_not_after(tls: &Arc<ReloadingTls>, dir: &Path) -> i64 {
+        use crate::transport::{Listener, Security, incoming};
+        use tokio::net::{TcpListener, TcpStream};
         use tokio_rustls::rustls::ClientConfig;
+        use tokio_stream::StreamExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let mut incoming = incoming(listener, tls.clone());
+        let mut incoming = incoming(Listener::Tcp(listener), Security::MutualTls(tls.clone()));
         let mut roots = RootCertStore::empty();
         roots.add(certificates(&dir.join("ca.crt"), "CA").unwrap().remove(0)).unwrap();
         let client_certs = certificates(&dir.join("client.crt"), "certificate").unwrap();
@@ -273,18 +241,11 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tcp = TcpStream::connect(address).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("wukong-agent").unwrap();
-        let (client, server) = tokio::join!(connector.connect(name, tcp), next_accepted(&mut incoming));
-        server.expect("the agent accepted");
+        let (client, server) = tokio::join!(connector.connect(name, tcp), incoming.next());
+        server.expect("the listener stopped").expect("the agent accepted");
         let client = client.expect("the client accepted the agent's certificate");
         let presented = client.get_ref().1.peer_certificates().unwrap()[0].clone();
         summary(&presented).unwrap().not_after
-    }
-
-    async fn next_accepted(
-        incoming: &mut ReceiverStream<io::Result<TlsStream<TcpStream>>>,
-    ) -> io::Result<TlsStream<TcpStream>> {
-        use tokio_stream::StreamExt;
-        incoming.next().await.expect("the listener stopped")
     }
 
     /// A renewed certificate is served from the next handshake and reported; a broken replacement keeps the

@@ -155,7 +155,7 @@ async fn cloud_init_installs_the_deb_a_safe_detach_works_over_mtls_and_an_upgrad
     let disk = companion::attach(&qemu, &agent, &volume, &attach, &|_| {}).await?.disk;
     let sum = guest.fill(&disk.dev_node, "/mnt/b", 4 << 20).await?;
 
-    // The hardened unit (systemd-analyze security: 3.1): a seccomp allow-list, /sys read-only but for
+    // The hardened unit (systemd-analyze security: 3.3): a seccomp allow-list, /sys read-only but for
     // /sys/devices, block devices only. Under it, a refusal names the user, and a release is undone by a cancel.
     let sandbox = guest.run_ok("grep -E '^(Seccomp|NoNewPrivs):' /proc/$(pidof wukong-agent)/status").await?;
     assert!(sandbox.contains("Seccomp:\t2") && sandbox.contains("NoNewPrivs:\t1"), "{sandbox}");
