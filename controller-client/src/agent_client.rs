@@ -1,10 +1,10 @@
-//! Client of the guest agent: address parsing, connection (TCP or Unix socket), per-call deadlines and retries of
-//! idempotent reads.
+//! Client of the guest agent: the channel over any transport (see [`crate::transport`]), with mutual TLS when
+//! configured, per-call deadlines, retries of idempotent reads, and errors that say which side failed.
 
+pub use crate::address::{AgentAddress, BadAddress, VsockTls};
+use crate::transport::{Connector, DialError, TargetError};
 use hyper_util::rt::TokioIo;
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 use tonic::{Code, Request, Status};
@@ -37,54 +37,20 @@ pub struct TlsFiles {
     pub server_name: Option<String>,
 }
 
-/// Where the agent listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentAddress {
-    /// `http://IP:PORT` or `https://IP:PORT`.
-    Tcp(String),
-    /// `unix:PATH`.
-    Unix(PathBuf),
-}
-
-impl FromStr for AgentAddress {
-    type Err = ClientError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            let path = path.trim_start_matches("//");
-            if path.is_empty() {
-                return Err(ClientError::BadAddress(s.to_string()));
-            }
-            return Ok(Self::Unix(path.into()));
-        }
-        if s.starts_with("http://") || s.starts_with("https://") {
-            let uri: Uri = s.parse().map_err(|_| ClientError::BadAddress(s.to_string()))?;
-            if uri.host().is_none() {
-                return Err(ClientError::BadAddress(s.to_string()));
-            }
-            return Ok(Self::Tcp(s.trim_end_matches('/').to_string()));
-        }
-        Err(ClientError::BadAddress(s.to_string()))
-    }
-}
-
-impl fmt::Display for AgentAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tcp(url) => f.write_str(url),
-            Self::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
 /// Errors of the agent client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("'{0}' is not an agent address; use http://IP:PORT (e.g. http://127.0.0.1:7443) or unix:PATH")]
-    BadAddress(String),
-    #[error("cannot reach the agent at {address}: {reason}; is wukong-agent running and reachable?")]
+    #[error(transparent)]
+    BadAddress(#[from] BadAddress),
+    /// The address cannot be dialled by this caller (no Kubernetes client for KubeVirt's subresource).
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// No connection could be established: the transport's own account of it.
+    #[error(transparent)]
+    Dial(DialError),
+    #[error("cannot reach the agent {}: {reason}; is wukong-agent running and reachable?", .address.place())]
     Unreachable { address: AgentAddress, reason: String },
-    #[error("the agent at {address} did not answer within {timeout:?}")]
+    #[error("the agent {} did not answer within {timeout:?}", .address.place())]
     Timeout { address: AgentAddress, timeout: Duration },
     #[error("{}", .status.message())]
     Agent { status: Status },
@@ -100,6 +66,11 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The agent did not take the call: no connection, no answer in time, or a refused TLS handshake.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Dial(_) | Self::Unreachable { .. } | Self::Timeout { .. } | Self::TlsRefused(_))
+    }
+
     /// The gRPC status code, when the agent answered with one.
     pub fn code(&self) -> Option<Code> {
         match self {
@@ -130,63 +101,109 @@ pub struct AgentClient {
     tls: Option<TlsFiles>,
 }
 
-impl AgentClient {
-    /// Connects to the agent (lazily: the first call establishes the connection).
-    pub fn connect(address: AgentAddress) -> Result<Self, ClientError> {
-        Self::connect_with(address, None)
+/// How to reach agents: the files of mutual TLS, a Kubernetes client for KubeVirt's vsock subresource, and how long
+/// one connection attempt may take.
+#[derive(Clone)]
+pub struct Dialer {
+    tls: Option<TlsFiles>,
+    kube: Option<kube::Client>,
+    connect_timeout: Duration,
+}
+
+impl Default for Dialer {
+    fn default() -> Self {
+        Self { tls: None, kube: None, connect_timeout: DEFAULT_CONNECT_TIMEOUT }
+    }
+}
+
+impl Dialer {
+    /// Plaintext, no Kubernetes client, [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Connects to the agent, over mutual TLS when `tls` is given (the address then uses `https`).
-    pub fn connect_with(address: AgentAddress, tls: Option<&TlsFiles>) -> Result<Self, ClientError> {
-        let channel = match (&address, tls) {
-            (AgentAddress::Tcp(url), Some(tls)) => {
-                let url = match url.strip_prefix("http://") {
-                    Some(rest) => format!("https://{rest}"),
-                    None => url.clone(),
-                };
-                let endpoint = Endpoint::from_shared(url.clone()).map_err(|_| ClientError::BadAddress(url.clone()))?;
-                let host = endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_string();
-                let config = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(read_pem(&tls.ca, Pem::Certificate, "--tls-ca")?))
-                    .identity(Identity::from_pem(
-                        read_pem(&tls.cert, Pem::Certificate, "--tls-cert")?,
-                        read_pem(&tls.key, Pem::Key, "--tls-key")?,
-                    ))
-                    .domain_name(tls.server_name.clone().unwrap_or(host));
-                let address = AgentAddress::Tcp(url);
-                let channel = endpoint
-                    .tls_config(config)
-                    .map_err(|e| ClientError::Tls(format!("the TLS files are not usable: {e}")))?
-                    .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
-                    .connect_lazy();
-                return Ok(Self {
-                    address,
-                    inner: DiskAgentClient::new(channel),
-                    call_timeout: DEFAULT_CALL_TIMEOUT,
-                    tls: Some(tls.clone()),
-                });
-            }
-            (AgentAddress::Tcp(url), None) if url.starts_with("https://") => {
+    /// Mutual TLS with these files (none: plaintext). Not used on a Unix socket, nor on KubeVirt's subresource with
+    /// [`VsockTls::KubeVirt`], where virt-handler is the guest's TLS client.
+    pub fn with_tls(mut self, tls: Option<TlsFiles>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The Kubernetes client that opens KubeVirt's vsock subresource ([`AgentAddress::KubeVirtVsock`]).
+    pub fn with_kube(mut self, client: kube::Client) -> Self {
+        self.kube = Some(client);
+        self
+    }
+
+    /// How long one connection attempt may take (there are [`crate::transport::CONNECT_ATTEMPTS`]).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// A client of the agent at `address` (lazily: the first call establishes the connection).
+    pub fn connect(&self, address: AgentAddress) -> Result<AgentClient, ClientError> {
+        let connector = Connector::new(&address, self.kube.as_ref(), self.connect_timeout)?;
+        let tls = match &address {
+            AgentAddress::Unix(_) | AgentAddress::KubeVirtVsock { tls: VsockTls::KubeVirt, .. } => None,
+            AgentAddress::Tcp(url) if url.starts_with("https://") && self.tls.is_none() => {
                 return Err(ClientError::Tls(format!(
                     "{url} needs TLS: give the CA, client certificate and key (--tls-ca, --tls-cert, --tls-key)"
                 )));
             }
-            (AgentAddress::Tcp(url), None) => Endpoint::from_shared(url.clone())
-                .map_err(|_| ClientError::BadAddress(url.clone()))?
-                .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
-                .connect_lazy(),
-            (AgentAddress::Unix(path), _) => {
-                let path = path.clone();
-                // The URI is required by the API but unused: the connector below dials the socket.
-                Endpoint::from_static("http://agent.invalid")
-                    .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
-                    .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
-                    }))
-            }
+            _ => self.tls.clone(),
         };
-        Ok(Self { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT, tls: None })
+        // The URI names the scheme (tonic's TLS applies to https) and the HTTP/2 authority; the connector dials.
+        let (address, uri) = match (address, &tls) {
+            (AgentAddress::Tcp(url), Some(_)) => {
+                let url = url.strip_prefix("http://").map_or(url.clone(), |rest| format!("https://{rest}"));
+                (AgentAddress::Tcp(url.clone()), url)
+            }
+            (AgentAddress::Tcp(url), None) => (AgentAddress::Tcp(url.clone()), url),
+            (other, Some(_)) => (other, "https://agent.invalid".into()),
+            (other, None) => (other, "http://agent.invalid".into()),
+        };
+        let bad = |why: &str| BadAddress { address: uri.clone(), why: why.into() };
+        let mut endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|_| bad("it is not a URL"))?
+            // The connector bounds and retries each attempt itself; this also bounds the TLS handshake on top.
+            .connect_timeout(connector.budget() + self.connect_timeout);
+        if let Some(tls) = &tls {
+            // Unless a name is configured: the URL's host over TCP; other transports have no host, so the name
+            // every agent's certificate carries.
+            let host = match &address {
+                AgentAddress::Tcp(_) => endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_string(),
+                _ => wukong_proto::AGENT_SERVER_NAME.to_string(),
+            };
+            let config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read_pem(&tls.ca, Pem::Certificate, "--tls-ca")?))
+                .identity(Identity::from_pem(
+                    read_pem(&tls.cert, Pem::Certificate, "--tls-cert")?,
+                    read_pem(&tls.key, Pem::Key, "--tls-key")?,
+                ))
+                .domain_name(tls.server_name.clone().unwrap_or(host));
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| ClientError::Tls(format!("the TLS files are not usable: {e}")))?;
+        }
+        let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            async move { connector.connect().await.map(TokioIo::new) }
+        }));
+        Ok(AgentClient { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT, tls })
+    }
+}
+
+impl AgentClient {
+    /// Connects to the agent in plaintext (lazily: the first call establishes the connection).
+    pub fn connect(address: AgentAddress) -> Result<Self, ClientError> {
+        Dialer::new().connect(address)
+    }
+
+    /// Connects to the agent, over mutual TLS when `tls` is given (see [`Dialer`], which also reaches KubeVirt's
+    /// vsock subresource).
+    pub fn connect_with(address: AgentAddress, tls: Option<&TlsFiles>) -> Result<Self, ClientError> {
+        Dialer::new().with_tls(tls.cloned()).connect(address)
     }
 
     /// Sets the deadline of each unary call.
@@ -206,6 +223,9 @@ impl AgentClient {
     }
 
     async fn map_status(&self, status: Status, timeout: Duration) -> ClientError {
+        if let Some(e) = dial_error(&status) {
+            return ClientError::Dial(e);
+        }
         let timed_out = status.code() == Code::DeadlineExceeded || status.message().contains("Timeout expired");
         match status.code() {
             Code::Cancelled | Code::DeadlineExceeded if timed_out && is_transport_error(&status) => {
@@ -374,6 +394,19 @@ impl AgentClient {
     }
 }
 
+/// The connector's own error, when no connection could be established.
+fn dial_error(status: &Status) -> Option<DialError> {
+    use std::error::Error;
+    let mut source = status.source();
+    while let Some(s) = source {
+        if let Some(e) = s.downcast_ref::<DialError>() {
+            return Some(e.clone());
+        }
+        source = s.source();
+    }
+    None
+}
+
 /// True when the status was produced by the transport (no answer from the agent), not by the agent.
 fn is_transport_error(status: &Status) -> bool {
     use std::error::Error;
@@ -421,30 +454,31 @@ async fn answers_with_tls_alert(url: &str) -> bool {
 /// What a failed connection means when TLS is at stake: which side refused what. `speaks_tls`: a TLS server
 /// answers at the address. `None` when it is an ordinary unreachable agent.
 fn tls_refusal(address: &AgentAddress, tls: Option<&TlsFiles>, reason: &str, speaks_tls: bool) -> Option<String> {
+    let at = address.place();
     match tls {
         Some(tls) if reason.contains("invalid peer certificate: UnknownIssuer") => Some(format!(
-            "this client refused the agent's certificate at {address}: the agent's certificate is not signed by the \
+            "this client refused the agent's certificate {at}: the agent's certificate is not signed by the \
              CA in {} (--tls-ca); give the CA that signed it",
             tls.ca.display()
         )),
         Some(tls) if reason.contains("invalid peer certificate") => Some(format!(
-            "this client refused the agent's certificate at {address} ({reason}); check --tls-ca {} and, when the \
+            "this client refused the agent's certificate {at} ({reason}); check --tls-ca {} and, when the \
              certificate names another host, --tls-server-name",
             tls.ca.display()
         )),
         Some(_) if reason.contains("InvalidContentType") || reason.contains("corrupt message") => Some(format!(
-            "the agent at {address} does not speak TLS (it answered in plaintext); drop --tls-ca, --tls-cert and \
+            "the agent {at} does not speak TLS (it answered in plaintext); drop --tls-ca, --tls-cert and \
              --tls-key, or give the agent its TLS files"
         )),
         // TLS 1.3 checks the client's certificate after the client has finished: a refusal then arrives as an
         // alert, or as a closed connection on the first request from a server that does speak TLS.
         Some(tls) if reason.contains("fatal alert") || speaks_tls => Some(format!(
-            "the agent at {address} refused this client's certificate ({}) during the TLS handshake ({reason}); it \
+            "the agent {at} refused this client's certificate ({}) during the TLS handshake ({reason}); it \
              must be signed by the CA the agent trusts (its tls_client_ca)",
             tls.cert.display()
         )),
         None if speaks_tls => Some(format!(
-            "the agent at {address} speaks TLS and closed this plaintext connection ({reason}), as an agent \
+            "the agent {at} speaks TLS and closed this plaintext connection ({reason}), as an agent \
              reachable beyond loopback must; give --tls-ca, --tls-cert and --tls-key"
         )),
         _ => None,
@@ -477,27 +511,255 @@ fn read_pem(path: &PathBuf, what: Pem, flag: &'static str) -> Result<Vec<u8>, Cl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::PLAIN_PROTOCOL;
+    use async_tungstenite::tungstenite::handshake::derive_accept_key;
+    use hyper_util::rt::TokioExecutor;
+    use std::path::Path;
+    use std::sync::Arc;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio_rustls::rustls;
 
-    #[test]
-    fn parses_addresses() {
-        assert_eq!("unix:/run/a.sock".parse::<AgentAddress>().unwrap(), AgentAddress::Unix("/run/a.sock".into()));
-        assert_eq!("unix:///run/a.sock".parse::<AgentAddress>().unwrap(), AgentAddress::Unix("/run/a.sock".into()));
-        assert_eq!(
-            "http://127.0.0.1:7443/".parse::<AgentAddress>().unwrap(),
-            AgentAddress::Tcp("http://127.0.0.1:7443".into())
-        );
-        for bad in ["", "unix:", "127.0.0.1:7443", "ftp://x", "http://"] {
-            assert!(matches!(bad.parse::<AgentAddress>(), Err(ClientError::BadAddress(_))), "{bad}");
-        }
-    }
+    const QUICK: Duration = Duration::from_millis(500);
 
     #[tokio::test]
     async fn unreachable_agent_is_a_named_error() {
         let dir = tempfile::tempdir().unwrap();
         let addr = AgentAddress::Unix(dir.path().join("none.sock"));
-        let client = AgentClient::connect(addr).unwrap();
+        let client = Dialer::new().with_connect_timeout(QUICK).connect(addr).unwrap();
         let err = client.agent_info().await.unwrap_err();
-        assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
+        assert!(matches!(err, ClientError::Dial(DialError::Unreachable { .. })), "{err:?}");
+        assert!(err.is_unreachable());
         assert!(err.to_string().contains("none.sock"), "{err}");
+    }
+
+    /// A stand-in for the agent: HTTP/2 that answers every gRPC call UNIMPLEMENTED with `name`, which proves the
+    /// call crossed the transport (and TLS, when there is some) intact.
+    async fn fake_agent(io: impl AsyncRead + AsyncWrite + Send + Unpin + 'static, name: &'static str) {
+        let service = hyper::service::service_fn(move |_| async move {
+            http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "12")
+                .header("grpc-message", name)
+                .body(String::new())
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+    }
+
+    async fn answered_by(client: &AgentClient) -> String {
+        match client.agent_info().await {
+            Err(ClientError::Agent { status }) if status.code() == Code::Unimplemented => status.message().into(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The CA, the agents' certificate (for `wukong-agent`) and the companion's, as `wukongctl pki init` makes them.
+    fn pki(dir: &Path) -> TlsFiles {
+        let options = crate::pki::PkiOptions {
+            dir: dir.into(),
+            ca_days: 2,
+            days: 1,
+            agent_name: wukong_proto::AGENT_SERVER_NAME.into(),
+            client_name: "wukong-companion".into(),
+            namespace: "wukong-system".into(),
+            force: false,
+        };
+        crate::pki::init(&options).unwrap();
+        let file = |name| dir.join(name);
+        TlsFiles {
+            ca: file(crate::pki::CA_CERT),
+            cert: file(crate::pki::CLIENT_CERT),
+            key: file(crate::pki::CLIENT_KEY),
+            server_name: None,
+        }
+    }
+
+    /// The agent's side of mutual TLS: its certificate, and clients of the CA only.
+    fn acceptor(dir: &Path) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(dir.join(crate::pki::CA_CERT)).unwrap()).unwrap();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build();
+        let chain = CertificateDer::pem_file_iter(dir.join(crate::pki::AGENT_CERT)).unwrap().map(Result::unwrap);
+        let key = PrivateKeyDer::from_pem_file(dir.join(crate::pki::AGENT_KEY)).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier.unwrap())
+            .with_single_cert(chain.collect(), key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// A VMM's hybrid vsock socket with the agent behind it, over mutual TLS when `tls` is given.
+    fn hybrid_vsock(path: &Path, tls: Option<tokio_rustls::TlsAcceptor>) {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let mut line = Vec::new();
+                    let mut byte = [0u8];
+                    while stream.read(&mut byte).await.unwrap() == 1 && byte[0] != b'\n' {
+                        line.push(byte[0]);
+                    }
+                    assert_eq!(line, b"CONNECT 7443");
+                    stream.write_all(b"OK 1073741824\n").await.unwrap();
+                    match tls {
+                        Some(tls) => fake_agent(tls.accept(stream).await.unwrap(), "agent behind TLS").await,
+                        None => fake_agent(stream, "plaintext agent").await,
+                    }
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn calls_reach_the_agent_over_hybrid_vsock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        hybrid_vsock(&path, None);
+        let address: AgentAddress = format!("hvsock://{}:7443", path.display()).parse().unwrap();
+        let client = AgentClient::connect(address).unwrap();
+        assert_eq!(answered_by(&client).await, "plaintext agent");
+    }
+
+    /// A guest whose vsock driver is not up swallows CONNECT: the call ends, bounded, with the transport's sentence.
+    #[tokio::test]
+    async fn a_silent_guest_is_a_bounded_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let address = AgentAddress::HybridVsock { path, port: 7443 };
+        let client = Dialer::new().with_connect_timeout(QUICK).connect(address).unwrap();
+        let err = client.agent_info().await.unwrap_err();
+        assert!(matches!(err, ClientError::Dial(DialError::Silent { .. })), "{err:?}");
+        assert!(err.to_string().contains("did not answer CONNECT within 500ms (3 attempts)"), "{err}");
+    }
+
+    /// tonic's TLS runs on top of any transport; the agent is verified by the name all agents' certificates carry.
+    #[tokio::test]
+    async fn mutual_tls_runs_inside_hybrid_vsock() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = pki(dir.path());
+        let path = dir.path().join("vm.vsock");
+        hybrid_vsock(&path, Some(acceptor(dir.path())));
+        let address = AgentAddress::HybridVsock { path: path.clone(), port: 7443 };
+        let client = AgentClient::connect_with(address.clone(), Some(&tls)).unwrap();
+        assert_eq!(answered_by(&client).await, "agent behind TLS");
+        let elsewhere = TlsFiles { server_name: Some("other-name".into()), ..tls };
+        let refused = AgentClient::connect_with(address, Some(&elsewhere)).unwrap().agent_info().await.unwrap_err();
+        assert!(matches!(refused, ClientError::TlsRefused(_)), "{refused:?}");
+        let text = refused.to_string();
+        assert!(
+            text.contains(&format!("refused the agent's certificate at hvsock://{}:7443", path.display())),
+            "{text}"
+        );
+    }
+
+    /// KubeVirt's subresource as virt-api serves it: a websocket upgrade with subprotocol plain.kubevirt.io whose
+    /// binary messages carry the guest's stream, or a `metav1.Status` refusal. Behind it, the agent; each accepted
+    /// upgrade's query is sent on `queries`.
+    async fn virt_api(queries: tokio::sync::mpsc::UnboundedSender<String>) -> kube::Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let queries = queries.clone();
+                let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                    let queries = queries.clone();
+                    async move {
+                        let path = request.uri().path().to_string();
+                        if !path.starts_with(
+                            "/apis/subresources.kubevirt.io/v1/namespaces/ns1/virtualmachineinstances/vm1/",
+                        ) {
+                            let status =
+                                serde_json::json!({"kind": "Status", "code": 400, "message": "VSOCK is not attached."});
+                            return http::Response::builder().status(400).body(status.to_string());
+                        }
+                        let headers = request.headers();
+                        assert_eq!(headers[header_name("sec-websocket-protocol")], PLAIN_PROTOCOL);
+                        assert_eq!(headers[header_name("upgrade")], "websocket");
+                        let accept = derive_accept_key(headers[header_name("sec-websocket-key")].as_bytes());
+                        queries.send(request.uri().query().unwrap_or_default().to_string()).unwrap();
+                        let upgrade = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            use async_tungstenite::tokio::TokioAdapter;
+                            let upgraded = TokioIo::new(upgrade.await.unwrap());
+                            let socket = async_tungstenite::WebSocketStream::from_raw_socket(
+                                TokioAdapter::new(upgraded),
+                                async_tungstenite::tungstenite::protocol::Role::Server,
+                                None,
+                            )
+                            .await;
+                            fake_agent(ws_stream_tungstenite::WsStream::new(socket), "agent behind KubeVirt").await;
+                        });
+                        http::Response::builder()
+                            .status(101)
+                            .header("connection", "Upgrade")
+                            .header("upgrade", "websocket")
+                            .header("sec-websocket-accept", accept)
+                            .header("sec-websocket-protocol", PLAIN_PROTOCOL)
+                            .body(String::new())
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades(),
+                );
+            }
+        });
+        kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+    }
+
+    fn header_name(name: &'static str) -> http::HeaderName {
+        http::HeaderName::from_static(name)
+    }
+
+    #[tokio::test]
+    async fn calls_reach_the_agent_over_kubevirts_vsock_subresource() {
+        let (queries, mut asked) = tokio::sync::mpsc::unbounded_channel();
+        let kube = virt_api(queries).await;
+        let dialer = Dialer::new().with_kube(kube).with_connect_timeout(QUICK);
+        // With virt-handler's TLS toward the guest, this client speaks plaintext inside: its TLS files are unused.
+        let dir = tempfile::tempdir().unwrap();
+        let tls = pki(dir.path());
+        let address: AgentAddress = "kubevirt://ns1/vm1:818?tls=kubevirt".parse().unwrap();
+        let client = dialer.clone().with_tls(Some(tls)).connect(address).unwrap();
+        assert_eq!(answered_by(&client).await, "agent behind KubeVirt");
+        assert_eq!(asked.recv().await.unwrap(), "port=818&tls=true");
+        let client = dialer.connect("kubevirt://ns1/vm1:7443".parse().unwrap()).unwrap();
+        assert_eq!(answered_by(&client).await, "agent behind KubeVirt");
+        assert_eq!(asked.recv().await.unwrap(), "port=7443&tls=false");
+
+        let other = dialer.connect("kubevirt://ns1/vm2:7443".parse().unwrap()).unwrap();
+        let err = other.agent_info().await.unwrap_err();
+        assert!(matches!(err, ClientError::Dial(DialError::Refused { .. })), "{err:?}");
+        assert!(
+            err.to_string().starts_with(
+                "cannot reach the agent over KubeVirt's vsock subresource of VMI ns1/vm2 (port 7443, tls=false): the \
+                 Kubernetes API answered 400 Bad Request: \"VSOCK is not attached.\"; give the VMI"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_subresource_without_a_kubernetes_client_is_a_named_error() {
+        let err = AgentClient::connect("kubevirt://ns1/vm1:7443".parse().unwrap()).unwrap_err();
+        assert!(matches!(err, ClientError::Target(_)), "{err:?}");
+        assert!(err.to_string().contains("has no Kubernetes client"), "{err}");
     }
 }

@@ -200,13 +200,7 @@ pub fn derive_serial(volume: &str) -> Result<String, CompanionError> {
 fn refusal(serial: &str, e: ClientError) -> CompanionError {
     let message = e.to_string();
     match e.code() {
-        _ if matches!(
-            e,
-            ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::TlsRefused(_)
-        ) =>
-        {
-            CompanionError::AgentUnreachable(Box::new(e))
-        }
+        _ if e.is_unreachable() => CompanionError::AgentUnreachable(Box::new(e)),
         // With details when the disk is in use; without them for a system disk or an ambiguous serial, whose
         // sentence says which.
         Some(Code::FailedPrecondition) => CompanionError::Refused {
@@ -494,17 +488,11 @@ pub async fn attach<H: Hypervisor>(
             serial: volume.serial.clone(),
             seconds: options.timeout.as_secs(),
         },
-        _ if matches!(
-            e,
-            ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::TlsRefused(_)
-        ) =>
-        {
-            CompanionError::AttachUnconfirmed {
-                volume: name.into(),
-                hypervisor: hypervisor.describe(),
-                error: Box::new(e),
-            }
-        }
+        _ if e.is_unreachable() => CompanionError::AttachUnconfirmed {
+            volume: name.into(),
+            hypervisor: hypervisor.describe(),
+            error: Box::new(e),
+        },
         _ => CompanionError::Agent(Box::new(e)),
     })?;
     timings.push(("guest sees it", step.elapsed()));

@@ -11,7 +11,14 @@ use crate::hypervisor::{Hypervisor, HypervisorError, Removal, VolumeSource, Volu
 use http::{Method, Request};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+mod route;
+pub use route::{
+    AgentTransport, NETWORK_ANNOTATION, PORT_ANNOTATION, RouteError, RouteOptions, RouteSettings, TRANSPORT_ANNOTATION,
+    VSOCK_TLS_ANNOTATION, agent_route,
+};
 
 /// How often a 422 caused by a concurrent modification is retried, as virtctl does.
 const CONFLICT_RETRIES: u32 = 15;
@@ -93,12 +100,18 @@ pub struct VirtualMachineInstance {
     pub status: VmiStatus,
 }
 
-/// `metav1.ObjectMeta` (who owns the object).
+/// `metav1.ObjectMeta` (its name, who owns the object, the annotations that choose how its agent is reached).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
     pub owner_references: Vec<OwnerReference>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -192,6 +205,9 @@ pub struct Devices {
     /// hot-plugged into the guest.
     #[serde(default)]
     pub disable_hotplug: bool,
+    /// A vsock device for the guest (KubeVirt's `VSOCK` feature gate); its CID is then in `status.VSOCKCID`.
+    #[serde(default, rename = "autoattachVSOCK")]
+    pub autoattach_vsock: Option<bool>,
 }
 
 /// `v1.Volume` (name and the hot-pluggable sources).
@@ -220,6 +236,9 @@ pub struct VmiStatus {
     pub volume_status: Vec<VolumeStatus>,
     #[serde(default)]
     pub interfaces: Vec<NetworkInterface>,
+    /// The guest's vsock CID, set by virt-controller once the VMI is scheduled (that exact, uppercase, key).
+    #[serde(default, rename = "VSOCKCID")]
+    pub vsock_cid: Option<u32>,
 }
 
 /// `v1.VolumeStatus`.
@@ -259,6 +278,8 @@ pub struct NetworkInterface {
 /// The parts of a `v1.VirtualMachine` the companion reads: its template's volumes and its pending volume requests.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct VirtualMachine {
+    #[serde(default)]
+    pub metadata: Metadata,
     #[serde(default)]
     pub spec: VmSpec,
     #[serde(default)]
@@ -480,9 +501,18 @@ impl KubeVirt {
         self.get(format!("/apis/kubevirt.io/v1/namespaces/{}/virtualmachines/{}", self.namespace, self.name)).await
     }
 
-    /// The agent's address: the IP of the VMI's pod network interface (`http://IP:7443`).
-    pub async fn agent_address(&self) -> Result<Option<String>, HypervisorError> {
-        Ok(agent_address_of(&self.vmi().await?, wukong_proto::DEFAULT_PORT))
+    /// The VMI and, when a VM owns it, that VM: what [`agent_route`] reads.
+    pub async fn vmi_and_vm(&self) -> Result<(VirtualMachineInstance, Option<VirtualMachine>), HypervisorError> {
+        let vmi = self.vmi().await?;
+        if !vmi.metadata.owner_references.iter().any(|o| o.kind == "VirtualMachine") {
+            return Ok((vmi, None));
+        }
+        match self.vm().await {
+            Ok(vm) => Ok((vmi, Some(vm))),
+            // Its VM is being deleted: the VMI's own annotations still say how to reach its agent.
+            Err(HypervisorError::NotFound { .. }) => Ok((vmi, None)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The claim (PVC or DataVolume name) behind a volume of the VMI.
@@ -658,6 +688,25 @@ impl KubeVirt {
     }
 }
 
+/// A valid namespace name (an RFC 1123 label): lowercase letters, digits and '-', at most 63, starting and ending
+/// with a letter or digit.
+pub fn valid_namespace(name: &str) -> bool {
+    valid_dns(name, 63, false)
+}
+
+/// A valid VM or VMI name (an RFC 1123 subdomain): also '.', at most 253.
+pub fn valid_name(name: &str) -> bool {
+    valid_dns(name, 253, true)
+}
+
+fn valid_dns(name: &str, max: usize, dots: bool) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
 /// A `kubevirt.io/v1` resource, for clients of dynamic objects.
 pub fn resource(kind: &str, plural: &str) -> kube::api::ApiResource {
     kube::api::ApiResource {
@@ -675,23 +724,6 @@ pub fn vm_resource() -> kube::api::ApiResource {
 
 pub fn vmi_resource() -> kube::api::ApiResource {
     resource("VirtualMachineInstance", "virtualmachineinstances")
-}
-
-/// The agent's address from a VMI: the IP of its pod network's interface, on `port` (`http://IP:PORT`); `None`
-/// while that interface reports none. Chosen by name, never by position: KubeVirt lists the pod network's interface
-/// first but appends the guest's own interfaces (an empty `name`, addresses only the guest can reach, e.g. a
-/// Docker bridge) and clears the IP when the guest agent reports none, so the first address there may be one
-/// nobody outside the guest can reach.
-pub fn agent_address_of(vmi: &VirtualMachineInstance, port: u16) -> Option<String> {
-    let pod = match vmi.spec.networks.is_empty() {
-        true => DEFAULT_POD_NETWORK,
-        false => vmi.spec.networks.iter().find(|n| n.pod.is_some())?.name.as_str(),
-    };
-    let interface = vmi.status.interfaces.iter().find(|i| i.name == pod)?;
-    Some(interface.ip_address.as_str()).filter(|ip| !ip.is_empty()).map(|ip| {
-        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
-        format!("http://{host}:{port}")
-    })
 }
 
 /// A volume's state from a VMI and, when the VM's template is the truth (declarative hot-plug, or a change made
@@ -811,45 +843,6 @@ mod tests {
             VolumeState::Ready { target, .. } => format!("ready {target}"),
             VolumeState::Removing { phase, .. } => format!("removing {phase}"),
         }
-    }
-
-    /// Interfaces as KubeVirt reports them (`status.interfaces`): the pod network's first, by name, then what the
-    /// guest agent adds with no name.
-    #[test]
-    fn the_agent_is_reached_on_the_pod_network_never_at_a_guest_only_address() {
-        let vmi = |networks: serde_json::Value, interfaces: serde_json::Value| -> VirtualMachineInstance {
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "vm1", "namespace": "ns1"},
-                "spec": {"networks": networks}, "status": {"interfaces": interfaces},
-            }))
-            .unwrap()
-        };
-        let pod = serde_json::json!([{"name": "default", "pod": {}}]);
-        let guest_only = serde_json::json!({"name": "", "ipAddress": "172.17.0.1", "interfaceName": "docker0"});
-        let pod_ip = serde_json::json!({"name": "default", "ipAddress": "10.244.1.7", "interfaceName": "eth0"});
-        let address = |v: &VirtualMachineInstance| agent_address_of(v, 7443);
-        let both = vmi(pod.clone(), serde_json::json!([guest_only, pod_ip]));
-        assert_eq!(address(&both).as_deref(), Some("http://10.244.1.7:7443"), "a guest-only address listed first");
-        let cleared = serde_json::json!({"name": "default", "ipAddress": "", "interfaceName": "eth0"});
-        assert_eq!(address(&vmi(pod.clone(), serde_json::json!([cleared, guest_only]))), None, "no pod IP: none");
-        let multus =
-            serde_json::json!([{"name": "default", "pod": {}}, {"name": "storage", "multus": {"networkName": "s"}}]);
-        let storage = serde_json::json!({"name": "storage", "ipAddress": "192.168.5.5"});
-        assert_eq!(
-            address(&vmi(multus, serde_json::json!([storage, pod_ip]))).as_deref(),
-            Some("http://10.244.1.7:7443"),
-            "the pod network's interface, wherever it is listed"
-        );
-        let renamed = serde_json::json!([{"name": "podnet", "pod": {}}]);
-        let ipv6 = serde_json::json!({"name": "podnet", "ipAddress": "fd00::7"});
-        assert_eq!(address(&vmi(renamed, serde_json::json!([ipv6]))).as_deref(), Some("http://[fd00::7]:7443"));
-        assert_eq!(
-            address(&vmi(serde_json::json!([]), serde_json::json!([pod_ip]))).as_deref(),
-            Some("http://10.244.1.7:7443"),
-            "no networks listed: KubeVirt's default pod network"
-        );
-        let secondary_only = serde_json::json!([{"name": "storage", "multus": {"networkName": "s"}}]);
-        assert_eq!(address(&vmi(secondary_only, serde_json::json!([storage]))), None, "no pod network: none");
     }
 
     #[test]

@@ -131,6 +131,11 @@ pub fn required(config: &Config) -> Vec<Permission> {
             .into_iter()
             .flat_map(|hotplug| each(&["update"], "subresources.kubevirt.io", hotplug, &watched, None)),
         )
+        // KubeVirt's vsock subresource, the way to the agents of VMIs with a vsock CID.
+        .chain(
+            each(&["get"], "subresources.kubevirt.io", "virtualmachineinstances/vsock", &watched, None)
+                .filter(|_| config.agent.may_use_vsock()),
+        )
         .chain(each(&["create"], "events.k8s.io", "events", &watched, None))
         .chain(each(&["create"], "coordination.k8s.io", "leases", &own, None))
         .chain(each(&["get", "patch"], "coordination.k8s.io", "leases", &own, lease))
@@ -401,10 +406,18 @@ mod tests {
         assert!(texts.contains(&"get namespaces prod in namespace prod".into()), "{texts:?}");
         assert!(texts.contains(&"patch leases.coordination.k8s.io wukong-operator in namespace wukong-system".into()));
 
+        assert!(texts.contains(&"get virtualmachineinstances.subresources.kubevirt.io/vsock in namespace prod".into()));
+
         config.namespace = None;
         let texts: Vec<String> = required(&config).iter().map(ToString::to_string).collect();
         assert!(texts.contains(&"watch persistentvolumeclaims in every namespace".into()), "{texts:?}");
         assert!(texts.contains(&"list namespaces".into()), "{texts:?}");
+        let vsock = "get virtualmachineinstances.subresources.kubevirt.io/vsock in every namespace".to_string();
+        assert!(texts.contains(&vsock), "{texts:?}");
+        // Agents reached over the network only: the vsock subresource is not needed.
+        config.agent.route.transport = Some(wukong_controller_client::kubevirt::AgentTransport::Network);
+        let texts: Vec<String> = required(&config).iter().map(ToString::to_string).collect();
+        assert!(!texts.contains(&vsock), "{texts:?}");
     }
 
     #[tokio::test]

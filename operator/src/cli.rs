@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use wukong_controller_client::agent_client::VsockTls;
+use wukong_controller_client::kubevirt::{AgentTransport, RouteSettings};
 
 /// Declarative disks for the Wukong resource, detached only when the guest lets them go.
 #[derive(Debug, Parser)]
@@ -37,9 +39,24 @@ pub struct RunArgs {
     /// Talk to agents without TLS: labs only; agents listening beyond loopback require mutual TLS.
     #[arg(long, conflicts_with = "agent_tls_dir")]
     agent_plaintext: bool,
-    /// The agents' port.
-    #[arg(long, env = "WUKONG_AGENT_PORT", default_value_t = wukong_proto::DEFAULT_PORT)]
+    /// The agents' port, TCP or vsock, unless a VM's annotation wukong.io/agent-port says another.
+    #[arg(long, env = "WUKONG_AGENT_PORT", default_value_t = wukong_proto::DEFAULT_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     agent_port: u16,
+    /// How to reach a VM's agent, unless its annotation wukong.io/agent-transport says: auto (KubeVirt's vsock
+    /// subresource when the VMI has a vsock CID, status.VSOCKCID, else the network), vsock, or network. Over vsock
+    /// the operator needs `get` on virtualmachineinstances/vsock (subresources.kubevirt.io), which the chart grants.
+    #[arg(long, env = "WUKONG_AGENT_TRANSPORT", value_enum, default_value_t = AgentTransport::Auto)]
+    agent_transport: AgentTransport,
+    /// Over the network, the network (a name in the VMI's spec.networks) whose interface's IP is dialled, unless a
+    /// VM's annotation wukong.io/agent-network says [default: the pod network].
+    #[arg(long, env = "WUKONG_AGENT_NETWORK", value_name = "NAME")]
+    agent_network: Option<String>,
+    /// Over KubeVirt's vsock subresource, who speaks TLS with the guest, unless a VM's annotation
+    /// wukong.io/agent-vsock-tls says: agent (the operator's mutual TLS, end to end, to the agent's vsock://
+    /// listener) or kubevirt (virt-handler's, to the agent's kubevirt-vsock:// listener).
+    #[arg(long, env = "WUKONG_AGENT_VSOCK_TLS", value_enum, default_value_t = VsockTls::Agent)]
+    agent_vsock_tls: VsockTls,
     /// Watch, reconcile and guard only this namespace (default: all): nothing beyond it is listed or watched, so a
     /// Role there suffices (the chart's watchNamespace).
     #[arg(long, env = "WUKONG_WATCH_NAMESPACE")]
@@ -126,9 +143,15 @@ pub struct RunArgs {
 impl RunArgs {
     /// How this replica reaches the guests' agents.
     pub fn agent_access(&self) -> AgentAccess {
+        let route = RouteSettings {
+            transport: Some(self.agent_transport),
+            network: self.agent_network.clone(),
+            port: Some(self.agent_port),
+            vsock_tls: Some(self.agent_vsock_tls),
+        };
         match &self.agent_tls_dir {
-            Some(dir) => AgentAccess::tls_dir(dir.clone(), self.agent_port, self.agent_server_name.clone()),
-            None => AgentAccess { port: self.agent_port, tls: None },
+            Some(dir) => AgentAccess::tls_dir(dir.clone(), route, self.agent_server_name.clone()),
+            None => AgentAccess { route, tls: None },
         }
     }
 
@@ -216,6 +239,47 @@ mod tests {
         let other = run_args(&["--agent-tls-dir", "/tls", "--agent-server-name", "agents.example"]);
         assert_eq!(name(&other).as_deref(), Some("agents.example"));
         assert!(run_args(&["--agent-plaintext"]).agent_access().tls.is_none());
+    }
+
+    /// The way to agents: each VM's annotations decide, and these flags are the defaults for VMs without them.
+    #[test]
+    fn the_way_to_agents_is_the_flags_unless_a_vm_says() {
+        let route = |args: &[&str]| run_args(&[&["--agent-plaintext"][..], args].concat()).agent_access().route;
+        let defaults = route(&[]);
+        assert_eq!(
+            defaults,
+            RouteSettings {
+                transport: Some(AgentTransport::Auto),
+                network: None,
+                port: Some(7443),
+                vsock_tls: Some(VsockTls::Agent),
+            }
+        );
+        let chosen = route(&[
+            "--agent-transport",
+            "network",
+            "--agent-network",
+            "storage",
+            "--agent-vsock-tls",
+            "kubevirt",
+            "--agent-port",
+            "818",
+        ]);
+        assert_eq!(
+            chosen,
+            RouteSettings {
+                transport: Some(AgentTransport::Network),
+                network: Some("storage".into()),
+                port: Some(818),
+                vsock_tls: Some(VsockTls::KubeVirt),
+            }
+        );
+        assert!(!run_args(&["--agent-plaintext", "--agent-transport", "network"]).agent_access().may_use_vsock());
+        assert!(run_args(&["--agent-plaintext"]).agent_access().may_use_vsock());
+        for bad in [["--agent-transport", "tcp"], ["--agent-vsock-tls", "true"], ["--agent-port", "0"]] {
+            let args = ["wukong-operator", "run", "--agent-plaintext", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 
     /// The self-managed guard certificate: off unless --guard-cert-secret names its Secret; then for the Service's

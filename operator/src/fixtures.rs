@@ -79,7 +79,7 @@ fn echo(seen: &Seen) -> (u16, Value) {
 /// The settings of a cluster-wide operator without the guard.
 pub fn config() -> Config {
     Config {
-        agent: AgentAccess { port: 7443, tls: None },
+        agent: AgentAccess::plaintext(7443),
         namespace: None,
         lease_namespace: "wukong-system".into(),
         lease_name: "wukong-operator".into(),

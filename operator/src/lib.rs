@@ -29,9 +29,11 @@ pub mod webhook;
 use kube::api::{Api, ApiResource, DynamicObject};
 use std::path::PathBuf;
 use std::time::Duration;
-use wukong_controller_client::agent_client::{AgentClient, ClientError, TlsFiles};
+use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError, Dialer, TlsFiles};
 use wukong_controller_client::hypervisor::HypervisorError;
-use wukong_controller_client::kubevirt::{VirtualMachineInstance, agent_address_of};
+use wukong_controller_client::kubevirt::{
+    AgentTransport, RouteError, RouteOptions, RouteSettings, VirtualMachine, VirtualMachineInstance, agent_route,
+};
 
 /// The operator's field manager (server-side apply) and Event reporter.
 pub const MANAGER: &str = "wukong-operator";
@@ -93,37 +95,78 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// How the operator reaches guest agents: at each VMI's first interface IP, on `port`, over mutual TLS with the
-/// files of a mounted Secret (re-read on every connection, so a rotated Secret is picked up) and the one name all
-/// agents' certificates carry, or in plaintext (labs only).
+/// How the operator reaches guest agents: each VMI by its route (KubeVirt's vsock subresource when it has a vsock
+/// CID, else the IP of a network's interface; see [`agent_route`]), as its VM's annotations say, else as `route`
+/// (the `--agent-*` flags) says; over mutual TLS with the files of a mounted Secret (re-read on every connection, so
+/// a rotated Secret is picked up) and the one name all agents' certificates carry, or in plaintext (labs only).
 #[derive(Debug, Clone)]
 pub struct AgentAccess {
-    pub port: u16,
+    pub route: RouteSettings,
     pub tls: Option<TlsFiles>,
 }
 
+/// Why a VMI's agent cannot be asked: its route (not configured right, or not there yet), or the client.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentUnreachable {
+    #[error("VM {0} is not running: it has no guest to ask")]
+    Stopped(String),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl AgentUnreachable {
+    /// The VMI has no address or CID yet: waiting helps.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, Self::Route(e) if e.is_pending())
+    }
+}
+
 impl AgentAccess {
-    /// A client of the agent in a VMI's guest, at its first interface IP; `None` while the VMI reports none.
-    pub fn connect(&self, vmi: &VirtualMachineInstance) -> Option<Result<AgentClient, ClientError>> {
-        self.address(vmi).map(|address| self.connect_to(&address))
+    /// Plaintext (labs), every agent on `port`, routes chosen per VMI.
+    pub fn plaintext(port: u16) -> Self {
+        Self { route: RouteSettings { port: Some(port), ..Default::default() }, tls: None }
     }
 
-    /// Where the agent of a VMI's guest is reached; `None` while the VMI reports no IP.
-    pub fn address(&self, vmi: &VirtualMachineInstance) -> Option<String> {
-        agent_address_of(vmi, self.port)
+    /// A client of the agent in a VMI's guest (`vm`: its VM, whose annotations win over the VMI's); `kube` opens
+    /// KubeVirt's vsock subresource.
+    pub fn connect(
+        &self,
+        kube: &kube::Client,
+        vm: Option<&VirtualMachine>,
+        vmi: &VirtualMachineInstance,
+    ) -> Result<AgentClient, AgentUnreachable> {
+        Ok(self.connect_to(kube, self.address(vm, vmi)?)?)
+    }
+
+    /// Where the agent of a VMI's guest is reached.
+    pub fn address(
+        &self,
+        vm: Option<&VirtualMachine>,
+        vmi: &VirtualMachineInstance,
+    ) -> Result<AgentAddress, RouteError> {
+        agent_route(vm, vmi, &RouteOptions { defaults: self.route.clone(), ..Default::default() })
     }
 
     /// A client of the agent at `address` (from [`Self::address`]).
-    pub fn connect_to(&self, address: &str) -> Result<AgentClient, ClientError> {
-        address.parse().and_then(|a| AgentClient::connect_with(a, self.tls.as_ref()))
+    pub fn connect_to(&self, kube: &kube::Client, address: AgentAddress) -> Result<AgentClient, ClientError> {
+        Dialer::new().with_tls(self.tls.clone()).with_kube(kube.clone()).connect(address)
+    }
+
+    /// Whether agents may be reached over KubeVirt's vsock subresource, which needs `get` on
+    /// `virtualmachineinstances/vsock`: not with `--agent-transport network` (a VM whose annotation still asks for
+    /// vsock is then refused by RBAC, and the refusal is reported).
+    pub fn may_use_vsock(&self) -> bool {
+        self.route.transport != Some(AgentTransport::Network)
     }
 
     /// TLS files from a directory holding a `kubernetes.io/tls` Secret plus its CA: `ca.crt`, `tls.crt`, `tls.key`;
     /// every agent's certificate must carry `server_name`.
-    pub fn tls_dir(dir: PathBuf, port: u16, server_name: String) -> Self {
+    pub fn tls_dir(dir: PathBuf, route: RouteSettings, server_name: String) -> Self {
         let (ca, cert, key) = (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"));
         let tls = TlsFiles { ca, cert, key, server_name: Some(server_name) };
-        Self { port, tls: Some(tls) }
+        Self { route, tls: Some(tls) }
     }
 }
 
@@ -198,5 +241,67 @@ pub(crate) async fn get<T: serde::de::DeserializeOwned>(
         Some(object) => typed(&object)
             .map(Some)
             .map_err(|e| Error::Decode { object: format!("{} {ns}/{name}", resource.kind), message: e.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::Api;
+    use serde_json::json;
+
+    fn vmi(annotations: serde_json::Value) -> VirtualMachineInstance {
+        serde_json::from_value(json!({
+            "metadata": {"name": "vm1", "namespace": "ns1", "annotations": annotations,
+                         "ownerReferences": [{"kind": "VirtualMachine", "name": "vm1"}]},
+            "spec": {"domain": {"devices": {"autoattachVSOCK": true}}, "networks": [{"name": "default", "pod": {}}]},
+            "status": {"VSOCKCID": 42, "interfaces": [{"name": "default", "ipAddress": "10.244.1.7"}]},
+        }))
+        .unwrap()
+    }
+
+    /// A VMI with a vsock CID is dialled through the operator's own Kubernetes client, and what goes wrong names the
+    /// transport and the VMI: what the disk's status and Events then say.
+    #[tokio::test]
+    async fn agents_of_vmis_with_a_vsock_cid_are_dialled_through_the_kubernetes_api() {
+        let api = Api::start(|s| {
+            s.path.ends_with("/vsock").then(|| {
+                let message = "virtualmachineinstances.subresources.kubevirt.io \"vm1\" is forbidden";
+                (403, json!({"kind": "Status", "status": "Failure", "code": 403, "message": message}))
+            })
+        });
+        let access = AgentAccess::plaintext(7443);
+        let agent = access.connect(&api.client(), None, &vmi(json!({}))).unwrap();
+        let err = agent.agent_info().await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "cannot reach the agent over KubeVirt's vsock subresource of VMI ns1/vm1 (port 7443, tls=false): the \
+                 Kubernetes API answered 403 Forbidden"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("needs `get` on virtualmachineinstances/vsock"), "{err}");
+        let paths: Vec<String> = api.seen().into_iter().map(|s| s.path).collect();
+        assert_eq!(paths, ["/apis/subresources.kubevirt.io/v1/namespaces/ns1/virtualmachineinstances/vm1/vsock"]);
+    }
+
+    #[test]
+    fn a_vms_annotations_choose_its_route_over_the_operators_flags() {
+        let mut access = AgentAccess::plaintext(7443);
+        access.route.transport = Some(AgentTransport::Vsock);
+        let vm: VirtualMachine = serde_json::from_value(json!({
+            "metadata": {"name": "vm1", "namespace": "ns1", "annotations": {"wukong.io/agent-transport": "network"}},
+        }))
+        .unwrap();
+        assert_eq!(access.address(None, &vmi(json!({}))).unwrap().to_string(), "kubevirt://ns1/vm1:7443");
+        assert_eq!(access.address(Some(&vm), &vmi(json!({}))).unwrap().to_string(), "http://10.244.1.7:7443");
+        let bad = vmi(json!({"wukong.io/agent-vsock-tls": "yes"}));
+        let err = access.address(Some(&vm), &bad).unwrap_err();
+        assert!(!err.is_pending());
+        assert_eq!(
+            err.to_string(),
+            "VMI ns1/vm1 has annotation wukong.io/agent-vsock-tls: \"yes\", which is not agent or kubevirt; correct or \
+             remove it"
+        );
     }
 }

@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
 use crate::storage::{self, Claim, Classes, DataVolume, data_volume_resource};
 use crate::validate::{SpecError, check, check_against_status};
-use crate::{Config, Error, MANAGER, Result, get};
+use crate::{AgentUnreachable, Config, Error, MANAGER, Result, get};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::jiff::Timestamp;
@@ -26,6 +26,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::companion::{self, AttachOptions, CompanionError, DetachOptions};
 use wukong_controller_client::hypervisor::{
     DiskBus, Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState,
@@ -224,6 +225,14 @@ impl Scene {
         })
     }
 
+    /// A client of the guest's agent, by the VMI's route.
+    fn agent(&self, context: &Context) -> Result<AgentClient, AgentUnreachable> {
+        match &self.vmi {
+            Some(vmi) => context.config.agent.connect(&context.client, Some(&self.vm), vmi),
+            None => Err(AgentUnreachable::Stopped(format!("{}/{}", self.ns, self.vm_name))),
+        }
+    }
+
     fn kubevirt(&self, context: &Context) -> KubeVirt {
         // A stopped VM has no VMI to route by: change the VM's spec.
         context.reads.kubevirt(KubeVirt::new(context.client.clone(), &self.ns, &self.vm_name, self.vmi.is_none()))
@@ -349,10 +358,8 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     set_condition(&mut status, "VMAvailable", true, if vmi.is_some() { "Running" } else { "Stopped" }, running, wukong);
     let scene = Scene { ns: ns.clone(), vm_name, vm, vmi, stored };
     // Plaintext agents (labs) have no certificate to expire.
-    if let Some(vmi) = &scene.vmi
-        && context.config.agent.tls.is_some()
-    {
-        check_agent_certificate(context, wukong, &scene.ns, &scene.vm_name, vmi).await;
+    if scene.vmi.is_some() && context.config.agent.tls.is_some() {
+        check_agent_certificate(context, wukong, &scene).await;
     }
 
     let plans = plan(&wukong.spec.disks, &previous.volumes, |disk| scene.observe(disk));
@@ -639,17 +646,11 @@ async fn attach(
     scene: &Scene,
     context: &Context,
 ) -> Result<DiskOutcome> {
-    let agent = match scene.vmi.as_ref().and_then(|vmi| context.config.agent.connect(vmi)) {
-        Some(Ok(agent)) => agent,
-        Some(Err(e)) => {
+    let agent = match scene.agent(context) {
+        Ok(agent) => agent,
+        Err(e) => {
             status.phase = Phase::Attaching;
             status.message = Some(format!("cannot reach the guest's agent: {e}"));
-            return Ok(DiskOutcome::again(status, SOON));
-        }
-        None => {
-            status.phase = Phase::Attaching;
-            status.message =
-                Some(format!("VMI {}/{} reports no IP to reach its agent at yet", scene.ns, scene.vm_name));
             return Ok(DiskOutcome::again(status, SOON));
         }
     };
@@ -736,15 +737,10 @@ async fn detach(
         status.blockers = blockers;
         (status, after, changed)
     };
-    let agent = match scene.vmi.as_ref().and_then(|vmi| context.config.agent.connect(vmi)) {
-        Some(Ok(agent)) => agent,
-        Some(Err(e)) => {
-            let (status, after, changed) = blocked(status, vec![format!("cannot reach the guest's agent: {e}")]);
-            return refused(status, after, changed, wukong, context).await;
-        }
-        None => {
-            let sentence =
-                format!("VMI {}/{} reports no IP to reach the guest's agent at (fail safe)", scene.ns, scene.vm_name);
+    let agent = match scene.agent(context) {
+        Ok(agent) => agent,
+        Err(e) => {
+            let sentence = format!("cannot reach the guest's agent (fail safe): {e}");
             let (status, after, changed) = blocked(status, vec![sentence]);
             return refused(status, after, changed, wukong, context).await;
         }
@@ -1043,9 +1039,9 @@ async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatu
 
 /// Asks a running VM's agent which certificate it serves and warns when that expires soon (see
 /// [`agent_certificate`]).
-async fn check_agent_certificate(context: &Context, wukong: &Wukong, ns: &str, vm: &str, vmi: &VirtualMachineInstance) {
-    let Some(Ok(agent)) = context.config.agent.connect(vmi) else { return };
-    if let Some(note) = context.certificates.check(&agent, ns, vm).await {
+async fn check_agent_certificate(context: &Context, wukong: &Wukong, scene: &Scene) {
+    let Ok(agent) = scene.agent(context) else { return };
+    if let Some(note) = context.certificates.check(&agent, &scene.ns, &scene.vm_name).await {
         publish(context, wukong, EventType::Warning, "AgentCertificateExpiring", "CheckAgent", &note).await;
     }
 }

@@ -26,7 +26,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wukong_controller_client::agent_client::AgentClient;
+use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
 use wukong_controller_client::hypervisor::VolumeState;
 use wukong_controller_client::kubevirt::{
     VirtualMachine, VirtualMachineInstance, resource, vm_resource, vmi_resource, volume_state_in,
@@ -91,8 +91,8 @@ pub struct Watch {
     metrics: Arc<Metrics>,
     /// When each released disk was first seen released, on this clock: the guest's own clock may be off.
     seen: HashMap<Released, Instant>,
-    /// Clients of the agents by address, with when they were made.
-    clients: HashMap<String, (AgentClient, Instant)>,
+    /// Clients of the agents by route (the address, whatever transport it names), with when they were made.
+    clients: HashMap<AgentAddress, (AgentClient, Instant)>,
 }
 
 impl Watch {
@@ -218,19 +218,19 @@ impl Watch {
     }
 
     /// A client of the agent at `address`, kept between passes.
-    fn client_for(&mut self, address: &str) -> Option<AgentClient> {
+    fn client_for(&mut self, address: &AgentAddress) -> Option<AgentClient> {
         if let Some((client, made)) = self.clients.get(address)
             && made.elapsed() < RECONNECT
         {
             return Some(client.clone());
         }
-        match self.access.connect_to(address) {
+        match self.access.connect_to(&self.client, address.clone()) {
             Ok(client) => {
-                self.clients.insert(address.to_string(), (client.clone(), Instant::now()));
+                self.clients.insert(address.clone(), (client.clone(), Instant::now()));
                 Some(client)
             }
             Err(e) => {
-                tracing::warn!(%address, error = %e, "cannot make a client of the agent");
+                tracing::warn!(agent = %address.place(), error = %e, "cannot make a client of the agent");
                 None
             }
         }
@@ -285,7 +285,15 @@ impl Watch {
                 open.push(release);
             }
         }
-        let Some(address) = self.access.address(&vmi) else { return Ok(forgotten) };
+        let address = match self.access.address(vm.as_ref(), &vmi) {
+            Ok(address) => address,
+            // No IP or CID yet: nothing can be asked, and nothing released can be seen.
+            Err(e) if e.is_pending() => return Ok(forgotten),
+            Err(e) => {
+                tracing::warn!(object = %target.label(), error = %e, "cannot reach the guest's agent");
+                return Err("agent");
+            }
+        };
         let Some(agent) = self.client_for(&address) else { return Err("agent") };
         let disks = match agent.list_disks(false).await {
             Ok(disks) => disks,
@@ -375,7 +383,7 @@ mod tests {
                               "metadata": {"name": name, "labels": {GUARD_LABEL: "enabled"}}}),
             ))
         });
-        let access = AgentAccess { port: 7443, tls: None };
+        let access = AgentAccess::plaintext(7443);
         let metrics = Arc::new(Metrics::default());
         let watch = Watch::new(api.client(), access, namespace.map(Into::into), "wukong-system", "test", metrics);
         watch.targets().await.expect("a pass");

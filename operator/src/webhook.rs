@@ -33,8 +33,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tonic::Code;
-use wukong_controller_client::agent_client::{AgentClient, ClientError};
-use wukong_controller_client::kubevirt::{VirtualMachineInstance, vmi_resource};
+use wukong_controller_client::agent_client::AgentClient;
+use wukong_controller_client::kubevirt::{VirtualMachine, VirtualMachineInstance, vm_resource, vmi_resource};
 use wukong_proto::v1::{BlockerKind, UsageReport};
 
 /// Who may call the webhook: the API server, known by its client certificate (its AdmissionConfiguration gives it
@@ -287,11 +287,15 @@ async fn release(
              Annotate the object {FORCE_ANNOTATION}=true to unplug anyway at the risk of losing data"
         )
     };
-    let agent = guard
-        .agent
-        .connect(&vmi)
-        .ok_or_else(|| unreachable("it reports no IP".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    // The VM's annotations, as stored, choose the way to its agent. Unreadable, the VMI's choose: either way leads
+    // to this VMI's guest, only perhaps by another path.
+    let owned = vmi.metadata.owner_references.iter().any(|o| o.kind == "VirtualMachine");
+    let vm: Option<VirtualMachine> = match target.request.kind.kind.as_str() {
+        "VirtualMachine" => target.request.old_object.as_ref().and_then(|vm| crate::typed(vm).ok()),
+        _ if owned => get(&guard.client, ns, &vm_resource(), name).await.ok().flatten(),
+        _ => None,
+    };
+    let agent = guard.agent.connect(&guard.client, vm.as_ref(), &vmi).map_err(|e| unreachable(e.to_string()))?;
     if guard.agent.tls.is_some()
         && let Some(note) = guard.certificates.check(&agent, ns, name).await
     {
@@ -387,9 +391,7 @@ async fn release_one(
              need longer",
             guard.release_deadline.as_secs()
         )),
-        Err(e @ (ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::TlsRefused(_))) => {
-            Err(unreachable(e.to_string()))
-        }
+        Err(e) if e.is_unreachable() => Err(unreachable(e.to_string())),
         Err(e) => Err(refused(vec![e.to_string()])),
     }
 }

@@ -174,6 +174,10 @@ fn usage_mistakes_exit_2_before_anything_is_contacted() -> Result<()> {
         (&["--vmi", "ns/vm", "detach", "vol1", "--serial", "a b"], "only letters, digits"),
         (&["watch", "ok", "no/pe"], "only letters, digits"),
         (&["--agent", "10.0.0.1:7443", "info"], "is not an agent address"),
+        (&["--agent", "vsock://3", "info"], "vsock:// needs CID:PORT"),
+        (&["--agent", "hvsock://run/vm.vsock:7443", "info"], "the socket's path must be absolute"),
+        (&["--agent-transport", "vsock", "info"], "--agent-transport chooses the way to the agent of a --vmi"),
+        (&["--vmi", "ns/vm", "--agent", nowhere, "--agent-network", "s", "info"], "--agent-network chooses the way"),
         (&["--agent-config", "/nonexistent/agent.toml", "info"], "cannot read the agent configuration"),
         (&["--tls-ca", "/ca.crt", "info"], "mutual TLS needs all of --tls-ca, --tls-cert and --tls-key"),
         (&["--kubeconfig", "/nonexistent/kubeconfig", "--vmi", "ns/vm", "info"], "cannot use the kubeconfig"),
@@ -218,6 +222,13 @@ fn exit_codes_say_what_happened() -> Result<()> {
     let down = ctl(&[("WUKONG_AGENT", "http://127.0.0.1:9")], &["info"])?;
     expect(&down, 4, "cannot reach the agent at http://127.0.0.1:9");
     assert_eq!(stderr(&down).lines().count(), 1, "no stray log lines: {}", stderr(&down));
+    let no_vm = ctl(&[("WUKONG_AGENT", "hvsock:///nonexistent/vm.vsock:7443")], &["info"])?;
+    expect(
+        &no_vm,
+        4,
+        "cannot reach the agent at hvsock:///nonexistent/vm.vsock:7443: cannot connect to the Unix socket",
+    );
+    assert_eq!(stderr(&no_vm).lines().count(), 1, "{}", stderr(&no_vm));
     let dir = tempfile::tempdir()?;
     let kubeconfig = dead_kubeconfig(dir.path())?;
     let api_down = ctl(&[("KUBECONFIG", kubeconfig.to_str().unwrap())], &["--vmi", "ns/vm", "disks"])?;

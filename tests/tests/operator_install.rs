@@ -142,7 +142,9 @@ async fn the_readmes_install_makes_every_secret_the_deployment_mounts_and_certif
         "spec": {"networks": [{"name": "default", "pod": {}}]},
         "status": {"interfaces": [{"name": "default", "ipAddress": "127.0.0.1"}]},
     }))?;
-    let client = config.agent.connect(&vmi).context("the VMI has an IP")??;
+    // The route is the VMI's IP: the Kubernetes client (for KubeVirt's vsock subresource) is never used.
+    let unused = kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse()?))?;
+    let client = config.agent.connect(&unused, None, &vmi).context("the VMI's route")?;
     let info = client.agent_info().await.context("the shipped Deployment's operator calling the README's agent")?;
     assert!(!info.read_only, "the agent must let the operator release disks (its name in allow_clients): {info:?}");
 

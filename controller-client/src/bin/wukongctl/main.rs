@@ -6,7 +6,7 @@ mod target;
 mod volumes;
 
 use std::path::PathBuf;
-use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError, TlsFiles};
+use wukong_controller_client::agent_client::{AgentAddress, BadAddress, ClientError, Dialer, TlsFiles};
 use wukong_controller_client::companion::CompanionError;
 use wukong_controller_client::output;
 use wukong_proto::serial::Serial;
@@ -291,7 +291,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(e) = e.downcast_ref::<CompanionError>() {
         return companion_exit_code(e);
     }
-    if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<wukong_proto::serial::SerialError>().is_some() {
+    if e.downcast_ref::<UsageError>().is_some()
+        || e.downcast_ref::<BadAddress>().is_some()
+        || e.downcast_ref::<wukong_proto::serial::SerialError>().is_some()
+    {
         return EXIT_USAGE;
     }
     e.downcast_ref::<ClientError>().map_or(EXIT_OTHER, client_exit_code)
@@ -299,11 +302,13 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn client_exit_code(e: &ClientError) -> u8 {
     match e {
-        ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+        ClientError::Unreachable { .. } | ClientError::Dial(_) => EXIT_UNREACHABLE,
         ClientError::Timeout { .. } => EXIT_TIMEOUT,
-        ClientError::BadAddress(_) | ClientError::TlsFile { .. } | ClientError::NotPem { .. } | ClientError::Tls(_) => {
-            EXIT_USAGE
-        }
+        ClientError::BadAddress(_)
+        | ClientError::Target(_)
+        | ClientError::TlsFile { .. }
+        | ClientError::NotPem { .. }
+        | ClientError::Tls(_) => EXIT_USAGE,
         ClientError::TlsRefused(_) => EXIT_TLS,
         err => match err.code() {
             Some(tonic::Code::InvalidArgument) => EXIT_USAGE,
@@ -370,6 +375,19 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
         None => cli.target.agent.clone().or(file_agent),
     };
     let address = agent.as_deref().map(str::parse::<AgentAddress>).transpose()?;
+    let routed = vmi.is_some() && address.is_none();
+    let route_flags = [
+        ("--agent-transport", cli.target.agent_transport.is_some()),
+        ("--agent-network", cli.target.agent_network.is_some()),
+        ("--agent-port", cli.target.agent_port.is_some()),
+        ("--agent-vsock-tls", cli.target.agent_vsock_tls.is_some()),
+    ];
+    if let Some((flag, _)) = route_flags.iter().find(|(_, given)| *given).filter(|_| !routed) {
+        return Err(UsageError(format!(
+            "{flag} chooses the way to the agent of a --vmi; with --agent, or without --vmi, the address says it"
+        ))
+        .into());
+    }
     check_serials(&cli.command)?;
     let volume_target = match &cli.command {
         Command::Attach(args) => Some(volumes::Target::of(vmi.as_ref(), &args.hypervisor, address.is_some())?),
@@ -386,9 +404,10 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
         return Err(UsageError("--delete-claim is for KubeVirt volumes (--vmi)".into()).into());
     }
 
-    let kube = match &vmi {
-        Some(_) => Some(target::kube_client(&cli.target).await?),
-        None => None,
+    // KubeVirt's vsock subresource is opened through the Kubernetes API too.
+    let kube = match (&vmi, &address) {
+        (Some(_), _) | (_, Some(AgentAddress::KubeVirtVsock { .. })) => Some(target::kube_client(&cli.target).await?),
+        _ => None,
     };
     let backend = match (&cli.command, &volume_target) {
         (Command::Attach(a), Some(t)) => Some(volumes::Backend::connect(t, kube.as_ref(), &a.hypervisor).await?),
@@ -399,21 +418,20 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
     let address = match (address, &vmi, &kube) {
         (Some(address), _, _) => address,
         (None, Some(vmi), Some((client, url))) => {
-            let kubevirt =
-                wukong_controller_client::kubevirt::KubeVirt::new(client.clone(), &vmi.namespace, &vmi.name, false)
-                    .with_api_url(url);
-            match kubevirt.agent_address().await? {
-                Some(address) => address.parse()?,
-                None => anyhow::bail!(
-                    "VMI {}/{} reports no interface IP to reach its agent at; give --agent http://IP:7443",
-                    vmi.namespace,
-                    vmi.name
-                ),
-            }
+            use wukong_controller_client::kubevirt::{KubeVirt, agent_route};
+            let kubevirt = KubeVirt::new(client.clone(), &vmi.namespace, &vmi.name, false).with_api_url(url);
+            let (found, vm) = kubevirt.vmi_and_vm().await?;
+            agent_route(vm.as_ref(), &found, &cli.target.route())?
         }
         _ => DEFAULT_AGENT.parse()?,
     };
-    let client = AgentClient::connect_with(address, tls.as_ref())?;
+    tracing::info!(agent = %address.place(), "reaching the agent");
+    let dialer = Dialer::new().with_tls(tls);
+    let dialer = match kube {
+        Some((client, _)) => dialer.with_kube(client),
+        None => dialer,
+    };
+    let client = dialer.connect(address)?;
     match cli.command {
         Command::Attach(args) => {
             let volume = attach_volume.expect("checked above");

@@ -1,18 +1,38 @@
 //! Which machine a command talks to: `--agent`, or the guest of a KubeVirt VMI (`--vmi`, with kubectl's
-//! `-n/--namespace`, `--kubeconfig` and `--context`). Every command reaches the agent of the machine it was pointed
-//! at, or fails: it never falls back to another one (a release on the wrong machine unmounts the wrong disk).
+//! `-n/--namespace`, `--kubeconfig` and `--context`), reached over KubeVirt's vsock subresource or a network as its
+//! VM's annotations and the `--agent-*` flags say. Every command reaches the agent of the machine it was pointed at,
+//! or fails: it never falls back to another one (a release on the wrong machine unmounts the wrong disk).
 
 use crate::UsageError;
 use std::path::PathBuf;
+use wukong_controller_client::agent_client::VsockTls;
+use wukong_controller_client::kubevirt::{AgentTransport, RouteOptions, RouteSettings, valid_name, valid_namespace};
 
 /// Where the agent is. Global: every command takes these.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TargetArgs {
-    /// Agent address: http://IP:PORT, https://IP:PORT or unix:PATH. Default: the VMI's interface IP with --vmi
-    /// (where only this flag, not WUKONG_AGENT or --agent-config, overrides it), else the local socket
-    /// unix:/run/wukong-agent/agent.sock (root only).
+    /// Agent address: http://IP:PORT, https://IP:PORT, unix:PATH, vsock://CID:PORT (from the VM's host),
+    /// hvsock://PATH:PORT (a VMM's hybrid vsock socket) or kubevirt://NS/NAME:PORT[?tls=agent|kubevirt] (KubeVirt's
+    /// vsock subresource). Default: the VMI's route with --vmi (where only this flag, not WUKONG_AGENT or
+    /// --agent-config, overrides it), else the local socket unix:/run/wukong-agent/agent.sock (root only).
     #[arg(long, global = true, env = "WUKONG_AGENT", value_name = "ADDRESS", help_heading = "Target")]
     pub agent: Option<String>,
+    /// With --vmi, how to reach its agent [default: KubeVirt's vsock subresource when the VMI has a vsock CID, else
+    /// its network; or its VM's annotation wukong.io/agent-transport, which this flag overrides].
+    #[arg(long, global = true, value_enum, value_name = "HOW", help_heading = "Target")]
+    pub agent_transport: Option<AgentTransport>,
+    /// With --vmi over the network, the network (a name in the VMI's spec.networks) whose interface's IP to dial
+    /// [default: the pod network; or the annotation wukong.io/agent-network].
+    #[arg(long, global = true, value_name = "NAME", help_heading = "Target")]
+    pub agent_network: Option<String>,
+    /// With --vmi, the agent's port, TCP or vsock [default: 7443; or the annotation wukong.io/agent-port].
+    #[arg(long, global = true, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..), help_heading = "Target")]
+    pub agent_port: Option<u16>,
+    /// With --vmi over the vsock subresource, who speaks TLS with the guest: agent (this client's mutual TLS, end
+    /// to end) or kubevirt (virt-handler; no TLS files needed, the subresource's RBAC decides who may connect)
+    /// [default: agent; or the annotation wukong.io/agent-vsock-tls].
+    #[arg(long, global = true, value_enum, value_name = "WHO", help_heading = "Target")]
+    pub agent_vsock_tls: Option<VsockTls>,
     /// The KubeVirt VMI whose guest to talk to: NAMESPACE/NAME, or NAME with -n.
     #[arg(long, global = true, value_name = "[NS/]NAME", help_heading = "Target")]
     pub vmi: Option<String>,
@@ -35,6 +55,17 @@ pub struct VmiRef {
 }
 
 impl TargetArgs {
+    /// The way to a VMI's agent the flags choose: they win over the VM's annotations.
+    pub fn route(&self) -> RouteOptions {
+        let overrides = RouteSettings {
+            transport: self.agent_transport,
+            network: self.agent_network.clone(),
+            port: self.agent_port,
+            vsock_tls: self.agent_vsock_tls,
+        };
+        RouteOptions { overrides, ..Default::default() }
+    }
+
     /// The VMI named by `--vmi` and `-n`, checked before anything is contacted.
     pub fn vmi(&self) -> Result<Option<VmiRef>, UsageError> {
         let Some(vmi) = &self.vmi else {
@@ -56,21 +87,15 @@ impl TargetArgs {
                 }
             },
         };
-        check_name("namespace", &namespace, 63, vmi)?;
-        check_name("VMI name", &name, 253, vmi)?;
+        check_name("namespace", &namespace, valid_namespace(&namespace), 63, vmi)?;
+        check_name("VMI name", &name, valid_name(&name), 253, vmi)?;
         Ok(Some(VmiRef { namespace, name }))
     }
 }
 
 /// Kubernetes' names: lowercase letters, digits and '-' (and '.' in a VMI's name), starting and ending with a
 /// letter or digit.
-fn check_name(what: &str, value: &str, max: usize, given: &str) -> Result<(), UsageError> {
-    let dots = what != "namespace";
-    let fine = !value.is_empty()
-        && value.len() <= max
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
-        && value.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && value.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+fn check_name(what: &str, value: &str, fine: bool, max: usize, given: &str) -> Result<(), UsageError> {
     match fine {
         true => Ok(()),
         false => Err(UsageError(format!(
@@ -113,6 +138,10 @@ mod tests {
     fn args(vmi: Option<&str>, namespace: Option<&str>) -> TargetArgs {
         TargetArgs {
             agent: None,
+            agent_transport: None,
+            agent_network: None,
+            agent_port: None,
+            agent_vsock_tls: None,
             vmi: vmi.map(str::to_string),
             namespace: namespace.map(str::to_string),
             kubeconfig: None,

@@ -89,6 +89,10 @@ namespace (watchNamespace).
     - virtualmachineinstances/addvolume
     - virtualmachineinstances/removevolume
   verbs: ["update"]
+# The way to the agents of VMIs with a vsock CID: KubeVirt's vsock subresource (no KubeVirt role grants it).
+- apiGroups: ["subresources.kubevirt.io"]
+  resources: ["virtualmachineinstances/vsock"]
+  verbs: ["get"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
