@@ -29,7 +29,9 @@ pub mod webhook;
 use kube::api::{Api, ApiResource, DynamicObject};
 use std::path::PathBuf;
 use std::time::Duration;
-use wukong_controller_client::agent_client::{AgentAddress, AgentClient, ClientError, Dialer, TlsFiles};
+use wukong_controller_client::agent_client::{
+    AgentAddress, AgentClient, ClientError, DEFAULT_CONNECT_TIMEOUT, Dialer, TlsFiles,
+};
 use wukong_controller_client::hypervisor::HypervisorError;
 use wukong_controller_client::kubevirt::{
     AgentTransport, RouteError, RouteOptions, RouteSettings, VirtualMachine, VirtualMachineInstance, agent_route,
@@ -137,7 +139,20 @@ impl AgentAccess {
         vm: Option<&VirtualMachine>,
         vmi: &VirtualMachineInstance,
     ) -> Result<AgentClient, AgentUnreachable> {
-        Ok(self.connect_to(kube, self.address(vm, vmi)?)?)
+        self.connect_within(kube, vm, vmi, DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    /// [`Self::connect`] with each connection attempt bounded by `attempt`: for callers with a deadline of their
+    /// own (the guard answers the API server within its webhook timeout, and may dial twice).
+    pub fn connect_within(
+        &self,
+        kube: &kube::Client,
+        vm: Option<&VirtualMachine>,
+        vmi: &VirtualMachineInstance,
+        attempt: Duration,
+    ) -> Result<AgentClient, AgentUnreachable> {
+        let address = self.address(vm, vmi)?;
+        Ok(self.dialer(kube).with_connect_timeout(attempt).connect(address)?)
     }
 
     /// Where the agent of a VMI's guest is reached.
@@ -151,7 +166,11 @@ impl AgentAccess {
 
     /// A client of the agent at `address` (from [`Self::address`]).
     pub fn connect_to(&self, kube: &kube::Client, address: AgentAddress) -> Result<AgentClient, ClientError> {
-        Dialer::new().with_tls(self.tls.clone()).with_kube(kube.clone()).connect(address)
+        self.dialer(kube).connect(address)
+    }
+
+    fn dialer(&self, kube: &kube::Client) -> Dialer {
+        Dialer::new().with_tls(self.tls.clone()).with_kube(kube.clone())
     }
 
     /// Whether agents may be reached over KubeVirt's vsock subresource, which needs `get` on

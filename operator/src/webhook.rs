@@ -37,6 +37,12 @@ use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::kubevirt::{VirtualMachine, VirtualMachineInstance, vm_resource, vmi_resource};
 use wukong_proto::v1::{BlockerKind, UsageReport};
 
+/// How long one attempt to reach a guest's agent may take during a review. A review may dial twice (the agent's
+/// certificate check, then the release) and each dial makes three attempts with backoff: 2 x (3 x 3 s + 0.75 s)
+/// stays within the 30 s the API server gives the webhook, so an unreachable guest is refused with our sentence,
+/// not the API server's timeout.
+const GUARD_CONNECT_ATTEMPT: Duration = Duration::from_secs(3);
+
 /// Who may call the webhook: the API server, known by its client certificate (its AdmissionConfiguration gives it
 /// one per webhook). `None`: anyone who reaches the port, and every review is checked against the live objects.
 #[derive(Debug, Clone)]
@@ -295,7 +301,10 @@ async fn release(
         _ if owned => get(&guard.client, ns, &vm_resource(), name).await.ok().flatten(),
         _ => None,
     };
-    let agent = guard.agent.connect(&guard.client, vm.as_ref(), &vmi).map_err(|e| unreachable(e.to_string()))?;
+    let agent = guard
+        .agent
+        .connect_within(&guard.client, vm.as_ref(), &vmi, GUARD_CONNECT_ATTEMPT)
+        .map_err(|e| unreachable(e.to_string()))?;
     if guard.agent.tls.is_some()
         && let Some(note) = guard.certificates.check(&agent, ns, name).await
     {
