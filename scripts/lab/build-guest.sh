@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the guest lab's boot files (profile A: a Debian cloud kernel and an initramfs with busybox, Debian's
-# systemd-udevd and the agent).
+# systemd-udevd, socat and the agent; vsock modules for guests with a vsock device).
 #
 #   build-guest.sh OUT_DIR AGENT_BINARY
 #
@@ -68,6 +68,11 @@ for tool in mkfs.ext4 mke2fs blkid sfdisk lvm mdadm dmsetup; do
   copy_with_libs "$p" "/usr/sbin/$tool"
 done
 mkdir -p "$root/etc/lvm" "$root/run/lock/lvm"
+# socat serves the control channel over vsock when the guest has no network, and tests' vsock services (Debian's is
+# built with VSOCK and OpenSSL addresses).
+p=$(command -v socat || true)
+[ -n "$p" ] || { echo "build-guest: socat not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
+copy_with_libs "$p" /usr/bin/socat
 
 # The agent, without symbols (a debug build would otherwise bloat the image).
 copy_with_libs "$agent" /usr/bin/wukong-agent
@@ -85,7 +90,11 @@ for g in root disk kmem dialout cdrom tape audio video input kvm render sgx tty 
 done
 
 # --- kernel modules, dependencies resolved from modules.dep -----------------------------------------------------
-copy_modules "$root" virtio_pci virtio_scsi sd_mod virtio_blk virtio_net loop dm_mod dm_crypt raid1 ext4 xfs btrfs overlay
+# vsock after the virtio transport it rides on; vsock_loopback (CID 1 inside the guest) where the kernel has it.
+vsock_modules=(vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
+has_module vsock_loopback && vsock_modules+=(vsock_loopback)
+copy_modules "$root" virtio_pci virtio_scsi sd_mod virtio_blk virtio_net loop dm_mod dm_crypt raid1 ext4 xfs btrfs overlay \
+  "${vsock_modules[@]}"
 
 cp "$here/guest-init.sh" "$root/init"
 cp "$here/guest-ctl-handler.sh" "$root/bin/wukong-ctl-handler"

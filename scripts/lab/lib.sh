@@ -26,6 +26,17 @@ fetch_kernel() {
   moddir=$kdir/lib/modules/$kver
 }
 
+# Prints where loadable module NAME is (its path in modules.dep), nothing when the kernel has no such loadable module.
+# Needs fetch_kernel first.
+module_path() {
+  awk -F: -v n="$1" '{ f=$1; sub(/.*\//, "", f); sub(/\.ko(\.[a-z]+)?$/, "", f); gsub(/-/, "_", f); if (f == n) { print $1; exit } }' "$moddir/modules.dep"
+}
+
+# Whether the kernel has module NAME, loadable or built in. Needs fetch_kernel first.
+has_module() {
+  [ -n "$(module_path "$1")" ] || grep -qE "/${1//_/[_-]}\.ko" "$moddir/modules.builtin"
+}
+
 # Copies modules NAME... and everything they depend on (from modules.dep) into ROOT/lib/modules, uncompressed,
 # and lists them in load order in ROOT/etc/modules-order. Built-in modules are skipped. Needs fetch_kernel first.
 copy_modules() {
@@ -35,9 +46,9 @@ copy_modules() {
   local -A seen=()
   resolve() {
     local name=$1 path dep
-    path=$(awk -F: -v n="$name" '{ f=$1; sub(/.*\//, "", f); sub(/\.ko(\.[a-z]+)?$/, "", f); gsub(/-/, "_", f); if (f == n) { print $1; exit } }' "$moddir/modules.dep")
+    path=$(module_path "$name")
     if [ -z "$path" ]; then
-      grep -qE "/${name//_/[_-]}\.ko" "$moddir/modules.builtin" && return 0
+      has_module "$name" && return 0
       echo "lab: kernel module $name not found for $kver" >&2
       exit 1
     fi

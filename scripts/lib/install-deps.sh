@@ -10,7 +10,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=apt.sh
 . "$here/apt.sh"
 
-need_base=(gcc libc6-dev curl libudev-dev pkg-config busybox-static udev kmod e2fsprogs xfsprogs btrfs-progs util-linux fdisk procps psmisc lsof fuse-overlayfs xz-utils lvm2 mdadm dmsetup python3 python3-yaml python3-venv python3-grpcio binutils debootstrap genisoimage file buildah skopeo umoci rpm lintian rpmlint)
+need_base=(gcc libc6-dev curl libudev-dev pkg-config busybox-static udev kmod socat e2fsprogs xfsprogs btrfs-progs util-linux fdisk procps psmisc lsof fuse-overlayfs xz-utils lvm2 mdadm dmsetup python3 python3-yaml python3-venv python3-grpcio binutils debootstrap genisoimage file buildah skopeo umoci rpm lintian rpmlint)
 need_backports=(qemu-system-x86)
 
 missing() {

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tokio_rustls::rustls;
 
 /// How long etcd and the API server may take to become ready (about 5 s idle, 10 s under a build).
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -42,13 +43,19 @@ pub struct Leaf {
 }
 
 impl Leaf {
-    /// A TLS acceptor serving this certificate (a lab server's).
-    pub fn tls_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
-        use tokio_rustls::rustls;
+    /// The certificate (chain) and key, for rustls.
+    pub fn der(
+        &self,
+    ) -> Result<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)> {
         use tokio_rustls::rustls::pki_types::pem::PemObject;
         let certs =
             rustls::pki_types::CertificateDer::pem_slice_iter(self.cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key.as_bytes())?;
+        Ok((certs, rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key.as_bytes())?))
+    }
+
+    /// A TLS acceptor serving this certificate (a lab server's).
+    pub fn tls_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        let (certs, key) = self.der()?;
         let config =
             rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()?
@@ -492,7 +499,12 @@ pub async fn create_all(client: &kube::Client, documents: Vec<serde_json::Value>
 
 /// 16 random hex digits from the kernel (tokens need not be strong here, only unguessable by other tests).
 fn random_hex() -> String {
-    let mut bytes = [0u8; 8];
+    random_bytes::<8>().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `N` random bytes from the kernel.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
     let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    bytes
 }

@@ -3,21 +3,28 @@
 //! * **virt-api's `subresources.kubevirt.io/v1`**, served as an aggregated API (an `APIService` pointing at this
 //!   HTTPS server through an `ExternalName` Service, as virt-api is served): `addvolume`/`removevolume` for VMs and
 //!   VMIs, with v1.9's rules, status codes and messages in both feature-gate modes, writing as KubeVirt's
-//!   `kubevirt-apiserver` ServiceAccount ([`API_SERVER`]), not as its caller. RBAC on the subresources is enforced
-//!   by the API server before a request gets here.
+//!   `kubevirt-apiserver` ServiceAccount ([`API_SERVER`]), not as its caller; and a VMI's `vsock`, a websocket the
+//!   API server's aggregator proxies as an upgrade, spliced by virt-handler to the lab guest's vsock device, with
+//!   virt-handler's TLS ([`crate::kubevirt_vsock`]). RBAC on the subresources is enforced by the API server before a
+//!   request gets here (no KubeVirt role grants `vsock`). KubeVirt's admission webhooks are
+//!   [`crate::kubevirt_webhooks`].
+//! * **The `KubeVirt` object's feature gates** ([`KubeVirtConfig`]): the hot-plug mode ([`HotplugMode`]) and `VSOCK`
+//!   (off by default, as in v1.9: a VMI or VM with `autoattachVSOCK` is then refused by virt-api's admission).
 //! * **virt-controller and virt-handler** for the lab guest, two loops that watch VMs and VMIs through the API server
 //!   as KubeVirt's ServiceAccounts ([`CONTROLLER`], [`HANDLER`], bound to roughly KubeVirt's ClusterRoles by
 //!   tests/kubevirt/rbac.yaml), each writing what its upstream counterpart writes: virt-controller the VMI's start up
-//!   to Scheduled, the declarative rule (hotpluggable VM volumes → VMI spec, a changed one unplugged and plugged
-//!   again) or, with `HotplugVolumes`, a VM's `status.volumeRequests` (through the VMI's subresources, then the
-//!   VM's spec), and the attach and detach phases of `volumeStatus`; virt-handler the phase Running, `interfaces`, the
-//!   volumes' targets and their MountedToPod, Ready and UnMountedFromPod phases, the hot-plugs and unplugs over QMP
-//!   with the disk's serial and bus, and the events of each phase change. virt-controller's attachment Pods are real
-//!   Pods (`hp-volume-*`, one per VMI holding all its hot-plugged volumes; see `handle_hotplug_volumes`), run by the
-//!   lab's scheduler and kubelet unless an [`AttachmentPodFault`] keeps them Pending; unplugs in the domain can fail
-//!   ([`UnplugFailure`]). The VMI CRD has no status subresource, as
-//!   KubeVirt ships it: each of these writes is an update of the whole VMI, which every validating webhook on VMI
-//!   updates sees. Like KubeVirt the lab checks nothing about use before an unplug: safety has to come from Wukong.
+//!   to Scheduled (with a vsock VMI's cluster-unique `status.VSOCKCID`), the declarative rule (hotpluggable VM
+//!   volumes → VMI spec, a changed one unplugged and plugged again) or, with `HotplugVolumes`, a VM's
+//!   `status.volumeRequests` (through the VMI's subresources, then the VM's spec), and the attach and detach phases of
+//!   `volumeStatus`; virt-handler the phase Running, `interfaces` (none for a VMI without a network interface,
+//!   [`VmOptions`]), the volumes' targets and their MountedToPod, Ready and UnMountedFromPod phases, the hot-plugs and
+//!   unplugs over QMP with the disk's serial and bus, and the events of each phase change; it also serves KubeVirt's
+//!   CA to the guest over vsock. virt-controller's attachment Pods are real Pods (`hp-volume-*`, one per VMI holding
+//!   all its hot-plugged volumes; see `handle_hotplug_volumes`), run by the lab's scheduler and kubelet unless an
+//!   [`AttachmentPodFault`] keeps them Pending; unplugs in the domain can fail ([`UnplugFailure`]). The VMI CRD has
+//!   no status subresource, as KubeVirt ships it: each of these writes is an update of the whole VMI, which every
+//!   validating webhook on VMI updates sees. Like KubeVirt the lab checks nothing about use before an unplug: safety
+//!   has to come from Wukong.
 //!
 //! The cluster's storage is [`crate::storage_lab`]: real PersistentVolumes, a provisioner, the PV controller's binder,
 //! `WaitForFirstConsumer` classes (a claim of one is bound once the lab's scheduler gives it an attachment Pod's
@@ -27,8 +34,9 @@
 //! a Block claim's device and a Filesystem claim's `disk.img` (see [`crate::cdi_lab`] for DataVolumes).
 
 use crate::Guest;
-use crate::cluster::{ADMIN, Ca, Cluster, create_all};
-use crate::kubevirt_webhooks::{VM_PATH, VMI_UPDATE_PATH};
+use crate::cluster::{ADMIN, Ca, Cluster, Leaf, create_all};
+use crate::kubevirt_vsock::Vsock;
+use crate::kubevirt_webhooks::{VM_PATH, VMI_CREATE_PATH, VMI_UPDATE_PATH};
 use crate::storage_lab::{self, BindingMode, NODE, Storage, VolumeMode, VolumeScheduling};
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
@@ -53,7 +61,7 @@ const PHASE_STEP: Duration = Duration::from_millis(150);
 const RESYNC: Duration = Duration::from_millis(100);
 /// The namespace virt-api's Service lives in.
 pub const KUBEVIRT_NAMESPACE: &str = "kubevirt";
-const GROUP: &str = "subresources.kubevirt.io";
+pub(crate) const GROUP: &str = "subresources.kubevirt.io";
 /// virt-controller's identity, KubeVirt's ServiceAccount: it creates a running VM's VMI, writes its start up to
 /// Scheduled, the declarative VMI spec patches and the attach and detach phases of `volumeStatus`.
 pub const CONTROLLER: &str = "system:serviceaccount:kubevirt:kubevirt-controller";
@@ -118,6 +126,37 @@ pub enum HotplugMode {
     HotplugVolumes,
 }
 
+/// The lab's `KubeVirt` configuration: its feature gates.
+#[derive(Debug, Clone, Copy)]
+pub struct KubeVirtConfig {
+    pub hotplug: HotplugMode,
+    /// The `VSOCK` gate (Alpha, off by default through v1.9): VMIs with `autoattachVSOCK` are admitted and get a CID,
+    /// and virt-handler serves KubeVirt's CA to guests (see [`crate::kubevirt_vsock`]).
+    pub vsock: bool,
+}
+
+impl From<HotplugMode> for KubeVirtConfig {
+    /// v1.9's defaults but for the hot-plug mode.
+    fn from(hotplug: HotplugMode) -> Self {
+        Self { hotplug, vsock: false }
+    }
+}
+
+/// What a lab VM (and its VMI) has besides its root disk.
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// The address its pod network interface reports (`status.interfaces`: where wukongctl looks for the agent).
+    /// `None`: no interface at all (`autoattachPodInterface: false`, no networks), as for a guest without
+    /// networking; its VMI reports no `interfaces`.
+    pub interface_ip: Option<String>,
+    /// `autoattachVSOCK: true`: the VMI gets a CID and its vsock subresource reaches the lab's guest (see
+    /// [`crate::kubevirt_vsock`]). Refused by KubeVirt's admission unless the lab runs with the `VSOCK` gate.
+    pub vsock: bool,
+    /// `disableHotplug: true`: its virt-launcher Pod gets no hot-plug directory, so nothing can be hot-plugged into
+    /// its guest (see `mount_failures`).
+    pub disable_hotplug: bool,
+}
+
 /// Any resource, for clients of dynamic objects.
 pub fn resource(kind: &str, group: &str, version: &str, plural: &str) -> ApiResource {
     ApiResource {
@@ -133,7 +172,7 @@ fn vms(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &resource("VirtualMachine", "kubevirt.io", "v1", "virtualmachines"))
 }
 
-fn vmis(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+pub(crate) fn vmis(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     let r = resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances");
     Api::namespaced_with(client.clone(), ns, &r)
 }
@@ -154,6 +193,8 @@ struct Shared {
     handler: kube::Client,
     namespace: String,
     mode: HotplugMode,
+    /// The `VSOCK` gate, virt-controller's CIDs, KubeVirt's CA and virt-handler's vsock certificate.
+    vsock: Arc<Vsock>,
     qemu: Option<Arc<Qemu>>,
     /// The cluster's storage: where a bound claim's data lives, and the scheduler's volume binding.
     storage: Arc<Storage>,
@@ -230,6 +271,18 @@ impl KubeVirtLab {
         namespace: &str,
         mode: HotplugMode,
     ) -> Result<Self> {
+        Self::start_with(cluster, guest, namespace, mode.into()).await
+    }
+
+    /// [`Self::start`] with the feature gates of `config`. With the `VSOCK` gate and a guest that has a vsock device,
+    /// the guest is every vsock VMI's domain, and virt-handler serves KubeVirt's CA to it.
+    pub async fn start_with(
+        cluster: &Cluster,
+        guest: Option<&crate::Guest>,
+        namespace: &str,
+        config: KubeVirtConfig,
+    ) -> Result<Self> {
+        let mode = config.hotplug;
         let client = cluster.client(ADMIN).await?;
         crate::kubevirt_crds::install(&client).await?;
         for ns in [namespace, KUBEVIRT_NAMESPACE] {
@@ -241,7 +294,7 @@ impl KubeVirtLab {
                 Err(e) => return Err(e).context("creating the lab's namespaces"),
             }
         }
-        install_kubevirt_config(&client, mode).await?;
+        install_kubevirt_config(&client, config).await?;
         let qemu = match guest {
             Some(g) => Some(Arc::new(Qemu::connect(&g.companion_qmp()).await?)),
             None => None,
@@ -264,6 +317,7 @@ impl KubeVirtLab {
             client: client.clone(),
             namespace: namespace.into(),
             mode,
+            vsock: Arc::new(Vsock::new(config.vsock, guest.filter(|g| g.has_vsock()).map(crate::Guest::vsock_socket))?),
             qemu,
             storage: storage.clone(),
             domain: Mutex::new(BTreeMap::new()),
@@ -287,7 +341,9 @@ impl KubeVirtLab {
         let controller = tokio::spawn(run(shared.clone(), Component::Controller));
         let handler = tokio::spawn(run(shared.clone(), Component::Handler));
         let storage = tokio::spawn(storage.run(RESYNC));
-        Ok(Self { shared, tasks: vec![server, controller, handler, storage] })
+        let mut tasks = vec![server, controller, handler, storage];
+        tasks.extend(shared.vsock.serve_ca()?);
+        Ok(Self { shared, tasks })
     }
 
     /// How long an unplug takes from the volume leaving the VMI's spec until the guest loses the disk (default
@@ -340,6 +396,20 @@ impl KubeVirtLab {
         self.shared.received.lock().unwrap().clone()
     }
 
+    /// KubeVirt's CA (PEM), which signs virt-handler's vsock client certificate and which virt-handler serves to
+    /// guests at host CID 2, port 1.
+    pub fn kubevirt_ca(&self) -> &str {
+        self.shared.vsock.ca_pem()
+    }
+
+    /// The client certificate virt-handler presents to guests on `vsock?tls=true` from now on (its Secret
+    /// `kubevirt-virt-handler-vsock-client-certs` replaced): `leaf`, or (`None`) the lab's own, signed by
+    /// [`Self::kubevirt_ca`]. A leaf from [`crate::kubevirt_vsock::foreign_client_certificate`] is one a guest that
+    /// verifies against KubeVirt's CA must refuse.
+    pub fn set_vsock_client_certificate(&self, leaf: Option<&Leaf>) -> Result<()> {
+        self.shared.vsock.set_client_certificate(leaf)
+    }
+
     /// A `volumeMode: Block` PersistentVolumeClaim of the size of `image`, bound to a PersistentVolume an
     /// administrator made of `image` (pre-bound to the claim, policy Retain: the image is the test's, and stays).
     pub async fn create_claim(&self, name: &str, image: &Path) -> Result<()> {
@@ -358,17 +428,18 @@ impl KubeVirtLab {
         self.shared.storage.clone()
     }
 
-    /// A stopped VM `name` (no VMI): hot-plugs change only its spec.
+    /// A stopped VM `name` (no VMI), with the pod network's interface: hot-plugs change only its spec.
     pub async fn create_stopped_vm(&self, name: &str) -> Result<()> {
-        self.create_vm_object(name, false, false).await.map(drop)
+        // The address is what its VMI would report; it never runs.
+        let options = VmOptions { interface_ip: Some(String::new()), ..Default::default() };
+        self.create_vm_object(name, false, &options).await.map(drop)
     }
 
-    async fn create_vm_object(&self, name: &str, running: bool, disable_hotplug: bool) -> Result<DynamicObject> {
-        let (domain, volumes) = root_disk(disable_hotplug);
+    async fn create_vm_object(&self, name: &str, running: bool, options: &VmOptions) -> Result<DynamicObject> {
         let vm: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": name},
             "spec": {"running": running, "template": {"metadata": {"labels": {"kubevirt.io/vm": name}},
-                     "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()}}},
+                     "spec": vmi_spec(options)}},
         }))?;
         Ok(vms(&self.shared.client, &self.shared.namespace).create(&PostParams::default(), &vm).await?)
     }
@@ -390,25 +461,31 @@ impl KubeVirtLab {
     /// `interface_ip` is what the VMI reports as its address (where wukongctl looks for the agent). Returns once the
     /// lab's virt-controller and virt-handler have started it.
     pub async fn create_vm(&self, name: &str, owned: bool, interface_ip: &str) -> Result<()> {
-        self.start_vm(name, owned, interface_ip, false).await
+        self.create_vm_with(name, owned, &VmOptions { interface_ip: Some(interface_ip.into()), ..Default::default() })
+            .await
     }
 
     /// As [`Self::create_vm`] with `disableHotplug: true` in the VMI's devices: its virt-launcher Pod gets no
     /// hot-plug directory, so nothing can be hot-plugged into its guest (see `hotplug_mount_failure`).
     pub async fn create_vm_without_hotplug(&self, name: &str, interface_ip: &str) -> Result<()> {
-        self.start_vm(name, true, interface_ip, true).await
+        let options =
+            VmOptions { interface_ip: Some(interface_ip.into()), disable_hotplug: true, ..Default::default() };
+        self.create_vm_with(name, true, &options).await
     }
 
-    async fn start_vm(&self, name: &str, owned: bool, interface_ip: &str, disable_hotplug: bool) -> Result<()> {
+    /// As [`Self::create_vm`], the VM (or standalone VMI) as `options` say: with or without an interface, with a
+    /// vsock device.
+    pub async fn create_vm_with(&self, name: &str, owned: bool, options: &VmOptions) -> Result<()> {
         let ns = &self.shared.namespace;
-        self.shared.addresses.lock().unwrap().insert(name.into(), interface_ip.into());
-        let (domain, volumes) = root_disk(disable_hotplug);
+        if let Some(address) = &options.interface_ip {
+            self.shared.addresses.lock().unwrap().insert(name.into(), address.clone());
+        }
         let mut metadata = json!({"name": name});
         // virt-controller starts a running VM's VMI from its template (vm.go `startVMI`); a standalone VMI is its
         // user's.
         let creator = match owned {
             true => {
-                let vm = self.create_vm_object(name, true, disable_hotplug).await?;
+                let vm = self.create_vm_object(name, true, options).await?;
                 metadata["labels"] = vm.data["spec"]["template"]["metadata"]["labels"].clone();
                 metadata["ownerReferences"] = json!([{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
                     "name": name, "uid": vm.metadata.uid, "controller": true, "blockOwnerDeletion": true}]);
@@ -418,7 +495,7 @@ impl KubeVirtLab {
         };
         let vmi: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": metadata,
-            "spec": {"domain": domain, "volumes": volumes, "networks": pod_network()},
+            "spec": vmi_spec(options),
         }))?;
         vmis(creator, ns).create(&PostParams::default(), &vmi).await?;
         let api = vmis(&self.shared.client, ns);
@@ -475,10 +552,30 @@ pub fn template_volumes(vm: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The spec of the lab's VMIs (and VM templates): a container disk to boot from, and what `options` add.
+fn vmi_spec(options: &VmOptions) -> Value {
+    let (domain, volumes) = root_disk(options.disable_hotplug);
+    let mut spec = json!({"domain": domain, "volumes": volumes});
+    let devices = &mut spec["domain"]["devices"];
+    match options.interface_ip {
+        // The pod network, as virt-api's defaulting gives a VMI that names none (`autoattachPodInterface`); the lab's
+        // virt-handler reports its interface under that name.
+        Some(_) => {
+            devices["interfaces"] = json!([{"name": "default", "masquerade": {}}]);
+            spec["networks"] = json!([{"name": "default", "pod": {}}]);
+        }
+        // Without it, virt-api's defaulting would add the pod network.
+        None => devices["autoattachPodInterface"] = json!(false),
+    }
+    if options.vsock {
+        spec["domain"]["devices"]["autoattachVSOCK"] = json!(true);
+    }
+    spec
+}
+
 /// The domain and volumes of the lab's VMs: a container disk to boot from.
 fn root_disk(disable_hotplug: bool) -> (Value, Value) {
-    let mut domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}],
-                                        "interfaces": [{"name": "default", "masquerade": {}}]},
+    let mut domain = json!({"devices": {"disks": [{"name": "rootdisk", "disk": {"bus": "virtio"}}]},
                             "memory": {"guest": "512Mi"}});
     if disable_hotplug {
         domain["devices"]["disableHotplug"] = json!(true);
@@ -487,15 +584,10 @@ fn root_disk(disable_hotplug: bool) -> (Value, Value) {
     (domain, volumes)
 }
 
-/// The pod network, as virt-api's defaulting gives a VMI that names none (`autoattachPodInterface`); the lab's
-/// virt-handler reports its interface under that name.
-fn pod_network() -> Value {
-    json!([{"name": "default", "pod": {}}])
-}
-
 /// The `KubeVirt` object of an installation (`kubevirts.kubevirt.io`), whose feature gates say which hot-plug mode
-/// runs. Its schema is not in the document the other CRDs come from and nothing here reads more than the gates.
-async fn install_kubevirt_config(client: &kube::Client, mode: HotplugMode) -> Result<()> {
+/// runs and whether vsock may be used. Its schema is not in the document the other CRDs come from and nothing here
+/// reads more than the gates.
+async fn install_kubevirt_config(client: &kube::Client, config: KubeVirtConfig) -> Result<()> {
     let crds = Api::<DynamicObject>::all_with(
         client.clone(),
         &resource("CustomResourceDefinition", "apiextensions.k8s.io", "v1", "customresourcedefinitions"),
@@ -511,10 +603,11 @@ async fn install_kubevirt_config(client: &kube::Client, mode: HotplugMode) -> Re
                                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]},
     }))?;
     crds.create(&PostParams::default(), &crd).await?;
-    let gates = match mode {
-        HotplugMode::Declarative => json!([]),
-        HotplugMode::HotplugVolumes => json!(["HotplugVolumes"]),
+    let hotplug = match config.hotplug {
+        HotplugMode::Declarative => None,
+        HotplugMode::HotplugVolumes => Some("HotplugVolumes"),
     };
+    let gates: Vec<&str> = hotplug.into_iter().chain(config.vsock.then_some("VSOCK")).collect();
     let kubevirt = serde_json::from_value(json!({
         "apiVersion": "kubevirt.io/v1", "kind": "KubeVirt", "metadata": {"name": "kubevirt"},
         "spec": {"configuration": {"developerConfiguration": {"featureGates": gates}}},
@@ -556,7 +649,9 @@ async fn serve_subresources(cluster: &Cluster, shared: Arc<Shared>) -> Result<to
                 let Ok(tls) = acceptor.accept(stream).await else { return };
                 let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
                 let io = hyper_util::rt::TokioIo::new(tls);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                // With upgrades: the vsock subresource is a websocket.
+                let connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+                let _ = connection.with_upgrades().await;
             });
         }
     });
@@ -603,7 +698,7 @@ async fn register(cluster: &Cluster, port: u16, ca_pem: &str) -> Result<()> {
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+pub(crate) type Reply = Response<Full<Bytes>>;
 
 fn reply(status: StatusCode, body: String) -> Reply {
     Response::builder()
@@ -614,7 +709,7 @@ fn reply(status: StatusCode, body: String) -> Reply {
 }
 
 /// A `metav1.Status` failure, as virt-api writes them.
-fn failure(code: StatusCode, message: &str) -> Reply {
+pub(crate) fn failure(code: StatusCode, message: &str) -> Reply {
     let reason = match code {
         StatusCode::BAD_REQUEST => "BadRequest",
         StatusCode::NOT_FOUND => "NotFound",
@@ -631,14 +726,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, st
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let user = req.headers().get("x-remote-user").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     tracing::debug!(%method, %path, %user, "lab virt-api request");
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Before the body is read: the request may become a websocket.
+    if let (&Method::GET, ["apis", GROUP, "v1", "namespaces", ns, "virtualmachineinstances", name, "vsock"]) =
+        (&method, parts.as_slice())
+    {
+        return Ok(crate::kubevirt_vsock::subresource(&shared.apiserver, &shared.vsock, req, ns, name).await);
+    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     Ok(match (method, parts.as_slice()) {
         (Method::GET, ["apis", GROUP, "v1"]) => reply(StatusCode::OK, resource_list().to_string()),
-        (Method::POST, [webhook]) if [VMI_UPDATE_PATH, VM_PATH].contains(&format!("/{webhook}").as_str()) => {
+        (Method::POST, [webhook])
+            if [VMI_CREATE_PATH, VMI_UPDATE_PATH, VM_PATH].contains(&format!("/{webhook}").as_str()) =>
+        {
             let review = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            reply(StatusCode::OK, crate::kubevirt_webhooks::answer(&path, &review).to_string())
+            reply(StatusCode::OK, crate::kubevirt_webhooks::answer(&path, &review, shared.vsock.gate).to_string())
         }
         (Method::PUT, ["apis", GROUP, "v1", "namespaces", ns, kind, name, verb]) => {
             let body: Option<Value> = serde_json::from_slice(&body).ok();
@@ -653,6 +756,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, st
     })
 }
 
+/// virt-api's discovery of `subresources.kubevirt.io/v1`, as far as the lab serves it. v1.9 does not list
+/// `virtualmachineinstances/vsock` (pkg/virt-api/api.go `getAPISubResources`), so neither does the lab: a client
+/// that goes by discovery does not find the vsock subresource.
 fn resource_list() -> Value {
     let resources: Vec<Value> = ["virtualmachineinstances", "virtualmachines"]
         .iter()
@@ -1118,8 +1224,10 @@ async fn controller_sync(shared: &Shared) -> Result<()> {
         }
     }
     let api = vmis(&shared.controller, &shared.namespace);
-    for vmi in api.list(&Default::default()).await? {
-        if start(&api, &vmi).await? {
+    let listed = api.list(&Default::default()).await?.items;
+    shared.vsock.free_gone(&listed);
+    for vmi in listed {
+        if start(shared, &api, &vmi).await? {
             continue;
         }
         if shared.mode == HotplugMode::Declarative {
@@ -1502,8 +1610,9 @@ async fn run_attachment_pods(shared: &Shared) -> Result<()> {
 /// A VMI's start as virt-controller writes it, each step a full update (lifecycle.go `updateStatus` updates, not
 /// patches, a VMI that is not yet running): first the observed API version annotations (vmi.go `execute`, "this
 /// must be first step in execution"), then the phases Pending, Scheduling (its virt-launcher pod is created) and
-/// Scheduled (the pod runs on a node). virt-handler takes it from there. Returns true when it wrote.
-async fn start(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<bool> {
+/// Scheduled (the pod runs on a node), with the VMI's CID when it has `autoattachVSOCK` (lifecycle.go
+/// `cidsMap.Allocate`, in the same write). virt-handler takes it from there. Returns true when it wrote.
+async fn start(shared: &Shared, api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<bool> {
     let mut next = vmi.clone();
     let annotations = next.metadata.annotations.get_or_insert_with(Default::default);
     if !annotations.contains_key(LATEST_API_VERSION) {
@@ -1519,6 +1628,9 @@ async fn start(api: &Api<DynamicObject>, vmi: &DynamicObject) -> Result<bool> {
         next.data["status"]["phase"] = json!(phase);
         if phase == "Scheduled" {
             next.data["status"]["nodeName"] = json!(NODE);
+            if vmi.data["spec"]["domain"]["devices"]["autoattachVSOCK"] == true {
+                next.data["status"]["VSOCKCID"] = json!(shared.vsock.allocate(vmi)?);
+            }
         }
     }
     update(api, &next).await?;

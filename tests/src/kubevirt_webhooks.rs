@@ -1,9 +1,11 @@
-//! KubeVirt v1.9's own validating webhooks on VM and VMI updates, as far as they decide hot-plug: registered with
+//! KubeVirt v1.9's own validating webhooks on VMs and VMIs, as far as they decide hot-plug and vsock: registered with
 //! the lab's API server as KubeVirt's operator registers `virt-api-validator` (components/webhooks.go
 //! `NewVirtAPIValidatingWebhookConfiguration`: `failurePolicy: Fail`, 10 s, a Service reference to virt-api) and
 //! answered by the lab's virt-api server, as virt-api answers them. The API server calls every validating webhook
 //! of an update at once, so another webhook (the wukong guard) sees updates these refuse.
 //!
+//! * `/virtualmachineinstances-validate-create` (vmi-create-admitter.go `VMICreateAdmitter.Admit`): a VMI with
+//!   `autoattachVSOCK` only with the `VSOCK` gate (`validateVSOCK`).
 //! * `/virtualmachineinstances-validate-update` (vmi-update-admitter.go `VMIUpdateAdmitter.Admit`): a VMI's spec
 //!   changes only by KubeVirt's service accounts ("update of VMI object is restricted"), and then only as hot-plug
 //!   allows (storagehotplug.go `AdmitHotplugStorage`).
@@ -11,12 +13,15 @@
 //!   (vmi-create-admitter.go `validateBootOrder`; a CD-ROM may be empty, DeclarativeHotplugVolumes being beta and on
 //!   in both of the lab's modes: the lab never disables it). A volume
 //!   without a disk is admitted: KubeVirt gives it a default disk when it starts the VMI (`SetDefaultVolumeDisk`).
+//!   The template passes `validateVSOCK` too.
 
 use crate::kubevirt_lab::{KUBEVIRT_NAMESPACE, resource};
 use anyhow::Result;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
+/// Where virt-api answers the VMI create admitter (components/webhooks.go `VMICreateValidatePath`).
+pub const VMI_CREATE_PATH: &str = "/virtualmachineinstances-validate-create";
 /// Where virt-api answers the VMI update admitter (components/webhooks.go `VMIUpdateValidatePath`).
 pub const VMI_UPDATE_PATH: &str = "/virtualmachineinstances-validate-update";
 /// Where virt-api answers the VM admitter (`VMValidatePath`).
@@ -30,8 +35,8 @@ fn is_kubevirt(user: &str) -> bool {
         .any(|account| user == format!("system:serviceaccount:{KUBEVIRT_NAMESPACE}:{account}"))
 }
 
-/// Registers `virt-api-validator`'s VM and VMI update webhooks, pointing at virt-api's Service on `port` and trusting
-/// `ca_pem`.
+/// Registers `virt-api-validator`'s VM, VMI create and VMI update webhooks, pointing at virt-api's Service on `port`
+/// and trusting `ca_pem`.
 pub(crate) async fn register(client: &kube::Client, port: u16, ca_pem: &str) -> Result<()> {
     use base64::Engine;
     let webhook = |name: &str, path: &str, plural: &str, operations: Value| {
@@ -47,6 +52,8 @@ pub(crate) async fn register(client: &kube::Client, port: u16, ca_pem: &str) -> 
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": "virt-api-validator"},
         "webhooks": [
+            webhook("virtualmachineinstances-create-validator.kubevirt.io", VMI_CREATE_PATH,
+                    "virtualmachineinstances", json!(["CREATE"])),
             webhook("virtualmachineinstances-update-validator.kubevirt.io", VMI_UPDATE_PATH,
                     "virtualmachineinstances", json!(["UPDATE"])),
             webhook("virtualmachine-validator.kubevirt.io", VM_PATH, "virtualmachines", json!(["CREATE", "UPDATE"])),
@@ -65,17 +72,19 @@ pub(crate) async fn register(client: &kube::Client, port: u16, ca_pem: &str) -> 
     Ok(())
 }
 
-/// The AdmissionReview answering `review` (the body the API server POSTed to `path`).
-pub(crate) fn answer(path: &str, review: &Value) -> Value {
+/// The AdmissionReview answering `review` (the body the API server POSTed to `path`), with the `VSOCK` gate on or
+/// off.
+pub(crate) fn answer(path: &str, review: &Value, vsock_gate: bool) -> Value {
     let request = &review["request"];
     let refusal = match path {
+        VMI_CREATE_PATH => validate_vsock(&request["object"]["spec"], vsock_gate),
         VMI_UPDATE_PATH => admit_vmi_update(request),
-        VM_PATH => admit_vm(request),
+        VM_PATH => admit_vm(request, vsock_gate),
         other => Some(format!("the lab's virt-api serves no webhook at {other}")),
     };
     let mut response = json!({"uid": request["uid"], "allowed": refusal.is_none()});
     if let Some(message) = refusal {
-        // `webhookutils.ToAdmissionResponse`: the causes' messages joined, reason Invalid, code 422.
+        // `webhookutils.ToAdmissionResponse`: the causes' messages joined with ", ", reason Invalid, code 422.
         response["status"] = json!({"message": message, "reason": "Invalid", "code": 422});
     }
     json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
@@ -94,15 +103,24 @@ fn admit_vmi_update(request: &Value) -> Option<String> {
     admit_hotplug_storage(&new["spec"], &old["spec"], &old["status"]["volumeStatus"])
 }
 
-/// `VMsAdmitter.Admit`, its rule that pairs disks with volumes (`validateBootOrder`, with its field path).
-fn admit_vm(request: &Value) -> Option<String> {
+/// `VMsAdmitter.Admit`, its template's `ValidateVirtualMachineInstanceSpec` as far as the lab plays it: the rule
+/// that pairs disks with volumes (`validateBootOrder`, with its field path), then `validateVSOCK`.
+fn admit_vm(request: &Value, vsock_gate: bool) -> Option<String> {
     let spec = &request["object"]["spec"]["template"]["spec"];
     let volumes = list(&spec["volumes"]);
-    list(&spec["domain"]["devices"]["disks"]).iter().enumerate().find_map(|(index, disk)| {
+    let disk_without_volume = list(&spec["domain"]["devices"]["disks"]).iter().enumerate().find_map(|(index, disk)| {
         let has_volume = named(&volumes, &disk["name"]).is_some();
         (!has_volume && !disk["cdrom"].is_object())
             .then(|| format!("spec.template.spec.domain.devices.disks[{index}].Name '{}' not found.", name_of(disk)))
-    })
+    });
+    let causes: Vec<String> = disk_without_volume.into_iter().chain(validate_vsock(spec, vsock_gate)).collect();
+    (!causes.is_empty()).then(|| causes.join(", "))
+}
+
+/// `validateVSOCK` (vmi-create-admitter.go) of a VMI spec: `autoattachVSOCK` needs the `VSOCK` gate.
+fn validate_vsock(spec: &Value, vsock_gate: bool) -> Option<String> {
+    (spec["domain"]["devices"]["autoattachVSOCK"] == true && !vsock_gate)
+        .then(|| "VSOCK feature gate is not enabled in kubevirt-config".to_string())
 }
 
 /// `AdmitHotplugStorage` (pkg/storage/admitters/storagehotplug.go) for a VMI's new and old spec; a volume is
@@ -232,7 +250,11 @@ mod tests {
     }
 
     fn refusal(path: &str, review: &Value) -> Option<String> {
-        let answer = answer(path, review);
+        refusal_with(path, review, false)
+    }
+
+    fn refusal_with(path: &str, review: &Value, vsock_gate: bool) -> Option<String> {
+        let answer = answer(path, review, vsock_gate);
         assert_eq!(answer["response"]["uid"], "u1");
         match answer["response"]["allowed"].as_bool() {
             Some(true) => None,
@@ -287,5 +309,23 @@ mod tests {
         assert_eq!(refusal(VM_PATH, &review(disk_gone)), None);
         let empty_drive = spec(&["root"], &[disk("root", "virtio"), json!({"name": "iso", "cdrom": {"bus": "sata"}})]);
         assert_eq!(refusal(VM_PATH, &review(empty_drive)), None, "an empty CD-ROM drive");
+    }
+
+    #[test]
+    fn vsock_needs_its_feature_gate_on_vmis_and_vm_templates() {
+        let gate = "VSOCK feature gate is not enabled in kubevirt-config";
+        let mut vmi = spec(&["root"], &[disk("root", "virtio")]);
+        vmi["domain"]["devices"]["autoattachVSOCK"] = json!(true);
+        let create = json!({"request": {"uid": "u1", "object": {"spec": vmi}}});
+        assert_eq!(refusal_with(VMI_CREATE_PATH, &create, false).as_deref(), Some(gate));
+        assert_eq!(refusal_with(VMI_CREATE_PATH, &create, true), None);
+
+        let mut template = spec(&["root"], &[disk("root", "virtio"), disk("data", "scsi")]);
+        template["domain"]["devices"]["autoattachVSOCK"] = json!(true);
+        let vm = json!({"request": {"uid": "u1", "object": {"spec": {"template": {"spec": template}}}}});
+        let both = format!("spec.template.spec.domain.devices.disks[1].Name 'data' not found., {gate}");
+        assert_eq!(refusal_with(VM_PATH, &vm, false), Some(both), "every cause, joined");
+        let without_gate = refusal_with(VM_PATH, &vm, true);
+        assert_eq!(without_gate.as_deref(), Some("spec.template.spec.domain.devices.disks[1].Name 'data' not found."));
     }
 }

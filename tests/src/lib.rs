@@ -1,5 +1,8 @@
 //! The guest lab: a real Linux guest under QEMU (TCG), with the freshly built agent, disks hot-plugged over QMP,
-//! and a test-only control channel to run commands inside it.
+//! and a test-only control channel to run commands inside it. A guest can have a vsock device and no network at all
+//! ([`GuestOptions`]): this machine's kernel has no `vhost_vsock`, so the device is QEMU's `vhost-user-vsock-pci`
+//! served by rust-vmm's userspace `vhost-device-vsock`, which the host reaches over "hybrid vsock" (a Unix socket,
+//! [`Guest::vsock_socket`]).
 //!
 //! Nothing here is skipped when something is missing: a lab that cannot start fails the test with the reason.
 
@@ -8,6 +11,7 @@ pub mod cluster;
 pub mod helm;
 pub mod kubevirt_crds;
 pub mod kubevirt_lab;
+pub mod kubevirt_vsock;
 pub mod kubevirt_webhooks;
 pub mod lab_events;
 pub mod lab_pod;
@@ -29,10 +33,16 @@ use tokio::process::{Child, Command};
 use wukong_controller_client::agent_client::{AgentAddress, AgentClient, TlsFiles};
 use wukong_controller_client::qmp::{DiskDevice, DiskPlug, QmpClient};
 
-/// Port the agent listens on inside the guest.
+/// Port the agent listens on inside the guest (TCP and vsock).
 const GUEST_AGENT_PORT: u16 = 7443;
-/// Port of the control channel inside the guest.
+/// Port of the control channel inside the guest (TCP and vsock).
 const GUEST_CONTROL_PORT: u16 = 2323;
+/// The CID of a guest's vsock device. Each guest has a device (and a backend) of its own, reached through its own
+/// socket, so they need not differ; 3 is the first CID a guest may have.
+const GUEST_CID: u32 = 3;
+/// How long one hybrid-vsock CONNECT may wait for its answer: one sent before the guest's driver is up is never
+/// answered, so callers retry.
+const VSOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time allowed for the guest to boot under TCG (it takes 5–15 s; CI machines can be slower).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// systemd, udev and cloud-init's first stages under TCG.
@@ -401,13 +411,150 @@ pub struct PluggedDisk {
     root_port: Option<u32>,
 }
 
+/// What a profile-A guest is booted with ([`Guest::boot_with_options`]).
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    /// A virtio-vsock device (CID [`Guest::vsock_cid`]): QEMU's `vhost-user-vsock-pci` served by
+    /// `vhost-device-vsock`, which needs the guest's memory shared with it. The host reaches the guest's ports
+    /// through [`Guest::vsock_socket`]; the control channel listens on vsock port 2323 too.
+    pub vsock: bool,
+    /// A NIC on QEMU's user network, with the agent's and the control channel's ports forwarded to loopback. Without
+    /// one (`-nic none`) the guest has only `lo`: it needs `vsock` then, for the control channel.
+    pub network: bool,
+    /// The agent's `--listen` addresses (the kernel parameter `wukong.listen`). `None`: `0.0.0.0:7443` with a
+    /// network, and `vsock://7443` with a vsock device (an agent that does not know that address exits; give these
+    /// explicitly to boot a vsock guest with one).
+    pub agent_listen: Option<Vec<String>>,
+    /// More QEMU arguments.
+    pub qemu_args: Vec<String>,
+}
+
+impl Default for GuestOptions {
+    /// What [`Guest::boot`] boots: a network, no vsock.
+    fn default() -> Self {
+        Self { vsock: false, network: true, agent_listen: None, qemu_args: Vec::new() }
+    }
+}
+
+impl GuestOptions {
+    fn listen_addresses(&self) -> Vec<String> {
+        self.agent_listen.clone().unwrap_or_else(|| {
+            let tcp = self.network.then(|| format!("0.0.0.0:{GUEST_AGENT_PORT}"));
+            let vsock = self.vsock.then(|| format!("vsock://{GUEST_AGENT_PORT}"));
+            tcp.into_iter().chain(vsock).collect()
+        })
+    }
+}
+
+/// The host's loopback ports QEMU forwards to a guest's network.
+#[derive(Debug, Clone, Copy)]
+struct Forwards {
+    agent: u16,
+    control: u16,
+}
+
+/// A guest's vsock device: the backend serving it (killed on drop) and its hybrid-vsock socket.
+struct VsockDevice {
+    _backend: Child,
+    cid: u32,
+    /// Where QEMU connects to the backend (vhost-user).
+    vhost: PathBuf,
+    /// Where the host connects to the guest (hybrid vsock).
+    socket: PathBuf,
+}
+
+impl VsockDevice {
+    /// Starts `vhost-device-vsock` for a guest whose files are in `dir`, and waits until it listens for QEMU at
+    /// `dir/vhost.sock` (QEMU fails to start when nothing is there).
+    async fn start(dir: &Path) -> Result<Self> {
+        let (vhost, socket) = (dir.join("vhost.sock"), dir.join("vm.vsock"));
+        let log = dir.join("vhost-device-vsock.log");
+        let mut backend = Command::new(vhost_vsock_binary()?)
+            .arg("--vm")
+            .arg(format!("guest-cid={GUEST_CID},socket={},uds-path={}", vhost.display(), socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start vhost-device-vsock")?;
+        let started = Instant::now();
+        while !vhost.exists() {
+            if let Some(status) = backend.try_wait()? {
+                bail!("vhost-device-vsock exited ({status}): {}", read_lossy(&log));
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "vhost-device-vsock did not listen at {} within 10 s: {}",
+                vhost.display(),
+                read_lossy(&log)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self { _backend: backend, cid: GUEST_CID, vhost, socket })
+    }
+}
+
+/// `vhost-device-vsock`, built once per machine by scripts/lib/install-vhost-vsock.sh (under a lock: test binaries
+/// start guests at once, and two `cargo install`s into one directory collide).
+fn vhost_vsock_binary() -> Result<&'static Path> {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(b) = BINARY.get() {
+        return Ok(b);
+    }
+    let tools = target_dir().join("wukong-tools");
+    std::fs::create_dir_all(&tools)?;
+    let out = std::process::Command::new("flock")
+        .arg(tools.join(".lock"))
+        .arg("bash")
+        .arg(workspace_root().join("scripts/lib/install-vhost-vsock.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run flock")?;
+    anyhow::ensure!(out.status.success(), "scripts/lib/install-vhost-vsock.sh failed; see the messages above");
+    let path = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    Ok(BINARY.get_or_init(|| path))
+}
+
+/// Opens a connection to vsock port `port` of the guest behind the hybrid-vsock socket `socket` (vhost-device-vsock's,
+/// Firecracker's, Cloud Hypervisor's protocol): `CONNECT <port>\n`, answered `OK <host port>\n`; the Unix stream is
+/// then the guest's connection. One try, bounded: a CONNECT the guest cannot answer yet (its driver is not up, or
+/// nothing listens on the port) is never answered or is closed.
+pub async fn hybrid_vsock_connect(socket: &Path, port: u32) -> Result<tokio::net::UnixStream> {
+    let attempt = async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+        // Byte by byte: whatever follows the answer's newline is the guest's and must stay in the stream.
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\n") {
+            let byte = stream.read_u8().await.context("closed before answering")?;
+            answer.push(byte);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        anyhow::ensure!(answer.starts_with("OK "), "answered {answer:?}");
+        Ok(stream)
+    };
+    tokio::time::timeout(VSOCK_CONNECT_TIMEOUT, attempt)
+        .await
+        .with_context(|| {
+            format!("CONNECT {port} through {} was not answered within {VSOCK_CONNECT_TIMEOUT:?}", socket.display())
+        })?
+        .with_context(|| format!("CONNECT {port} through {}", socket.display()))
+}
+
 /// A running guest. Killed when dropped.
 pub struct Guest {
     qemu: Child,
     dir: tempfile::TempDir,
     pub qmp: QmpClient,
-    agent_port: u16,
-    control_port: u16,
+    /// `None` without a network.
+    forwards: Option<Forwards>,
+    /// After QEMU, so that the backend outlives its frontend.
+    vsock: Option<VsockDevice>,
+    /// When QEMU was started.
+    launched: Instant,
+    /// From QEMU's start to the first CONNECT the guest answered (a vsock guest's boot).
+    vsock_ready: Option<Duration>,
     next_disk: AtomicU32,
     free_ports: std::sync::Mutex<Vec<u32>>,
     /// The lab's client certificate once the agent serves mutual TLS ([`Guest::serve_agent_tls`]).
@@ -415,21 +562,40 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Boots a guest (profile A) and waits until its agent is ready.
+    /// Boots a guest (profile A) with a network and no vsock, and waits until its agent is ready.
     pub async fn boot() -> Result<Self> {
-        Self::boot_with(&[]).await
+        Self::boot_with_options(&GuestOptions::default()).await
     }
 
     /// Boots a guest (profile A) with extra QEMU arguments, and waits until its agent is ready.
     pub async fn boot_with(qemu_args: &[&str]) -> Result<Self> {
+        let qemu_args = qemu_args.iter().map(|a| a.to_string()).collect();
+        Self::boot_with_options(&GuestOptions { qemu_args, ..Default::default() }).await
+    }
+
+    /// Boots a guest (profile A) as `options` say, and waits until it is ready: with a vsock device, until its
+    /// control channel answers a CONNECT (which [`Self::vsock_ready`] measures); with a network, until its agent
+    /// answers there. A guest with vsock and no network runs its agent unwatched: the lab has no vsock client of it.
+    pub async fn boot_with_options(options: &GuestOptions) -> Result<Self> {
+        anyhow::ensure!(options.vsock || options.network, "a guest with neither vsock nor a network cannot be reached");
         let assets = assets()?;
         let started = Instant::now();
-        let extra: Vec<String> = qemu_args.iter().map(|a| a.to_string()).collect();
-        let append = "console=ttyS0 panic=-1 loglevel=4";
-        let guest = Self::launch(&assets.kernel, &assets.initrd, append, 512, &extra).await?;
+        let append =
+            format!("console=ttyS0 panic=-1 loglevel=4 wukong.listen={}", options.listen_addresses().join(","));
+        let mut guest = Self::launch(&assets.kernel, &assets.initrd, &append, 512, options).await?;
+        if guest.vsock.is_some() {
+            let stream = guest.vsock_connect(GUEST_CONTROL_PORT.into(), BOOT_TIMEOUT).await.with_context(|| {
+                format!("the guest's vsock control channel never answered; console:\n{}", guest.console())
+            })?;
+            guest.vsock_ready = Some(guest.launched.elapsed());
+            // A whole exchange, so that the guest's handler is not left with an empty script.
+            converse(stream, ":").await?;
+        }
         guest.wait_for_console("WUKONG-LAB-READY", BOOT_TIMEOUT).await?;
-        guest.wait_for_agent(Duration::from_secs(30)).await?;
-        tracing::info!(secs = started.elapsed().as_secs_f64(), "guest ready");
+        if options.network {
+            guest.wait_for_agent(Duration::from_secs(30)).await?;
+        }
+        tracing::info!(secs = started.elapsed().as_secs_f64(), vsock_ready = ?guest.vsock_ready, "guest ready");
         Ok(guest)
     }
 
@@ -442,23 +608,34 @@ impl Guest {
             format!("file={},format=raw,if=none,id=root,snapshot=on", assets.root.display()),
             format!("file={},format=raw,if=none,id=seed,readonly=on", seed.display()),
         ];
-        let mut extra = Vec::new();
+        let mut qemu_args = Vec::new();
         for (drive, id) in drives.iter().zip(["root", "seed"]) {
-            extra.extend(["-drive".to_string(), drive.clone(), "-device".into(), format!("virtio-blk-pci,drive={id}")]);
+            qemu_args.extend(["-drive".into(), drive.clone(), "-device".into(), format!("virtio-blk-pci,drive={id}")]);
         }
         let append = "console=ttyS0 panic=-1 loglevel=4 systemd.show_status=0";
-        let guest = Self::launch(&assets.kernel, &assets.loader, append, 1024, &extra).await?;
+        let options = GuestOptions { qemu_args, ..Default::default() };
+        let guest = Self::launch(&assets.kernel, &assets.loader, append, 1024, &options).await?;
         guest.wait_for_console("WUKONG-LAB-READY", SYSTEMD_BOOT_TIMEOUT).await?;
         Ok(guest)
     }
 
-    async fn launch(kernel: &Path, initrd: &Path, append: &str, memory_mb: u32, extra: &[String]) -> Result<Self> {
+    async fn launch(
+        kernel: &Path,
+        initrd: &Path,
+        append: &str,
+        memory_mb: u32,
+        options: &GuestOptions,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wukong-guest-").tempdir()?;
-        let (agent_port, control_port) = (ports::free_port()?, ports::free_port()?);
         let console = dir.path().join("console.log");
         let qmp_path = dir.path().join("qmp.sock");
+        // The backend first: QEMU connects to it as it starts.
+        let vsock = match options.vsock {
+            true => Some(VsockDevice::start(dir.path()).await?),
+            false => None,
+        };
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", &memory_mb.to_string(), "-smp", "1"])
+        cmd.args(["-accel", "tcg", "-cpu", "max", "-m", &memory_mb.to_string(), "-smp", "1"])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"])
             .arg("-chardev")
             .arg(format!("file,id=ser0,path={}", console.display()))
@@ -474,27 +651,51 @@ impl Guest {
             .arg(initrd)
             .args(["-append", append])
             .args(["-device", "virtio-scsi-pci,id=scsi0"])
-            .args(extra);
+            .args(&options.qemu_args);
+        match &vsock {
+            // A vhost-user backend maps the guest's memory: it must be shareable (memfd), of the size of -m.
+            Some(device) => {
+                cmd.arg("-object")
+                    .arg(format!("memory-backend-memfd,id=mem,size={memory_mb}M,share=on"))
+                    .args(["-machine", "q35,memory-backend=mem", "-chardev"])
+                    .arg(format!("socket,id=vsk,path={}", device.vhost.display()))
+                    .args(["-device", "vhost-user-vsock-pci,chardev=vsk"]);
+            }
+            None => {
+                cmd.args(["-machine", "q35"]);
+            }
+        }
         for port in 1..=ROOT_PORTS {
             cmd.arg("-device").arg(format!("pcie-root-port,id=rp{port},bus=pcie.0,chassis={port}"));
         }
-        cmd.arg("-netdev")
-            .arg(format!(
-                "user,id=n0,hostfwd=tcp:127.0.0.1:{agent_port}-:{GUEST_AGENT_PORT},\
-                 hostfwd=tcp:127.0.0.1:{control_port}-:{GUEST_CONTROL_PORT}"
-            ))
-            .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
-            .stdin(Stdio::null())
+        let forwards = match options.network {
+            true => {
+                let forwards = Forwards { agent: ports::free_port()?, control: ports::free_port()? };
+                cmd.arg("-netdev")
+                    .arg(format!(
+                        "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_AGENT_PORT},\
+                         hostfwd=tcp:127.0.0.1:{}-:{GUEST_CONTROL_PORT}",
+                        forwards.agent, forwards.control
+                    ))
+                    .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+                Some(forwards)
+            }
+            false => {
+                cmd.args(["-nic", "none"]);
+                None
+            }
+        };
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("qemu.log"))?)
             .kill_on_drop(true);
         let qemu = cmd.spawn().context("cannot start qemu-system-x86_64; run scripts/lib/install-deps.sh")?;
 
-        let started = Instant::now();
+        let launched = Instant::now();
         let qmp = loop {
             match QmpClient::connect(&qmp_path).await {
                 Ok(q) => break q,
-                Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                Err(_) if launched.elapsed() < Duration::from_secs(10) => {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
                 Err(e) => bail!(
@@ -507,8 +708,10 @@ impl Guest {
             qemu,
             dir,
             qmp,
-            agent_port,
-            control_port,
+            forwards,
+            vsock,
+            launched,
+            vsock_ready: None,
             next_disk: AtomicU32::new(0),
             free_ports: std::sync::Mutex::new((1..=ROOT_PORTS).rev().collect()),
             agent_tls: std::sync::Mutex::new(None),
@@ -564,13 +767,59 @@ impl Guest {
         }
     }
 
-    /// The loopback port the guest agent's port is forwarded to.
+    fn forwards(&self) -> Forwards {
+        self.forwards.expect("a guest booted without a network has no forwarded ports (GuestOptions::network)")
+    }
+
+    /// The loopback port the guest agent's port is forwarded to (a guest with a network).
     pub fn agent_port(&self) -> u16 {
-        self.agent_port
+        self.forwards().agent
     }
 
     pub fn agent_address(&self) -> AgentAddress {
-        AgentAddress::Tcp(format!("http://127.0.0.1:{}", self.agent_port))
+        AgentAddress::Tcp(format!("http://127.0.0.1:{}", self.agent_port()))
+    }
+
+    fn vsock_device(&self) -> &VsockDevice {
+        self.vsock.as_ref().expect("the guest was booted without a vsock device (GuestOptions::vsock)")
+    }
+
+    /// Whether the guest has a vsock device.
+    pub fn has_vsock(&self) -> bool {
+        self.vsock.is_some()
+    }
+
+    /// The host end of the guest's vsock device, a Unix socket speaking hybrid vsock ([`hybrid_vsock_connect`]). A
+    /// guest's connection to host CID 2, port P arrives at a listener on the Unix socket named like it with `_P`
+    /// appended.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.vsock_device().socket.clone()
+    }
+
+    /// The guest's own CID.
+    pub fn vsock_cid(&self) -> u32 {
+        self.vsock_device().cid
+    }
+
+    /// How long after QEMU started the guest first answered a CONNECT (its control channel's), for a vsock guest.
+    pub fn vsock_ready(&self) -> Option<Duration> {
+        self.vsock_ready
+    }
+
+    /// A connection to the guest's vsock port `port`, retried until `timeout` (a CONNECT is not answered before the
+    /// guest's driver is up and something listens on the port).
+    pub async fn vsock_connect(&self, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
+        let socket = &self.vsock_device().socket;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match hybrid_vsock_connect(socket, port).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("the guest's vsock port {port} did not answer within {timeout:?}")));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// A client of the guest's agent.
@@ -601,6 +850,7 @@ impl Guest {
     /// Forwards `address`:7443 on the host to the guest's agent too (QEMU's `hostfwd_add`), where Pods on the lab's
     /// node reach it: a VMI that reports `address` as its pod network's IP is then reached as in a cluster.
     pub async fn forward_agent(&self, address: std::net::Ipv4Addr) -> Result<()> {
+        anyhow::ensure!(self.forwards.is_some(), "a guest without a network has nothing to forward");
         let rule = format!("hostfwd_add n0 tcp:{address}:{GUEST_AGENT_PORT}-:{GUEST_AGENT_PORT}");
         let reply = self.qmp.execute("human-monitor-command", Some(serde_json::json!({"command-line": rule}))).await?;
         let said = reply.as_str().unwrap_or_default();
@@ -608,23 +858,22 @@ impl Guest {
         Ok(())
     }
 
-    /// Runs a shell script in the guest (busybox sh) and returns its output and exit status.
+    /// Runs a shell script in the guest (busybox sh) and returns its output and exit status: over the network when
+    /// the guest has one, else over vsock.
     pub async fn run(&self, script: &str) -> Result<GuestOutput> {
-        let mut stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(("127.0.0.1", self.control_port)),
-        )
-        .await
-        .context("connecting to the guest control channel timed out")??;
-        stream.write_all(script.as_bytes()).await?;
-        stream.shutdown().await?;
-        let mut raw = Vec::new();
-        tokio::time::timeout(GUEST_COMMAND_TIMEOUT, stream.read_to_end(&mut raw)).await.with_context(|| {
-            format!("the guest command did not finish within {GUEST_COMMAND_TIMEOUT:?}: {script}")
-        })??;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (output, status) = match text.rfind("__WUKONG_RC=") {
-            Some(i) => (text[..i].to_string(), text[i + 12..].trim().parse().unwrap_or(-1)),
+        const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+        let text = match self.forwards {
+            Some(forwards) => {
+                let connect = tokio::net::TcpStream::connect(("127.0.0.1", forwards.control));
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .context("connecting to the guest control channel timed out")??;
+                converse(stream, script).await?
+            }
+            None => converse(self.vsock_connect(GUEST_CONTROL_PORT.into(), CONNECT_TIMEOUT).await?, script).await?,
+        };
+        let (output, status) = match text.rfind(STATUS_MARKER) {
+            Some(i) => (text[..i].to_string(), text[i + STATUS_MARKER.len()..].trim().parse().unwrap_or(-1)),
             None => bail!("the guest control channel closed without a status; output: {text}"),
         };
         Ok(GuestOutput { output, status })
@@ -671,7 +920,7 @@ impl Guest {
     pub async fn restart_agent(&self) -> Result<()> {
         self.run_ok(
             "kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done
-             setsid wukong-agent --listen 0.0.0.0:7443 --insecure-plaintext </dev/null >>/var/log/wukong-agent.log 2>&1 &",
+             setsid wukong-agent $(cat /etc/wukong-agent.args) </dev/null >>/var/log/wukong-agent.log 2>&1 &",
         )
         .await?;
         self.wait_for_agent(Duration::from_secs(30)).await
@@ -737,6 +986,43 @@ impl Guest {
     pub async fn shutdown(mut self) {
         let _ = self.qemu.kill().await;
     }
+}
+
+/// What the guest's control handler ends its answer with, followed by the script's exit status and a newline.
+const STATUS_MARKER: &str = "__WUKONG_RC=";
+
+/// One exchange with the guest's control handler (scripts/lab/guest-ctl-handler.sh): the script's length on a line,
+/// the script, then the answer up to its status line. Neither side half-closes (over vsock that would be a full
+/// shutdown), so the answer ends at its status line, not at the end of the stream.
+async fn converse<S>(mut stream: S, script: &str) -> Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(format!("{}\n{script}", script.len()).as_bytes()).await?;
+    let mut raw = Vec::new();
+    let answer = async {
+        let mut buf = [0u8; 8192];
+        while !ends_with_status(&raw) {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(GUEST_COMMAND_TIMEOUT, answer)
+        .await
+        .with_context(|| format!("the guest command did not finish within {GUEST_COMMAND_TIMEOUT:?}: {script}"))??;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// Whether `raw` ends with the handler's status line (looked for in its tail only: answers can be long).
+fn ends_with_status(raw: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(&raw[raw.len().saturating_sub(64)..]);
+    text.rfind(STATUS_MARKER).is_some_and(|i| {
+        let rest = &text[i + STATUS_MARKER.len()..];
+        rest.strip_suffix('\n').is_some_and(|code| code.parse::<i32>().is_ok())
+    })
 }
 
 fn read_lossy(path: &Path) -> String {
