@@ -5,7 +5,9 @@
 #   3. what a safe detach adds over a raw unplug (QEMU device_del alone), and where the time goes;
 #   4. attach and safe detach through a real kube-apiserver with the lab's KubeVirt vs the same over QMP directly;
 #   5. wukong-operator with 500 Wukong objects: time to converge, peak RSS, API requests, idle writes;
-#   6. what the admission guard adds to a VM update (nothing removed; a disk released) vs the release alone.
+#   6. what the admission guard adds to a VM update (nothing removed; a disk released) vs the release alone;
+#   7. the ways to reach the agent: TCP vs plain vsock vs KubeVirt's vsock subresource (both TLS modes), and the
+#      agent's memory with all its listeners.
 # Arguments are passed to the usage benchmark, e.g. `scripts/bench.sh 2000x20 4000x20`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,7 @@ target/release/examples/usage_bench "$@"
 cargo run --locked -q -p wukong-e2e --bin hotplug-latency
 cargo run --locked -q -p wukong-e2e --bin detach-overhead
 cargo run --locked -q -p wukong-e2e --bin kubevirt-overhead
+cargo run --locked -q -p wukong-e2e --bin transport-latency
 cargo build --release --locked -p wukong-operator
 cargo run --release --locked -q -p wukong-e2e --bin operator-scale
 cargo run --release --locked -q -p wukong-e2e --bin guard-latency

@@ -74,15 +74,18 @@ fn identities(der: &[u8]) -> Vec<String> {
 /// where, and why) so that an operator can see who tried to release a disk.
 pub fn authorize<T>(access: &Access, req: &Request<T>, method: &str) -> Result<(), Status> {
     let caller = Caller::of(req);
-    may_change(access, &caller).inspect_err(|refused| {
-        tracing::warn!(
-            method,
-            client = caller.name(),
-            peer = %ConnectionInfo::of(req).map_or_else(|| "unknown".to_string(), |info| info.peer.to_string()),
-            reason = refused.message(),
-            "refused a release"
-        )
-    })
+    let peer = ConnectionInfo::of(req).map_or_else(|| "unknown".to_string(), |info| info.peer.to_string());
+    // Both outcomes are logged: who released a disk matters as much as who was refused.
+    match may_change(access, &caller) {
+        Ok(()) => {
+            tracing::info!(method, client = caller.name(), %peer, "allowed a release");
+            Ok(())
+        }
+        Err(refused) => {
+            tracing::warn!(method, client = caller.name(), %peer, reason = refused.message(), "refused a release");
+            Err(refused)
+        }
+    }
 }
 
 /// Allows or refuses a mutating call, with a sentence that says what to change.
@@ -197,6 +200,20 @@ mod tests {
         let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
         tracing::subscriber::with_default(subscriber, during);
         String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// An allowed release is logged too, naming who released through which peer.
+    #[test]
+    fn allowed_releases_name_the_caller_and_peer() {
+        let kubevirt = Auth::KubeVirt("kubevirt.io:system:client:vsock".into());
+        let log = logged(|| authorize(&Access::default(), &request(VSOCK_PEER, kubevirt), "PrepareDetach").unwrap());
+        assert!(
+            log.contains(
+                "allowed a release method=\"PrepareDetach\" client=\"KubeVirt's vsock subresource \
+                 (kubevirt.io:system:client:vsock)\" peer=vsock:2:1234"
+            ),
+            "{log}"
+        );
     }
 
     /// The audit line of a refused release names the caller and the peer, a vsock one by its CID and port.

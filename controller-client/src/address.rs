@@ -64,6 +64,14 @@ pub enum AgentAddress {
 }
 
 impl AgentAddress {
+    /// Whether a failure that ends at once is worth trying again for a while, not only a few times: over vsock an
+    /// agent that is not listening yet (a guest still booting, an agent restarting) is the common case, and its
+    /// refusal comes back at once (over KubeVirt's subresource as a websocket that closes: virt-handler upgrades
+    /// first and dials the guest after). Over TCP a refusal means that nothing listens, and is reported quickly.
+    pub fn waits_for_listener(&self) -> bool {
+        matches!(self, Self::Vsock { .. } | Self::HybridVsock { .. } | Self::KubeVirtVsock { .. })
+    }
+
     /// How the agent is reached, for sentences: "at http://10.0.0.7:7443", "over KubeVirt's vsock subresource of
     /// VMI prod/pg-0 (port 7443, tls=false)".
     pub fn place(&self) -> String {

@@ -97,6 +97,8 @@ pub struct AgentClient {
     address: AgentAddress,
     inner: DiskAgentClient<Channel>,
     call_timeout: Duration,
+    /// How long idempotent reads are tried again while the agent is unreachable; zero: [`READ_ATTEMPTS`] times.
+    retry_reads_for: Duration,
     /// The files of mutual TLS, to name them when a handshake fails.
     tls: Option<TlsFiles>,
 }
@@ -186,11 +188,14 @@ impl Dialer {
                 .tls_config(config)
                 .map_err(|e| ClientError::Tls(format!("the TLS files are not usable: {e}")))?;
         }
+        let dialer = connector.clone();
         let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
+            let connector = dialer.clone();
             async move { connector.connect().await.map(TokioIo::new) }
         }));
-        Ok(AgentClient { address, inner: DiskAgentClient::new(channel), call_timeout: DEFAULT_CALL_TIMEOUT, tls })
+        let retry_reads_for = if address.waits_for_listener() { connector.budget() } else { Duration::ZERO };
+        let inner = DiskAgentClient::new(channel);
+        Ok(AgentClient { address, inner, call_timeout: DEFAULT_CALL_TIMEOUT, tls, retry_reads_for })
     }
 }
 
@@ -264,12 +269,15 @@ impl AgentClient {
         }
     }
 
-    /// Runs an idempotent read, retrying while the agent is unreachable (e.g. restarting).
+    /// Runs an idempotent read, retrying while the agent is unreachable (e.g. restarting): [`READ_ATTEMPTS`]
+    /// times, or over vsock for as long as a dial may take (`retry_reads_for`; see
+    /// [`AgentAddress::waits_for_listener`]).
     async fn read<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
         F: Fn(DiskAgentClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
@@ -277,12 +285,16 @@ impl AgentClient {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(status) => {
                     let err = self.map_status(status, self.call_timeout).await;
-                    if attempt >= READ_ATTEMPTS || !matches!(err, ClientError::Unreachable { .. }) {
+                    let more = match self.retry_reads_for.is_zero() {
+                        true => attempt < READ_ATTEMPTS,
+                        false => started.elapsed() + delay < self.retry_reads_for,
+                    };
+                    if !more || !matches!(err, ClientError::Unreachable { .. }) {
                         return Err(err);
                     }
                     tracing::debug!(attempt, error = %err, "agent unreachable; retrying the read");
                     tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    delay = (delay * 2).min(Duration::from_secs(1));
                     attempt += 1;
                 }
             }

@@ -23,6 +23,8 @@ use ws_stream_tungstenite::WsStream;
 pub const CONNECT_ATTEMPTS: u32 = 3;
 /// The wait after the first failed attempt; doubled after each.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest `OK <port>` line a hybrid vsock backend answers (Firecracker's port numbers fit easily).
 const MAX_HYBRID_LINE: usize = 32;
 /// The websocket subprotocol of KubeVirt's raw streams (console, vsock).
@@ -143,8 +145,10 @@ impl Connector {
         self.timeout * CONNECT_ATTEMPTS + backoffs
     }
 
-    /// A connection to the agent, in at most [`CONNECT_ATTEMPTS`] attempts.
+    /// A connection to the agent: at least [`CONNECT_ATTEMPTS`] attempts, and as many more as fit in the time
+    /// [`CONNECT_ATTEMPTS`] silent ones would take when the address [`AgentAddress::waits_for_listener`].
     pub async fn connect(&self) -> Result<Stream, DialError> {
+        let started = std::time::Instant::now();
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
@@ -160,12 +164,14 @@ impl Connector {
                 Failure::Silent => matches!(self.target, Target::Vsock { .. } | Target::Hybrid { .. }),
                 Failure::Final { .. } => false,
             };
-            if !again || attempt >= CONNECT_ATTEMPTS {
+            let more = attempt < CONNECT_ATTEMPTS
+                || (self.address.waits_for_listener() && started.elapsed() + backoff < self.timeout * CONNECT_ATTEMPTS);
+            if !again || !more {
                 return Err(self.error(failure, attempt));
             }
             tracing::debug!(address = %self.address, attempt, "the connection to the agent failed; trying again");
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
             attempt += 1;
         }
     }
@@ -435,6 +441,34 @@ mod tests {
         assert!(text.contains("closed the connection without answering CONNECT 7443"), "{text}");
         assert!(text.contains("(3 attempts); is the guest's agent listening on vsock port 7443?"), "{text}");
         assert_eq!(accepted.load(Ordering::SeqCst), CONNECT_ATTEMPTS);
+    }
+
+    /// A guest whose agent is not listening yet refuses at once (the backend closes the connection): over vsock
+    /// the dial keeps trying within its budget, so an agent that comes up meanwhile is reached.
+    #[tokio::test]
+    async fn an_agent_that_starts_during_the_dial_is_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let address = AgentAddress::HybridVsock { path: path.clone(), port: 7443 };
+        let connector = Connector::new(&address, None, Duration::from_secs(1)).unwrap();
+        let refusing = backend(&path, |mut stream| async move {
+            connect_line(&mut stream).await;
+        });
+        let listening = path.clone();
+        let up = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            std::fs::remove_file(&listening).unwrap();
+            backend(&listening, |mut stream| async move {
+                connect_line(&mut stream).await;
+                stream.write_all(b"OK 1\n").await.unwrap();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            })
+        });
+        connector.connect().await.expect("reached once the agent listens");
+        let accepted = up.await.unwrap();
+        let refused = refusing.load(Ordering::SeqCst);
+        assert!(refused >= CONNECT_ATTEMPTS, "{refused} refusals first: more than a TCP dial would have taken");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     /// The trap of hybrid vsock: before the guest's driver is up, a CONNECT is never answered.

@@ -515,6 +515,51 @@ impl KubeVirtLab {
     }
 }
 
+/// The companion's shipped RBAC (deploy/companion-rbac.yaml), bound to `user` in `ns` (the cluster-wide reader with a
+/// ClusterRoleBinding); `without` drops every rule that grants that verb on that resource, to prove each rule is
+/// needed.
+pub async fn bind_companion_rbac(cluster: &Cluster, ns: &str, user: &str, without: Option<(&str, &str)>) -> Result<()> {
+    let text = std::fs::read_to_string(crate::workspace_root().join("deploy/companion-rbac.yaml"))?;
+    let documents: Vec<Value> = serde_saphyr::from_multiple(&text).context("deploy/companion-rbac.yaml")?;
+    let client = cluster.client(ADMIN).await?;
+    let subject = json!([{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]);
+    for mut doc in documents {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let name = format!("{}-{user}", doc["metadata"]["name"].as_str().unwrap_or_default());
+        doc["metadata"]["name"] = json!(name);
+        match kind.as_str() {
+            "ClusterRole" => {
+                if let (Some((verb, resource)), Some(rules)) = (without, doc["rules"].as_array_mut()) {
+                    for rule in rules.iter_mut() {
+                        let grants = rule["verbs"].as_array().is_some_and(|v| v.iter().any(|v| v == verb));
+                        if let (true, Some(resources)) = (grants, rule["resources"].as_array_mut()) {
+                            resources.retain(|r| r != resource);
+                        }
+                    }
+                    rules.retain(|r| r["resources"].as_array().is_some_and(|r| !r.is_empty()));
+                }
+            }
+            "RoleBinding" | "ClusterRoleBinding" => {
+                doc["roleRef"]["name"] =
+                    json!(format!("{}-{user}", doc["roleRef"]["name"].as_str().unwrap_or_default()));
+                doc["subjects"] = subject.clone();
+                if kind == "RoleBinding" {
+                    doc["metadata"]["namespace"] = json!(ns);
+                }
+            }
+            other => bail!("deploy/companion-rbac.yaml has a {other}, which this test does not expect"),
+        }
+        let plural = format!("{}s", kind.to_lowercase());
+        let resource = resource(&kind, "rbac.authorization.k8s.io", "v1", &plural);
+        let api: Api<DynamicObject> = match kind.as_str() {
+            "RoleBinding" => Api::namespaced_with(client.clone(), ns, &resource),
+            _ => Api::all_with(client.clone(), &resource),
+        };
+        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
+    }
+    Ok(())
+}
+
 /// Hot-plugs claim `claim` into `kubevirt`'s VMI as SCSI volume `volume` (its serial too) with the companion, which
 /// waits until the guest sees it; returns the guest's device node.
 pub async fn attach_claim(guest: &Guest, kubevirt: &KubeVirt, volume: &str, claim: &str) -> Result<String> {

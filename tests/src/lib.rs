@@ -422,8 +422,7 @@ pub struct GuestOptions {
     /// one (`-nic none`) the guest has only `lo`: it needs `vsock` then, for the control channel.
     pub network: bool,
     /// The agent's `--listen` addresses (the kernel parameter `wukong.listen`). `None`: `0.0.0.0:7443` with a
-    /// network, and `vsock://7443` with a vsock device (an agent that does not know that address exits; give these
-    /// explicitly to boot a vsock guest with one).
+    /// network, and `vsock://7443` with a vsock device.
     pub agent_listen: Option<Vec<String>>,
     /// More QEMU arguments.
     pub qemu_args: Vec<String>,
@@ -592,9 +591,7 @@ impl Guest {
             converse(stream, ":").await?;
         }
         guest.wait_for_console("WUKONG-LAB-READY", BOOT_TIMEOUT).await?;
-        if options.network {
-            guest.wait_for_agent(Duration::from_secs(30)).await?;
-        }
+        guest.wait_for_agent(Duration::from_secs(30)).await?;
         tracing::info!(secs = started.elapsed().as_secs_f64(), vsock_ready = ?guest.vsock_ready, "guest ready");
         Ok(guest)
     }
@@ -776,8 +773,16 @@ impl Guest {
         self.forwards().agent
     }
 
+    /// Where the host reaches the guest's agent: its forwarded TCP port, or, for a guest without a network, its
+    /// vsock port through the hybrid-vsock socket.
     pub fn agent_address(&self) -> AgentAddress {
-        AgentAddress::Tcp(format!("http://127.0.0.1:{}", self.agent_port()))
+        match (self.forwards, &self.vsock) {
+            (Some(forwards), _) => AgentAddress::Tcp(format!("http://127.0.0.1:{}", forwards.agent)),
+            (None, Some(device)) => {
+                AgentAddress::HybridVsock { path: device.socket.clone(), port: u32::from(GUEST_AGENT_PORT) }
+            }
+            (None, None) => unreachable!("a guest has a network or a vsock device (GuestOptions)"),
+        }
     }
 
     fn vsock_device(&self) -> &VsockDevice {

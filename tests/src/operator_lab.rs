@@ -142,22 +142,25 @@ pub async fn install_guard_from(
 /// An operator that also serves the admission guard (on a free loopback port, with a throwaway certificate),
 /// registered with `cluster` by deploy/guard.yaml once it is ready; `extra` flags are added.
 pub async fn start_guarded(cluster: &Cluster, identity: &str, agent_port: u16, extra: &[&str]) -> Result<Operator> {
-    start_guarded_with(cluster, identity, agent_port, extra, shipped_guard()?).await
+    let port = agent_port.to_string();
+    let agent = ["--agent-plaintext", "--agent-port", &port];
+    start_guarded_with(cluster, identity, &agent, extra, shipped_guard()?).await
 }
 
-/// [`start_guarded`], registered by the guard's `documents` (see [`install_guard_from`]).
+/// [`start_guarded`] with `agent` flags saying how it reaches agents (e.g. `--agent-tls-dir DIR`), registered by
+/// the guard's `documents` (see [`install_guard_from`]).
 pub async fn start_guarded_with(
     cluster: &Cluster,
     identity: &str,
-    agent_port: u16,
+    agent: &[&str],
     extra: &[&str],
     documents: Vec<Value>,
 ) -> Result<Operator> {
     let tls = GuardTls::new()?;
     let webhook = crate::ports::free_address()?;
-    let (port, dir) = (agent_port.to_string(), tls.dir.path().to_str().context("a UTF-8 path")?.to_string());
-    let mut args = vec!["--agent-plaintext", "--agent-port", &port, "--webhook-address", &webhook];
-    args.extend(["--webhook-cert-dir", &dir]);
+    let dir = tls.dir.path().to_str().context("a UTF-8 path")?.to_string();
+    let mut args = agent.to_vec();
+    args.extend(["--webhook-address", &webhook, "--webhook-cert-dir", &dir]);
     args.extend(extra);
     let mut operator = Operator::start_with(cluster, identity, &args)?;
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 use std::process::Output;
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, AuditEvent, Cluster};
-use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, template_volumes};
+use wukong_e2e::kubevirt_lab::{
+    API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, bind_companion_rbac, template_volumes,
+};
 
 const NS: &str = "ns1";
 /// The identity wukongctl runs as, bound to the shipped roles only.
@@ -29,55 +31,11 @@ fn dynamic(kind: &str, group: &str, plural: &str) -> ApiResource {
     ApiResource { group: group.into(), version: "v1".into(), api_version, kind: kind.into(), plural: plural.into() }
 }
 
-/// The shipped RBAC, bound to `user` in NS (the cluster-wide reader with a ClusterRoleBinding); `without` drops
-/// every rule that grants that verb on that resource, to prove each rule is needed.
-async fn bind_shipped_rbac(cluster: &Cluster, user: &str, without: Option<(&str, &str)>) -> Result<()> {
-    let text = std::fs::read_to_string(wukong_e2e::workspace_root().join("deploy/companion-rbac.yaml"))?;
-    let documents: Vec<Value> = serde_saphyr::from_multiple(&text).context("deploy/companion-rbac.yaml")?;
-    let client = cluster.client(ADMIN).await?;
-    let subject = json!([{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]);
-    for mut doc in documents {
-        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
-        let name = format!("{}-{user}", doc["metadata"]["name"].as_str().unwrap_or_default());
-        doc["metadata"]["name"] = json!(name);
-        match kind.as_str() {
-            "ClusterRole" => {
-                if let (Some((verb, resource)), Some(rules)) = (without, doc["rules"].as_array_mut()) {
-                    for rule in rules.iter_mut() {
-                        let grants = rule["verbs"].as_array().is_some_and(|v| v.iter().any(|v| v == verb));
-                        if let (true, Some(resources)) = (grants, rule["resources"].as_array_mut()) {
-                            resources.retain(|r| r != resource);
-                        }
-                    }
-                    rules.retain(|r| r["resources"].as_array().is_some_and(|r| !r.is_empty()));
-                }
-            }
-            "RoleBinding" | "ClusterRoleBinding" => {
-                doc["roleRef"]["name"] =
-                    json!(format!("{}-{user}", doc["roleRef"]["name"].as_str().unwrap_or_default()));
-                doc["subjects"] = subject.clone();
-                if kind == "RoleBinding" {
-                    doc["metadata"]["namespace"] = json!(NS);
-                }
-            }
-            other => anyhow::bail!("deploy/companion-rbac.yaml has a {other}, which this test does not expect"),
-        }
-        let plural = format!("{}s", kind.to_lowercase());
-        let resource = dynamic(&kind, "rbac.authorization.k8s.io", &plural);
-        let api: Api<DynamicObject> = match kind.as_str() {
-            "RoleBinding" => Api::namespaced_with(client.clone(), NS, &resource),
-            _ => Api::all_with(client.clone(), &resource),
-        };
-        api.create(&PostParams::default(), &serde_json::from_value(doc)?).await?;
-    }
-    Ok(())
-}
-
 async fn lab(mode: HotplugMode) -> Result<Lab> {
     let guest = Guest::boot().await?;
     let cluster = Cluster::start(&[COMPANION, LACKING, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, mode).await?;
-    bind_shipped_rbac(&cluster, COMPANION, None).await?;
+    bind_companion_rbac(&cluster, NS, COMPANION, None).await?;
     let image = guest.new_image(64 << 20)?;
     kubevirt.create_claim("pvc-a", &image).await?;
     kubevirt.create_vm("vm1", true, "10.0.2.15").await?;
@@ -286,7 +244,7 @@ async fn declarative_hotplug_through_a_real_api_server_is_safe() -> Result<()> {
     assert!(lab.hotplug_writes_since(mark)?.is_empty(), "bad input changes nothing on the server");
 
     // Each shipped rule is needed: without `get` on VMIs the command fails and says which verb and resource.
-    bind_shipped_rbac(&lab.cluster, LACKING, Some(("get", "virtualmachineinstances"))).await?;
+    bind_companion_rbac(&lab.cluster, NS, LACKING, Some(("get", "virtualmachineinstances"))).await?;
     let out = lab.ctl_as(LACKING, &["detach", "data1", "--unmount"])?;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(

@@ -145,7 +145,9 @@ async fn a_namespaced_install_works_with_only_its_role_and_stays_in_its_namespac
 
     let mark = cluster.audit()?.len();
     let flags = ["--watch-namespace", NS, "--guard-grace-seconds", "3", "--shutdown-delay-seconds", "0"];
-    let mut operator = start_guarded_with(&cluster, "op-ns", guest.agent_port(), &flags, guard.clone()).await?;
+    let port = guest.agent_port().to_string();
+    let agent = ["--agent-plaintext", "--agent-port", &port];
+    let mut operator = start_guarded_with(&cluster, "op-ns", &agent, &flags, guard.clone()).await?;
     let log = operator.log();
     for read in [
         "list storageclasses.storage.k8s.io",
@@ -205,7 +207,7 @@ async fn a_namespaced_install_works_with_only_its_role_and_stays_in_its_namespac
     let status = operator.terminate(Duration::from_secs(30)).await?;
     assert!(status.success(), "the operator stops cleanly on SIGTERM: {status}");
     let mark = cluster.audit()?.len();
-    let operator = start_guarded_with(&cluster, "op-ns-2", guest.agent_port(), &flags, guard).await?;
+    let operator = start_guarded_with(&cluster, "op-ns-2", &agent, &flags, guard).await?;
     let w = wait_for(&api, "typo", 30, |w| {
         condition(w, "SpecValid").is_some_and(|c| c.status == "False" && c.message.contains("no-such-class"))
     })

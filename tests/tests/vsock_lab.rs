@@ -13,6 +13,7 @@ use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use wukong_controller_client::agent_client::{AgentAddress, AgentClient};
 use wukong_e2e::cluster::{ADMIN, Ca, Cluster};
 use wukong_e2e::kubevirt_lab::{
     API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtConfig, KubeVirtLab, VmOptions, resource,
@@ -117,10 +118,12 @@ async fn a_guest_without_a_network_is_reached_over_vsock() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_with_a_network_and_vsock_has_both() -> Result<()> {
-    // The agent on TCP only: this one does not know `vsock://` listen addresses yet.
-    let options = GuestOptions { vsock: true, agent_listen: Some(vec!["0.0.0.0:7443".into()]), ..Default::default() };
-    let guest = Guest::boot_with_options(&options).await?;
+    // The agent listens on both by default: 0.0.0.0:7443 and vsock://7443.
+    let guest = Guest::boot_with_options(&GuestOptions { vsock: true, ..Default::default() }).await?;
     guest.agent().agent_info().await.context("the agent over the network")?;
+    let address = AgentAddress::HybridVsock { path: guest.vsock_socket(), port: 7443 };
+    let info = AgentClient::connect(address)?.agent_info().await.context("the agent over vsock")?;
+    assert_eq!(info.hostname, "wukong-lab", "the same agent");
     assert!(guest.run_ok("ls /sys/class/net").await?.split_whitespace().any(|n| n != "lo"), "a NIC");
     echo_service(&guest, 5000).await?;
     median_round_trip(&mut guest.vsock_connect(5000, WAIT).await?).await?;
