@@ -101,6 +101,17 @@ where
 }
 
 /// Workspace root (the parent of this crate).
+/// The median of benchmark samples (the upper one of an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// A duration in milliseconds, for benchmark samples.
+pub fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("crate has a parent").to_path_buf()
 }
@@ -895,6 +906,17 @@ impl Guest {
 
     /// Makes an ext4 filesystem on `dev`, mounts it at `mnt` and writes `bytes` of random data to `mnt/data`
     /// without any sync; returns the data's SHA-256.
+    /// Starts a process in the guest that holds a file open under `mnt` (a writer, as a database is): its pid.
+    pub async fn start_writer(&self, mnt: &str) -> Result<String> {
+        let script = format!("sh -c 'exec 3>>{mnt}/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!");
+        Ok(self.run_ok(&script).await?.trim().to_string())
+    }
+
+    /// Stops process `pid` in the guest and waits until it is gone.
+    pub async fn stop_process(&self, pid: &str) -> Result<()> {
+        self.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await.map(drop)
+    }
+
     pub async fn fill(&self, dev: &str, mnt: &str, bytes: u64) -> Result<String> {
         self.run_ok(&format!(
             "mkfs.ext4 -q {dev} && mkdir -p {mnt} && mount {dev} {mnt} && head -c {bytes} /dev/urandom > {mnt}/data"

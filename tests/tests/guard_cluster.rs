@@ -33,16 +33,6 @@ async fn attach(guest: &Guest, client: &kube::Client, vmi: &str, volume: &str, c
     attach_claim(guest, &KubeVirt::new(client.clone(), NS, vmi, false), volume, claim).await
 }
 
-async fn writer(guest: &Guest, mnt: &str) -> Result<String> {
-    let script = format!("sh -c 'exec 3>>{mnt}/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!");
-    Ok(guest.run_ok(&script).await?.trim().to_string())
-}
-
-async fn stop(guest: &Guest, pid: &str) -> Result<()> {
-    guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
-    Ok(())
-}
-
 /// virtctl-style removevolume of `volume` from `plural`/`name` in NS through the aggregated API, as the admin.
 async fn removevolume(
     client: &kube::Client,
@@ -84,7 +74,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     kubevirt.create_claim("pvc-data", &guest.new_image(64 << 20)?).await?;
     let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
     let sum = guest.fill(&dev, "/mnt/g", 4 << 20).await?;
-    let pid = writer(&guest, "/mnt/g").await?;
+    let pid = guest.start_writer("/mnt/g").await?;
     let agent = guest.agent();
 
     // kubectl edit / GitOps: the VM spec loses the disk while a writer holds it: denied, nothing changes.
@@ -129,7 +119,7 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     assert_eq!(reviews(&operator).await?, before, "the webhook is not called for an object that did not opt in");
 
     // The writer stops; with the unmount annotation the same patch is allowed, and KubeVirt unplugs the disk.
-    stop(&guest, &pid).await?;
+    guest.stop_process(&pid).await?;
     label(&vms, "vm1", json!({}), json!({"vm.novasphere.dev/unmount-on-detach": "true"})).await?;
     patch(&vms, "vm1", remove, false).await?.expect("the released disk's unplug is allowed");
     guest.wait_unplugged("data", Duration::from_secs(60)).await?;
@@ -138,13 +128,13 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     assert_eq!(guest.checksum("/mnt/g/data").await?, sum, "the data is intact after the guarded unplug");
 
     // virtctl removevolume, through the aggregated API: virt-api's change of the VM spec is reviewed the same way.
-    let pid = writer(&guest, "/mnt/g").await?;
+    let pid = guest.start_writer("/mnt/g").await?;
     let refused = removevolume(&admin, "virtualmachines", "vm1", "data", false).await.expect_err("must be refused");
     // virt-api turns the webhook's denial of its patch into a 500 (volumes.go `vmVolumePatch`).
     assert!(matches!(&refused, kube::Error::Api(s) if s.code == 500), "{refused}");
     assert!(refused.to_string().contains("wukong guard refused to unplug disk 'data'"), "{refused}");
     assert!(refused.to_string().contains(&format!("pid {pid}")), "{refused}");
-    stop(&guest, &pid).await?;
+    guest.stop_process(&pid).await?;
     removevolume(&admin, "virtualmachines", "vm1", "data", false)
         .await
         .context("removevolume once the guest let go")?;
@@ -188,12 +178,12 @@ async fn no_tool_can_unplug_a_disk_the_guest_still_uses() -> Result<()> {
     kubevirt.create_claim("pvc-solo", &guest.new_image(16 << 20)?).await?;
     let dev = attach(&guest, &admin, "solo", "solo-data", "pvc-solo").await?;
     guest.fill(&dev, "/mnt/s", 1 << 20).await?;
-    let pid = writer(&guest, "/mnt/s").await?;
+    let pid = guest.start_writer("/mnt/s").await?;
     let solo = |dry_run| removevolume(&admin, "virtualmachineinstances", "solo", "solo-data", dry_run);
     let refused = solo(false).await.expect_err("virt-api's removal from the VMI is guarded").to_string();
     assert!(refused.contains("wukong guard refused to unplug disk 'solo-data'"), "{refused}");
     assert!(refused.contains(&format!("pid {pid}")), "{refused}");
-    stop(&guest, &pid).await?;
+    guest.stop_process(&pid).await?;
 
     // A system disk (the guest mounted this one at /boot): denied, and forced too.
     guest.run_ok(&format!("umount /mnt/s && mkdir -p /boot && mount {dev} /boot")).await?;
@@ -299,12 +289,12 @@ async fn an_update_kubevirt_refuses_releases_nothing() -> Result<()> {
 
     // A dry run reaches virt-api's PATCH (`dryRun: true` in the review): the guard asks the guest and releases
     // nothing.
-    let pid = writer(&guest, "/mnt/s").await?;
+    let pid = guest.start_writer("/mnt/s").await?;
     let refused = removevolume(&admin, "virtualmachineinstances", "solo", "solo-data", true)
         .await
         .expect_err("a dry run of a busy disk's removal is refused");
     assert!(refused.to_string().contains(&format!("pid {pid}")), "the guard reviewed the dry run: {refused}");
-    stop(&guest, &pid).await?;
+    guest.stop_process(&pid).await?;
     removevolume(&admin, "virtualmachineinstances", "solo", "solo-data", true)
         .await
         .context("an idle disk's dry run")?;
@@ -341,7 +331,7 @@ async fn a_migration_strategy_vm_keeps_its_disks_and_nothing_releases_them_for_n
     kubevirt.create_claim("pvc-data", &guest.new_image(32 << 20)?).await?;
     let dev = attach(&guest, &admin, "vm1", "data", "pvc-data").await?;
     let sum = guest.fill(&dev, "/mnt/g", 2 << 20).await?;
-    let pid = writer(&guest, "/mnt/g").await?;
+    let pid = guest.start_writer("/mnt/g").await?;
     let strategy = |value: serde_json::Value| {
         let vms = vms.clone();
         async move {
@@ -398,7 +388,7 @@ async fn a_migration_strategy_vm_keeps_its_disks_and_nothing_releases_them_for_n
     assert!(refused.to_string().contains("wukong guard refused to unplug disk 'data' (volume data)"), "{refused}");
     assert!(refused.to_string().contains(&format!("pid {pid}")), "{refused}");
     untouched("a refused strategy change").await?;
-    stop(&guest, &pid).await?;
+    guest.stop_process(&pid).await?;
 
     // A release KubeVirt does not follow: the guard releases the idle disk for leaving the strategy (virt-controller
     // is down meanwhile), then the strategy is back before KubeVirt acted. The disk stays plugged, so the leader

@@ -82,6 +82,11 @@ impl Lab {
     /// wukongctl as the companion's user (its kubeconfig only: no address, no network route) against VMI `vm`,
     /// with the client certificate `client`.
     fn ctl(&self, vm: &str, client: &str, args: &[&str]) -> Result<Output> {
+        let mut command = self.command(vm, client, args)?;
+        tokio::task::block_in_place(|| command.output()).context("running wukongctl")
+    }
+
+    fn command(&self, vm: &str, client: &str, args: &[&str]) -> Result<std::process::Command> {
         let tls = self.pki.client(client);
         let mut command = std::process::Command::new(wukong_e2e::wukongctl_binary());
         command
@@ -95,7 +100,7 @@ impl Lab {
             .arg(&tls.key)
             .args(args)
             .stdin(std::process::Stdio::null());
-        tokio::task::block_in_place(|| command.output()).context("running wukongctl")
+        Ok(command)
     }
 
     /// Requests to the `vsock` subresource in the API server's audit log: (user, request URI, HTTP code).
@@ -108,17 +113,6 @@ impl Lab {
     async fn agent_log(&self) -> Result<String> {
         self.guest.run_ok("cat /var/log/wukong-agent.log").await
     }
-}
-
-/// A writer holding `mnt`: its pid.
-async fn writer(guest: &Guest, mnt: &str) -> Result<String> {
-    let script = format!("sh -c 'exec 3>>{mnt}/log; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!");
-    Ok(guest.run_ok(&script).await?.trim().to_string())
-}
-
-async fn stop(guest: &Guest, pid: &str) -> Result<()> {
-    guest.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
-    Ok(())
 }
 
 /// The operator's agent client files, laid out as its mounted Secret: the CA, and its certificate `operator`.
@@ -158,7 +152,7 @@ async fn a_guest_without_networking_is_served_through_kubevirts_vsock_subresourc
     println!("add a disk over vsock → Attached in {:.1} s", started.elapsed().as_secs_f64());
     let dev = volume(&w, "data").and_then(|v| v.device.clone()).context("the guest's device in status")?;
     let sum = guest.fill(&dev, "/mnt/d", 4 << 20).await?;
-    let pid = writer(guest, "/mnt/d").await?;
+    let pid = guest.start_writer("/mnt/d").await?;
 
     // kubectl's JSON patch unplug of a busy disk: the guard asks the guest over vsock and denies, naming the writer.
     let vms = vms(admin);
@@ -174,7 +168,7 @@ async fn a_guest_without_networking_is_served_through_kubevirts_vsock_subresourc
     let v = volume(&w, "data").context("data in status")?;
     assert!(v.blockers.iter().any(|b| b.contains(&format!("pid {pid}"))), "the writer's pid in status: {v:?}");
     assert_eq!(guest.checksum("/mnt/d/data").await?, sum, "the data is intact");
-    stop(guest, &pid).await?;
+    guest.stop_process(&pid).await?;
     let stopped = Instant::now();
     wait_for(&api, "db", 90, |w| volume(w, "data").is_none()).await?;
     println!("writer stopped → detached over vsock in {:.1} s", stopped.elapsed().as_secs_f64());
@@ -188,14 +182,14 @@ async fn a_guest_without_networking_is_served_through_kubevirts_vsock_subresourc
     let attached: Value = serde_json::from_slice(&out.stdout)?;
     let dev = attached["disk"]["dev_node"].as_str().context("the guest's device")?.to_string();
     guest.fill(&dev, "/mnt/x", 1 << 20).await?;
-    let pid = writer(guest, "/mnt/x").await?;
+    let pid = guest.start_writer("/mnt/x").await?;
     let refused = lab.ctl("tool-vm", "wukong-companion", &["detach", "x", "--unmount"])?;
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
     assert!(text(&refused).contains(&format!("pid {pid}")), "{}", text(&refused));
     let remove = removal_patch(&vms.get("tool-vm").await?, "/spec/template/spec", "x")?;
     let (code, message) = patch(&vms, "tool-vm", remove.clone(), false).await?.expect_err("denied");
     assert!(code == 403 && message.contains(&format!("pid {pid}")), "{code}: {message}");
-    stop(guest, &pid).await?;
+    guest.stop_process(&pid).await?;
     label(&vms, "tool-vm", json!({}), json!({"vm.novasphere.dev/unmount-on-detach": "true"})).await?;
     patch(&vms, "tool-vm", remove, false).await?.expect("the idle disk's unplug is allowed");
     guest.wait_unplugged("x", Duration::from_secs(60)).await?;
@@ -276,21 +270,8 @@ async fn both_tls_modes_and_bounded_failures_over_vsock() -> Result<()> {
     // The agent is down when the call starts and up 3 s later: the call is served.
     let guest = &lab.guest;
     guest.run_ok("kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done").await?;
-    let waiting = tokio::task::spawn_blocking({
-        let mut command = std::process::Command::new(wukong_e2e::wukongctl_binary());
-        let tls = lab.pki.client("wukong-companion");
-        command
-            .env_clear()
-            .env("KUBECONFIG", lab.cluster.kubeconfig(COMPANION)?)
-            .args(["--vmi", &format!("{NS}/db-vm"), "--tls-ca"])
-            .arg(&tls.ca)
-            .arg("--tls-cert")
-            .arg(&tls.cert)
-            .arg("--tls-key")
-            .arg(&tls.key)
-            .arg("info");
-        move || command.output()
-    });
+    let mut command = lab.command("db-vm", "wukong-companion", &["info"])?;
+    let waiting = tokio::task::spawn_blocking(move || command.output());
     tokio::time::sleep(Duration::from_secs(3)).await;
     guest.run_ok(&format!("setsid wukong-agent {AGENT_ARGS} </dev/null >>/var/log/wukong-agent.log 2>&1 &")).await?;
     let out = waiting.await??;

@@ -10,18 +10,9 @@ use std::time::{Duration, Instant};
 use wukong_controller_client::companion::{self, AttachOptions, DetachOptions};
 use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec, VolumeState};
 use wukong_controller_client::qemu::Qemu;
-use wukong_e2e::Guest;
+use wukong_e2e::{Guest, median, millis};
 
 const SAMPLES: usize = 10;
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -50,7 +41,7 @@ async fn main() -> Result<()> {
             while qemu.volume_state(&name).await? != VolumeState::Absent {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            raw.push(ms(started.elapsed()));
+            raw.push(millis(started.elapsed()));
             qemu.finish_removal(&name).await?;
             guest.run_ok(&format!("umount -l /mnt/{name}")).await?;
         } else {
@@ -63,9 +54,9 @@ async fn main() -> Result<()> {
                 poll: Duration::from_millis(20),
             };
             let done = companion::detach(&qemu, &agent, &options, &|_| {}).await?;
-            safe.push(ms(started.elapsed()));
+            safe.push(millis(started.elapsed()));
             for (step, d) in &done.timings {
-                steps.entry(format!("companion: {step}")).or_default().push(ms(*d));
+                steps.entry(format!("companion: {step}")).or_default().push(millis(*d));
             }
             for a in done.release.iter().flat_map(|r| &r.actions) {
                 let d = a.duration.map(|d| d.seconds as f64 * 1e3 + d.nanos as f64 / 1e6).unwrap_or(0.0);
@@ -73,14 +64,14 @@ async fn main() -> Result<()> {
             }
         }
     }
-    let (raw, safe) = (median(&mut raw), median(&mut safe));
+    let (raw, safe) = (median(raw), median(safe));
     println!("detach of a mounted, idle 64 MiB ext4 SCSI disk, TCG guest, median of {SAMPLES}:");
     println!("  raw unplug (device_del until QEMU reports it gone): {raw:8.1} ms");
     println!("  safe detach (release in the guest, then unplug):     {safe:8.1} ms");
     println!("  added by the safe detach:                            {:8.1} ms ({:.1}x)", safe - raw, safe / raw);
     println!("where the safe detach spends it (medians):");
-    for (step, mut values) in steps {
-        println!("  {step:<34} {:8.1} ms", median(&mut values));
+    for (step, values) in steps {
+        println!("  {step:<34} {:8.1} ms", median(values));
     }
     guest.shutdown().await;
     Ok(())

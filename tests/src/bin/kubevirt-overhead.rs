@@ -12,16 +12,11 @@ use wukong_controller_client::companion::{self, AttachOptions, DetachOptions};
 use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, VolumeSource, VolumeSpec};
 use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_controller_client::qemu::Qemu;
-use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab};
+use wukong_e2e::{Guest, median};
 
 const SAMPLES: usize = 5;
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
 
 /// Attaches and safely detaches `SAMPLES` volumes; returns the attach and detach times in milliseconds.
 async fn measure<H: Hypervisor>(

@@ -17,20 +17,11 @@ use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
 use wukong_controller_client::qemu::Qemu;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtConfig, KubeVirtLab, VmOptions};
-use wukong_e2e::{Guest, GuestOptions};
+use wukong_e2e::{Guest, GuestOptions, median, millis};
 
 const SAMPLES: usize = 20;
 const NS: &str = "bench";
 const LISTEN: &str = "--listen 0.0.0.0:7443 --listen vsock://7443 --listen kubevirt-vsock://7444 --insecure-plaintext";
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -68,13 +59,13 @@ async fn main() -> Result<()> {
         for _ in 0..SAMPLES {
             let started = Instant::now();
             agent.agent_info().await?;
-            round_trips.push(ms(started.elapsed()));
+            round_trips.push(millis(started.elapsed()));
         }
         let mut first_calls = Vec::new();
         for _ in 0..SAMPLES {
             let started = Instant::now();
             client(address)?.agent_info().await?;
-            first_calls.push(ms(started.elapsed()));
+            first_calls.push(millis(started.elapsed()));
         }
         let mut detaches = Vec::new();
         for i in 0..SAMPLES {
@@ -96,7 +87,7 @@ async fn main() -> Result<()> {
             };
             let started = Instant::now();
             companion::detach(&qemu, &agent, &options, &|_| {}).await?;
-            detaches.push(ms(started.elapsed()));
+            detaches.push(millis(started.elapsed()));
         }
         rows.push((name, median(round_trips), median(first_calls), median(detaches)));
     }
