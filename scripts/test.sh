@@ -13,6 +13,8 @@ fi
 bash scripts/lib/install-deps.sh
 bash scripts/lib/install-kube.sh
 bash scripts/lib/install-helm.sh
+# The guest lab's vsock backend (about 3 min once per machine), before the tests that boot vsock guests wait for it.
+bash scripts/lib/install-vhost-vsock.sh >/dev/null
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

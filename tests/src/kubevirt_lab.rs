@@ -690,6 +690,9 @@ async fn serve_subresources(cluster: &Cluster, shared: Arc<Shared>) -> Result<to
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let (acceptor, shared) = (acceptor.clone(), shared.clone());
+            // As virt-api's Go server: Go sets TCP_NODELAY on every connection. Without it the vsock websocket's
+            // small frames would wait out the API server's delayed ACKs (about 40 ms a round trip).
+            let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else { return };
                 let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));

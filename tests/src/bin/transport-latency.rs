@@ -3,7 +3,8 @@
 //! vsock socket, as Firecracker and vhost-device-vsock expose it), and KubeVirt's vsock subresource through the
 //! genuine API server in both TLS modes (`tls=false`: raw bytes to the guest; `tls=true`: virt-handler's TLS 1.3 to
 //! the guest). Medians of 20: a GetAgentInfo round trip on an open connection, a new connection and its first call,
-//! and a safe detach (the guest releases an unmounted 16 MiB SCSI disk, then QEMU unplugs it). Then the agent's
+//! and a safe detach (the guest releases an unmounted 64 MiB SCSI disk over that transport, then QEMU unplugs it:
+//! `device_del` until `DEVICE_DELETED`). Then the agent's
 //! resident memory with all these listeners. The agent serves plaintext gRPC on TCP and vsock here (a lab), so
 //! the numbers compare transports, not TLS.
 //!
@@ -12,12 +13,9 @@
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use wukong_controller_client::agent_client::{AgentAddress, Dialer, VsockTls};
-use wukong_controller_client::companion::{self, AttachOptions, DetachOptions};
-use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
-use wukong_controller_client::qemu::Qemu;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtConfig, KubeVirtLab, VmOptions};
-use wukong_e2e::{Guest, GuestOptions, median, millis};
+use wukong_e2e::{DiskSpec, Guest, GuestOptions, median, millis};
 
 const SAMPLES: usize = 20;
 const NS: &str = "bench";
@@ -49,8 +47,6 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    let qemu = Qemu::connect(&guest.companion_qmp()).await?;
-    let attach = AttachOptions { timeout: Duration::from_secs(60), poll: Duration::from_millis(20) };
     let mut rows = Vec::new();
     for (n, (name, address)) in transports.iter().enumerate() {
         let agent = client(address)?;
@@ -69,24 +65,13 @@ async fn main() -> Result<()> {
         }
         let mut detaches = Vec::new();
         for i in 0..SAMPLES {
-            let serial = format!("t{n}d{i:02}");
-            let volume = VolumeSpec {
-                name: serial.clone(),
-                serial: serial.clone(),
-                bus: DiskBus::Scsi,
-                source: VolumeSource::Image { path: guest.new_image(16 << 20)?, format: "raw".into() },
-            };
-            companion::attach(&qemu, &agent, &volume, &attach, &|_| {}).await?;
-            let options = DetachOptions {
-                volume: serial,
-                serial: None,
-                unmount: false,
-                force: false,
-                timeout: Duration::from_secs(60),
-                poll: Duration::from_millis(20),
-            };
+            let disk = guest.hotplug(&DiskSpec::scsi(&format!("t{n}d{i:02}"))).await?;
+            agent.wait_for_disk(&disk.spec.serial, Duration::from_secs(30)).await?;
+            // A safe detach as the companion does it, over this transport: the guest releases, then QEMU unplugs.
             let started = Instant::now();
-            companion::detach(&qemu, &agent, &options, &|_| {}).await?;
+            let released = agent.prepare_detach(&disk.spec.serial, false, false).await?;
+            anyhow::ensure!(released.released, "{} was not released: {released:?}", disk.spec.serial);
+            guest.unplug(&disk).await?;
             detaches.push(millis(started.elapsed()));
         }
         rows.push((name, median(round_trips), median(first_calls), median(detaches)));
