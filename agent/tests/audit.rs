@@ -98,12 +98,19 @@ async fn refused_releases_are_logged_with_the_client_and_the_method() {
     viewer.cancel_detach("pg-data").await.expect_err("nor cancel one");
     let line = logged(&agent, &["refused a release", "CancelDetach"]);
     assert!(line.contains("client=\"viewer\""), "{line}");
-    // An allowed client is not logged as refused (its request reaches the release, which knows no such disk).
+    // An allowed client is logged as allowed, not refused (its request reaches the release, which knows no such
+    // disk).
     let operator = AgentClient::connect_with(address, Some(&pki.client("operator"))).unwrap();
     operator.prepare_detach("pg-data", true, true).await.expect_err("no such disk");
+    let line = logged(&agent, &["allowed a release", "PrepareDetach"]);
+    assert!(
+        line.contains("INFO") && line.contains("client=\"operator\"") && line.contains("peer=127.0.0.1:"),
+        "{line}"
+    );
     let log = agent.stop();
     assert_eq!(log.matches("refused a release").count(), 2, "{log}");
-    assert!(!log.contains("client=\"operator\""), "{log}");
+    let by_operator: Vec<&str> = log.lines().filter(|l| l.contains("client=\"operator\"")).collect();
+    assert!(by_operator.len() == 1 && by_operator[0].contains("allowed a release"), "{log}");
 
     let dir = tempfile::tempdir().unwrap();
     let (agent, address) = start(&pki, dir.path(), &["--read-only"]);
