@@ -95,10 +95,16 @@ impl Lab {
     }
 
     /// Waits until DataVolume `name` is in `phase`; returns it.
+    /// Waits until DataVolume `name` is in `phase` and the recorder has seen it there too (its watch may lag the
+    /// GET), so that what [`Phases::of`] says afterwards includes it.
     async fn phase(&self, name: &str, phase: &str) -> Result<DynamicObject> {
         until(&format!("DataVolume {name} {phase}"), WAIT, || async {
             let dv = self.data_volumes().get(name).await?;
-            Ok(if dv.data["status"]["phase"] == phase { Ok(dv) } else { Err(format!("{}", dv.data["status"])) })
+            let recorded = self.phases.of(name).last().is_some_and(|p| p == phase);
+            Ok(match dv.data["status"]["phase"] == phase && recorded {
+                true => Ok(dv),
+                false => Err(format!("{}; recorded {:?}", dv.data["status"], self.phases.of(name))),
+            })
         })
         .await
     }
