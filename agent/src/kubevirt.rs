@@ -264,7 +264,7 @@ fn client_name(der: &[u8]) -> Result<String, Refusal> {
     if !cert.extended_key_usage().ok().flatten().is_some_and(|eku| eku.value.client_auth) {
         return Err(Refusal::NotForClients);
     }
-    let name = common_name(der);
+    let name = first_common_name(&cert);
     if !name.starts_with(CLIENT_NAME_PREFIX) {
         return Err(Refusal::NotKubeVirt(name));
     }
@@ -273,7 +273,10 @@ fn client_name(der: &[u8]) -> Result<String, Refusal> {
 
 /// The first common name of a DER certificate, or nothing.
 pub fn common_name(der: &[u8]) -> String {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return String::new() };
+    x509_parser::parse_x509_certificate(der).map(|(_, cert)| first_common_name(&cert)).unwrap_or_default()
+}
+
+fn first_common_name(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
     cert.subject().iter_common_name().find_map(|cn| cn.as_str().ok()).unwrap_or_default().to_string()
 }
 
