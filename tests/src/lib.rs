@@ -22,7 +22,7 @@ pub mod ports;
 pub mod readme_install;
 pub mod storage_lab;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -931,19 +931,44 @@ impl Guest {
         Ok(out.split_whitespace().next().context("sha256sum printed nothing")?.to_string())
     }
 
-    /// Restarts the agent inside the guest and waits until it answers again.
     /// Starts a process named like udev's blkid probe that opens `dev` as soon as `mnt` is unmounted and holds it
-    /// until killed (its pid is in /tmp/probe/pid): to the agent, a udev probe that never ends.
+    /// until killed (its pid is in /tmp/probe/pid; /tmp/probe/held exists once it holds the disk): to the agent, a
+    /// udev probe that never ends.
     pub async fn probe_after_unmount(&self, dev: &str, mnt: &str) -> Result<()> {
         self.run_ok(&format!(
-            "mkdir -p /tmp/probe && rm -f /tmp/probe/never && mkfifo /tmp/probe/never && \
-             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do sleep 0.02; done\\nexec 3<{dev}\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
+            "mkdir -p /tmp/probe && rm -f /tmp/probe/never /tmp/probe/held && mkfifo /tmp/probe/never && \
+             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do sleep 0.02; done\\nexec 3<{dev}\\ntouch /tmp/probe/held\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
              chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
         ))
         .await?;
         Ok(())
     }
 
+    /// Makes the next unmount of `mnt` slow, as a filesystem with much unwritten data is: `bytes` of dirty page
+    /// cache that the kernel writes back only when the filesystem shuts down. The mount leaves the mount table
+    /// first and the unmount returns after the write-back, so a [`Self::probe_after_unmount`] probe holds the disk
+    /// before the agent's final scan can run, however slowly the emulated guest schedules the probe.
+    pub async fn slow_unmount(&self, mnt: &str, bytes: u64) -> Result<()> {
+        self.run_ok(&format!(
+            "echo 0 > /proc/sys/vm/dirty_writeback_centisecs && echo 360000 > /proc/sys/vm/dirty_expire_centisecs && \
+             echo $((1 << 30)) > /proc/sys/vm/dirty_background_bytes && echo $((2 << 30)) > /proc/sys/vm/dirty_bytes && \
+             head -c {bytes} /dev/zero > {mnt}/ballast"
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until the [`Self::probe_after_unmount`] probe holds its disk.
+    pub async fn wait_for_probe_hold(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.run("test -e /tmp/probe/held").await?.status != 0 {
+            ensure!(Instant::now() < deadline, "the probe did not open the disk within {timeout:?} of the unmount");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Restarts the agent inside the guest and waits until it answers again.
     pub async fn restart_agent(&self) -> Result<()> {
         self.run_ok(
             "kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done

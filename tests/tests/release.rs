@@ -189,6 +189,7 @@ async fn virtio_is_fenced_read_only_and_swap_lvm_md_and_system_disks_are_refused
 
 /// The agent is killed (SIGKILL) after it unmounted the disk, while it waits for what looks like a udev probe to
 /// let go. The restarted agent finds the journal and undoes the release: the disk is PRESENT and mounted again.
+/// The unmount is slowed by unwritten data so that the probe holds the disk before the agent's final scan.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> Result<()> {
     let guest = Guest::boot().await?;
@@ -196,6 +197,7 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
     guest.hotplug(&DiskSpec::scsi("rel-kill")).await?;
     let dev = agent.wait_for_disk("rel-kill", WAIT).await?.dev_node;
     let sum = guest.fill(&dev, "/mnt/k", 8 << 20).await?;
+    guest.slow_unmount("/mnt/k", 32 << 20).await?;
     guest.probe_after_unmount(&dev, "/mnt/k").await?;
     let release = tokio::spawn({
         let agent = agent.clone();
@@ -206,6 +208,7 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
         assert!(tokio::time::Instant::now() < deadline, "the release never unmounted /mnt/k");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    guest.wait_for_probe_hold(Duration::from_secs(30)).await?;
     assert_eq!(state(&agent, "rel-kill").await?, DiskState::Releasing);
     guest.run_ok("kill -9 $(pidof wukong-agent)").await?;
     let interrupted = release.await?.unwrap_err();

@@ -193,8 +193,11 @@ async fn cloud_init_installs_the_deb_a_safe_detach_works_over_mtls_and_an_upgrad
     // A release interrupted by a crash: the agent is SIGKILLed after it unmounted the disk, while what looks like
     // a udev probe holds it; systemd restarts it (the journal untouched, as on any systemd) and the new agent
     // undoes the release: the disk is present and mounted again.
+    // The unmount is slowed by unwritten data, so the probe holds the disk before the agent's final scan however
+    // slowly the emulated guest schedules it (without that, a CI run saw the release finish first).
     // The cancel's rescan may have named the disk anew.
     let dev = agent.get_disk("data-b", false).await?.dev_node;
+    guest.slow_unmount("/mnt/b", 32 << 20).await?;
     guest.probe_after_unmount(&dev, "/mnt/b").await?;
     let release = tokio::spawn({
         let agent = agent.clone();
@@ -205,6 +208,7 @@ async fn cloud_init_installs_the_deb_a_safe_detach_works_over_mtls_and_an_upgrad
         ensure!(Instant::now() < deadline, "the release never unmounted /mnt/b");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    guest.wait_for_probe_hold(Duration::from_secs(30)).await?;
     assert_eq!(agent.get_disk("data-b", false).await?.state(), DiskState::Releasing);
     let pid = systemctl_show(&guest, "MainPID").await?.trim().trim_start_matches("MainPID=").to_string();
     guest.run_ok("kill -KILL $(pidof wukong-agent)").await?;
