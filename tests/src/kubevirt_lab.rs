@@ -24,7 +24,8 @@
 //!   [`AttachmentPodFault`] keeps them Pending; unplugs in the domain can fail ([`UnplugFailure`]). The VMI CRD has
 //!   no status subresource, as KubeVirt ships it: each of these writes is an update of the whole VMI, which every
 //!   validating webhook on VMI updates sees. Like KubeVirt the lab checks nothing about use before an unplug: safety
-//!   has to come from Wukong.
+//!   has to come from Wukong. What each unplug pulled out from under the guest is witnessed by the unplug oracle
+//!   ([`crate::unplug_oracle`], [`KubeVirtLab::unsafe_unplugs`]), which asks the guest itself, not Wukong.
 //!
 //! The cluster's storage is [`crate::storage_lab`]: real PersistentVolumes, a provisioner, the PV controller's binder,
 //! `WaitForFirstConsumer` classes (a claim of one is bound once the lab's scheduler gives it an attachment Pod's
@@ -38,6 +39,7 @@ use crate::cluster::{ADMIN, Ca, Cluster, Leaf, create_all};
 use crate::kubevirt_vsock::Vsock;
 use crate::kubevirt_webhooks::{VM_PATH, VMI_CREATE_PATH, VMI_UPDATE_PATH};
 use crate::storage_lab::{self, BindingMode, NODE, Storage, VolumeMode, VolumeScheduling};
+use crate::unplug_oracle::{Oracle, UnsafeUnplug};
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -196,6 +198,11 @@ struct Shared {
     /// The `VSOCK` gate, virt-controller's CIDs, KubeVirt's CA and virt-handler's vsock certificate.
     vsock: Arc<Vsock>,
     qemu: Option<Arc<Qemu>>,
+    /// Asks the guest, through its control channel, what held each disk virt-handler unplugs (with a guest only).
+    oracle: Option<Oracle>,
+    /// The serial each hot-plugged volume was plugged with, (VMI, volume) → serial: the oracle finds the disk by it
+    /// once the volume, and its disk's serial, have left the spec.
+    serials: Mutex<BTreeMap<(String, String), String>>,
     /// The cluster's storage: where a bound claim's data lives, and the scheduler's volume binding.
     storage: Arc<Storage>,
     /// What virt-launcher's domains hold, as virt-handler sees them: (VMI, volume) → the disk's target.
@@ -319,6 +326,8 @@ impl KubeVirtLab {
             mode,
             vsock: Arc::new(Vsock::new(config.vsock, guest.filter(|g| g.has_vsock()).map(crate::Guest::vsock_socket))?),
             qemu,
+            oracle: guest.map(crate::Guest::shell).map(Oracle::new),
+            serials: Mutex::new(BTreeMap::new()),
             storage: storage.clone(),
             domain: Mutex::new(BTreeMap::new()),
             stamps: Mutex::new(BTreeMap::new()),
@@ -344,6 +353,23 @@ impl KubeVirtLab {
         let mut tasks = vec![server, controller, handler, storage];
         tasks.extend(shared.vsock.serve_ca()?);
         Ok(Self { shared, tasks })
+    }
+
+    /// Every unplug virt-handler did while the guest still used the disk (mounted, swapped on, a holder's member,
+    /// held by a process), or whose use the oracle could not learn, with what held it ([`crate::unplug_oracle`]).
+    /// Always empty without a guest.
+    pub fn unsafe_unplugs(&self) -> Vec<UnsafeUnplug> {
+        self.shared.oracle.as_ref().map(Oracle::unsafe_unplugs).unwrap_or_default()
+    }
+
+    /// How many unplugs the oracle checked, safe or not.
+    pub fn checked_unplugs(&self) -> usize {
+        self.oracle_round_trips().len()
+    }
+
+    /// How long the oracle's question to the guest took, for each checked unplug in order: what it adds to an unplug.
+    pub fn oracle_round_trips(&self) -> Vec<Duration> {
+        self.shared.oracle.as_ref().map(Oracle::round_trips).unwrap_or_default()
     }
 
     /// How long an unplug takes from the volume leaving the VMI's spec until the guest loses the disk (default
@@ -2040,7 +2066,7 @@ fn boot(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) {
 /// virt-launcher's disk sync, driven by virt-handler: a hotpluggable volume of the spec that virt-handler mounted
 /// into the pod (MountedToPod) is plugged into the guest with its disk's serial and bus; a plugged volume gone from
 /// the spec is unplugged once KubeVirt's time for that passed, whatever the guest does with it (libvirt
-/// `DetachDeviceFlags`).
+/// `DetachDeviceFlags`), the oracle having asked the guest just before what still held it.
 async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Result<()> {
     let spec = &vmi.data["spec"];
     let statuses = list(&vmi.data["status"]["volumeStatus"]);
@@ -2070,6 +2096,7 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
                 source: VolumeSource::Image { path: image, format: "raw".into() },
             };
             qemu.add_volume(&spec).await.with_context(|| format!("the lab's virt-handler could not plug {name}"))?;
+            shared.serials.lock().unwrap().insert(key(vmi_name, name), spec.serial);
         }
         shared.domain.lock().unwrap().insert(key(vmi_name, name), target);
     }
@@ -2090,10 +2117,23 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
         }
         shared.unplug_tried.lock().unwrap().remove(&key(vmi_name, &name));
         if let Some(qemu) = &shared.qemu {
+            // Asked at the last instant before the unplug, recorded only once it is done: a failed unplug is retried,
+            // and asked about again.
+            let check = match &shared.oracle {
+                Some(oracle) => {
+                    let serial = shared.serials.lock().unwrap().get(&key(vmi_name, &name)).cloned();
+                    Some((oracle, oracle.ask(vmi_name, &name, serial.as_deref()).await))
+                }
+                None => None,
+            };
             unplug(qemu, &name).await?;
+            if let Some((oracle, check)) = check {
+                oracle.record(check);
+            }
         }
         shared.domain.lock().unwrap().remove(&key(vmi_name, &name));
         shared.leaving.lock().unwrap().remove(&key(vmi_name, &name));
+        shared.serials.lock().unwrap().remove(&key(vmi_name, &name));
     }
     Ok(())
 }

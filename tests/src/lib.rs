@@ -21,6 +21,7 @@ pub mod pki;
 pub mod ports;
 pub mod readme_install;
 pub mod storage_lab;
+pub mod unplug_oracle;
 
 use anyhow::{Context, Result, bail, ensure};
 use std::path::{Path, PathBuf};
@@ -822,20 +823,9 @@ impl Guest {
         self.vsock_ready
     }
 
-    /// A connection to the guest's vsock port `port`, retried until `timeout` (a CONNECT is not answered before the
-    /// guest's driver is up and something listens on the port).
+    /// A connection to the guest's vsock port `port`, retried until `timeout` ([`vsock_connect_within`]).
     pub async fn vsock_connect(&self, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
-        let socket = &self.vsock_device().socket;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match hybrid_vsock_connect(socket, port).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) if Instant::now() > deadline => {
-                    return Err(e.context(format!("the guest's vsock port {port} did not answer within {timeout:?}")));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        vsock_connect_within(&self.vsock_device().socket, port, timeout).await
     }
 
     /// A client of the guest's agent.
@@ -874,34 +864,24 @@ impl Guest {
         Ok(())
     }
 
-    /// Runs a shell script in the guest (busybox sh) and returns its output and exit status: over the network when
-    /// the guest has one, else over vsock.
-    pub async fn run(&self, script: &str) -> Result<GuestOutput> {
-        const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-        let text = match self.forwards {
-            Some(forwards) => {
-                let connect = tokio::net::TcpStream::connect(("127.0.0.1", forwards.control));
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-                    .await
-                    .context("connecting to the guest control channel timed out")??;
-                converse(stream, script).await?
-            }
-            None => converse(self.vsock_connect(GUEST_CONTROL_PORT.into(), CONNECT_TIMEOUT).await?, script).await?,
+    /// A handle on the guest's control channel, for whatever must run commands in the guest without borrowing it.
+    pub fn shell(&self) -> GuestShell {
+        let route = match (self.forwards, &self.vsock) {
+            (Some(forwards), _) => ControlRoute::Tcp(forwards.control),
+            (None, Some(device)) => ControlRoute::Vsock(device.socket.clone()),
+            (None, None) => unreachable!("a guest has a network or a vsock device (GuestOptions)"),
         };
-        let (output, status) = match text.rfind(STATUS_MARKER) {
-            Some(i) => (text[..i].to_string(), text[i + STATUS_MARKER.len()..].trim().parse().unwrap_or(-1)),
-            None => bail!("the guest control channel closed without a status; output: {text}"),
-        };
-        Ok(GuestOutput { output, status })
+        GuestShell { route }
     }
 
-    /// Runs a script that must succeed; returns its output.
+    /// Runs a shell script in the guest ([`GuestShell::run`]).
+    pub async fn run(&self, script: &str) -> Result<GuestOutput> {
+        self.shell().run(script).await
+    }
+
+    /// Runs a script that must succeed; returns its output ([`GuestShell::run_ok`]).
     pub async fn run_ok(&self, script: &str) -> Result<String> {
-        let out = self.run(script).await?;
-        if out.status != 0 {
-            bail!("guest command failed with status {}: {script}\n{}", out.status, out.output);
-        }
-        Ok(out.output)
+        self.shell().run_ok(script).await
     }
 
     /// Makes an ext4 filesystem on `dev`, mounts it at `mnt` and writes `bytes` of random data to `mnt/data`
@@ -1037,6 +1017,73 @@ impl Guest {
     /// Kills QEMU now.
     pub async fn shutdown(mut self) {
         let _ = self.qemu.kill().await;
+    }
+}
+
+/// The guest's control channel (scripts/lab/guest-ctl-handler.sh, a test-only shell), by value: cheap to clone and
+/// `Send + Sync`, so that the lab's own components (the lab's virt-handler asking the guest before an unplug, say) can
+/// run commands in the guest without holding the [`Guest`], which a test owns. [`Guest::shell`] gives one.
+#[derive(Debug, Clone)]
+pub struct GuestShell {
+    route: ControlRoute,
+}
+
+/// How the host reaches the control channel.
+#[derive(Debug, Clone)]
+enum ControlRoute {
+    /// The loopback port QEMU forwards to the guest's port [`GUEST_CONTROL_PORT`].
+    Tcp(u16),
+    /// The guest's hybrid-vsock socket, for a guest without a network.
+    Vsock(PathBuf),
+}
+
+impl GuestShell {
+    /// Runs a shell script in the guest (busybox sh) and returns its output and exit status: over the network when
+    /// the guest has one, else over vsock. Each call is one connection, so calls may run at once.
+    pub async fn run(&self, script: &str) -> Result<GuestOutput> {
+        const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+        let text = match &self.route {
+            ControlRoute::Tcp(port) => {
+                let connect = tokio::net::TcpStream::connect(("127.0.0.1", *port));
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .context("connecting to the guest control channel timed out")??;
+                converse(stream, script).await?
+            }
+            ControlRoute::Vsock(socket) => {
+                converse(vsock_connect_within(socket, GUEST_CONTROL_PORT.into(), CONNECT_TIMEOUT).await?, script)
+                    .await?
+            }
+        };
+        let (output, status) = match text.rfind(STATUS_MARKER) {
+            Some(i) => (text[..i].to_string(), text[i + STATUS_MARKER.len()..].trim().parse().unwrap_or(-1)),
+            None => bail!("the guest control channel closed without a status; output: {text}"),
+        };
+        Ok(GuestOutput { output, status })
+    }
+
+    /// Runs a script that must succeed; returns its output.
+    pub async fn run_ok(&self, script: &str) -> Result<String> {
+        let out = self.run(script).await?;
+        if out.status != 0 {
+            bail!("guest command failed with status {}: {script}\n{}", out.status, out.output);
+        }
+        Ok(out.output)
+    }
+}
+
+/// A connection to vsock port `port` of the guest behind the hybrid-vsock socket `socket`, retried until `timeout`
+/// (a CONNECT is not answered before the guest's driver is up and something listens on the port).
+async fn vsock_connect_within(socket: &Path, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match hybrid_vsock_connect(socket, port).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("the guest's vsock port {port} did not answer within {timeout:?}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
 
