@@ -2,13 +2,17 @@
 //! `scripts/lib/install-kube.sh`) on loopback, with a throwaway CA, RBAC, static-token identities (an admin in
 //! `system:masters` and least-privileged users with no rights until a test binds them), the front-proxy flags an
 //! aggregated API needs, and an audit log that records every write with its body. Everything stops on drop.
+//!
+//! A fault test can kill either process (SIGKILL) and start it again as it was: [`Cluster::restart_etcd`],
+//! [`Cluster::restart_apiserver`].
 
 use crate::ports::free_port;
+use crate::process::Relaunchable;
 use anyhow::{Context, Result, bail};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
 
@@ -148,9 +152,14 @@ pub(crate) struct NodeApi<'a> {
 pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
 
 /// A running etcd + kube-apiserver pair on loopback. Stopped (and its files removed) when dropped.
+///
+/// Its restarts take `&mut self`: injecting faults is one task's job (a soak's fault loop owns the `Cluster`), while
+/// the workload runs on `kube::Client`s, which hold the server's address and credentials of their own and need no
+/// access to the `Cluster` (see [`Self::client`]). A `Mutex` around each process would only let two tasks restart
+/// the same process at once, which no test means to do.
 pub struct Cluster {
-    etcd: Child,
-    apiserver: Child,
+    etcd: Relaunchable,
+    apiserver: Relaunchable,
     dir: tempfile::TempDir,
     pub url: String,
     pub port: u16,
@@ -255,17 +264,16 @@ impl Cluster {
         let etcd_ports = [free_port()?, free_port()?];
         let etcd_url = format!("http://127.0.0.1:{}", etcd_ports[0]);
         let peer_url = format!("http://127.0.0.1:{}", etcd_ports[1]);
-        let etcd = Command::new(bin.join("etcd"))
-            .arg("--data-dir")
+        let mut etcd = Command::new(bin.join("etcd"));
+        etcd.arg("--data-dir")
             .arg(path("etcd"))
             .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("default={peer_url}"), "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(path("etcd.log"))?)
-            .spawn()
-            .context("starting etcd")?;
+            .stderr(std::fs::File::create(path("etcd.log"))?);
+        let etcd = Relaunchable::spawn(etcd, "etcd")?;
 
         let port = free_port()?;
         let p = |f: &str| path(f).display().to_string();
@@ -280,7 +288,7 @@ impl Cluster {
                 .args(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"])
                 .arg("--kubelet-preferred-address-types=InternalIP"),
         };
-        let apiserver = apiserver
+        apiserver
             .args(["--etcd-servers", &etcd_url])
             .arg(format!("--bind-address={address}"))
             .arg(format!("--advertise-address={address}"))
@@ -305,9 +313,9 @@ impl Cluster {
             .arg("--audit-log-mode=blocking")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(path("apiserver.log"))?)
-            .spawn()
-            .context("starting kube-apiserver")?;
+            .stderr(std::fs::File::create(path("apiserver.log"))?);
+        // A failure here drops etcd, which kills it.
+        let apiserver = Relaunchable::spawn(apiserver, "kube-apiserver")?;
 
         // From here on a failure drops the cluster, which stops both processes.
         let mut cluster = Self {
@@ -327,8 +335,33 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Kills etcd (SIGKILL) and starts it again with the same data directory, ports and flags (it recovers from its
+    /// write-ahead log); returns once the API server serves reads from it again, with how long that took from the
+    /// kill. The API server stays up meanwhile, answering what needs etcd with errors, as it does in a cluster.
+    pub async fn restart_etcd(&mut self) -> Result<Duration> {
+        self.restart(|cluster| &mut cluster.etcd).await
+    }
+
+    /// Kills kube-apiserver (SIGKILL) and starts it again with the same flags, port, certificates and tokens, so
+    /// clients made before work again; returns once it is ready, with how long that took from the kill.
+    pub async fn restart_apiserver(&mut self) -> Result<Duration> {
+        self.restart(|cluster| &mut cluster.apiserver).await
+    }
+
+    async fn restart(&mut self, process: fn(&mut Self) -> &mut Relaunchable) -> Result<Duration> {
+        let killed = Instant::now();
+        process(self).restart()?;
+        self.wait_ready().await?;
+        let down = killed.elapsed();
+        tracing::info!(secs = down.as_secs_f64(), url = %self.url, "cluster ready again after a restart");
+        Ok(down)
+    }
+
+    /// Waits until /readyz says ok (its `etcd` check included) and a list of namespaces is answered: a list without
+    /// a resourceVersion is read from etcd (a quorum read), never from the API server's cache.
     async fn wait_ready(&mut self) -> Result<()> {
         let client = self.client(ADMIN).await?;
+        let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
         let started = Instant::now();
         loop {
             if let Some(status) = self.apiserver.try_wait()? {
@@ -338,7 +371,9 @@ impl Cluster {
                 bail!("etcd exited ({status}): {}", self.log("etcd.log"));
             }
             let request = http::Request::get("/readyz").body(Vec::new())?;
-            if client.request_text(request).await.is_ok_and(|body| body.trim() == "ok") {
+            if client.request_text(request).await.is_ok_and(|body| body.trim() == "ok")
+                && namespaces.list(&kube::api::ListParams::default().limit(1)).await.is_ok()
+            {
                 return Ok(());
             }
             if started.elapsed() > READY_TIMEOUT {
@@ -404,7 +439,8 @@ impl Cluster {
         text.lines().map(|line| serde_json::from_str(line).with_context(|| format!("an audit line: {line}"))).collect()
     }
 
-    /// The API server's process: a test stops it (SIGSTOP) to play an API server that no longer answers.
+    /// The API server's process: a test stops it (SIGSTOP) to play an API server that no longer answers. A restart
+    /// changes it.
     pub fn apiserver_pid(&self) -> u32 {
         self.apiserver.id()
     }
@@ -419,10 +455,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // The API server first, so it does not log etcd's absence.
-        for child in [&mut self.apiserver, &mut self.etcd] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.apiserver.kill();
+        self.etcd.kill();
     }
 }
 

@@ -19,6 +19,7 @@ pub mod node;
 pub mod operator_lab;
 pub mod pki;
 pub mod ports;
+mod process;
 pub mod readme_install;
 pub mod storage_lab;
 pub mod unplug_oracle;
@@ -48,6 +49,10 @@ const VSOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// systemd, udev and cloud-init's first stages under TCG.
 const SYSTEMD_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// What a guest prints on its console once booted (the agent started, the control channel up).
+const READY_MARKER: &str = "WUKONG-LAB-READY";
+/// How long a restarted agent may take to answer.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a command run in the guest may take.
 const GUEST_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// PCIe root ports for virtio-blk hot-plug (q35's root bus itself cannot hot-plug).
@@ -568,7 +573,7 @@ pub struct Guest {
     vsock_ready: Option<Duration>,
     next_disk: AtomicU32,
     free_ports: std::sync::Mutex<Vec<u32>>,
-    /// The lab's client certificate once the agent serves mutual TLS ([`Guest::serve_agent_tls`]).
+    /// The lab's client certificate once the agent serves mutual TLS ([`Guest::install_agent`]).
     agent_tls: std::sync::Mutex<Option<TlsFiles>>,
 }
 
@@ -602,8 +607,8 @@ impl Guest {
             // A whole exchange, so that the guest's handler is not left with an empty script.
             converse(stream, ":").await?;
         }
-        guest.wait_for_console("WUKONG-LAB-READY", BOOT_TIMEOUT).await?;
-        guest.wait_for_agent(Duration::from_secs(30)).await?;
+        guest.wait_for_console(READY_MARKER, 1, BOOT_TIMEOUT).await?;
+        guest.wait_for_agent(AGENT_START_TIMEOUT).await?;
         tracing::info!(secs = started.elapsed().as_secs_f64(), vsock_ready = ?guest.vsock_ready, "guest ready");
         Ok(guest)
     }
@@ -624,7 +629,7 @@ impl Guest {
         let append = "console=ttyS0 panic=-1 loglevel=4 systemd.show_status=0";
         let options = GuestOptions { qemu_args, ..Default::default() };
         let guest = Self::launch(&assets.kernel, &assets.loader, append, 1024, &options).await?;
-        guest.wait_for_console("WUKONG-LAB-READY", SYSTEMD_BOOT_TIMEOUT).await?;
+        guest.wait_for_console(READY_MARKER, 1, SYSTEMD_BOOT_TIMEOUT).await?;
         Ok(guest)
     }
 
@@ -732,14 +737,27 @@ impl Guest {
         read_lossy(&self.dir.path().join("console.log"))
     }
 
-    async fn wait_for_console(&self, marker: &str, timeout: Duration) -> Result<()> {
+    /// Waits until the console has printed `marker` `times` times in all (the console log spans reboots).
+    async fn wait_for_console(&self, marker: &str, times: usize, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         loop {
-            if self.console().contains(marker) {
+            if self.console().matches(marker).count() >= times {
                 return Ok(());
             }
+            // QEMU exits when the guest panics (-no-reboot), and its monitor with it: no use waiting on.
+            if let Err(e) = self.qmp.execute("query-status", None).await {
+                bail!(
+                    "QEMU's monitor stopped answering ({e}) before the guest printed {marker:?}; qemu.log: {}; \
+                     console:\n{}",
+                    read_lossy(&self.dir.path().join("qemu.log")),
+                    self.console()
+                );
+            }
             if started.elapsed() > timeout {
-                bail!("the guest did not print {marker:?} within {timeout:?}; console:\n{}", self.console());
+                bail!(
+                    "the guest did not print {marker:?} (time {times}) within {timeout:?}; console:\n{}",
+                    self.console()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -835,22 +853,23 @@ impl Guest {
     }
 
     /// Installs files into the guest (host file → guest path) and restarts its agent with `args` (`--config
-    /// /etc/wukong-agent/agent.toml`, say), as an install in a real guest does. With `client`, the lab's own
-    /// connections (`agent()`) then use mutual TLS with those files.
+    /// /etc/wukong-agent/agent.toml`, say), as an install in a real guest does; later restarts keep `args` (they
+    /// replace /etc/wukong-agent.args), until a [`Self::reboot`]. With `client`, the lab's own connections
+    /// (`agent()`) then use mutual TLS with those files.
     pub async fn install_agent(&self, files: &[(&Path, &str)], args: &str, client: Option<TlsFiles>) -> Result<()> {
         let mut script = String::new();
-        for (from, to) in files {
-            let text = std::fs::read_to_string(from).with_context(|| from.display().to_string())?;
+        let mut write = |to: &str, text: &str| {
             let dir = Path::new(to).parent().and_then(Path::to_str).unwrap_or("/");
             script.push_str(&format!("mkdir -p {dir}\ncat > {to} <<'WUKONG-FILE'\n{text}\nWUKONG-FILE\n"));
+        };
+        for (from, to) in files {
+            write(to, &std::fs::read_to_string(from).with_context(|| from.display().to_string())?);
         }
-        script.push_str(&format!(
-            "kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done\n\
-             setsid wukong-agent {args} </dev/null >>/var/log/wukong-agent.log 2>&1 &\n"
-        ));
+        write("/etc/wukong-agent.args", args);
         self.run_ok(&script).await?;
+        self.stop_agent("TERM").await?;
         *self.agent_tls.lock().unwrap() = client;
-        self.wait_for_agent(Duration::from_secs(30)).await
+        self.start_agent().await
     }
 
     /// Forwards `address`:7443 on the host to the guest's agent too (QEMU's `hostfwd_add`), where Pods on the lab's
@@ -948,14 +967,72 @@ impl Guest {
         Ok(())
     }
 
-    /// Restarts the agent inside the guest and waits until it answers again.
+    /// Restarts the agent inside the guest (SIGTERM: it says goodbye) and waits until it answers again.
     pub async fn restart_agent(&self) -> Result<()> {
+        self.stop_agent("TERM").await?;
+        self.start_agent().await
+    }
+
+    /// Kills the guest's agent with SIGKILL (no goodbye: what a crash or the OOM killer does) and waits until it is
+    /// gone. It stays down until [`Self::start_agent`].
+    pub async fn kill_agent(&self) -> Result<()> {
+        self.stop_agent("KILL").await
+    }
+
+    /// Starts the agent with /etc/wukong-agent.args (what the guest's init started it with, or
+    /// [`Self::install_agent`]'s) and waits until it answers. An agent still running is an error: the new one could
+    /// not listen, and the old one would answer.
+    pub async fn start_agent(&self) -> Result<()> {
         self.run_ok(
-            "kill $(pidof wukong-agent); while pidof wukong-agent >/dev/null; do usleep 50000; done
+            "if pidof wukong-agent; then echo 'wukong-agent already runs'; exit 1; fi
              setsid wukong-agent $(cat /etc/wukong-agent.args) </dev/null >>/var/log/wukong-agent.log 2>&1 &",
         )
         .await?;
-        self.wait_for_agent(Duration::from_secs(30)).await
+        self.wait_for_agent(AGENT_START_TIMEOUT).await
+    }
+
+    /// Sends the agent `signal` and waits until no agent runs (none running already is no error: a restart after
+    /// a kill).
+    async fn stop_agent(&self, signal: &str) -> Result<()> {
+        let script = format!(
+            "for pid in $(pidof wukong-agent); do kill -{signal} $pid; done
+             while pidof wukong-agent >/dev/null; do usleep 50000; done"
+        );
+        self.run_ok(&script).await.map(drop)
+    }
+
+    /// Resets the machine (QMP `system_reset`: no shutdown inside the guest, what a crash, a watchdog or a hard
+    /// reset looks like; KubeVirt's VMI stays Running through it, as through a reboot the guest makes itself) and
+    /// waits until it booted again and its agent answers; how long that took, from the reset. For a profile-A
+    /// guest ([`Self::boot_with_options`]).
+    ///
+    /// What survives is what a real machine keeps: the devices, hot-plugged disks included (they stay in QEMU's
+    /// device tree), their contents as far as the guest synced them, and QEMU's side of the network (its forwards,
+    /// [`Self::forward_agent`]'s too). The guest's root filesystem is its initramfs, in memory: it boots as it
+    /// did first, so whatever was changed in it is gone ([`Self::install_agent`]'s files; the agent's state and
+    /// journal), the agent runs as the kernel command line says again, and the lab's own connections go back to
+    /// plaintext. Mounts made before are gone too: mount again.
+    pub async fn reboot(&self) -> Result<Duration> {
+        let boots = self.console().matches(READY_MARKER).count();
+        let started = Instant::now();
+        // QEMU runs with -no-reboot, so that a guest that panics (panic=-1 reboots) ends the test instead of
+        // looping; that would make this reset an exit too. Resets are allowed until the guest booted again, not
+        // only for this one: the firmware resets the machine once more itself as it starts (SeaBIOS's "hard
+        // reboot", a reset by the guest), and QEMU takes the action when a reset is requested.
+        let reboot_action = |action: &str| serde_json::json!({"reboot": action});
+        self.qmp.execute("set-action", Some(reboot_action("reset"))).await.context("allowing QEMU to reset")?;
+        *self.agent_tls.lock().unwrap() = None;
+        let booted = async {
+            self.qmp.execute("system_reset", None).await.context("resetting the guest (system_reset)")?;
+            self.wait_for_console(READY_MARKER, boots + 1, BOOT_TIMEOUT).await
+        };
+        let booted = booted.await;
+        self.qmp.execute("set-action", Some(reboot_action("shutdown"))).await.context("restoring -no-reboot")?;
+        booted?;
+        self.wait_for_agent(AGENT_START_TIMEOUT).await?;
+        let took = started.elapsed();
+        tracing::info!(secs = took.as_secs_f64(), "guest rebooted");
+        Ok(took)
     }
 
     /// The QMP socket left free for the companion under test.

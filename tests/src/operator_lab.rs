@@ -3,11 +3,12 @@
 
 use crate::cluster::{ADMIN, Cluster, create_all};
 use crate::kubevirt_lab::resource;
+use crate::process::Relaunchable;
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_operator::crd::Wukong;
 
@@ -163,13 +164,7 @@ pub async fn start_guarded_with(
     args.extend(["--webhook-address", &webhook, "--webhook-cert-dir", &dir]);
     args.extend(extra);
     let mut operator = Operator::start_with(cluster, identity, &args)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while operator.get("/readyz").await?.0 != 200 {
-        if Instant::now() > deadline {
-            bail!("the operator with the guard never became ready");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    operator.wait_ready().await?;
     install_guard_from(cluster, documents, &format!("https://{webhook}/validate"), Some(&tls.ca_pem)).await?;
     operator.guard_tls = Some(tls);
     operator.webhook = Some(webhook);
@@ -206,7 +201,8 @@ pub async fn post_review(operator: &Operator, review: &Value) -> Result<(u16, St
 
 /// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
 pub struct Operator {
-    child: Child,
+    /// Its command is kept for [`Self::restart`]: the same identity, HTTP address and webhook flags.
+    process: Relaunchable,
     http: std::net::SocketAddr,
     log: PathBuf,
     /// Print the end of the log when dropped (see `Drop`).
@@ -228,7 +224,8 @@ impl Operator {
     pub fn start_with(cluster: &Cluster, identity: &str, agent: &[&str]) -> Result<Self> {
         let http: std::net::SocketAddr = crate::ports::free_address()?.parse()?;
         let log = std::env::temp_dir().join(format!("wukong-operator-{identity}-{}.log", http.port()));
-        let child = Command::new(crate::operator_binary())
+        let mut command = Command::new(crate::operator_binary());
+        command
             .env_clear()
             .env("KUBECONFIG", cluster.kubeconfig(OPERATOR)?)
             .env("RUST_LOG", "info,wukong_operator=debug")
@@ -237,10 +234,34 @@ impl Operator {
             .args(["--http-address", &http.to_string(), "--wait-seconds", "10", "--lease-namespace", "wukong-system"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting wukong-operator (cargo build -p wukong-operator)")?;
-        Ok(Self { child, http, log, echo_log: true, guard_tls: None, webhook: None })
+            .stderr(std::fs::File::create(&log)?);
+        let process =
+            Relaunchable::spawn(command, "wukong-operator").context("is it built? cargo build -p wukong-operator")?;
+        Ok(Self { process, http, log, echo_log: true, guard_tls: None, webhook: None })
+    }
+
+    /// Waits until `/readyz` answers 200: its watches are up (as leader or standby), and its guard, if it serves one,
+    /// listens.
+    async fn wait_ready(&self) -> Result<()> {
+        const READY_TIMEOUT: Duration = Duration::from_secs(30);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.get("/readyz").await?.0 != 200 {
+            if Instant::now() > deadline {
+                bail!("the operator (pid {}) was not ready within {READY_TIMEOUT:?}", self.pid());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills it (SIGKILL: no goodbye, its Lease is not released) and starts it again as it was started: the same
+    /// identity and flags, the same HTTP address, and for a guarded operator the same webhook address and
+    /// certificate directory, so the registered ValidatingWebhookConfiguration reaches it again. Returns once
+    /// `/readyz` answers 200. What a crashed container restarted by the kubelet looks like, the Pod's IP kept. One
+    /// that was killed or exited before is started again the same way.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.restart()?;
+        self.wait_ready().await
     }
 
     /// GET on the operator's HTTP port: the status code and the body (HTTP/1.0, so the server closes).
@@ -269,8 +290,9 @@ impl Operator {
         self
     }
 
+    /// The pid of the process now running (a restart changes it).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.id()
     }
 
     /// Where it serves the admission guard, when it does.
@@ -280,7 +302,7 @@ impl Operator {
 
     /// Its exit status, once it has exited.
     pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
-        Ok(self.child.try_wait()?)
+        self.process.try_wait()
     }
 
     /// Stops it as Kubernetes does (SIGTERM) and waits at most `within` for it to exit; its exit status.
@@ -291,8 +313,8 @@ impl Operator {
 
     /// Sends SIGTERM (what the kubelet does to a Pod's container) and returns at once.
     pub fn send_sigterm(&self) -> Result<()> {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.child.id());
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", self.pid());
         Ok(())
     }
 
@@ -300,7 +322,7 @@ impl Operator {
     pub async fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.process.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() > deadline {
@@ -317,8 +339,7 @@ impl Operator {
 
     /// Kills it with SIGKILL: no goodbye, the Lease is not released.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 }
 

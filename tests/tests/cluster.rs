@@ -1,9 +1,12 @@
 //! The lab's Kubernetes API server is genuine and well-behaved: it reports v1.20.2, enforces RBAC per token
-//! identity, records writes in its audit log, and leaves no process or port behind when dropped.
+//! identity, records writes in its audit log, and leaves no process or port behind when dropped. Its etcd and API
+//! server can be killed and restarted as they were, as a fault-injection soak does.
 
 use anyhow::Result;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use std::time::Duration;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -41,5 +44,62 @@ async fn a_real_api_server_with_rbac_and_an_audit_log_that_leaves_nothing_behind
     for port in ports {
         std::net::TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("port {port} is free again: {e}"));
     }
+    Ok(())
+}
+
+/// etcd and the API server each killed (SIGKILL) and started again as they were: what was stored is still there
+/// (etcd recovers from its write-ahead log), a client made before the restarts works after them, and a watch started
+/// before them sees what is created after (the watcher re-watches, or lists again, on its own).
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_and_the_api_server_restarted_keep_objects_clients_and_watches() -> Result<()> {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let mut cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client(ADMIN).await?;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "faults"}}))?)
+        .await?;
+    let maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "faults");
+    let map = |name: &str| serde_json::from_value(json!({"metadata": {"name": name}, "data": {"kept": name}}));
+    maps.create(&PostParams::default(), &map("before")?).await?;
+
+    let (seen, mut names) = tokio::sync::mpsc::unbounded_channel();
+    let watch = watcher(maps.clone(), watcher::Config::default()).default_backoff().applied_objects();
+    let watching = tokio::spawn(watch.for_each(move |object| {
+        if let Ok(object) = object {
+            let _ = seen.send(object.metadata.name.unwrap_or_default());
+        }
+        std::future::ready(())
+    }));
+    assert_eq!(names.recv().await.as_deref(), Some("before"), "the watch is up before the restarts");
+
+    let (pids, ports) = cluster.footprint();
+    let etcd_down = cluster.restart_etcd().await?;
+    let apiserver_down = cluster.restart_apiserver().await?;
+    let (new_pids, same_ports) = cluster.footprint();
+    assert!(pids.iter().zip(&new_pids).all(|(old, new)| old != new), "both restarted: {pids:?} → {new_pids:?}");
+    assert_eq!(ports, same_ports);
+    println!(
+        "etcd down {:.2} s, kube-apiserver down {:.2} s (kill to ready)",
+        etcd_down.as_secs_f64(),
+        apiserver_down.as_secs_f64()
+    );
+
+    // The client made before the restarts, its connections to the killed server gone.
+    let before = maps.get("before").await?;
+    assert_eq!(before.data.unwrap_or_default().get("kept").map(String::as_str), Some("before"), "stored in etcd");
+    maps.create(&PostParams::default(), &map("after")?).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        match tokio::time::timeout_at(deadline, names.recv()).await {
+            Ok(Some(name)) if name == "after" => break,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("the watch started before the restarts never saw the ConfigMap created after"),
+        }
+    }
+    watching.abort();
     Ok(())
 }

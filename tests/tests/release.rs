@@ -210,10 +210,10 @@ async fn an_agent_killed_mid_release_leaves_the_disk_present_after_restart() -> 
     }
     guest.wait_for_probe_hold(Duration::from_secs(30)).await?;
     assert_eq!(state(&agent, "rel-kill").await?, DiskState::Releasing);
-    guest.run_ok("kill -9 $(pidof wukong-agent)").await?;
+    guest.kill_agent().await?;
     let interrupted = release.await?.unwrap_err();
     assert!(interrupted.code() != Some(Code::Ok), "{interrupted}");
-    guest.restart_agent().await?;
+    guest.start_agent().await?;
     assert_eq!(state(&agent, "rel-kill").await?, DiskState::Present, "never stuck RELEASING");
     assert!(mounted(&guest, "/mnt/k").await?, "the interrupted release was undone: mounted again");
     assert_eq!(guest.checksum("/mnt/k/data").await?, sum);
