@@ -8,6 +8,8 @@
 #   6. what the admission guard adds to a VM update (nothing removed; a disk released) vs the release alone;
 #   7. the ways to reach the agent: TCP vs plain vsock vs KubeVirt's vsock subresource (both TLS modes), and the
 #      agent's memory with all its listeners.
+#   8. the fault soak: WUKONG_SOAK_ROUNDS (default 200) seeded rounds of work with faults at random moments, and
+#      its invariants after every round (WUKONG_SOAK_SEED replays a run's choices).
 # Arguments are passed to the usage benchmark, e.g. `scripts/bench.sh 2000x20 4000x20`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +26,7 @@ cargo run --locked -q -p wukong-e2e --bin transport-latency
 cargo build --release --locked -p wukong-operator
 cargo run --release --locked -q -p wukong-e2e --bin operator-scale
 cargo run --release --locked -q -p wukong-e2e --bin guard-latency
+cargo build --locked -p wukong-operator
+seed=()
+if [[ -n "${WUKONG_SOAK_SEED:-}" ]]; then seed=(--seed "$WUKONG_SOAK_SEED"); fi
+cargo run --locked -q -p wukong-e2e --bin fault-soak -- --rounds "${WUKONG_SOAK_ROUNDS:-200}" "${seed[@]}"

@@ -59,6 +59,9 @@ use wukong_controller_client::qemu::Qemu;
 
 /// How long each attach phase lasts (KubeVirt's take seconds: an attachment pod is scheduled and started).
 const PHASE_STEP: Duration = Duration::from_millis(150);
+/// How long the lab's KubeVirt takes to unplug a volume that left the spec, unless told otherwise
+/// ([`KubeVirtLab::set_unplug_delay`]).
+pub const DEFAULT_UNPLUG_DELAY: Duration = PHASE_STEP;
 /// How often virt-controller and virt-handler look again when nothing happened (watch events wake them otherwise).
 const RESYNC: Duration = Duration::from_millis(100);
 /// The namespace virt-api's Service lives in.
@@ -333,7 +336,7 @@ impl KubeVirtLab {
             stamps: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(BTreeMap::new()),
             addresses: Mutex::new(BTreeMap::new()),
-            unplug_delay: Mutex::new(PHASE_STEP),
+            unplug_delay: Mutex::new(DEFAULT_UNPLUG_DELAY),
             refuse_removals: Mutex::new(None),
             unplug_failure: Mutex::new(None),
             unplug_tried: Mutex::new(BTreeMap::new()),

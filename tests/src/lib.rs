@@ -21,6 +21,7 @@ pub mod pki;
 pub mod ports;
 mod process;
 pub mod readme_install;
+pub mod soak;
 pub mod storage_lab;
 pub mod unplug_oracle;
 

@@ -201,6 +201,8 @@ pub async fn post_review(operator: &Operator, review: &Value) -> Result<(u16, St
 
 /// One operator process, as its ServiceAccount; killed (SIGKILL, no goodbye) on drop.
 pub struct Operator {
+    /// Its identity (`--identity`): the holder the leader lease names.
+    identity: String,
     /// Its command is kept for [`Self::restart`]: the same identity, HTTP address and webhook flags.
     process: Relaunchable,
     http: std::net::SocketAddr,
@@ -237,7 +239,12 @@ impl Operator {
             .stderr(std::fs::File::create(&log)?);
         let process =
             Relaunchable::spawn(command, "wukong-operator").context("is it built? cargo build -p wukong-operator")?;
-        Ok(Self { process, http, log, echo_log: true, guard_tls: None, webhook: None })
+        Ok(Self { identity: identity.into(), process, http, log, echo_log: true, guard_tls: None, webhook: None })
+    }
+
+    /// Its identity, as the leader lease's holder names it.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Waits until `/readyz` answers 200: its watches are up (as leader or standby), and its guard, if it serves one,
