@@ -2,7 +2,7 @@
 //! run as the shipped ServiceAccount (never as admin), for the tests and the scale benchmark.
 
 use crate::cluster::{ADMIN, Cluster, create_all};
-use crate::kubevirt_lab::resource;
+use crate::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource};
 use crate::process::Relaunchable;
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, DynamicObject, PostParams};
@@ -138,6 +138,19 @@ pub async fn install_guard_from(
         }
     }
     Ok(())
+}
+
+/// A QEMU guest, a cluster with the lab's KubeVirt (declarative hot-plug) in `ns` playing that guest's domain, claims
+/// of StorageClass `lab-images` provisioned as image files in the returned directory, and the operator's CRD and
+/// RBAC installed; no VM yet and no operator running.
+pub async fn guest_cluster(ns: &str) -> Result<(crate::Guest, Cluster, KubeVirtLab, tempfile::TempDir)> {
+    let guest = crate::Guest::boot().await?;
+    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), ns, HotplugMode::Declarative).await?;
+    let images = tempfile::tempdir()?;
+    kubevirt.provision(images.path(), "lab-images").await?;
+    install_operator(&cluster).await?;
+    Ok((guest, cluster, kubevirt, images))
 }
 
 /// An operator that also serves the admission guard (on a free loopback port, with a throwaway certificate),

@@ -16,13 +16,8 @@
 
 use crate::Guest;
 use crate::cluster::{ADMIN, Cluster};
-use crate::kubevirt_lab::{
-    API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, UnplugFailure, attach_claim, removal_patch, resource,
-    template_volumes,
-};
-use crate::operator_lab::{
-    OPERATOR, Operator, events, install_operator, json_patch, label, set_disks, start_guarded, volume,
-};
+use crate::kubevirt_lab::{KubeVirtLab, UnplugFailure, attach_claim, removal_patch, resource, template_volumes};
+use crate::operator_lab::{Operator, events, guest_cluster, json_patch, label, set_disks, start_guarded, volume};
 use anyhow::{Context, Result};
 use kube::api::{Api, DynamicObject};
 use rand::rngs::StdRng;
@@ -328,12 +323,7 @@ pub async fn run(config: Config) -> Result<Report> {
 }
 
 async fn start() -> Result<(Lab, Processes)> {
-    let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
-    let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
-    let images = tempfile::tempdir()?;
-    kubevirt.provision(images.path(), "lab-images").await?;
-    install_operator(&cluster).await?;
+    let (guest, cluster, kubevirt, images) = guest_cluster(NS).await?;
     let admin = cluster.client(ADMIN).await?;
     let vms: Api<DynamicObject> = Api::namespaced_with(admin.clone(), NS, &vm_resource());
     // The VMIs report the loopback address: the lab forwards the guest agent's port there.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, template_volumes};
 use wukong_e2e::operator_lab::{
-    OPERATOR, Operator, create_wukong, install_operator, post_review, set_disks, start_guarded, volume,
+    OPERATOR, Operator, create_wukong, guest_cluster, install_operator, post_review, set_disks, start_guarded, volume,
     wait_for_wukong as wait_for,
 };
 use wukong_e2e::pki::Pki;
@@ -50,12 +50,7 @@ async fn object(client: &kube::Client, kind: &str, group: &str, plural: &str, na
 /// A QEMU guest, a cluster with the lab's KubeVirt (claims provisioned as image files, kept in the returned
 /// directory), the operator's CRD and RBAC installed, and VM `db-vm` running.
 async fn operator_lab() -> Result<(Guest, Cluster, KubeVirtLab, tempfile::TempDir)> {
-    let guest = Guest::boot().await?;
-    let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
-    let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), NS, HotplugMode::Declarative).await?;
-    let images = tempfile::tempdir()?;
-    kubevirt.provision(images.path(), "lab-images").await?;
-    install_operator(&cluster).await?;
+    let (guest, cluster, kubevirt, images) = guest_cluster(NS).await?;
     // The VMI reports the loopback address: the lab forwards the guest agent's port there.
     kubevirt.create_vm("db-vm", true, "127.0.0.1").await?;
     Ok((guest, cluster, kubevirt, images))
