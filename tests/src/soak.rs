@@ -268,7 +268,8 @@ pub async fn run(config: Config) -> Result<Report> {
     for round in 1..=config.rounds {
         let fault = rng.random_bool(0.8).then(|| FAULTS[rng.random_range(0..FAULTS.len())]);
         let delay = Duration::from_millis(rng.random_range(0..2500));
-        let pause = Duration::from_millis(rng.random_range(1000..6000));
+        let pause = Duration::from_millis(rng.random_range(500..4000));
+        let begun = Instant::now();
         let steps = rng.random_range(1..=3);
         println!("round {round}: {steps} steps of work, fault {:?} after {delay:?}", fault.map(|f| f.kind()));
         if let Some(f) = fault {
@@ -283,6 +284,10 @@ pub async fn run(config: Config) -> Result<Report> {
                     // Work a fault broke (an API server away, an agent killed) is the user's to retry; what it
                     // changed is read back below.
                     println!("round {round}: the work failed: {}", short(&format!("{e:#}")));
+                    break;
+                }
+                // A forced removal ends the round's work: what it left (a stale mount) is cleared after it.
+                if matches!(action, Action::Unlist(_, true) | Action::Remove(_, _, true)) {
                     break;
                 }
             }
@@ -308,7 +313,11 @@ pub async fn run(config: Config) -> Result<Report> {
         let took = healed.elapsed();
         report.convergence.push(took);
         match converged {
-            Ok(()) => println!("round {round}: converged in {:.1} s", took.as_secs_f64()),
+            Ok(()) => println!(
+                "round {round}: converged in {:.1} s (the round's work and faults took {:.1} s)",
+                took.as_secs_f64(),
+                (healed - begun).as_secs_f64()
+            ),
             Err(e) => report.violations.push(format!("round {round}: did not converge within the bound: {e:#}")),
         }
         for violation in check(&lab, &mut disks, &mut report).await? {
@@ -392,6 +401,10 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
                 set_disks(&lab.wukongs, WUKONG, wukong_disks(disks)).await?;
             }
             disks[i].wanted = false;
+            // Without preserveData its claim goes with the detach: its data is not counted on from now.
+            if !disks[i].preserve {
+                disks[i].checksum = None;
+            }
             set_disks(&lab.wukongs, WUKONG, wukong_disks(disks)).await?;
         }
         Action::Attach(i) => {
@@ -706,10 +719,24 @@ async fn settle(lab: &Lab, disks: &mut [Disk]) -> Result<Vec<String>> {
         let mnt = disk.mnt();
         match &disk.checksum {
             Some(sum) => {
-                lab.guest.run_ok(&format!("mkdir -p {mnt} && mount {dev} {mnt}")).await?;
-                let now = lab.guest.checksum(&format!("{mnt}/data")).await?;
-                if &now != sum {
-                    violations.push(format!("the data on {} changed across its detach: {sum} became {now}", disk.name));
+                let mounted = lab.guest.run_ok(&format!("mkdir -p {mnt} && mount {dev} {mnt}")).await;
+                let now = match mounted {
+                    Ok(_) => lab.guest.checksum(&format!("{mnt}/data")).await,
+                    Err(e) => Err(e),
+                };
+                match now {
+                    Ok(now) if &now == sum => {}
+                    Ok(now) => violations.push(format!("the data on {} changed: {sum} became {now}", disk.name)),
+                    Err(e) => {
+                        violations.push(format!(
+                            "the data kept on {} cannot be read: {}",
+                            disk.name,
+                            short(&e.to_string())
+                        ));
+                        // Counted once: the disk gets new data in the next round.
+                        disk.checksum = None;
+                        continue;
+                    }
                 }
             }
             None => {
