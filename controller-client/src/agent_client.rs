@@ -25,6 +25,11 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts for an idempotent read that fails with UNAVAILABLE.
 const READ_ATTEMPTS: u32 = 3;
+/// HTTP/2 pings while a call is open: a connection whose far end is gone without a word (a guest reset under a
+/// long `WaitForDisk`, whose new kernel never heard of it) fails within interval + timeout instead of holding the
+/// call until its deadline.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The files for mutual TLS with the agent: the CA that signed the agent's certificate, and this client's own
 /// certificate and key. `server_name` is the name the agent's certificate must carry, when it is not the host of
@@ -169,7 +174,9 @@ impl Dialer {
         let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|_| bad("it is not a URL"))?
             // The connector bounds and retries each attempt itself; this also bounds the TLS handshake on top.
-            .connect_timeout(connector.budget() + self.connect_timeout);
+            .connect_timeout(connector.budget() + self.connect_timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
         if let Some(tls) = &tls {
             // Unless a name is configured: the URL's host over TCP; other transports have no host, so the name
             // every agent's certificate carries.
@@ -337,12 +344,26 @@ impl AgentClient {
     }
 
     /// Waits until the guest has settled the disk with this serial. The call's deadline is the wait plus a margin,
-    /// so the agent's own DEADLINE_EXCEEDED (with its explanation) arrives first.
+    /// so the agent's own DEADLINE_EXCEEDED (with its explanation) arrives first. A wait changes nothing: when the
+    /// connection is lost (the agent restarted, the guest reset), it is dialled again and the wait goes on for what
+    /// is left of `timeout`.
     pub async fn wait_for_disk(&self, serial: &str, timeout: Duration) -> Result<Disk, ClientError> {
-        let deadline = timeout + Duration::from_secs(5);
-        let msg = WaitForDiskRequest { serial: serial.to_string(), timeout: timeout.try_into().ok() };
-        let req = self.request(msg, deadline);
-        self.once(deadline, |mut c| async move { c.wait_for_disk(req).await }).await
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            let deadline = left + Duration::from_secs(5);
+            let msg = WaitForDiskRequest { serial: serial.to_string(), timeout: left.try_into().ok() };
+            let req = self.request(msg, deadline);
+            match self.once(deadline, |mut c| async move { c.wait_for_disk(req).await }).await {
+                Err(err @ ClientError::Unreachable { .. }) if started.elapsed() + delay < timeout => {
+                    tracing::debug!(serial, error = %err, "the wait for the disk lost its connection; waiting again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Releases the disk in the guest (never retried: it changes the guest). A refusal is a

@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use wukong_controller_client::agent_client::AgentClient;
 use wukong_controller_client::kubevirt::{KubeVirt, vm_resource};
 use wukong_operator::crd::{Phase, Wukong};
@@ -72,6 +72,8 @@ pub struct Report {
     /// Unplugs the oracle checked, and those of them that were forced (used, with the user's consent).
     pub checked_unplugs: usize,
     pub forced_unplugs: usize,
+    /// Unplugs the oracle could not judge because the guest was resetting (its shell down): not counted as unsafe.
+    pub unjudged_unplugs: usize,
     pub elapsed: Duration,
     /// The oracle's records already examined by an earlier round.
     examined: usize,
@@ -90,8 +92,8 @@ impl Report {
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
         format!(
             "fault soak, seed {}: {} rounds in {:.0} s\n  work: {}\n  faults ({} in all): {}\n  unplugs checked by \
-             the oracle: {} ({} forced)\n  convergence after healing: median {:.1} s, worst {:.1} s (bound {} s)\n  \
-             violations: {}{}",
+             the oracle: {} ({} forced, {} unjudged: the guest was resetting)\n  convergence after healing: median \
+             {:.1} s, worst {:.1} s (bound {} s)\n  violations: {}{}",
             self.seed,
             self.rounds,
             self.elapsed.as_secs_f64(),
@@ -100,6 +102,7 @@ impl Report {
             kinds(&self.faults),
             self.checked_unplugs,
             self.forced_unplugs,
+            self.unjudged_unplugs,
             median.as_secs_f64(),
             self.worst_convergence().as_secs_f64(),
             CONVERGENCE_BOUND.as_secs(),
@@ -242,6 +245,8 @@ struct Lab {
     wukongs: Api<Wukong>,
     vms: Api<DynamicObject>,
     _images: tempfile::TempDir,
+    /// When the guest was resetting: an oracle that could not ask it then judged nothing.
+    resets: std::sync::Mutex<Vec<(SystemTime, SystemTime)>>,
 }
 
 /// Runs a soak and reports; an error is a lab that could not run (a broken invariant is a violation in the report).
@@ -350,7 +355,7 @@ async fn start() -> Result<(Lab, Processes)> {
     let wukongs: Api<Wukong> = Api::namespaced(admin.clone(), NS);
     let spec = json!({"vmName": WUKONG_VM, "disks": [{"name": "rootdisk", "system": true}]});
     crate::operator_lab::create_wukong(&wukongs, WUKONG, spec).await?;
-    let lab = Lab { guest, kubevirt, admin, wukongs, vms, _images: images };
+    let lab = Lab { guest, kubevirt, admin, wukongs, vms, _images: images, resets: Default::default() };
     Ok((lab, Processes { cluster, operators: [first, second] }))
 }
 
@@ -505,7 +510,11 @@ async fn inject(lab: &Lab, processes: &mut Processes, fault: Fault, pause: Durat
                 nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
             }
         }
-        Fault::GuestReboot => drop(lab.guest.reboot().await?),
+        Fault::GuestReboot => {
+            let began = SystemTime::now();
+            lab.guest.reboot().await?;
+            lab.resets.lock().unwrap().push((began, SystemTime::now()));
+        }
     }
     Ok(())
 }
@@ -562,6 +571,10 @@ async fn converge(lab: &Lab, disks: &mut [Disk]) -> Result<()> {
 /// Whether everything is at its spec now (see [`converge`]).
 async fn at_spec(lab: &Lab, disks: &mut [Disk]) -> Result<bool> {
     let wukong = lab.wukongs.get(WUKONG).await?;
+    // Not before the operator has seen the spec as it is now.
+    if wukong.status.as_ref().and_then(|s| s.observed_generation) != wukong.metadata.generation {
+        return Ok(false);
+    }
     let vm = serde_json::to_value(lab.vms.get(USER_VM).await?)?;
     let template = template_volumes(&vm);
     let agent = lab.guest.agent();
@@ -634,8 +647,18 @@ async fn check(lab: &Lab, disks: &mut [Disk], report: &mut Report) -> Result<Vec
             (reason == "ForcedDetach" || reason == "ForcedUnplug") && note.contains(&format!("'{volume}'"))
         })
     };
+    let resetting = |at: SystemTime| {
+        // The oracle waits up to 10 s for the guest's shell.
+        let asked = at + Duration::from_secs(11);
+        lab.resets.lock().unwrap().iter().any(|(began, ended)| *began <= asked && at <= *ended)
+    };
     for unplug in new {
         let disk = disks.iter().find(|d| d.name == unplug.volume);
+        let unasked = unplug.held_by.iter().all(|h| h.starts_with("the oracle could not ask the guest"));
+        if unasked && resetting(unplug.at) {
+            report.unjudged_unplugs += 1;
+            continue;
+        }
         if disk.is_some_and(|d| d.forced) {
             report.forced_unplugs += 1;
             if !warned(&unplug.volume) {
@@ -713,8 +736,11 @@ async fn settle(lab: &Lab, disks: &mut [Disk]) -> Result<Vec<String>> {
     let mut violations = Vec::new();
     let agent = lab.guest.agent();
     for disk in disks.iter_mut().filter(|d| d.wanted && !d.mounted) {
-        // One the guest does not have is a convergence already reported.
+        // One the guest does not have (or has released: its device node is stale) is a convergence already reported.
         let Ok(found) = agent.get_disk(disk.name, false).await else { continue };
+        if found.state() != DiskState::Present {
+            continue;
+        }
         let dev = found.dev_node;
         let mnt = disk.mnt();
         match &disk.checksum {

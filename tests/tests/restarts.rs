@@ -82,6 +82,29 @@ async fn a_rebooted_guest_keeps_its_hot_plugged_disk_and_what_was_synced_to_it()
     Ok(())
 }
 
+/// Found by the fault soak (seed 1796478768344927788, round 131): a companion attach waiting for the guest to see
+/// its disk while the guest reset waited out its whole timeout (124 s): the connection's far end was gone without a
+/// word, and nothing was sent on it. The client now pings an open call's connection and waits again on a new one, so
+/// a disk plugged after the reset is seen within seconds of the agent's return.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wait_for_a_disk_across_a_guest_reset_sees_the_disk_plugged_after_it() -> Result<()> {
+    let guest = Guest::boot().await?;
+    let agent = guest.agent();
+    let waiting = tokio::spawn(async move { agent.wait_for_disk("late", Duration::from_secs(120)).await });
+    // The wait is the agent's (a call open on the connection) when the guest resets.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!waiting.is_finished(), "no disk 'late' yet: the wait goes on");
+    guest.reboot().await?;
+    guest.hotplug(&DiskSpec::scsi("late")).await?;
+    let plugged = Instant::now();
+    let disk = waiting.await?.context("the wait across the reset")?;
+    let seen = plugged.elapsed();
+    println!("a wait open across a guest reset saw the disk plugged after it {:.1} s later", seen.as_secs_f64());
+    assert_eq!(disk.serial, "late");
+    assert!(seen < Duration::from_secs(45), "the wait held on to its dead connection: {seen:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guarded_operator_restarted_answers_the_api_servers_reviews_again() -> Result<()> {
     let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
