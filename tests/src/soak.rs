@@ -684,7 +684,9 @@ async fn check(lab: &Lab, disks: &mut [Disk], report: &mut Report) -> Result<Vec
             lab.guest.stop_process(&pid).await?;
         }
         if disk.mounted {
-            lab.guest.run_ok(&format!("umount -l {}", disk.mnt())).await?;
+            // Unless the guest already dropped it (a reset, or the kernel when its device went away).
+            let mnt = disk.mnt();
+            lab.guest.run_ok(&format!("if grep -q ' {mnt} ' /proc/mounts; then umount -l {mnt}; fi")).await?;
             disk.mounted = false;
         }
         disk.checksum = None;
