@@ -602,6 +602,28 @@ pub async fn attach_claim(guest: &Guest, kubevirt: &KubeVirt, volume: &str, clai
     Ok(companion::attach(kubevirt, &guest.agent(), &spec, &options, &|_| {}).await?.disk.dev_node)
 }
 
+/// virtctl-style `removevolume` of `volume` from `plural` (`virtualmachines` or `virtualmachineinstances`) `name` in
+/// `ns`, through the aggregated API as `client`; with `dry_run`, `dryRun: ["All"]` in the body, as virtctl sends it.
+pub async fn removevolume(
+    client: &kube::Client,
+    ns: &str,
+    plural: &str,
+    name: &str,
+    volume: &str,
+    dry_run: bool,
+) -> kube::Result<()> {
+    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{ns}/{plural}/{name}/removevolume");
+    let mut body = json!({"name": volume});
+    if dry_run {
+        body["dryRun"] = json!(["All"]);
+    }
+    let request = http::Request::put(path)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).expect("JSON"))
+        .expect("a request");
+    client.request_text(request).await.map(drop)
+}
+
 /// A JSON patch that removes volume `name` and its disk from the spec at `base` (`/spec/template/spec` of a VM,
 /// `/spec` of a VMI), as `kubectl edit` or a GitOps sync would send it.
 pub fn removal_patch(object: &DynamicObject, base: &str, name: &str) -> Result<Value> {

@@ -16,7 +16,9 @@
 
 use crate::Guest;
 use crate::cluster::{ADMIN, Cluster};
-use crate::kubevirt_lab::{KubeVirtLab, UnplugFailure, attach_claim, removal_patch, resource, template_volumes};
+use crate::kubevirt_lab::{
+    KubeVirtLab, UnplugFailure, attach_claim, removal_patch, removevolume, resource, template_volumes,
+};
 use crate::operator_lab::{Operator, events, guest_cluster, json_patch, label, set_disks, start_guarded, volume};
 use anyhow::{Context, Result};
 use kube::api::{Api, DynamicObject};
@@ -431,7 +433,9 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
                     let patch = removal_patch(&lab.vms.get(USER_VM).await?, "/spec/template/spec", name)?;
                     json_patch(&lab.vms, USER_VM, patch, false).await?.map_err(|(code, m)| format!("{code}: {m}"))
                 }
-                Removal::RemoveVolume => removevolume(&lab.admin, name).await.map_err(|e| e.to_string()),
+                Removal::RemoveVolume => removevolume(&lab.admin, NS, "virtualmachines", USER_VM, name, false)
+                    .await
+                    .map_err(|e| e.to_string()),
             };
             if force {
                 label(&lab.vms, USER_VM, json!({}), json!({FORCE_ANNOTATION: null})).await?;
@@ -462,15 +466,6 @@ fn wukong_disks(disks: &[Disk]) -> Value {
         list.push(json!({"name": d.name, "size": "32Mi", "detachOptions": options}));
     }
     Value::Array(list)
-}
-
-/// virtctl-style removevolume of `volume` from the user's VM, through the aggregated API.
-async fn removevolume(client: &kube::Client, volume: &str) -> Result<()> {
-    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachines/{USER_VM}/removevolume");
-    let body = serde_json::to_vec(&json!({"name": volume}))?;
-    let request = http::Request::put(path).header("content-type", "application/json").body(body)?;
-    client.request_text(request).await?;
-    Ok(())
 }
 
 async fn inject(lab: &Lab, processes: &mut Processes, fault: Fault, pause: Duration) -> Result<()> {

@@ -13,7 +13,8 @@ use wukong_controller_client::kubevirt::{KubeVirt, vm_resource, vmi_resource};
 use wukong_e2e::Guest;
 use wukong_e2e::cluster::{ADMIN, Cluster};
 use wukong_e2e::kubevirt_lab::{
-    API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch, template_volumes,
+    self as kubevirt_lab, API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim, removal_patch,
+    template_volumes,
 };
 use wukong_e2e::operator_lab::{
     OPERATOR, Operator, events, given_back, install_operator, json_patch as patch, label, reviews, start_guarded,
@@ -33,7 +34,7 @@ async fn attach(guest: &Guest, client: &kube::Client, vmi: &str, volume: &str, c
     attach_claim(guest, &KubeVirt::new(client.clone(), NS, vmi, false), volume, claim).await
 }
 
-/// virtctl-style removevolume of `volume` from `plural`/`name` in NS through the aggregated API, as the admin.
+/// virtctl-style removevolume of `volume` from `plural`/`name` in NS, as `client`.
 async fn removevolume(
     client: &kube::Client,
     plural: &str,
@@ -41,16 +42,7 @@ async fn removevolume(
     volume: &str,
     dry_run: bool,
 ) -> kube::Result<()> {
-    let path = format!("/apis/subresources.kubevirt.io/v1/namespaces/{NS}/{plural}/{name}/removevolume");
-    let mut body = json!({"name": volume});
-    if dry_run {
-        body["dryRun"] = json!(["All"]);
-    }
-    let request = http::Request::put(path)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&body).expect("JSON"))
-        .expect("a request");
-    client.request_text(request).await.map(drop)
+    kubevirt_lab::removevolume(client, NS, plural, name, volume, dry_run).await
 }
 
 /// A guest, the API server with the lab's KubeVirt (declarative hot-plug) in NS, and the operator with the guard,
