@@ -226,6 +226,9 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     let _strict_deadline =
         start_guarded(&cluster, "deadline", guest.agent_port(), &["--guard-release-deadline-seconds", "3"]).await?;
     let dev = guest.agent().get_disk("data", false).await?.dev_node;
+    // A slow unmount lets the probe hold the disk before the agent's final scan however the guest schedules it (a
+    // CI run saw the release finish first without it).
+    guest.slow_unmount("/mnt/t", 16 << 20).await?;
     guest.probe_after_unmount(&dev, "/mnt/t").await?;
     let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
     let (code, message) = json_patch(&vms, "vm1", remove, false).await?.expect_err("the release cannot finish");

@@ -232,6 +232,7 @@ async fn a_release_that_cannot_meet_its_deadline_is_refused_with_the_disk_usable
     guest.hotplug(&DiskSpec::scsi("rel-late")).await?;
     let dev = agent.wait_for_disk("rel-late", WAIT).await?.dev_node;
     let sum = guest.fill(&dev, "/mnt/late", 8 << 20).await?;
+    guest.slow_unmount("/mnt/late", 32 << 20).await?;
     guest.probe_after_unmount(&dev, "/mnt/late").await?;
 
     let deadline = Duration::from_secs(5);
