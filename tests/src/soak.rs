@@ -763,6 +763,18 @@ async fn settle(lab: &Lab, disks: &mut [Disk]) -> Result<Vec<String>> {
                 }
             }
             None => {
+                // The agent names this device for a disk new to the guest: a mount of that device node is another
+                // disk's (a kernel name reused while a stale mount held the old one) or a misnamed disk. Either is
+                // recorded with the guest's mount, and the run goes on.
+                let held = lab.guest.run(&format!("grep '^{dev} ' /proc/mounts")).await?;
+                if held.status == 0 {
+                    violations.push(format!(
+                        "the agent names {dev} for {}, which the guest has mounted: {}",
+                        disk.name,
+                        held.output.trim()
+                    ));
+                    continue;
+                }
                 let sum = lab.guest.fill(&dev, &mnt, DATA_BYTES).await?;
                 lab.guest.run_ok("sync").await?;
                 disk.checksum = Some(sum);
