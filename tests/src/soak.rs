@@ -138,6 +138,8 @@ struct Disk {
     preserve: bool,
     /// Its last removal was forced: it may be unplugged while used, and its data is not counted on.
     forced: bool,
+    /// Left the spec since the soak mounted it: a detach may have unmounted it, even if the spec lists it again.
+    unlisted: bool,
 }
 
 impl Disk {
@@ -266,6 +268,7 @@ pub async fn run(config: Config) -> Result<Report> {
             owner,
             wanted: false,
             mounted: false,
+            unlisted: false,
             writer: None,
             checksum: None,
             preserve: true,
@@ -408,6 +411,7 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
                 set_disks(&lab.wukongs, WUKONG, wukong_disks(disks)).await?;
             }
             disks[i].wanted = false;
+            disks[i].unlisted = true;
             // Without preserveData its claim goes with the detach: its data is not counted on from now.
             if !disks[i].preserve {
                 disks[i].checksum = None;
@@ -445,10 +449,19 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
             // refusal left is read back after the round).
             if outcome.is_ok() {
                 disks[i].wanted = false;
+                disks[i].unlisted = true;
                 disks[i].mounted &= force;
             }
         }
-        Action::StartWriter(i) => disks[i].writer = Some(lab.guest.start_writer(&disks[i].mnt()).await?),
+        Action::StartWriter(i) => {
+            // Only on the disk itself: a detach earlier in the round may have unmounted it.
+            let mnt = disks[i].mnt();
+            if lab.guest.run(&format!("grep -q ' {mnt} ' /proc/mounts")).await?.status == 0 {
+                disks[i].writer = Some(lab.guest.start_writer(&mnt).await?);
+            } else {
+                println!("  {mnt} is no longer mounted: no writer");
+            }
+        }
         Action::StopWriter(i) => {
             if let Some(pid) = disks[i].writer.take() {
                 lab.guest.stop_process(&pid).await?;
@@ -690,6 +703,23 @@ async fn check(lab: &Lab, disks: &mut [Disk], report: &mut Report) -> Result<Vec
     for disk in disks.iter_mut().filter(|d| d.wanted) {
         disk.forced = false;
     }
+    // What is mounted where, as the guest has it: a detach that the spec took back in the same round unmounted a
+    // disk the soak had mounted, and a give-back (CancelDetach) mounts a disk again. A listed disk unmounted
+    // otherwise, or under a writer, stays for the checks below to report.
+    let table = lab.guest.run_ok("cat /proc/mounts").await?;
+    for disk in disks.iter_mut() {
+        let here = format!(" {} ", disk.mnt());
+        match (disk.mounted, table.lines().any(|l| l.contains(&here))) {
+            (true, false) if disk.unlisted && disk.writer.is_none() => {
+                disk.mounted = false;
+                if disk.owner == Owner::Wukong && !disk.preserve {
+                    disk.checksum = None;
+                }
+            }
+            (false, true) => disk.mounted = true,
+            _ => {}
+        }
+    }
     // Every checksum intact where the disk is mounted (the others are checked when they are mounted again).
     for disk in disks.iter().filter(|d| d.mounted) {
         if let Some(sum) = &disk.checksum {
@@ -781,6 +811,7 @@ async fn settle(lab: &Lab, disks: &mut [Disk]) -> Result<Vec<String>> {
             }
         }
         disk.mounted = true;
+        disk.unlisted = false;
     }
     Ok(violations)
 }
