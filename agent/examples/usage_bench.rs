@@ -1,20 +1,24 @@
-//! Benchmark: our usage scan against `fuser -m <dev>` and `lsof <mountpoint>` on the same system state.
+//! Benchmark: our usage scan, with each process source (/proc and the in-kernel BPF iterators), against
+//! `fuser -m <dev>` and `lsof <mountpoint>` on the same system state.
 //!
 //! Builds a loop-mounted ext4 with an overlay stacked on it (its layers on the ext4, as a container engine's are)
 //! and N processes with M open fds each; 5% of them hold a file on the loop mount, 1% more one through the
-//! overlay, the rest only unrelated files. Times each tool (median of several runs), and our scan again without
-//! its stacked-mount analysis (what that analysis costs); checks that fuser and lsof find nothing we miss, and
-//! counts the users through the overlay each finds.
+//! overlay, the rest only unrelated files. Times each (median of several runs, ours in alternation so that a load
+//! that comes and goes weighs on all alike), and our /proc scan again without its stacked-mount analysis (what that
+//! analysis costs); checks that both our sources give the same processes and that fuser and lsof find nothing we
+//! miss, and counts the users through the overlay each finds.
 //!
-//! Run as root: `cargo run --release -p wukong-agent --example usage_bench [PROCS FDS]...`
-//! (default sweep: 500x20 1000x20 2000x20 2000x40).
+//! Run as root: `cargo run --release -p wukong-agent --example usage_bench [PROCSxFDS]...`
+//! (default sweep: 500x20 2000x20 4000x20 2000x40 2500x40, the last 100,000 open fds).
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
-use wukong_agent::usage::{Analyses, process_pids, scan_now_with};
+use wukong_agent::usage::{
+    ALL_ANALYSES, Analyses, BpfSource, ProcessSource, ProcfsSource, process_pids, scan_now_with,
+};
 use wukong_proto::v1::Disk;
 
 const RUNS: usize = 9;
@@ -134,7 +138,7 @@ fn main() {
     assert!(nix::unistd::geteuid().is_root(), "the benchmark needs root (loop devices, mounts)");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let configs: Vec<(usize, usize)> = if args.is_empty() {
-        vec![(500, 20), (1000, 20), (2000, 20), (2000, 40)]
+        vec![(500, 20), (2000, 20), (4000, 20), (2000, 40), (2500, 40)]
     } else {
         args.iter()
             .map(|a| {
@@ -143,13 +147,15 @@ fn main() {
             })
             .collect()
     };
+    let bpf = BpfSource::load(std::path::Path::new("/proc")).expect("the BPF iterators load (root, kernel 5.12+, BTF)");
     println!(
-        "usage scan vs fuser -m and lsof, median of {RUNS} runs, {} cores",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        "usage scan vs fuser -m and lsof, median of {RUNS} runs, {} cores; {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        bpf.description()
     );
     println!(
-        "{:>6} {:>4} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12} {:>11}  agree",
-        "procs", "fds", "ours", "w/o stacked", "cost", "fuser -m", "lsof", "fuser/ours", "lsof/ours"
+        "{:>6} {:>4} {:>9} {:>9} {:>11} {:>9} {:>9} {:>11} {:>10} {:>11}  agree",
+        "procs", "fds", "bpf", "procfs", "w/o stacked", "fuser -m", "lsof", "procfs/bpf", "fuser/bpf", "lsof/bpf"
     );
     for (procs, fds) in configs {
         let setup = Setup::new();
@@ -160,26 +166,22 @@ fn main() {
         };
         let roots = HostRoots::default();
         let pids = |reports: &[wukong_proto::v1::UsageReport]| process_pids(&reports[0]);
-        let scan = |stacked_mounts: bool| {
-            let analyses = Analyses { stacked_mounts };
-            scan_now_with(&roots, std::slice::from_ref(&disk), Duration::from_secs(60), analyses).expect("scan")
-        };
-        // The same state, scanned with and without the stacked-mount analysis in alternation (so that a load that
-        // comes and goes on a shared machine weighs on both alike): the cost is the ratio of the medians.
-        let (mut with_times, mut without_times) = (Vec::new(), Vec::new());
-        let (mut report, mut without) = (None, None);
+        let without_stacked = Analyses { stacked_mounts: false };
+        let ways: [(&dyn ProcessSource, Analyses); 3] =
+            [(&bpf, ALL_ANALYSES), (&ProcfsSource, ALL_ANALYSES), (&ProcfsSource, without_stacked)];
+        let mut times = [Vec::new(), Vec::new(), Vec::new()];
+        let mut last = [None, None, None];
         for _ in 0..RUNS {
-            for (stacked_mounts, times, last) in
-                [(true, &mut with_times, &mut report), (false, &mut without_times, &mut without)]
-            {
+            for (i, (source, analyses)) in ways.iter().enumerate() {
                 let t = Instant::now();
-                *last = Some(scan(stacked_mounts));
-                times.push(t.elapsed());
+                let disks = std::slice::from_ref(&disk);
+                last[i] =
+                    Some(scan_now_with(&roots, disks, Duration::from_secs(60), *analyses, *source).expect("scan"));
+                times[i].push(t.elapsed());
             }
         }
-        let (ours_t, without_t) = (median(with_times), median(without_times));
-        let (report, without) = (report.expect("RUNS > 0"), without.expect("RUNS > 0"));
-        let (ours, without) = (pids(&report), pids(&without));
+        let [bpf_t, procfs_t, without_t] = times.map(median);
+        let [by_bpf, ours, without] = last.map(|r| pids(&r.expect("RUNS > 0")));
         let (fuser_t, fuser_out) =
             time(|| Command::new("fuser").arg("-m").arg(&setup.dev).stderr(Stdio::null()).output().unwrap());
         // fuser prints PIDs (with access letters such as "c" or "m") on stdout, the names on stderr.
@@ -190,19 +192,26 @@ fn main() {
         let (lsof_t, lsof_out) =
             time(|| Command::new("lsof").arg("-w").arg(&setup.mount).stderr(Stdio::null()).output().unwrap());
         let lsof = lsof_pids(&String::from_utf8_lossy(&lsof_out.stdout));
-        let agree =
-            expected.is_subset(&ours) && stacked.is_subset(&ours) && fuser.is_subset(&ours) && lsof.is_subset(&ours);
+        let agree = by_bpf == ours
+            && expected.is_subset(&ours)
+            && stacked.is_subset(&ours)
+            && fuser.is_subset(&ours)
+            && lsof.is_subset(&ours);
         let through = |found: &BTreeSet<i32>| found.intersection(&stacked).count();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let ratio = |d: Duration| d.as_secs_f64() / bpf_t.as_secs_f64();
         println!(
-            "{procs:>6} {fds:>4} {:>7.1}ms {:>9.1}ms {:>+7.1}% {:>7.1}ms {:>7.1}ms {:>11.1}x {:>10.1}x  {} (ours {}, fuser {}, lsof {}, expected {}; through the overlay: ours {}, without the analysis {}, fuser {}, lsof {}, of {})",
-            ours_t.as_secs_f64() * 1e3,
-            without_t.as_secs_f64() * 1e3,
-            (ours_t.as_secs_f64() / without_t.as_secs_f64() - 1.0) * 100.0,
-            fuser_t.as_secs_f64() * 1e3,
-            lsof_t.as_secs_f64() * 1e3,
-            fuser_t.as_secs_f64() / ours_t.as_secs_f64(),
-            lsof_t.as_secs_f64() / ours_t.as_secs_f64(),
+            "{procs:>6} {fds:>4} {:>7.1}ms {:>7.1}ms {:>9.1}ms {:>7.1}ms {:>7.1}ms {:>10.1}x {:>9.1}x {:>10.1}x  {} (bpf {}, procfs {}, fuser {}, lsof {}, expected {}; through the overlay: ours {}, without the analysis {}, fuser {}, lsof {}, of {})",
+            ms(bpf_t),
+            ms(procfs_t),
+            ms(without_t),
+            ms(fuser_t),
+            ms(lsof_t),
+            ratio(procfs_t),
+            ratio(fuser_t),
+            ratio(lsof_t),
             if agree { "yes" } else { "NO" },
+            by_bpf.len(),
             ours.len(),
             fuser.len(),
             lsof.len(),
@@ -220,6 +229,9 @@ fn main() {
         for c in children.iter_mut() {
             let _ = c.wait();
         }
-        assert!(agree, "the tools disagree on the PIDs: ours {ours:?}, fuser {fuser:?}, lsof {lsof:?}");
+        assert!(
+            agree,
+            "the tools disagree on the PIDs: bpf {by_bpf:?}, procfs {ours:?}, fuser {fuser:?}, lsof {lsof:?}"
+        );
     }
 }

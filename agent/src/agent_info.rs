@@ -2,6 +2,7 @@
 //! sysinfo does not know, from procfs.
 
 use crate::tls::ReloadingTls;
+use crate::usage::ActiveSource;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,11 +21,13 @@ pub struct AgentFacts {
     pub proc_root: PathBuf,
     /// The TCP and vsock listeners' TLS identity, whose certificate is reported.
     pub tls: Option<Arc<ReloadingTls>>,
+    /// The usage scan's process source ("bpf" or "procfs") and why that one.
+    pub usage_scanner: (&'static str, String),
 }
 
 impl AgentFacts {
-    pub fn new(proc_root: PathBuf, tls: Option<Arc<ReloadingTls>>) -> Self {
-        Self { started_at: SystemTime::now(), proc_root, tls }
+    pub fn new(proc_root: PathBuf, tls: Option<Arc<ReloadingTls>>, usage: &ActiveSource) -> Self {
+        Self { started_at: SystemTime::now(), proc_root, tls, usage_scanner: (usage.name(), usage.reason.clone()) }
     }
 
     /// Current facts (uptime and memory are read at each call).
@@ -54,6 +57,8 @@ impl AgentFacts {
             disk_count: 0,
             arch: System::cpu_arch(),
             memory_bytes,
+            usage_scanner: self.usage_scanner.0.to_string(),
+            usage_scanner_reason: self.usage_scanner.1.clone(),
         }
     }
 }
@@ -64,11 +69,12 @@ mod tests {
 
     #[test]
     fn reports_this_machine() {
-        let info = AgentFacts::new("/proc".into(), None).info();
+        let info = AgentFacts::new("/proc".into(), None, &ActiveSource::procfs()).info();
         assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(info.boot_id.len(), 36, "boot id is a UUID: {:?}", info.boot_id);
         assert!(!info.kernel_release.is_empty());
         assert!(info.memory_bytes > 0);
         assert!(info.capabilities.contains(&"watch".to_string()));
+        assert_eq!(info.usage_scanner, "procfs");
     }
 }

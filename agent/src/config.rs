@@ -2,6 +2,7 @@
 //! passed down; there is no global configuration.
 
 use crate::roots::HostRoots;
+use crate::usage::ScannerChoice;
 use clap::Parser;
 use serde::Deserialize;
 use std::fmt;
@@ -65,6 +66,10 @@ pub struct Args {
     /// Log filter (tracing syntax), e.g. `info` or `wukong_agent=debug`.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    /// How the usage scan finds processes: `bpf` (in-kernel iterators; the agent does not start without them),
+    /// `procfs` (every process in /proc), or `auto` (bpf where it loads, else procfs). Default: auto.
+    #[arg(long, value_name = "SCANNER")]
+    pub usage_scanner: Option<ScannerChoice>,
 }
 
 /// The configuration file. Every field is optional.
@@ -83,6 +88,7 @@ pub struct FileConfig {
     pub insecure_plaintext: Option<bool>,
     pub kubevirt_ca: Option<String>,
     pub log: Option<String>,
+    pub usage_scanner: Option<ScannerChoice>,
     pub proc_root: Option<PathBuf>,
     pub sys_root: Option<PathBuf>,
     pub dev_root: Option<PathBuf>,
@@ -194,6 +200,7 @@ pub struct Config {
     /// Used only by kubevirt-vsock:// listeners.
     pub kubevirt_ca: CaSource,
     pub log: String,
+    pub usage_scanner: ScannerChoice,
     pub roots: HostRoots,
 }
 
@@ -312,6 +319,7 @@ impl Config {
             insecure_plaintext,
             kubevirt_ca,
             log: args.log.clone().or(file.log).unwrap_or_else(|| "info".to_string()),
+            usage_scanner: args.usage_scanner.or(file.usage_scanner).unwrap_or_default(),
             roots: HostRoots {
                 proc: file.proc_root.unwrap_or(defaults.proc),
                 sys: file.sys_root.unwrap_or(defaults.sys),
@@ -613,6 +621,25 @@ mod tests {
         assert_eq!(c.kubevirt_ca, DEFAULT_KUBEVIRT_CA);
         assert_eq!(c.access.allowed_clients, ["wukong-companion"]);
         assert_eq!(c.limits, Limits::default(), "the file states the defaults");
+        assert_eq!(c.usage_scanner, ScannerChoice::Auto);
+    }
+
+    #[test]
+    fn the_usage_scanner_is_chosen_by_file_or_flag_and_a_bad_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        assert_eq!(Config::load(&args(&[])).unwrap().usage_scanner, ScannerChoice::Auto);
+        std::fs::write(&path, "usage_scanner = \"procfs\"\n").unwrap();
+        let file = path.to_str().unwrap();
+        assert_eq!(Config::load(&args(&["--config", file])).unwrap().usage_scanner, ScannerChoice::Procfs);
+        let c = Config::load(&args(&["--config", file, "--usage-scanner", "bpf"])).unwrap();
+        assert_eq!(c.usage_scanner, ScannerChoice::Bpf, "the flag wins");
+        std::fs::write(&path, "\nusage_scanner = \"ebpf\"\n").unwrap();
+        let err = Config::load(&args(&["--config", file])).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { line: Some(2), .. }), "{err}");
+        assert!(err.to_string().contains("auto") && err.to_string().contains("procfs"), "names the choices: {err}");
+        let err = Args::try_parse_from(["wukong-agent", "--usage-scanner", "ebpf"]).unwrap_err().to_string();
+        assert!(err.contains("'ebpf'") && err.contains("auto, bpf, procfs"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::release::journal::Journal;
 use crate::service::DiskAgentService;
 use crate::tls::{self, TlsConfigError};
 use crate::transport::{self, BindError, Listener, Security};
-use crate::usage::UsageScanner;
+use crate::usage::{ActiveSource, UsageScanner};
 use crate::{inventory, udev_source};
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -50,6 +50,10 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
+    #[error(
+        "{0}; start the agent with --usage-scanner auto (or procfs), or give it what the README's BPF section lists"
+    )]
+    UsageScanner(#[from] crate::usage::Unavailable),
 }
 
 /// Serves until `shutdown` completes, then stops accepting, lets running calls finish, and returns.
@@ -63,8 +67,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let tls = config.tls.clone().map(tls::ReloadingTls::new).transpose()?.map(Arc::new);
-    let facts = Arc::new(AgentFacts::new(config.roots.proc.clone(), tls.clone()));
-    let usage = UsageScanner::new(config.roots.clone());
+    let usage =
+        UsageScanner::new(config.roots.clone(), ActiveSource::choose(config.usage_scanner, &config.roots.proc)?);
+    tracing::info!(scanner = usage.source().name(), why = %usage.source().reason, "usage scanner chosen");
+    let facts = Arc::new(AgentFacts::new(config.roots.proc.clone(), tls.clone(), usage.source()));
     let journal = Journal::new(Some(config.state_dir.clone()));
     let releaser = Releaser::new(config.roots.clone(), inventory.clone(), updates, usage.clone(), journal);
     releaser.recover().await;

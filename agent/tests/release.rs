@@ -18,7 +18,7 @@ use wukong_agent::release::journal::Journal;
 use wukong_agent::release::{Deadline, ReleaseError, Releaser};
 use wukong_agent::roots::HostRoots;
 use wukong_agent::serial::Serial;
-use wukong_agent::usage::UsageScanner;
+use wukong_agent::usage::{ActiveSource, UsageScanner};
 use wukong_proto::v1::{BlockerKind, Bus, Disk, DiskState, ReleaseMethod, blocker::Detail};
 
 /// A releaser over an inventory that holds one loop disk, given a serial.
@@ -56,7 +56,7 @@ async fn rig_with(disk: &LoopDisk, state_dir: &Path, devices: Arc<dyn BlockDevic
     updates.send(Update::Reconcile(vec![d])).await.unwrap();
     inventory.wait_synced().await;
     let journal = Journal::new(Some(state_dir.to_path_buf()));
-    let usage = UsageScanner::new(roots.clone());
+    let usage = UsageScanner::new(roots.clone(), ActiveSource::procfs());
     let releaser = Releaser::with_block_devices(roots, inventory.clone(), updates.clone(), usage, journal, devices);
     Rig { releaser, inventory, serial: Serial::parse(&serial).unwrap(), state_dir: state_dir.into(), _updates: updates }
 }
@@ -678,8 +678,8 @@ fn serve(rig: &Rig, dir: &Path) -> PathBuf {
     let (_, stopping) = tokio::sync::watch::channel(false);
     let service = DiskAgentService::new(
         rig.inventory.clone(),
-        Arc::new(AgentFacts::new("/proc".into(), None)),
-        UsageScanner::new(HostRoots::default()),
+        Arc::new(AgentFacts::new("/proc".into(), None, &ActiveSource::procfs())),
+        UsageScanner::new(HostRoots::default(), ActiveSource::procfs()),
         rig.releaser.clone(),
         Default::default(),
         Admission::new(Limits::default()),

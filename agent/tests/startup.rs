@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::binary::{AgentProcess, run_to_exit};
+use common::binary::{AgentProcess, run_to_exit, run_to_exit_under};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -213,4 +213,58 @@ fn without_a_udev_daemon_the_agent_warns_that_it_will_see_no_disks() {
     let agent = AgentProcess::start(&with_run_root(dir.path(), &run));
     let log = agent.stop();
     assert!(!log.contains("udev daemon"), "{log}");
+}
+
+/// The agent's report of its usage scanner.
+async fn scanner(socket: &Path) -> (String, String) {
+    let client = AgentClient::connect(AgentAddress::Unix(socket.to_path_buf())).unwrap();
+    let info = client.agent_info().await.unwrap();
+    (info.usage_scanner, info.usage_scanner_reason)
+}
+
+/// Where it can (root, this machine's 6.18 with BTF), the agent finds processes with the BPF iterators and says
+/// so; told to, it reads /proc.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_scanner_is_bpf_where_it_loads_and_procfs_when_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("agent.sock"), dir.path().join("state"));
+    let agent = AgentProcess::start(&flags(&socket, &state));
+    let (name, reason) = scanner(&socket).await;
+    assert_eq!(name, "bpf", "{reason}");
+    assert!(reason.starts_with("3 BPF iterators loaded (kernel "), "{reason}");
+    agent.stop();
+    let mut procfs = flags(&socket, &state);
+    procfs.extend(["--usage-scanner".into(), "procfs".into()]);
+    let agent = AgentProcess::start(&procfs);
+    assert_eq!(scanner(&socket).await, ("procfs".into(), "configured (usage_scanner = procfs)".into()));
+    agent.stop();
+}
+
+/// Without the privileges BPF needs (CAP_SYS_ADMIN, CAP_BPF and CAP_PERFMON dropped from the bounding set), the
+/// agent scans /proc, logs why once, and GetAgentInfo says why; asked for BPF there, it does not start.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_bpf_privileges_the_scan_reads_proc_and_says_why() {
+    let unprivileged = ["setpriv", "--bounding-set=-sys_admin,-bpf,-perfmon", "--"];
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("agent.sock"), dir.path().join("state"));
+    let agent = AgentProcess::start_under(&unprivileged, &flags(&socket, &state));
+    let (name, reason) = scanner(&socket).await;
+    assert_eq!(name, "procfs", "{reason}");
+    assert!(
+        reason.starts_with("the in-kernel (BPF) usage scan is unavailable: ")
+            && reason.contains("CAP_BPF and CAP_PERFMON"),
+        "{reason}"
+    );
+    let log = agent.stop();
+    assert_eq!(log.matches("the in-kernel (BPF) usage scan is unavailable").count(), 1, "logged once:\n{log}");
+
+    let mut forced = flags(&socket, &state);
+    forced.extend(["--usage-scanner".into(), "bpf".into()]);
+    let (status, stderr) = run_to_exit_under(&unprivileged, &forced);
+    let error = refusal(status, &stderr);
+    assert!(
+        error.starts_with("wukong-agent: the in-kernel (BPF) usage scan is unavailable: ")
+            && error.contains("--usage-scanner auto"),
+        "{error}"
+    );
 }

@@ -4,12 +4,13 @@
 
 mod common;
 
-use common::{Holder, LoopDisk, findmnt_targets, mkdirs, serial, sh};
+use common::{Holder, LoopDisk, findmnt_targets, mkdirs, scan_both, serial, sh};
+use nix::sys::stat::stat;
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use wukong_agent::roots::HostRoots;
-use wukong_agent::usage::{process_pids, scan_now};
+use wukong_agent::usage::{ProcessSource, ProcfsSource, process_pids};
 use wukong_proto::v1::{Blocker, BlockerKind, Disk, ProcessUseKind, UsageReport, blocker::Detail};
 
 fn mounts_of(report: &UsageReport) -> BTreeSet<String> {
@@ -126,6 +127,13 @@ fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
     assert!(map.message.contains("shared and writable"), "{}", map.message);
     let dev = find(&report, raw.pid(), ProcessUseKind::BlockDevice).expect("raw device user found");
     assert!(dev.message.contains(&disk.dev) && dev.message.contains("for writing"), "{}", dev.message);
+
+    // The kernel's iterators name exactly these processes (each through another kind of use), and no other of
+    // the machine's: the /proc analysis that follows reads six processes, not all of them.
+    let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
+    let named: BTreeSet<i32> = common::bpf().candidates(Path::new("/proc"), &devices).unwrap().into_iter().collect();
+    let holders = BTreeSet::from([writer.pid(), reader.pid(), cwd.pid(), exe.pid(), mapper.pid(), raw.pid()]);
+    assert_eq!(named, holders);
 }
 
 #[test]
@@ -296,7 +304,7 @@ fn the_disk_holding_root_is_a_system_blocker() {
     let disk_dir = if sys.join("partition").exists() { sys.parent().unwrap().to_path_buf() } else { sys };
     let name = disk_dir.file_name().unwrap().to_string_lossy().into_owned();
     let disk = Disk { kernel_name: name.clone(), id: name.clone(), ..Disk::default() };
-    let report = &scan_now(&HostRoots::default(), &[disk], Duration::from_secs(30)).unwrap()[0];
+    let report = &scan_both(&[disk])[0];
     let system = report.blockers.iter().find(|b| b.kind() == BlockerKind::System).expect("system blocker");
     assert!(system.message.contains("holds / of the running system"), "{}", system.message);
     assert!(report.blockers.iter().any(|b| b.kind() == BlockerKind::Mount));
@@ -335,9 +343,12 @@ fn scans_survive_processes_exiting_mid_scan() {
     });
     let started = std::time::Instant::now();
     let mut scans = 0;
+    // Both sources in turn (their reports differ by the churn between them, so each is judged on its own).
+    let sources: [&dyn ProcessSource; 2] = [&ProcfsSource, common::bpf()];
     while churned.load(Ordering::Relaxed) < 50 && started.elapsed() < Duration::from_secs(20) {
-        let report = disk.scan();
-        assert!(process_pids(&report).contains(&steady.pid()), "{:#?}", messages(&report));
+        let source = sources[scans % 2];
+        let report = common::scan_by(&[disk.disk()], source).remove(0);
+        assert!(process_pids(&report).contains(&steady.pid()), "{}: {:#?}", source.name(), messages(&report));
         scans += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -620,4 +631,92 @@ fn processes_using_files_through_overlays_are_found() {
     assert!(fuser.is_disjoint(&overlay_users), "fuser -m misses them all: {fuser:?}");
     assert!(lsof.is_disjoint(&overlay_users), "lsof misses them all: {lsof:?}");
     assert!(process_pids(&report).is_superset(&fuser), "and we find all fuser finds");
+}
+
+/// How a generated process uses the disk, or does not.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum GeneratedUse {
+    Reads,
+    Writes,
+    Cwd,
+    Mmap,
+    Exe,
+    RawDevice,
+    ReadsThroughOverlay,
+    CwdInOverlay,
+    Unrelated,
+}
+
+impl GeneratedUse {
+    const ALL: [Self; 9] = [
+        Self::Reads,
+        Self::Writes,
+        Self::Cwd,
+        Self::Mmap,
+        Self::Exe,
+        Self::RawDevice,
+        Self::ReadsThroughOverlay,
+        Self::CwdInOverlay,
+        Self::Unrelated,
+    ];
+
+    /// A process that uses `disk` this way (files under `mp`, an overlay at `merged`), the `i`th of its state.
+    fn start(self, i: usize, disk: &LoopDisk, mp: &Path, merged: &Path) -> Holder {
+        let (m, o) = (mp.display(), merged.display());
+        std::fs::write(mp.join(format!("f{i}")), vec![1u8; 4096]).unwrap();
+        match self {
+            Self::Reads => Holder::sh(&format!("exec 3<'{m}/f{i}'")),
+            Self::Writes => Holder::sh(&format!("exec 3>>'{m}/f{i}'")),
+            Self::Cwd => Holder::sh(&format!("cd '{m}'")),
+            Self::Mmap => Holder::start(
+                "/usr/bin/python3",
+                &[
+                    "-c",
+                    &format!(
+                        "import mmap,time\nf=open('{m}/f{i}','rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\nf.close()\nprint('ready',flush=True)\ntime.sleep(1000)"
+                    ),
+                ],
+            ),
+            Self::Exe => {
+                std::fs::copy("/bin/sleep", mp.join(format!("sleep{i}"))).unwrap();
+                Holder::start("sh", &["-c", &format!("echo ready; exec '{m}/sleep{i}' 1000")])
+            }
+            Self::RawDevice => Holder::sh(&format!("exec 4<{}", disk.dev)),
+            Self::ReadsThroughOverlay => Holder::sh(&format!("exec 3<'{o}/layered'")),
+            Self::CwdInOverlay => Holder::sh(&format!("cd '{o}'")),
+            Self::Unrelated => Holder::sh("exec 3</etc/hostname; cd /tmp"),
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 12, failure_persistence: None, ..Default::default() })]
+
+    /// Random process states on a random filesystem with an overlay stacked on it: the /proc and the BPF scans give
+    /// the same report (LoopDisk::scan asserts it), which names every process that uses the disk and no other.
+    #[test]
+    fn random_process_states_get_the_same_report_from_both_scanners(
+        fs in proptest::sample::select(vec!["ext4", "xfs", "btrfs"]),
+        uses in proptest::collection::vec(proptest::sample::select(GeneratedUse::ALL.to_vec()), 1..8),
+    ) {
+        let _serial = serial();
+        let mut disk = LoopDisk::new(fs);
+        let mp = disk.mount_at("m");
+        let m = mp.display();
+        let merged = disk.dir.path().join("merged");
+        sh(&format!(
+            "mkdir -p '{m}/lower' '{m}/upper' '{m}/work' '{o}' && echo data > '{m}/lower/layered' && \
+             mount -t overlay overlay -o 'lowerdir={m}/lower,upperdir={m}/upper,workdir={m}/work' '{o}'",
+            o = merged.display()
+        ));
+        disk.mounts.push(merged.clone());
+        let holders: Vec<(GeneratedUse, Holder)> =
+            uses.iter().enumerate().map(|(i, u)| (*u, u.start(i, &disk, &mp, &merged))).collect();
+        let report = disk.scan();
+        let found = process_pids(&report);
+        for (u, h) in &holders {
+            let named = found.contains(&h.pid());
+            proptest::prop_assert_eq!(named, *u != GeneratedUse::Unrelated, "{:?} (pid {}) in {:#?}", u, h.pid(), messages(&report));
+        }
+    }
 }

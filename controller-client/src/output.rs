@@ -296,6 +296,9 @@ pub fn info_json(i: &AgentInfo) -> Value {
         "arch": i.arch, "boot_id": i.boot_id, "uptime_ms": duration_ms(&i.uptime),
         "started_at": timestamp_json(&i.started_at), "memory_bytes": i.memory_bytes, "disk_count": i.disk_count,
         "capabilities": i.capabilities, "read_only": i.read_only,
+        "usage_scanner": (!i.usage_scanner.is_empty()).then(|| json!({
+            "name": i.usage_scanner, "reason": i.usage_scanner_reason,
+        })),
         "certificate": (i.certificate_not_after != 0).then(|| json!({
             "subject": i.certificate_subject, "not_after": i.certificate_not_after,
         })),
@@ -318,11 +321,20 @@ pub fn info_text(i: &AgentInfo) -> String {
         ("disks", i.disk_count.to_string()),
         ("releases", releases.to_string()),
         ("capabilities", i.capabilities.join(", ")),
+        ("usage scan", usage_scanner_text(i)),
         ("certificate", certificate_text(i)),
     ]
     .iter()
     .map(|(k, v)| format!("{:<13} {v}\n", format!("{k}:")))
     .collect()
+}
+
+/// How the agent finds the processes that use a disk, and why, e.g. "bpf (3 BPF iterators loaded (kernel 6.1.0))".
+fn usage_scanner_text(i: &AgentInfo) -> String {
+    match i.usage_scanner.as_str() {
+        "" => "not reported (an agent older than the BPF scan reads /proc)".into(),
+        name => format!("{name} ({})", i.usage_scanner_reason),
+    }
 }
 
 /// The agent's certificate: its subject and when it expires, in UTC and in days from now.
@@ -366,6 +378,27 @@ mod tests {
         assert_eq!(human_size(1023), "1023 B");
         assert_eq!(human_size(1 << 30), "1.0 GiB");
         assert_eq!(human_size(1536 << 20), "1.5 GiB");
+    }
+
+    #[test]
+    fn info_says_how_the_agent_scans_and_why() {
+        let bpf = AgentInfo {
+            usage_scanner: "bpf".into(),
+            usage_scanner_reason: "3 BPF iterators loaded (kernel 6.1.0)".into(),
+            ..AgentInfo::default()
+        };
+        assert!(
+            info_text(&bpf).contains("usage scan:   bpf (3 BPF iterators loaded (kernel 6.1.0))\n"),
+            "{}",
+            info_text(&bpf)
+        );
+        assert_eq!(
+            info_json(&bpf)["usage_scanner"],
+            json!({"name": "bpf", "reason": "3 BPF iterators loaded (kernel 6.1.0)"})
+        );
+        let older = AgentInfo::default();
+        assert!(info_text(&older).contains("usage scan:   not reported"), "{}", info_text(&older));
+        assert_eq!(info_json(&older)["usage_scanner"], Value::Null);
     }
 
     #[test]

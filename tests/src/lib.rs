@@ -974,6 +974,38 @@ impl Guest {
         self.start_agent().await
     }
 
+    /// The usage report of disk `serial` as the agent gives it with its in-kernel (BPF) process source, which the
+    /// guest's agent must be using, checked against the report of the same agent restarted with `--usage-scanner
+    /// procfs` (then restarted as it was): the two must be the same but for when they were taken. For a moment with
+    /// no release under way (a restart forgets what is released and not journalled).
+    pub async fn usage_from_both_scanners(&self, serial: &str) -> Result<wukong_proto::v1::UsageReport> {
+        let scanner = |info: wukong_proto::v1::AgentInfo| (info.usage_scanner, info.usage_scanner_reason);
+        let (name, why) = scanner(self.agent().agent_info().await?);
+        ensure!(name == "bpf", "the guest's agent scans with {name}, not BPF: {why}");
+        let bpf = self.agent().check_usage(serial).await?;
+        self.run_ok("cp /etc/wukong-agent.args /tmp/args && echo \"$(cat /tmp/args) --usage-scanner procfs\" > /etc/wukong-agent.args")
+            .await?;
+        self.stop_agent("TERM").await?;
+        let started = self.start_agent().await;
+        self.run_ok("mv /tmp/args /etc/wukong-agent.args").await?;
+        started?;
+        let (name, why) = scanner(self.agent().agent_info().await?);
+        ensure!(name == "procfs", "asked for /proc, the guest's agent scans with {name}: {why}");
+        let procfs = self.agent().check_usage(serial).await;
+        self.restart_agent().await?;
+        let procfs = procfs?;
+        let timeless = |r: &wukong_proto::v1::UsageReport| wukong_proto::v1::UsageReport {
+            scanned_at: None,
+            scan_duration: None,
+            ..r.clone()
+        };
+        ensure!(
+            timeless(&bpf) == timeless(&procfs),
+            "the BPF and the /proc scans of disk {serial} differ:\nBPF: {bpf:#?}\n/proc: {procfs:#?}"
+        );
+        Ok(bpf)
+    }
+
     /// Kills the guest's agent with SIGKILL (no goodbye: what a crash or the OOM killer does) and waits until it is
     /// gone. It stays down until [`Self::start_agent`].
     pub async fn kill_agent(&self) -> Result<()> {

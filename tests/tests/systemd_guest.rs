@@ -155,10 +155,13 @@ async fn cloud_init_installs_the_deb_a_safe_detach_works_over_mtls_and_an_upgrad
     let disk = companion::attach(&qemu, &agent, &volume, &attach, &|_| {}).await?.disk;
     let sum = guest.fill(&disk.dev_node, "/mnt/b", 4 << 20).await?;
 
-    // The hardened unit (systemd-analyze security: 3.3): a seccomp allow-list, /sys read-only but for
+    // The hardened unit (systemd-analyze security: 3.4): a seccomp allow-list, /sys read-only but for
     // /sys/devices, block devices only. Under it, a refusal names the user, and a release is undone by a cancel.
     let sandbox = guest.run_ok("grep -E '^(Seccomp|NoNewPrivs):' /proc/$(pidof wukong-agent)/status").await?;
     assert!(sandbox.contains("Seccomp:\t2") && sandbox.contains("NoNewPrivs:\t1"), "{sandbox}");
+    // The unit lets the usage scan load its BPF iterators (CAP_SYS_ADMIN, and bpf alone of @privileged).
+    let info = agent.agent_info().await?;
+    assert_eq!(info.usage_scanner, "bpf", "{}", info.usage_scanner_reason);
     let holder = guest
         .run_ok("sh -c 'exec 3>>/mnt/b/log; exec sleep 600' </dev/null >/dev/null 2>&1 & echo $!")
         .await?

@@ -48,7 +48,8 @@ async fn partitions_mount_and_swap_are_reported_and_idle_disks_are_not() -> Resu
         ))
         .await?;
 
-    let report = agent.check_usage("parts").await?;
+    // The same report from the agent's in-kernel process source and from /proc (as with every first report here).
+    let report = guest.usage_from_both_scanners("parts").await?;
     assert!(report.in_use);
     assert_eq!(kinds(&report), vec![BlockerKind::Mount, BlockerKind::Swap], "{}", messages(&report));
     let mount = report.blockers.iter().find(|b| b.kind() == BlockerKind::Mount).unwrap();
@@ -87,7 +88,7 @@ async fn lvm_and_dm_crypt_holders_are_reported_even_when_nothing_is_mounted() ->
              mkfs.ext4 -q /dev/mapper/vg0-data && mkdir -p /mnt/lv && mount /dev/mapper/vg0-data /mnt/lv"
         ))
         .await?;
-    let report = agent.check_usage("lvm-pv").await?;
+    let report = guest.usage_from_both_scanners("lvm-pv").await?;
     assert_eq!(kinds(&report), vec![BlockerKind::Mount, BlockerKind::Holder], "{}", messages(&report));
     assert_eq!(holder_kinds(&report), vec![HolderKind::Lvm]);
     let holder = report.blockers.iter().find(|b| b.kind() == BlockerKind::Holder).unwrap();
@@ -113,7 +114,7 @@ async fn lvm_and_dm_crypt_holders_are_reported_even_when_nothing_is_mounted() ->
             key = "0123456789abcdef0123456789abcdef"
         ))
         .await?;
-    let report = agent.check_usage("crypt").await?;
+    let report = guest.usage_from_both_scanners("crypt").await?;
     assert_eq!(holder_kinds(&report), vec![HolderKind::DmCrypt], "{}", messages(&report));
     assert!(report.blockers[0].message.contains("dm-crypt mapping cryptdata"), "{}", messages(&report));
     Ok(())
@@ -131,7 +132,7 @@ async fn md_raid1_across_two_hotplugged_disks_blocks_both() -> Result<()> {
         ))
         .await?;
     for serial in ["md-a", "md-b"] {
-        let report = agent.check_usage(serial).await?;
+        let report = guest.usage_from_both_scanners(serial).await?;
         assert_eq!(holder_kinds(&report), vec![HolderKind::Md], "{serial}:\n{}", messages(&report));
         assert!(report.blockers[0].message.contains("mdadm --stop"), "{}", report.blockers[0].message);
     }
@@ -177,7 +178,7 @@ async fn overlays_on_a_hotplugged_disk_block_it_until_idle_and_come_back_after_a
     let pid: i32 = container.parse()?;
 
     // By serial, by a mount point, by a by-id link: the same report.
-    let report = agent.check_usage("ctr-data").await?;
+    let report = guest.usage_from_both_scanners("ctr-data").await?;
     for name in ["/var/lib/ctr", "/run/ctr/root fs/app.db"] {
         let by_path = agent.check_usage(name).await?;
         assert_eq!(by_path.serial, "ctr-data", "{name}");

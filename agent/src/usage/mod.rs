@@ -1,16 +1,22 @@
 //! Who uses a disk: a fresh scan on every request (never a cache), run off the async runtime with a deadline.
 //! Concurrent requests for the same disks share one scan (single flight).
 
+mod bpf_scan;
 pub(crate) mod procfs_parse;
+mod procfs_scan;
 mod procmap;
 mod scan;
+mod source;
 pub mod target;
 
 use crate::roots::HostRoots;
 use crate::udev_db::LibUdevDb;
+pub use bpf_scan::{BpfSource, Unavailable};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+pub use procfs_scan::ProcfsSource;
 pub use scan::Analyses;
+pub use source::{ProcessSource, SourceError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -33,17 +39,74 @@ type ScanResult = Result<Arc<Vec<UsageReport>>, UsageError>;
 /// Scans running now, by the kernel names they cover; later requests for the same disks join them.
 type InFlight = Arc<Mutex<HashMap<Vec<String>, Shared<BoxFuture<'static, ScanResult>>>>>;
 
+/// How the agent finds the processes that use a disk (config key `usage_scanner`, flag `--usage-scanner`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScannerChoice {
+    /// The in-kernel iterators where they load, else /proc (the agent logs why, once, at start).
+    #[default]
+    Auto,
+    /// The in-kernel iterators; the agent does not start where they cannot load.
+    Bpf,
+    /// Every process in /proc.
+    Procfs,
+}
+
+/// The process source a scanner uses, and why that one: what `GetAgentInfo` reports.
+#[derive(Clone)]
+pub struct ActiveSource {
+    pub source: Arc<dyn ProcessSource>,
+    /// e.g. "3 BPF iterators loaded (kernel 6.18.44)", "configured (usage_scanner = procfs)", or why the
+    /// iterators could not load.
+    pub reason: String,
+}
+
+impl ActiveSource {
+    /// The source `choice` asks for on this machine. Only a forced `bpf` that cannot load is an error.
+    pub fn choose(choice: ScannerChoice, proc_root: &std::path::Path) -> Result<Self, Unavailable> {
+        let procfs = |reason: String| Self { source: Arc::new(ProcfsSource), reason };
+        match choice {
+            ScannerChoice::Procfs => Ok(procfs("configured (usage_scanner = procfs)".into())),
+            ScannerChoice::Bpf => BpfSource::load(proc_root).map(Self::bpf),
+            ScannerChoice::Auto => {
+                Ok(BpfSource::load(proc_root).map(Self::bpf).unwrap_or_else(|e| procfs(e.to_string())))
+            }
+        }
+    }
+
+    /// /proc, for scans outside the agent's server (tests, benchmarks).
+    pub fn procfs() -> Self {
+        Self { source: Arc::new(ProcfsSource), reason: "the default outside the agent".into() }
+    }
+
+    fn bpf(source: BpfSource) -> Self {
+        let reason = source.description().to_string();
+        Self { source: Arc::new(source), reason }
+    }
+
+    /// "bpf" or "procfs".
+    pub fn name(&self) -> &'static str {
+        self.source.name()
+    }
+}
+
 /// Runs usage scans. Cheap to clone.
 #[derive(Clone)]
 pub struct UsageScanner {
     roots: HostRoots,
+    source: ActiveSource,
     deadline: Duration,
     in_flight: InFlight,
 }
 
 impl UsageScanner {
-    pub fn new(roots: HostRoots) -> Self {
-        Self { roots, deadline: SCAN_DEADLINE, in_flight: Arc::default() }
+    pub fn new(roots: HostRoots, source: ActiveSource) -> Self {
+        Self { roots, source, deadline: SCAN_DEADLINE, in_flight: Arc::default() }
+    }
+
+    /// The process source its scans use, and why.
+    pub fn source(&self) -> &ActiveSource {
+        &self.source
     }
 
     /// The /proc, /sys and /dev it scans.
@@ -71,7 +134,8 @@ impl UsageScanner {
     /// A report that starts after this call, never joining a scan already running: what a release decides on.
     pub async fn check_fresh(&self, disks: &[Disk]) -> ScanResult {
         let (roots, deadline, disks) = (self.roots.clone(), self.deadline, disks.to_vec());
-        tokio::task::spawn_blocking(move || scan_now(&roots, &disks, deadline))
+        let source = self.source.source.clone();
+        tokio::task::spawn_blocking(move || scan_now_with(&roots, &disks, deadline, ALL_ANALYSES, source.as_ref()))
             .await
             .unwrap_or_else(|e| Err(UsageError::Internal(e.to_string())))
     }
@@ -103,13 +167,22 @@ pub fn process_pids(report: &UsageReport) -> std::collections::BTreeSet<i32> {
         .collect()
 }
 
-/// Scans now, on this thread, with every analysis.
+/// Every analysis: what the agent runs.
+pub const ALL_ANALYSES: Analyses = Analyses { stacked_mounts: true };
+
+/// Scans now, on this thread, with every analysis, finding processes through /proc.
 pub fn scan_now(roots: &HostRoots, disks: &[Disk], deadline: Duration) -> ScanResult {
-    scan_now_with(roots, disks, deadline, Analyses { stacked_mounts: true })
+    scan_now_with(roots, disks, deadline, ALL_ANALYSES, &ProcfsSource)
 }
 
-/// Scans now, on this thread, with the analyses asked for.
-pub fn scan_now_with(roots: &HostRoots, disks: &[Disk], deadline: Duration, analyses: Analyses) -> ScanResult {
+/// Scans now, on this thread, with the analyses asked for and the processes `source` finds.
+pub fn scan_now_with(
+    roots: &HostRoots,
+    disks: &[Disk],
+    deadline: Duration,
+    analyses: Analyses,
+    source: &dyn ProcessSource,
+) -> ScanResult {
     let started = Instant::now();
     let scanned_at = SystemTime::now();
     let targets: Vec<Target> = disks
@@ -119,8 +192,8 @@ pub fn scan_now_with(roots: &HostRoots, disks: &[Disk], deadline: Duration, anal
                 .unwrap_or_else(|| Target { key: d.id.clone(), devices: Vec::new() })
         })
         .collect();
-    let blockers =
-        scan::scan(roots, &targets, started + deadline, analyses).map_err(|_| UsageError::Deadline(deadline))?;
+    let blockers = scan::scan(roots, &targets, started + deadline, analyses, source)
+        .map_err(|_| UsageError::Deadline(deadline))?;
     let duration = started.elapsed();
     let reports = disks
         .iter()
@@ -305,7 +378,7 @@ mod tests {
         rt.block_on(async {
             let (release, hold) = std::sync::mpsc::channel::<()>();
             let busy = tokio::task::spawn_blocking(move || hold.recv());
-            let scanner = UsageScanner::new(roots);
+            let scanner = UsageScanner::new(roots, ActiveSource::procfs());
             let disks = [disk];
             let (a, b, ()) = tokio::join!(scanner.check(&disks), scanner.check(&disks), async {
                 tokio::task::yield_now().await;

@@ -10,8 +10,17 @@ use std::time::{Duration, Instant};
 /// Longest a start, a refusal or a log line may take: the first start opens the udev monitor and enumerates.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn command<S: AsRef<OsStr>>(args: &[S]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wukong-agent"));
+/// The agent with `args`, run through `wrapper` (e.g. `setpriv` with its options and `--`) when not empty.
+fn command<S: AsRef<OsStr>>(wrapper: &[&str], args: &[S]) -> Command {
+    let agent = env!("CARGO_BIN_EXE_wukong-agent");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, options)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(options).arg(agent);
+            cmd
+        }
+        None => Command::new(agent),
+    };
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
 }
@@ -26,7 +35,12 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent and waits until it says it is ready.
     pub fn start<S: AsRef<OsStr>>(args: &[S]) -> Self {
-        let mut child = command(args).spawn().expect("the agent binary starts");
+        Self::start_under(&[], args)
+    }
+
+    /// [`Self::start`] through `wrapper` (see [`run_to_exit_under`]).
+    pub fn start_under<S: AsRef<OsStr>>(wrapper: &[&str], args: &[S]) -> Self {
+        let mut child = command(wrapper, args).spawn().expect("the agent binary starts");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let reader = std::thread::spawn({
@@ -85,7 +99,13 @@ impl Drop for AgentProcess {
 
 /// Runs the agent expecting it to exit on its own (a refused start); returns its status and stderr.
 pub fn run_to_exit<S: AsRef<OsStr>>(args: &[S]) -> (ExitStatus, String) {
-    let mut child = command(args).spawn().expect("the agent binary starts");
+    run_to_exit_under(&[], args)
+}
+
+/// [`run_to_exit`] with the agent run through `wrapper`, a program and its options that end by running the agent
+/// (e.g. `["setpriv", "--bounding-set=-sys_admin", "--"]`).
+pub fn run_to_exit_under<S: AsRef<OsStr>>(wrapper: &[&str], args: &[S]) -> (ExitStatus, String) {
+    let mut child = command(wrapper, args).spawn().expect("the agent binary starts");
     let mut stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();

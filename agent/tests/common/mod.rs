@@ -5,14 +5,63 @@
 
 pub mod binary;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use wukong_agent::roots::HostRoots;
-use wukong_agent::usage::scan_now;
+use wukong_agent::usage::{ALL_ANALYSES, BpfSource, ProcessSource, ProcfsSource, SourceError, scan_now_with};
 use wukong_proto::v1::{Disk, UsageReport};
+
+/// The in-kernel process source, loaded once per test binary. A machine where it cannot load fails the tests that
+/// use it (they never fall back silently).
+pub fn bpf() -> &'static BpfSource {
+    static SOURCE: std::sync::OnceLock<BpfSource> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| BpfSource::load(Path::new("/proc")).expect("the BPF iterators load on this machine"))
+}
+
+/// A source whose every failure fails the test: the scan's fallback to /proc would otherwise hide a broken
+/// in-kernel source behind a correct report.
+struct Strict<'a>(&'a dyn ProcessSource);
+
+impl ProcessSource for Strict<'_> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn mount_namespaces(&self, proc_root: &Path) -> Result<BTreeMap<u64, i32>, SourceError> {
+        Ok(self.0.mount_namespaces(proc_root).unwrap_or_else(|e| panic!("{}: {e}", self.0.name())))
+    }
+
+    fn candidates(&self, proc_root: &Path, devices: &BTreeSet<u64>) -> Result<Vec<i32>, SourceError> {
+        Ok(self.0.candidates(proc_root, devices).unwrap_or_else(|e| panic!("{}: {e}", self.0.name())))
+    }
+}
+
+/// One report per disk, finding processes through `source` (which must not fail).
+pub fn scan_by(disks: &[Disk], source: &dyn ProcessSource) -> Vec<UsageReport> {
+    scan_now_with(&HostRoots::default(), disks, Duration::from_secs(30), ALL_ANALYSES, &Strict(source))
+        .unwrap()
+        .to_vec()
+}
+
+/// One report per disk, scanned with /proc and with the in-kernel iterators: the two must be identical (but for
+/// when they were taken and how long they took).
+pub fn scan_both(disks: &[Disk]) -> Vec<UsageReport> {
+    let timeless = |reports: &[UsageReport]| {
+        let mut reports = reports.to_vec();
+        for r in &mut reports {
+            r.scanned_at = None;
+            r.scan_duration = None;
+        }
+        reports
+    };
+    let procfs = scan_by(disks, &ProcfsSource);
+    let bpf = scan_by(disks, bpf());
+    assert_eq!(timeless(&procfs), timeless(&bpf), "the /proc and the BPF scans differ (left: /proc, right: BPF)");
+    procfs
+}
 
 pub fn sh(script: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(script).output().expect("sh runs");
@@ -158,9 +207,9 @@ impl LoopDisk {
         Disk { kernel_name: name.clone(), id: name.clone(), serial: name, ..Disk::default() }
     }
 
+    /// The disk's report, the same from both process sources ([`scan_both`]).
     pub fn scan(&self) -> UsageReport {
-        let reports = scan_now(&HostRoots::default(), &[self.disk()], Duration::from_secs(30)).unwrap();
-        reports[0].clone()
+        scan_both(&[self.disk()]).remove(0)
     }
 }
 

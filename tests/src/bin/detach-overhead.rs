@@ -1,6 +1,7 @@
 //! Benchmark: the time a safe detach (the guest releases the disk, then QEMU unplugs it) adds over a raw unplug
 //! (QEMU `device_del` alone, what KubeVirt's `removevolume` does), on the same kind of disk: a mounted, idle ext4
-//! filesystem on a 64 MiB SCSI disk. Medians of 10, with where the safe detach spends its time.
+//! filesystem on a 64 MiB SCSI disk. Medians of 10, with where the safe detach spends its time; once with each of
+//! the agent's process sources (the in-kernel BPF iterators, then /proc).
 //!
 //! Run: `cargo run -p wukong-e2e --bin detach-overhead` (after `scripts/lib/build-guest-agent.sh`).
 
@@ -14,23 +15,65 @@ use wukong_e2e::{Guest, median, millis};
 
 const SAMPLES: usize = 10;
 
+/// Medians of the raw unplugs and the safe detaches, and of each step of the safe ones.
+struct Measured {
+    raw: f64,
+    safe: f64,
+    steps: BTreeMap<String, f64>,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let guest = Guest::boot().await?;
-    let agent = guest.agent();
     let qemu = Qemu::connect(&guest.companion_qmp()).await?;
+    for scanner in ["bpf", "procfs"] {
+        if scanner == "procfs" {
+            guest
+                .run_ok("echo \"$(cat /etc/wukong-agent.args) --usage-scanner procfs\" > /etc/wukong-agent.args")
+                .await?;
+            guest.restart_agent().await?;
+        }
+        let info = guest.agent().agent_info().await?;
+        anyhow::ensure!(
+            info.usage_scanner == scanner,
+            "the agent scans with {}: {}",
+            info.usage_scanner,
+            info.usage_scanner_reason
+        );
+        let m = measure(&guest, &qemu, scanner).await?;
+        println!(
+            "detach of a mounted, idle 64 MiB ext4 SCSI disk, TCG guest, median of {SAMPLES}, usage scan by {scanner}:"
+        );
+        println!("  raw unplug (device_del until QEMU reports it gone): {:8.1} ms", m.raw);
+        println!("  safe detach (release in the guest, then unplug):     {:8.1} ms", m.safe);
+        println!(
+            "  added by the safe detach:                            {:8.1} ms ({:.1}x)",
+            m.safe - m.raw,
+            m.safe / m.raw
+        );
+        println!("where the safe detach spends it (medians):");
+        for (step, value) in m.steps {
+            println!("  {step:<34} {value:8.1} ms");
+        }
+    }
+    guest.shutdown().await;
+    Ok(())
+}
+
+async fn measure(guest: &Guest, qemu: &Qemu, scanner: &str) -> Result<Measured> {
+    let agent = guest.agent();
     let attach = AttachOptions { timeout: Duration::from_secs(60), poll: Duration::from_millis(20) };
     let (mut raw, mut safe) = (Vec::new(), Vec::new());
     let mut steps: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for i in 0..2 * SAMPLES {
-        let name = format!("bench{i:02}");
+        let name = format!("{scanner}{i:02}");
         let volume = VolumeSpec {
             name: name.clone(),
             serial: name.clone(),
             bus: DiskBus::Scsi,
             source: VolumeSource::Image { path: guest.new_image(64 << 20)?, format: "raw".into() },
         };
-        let dev = companion::attach(&qemu, &agent, &volume, &attach, &|_| {}).await?.disk.dev_node;
+        let dev = companion::attach(qemu, &agent, &volume, &attach, &|_| {}).await?.disk.dev_node;
         // Settled, so both measure the detach, not udev's probe after mkfs (which a release would wait out).
         guest
             .run_ok(&format!("mkfs.ext4 -q {dev} && mkdir -p /mnt/{name} && mount {dev} /mnt/{name} && udevadm settle"))
@@ -53,7 +96,7 @@ async fn main() -> Result<()> {
                 timeout: Duration::from_secs(60),
                 poll: Duration::from_millis(20),
             };
-            let done = companion::detach(&qemu, &agent, &options, &|_| {}).await?;
+            let done = companion::detach(qemu, &agent, &options, &|_| {}).await?;
             safe.push(millis(started.elapsed()));
             for (step, d) in &done.timings {
                 steps.entry(format!("companion: {step}")).or_default().push(millis(*d));
@@ -64,15 +107,9 @@ async fn main() -> Result<()> {
             }
         }
     }
-    let (raw, safe) = (median(raw), median(safe));
-    println!("detach of a mounted, idle 64 MiB ext4 SCSI disk, TCG guest, median of {SAMPLES}:");
-    println!("  raw unplug (device_del until QEMU reports it gone): {raw:8.1} ms");
-    println!("  safe detach (release in the guest, then unplug):     {safe:8.1} ms");
-    println!("  added by the safe detach:                            {:8.1} ms ({:.1}x)", safe - raw, safe / raw);
-    println!("where the safe detach spends it (medians):");
-    for (step, values) in steps {
-        println!("  {step:<34} {:8.1} ms", median(values));
-    }
-    guest.shutdown().await;
-    Ok(())
+    Ok(Measured {
+        raw: median(raw),
+        safe: median(safe),
+        steps: steps.into_iter().map(|(step, values)| (step, median(values))).collect(),
+    })
 }

@@ -4,27 +4,22 @@
 //! whatever mount namespace, chroot or deleted path it lives in. A process that exits mid-scan, or one entry we may
 //! not read, is skipped; it never fails the scan.
 
-use super::procfs_parse::{
-    MapEntry, MountEntry, OverlayLayer, fdinfo_mount_id, fdinfo_writable, overlay_layers, parse_maps, parse_mountinfo,
-    parse_swaps,
-};
-use super::procmap;
+use super::procfs_parse::{MountEntry, OverlayLayer, overlay_layers, parse_mountinfo, parse_swaps};
+mod processes;
+
+use super::procfs_scan::{ProcfsSource, ns_inode};
+use super::source::{ProcessSource, SourceError};
 use super::target::{Role, Target, describe_holder, holder_hint};
 use crate::roots::{HostRoots, resolve_dev_path};
 use crate::system::SYSTEM_MOUNTS;
-use nix::dir::Dir;
-use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::stat::{FileStat, Mode, SFlag, fstatat, major, makedev, minor, stat};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use nix::fcntl::OFlag;
+use nix::sys::stat::{Mode, major, makedev, minor, stat};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 use wukong_proto::v1::{
-    Blocker, BlockerKind, HolderUse, KernelClaim, LoopUse, MountUse, ProcessUse, ProcessUseKind, StackedLayer, SwapUse,
-    SystemUse, blocker::Detail,
+    Blocker, BlockerKind, HolderUse, KernelClaim, LoopUse, MountUse, StackedLayer, SwapUse, SystemUse, blocker::Detail,
 };
-
-/// Uses listed per process and kind before the rest are summarised in one line.
-const MAX_USES_PER_PROCESS: usize = 8;
 
 /// The scan ran past its deadline.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -101,12 +96,14 @@ pub struct Analyses {
     pub stacked_mounts: bool,
 }
 
-/// Scans for every blocker of every target. Returns one list per target, in order.
+/// Scans for every blocker of every target, with the processes `source` finds. Returns one list per target, in
+/// order.
 pub fn scan(
     roots: &HostRoots,
     targets: &[Target],
     deadline: Instant,
     analyses: Analyses,
+    source: &dyn ProcessSource,
 ) -> Result<Vec<Vec<Blocker>>, DeadlineExceeded> {
     let mut blockers = vec![Vec::new(); targets.len()];
     let mut index = Index {
@@ -122,31 +119,34 @@ pub fn scan(
             index.devices.insert(makedev(d.major.into(), d.minor.into()), i);
         }
     }
-    let pids = list_pids(&roots.proc);
-    let namespaces = scan_mounts(roots, &pids, &mut index, &mut blockers);
+    let first_pids = ask(source, |s| s.mount_namespaces(&roots.proc));
+    let namespaces = scan_mounts(roots, first_pids, &mut index, &mut blockers);
     if analyses.stacked_mounts {
         scan_stacked(roots, &namespaces, &mut index, &mut blockers);
     }
     scan_holders(targets, &mut blockers);
     scan_swaps(roots, &index, &mut blockers);
     scan_loops(roots, &index, &mut blockers);
-    scan_processes(roots, &pids, &index, &mut blockers, deadline)?;
+    if !index.devices.is_empty() {
+        let devices: BTreeSet<u64> = index.devices.keys().chain(index.filesystems.keys()).copied().collect();
+        let pids = ask(source, |s| s.candidates(&roots.proc, &devices));
+        processes::scan_processes(roots, &pids, &index, &mut blockers, deadline)?;
+    }
     scan_kernel_claims(roots, targets, &mut blockers);
     Ok(blockers)
 }
 
-fn blocker(kind: BlockerKind, device: &str, message: String, detail: Detail) -> Blocker {
-    Blocker { kind: kind as i32, message, device: device.to_string(), detail: Some(detail) }
+/// `source`'s answer, or /proc's when it fails mid-scan (an iterator that cannot be read): a scan never fails for
+/// its source.
+fn ask<T>(source: &dyn ProcessSource, question: impl Fn(&dyn ProcessSource) -> Result<T, SourceError>) -> T {
+    question(source).unwrap_or_else(|e| {
+        tracing::warn!(source = source.name(), error = %e, "the usage scan's process source failed; this scan reads /proc");
+        question(&ProcfsSource).expect("the /proc source answers")
+    })
 }
 
-fn list_pids(proc_root: &Path) -> Vec<i32> {
-    let self_pid = std::process::id() as i32;
-    let mut pids: Vec<i32> = std::fs::read_dir(proc_root)
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-        .unwrap_or_default();
-    pids.retain(|p| *p != self_pid);
-    pids.sort_unstable();
-    pids
+fn blocker(kind: BlockerKind, device: &str, message: String, detail: Detail) -> Blocker {
+    Blocker { kind: kind as i32, message, device: device.to_string(), detail: Some(detail) }
 }
 
 fn read_comm(proc_root: &Path, pid: i32) -> String {
@@ -157,21 +157,16 @@ fn read_comm(proc_root: &Path, pid: i32) -> String {
 
 // --- mounts ----------------------------------------------------------------------------------------------------
 
-/// Reads mountinfo once per distinct mount namespace and reports mounts of the targets' devices; records their
-/// filesystems for the process scan. Returns the namespaces read, for the stacked-mount analysis.
+/// Reads mountinfo once per distinct mount namespace (through `first_pids`, namespace → its lowest pid) and reports
+/// mounts of the targets' devices; records their filesystems for the process scan. Returns the namespaces read, for
+/// the stacked-mount analysis.
 fn scan_mounts(
     roots: &HostRoots,
-    pids: &[i32],
+    first_pids: BTreeMap<u64, i32>,
     index: &mut Index<'_>,
     blockers: &mut [Vec<Blocker>],
 ) -> Vec<Namespace> {
     let host_ns = ns_inode(&roots.proc, 1).or_else(|| stat(&roots.proc.join("self/ns/mnt")).ok().map(|s| s.st_ino));
-    let mut first_pids: BTreeMap<u64, i32> = BTreeMap::new();
-    for &pid in pids {
-        if let Some(ino) = ns_inode(&roots.proc, pid) {
-            first_pids.entry(ino).or_insert(pid);
-        }
-    }
     let btrfs = btrfs_members(roots);
     for (fsid, members) in btrfs.values() {
         if let Some(&t) = members.iter().find_map(|m| index.devices.get(m)) {
@@ -358,10 +353,6 @@ fn join_and(items: &[String]) -> String {
         [one] => one.clone(),
         [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
-}
-
-fn ns_inode(proc_root: &Path, pid: i32) -> Option<u64> {
-    stat(&proc_root.join(pid.to_string()).join("ns/mnt")).ok().map(|s| s.st_ino)
 }
 
 /// Which target a mount belongs to: its device number, or for btrfs (anonymous `0:N` numbers) the devices of the
@@ -569,311 +560,6 @@ fn loop_backing(roots: &HostRoots, name: &str, backing: &str) -> Option<(u64, u6
     Some((st.st_dev, st.st_rdev))
 }
 
-// --- processes -------------------------------------------------------------------------------------------------
-
-/// A process and what it holds on the targets.
-type ProcessUses = (i32, Vec<Use>);
-
-/// One use of a target by a process, before the process's name and uid are looked up.
-struct Use {
-    target: usize,
-    kind: ProcessUseKind,
-    path: String,
-    fd: i32,
-    writable: bool,
-    /// Device node the use is on.
-    device: String,
-    /// The device described for people, e.g. "/dev/sdb1 (ext4, mounted at /data)".
-    place: String,
-}
-
-fn scan_processes(
-    roots: &HostRoots,
-    pids: &[i32],
-    index: &Index<'_>,
-    blockers: &mut [Vec<Blocker>],
-    deadline: Instant,
-) -> Result<(), DeadlineExceeded> {
-    if index.devices.is_empty() {
-        return Ok(());
-    }
-    // Two threads per core: /proc lookups often wait on per-task locks, and a second thread keeps the core busy
-    // meanwhile (measured: 2000 processes scanned in ~180 ms with 4 threads on 2 cores against ~210 ms with 2).
-    let threads = std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(2).min(16);
-    let results: Vec<Result<Vec<ProcessUses>, DeadlineExceeded>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut found = Vec::new();
-                    let mut scratch = Scratch::default();
-                    for &pid in pids.iter().skip(t).step_by(threads) {
-                        if Instant::now() > deadline {
-                            return Err(DeadlineExceeded);
-                        }
-                        let uses = process_uses(roots, pid, index, &mut scratch);
-                        if !uses.is_empty() {
-                            found.push((pid, uses));
-                        }
-                    }
-                    Ok(found)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or(Ok(Vec::new()))).collect()
-    });
-    let mut found = Vec::new();
-    for r in results {
-        found.extend(r?);
-    }
-    found.sort_by_key(|(pid, _)| *pid);
-    for (pid, uses) in found {
-        report_process(roots, pid, uses, blockers);
-    }
-    Ok(())
-}
-
-/// The target filesystem a file is on: by its device number, or, for an anonymous device no mount names (a
-/// nested btrfs subvolume), by asking the kernel which btrfs filesystem the file is part of. Answers for
-/// anonymous devices are cached per scan thread.
-fn target_fs(
-    index: &Index<'_>,
-    st: &FileStat,
-    path: &Path,
-    subvolumes: &mut HashMap<u64, Option<Filesystem>>,
-) -> Option<Filesystem> {
-    if let Some(fs) = index.filesystems.get(&st.st_dev) {
-        return Some(fs.clone());
-    }
-    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-    if index.btrfs_fsids.is_empty()
-        || major(st.st_dev) != 0
-        || index.mounted_devs.contains(&st.st_dev)
-        || !(kind == SFlag::S_IFREG || kind == SFlag::S_IFDIR)
-    {
-        return None;
-    }
-    subvolumes
-        .entry(st.st_dev)
-        .or_insert_with(|| {
-            let target = *index.btrfs_fsids.get(&btrfs_fsid_of(path)?)?;
-            let node = index.targets[target].devices.first().map(|d| d.node.clone()).unwrap_or_default();
-            Some(Filesystem { target, label: format!("a btrfs subvolume on {node}"), node })
-        })
-        .clone()
-}
-
-/// The stacked filesystem a file belongs to when its device number is one an overlay made up for a layer (the
-/// layers span filesystems and no inode-number mapping is on): no mount names that number, but the mount the file
-/// was opened through (fdinfo's `mnt_id`) is the overlay's.
-fn stacked_fs(index: &Index<'_>, st: &FileStat, fdinfo: &Path) -> Option<Filesystem> {
-    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-    if index.stacked_mounts.is_empty()
-        || major(st.st_dev) != 0
-        || index.mounted_devs.contains(&st.st_dev)
-        || !(kind == SFlag::S_IFREG || kind == SFlag::S_IFDIR)
-    {
-        return None;
-    }
-    let text = std::fs::read_to_string(fdinfo).ok()?;
-    index.stacked_mounts.get(&fdinfo_mount_id(&text)?).cloned()
-}
-
-/// Everything one process holds on any target.
-fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Scratch) -> Vec<Use> {
-    let dir = roots.proc.join(pid.to_string());
-    let Ok(pdir) = Dir::open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) else {
-        return Vec::new();
-    };
-    let mut uses = Vec::new();
-    for (name, kind) in [("cwd", ProcessUseKind::Cwd), ("root", ProcessUseKind::Root), ("exe", ProcessUseKind::Exe)] {
-        if let Ok(st) = fstatat(&pdir, name, AtFlags::empty())
-            && let Some(fs) = target_fs(index, &st, &dir.join(name), &mut scratch.subvolumes)
-        {
-            let path = std::fs::read_link(dir.join(name)).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-            uses.push(Use { target: fs.target, kind, path, fd: -1, writable: false, device: fs.node, place: fs.label });
-        }
-    }
-    if let Ok(mut fds) =
-        Dir::openat(&pdir, "fd", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-    {
-        let names: Vec<std::ffi::CString> =
-            fds.iter().flatten().map(|e| e.file_name().to_owned()).filter(|n| n.as_bytes()[0] != b'.').collect();
-        for name in names {
-            let Ok(st) = fstatat(&fds, name.as_c_str(), AtFlags::empty()) else { continue };
-            let is_block = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFBLK;
-            let hit = if is_block {
-                index.devices.get(&st.st_rdev).map(|&t| {
-                    let d = index.targets[t].device(major(st.st_rdev) as u32, minor(st.st_rdev) as u32);
-                    let node = d.map(|d| d.node.clone()).unwrap_or_default();
-                    (t, ProcessUseKind::BlockDevice, node.clone(), node)
-                })
-            } else {
-                let fd_name = name.to_string_lossy();
-                target_fs(index, &st, &dir.join("fd").join(fd_name.as_ref()), &mut scratch.subvolumes)
-                    .or_else(|| stacked_fs(index, &st, &dir.join("fdinfo").join(fd_name.as_ref())))
-                    .map(|fs| (fs.target, ProcessUseKind::OpenFile, fs.node, fs.label))
-            };
-            let Some((target, kind, device, place)) = hit else { continue };
-            let fd_name = name.to_string_lossy().into_owned();
-            let path = std::fs::read_link(dir.join("fd").join(&fd_name))
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let writable =
-                std::fs::read_to_string(dir.join("fdinfo").join(&fd_name)).is_ok_and(|t| fdinfo_writable(&t));
-            uses.push(Use { target, kind, path, fd: fd_name.parse().unwrap_or(-1), writable, device, place });
-        }
-    }
-    // Without a mounted filesystem of a target there is no file to map, and maps is the costliest read.
-    if !index.filesystems.is_empty() {
-        let mut seen = HashSet::new();
-        for (fs, m) in mapped_files(&dir.join("maps"), index, scratch) {
-            if seen.insert((m.inode, m.shared_writable)) {
-                uses.push(Use {
-                    target: fs.target,
-                    kind: ProcessUseKind::Mmap,
-                    path: m.path,
-                    fd: -1,
-                    writable: m.shared_writable,
-                    device: fs.node.clone(),
-                    place: fs.label.clone(),
-                });
-            }
-        }
-    }
-    uses
-}
-
-/// File mappings of a process on a target filesystem. Asks the kernel VMA by VMA (PROCMAP_QUERY, Linux 6.11+),
-/// which formats no text; reads and parses the maps text on older kernels.
-fn mapped_files<'i>(maps: &Path, index: &'i Index<'_>, scratch: &mut Scratch) -> Vec<(&'i Filesystem, MapEntry)> {
-    let Ok(file) = std::fs::File::open(maps) else { return Vec::new() };
-    let on_target = |dev: u64| index.filesystems.contains_key(&dev);
-    let mut found = None;
-    if scratch.procmap_query != Some(false) {
-        match procmap::file_mappings(&file, |major, minor| on_target(makedev(major.into(), minor.into()))) {
-            Ok(mappings) => {
-                scratch.procmap_query = Some(true);
-                found = Some(mappings);
-            }
-            Err(procmap::Unsupported) => scratch.procmap_query = Some(false),
-        }
-    }
-    let found = found.unwrap_or_else(|| {
-        use std::io::Read;
-        scratch.maps.clear();
-        if (&file).read_to_end(&mut scratch.maps).is_err() {
-            return Vec::new();
-        }
-        scratch
-            .maps
-            .split(|b| *b == b'\n')
-            .filter(|line| map_device(line).is_some_and(|(dev, _)| on_target(dev)))
-            .filter_map(|line| parse_maps(&String::from_utf8_lossy(line)).pop())
-            .collect()
-    });
-    found
-        .into_iter()
-        .filter_map(|m| Some((index.filesystems.get(&makedev(m.major.into(), m.minor.into()))?, m)))
-        .collect()
-}
-
-/// Buffers a scan thread reuses from process to process.
-#[derive(Default)]
-struct Scratch {
-    maps: Vec<u8>,
-    /// Whether the kernel answers PROCMAP_QUERY (unknown until the first process).
-    procmap_query: Option<bool>,
-    /// Answers for anonymous devices no mount names (see [`target_fs`]).
-    subvolumes: HashMap<u64, Option<Filesystem>>,
-}
-
-/// The device (as dev_t) and inode of a file-backed line of `maps`, without allocating: the full parse is only
-/// done for lines on a target. `None` for anonymous mappings and malformed lines.
-fn map_device(line: &[u8]) -> Option<(u64, u64)> {
-    let mut fields = line.split(|b| *b == b' ').filter(|f| !f.is_empty());
-    let dev = fields.nth(3)?;
-    let inode: u64 = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
-    if inode == 0 {
-        return None;
-    }
-    let colon = dev.iter().position(|b| *b == b':')?;
-    let hex = |s: &[u8]| u64::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok();
-    Some((makedev(hex(&dev[..colon])?, hex(&dev[colon + 1..])?), inode))
-}
-
-fn process_uid(proc_root: &Path, pid: i32) -> u32 {
-    std::fs::read_to_string(proc_root.join(pid.to_string()).join("status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        })
-        .unwrap_or(u32::MAX)
-}
-
-fn process_cmdline(proc_root: &Path, pid: i32) -> String {
-    let raw = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).unwrap_or_default();
-    let mut s: String = String::from_utf8_lossy(&raw).replace('\0', " ").trim_end().to_string();
-    if s.len() > 256 {
-        let cut = (0..=256).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-        s.truncate(cut);
-    }
-    s
-}
-
-fn report_process(roots: &HostRoots, pid: i32, uses: Vec<Use>, blockers: &mut [Vec<Blocker>]) {
-    let command = read_comm(&roots.proc, pid);
-    let uid = process_uid(&roots.proc, pid);
-    let cmdline = process_cmdline(&roots.proc, pid);
-    // (target, kind) → how many uses, and the device of the first.
-    let mut per_kind: HashMap<(usize, i32), (usize, String)> = HashMap::new();
-    for u in uses {
-        let (count, _) = per_kind.entry((u.target, u.kind as i32)).or_insert_with(|| (0, u.device.clone()));
-        *count += 1;
-        if *count > MAX_USES_PER_PROCESS {
-            continue;
-        }
-        let who = format!("{command} (pid {pid}, uid {uid})");
-        let mode = if u.writable { "writing" } else { "reading" };
-        let message = match u.kind {
-            ProcessUseKind::OpenFile => format!("{who} has {} open for {mode}", u.path),
-            ProcessUseKind::BlockDevice => format!("{who} has the block device {} open for {mode}", u.device),
-            ProcessUseKind::Cwd => format!("{who} has its working directory at {}", u.path),
-            ProcessUseKind::Root => format!("{who} has its root directory at {}", u.path),
-            ProcessUseKind::Exe => format!("{who} runs the program {}", u.path),
-            ProcessUseKind::Mmap if u.writable => format!("{who} has {} memory-mapped, shared and writable", u.path),
-            ProcessUseKind::Mmap | ProcessUseKind::Unspecified => format!("{who} has {} memory-mapped", u.path),
-        };
-        blockers[u.target].push(blocker(
-            BlockerKind::Process,
-            &u.device,
-            format!("{message} (on {})", u.place),
-            Detail::Process(ProcessUse {
-                pid,
-                command: command.clone(),
-                cmdline: cmdline.clone(),
-                uid,
-                r#use: u.kind as i32,
-                path: u.path,
-                fd: u.fd,
-                writable: u.writable,
-            }),
-        ));
-    }
-    for ((target, _), (count, device)) in per_kind {
-        if count > MAX_USES_PER_PROCESS {
-            let more = count - MAX_USES_PER_PROCESS;
-            blockers[target].push(Blocker {
-                kind: BlockerKind::Process as i32,
-                message: format!(
-                    "{command} (pid {pid}, uid {uid}) holds {more} more files of the same kind on {device}"
-                ),
-                device,
-                detail: None,
-            });
-        }
-    }
-}
-
 // --- kernel claims ---------------------------------------------------------------------------------------------
 
 /// A device that nothing above explains but that the kernel holds exclusively (an `O_EXCL` open fails with EBUSY).
@@ -904,60 +590,6 @@ fn scan_kernel_claims(roots: &HostRoots, targets: &[Target], blockers: &mut [Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
-
-    /// Both ways of reading mappings (PROCMAP_QUERY and the maps text of older kernels) find a shared, writable
-    /// mapping of a file, with its path.
-    #[test]
-    fn mapped_files_found_by_ioctl_and_by_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mapped file");
-        std::fs::write(&path, vec![1u8; 4096]).unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        // SAFETY: a fresh shared mapping of a file we own; unmapped below.
-        let addr = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                std::num::NonZeroUsize::new(4096).unwrap(),
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                &file,
-                0,
-            )
-        }
-        .unwrap();
-        let targets = [Target { key: "t".into(), devices: Vec::new() }];
-        let mut index = Index {
-            targets: &targets,
-            devices: HashMap::new(),
-            filesystems: HashMap::new(),
-            mounted_devs: HashSet::new(),
-            btrfs_fsids: HashMap::new(),
-            stacked_mounts: HashMap::new(),
-        };
-        let dev = std::fs::metadata(&path).unwrap().dev();
-        index.filesystems.insert(dev, Filesystem { target: 0, node: "/dev/test".into(), label: "test fs".into() });
-        let maps = Path::new("/proc/self/maps");
-        for forced in [None, Some(false)] {
-            let mut scratch = Scratch { procmap_query: forced, ..Scratch::default() };
-            let found = mapped_files(maps, &index, &mut scratch);
-            let m = found.iter().find(|(_, m)| m.path.ends_with("mapped file")).map(|(_, m)| m);
-            let m = m.unwrap_or_else(|| panic!("mapping found (procmap {forced:?}): {:?}", found.len()));
-            assert!(m.shared_writable, "procmap {forced:?}");
-            assert_eq!(m.path, path.to_str().unwrap());
-        }
-        // SAFETY: the mapping created above.
-        unsafe { nix::sys::mman::munmap(addr, 4096) }.unwrap();
-    }
-
-    #[test]
-    fn map_device_reads_hex_device_and_inode_without_allocating() {
-        let line = b"7f0000000000-7f0000001000 rw-s 00000000 08:11 42 /x y";
-        assert_eq!(map_device(line), Some((makedev(8, 0x11), 42)));
-        assert_eq!(map_device(b"7f00-7f01 rw-p 00000000 00:00 0"), None);
-        assert_eq!(map_device(b"garbage"), None);
-        assert_eq!(map_device(b"a b c zz:01 5 /x"), None);
-    }
 
     /// Relative layers are followed only from a directory where every one of them exists: the mount point's
     /// nearest such ancestor first, then an absolute layer's; never the mount point itself; nothing for layers that
