@@ -21,8 +21,10 @@ use std::sync::Mutex;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/usage.bpf.o"));
 
 /// The three programs and the kernel iterator each attaches to.
-const PROGRAMS: [(&str, &str); 3] =
-    [("usage_files", "task_file"), ("usage_tasks", "task"), ("usage_mappings", "task_vma")];
+const PROGRAMS: [(&str, &str); 3] = [("usage_files", "task_file"), TASKS, ("usage_mappings", "task_vma")];
+
+/// The one that also lists every process's mount namespace.
+const TASKS: (&str, &str) = ("usage_tasks", "task");
 
 /// What a record says (bpf/usage.bpf.c's `enum use_kind`).
 const USE_MOUNT_NS: u32 = 6;
@@ -81,7 +83,7 @@ impl BpfSource {
             loaded: Mutex::new(Loaded { ebpf, devices }),
             description: format!("{} BPF iterators loaded (kernel {kernel})", PROGRAMS.len()),
         };
-        source.records(&BTreeSet::new()).map_err(|e| Unavailable(e.to_string()))?;
+        source.records(&BTreeSet::new(), &PROGRAMS).map_err(|e| Unavailable(e.to_string()))?;
         Ok(source)
     }
 
@@ -90,8 +92,8 @@ impl BpfSource {
         &self.description
     }
 
-    /// Every record of one pass of the three iterators with `devices` (userspace dev_t numbers) watched.
-    fn records(&self, devices: &BTreeSet<u64>) -> Result<Vec<[u32; 4]>, SourceError> {
+    /// Every record of one pass of `programs` with `devices` (userspace dev_t numbers) watched.
+    fn records(&self, devices: &BTreeSet<u64>, programs: &[(&str, &str)]) -> Result<Vec<[u32; 4]>, SourceError> {
         if devices.len() > MAX_DEVICES {
             return Err(SourceError(format!(
                 "{} devices to watch, more than the {MAX_DEVICES} the map holds",
@@ -108,7 +110,7 @@ impl BpfSource {
             map.insert(kernel_dev(dev), 1, 0).map_err(|e| SourceError(format!("cannot fill the devices map: {e}")))?;
         }
         let mut bytes = Vec::new();
-        for (name, iterator) in PROGRAMS {
+        for &(name, iterator) in programs {
             let program: &mut Iter = ebpf
                 .program_mut(name)
                 .and_then(|p| p.try_into().ok())
@@ -133,7 +135,8 @@ impl ProcessSource for BpfSource {
 
     fn mount_namespaces(&self, _proc_root: &Path) -> Result<BTreeMap<u64, i32>, SourceError> {
         let mut first = BTreeMap::new();
-        for [pid, kind, _, ns] in self.records(&BTreeSet::new())? {
+        // The task iterator alone: no device watched, it lists the mount namespaces.
+        for [pid, kind, _, ns] in self.records(&BTreeSet::new(), &[TASKS])? {
             if kind == USE_MOUNT_NS && another_process(pid) {
                 let lowest = first.entry(u64::from(ns)).or_insert(pid as i32);
                 *lowest = (*lowest).min(pid as i32);
@@ -147,7 +150,7 @@ impl ProcessSource for BpfSource {
             return Ok(Vec::new());
         }
         let pids: BTreeSet<i32> = self
-            .records(devices)?
+            .records(devices, &PROGRAMS)?
             .into_iter()
             .filter(|&[pid, kind, _, _]| kind != USE_MOUNT_NS && another_process(pid))
             .map(|[pid, ..]| pid as i32)

@@ -59,7 +59,18 @@ pub fn scan_both(disks: &[Disk]) -> Vec<UsageReport> {
     };
     let procfs = scan_by(disks, &ProcfsSource);
     let bpf = scan_by(disks, bpf());
-    assert_eq!(timeless(&procfs), timeless(&bpf), "the /proc and the BPF scans differ (left: /proc, right: BPF)");
+    let (left, right) = (timeless(&procfs), timeless(&bpf));
+    if left != right {
+        let only = |a: &[UsageReport], b: &[UsageReport]| -> Vec<String> {
+            let theirs: Vec<_> = b.iter().flat_map(|r| &r.blockers).collect();
+            a.iter().flat_map(|r| &r.blockers).filter(|x| !theirs.contains(x)).map(|x| x.message.clone()).collect()
+        };
+        panic!(
+            "the /proc and the BPF scans differ\nonly /proc: {:#?}\nonly BPF: {:#?}",
+            only(&left, &right),
+            only(&right, &left)
+        );
+    }
     procfs
 }
 
@@ -241,8 +252,15 @@ impl Holder {
         Self(child)
     }
 
+    /// A shell that runs `script` and then becomes `sleep` holding what it got; returned once it is `sleep`, so that
+    /// two scans see the same process (its name changes with the exec).
     pub fn sh(script: &str) -> Self {
-        Self::start("sh", &["-c", &format!("{script}\necho ready\nexec sleep 1000")])
+        let holder = Self::start("sh", &["-c", &format!("{script}\necho ready\nexec sleep 1000")]);
+        let comm = format!("/proc/{}/comm", holder.pid());
+        while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() != "sleep") {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        holder
     }
 
     pub fn pid(&self) -> i32 {
