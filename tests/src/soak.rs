@@ -328,13 +328,19 @@ pub async fn run(config: Config) -> Result<Report> {
                 took.as_secs_f64(),
                 (healed - begun).as_secs_f64()
             ),
-            Err(e) => report.violations.push(format!("round {round}: did not converge within the bound: {e:#}")),
+            Err(e) => {
+                println!("VIOLATION round {round}: did not converge within the bound");
+                report.violations.push(format!("round {round}: did not converge within the bound: {e:#}"))
+            }
         }
-        for violation in check(&lab, &mut disks, &mut report).await? {
-            report.violations.push(format!("round {round} (seed {}): {violation}", config.seed));
+        let mut found = check(&lab, &mut disks, &mut report).await?;
+        found.extend(settle(&lab, &mut disks).await.with_context(|| format!("round {round}: mounting the disks"))?);
+        // Said as found too: a run that is stopped still tells what it saw.
+        for violation in found {
+            let violation = format!("round {round} (seed {}): {violation}", config.seed);
+            println!("VIOLATION {violation}");
+            report.violations.push(violation);
         }
-        let changed = settle(&lab, &mut disks).await.with_context(|| format!("round {round}: mounting the disks"))?;
-        report.violations.extend(changed.into_iter().map(|v| format!("round {round} (seed {}): {v}", config.seed)));
         report.rounds = round;
     }
     report.elapsed = started.elapsed();

@@ -84,6 +84,12 @@ impl BpfSource {
             description: format!("{} BPF iterators loaded (kernel {kernel})", PROGRAMS.len()),
         };
         source.records(&BTreeSet::new(), &PROGRAMS).map_err(|e| Unavailable(e.to_string()))?;
+        drop(btf);
+        // Loading parsed the kernel's whole BTF (5 MiB on 6.1, 13 MiB of peak memory) and freed it; malloc keeps
+        // freed memory for reuse, and a resident agent would carry it for good (18 MiB resident against 8.5 with
+        // /proc). Hand it back.
+        // SAFETY: malloc_trim only releases free heap memory; it takes no pointer and is thread-safe.
+        unsafe { nix::libc::malloc_trim(0) };
         Ok(source)
     }
 

@@ -55,6 +55,8 @@ async fn main() -> Result<()> {
         for (step, value) in m.steps {
             println!("  {step:<34} {value:8.1} ms");
         }
+        let rss = guest.run_ok("grep -E '^VmRSS|^VmHWM' /proc/$(pidof wukong-agent)/status | tr -s '\t ' ' '").await?;
+        println!("the agent after {} detaches: {}", SAMPLES, rss.trim().replace('\n', ", "));
     }
     guest.shutdown().await;
     Ok(())
