@@ -147,7 +147,7 @@ fn main() {
             })
             .collect()
     };
-    let bpf = BpfSource::load(std::path::Path::new("/proc")).expect("the BPF iterators load (root, kernel 5.12+, BTF)");
+    let bpf = BpfSource::load(&HostRoots::default()).expect("the BPF iterators load (root, kernel 5.12+, BTF)");
     println!(
         "usage scan vs fuser -m and lsof, median of {RUNS} runs, {} cores; {}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

@@ -67,8 +67,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let tls = config.tls.clone().map(tls::ReloadingTls::new).transpose()?.map(Arc::new);
-    let usage =
-        UsageScanner::new(config.roots.clone(), ActiveSource::choose(config.usage_scanner, &config.roots.proc)?);
+    let usage = UsageScanner::new(config.roots.clone(), ActiveSource::choose(config.usage_scanner, &config.roots)?);
     tracing::info!(scanner = usage.source().name(), why = %usage.source().reason, "usage scanner chosen");
     let facts = Arc::new(AgentFacts::new(config.roots.proc.clone(), tls.clone(), usage.source()));
     let journal = Journal::new(Some(config.state_dir.clone()));

@@ -8,9 +8,10 @@
 //! own.
 
 use super::source::{ProcessSource, SourceError};
+use crate::roots::HostRoots;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::Iter;
-use aya::{Btf, Ebpf, EbpfLoader};
+use aya::{Btf, Ebpf, EbpfLoader, Endianness};
 use nix::sys::stat::{major, minor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -53,13 +54,15 @@ struct Loaded {
 }
 
 impl BpfSource {
-    /// Loads the iterators against the running kernel, for the processes `proc_root` names; fails with the reason
-    /// when the kernel (no BTF, older than 5.12, a verifier refusal), the agent's privileges (CAP_BPF and
-    /// CAP_PERFMON, or CAP_SYS_ADMIN; a seccomp filter without `bpf`) or the proc root (not the kernel's /proc of
-    /// this process) do not allow it. A first scan proves the iterators can be read.
-    pub fn load(proc_root: &Path) -> Result<Self, Unavailable> {
+    /// Loads the iterators against the running kernel (its BTF under `roots.sys`), for the processes `roots.proc`
+    /// names; fails with the reason when the kernel (no BTF, older than 5.12, a verifier refusal), the agent's
+    /// privileges (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN; a seccomp filter without `bpf`) or the proc root (not
+    /// the kernel's /proc of this process) do not allow it. A first scan proves the iterators can be read.
+    pub fn load(roots: &HostRoots) -> Result<Self, Unavailable> {
+        let proc_root = roots.proc.as_path();
         let level = pid_level(proc_root)?;
-        let btf = Btf::from_sys_fs().map_err(|e| Unavailable(format!("the kernel has no BTF to load against: {e}")))?;
+        let btf = Btf::parse_file(roots.sys.join("kernel/btf/vmlinux"), Endianness::default())
+            .map_err(|e| Unavailable(format!("the kernel has no BTF to load against: {}", explain(&e))))?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("pid_level", &level, true)
@@ -232,6 +235,15 @@ mod tests {
         assert_eq!(kernel_dev(makedev(8, 17)), (8 << 20) | 17);
         assert_eq!(kernel_dev(makedev(259, 1 << 19)), (259 << 20) | (1 << 19));
         assert_eq!(kernel_dev(makedev(0, 1234)), 1234);
+    }
+
+    #[test]
+    fn a_kernel_without_btf_is_refused_with_a_reason() {
+        let sys = tempfile::tempdir().unwrap();
+        let roots = HostRoots { sys: sys.path().to_path_buf(), ..HostRoots::default() };
+        let e = BpfSource::load(&roots).err().expect("no BTF, no iterators").to_string();
+        assert!(e.starts_with("the in-kernel (BPF) usage scan is unavailable: the kernel has no BTF"), "{e}");
+        assert!(e.contains("kernel/btf/vmlinux"), "names the file: {e}");
     }
 
     #[test]

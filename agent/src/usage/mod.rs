@@ -63,14 +63,12 @@ pub struct ActiveSource {
 
 impl ActiveSource {
     /// The source `choice` asks for on this machine. Only a forced `bpf` that cannot load is an error.
-    pub fn choose(choice: ScannerChoice, proc_root: &std::path::Path) -> Result<Self, Unavailable> {
+    pub fn choose(choice: ScannerChoice, roots: &HostRoots) -> Result<Self, Unavailable> {
         let procfs = |reason: String| Self { source: Arc::new(ProcfsSource), reason };
         match choice {
             ScannerChoice::Procfs => Ok(procfs("configured (usage_scanner = procfs)".into())),
-            ScannerChoice::Bpf => BpfSource::load(proc_root).map(Self::bpf),
-            ScannerChoice::Auto => {
-                Ok(BpfSource::load(proc_root).map(Self::bpf).unwrap_or_else(|e| procfs(e.to_string())))
-            }
+            ScannerChoice::Bpf => BpfSource::load(roots).map(Self::bpf),
+            ScannerChoice::Auto => Ok(BpfSource::load(roots).map(Self::bpf).unwrap_or_else(|e| procfs(e.to_string()))),
         }
     }
 

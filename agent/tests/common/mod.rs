@@ -18,7 +18,7 @@ use wukong_proto::v1::{Disk, UsageReport};
 /// use it (they never fall back silently).
 pub fn bpf() -> &'static BpfSource {
     static SOURCE: std::sync::OnceLock<BpfSource> = std::sync::OnceLock::new();
-    SOURCE.get_or_init(|| BpfSource::load(Path::new("/proc")).expect("the BPF iterators load on this machine"))
+    SOURCE.get_or_init(|| BpfSource::load(&HostRoots::default()).expect("the BPF iterators load on this machine"))
 }
 
 /// A source whose every failure fails the test: the scan's fallback to /proc would otherwise hide a broken
