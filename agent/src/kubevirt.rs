@@ -218,7 +218,7 @@ pub async fn fetch(source: &CaSource) -> Result<Vec<CertificateDer<'static>>, Ca
                 async move { stream.map(TokioIo::new) }
             }))
             .await
-            .map_err(|e| CaError::Call(source.clone(), error_chain(&e)))?;
+            .map_err(|e| CaError::Call(source.clone(), crate::error_chain::error_chain(&e)))?;
         let bundle = SystemClient::new(channel)
             .ca_bundle(EmptyRequest {})
             .await
@@ -240,18 +240,6 @@ async fn connect(source: &CaSource) -> io::Result<Box<dyn Io>> {
         }
         CaSource::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
     })
-}
-
-/// An error and its causes in one line: tonic's transport error alone says only "transport error".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        line.push_str(": ");
-        line.push_str(&e.to_string());
-        cause = e.source();
-    }
-    line
 }
 
 /// The common name of a KubeVirt vsock client certificate: one for client authentication (the clientAuth extended

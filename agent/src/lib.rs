@@ -7,6 +7,7 @@ pub mod access;
 pub mod agent_info;
 pub mod config;
 pub mod disk;
+mod error_chain;
 pub mod instance;
 pub mod inventory;
 pub mod kubevirt;

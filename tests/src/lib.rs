@@ -983,12 +983,7 @@ impl Guest {
         let (name, why) = scanner(self.agent().agent_info().await?);
         ensure!(name == "bpf", "the guest's agent scans with {name}, not BPF: {why}");
         let bpf = self.agent().check_usage(serial).await?;
-        self.run_ok("cp /etc/wukong-agent.args /tmp/args && echo \"$(cat /tmp/args) --usage-scanner procfs\" > /etc/wukong-agent.args")
-            .await?;
-        self.stop_agent("TERM").await?;
-        let started = self.start_agent().await;
-        self.run_ok("mv /tmp/args /etc/wukong-agent.args").await?;
-        started?;
+        self.restart_agent_adding("--usage-scanner procfs").await?;
         let (name, why) = scanner(self.agent().agent_info().await?);
         ensure!(name == "procfs", "asked for /proc, the guest's agent scans with {name}: {why}");
         let procfs = self.agent().check_usage(serial).await;
@@ -1016,10 +1011,22 @@ impl Guest {
     /// [`Self::install_agent`]'s) and waits until it answers. An agent still running is an error: the new one could
     /// not listen, and the old one would answer.
     pub async fn start_agent(&self) -> Result<()> {
-        self.run_ok(
+        self.start_agent_with("").await
+    }
+
+    /// Restarts the agent (SIGTERM) with `extra` flags after its usual ones, this once: a later
+    /// [`Self::restart_agent`] starts it as before.
+    pub async fn restart_agent_adding(&self, extra: &str) -> Result<()> {
+        self.stop_agent("TERM").await?;
+        self.start_agent_with(extra).await
+    }
+
+    /// [`Self::start_agent`] with `extra` flags after those of /etc/wukong-agent.args.
+    async fn start_agent_with(&self, extra: &str) -> Result<()> {
+        self.run_ok(&format!(
             "if pidof wukong-agent; then echo 'wukong-agent already runs'; exit 1; fi
-             setsid wukong-agent $(cat /etc/wukong-agent.args) </dev/null >>/var/log/wukong-agent.log 2>&1 &",
-        )
+             setsid wukong-agent $(cat /etc/wukong-agent.args) {extra} </dev/null >>/var/log/wukong-agent.log 2>&1 &"
+        ))
         .await?;
         self.wait_for_agent(AGENT_START_TIMEOUT).await
     }

@@ -198,23 +198,14 @@ fn pid_level(proc_root: &Path) -> Result<u32, Unavailable> {
     }
 }
 
-/// An error with its sources (e.g. the verifier's reason under aya's "program failed to load"), and what is
-/// missing when the kernel said EPERM.
-fn explain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut denied = false;
-    let mut source = e.source();
-    while let Some(s) = source {
-        // aya's messages often repeat their source's already.
-        let said = s.to_string();
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        let errno = s.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
-        denied |= errno == Some(nix::errno::Errno::EPERM as i32);
-        source = s.source();
-    }
+/// An error with its causes (e.g. the verifier's reason under aya's "program failed to load"), and what is missing
+/// when the kernel said EPERM.
+fn explain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = crate::error_chain::error_chain(e);
+    let denied = std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error)
+            == Some(nix::errno::Errno::EPERM as i32)
+    });
     if denied {
         text.push_str(
             " (loading needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN, and the bpf system call allowed by any \

@@ -28,10 +28,7 @@ async fn main() -> Result<()> {
     let qemu = Qemu::connect(&guest.companion_qmp()).await?;
     for scanner in ["bpf", "procfs"] {
         if scanner == "procfs" {
-            guest
-                .run_ok("echo \"$(cat /etc/wukong-agent.args) --usage-scanner procfs\" > /etc/wukong-agent.args")
-                .await?;
-            guest.restart_agent().await?;
+            guest.restart_agent_adding("--usage-scanner procfs").await?;
         }
         let info = guest.agent().agent_info().await?;
         anyhow::ensure!(
