@@ -551,7 +551,13 @@ fn a_fuse_overlay_daemon_with_its_layers_on_the_disk_is_found() {
     sh(&format!("fuse-overlayfs -o lowerdir={m}/low,upperdir={m}/up,workdir={m}/work {f}"));
     disk.mounts.push(merged.clone());
     let daemon: i32 = sh(&format!("pgrep -n -f '^fuse-overlayfs .*{f}$'")).trim().parse().unwrap();
-    assert_eq!(std::fs::read_to_string(merged.join("app.conf")).unwrap(), "threads=4\n");
+    // Held open through the scans: the daemon opens the lower file for each open through the mount and closes it
+    // when the kernel's release reaches it, which comes after our close returns; a file read and closed here could
+    // be open in one scan and gone in the next.
+    let mut reader = std::fs::File::open(merged.join("app.conf")).unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+    assert_eq!(text, "threads=4\n");
 
     let report = disk.scan();
     let held: BTreeSet<String> = report
@@ -560,10 +566,11 @@ fn a_fuse_overlay_daemon_with_its_layers_on_the_disk_is_found() {
         .filter(|b| matches!(&b.detail, Some(Detail::Process(p)) if p.pid == daemon))
         .map(|b| b.message.clone())
         .collect();
-    for layer in ["low", "up"] {
+    for layer in ["low", "up", "low/app.conf"] {
         let path = format!("{m}/{layer}");
         assert!(held.iter().any(|b| b.contains(&format!("(pid {daemon}, uid 0) has {path} open"))), "{held:#?}");
     }
+    drop(reader);
     let fuser = fuser_pids(&disk.dev);
     assert!(fuser.contains(&daemon), "fuser -m finds the daemon too: {fuser:?}");
     assert!(process_pids(&report).is_superset(&fuser), "and we find all fuser finds");
