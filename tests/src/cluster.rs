@@ -433,10 +433,11 @@ impl Cluster {
         Ok(kube::Client::try_from(config)?)
     }
 
-    /// Every audit event so far (complete requests only).
+    /// Every audit event so far (complete requests only), across the log's rotations: kube-apiserver renames
+    /// `audit.log` to `audit-TIMESTAMP.log` at 100 MiB (when `--audit-log-maxsize` is unset) and keeps every
+    /// backup (`--audit-log-maxbackup` 0); by name the backups sort oldest first and before `audit.log`.
     pub fn audit(&self) -> Result<Vec<AuditEvent>> {
-        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
-        text.lines().map(|line| serde_json::from_str(line).with_context(|| format!("an audit line: {line}"))).collect()
+        read_audit_logs(self.dir.path())
     }
 
     /// The API server's process: a test stops it (SIGSTOP) to play an API server that no longer answers. A restart
@@ -541,4 +542,47 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
     bytes
+}
+
+/// The audit events in `dir`'s `audit*.log` files, oldest first (see [`Cluster::audit`]).
+fn read_audit_logs(dir: &std::path::Path) -> Result<Vec<AuditEvent>> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("audit") && n.ends_with(".log"))
+        })
+        .collect();
+    logs.sort();
+    let mut events = Vec::new();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+        // A line still being written has no newline yet: it is read next time.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        for line in complete.lines() {
+            events.push(serde_json::from_str(line).with_context(|| format!("an audit line: {line}"))?);
+        }
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_log_is_read_across_rotations_and_a_line_being_written_is_left_for_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let event = |uri: &str| format!(r#"{{"verb":"get","requestURI":"{uri}","stage":"ResponseComplete"}}"#);
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        write("audit-2026-12-05T19-00-00.000.log", format!("{}\n{}\n", event("/1"), event("/2")));
+        write("audit-2026-12-05T20-00-00.000.log", format!("{}\n", event("/3")));
+        write("audit.log", format!("{}\n{}", event("/4"), &event("/5")[..20]));
+        write("apiserver.log", "not audit\n".into());
+        let uris: Vec<String> = read_audit_logs(dir.path()).unwrap().into_iter().map(|e| e.request_uri).collect();
+        assert_eq!(uris, ["/1", "/2", "/3", "/4"]);
+
+        write("audit.log", "{not json\n".into());
+        let err = read_audit_logs(dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("an audit line: {not json"), "{err:#}");
+    }
 }

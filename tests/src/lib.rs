@@ -19,7 +19,7 @@ pub mod node;
 pub mod operator_lab;
 pub mod pki;
 pub mod ports;
-mod process;
+pub mod process;
 pub mod readme_install;
 pub mod soak;
 pub mod storage_lab;
@@ -35,6 +35,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use wukong_controller_client::agent_client::{AgentAddress, AgentClient, TlsFiles};
 use wukong_controller_client::qmp::{DiskDevice, DiskPlug, QmpClient};
+
+use crate::process::Lab;
 
 /// Port the agent listens on inside the guest (TCP and vsock).
 const GUEST_AGENT_PORT: u16 = 7443;
@@ -270,6 +272,7 @@ impl HostAgent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .join()?
             .spawn()
             .context("starting wukong-agent (cargo build --release -p wukong-agent)")?;
         let started = Instant::now();
@@ -493,6 +496,7 @@ impl VsockDevice {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .kill_on_drop(true)
+            .join()?
             .spawn()
             .context("cannot start vhost-device-vsock")?;
         let started = Instant::now();
@@ -704,7 +708,7 @@ impl Guest {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("qemu.log"))?)
             .kill_on_drop(true);
-        let qemu = cmd.spawn().context("cannot start qemu-system-x86_64; run scripts/lib/install-deps.sh")?;
+        let qemu = cmd.join()?.spawn().context("cannot start qemu-system-x86_64; run scripts/lib/install-deps.sh")?;
 
         let launched = Instant::now();
         let qmp = loop {

@@ -26,6 +26,7 @@
 //! The bridge plugin enforces no NetworkPolicy.
 
 use crate::cluster::{Cluster, NodeApi};
+use crate::process::Lab;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node as NodeObject, Pod};
 use kube::api::{Api, ListParams};
@@ -348,6 +349,7 @@ impl Node {
     fn spawn(&mut self, name: &'static str, command: &mut Command) -> Result<()> {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
         let child = command
+            .join()?
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -2,9 +2,107 @@
 //! arguments, environment, and its log file as stderr) is built once and kept, so a restart cannot drift from the
 //! first start. A `Command` spawns any number of times; a log given as a file is the same open file each time, so
 //! a restarted process appends to what the killed one wrote.
+//!
+//! Every lab process (etcd, kube-apiserver, operators, QEMU and its vsock backend, agents on the host, the node's
+//! daemons) joins one process group, [`lab_group`], whose keeper kills the whole group when this process ends,
+//! however it ends: `Drop` does not run when a release build's panic aborts, or when the process is killed.
 
 use anyhow::{Context, Result};
-use std::process::{Child, Command, ExitStatus};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+
+/// The process group every lab process joins ([`Lab::join`]): its leader is a keeper (a shell) that waits for the
+/// end of a pipe only this process can write to, and kills its group when the kernel closes that pipe, which it
+/// does when this process exits, aborts or is killed. One group per test or benchmark process.
+pub fn lab_group() -> Result<i32> {
+    static KEEPER: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        // close-on-exec: no child inherits the write end, or the pipe would outlive this process.
+        let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot make the lab keeper's pipe: {e}"))?;
+        let keeper = Command::new("sh")
+            .args(["-c", "cat >/dev/null; kill -KILL 0"])
+            .stdin(reader)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start the lab keeper (sh): {e}"))?;
+        // Held until this process ends: the kernel closes it then, and that is the keeper's signal.
+        std::mem::forget(writer);
+        Ok(keeper.id() as i32)
+    });
+    keeper.clone().map_err(anyhow::Error::msg)
+}
+
+/// Puts a lab process in [`lab_group`] when it starts.
+pub trait Lab {
+    fn join(&mut self) -> Result<&mut Self>;
+}
+
+impl Lab for Command {
+    fn join(&mut self) -> Result<&mut Self> {
+        Ok(self.process_group(lab_group()?))
+    }
+}
+
+impl Lab for tokio::process::Command {
+    fn join(&mut self) -> Result<&mut Self> {
+        Ok(self.process_group(lab_group()?))
+    }
+}
+
+/// A process in [`lab_group`], as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabProcess {
+    pub pid: i32,
+    /// Its start time (clock ticks after boot): a pid reused by a later process has another.
+    pub started: u64,
+    /// Its command name (`comm`).
+    pub name: String,
+    /// Its state letter (`Z` for a zombie: dead, not yet reaped).
+    pub state: char,
+}
+
+/// Every process in [`lab_group`] now (the keeper included).
+pub fn lab_processes() -> Result<Vec<LabProcess>> {
+    let group = lab_group()?;
+    Ok(processes()?.into_iter().filter(|(_, pgrp)| *pgrp == group).map(|(p, _)| p).collect())
+}
+
+/// Whether `process` still runs: the same pid with the same start time, and not a zombie.
+pub fn is_alive(process: &LabProcess) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", process.pid))
+        .ok()
+        .and_then(|stat| parse_stat(process.pid, &stat))
+        .is_some_and(|(now, _)| now.started == process.started && now.state != 'Z')
+}
+
+/// Every process on the machine with its process group.
+fn processes() -> Result<Vec<(LabProcess, i32)>> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let entry = entry?;
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        // Gone between the listing and the read: not a process any more.
+        if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) {
+            all.extend(parse_stat(pid, &stat));
+        }
+    }
+    Ok(all)
+}
+
+/// `/proc/PID/stat`: the name is between the first `(` and the last `)` (it may hold both); after it come the
+/// state (field 3), the parent (4), the process group (5), … and the start time (22).
+fn parse_stat(pid: i32, stat: &str) -> Option<(LabProcess, i32)> {
+    let (head, tail) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let group = fields.get(2)?.parse().ok()?;
+    let started = fields.get(19)?.parse().ok()?;
+    Some((LabProcess { pid, started, name, state }, group))
+}
 
 /// A child process and the command that started it; killed (SIGKILL) when dropped.
 pub(crate) struct Relaunchable {
@@ -17,7 +115,7 @@ pub(crate) struct Relaunchable {
 impl Relaunchable {
     /// Starts `command`, `what` naming it in errors.
     pub(crate) fn spawn(mut command: Command, what: &str) -> Result<Self> {
-        let child = command.spawn().with_context(|| format!("starting {what}"))?;
+        let child = command.join()?.spawn().with_context(|| format!("starting {what}"))?;
         Ok(Self { command, child, what: what.into() })
     }
 
@@ -49,5 +147,34 @@ impl Relaunchable {
 impl Drop for Relaunchable {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_with_hostile_names_are_read() {
+        let stat = "4242 (a) (b) c) S 1 4000 4000 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10";
+        let (process, group) = parse_stat(4242, stat).unwrap();
+        assert_eq!(process, LabProcess { pid: 4242, started: 987654, name: "a) (b) c".into(), state: 'S' });
+        assert_eq!(group, 4000);
+        for broken in ["", "4242 no parentheses S 1 2", "4242 (x) S 1", "4242 (x) S 1 notanumber"] {
+            assert_eq!(parse_stat(4242, broken), None, "{broken:?}");
+        }
+    }
+
+    #[test]
+    fn a_child_that_joins_is_in_the_lab_group() {
+        let mut child = Command::new("sleep").arg("30").join().unwrap().spawn().unwrap();
+        let listed = lab_processes().unwrap();
+        let keeper = lab_group().unwrap();
+        assert!(listed.iter().any(|p| p.pid == child.id() as i32 && p.name == "sleep"), "{listed:?}");
+        assert!(listed.iter().any(|p| p.pid == keeper && p.name == "sh"), "{listed:?}");
+        let sleeper = listed.iter().find(|p| p.pid == child.id() as i32).unwrap().clone();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!is_alive(&sleeper));
     }
 }
