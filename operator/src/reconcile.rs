@@ -5,7 +5,8 @@
 use crate::access::ClusterReads;
 use crate::agent_certificate;
 use crate::crd::{
-    Condition, DataVolumeStatus, DetachRecord, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus, claim_name,
+    Condition, DataVolumeStatus, DetachRecord, DiskSpec, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus,
+    claim_name,
 };
 use crate::metrics::Metrics;
 use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
@@ -252,6 +253,54 @@ impl Scene {
         }
     }
 
+    /// This object's disks that the VM (or its VMI) has and that neither the list nor the status names: a pass
+    /// changed the VM and was cut short before it wrote status (the operator killed mid-attach), and the disk left
+    /// the list meanwhile. Nothing else would ever take them out, so they are planned as unlisted disks: detached
+    /// safely (the guest asked, nothing forced), and their claims kept, since the options they were listed with
+    /// are not known. Ours: the volume uses the claim (or DataVolume) `<vm>-<disk>` that carries this object's
+    /// label.
+    fn strays(&self, listed: &[DiskSpec], recorded: &[VolumeStatus]) -> Vec<VolumeStatus> {
+        let specs = self.vm.spec.template.iter().map(|t| &t.spec).chain(self.vmi.iter().map(|v| &v.spec));
+        let mut strays: Vec<VolumeStatus> = Vec::new();
+        for spec in specs {
+            for volume in &spec.volumes {
+                let claim = claim_name(&self.vm_name, &volume.name);
+                let pvc = volume.persistent_volume_claim.as_ref().map(|c| &c.claim_name);
+                let data_volume = volume.data_volume.as_ref().map(|d| &d.name);
+                let ours = match (pvc, data_volume) {
+                    (Some(name), _) => *name == claim && self.stored.claims.contains_key(&claim),
+                    (None, Some(name)) => *name == claim && self.stored.data_volumes.contains_key(&claim),
+                    (None, None) => false,
+                };
+                let known = listed.iter().any(|d| d.name == volume.name)
+                    || recorded.iter().chain(&strays).any(|v| v.name == volume.name);
+                if !ours || known {
+                    continue;
+                }
+                let disk = spec.domain.devices.disks.iter().find(|d| d.name == volume.name);
+                let bus = disk.and_then(|d| d.disk.as_ref()).and_then(|t| t.bus.as_deref());
+                let message = format!(
+                    "disk '{}' is in VM {}/{} with this object's claim {claim}, but neither listed nor recorded (an \
+                     attach cut short while it left the list): detached safely, claim kept",
+                    volume.name, self.ns, self.vm_name
+                );
+                tracing::warn!(disk = %volume.name, vm = %self.vm_name, "{message}");
+                strays.push(VolumeStatus {
+                    name: volume.name.clone(),
+                    serial: disk.and_then(|d| d.serial.clone()).unwrap_or_else(|| volume.name.clone()),
+                    bus: if bus == Some("virtio") { crate::crd::Bus::Virtio } else { crate::crd::Bus::Scsi },
+                    phase: Phase::Attached,
+                    data_volume: data_volume.map(|name| DataVolumeStatus { name: name.clone(), ..Default::default() }),
+                    pvc_name: claim,
+                    detach_options: crate::crd::DetachOptions { preserve_data: true, ..Default::default() },
+                    message: Some(message),
+                    ..Default::default()
+                });
+            }
+        }
+        strays
+    }
+
     fn kubevirt(&self, context: &Context) -> KubeVirt {
         // A stopped VM has no VMI to route by: change the VM's spec.
         context.reads.kubevirt(KubeVirt::new(context.client.clone(), &self.ns, &self.vm_name, self.vmi.is_none()))
@@ -381,7 +430,9 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         check_agent_certificate(context, wukong, &scene).await;
     }
 
-    let plans = plan(&wukong.spec.disks, &previous.volumes, |disk| scene.observe(disk));
+    let mut recorded = previous.volumes.clone();
+    recorded.extend(scene.strays(&wukong.spec.disks, &previous.volumes));
+    let plans = plan(&wukong.spec.disks, &recorded, |disk| scene.observe(disk));
     let mut volumes = Vec::new();
     let mut requeue = RESYNC;
     for disk in plans {
@@ -1095,6 +1146,68 @@ mod tests {
             404,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": message}),
         )
+    }
+
+    fn claim(phase: &str) -> Claim {
+        Claim { phase: phase.into(), class: None, access_modes: vec![], volume_mode: None }
+    }
+
+    #[test]
+    fn a_disk_in_the_vm_under_the_objects_claim_that_nothing_names_is_a_stray() {
+        let vm: VirtualMachine = serde_json::from_value(json!({"spec": {"template": {"spec": {
+            "domain": {"devices": {"disks": [
+                {"name": "lost", "serial": "lost-serial", "disk": {"bus": "virtio"}},
+                {"name": "filled", "disk": {"bus": "scsi"}},
+            ]}},
+            "volumes": [
+                {"name": "rootdisk", "persistentVolumeClaim": {"claimName": "golden"}},
+                {"name": "lost", "persistentVolumeClaim": {"claimName": "db-vm-lost", "hotpluggable": true}},
+                {"name": "filled", "dataVolume": {"name": "db-vm-filled", "hotpluggable": true}},
+                {"name": "listed", "persistentVolumeClaim": {"claimName": "db-vm-listed", "hotpluggable": true}},
+                {"name": "recorded", "persistentVolumeClaim": {"claimName": "db-vm-recorded", "hotpluggable": true}},
+                {"name": "theirs", "persistentVolumeClaim": {"claimName": "db-vm-theirs", "hotpluggable": true}},
+                {"name": "renamed", "persistentVolumeClaim": {"claimName": "db-vm-lost", "hotpluggable": true}},
+            ],
+        }}}}))
+        .unwrap();
+        // `theirs` has the name the operator would give it, but no claim of this object's (not labelled as ours).
+        let claims = ["db-vm-lost", "db-vm-listed", "db-vm-recorded", "db-vm-filled"];
+        let stored = Stored {
+            claims: claims.iter().map(|c| (c.to_string(), claim("Bound"))).collect(),
+            data_volumes: [("db-vm-filled".to_string(), DataVolume::default())].into(),
+            cdi: true,
+            from_data_volume: BTreeSet::new(),
+            profiles: BTreeMap::new(),
+            classes: Classes::default(),
+        };
+        let scene = Scene { ns: "ns1".into(), vm_name: "db-vm".into(), vm, vmi: None, stored };
+        let listed = wukong(json!([{"name": "listed", "size": "1Gi"}])).spec.disks;
+        let recorded = [VolumeStatus { name: "recorded".into(), ..Default::default() }];
+
+        let strays = scene.strays(&listed, &recorded);
+        let names: Vec<(&str, &str, &str)> =
+            strays.iter().map(|v| (v.name.as_str(), v.pvc_name.as_str(), v.serial.as_str())).collect();
+        assert_eq!(names, [("lost", "db-vm-lost", "lost-serial"), ("filled", "db-vm-filled", "filled")]);
+        assert_eq!(strays[0].bus, crate::crd::Bus::Virtio);
+        assert_eq!((strays[1].bus, strays[1].data_volume.is_some()), (crate::crd::Bus::Scsi, true));
+        for stray in &strays {
+            let options = stray.detach_options;
+            assert!(options.preserve_data && !options.force && !options.unmount, "{stray:?}");
+        }
+        // Planned as unlisted disks: a safe detach of a running VM's disk, with the claim kept.
+        let mut all = recorded.to_vec();
+        all.extend(strays);
+        let running = |_: &str| Observed {
+            claim: Some(ClaimState::Bound),
+            data_volume: None,
+            from_data_volume: false,
+            in_vm: true,
+            vmi: Some(VolumeState::Ready { serial: None, target: "sdb".into() }),
+        };
+        let steps: Vec<(String, Step)> =
+            plan(&listed, &all, running).into_iter().map(|p| (p.name, p.step)).collect::<Vec<_>>();
+        let detach = Step::Detach(crate::crd::DetachOptions { preserve_data: true, ..Default::default() });
+        assert!(steps.contains(&("lost".into(), detach)), "{steps:?}");
     }
 
     #[tokio::test]

@@ -281,7 +281,12 @@ pub async fn run(config: Config) -> Result<Report> {
         let pause = Duration::from_millis(rng.random_range(500..4000));
         let begun = Instant::now();
         let steps = rng.random_range(1..=3);
-        println!("round {round}: {steps} steps of work, fault {:?} after {delay:?}", fault.map(|f| f.kind()));
+        // The time, to find the round in the operators' and the API server's logs.
+        let at = k8s_openapi::jiff::Timestamp::now();
+        println!(
+            "round {round} at {at:.3}: {steps} steps of work, fault {:?} after {delay:?}",
+            fault.map(|f| f.kind())
+        );
         if let Some(f) = fault {
             *report.faults.entry(f.kind()).or_default() += 1;
         }
@@ -329,7 +334,7 @@ pub async fn run(config: Config) -> Result<Report> {
                 (healed - begun).as_secs_f64()
             ),
             Err(e) => {
-                println!("VIOLATION round {round}: did not converge within the bound");
+                println!("VIOLATION round {round}: did not converge within the bound: {}", short(&format!("{e:#}")));
                 report.violations.push(format!("round {round}: did not converge within the bound: {e:#}"))
             }
         }

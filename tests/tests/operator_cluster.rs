@@ -302,8 +302,35 @@ async fn declarative_disks_are_plugged_and_detached_only_when_the_guest_lets_go(
     operator.kill();
     assert!(agent.prepare_detach("data", false, false).await?.released);
     set_disks(&api, "db", json!([root])).await?;
-    let _operator = Operator::start(&cluster, "op-1", agent_port)?;
+    let mut operator = Operator::start(&cluster, "op-1", agent_port)?;
     wait_for(&api, "db", 60, |w| volume(w, "data").is_none()).await?;
+
+    // Killed mid-attach, after the VM changed and before status was written, and unlisted meanwhile (the fault
+    // soak's seed 1796500018310703317, round 37): nothing records the disk, yet the VM has it under the object's
+    // claim. The restarted operator detaches it safely and keeps its claim (the options it was listed with are
+    // not known).
+    let stray = json!({"name": "stray", "size": "16Mi"});
+    set_disks(&api, "db", json!([root, stray])).await?;
+    let w = wait_for(&api, "db", 120, phase_is("stray", Phase::Attached)).await?;
+    operator.kill();
+    set_disks(&api, "db", json!([root])).await?;
+    let unrecorded: Vec<_> = w.status.as_ref().unwrap().volumes.iter().filter(|v| v.name != "stray").collect();
+    let patch = json!({"status": {"volumes": unrecorded}});
+    api.patch_status("db", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    assert!(guest.has_disk("stray").await, "the state a kill mid-attach leaves: the guest has the disk");
+    let _operator = Operator::start(&cluster, "op-1", agent_port)?;
+    let w = wait_for(&api, "db", 90, |w| {
+        w.status.as_ref().is_some_and(|s| s.history.iter().any(|r| r.disk == "stray" && r.outcome == "Detached"))
+    })
+    .await?;
+    let record = w.status.as_ref().unwrap().history.iter().rev().find(|r| r.disk == "stray").unwrap().clone();
+    assert!(record.preserved_data && !record.forced, "detached safely, claim kept: {record:?}");
+    assert!(volume(&w, "stray").is_none(), "{w:?}");
+    assert!(!guest.has_disk("stray").await, "unplugged from the guest");
+    let vm = object(&admin, "VirtualMachine", "kubevirt.io", "virtualmachines", "db-vm").await?.unwrap();
+    assert!(!template_volumes(&vm).contains(&"stray".to_string()), "out of the VM's spec: {vm}");
+    let kept = object(&admin, "PersistentVolumeClaim", "", "persistentvolumeclaims", "db-vm-stray").await?;
+    assert!(kept.is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()), "the stray's claim is kept");
 
     // Forced, with the agent down: detached, with a Warning that says so; the claim is deleted.
     let scratch = json!({"name": "scratch", "size": "16Mi", "detachOptions": {"force": true}});
