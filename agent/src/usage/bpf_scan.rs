@@ -118,7 +118,7 @@ impl BpfSource {
         for &dev in devices {
             map.insert(kernel_dev(dev), 1, 0).map_err(|e| SourceError(format!("cannot fill the devices map: {e}")))?;
         }
-        let mut bytes = Vec::new();
+        let mut files = Vec::new();
         for &(name, iterator) in programs {
             let program: &mut Iter = ebpf
                 .program_mut(name)
@@ -126,9 +126,28 @@ impl BpfSource {
                 .ok_or_else(|| SourceError(format!("program {name} is gone")))?;
             let id = program.attach().map_err(|e| SourceError(format!("cannot attach iterator {iterator}: {e}")))?;
             let link = program.take_link(id).map_err(|e| SourceError(format!("iterator {iterator}: {e}")))?;
-            let mut file =
-                link.into_file().map_err(|e| SourceError(format!("cannot open iterator {iterator}: {e}")))?;
+            let file = link.into_file().map_err(|e| SourceError(format!("cannot open iterator {iterator}: {e}")))?;
+            files.push((iterator, file));
+        }
+        // The kernel walks each iterator's tasks inside read(): read on a thread each, they walk on every CPU at
+        // once (the programs share only the devices map, which they only read). With one CPU this costs two
+        // thread starts.
+        let read = |(iterator, mut file): (&str, std::fs::File)| {
+            let mut bytes = Vec::new();
             file.read_to_end(&mut bytes).map_err(|e| SourceError(format!("cannot read iterator {iterator}: {e}")))?;
+            Ok::<_, SourceError>(bytes)
+        };
+        let mut files = files.into_iter();
+        let first = files.next();
+        let parts: Vec<Result<Vec<u8>, SourceError>> = std::thread::scope(|scope| {
+            let others: Vec<_> = files.map(|f| scope.spawn(move || read(f))).collect();
+            let mut parts = vec![first.map_or(Ok(Vec::new()), read)];
+            parts.extend(others.into_iter().map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+            parts
+        });
+        let mut bytes = Vec::new();
+        for part in parts {
+            bytes.extend(part?);
         }
         Ok(bytes
             .chunks_exact(RECORD)
