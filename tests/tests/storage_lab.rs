@@ -4,7 +4,10 @@
 //! KubeVirt plugs them (a Filesystem claim's `disk.img`).
 
 use anyhow::{Context, Result};
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
 use serde_json::{Value, json};
 use std::time::Duration;
 use wukong_e2e::cluster::{ADMIN, Cluster};
@@ -72,31 +75,54 @@ async fn plug(admin: &kube::Client, vm: &str, volume: &str, claim: &str) -> Resu
 
 /// VMI `vmi`'s status entry for `volume`.
 async fn volume_status(admin: &kube::Client, vmi: &str, volume: &str) -> Result<Option<Value>> {
-    let vmis = Api::<DynamicObject>::namespaced_with(
-        admin.clone(),
-        NS,
-        &resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances"),
-    );
-    let vmi = vmis.get(vmi).await?;
+    let vmi = vmis(admin).get(vmi).await?;
     let statuses = vmi.data["status"]["volumeStatus"].as_array().cloned().unwrap_or_default();
     Ok(statuses.into_iter().find(|s| s["name"] == volume))
 }
 
-/// Records the (phase, reason, message) VMI `vmi`'s entry for `volume` goes through until phase `last`, polling
-/// every 20 ms (the lab paces each phase for 150 ms).
-async fn phases_until(admin: &kube::Client, vmi: &str, volume: &str, last: &str) -> Result<Vec<[String; 3]>> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+/// The resource version to watch VMI `vmi` from ([`phases_until`]), taken before a change.
+async fn vmi_version(admin: &kube::Client, vmi: &str) -> Result<String> {
+    let list = vmis(admin).list_metadata(&ListParams::default().fields(&format!("metadata.name={vmi}"))).await?;
+    list.metadata.resource_version.context("a list's resourceVersion")
+}
+
+fn vmis(admin: &kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        admin.clone(),
+        NS,
+        &resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances"),
+    )
+}
+
+/// Records the (phase, reason, message) VMI `vmi`'s entry for `volume` goes through until phase `last`, from a watch
+/// of the VMI since `since` ([`vmi_version`] before the change): every status the lab wrote, in order. Polling missed
+/// phases under load (the lab paces each for 150 ms, a GET can take longer).
+async fn phases_until(
+    admin: &kube::Client,
+    vmi: &str,
+    volume: &str,
+    last: &str,
+    since: &str,
+) -> Result<Vec<[String; 3]>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let params = WatchParams::default().fields(&format!("metadata.name={vmi}")).timeout(60);
+    let mut events = vmis(admin).watch(&params, since).await?.boxed();
     let mut seen: Vec<[String; 3]> = Vec::new();
     while seen.last().is_none_or(|[phase, ..]| phase != last) {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "volume {volume} never {last}: {seen:?}");
-        if let Some(status) = volume_status(admin, vmi, volume).await? {
+        let event = tokio::time::timeout_at(deadline, events.try_next()).await;
+        let object = match event {
+            Ok(Ok(Some(WatchEvent::Added(object) | WatchEvent::Modified(object)))) => object,
+            Ok(Ok(Some(WatchEvent::Bookmark(_)))) => continue,
+            other => anyhow::bail!("volume {volume} never {last} (the watch gave {other:?}): {seen:?}"),
+        };
+        let statuses = object.data["status"]["volumeStatus"].as_array().cloned().unwrap_or_default();
+        if let Some(status) = statuses.iter().find(|s| s["name"] == volume) {
             let text = |key: &str| status[key].as_str().unwrap_or_default().to_string();
             let entry = [text("phase"), text("reason"), text("message")];
             if seen.last() != Some(&entry) {
                 seen.push(entry);
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(seen)
 }
@@ -176,8 +202,9 @@ async fn an_immediate_claim_binds_at_once_and_its_volume_goes_with_it() -> Resul
     classes.create(&PostParams::default(), &serde_json::from_value(elsewhere)?).await?;
     claim(&admin, "stuck", "Block", "8Mi", Some("elsewhere")).await?;
     kubevirt.create_vm("vm1", true, "10.0.2.15").await?;
+    let since = vmi_version(&admin, "vm1").await?;
     plug(&admin, "vm1", "stuck", "stuck").await?;
-    let seen = phases_until(&admin, "vm1", "stuck", "AttachedToNode").await?;
+    let seen = phases_until(&admin, "vm1", "stuck", "AttachedToNode", &since).await?;
     assert_eq!(seen[0], ["Pending", "PVCNotReady", "PVC is in phase ClaimPending"].map(String::from), "{seen:?}");
     let pod = until("an unschedulable attachment pod", WAIT, || async {
         let pods = kubevirt.attachment_pods("vm1").await?;
@@ -254,11 +281,12 @@ async fn a_claim_waits_for_its_first_consumer_and_both_volume_modes_reach_the_gu
     image[..marker.len()].copy_from_slice(marker);
     std::fs::write(volume.disk_image(), &image)?;
 
+    let since = vmi_version(&admin, "vm1").await?;
     plug(&admin, "vm1", "late", "late").await?;
     plug(&admin, "vm1", "files", "files").await?;
-    let seen = phases(&phases_until(&admin, "vm1", "late", "Ready").await?);
+    let seen = phases(&phases_until(&admin, "vm1", "late", "Ready", &since).await?);
     assert!(is_subsequence(&["Pending", "AttachedToNode", "MountedToPod", "Ready"], &seen), "{seen:?}");
-    phases_until(&admin, "vm1", "files", "Ready").await?;
+    phases_until(&admin, "vm1", "files", "Ready", &since).await?;
     until("the guest's disks late and files", Duration::from_secs(60), || async {
         let (late, files) = (guest.has_disk("late").await, guest.has_disk("files").await);
         Ok(if late && files { Ok(()) } else { Err(format!("late: {late}, files: {files}")) })
