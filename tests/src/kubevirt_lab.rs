@@ -177,7 +177,8 @@ fn vms(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &resource("VirtualMachine", "kubevirt.io", "v1", "virtualmachines"))
 }
 
-pub(crate) fn vmis(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+/// The VMIs of namespace `ns`.
+pub fn vmis(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     let r = resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances");
     Api::namespaced_with(client.clone(), ns, &r)
 }

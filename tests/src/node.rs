@@ -338,7 +338,7 @@ impl Node {
         pids.extend(self.cluster().footprint().0);
         pids.extend(processes_mentioning(&self.containerd_socket()));
         let errors = self.teardown();
-        let alive = pids.into_iter().filter(|pid| is_running(*pid)).collect();
+        let alive = pids.into_iter().filter(|pid| crate::process::is_running(*pid as i32)).collect();
         Teardown { before: self.before.clone(), after: HostSnapshot::capture(), leftovers: leftovers(), errors, alive }
     }
 
@@ -843,13 +843,6 @@ fn processes_mentioning(path: &Path) -> Vec<u32> {
                 .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
         })
         .collect()
-}
-
-/// The process exists and is not a zombie (whose parent, PID 1 here, may never reap it).
-fn is_running(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // "pid (comm) S ...": the state follows the last parenthesis.
-    stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
 }
 
 /// Waits until `count` Pods matching `selector` in `namespace` are Running and Ready; returns them. On timeout the

@@ -72,10 +72,18 @@ pub fn lab_processes() -> Result<Vec<LabProcess>> {
 
 /// Whether `process` still runs: the same pid with the same start time, and not a zombie.
 pub fn is_alive(process: &LabProcess) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/stat", process.pid))
-        .ok()
-        .and_then(|stat| parse_stat(process.pid, &stat))
-        .is_some_and(|(now, _)| now.started == process.started && now.state != 'Z')
+    now(process.pid).is_some_and(|now| now.started == process.started && now.state != 'Z')
+}
+
+/// Whether process `pid` exists and is not a zombie (whose parent, PID 1 here, may never reap it).
+pub(crate) fn is_running(pid: i32) -> bool {
+    now(pid).is_some_and(|now| now.state != 'Z')
+}
+
+/// Process `pid` as `/proc` shows it now; `None` once it is gone.
+fn now(pid: i32) -> Option<LabProcess> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(pid, &stat).map(|(process, _)| process)
 }
 
 /// Every process on the machine with its process group.

@@ -11,7 +11,7 @@ use kube::api::{
 use serde_json::{Value, json};
 use std::time::Duration;
 use wukong_e2e::cluster::{ADMIN, Cluster};
-use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource};
+use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, resource, vmis};
 use wukong_e2e::storage_lab::{BindingMode, NODE, PROVISIONER, SELECTED_NODE, claims_resource, volumes_resource};
 use wukong_e2e::{Guest, lab_events, until};
 
@@ -75,23 +75,15 @@ async fn plug(admin: &kube::Client, vm: &str, volume: &str, claim: &str) -> Resu
 
 /// VMI `vmi`'s status entry for `volume`.
 async fn volume_status(admin: &kube::Client, vmi: &str, volume: &str) -> Result<Option<Value>> {
-    let vmi = vmis(admin).get(vmi).await?;
+    let vmi = vmis(admin, NS).get(vmi).await?;
     let statuses = vmi.data["status"]["volumeStatus"].as_array().cloned().unwrap_or_default();
     Ok(statuses.into_iter().find(|s| s["name"] == volume))
 }
 
 /// The resource version to watch VMI `vmi` from ([`phases_until`]), taken before a change.
 async fn vmi_version(admin: &kube::Client, vmi: &str) -> Result<String> {
-    let list = vmis(admin).list_metadata(&ListParams::default().fields(&format!("metadata.name={vmi}"))).await?;
+    let list = vmis(admin, NS).list_metadata(&ListParams::default().fields(&format!("metadata.name={vmi}"))).await?;
     list.metadata.resource_version.context("a list's resourceVersion")
-}
-
-fn vmis(admin: &kube::Client) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        admin.clone(),
-        NS,
-        &resource("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances"),
-    )
 }
 
 /// Records the (phase, reason, message) VMI `vmi`'s entry for `volume` goes through until phase `last`, from a watch
@@ -106,7 +98,7 @@ async fn phases_until(
 ) -> Result<Vec<[String; 3]>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let params = WatchParams::default().fields(&format!("metadata.name={vmi}")).timeout(60);
-    let mut events = vmis(admin).watch(&params, since).await?.boxed();
+    let mut events = vmis(admin, NS).watch(&params, since).await?.boxed();
     let mut seen: Vec<[String; 3]> = Vec::new();
     while seen.last().is_none_or(|[phase, ..]| phase != last) {
         let event = tokio::time::timeout_at(deadline, events.try_next()).await;
