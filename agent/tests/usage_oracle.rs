@@ -152,6 +152,7 @@ fn mount_only_in_another_namespace_is_found() {
             &format!("mount {} '{}' && cd / && echo ready && exec sleep 1000", disk.dev, inner.path().display()),
         ],
     );
+    common::wait_for_comm(ns.pid(), "sleep");
     assert!(findmnt_targets(&disk.dev).is_empty(), "the host namespace does not see the mount");
     let report = disk.scan();
     let m = report
@@ -426,6 +427,7 @@ fn an_overlay_in_a_container_namespace_and_its_process_are_found() {
         ],
     );
     let app = only_child(container.pid());
+    common::wait_for_comm(app, "sleep");
     let report = disk.scan();
     let stacked = stacked_of(&report);
     assert_eq!(stacked.len(), 1, "{:#?}", messages(&report));

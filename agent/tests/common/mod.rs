@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
 use wukong_agent::usage::{ALL_ANALYSES, BpfSource, ProcessSource, ProcfsSource, SourceError, scan_now_with};
 use wukong_proto::v1::{Disk, UsageReport};
@@ -256,15 +256,23 @@ impl Holder {
     /// two scans see the same process (its name changes with the exec).
     pub fn sh(script: &str) -> Self {
         let holder = Self::start("sh", &["-c", &format!("{script}\necho ready\nexec sleep 1000")]);
-        let comm = format!("/proc/{}/comm", holder.pid());
-        while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() != "sleep") {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for_comm(holder.pid(), "sleep");
         holder
     }
 
     pub fn pid(&self) -> i32 {
         self.0.id() as i32
+    }
+}
+
+/// Waits until process `pid` is named `comm`: a script says "ready" before its last `exec`, and the two scans of
+/// `scan_both` must see the same name.
+pub fn wait_for_comm(pid: i32, comm: &str) {
+    let path = format!("/proc/{pid}/comm");
+    let started = Instant::now();
+    while std::fs::read_to_string(&path).is_ok_and(|c| c.trim() != comm) {
+        assert!(started.elapsed() < Duration::from_secs(10), "pid {pid} did not become {comm} within 10 s");
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
