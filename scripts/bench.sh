@@ -4,7 +4,8 @@
 #   2. hot-plug latency in the guest lab: QMP device_add -> the agent's ADDED event vs udev's by-id link;
 #   3. what a safe detach adds over a raw unplug (QEMU device_del alone), and where the time goes;
 #   4. attach and safe detach through a real kube-apiserver with the lab's KubeVirt vs the same over QMP directly;
-#   5. wukong-operator with 500 Wukong objects: time to converge, peak RSS, API requests, idle writes;
+#   5. wukong-operator with 500, 2,000, 5,000 and 10,000 Wukong objects (WUKONG_SCALE_SIZES): time to converge,
+#      peak RSS, API requests by verb and resource, idle writes, and the curve;
 #   6. what the admission guard adds to a VM update (nothing removed; a disk released) vs the release alone;
 #   7. the ways to reach the agent: TCP vs plain vsock vs KubeVirt's vsock subresource (both TLS modes), and the
 #      agent's memory with all its listeners.
@@ -24,7 +25,8 @@ cargo run --locked -q -p wukong-e2e --bin detach-overhead
 cargo run --locked -q -p wukong-e2e --bin kubevirt-overhead
 cargo run --locked -q -p wukong-e2e --bin transport-latency
 cargo build --release --locked -p wukong-operator
-cargo run --release --locked -q -p wukong-e2e --bin operator-scale
+read -ra sizes <<< "${WUKONG_SCALE_SIZES:-500 2000 5000 10000}"
+cargo run --release --locked -q -p wukong-e2e --bin operator-scale -- "${sizes[@]}"
 cargo run --release --locked -q -p wukong-e2e --bin guard-latency
 cargo build --locked -p wukong-operator
 seed=()

@@ -9,8 +9,11 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DynamicObject, PostParams};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use wukong_controller_client::kubevirt::{HotplugMode, KubeVirt};
 
 /// Reviews asked at once.
@@ -205,7 +208,14 @@ pub struct ClusterReads {
     storage_classes: Optional,
     storage_profiles: Optional,
     kubevirt_config: Optional,
+    /// The last read of StorageClasses, and when it was made.
+    classes: Mutex<Option<Dated<Arc<Vec<StorageClass>>>>>,
+    /// The last read of each class's StorageProfile (`None`: there is none), and when it was made.
+    profiles: Mutex<HashMap<String, Dated<Option<Arc<DynamicObject>>>>>,
 }
+
+/// What a read returned, and when it was made.
+type Dated<T> = (Instant, T);
 
 impl Default for ClusterReads {
     fn default() -> Self {
@@ -235,8 +245,15 @@ impl Default for ClusterReads {
                 "the cluster's hot-plug feature gates are not read, and KubeVirt 1.9's default, declarative \
                  hot-plug, is assumed",
             ),
+            classes: Mutex::default(),
+            profiles: Mutex::default(),
         }
     }
+}
+
+/// Whether a read made at `at` still serves a caller that accepts reads `max_age` old.
+fn fresh(at: Instant, max_age: Duration) -> bool {
+    at.elapsed() < max_age
 }
 
 impl ClusterReads {
@@ -244,13 +261,26 @@ impl ClusterReads {
         [&self.storage_classes, &self.storage_profiles, &self.kubevirt_config]
     }
 
-    /// The cluster's StorageClasses; `None` when the operator may not read them.
-    pub async fn storage_classes(&self, client: &kube::Client) -> Result<Option<Vec<StorageClass>>, kube::Error> {
+    /// The cluster's StorageClasses, read at most `max_age` ago; `None` when the operator may not read them.
+    pub async fn storage_classes(
+        &self,
+        client: &kube::Client,
+        max_age: Duration,
+    ) -> Result<Option<Arc<Vec<StorageClass>>>, kube::Error> {
         if !self.storage_classes.allowed() {
             return Ok(None);
         }
+        if let Some((at, classes)) = &*self.classes.lock().expect("never poisoned")
+            && fresh(*at, max_age)
+        {
+            return Ok(Some(classes.clone()));
+        }
         match Api::<StorageClass>::all(client.clone()).list(&Default::default()).await {
-            Ok(list) => Ok(Some(list.items)),
+            Ok(list) => {
+                let classes = Arc::new(list.items);
+                *self.classes.lock().expect("never poisoned") = Some((Instant::now(), classes.clone()));
+                Ok(Some(classes))
+            }
             Err(kube::Error::Api(status)) if status.code == 403 => {
                 self.storage_classes.refused();
                 Ok(None)
@@ -259,27 +289,35 @@ impl ClusterReads {
         }
     }
 
-    /// CDI's StorageProfile of class `class`; `None` when there is none (no CDI, or no profile) or the operator may
-    /// not read them.
+    /// CDI's StorageProfile of class `class`, read at most `max_age` ago; `None` when there is none (no CDI, or no
+    /// profile) or the operator may not read them.
     pub async fn storage_profile(
         &self,
         client: &kube::Client,
         class: &str,
-    ) -> Result<Option<DynamicObject>, kube::Error> {
+        max_age: Duration,
+    ) -> Result<Option<Arc<DynamicObject>>, kube::Error> {
         if !self.storage_profiles.allowed() {
             return Ok(None);
         }
+        if let Some((at, profile)) = self.profiles.lock().expect("never poisoned").get(class)
+            && fresh(*at, max_age)
+        {
+            return Ok(profile.clone());
+        }
         let api = Api::<DynamicObject>::all_with(client.clone(), &crate::storage::storage_profile_resource());
-        match api.get_opt(class).await {
-            Ok(profile) => Ok(profile),
+        let read = match api.get_opt(class).await {
+            Ok(profile) => profile.map(Arc::new),
             // No CDI in this cluster: the resource is unknown.
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+            Err(kube::Error::Api(status)) if status.code == 404 => None,
             Err(kube::Error::Api(status)) if status.code == 403 => {
                 self.storage_profiles.refused();
-                Ok(None)
+                return Ok(None);
             }
-            Err(e) => Err(e),
-        }
+            Err(e) => return Err(e),
+        };
+        self.profiles.lock().expect("never poisoned").insert(class.to_string(), (Instant::now(), read.clone()));
+        Ok(read)
     }
 
     /// `backend`, told the hot-plug mode when the operator may not read it (it would be refused on every route).
@@ -444,8 +482,8 @@ mod tests {
         config.namespace = Some("prod".into());
         let reads = check(&api.client(), &config).await.unwrap();
         let before = api.seen().len();
-        assert!(reads.storage_classes(&api.client()).await.unwrap().is_none());
-        assert!(reads.storage_profile(&api.client(), "fast").await.unwrap().is_none());
+        assert!(reads.storage_classes(&api.client(), Duration::ZERO).await.unwrap().is_none());
+        assert!(reads.storage_profile(&api.client(), "fast", Duration::ZERO).await.unwrap().is_none());
         assert_eq!(api.seen().len(), before, "nothing sent");
         assert!(!reads.kubevirt_config.allowed());
 
@@ -455,8 +493,8 @@ mod tests {
         });
         let reads = ClusterReads::default();
         for _ in 0..2 {
-            assert!(reads.storage_classes(&api.client()).await.unwrap().is_none());
-            assert!(reads.storage_profile(&api.client(), "fast").await.unwrap().is_none());
+            assert!(reads.storage_classes(&api.client(), Duration::ZERO).await.unwrap().is_none());
+            assert!(reads.storage_profile(&api.client(), "fast", Duration::ZERO).await.unwrap().is_none());
         }
         let sent: Vec<(Method, String)> = api.seen().into_iter().map(|s| (s.method, s.path)).collect();
         assert_eq!(
@@ -466,6 +504,34 @@ mod tests {
                 (Method::GET, "/apis/cdi.kubevirt.io/v1beta1/storageprofiles/fast".to_string())
             ]
         );
+    }
+
+    /// Every pass that makes a disk needs the classes and the class's profile: one read serves those within
+    /// `max_age`, and a caller that needs a fresher one (a class named but not among those read) gets it.
+    #[tokio::test]
+    async fn a_cluster_read_serves_the_passes_that_follow_until_it_is_too_old() {
+        let api = MockApi::start(|s| match s.path.as_str() {
+            "/apis/storage.k8s.io/v1/storageclasses" => Some((
+                200,
+                json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList", "metadata": {},
+                       "items": [{"metadata": {"name": "fast"}, "provisioner": "x"}]}),
+            )),
+            _ => Some((
+                200,
+                json!({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "StorageProfile",
+                                   "metadata": {"name": "fast"}}),
+            )),
+        });
+        let reads = ClusterReads::default();
+        let minute = Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(reads.storage_classes(&api.client(), minute).await.unwrap().unwrap().len(), 1);
+            assert!(reads.storage_profile(&api.client(), "fast", minute).await.unwrap().is_some());
+        }
+        assert_eq!(api.seen().len(), 2, "one read of each");
+        reads.storage_classes(&api.client(), Duration::ZERO).await.unwrap();
+        reads.storage_profile(&api.client(), "fast", Duration::ZERO).await.unwrap();
+        assert_eq!(api.seen().len(), 4, "read again when asked for a fresh one");
     }
 
     #[tokio::test]
@@ -483,9 +549,12 @@ mod tests {
             _ => None,
         });
         let reads = check(&api.client(), &config()).await.unwrap();
-        let classes = reads.storage_classes(&api.client()).await.unwrap().expect("allowed");
+        let classes = reads.storage_classes(&api.client(), Duration::ZERO).await.unwrap().expect("allowed");
         assert_eq!(classes.iter().map(|c| c.metadata.name.clone().unwrap()).collect::<Vec<_>>(), ["fast"]);
-        assert!(reads.storage_profile(&api.client(), "fast").await.unwrap().is_none(), "no CDI: no profile");
+        assert!(
+            reads.storage_profile(&api.client(), "fast", Duration::ZERO).await.unwrap().is_none(),
+            "no CDI: no profile"
+        );
         assert!(reads.kubevirt_config.allowed());
     }
 }

@@ -371,6 +371,15 @@ impl Wukong {
     pub fn vm_name(&self) -> String {
         self.spec.vm_name.clone().unwrap_or_else(|| format!("{}-vm", self.metadata.name.as_deref().unwrap_or_default()))
     }
+
+    /// Whether `vm` is this object's VM, as [`Self::vm_name`] says, without making the name: asked of every
+    /// object for every VMI event.
+    pub fn is_for_vm(&self, vm: &str) -> bool {
+        match &self.spec.vm_name {
+            Some(name) => name == vm,
+            None => vm.strip_suffix("-vm").is_some_and(|name| self.metadata.name.as_deref() == Some(name)),
+        }
+    }
 }
 
 impl DiskSpec {
@@ -442,6 +451,10 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(w.vm_name(), "db-vm");
+        assert!(w.is_for_vm("db-vm") && !w.is_for_vm("db") && !w.is_for_vm("db-vm-vm") && !w.is_for_vm("xdb-vm"));
+        let mut named = w.clone();
+        named.spec.vm_name = Some("db".into());
+        assert!(named.is_for_vm("db") && !named.is_for_vm("db-vm"));
         assert_eq!(claim_name(&w.vm_name(), "data"), "db-vm-data");
         assert_eq!(w.spec.disks[0].serial(), "data");
         assert_eq!(w.spec.disks[0].detach_options, DetachOptions::default());

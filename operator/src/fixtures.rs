@@ -7,7 +7,10 @@ use crate::metrics::Metrics;
 use crate::reconcile::Context;
 use crate::{AgentAccess, Config, WebhookConfig};
 use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::client::Body;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -106,13 +109,41 @@ pub fn webhook() -> WebhookConfig {
     }
 }
 
-/// A reconcile context on `client`, every cluster read allowed.
+/// A reconcile context on `client`, every cluster read allowed, no claim in the watch cache.
 pub fn context(client: kube::Client) -> Context {
+    context_with_claims(client, Vec::new())
+}
+
+/// A reconcile context on `client`, every cluster read allowed, the watch cache of claims holding `claims`.
+pub fn context_with_claims(client: kube::Client, claims: Vec<PersistentVolumeClaim>) -> Context {
     let config = config();
     let metrics = Arc::new(Metrics::default());
     let certificates =
         Arc::new(crate::agent_certificate::CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
-    Context::new(client, config, metrics, certificates, Arc::default())
+    let caches = crate::reconcile::Caches { claims: store_of(claims), wukongs: store_of(Vec::new()) };
+    Context::new(client, config, metrics, certificates, Arc::default(), caches)
+}
+
+/// A watch cache that has listed `objects`.
+pub fn store_of<K>(objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = kube::runtime::reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    store
+}
+
+/// Claim ns1/`name`, labelled as `Wukong` `owner`'s, in `phase`.
+pub fn claim(name: &str, owner: &str, phase: &str) -> PersistentVolumeClaim {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": "ns1", "labels": {"vm.novasphere.dev/wukong": owner}},
+        "status": {"phase": phase}}))
+    .expect("a valid claim")
 }
 
 /// `Wukong` ns1/db (VM `db-vm`) with `disks`, as the API server returns it.

@@ -24,7 +24,9 @@ pub mod server;
 pub mod storage;
 pub mod validate;
 pub mod verify;
+pub mod wake;
 pub mod webhook;
+pub mod written;
 
 use kube::api::{Api, ApiResource, DynamicObject};
 use std::path::PathBuf;
@@ -75,6 +77,8 @@ pub enum Error {
     Listen { address: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Access(#[from] access::AccessError),
+    #[error("the watch of claims ended before it listed them: the operator is shutting down")]
+    ClaimsWatchEnded,
 }
 
 impl Error {
@@ -90,6 +94,7 @@ impl Error {
             Error::ClaimsInUse { .. } => "claims_in_use",
             Error::Lease(_) | Error::LostLease(_) => "lease",
             Error::Access(_) => "access",
+            Error::ClaimsWatchEnded => "claims_watch",
             Error::Listen { .. } | Error::Certificate(_) | Error::ClientCa(_) | Error::WebhookStopped(_) => "listen",
         }
     }

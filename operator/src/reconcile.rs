@@ -10,21 +10,24 @@ use crate::crd::{
 };
 use crate::metrics::Metrics;
 use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
-use crate::storage::{self, Claim, Classes, DataVolume, data_volume_resource};
+use crate::storage::{self, Claim, Classes, DataVolume, OwnedClaims, data_volume_resource};
 use crate::validate::{SpecError, check, check_against_status};
+use crate::wake;
+use crate::written::Written;
 use crate::{AgentUnreachable, Config, Error, MANAGER, Result, get};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizing, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{DefaultHasher, Hash};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wukong_controller_client::agent_client::AgentClient;
@@ -69,12 +72,21 @@ pub struct Context {
     /// Refused detaches in a row per (object UID, disk), and when the next attempt is due: the backoff holds
     /// whatever wakes the object meanwhile. Reset by a detach or a re-listing.
     refusals: Mutex<HashMap<(String, String), (u32, Instant)>>,
-    /// The status last written per object UID (see `apply`).
-    written: Mutex<HashMap<String, WukongStatus>>,
+    /// The status last written per object UID, until the watch has it.
+    written: Arc<Written>,
     /// The agents' expiring certificates (shared with the guard).
     certificates: Arc<agent_certificate::CertificateCheck>,
     /// The cluster-scoped reads this identity may make.
     reads: Arc<ClusterReads>,
+    caches: Caches,
+}
+
+/// What the controller's watches hold, read by every pass instead of asking the API server.
+pub struct Caches {
+    /// Every claim with an owner label.
+    pub claims: Store<PersistentVolumeClaim>,
+    /// Every `Wukong`.
+    pub wukongs: Store<Wukong>,
 }
 
 impl Context {
@@ -84,6 +96,7 @@ impl Context {
         metrics: Arc<Metrics>,
         certificates: Arc<agent_certificate::CertificateCheck>,
         reads: Arc<ClusterReads>,
+        caches: Caches,
     ) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
         Self {
@@ -92,9 +105,10 @@ impl Context {
             config,
             metrics,
             refusals: Mutex::default(),
-            written: Mutex::default(),
+            written: Arc::default(),
             certificates,
             reads,
+            caches,
         }
     }
 }
@@ -116,11 +130,32 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
     };
-    let context = Arc::new(Context::new(client, config, metrics, certificates, reads));
-    let controller = Controller::new(wukongs, watcher::Config::default().any_semantic())
+    // The claims come from the watch that wakes their objects, so a pass reads them from memory (a labelled LIST
+    // per pass costs the API server a scan of every claim in the namespace) and sees at least what woke it.
+    let (claims_store, claims_writer) = reflector::store();
+    let (wukongs_store, wukongs_writer) = reflector::store();
+    let caches = Caches { claims: claims_store, wukongs: wukongs_store.clone() };
+    let context = Arc::new(Context::new(client, config, metrics, certificates, reads, caches));
+    let claim_events = watcher(claims, watcher::Config::default().labels(OWNER_LABEL).any_semantic())
+        .backoff(trigger_backoff())
+        .modify(storage::keep_what_is_read)
+        .reflect(claims_writer);
+    let claim_changes = wake::on_change(claim_events, claim_read);
+    let written = context.written.clone();
+    let wukong_events = watcher(wukongs, watcher::Config::default().any_semantic())
+        .backoff(trigger_backoff())
+        // Kept in memory for every object: without what no pass reads (kubectl's last-applied copy of the object).
+        .modify(|wukong| {
+            wukong.managed_fields_mut().clear();
+            wukong.annotations_mut().clear();
+        })
+        .reflect(wukongs_writer)
+        .inspect_ok(move |event| written.seen(event));
+    let wukong_changes = wake::on_change(wukong_events, wukong_read);
+    let controller = Controller::for_stream(wukong_changes, wukongs_store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .trigger_backoff(trigger_backoff());
-    let store = controller.store();
+    let store = wukongs_store;
     let owner_of = |claim: PersistentVolumeClaim| {
         let wukong = claim.labels().get(OWNER_LABEL)?.clone();
         Some(ObjectRef::<Wukong>::new(&wukong).within(&claim.namespace()?))
@@ -128,14 +163,13 @@ pub async fn run(
     controller
         // By the owner label, not the owner reference: a DataVolume's claim is owned by the DataVolume (CDI copies
         // its labels, but sets its own `managed-by`).
-        .watches(claims, watcher::Config::default().labels(OWNER_LABEL), owner_of)
+        .watches_stream(claim_changes, owner_of)
         // A VMI that starts, stops or changes its volumes wakes the Wukong whose VM it belongs to.
         .watches_with(vmis, vmi_resource(), watcher::Config::default(), move |vmi| {
-            let (ns, name) = (vmi.namespace(), vmi.name_any());
+            let (ns, name) = (vmi.metadata.namespace.as_deref(), vmi.name_any());
             store
-                .state()
+                .state_filter(|w| w.metadata.namespace.as_deref() == ns && w.is_for_vm(&name))
                 .into_iter()
-                .filter(|w| w.namespace() == ns && w.vm_name() == name)
                 .map(|w| ObjectRef::from_obj(&*w))
                 .collect::<Vec<_>>()
         })
@@ -147,6 +181,20 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// What of a `Wukong` a pass acts on: its spec (generation), finalizers and deletion. Its status is the operator's
+/// own (see `apply`): a change of it alone wakes no pass.
+fn wukong_read(wukong: &Wukong, hasher: &mut DefaultHasher) {
+    let meta = &wukong.metadata;
+    (meta.generation, &meta.finalizers, meta.deletion_timestamp.as_ref().map(|t| t.0.to_string())).hash(hasher);
+}
+
+/// What of a claim a pass reads ([`Claim`]), its labels and its deletion; not what binding adds beside its phase
+/// (annotations, the volume's name).
+fn claim_read(claim: &PersistentVolumeClaim, hasher: &mut DefaultHasher) {
+    (Claim::of(claim), &claim.metadata.labels, claim.metadata.deletion_timestamp.as_ref().map(|t| t.0.to_string()))
+        .hash(hasher);
 }
 
 /// How long the controller's watches wait after an error before they try again: 250 ms doubling up to 3 s (6 s with
@@ -202,8 +250,8 @@ struct Scene {
 
 /// The storage of an object's disks, as one pass read it.
 struct Stored {
-    /// The claims of the object's disks, by name.
-    claims: BTreeMap<String, Claim>,
+    /// The claims of the object's disks.
+    claims: OwnedClaims,
     /// The DataVolumes of the object's disks, by name (read only when a disk has a `source`).
     data_volumes: BTreeMap<String, DataVolume>,
     /// CDI is installed (or nothing asked whether it is).
@@ -337,8 +385,11 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     // Only the operator writes status: what it wrote last is the truth, even while the watch cache still holds an
     // older copy (a disk detached on the last pass must not be seen, and detached, again).
     let uid = wukong.uid().unwrap_or_default();
-    let written = context.written.lock().expect("never poisoned").get(&uid).cloned();
-    let previous = written.or_else(|| wukong.status.clone()).unwrap_or_default();
+    let written = context.written.get(&uid);
+    // Read after `written`: its entry is let go only once the watch cache holds that status (`Written::seen`).
+    let latest = context.caches.wukongs.get(&ObjectRef::from_obj(wukong)).filter(|w| w.uid() == wukong.uid());
+    let previous = written.or_else(|| latest.and_then(|w| w.status.clone())).or_else(|| wukong.status.clone());
+    let previous = previous.unwrap_or_default();
     let vm_name = wukong.vm_name();
     let mut status = WukongStatus { vm_name: vm_name.clone(), ..previous.clone() };
     status.observed_generation = wukong.metadata.generation;
@@ -349,21 +400,23 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     }
 
     let mine = ListParams::default().labels(&format!("{OWNER_LABEL}={name}"));
-    let claims: BTreeMap<String, Claim> = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
-        .list(&mine)
-        .await?
-        .into_iter()
-        .map(|c| (c.name_any(), Claim::of(&c)))
-        .collect();
+    // A store not filled yet would show no claim for every disk.
+    context.caches.claims.wait_until_ready().await.map_err(|_| Error::ClaimsWatchEnded)?;
+    let claims = OwnedClaims::new(context.caches.claims.clone(), &ns, &name);
     // StorageClasses, and whether CDI is installed, matter only for a disk whose claim is not bound yet: a steady
     // object reads neither.
     let system = crate::plan::system_disk(&wukong.spec.disks, &previous.volumes);
     let unsettled = wukong.spec.disks.iter().any(|d| {
-        system != Some(d.name.as_str()) && !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(Claim::bound)
+        system != Some(d.name.as_str()) && !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(|c| c.bound())
     });
     let sourced = wukong.spec.disks.iter().any(|d| d.source.is_some())
         || previous.volumes.iter().any(|v| v.data_volume.is_some());
-    let data_volumes = match sourced || unsettled {
+    // DataVolumes matter to a disk still to be made (it may become one) and to one made from one (its claim is the
+    // DataVolume's, even when the status that would say so was never written).
+    let unmade_or_filled = wukong.spec.disks.iter().any(|d| {
+        system != Some(d.name.as_str()) && claims.get(&claim_name(&vm_name, &d.name)).is_none_or(|c| c.of_data_volume)
+    });
+    let data_volumes = match sourced || unmade_or_filled {
         false => Some(BTreeMap::new()),
         true => {
             match Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &data_volume_resource()).list(&mine).await
@@ -375,7 +428,8 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
             }
         }
     };
-    let classes = if unsettled { Classes::read(client, &context.reads).await? } else { Classes::default() };
+    let named: Vec<&str> = wukong.spec.disks.iter().filter_map(|d| d.storage_class_name.as_deref()).collect();
+    let classes = if unsettled { Classes::read(client, &context.reads, &named).await? } else { Classes::default() };
     let cdi = data_volumes.is_some();
     let data_volumes = data_volumes.unwrap_or_default();
     // Made from a DataVolume: a disk that has one, or whose storage is still to be made and should be one.
@@ -582,12 +636,8 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
     };
     status.system = disk.system;
     let claim = scene.stored.claims.get(&status.pvc_name);
-    status.bound = claim.is_some_and(Claim::bound);
+    describe_claim(&mut status, claim.as_ref(), disk, scene);
     if !disk.system {
-        let class = claim.and_then(|c| c.class.as_deref()).or(status.storage_class_name.as_deref());
-        status.binding_mode = scene.stored.classes.binding_mode(class).map(str::to_string).or(recorded_binding(disk));
-        status.access_modes = claim.map(|c| c.access_modes.clone()).unwrap_or_default();
-        status.volume_mode = claim.and_then(|c| c.volume_mode.clone());
         let sourced = match disk.wanted {
             Some(_) => scene.stored.from_data_volume.contains(&disk.name),
             None => status.data_volume.is_some(),
@@ -598,6 +648,17 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
         });
     }
     status
+}
+
+/// What `status` says of the disk's claim (none yet: not bound, no modes).
+fn describe_claim(status: &mut VolumeStatus, claim: Option<&Claim>, disk: &DiskPlan, scene: &Scene) {
+    status.bound = claim.is_some_and(Claim::bound);
+    if !disk.system {
+        let class = claim.and_then(|c| c.class.as_deref()).or(status.storage_class_name.as_deref());
+        status.binding_mode = scene.stored.classes.binding_mode(class).map(str::to_string).or(recorded_binding(disk));
+        status.access_modes = claim.map(|c| c.access_modes.clone()).unwrap_or_default();
+        status.volume_mode = claim.and_then(|c| c.volume_mode.clone());
+    }
 }
 
 /// The binding mode recorded for a disk, kept while the classes are not read (its claim is bound).
@@ -624,7 +685,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
                 None => "the system disk is not in the VM's spec; the operator never plugs the system disk",
             };
             status.pvc_name = claim.clone().unwrap_or_default();
-            status.bound = scene.stored.claims.get(&status.pvc_name).is_some_and(Claim::bound);
+            status.bound = scene.stored.claims.get(&status.pvc_name).is_some_and(|c| c.bound());
             set(&mut status, if claim.is_some() { Phase::Attached } else { Phase::Pending }, message);
             Ok(DiskOutcome::settled(status))
         }
@@ -643,19 +704,32 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
         }
         Step::CreateClaim | Step::CreateDataVolume => {
             let spec = disk.wanted.as_ref().expect("only a listed disk is created");
-            let made = create_storage(wukong, spec, &status, scene, context).await?;
-            let message = match disk.step {
-                Step::CreateClaim => format!("claim {} created; waiting for it to bind", status.pvc_name),
-                _ => format!("DataVolume {} created; waiting for CDI to fill it", status.pvc_name),
+            let (made, claim) = create_storage(wukong, spec, &status, scene, context).await?;
+            // Said now, not by the next pass (woken by the claim's watch) in a write of its own.
+            if let Some(claim) = &claim {
+                describe_claim(&mut status, Some(claim), disk, scene);
+            }
+            let (message, waiting, again) = match disk.step {
+                // The status says what the next pass, woken by the claim's watch, will say too: one write less.
+                Step::CreateClaim => (
+                    format!("claim {} created; waiting for it to bind", status.pvc_name),
+                    waiting_for_claim(&status),
+                    RESYNC,
+                ),
+                // A DataVolume's progress is not watched.
+                _ => {
+                    let message = format!("DataVolume {} created; waiting for CDI to fill it", status.pvc_name);
+                    (message.clone(), message, SOON)
+                }
             };
             publish(context, wukong, EventType::Normal, made, "CreateClaim", &message).await;
-            set(&mut status, Phase::Pending, &message);
-            Ok(DiskOutcome::again(status, SOON))
+            set(&mut status, Phase::Pending, &waiting);
+            Ok(DiskOutcome::again(status, again))
         }
         Step::WaitForClaim => {
-            let message = format!("waiting for claim {} to bind", status.pvc_name);
+            let message = waiting_for_claim(&status);
             set(&mut status, Phase::Pending, &message);
-            Ok(DiskOutcome::again(status, SOON))
+            Ok(DiskOutcome::settled(status))
         }
         Step::WaitForDataVolume => {
             let seen = scene.stored.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
@@ -692,6 +766,10 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             })
         }
     }
+}
+
+fn waiting_for_claim(status: &VolumeStatus) -> String {
+    format!("waiting for claim {} to bind", status.pvc_name)
 }
 
 fn volume_spec(status: &VolumeStatus) -> VolumeSpec {
@@ -930,7 +1008,7 @@ async fn create_storage(
     status: &VolumeStatus,
     scene: &Scene,
     context: &Context,
-) -> Result<&'static str> {
+) -> Result<(&'static str, Option<Claim>)> {
     let owner = wukong.controller_owner_ref(&()).expect("a Wukong read from the API has a name and UID");
     let class = disk.storage_class_name.as_deref();
     let sets = scene.stored.classes.resolve(class).and_then(|c| scene.stored.profiles.get(c));
@@ -956,10 +1034,15 @@ async fn create_storage(
         None => (claim_resource(), storage::claim_spec(disk.size(), class, &modes), "ClaimCreated"),
     };
     let object = json!({"apiVersion": resource.api_version, "kind": resource.kind, "metadata": metadata, "spec": spec});
-    Api::<DynamicObject>::namespaced_with(context.client.clone(), &scene.ns, &resource)
+    let made = Api::<DynamicObject>::namespaced_with(context.client.clone(), &scene.ns, &resource)
         .patch(&status.pvc_name, &PatchParams::apply(MANAGER), &Patch::Apply(&object))
         .await?;
-    Ok(reason)
+    // The claim as the API server made it (its default class given); a DataVolume's is CDI's to make.
+    let claim = (resource.kind == "PersistentVolumeClaim")
+        .then(|| made.try_parse::<PersistentVolumeClaim>().ok())
+        .flatten()
+        .map(|c| Claim::of(&c));
+    Ok((reason, claim))
 }
 
 fn claim_resource() -> kube::api::ApiResource {
@@ -1052,7 +1135,7 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
         }
     }
     context.metrics.set_blocked(wukong.uid().as_deref().unwrap_or_default(), 0);
-    context.written.lock().expect("never poisoned").remove(&wukong.uid().unwrap_or_default());
+    context.written.forget(&wukong.uid().unwrap_or_default());
     if in_use.is_empty() {
         return Ok(Action::await_change());
     }
@@ -1096,14 +1179,12 @@ fn set_condition(status: &mut WukongStatus, type_: &str, ok: bool, reason: &str,
 /// Writes status by server-side apply, only when it changed.
 async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatus, status: WukongStatus) -> Result<()> {
     let uid = wukong.uid().unwrap_or_default();
-    let mut written = context.written.lock().expect("never poisoned").remove(&uid);
-    if *previous != status || (wukong.status.is_none() && written.is_none()) {
+    if *previous != status || (wukong.status.is_none() && context.written.get(&uid).is_none()) {
         let api: Api<Wukong> = Api::namespaced(context.client.clone(), &wukong.namespace().unwrap_or_default());
         let patch = json!({"apiVersion": Wukong::api_version(&()), "kind": Wukong::kind(&()), "status": status});
         api.patch_status(&wukong.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
-        written = None;
+        context.written.wrote(&uid, status);
     }
-    context.written.lock().expect("never poisoned").insert(uid, written.unwrap_or(status));
     Ok(())
 }
 
@@ -1137,7 +1218,7 @@ async fn publish(context: &Context, wukong: &Wukong, type_: EventType, reason: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{Api as MockApi, context, wukong};
+    use crate::fixtures::{Api as MockApi, context, context_with_claims, wukong};
     use http::Method;
 
     fn not_found(what: &str) -> (u16, serde_json::Value) {
@@ -1146,10 +1227,6 @@ mod tests {
             404,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": message}),
         )
-    }
-
-    fn claim(phase: &str) -> Claim {
-        Claim { phase: phase.into(), class: None, access_modes: vec![], volume_mode: None }
     }
 
     #[test]
@@ -1170,10 +1247,14 @@ mod tests {
             ],
         }}}}))
         .unwrap();
-        // `theirs` has the name the operator would give it, but no claim of this object's (not labelled as ours).
-        let claims = ["db-vm-lost", "db-vm-listed", "db-vm-recorded", "db-vm-filled"];
+        // `theirs` has the name the operator would give it, but its claim is another object's.
+        let mut claims: Vec<_> = ["db-vm-lost", "db-vm-listed", "db-vm-recorded", "db-vm-filled"]
+            .iter()
+            .map(|name| crate::fixtures::claim(name, "db", "Bound"))
+            .collect();
+        claims.push(crate::fixtures::claim("db-vm-theirs", "other", "Bound"));
         let stored = Stored {
-            claims: claims.iter().map(|c| (c.to_string(), claim("Bound"))).collect(),
+            claims: OwnedClaims::new(crate::fixtures::store_of(claims), "ns1", "db"),
             data_volumes: [("db-vm-filled".to_string(), DataVolume::default())].into(),
             cdi: true,
             from_data_volume: BTreeSet::new(),
@@ -1245,14 +1326,13 @@ mod tests {
         assert_eq!(
             calls,
             [
-                (Method::GET, "/api/v1/namespaces/ns1/persistentvolumeclaims"),
                 (Method::GET, "/apis/cdi.kubevirt.io/v1beta1/namespaces/ns1/datavolumes"),
                 (Method::GET, "/apis/storage.k8s.io/v1/storageclasses"),
                 (Method::GET, "/apis/kubevirt.io/v1/namespaces/ns1/virtualmachines/db-vm"),
                 (Method::PATCH, "/apis/vm.novasphere.dev/v1alpha1/namespaces/ns1/wukongs/db/status"),
             ]
         );
-        let status = &seen[4].body["status"];
+        let status = &seen[3].body["status"];
         assert_eq!(status["volumes"], json!([]), "no disk is touched: {status}");
         let vm = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "VMAvailable").unwrap();
         assert!(vm["message"].as_str().unwrap().starts_with("VirtualMachine ns1/db-vm does not exist"), "{vm}");
@@ -1280,7 +1360,7 @@ mod tests {
             _ => None,
         });
         let action = apply(&object, &context(api.client())).await.unwrap();
-        assert_eq!(action, Action::requeue(SOON));
+        assert_eq!(action, Action::requeue(RESYNC), "the claim's watch wakes it when it binds");
         let seen = api.seen();
         let writes: Vec<&str> = seen.iter().filter(|s| s.method != Method::GET).map(|s| s.path.as_str()).collect();
         assert_eq!(
@@ -1305,6 +1385,11 @@ mod tests {
         assert_eq!(claim["spec"]["accessModes"], json!(["ReadWriteOnce"]), "no profile: RWO");
         assert_eq!(claim["spec"]["volumeMode"], "Block", "KubeVirt hot-plugs no empty Filesystem claim");
         assert_eq!(volumes[1]["bindingMode"], "Immediate");
+        assert_eq!(
+            (volumes[1]["accessModes"].clone(), volumes[1]["volumeMode"].clone(), volumes[1]["message"].clone()),
+            (json!(["ReadWriteOnce"]), json!("Block"), json!("waiting for claim db-vm-data to bind")),
+            "the claim as made, and what the next pass says too: it has nothing to write"
+        );
     }
 
     /// A stopped VM (no VMI), its claims as `claims`, StorageClass `fast` binding as `binding`, CDI's StorageProfile
@@ -1321,7 +1406,7 @@ mod tests {
         let classes = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClassList", "metadata": {}, "items": [
             {"metadata": {"name": "fast", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
              "provisioner": "x", "volumeBindingMode": binding}]});
-        let claims = json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": claims});
+        let claims: Vec<PersistentVolumeClaim> = serde_json::from_value(claims).unwrap();
         let profile = json!({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "StorageProfile",
                              "metadata": {"name": "fast"}, "status": {"claimPropertySets": profile}});
         let api = MockApi::start(move |s| match (s.method.clone(), s.path.as_str()) {
@@ -1331,14 +1416,13 @@ mod tests {
             }
             (Method::GET, "/apis/storage.k8s.io/v1/storageclasses") => Some((200, classes.clone())),
             (Method::GET, "/apis/cdi.kubevirt.io/v1beta1/storageprofiles/fast") => Some((200, profile.clone())),
-            (Method::GET, "/api/v1/namespaces/ns1/persistentvolumeclaims") => Some((200, claims.clone())),
             (Method::GET, p) if p.contains("/persistentvolumeclaims/") => Some(not_found("persistentvolumeclaims")),
             (_, p) if p.starts_with("/apis/cdi.kubevirt.io/") && !cdi => {
                 Some(not_found("the server could not find the requested resource"))
             }
             _ => None,
         });
-        apply(object, &context(api.client())).await.unwrap();
+        apply(object, &context_with_claims(api.client(), claims)).await.unwrap();
         api.seen()
     }
 
@@ -1355,7 +1439,7 @@ mod tests {
 
     fn pending_claim(class: &str) -> serde_json::Value {
         json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-               "metadata": {"name": "db-vm-data", "labels": {"vm.novasphere.dev/wukong": "db"}},
+               "metadata": {"name": "db-vm-data", "namespace": "ns1", "labels": {"vm.novasphere.dev/wukong": "db"}},
                "spec": {"storageClassName": class, "accessModes": ["ReadWriteOnce"], "volumeMode": "Block"},
                "status": {"phase": "Pending"}})
     }
@@ -1373,8 +1457,16 @@ mod tests {
             (json!("Block"), json!(["ReadWriteOnce"]))
         );
 
+        let lists_data_volumes = |seen: &[crate::fixtures::Seen]| seen.iter().any(|s| s.path.ends_with("/datavolumes"));
+        assert!(!lists_data_volumes(&seen), "a bare claim made: no DataVolume to look for");
+
         let seen = pass(&object, json!([pending_claim("fast")]), "Immediate", json!([]), true).await;
         assert!(!writes(&seen).iter().any(|w| w == vm_patch), "{:?}", writes(&seen));
+        // A claim CDI made for a DataVolume (whose status may never have said so): the DataVolume is looked at.
+        let mut filled = pending_claim("fast");
+        filled["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "name": "db-vm-data", "uid": "1"}]);
+        assert!(lists_data_volumes(&pass(&object, json!([filled]), "Immediate", json!([]), true).await));
         let data = &seen.last().unwrap().body["status"]["volumes"][1];
         assert_eq!(data["message"], "waiting for claim db-vm-data to bind");
     }
@@ -1444,17 +1536,15 @@ mod tests {
         let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
                         "spec": {"template": {"spec": {"volumes": [{"name": "root", "containerDisk": {"image": "x"}},
                                  {"name": "data", "persistentVolumeClaim": {"claimName": "db-vm-data", "hotpluggable": true}}]}}}});
-        let claims = json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": [{"apiVersion": "v1",
-            "kind": "PersistentVolumeClaim", "metadata": {"name": "db-vm-data"}, "status": {"phase": "Bound"}}]});
+        let claim = crate::fixtures::claim("db-vm-data", "db", "Bound");
         let api = MockApi::start(move |s| match s.path.as_str() {
             p if p.ends_with("/virtualmachines/db-vm") => Some((200, vm.clone())),
             p if p.ends_with("/virtualmachineinstances/db-vm") => {
                 Some(not_found("virtualmachineinstances.kubevirt.io"))
             }
-            p if p.ends_with("/persistentvolumeclaims") => Some((200, claims.clone())),
             _ => None,
         });
-        let context = context(api.client());
+        let context = context_with_claims(api.client(), vec![claim]);
         apply(&object, &context).await.unwrap();
         let first = api.seen().len();
         // The same object again, its status still unwritten in this (stale) copy: only reads.
@@ -1476,6 +1566,16 @@ mod tests {
         let status = &again.iter().rfind(|s| s.method == Method::PATCH).unwrap().body["status"];
         assert_eq!(status["volumes"][1]["phase"], "Pending");
         assert_eq!(status["volumes"][1]["message"], "in the VM's spec; attached when the VM starts");
+
+        // The watch's copy catches up: it is the truth again, and the operator's own copy is let go.
+        assert_eq!(context.written.len(), 1);
+        let mut caught_up = object.clone();
+        caught_up.status = Some(serde_json::from_value(status.clone()).unwrap());
+        context.written.seen(&watcher::Event::Apply(caught_up.clone()));
+        assert!(context.written.is_empty(), "not held twice");
+        let before = api.seen().len();
+        apply(&caught_up, &context).await.unwrap();
+        assert!(api.seen()[before..].iter().all(|s| s.method == Method::GET), "nothing to write");
     }
 
     /// `kubectl delete --cascade=orphan`: the garbage collector may take our owner reference off the claims and

@@ -4,11 +4,14 @@
 use crate::Result;
 use crate::access::ClusterReads;
 use crate::crd::{AccessMode, BlankSource, DiskSource, DiskSpec, VolumeMode};
+use crate::reconcile::OWNER_LABEL;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::ResourceExt;
 use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// The annotation that makes a StorageClass the cluster's default.
 const DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
@@ -32,12 +35,14 @@ pub fn storage_profile_resource() -> ApiResource {
 }
 
 /// A claim as the operator reads it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 pub struct Claim {
     pub phase: String,
     pub class: Option<String>,
     pub access_modes: Vec<String>,
     pub volume_mode: Option<String>,
+    /// CDI made it for a DataVolume (its owner).
+    pub of_data_volume: bool,
 }
 
 impl Claim {
@@ -50,11 +55,55 @@ impl Claim {
             class: spec.storage_class_name,
             access_modes,
             volume_mode: spec.volume_mode,
+            of_data_volume: claim.owner_references().iter().any(|o| o.kind == "DataVolume"),
         }
     }
 
     pub fn bound(&self) -> bool {
         self.phase == "Bound"
+    }
+}
+
+/// A claim trimmed to what [`Claim::of`], the owner lookup and cleanup read (name, labels, owners, deletion, the
+/// modes, the class and the phase), for the watch cache that holds every claim the operator made.
+pub fn keep_what_is_read(claim: &mut PersistentVolumeClaim) {
+    claim.managed_fields_mut().clear();
+    claim.annotations_mut().clear();
+    if let Some(spec) = claim.spec.as_mut() {
+        spec.resources = None;
+        spec.data_source = None;
+        spec.data_source_ref = None;
+        spec.selector = None;
+    }
+    if let Some(status) = claim.status.as_mut() {
+        status.capacity = None;
+        status.allocated_resources = None;
+        status.allocated_resource_statuses = None;
+        status.conditions = None;
+    }
+}
+
+/// The claims of one `Wukong` (those that carry its name in [`OWNER_LABEL`]), read from the controller's watch
+/// cache by name: a pass asks only for the claims of its disks.
+pub struct OwnedClaims {
+    store: Store<PersistentVolumeClaim>,
+    namespace: String,
+    owner: String,
+}
+
+impl OwnedClaims {
+    pub fn new(store: Store<PersistentVolumeClaim>, namespace: &str, owner: &str) -> Self {
+        Self { store, namespace: namespace.into(), owner: owner.into() }
+    }
+
+    /// Claim `name`, when it exists and is this object's.
+    pub fn get(&self, name: &str) -> Option<Claim> {
+        let claim = self.store.get(&ObjectRef::new(name).within(&self.namespace))?;
+        (claim.labels().get(OWNER_LABEL) == Some(&self.owner)).then(|| Claim::of(&claim))
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
     }
 }
 
@@ -83,7 +132,11 @@ impl DataVolume {
     }
 }
 
-/// What the StorageClasses say, read once per pass that needs them.
+/// How long a read of the StorageClasses or of a StorageProfile serves the passes that follow: both change rarely,
+/// and at thousands of objects a read per pass that makes a disk was a fifth of the operator's requests.
+const FRESH_FOR: Duration = Duration::from_secs(10);
+
+/// What the StorageClasses say.
 #[derive(Debug, Clone, Default)]
 pub struct Classes {
     /// Class → binding mode; `None` when the operator may not read StorageClasses (a namespaced install without
@@ -93,14 +146,24 @@ pub struct Classes {
 }
 
 impl Classes {
-    pub async fn read(client: &kube::Client, reads: &ClusterReads) -> Result<Self> {
-        let Some(classes) = reads.storage_classes(client).await? else { return Ok(Self::default()) };
+    /// The classes as read at most [`FRESH_FOR`] ago, or just now when one of `named` is not among them (it may
+    /// have been created since).
+    pub async fn read(client: &kube::Client, reads: &ClusterReads, named: &[&str]) -> Result<Self> {
+        let cached = Self::read_within(client, reads, FRESH_FOR).await?;
+        match named.iter().all(|class| cached.exists(class) != Some(false)) {
+            true => Ok(cached),
+            false => Self::read_within(client, reads, Duration::ZERO).await,
+        }
+    }
+
+    async fn read_within(client: &kube::Client, reads: &ClusterReads, max_age: Duration) -> Result<Self> {
+        let Some(classes) = reads.storage_classes(client, max_age).await? else { return Ok(Self::default()) };
         let default = classes
             .iter()
             .find(|c| c.annotations().get(DEFAULT_CLASS).is_some_and(|v| v == "true"))
             .map(|c| c.name_any());
         let known = classes
-            .into_iter()
+            .iter()
             .map(|c| {
                 let mode = c.volume_binding_mode.clone().unwrap_or_else(|| "Immediate".into());
                 (c.name_any(), mode)
@@ -160,7 +223,7 @@ pub struct PropertySet {
 /// The combinations class `class` offers, from its CDI StorageProfile (`spec.claimPropertySets`, the admin's,
 /// before `status.claimPropertySets`, CDI's, as CDI reads them); empty when unknown (no CDI, no profile, no RBAC).
 pub async fn property_sets(client: &kube::Client, reads: &ClusterReads, class: &str) -> Result<Vec<PropertySet>> {
-    let Some(profile) = reads.storage_profile(client, class).await? else { return Ok(Vec::new()) };
+    let Some(profile) = reads.storage_profile(client, class, FRESH_FOR).await? else { return Ok(Vec::new()) };
     let sets = |part: &str| profile.data[part]["claimPropertySets"].as_array().cloned().unwrap_or_default();
     let chosen = Some(sets("spec")).filter(|s| !s.is_empty()).unwrap_or_else(|| sets("status"));
     Ok(chosen
@@ -266,6 +329,33 @@ pub fn data_volume_spec(source: &DiskSource, size: &str, class: Option<&str>, mo
 mod tests {
     use super::*;
     use crate::crd::{BlankSource, ClaimSource};
+
+    /// A bound claim as the API server serves it, and as the watch cache keeps it: what the operator reads of it is
+    /// the same.
+    #[test]
+    fn a_trimmed_claim_reads_the_same() {
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": "db-vm-data", "namespace": "ns1", "uid": "u1",
+                "labels": {"vm.novasphere.dev/wukong": "db", "vm.novasphere.dev/disk": "data"},
+                "annotations": {"pv.kubernetes.io/bind-completed": "yes", "volume.kubernetes.io/storage-provisioner": "x"},
+                "ownerReferences": [{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "name": "db-vm-data",
+                                     "uid": "u2"}],
+                "finalizers": ["kubernetes.io/pvc-protection"],
+                "managedFields": [{"manager": "wukong-operator", "operation": "Apply"}]},
+            "spec": {"storageClassName": "fast", "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                     "resources": {"requests": {"storage": "1Gi"}}, "volumeName": "pv-1"},
+            "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": {"storage": "1Gi"},
+                       "conditions": [{"type": "Resizing", "status": "False"}]},
+        }))
+        .unwrap();
+        let mut kept = claim.clone();
+        keep_what_is_read(&mut kept);
+        assert_eq!(Claim::of(&kept), Claim::of(&claim));
+        assert!(Claim::of(&kept).of_data_volume && Claim::of(&kept).bound());
+        assert_eq!((kept.labels(), kept.owner_references()), (claim.labels(), claim.owner_references()));
+        assert!(kept.annotations().is_empty() && kept.managed_fields().is_empty());
+        assert!(kept.status.unwrap().capacity.is_none());
+    }
 
     fn set(modes: &[&str], volume_mode: &str) -> PropertySet {
         PropertySet { access_modes: modes.iter().map(|m| m.to_string()).collect(), volume_mode: volume_mode.into() }
