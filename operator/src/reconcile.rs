@@ -1176,14 +1176,23 @@ fn set_condition(status: &mut WukongStatus, type_: &str, ok: bool, reason: &str,
     }
 }
 
-/// Writes status by server-side apply, only when it changed.
+/// Writes status by server-side apply, only when it changed (an object never given one has none: its status names
+/// no VM, so it differs from any written).
 async fn write_status(wukong: &Wukong, context: &Context, previous: &WukongStatus, status: WukongStatus) -> Result<()> {
+    if *previous == status {
+        return Ok(());
+    }
     let uid = wukong.uid().unwrap_or_default();
-    if *previous != status || (wukong.status.is_none() && context.written.get(&uid).is_none()) {
-        let api: Api<Wukong> = Api::namespaced(context.client.clone(), &wukong.namespace().unwrap_or_default());
-        let patch = json!({"apiVersion": Wukong::api_version(&()), "kind": Wukong::kind(&()), "status": status});
-        api.patch_status(&wukong.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
-        context.written.wrote(&uid, status);
+    let api: Api<Wukong> = Api::namespaced(context.client.clone(), &wukong.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": Wukong::api_version(&()), "kind": Wukong::kind(&()), "status": &status});
+    // Recorded before the write: the watch may deliver it before the response arrives, and must find it to let it
+    // go (else the entry stays, older than the cache, and the next pass writes the same status again).
+    let prior = context.written.wrote(&uid, status);
+    if let Err(e) =
+        api.patch_status(&wukong.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await
+    {
+        context.written.restore(&uid, prior);
+        return Err(e.into());
     }
     Ok(())
 }

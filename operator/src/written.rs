@@ -18,8 +18,18 @@ impl Written {
         self.lock().get(uid).cloned()
     }
 
-    pub fn wrote(&self, uid: &str, status: WukongStatus) {
-        self.lock().insert(uid.to_string(), status);
+    /// Records `status` as being written for object `uid`; returns what was recorded before, for [`Self::restore`].
+    pub fn wrote(&self, uid: &str, status: WukongStatus) -> Option<WukongStatus> {
+        self.lock().insert(uid.to_string(), status)
+    }
+
+    /// Undoes [`Self::wrote`] after a write that failed: `prior` is what it returned.
+    pub fn restore(&self, uid: &str, prior: Option<WukongStatus>) {
+        let mut written = self.lock();
+        match prior {
+            Some(status) => written.insert(uid.to_string(), status),
+            None => written.remove(uid),
+        };
     }
 
     pub fn forget(&self, uid: &str) {
@@ -78,5 +88,18 @@ mod tests {
         written.wrote(&uid, WukongStatus::default());
         written.seen(&Event::Delete(object));
         assert!(written.is_empty(), "the object is gone");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_what_was_recorded_before() {
+        let written = Written::default();
+        let first = WukongStatus { vm_name: "db-vm".into(), ..Default::default() };
+        let prior = written.wrote("u1", first.clone());
+        written.restore("u1", prior);
+        assert!(written.is_empty(), "nothing was recorded before");
+        written.wrote("u1", first.clone());
+        let prior = written.wrote("u1", WukongStatus { attached: 1, ..first.clone() });
+        written.restore("u1", prior);
+        assert_eq!(written.get("u1"), Some(first));
     }
 }
