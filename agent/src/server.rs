@@ -92,23 +92,43 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .add_service(reflection().build_v1alpha()?);
 
     let timeout = Duration::from_secs(config.limits.request_timeout_seconds);
+    // Streams are not capped at the HTTP/2 level: a client would queue silently there. The service counts them and
+    // refuses with a sentence instead.
+    let serve = {
+        let (routes, stop_rx) = (routes.clone(), stop_rx.clone());
+        move |listener: Listener, address: Listen, security: Security| {
+            log_serving(&address, &security);
+            let router = Server::builder().timeout(timeout).add_routes(routes.clone());
+            router.serve_with_incoming_shutdown(transport::incoming(listener, security), stopped(stop_rx.clone()))
+        }
+    };
     let mut servers = tokio::task::JoinSet::new();
     // One for every kubevirt-vsock listener: they verify clients against the same fetched bundle.
     let mut kubevirt: Option<Arc<KubeVirtTls>> = None;
-    for (listener, address) in transport::bind_all(&config.listen, config.socket.is_some())? {
-        let security = match address {
+    let mut security = |address: &Listen| -> Result<Security, ServerError> {
+        Ok(match address {
             Listen::KubeVirtVsock { .. } => Security::KubeVirt(match &kubevirt {
                 Some(kubevirt) => kubevirt.clone(),
                 None => kubevirt.insert(Arc::new(KubeVirtTls::new(config.kubevirt_ca.clone(), tls.clone())?)).clone(),
             }),
             Listen::Tcp(_) | Listen::Vsock { .. } => tls.clone().map_or(Security::Plaintext, Security::MutualTls),
-        };
-        log_serving(&address, &security);
-        // Streams are not capped at the HTTP/2 level: a client would queue silently there. The service counts
-        // them and refuses with a sentence instead.
-        let router = Server::builder().timeout(timeout).add_routes(routes.clone());
-        let incoming = transport::incoming(listener, security);
-        servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
+        })
+    };
+    let bound = transport::bind_all(&config.listen, config.socket.is_some())?;
+    for (listener, address) in bound.listeners {
+        servers.spawn(serve(listener, address, security(&address)?));
+    }
+    for address in bound.later {
+        let security = security(&address)?;
+        let (serve, stop) = (serve.clone(), stopped(stop_rx.clone()));
+        servers.spawn(async move {
+            tokio::select! {
+                (listener, address) = transport::bind_when_available(address) => {
+                    serve(listener, address, security).await
+                }
+                () = stop => Ok(()),
+            }
+        });
     }
     if let Some(path) = &config.socket {
         let listener = bind_unix(path)?;

@@ -202,10 +202,20 @@ pub enum BindError {
     NothingToServe,
 }
 
+/// What [`bind_all`] started: the listeners, and the vsock addresses this guest cannot serve yet.
+#[derive(Debug)]
+pub struct Bound<L> {
+    pub listeners: Vec<(L, Listen)>,
+    /// Skipped for want of a vsock transport, which can still come: the guest's virtio-vsock driver is a module
+    /// that udev may load after the agent started, and a vsock device can be hot-plugged. [`bind_when_available`]
+    /// takes each of them up then, as qemu-guest-agent's `--retry-path` waits for its virtio-serial port.
+    pub later: Vec<Listen>,
+}
+
 /// Binds every listen address. One this guest cannot have (IPv6 on a guest without it, vsock without a vsock
 /// device) is skipped with a warning, so that one shipped configuration fits every guest, as long as something
 /// else serves: another listener or, when `socket`, the Unix socket. Any other failure is an error.
-pub fn bind_all(listen: &[Listen], socket: bool) -> Result<Vec<(Listener, Listen)>, BindError> {
+pub fn bind_all(listen: &[Listen], socket: bool) -> Result<Bound<Listener>, BindError> {
     settle(listen.iter().map(|l| (*l, Listener::bind(l))), has_ipv6(), socket)
 }
 
@@ -214,12 +224,12 @@ fn settle<L>(
     attempts: impl IntoIterator<Item = (Listen, io::Result<(L, Listen)>)>,
     has_ipv6: bool,
     socket: bool,
-) -> Result<Vec<(L, Listen)>, BindError> {
-    let mut bound = Vec::new();
+) -> Result<Bound<L>, BindError> {
+    let mut listeners = Vec::new();
     let mut skipped = Vec::new();
     for (listen, attempt) in attempts {
         match attempt {
-            Ok(listener) => bound.push(listener),
+            Ok(listener) => listeners.push(listener),
             Err(source) => match missing(&listen, &source, has_ipv6) {
                 Some(why) => skipped.push((listen, why, source)),
                 None if matches!(listen, Listen::Tcp(_)) => return Err(BindError::Tcp { listen, source }),
@@ -227,17 +237,58 @@ fn settle<L>(
             },
         }
     }
-    if bound.is_empty() && !socket {
+    if listeners.is_empty() && !socket {
         if skipped.is_empty() {
             return Err(BindError::NothingToServe);
         }
         let all = skipped.iter().map(|(listen, why, e)| format!("{listen}: {why} ({e})")).collect::<Vec<_>>();
         return Err(BindError::NoneStarted(all.join("; ")));
     }
+    let mut later = Vec::new();
     for (listen, why, error) in skipped {
-        tracing::warn!(address = %listen, error = %error, "not listening on this address: {why}");
+        if matches!(listen, Listen::Tcp(_)) {
+            tracing::warn!(address = %listen, error = %error, "not listening on this address: {why}");
+        } else {
+            tracing::warn!(address = %listen, error = %error, "not listening on this address yet: {why}; it is \
+                tried again every {VSOCK_RETRY:?} until the vsock device appears");
+            later.push(listen);
+        }
     }
-    Ok(bound)
+    Ok(Bound { listeners, later })
+}
+
+/// How often a vsock address skipped at start is tried again.
+const VSOCK_RETRY: Duration = Duration::from_secs(1);
+
+/// Binds `listen`, a vsock address skipped at start ([`Bound::later`]), once the guest has a vsock transport.
+pub async fn bind_when_available(listen: Listen) -> (Listener, Listen) {
+    retry_bind(listen, Listener::bind, VSOCK_RETRY).await
+}
+
+/// Tries `bind` every `every` until it succeeds. A failure other than a missing transport (the port taken by
+/// another program meanwhile, say) is logged when it first happens, and tried again too: the agent serves on
+/// its other addresses meanwhile.
+async fn retry_bind<L>(
+    listen: Listen,
+    mut bind: impl FnMut(&Listen) -> io::Result<(L, Listen)>,
+    every: Duration,
+) -> (L, Listen) {
+    let mut said = None;
+    loop {
+        tokio::time::sleep(every).await;
+        match bind(&listen) {
+            Ok(bound) => {
+                tracing::info!(address = %listen, "the vsock transport appeared: listening on this address now");
+                return bound;
+            }
+            Err(e) if missing(&listen, &e, false).is_some() => {}
+            Err(e) => {
+                if said.replace(e.kind()) != Some(e.kind()) {
+                    tracing::warn!(address = %listen, error = %e, "cannot listen on this address; trying again");
+                }
+            }
+        }
+    }
 }
 
 /// What the guest lacks when binding `listen` failed with `e`, if that is why.
@@ -386,7 +437,7 @@ mod tests {
         assert_eq!(again.raw_os_error(), Some(Errno::EADDRINUSE as i32));
     }
 
-    fn failed(errno: Errno) -> io::Result<((), Listen)> {
+    fn failed<L>(errno: Errno) -> io::Result<(L, Listen)> {
         Err(io::Error::from_raw_os_error(errno as i32))
     }
 
@@ -411,15 +462,16 @@ mod tests {
             ]
         };
         let bound = settle(attempts(), false, false).unwrap();
-        assert_eq!(bound, [((), tcp("0.0.0.0:7443"))]);
+        assert_eq!(bound.listeners, [((), tcp("0.0.0.0:7443"))]);
+        assert_eq!(bound.later, [vsock, kubevirt], "vsock is taken up when it comes; IPv6 is not");
 
         // With IPv6 on other interfaces, an absent address is the configuration's mistake.
         let err = settle(attempts(), true, false).unwrap_err();
         assert!(matches!(err, BindError::Tcp { listen, .. } if listen == tcp("[::1]:7443")), "{err}");
 
         // Only the Unix socket is left: it serves.
-        let skipped = || vec![(any6, failed(Errno::EAFNOSUPPORT)), (vsock, failed(Errno::EADDRNOTAVAIL))];
-        assert!(settle(skipped(), false, true).unwrap().is_empty());
+        let skipped = || vec![(any6, failed::<()>(Errno::EAFNOSUPPORT)), (vsock, failed(Errno::EADDRNOTAVAIL))];
+        assert!(settle(skipped(), false, true).unwrap().listeners.is_empty());
         let err = settle(skipped(), false, false).unwrap_err();
         assert!(matches!(err, BindError::NoneStarted(_)), "{err}");
         let text = err.to_string();
@@ -453,13 +505,35 @@ mod tests {
             // This thread alone moves to the new namespace; sockets it makes stay in it.
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a network namespace (run as root)");
             let ipv6 = has_ipv6();
-            (settle([(tcp("[::1]:0"), Listener::bind(&tcp("[::1]:0")))], ipv6, true).map(|b| b.len()), ipv6)
+            let attempt = [(tcp("[::1]:0"), Listener::bind(&tcp("[::1]:0")))];
+            (settle(attempt, ipv6, true).map(|b| (b.listeners.len(), b.later.len())), ipv6)
         })
         .join()
         .unwrap();
         assert!(!ipv6_there);
-        assert_eq!(bound.unwrap(), 0, "skipped, the Unix socket serves");
+        assert_eq!(bound.unwrap(), (0, 0), "skipped for good, the Unix socket serves");
         assert!(has_ipv6(), "this machine has IPv6 ([::1]), so the tests above bind it");
+    }
+
+    /// A vsock address skipped at start is bound once the transport is there; a failure of another kind on the
+    /// way (the port taken meanwhile) does not end the wait.
+    #[tokio::test]
+    async fn a_skipped_vsock_address_is_bound_when_the_transport_appears() {
+        let vsock = Listen::Vsock { port: 7443 };
+        let mut answers = vec![Errno::ENODEV, Errno::EAFNOSUPPORT, Errno::EADDRINUSE, Errno::EADDRINUSE].into_iter();
+        let mut attempts = 0;
+        let started = std::time::Instant::now();
+        let bind = |listen: &Listen| {
+            attempts += 1;
+            match answers.next() {
+                Some(errno) => failed(errno),
+                None => Ok(("listener", *listen)),
+            }
+        };
+        let bound = retry_bind(vsock, bind, Duration::from_millis(20)).await;
+        assert_eq!(bound, ("listener", vsock));
+        assert_eq!(attempts, 5);
+        assert!(started.elapsed() >= Duration::from_millis(100), "one attempt every interval");
     }
 
     #[test]

@@ -619,7 +619,9 @@ impl Guest {
     }
 
     /// Boots the systemd guest (profile B) with a NoCloud seed, and waits until systemd has started the lab's
-    /// control channel. The agent is whatever cloud-init installs from the seed: wait for it separately.
+    /// control channel. The agent is whatever cloud-init installs from the seed: wait for it separately. It has a
+    /// network and a vsock device (as a KubeVirt VMI with `autoattachVSOCK`), whose driver udev loads as it
+    /// would on any distribution: the shipped unit and configuration are served on both.
     pub async fn boot_systemd(seed: &Path) -> Result<Self> {
         let assets = systemd_assets()?;
         let drives = [
@@ -632,7 +634,7 @@ impl Guest {
             qemu_args.extend(["-drive".into(), drive.clone(), "-device".into(), format!("virtio-blk-pci,drive={id}")]);
         }
         let append = "console=ttyS0 panic=-1 loglevel=4 systemd.show_status=0";
-        let options = GuestOptions { qemu_args, ..Default::default() };
+        let options = GuestOptions { qemu_args, vsock: true, ..Default::default() };
         let guest = Self::launch(&assets.kernel, &assets.loader, append, 1024, &options).await?;
         guest.wait_for_console(READY_MARKER, 1, SYSTEMD_BOOT_TIMEOUT).await?;
         Ok(guest)

@@ -7,14 +7,14 @@
 //! watchdog, a restart after a crash), and, under the unit's hardening, a refusal naming the user, a release that
 //! survives a restart of the agent and is undone by the restarted agent's cancel, a release interrupted by a
 //! crash and undone by the agent systemd restarts, and a full safe attach and detach from the host over mutual
-//! TLS; then that an upgrade to a newer .deb keeps a modified configuration and restarts the agent with it, and
+//! TLS; that the bare binary serves over vsock as well as TCP under the unit (the guest has both); then that an upgrade to a newer .deb keeps a modified configuration and restarts the agent with it, and
 //! that a purge removes the package but keeps a journalled release.
 
 use anyhow::{Context, Result, ensure};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::Code;
-use wukong_controller_client::agent_client::{AgentClient, TlsFiles};
+use wukong_controller_client::agent_client::{AgentAddress, AgentClient, TlsFiles};
 use wukong_controller_client::companion::{self, AttachOptions, DetachOptions};
 use wukong_controller_client::hypervisor::{DiskBus, VolumeSource, VolumeSpec};
 use wukong_controller_client::qemu::Qemu;
@@ -321,6 +321,16 @@ async fn cloud_init_installs_the_bare_binary_under_systemd() -> Result<()> {
     assert_eq!(guest.run_ok("stat -c %a /run/wukong-agent").await?.trim(), "700");
     let agent = AgentClient::connect_with(guest.agent_address(), Some(&tls(&pki, "wukong-companion")))?;
     assert!(!agent.agent_info().await?.read_only, "serving the companion over mutual TLS");
+    // The unit allows AF_VSOCK and the shipped configuration listens on vsock://7443: the VM's host reaches the
+    // agent without the guest's network too, with the same mutual TLS.
+    let vsock = AgentAddress::HybridVsock { path: guest.vsock_socket(), port: 7443 };
+    let agent = AgentClient::connect_with(vsock, Some(&tls(&pki, "wukong-companion")))?;
+    assert!(!agent.agent_info().await?.read_only, "serving the companion over vsock");
+    let journal = guest.run_ok("journalctl -u wukong-agent.service -o cat").await?;
+    assert!(
+        journal.lines().any(|l| l.contains("serving gRPC over mutual TLS") && l.contains("vsock://7443")),
+        "{journal}"
+    );
     eprintln!(
         "profile B (binary): systemd up in {:.1} s, agent installed by cloud-init after {:.1} s",
         booted.as_secs_f64(),
