@@ -69,13 +69,14 @@ pub struct RunArgs {
     /// This replica's identity (the pod's name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// Where /metrics, /healthz and /readyz are served.
-    #[arg(long, env = "WUKONG_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    /// Where /metrics, /healthz and /readyz are served. `[::]` serves IPv6 and IPv4 (0.0.0.0 where the kernel has no
+    /// IPv6).
+    #[arg(long, env = "WUKONG_HTTP_ADDRESS", default_value = "[::]:8080")]
     http_address: SocketAddr,
     /// Seconds one reconcile waits for an attach or a detach before looking again on a later pass.
     #[arg(long, default_value_t = 30)]
     wait_seconds: u64,
-    /// Serve the admission guard (POST /validate) here, over HTTPS.
+    /// Serve the admission guard (POST /validate) here, over HTTPS (`[::]:8443`: IPv6 and IPv4, as --http-address).
     #[arg(long, env = "WUKONG_WEBHOOK_ADDRESS", requires = "webhook_cert_dir")]
     webhook_address: Option<SocketAddr>,
     /// Directory of the webhook's serving certificate Secret: tls.crt, tls.key (read again when they change).

@@ -35,17 +35,15 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let certificates = Arc::new(CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
     let health = Arc::new(Health::default());
-    let listener = tokio::net::TcpListener::bind(config.http_address)
-        .await
-        .map_err(|source| Error::Listen { address: config.http_address, source })?;
+    let listener =
+        server::bind(config.http_address).map_err(|source| Error::Listen { address: config.http_address, source })?;
     let server = tokio::spawn(server::serve(listener, metrics.clone(), health.clone()));
     // Every replica serves the webhook, leader or not: the API server calls whichever the Service picks.
     let (mut webhook, guard) = match &config.webhook {
         Some(settings) => {
             health.expect_webhook();
-            let listener = tokio::net::TcpListener::bind(settings.address)
-                .await
-                .map_err(|source| Error::Listen { address: settings.address, source })?;
+            let listener =
+                server::bind(settings.address).map_err(|source| Error::Listen { address: settings.address, source })?;
             let guard = Arc::new(Guard::new(client.clone(), &config, settings, metrics.clone(), certificates.clone()));
             let (dir, auth) = (settings.cert_dir.clone(), settings.client_auth.clone());
             let serve = crate::webhook::serve(listener, dir.clone(), auth, guard.clone(), health.clone());

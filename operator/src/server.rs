@@ -11,10 +11,11 @@ use crate::metrics::Metrics;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 /// What the probes report: ready once the leader election runs (leader or standby) and, when this replica serves
 /// the admission webhook, while the webhook has a usable certificate; never again once it is shutting down.
@@ -116,6 +117,37 @@ fn respond(request: &Request<Incoming>, metrics: &Metrics, health: &Health) -> R
         .expect("a valid response")
 }
 
+/// Binds one of the operator's ports. The unspecified IPv6 address (the default, `[::]`) takes IPv4 connections too,
+/// whatever the node's `net.ipv6.bindv6only` says, so one listener serves IPv4-only, IPv6-only and dual-stack
+/// clusters (a Pod's IPv6 address is not served by `0.0.0.0`); on a kernel without IPv6 (`ipv6.disable=1`) it is
+/// `0.0.0.0` instead. Any other address is bound as given.
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let any_v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, address.port()));
+    let socket = match address.ip() {
+        IpAddr::V6(ip) if ip.is_unspecified() => match TcpSocket::new_v6() {
+            Ok(socket) => {
+                nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &false)?;
+                socket
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+                tracing::info!(%address, instead = %any_v4, "this kernel has no IPv6: listening on IPv4 only");
+                return bind_socket(TcpSocket::new_v4()?, any_v4);
+            }
+            Err(e) => return Err(e),
+        },
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+    };
+    bind_socket(socket, address)
+}
+
+fn bind_socket(socket: TcpSocket, address: SocketAddr) -> std::io::Result<TcpListener> {
+    // As TcpListener::bind: a restarted replica binds while its old connections are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
+}
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
     while let Ok((stream, _)) = listener.accept().await {
@@ -136,6 +168,21 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default `[::]` takes IPv6 and IPv4 connections; an address given is bound as given.
+    #[tokio::test]
+    async fn the_unspecified_ipv6_address_serves_both_families() {
+        let listener = bind("[::]:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for peer in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+            let (connected, accepted) = tokio::join!(tokio::net::TcpStream::connect(&peer), listener.accept());
+            connected.unwrap_or_else(|e| panic!("{peer}: {e}"));
+            accepted.unwrap();
+        }
+        let v4 = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        assert!(tokio::net::TcpStream::connect(format!("[::1]:{port}")).await.is_err(), "IPv4 only, as given");
+    }
 
     #[test]
     fn only_a_leader_whose_renewals_stopped_is_not_alive() {
