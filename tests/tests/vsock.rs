@@ -88,19 +88,28 @@ impl Lab {
 
     fn command(&self, vm: &str, client: &str, args: &[&str]) -> Result<std::process::Command> {
         let tls = self.pki.client(client);
+        let mut command = self.kubeconfig_only(vm, &[])?;
+        command.arg("--tls-ca").arg(&tls.ca).arg("--tls-cert").arg(&tls.cert).arg("--tls-key").arg(&tls.key);
+        command.args(args);
+        Ok(command)
+    }
+
+    /// wukongctl as on a laptop with nothing but a kubeconfig (the companion's) and `--vmi`.
+    fn kubeconfig_only(&self, vm: &str, args: &[&str]) -> Result<std::process::Command> {
         let mut command = std::process::Command::new(wukong_e2e::wukongctl_binary());
         command
             .env_clear()
             .env("KUBECONFIG", self.cluster.kubeconfig(COMPANION)?)
-            .args(["--vmi", &format!("{NS}/{vm}"), "--tls-ca"])
-            .arg(&tls.ca)
-            .arg("--tls-cert")
-            .arg(&tls.cert)
-            .arg("--tls-key")
-            .arg(&tls.key)
+            .args(["--vmi", &format!("{NS}/{vm}")])
             .args(args)
             .stdin(std::process::Stdio::null());
         Ok(command)
+    }
+
+    /// The agent's log lines that say it refused a TLS connection.
+    async fn refusals(&self) -> Result<Vec<String>> {
+        let log = self.agent_log().await?;
+        Ok(log.lines().filter(|l| l.contains("refused a TLS connection")).map(String::from).collect())
     }
 
     /// Requests to the `vsock` subresource in the API server's audit log: (user, request URI, HTTP code).
@@ -241,6 +250,10 @@ async fn both_tls_modes_and_bounded_failures_over_vsock() -> Result<()> {
     }
     assert!(kubevirt_ready, "tls=true served once the CA is fetched; agent log:\n{}", lab.agent_log().await?);
     assert!(lab.agent_log().await?.contains("KubeVirt's CA bundle fetched"), "{}", lab.agent_log().await?);
+    // With KubeVirt's TLS, a laptop needs only its kubeconfig: no files of ours, the subresource's RBAC decides.
+    let mut bare = lab.kubeconfig_only("db-vm", &[&kubevirt_tls[..], &["info"]].concat())?;
+    let out = tokio::task::block_in_place(|| bare.output())?;
+    assert_eq!(out.status.code(), Some(0), "kubeconfig only, tls=true: {}", text(&out));
     let requests = lab.vsock_requests()?;
     assert!(requests.iter().any(|(u, uri, _)| u == COMPANION && uri.ends_with("port=7444&tls=true")), "{requests:#?}");
 
@@ -256,16 +269,22 @@ async fn both_tls_modes_and_bounded_failures_over_vsock() -> Result<()> {
     let by_kubevirt = "client=\"KubeVirt's vsock subresource (kubevirt.io:system:client:vsock)\"";
     assert!(log.lines().any(|l| l.contains("allowed a release") && l.contains(by_kubevirt)), "{log}");
 
-    // virt-handler with a certificate of another CA: the agent refuses the handshake.
+    // virt-handler with a certificate of another CA: the agent refuses the handshake, and says so.
+    let before = lab.refusals().await?.len();
     lab.kubevirt.set_vsock_client_certificate(Some(&foreign_client_certificate()?))?;
     let refused = info("wukong-companion", &kubevirt_tls)?;
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(text(&refused).contains("KubeVirt's vsock subresource of VMI"), "names the transport: {}", text(&refused));
     lab.kubevirt.set_vsock_client_certificate(None)?;
+    let refusals = lab.refusals().await?;
+    assert!(refusals[before..].iter().any(|l| l.contains("peer=vsock:")), "the agent refused it: {refusals:#?}");
     // Our mode: a client certificate of another CA is refused by the agent.
+    let before = refusals.len();
     let refused = info("intruder", &[])?;
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(text(&refused).contains("KubeVirt's vsock subresource of VMI"), "{}", text(&refused));
+    let refusals = lab.refusals().await?;
+    assert!(refusals[before..].iter().any(|l| l.contains("peer=vsock:")), "the agent refused it: {refusals:#?}");
 
     // The agent is down when the call starts and up 3 s later: the call is served.
     let guest = &lab.guest;
@@ -288,10 +307,21 @@ async fn both_tls_modes_and_bounded_failures_over_vsock() -> Result<()> {
     command.arg("--tls-cert").arg(&tls.cert).arg("--tls-key").arg(&tls.key).arg("info");
     let silent = tokio::task::block_in_place(|| command.output())?;
     let took = started.elapsed();
+    // And through KubeVirt's subresource, from a laptop.
+    let started = Instant::now();
+    let through_api = lab.ctl("db-vm", "wukong-companion", &["info"])?;
+    let took_through_api = started.elapsed();
     guest.qmp.execute("cont", None).await?;
     assert_eq!(silent.status.code(), Some(4), "{}", text(&silent));
     assert!(text(&silent).contains(&format!("the agent at {address} did not answer CONNECT")), "{}", text(&silent));
     assert!(took < Duration::from_secs(20), "bounded: {took:?}");
-    println!("a silent guest is reported after {:.1} s", took.as_secs_f64());
+    assert_eq!(through_api.status.code(), Some(4), "{}", text(&through_api));
+    assert!(text(&through_api).contains("KubeVirt's vsock subresource of VMI"), "{}", text(&through_api));
+    assert!(took_through_api < Duration::from_secs(30), "bounded: {took_through_api:?}");
+    println!(
+        "a silent guest is reported after {:.1} s over hybrid vsock, {:.1} s through the subresource",
+        took.as_secs_f64(),
+        took_through_api.as_secs_f64()
+    );
     Ok(())
 }
