@@ -45,6 +45,8 @@ const USER_DISKS: [&str; 2] = ["u1", "u2"];
 /// retry of a refused detach comes 15 s after the refusal, its second 30 s after; a leader killed leaves its lease
 /// to expire (15 s) before the standby acts.
 pub const CONVERGENCE_BOUND: Duration = Duration::from_secs(150);
+/// How long a forced unlist waits for the operator to record the force before it unlists the disk anyway.
+const FORCE_RECORDED_WAIT: Duration = Duration::from_secs(20);
 /// The guard gives a release whose update was never stored back after this long.
 const GUARD_GRACE_SECONDS: &str = "5";
 /// The bytes of data each disk carries (its checksum is the invariant).
@@ -417,9 +419,14 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
         }
         Action::Unlist(i, force) => {
             if force {
-                // The option is read from the listing: the disk is forced while still listed, then unlisted.
+                // The option is read from the listing: the disk is forced while still listed, then unlisted. As
+                // the README tells users, it counts once the operator recorded it (status.volumes[].detachOptions):
+                // a listing it never saw (two writes coalesced into one reconcile, a leader killed between them)
+                // cannot be known after the disk left the spec, and the detach is then not forced.
                 disks[i].forced = true;
                 set_disks(&lab.wukongs, WUKONG, wukong_disks(disks)).await?;
+                disks[i].forced = force_recorded(lab, disks[i].name).await;
+                println!("  force of {} recorded by the operator: {}", disks[i].name, disks[i].forced);
             }
             disks[i].wanted = false;
             disks[i].unlisted = true;
@@ -480,6 +487,21 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the operator recorded disk `name`'s `force` in its status, waited for as a careful user would (faults
+/// may keep the operator away meanwhile).
+async fn force_recorded(lab: &Lab, name: &str) -> bool {
+    let deadline = Instant::now() + FORCE_RECORDED_WAIT;
+    while Instant::now() < deadline {
+        if let Ok(wukong) = lab.wukongs.get(WUKONG).await
+            && volume(&wukong, name).is_some_and(|v| v.detach_options.force)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
 }
 
 /// The Wukong's disks as the soak wants them.
@@ -568,7 +590,7 @@ where
 /// the guest; unlisted, it is gone from status and guest, unless a writer holds it (then DetachBlocked, naming the
 /// writer, and still in the guest) and it was not forced. A user disk is in the guest exactly while it is in the
 /// VM's template, and a removal refused for a writer leaves it there. Also updates what the soak knows from the
-/// user VM's template (a removal allowed or not).
+/// Wukong's spec and the user VM's template (a write that failed, a removal allowed or not).
 async fn converge(lab: &Lab, disks: &mut [Disk]) -> Result<()> {
     let deadline = Instant::now() + CONVERGENCE_BOUND;
     let mut last;
@@ -602,6 +624,8 @@ async fn at_spec(lab: &Lab, disks: &mut [Disk]) -> Result<bool> {
         let held = disk.writer.is_some() && !disk.forced;
         let ok = match disk.owner {
             Owner::Wukong => {
+                // As the spec has it: a write that failed (the API server restarting) may or may not have landed.
+                disk.wanted = wukong.spec.disks.iter().any(|d| d.name == disk.name);
                 let status = volume(&wukong, disk.name);
                 match (disk.wanted, held) {
                     (true, _) => status.is_some_and(|v| v.phase == Phase::Attached) && in_guest,

@@ -105,25 +105,32 @@ impl Report {
 /// (`st_dev`, a mounted filesystem's included) or the device they are (`st_rdev`): no path prefixes, which
 /// namespaces and bind mounts would fool. Output lines are tab-separated (see [`parse`]); `end` closes a whole answer.
 pub fn script(serial: &str) -> String {
-    format!("serial={}\n{}", shell_quote(serial), SCRIPT)
+    script_in(serial, "/sys")
+}
+
+/// [`script`] with sysfs at `sys`.
+fn script_in(serial: &str, sys: &str) -> String {
+    format!("serial={}\nsys={}\n{}", shell_quote(serial), shell_quote(sys), SCRIPT)
 }
 
 const SCRIPT: &str = r#"disk=
 # QEMU puts a SCSI disk's serial in VPD page 0x80 after its 4-byte header, a virtio-blk disk's in `serial`.
-for d in /sys/block/*; do
+# A disk can vanish while this runs (a release deletes its SCSI device just before the unplug): what cannot be read
+# any more is not there.
+for d in $sys/block/*; do
   s=
-  if [ -r "$d/serial" ]; then read -r s < "$d/serial"
-  elif [ -r "$d/device/vpd_pg80" ]; then s=$(tail -c +5 "$d/device/vpd_pg80")
+  if [ -r "$d/serial" ]; then { read -r s < "$d/serial"; } 2>/dev/null
+  elif [ -r "$d/device/vpd_pg80" ]; then s=$(tail -c +5 "$d/device/vpd_pg80" 2>/dev/null)
   fi
   if [ "$s" = "$serial" ]; then disk=${d##*/}; break; fi
 done
 if [ -n "$disk" ]; then
   printf 'device\t%s\n' "$disk"
   names=$disk
-  for p in /sys/block/$disk/$disk*; do [ -r "$p/dev" ] && names="$names ${p##*/}"; done
+  for p in $sys/block/$disk/$disk*; do [ -r "$p/dev" ] && names="$names ${p##*/}"; done
   ids=
-  for n in $names; do read -r id < "/sys/class/block/$n/dev"; ids="$ids $id"; done
-  for h in /sys/block/$disk/holders/* /sys/block/$disk/$disk*/holders/*; do
+  for n in $names; do { read -r id < "$sys/class/block/$n/dev"; } 2>/dev/null && ids="$ids $id"; done
+  for h in $sys/block/$disk/holders/* $sys/block/$disk/$disk*/holders/*; do
     [ -e "$h" ] && printf 'holder\t%s\n' "${h##*/}"
   done
   # A filesystem lazily unmounted (umount -l) is gone from mountinfo, but its open files are still on the disk itself.
@@ -146,8 +153,8 @@ EOF
   {
     stat -L -c 'fd - %d %t:%T %n' /proc/[0-9]*/fd/* /proc/[0-9]*/cwd 2>/dev/null
     tail -n +2 /proc/swaps | while read -r f rest; do stat -L -c 'swap - %d %t:%T %n' "$f" 2>/dev/null; done
-    for b in /sys/block/loop*/loop/backing_file; do
-      [ -r "$b" ] && read -r f < "$b" && { l=${b#/sys/block/}; stat -L -c "loop ${l%%/*} %d %t:%T %n" "$f" 2>/dev/null; }
+    for b in $sys/block/loop*/loop/backing_file; do
+      [ -r "$b" ] && { read -r f < "$b"; } 2>/dev/null && { l=${b#"$sys"/block/}; stat -L -c "loop ${l%%/*} %d %t:%T %n" "$f" 2>/dev/null; }
     done
   } | awk -v ids="$ids" -v fsdevs="$fsdevs" '
     function dev(mm, p) { split(mm, p, ":"); return sprintf("%.0f", p[1] * 256 + p[2] % 256 + int(p[2] / 256) * 1048576) }
@@ -404,6 +411,40 @@ mod tests {
                 "the oracle could not ask the guest: volume boot was not hot-plugged by the lab's virt-handler: no serial"
             ]
         );
+    }
+
+    /// A disk that vanishes while the script runs (a release deleted its SCSI device just before the unplug): its
+    /// files listed but unreadable are not there, and the answer is still complete and trusted. The soak's round 35
+    /// (seed 1796528685091034679) recorded "tail: can't open '/sys/block/sdb/device/vpd_pg80'" as an unsafe unplug.
+    /// Here sysfs is a tree whose vanished disks' files are directories: listed, readable to `[ -r ]`, unreadable.
+    #[test]
+    fn a_disk_vanishing_during_the_scan_is_not_there() {
+        let sys = tempfile::tempdir().unwrap();
+        let put = |path: &str, bytes: &[u8]| {
+            let path = sys.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        };
+        put("block/sdy/device/vpd_pg80", b"\0\x80\0\x04data");
+        put("block/sdy/dev", b"250:250\n");
+        put("class/block/sdy/dev", b"250:250\n");
+        for gone in ["block/sda/device/vpd_pg80", "block/vda/serial", "class/block/sdy1/dev", "block/sdy/sdy1/dev"] {
+            std::fs::create_dir_all(sys.path().join(gone)).unwrap();
+        }
+        // As the guest's control handler runs it: busybox sh, stderr into the answer.
+        let answer = |serial: &str| {
+            let script = format!("{{\n{}\n}} 2>&1", script_in(serial, sys.path().to_str().unwrap()));
+            let out = std::process::Command::new("busybox")
+                .args(["sh", "-c", &script])
+                .output()
+                .expect("busybox (scripts/lib/install-deps.sh)");
+            parse(&String::from_utf8_lossy(&out.stdout))
+        };
+        let found = answer("data");
+        assert_eq!(found.device.as_deref(), Some("sdy"), "{found:?}");
+        assert_eq!(found.held_by().unwrap(), Vec::<String>::new());
+        let gone = answer("other");
+        assert_eq!(gone, Report { complete: true, ..Default::default() });
     }
 
     #[test]
