@@ -445,23 +445,18 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
         }
         Action::Remove(i, via, force) => {
             let name = disks[i].name;
+            disks[i].forced |= force;
+            let outcome = remove(lab, name, via, force).await;
             if force {
-                disks[i].forced = true;
-                let force = json!({FORCE_ANNOTATION: "true"});
-                label(&lab.vms, USER_VM, json!({}), force).await?;
-            }
-            let outcome = match via {
-                Removal::Patch => {
-                    let patch = removal_patch(&lab.vms.get(USER_VM).await?, "/spec/template/spec", name)?;
-                    json_patch(&lab.vms, USER_VM, patch, false).await?.map_err(|(code, m)| format!("{code}: {m}"))
+                // Whatever became of the removal (an API server restarting may have cut it short): an annotation
+                // left on the VM would force every later removal, which the guard then rightly lets through.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while let Err(e) = label(&lab.vms, USER_VM, json!({}), json!({FORCE_ANNOTATION: null})).await {
+                    anyhow::ensure!(Instant::now() < deadline, "the force annotation of {USER_VM} stays: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Removal::RemoveVolume => removevolume(&lab.admin, NS, "virtualmachines", USER_VM, name, false)
-                    .await
-                    .map_err(|e| e.to_string()),
-            };
-            if force {
-                label(&lab.vms, USER_VM, json!({}), json!({FORCE_ANNOTATION: null})).await?;
             }
+            let outcome = outcome?;
             println!("  removal of {name}: {}", outcome.as_ref().err().map_or("allowed", |e| short(e)));
             // Allowed, the VM's spec no longer has it, and unforced, the guard had the guest unmount it (what a
             // refusal left is read back after the round).
@@ -487,6 +482,23 @@ async fn act(lab: &Lab, disks: &mut [Disk], action: Action) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes user disk `name` from the user VM through the guard, the VM annotated to force it when `force`: the
+/// API server's refusal as `Err` inside; a request that could not be made (or answered) is the outer error.
+async fn remove(lab: &Lab, name: &str, via: Removal, force: bool) -> Result<std::result::Result<(), String>> {
+    if force {
+        label(&lab.vms, USER_VM, json!({}), json!({FORCE_ANNOTATION: "true"})).await?;
+    }
+    Ok(match via {
+        Removal::Patch => {
+            let patch = removal_patch(&lab.vms.get(USER_VM).await?, "/spec/template/spec", name)?;
+            json_patch(&lab.vms, USER_VM, patch, false).await?.map_err(|(code, m)| format!("{code}: {m}"))
+        }
+        Removal::RemoveVolume => {
+            removevolume(&lab.admin, NS, "virtualmachines", USER_VM, name, false).await.map_err(|e| e.to_string())
+        }
+    })
 }
 
 /// Whether the operator recorded disk `name`'s `force` in its status, waited for as a careful user would (faults
