@@ -5,14 +5,14 @@
 # and rpmlint build and check the agent's packages (scripts/package-agent.sh; lintian brings ~127 packages, 18 s).
 # clang and libbpf-dev (its headers) compile the agent's BPF iterators (agent/build.rs).
 # QEMU must come from bookworm-backports: the image's qemu-utils comes from there and bookworm's own
-# qemu-system-x86 (7.2) conflicts with it.
+# qemu-system-x86 (7.2) conflicts with it; qemu-system-arm (qemu-system-aarch64) is the aarch64 guest's.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=apt.sh
 . "$here/apt.sh"
 
 need_base=(gcc libc6-dev clang libbpf-dev curl libudev-dev pkg-config busybox-static udev kmod socat e2fsprogs xfsprogs btrfs-progs util-linux fdisk procps psmisc lsof fuse-overlayfs xz-utils lvm2 mdadm dmsetup python3 python3-yaml python3-venv python3-grpcio binutils debootstrap genisoimage file buildah skopeo umoci rpm lintian rpmlint)
-need_backports=(qemu-system-x86)
+need_backports=(qemu-system-x86 qemu-system-arm)
 
 missing() {
   local p out=()
