@@ -2,7 +2,8 @@
 # The one test command. On a fresh Debian bookworm machine it installs what is missing (libudev-dev, QEMU from
 # bookworm-backports, busybox, ...) and builds a real kube-apiserver once (scripts/lib/install-kube.sh), then runs
 # the format check, clippy, unit tests, host integration tests and the guest-lab end-to-end tests (real QEMU
-# guests), and ends with one summary line.
+# guests: x86_64 ones, and tests/tests/aarch64_guest.rs's aarch64 guest with the aarch64 agent, under
+# qemu-system-aarch64; a missing QEMU fails them, it never skips them), and ends with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
