@@ -26,7 +26,9 @@ Renders the cloud-config that installs wukong-agent in a guest and prints it on 
   -h, --help           this text
 
 Give exactly one of --agent-url, --agent-deb and --agent-rpm. URL is passed to the guest's curl byte for byte
-(presigned URLs with &, =, %, quotes are fine); it must be one line.
+(presigned URLs with &, =, %, quotes are fine); it must be one line. It must serve the build for the guest's
+architecture (x86_64: the amd64 .deb, the x86_64 .rpm; aarch64: the arm64 .deb, the aarch64 .rpm); the guest
+refuses any other architecture.
 
 The output holds the agent's private key: keep it secret. In KubeVirt, put it in a Secret and name that Secret in
 the VM's cloudInitNoCloud volume as userDataSecretRef, not inline as userData.

@@ -2,7 +2,8 @@
 # The one test command. On a fresh Debian bookworm machine it installs what is missing (libudev-dev, QEMU from
 # bookworm-backports, busybox, ...) and builds a real kube-apiserver once (scripts/lib/install-kube.sh), then runs
 # the format check, clippy, unit tests, host integration tests and the guest-lab end-to-end tests (real QEMU
-# guests), and ends with one summary line.
+# guests: x86_64 ones, and tests/tests/aarch64_guest.rs's aarch64 guest with the aarch64 agent, under
+# qemu-system-aarch64; a missing QEMU fails them, it never skips them), and ends with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +21,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== release agent for guests (glibc 2.17), the binary the guest lab installs"
-bash scripts/lib/build-guest-agent.sh
-echo "== the guest agent runs on glibc >= 2.17"
+echo "== release agents for guests (glibc 2.17), x86_64 and aarch64: the binaries the guest labs install"
+bash scripts/lib/build-guest-agent.sh x86_64 aarch64
+echo "== the guest agents run on glibc >= 2.17"
 bash scripts/lib/check-glibc.sh target/x86_64-unknown-linux-gnu/release/wukong-agent
+bash scripts/lib/check-glibc.sh target/aarch64-unknown-linux-gnu/release/wukong-agent
+echo "== the aarch64 agent starts (--version, --help) under qemu-aarch64-static"
+bash scripts/lib/smoke-aarch64.sh
 # The checker itself: a program linked on this machine (glibc 2.36) must be refused, naming its symbol.
 fixture=$(mktemp -d)
 printf 'int main(void) { return 0; }\n' >"$fixture/new.c"
@@ -38,15 +42,17 @@ grep -q '__libc_start_main@GLIBC_2\.3[0-9]* is newer than GLIBC_2\.17' "$fixture
   exit 1
 }
 rm -rf "$fixture"
-echo "== the agent's .deb and .rpm (target/wukong-packages), linted"
+echo "== the agent's .deb and .rpm for x86_64 and aarch64 (target/wukong-packages), linted"
 # Emptied first, so that the lints see this version's packages only.
 rm -rf target/wukong-packages
-bash scripts/package-agent.sh
+bash scripts/package-agent.sh --arch x86_64 --arch aarch64
 # Overrides, each with its reason: packaging/deb/lintian-overrides (shipped in the .deb), packaging/rpm/*.rpmlintrc.
-lintian --fail-on error,warning,info,pedantic --pedantic target/wukong-packages/wukong-agent_*_amd64.deb
+lintian --fail-on error,warning,info,pedantic --pedantic target/wukong-packages/wukong-agent_*_amd64.deb \
+  target/wukong-packages/wukong-agent_*_arm64.deb
 # rpmlint's rpm opens ~/.rpmdb: a scratch HOME under target/, so that nothing is written outside the checkout.
 mkdir -p target/rpmlint-home
-HOME="$PWD/target/rpmlint-home" rpmlint -r packaging/rpm/wukong-agent.rpmlintrc target/wukong-packages/wukong-agent-*-1.x86_64.rpm
+HOME="$PWD/target/rpmlint-home" rpmlint -r packaging/rpm/wukong-agent.rpmlintrc \
+  target/wukong-packages/wukong-agent-*-1.x86_64.rpm target/wukong-packages/wukong-agent-*-1.aarch64.rpm
 echo "== the Helm chart: helm lint --strict, and its manifests validated against Kubernetes 1.31's schemas"
 # With the default values and with each values file under ci/ (cert-manager, a ServiceMonitor, an image by digest;
 # no guard). Custom resources (cert-manager's, the ServiceMonitor) have no schema there: kubernetes-validate only

@@ -1,10 +1,50 @@
-# Shared by the lab's image builders: the Debian cloud kernel, and loadable modules with their dependencies.
-# Source this file; it sources ../lib/apt.sh.
+# Shared by the lab's image builders: the guest's architecture and its Debian packages, the Debian kernel, and
+# loadable modules with their dependencies. Source this file; it sources ../lib/apt.sh.
 lab_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=../lib/apt.sh
 . "$lab_here/../lib/apt.sh"
 
-# Downloads and unpacks the current Debian cloud kernel once into CACHE/kernel; sets kdir, kver and moddir.
+# The guest's architecture, as lab_set_arch sets it: x86_64 (the host's; the default) or aarch64.
+lab_arch=x86_64
+lab_deb_arch=amd64
+lab_kernel_meta=linux-image-cloud-amd64
+
+# Sets the guest's architecture ARCH (x86_64 or aarch64); CACHE is where a foreign architecture's apt state lives.
+# An aarch64 guest is built from Debian's arm64 packages, fetched with the project's private apt configuration
+# (../lib/apt.sh) for that architecture (WUKONG_APT_ARCHES), its lists and package cache under CACHE/apt: neither
+# /etc/apt nor the machine's apt state is touched.
+lab_set_arch() {
+  local arch=$1 cache=$2
+  case $arch in
+    x86_64) lab_deb_arch=amd64 lab_kernel_meta=linux-image-cloud-amd64 ;;
+    aarch64)
+      lab_deb_arch=arm64 lab_kernel_meta=linux-image-arm64:arm64
+      mkdir -p "$cache"
+      WUKONG_APT_DIR=$(cd "$cache" && pwd)/apt
+      export WUKONG_APT_DIR WUKONG_APT_ARCHES=arm64
+      ;;
+    *) echo "lab: unknown guest architecture $arch (x86_64 or aarch64)" >&2; exit 1 ;;
+  esac
+  lab_arch=$arch
+}
+
+# Downloads and unpacks Debian packages NAME... of the guest's architecture into DIR/root (once: DIR/.complete).
+fetch_packages() {
+  local dir=$1 pkg
+  shift
+  [ -f "$dir/.complete" ] && [ "$(cat "$dir/.complete")" = "$*" ] && return 0
+  rm -rf "$dir"
+  mkdir -p "$dir/debs"
+  apt_private_update
+  echo "lab: downloading $* ($lab_deb_arch)"
+  (cd "$dir/debs" && apt_private -o APT::Sandbox::User=root download "${@/%/:$lab_deb_arch}" >/dev/null)
+  for pkg in "$dir"/debs/*.deb; do dpkg-deb -x "$pkg" "$dir/root"; done
+  rm -rf "$dir/debs"
+  echo "$*" > "$dir/.complete"
+}
+
+# Downloads and unpacks the current Debian kernel of the guest's architecture (the cloud kernel for x86_64,
+# linux-image-arm64 for aarch64) once into CACHE/kernel; sets kdir, kver and moddir.
 fetch_kernel() {
   local cache=$1 pkg
   kdir=$cache/kernel
@@ -12,10 +52,12 @@ fetch_kernel() {
     rm -rf "$kdir"
     mkdir -p "$kdir"
     apt_private_update
-    pkg=$(apt_cache_private depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    [ -n "$pkg" ] || { echo "lab: cannot resolve the Debian cloud kernel package" >&2; exit 1; }
+    pkg=$(apt_cache_private depends "$lab_kernel_meta" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    [ -n "$pkg" ] || { echo "lab: cannot resolve the Debian kernel package ($lab_kernel_meta)" >&2; exit 1; }
     echo "lab: downloading $pkg"
     (cd "$cache" && apt_private -o APT::Sandbox::User=root download "$pkg" >/dev/null)
+    # A foreign architecture's name is qualified (linux-image-...-arm64:arm64); its file's is not.
+    pkg=${pkg%%:*}
     dpkg-deb -x "$cache/${pkg}"_*.deb "$kdir"
     # The package leaves modules.dep to its postinst; generate it in the extracted tree.
     depmod -b "$kdir" "$(ls "$kdir/lib/modules" | head -n1)"

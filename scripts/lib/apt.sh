@@ -56,6 +56,7 @@ apt_private_setup() {
     return 1
   fi
   apt_mirror_uri=$uri
+  apt_foreign_setup
   # Copies from an earlier run go first: a source removed from the machine must not live on here.
   mkdir -p "$sources" "$WUKONG_APT_DIR/lists/partial"
   rm -f "$sources"/*.list "$sources"/*.sources
@@ -90,12 +91,27 @@ SRC
 
 apt_private() {
   apt-get -o Dir::Etc::sourcelist=- -o Dir::Etc::sourceparts="$WUKONG_APT_DIR/sources" \
-    -o Dir::State::Lists="$WUKONG_APT_DIR/lists" "$@"
+    -o Dir::State::Lists="$WUKONG_APT_DIR/lists" "${apt_foreign_opts[@]}" "$@"
+}
+
+# Foreign architectures, for downloading only (scripts/lib/rust-aarch64.sh): with WUKONG_APT_ARCHES set (say
+# "amd64 arm64") before apt_private_setup, apt_private and apt_cache_private also read those architectures' indexes,
+# and keep their package cache in WUKONG_APT_DIR (the machine's pkgcache.bin never holds arm64 entries). The
+# machine's dpkg still knows amd64 only: such a configuration downloads (apt-get download) and simulates (-s), it
+# never installs. The machine's dpkg status is read, never written.
+apt_foreign_opts=()
+apt_foreign_setup() {
+  apt_foreign_opts=()
+  [ -n "${WUKONG_APT_ARCHES:-}" ] || return 0
+  mkdir -p "$WUKONG_APT_DIR/cache/archives/partial"
+  # apt's _apt user may not reach a checkout's target/: the downloads run as root (as apt-get download does anyway).
+  apt_foreign_opts=(-o Dir::Cache="$WUKONG_APT_DIR/cache" -o APT::Sandbox::User=root
+    -o "APT::Architectures=$(echo $WUKONG_APT_ARCHES | tr ' ' ',')")
 }
 
 apt_cache_private() {
   apt-cache -o Dir::Etc::sourcelist=- -o Dir::Etc::sourceparts="$WUKONG_APT_DIR/sources" \
-    -o Dir::State::Lists="$WUKONG_APT_DIR/lists" "$@"
+    -o Dir::State::Lists="$WUKONG_APT_DIR/lists" "${apt_foreign_opts[@]}" "$@"
 }
 
 apt_private_update() {

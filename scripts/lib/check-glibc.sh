@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Proves that a binary runs on every x86_64 distribution with glibc >= 2.17 (issue 16):
+# Proves that a binary runs on every distribution of its architecture with glibc >= 2.17 (issues 16 and 27):
 #   * every versioned dynamic symbol it imports, and every version it requires, is at most GLIBC_2.17;
 #   * it needs no shared library beyond libudev.so.1, libm.so.6, libc.so.6, libpthread.so.0, libdl.so.2
-#     (and ld-linux-x86-64.so.2, should the linker record it).
+#     (and the architecture's dynamic loader, ld-linux-x86-64.so.2 or ld-linux-aarch64.so.1, should the linker
+#     record it).
+# The architecture (x86_64 or aarch64) is read from the ELF header; any other is refused.
 #
 #   check-glibc.sh BINARY [MAX_VERSION]
 #
@@ -11,10 +13,16 @@ set -euo pipefail
 
 bin=${1:?usage: check-glibc.sh BINARY [MAX_VERSION]}
 max=${2:-2.17}
-allowed_needed=(libudev.so.1 libm.so.6 libc.so.6 libpthread.so.0 libdl.so.2 ld-linux-x86-64.so.2)
 
 [ -f "$bin" ] || { echo "check-glibc: $bin does not exist" >&2; exit 1; }
 command -v readelf >/dev/null || { echo "check-glibc: readelf not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
+machine=$(readelf -h -W "$bin" 2>/dev/null | sed -nE 's/^ *Machine: *//p' || true)
+case $machine in
+  *X86-64*) arch=x86_64 loader=ld-linux-x86-64.so.2 ;;
+  *AArch64*) arch=aarch64 loader=ld-linux-aarch64.so.1 ;;
+  *) echo "check-glibc: $bin: not an x86_64 or aarch64 ELF binary (machine: ${machine:-none})" >&2; exit 1 ;;
+esac
+allowed_needed=(libudev.so.1 libm.so.6 libc.so.6 libpthread.so.0 libdl.so.2 "$loader")
 
 # Is version $1 newer than $2? (2.2.5 < 2.17 < 2.34: compared as versions, not as text)
 newer() { [ "$1" != "$2" ] && [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | tail -n1)" = "$1" ]; }
@@ -55,4 +63,4 @@ if [ "$highest" = 0 ]; then
   bad=1
 fi
 [ "$bad" -eq 0 ] || exit 1
-echo "check-glibc: $bin: highest symbol version GLIBC_$highest (<= GLIBC_$max); needs $(echo "$needed" | tr '\n' ' ')"
+echo "check-glibc: $bin: $arch, highest symbol version GLIBC_$highest (<= GLIBC_$max); needs $(echo "$needed" | tr '\n' ' ')"
