@@ -159,7 +159,7 @@ impl FakeGuest {
 
 /// The install script of the rendered user data, on stand-in guests: a supported guest gets the binary, the
 /// tmpfiles.d entry, the unit and `systemctl enable`, in that order (or the package, installed by dpkg or rpm,
-/// keeping the configuration written before it); an aarch64 guest, an old glibc, a musl guest or a guest without
+/// keeping the configuration written before it); a riscv64 guest, an old glibc, a musl guest or a guest without
 /// the package's tool is refused with one sentence on stderr (cloud-init's log) and nothing is downloaded,
 /// installed or enabled.
 #[test]
@@ -167,9 +167,13 @@ fn install_script_checks_the_guest_before_it_installs_anything() -> Result<()> {
     let sha = "cd".repeat(32);
     let url = "http://10.0.2.2:8000/wukong-agent";
     let binary = FakeGuest::render(&["--agent-url", url, "--agent-sha256", &sha], true)?;
-    for (arch, getconf, ldd) in
-        [("x86_64", "2.36", ""), ("x86_64", "2.17", ""), ("x86_64", "", "2.28"), ("x86_64", "3.0", "")]
-    {
+    for (arch, getconf, ldd) in [
+        ("x86_64", "2.36", ""),
+        ("x86_64", "2.17", ""),
+        ("x86_64", "", "2.28"),
+        ("x86_64", "3.0", ""),
+        ("aarch64", "2.36", ""),
+    ] {
         let (code, log, stderr, _) = binary.run(arch, getconf, ldd)?;
         assert_eq!(code, Some(0), "{arch} {getconf} {ldd}: {stderr}");
         let steps: Vec<&str> = log.lines().collect();
@@ -222,10 +226,10 @@ fn install_script_checks_the_guest_before_it_installs_anything() -> Result<()> {
     }
     for (arch, getconf, ldd, said) in [
         (
-            "aarch64",
+            "riscv64",
             "2.36",
             "",
-            "wukong-agent: not installed: this guest is aarch64; wukong-agent is built for x86_64 only",
+            "wukong-agent: not installed: this guest is riscv64; wukong-agent is built for x86_64 and aarch64",
         ),
         (
             "x86_64",
