@@ -34,14 +34,8 @@ while [ $# -gt 0 ]; do
 done
 [[ "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "package-agent: version '$version' is not MAJOR.MINOR.PATCH" >&2; exit 2; }
 command -v readelf >/dev/null || { echo "package-agent: readelf not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
-# The architecture an ELF binary is for, from its header (x86_64, aarch64, or what readelf calls it).
-elf_arch() {
-  case $(readelf -h -W "$1" 2>/dev/null | sed -nE 's/^ *Machine: *//p' || true) in
-    *X86-64*) echo x86_64 ;;
-    *AArch64*) echo aarch64 ;;
-    *) echo "unknown" ;;
-  esac
-}
+# shellcheck source=lib/elf.sh
+. scripts/lib/elf.sh
 if [ -n "$binary" ]; then
   [ -x "$binary" ] || { echo "package-agent: no agent binary at $binary; run scripts/lib/build-guest-agent.sh first" >&2; exit 1; }
   # --binary alone packages it for its own architecture.

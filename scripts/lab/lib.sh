@@ -30,16 +30,13 @@ lab_set_arch() {
 
 # Downloads and unpacks Debian packages NAME... of the guest's architecture into DIR/root (once: DIR/.complete).
 fetch_packages() {
-  local dir=$1 pkg
+  local dir=$1
   shift
   [ -f "$dir/.complete" ] && [ "$(cat "$dir/.complete")" = "$*" ] && return 0
   rm -rf "$dir"
-  mkdir -p "$dir/debs"
   apt_private_update
   echo "lab: downloading $* ($lab_deb_arch)"
-  (cd "$dir/debs" && apt_private -o APT::Sandbox::User=root download "${@/%/:$lab_deb_arch}" >/dev/null)
-  for pkg in "$dir"/debs/*.deb; do dpkg-deb -x "$pkg" "$dir/root"; done
-  rm -rf "$dir/debs"
+  apt_private_unpack "$dir/root" "${@/%/:$lab_deb_arch}"
   echo "$*" > "$dir/.complete"
 }
 

@@ -109,6 +109,18 @@ apt_foreign_setup() {
     -o "APT::Architectures=$(echo $WUKONG_APT_ARCHES | tr ' ' ',')")
 }
 
+# Downloads Debian packages PKG... (names as apt-get download takes them: NAME or NAME:ARCH) with the private
+# configuration and unpacks them all into DIR with dpkg-deb -x: nothing is installed. The .deb files are not kept.
+apt_private_unpack() {
+  local dir=$1 deb debs
+  shift
+  debs=$(mktemp -d "$WUKONG_APT_DIR/debs.XXXXXX")
+  (cd "$debs" && apt_private -qq -o APT::Sandbox::User=root download "$@" >/dev/null)
+  mkdir -p "$dir"
+  for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$dir"; done
+  rm -rf "$debs"
+}
+
 apt_cache_private() {
   apt-cache -o Dir::Etc::sourcelist=- -o Dir::Etc::sourceparts="$WUKONG_APT_DIR/sources" \
     -o Dir::State::Lists="$WUKONG_APT_DIR/lists" "${apt_foreign_opts[@]}" "$@"

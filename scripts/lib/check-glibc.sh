@@ -16,11 +16,13 @@ max=${2:-2.17}
 
 [ -f "$bin" ] || { echo "check-glibc: $bin does not exist" >&2; exit 1; }
 command -v readelf >/dev/null || { echo "check-glibc: readelf not found; run scripts/lib/install-deps.sh" >&2; exit 1; }
-machine=$(readelf -h -W "$bin" 2>/dev/null | sed -nE 's/^ *Machine: *//p' || true)
-case $machine in
-  *X86-64*) arch=x86_64 loader=ld-linux-x86-64.so.2 ;;
-  *AArch64*) arch=aarch64 loader=ld-linux-aarch64.so.1 ;;
-  *) echo "check-glibc: $bin: not an x86_64 or aarch64 ELF binary (machine: ${machine:-none})" >&2; exit 1 ;;
+# shellcheck source=elf.sh
+. "$(dirname "$0")/elf.sh"
+arch=$(elf_arch "$bin")
+case $arch in
+  x86_64) loader=ld-linux-x86-64.so.2 ;;
+  aarch64) loader=ld-linux-aarch64.so.1 ;;
+  *) echo "check-glibc: $bin: not an x86_64 or aarch64 ELF binary" >&2; exit 1 ;;
 esac
 allowed_needed=(libudev.so.1 libm.so.6 libc.so.6 libpthread.so.0 libdl.so.2 "$loader")
 

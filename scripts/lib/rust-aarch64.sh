@@ -34,8 +34,8 @@ for tool in apt-get dpkg-deb; do
 done
 
 echo "rust-aarch64: setting up Debian's Rust for aarch64 in $dir (once per machine)" >&2
-rm -rf "$prefix" "$dir/debs" "$stamp"
-mkdir -p "$prefix" "$dir/debs"
+rm -rf "$prefix" "$stamp"
+mkdir -p "$prefix"
 export WUKONG_APT_DIR=$dir/apt WUKONG_APT_ARCHES="amd64 arm64"
 # shellcheck source=apt.sh
 . "$here/apt.sh"
@@ -59,8 +59,7 @@ list=()
 for p in "${host_list[@]}"; do list+=("${p%%:*}:amd64"); done
 list+=("${arm64_list[@]}")
 
-(cd "$dir/debs" && apt_private download -qq "${list[@]}")
-for deb in "$dir"/debs/*.deb; do dpkg-deb -x "$deb" "$prefix"; done
+apt_private_unpack "$prefix" "${list[@]}"
 
 # Debian's binaries look for their libraries (libLLVM, librustc_driver, libgit2) in the system's paths only.
 mkdir -p "$prefix/bin"
@@ -75,6 +74,5 @@ done
 "$prefix/bin/rustc" --version >&2
 [ -d "$prefix/usr/lib/rustlib/aarch64-unknown-linux-gnu/lib" ] \
   || { echo "rust-aarch64: no aarch64 standard library in $prefix/usr/lib/rustlib" >&2; exit 1; }
-(cd "$dir/debs" && ls) >"$stamp"
-rm -rf "$dir/debs"
+printf '%s\n' "${list[@]}" >"$stamp"
 echo "$prefix"
