@@ -119,8 +119,22 @@ async fn phases_until(
     Ok(seen)
 }
 
+/// A hot-plugged volume's phase, reason and message while its claim is Pending.
+const PENDING: [&str; 3] = ["Pending", "PVCNotReady", "PVC is in phase ClaimPending"];
+
 fn phases(seen: &[[String; 3]]) -> Vec<String> {
     seen.iter().map(|[phase, ..]| phase.clone()).collect()
+}
+
+/// Checks that what volume phases `seen` went through before `AttachedToNode` are phases from the claim (`from_claim`),
+/// and returns the phases from `AttachedToNode` on. Nothing before it is fine: virt-controller's
+/// status write that would say Pending can lose a conflict to virt-handler's update of the VMI, and the retry already
+/// finds the attachment Pod, in KubeVirt as in the lab.
+fn from_attached(seen: &[[String; 3]], from_claim: &[[&str; 3]]) -> Vec<String> {
+    let at = seen.iter().position(|[phase, ..]| phase == "AttachedToNode").unwrap_or(seen.len());
+    let is_from_claim = |entry: &[String; 3]| from_claim.iter().any(|c| c.iter().eq(entry.iter()));
+    assert!(seen[..at].iter().all(is_from_claim), "before AttachedToNode: {seen:?}");
+    phases(&seen[at..])
 }
 
 fn is_subsequence(wanted: &[&str], seen: &[String]) -> bool {
@@ -197,7 +211,7 @@ async fn an_immediate_claim_binds_at_once_and_its_volume_goes_with_it() -> Resul
     let since = vmi_version(&admin, "vm1").await?;
     plug(&admin, "vm1", "stuck", "stuck").await?;
     let seen = phases_until(&admin, "vm1", "stuck", "AttachedToNode", &since).await?;
-    assert_eq!(seen[0], ["Pending", "PVCNotReady", "PVC is in phase ClaimPending"].map(String::from), "{seen:?}");
+    from_attached(&seen, &[PENDING]);
     let pod = until("an unschedulable attachment pod", WAIT, || async {
         let pods = kubevirt.attachment_pods("vm1").await?;
         Ok(match pods.first() {
@@ -276,8 +290,11 @@ async fn a_claim_waits_for_its_first_consumer_and_both_volume_modes_reach_the_gu
     let since = vmi_version(&admin, "vm1").await?;
     plug(&admin, "vm1", "late", "late").await?;
     plug(&admin, "vm1", "files", "files").await?;
-    let seen = phases(&phases_until(&admin, "vm1", "late", "Ready", &since).await?);
-    assert!(is_subsequence(&["Pending", "AttachedToNode", "MountedToPod", "Ready"], &seen), "{seen:?}");
+    let seen = phases_until(&admin, "vm1", "late", "Ready", &since).await?;
+    // Plugged with files a moment later, late's first attachment Pod may stop being current before it is reported,
+    // with late's claim bound by then.
+    let attached = from_attached(&seen, &[PENDING, ["Bound", "PVCNotReady", "PVC is in phase Bound"]]);
+    assert!(is_subsequence(&["AttachedToNode", "MountedToPod", "Ready"], &attached), "{seen:?}");
     phases_until(&admin, "vm1", "files", "Ready", &since).await?;
     until("the guest's disks late and files", Duration::from_secs(60), || async {
         let (late, files) = (guest.has_disk("late").await, guest.has_disk("files").await);
