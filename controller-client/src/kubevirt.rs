@@ -90,7 +90,7 @@ pub struct DataVolumeSource {
 }
 
 /// The parts of a `v1.VirtualMachineInstance` the companion reads.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VirtualMachineInstance {
     #[serde(default)]
     pub metadata: Metadata,
@@ -101,7 +101,7 @@ pub struct VirtualMachineInstance {
 }
 
 /// `metav1.ObjectMeta` (its name, who owns the object, the annotations that choose how its agent is reached).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     #[serde(default)]
@@ -114,7 +114,7 @@ pub struct Metadata {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OwnerReference {
     #[serde(default)]
     pub kind: String,
@@ -169,7 +169,7 @@ impl Route {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VmiSpec {
     #[serde(default)]
     pub domain: Domain,
@@ -180,7 +180,7 @@ pub struct VmiSpec {
 }
 
 /// `v1.Network`: its name, and whether it is the pod network (`pod: {}`); Multus networks are the others.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Network {
     pub name: String,
     #[serde(default)]
@@ -190,13 +190,13 @@ pub struct Network {
 /// The network KubeVirt gives a VMI that names none (`autoattachPodInterface`): the pod network, `default`.
 const DEFAULT_POD_NETWORK: &str = "default";
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Domain {
     #[serde(default)]
     pub devices: Devices,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Devices {
     #[serde(default)]
@@ -211,7 +211,7 @@ pub struct Devices {
 }
 
 /// `v1.Volume` (name and the hot-pluggable sources).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Volume {
     pub name: String,
@@ -229,7 +229,7 @@ impl Volume {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmiStatus {
     #[serde(default)]
@@ -242,7 +242,7 @@ pub struct VmiStatus {
 }
 
 /// `v1.VolumeStatus`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub name: String,
     #[serde(default)]
@@ -258,7 +258,7 @@ pub struct VolumeStatus {
 }
 
 /// `v1.HotplugVolumeStatus`: the attachment Pod that holds a hot-plugged volume on the node.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HotplugVolumeStatus {
     #[serde(default)]
@@ -266,7 +266,7 @@ pub struct HotplugVolumeStatus {
 }
 
 /// `v1.VirtualMachineInstanceNetworkInterface`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkInterface {
     #[serde(default)]
@@ -276,7 +276,7 @@ pub struct NetworkInterface {
 }
 
 /// The parts of a `v1.VirtualMachine` the companion reads: its template's volumes and its pending volume requests.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VirtualMachine {
     #[serde(default)]
     pub metadata: Metadata,
@@ -287,7 +287,7 @@ pub struct VirtualMachine {
 }
 
 /// `v1.VirtualMachineStatus` (the part we read).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmStatus {
     /// With the `HotplugVolumes` gate, the VM's `addvolume`/`removevolume` only record a request here; virt-controller
@@ -297,7 +297,7 @@ pub struct VmStatus {
 }
 
 /// `v1.VirtualMachineVolumeRequest`: one of the two options is set.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeRequest {
     #[serde(default)]
@@ -307,7 +307,7 @@ pub struct VolumeRequest {
 }
 
 /// The volume a request names (the rest of its options is not read).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RequestedVolume {
     pub name: String,
 }
@@ -341,7 +341,7 @@ impl VirtualMachine {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmSpec {
     #[serde(default)]
@@ -351,7 +351,7 @@ pub struct VmSpec {
     pub update_volumes_strategy: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VmTemplate {
     #[serde(default)]
     pub spec: VmiSpec,

@@ -123,7 +123,7 @@ pub fn required(config: &Config) -> Vec<Permission> {
         .chain(each(&["list", "watch", "create", "patch", "delete"], "", "persistentvolumeclaims", &watched, None))
         .chain(each(&["get", "list", "create", "patch", "delete"], "cdi.kubevirt.io", "datavolumes", &watched, None))
         .chain(each(&["get", "list", "watch"], "kubevirt.io", "virtualmachineinstances", &watched, None))
-        .chain(each(&["get"], "kubevirt.io", "virtualmachines", &watched, None))
+        .chain(each(&["get", "list", "watch"], "kubevirt.io", "virtualmachines", &watched, None))
         .chain(
             [
                 "virtualmachines/addvolume",
@@ -212,6 +212,8 @@ pub struct ClusterReads {
     classes: Mutex<Option<Dated<Arc<Vec<StorageClass>>>>>,
     /// The last read of each class's StorageProfile (`None`: there is none), and when it was made.
     profiles: Mutex<HashMap<String, Dated<Option<Arc<DynamicObject>>>>>,
+    /// When a read last found CDI's DataVolumes unknown to the API server (CDI not installed).
+    no_cdi: Mutex<Option<Instant>>,
 }
 
 /// What a read returned, and when it was made.
@@ -247,6 +249,7 @@ impl Default for ClusterReads {
             ),
             classes: Mutex::default(),
             profiles: Mutex::default(),
+            no_cdi: Mutex::default(),
         }
     }
 }
@@ -318,6 +321,17 @@ impl ClusterReads {
         };
         self.profiles.lock().expect("never poisoned").insert(class.to_string(), (Instant::now(), read.clone()));
         Ok(read)
+    }
+
+    /// Whether a read at most `max_age` ago found CDI not installed ([`ClusterReads::saw_no_cdi`]): then a pass need
+    /// not ask again for its objects' DataVolumes, one read per object less while thousands converge.
+    pub fn no_cdi(&self, max_age: Duration) -> bool {
+        self.no_cdi.lock().expect("never poisoned").is_some_and(|at| fresh(at, max_age))
+    }
+
+    /// Records that the API server does not know CDI's DataVolumes.
+    pub fn saw_no_cdi(&self) {
+        *self.no_cdi.lock().expect("never poisoned") = Some(Instant::now());
     }
 
     /// `backend`, told the hot-plug mode when the operator may not read it (it would be refused on every route).

@@ -3,6 +3,7 @@
 //! `tests/tests/operator_cluster.rs`; these check each branch's exact requests.
 
 use crate::crd::Wukong;
+use crate::kubevirt_cache::{Cached, Kind, KubeVirtCache};
 use crate::metrics::Metrics;
 use crate::reconcile::Context;
 use crate::{AgentAccess, Config, WebhookConfig};
@@ -11,6 +12,8 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::client::Body;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -114,16 +117,45 @@ pub fn context(client: kube::Client) -> Context {
     context_with_claims(client, Vec::new())
 }
 
-/// A reconcile context on `client`, every cluster read allowed, the watch cache of claims holding `claims`.
+/// A reconcile context on `client`, every cluster read allowed, the watch cache of claims holding `claims`, and the
+/// caches of VMs and VMIs not listed yet (every pass reads its VM from the API server).
 pub fn context_with_claims(client: kube::Client, claims: Vec<PersistentVolumeClaim>) -> Context {
+    let kubevirt =
+        KubeVirtCache { vms: kube::runtime::reflector::store().0, vmis: kube::runtime::reflector::store().0 };
+    context_with_caches(client, claims, kubevirt)
+}
+
+/// A reconcile context on `client`, every cluster read allowed, the watch caches holding `claims` and `kubevirt`.
+pub fn context_with_caches(
+    client: kube::Client,
+    claims: Vec<PersistentVolumeClaim>,
+    kubevirt: KubeVirtCache,
+) -> Context {
     let config = config();
     let metrics = Arc::new(Metrics::default());
     let certificates =
         Arc::new(crate::agent_certificate::CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
-    let caches = crate::reconcile::Caches { claims: store_of(claims), wukongs: store_of(Vec::new()) };
+    let caches = crate::reconcile::Caches { claims: store_of(claims), wukongs: store_of(Vec::new()), kubevirt };
     Context::new(client, config, metrics, certificates, Arc::default(), caches)
 }
 
+/// Watch caches that have listed `vms` and `vmis`, trimmed as the controller's are.
+pub fn kubevirt_cache(vms: Vec<Value>, vmis: Vec<Value>) -> KubeVirtCache {
+    KubeVirtCache {
+        vms: store_of(vms.into_iter().map(cached).collect()),
+        vmis: store_of(vmis.into_iter().map(cached).collect()),
+    }
+}
+
+fn cached<Spec, Status>(object: Value) -> Cached<Spec, Status>
+where
+    Spec: Kind + Serialize + DeserializeOwned + Default,
+    Status: Serialize + DeserializeOwned + Default,
+{
+    let mut cached: Cached<Spec, Status> = serde_json::from_value(object).expect("a valid object");
+    cached.trim();
+    cached
+}
 /// A watch cache that has listed `objects`.
 pub fn store_of<K>(objects: Vec<K>) -> Store<K>
 where

@@ -10,10 +10,12 @@ pub mod access;
 pub mod agent_certificate;
 pub mod cli;
 pub mod crd;
+pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod guard;
 pub mod guard_certs;
+pub mod kubevirt_cache;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
@@ -240,11 +242,9 @@ pub struct WebhookConfig {
 
 pub use leader::run;
 
-/// The Event recorder of the admission guard's parts (the webhook and its loop-closer), as this replica.
-pub(crate) fn guard_recorder(client: &kube::Client, identity: &str) -> kube::runtime::events::Recorder {
-    let reporter =
-        kube::runtime::events::Reporter { controller: format!("{MANAGER}-guard"), instance: Some(identity.into()) };
-    kube::runtime::events::Recorder::new(client.clone(), reporter)
+/// The Events of the admission guard's parts (the webhook and its loop-closer), as this replica.
+pub(crate) fn guard_events(client: &kube::Client, identity: &str) -> events::Events {
+    events::Events::new(client.clone(), format!("{MANAGER}-guard"), identity)
 }
 
 /// A dynamic object as the typed view of the parts the operator reads (KubeVirt's objects have no crate).

@@ -64,6 +64,14 @@ pub enum Step {
     Finish { delete_claim: bool },
 }
 
+impl Step {
+    /// Takes a disk out of the VM, or deletes its storage: planned only from a fresh read of the VM and its VMI,
+    /// never from a watch cache that may lag (a VM taken for stopped while it runs would lose a disk in use).
+    pub fn removes(&self) -> bool {
+        matches!(self, Step::Detach(_) | Step::RemoveFromStoppedVm | Step::Finish { .. })
+    }
+}
+
 /// One disk's plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskPlan {

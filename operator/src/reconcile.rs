@@ -8,6 +8,7 @@ use crate::crd::{
     Condition, DataVolumeStatus, DetachRecord, DiskSpec, HISTORY_LIMIT, Phase, VolumeStatus, Wukong, WukongStatus,
     claim_name,
 };
+use crate::kubevirt_cache::{Cached, CachedVm, CachedVmi, Kind, KubeVirtCache};
 use crate::metrics::Metrics;
 use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
 use crate::storage::{self, Claim, Classes, DataVolume, OwnedClaims, data_volume_resource};
@@ -17,14 +18,17 @@ use crate::written::Written;
 use crate::{AgentUnreachable, Config, Error, MANAGER, Result, get};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizing, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash};
@@ -36,7 +40,7 @@ use wukong_controller_client::hypervisor::{
     DiskBus, Hypervisor, HypervisorError, VolumeSource, VolumeSpec, VolumeState,
 };
 use wukong_controller_client::kubevirt::{
-    KubeVirt, VirtualMachine, VirtualMachineInstance, vm_resource, vmi_resource, volume_state_in,
+    KubeVirt, PendingRequest, VirtualMachine, VirtualMachineInstance, vm_resource, vmi_resource, volume_state_in,
 };
 use wukong_proto::v1::DiskState;
 
@@ -68,7 +72,7 @@ pub struct Context {
     pub client: kube::Client,
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    recorder: Recorder,
+    events: crate::events::Events,
     /// Refused detaches in a row per (object UID, disk), and when the next attempt is due: the backoff holds
     /// whatever wakes the object meanwhile. Reset by a detach or a re-listing.
     refusals: Mutex<HashMap<(String, String), (u32, Instant)>>,
@@ -87,6 +91,8 @@ pub struct Caches {
     pub claims: Store<PersistentVolumeClaim>,
     /// Every `Wukong`.
     pub wukongs: Store<Wukong>,
+    /// Every VM and VMI.
+    pub kubevirt: KubeVirtCache,
 }
 
 impl Context {
@@ -98,9 +104,8 @@ impl Context {
         reads: Arc<ClusterReads>,
         caches: Caches,
     ) -> Self {
-        let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: crate::events::Events::new(client.clone(), MANAGER.into(), &config.identity),
             client,
             config,
             metrics,
@@ -122,19 +127,25 @@ pub async fn run(
     reads: Arc<ClusterReads>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (wukongs, claims, vmis) = match &config.namespace {
+    let (wukongs, claims, vms, vmis) = match &config.namespace {
         Some(ns) => (
             Api::<Wukong>::namespaced(client.clone(), ns),
             Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
-            Api::<DynamicObject>::namespaced_with(client.clone(), ns, &vmi_resource()),
+            Api::<CachedVm>::namespaced(client.clone(), ns),
+            Api::<CachedVmi>::namespaced(client.clone(), ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all_with(client.clone(), &vmi_resource())),
+        None => {
+            (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()))
+        }
     };
     // The claims come from the watch that wakes their objects, so a pass reads them from memory (a labelled LIST
     // per pass costs the API server a scan of every claim in the namespace) and sees at least what woke it.
     let (claims_store, claims_writer) = reflector::store();
     let (wukongs_store, wukongs_writer) = reflector::store();
-    let caches = Caches { claims: claims_store, wukongs: wukongs_store.clone() };
+    let (vms_store, vms_writer) = reflector::store();
+    let (vmis_store, vmis_writer) = reflector::store();
+    let kubevirt = KubeVirtCache { vms: vms_store, vmis: vmis_store };
+    let caches = Caches { claims: claims_store, wukongs: wukongs_store.clone(), kubevirt };
     let context = Arc::new(Context::new(client, config, metrics, certificates, reads, caches));
     let claim_events = watcher(claims, watcher::Config::default().labels(OWNER_LABEL).any_semantic())
         .backoff(trigger_backoff())
@@ -152,10 +163,13 @@ pub async fn run(
         .reflect(wukongs_writer)
         .inspect_ok(move |event| written.seen(event));
     let wukong_changes = wake::on_change(wukong_events, wukong_read);
+    // A VM or VMI that changes what a pass reads of it (it starts, stops, or changes its volumes) wakes the Wukong
+    // whose VM it is.
+    let (vm_changes, vmi_changes) = (cached_changes(vms, vms_writer), cached_changes(vmis, vmis_writer));
     let controller = Controller::for_stream(wukong_changes, wukongs_store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .trigger_backoff(trigger_backoff());
-    let store = wukongs_store;
+    let (vm_store, vmi_store) = (wukongs_store.clone(), wukongs_store);
     let owner_of = |claim: PersistentVolumeClaim| {
         let wukong = claim.labels().get(OWNER_LABEL)?.clone();
         Some(ObjectRef::<Wukong>::new(&wukong).within(&claim.namespace()?))
@@ -164,15 +178,8 @@ pub async fn run(
         // By the owner label, not the owner reference: a DataVolume's claim is owned by the DataVolume (CDI copies
         // its labels, but sets its own `managed-by`).
         .watches_stream(claim_changes, owner_of)
-        // A VMI that starts, stops or changes its volumes wakes the Wukong whose VM it belongs to.
-        .watches_with(vmis, vmi_resource(), watcher::Config::default(), move |vmi| {
-            let (ns, name) = (vmi.metadata.namespace.as_deref(), vmi.name_any());
-            store
-                .state_filter(|w| w.metadata.namespace.as_deref() == ns && w.is_for_vm(&name))
-                .into_iter()
-                .map(|w| ObjectRef::from_obj(&*w))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(vm_changes, move |vm| wukongs_of(&vm_store, &vm.metadata))
+        .watches_stream(vmi_changes, move |vmi| wukongs_of(&vmi_store, &vmi.metadata))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -181,6 +188,32 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The VMs (or VMIs) of `api` into the cache `writer` fills, and those whose part a pass reads changed.
+fn cached_changes<Spec, Status>(
+    api: Api<Cached<Spec, Status>>,
+    writer: reflector::store::Writer<Cached<Spec, Status>>,
+) -> impl futures::Stream<Item = std::result::Result<Cached<Spec, Status>, watcher::Error>>
+where
+    Spec: Kind + Serialize + DeserializeOwned + Clone + Default + std::fmt::Debug + Send + Sync + 'static,
+    Status: Serialize + DeserializeOwned + Clone + Default + std::fmt::Debug + Send + Sync + 'static,
+{
+    let events = watcher(api, watcher::Config::default().any_semantic())
+        .backoff(trigger_backoff())
+        .modify(Cached::trim)
+        .reflect(writer);
+    wake::on_change(events, Cached::read)
+}
+
+/// The `Wukong`s of the VM (or VMI) with metadata `meta`.
+fn wukongs_of(store: &Store<Wukong>, meta: &ObjectMeta) -> Vec<ObjectRef<Wukong>> {
+    let (ns, name) = (meta.namespace.as_deref(), meta.name.clone().unwrap_or_default());
+    store
+        .state_filter(|w| w.metadata.namespace.as_deref() == ns && w.is_for_vm(&name))
+        .into_iter()
+        .map(|w| ObjectRef::from_obj(&*w))
+        .collect()
 }
 
 /// What of a `Wukong` a pass acts on: its spec (generation), finalizers and deletion. Its status is the operator's
@@ -264,6 +297,13 @@ struct Stored {
 }
 
 impl Scene {
+    /// The plan of every disk: those listed, those recorded in `recorded`, and the strays.
+    fn plan(&self, wukong: &Wukong, recorded: &[VolumeStatus]) -> Vec<DiskPlan> {
+        let mut all = recorded.to_vec();
+        all.extend(self.strays(&wukong.spec.disks, recorded));
+        plan(&wukong.spec.disks, &all, |disk| self.observe(disk))
+    }
+
     fn observe(&self, disk: &str) -> Observed {
         let in_vm = self.vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == disk));
         let name = claim_name(&self.vm_name, disk);
@@ -418,12 +458,16 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     });
     let data_volumes = match sourced || unmade_or_filled {
         false => Some(BTreeMap::new()),
+        // No CDI in this cluster a moment ago, as StorageClasses are read: none either.
+        true if context.reads.no_cdi(storage::FRESH_FOR) => None,
         true => {
             match Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &data_volume_resource()).list(&mine).await
             {
                 Ok(list) => Some(list.items.iter().map(|d| (d.name_any(), DataVolume::of(d))).collect()),
-                // No CDI in this cluster.
-                Err(kube::Error::Api(s)) if s.code == 404 => None,
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    context.reads.saw_no_cdi();
+                    None
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -463,30 +507,34 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     }
     set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
 
-    let Some(vm) = get::<VirtualMachine>(client, &ns, &vm_resource(), &vm_name).await? else {
-        let message = format!(
-            "VirtualMachine {ns}/{vm_name} does not exist: create it, or name it in spec.vmName; nothing was changed"
-        );
-        set_condition(&mut status, "VMAvailable", false, "VMNotFound", &message, wukong);
-        set_condition(&mut status, "Ready", false, "VMNotFound", &message, wukong);
-        write_status(wukong, context, &previous, status).await?;
-        return Ok(Action::requeue(VM_MISSING));
+    // The VM and its VMI as the watches hold them; from the API server when the cache has no VM (a new one), and
+    // again before anything is taken out.
+    let cached = context.caches.kubevirt.vm_and_vmi(&ns, &vm_name);
+    let fresh = cached.is_none();
+    let observed = match cached {
+        Some(observed) => Some(observed),
+        None => read_vm_and_vmi(client, &ns, &vm_name).await?,
     };
-    let vmi = get::<VirtualMachineInstance>(client, &ns, &vmi_resource(), &vm_name).await?;
-    let running = match &vmi {
+    let Some((vm, vmi)) = observed else { return vm_not_found(wukong, context, &previous, status).await };
+    let mut scene = Scene { ns: ns.clone(), vm_name, vm, vmi, stored };
+    let mut plans = scene.plan(wukong, &previous.volumes);
+    if !fresh && plans.iter().any(|p| p.step.removes()) {
+        let Some((vm, vmi)) = read_vm_and_vmi(client, &ns, &scene.vm_name).await? else {
+            return vm_not_found(wukong, context, &previous, status).await;
+        };
+        (scene.vm, scene.vmi) = (vm, vmi);
+        plans = scene.plan(wukong, &previous.volumes);
+    }
+    let running = match &scene.vmi {
         Some(_) => "the VM is running",
         None => "the VM is not running: disks are added to its spec and attached when it starts",
     };
-    set_condition(&mut status, "VMAvailable", true, if vmi.is_some() { "Running" } else { "Stopped" }, running, wukong);
-    let scene = Scene { ns: ns.clone(), vm_name, vm, vmi, stored };
+    let state = if scene.vmi.is_some() { "Running" } else { "Stopped" };
+    set_condition(&mut status, "VMAvailable", true, state, running, wukong);
     // Plaintext agents (labs) have no certificate to expire.
     if scene.vmi.is_some() && context.config.agent.tls.is_some() {
         check_agent_certificate(context, wukong, &scene).await;
     }
-
-    let mut recorded = previous.volumes.clone();
-    recorded.extend(scene.strays(&wukong.spec.disks, &previous.volumes));
-    let plans = plan(&wukong.spec.disks, &recorded, |disk| scene.observe(disk));
     let mut volumes = Vec::new();
     let mut requeue = RESYNC;
     for disk in plans {
@@ -521,6 +569,34 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     status.volumes = volumes;
     write_status(wukong, context, &previous, status).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// VM `ns/name` and its VMI, read from the API server; `None` when the VM does not exist.
+async fn read_vm_and_vmi(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<(VirtualMachine, Option<VirtualMachineInstance>)>> {
+    let Some(vm) = get::<VirtualMachine>(client, ns, &vm_resource(), name).await? else { return Ok(None) };
+    let vmi = get::<VirtualMachineInstance>(client, ns, &vmi_resource(), name).await?;
+    Ok(Some((vm, vmi)))
+}
+
+/// The VM does not exist: said in the conditions, and nothing else is done.
+async fn vm_not_found(
+    wukong: &Wukong,
+    context: &Context,
+    previous: &WukongStatus,
+    mut status: WukongStatus,
+) -> Result<Action> {
+    let (ns, vm_name) = (wukong.namespace().unwrap_or_default(), wukong.vm_name());
+    let message = format!(
+        "VirtualMachine {ns}/{vm_name} does not exist: create it, or name it in spec.vmName; nothing was changed"
+    );
+    set_condition(&mut status, "VMAvailable", false, "VMNotFound", &message, wukong);
+    set_condition(&mut status, "Ready", false, "VMNotFound", &message, wukong);
+    write_status(wukong, context, previous, status).await?;
+    Ok(Action::requeue(VM_MISSING))
 }
 
 /// A spec at fault: a `SpecValid` condition and an Event naming the field, and nothing else is done.
@@ -741,8 +817,18 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             Ok(DiskOutcome::again(status, SOON))
         }
         Step::AddToStoppedVm | Step::WaitForBoot => {
-            if disk.step == Step::AddToStoppedVm {
-                scene.kubevirt(context).add_volume(&volume_spec(&status)).await?;
+            if disk.step == Step::AddToStoppedVm
+                && let Err(e) = scene.kubevirt(context).add_volume(&volume_spec(&status)).await
+            {
+                // The watch cache may not hold yet what the last pass added: KubeVirt's conflict then names the
+                // volume this pass would add.
+                let added = matches!(e, HypervisorError::Conflict { .. })
+                    && get::<VirtualMachine>(&context.client, &scene.ns, &vm_resource(), &scene.vm_name)
+                        .await?
+                        .is_some_and(|vm| has_volume(&vm, &disk.name));
+                if !added {
+                    return Err(e.into());
+                }
             }
             set(&mut status, Phase::Pending, "in the VM's spec; attached when the VM starts");
             Ok(DiskOutcome::settled(status))
@@ -766,6 +852,12 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             })
         }
     }
+}
+
+/// VM `vm` has volume `name` in its template, or a request pending to add it there.
+fn has_volume(vm: &VirtualMachine, name: &str) -> bool {
+    let in_template = vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name));
+    in_template || vm.pending_request(name) == Some(PendingRequest::Add)
 }
 
 fn waiting_for_claim(status: &VolumeStatus) -> String {
@@ -1219,7 +1311,7 @@ async fn publish(context: &Context, wukong: &Wukong, type_: EventType, reason: &
         EventType::Warning => tracing::warn!(wukong = %ObjectRef::from_obj(wukong), reason, "{note}"),
         EventType::Normal => tracing::info!(wukong = %ObjectRef::from_obj(wukong), reason, "{note}"),
     }
-    if let Err(e) = context.recorder.publish(&event, &wukong.object_ref(&())).await {
+    if let Err(e) = context.events.publish(&event, &wukong.object_ref(&())).await {
         tracing::warn!(error = %e, reason, "cannot record an Event");
     }
 }
@@ -1478,6 +1570,101 @@ mod tests {
         assert!(lists_data_volumes(&pass(&object, json!([filled]), "Immediate", json!([]), true).await));
         let data = &seen.last().unwrap().body["status"]["volumes"][1];
         assert_eq!(data["message"], "waiting for claim db-vm-data to bind");
+    }
+
+    /// VM ns1/db-vm, with volume `data` (of claim db-vm-data) beside its container disk when `with_data`.
+    fn db_vm(with_data: bool) -> serde_json::Value {
+        let mut volumes = vec![json!({"name": "root", "containerDisk": {"image": "x"}})];
+        if with_data {
+            volumes.push(
+                json!({"name": "data", "persistentVolumeClaim": {"claimName": "db-vm-data", "hotpluggable": true}}),
+            );
+        }
+        json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+               "metadata": {"name": "db-vm", "namespace": "ns1", "resourceVersion": "5",
+                            "managedFields": [{"manager": "kubectl", "operation": "Update"}],
+                            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+               "spec": {"runStrategy": "Halted", "template": {"metadata": {"labels": {"a": "b"}},
+                        "spec": {"volumes": volumes, "domain": {"cpu": {"cores": 2}, "devices": {}}}}}})
+    }
+
+    #[test]
+    fn a_cached_vm_keeps_only_what_a_pass_reads() {
+        let cache = crate::fixtures::kubevirt_cache(vec![db_vm(true)], Vec::new());
+        let vm = cache.vms.state().pop().unwrap();
+        assert_eq!(vm.metadata.managed_fields, None);
+        assert_eq!(vm.metadata.annotations, Some(Default::default()), "kubectl's last-applied copy is dropped");
+        let (vm, vmi) = cache.vm_and_vmi("ns1", "db-vm").expect("cached");
+        assert!(vmi.is_none(), "listed, and no VMI: stopped");
+        let volumes: Vec<&str> =
+            vm.spec.template.as_ref().unwrap().spec.volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, ["root", "data"]);
+        assert!(cache.vm_and_vmi("ns1", "other").is_none(), "a VM not cached is read from the API server");
+    }
+
+    #[tokio::test]
+    async fn a_pass_plans_from_the_watch_cache_and_reads_the_vm_again_before_taking_a_disk_out() {
+        let requests = |seen: &[crate::fixtures::Seen]| -> Vec<String> {
+            seen.iter().map(|s| format!("{} {}", s.method, s.path)).collect()
+        };
+        let vm_get = "GET /apis/kubevirt.io/v1/namespaces/ns1/virtualmachines/db-vm".to_string();
+        let bound = json!({"metadata": {"name": "db-vm-data", "namespace": "ns1",
+                                        "labels": {"vm.novasphere.dev/wukong": "db"}},
+                           "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "storageClassName": "fast"},
+                           "status": {"phase": "Bound"}});
+        let claims: Vec<PersistentVolumeClaim> = serde_json::from_value(json!([bound])).unwrap();
+
+        // The VM stopped in the cache, the disk's claim bound: added to the VM's spec without reading the VM.
+        let listed = wukong(json!([{"name": "root", "system": true}, {"name": "data", "size": "1Gi"}]));
+        let api = MockApi::start(|s| {
+            s.path.ends_with("/virtualmachineinstances/db-vm").then(|| not_found("virtualmachineinstances.kubevirt.io"))
+        });
+        let cache = crate::fixtures::kubevirt_cache(vec![db_vm(false)], Vec::new());
+        apply(&listed, &crate::fixtures::context_with_caches(api.client(), claims.clone(), cache)).await.unwrap();
+        let seen = requests(&api.seen());
+        assert!(!seen.contains(&vm_get), "{seen:?}");
+        assert!(seen.iter().any(|r| r.ends_with("/virtualmachines/db-vm/addvolume")), "{seen:?}");
+
+        // The cache behind the last pass's add: KubeVirt's conflict, and the VM read again has the volume.
+        let live_vm = db_vm(true);
+        let api = MockApi::start(move |s| match s.path.as_str() {
+            p if p.ends_with("/virtualmachineinstances/db-vm") => {
+                Some(not_found("virtualmachineinstances.kubevirt.io"))
+            }
+            p if p.ends_with("/virtualmachines/db-vm") => Some((200, live_vm.clone())),
+            p if p.ends_with("/addvolume") => Some((
+                409,
+                json!({"kind": "Status", "status": "Failure", "code": 409,
+                "message": "Unable to add volume [data] because volume with that name already exists"}),
+            )),
+            _ => None,
+        });
+        let cache = crate::fixtures::kubevirt_cache(vec![db_vm(false)], Vec::new());
+        apply(&listed, &crate::fixtures::context_with_caches(api.client(), claims.clone(), cache)).await.unwrap();
+        let status = api.seen().last().unwrap().body["status"].clone();
+        assert_eq!(status["volumes"][1]["message"], "in the VM's spec; attached when the VM starts", "{status}");
+
+        // Unlisted while the cache still says stopped, and the VM runs: read again, it is a safe detach of a running
+        // VM, not a removal from a stopped VM's spec.
+        let unlisted = wukong(json!([{"name": "root", "system": true}]));
+        let running = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                             "metadata": {"name": "db-vm", "namespace": "ns1"},
+                             "spec": {"volumes": [{"name": "data", "persistentVolumeClaim":
+                                                   {"claimName": "db-vm-data", "hotpluggable": true}}]},
+                             "status": {"volumeStatus": [{"name": "data", "phase": "Ready", "target": "sda"}]}});
+        let live_vm = db_vm(true);
+        let api = MockApi::start(move |s| match s.path.as_str() {
+            p if p.ends_with("/virtualmachines/db-vm") => Some((200, live_vm.clone())),
+            p if p.ends_with("/virtualmachineinstances/db-vm") => Some((200, running.clone())),
+            _ => None,
+        });
+        let cache = crate::fixtures::kubevirt_cache(vec![db_vm(true)], Vec::new());
+        apply(&unlisted, &crate::fixtures::context_with_caches(api.client(), claims, cache)).await.unwrap();
+        let seen = requests(&api.seen());
+        assert!(seen.contains(&vm_get), "read again before taking the disk out: {seen:?}");
+        assert!(!seen.iter().any(|r| r.ends_with("/removevolume")), "nothing removed: {seen:?}");
+        let status = api.seen().last().unwrap().body["status"].clone();
+        assert_eq!(status["volumes"][1]["phase"], "DetachBlocked", "the guest is asked first: {status}");
     }
 
     #[tokio::test]

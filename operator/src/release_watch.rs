@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::{AgentAccess, Result, typed};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -87,7 +87,7 @@ pub struct Watch {
     /// The one namespace looked at; `None`: all.
     namespace: Option<String>,
     ledger: Ledger,
-    recorder: Recorder,
+    events: crate::events::Events,
     metrics: Arc<Metrics>,
     /// When each released disk was first seen released, on this clock: the guest's own clock may be off.
     seen: HashMap<Released, Instant>,
@@ -106,7 +106,7 @@ impl Watch {
     ) -> Self {
         Self {
             namespace,
-            recorder: crate::guard_recorder(&client, identity),
+            events: crate::guard_events(&client, identity),
             ledger: Ledger::new(client.clone(), ledger_namespace),
             client,
             access,
@@ -359,7 +359,7 @@ impl Watch {
                 action: "CancelDetach".into(),
                 secondary: None,
             };
-            if let Err(e) = self.recorder.publish(&event, &target.reference).await {
+            if let Err(e) = self.events.publish(&event, &target.reference).await {
                 tracing::warn!(error = %e, "cannot record the ReleaseCancelled Event");
             }
         }

@@ -134,7 +134,7 @@ impl DataVolume {
 
 /// How long a read of the StorageClasses or of a StorageProfile serves the passes that follow: both change rarely,
 /// and at thousands of objects a read per pass that makes a disk was a fifth of the operator's requests.
-const FRESH_FOR: Duration = Duration::from_secs(10);
+pub const FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// What the StorageClasses say.
 #[derive(Debug, Clone, Default)]

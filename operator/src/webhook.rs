@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -107,7 +107,7 @@ pub struct Guard {
     /// that cannot finish is rolled back by the agent before the API server gives up on the review.
     release_deadline: Duration,
     ledger: Ledger,
-    recorder: Recorder,
+    events: crate::events::Events,
     metrics: Arc<Metrics>,
     /// The agents' expiring certificates (shared with the reconciler).
     certificates: Arc<CertificateCheck>,
@@ -128,7 +128,7 @@ impl Guard {
     ) -> Self {
         Self {
             certificates,
-            recorder: crate::guard_recorder(&client, &config.identity),
+            events: crate::guard_events(&client, &config.identity),
             ledger: Ledger::new(client.clone(), &config.lease_namespace),
             trusted: settings.client_auth.is_some(),
             release_deadline: settings.release_deadline,
@@ -445,8 +445,7 @@ async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, reaso
         name: Some(request.name.clone()),
         namespace: request.namespace.clone(),
         uid: object.and_then(|o| o.metadata.uid.clone()),
-        // The version the update was made to: the recorder folds Events with the same reference into one series
-        // that keeps the first note, which would hide who forced a later unplug of the same object.
+        // The version the update was made to: which change of the object this Event is about.
         resource_version: object.and_then(|o| o.metadata.resource_version.clone()),
         ..Default::default()
     };
@@ -457,7 +456,7 @@ async fn publish(guard: &Guard, request: &AdmissionRequest<DynamicObject>, reaso
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = guard.recorder.publish(&event, &reference).await {
+    if let Err(e) = guard.events.publish(&event, &reference).await {
         tracing::warn!(error = %e, reason, "cannot record an Event");
     }
 }
