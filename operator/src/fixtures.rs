@@ -6,6 +6,7 @@ use crate::crd::Wukong;
 use crate::kubevirt_cache::{Cached, Kind, KubeVirtCache};
 use crate::metrics::Metrics;
 use crate::reconcile::Context;
+use crate::storage::CachedClaim;
 use crate::{AgentAccess, Config, WebhookConfig};
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
@@ -135,7 +136,7 @@ pub fn context_with_caches(
     let metrics = Arc::new(Metrics::default());
     let certificates =
         Arc::new(crate::agent_certificate::CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
-    let caches = crate::reconcile::Caches { claims: store_of(claims), wukongs: store_of(Vec::new()), kubevirt };
+    let caches = crate::reconcile::Caches { claims: claims_store(claims), wukongs: store_of(Vec::new()), kubevirt };
     Context::new(client, config, metrics, certificates, Arc::default(), caches)
 }
 
@@ -168,6 +169,11 @@ where
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
     store
+}
+
+/// A watch cache of claims that has listed `claims`, kept as the controller keeps them.
+pub fn claims_store(claims: Vec<PersistentVolumeClaim>) -> Store<CachedClaim> {
+    store_of(claims.into_iter().map(CachedClaim::from).collect())
 }
 
 /// Claim ns1/`name`, labelled as `Wukong` `owner`'s, in `phase`.

@@ -2,7 +2,7 @@
 //! instead of a GET of each per pass (at thousands of objects those GETs were half the operator's requests).
 
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{self as meta, ObjectMeta};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -11,8 +11,10 @@ use wukong_controller_client::kubevirt::{
     Metadata, OwnerReference, VirtualMachine, VirtualMachineInstance, VmSpec, VmStatus, VmiSpec, VmiStatus,
 };
 
-/// kubectl's copy of what it last applied: often the largest part of an object, and never read.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// The prefix of the only annotations a pass reads of a VM or VMI: those that choose how its agent is reached
+/// (`wukong.io/agent-transport`, …). KubeVirt's own and kubectl's last-applied copy (often the largest part of an
+/// object) are never read.
+const READ_ANNOTATIONS: &str = "wukong.io/";
 
 /// A KubeVirt object as cached: its metadata and the parts of its spec and status that the companion's typed views
 /// read. Decoded straight from the watch (the rest of the object is never held): a `DynamicObject` cache took about
@@ -70,12 +72,27 @@ impl<Spec: Kind, Status> kube::Resource for Cached<Spec, Status> {
 }
 
 impl<Spec: Kind + Serialize, Status: Serialize> Cached<Spec, Status> {
-    /// Drops what no pass reads of the metadata: the managed fields and kubectl's last-applied copy.
+    /// Keeps of the metadata only what the watch and the cache need (name, namespace, uid, resource version) and
+    /// what a pass reads: the owners' kinds and names, and the annotations that choose how the agent is reached.
     pub fn trim(&mut self) {
-        self.metadata.managed_fields = None;
-        if let Some(annotations) = self.metadata.annotations.as_mut() {
-            annotations.remove(LAST_APPLIED);
-        }
+        let meta = std::mem::take(&mut self.metadata);
+        let owners = meta.owner_references.map(|owners| {
+            owners
+                .into_iter()
+                .map(|o| meta::OwnerReference { kind: o.kind, name: o.name, ..Default::default() })
+                .collect()
+        });
+        let annotations =
+            meta.annotations.map(|all| all.into_iter().filter(|(key, _)| key.starts_with(READ_ANNOTATIONS)).collect());
+        self.metadata = ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            owner_references: owners,
+            annotations,
+            ..ObjectMeta::default()
+        };
     }
 
     /// What of it a pass reads, for [`crate::wake::on_change`]: the typed spec and status, and the annotations and

@@ -245,8 +245,10 @@ mod tests {
     #[test]
     fn a_disk_with_a_source_is_plugged_once_cdi_lets_kubevirt_plug_it() {
         let none = DetachOptions::default();
-        let blank =
-            DiskSpec { source: Some(DiskSource { blank: Some(BlankSource {}), ..Default::default() }), ..disk("data") };
+        let blank = DiskSpec {
+            source: Some(Box::new(DiskSource { blank: Some(BlankSource {}), ..Default::default() })),
+            ..disk("data")
+        };
         let with = |phase: Option<&str>, vmi: Option<VolumeState>| Observed {
             data_volume: phase.map(str::to_string),
             from_data_volume: true,

@@ -11,7 +11,7 @@ use crate::crd::{
 use crate::kubevirt_cache::{Cached, CachedVm, CachedVmi, Kind, KubeVirtCache};
 use crate::metrics::Metrics;
 use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
-use crate::storage::{self, Claim, Classes, DataVolume, OwnedClaims, data_volume_resource};
+use crate::storage::{self, CachedClaim, Claim, Classes, DataVolume, OwnedClaims, data_volume_resource};
 use crate::validate::{SpecError, check, check_against_status};
 use crate::wake;
 use crate::written::Written;
@@ -88,7 +88,7 @@ pub struct Context {
 /// What the controller's watches hold, read by every pass instead of asking the API server.
 pub struct Caches {
     /// Every claim with an owner label.
-    pub claims: Store<PersistentVolumeClaim>,
+    pub claims: Store<CachedClaim>,
     /// Every `Wukong`.
     pub wukongs: Store<Wukong>,
     /// Every VM and VMI.
@@ -130,7 +130,7 @@ pub async fn run(
     let (wukongs, claims, vms, vmis) = match &config.namespace {
         Some(ns) => (
             Api::<Wukong>::namespaced(client.clone(), ns),
-            Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+            Api::<CachedClaim>::namespaced(client.clone(), ns),
             Api::<CachedVm>::namespaced(client.clone(), ns),
             Api::<CachedVmi>::namespaced(client.clone(), ns),
         ),
@@ -149,7 +149,6 @@ pub async fn run(
     let context = Arc::new(Context::new(client, config, metrics, certificates, reads, caches));
     let claim_events = watcher(claims, watcher::Config::default().labels(OWNER_LABEL).any_semantic())
         .backoff(trigger_backoff())
-        .modify(storage::keep_what_is_read)
         .reflect(claims_writer);
     let claim_changes = wake::on_change(claim_events, claim_read);
     let written = context.written.clone();
@@ -170,10 +169,8 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .trigger_backoff(trigger_backoff());
     let (vm_store, vmi_store) = (wukongs_store.clone(), wukongs_store);
-    let owner_of = |claim: PersistentVolumeClaim| {
-        let wukong = claim.labels().get(OWNER_LABEL)?.clone();
-        Some(ObjectRef::<Wukong>::new(&wukong).within(&claim.namespace()?))
-    };
+    let owner_of =
+        |claim: CachedClaim| Some(ObjectRef::<Wukong>::new(claim.owner.as_ref()?).within(&claim.namespace()?));
     controller
         // By the owner label, not the owner reference: a DataVolume's claim is owned by the DataVolume (CDI copies
         // its labels, but sets its own `managed-by`).
@@ -223,11 +220,10 @@ fn wukong_read(wukong: &Wukong, hasher: &mut DefaultHasher) {
     (meta.generation, &meta.finalizers, meta.deletion_timestamp.as_ref().map(|t| t.0.to_string())).hash(hasher);
 }
 
-/// What of a claim a pass reads ([`Claim`]), its labels and its deletion; not what binding adds beside its phase
-/// (annotations, the volume's name).
-fn claim_read(claim: &PersistentVolumeClaim, hasher: &mut DefaultHasher) {
-    (Claim::of(claim), &claim.metadata.labels, claim.metadata.deletion_timestamp.as_ref().map(|t| t.0.to_string()))
-        .hash(hasher);
+/// What of a claim a pass reads ([`Claim`]), its owner and its deletion; not what binding adds beside its phase
+/// (annotations, the volume's name), which the cache does not hold.
+fn claim_read(cached: &CachedClaim, hasher: &mut DefaultHasher) {
+    (&cached.claim, &cached.owner, cached.meta().deletion_timestamp.as_ref().map(|t| t.0.to_string())).hash(hasher);
 }
 
 /// How long the controller's watches wait after an error before they try again: 250 ms doubling up to 3 s (6 s with
@@ -378,7 +374,8 @@ impl Scene {
                     serial: disk.and_then(|d| d.serial.clone()).unwrap_or_else(|| volume.name.clone()),
                     bus: if bus == Some("virtio") { crate::crd::Bus::Virtio } else { crate::crd::Bus::Scsi },
                     phase: Phase::Attached,
-                    data_volume: data_volume.map(|name| DataVolumeStatus { name: name.clone(), ..Default::default() }),
+                    data_volume: data_volume
+                        .map(|name| Box::new(DataVolumeStatus { name: name.clone(), ..Default::default() })),
                     pvc_name: claim,
                     detach_options: crate::crd::DetachOptions { preserve_data: true, ..Default::default() },
                     message: Some(message),
@@ -720,7 +717,7 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
         };
         status.data_volume = sourced.then(|| {
             let seen = scene.stored.data_volumes.get(&status.pvc_name).cloned().unwrap_or_default();
-            DataVolumeStatus { name: status.pvc_name.clone(), phase: seen.phase, progress: seen.progress }
+            Box::new(DataVolumeStatus { name: status.pvc_name.clone(), phase: seen.phase, progress: seen.progress })
         });
     }
     status
@@ -1355,7 +1352,7 @@ mod tests {
             .collect();
         claims.push(crate::fixtures::claim("db-vm-theirs", "other", "Bound"));
         let stored = Stored {
-            claims: OwnedClaims::new(crate::fixtures::store_of(claims), "ns1", "db"),
+            claims: OwnedClaims::new(crate::fixtures::claims_store(claims), "ns1", "db"),
             data_volumes: [("db-vm-filled".to_string(), DataVolume::default())].into(),
             cdi: true,
             from_data_volume: BTreeSet::new(),
@@ -1581,9 +1578,16 @@ mod tests {
             );
         }
         json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-               "metadata": {"name": "db-vm", "namespace": "ns1", "resourceVersion": "5",
+               "metadata": {"name": "db-vm", "namespace": "ns1", "resourceVersion": "5", "uid": "u1",
+                            "generation": 3, "labels": {"app": "db"},
+                            "finalizers": ["kubevirt.io/virtualMachineControllerFinalize"],
                             "managedFields": [{"manager": "kubectl", "operation": "Update"}],
-                            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+                            "ownerReferences": [{"apiVersion": "pool.kubevirt.io/v1alpha1",
+                                                 "kind": "VirtualMachinePool", "name": "pool", "uid": "u0",
+                                                 "controller": true}],
+                            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}",
+                                            "kubevirt.io/latest-observed-api-version": "v1",
+                                            "wukong.io/agent-port": "7444"}},
                "spec": {"runStrategy": "Halted", "template": {"metadata": {"labels": {"a": "b"}},
                         "spec": {"volumes": volumes, "domain": {"cpu": {"cores": 2}, "devices": {}}}}}})
     }
@@ -1592,8 +1596,21 @@ mod tests {
     fn a_cached_vm_keeps_only_what_a_pass_reads() {
         let cache = crate::fixtures::kubevirt_cache(vec![db_vm(true)], Vec::new());
         let vm = cache.vms.state().pop().unwrap();
-        assert_eq!(vm.metadata.managed_fields, None);
-        assert_eq!(vm.metadata.annotations, Some(Default::default()), "kubectl's last-applied copy is dropped");
+        let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            kind: "VirtualMachinePool".into(),
+            name: "pool".into(),
+            ..Default::default()
+        };
+        let expected = ObjectMeta {
+            name: Some("db-vm".into()),
+            namespace: Some("ns1".into()),
+            uid: Some("u1".into()),
+            resource_version: Some("5".into()),
+            owner_references: Some(vec![owner]),
+            annotations: Some([("wukong.io/agent-port".to_string(), "7444".to_string())].into()),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(vm.metadata, expected, "only what the watch needs and a pass reads");
         let (vm, vmi) = cache.vm_and_vmi("ns1", "db-vm").expect("cached");
         assert!(vmi.is_none(), "listed, and no VMI: stopped");
         let volumes: Vec<&str> =

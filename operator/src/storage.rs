@@ -5,11 +5,15 @@ use crate::Result;
 use crate::access::ClusterReads;
 use crate::crd::{AccessMode, BlankSource, DiskSource, DiskSpec, VolumeMode};
 use crate::reconcile::OWNER_LABEL;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -64,42 +68,77 @@ impl Claim {
     }
 }
 
-/// A claim trimmed to what [`Claim::of`], the owner lookup and cleanup read (name, labels, owners, deletion, the
-/// modes, the class and the phase), for the watch cache that holds every claim the operator made.
-pub fn keep_what_is_read(claim: &mut PersistentVolumeClaim) {
-    claim.managed_fields_mut().clear();
-    claim.annotations_mut().clear();
-    if let Some(spec) = claim.spec.as_mut() {
-        spec.resources = None;
-        spec.data_source = None;
-        spec.data_source_ref = None;
-        spec.selector = None;
+/// A claim as the controller's watch cache holds it: what the watch and the cache need of its metadata (name,
+/// namespace, uid, resource version, deletion), the `Wukong` its [`OWNER_LABEL`] names, and what [`Claim`] says of
+/// it. Decoded from each watch event into this, so the rest of the claim (labels, annotations, owners, finalizers,
+/// requests) is never held: at thousands of claims the whole objects were a fifth of the operator's memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "PersistentVolumeClaim")]
+pub struct CachedClaim {
+    metadata: ObjectMeta,
+    /// The `Wukong` that owns it, by [`OWNER_LABEL`].
+    pub owner: Option<String>,
+    pub claim: Claim,
+}
+
+impl From<PersistentVolumeClaim> for CachedClaim {
+    fn from(claim: PersistentVolumeClaim) -> Self {
+        let owner = claim.labels().get(OWNER_LABEL).cloned();
+        let of = Claim::of(&claim);
+        let meta = claim.metadata;
+        let metadata = ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            deletion_timestamp: meta.deletion_timestamp,
+            ..ObjectMeta::default()
+        };
+        Self { metadata, owner, claim: of }
     }
-    if let Some(status) = claim.status.as_mut() {
-        status.capacity = None;
-        status.allocated_resources = None;
-        status.allocated_resource_statuses = None;
-        status.conditions = None;
+}
+
+impl kube::Resource for CachedClaim {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        PersistentVolumeClaim::kind(&())
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        PersistentVolumeClaim::group(&())
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        PersistentVolumeClaim::version(&())
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        PersistentVolumeClaim::plural(&())
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }
 
 /// The claims of one `Wukong` (those that carry its name in [`OWNER_LABEL`]), read from the controller's watch
 /// cache by name: a pass asks only for the claims of its disks.
 pub struct OwnedClaims {
-    store: Store<PersistentVolumeClaim>,
+    store: Store<CachedClaim>,
     namespace: String,
     owner: String,
 }
 
 impl OwnedClaims {
-    pub fn new(store: Store<PersistentVolumeClaim>, namespace: &str, owner: &str) -> Self {
+    pub fn new(store: Store<CachedClaim>, namespace: &str, owner: &str) -> Self {
         Self { store, namespace: namespace.into(), owner: owner.into() }
     }
 
     /// Claim `name`, when it exists and is this object's.
     pub fn get(&self, name: &str) -> Option<Claim> {
-        let claim = self.store.get(&ObjectRef::new(name).within(&self.namespace))?;
-        (claim.labels().get(OWNER_LABEL) == Some(&self.owner)).then(|| Claim::of(&claim))
+        let cached = self.store.get(&ObjectRef::new(name).within(&self.namespace))?;
+        (cached.owner.as_ref() == Some(&self.owner)).then(|| cached.claim.clone())
     }
 
     pub fn contains_key(&self, name: &str) -> bool {
@@ -205,7 +244,7 @@ impl Classes {
 /// claim, of volume mode `Block` unless the disk says otherwise.
 pub fn data_volume_source(disk: &DiskSpec, cdi: bool) -> Option<DiskSource> {
     match &disk.source {
-        Some(source) => Some(source.clone()),
+        Some(source) => Some(DiskSource::clone(source)),
         None if cdi && disk.volume_mode != Some(VolumeMode::Block) => {
             Some(DiskSource { blank: Some(BlankSource {}), ..Default::default() })
         }
@@ -331,11 +370,12 @@ mod tests {
     use crate::crd::{BlankSource, ClaimSource};
 
     /// A bound claim as the API server serves it, and as the watch cache keeps it: what the operator reads of it is
-    /// the same.
+    /// the same, and nothing else of it is held.
     #[test]
-    fn a_trimmed_claim_reads_the_same() {
-        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-            "metadata": {"name": "db-vm-data", "namespace": "ns1", "uid": "u1",
+    fn a_cached_claim_reads_the_same_and_holds_nothing_else() {
+        let served = json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "db-vm-data", "namespace": "ns1", "uid": "u1", "resourceVersion": "7",
                 "labels": {"vm.novasphere.dev/wukong": "db", "vm.novasphere.dev/disk": "data"},
                 "annotations": {"pv.kubernetes.io/bind-completed": "yes", "volume.kubernetes.io/storage-provisioner": "x"},
                 "ownerReferences": [{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "name": "db-vm-data",
@@ -346,15 +386,24 @@ mod tests {
                      "resources": {"requests": {"storage": "1Gi"}}, "volumeName": "pv-1"},
             "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": {"storage": "1Gi"},
                        "conditions": [{"type": "Resizing", "status": "False"}]},
-        }))
-        .unwrap();
-        let mut kept = claim.clone();
-        keep_what_is_read(&mut kept);
-        assert_eq!(Claim::of(&kept), Claim::of(&claim));
-        assert!(Claim::of(&kept).of_data_volume && Claim::of(&kept).bound());
-        assert_eq!((kept.labels(), kept.owner_references()), (claim.labels(), claim.owner_references()));
-        assert!(kept.annotations().is_empty() && kept.managed_fields().is_empty());
-        assert!(kept.status.unwrap().capacity.is_none());
+        });
+        let claim: PersistentVolumeClaim = serde_json::from_value(served.clone()).unwrap();
+        let cached: CachedClaim = serde_json::from_value(served).unwrap();
+        assert_eq!(cached.claim, Claim::of(&claim));
+        assert!(cached.claim.of_data_volume && cached.claim.bound());
+        assert_eq!(cached.claim.access_modes, ["ReadWriteMany"], "the modes it was bound with");
+        assert_eq!(cached.owner.as_deref(), Some("db"));
+        let expected = ObjectMeta {
+            name: Some("db-vm-data".into()),
+            namespace: Some("ns1".into()),
+            uid: Some("u1".into()),
+            resource_version: Some("7".into()),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(cached.metadata, expected);
+        // A claim of no `Wukong` (it lost its label) is nobody's, and a missing phase is Pending.
+        let bare: CachedClaim = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+        assert_eq!((bare.owner, bare.claim.phase.as_str()), (None, "Pending"));
     }
 
     fn set(modes: &[&str], volume_mode: &str) -> PropertySet {
@@ -413,7 +462,7 @@ mod tests {
         assert_eq!(data_volume_source(&disk(None, None), false), None);
         let clone =
             DiskSource { pvc: Some(ClaimSource { name: "golden".into(), namespace: None }), ..Default::default() };
-        let cloned = DiskSpec { source: Some(clone.clone()), ..disk(None, Some(VolumeMode::Block)) };
+        let cloned = DiskSpec { source: Some(Box::new(clone.clone())), ..disk(None, Some(VolumeMode::Block)) };
         assert_eq!(data_volume_source(&cloned, true), Some(clone));
     }
 

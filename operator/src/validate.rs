@@ -280,7 +280,7 @@ mod tests {
     }
 
     fn sourced(name: &str, source: DiskSource) -> DiskSpec {
-        DiskSpec { source: Some(source), ..disk(name, "1Gi") }
+        DiskSpec { source: Some(Box::new(source)), ..disk(name, "1Gi") }
     }
 
     fn http(url: &str) -> DiskSource {
