@@ -327,6 +327,11 @@ impl VirtualMachine {
         self.spec.update_volumes_strategy.as_deref() == Some("Migration")
     }
 
+    /// Whether volume `name` is in the VM's template.
+    pub fn in_template(&self, name: &str) -> bool {
+        self.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name))
+    }
+
     /// The last pending request for volume `name` (virt-api refuses a second one while one is pending, except that a
     /// remove replaces an add).
     pub fn pending_request(&self, name: &str) -> Option<PendingRequest> {
@@ -733,9 +738,7 @@ pub fn volume_state_in(vmi: &VirtualMachineInstance, vm: Option<&VirtualMachine>
     let serial = vmi.spec.domain.devices.disks.iter().find(|d| d.name == name).and_then(|d| d.serial.clone());
     let status = vmi.status.volume_status.iter().find(|s| s.name == name);
     // With the Migration strategy the template says what the VM gets at its next start, not what is unplugged now.
-    let in_template = vm
-        .filter(|vm| !vm.migrates_volumes())
-        .map(|vm| vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name)));
+    let in_template = vm.filter(|vm| !vm.migrates_volumes()).map(|vm| vm.in_template(name));
     let request = vm.and_then(|vm| vm.pending_request(name));
     classify(in_spec, in_template, request, status, serial)
 }

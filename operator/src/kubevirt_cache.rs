@@ -3,12 +3,14 @@
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{self as meta, ObjectMeta};
+use kube::api::ApiResource;
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::hash::{DefaultHasher, Hash};
 use wukong_controller_client::kubevirt::{
     Metadata, OwnerReference, VirtualMachine, VirtualMachineInstance, VmSpec, VmStatus, VmiSpec, VmiStatus,
+    vm_resource, vmi_resource,
 };
 
 /// The prefix of the only annotations a pass reads of a VM or VMI: those that choose how its agent is reached
@@ -33,18 +35,19 @@ pub type CachedVmi = Cached<VmiSpec, VmiStatus>;
 
 /// Which KubeVirt kind a spec is of.
 pub trait Kind {
-    const KIND: &'static str;
-    const PLURAL: &'static str;
+    fn resource() -> ApiResource;
 }
 
 impl Kind for VmSpec {
-    const KIND: &'static str = "VirtualMachine";
-    const PLURAL: &'static str = "virtualmachines";
+    fn resource() -> ApiResource {
+        vm_resource()
+    }
 }
 
 impl Kind for VmiSpec {
-    const KIND: &'static str = "VirtualMachineInstance";
-    const PLURAL: &'static str = "virtualmachineinstances";
+    fn resource() -> ApiResource {
+        vmi_resource()
+    }
 }
 
 impl<Spec: Kind, Status> kube::Resource for Cached<Spec, Status> {
@@ -52,16 +55,16 @@ impl<Spec: Kind, Status> kube::Resource for Cached<Spec, Status> {
     type Scope = NamespaceResourceScope;
 
     fn kind(_: &()) -> Cow<'_, str> {
-        Spec::KIND.into()
+        Spec::resource().kind.into()
     }
     fn group(_: &()) -> Cow<'_, str> {
-        "kubevirt.io".into()
+        Spec::resource().group.into()
     }
     fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
+        Spec::resource().version.into()
     }
     fn plural(_: &()) -> Cow<'_, str> {
-        Spec::PLURAL.into()
+        Spec::resource().plural.into()
     }
     fn meta(&self) -> &ObjectMeta {
         &self.metadata

@@ -301,7 +301,7 @@ impl Scene {
     }
 
     fn observe(&self, disk: &str) -> Observed {
-        let in_vm = self.vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == disk));
+        let in_vm = self.vm.in_template(disk);
         let name = claim_name(&self.vm_name, disk);
         let claim = self.stored.claims.get(&name).map(|c| match c.bound() {
             true => ClaimState::Bound,
@@ -853,8 +853,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
 
 /// VM `vm` has volume `name` in its template, or a request pending to add it there.
 fn has_volume(vm: &VirtualMachine, name: &str) -> bool {
-    let in_template = vm.spec.template.as_ref().is_some_and(|t| t.spec.volumes.iter().any(|v| v.name == name));
-    in_template || vm.pending_request(name) == Some(PendingRequest::Add)
+    vm.in_template(name) || vm.pending_request(name) == Some(PendingRequest::Add)
 }
 
 fn waiting_for_claim(status: &VolumeStatus) -> String {
