@@ -78,11 +78,11 @@ echo "== wukong-operator's image (static binary, OCI archive under target/wukong
 bash scripts/build-image.sh
 echo "== binaries the end-to-end tests run (cargo test builds a package's binaries only for its own tests)"
 cargo build --workspace --locked --bins
-echo "== cargo test"
+echo "== cargo test (test binaries in parallel lanes: scripts/lib/run-tests.sh)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+bash scripts/lib/run-tests.sh "$log" || status=$?
 passed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($(i+1) ~ /^passed/) s += $i} END {print s + 0}' "$log")
 failed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($(i+1) ~ /^failed/) s += $i} END {print s + 0}' "$log")
 ignored=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($(i+1) ~ /^ignored/) s += $i} END {print s + 0}' "$log")

@@ -85,9 +85,12 @@ async fn lvm_and_dm_crypt_holders_are_reported_even_when_nothing_is_mounted() ->
         .run_ok(&format!(
             "lvm pvcreate -q {lvm_dev} && lvm vgcreate -q vg0 {lvm_dev} && \
              lvm lvcreate -q -y -L 16M -n data vg0 && udevadm settle && \
-             mkfs.ext4 -q /dev/mapper/vg0-data && mkdir -p /mnt/lv && mount /dev/mapper/vg0-data /mnt/lv"
+             mkfs.ext4 -q /dev/mapper/vg0-data && mkdir -p /mnt/lv && mount /dev/mapper/vg0-data /mnt/lv && \
+             udevadm trigger --settle --action=change /dev/mapper/vg0-data"
         ))
         .await?;
+    // udev learns the new file system from mkfs's close of the LV (its watch) at a moment of its own; the holder's
+    // fs_type comes from there, so the change is asked for and waited on before the two scans are compared.
     let report = guest.usage_from_both_scanners("lvm-pv").await?;
     assert_eq!(kinds(&report), vec![BlockerKind::Mount, BlockerKind::Holder], "{}", messages(&report));
     assert_eq!(holder_kinds(&report), vec![HolderKind::Lvm]);
