@@ -487,6 +487,12 @@ impl KubeVirtLab {
         self.shared.storage.add_class(dir, class, mode, default).await
     }
 
+    /// As [`Self::provision_class`], served by the lab's CSI driver ([`storage_lab::CSI_DRIVER`]): `csi` volumes,
+    /// which [`crate::snapshot_lab`] can snapshot and restore.
+    pub async fn provision_csi_class(&self, dir: &Path, class: &str, mode: BindingMode, default: bool) -> Result<()> {
+        self.shared.storage.add_csi_class(dir, class, mode, default).await
+    }
+
     /// A running VM `name` and its VMI (owned by it), for the lab guest. With `owned: false`, a standalone VMI.
     /// `interface_ip` is what the VMI reports as its address (where wukongctl looks for the agent). Returns once the
     /// lab's virt-controller and virt-handler have started it.

@@ -21,6 +21,7 @@ pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod readme_install;
+pub mod snapshot_lab;
 pub mod soak;
 pub mod storage_lab;
 pub mod unplug_oracle;

@@ -44,6 +44,11 @@ use std::sync::Mutex;
 
 /// The lab's provisioner, as its StorageClasses name it.
 pub const PROVISIONER: &str = "lab.wukong.invalid/images";
+/// The lab's CSI driver: the same provisioner behind the name of a CSI driver, whose volumes are `csi` PVs (the volume
+/// handle is the volume's path on the node, where csi-driver-host-path has an ID) and can be snapshotted and restored
+/// through `snapshot.storage.k8s.io` ([`crate::snapshot_lab`]). The snapshot controller refuses the `local` PVs of
+/// [`PROVISIONER`], as it refuses any volume that is not CSI.
+pub const CSI_DRIVER: &str = "images.csi.lab.wukong.invalid";
 /// The StorageClass parameter naming the directory the provisioner keeps the class's volumes in.
 pub const DIRECTORY_PARAMETER: &str = "lab.wukong.invalid/directory";
 /// The lab's one node: KubeVirt's VMIs and attachment Pods run there, and the provisioner's volumes live there.
@@ -209,9 +214,25 @@ impl Storage {
     /// A StorageClass served by the lab's provisioner, its volumes in `dir`, with `persistentVolumeReclaimPolicy:
     /// Delete`; with `default`, the cluster's default class.
     pub async fn add_class(&self, dir: &Path, class: &str, mode: BindingMode, default: bool) -> Result<()> {
+        self.add_class_of(PROVISIONER, dir, class, mode, default).await
+    }
+
+    /// As [`Self::add_class`], served by the lab's CSI driver [`CSI_DRIVER`]: its volumes can be snapshotted.
+    pub async fn add_csi_class(&self, dir: &Path, class: &str, mode: BindingMode, default: bool) -> Result<()> {
+        self.add_class_of(CSI_DRIVER, dir, class, mode, default).await
+    }
+
+    async fn add_class_of(
+        &self,
+        provisioner: &str,
+        dir: &Path,
+        class: &str,
+        mode: BindingMode,
+        default: bool,
+    ) -> Result<()> {
         let mut object = json!({
             "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": class},
-            "provisioner": PROVISIONER, "parameters": {DIRECTORY_PARAMETER: dir},
+            "provisioner": provisioner, "parameters": {DIRECTORY_PARAMETER: dir},
             "reclaimPolicy": "Delete", "volumeBindingMode": mode.as_str(),
         });
         if default {
@@ -268,9 +289,8 @@ impl Storage {
         }
         let volumes = Api::<DynamicObject>::all_with(self.client.clone(), &volumes_resource());
         let Some(volume) = volumes.get_opt(pv).await? else { return Ok(None) };
-        let path =
-            volume.data["spec"]["local"]["path"].as_str().with_context(|| format!("PV {pv} has no local path"))?;
-        Ok(Some(Volume { name: pv.into(), mode: VolumeMode::of(&volume.data["spec"]), path: path.into() }))
+        let path = volume_path(&volume).with_context(|| format!("PV {pv} is neither a lab CSI nor a local volume"))?;
+        Ok(Some(Volume { name: pv.into(), mode: VolumeMode::of(&volume.data["spec"]), path }))
     }
 
     /// Runs the controllers until the task is aborted: a pass on every change of a claim, PV or Pod, and at least every
@@ -403,7 +423,9 @@ impl Storage {
             );
             return self.event(&claims, &next, "Normal", "ExternalProvisioning", &message).await;
         }
-        if provisioner == PROVISIONER && annotation(claim, STORAGE_PROVISIONER) == Some(PROVISIONER) {
+        if [PROVISIONER, CSI_DRIVER].contains(&provisioner)
+            && annotation(claim, STORAGE_PROVISIONER) == Some(provisioner)
+        {
             self.provision(claim, class, volumes).await?;
         }
         Ok(())
@@ -430,24 +452,62 @@ impl Storage {
         let size = spec["resources"]["requests"]["storage"].as_str().unwrap_or_default();
         let bytes = wukong_operator::validate::quantity_bytes(size)
             .map_err(|why| anyhow::anyhow!("claim {key}: size '{size}' {why}"))?;
+        let provisioner = class.data["provisioner"].as_str().unwrap_or(PROVISIONER);
+        // Only the CSI driver restores a snapshot; a host-path provisioner ignores `dataSource` and makes an empty
+        // volume, as local-path-provisioner does.
+        let snapshot = match &spec["dataSource"] {
+            source if provisioner == CSI_DRIVER && source["kind"] == "VolumeSnapshot" => {
+                match crate::snapshot_lab::restore_source(&self.client, claim, provisioner, bytes).await {
+                    Ok(image) => Some(image),
+                    Err(why) => {
+                        let message = format!(
+                            "error getting handle for DataSource Type VolumeSnapshot by Name {}: {why}",
+                            source["name"].as_str().unwrap_or_default()
+                        );
+                        return self.event(&claims, claim, "Warning", "ProvisioningFailed", &message).await;
+                    }
+                }
+            }
+            _ => None,
+        };
         let mode = VolumeMode::of(spec);
         let path = Path::new(dir).join(match mode {
             VolumeMode::Block => format!("{pv}.raw"),
             VolumeMode::Filesystem => pv.clone(),
         });
-        match mode {
-            VolumeMode::Block => std::fs::File::create(&path)?.set_len(bytes)?,
-            VolumeMode::Filesystem => std::fs::create_dir_all(&path)?,
+        let image = match mode {
+            VolumeMode::Block => path.clone(),
+            VolumeMode::Filesystem => {
+                std::fs::create_dir_all(&path)?;
+                path.join("disk.img")
+            }
+        };
+        match &snapshot {
+            Some(from) => {
+                std::fs::copy(from, &image)
+                    .with_context(|| format!("restoring {} from {}", image.display(), from.display()))?;
+                let file = std::fs::OpenOptions::new().write(true).open(&image)?;
+                if file.metadata()?.len() < bytes {
+                    file.set_len(bytes)?;
+                }
+            }
+            None if mode == VolumeMode::Block => std::fs::File::create(&path)?.set_len(bytes)?,
+            None => {}
         }
         let node = annotation(claim, SELECTED_NODE).unwrap_or(NODE);
-        let volume = json!({
+        let (kind, source) = match provisioner {
+            CSI_DRIVER => ("csi", json!({"driver": CSI_DRIVER, "volumeHandle": path})),
+            _ => ("local", json!({"path": path})),
+        };
+        let mut volume = json!({
             "apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": pv, "annotations": {PROVISIONED_BY: PROVISIONER}},
+            "metadata": {"name": pv, "annotations": {PROVISIONED_BY: provisioner}},
             "spec": {"accessModes": spec["accessModes"], "capacity": {"storage": size}, "volumeMode": mode.as_str(),
                      "persistentVolumeReclaimPolicy": class.data["reclaimPolicy"].as_str().unwrap_or("Delete"),
                      "storageClassName": name(class), "claimRef": claim_ref(claim),
-                     "local": {"path": path}, "nodeAffinity": node_affinity(node)},
+                     "nodeAffinity": node_affinity(node)},
         });
+        volume["spec"][kind] = source;
         self.volumes()
             .create(&PostParams::default(), &serde_json::from_value(volume)?)
             .await
@@ -562,11 +622,11 @@ impl Storage {
         if phase != "Released" && phase != "Failed" {
             return self.volume_phase(volume, "Released").await;
         }
-        let ours = annotation(volume, PROVISIONED_BY) == Some(PROVISIONER);
+        let ours = annotation(volume, PROVISIONED_BY).is_some_and(|p| [PROVISIONER, CSI_DRIVER].contains(&p));
         if phase != "Released" || !ours || volume.data["spec"]["persistentVolumeReclaimPolicy"] != "Delete" {
             return Ok(());
         }
-        let path = PathBuf::from(volume.data["spec"]["local"]["path"].as_str().unwrap_or_default());
+        let path = volume_path(volume).unwrap_or_default();
         match VolumeMode::of(&volume.data["spec"]) {
             VolumeMode::Block if path.exists() => std::fs::remove_file(&path)?,
             VolumeMode::Filesystem if path.exists() => std::fs::remove_dir_all(&path)?,
@@ -639,6 +699,16 @@ impl Storage {
             }
         }
         Ok(if waiting { VolumeScheduling::Waiting } else { VolumeScheduling::Bound })
+    }
+}
+
+/// Where a lab volume's data lives on the node: a `local` PV's path, or a lab CSI PV's volume handle.
+pub(crate) fn volume_path(volume: &DynamicObject) -> Option<PathBuf> {
+    let spec = &volume.data["spec"];
+    match (spec["local"]["path"].as_str(), &spec["csi"]) {
+        (Some(path), _) => Some(path.into()),
+        (None, csi) if csi["driver"] == CSI_DRIVER => csi["volumeHandle"].as_str().map(PathBuf::from),
+        _ => None,
     }
 }
 
