@@ -54,7 +54,7 @@ use crate::storage_lab::{Storage, VolumeMode};
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -159,12 +159,12 @@ impl CdiLab {
             }
         }
         let cdi = Arc::new(Cdi {
+            events: lab_events::Once::new(client.clone()),
             client,
             storage: kubevirt.storage(),
             garbage_collector: !cluster.runs_controller_manager(),
             transfers: Mutex::new(BTreeMap::new()),
             stamps: Mutex::new(BTreeMap::new()),
-            recorded: Mutex::new(BTreeSet::new()),
         });
         Ok(Self { admin, task: tokio::spawn(cdi.run()) })
     }
@@ -199,8 +199,7 @@ struct Cdi {
     transfers: Mutex<BTreeMap<String, tokio::task::JoinHandle<Result<(), String>>>>,
     /// Claim UID → when its worker last took a step.
     stamps: Mutex<BTreeMap<String, Instant>>,
-    /// Events recorded once (object UID, reason, message): client-go's recorder aggregates repeats.
-    recorded: Mutex<BTreeSet<(String, String, String)>>,
+    events: lab_events::Once,
 }
 
 /// What a DataVolume asks for.
@@ -286,11 +285,7 @@ impl Cdi {
 
     /// Records an Event once (see `recorded`).
     async fn event(&self, of: &ApiResource, object: &DynamicObject, event: &Event, component: &str) -> Result<()> {
-        let key = (uid(object), event.reason.to_string(), event.message.clone());
-        if !self.recorded.lock().unwrap().insert(key) {
-            return Ok(());
-        }
-        lab_events::record(&self.client, of, object, event.type_, &event.reason, &event.message, component).await
+        self.events.record(of, object, event.type_, &event.reason, &event.message, component).await
     }
 
     /// The controllers' loop: a pass on every change of a DataVolume, claim, StorageClass or StorageProfile, and at

@@ -6,6 +6,39 @@ use crate::kubevirt_lab::resource;
 use anyhow::Result;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use serde_json::json;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+/// A lab controller's Event recorder: each (object UID, reason, message) recorded once, as client-go's recorder
+/// aggregates a repeated Event into one object and controllers do not repeat an error they already reported.
+pub(crate) struct Once {
+    client: kube::Client,
+    recorded: Mutex<BTreeSet<(String, String, String)>>,
+}
+
+impl Once {
+    /// Records as `client`.
+    pub(crate) fn new(client: kube::Client) -> Self {
+        Self { client, recorded: Mutex::new(BTreeSet::new()) }
+    }
+
+    /// [`record`], unless this object already has this Event.
+    pub(crate) async fn record(
+        &self,
+        of: &ApiResource,
+        object: &DynamicObject,
+        type_: &str,
+        reason: &str,
+        message: &str,
+        component: &str,
+    ) -> Result<()> {
+        let key = (object.metadata.uid.clone().unwrap_or_default(), reason.to_string(), message.to_string());
+        if !self.recorded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key) {
+            return Ok(());
+        }
+        record(&self.client, of, object, type_, reason, message, component).await
+    }
+}
 
 /// Records an Event about `object`, of kind `of` (a listed object does not say its kind), as `client`, from
 /// `component`.

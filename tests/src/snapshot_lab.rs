@@ -32,7 +32,7 @@ use crate::storage_lab::{CSI_DRIVER, claims_resource, volumes_resource};
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,7 +100,7 @@ impl SnapshotLab {
         }
         let controllers = Arc::new(Controllers {
             client: admin.clone(),
-            recorded: Mutex::new(BTreeSet::new()),
+            events: lab_events::Once::new(admin.clone()),
             taken: Mutex::new(BTreeMap::new()),
         });
         let resources = vec![snapshots_resource(), contents_resource(), claims_resource(), volumes_resource()];
@@ -185,8 +185,8 @@ pub(crate) async fn restore_source(
 /// The common controller and the lab driver's sidecar.
 struct Controllers {
     client: kube::Client,
-    /// The Events recorded so far, (object UID, reason, message): upstream does not repeat an error it already set.
-    recorded: Mutex<BTreeSet<String>>,
+    /// Upstream does not repeat an Event for an error it already set.
+    events: lab_events::Once,
     /// Content name → when the driver took its snapshot (for [`SECONDS_PARAMETER`]).
     taken: Mutex<BTreeMap<String, Instant>>,
 }
@@ -275,30 +275,13 @@ impl Controllers {
         Api::all_with(self.client.clone(), &contents_resource())
     }
 
-    /// Records an Event once per object, reason and message.
-    async fn event(
-        &self,
-        of: &ApiResource,
-        object: &DynamicObject,
-        type_: &str,
-        reason: &str,
-        message: &str,
-        component: &str,
-    ) -> Result<()> {
-        let key = format!("{}\n{reason}\n{message}", object.metadata.uid.clone().unwrap_or_default());
-        if !self.recorded.lock().unwrap().insert(key) {
-            return Ok(());
-        }
-        lab_events::record(&self.client, of, object, type_, reason, message, component).await
-    }
-
     /// `updateSnapshotErrorStatusWithEvent`: a Warning Event on the snapshot and the same message in its
     /// `status.error` (with `readyToUse: false` when `not_ready`), unless that message is already set.
     async fn refuse(&self, snapshot: &DynamicObject, reason: &str, message: &str, not_ready: bool) -> Result<()> {
         if snapshot.data["status"]["error"]["message"] == message {
             return Ok(());
         }
-        self.event(&snapshots_resource(), snapshot, "Warning", reason, message, CONTROLLER).await?;
+        self.events.record(&snapshots_resource(), snapshot, "Warning", reason, message, CONTROLLER).await?;
         let mut next = snapshot.clone();
         let status = next.data["status"].as_object().cloned().unwrap_or_default();
         let mut status = Value::Object(status);
@@ -475,20 +458,21 @@ impl Controllers {
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => {
                 let message = format!("Error creating volume snapshot content object for snapshot {ns}/{vs}: {e}.");
-                self.event(
-                    &snapshots_resource(),
-                    snapshot,
-                    "Warning",
-                    "CreateSnapshotContentFailed",
-                    &message,
-                    CONTROLLER,
-                )
-                .await?;
+                self.events
+                    .record(
+                        &snapshots_resource(),
+                        snapshot,
+                        "Warning",
+                        "CreateSnapshotContentFailed",
+                        &message,
+                        CONTROLLER,
+                    )
+                    .await?;
                 return refuse(format!("snapshot controller failed to update {ns}/{vs} on API server: {e}")).await;
             }
         }
         let message = format!("Waiting for a snapshot {ns}/{vs} to be created by the CSI driver.");
-        self.event(&snapshots_resource(), snapshot, "Normal", "CreatingSnapshot", &message, CONTROLLER).await?;
+        self.events.record(&snapshots_resource(), snapshot, "Normal", "CreatingSnapshot", &message, CONTROLLER).await?;
         let mut next = snapshot.clone();
         next.data["status"] = json!({"boundVolumeSnapshotContentName": content_name(snapshot), "readyToUse": false});
         self.snapshots(&ns).replace_status(&vs, &PostParams::default(), &next).await?;
@@ -517,11 +501,15 @@ impl Controllers {
         }
         if old["creationTime"].is_null() && !status["creationTime"].is_null() {
             let message = format!("Snapshot {ns}/{vs} was successfully created by the CSI driver.");
-            self.event(&snapshots_resource(), snapshot, "Normal", "SnapshotCreated", &message, CONTROLLER).await?;
+            self.events
+                .record(&snapshots_resource(), snapshot, "Normal", "SnapshotCreated", &message, CONTROLLER)
+                .await?;
         }
         if old["readyToUse"] != true && status["readyToUse"] == true {
             let message = format!("Snapshot {ns}/{vs} is ready to use.");
-            self.event(&snapshots_resource(), snapshot, "Normal", "SnapshotReady", &message, CONTROLLER).await?;
+            self.events
+                .record(&snapshots_resource(), snapshot, "Normal", "SnapshotReady", &message, CONTROLLER)
+                .await?;
         }
         let mut next = snapshot.clone();
         next.data["status"] = status;
@@ -542,7 +530,8 @@ impl Controllers {
         });
         if restoring {
             return self
-                .event(
+                .events
+                .record(
                     &snapshots_resource(),
                     snapshot,
                     "Warning",
@@ -647,7 +636,7 @@ impl Controllers {
                 if content.data["status"]["error"]["message"] == message.as_str() {
                     return Ok(());
                 }
-                self.event(&contents_resource(), content, "Warning", reason, &message, &component).await?;
+                self.events.record(&contents_resource(), content, "Warning", reason, &message, &component).await?;
                 let time = format!("{:.0}", k8s_openapi::jiff::Timestamp::now());
                 let status = json!({"status": {"readyToUse": false, "error": {"message": message, "time": time}}});
                 self.contents().patch_status(&vsc, &PatchParams::default(), &Patch::Merge(&status)).await?;

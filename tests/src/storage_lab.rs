@@ -38,9 +38,7 @@ use crate::lab_events;
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// The lab's provisioner, as its StorageClasses name it.
 pub const PROVISIONER: &str = "lab.wukong.invalid/images";
@@ -199,16 +197,14 @@ pub struct Storage {
     /// The cluster runs kube-controller-manager (the node lab): its pvc-protection and pv-protection controllers do
     /// their work, not the lab's.
     controller_manager: bool,
-    /// The Events recorded so far, (object UID, reason, message): client-go's recorder aggregates a repeated Event
-    /// into one object, and the lab records each once.
-    recorded: Mutex<BTreeSet<(String, String, String)>>,
+    events: lab_events::Once,
 }
 
 impl Storage {
     /// The storage of a cluster as `client` (the admin); `controller_manager` when a real kube-controller-manager
     /// runs beside it.
     pub fn new(client: kube::Client, controller_manager: bool) -> Self {
-        Self { client, controller_manager, recorded: Mutex::new(BTreeSet::new()) }
+        Self { events: lab_events::Once::new(client.clone()), client, controller_manager }
     }
 
     /// A StorageClass served by the lab's provisioner, its volumes in `dir`, with `persistentVolumeReclaimPolicy:
@@ -329,7 +325,7 @@ impl Storage {
         Api::all_with(self.client.clone(), &volumes_resource())
     }
 
-    /// Records an Event once (see `recorded`).
+    /// Records an Event once, from the provisioner or the PV controller as its reason says.
     async fn event(
         &self,
         of: &ApiResource,
@@ -338,15 +334,11 @@ impl Storage {
         reason: &str,
         message: &str,
     ) -> Result<()> {
-        let key = (object.metadata.uid.clone().unwrap_or_default(), reason.to_string(), message.to_string());
-        if !self.recorded.lock().unwrap().insert(key) {
-            return Ok(());
-        }
         let component = match reason {
             "Provisioning" | "ProvisioningSucceeded" | "ProvisioningFailed" => PROVISIONER,
             _ => PV_CONTROLLER,
         };
-        lab_events::record(&self.client, of, object, type_, reason, message, component).await
+        self.events.record(of, object, type_, reason, message, component).await
     }
 
     async fn sync_claim(
