@@ -1,6 +1,6 @@
 //! CSI volume snapshots in the lab cluster, as external-snapshotter v8.6 plays them (read at its master of 2026,
-//! afb2f0d8; `CC` below is pkg/common-controller/snapshot_controller.go, `SC` pkg/sidecar-controller/
-//! snapshot_controller.go), for the volumes of the lab's CSI driver [`CSI_DRIVER`]:
+//! afb2f0d8: pkg/common-controller/snapshot_controller.go and pkg/sidecar-controller/snapshot_controller.go; the
+//! functions named below are theirs), for the volumes of the lab's CSI driver [`CSI_DRIVER`]:
 //!
 //! * **its API**: the `snapshot.storage.k8s.io/v1` CRDs exactly as external-snapshotter ships them
 //!   (tests/kubevirt/snapshot-crds.yaml; the lab's 1.20 API server drops their CEL rules, as it drops any);
