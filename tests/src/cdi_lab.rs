@@ -50,7 +50,7 @@
 use crate::cluster::{ADMIN, Cluster, apply, create_all};
 use crate::kubevirt_lab::{KubeVirtLab, resource};
 use crate::lab_events;
-use crate::storage_lab::{Storage, VolumeMode};
+use crate::storage_lab::{Storage, VolumeMode, annotation, name, namespace, now};
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Map, Value, json};
@@ -251,24 +251,8 @@ struct Event {
     message: String,
 }
 
-fn name(object: &DynamicObject) -> String {
-    object.metadata.name.clone().unwrap_or_default()
-}
-
-fn namespace(object: &DynamicObject) -> String {
-    object.metadata.namespace.clone().unwrap_or_default()
-}
-
 fn uid(object: &DynamicObject) -> String {
     object.metadata.uid.clone().unwrap_or_default()
-}
-
-fn annotation<'a>(object: &'a DynamicObject, key: &str) -> Option<&'a str> {
-    object.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
-}
-
-fn now() -> String {
-    format!("{:.0}", k8s_openapi::jiff::Timestamp::now())
 }
 
 fn bytes(quantity: &str) -> Result<u64, String> {

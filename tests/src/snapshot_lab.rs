@@ -28,7 +28,9 @@
 
 use crate::kubevirt_lab::resource;
 use crate::lab_events;
-use crate::storage_lab::{CSI_DRIVER, claims_resource, volumes_resource};
+use crate::storage_lab::{
+    CSI_DRIVER, annotation, claims_resource, has_finalizer, name, namespace, now, volumes_resource,
+};
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -200,22 +202,6 @@ struct World {
     volumes: Vec<DynamicObject>,
 }
 
-fn name(object: &DynamicObject) -> String {
-    object.metadata.name.clone().unwrap_or_default()
-}
-
-fn namespace(object: &DynamicObject) -> String {
-    object.metadata.namespace.clone().unwrap_or_default()
-}
-
-fn has_finalizer(object: &DynamicObject, finalizer: &str) -> bool {
-    object.metadata.finalizers.iter().flatten().any(|f| f == finalizer)
-}
-
-fn annotation<'a>(object: &'a DynamicObject, key: &str) -> Option<&'a str> {
-    object.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
-}
-
 /// The content a dynamic snapshot gets (`GetDynamicSnapshotContentNameForSnapshot`).
 fn content_name(snapshot: &DynamicObject) -> String {
     format!("snapcontent-{}", snapshot.metadata.uid.clone().unwrap_or_default())
@@ -285,7 +271,7 @@ impl Controllers {
         let mut next = snapshot.clone();
         let status = next.data["status"].as_object().cloned().unwrap_or_default();
         let mut status = Value::Object(status);
-        status["error"] = json!({"message": message, "time": format!("{:.0}", k8s_openapi::jiff::Timestamp::now())});
+        status["error"] = json!({"message": message, "time": now()});
         if not_ready {
             status["readyToUse"] = json!(false);
         }
@@ -637,7 +623,7 @@ impl Controllers {
                     return Ok(());
                 }
                 self.events.record(&contents_resource(), content, "Warning", reason, &message, &component).await?;
-                let time = format!("{:.0}", k8s_openapi::jiff::Timestamp::now());
+                let time = now();
                 let status = json!({"status": {"readyToUse": false, "error": {"message": message, "time": time}}});
                 self.contents().patch_status(&vsc, &PatchParams::default(), &Patch::Merge(&status)).await?;
                 return Ok(());

@@ -154,19 +154,30 @@ fn pods_resource() -> ApiResource {
     resource("Pod", "", "v1", "pods")
 }
 
-fn name(object: &DynamicObject) -> String {
+// What the lab's controllers (storage, CDI, snapshots) read of any object.
+
+pub(crate) fn name(object: &DynamicObject) -> String {
     object.metadata.name.clone().unwrap_or_default()
 }
 
-fn annotation<'a>(object: &'a DynamicObject, key: &str) -> Option<&'a str> {
+pub(crate) fn namespace(object: &DynamicObject) -> String {
+    object.metadata.namespace.clone().unwrap_or_default()
+}
+
+pub(crate) fn annotation<'a>(object: &'a DynamicObject, key: &str) -> Option<&'a str> {
     object.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
+}
+
+/// Now, as the API writes a time (RFC 3339, seconds).
+pub(crate) fn now() -> String {
+    format!("{:.0}", k8s_openapi::jiff::Timestamp::now())
 }
 
 fn set_annotation(object: &mut DynamicObject, key: &str, value: &str) {
     object.metadata.annotations.get_or_insert_with(Default::default).insert(key.into(), value.into());
 }
 
-fn has_finalizer(object: &DynamicObject, finalizer: &str) -> bool {
+pub(crate) fn has_finalizer(object: &DynamicObject, finalizer: &str) -> bool {
     object.metadata.finalizers.iter().flatten().any(|f| f == finalizer)
 }
 
@@ -348,7 +359,7 @@ impl Storage {
         classes: &[DynamicObject],
         pods: &[DynamicObject],
     ) -> Result<()> {
-        let (namespace, claim_name) = (claim.metadata.namespace.clone().unwrap_or_default(), name(claim));
+        let (namespace, claim_name) = (namespace(claim), name(claim));
         let users: Vec<&DynamicObject> = pods
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(&namespace) && pod_claims(p).contains(&claim_name))
@@ -430,7 +441,7 @@ impl Storage {
             return Ok(());
         }
         let claims = claims_resource();
-        let key = format!("{}/{}", claim.metadata.namespace.clone().unwrap_or_default(), name(claim));
+        let key = format!("{}/{}", namespace(claim), name(claim));
         let Some(dir) = class.data["parameters"][DIRECTORY_PARAMETER].as_str() else {
             let message = format!(
                 "failed to provision volume with StorageClass \"{}\": the class has no parameter {DIRECTORY_PARAMETER}",
@@ -511,8 +522,7 @@ impl Storage {
     /// `bind`: the volume's side first (`bindVolumeToClaim`, `updateVolumePhase`), then the claim's
     /// (`bindClaimToVolume`, `updateClaimStatus`), each written only when it changes.
     async fn bind(&self, volume: &DynamicObject, claim: &DynamicObject) -> Result<()> {
-        let (namespace, claim_name, pv) =
-            (claim.metadata.namespace.clone().unwrap_or_default(), name(claim), name(volume));
+        let (namespace, claim_name, pv) = (namespace(claim), name(claim), name(volume));
         let reference = &volume.data["spec"]["claimRef"];
         let mut volume = volume.clone();
         if reference["uid"].as_str() != claim.metadata.uid.as_deref()
@@ -555,7 +565,7 @@ impl Storage {
         if claim.data["status"] == status {
             return Ok(());
         }
-        let (namespace, claim_name) = (claim.metadata.namespace.clone().unwrap_or_default(), name(&claim));
+        let (namespace, claim_name) = (namespace(&claim), name(&claim));
         let mut next = claim;
         next.data["status"] = status;
         self.claims(&namespace).replace_status(&claim_name, &PostParams::default(), &next).await?;
@@ -646,7 +656,7 @@ impl Storage {
     /// reach; `Reserve` and `PreBind` (`AssumePodVolumes`, `BindPodVolumes`) give an unbound `WaitForFirstConsumer`
     /// claim the node in `volume.kubernetes.io/selected-node` and wait until it is bound.
     pub async fn schedule(&self, pod: &DynamicObject, node: &str) -> Result<VolumeScheduling> {
-        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let namespace = namespace(pod);
         let classes = Api::<DynamicObject>::all_with(self.client.clone(), &classes_resource());
         let mut waiting = false;
         for claim_name in pod_claims(pod) {
