@@ -1056,11 +1056,28 @@ impl Guest {
 
     /// Starts a process named like udev's blkid probe that opens `dev` as soon as `mnt` is unmounted and holds it
     /// until killed (its pid is in /tmp/probe/pid; /tmp/probe/held exists once it holds the disk): to the agent, a
-    /// udev probe that never ends.
+    /// udev probe that never ends. It looks at the mount table every 5 ms with busybox sh's builtins only (`read -t`
+    /// on a FIFO nobody writes is its sleep): a loop that forked `grep` and `sleep` took tens of milliseconds a turn
+    /// in the emulated guest of a loaded CI run, and once let a release finish before the probe held the disk.
     pub async fn probe_after_unmount(&self, dev: &str, mnt: &str) -> Result<()> {
+        let script = format!(
+            r#"echo $$ >/tmp/probe/pid
+exec 4<>/tmp/probe/tick
+while :; do
+  m=
+  while read -r _ p _; do [ "$p" = "{mnt}" ] && m=1; done </proc/mounts
+  [ -z "$m" ] && break
+  read -t 0.005 x <&4
+done
+exec 3<{dev}
+: >/tmp/probe/held
+read x </tmp/probe/never
+"#
+        );
         self.run_ok(&format!(
-            "mkdir -p /tmp/probe && rm -f /tmp/probe/never /tmp/probe/held && mkfifo /tmp/probe/never && \
-             printf '#!/bin/sh\\necho $$ >/tmp/probe/pid\\nwhile grep -q \" {mnt} \" /proc/mounts; do sleep 0.02; done\\nexec 3<{dev}\\ntouch /tmp/probe/held\\nread x </tmp/probe/never\\n' > /tmp/probe/blkid && \
+            "mkdir -p /tmp/probe && rm -f /tmp/probe/never /tmp/probe/tick /tmp/probe/held && \
+             mkfifo /tmp/probe/never /tmp/probe/tick && echo \"#!$(which busybox) sh\" >/tmp/probe/blkid && \
+             cat >>/tmp/probe/blkid <<'EOF'\n{script}EOF\n\
              chmod +x /tmp/probe/blkid && (/tmp/probe/blkid </dev/null >/dev/null 2>&1 &)"
         ))
         .await?;

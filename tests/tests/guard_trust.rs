@@ -84,7 +84,7 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     let vms: Api<DynamicObject> = Api::namespaced_with(admin.clone(), NS, &vm_resource());
     let kv = KubeVirt::new(admin.clone(), NS, "vm1", false);
     kubevirt.create_vm("vm1", true, "127.0.0.1").await?;
-    kubevirt.create_claim("pvc-data", &guest.new_image(32 << 20)?).await?;
+    kubevirt.create_claim("pvc-data", &guest.new_image(64 << 20)?).await?;
     let dev = attach_claim(&guest, &kv, "data", "pvc-data").await?;
     let sum = guest.fill(&dev, "/mnt/t", 1 << 20).await?;
 
@@ -228,7 +228,7 @@ async fn a_review_that_is_not_the_api_servers_releases_nothing() -> Result<()> {
     let dev = guest.agent().get_disk("data", false).await?.dev_node;
     // A slow unmount lets the probe hold the disk before the agent's final scan however the guest schedules it (a
     // CI run saw the release finish first without it).
-    guest.slow_unmount("/mnt/t", 16 << 20).await?;
+    guest.slow_unmount("/mnt/t", 32 << 20).await?;
     guest.probe_after_unmount(&dev, "/mnt/t").await?;
     let remove = removal_patch(&vms.get("vm1").await?, "/spec/template/spec", "data")?;
     let (code, message) = json_patch(&vms, "vm1", remove, false).await?.expect_err("the release cannot finish");

@@ -32,15 +32,15 @@ use crate::usage::target::Target;
 use crate::usage::{UsageError, UsageScanner};
 use fence::{BlockDevices, Kernel};
 use journal::{Fence, Journal, Phase, Record};
-use mounts::MountRecord;
+use mounts::{MountError, MountRecord};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use wukong_proto::v1::{
-    Blocker, BlockerKind, Bus, CancelDetachResponse, Disk, DiskState, PrepareDetachResponse, ProcessUse, ReleaseAction,
-    ReleaseMethod, UsageReport, blocker::Detail,
+    Blocker, BlockerKind, Bus, CancelDetachResponse, Disk, DiskState, MountUse, PrepareDetachResponse, ProcessUse,
+    ReleaseAction, ReleaseMethod, UsageReport, blocker::Detail,
 };
 
 /// How long udev may take to report a deleted SCSI disk gone, or a rescanned one back.
@@ -49,6 +49,8 @@ const UDEV_WAIT: Duration = Duration::from_secs(30);
 const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// Processes that open a disk briefly on their own after it changes (udev workers and the probes they run).
 const TRANSIENT_PROBES: &[&str] = &["(udev-worker)", "systemd-udevd", "udevd", "blkid", "lvm", "pvscan", "mdadm"];
+/// How many times a release scans again when a mount namespace it found ends before its unmounts are planned.
+const NAMESPACE_RESCANS: u32 = 3;
 /// How much of a deadline is kept back from a release's steps, to undo them and answer in time when they run out
 /// of it (mounting back and clearing read-only mode take milliseconds): this, or a fifth of the deadline if less.
 const UNDO_RESERVE: Duration = Duration::from_secs(1);
@@ -257,10 +259,7 @@ impl Releaser {
             return Err(ReleaseError::System { serial: disk.id.clone(), reason: disk.system_reason.clone() });
         }
         let started = Instant::now();
-        let report = self
-            .settled_scan(&disk, deadline, "the scan of what uses it (and the wait for udev's probes of it to end)")
-            .await?;
-        let plan = self.plan(&disk, &report, unmount, dry_run).await?;
+        let (report, plan) = self.scan_and_plan(&disk, unmount, dry_run, deadline).await?;
         let mut summary = scan_summary(&report);
         let waited =
             started.elapsed().saturating_sub(report.scan_duration.and_then(|d| d.try_into().ok()).unwrap_or_default());
@@ -325,49 +324,48 @@ impl Releaser {
         }
     }
 
-    /// Decides, from the scan, what a release must undo; refuses when anything but idle mounts uses the disk.
-    async fn plan(
+    /// Scans the disk and decides what a release must undo; refuses when anything but idle mounts uses it. A mount
+    /// namespace whose last process exits between the scan and the plan (a container stopping) took its mounts
+    /// with it: the disk is scanned again rather than refused for a namespace that no longer exists.
+    async fn scan_and_plan(
         &self,
         disk: &Disk,
-        report: &UsageReport,
         unmount: bool,
         dry_run: bool,
-    ) -> Result<Vec<MountRecord>, ReleaseError> {
-        let in_use = |why: String| ReleaseError::InUse {
-            message: in_use_message(disk, &why, report, dry_run),
-            report: Box::new(report.clone()),
-            disk: Box::new(disk.clone()),
-        };
-        let mounts: Vec<_> = report
-            .blockers
-            .iter()
-            .filter_map(|b| match &b.detail {
-                Some(Detail::Mount(m)) => Some(m.clone()),
-                _ => None,
+        deadline: Option<Deadline>,
+    ) -> Result<(UsageReport, Vec<MountRecord>), ReleaseError> {
+        let mut rescans = NAMESPACE_RESCANS;
+        loop {
+            let report = self
+                .settled_scan(disk, deadline, "the scan of what uses it (and the wait for udev's probes of it to end)")
+                .await?;
+            let in_use = |why: String| ReleaseError::InUse {
+                message: in_use_message(disk, &why, &report, dry_run),
+                report: Box::new(report.clone()),
+                disk: Box::new(disk.clone()),
+            };
+            let mounts = idle_mounts(&report, unmount).map_err(|why| in_use(why.into()))?;
+            if mounts.is_empty() {
+                return Ok((report, Vec::new()));
+            }
+            let roots = self.inner.roots.clone();
+            let (kernel_name, id) = (disk.kernel_name.clone(), disk.id.clone());
+            let planned = tokio::task::spawn_blocking(move || {
+                let target = Target::resolve(&roots, &LibUdevDb, &kernel_name, &id)
+                    .unwrap_or(Target { key: id, devices: Vec::new() });
+                mounts::plan(&roots, &target, &mounts)
             })
-            .collect();
-        if report.blockers.len() > mounts.len() {
-            return Err(in_use("it is in use; nothing was changed".into()));
+            .await
+            .map_err(|e| UsageError::Internal(e.to_string()))?;
+            match planned {
+                Ok(plan) => return Ok((report, plan)),
+                Err(MountError::NamespaceGone(ns)) if rescans > 0 => {
+                    rescans -= 1;
+                    tracing::debug!(serial = %disk.id, namespace = ns, "a mount namespace ended after the scan; scanning again");
+                }
+                Err(e) => return Err(in_use(format!("{e}; nothing was changed"))),
+            }
         }
-        if mounts.is_empty() {
-            return Ok(Vec::new());
-        }
-        if !unmount {
-            return Err(in_use(
-                "it is mounted; nothing was changed (ask for unmount to have the agent unmount its idle filesystems)"
-                    .into(),
-            ));
-        }
-        let roots = self.inner.roots.clone();
-        let (kernel_name, id) = (disk.kernel_name.clone(), disk.id.clone());
-        let planned = tokio::task::spawn_blocking(move || {
-            let target = Target::resolve(&roots, &LibUdevDb, &kernel_name, &id)
-                .unwrap_or(Target { key: id, devices: Vec::new() });
-            mounts::plan(&roots, &target, &mounts)
-        })
-        .await
-        .map_err(|e| UsageError::Internal(e.to_string()))?;
-        planned.map_err(|e| in_use(format!("{e}; nothing was changed")))
     }
 
     async fn execute(
@@ -751,6 +749,28 @@ fn in_use_message(disk: &Disk, why: &str, report: &UsageReport, dry_run: bool) -
     message
 }
 
+/// The disk's mounts, when idle mounts are all that use it and the caller lets the agent unmount them; otherwise
+/// why the release is refused.
+fn idle_mounts(report: &UsageReport, unmount: bool) -> Result<Vec<MountUse>, &'static str> {
+    let mounts: Vec<_> = report
+        .blockers
+        .iter()
+        .filter_map(|b| match &b.detail {
+            Some(Detail::Mount(m)) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
+    if report.blockers.len() > mounts.len() {
+        return Err("it is in use; nothing was changed");
+    }
+    if !mounts.is_empty() && !unmount {
+        return Err(
+            "it is mounted; nothing was changed (ask for unmount to have the agent unmount its idle filesystems)",
+        );
+    }
+    Ok(mounts)
+}
+
 /// A udev worker or probe reading the disk: it goes away on its own.
 fn is_transient_probe(b: &Blocker) -> bool {
     matches!(&b.detail, Some(Detail::Process(ProcessUse { command, writable: false, .. }))
@@ -774,6 +794,23 @@ mod tests {
         assert!(is_transient_probe(&process("(udev-worker)", false)));
         assert!(!is_transient_probe(&process("(udev-worker)", true)));
         assert!(!is_transient_probe(&process("postgres", false)));
+    }
+
+    #[test]
+    fn only_idle_mounts_the_caller_lets_go_are_planned() {
+        let mount = Blocker {
+            kind: BlockerKind::Mount as i32,
+            detail: Some(Detail::Mount(MountUse { mount_point: "/data".into(), ..MountUse::default() })),
+            ..Blocker::default()
+        };
+        let report =
+            |blockers: Vec<Blocker>| UsageReport { in_use: !blockers.is_empty(), blockers, ..UsageReport::default() };
+        assert_eq!(idle_mounts(&report(vec![]), false), Ok(vec![]), "nothing to unmount needs no permission");
+        let mounted = report(vec![mount.clone()]);
+        assert_eq!(idle_mounts(&mounted, true).map(|m| m.len()), Ok(1));
+        assert!(idle_mounts(&mounted, false).is_err_and(|why| why.starts_with("it is mounted")));
+        let used = report(vec![mount, process("postgres", true)]);
+        assert_eq!(idle_mounts(&used, true), Err("it is in use; nothing was changed"));
     }
 
     #[test]
