@@ -75,6 +75,13 @@ pub enum CompanionError {
          sees it ({error}); check that wukong-agent runs in the guest and is reachable"
     )]
     AttachUnconfirmed { volume: String, hypervisor: String, error: Box<ClientError> },
+    #[error(
+        "volume '{volume}' stays plugged, with disk '{serial}' released in the guest (nothing in it can use the disk), \
+         until {why}; run detach again to go on"
+    )]
+    UnplugHeld { volume: String, serial: String, why: String },
+    #[error("volume '{volume}' was not unplugged: {why}; {undo}")]
+    UnplugVetoed { volume: String, why: String, undo: String },
     #[error("{0}")]
     Timeout(String),
     #[error(transparent)]
@@ -110,6 +117,35 @@ pub struct DetachOptions {
     pub timeout: Duration,
     /// How often the hypervisor is polled while waiting.
     pub poll: Duration,
+}
+
+/// What a detach asks between the guest's release of the disk and the unplug: the operator takes a snapshot of the
+/// released (so consistent) disk there. The detach's invariant holds whatever it answers.
+pub trait UnplugGate: Sync {
+    /// Asked once the guest released disk `serial` in this detach (or, forced, without a release), before the
+    /// hypervisor is asked to remove the volume. Not asked when the hypervisor is already removing it.
+    fn before_unplug(&self, serial: &str) -> impl Future<Output = Gate> + Send;
+}
+
+/// A gate's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Unplug now.
+    Open,
+    /// Not yet, for this reason: the disk stays released and plugged ([`CompanionError::UnplugHeld`]); a detach
+    /// run again releases nothing new and asks again.
+    Hold(String),
+    /// Not this time, for this reason: the guest gets the disk back ([`CompanionError::UnplugVetoed`]).
+    Veto(String),
+}
+
+/// No gate: the unplug follows the release.
+pub struct Ungated;
+
+impl UnplugGate for Ungated {
+    async fn before_unplug(&self, _serial: &str) -> Gate {
+        Gate::Open
+    }
 }
 
 /// Options of an attach.
@@ -222,6 +258,17 @@ pub async fn detach<H: Hypervisor>(
     options: &DetachOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Detached, CompanionError> {
+    detach_gated(hypervisor, agent, options, &Ungated, progress).await
+}
+
+/// [`detach`], with `gate` asked between the guest's release and the unplug.
+pub async fn detach_gated<H: Hypervisor, G: UnplugGate>(
+    hypervisor: &H,
+    agent: &AgentClient,
+    options: &DetachOptions,
+    gate: &G,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Detached, CompanionError> {
     let started = Instant::now();
     let mut timings = Timings::new();
     let volume = options.volume.as_str();
@@ -251,6 +298,31 @@ pub async fn detach<H: Hypervisor>(
     let release = release(hypervisor, agent, options, &serial, removing, progress).await?;
     if release.is_some() {
         timings.push(("release in the guest", step.elapsed()));
+    }
+
+    if !removing {
+        let step = Instant::now();
+        match gate.before_unplug(&serial).await {
+            Gate::Open => {}
+            Gate::Hold(why) => {
+                return Err(CompanionError::UnplugHeld { volume: volume.into(), serial, why });
+            }
+            Gate::Veto(why) => {
+                let undo = match &release {
+                    None => "nothing was changed in the guest".to_string(),
+                    Some(_) => match agent.cancel_detach(&serial).await {
+                        Ok(_) => format!("the guest got disk '{serial}' back (CancelDetach)"),
+                        Err(e) => format!(
+                            "CancelDetach failed ({e}): disk '{serial}' stays released; run `wukongctl cancel-release \
+                             {serial}` in the guest to get it back"
+                        ),
+                    },
+                };
+                tracing::warn!(%serial, volume, %why, %undo, "the unplug was vetoed");
+                return Err(CompanionError::UnplugVetoed { volume: volume.into(), why, undo });
+            }
+        }
+        timings.push(("before the unplug", step.elapsed()));
     }
 
     let step = Instant::now();

@@ -167,7 +167,7 @@ pub enum Bus {
 }
 
 /// How a disk removed from `disks` is detached.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DetachOptions {
     /// Detach without asking the guest, at the user's risk (anything still writing loses data). Never for the
@@ -180,6 +180,24 @@ pub struct DetachOptions {
     /// Let the guest's agent unmount idle filesystems of the disk before releasing it.
     #[serde(default)]
     pub unmount: bool,
+    /// Take a CSI VolumeSnapshot of the claim after the guest released the disk (flushed, unmounted, fenced: a
+    /// consistent copy) and before the unplug, which waits until the snapshot is ready to use; `{}` takes one with
+    /// the default class and a generated name. A snapshot that fails gives the disk back to the guest. The
+    /// snapshot is not owned by the `Wukong`: it outlives the claim and the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotOptions>,
+}
+
+/// The snapshot taken before a detach.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotOptions {
+    /// The VolumeSnapshot's name. Default: `<claim>-<unix time the removal was first seen>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The VolumeSnapshotClass. Default: the default class of the claim's CSI driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_class_name: Option<String>,
 }
 
 /// What the operator observed and did, rebuilt on every reconcile.
@@ -295,6 +313,26 @@ pub struct VolumeStatus {
     /// When the disk's removal from the list was first seen (RFC 3339), for the history's durations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_since: Option<String>,
+    /// The snapshot its detach takes (`detachOptions.snapshot`), as the snapshot controller reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotStatus>,
+}
+
+/// A VolumeSnapshot taken before a detach.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[schemars(transform = no_defaults)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotStatus {
+    pub name: String,
+    /// The snapshot controller's `readyToUse`: the unplug waits for it.
+    #[serde(default)]
+    pub ready_to_use: bool,
+    /// Its `restoreSize`: the least a claim restored from it may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<String>,
+    /// Its `status.error.message`, when taking it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A DataVolume as CDI reports it.
@@ -366,6 +404,9 @@ pub struct DetachRecord {
     /// Why it was refused: the blockers' sentences.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The VolumeSnapshot taken before the unplug (`detachOptions.snapshot`), ready to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 impl Wukong {

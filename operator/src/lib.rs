@@ -23,6 +23,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod release_watch;
 pub mod server;
+pub mod snapshot;
 pub mod storage;
 pub mod validate;
 pub mod verify;

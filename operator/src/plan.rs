@@ -135,7 +135,7 @@ fn step(wanted: Option<&DiskSpec>, recorded: Option<&VolumeStatus>, system: bool
         },
         None if system => Step::RefuseSystemDiskRemoval,
         None => {
-            let options = recorded.map(|r| r.detach_options).unwrap_or_default();
+            let options = recorded.map(|r| r.detach_options.clone()).unwrap_or_default();
             match &seen.vmi {
                 Some(state) if *state != VolumeState::Absent => Step::Detach(options),
                 None if seen.in_vm => Step::RemoveFromStoppedVm,
@@ -191,13 +191,13 @@ mod tests {
     }
 
     /// The step for disk "data" (the system disk is "root", listed first).
-    fn step_of(listed: bool, options: DetachOptions, observed: Observed) -> Step {
+    fn step_of(listed: bool, options: &DetachOptions, observed: Observed) -> Step {
         step_of_disk(listed.then(|| disk("data")), options, observed)
     }
 
-    fn step_of_disk(data: Option<DiskSpec>, options: DetachOptions, observed: Observed) -> Step {
+    fn step_of_disk(data: Option<DiskSpec>, options: &DetachOptions, observed: Observed) -> Step {
         let disks: Vec<DiskSpec> = [system("root")].into_iter().chain(data).collect();
-        let status = [recorded("root", DetachOptions::default()), recorded("data", options)];
+        let status = [recorded("root", DetachOptions::default()), recorded("data", options.clone())];
         let plans =
             plan(&disks, &status, |name| if name == "data" { observed.clone() } else { seen(None, true, None) });
         plans.into_iter().find(|p| p.name == "data").expect("data is planned").step
@@ -207,39 +207,42 @@ mod tests {
     fn a_listed_disk_goes_from_claim_to_guest() {
         let none = DetachOptions::default();
         let absent = Some(VolumeState::Absent);
-        assert_eq!(step_of(true, none, seen(None, false, absent.clone())), Step::CreateClaim);
-        assert_eq!(step_of(true, none, seen(None, false, None)), Step::CreateClaim);
-        assert_eq!(step_of(true, none, seen(Some(false), false, absent.clone())), Step::WaitForClaim);
-        assert_eq!(step_of(true, none, seen(Some(true), false, absent)), Step::Attach);
-        assert_eq!(step_of(true, none, seen(Some(true), true, ready())), Step::Attach);
+        assert_eq!(step_of(true, &none, seen(None, false, absent.clone())), Step::CreateClaim);
+        assert_eq!(step_of(true, &none, seen(None, false, None)), Step::CreateClaim);
+        assert_eq!(step_of(true, &none, seen(Some(false), false, absent.clone())), Step::WaitForClaim);
+        assert_eq!(step_of(true, &none, seen(Some(true), false, absent)), Step::Attach);
+        assert_eq!(step_of(true, &none, seen(Some(true), true, ready())), Step::Attach);
         // A disk already in the VM (attached before its claim was lost from view) is not re-created first.
-        assert_eq!(step_of(true, none, seen(None, true, ready())), Step::Attach);
+        assert_eq!(step_of(true, &none, seen(None, true, ready())), Step::Attach);
         // A claim whose class waits for a first consumer binds only once KubeVirt's attachment Pod uses it.
         let awaits =
             Observed { claim: Some(ClaimState::AwaitsConsumer), ..seen(None, false, Some(VolumeState::Absent)) };
-        assert_eq!(step_of(true, none, awaits.clone()), Step::Attach);
-        assert_eq!(step_of(true, none, Observed { vmi: None, ..awaits }), Step::AddToStoppedVm);
+        assert_eq!(step_of(true, &none, awaits.clone()), Step::Attach);
+        assert_eq!(step_of(true, &none, Observed { vmi: None, ..awaits }), Step::AddToStoppedVm);
         let removing = Some(VolumeState::Removing { phase: "Detaching".into(), message: String::new() });
-        assert_eq!(step_of(true, none, seen(Some(true), false, removing)), Step::Attach);
-        assert_eq!(step_of(true, none, seen(Some(true), false, None)), Step::AddToStoppedVm);
-        assert_eq!(step_of(true, none, seen(Some(true), true, None)), Step::WaitForBoot);
+        assert_eq!(step_of(true, &none, seen(Some(true), false, removing)), Step::Attach);
+        assert_eq!(step_of(true, &none, seen(Some(true), false, None)), Step::AddToStoppedVm);
+        assert_eq!(step_of(true, &none, seen(Some(true), true, None)), Step::WaitForBoot);
     }
 
     #[test]
     fn a_removed_disk_is_detached_with_the_options_recorded_while_it_was_listed() {
-        let kept = DetachOptions { preserve_data: true, unmount: true, force: false };
-        assert_eq!(step_of(false, kept, seen(Some(true), true, ready())), Step::Detach(kept));
+        let kept = DetachOptions { preserve_data: true, unmount: true, ..Default::default() };
+        assert_eq!(step_of(false, &kept, seen(Some(true), true, ready())), Step::Detach(kept.clone()));
         let pending = Some(VolumeState::Pending { phase: "Bound".into(), message: String::new() });
-        assert_eq!(step_of(false, kept, seen(Some(true), true, pending)), Step::Detach(kept));
-        assert_eq!(step_of(false, kept, seen(Some(true), true, Some(VolumeState::Absent))), Step::Detach(kept));
-        assert_eq!(step_of(false, kept, seen(Some(true), true, None)), Step::RemoveFromStoppedVm);
+        assert_eq!(step_of(false, &kept, seen(Some(true), true, pending)), Step::Detach(kept.clone()));
         assert_eq!(
-            step_of(false, kept, seen(Some(true), false, Some(VolumeState::Absent))),
+            step_of(false, &kept, seen(Some(true), true, Some(VolumeState::Absent))),
+            Step::Detach(kept.clone())
+        );
+        assert_eq!(step_of(false, &kept, seen(Some(true), true, None)), Step::RemoveFromStoppedVm);
+        assert_eq!(
+            step_of(false, &kept, seen(Some(true), false, Some(VolumeState::Absent))),
             Step::Finish { delete_claim: false }
         );
         let forced = DetachOptions { force: true, ..Default::default() };
-        assert_eq!(step_of(false, forced, seen(Some(true), true, ready())), Step::Detach(forced));
-        assert_eq!(step_of(false, forced, seen(None, false, None)), Step::Finish { delete_claim: true });
+        assert_eq!(step_of(false, &forced, seen(Some(true), true, ready())), Step::Detach(forced.clone()));
+        assert_eq!(step_of(false, &forced, seen(None, false, None)), Step::Finish { delete_claim: true });
     }
 
     #[test]
@@ -255,7 +258,7 @@ mod tests {
             ..seen(phase.map(|_| false), false, vmi)
         };
         let absent = Some(VolumeState::Absent);
-        let step = |phase, vmi| step_of_disk(Some(blank.clone()), none, with(phase, vmi));
+        let step = |phase, vmi| step_of_disk(Some(blank.clone()), &none, with(phase, vmi));
         assert_eq!(step(None, absent.clone()), Step::CreateDataVolume);
         for phase in ["Pending", "ImportScheduled", "ImportInProgress", "CloneInProgress", "Failed", "Unknown"] {
             assert_eq!(step(Some(phase), absent.clone()), Step::WaitForDataVolume, "{phase}");

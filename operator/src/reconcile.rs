@@ -11,6 +11,7 @@ use crate::crd::{
 use crate::kubevirt_cache::{Cached, CachedVm, CachedVmi, Kind, KubeVirtCache};
 use crate::metrics::Metrics;
 use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
+use crate::snapshot;
 use crate::storage::{self, CachedClaim, Claim, Classes, DataVolume, OwnedClaims, data_volume_resource};
 use crate::validate::{SpecError, check, check_against_status};
 use crate::wake;
@@ -699,7 +700,7 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
             size: spec.size().to_string(),
             serial: spec.serial(),
             bus: spec.bus,
-            detach_options: spec.detach_options,
+            detach_options: spec.detach_options.clone(),
             storage_class_name: spec.storage_class_name.clone(),
             phase: recorded.phase,
             device: recorded.device.clone(),
@@ -836,7 +837,19 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             set(&mut status, Phase::Detached, "the VM is not running: removed from its spec");
             Ok(DiskOutcome::again(status, SOON))
         }
-        Step::Detach(options) => detach(status, recorded_phase, *options, &key, wukong, scene, context).await,
+        // The snapshot's name comes from the moment the removal was first seen: stored before it is taken, so that
+        // an operator restarted while it waits finds it.
+        Step::Detach(options)
+            if options.snapshot.is_some() && disk.recorded.as_ref().is_none_or(|r| r.removal_since.is_none()) =>
+        {
+            set(
+                &mut status,
+                Phase::Detaching,
+                "removal recorded; a snapshot is taken once the guest released the disk",
+            );
+            Ok(DiskOutcome::again(status, Duration::from_secs(1)))
+        }
+        Step::Detach(options) => detach(status, recorded_phase, options.clone(), &key, wukong, scene, context).await,
         Step::Finish { delete_claim } => {
             if *delete_claim {
                 delete_storage(context, &scene.ns, &status).await?;
@@ -998,18 +1011,34 @@ async fn detach(
         poll: Duration::from_millis(500),
     };
     let hypervisor = scene.kubevirt(context);
-    match companion::detach(&hypervisor, &agent, &detach_options, &|_| {}).await {
+    let gate = options.snapshot.as_ref().map(|asked| {
+        let request = snapshot::SnapshotRequest::for_detach(asked, &status, wukong, &scene.ns, options.force);
+        snapshot::SnapshotGate::new(context.client.clone(), &agent, request)
+    });
+    let detached = match &gate {
+        Some(gate) => companion::detach_gated(&hypervisor, &agent, &detach_options, gate, &|_| {}).await,
+        None => companion::detach(&hypervisor, &agent, &detach_options, &|_| {}).await,
+    };
+    if let Some(seen) = gate.as_ref().and_then(|g| g.seen()) {
+        status.snapshot = Some(seen);
+    }
+    match detached {
         Ok(detached) => {
             if !options.preserve_data {
                 delete_storage(context, &scene.ns, &status).await?;
             }
             context.refusals.lock().expect("never poisoned").remove(key);
-            let record = detached_record(&status, context, detached.forced);
+            let mut record = detached_record(&status, context, detached.forced);
+            record.snapshot = status.snapshot.as_ref().map(|s| s.name.clone());
             let message = format!(
-                "disk '{}' (serial {}) is detached{}; claim {} {}",
+                "disk '{}' (serial {}) is detached{}{}; claim {} {}",
                 status.name,
                 status.serial,
                 if detached.forced { " (forced)" } else { " after the guest released it" },
+                match &record.snapshot {
+                    Some(name) => format!(", after VolumeSnapshot {name} of it was ready"),
+                    None => String::new(),
+                },
                 status.pvc_name,
                 if options.preserve_data { "kept (preserveData)" } else { "deleted" }
             );
@@ -1017,7 +1046,9 @@ async fn detach(
             Ok(DiskOutcome { status: None, requeue: None, record: Some(record) })
         }
         Err(CompanionError::Hypervisor(e)) => Err(Error::Hypervisor(*e)),
-        Err(e @ (CompanionError::RemovalPending { .. } | CompanionError::Busy(_))) => {
+        Err(
+            e @ (CompanionError::RemovalPending { .. } | CompanionError::Busy(_) | CompanionError::UnplugHeld { .. }),
+        ) => {
             status.phase = Phase::Detaching;
             status.message = Some(e.to_string());
             status.blockers.clear();
@@ -1061,6 +1092,7 @@ async fn refused(
             duration_seconds: seconds_since(status.removal_since.as_deref()),
             preserved_data: true,
             reason: Some(reason),
+            snapshot: None,
         });
     }
     Ok(DiskOutcome { status: Some(status), requeue: Some(after), record })
@@ -1085,6 +1117,7 @@ fn detached_record(status: &VolumeStatus, context: &Context, forced: bool) -> De
         duration_seconds: seconds,
         preserved_data: status.detach_options.preserve_data,
         reason: None,
+        snapshot: None,
     }
 }
 
@@ -1369,7 +1402,7 @@ mod tests {
         assert_eq!(strays[0].bus, crate::crd::Bus::Virtio);
         assert_eq!((strays[1].bus, strays[1].data_volume.is_some()), (crate::crd::Bus::Scsi, true));
         for stray in &strays {
-            let options = stray.detach_options;
+            let options = &stray.detach_options;
             assert!(options.preserve_data && !options.force && !options.unmount, "{stray:?}");
         }
         // Planned as unlisted disks: a safe detach of a running VM's disk, with the claim kept.

@@ -64,8 +64,35 @@ pub fn check(name: &str, spec: &WukongSpec) -> Result<(), SpecError> {
         {
             return Err(bad(field("storageClassName"), format!("'{class}' is not a StorageClass name: {why}")));
         }
+        check_snapshot(disk, &claim, &|f| field(&format!("detachOptions.snapshot{f}")))?;
     }
     check_system_disks(&spec.disks)
+}
+
+/// The snapshot a detach takes: of a data disk's claim, with names Kubernetes accepts.
+fn check_snapshot(disk: &DiskSpec, claim: &str, field: &dyn Fn(&str) -> String) -> Result<(), SpecError> {
+    let Some(snapshot) = &disk.detach_options.snapshot else { return Ok(()) };
+    if disk.system || disk.name == SYSTEM_DISK_NAME {
+        return Err(bad(field(""), "the system disk is never detached, so no snapshot is taken before its detach"));
+    }
+    match &snapshot.name {
+        Some(name) => dns_subdomain(name)
+            .map_err(|why| bad(field(".name"), format!("'{name}' is not a VolumeSnapshot name: {why}")))?,
+        // The claim's name and a Unix time in seconds (10 digits until 2286).
+        None if claim.len() + 11 > MAX_OBJECT_NAME => {
+            return Err(bad(
+                field(".name"),
+                format!("the generated name '{claim}-<time>' would be longer than 253 characters; give a name"),
+            ));
+        }
+        None => {}
+    }
+    if let Some(class) = &snapshot.volume_snapshot_class_name {
+        dns_subdomain(class).map_err(|why| {
+            bad(field(".volumeSnapshotClassName"), format!("'{class}' is not a VolumeSnapshotClass name: {why}"))
+        })?;
+    }
+    Ok(())
 }
 
 /// At most one disk is marked `system: true`, and a disk named `system` is not a data disk beside another one.
@@ -272,7 +299,7 @@ pub fn quantity_bytes(text: &str) -> Result<u64, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{BlankSource, ClaimSource, RemoteSource, VolumeMode};
+    use crate::crd::{BlankSource, ClaimSource, DetachOptions, RemoteSource, SnapshotOptions, VolumeMode};
     use proptest::prelude::*;
 
     fn disk(name: &str, size: &str) -> DiskSpec {
@@ -285,6 +312,12 @@ mod tests {
 
     fn http(url: &str) -> DiskSource {
         DiskSource { http: Some(RemoteSource { url: url.into(), ..Default::default() }), ..Default::default() }
+    }
+
+    fn snapshotted(disk: DiskSpec, name: Option<&str>, class: Option<&str>) -> DiskSpec {
+        let snapshot =
+            SnapshotOptions { name: name.map(Into::into), volume_snapshot_class_name: class.map(Into::into) };
+        DiskSpec { detach_options: DetachOptions { snapshot: Some(snapshot), ..Default::default() }, ..disk }
     }
 
     fn spec(disks: Vec<DiskSpec>) -> WukongSpec {
@@ -320,6 +353,26 @@ mod tests {
                 "spec.disks[0].storageClassName",
             ),
             (WukongSpec { vm_name: Some("My VM".into()), ..Default::default() }, "spec.vmName"),
+            (
+                spec(vec![snapshotted(disk("a", "1Gi"), Some("Before_Detach"), None)]),
+                "spec.disks[0].detachOptions.snapshot.name",
+            ),
+            (
+                spec(vec![snapshotted(disk("a", "1Gi"), None, Some("csi hostpath"))]),
+                "spec.disks[0].detachOptions.snapshot.volumeSnapshotClassName",
+            ),
+            (
+                spec(vec![snapshotted(DiskSpec { system: true, ..disk("root", "1Gi") }, None, None)]),
+                "spec.disks[0].detachOptions.snapshot",
+            ),
+            (
+                WukongSpec {
+                    vm_name: Some("v".repeat(245)),
+                    disks: vec![snapshotted(disk("a", "1Gi"), None, None)],
+                    ..Default::default()
+                },
+                "spec.disks[0].detachOptions.snapshot.name",
+            ),
             (spec(vec![DiskSpec { size: None, ..disk("data", "") }]), "spec.disks[0].size"),
             (
                 spec(vec![

@@ -1,15 +1,17 @@
 //! The companion end to end: `wukongctl --qmp` (the real CLI, QEMU backend) and the real agent in the lab guest.
 //! Attach waits for the guest; detach is refused while a file is open (exit 3, blockers printed), succeeds with
 //! --unmount once it is closed, and the data survives re-attach; an unreachable agent refuses (exit 4) unless
-//! --force; and a hypervisor unplug that fails gives the guest its disk back.
+//! --force; a hypervisor unplug that fails gives the guest its disk back, and so does a gate between the release and
+//! the unplug that vetoes it.
 
 use anyhow::{Context, Result};
 use std::process::Output;
 use std::time::Duration;
-use wukong_controller_client::companion::{self, CompanionError, DetachOptions};
+use wukong_controller_client::companion::{self, CompanionError, DetachOptions, Gate, UnplugGate};
 use wukong_controller_client::hypervisor::{Hypervisor, HypervisorError, Removal, VolumeSpec, VolumeState};
 use wukong_controller_client::qemu::Qemu;
 use wukong_e2e::{Guest, wukongctl_binary};
+use wukong_proto::v1::DiskState;
 
 /// Runs `wukongctl --agent … ARGS --qmp …` against the guest (`--qmp` is a flag of attach and detach).
 fn ctl(guest: &Guest, args: &[&str]) -> Result<Output> {
@@ -119,8 +121,31 @@ impl Hypervisor for FailingUnplug {
     }
 }
 
+/// A gate that answers `answer`, and remembers whom it was asked about.
+struct Answer(Gate, std::sync::Mutex<Vec<String>>);
+
+impl Answer {
+    fn new(answer: Gate) -> Self {
+        Self(answer, Default::default())
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.1.lock().unwrap().clone()
+    }
+}
+
+impl UnplugGate for Answer {
+    async fn before_unplug(&self, serial: &str) -> Gate {
+        self.1.lock().unwrap().push(serial.to_string());
+        self.0.clone()
+    }
+}
+
+/// A failed unplug, and a gate between the release and the unplug (what the operator's snapshot before a detach
+/// is): one that vetoes gives the guest its disk back, one that holds leaves it released and plugged, and a detach
+/// run again after a hold unplugs it.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failed_unplug_gives_the_guest_its_disk_back() -> Result<()> {
+async fn a_failed_unplug_or_a_vetoing_gate_gives_the_guest_its_disk_back() -> Result<()> {
     let guest = Guest::boot().await?;
     let image = guest.new_image(64 << 20)?;
     let out = ctl(&guest, &["attach", "vol2", "--image", image.to_str().unwrap(), "--serial", "vol2"])?;
@@ -147,6 +172,34 @@ async fn a_failed_unplug_gives_the_guest_its_disk_back() -> Result<()> {
     );
     assert_eq!(guest.checksum("/mnt/f/data").await?, sum, "mounted again and intact");
     guest.run_ok("echo more >> /mnt/f/data && sync").await.context("the disk is usable again")?;
+    let sum = guest.checksum("/mnt/f/data").await?;
+
+    let qemu = &hypervisor.0;
+    let plugged = VolumeState::Ready { serial: Some("vol2".into()), target: "vol2".into() };
+    let veto = Answer::new(Gate::Veto("the snapshot failed".into()));
+    let err = companion::detach_gated(qemu, &guest.agent(), &options, &veto, &|_| {}).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "volume 'vol2' was not unplugged: the snapshot failed; the guest got disk 'vol2' back (CancelDetach)"
+    );
+    assert_eq!(veto.asked(), ["vol2"], "asked once the guest released it");
+    assert_eq!(qemu.volume_state("vol2").await?, plugged);
+    assert_eq!(guest.checksum("/mnt/f/data").await?, sum, "mounted again and intact");
+    guest.run_ok("echo more >> /mnt/f/data && sync").await.context("the disk is usable again")?;
+
+    let hold = Answer::new(Gate::Hold("the snapshot is ready".into()));
+    let err = companion::detach_gated(qemu, &guest.agent(), &options, &hold, &|_| {}).await.unwrap_err();
+    assert!(matches!(err, CompanionError::UnplugHeld { .. }), "{err}");
+    assert!(err.to_string().contains("until the snapshot is ready; run detach again to go on"), "{err}");
+    assert_eq!(guest.agent().get_disk("vol2", false).await?.state(), DiskState::Released, "still released");
+    assert_eq!(qemu.volume_state("vol2").await?, plugged, "still plugged");
+    guest.run_ok("! grep -q ' /mnt/f ' /proc/mounts").await.context("unmounted while held")?;
+
+    let open = Answer::new(Gate::Open);
+    let detached = companion::detach_gated(qemu, &guest.agent(), &options, &open, &|_| {}).await?;
+    assert_eq!(open.asked(), ["vol2"]);
+    assert!(detached.release.is_some_and(|r| r.released), "the held release was found released again");
+    assert_eq!(qemu.volume_state("vol2").await?, VolumeState::Absent);
     Ok(())
 }
 

@@ -78,6 +78,11 @@ namespace (watchNamespace).
 - apiGroups: ["cdi.kubevirt.io"]
   resources: ["datavolumes"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The snapshots taken before a detach (detachOptions.snapshot): made, read until ready, and deleted only when one of
+# an earlier release of the disk must be taken again. Read by name: no list or watch.
+- apiGroups: ["snapshot.storage.k8s.io"]
+  resources: ["volumesnapshots"]
+  verbs: ["get", "create", "delete"]
 # The VMs and their VMIs: read only; changes go through KubeVirt's hot-plug subresources.
 - apiGroups: ["kubevirt.io"]
   resources: ["virtualmachines", "virtualmachineinstances"]
