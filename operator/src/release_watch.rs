@@ -14,6 +14,7 @@
 //! are still looked at. Clients of the agents are kept between passes, renewed every [`RECONNECT`] so that a
 //! rotated client certificate is used.
 
+use crate::crd::{Phase, Wukong};
 use crate::guard::{GUARD_LABEL, guarded};
 use crate::ledger::{Ledger, Release};
 use crate::metrics::Metrics;
@@ -236,6 +237,26 @@ impl Watch {
         }
     }
 
+    /// Whether a `Wukong`'s detach of `volume` of VM `vm` holds the disk released while it takes the snapshot
+    /// asked for (`detachOptions.snapshot`, which may take longer than the grace period): the operator's own release,
+    /// which it unplugs or gives back itself. Asked only of a disk about to be given back; a failed read says no.
+    async fn snapshot_under_way(&self, ns: &str, vm: &str, volume: &str) -> bool {
+        let wukongs = match Api::<Wukong>::namespaced(self.client.clone(), ns).list(&ListParams::default()).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(%ns, error = %e, "cannot list the Wukongs to tell a snapshot's release");
+                return false;
+            }
+        };
+        wukongs.iter().filter(|w| w.is_for_vm(vm) && !w.spec.disks.iter().any(|d| d.name == volume)).any(|w| {
+            w.status.as_ref().is_some_and(|s| {
+                s.volumes
+                    .iter()
+                    .any(|v| v.name == volume && v.phase == Phase::Detaching && v.detach_options.snapshot.is_some())
+            })
+        })
+    }
+
     async fn forget(&self, release: &Release) {
         if let Err(e) = self.ledger.forget(release).await {
             tracing::warn!(error = %e, "cannot forget a finished release; the next pass tries again");
@@ -335,6 +356,10 @@ impl Watch {
             if !plugged || released_for < grace {
                 continue;
             }
+            if self.snapshot_under_way(&ns, &name, &volume.name).await {
+                tracing::debug!(%ns, %name, serial = %disk.serial, "released for a Wukong's snapshot before its detach");
+                continue;
+            }
             if let Err(e) = agent.cancel_detach(&disk.serial).await {
                 tracing::warn!(%ns, %name, serial = %disk.serial, error = %e, "cannot give a released disk back");
                 continue;
@@ -388,6 +413,36 @@ mod tests {
         let watch = Watch::new(api.client(), access, namespace.map(Into::into), "wukong-system", "test", metrics);
         watch.targets().await.expect("a pass");
         api.seen().into_iter().map(|s| s.path).collect()
+    }
+
+    /// A disk released for a `Wukong`'s snapshot before its detach is the operator's to unplug or give back: it is
+    /// not given back for an update that was not stored, whatever the grace period.
+    #[tokio::test]
+    async fn a_release_held_for_a_snapshot_is_not_given_back() {
+        let wukong = |name: &str, listed: bool, phase: &str, snapshot: bool| {
+            let options = if snapshot { json!({"snapshot": {}}) } else { json!({}) };
+            let disks = if listed { json!([{"name": "data", "size": "1Gi"}]) } else { json!([]) };
+            json!({"apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "metadata": {"name": name},
+                   "spec": {"vmName": "vm1", "disks": disks},
+                   "status": {"volumes": [{"name": "data", "bound": true, "phase": phase, "serial": "data",
+                                           "bus": "scsi", "detachOptions": options}]}})
+        };
+        let cases = [
+            (wukong("w", false, "Detaching", true), true),
+            (wukong("w", false, "Detaching", false), false),
+            (wukong("w", false, "DetachBlocked", true), false),
+            (wukong("w", true, "Detaching", true), false),
+        ];
+        for (object, held) in cases {
+            let list = json!({"apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "WukongList", "metadata": {},
+                              "items": [object.clone()]});
+            let api =
+                MockApi::start(move |s| s.path.ends_with("/namespaces/prod/wukongs").then(|| (200, list.clone())));
+            let metrics = Arc::new(Metrics::default());
+            let watch = Watch::new(api.client(), AgentAccess::plaintext(7443), None, "wukong-system", "t", metrics);
+            assert_eq!(watch.snapshot_under_way("prod", "vm1", "data").await, held, "{object}");
+            assert!(!watch.snapshot_under_way("prod", "vm2", "data").await, "another VM's");
+        }
     }
 
     /// A namespaced install lists nothing beyond its namespace and its own, and reads its namespace's labels.
