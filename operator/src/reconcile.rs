@@ -30,7 +30,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash};
 use std::sync::{Arc, Mutex};
@@ -1121,6 +1121,12 @@ fn detached_record(status: &VolumeStatus, context: &Context, forced: bool) -> De
     }
 }
 
+/// The labels of what the operator makes for disk `disk` of `wukong` (its claim or DataVolume, a snapshot before its
+/// detach): the manager, the object and the disk.
+pub fn disk_labels(wukong: &Wukong, disk: &str) -> Value {
+    json!({MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: disk})
+}
+
 /// The claim of a disk, or the DataVolume that makes it (a disk with a `source`), owned by its `Wukong` and
 /// labelled (CDI copies a DataVolume's labels to its claim), by server-side apply. Returns the Event's reason.
 async fn create_storage(
@@ -1142,7 +1148,7 @@ async fn create_storage(
         .or_else(|_| storage::resolve_modes(disk, class.unwrap_or_default(), &[], from))
         .expect("without a profile every mode is offered");
     let metadata = json!({"name": status.pvc_name, "ownerReferences": [owner],
-        "labels": {MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: status.name}});
+        "labels": disk_labels(wukong, &status.name)});
     let (resource, spec, reason) = match source {
         Some(mut source) => {
             // CDI needs the namespace of a claim to clone; the disk's own is the default.

@@ -14,7 +14,7 @@
 //! never touched: the detach is refused, naming it.
 
 use crate::crd::{SnapshotOptions, SnapshotStatus, VolumeStatus, Wukong};
-use crate::reconcile::{DISK_LABEL, MANAGED_BY, OWNER_LABEL};
+use crate::reconcile::disk_labels;
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
 use serde_json::{Value, json};
@@ -78,7 +78,7 @@ impl SnapshotRequest {
             claim: status.pvc_name.clone(),
             class: asked.volume_snapshot_class_name.clone(),
             detach: format!("{}/{}/{}", wukong.uid().unwrap_or_default(), status.name, since.unwrap_or_default()),
-            labels: json!({MANAGED_BY.0: MANAGED_BY.1, OWNER_LABEL: wukong.name_any(), DISK_LABEL: status.name}),
+            labels: disk_labels(wukong, &status.name),
             forced,
         }
     }

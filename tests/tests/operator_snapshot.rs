@@ -81,7 +81,7 @@ async fn a_snapshot_taken_at_detach_restores_the_data_and_a_failing_one_gives_th
         "{refused:#?}"
     );
     // Listed again, so that no retry races the checks: the guest has it, mounted and writable, with its data.
-    set_disks(&api, "db", json!([root, data, disk("bad", json!({"volumeSnapshotClassName": "broken"}))])).await?;
+    set_disks(&api, "db", json!([root, data, bad])).await?;
     wait_for_wukong(&api, "db", 60, attached).await?;
     assert!(matches!(vm.volume_state("bad").await?, VolumeState::Ready { .. }), "never unplugged");
     assert_eq!(agent.get_disk("bad", false).await?.state(), DiskState::Present);
@@ -91,7 +91,7 @@ async fn a_snapshot_taken_at_detach_restores_the_data_and_a_failing_one_gives_th
     // A snapshot that works: taken once the guest released the disk, and the unplug waits until it is ready. The
     // operator is killed while it waits; its successor finds the snapshot of this release and takes no other.
     let removed = Instant::now();
-    set_disks(&api, "db", json!([root, disk("bad", json!({"volumeSnapshotClassName": "broken"}))])).await?;
+    set_disks(&api, "db", json!([root, bad])).await?;
     let mut seen_waiting: Option<String> = None;
     let detached = loop {
         anyhow::ensure!(removed.elapsed() < Duration::from_secs(120), "data was not detached within 120 s");
