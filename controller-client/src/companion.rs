@@ -11,7 +11,7 @@
 //! not being removed; when that cannot be told, the disk stays released, which is safe, and the error says so.
 
 use crate::agent_client::{AgentClient, ClientError};
-use crate::hypervisor::{Hypervisor, HypervisorError, Removal, VolumeSpec, VolumeState};
+use crate::hypervisor::{Hypervisor, HypervisorError, Removal, VolumeSource, VolumeSpec, VolumeState};
 use std::time::{Duration, Instant};
 use tonic::Code;
 use wukong_proto::v1::{Disk, DiskState, PrepareDetachResponse, ReleaseMethod, UsageReport};
@@ -82,6 +82,38 @@ pub enum CompanionError {
     UnplugHeld { volume: String, serial: String, why: String },
     #[error("volume '{volume}' was not unplugged: {why}; {undo}")]
     UnplugVetoed { volume: String, why: String, undo: String },
+    #[error(
+        "a move of volume '{0}' is never forced: a move exists to keep the data, and a forced detach loses what the \
+         source guest has not written yet; stop what uses the disk there (or add --unmount), or detach with --force \
+         and attach yourself"
+    )]
+    ForcedMove(String),
+    #[error(
+        "{target} already has a volume '{volume}', plugged from {found}, not from {wanted}; nothing was moved: give \
+         the target volume another name (--to-volume)"
+    )]
+    TargetTaken { volume: String, target: String, found: String, wanted: String },
+    #[error(
+        "the target guest already has a disk with serial '{serial}' ({dev}), which is not volume '{volume}'; nothing \
+         was moved: give the disk another serial (--serial)"
+    )]
+    SerialTaken { serial: String, volume: String, dev: String },
+    #[error(
+        "cannot talk to the agent of the target guest ({error}); nothing was moved: the source keeps volume \
+         '{volume}'. Check that wukong-agent runs in the target guest and is reachable"
+    )]
+    MoveTargetUnreachable { volume: String, error: Box<ClientError> },
+    #[error(
+        "volume '{volume}' is neither in {from} nor, as '{to_volume}', in {to}; nothing was changed. If a move of it \
+         stopped after its detach, say what to plug (--image FILE, or --claim / --data-volume) and its --serial to finish \
+         it"
+    )]
+    NothingToMove { volume: String, from: String, to: String, to_volume: String },
+    #[error(
+        "volume '{volume}' is detached from {from} and not attached to {to} as '{to_volume}': {error}. Run the same \
+         move again to finish it"
+    )]
+    MoveIncomplete { volume: String, to_volume: String, from: String, to: String, error: Box<CompanionError> },
     #[error("{0}")]
     Timeout(String),
     #[error(transparent)]
@@ -484,10 +516,15 @@ async fn removal_refused<H: Hypervisor>(
 /// guest, listed only so its release can be verified).
 async fn gone_from_guest(agent: &AgentClient, serial: &str, forced: bool) -> bool {
     match agent.get_disk(serial, false).await {
-        Ok(d) => d.state() == DiskState::Released && d.release_method() == ReleaseMethod::ScsiDelete,
+        Ok(d) => deleted_in_guest(&d),
         Err(e) if e.code() == Some(Code::NotFound) => true,
         Err(_) => forced,
     }
+}
+
+/// A released SCSI disk the guest deleted: listed until the hypervisor unplugs it, but no longer in the guest.
+fn deleted_in_guest(disk: &Disk) -> bool {
+    disk.state() == DiskState::Released && disk.release_method() == ReleaseMethod::ScsiDelete
 }
 
 /// Attaches a volume and returns once the guest's agent reports the disk. Idempotent for the same volume and
@@ -572,6 +609,163 @@ pub async fn attach<H: Hypervisor>(
     Ok(Attached { disk, already, timings })
 }
 
+/// Options of a move: those of its two halves.
+#[derive(Debug, Clone)]
+pub struct MoveOptions {
+    /// The source's detach. Never forced: a move refuses `force` ([`CompanionError::ForcedMove`]).
+    pub detach: DetachOptions,
+    pub attach: AttachOptions,
+}
+
+/// A finished move: the source's detach, then the target's attach.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    /// `already`: the source did not have the volume any more (an earlier move detached it).
+    pub detached: Detached,
+    /// `already`: the target had it already (an earlier move got that far).
+    pub attached: Attached,
+}
+
+/// What a move plugs into the target, as found before anything changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub source: VolumeSource,
+    /// The serial the hypervisor that has the volume reports, if any.
+    pub serial: Option<String>,
+    /// Found in the target (an earlier move got that far), not in the source.
+    pub in_target: bool,
+}
+
+/// Where the storage of a move is: what `source` has plugged as `volume`, or, when the source no longer has it (a
+/// move that finished, or one that stopped after its detach), what `target` has as `to_volume`. `None`: neither
+/// has it, and only the caller can say what to plug.
+pub async fn locate_move<S: Hypervisor, T: Hypervisor>(
+    source: &S,
+    target: &T,
+    volume: &str,
+    to_volume: &str,
+) -> Result<Option<Located>, CompanionError> {
+    let serial_of = |state| match state {
+        VolumeState::Ready { serial, .. } => serial,
+        _ => None,
+    };
+    if let Some(found) = source.volume_source(volume).await? {
+        let serial = serial_of(source.volume_state(volume).await?);
+        return Ok(Some(Located { source: found, serial, in_target: false }));
+    }
+    if let Some(found) = target.volume_source(to_volume).await? {
+        let serial = serial_of(target.volume_state(to_volume).await?);
+        return Ok(Some(Located { source: found, serial, in_target: true }));
+    }
+    Ok(None)
+}
+
+/// Whether two sources are the same storage: the same claim, or the same image file however it is spelt.
+fn same_source(a: &VolumeSource, b: &VolumeSource) -> bool {
+    match (a, b) {
+        (VolumeSource::Image { path: a, .. }, VolumeSource::Image { path: b, .. }) => {
+            a == b || std::fs::canonicalize(a).is_ok_and(|a| std::fs::canonicalize(b).is_ok_and(|b| a == b))
+        }
+        _ => a == b,
+    }
+}
+
+fn describe_source(source: &VolumeSource) -> String {
+    match source {
+        VolumeSource::PersistentVolumeClaim(c) => format!("claim '{c}'"),
+        VolumeSource::DataVolume(d) => format!("DataVolume '{d}'"),
+        VolumeSource::Image { path, format } => format!("{format} image {}", path.display()),
+    }
+}
+
+/// Moves a volume from one VM to another: a safe [`detach`] from `source` (refused, changing nothing, while the
+/// source guest uses the disk), then an [`attach`] of `volume` (the same storage) to `target`. The disk is never
+/// plugged into both: the attach starts only once the source's hypervisor and guest agree it is gone.
+///
+/// Everything that would stop the attach and can be known beforehand (a bad name or serial, the target's volume
+/// name or serial taken, the target's agent unreachable) is checked before the detach, so such a move changes
+/// nothing. Like its halves, a move may be run again: a source that no longer has the volume goes straight to the
+/// attach, so a move that stopped between the two finishes ([`CompanionError::MoveIncomplete`] says so).
+pub async fn move_volume<S: Hypervisor, T: Hypervisor>(
+    source: &S,
+    source_agent: &AgentClient,
+    target: &T,
+    target_agent: &AgentClient,
+    volume: &VolumeSpec,
+    options: &MoveOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Moved, CompanionError> {
+    let detach_options = &options.detach;
+    check_volume_name(&volume.name)?;
+    check_serial(&volume.serial)?;
+    if detach_options.force {
+        return Err(CompanionError::ForcedMove(detach_options.volume.clone()));
+    }
+    let state = target.volume_state(&volume.name).await?;
+    if let VolumeState::Ready { serial: Some(found), .. } = &state
+        && !found.eq_ignore_ascii_case(&volume.serial)
+    {
+        return Err(CompanionError::SerialMismatch {
+            volume: volume.name.clone(),
+            hypervisor: target.describe(),
+            found: found.clone(),
+            wanted: volume.serial.clone(),
+        });
+    }
+    if let Some(found) = target.volume_source(&volume.name).await?
+        && !same_source(&found, &volume.source)
+    {
+        return Err(CompanionError::TargetTaken {
+            volume: volume.name.clone(),
+            target: target.describe(),
+            found: describe_source(&found),
+            wanted: describe_source(&volume.source),
+        });
+    }
+    // The attach waits for the serial in the target guest: another disk with it there would be taken for this one.
+    let in_target = matches!(state, VolumeState::Ready { .. });
+    match target_agent.get_disk(&volume.serial, false).await {
+        // The volume's own disk (an earlier move got that far), or one the guest released and deleted.
+        Ok(d) if in_target || deleted_in_guest(&d) => {}
+        Ok(d) => {
+            return Err(CompanionError::SerialTaken {
+                serial: volume.serial.clone(),
+                volume: volume.name.clone(),
+                dev: d.dev_node,
+            });
+        }
+        Err(e) if e.code() == Some(Code::NotFound) => {}
+        Err(e) if e.is_unreachable() => {
+            return Err(CompanionError::MoveTargetUnreachable {
+                volume: detach_options.volume.clone(),
+                error: Box::new(e),
+            });
+        }
+        Err(e) => return Err(CompanionError::Agent(Box::new(e))),
+    }
+
+    tracing::info!(
+        volume = detach_options.volume, to_volume = volume.name, from = %source.describe(), to = %target.describe(),
+        "moving"
+    );
+    let detached = detach(source, source_agent, detach_options, progress).await?;
+    if detached.already {
+        tracing::info!(volume = detach_options.volume, "the source does not have the volume; going on to the attach");
+    }
+    let attached = attach(target, target_agent, volume, &options.attach, progress).await.map_err(|error| {
+        tracing::error!(volume = detach_options.volume, %error, "the attach of a move failed after its detach");
+        CompanionError::MoveIncomplete {
+            volume: detach_options.volume.clone(),
+            to_volume: volume.name.clone(),
+            from: source.describe(),
+            to: target.describe(),
+            error: Box::new(error),
+        }
+    })?;
+    tracing::info!(volume = detach_options.volume, device = %attached.disk.dev_node, "moved");
+    Ok(Moved { detached, attached })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,5 +784,19 @@ mod tests {
             assert!(derive_serial(bad).is_err(), "{bad:?}");
         }
         assert!(check_volume_name(&"a".repeat(63)).is_ok());
+    }
+
+    #[test]
+    fn a_move_knows_the_same_storage_however_it_is_spelt() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.raw"), b"").unwrap();
+        let image = |path: std::path::PathBuf| VolumeSource::Image { path, format: "raw".into() };
+        let a = image(dir.path().join("a.raw"));
+        assert!(same_source(&a, &image(dir.path().join(".").join("a.raw"))));
+        assert!(!same_source(&a, &image(dir.path().join("b.raw"))));
+        let claim = VolumeSource::PersistentVolumeClaim("pg".into());
+        assert!(same_source(&claim, &claim.clone()));
+        assert!(!same_source(&claim, &VolumeSource::DataVolume("pg".into())), "a claim is not a DataVolume");
+        assert_eq!(describe_source(&a), format!("raw image {}", dir.path().join("a.raw").display()));
     }
 }

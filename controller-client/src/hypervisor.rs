@@ -108,6 +108,12 @@ pub trait Hypervisor: Send + Sync {
         let _ = name;
         std::future::ready(Ok(None))
     }
+    /// What the attached volume is plugged from: its claim, DataVolume or image file. `None`: the volume is not
+    /// attached, or this hypervisor cannot tell. A move reads it to plug the same storage into another VM.
+    fn volume_source(&self, name: &str) -> impl Future<Output = Result<Option<VolumeSource>, HypervisorError>> + Send {
+        let _ = name;
+        std::future::ready(Ok(None))
+    }
     /// Tidies what the hypervisor keeps after the volume is gone (QEMU: its block node). Idempotent; called once
     /// [`Hypervisor::volume_state`] reports [`VolumeState::Absent`].
     fn finish_removal(&self, name: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send {

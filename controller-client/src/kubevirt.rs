@@ -522,13 +522,10 @@ impl KubeVirt {
 
     /// The claim (PVC or DataVolume name) behind a volume of the VMI.
     pub async fn claim_of(&self, volume: &str) -> Result<Option<String>, HypervisorError> {
-        let vmi = self.vmi().await?;
-        Ok(vmi
-            .spec
-            .volumes
-            .into_iter()
-            .find(|v| v.name == volume)
-            .and_then(|v| v.persistent_volume_claim.map(|c| c.claim_name).or_else(|| v.data_volume.map(|d| d.name))))
+        Ok(self.volume_source(volume).await?.and_then(|source| match source {
+            VolumeSource::PersistentVolumeClaim(name) | VolumeSource::DataVolume(name) => Some(name),
+            VolumeSource::Image { .. } => None,
+        }))
     }
 
     /// Deletes a PersistentVolumeClaim of the VMI's namespace.
@@ -561,6 +558,16 @@ impl KubeVirt {
 impl Hypervisor for KubeVirt {
     fn describe(&self) -> String {
         self.what()
+    }
+
+    /// The claim or DataVolume the VMI's spec names for the volume, as the kind of source it is.
+    async fn volume_source(&self, name: &str) -> Result<Option<VolumeSource>, HypervisorError> {
+        let vmi = self.vmi().await?;
+        Ok(vmi.spec.volumes.into_iter().find(|v| v.name == name).and_then(|v| {
+            v.persistent_volume_claim
+                .map(|c| VolumeSource::PersistentVolumeClaim(c.claim_name))
+                .or_else(|| v.data_volume.map(|d| VolumeSource::DataVolume(d.name)))
+        }))
     }
 
     async fn add_volume(&self, volume: &VolumeSpec) -> Result<(), HypervisorError> {

@@ -51,6 +51,9 @@ fn qmp_error(socket: &Path, source: QmpError) -> HypervisorError {
     HypervisorError::Qmp { what: socket.display().to_string(), source }
 }
 
+/// Image formats [`QmpClient::plug_disk`] opens over a file with nothing else to say.
+const PLUGGABLE_FORMATS: &[&str] = &["raw", "qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc"];
+
 impl Hypervisor for Qemu {
     fn describe(&self) -> String {
         format!("QEMU at {}", self.socket.display())
@@ -94,6 +97,51 @@ impl Hypervisor for Qemu {
 
     async fn finish_removal(&self, name: &str) -> Result<(), HypervisorError> {
         self.qmp.delete_node(&Self::node(name)).await.map_err(|e| self.error(e))
+    }
+
+    /// The image file behind device `name`, as `query-block` lists it: the device's block backend names the device
+    /// by its id, or, for a virtio-blk-pci (whose backend belongs to its inner virtio-blk device), by that inner
+    /// device's path under the id. Whoever plugged it (this client, the lab, a person over QMP), the file and format
+    /// QEMU has open are what a move plugs elsewhere.
+    async fn volume_source(&self, name: &str) -> Result<Option<VolumeSource>, HypervisorError> {
+        if self.volume_state(name).await? == VolumeState::Absent {
+            return Ok(None);
+        }
+        let blocks = self.qmp.execute("query-block", None).await.map_err(|e| self.error(e))?;
+        let path = format!("/machine/peripheral/{name}");
+        let backend =
+            blocks.as_array().into_iter().flatten().find(|b| {
+                b["qdev"].as_str().is_some_and(|q| q == name || q == path || q.starts_with(&format!("{path}/")))
+            });
+        let inserted = backend.map(|b| &b["inserted"]).filter(|i| i.is_object());
+        let file = inserted.and_then(|i| i["file"].as_str()).map(Path::new);
+        // What this client plugs again: an image file under a format driver alone (a bare file node reads as raw).
+        // Anything else (a block device, a network protocol, a "json:{...}" graph, encryption needing secrets)
+        // cannot be rebuilt from a file name and a format, and is refused before a move changes anything.
+        let format = match inserted.and_then(|i| i["drv"].as_str()) {
+            Some("file") => Some("raw"),
+            Some(f) if PLUGGABLE_FORMATS.contains(&f) => Some(f),
+            _ => None,
+        };
+        let encrypted = inserted.is_some_and(|i| i["encrypted"] == serde_json::Value::Bool(true));
+        match (file, format) {
+            (Some(file), Some(format)) if file.is_absolute() && file.is_file() && !encrypted => {
+                Ok(Some(VolumeSource::Image { path: file.into(), format: format.into() }))
+            }
+            _ => Err(HypervisorError::NotFound {
+                what: format!("the image file of device '{name}' in {}", self.describe()),
+                message: match inserted {
+                    Some(i) => format!(
+                        "QEMU has it open with driver {} over {}{}, which this client cannot plug elsewhere; give the \
+                         file to plug (--image)",
+                        i["drv"],
+                        i["file"],
+                        if encrypted { ", encrypted" } else { "" }
+                    ),
+                    None => "query-block shows no image in it; give the file to plug (--image)".into(),
+                },
+            }),
+        }
     }
 
     async fn volume_state(&self, name: &str) -> Result<VolumeState, HypervisorError> {

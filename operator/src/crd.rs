@@ -92,6 +92,23 @@ pub struct DiskSpec {
     /// in force for a removal are the last ones seen.
     #[serde(default)]
     pub detach_options: DetachOptions,
+    /// Move this disk here from another `Wukong` of this namespace: its VM lets the disk go by a safe detach
+    /// (refused with reasons while its guest uses it), its claim is handed over to this object, never deleted, and
+    /// the disk is hot-plugged into this VM. It is never plugged into both VMs at once. The claim keeps its size,
+    /// class and modes; `size`, `storageClassName`, `accessModes` and `volumeMode` are not used. The source object
+    /// may list the disk still: it is then shown there as `Moved`, and left alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_from: Option<DiskRef>,
+}
+
+/// A disk of a `Wukong` in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskRef {
+    /// The `Wukong`'s name (in this namespace: a claim cannot leave its namespace).
+    pub wukong: String,
+    /// The disk's name in that object's `disks`.
+    pub disk: String,
 }
 
 /// An access mode of a claim, as Kubernetes names them.
@@ -316,6 +333,12 @@ pub struct VolumeStatus {
     /// The snapshot its detach takes (`detachOptions.snapshot`), as the snapshot controller reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotStatus>,
+    /// The disk came (or is coming: phase `Pending`) from this disk of another object (`moveFrom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_from: Option<DiskRef>,
+    /// The disk went to this disk of another object (phase `Moved`), which now owns its claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<DiskRef>,
 }
 
 /// A VolumeSnapshot taken before a detach.
@@ -365,6 +388,9 @@ pub enum Phase {
     DetachBlocked,
     /// Gone from a stopped VM's spec (the entry, and the claim unless kept, go on the next pass).
     Detached,
+    /// Moved to another object (`movedTo`), which owns its claim now: still listed here, it is neither plugged nor
+    /// made again. Remove it from `disks`; nothing is deleted.
+    Moved,
 }
 
 /// A condition of the object, in Kubernetes' shape.
@@ -393,7 +419,7 @@ pub struct DetachRecord {
     pub serial: String,
     /// RFC 3339.
     pub at: String,
-    /// `Detached` or `Refused`.
+    /// `Detached`, `Moved` (to `movedTo`) or `Refused`.
     pub outcome: String,
     /// The guest was not asked (`detachOptions.force`).
     pub forced: bool,
@@ -407,6 +433,15 @@ pub struct DetachRecord {
     /// The VolumeSnapshot taken before the unplug (`detachOptions.snapshot`), ready to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Where the disk went (outcome `Moved`): the object that owns its claim now, and its disk there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<DiskRef>,
+}
+
+impl std::fmt::Display for DiskRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "disk '{}' of Wukong {}", self.disk, self.wukong)
+    }
 }
 
 impl Wukong {

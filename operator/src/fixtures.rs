@@ -132,12 +132,23 @@ pub fn context_with_caches(
     claims: Vec<PersistentVolumeClaim>,
     kubevirt: KubeVirtCache,
 ) -> Context {
+    context_with_objects(client, claims, kubevirt, Vec::new())
+}
+
+/// [`context_with_caches`], the watch cache of `Wukong`s holding `wukongs` too.
+pub fn context_with_objects(
+    client: kube::Client,
+    claims: Vec<PersistentVolumeClaim>,
+    kubevirt: KubeVirtCache,
+    wukongs: Vec<Wukong>,
+) -> Context {
     let config = config();
     let metrics = Arc::new(Metrics::default());
     let certificates =
         Arc::new(crate::agent_certificate::CertificateCheck::new(config.agent_cert_warning, metrics.clone()));
-    let caches = crate::reconcile::Caches { claims: claims_store(claims), wukongs: store_of(Vec::new()), kubevirt };
-    Context::new(client, config, metrics, certificates, Arc::default(), caches)
+    let caches = crate::reconcile::Caches { claims: claims_store(claims), wukongs: store_of(wukongs), kubevirt };
+    // Nothing reads what the passes wake here.
+    Context::new(client, config, metrics, certificates, Arc::default(), caches, futures::channel::mpsc::unbounded().0)
 }
 
 /// Watch caches that have listed `vms` and `vmis`, trimmed as the controller's are.

@@ -19,6 +19,7 @@ pub mod kubevirt_cache;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
+pub mod moves;
 pub mod plan;
 pub mod reconcile;
 pub mod release_watch;

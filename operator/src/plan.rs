@@ -1,7 +1,7 @@
 //! What to do for each disk, decided from what is wanted (the spec), what was recorded (the status) and what is
 //! observed (claims, the VM, its VMI). Pure: every branch is unit-tested here; `reconcile` carries the steps out.
 
-use crate::crd::{DetachOptions, DiskSpec, VolumeStatus};
+use crate::crd::{DetachOptions, DiskSpec, Phase, VolumeStatus};
 use wukong_controller_client::hypervisor::VolumeState;
 
 /// The name of the disk that is the system disk when one is called so.
@@ -32,6 +32,21 @@ pub struct Observed {
     pub in_vm: bool,
     /// The volume as the running VMI has it; `None` when the VM is not running.
     pub vmi: Option<VolumeState>,
+    /// A move of the disk to or from another object.
+    pub moving: Option<Moving>,
+}
+
+/// A move of one disk between two objects ([`crate::moves`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moving {
+    /// Another object asks for this disk (its `moveFrom`) and can have it; `handed_over`: the claim is its own
+    /// already.
+    Out { handed_over: bool },
+    /// Another object asks for this disk and cannot have it now: the disk stays, and its claim is kept whatever the
+    /// options say.
+    Refused,
+    /// This disk comes from another object (`moveFrom`), which has not handed its claim over yet.
+    In,
 }
 
 /// The one thing to do for a disk on this pass.
@@ -62,13 +77,19 @@ pub enum Step {
     RemoveFromStoppedVm,
     /// The disk left the list and is gone from the VM: delete the claim unless kept, and forget the disk.
     Finish { delete_claim: bool },
+    /// Moving out, and gone from the VM: hand the claim over to the object that asked for it.
+    HandOver,
+    /// Moved out: the claim is the other object's. Shown as `Moved` while listed, forgotten once not.
+    Moved,
+    /// Moving in: wait until the source's VM let the disk go and its claim is handed over.
+    AwaitMove,
 }
 
 impl Step {
     /// Takes a disk out of the VM, or deletes its storage: planned only from a fresh read of the VM and its VMI,
     /// never from a watch cache that may lag (a VM taken for stopped while it runs would lose a disk in use).
     pub fn removes(&self) -> bool {
-        matches!(self, Step::Detach(_) | Step::RemoveFromStoppedVm | Step::Finish { .. })
+        matches!(self, Step::Detach(_) | Step::RemoveFromStoppedVm | Step::Finish { .. } | Step::HandOver)
     }
 }
 
@@ -122,6 +143,9 @@ pub fn plan(disks: &[DiskSpec], recorded: &[VolumeStatus], observe: impl Fn(&str
 
 fn step(wanted: Option<&DiskSpec>, recorded: Option<&VolumeStatus>, system: bool, seen: &Observed) -> Step {
     let present = seen.in_vm || seen.vmi.as_ref().is_some_and(|s| *s != VolumeState::Absent);
+    if !system && let Some(step) = move_step(wanted, recorded, seen) {
+        return step;
+    }
     match wanted {
         Some(_) if system => Step::KeepSystemDisk,
         Some(_) => match (seen.from_data_volume, &seen.data_volume, seen.claim, &seen.vmi) {
@@ -135,7 +159,9 @@ fn step(wanted: Option<&DiskSpec>, recorded: Option<&VolumeStatus>, system: bool
         },
         None if system => Step::RefuseSystemDiskRemoval,
         None => {
-            let options = recorded.map(|r| r.detach_options.clone()).unwrap_or_default();
+            let mut options = recorded.map(|r| r.detach_options.clone()).unwrap_or_default();
+            // Another object asks for it: whatever happens here, its claim is not ours to delete.
+            options.preserve_data |= seen.moving == Some(Moving::Refused);
             match &seen.vmi {
                 Some(state) if *state != VolumeState::Absent => Step::Detach(options),
                 None if seen.in_vm => Step::RemoveFromStoppedVm,
@@ -144,6 +170,29 @@ fn step(wanted: Option<&DiskSpec>, recorded: Option<&VolumeStatus>, system: bool
                 _ => Step::Finish { delete_claim: !options.preserve_data },
             }
         }
+    }
+}
+
+/// A data disk's step in a move, if it is in one. Moved stays moved while listed: the claim is another object's, and
+/// making the disk again under its name would take it back.
+fn move_step(wanted: Option<&DiskSpec>, recorded: Option<&VolumeStatus>, seen: &Observed) -> Option<Step> {
+    if recorded.is_some_and(|r| r.phase == Phase::Moved) {
+        return Some(Step::Moved);
+    }
+    match seen.moving? {
+        Moving::Out { handed_over: true } => Some(Step::Moved),
+        Moving::Out { handed_over: false } => {
+            let options = wanted.map(|w| &w.detach_options).or(recorded.map(|r| &r.detach_options));
+            let options = DetachOptions { preserve_data: true, ..options.cloned().unwrap_or_default() };
+            Some(match &seen.vmi {
+                Some(state) if *state != VolumeState::Absent => Step::Detach(options),
+                None if seen.in_vm => Step::RemoveFromStoppedVm,
+                Some(_) if seen.in_vm => Step::Detach(options),
+                _ => Step::HandOver,
+            })
+        }
+        Moving::In if wanted.is_some() => Some(Step::AwaitMove),
+        Moving::In | Moving::Refused => None,
     }
 }
 
@@ -156,7 +205,7 @@ pub fn refusal_backoff(attempt: u32) -> std::time::Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{BlankSource, Bus, DiskSource, Phase};
+    use crate::crd::{BlankSource, Bus, DiskSource};
     use std::time::Duration;
 
     fn disk(name: &str) -> DiskSpec {
@@ -187,7 +236,7 @@ mod tests {
 
     fn seen(claim_bound: Option<bool>, in_vm: bool, vmi: Option<VolumeState>) -> Observed {
         let claim = claim_bound.map(|b| if b { ClaimState::Bound } else { ClaimState::Pending });
-        Observed { claim, data_volume: None, from_data_volume: false, in_vm, vmi }
+        Observed { claim, data_volume: None, from_data_volume: false, in_vm, vmi, moving: None }
     }
 
     /// The step for disk "data" (the system disk is "root", listed first).
@@ -299,6 +348,56 @@ mod tests {
         });
         let steps: Vec<_> = plans.iter().map(|p| (p.name.as_str(), p.system, p.step.clone())).collect();
         assert_eq!(steps, [("data", false, Step::Attach), ("root", true, Step::RefuseSystemDiskRemoval)]);
+    }
+
+    #[test]
+    fn a_disk_moving_out_is_detached_with_its_claim_kept_then_handed_over() {
+        let deleting = DetachOptions { unmount: true, ..Default::default() };
+        let kept = DetachOptions { preserve_data: true, ..deleting.clone() };
+        let out = |handed_over, in_vm, vmi| Observed {
+            moving: Some(Moving::Out { handed_over }),
+            ..seen(Some(true), in_vm, vmi)
+        };
+        for listed in [true, false] {
+            // Listed or not, the disk leaves, with its claim kept whatever the options say.
+            let options = if listed { DetachOptions::default() } else { deleting.clone() };
+            let expected = DetachOptions { preserve_data: true, unmount: !listed, ..Default::default() };
+            assert_eq!(step_of(listed, &options, out(false, true, ready())), Step::Detach(expected), "{listed}");
+            assert_eq!(step_of(listed, &options, out(false, true, None)), Step::RemoveFromStoppedVm);
+            assert_eq!(step_of(listed, &options, out(false, false, Some(VolumeState::Absent))), Step::HandOver);
+            assert_eq!(step_of(listed, &options, out(false, false, None)), Step::HandOver);
+            assert_eq!(step_of(listed, &options, out(true, false, None)), Step::Moved);
+        }
+        // Asked for by an object that cannot have it: a removal keeps the claim; a listed disk stays.
+        let refused = |vmi| Observed { moving: Some(Moving::Refused), ..seen(Some(true), false, vmi) };
+        assert_eq!(step_of(false, &deleting, refused(None)), Step::Finish { delete_claim: false });
+        assert_eq!(step_of(false, &deleting, refused(ready())), Step::Detach(kept));
+        assert_eq!(step_of(true, &deleting, refused(ready())), Step::Attach);
+        // The system disk never moves.
+        let plans = plan(&[system("root")], &[], |_| out(false, true, ready()));
+        assert_eq!(plans[0].step, Step::KeepSystemDisk);
+    }
+
+    #[test]
+    fn a_moved_disk_stays_moved_while_listed_and_is_never_made_again() {
+        let disks = [system("root"), disk("data")];
+        let mut moved = recorded("data", DetachOptions::default());
+        moved.phase = Phase::Moved;
+        // Its claim is another object's, so none is seen: without the record it would be made again.
+        let plans = plan(&disks, &[recorded("root", DetachOptions::default()), moved.clone()], |_| {
+            seen(None, false, Some(VolumeState::Absent))
+        });
+        assert_eq!(plans[1].step, Step::Moved);
+        let plans = plan(&disks[..1], &[moved], |_| seen(None, false, Some(VolumeState::Absent)));
+        assert_eq!(plans[1].step, Step::Moved, "unlisted: forgotten, nothing deleted");
+        assert!(!Step::Moved.removes() && Step::HandOver.removes());
+    }
+
+    #[test]
+    fn a_disk_moving_in_waits_for_its_claim() {
+        let moving_in = Observed { moving: Some(Moving::In), ..seen(None, false, Some(VolumeState::Absent)) };
+        assert_eq!(step_of(true, &DetachOptions::default(), moving_in.clone()), Step::AwaitMove);
+        assert_eq!(step_of(true, &DetachOptions::default(), Observed { vmi: None, ..moving_in }), Step::AwaitMove);
     }
 
     #[test]

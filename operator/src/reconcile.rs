@@ -10,13 +10,15 @@ use crate::crd::{
 };
 use crate::kubevirt_cache::{Cached, CachedVm, CachedVmi, Kind, KubeVirtCache};
 use crate::metrics::Metrics;
-use crate::plan::{ClaimState, DiskPlan, Observed, Step, plan, refusal_backoff};
+use crate::moves;
+use crate::plan::{ClaimState, DiskPlan, Moving, Observed, Step, plan, refusal_backoff};
 use crate::snapshot;
 use crate::storage::{self, CachedClaim, Claim, Classes, DataVolume, OwnedClaims, data_volume_resource};
 use crate::validate::{SpecError, check, check_against_status};
 use crate::wake;
 use crate::written::Written;
 use crate::{AgentUnreachable, Config, Error, MANAGER, Result, get};
+use futures::channel::mpsc::UnboundedSender;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -84,6 +86,9 @@ pub struct Context {
     /// The cluster-scoped reads this identity may make.
     reads: Arc<ClusterReads>,
     caches: Caches,
+    /// Wakes other objects: the source of a disk moved into the one reconciled (a change of the destination's spec
+    /// is what starts the source's detach).
+    wake: UnboundedSender<ObjectRef<Wukong>>,
 }
 
 /// What the controller's watches hold, read by every pass instead of asking the API server.
@@ -104,8 +109,10 @@ impl Context {
         certificates: Arc<agent_certificate::CertificateCheck>,
         reads: Arc<ClusterReads>,
         caches: Caches,
+        wake: UnboundedSender<ObjectRef<Wukong>>,
     ) -> Self {
         Self {
+            wake,
             events: crate::events::Events::new(client.clone(), MANAGER.into(), &config.identity),
             client,
             config,
@@ -147,7 +154,8 @@ pub async fn run(
     let (vmis_store, vmis_writer) = reflector::store();
     let kubevirt = KubeVirtCache { vms: vms_store, vmis: vmis_store };
     let caches = Caches { claims: claims_store, wukongs: wukongs_store.clone(), kubevirt };
-    let context = Arc::new(Context::new(client, config, metrics, certificates, reads, caches));
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    let context = Arc::new(Context::new(client, config, metrics, certificates, reads, caches, wake));
     let claim_events = watcher(claims, watcher::Config::default().labels(OWNER_LABEL).any_semantic())
         .backoff(trigger_backoff())
         .reflect(claims_writer);
@@ -178,6 +186,7 @@ pub async fn run(
         .watches_stream(claim_changes, owner_of)
         .watches_stream(vm_changes, move |vm| wukongs_of(&vm_store, &vm.metadata))
         .watches_stream(vmi_changes, move |vmi| wukongs_of(&vmi_store, &vmi.metadata))
+        .reconcile_on(woken)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -276,6 +285,8 @@ struct Scene {
     vm: VirtualMachine,
     vmi: Option<VirtualMachineInstance>,
     stored: Stored,
+    /// The objects that ask for this one's disks, by disk ([`moves::movers`]).
+    movers: BTreeMap<String, moves::Mover>,
 }
 
 /// The storage of an object's disks, as one pass read it.
@@ -291,6 +302,50 @@ struct Stored {
     /// Class → the modes its CDI StorageProfile offers, for the classes of disks still to be made.
     profiles: BTreeMap<String, Vec<storage::PropertySet>>,
     classes: Classes,
+    /// Disk → its claim, for every data disk listed or recorded ([`claim_names`]).
+    claim_names: BTreeMap<String, String>,
+}
+
+impl Stored {
+    /// The claim of data disk `disk`, as [`claim_names`] found it.
+    fn claim_of(&self, disk: &str) -> &str {
+        self.claim_names.get(disk).map(String::as_str).unwrap_or_default()
+    }
+
+    /// Disk `disk` comes from another object (`moveFrom`) that has not handed its claim over yet.
+    fn moving_in(&self, disk: &DiskSpec) -> bool {
+        disk.move_from.is_some() && !self.claims.contains_key(self.claim_of(&disk.name))
+    }
+}
+
+/// The claim of each data disk: `<vm>-<disk>`, unless the disk was moved here (`moveFrom`), whose claim keeps the
+/// name it was made with, or is recorded with the claim it came with; an unlisted disk's is the one recorded.
+fn claim_names(
+    wukong: &Wukong,
+    vm_name: &str,
+    system: Option<&str>,
+    recorded: &[VolumeStatus],
+    claims: &OwnedClaims,
+    context: &Context,
+) -> BTreeMap<String, String> {
+    let mut names: BTreeMap<String, String> = recorded
+        .iter()
+        .filter(|v| !v.system && !v.pvc_name.is_empty())
+        .map(|v| (v.name.clone(), v.pvc_name.clone()))
+        .collect();
+    for disk in wukong.spec.disks.iter().filter(|d| system != Some(d.name.as_str())) {
+        let came_with = recorded
+            .iter()
+            .find(|v| v.name == disk.name && v.moved_from.is_some() && claims.contains_key(&v.pvc_name))
+            .map(|v| v.pvc_name.clone());
+        let moved_in = disk.move_from.as_ref().and_then(|from| {
+            let (store, wukongs) = (&context.caches.claims, &context.caches.wukongs);
+            moves::claim_of(store, wukongs, wukong, &disk.name, from)
+        });
+        let name = moved_in.or(came_with).unwrap_or_else(|| claim_name(vm_name, &disk.name));
+        names.insert(disk.name.clone(), name);
+    }
+    names
 }
 
 impl Scene {
@@ -298,23 +353,36 @@ impl Scene {
     fn plan(&self, wukong: &Wukong, recorded: &[VolumeStatus]) -> Vec<DiskPlan> {
         let mut all = recorded.to_vec();
         all.extend(self.strays(&wukong.spec.disks, recorded));
-        plan(&wukong.spec.disks, &all, |disk| self.observe(disk))
+        plan(&wukong.spec.disks, &all, |disk| self.observe(wukong, disk))
     }
 
-    fn observe(&self, disk: &str) -> Observed {
+    fn observe(&self, wukong: &Wukong, disk: &str) -> Observed {
         let in_vm = self.vm.in_template(disk);
-        let name = claim_name(&self.vm_name, disk);
-        let claim = self.stored.claims.get(&name).map(|c| match c.bound() {
+        let name = self.stored.claim_of(disk);
+        let claim = self.stored.claims.get(name).map(|c| match c.bound() {
             true => ClaimState::Bound,
             false if self.stored.classes.awaits_consumer(c.class.as_deref()) => ClaimState::AwaitsConsumer,
             false => ClaimState::Pending,
         });
+        let listed = wukong.spec.disks.iter().find(|d| d.name == disk);
+        let moving = match (listed, self.movers.get(disk)) {
+            (Some(d), _) if self.stored.moving_in(d) => Some(Moving::In),
+            (_, Some(mover)) if mover.refused.is_some() => Some(Moving::Refused),
+            (_, Some(mover)) if self.stored.claims.other_owner(name) == Some(mover.wukong.name_any()) => {
+                Some(Moving::Out { handed_over: true })
+            }
+            (_, Some(_)) if claim.is_some() => Some(Moving::Out { handed_over: false }),
+            // Nothing made yet, or the claim is someone else's: nothing to move.
+            (_, Some(_)) => Some(Moving::Refused),
+            (_, None) => None,
+        };
         Observed {
             claim,
-            data_volume: self.stored.data_volumes.get(&name).map(|d| d.phase.clone()),
+            data_volume: self.stored.data_volumes.get(name).map(|d| d.phase.clone()),
             from_data_volume: self.stored.from_data_volume.contains(disk),
             in_vm,
             vmi: self.vmi.as_ref().map(|vmi| volume_state_in(vmi, Some(&self.vm), disk)),
+            moving,
         }
     }
 
@@ -444,16 +512,21 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     // StorageClasses, and whether CDI is installed, matter only for a disk whose claim is not bound yet: a steady
     // object reads neither.
     let system = crate::plan::system_disk(&wukong.spec.disks, &previous.volumes);
-    let unsettled = wukong.spec.disks.iter().any(|d| {
-        system != Some(d.name.as_str()) && !claims.get(&claim_name(&vm_name, &d.name)).is_some_and(|c| c.bound())
-    });
+    let claim_names = claim_names(wukong, &vm_name, system, &previous.volumes, &claims, context);
+    let claim_of = |disk: &str| claim_names.get(disk).cloned().unwrap_or_default();
+    let unsettled = wukong
+        .spec
+        .disks
+        .iter()
+        .any(|d| system != Some(d.name.as_str()) && !claims.get(&claim_of(&d.name)).is_some_and(|c| c.bound()));
     let sourced = wukong.spec.disks.iter().any(|d| d.source.is_some())
         || previous.volumes.iter().any(|v| v.data_volume.is_some());
     // DataVolumes matter to a disk still to be made (it may become one) and to one made from one (its claim is the
     // DataVolume's, even when the status that would say so was never written).
-    let unmade_or_filled = wukong.spec.disks.iter().any(|d| {
-        system != Some(d.name.as_str()) && claims.get(&claim_name(&vm_name, &d.name)).is_none_or(|c| c.of_data_volume)
-    });
+    let unmade_or_filled =
+        wukong.spec.disks.iter().any(|d| {
+            system != Some(d.name.as_str()) && claims.get(&claim_of(&d.name)).is_none_or(|c| c.of_data_volume)
+        });
     let data_volumes = match sourced || unmade_or_filled {
         false => Some(BTreeMap::new()),
         // No CDI in this cluster a moment ago, as StorageClasses are read: none either.
@@ -480,7 +553,7 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         .disks
         .iter()
         .filter(|d| {
-            let name = claim_name(&vm_name, &d.name);
+            let name = claim_of(&d.name);
             data_volumes.contains_key(&name)
                 || !claims.contains_key(&name) && storage::data_volume_source(d, cdi).is_some()
         })
@@ -488,8 +561,8 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         .collect();
     // The modes each class offers, read once for the disks whose storage is still to be made.
     let mut profiles = BTreeMap::new();
-    for disk in wukong.spec.disks.iter().filter(|d| system != Some(d.name.as_str())) {
-        let name = claim_name(&vm_name, &disk.name);
+    for disk in wukong.spec.disks.iter().filter(|d| system != Some(d.name.as_str()) && d.move_from.is_none()) {
+        let name = claim_of(&disk.name);
         let made = claims.contains_key(&name) || data_volumes.contains_key(&name);
         if let Some(class) = classes.resolve(disk.storage_class_name.as_deref())
             && !made
@@ -498,10 +571,23 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
             profiles.insert(class.to_string(), storage::property_sets(client, &context.reads, class).await?);
         }
     }
-    let stored = Stored { claims, cdi, data_volumes, from_data_volume, classes, profiles };
+    let stored = Stored { claims, cdi, data_volumes, from_data_volume, classes, profiles, claim_names };
+    let movers = moves::movers(&context.caches.wukongs, &context.caches.kubevirt, wukong);
+    // A disk moved away, or being handed over, is not made again.
+    let leaving = |disk: &str| {
+        movers.contains_key(disk) || previous.volumes.iter().any(|v| v.name == disk && v.phase == Phase::Moved)
+    };
     // Before the VM is looked at: a spec at fault is said whatever the VM's state.
-    if let Err(error) = check_storage(wukong, system, &vm_name, &stored, context).await? {
+    if let Err(error) = check_storage(wukong, system, &stored, &leaving, context).await? {
         return invalid(wukong, context, &previous, status, &error).await;
+    }
+    for (i, disk) in wukong.spec.disks.iter().enumerate().filter(|(_, d)| stored.moving_in(d)) {
+        let from = disk.move_from.as_ref().expect("a disk moving in has moveFrom");
+        if let Err(error) = moves::check_source(&context.caches.wukongs, wukong, i, from) {
+            return invalid(wukong, context, &previous, status, &error).await;
+        }
+        // The source's pass starts the move: it looks for the objects that ask for its disks.
+        let _ = context.wake.unbounded_send(ObjectRef::new(&from.wukong).within(&ns));
     }
     set_condition(&mut status, "SpecValid", true, "Valid", "the spec is valid", wukong);
 
@@ -514,7 +600,7 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         None => read_vm_and_vmi(client, &ns, &vm_name).await?,
     };
     let Some((vm, vmi)) = observed else { return vm_not_found(wukong, context, &previous, status).await };
-    let mut scene = Scene { ns: ns.clone(), vm_name, vm, vmi, stored };
+    let mut scene = Scene { ns: ns.clone(), vm_name, vm, vmi, stored, movers };
     let mut plans = scene.plan(wukong, &previous.volumes);
     if !fresh && plans.iter().any(|p| p.step.removes()) {
         let Some((vm, vmi)) = read_vm_and_vmi(client, &ns, &scene.vm_name).await? else {
@@ -536,7 +622,13 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
     let mut volumes = Vec::new();
     let mut requeue = RESYNC;
     for disk in plans {
-        let outcome = carry_out(&disk, wukong, &scene, context).await?;
+        let mut outcome = carry_out(&disk, wukong, &scene, context).await?;
+        if let (Some(status), Some(why)) =
+            (outcome.status.as_mut(), scene.movers.get(&disk.name).and_then(|m| m.refused.as_ref()))
+        {
+            let said = status.message.take().map(|m| format!("{m}; ")).unwrap_or_default();
+            status.message = Some(format!("{said}{why}: not moved, and its claim is kept"));
+        }
         requeue = requeue.min(outcome.requeue.unwrap_or(RESYNC));
         status.history.extend(outcome.record);
         volumes.extend(outcome.status);
@@ -555,8 +647,11 @@ async fn apply(wukong: &Wukong, context: &Context) -> Result<Action> {
         true => set_condition(&mut status, "DetachBlocked", false, "NothingBlocked", "no detach is blocked", wukong),
         false => set_condition(&mut status, "DetachBlocked", true, "GuestRefused", &blocked.join(" | "), wukong),
     }
-    let waiting: Vec<&str> =
-        volumes.iter().filter(|v| v.phase != Phase::Attached && !v.system).map(|v| v.name.as_str()).collect();
+    let waiting: Vec<&str> = volumes
+        .iter()
+        .filter(|v| !matches!(v.phase, Phase::Attached | Phase::Moved) && !v.system)
+        .map(|v| v.name.as_str())
+        .collect();
     match waiting.is_empty() {
         true => set_condition(&mut status, "Ready", true, "AllAttached", "every listed disk is attached", wukong),
         false => {
@@ -627,20 +722,30 @@ async fn invalid(
 async fn check_storage(
     wukong: &Wukong,
     system: Option<&str>,
-    vm_name: &str,
     stored: &Stored,
+    leaving: &(dyn Fn(&str) -> bool + Sync),
     context: &Context,
 ) -> Result<Result<(), SpecError>> {
     let ns = wukong.namespace().unwrap_or_default();
     let client = &context.client;
     for (i, disk) in wukong.spec.disks.iter().enumerate() {
-        let name = claim_name(vm_name, &disk.name);
-        let made = stored.claims.contains_key(&name) || stored.data_volumes.contains_key(&name);
-        if system == Some(disk.name.as_str()) || made {
+        let name = stored.claim_of(&disk.name);
+        let made = stored.claims.contains_key(name) || stored.data_volumes.contains_key(name);
+        // A moved disk's claim is made already, by its source.
+        if system == Some(disk.name.as_str()) || made || disk.move_from.is_some() || leaving(&disk.name) {
             continue;
         }
         let field = |f: &str| format!("spec.disks[{i}].{f}");
         let fault = |f: &str, message: String| Ok(Err(SpecError { field: field(f), message }));
+        // Made under this name again, the claim of a disk moved away would be taken back from its new owner.
+        if let Some(owner) = stored.claims.other_owner(name) {
+            return fault(
+                "name",
+                format!(
+                    "claim {name} exists and belongs to Wukong {owner} (a disk moved there keeps its claim); give                      this disk another name"
+                ),
+            );
+        }
         if let Some(class) = &disk.storage_class_name
             && stored.classes.exists(class) == Some(false)
         {
@@ -696,7 +801,15 @@ fn base_status(disk: &DiskPlan, scene: &Scene) -> VolumeStatus {
     let mut status = match &disk.wanted {
         Some(spec) => VolumeStatus {
             name: spec.name.clone(),
-            pvc_name: claim_name(&scene.vm_name, &spec.name),
+            pvc_name: scene.stored.claim_of(&spec.name).to_string(),
+            // Where it came from, once here, is told as long as it is listed; where it went, while `Moved`.
+            moved_from: spec.move_from.clone().or_else(|| {
+                recorded.moved_from.clone().filter(|_| scene.stored.claims.contains_key(&recorded.pvc_name))
+            }),
+            moved_to: recorded.moved_to.clone().filter(|_| recorded.phase == Phase::Moved),
+            // A listed disk is detached only to move it away: its detach is timed, and named, as a removal's.
+            removal_since: matches!(disk.step, Step::Detach(_))
+                .then(|| recorded.removal_since.clone().unwrap_or_else(now)),
             size: spec.size().to_string(),
             serial: spec.serial(),
             bus: spec.bus,
@@ -849,19 +962,112 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
             );
             Ok(DiskOutcome::again(status, Duration::from_secs(1)))
         }
-        Step::Detach(options) => detach(status, recorded_phase, options.clone(), &key, wukong, scene, context).await,
+        Step::Detach(options) => detach(status, disk, options.clone(), &key, wukong, scene, context).await,
         Step::Finish { delete_claim } => {
-            if *delete_claim {
+            // Another object asks for the disk and cannot have it yet (its VM is being made, say): kept, and
+            // remembered, so that the pass that can hand it over finds it.
+            // (`apply` says why.)
+            if scene.movers.get(&disk.name).is_some_and(|m| m.refused.is_some()) {
+                set(&mut status, Phase::Detached, "detached");
+                return Ok(DiskOutcome::settled(status));
+            }
+            let delete = *delete_claim && !asked_for(&status, wukong, scene, context);
+            if delete {
                 delete_storage(context, &scene.ns, &status).await?;
             }
             context.refusals.lock().expect("never poisoned").remove(&key);
-            Ok(DiskOutcome {
-                status: None,
-                requeue: None,
-                record: Some(detached_record(&status, context, status.detach_options.force)),
-            })
+            let mut record = detached_record(&status, context, status.detach_options.force);
+            record.preserved_data = !delete;
+            Ok(DiskOutcome { status: None, requeue: None, record: Some(record) })
+        }
+        Step::AwaitMove => {
+            let from = disk.wanted.as_ref().and_then(|d| d.move_from.as_ref()).expect("only a listed disk moves in");
+            let message = awaiting_move(from, &status.pvc_name, &scene.ns, context);
+            set(&mut status, Phase::Pending, &message);
+            Ok(DiskOutcome::again(status, SOON))
+        }
+        Step::HandOver => {
+            let mover = scene.movers.get(&disk.name).expect("a claim is handed over to the object that asks for it");
+            moves::hand_over(
+                &context.client,
+                &scene.ns,
+                &status.pvc_name,
+                status.data_volume.is_some(),
+                &mover.wukong,
+                &mover.disk,
+            )
+            .await?;
+            Ok(moved(status, disk, Some(mover.destination()), wukong, context).await)
+        }
+        Step::Moved => {
+            let to = scene.movers.get(&disk.name).map(moves::Mover::destination);
+            let to = to.or_else(|| disk.recorded.as_ref().and_then(|r| r.moved_to.clone()));
+            Ok(moved(status, disk, to, wukong, context).await)
         }
     }
+}
+
+/// Whether a disk's claim, about to be deleted, is another object's, or another object asks for it: asked again
+/// from the watch cache, not from the pass's start, since a detach takes seconds and a move declared meanwhile (the
+/// source's removal applied a moment before the destination's `moveFrom`) must still find the claim. The next pass
+/// hands it over.
+fn asked_for(status: &VolumeStatus, wukong: &Wukong, scene: &Scene, context: &Context) -> bool {
+    scene.stored.claims.other_owner(&status.pvc_name).is_some()
+        || moves::movers(&context.caches.wukongs, &context.caches.kubevirt, wukong).contains_key(&status.name)
+}
+
+/// What a disk moving in waits for: the source's VM to let it go, as the source's status tells.
+fn awaiting_move(from: &crate::crd::DiskRef, claim: &str, ns: &str, context: &Context) -> String {
+    let source = context.caches.wukongs.get(&ObjectRef::new(&from.wukong).within(ns));
+    let there =
+        source.as_ref().and_then(|w| w.status.as_ref()).and_then(|s| s.volumes.iter().find(|v| v.name == from.disk));
+    let why = match there {
+        Some(v) if !v.blockers.is_empty() => {
+            format!(": the guest there refuses to let it go: {}", v.blockers.join("; "))
+        }
+        Some(v) => v.message.as_ref().map(|m| format!(": {m}")).unwrap_or_default(),
+        None => String::new(),
+    };
+    format!("waiting for Wukong {} to detach disk '{}' and hand over claim {claim}{why}", from.wukong, from.disk)
+}
+
+/// A disk moved away (its claim handed over to `to`): a history line and an Event the first time; shown as `Moved`
+/// while listed, else forgotten.
+async fn moved(
+    mut status: VolumeStatus,
+    disk: &DiskPlan,
+    to: Option<crate::crd::DiskRef>,
+    wukong: &Wukong,
+    context: &Context,
+) -> DiskOutcome {
+    let first = disk.recorded.as_ref().is_none_or(|r| r.phase != Phase::Moved);
+    let whither = to.as_ref().map(ToString::to_string).unwrap_or_else(|| "another Wukong".into());
+    let record = first.then(|| {
+        let mut record = detached_record(&status, context, false);
+        record.outcome = "Moved".into();
+        record.preserved_data = true;
+        record.moved_to = to.clone();
+        record.snapshot = status.snapshot.as_ref().map(|s| s.name.clone());
+        record
+    });
+    if first {
+        let message = format!(
+            "disk '{}' (serial {}) moved to {whither}, which owns claim {} now",
+            status.name, status.serial, status.pvc_name
+        );
+        publish(context, wukong, EventType::Normal, "Moved", "Move", &message).await;
+    }
+    if disk.wanted.is_none() {
+        return DiskOutcome { status: None, requeue: None, record };
+    }
+    status.phase = Phase::Moved;
+    status.message = Some(format!(
+        "moved to {whither}, which owns claim {} now; listed here, it is neither plugged nor made again: remove it \
+         from spec.disks",
+        status.pvc_name
+    ));
+    (status.device, status.bound, status.moved_to, status.blockers) = (None, false, to, Vec::new());
+    DiskOutcome { status: Some(status), requeue: None, record }
 }
 
 /// VM `vm` has volume `name` in its template, or a request pending to add it there.
@@ -905,7 +1111,7 @@ async fn attach(
     };
     // Released by a detach that was interrupted (the operator restarted, the disk listed again) while the VM still
     // has it plugged and nothing removes it: the guest gets it back before the attach waits for it.
-    let plugged = matches!(scene.observe(&status.name).vmi, Some(VolumeState::Ready { .. }));
+    let plugged = matches!(scene.observe(wukong, &status.name).vmi, Some(VolumeState::Ready { .. }));
     if plugged
         && let Ok(disk) = agent.get_disk(&status.serial, false).await
         && disk.state() == DiskState::Released
@@ -930,8 +1136,9 @@ async fn attach(
             status.phase = Phase::Attached;
             status.message = None;
             if recorded != Some(Phase::Attached) {
+                let came = status.moved_from.as_ref().map(|f| format!(", moved from {f}")).unwrap_or_default();
                 let message = format!(
-                    "disk '{}' is attached: {} in the guest (claim {})",
+                    "disk '{}' is attached: {} in the guest (claim {}{came})",
                     status.name, attached.disk.dev_node, status.pvc_name
                 );
                 publish(context, wukong, EventType::Normal, "Attached", "Attach", &message).await;
@@ -958,13 +1165,14 @@ async fn attach(
 #[allow(clippy::too_many_arguments)]
 async fn detach(
     mut status: VolumeStatus,
-    recorded: Option<Phase>,
+    disk: &DiskPlan,
     options: crate::crd::DetachOptions,
     key: &(String, String),
     wukong: &Wukong,
     scene: &Scene,
     context: &Context,
 ) -> Result<DiskOutcome> {
+    let recorded = disk.recorded.as_ref().map(|r| r.phase);
     let due = context.refusals.lock().expect("never poisoned").get(key).map(|(_, due)| *due);
     if let Some(wait) = due.and_then(|due| due.checked_duration_since(Instant::now()))
         && recorded == Some(Phase::DetachBlocked)
@@ -1024,10 +1232,19 @@ async fn detach(
     }
     match detached {
         Ok(detached) => {
-            if !options.preserve_data {
+            context.refusals.lock().expect("never poisoned").remove(key);
+            // Asked again: a move declared while the detach ran (the source's removal applied a moment before the
+            // destination's `moveFrom`) gets the claim, not its deletion.
+            let mover = moves::movers(&context.caches.wukongs, &context.caches.kubevirt, wukong).remove(&status.name);
+            if let Some(mover) = mover.filter(|m| m.refused.is_none()) {
+                let (ns, claim) = (&scene.ns, &status.pvc_name);
+                let data_volume = status.data_volume.is_some();
+                moves::hand_over(&context.client, ns, claim, data_volume, &mover.wukong, &mover.disk).await?;
+                return Ok(moved(status, disk, Some(mover.destination()), wukong, context).await);
+            }
+            if !options.preserve_data && !asked_for(&status, wukong, scene, context) {
                 delete_storage(context, &scene.ns, &status).await?;
             }
-            context.refusals.lock().expect("never poisoned").remove(key);
             let mut record = detached_record(&status, context, detached.forced);
             record.snapshot = status.snapshot.as_ref().map(|s| s.name.clone());
             let message = format!(
@@ -1093,6 +1310,7 @@ async fn refused(
             preserved_data: true,
             reason: Some(reason),
             snapshot: None,
+            moved_to: None,
         });
     }
     Ok(DiskOutcome { status: Some(status), requeue: Some(after), record })
@@ -1118,6 +1336,7 @@ fn detached_record(status: &VolumeStatus, context: &Context, forced: bool) -> De
         preserved_data: status.detach_options.preserve_data,
         reason: None,
         snapshot: None,
+        moved_to: None,
     }
 }
 
@@ -1237,7 +1456,8 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
             Err(e) => return Err(e.into()),
         };
         let by_data_volume = |o: &DynamicObject| o.owner_references().iter().any(|r| r.kind == "DataVolume");
-        owned.extend(objects.into_iter().filter(|o| is_data_volume || !by_data_volume(o)).map(|o| (api.clone(), o)));
+        let objects = objects.into_iter().filter(|o| is_data_volume || !by_data_volume(o));
+        owned.extend(objects.map(|o| (api.clone(), is_data_volume, o)));
     }
     // `kubectl delete --cascade=orphan` asks to keep what the object owns: the API server adds the `orphan`
     // finalizer, and the garbage collector takes this object's owner reference off every claim and then removes that
@@ -1246,12 +1466,24 @@ async fn cleanup(wukong: &Wukong, context: &Context) -> Result<Action> {
     // delete anyway.
     let orphaned = wukong.finalizers().iter().any(|f| f == ORPHAN_FINALIZER);
     let uid = wukong.uid().unwrap_or_default();
+    // A disk another object asks for goes there once the VM let it go, rather than with this object.
+    let movers = moves::movers(&context.caches.wukongs, &context.caches.kubevirt, wukong);
     let mut in_use = Vec::new();
-    for (api, object) in owned {
+    for (api, data_volume, object) in owned {
         let name = object.name_any();
         let ours = object.owner_references().iter().any(|o| o.uid == uid);
         let recorded = volumes.iter().find(|v| v.pvc_name == name);
-        let preserve = orphaned || !ours || recorded.is_none_or(|v| v.detach_options.preserve_data);
+        let disk = object.labels().get(DISK_LABEL).cloned().unwrap_or_default();
+        let mover = movers.get(&disk).filter(|_| ours && !orphaned);
+        if let Some(mover) = mover.filter(|m| m.refused.is_none()) {
+            if uses(&name) || unplugging(&disk) {
+                in_use.push(name);
+            } else {
+                moves::hand_over(&context.client, &ns, &name, data_volume, &mover.wukong, &mover.disk).await?;
+            }
+            continue;
+        }
+        let preserve = orphaned || !ours || mover.is_some() || recorded.is_none_or(|v| v.detach_options.preserve_data);
         if preserve {
             let patch = json!({"metadata": {"ownerReferences": null, "labels": {PRESERVED_LABEL: "true"}}});
             api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
@@ -1396,8 +1628,9 @@ mod tests {
             from_data_volume: BTreeSet::new(),
             profiles: BTreeMap::new(),
             classes: Classes::default(),
+            claim_names: BTreeMap::new(),
         };
-        let scene = Scene { ns: "ns1".into(), vm_name: "db-vm".into(), vm, vmi: None, stored };
+        let scene = Scene { ns: "ns1".into(), vm_name: "db-vm".into(), vm, vmi: None, stored, movers: BTreeMap::new() };
         let listed = wukong(json!([{"name": "listed", "size": "1Gi"}])).spec.disks;
         let recorded = [VolumeStatus { name: "recorded".into(), ..Default::default() }];
 
@@ -1420,6 +1653,7 @@ mod tests {
             from_data_volume: false,
             in_vm: true,
             vmi: Some(VolumeState::Ready { serial: None, target: "sdb".into() }),
+            moving: None,
         };
         let steps: Vec<(String, Step)> =
             plan(&listed, &all, running).into_iter().map(|p| (p.name, p.step)).collect::<Vec<_>>();
@@ -1657,6 +1891,91 @@ mod tests {
         assert!(cache.vm_and_vmi("ns1", "other").is_none(), "a VM not cached is read from the API server");
     }
 
+    /// `Wukong` ns1/web, whose disk `moved` is to be db's disk `data` (`moveFrom`), and its VM.
+    fn web_asking_for_data() -> (Wukong, Value) {
+        let web = serde_json::from_value(json!({
+            "apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong",
+            "metadata": {"name": "web", "namespace": "ns1", "uid": "7d2b9c1e-0000-4000-8000-000000000002"},
+            "spec": {"disks": [{"name": "moved", "moveFrom": {"wukong": "db", "disk": "data"}}]},
+        }))
+        .unwrap();
+        let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                        "metadata": {"name": "web-vm", "namespace": "ns1"}, "spec": {}});
+        (web, vm)
+    }
+
+    #[tokio::test]
+    async fn a_disk_another_object_asks_for_is_handed_over_and_never_deleted() {
+        // `data` left db's list with options that delete its claim, and its stopped VM no longer has it.
+        let mut db = wukong(json!([{"name": "root", "system": true}]));
+        db.status = Some(WukongStatus {
+            volumes: vec![VolumeStatus {
+                name: "data".into(),
+                pvc_name: "db-vm-data".into(),
+                bound: true,
+                serial: "data".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let mut claim = crate::fixtures::claim("db-vm-data", "db", "Bound");
+        claim.metadata.labels.get_or_insert_default().insert(DISK_LABEL.into(), "data".into());
+        let (web, web_vm) = web_asking_for_data();
+        let respond = |s: &crate::fixtures::Seen| {
+            s.path.ends_with("/virtualmachineinstances/db-vm").then(|| not_found("virtualmachineinstances.kubevirt.io"))
+        };
+        let context = |api: &MockApi, vms: Vec<Value>| {
+            let cache = crate::fixtures::kubevirt_cache(vms, Vec::new());
+            crate::fixtures::context_with_objects(
+                api.client(),
+                vec![claim.clone()],
+                cache,
+                vec![db.clone(), web.clone()],
+            )
+        };
+
+        // web's VM does not exist: nothing is handed over, nothing deleted whatever the options say, and the disk
+        // is remembered for the pass that can hand it over.
+        let api = MockApi::start(respond);
+        apply(&db, &context(&api, vec![db_vm(false)])).await.unwrap();
+        let seen = api.seen();
+        assert!(seen.iter().all(|s| s.method != Method::DELETE && !s.path.ends_with("/db-vm-data")), "{seen:#?}");
+        let status = &seen.last().unwrap().body["status"];
+        assert_eq!(status["history"], json!([]));
+        let data = &status["volumes"][1];
+        assert_eq!(data["phase"], "Detached", "{status}");
+        assert_eq!(
+            data["message"],
+            "detached; Wukong web asks for it, but its VirtualMachine web-vm does not exist: not moved, and its claim \
+             is kept"
+        );
+
+        // It does: the claim becomes web's (owner and labels), in a history line that says where it went.
+        let api = MockApi::start(respond);
+        apply(&db, &context(&api, vec![db_vm(false), web_vm])).await.unwrap();
+        let seen = api.seen();
+        assert!(seen.iter().all(|s| s.method != Method::DELETE), "{seen:#?}");
+        let patch = seen.iter().find(|s| s.path.ends_with("/persistentvolumeclaims/db-vm-data")).expect("handed over");
+        assert_eq!(patch.method, Method::PATCH);
+        let meta = &patch.body["metadata"];
+        assert_eq!(
+            (meta["ownerReferences"][0]["name"].clone(), meta["ownerReferences"][0]["kind"].clone()),
+            (json!("web"), json!("Wukong"))
+        );
+        assert_eq!(
+            (meta["labels"][OWNER_LABEL].clone(), meta["labels"][DISK_LABEL].clone()),
+            (json!("web"), json!("moved"))
+        );
+        let status = &seen.last().unwrap().body["status"];
+        let volumes: Vec<&Value> = status["volumes"].as_array().unwrap().iter().collect();
+        assert!(volumes.iter().all(|v| v["name"] != "data"), "forgotten: {status}");
+        let record = &status["history"][0];
+        assert_eq!(
+            (record["outcome"].clone(), record["movedTo"].clone()),
+            (json!("Moved"), json!({"wukong": "web", "disk": "moved"}))
+        );
+    }
+
     #[tokio::test]
     async fn a_pass_plans_from_the_watch_cache_and_reads_the_vm_again_before_taking_a_disk_out() {
         let requests = |seen: &[crate::fixtures::Seen]| -> Vec<String> {
@@ -1868,5 +2187,43 @@ mod tests {
         let writes: Vec<(Method, String)> =
             api.seen().into_iter().filter(|s| s.method != Method::GET).map(|s| (s.method, s.path)).collect();
         assert_eq!(writes, [(Method::PATCH, "/api/v1/namespaces/ns1/persistentvolumeclaims/db-vm-data".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_object_hands_a_disk_another_asks_for_over_instead_of_deleting_it() {
+        let mut object = wukong(json!([{"name": "data", "size": "1Gi"}]));
+        object.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-12-05T04:16:40Z".parse().unwrap()));
+        object.status = Some(
+            serde_json::from_value(json!({"volumes": [{"name": "data", "pvcName": "db-vm-data", "bound": true,
+                "phase": "Attached", "serial": "data", "bus": "scsi"}]}))
+            .unwrap(),
+        );
+        let owner = json!([{"apiVersion": "vm.novasphere.dev/v1alpha1", "kind": "Wukong", "name": "db",
+                            "uid": object.metadata.uid.clone().unwrap()}]);
+        let claims = json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": [
+            {"metadata": {"name": "db-vm-data", "ownerReferences": owner,
+                          "labels": {OWNER_LABEL: "db", DISK_LABEL: "data"}}}]});
+        // The VM no longer has the disk (no VMI, none in its spec).
+        let vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "db-vm"},
+                        "spec": {"template": {"spec": {"volumes": []}}}});
+        let api = MockApi::start(move |s| match s.path.as_str() {
+            p if p.ends_with("/virtualmachines/db-vm") => Some((200, vm.clone())),
+            p if p.ends_with("/virtualmachineinstances/db-vm") => {
+                Some(not_found("virtualmachineinstances.kubevirt.io"))
+            }
+            p if p.ends_with("/persistentvolumeclaims") => Some((200, claims.clone())),
+            _ => None,
+        });
+        let (web, web_vm) = web_asking_for_data();
+        let cache = crate::fixtures::kubevirt_cache(vec![web_vm], Vec::new());
+        let context = crate::fixtures::context_with_objects(api.client(), Vec::new(), cache, vec![web]);
+        cleanup(&object, &context).await.unwrap();
+        let seen = api.seen();
+        let writes: Vec<&crate::fixtures::Seen> = seen.iter().filter(|s| s.method != Method::GET).collect();
+        assert_eq!(writes.len(), 1, "one hand-over, no delete: {writes:#?}");
+        assert!(writes[0].path.ends_with("/persistentvolumeclaims/db-vm-data"));
+        assert_eq!(writes[0].body["metadata"]["ownerReferences"][0]["name"], "web");
+        assert_eq!(writes[0].body["metadata"]["labels"][DISK_LABEL], "moved");
     }
 }

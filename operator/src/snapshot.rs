@@ -139,10 +139,15 @@ impl<'a> SnapshotGate<'a> {
     fn refused(&self, verb: &str, e: kube::Error) -> Gate {
         let (ns, place) = (&self.request.namespace, self.place());
         match &e {
-            kube::Error::Api(s) if s.code == 404 && verb == "create" => Gate::Veto(format!(
-                "the cluster serves no snapshot.storage.k8s.io/v1 VolumeSnapshots, so {place} cannot be taken (install \
+            // The API server answers for an API it does not serve with a bare `404 page not found`, which is no
+            // Status: a read of it fails rather than finding nothing. A snapshot deleted meanwhile is a Status
+            // `NotFound`, and is taken again.
+            kube::Error::Api(s) if s.code == 404 && (verb != "delete" || s.reason != "NotFound") => {
+                Gate::Veto(format!(
+                    "the cluster serves no snapshot.storage.k8s.io/v1 VolumeSnapshots, so {place} cannot be taken (install \
                  the CSI external-snapshotter's CRDs and controller, or remove detachOptions.snapshot)"
-            )),
+                ))
+            }
             kube::Error::Api(s) if s.code == 403 => Gate::Veto(format!(
                 "the operator may not {verb} volumesnapshots.snapshot.storage.k8s.io in namespace {ns} ({}); the chart's \
                  role grants it",

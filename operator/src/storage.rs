@@ -4,7 +4,7 @@
 use crate::Result;
 use crate::access::ClusterReads;
 use crate::crd::{AccessMode, BlankSource, DiskSource, DiskSpec, VolumeMode};
-use crate::reconcile::OWNER_LABEL;
+use crate::reconcile::{DISK_LABEL, OWNER_LABEL};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -78,12 +78,15 @@ pub struct CachedClaim {
     metadata: ObjectMeta,
     /// The `Wukong` that owns it, by [`OWNER_LABEL`].
     pub owner: Option<String>,
+    /// Its disk there, by [`DISK_LABEL`].
+    pub disk: Option<String>,
     pub claim: Claim,
 }
 
 impl From<PersistentVolumeClaim> for CachedClaim {
     fn from(claim: PersistentVolumeClaim) -> Self {
         let owner = claim.labels().get(OWNER_LABEL).cloned();
+        let disk = claim.labels().get(DISK_LABEL).cloned();
         let of = Claim::of(&claim);
         let meta = claim.metadata;
         let metadata = ObjectMeta {
@@ -94,7 +97,7 @@ impl From<PersistentVolumeClaim> for CachedClaim {
             deletion_timestamp: meta.deletion_timestamp,
             ..ObjectMeta::default()
         };
-        Self { metadata, owner, claim: of }
+        Self { metadata, owner, disk, claim: of }
     }
 }
 
@@ -143,6 +146,12 @@ impl OwnedClaims {
 
     pub fn contains_key(&self, name: &str) -> bool {
         self.get(name).is_some()
+    }
+
+    /// The `Wukong` that owns claim `name`, when it exists and is another object's (handed over by a move, say).
+    pub fn other_owner(&self, name: &str) -> Option<String> {
+        let cached = self.store.get(&ObjectRef::new(name).within(&self.namespace))?;
+        cached.owner.clone().filter(|owner| *owner != self.owner)
     }
 }
 

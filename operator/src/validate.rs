@@ -1,7 +1,7 @@
 //! Checks a `Wukong`'s spec before anything is changed: a bad field is reported with its path, and nothing is
 //! created, plugged or unplugged for that object until it is fixed.
 
-use crate::crd::{AccessMode, DiskSource, DiskSpec, VolumeStatus, WukongSpec, claim_name};
+use crate::crd::{AccessMode, DiskRef, DiskSource, DiskSpec, Phase, VolumeStatus, WukongSpec, claim_name};
 use crate::plan::SYSTEM_DISK_NAME;
 use std::collections::BTreeMap;
 use wukong_controller_client::companion::{check_serial, check_volume_name};
@@ -36,6 +36,7 @@ pub fn check(name: &str, spec: &WukongSpec) -> Result<(), SpecError> {
     }
     let mut names = BTreeMap::new();
     let mut serials = BTreeMap::new();
+    let mut moved = BTreeMap::new();
     for (i, disk) in spec.disks.iter().enumerate() {
         let field = |f: &str| format!("spec.disks[{i}].{f}");
         check_volume_name(&disk.name).map_err(|e| bad(field("name"), e.to_string()))?;
@@ -65,6 +66,15 @@ pub fn check(name: &str, spec: &WukongSpec) -> Result<(), SpecError> {
             return Err(bad(field("storageClassName"), format!("'{class}' is not a StorageClass name: {why}")));
         }
         check_snapshot(disk, &claim, &|f| field(&format!("detachOptions.snapshot{f}")))?;
+        if let Some(from) = &disk.move_from {
+            check_move(name, disk, from, &|f| field(&format!("moveFrom{f}")))?;
+            if let Some(first) = moved.insert(from.clone(), i) {
+                return Err(bad(
+                    field("moveFrom"),
+                    format!("{from} is moved here by spec.disks[{first}] already; a disk moves to one place"),
+                ));
+            }
+        }
     }
     check_system_disks(&spec.disks)
 }
@@ -93,6 +103,36 @@ fn check_snapshot(disk: &DiskSpec, claim: &str, field: &dyn Fn(&str) -> String) 
         })?;
     }
     Ok(())
+}
+
+/// A move into object `name`: of a data disk, from another object of this namespace.
+fn check_move(name: &str, disk: &DiskSpec, from: &DiskRef, field: &dyn Fn(&str) -> String) -> Result<(), SpecError> {
+    if disk.system || disk.name == SYSTEM_DISK_NAME {
+        return Err(bad(
+            field(""),
+            "the system disk is part of the VM's own definition and is never plugged; only a data disk can be moved \
+             in",
+        ));
+    }
+    if disk.source.is_some() {
+        return Err(bad(field(""), "a moved disk brings its claim and its data; remove source or moveFrom"));
+    }
+    if from.wukong.contains('/') {
+        return Err(bad(
+            field(".wukong"),
+            format!(
+                "'{}' names another namespace: a disk moves only between Wukongs of one namespace (a claim cannot \
+                 leave its namespace); give the name of a Wukong in this namespace",
+                from.wukong
+            ),
+        ));
+    }
+    dns_subdomain(&from.wukong)
+        .map_err(|why| bad(field(".wukong"), format!("'{}' is not a Wukong name: {why}", from.wukong)))?;
+    if from.wukong == name {
+        return Err(bad(field(".wukong"), format!("'{name}' is this object: a disk moves from another Wukong")));
+    }
+    check_volume_name(&from.disk).map_err(|e| bad(field(".disk"), e.to_string()))
 }
 
 /// At most one disk is marked `system: true`, and a disk named `system` is not a data disk beside another one.
@@ -141,7 +181,7 @@ fn check_storage(disk: &DiskSpec, field: &dyn Fn(&str) -> String) -> Result<(), 
         Some(size) => {
             quantity_bytes(size).map_err(|why| bad(field("size"), format!("'{size}' {why}")))?;
         }
-        None if !system && !clone => {
+        None if !system && !clone && disk.move_from.is_none() => {
             return Err(bad(field("size"), "a data disk needs a size, a Kubernetes quantity such as 10Gi"));
         }
         None => {}
@@ -212,6 +252,26 @@ fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
 /// The system disk never changes: an object whose status records one (its first disk, under the old rule, say)
 /// cannot mark another.
 pub fn check_against_status(spec: &WukongSpec, recorded: &[VolumeStatus]) -> Result<(), SpecError> {
+    // A disk that came from elsewhere is this object's now: another `moveFrom` would name a disk it does not have.
+    for (i, disk) in spec.disks.iter().enumerate() {
+        // In these phases the claim is this object's: handed over.
+        let plugged = |v: &&VolumeStatus| {
+            matches!(v.phase, Phase::Attaching | Phase::Attached | Phase::Detaching | Phase::DetachBlocked)
+        };
+        let came = recorded.iter().filter(plugged).find(|v| v.name == disk.name);
+        if let (Some(from), Some(came_from)) = (&disk.move_from, came.and_then(|v| v.moved_from.as_ref()))
+            && from != came_from
+        {
+            return Err(bad(
+                format!("spec.disks[{i}].moveFrom"),
+                format!(
+                    "disk '{}' was moved here from {came_from} already; a moved disk does not move again from \
+                     elsewhere: put moveFrom back, or remove it",
+                    disk.name
+                ),
+            ));
+        }
+    }
     let Some(system) = recorded.iter().find(|v| v.system) else { return Ok(()) };
     let other = spec.disks.iter().position(|d| d.system && d.name != system.name);
     match other {
@@ -320,6 +380,10 @@ mod tests {
         DiskSpec { detach_options: DetachOptions { snapshot: Some(snapshot), ..Default::default() }, ..disk }
     }
 
+    fn moved(disk: DiskSpec, wukong: &str, from: &str) -> DiskSpec {
+        DiskSpec { move_from: Some(DiskRef { wukong: wukong.into(), disk: from.into() }), ..disk }
+    }
+
     fn spec(disks: Vec<DiskSpec>) -> WukongSpec {
         WukongSpec { disks, ..Default::default() }
     }
@@ -364,6 +428,18 @@ mod tests {
             (
                 spec(vec![snapshotted(DiskSpec { system: true, ..disk("root", "1Gi") }, None, None)]),
                 "spec.disks[0].detachOptions.snapshot",
+            ),
+            (
+                spec(vec![moved(DiskSpec { system: true, ..disk("root", "1Gi") }, "a", "data")]),
+                "spec.disks[0].moveFrom",
+            ),
+            (spec(vec![moved(disk("data", "1Gi"), "other-ns/a", "data")]), "spec.disks[0].moveFrom.wukong"),
+            (spec(vec![moved(disk("data", "1Gi"), "db", "data")]), "spec.disks[0].moveFrom.wukong"),
+            (spec(vec![moved(disk("data", "1Gi"), "a", "Data")]), "spec.disks[0].moveFrom.disk"),
+            (spec(vec![moved(sourced("data", http("https://x/y.img")), "a", "data")]), "spec.disks[0].moveFrom"),
+            (
+                spec(vec![moved(disk("one", "1Gi"), "a", "data"), moved(disk("two", "1Gi"), "a", "data")]),
+                "spec.disks[1].moveFrom",
             ),
             (
                 WukongSpec {

@@ -201,9 +201,10 @@ struct Shared {
     mode: HotplugMode,
     /// The `VSOCK` gate, virt-controller's CIDs, KubeVirt's CA and virt-handler's vsock certificate.
     vsock: Arc<Vsock>,
-    qemu: Option<Arc<Qemu>>,
-    /// Asks the guest, through its control channel, what held each disk virt-handler unplugs (with a guest only).
-    oracle: Option<Oracle>,
+    /// The guest every VMI's domain is, unless `domains` names another for it (see [`KubeVirtLab::add_guest`]).
+    guest: Option<LabGuest>,
+    /// VMI → the guest that is its domain, for a lab of several VMs with guests of their own.
+    domains: Mutex<BTreeMap<String, LabGuest>>,
     /// The serial each hot-plugged volume was plugged with, (VMI, volume) → serial: the oracle finds the disk by it
     /// once the volume, and its disk's serial, have left the spec.
     serials: Mutex<BTreeMap<(String, String), String>>,
@@ -243,6 +244,33 @@ struct Shared {
     next_target: Mutex<u8>,
     /// Every hot-plug request virt-api received, as it received it.
     received: Mutex<Vec<Received>>,
+}
+
+/// A guest that is a VMI's domain: virt-launcher plugs into it over its companion QMP socket, and the unplug oracle
+/// asks it, through its control channel, what held each disk virt-handler unplugs.
+#[derive(Clone)]
+struct LabGuest {
+    qemu: Arc<Qemu>,
+    oracle: Arc<Oracle>,
+}
+
+impl LabGuest {
+    async fn connect(guest: &crate::Guest) -> Result<Self> {
+        let qemu = Arc::new(Qemu::connect(&guest.companion_qmp()).await?);
+        Ok(Self { qemu, oracle: Arc::new(Oracle::new(guest.shell())) })
+    }
+}
+
+impl Shared {
+    /// The guest that is VMI `vmi`'s domain, if the lab has guests.
+    fn guest_of(&self, vmi: &str) -> Option<LabGuest> {
+        self.domains.lock().unwrap().get(vmi).cloned().or_else(|| self.guest.clone())
+    }
+
+    /// Every guest of the lab.
+    fn guests(&self) -> Vec<LabGuest> {
+        self.guest.iter().cloned().chain(self.domains.lock().unwrap().values().cloned()).collect()
+    }
 }
 
 /// A hot-plug request as the lab's virt-api received it from the API server.
@@ -306,8 +334,9 @@ impl KubeVirtLab {
             }
         }
         install_kubevirt_config(&client, config).await?;
-        let qemu = match guest {
-            Some(g) => Some(Arc::new(Qemu::connect(&g.companion_qmp()).await?)),
+        let vsock_socket = guest.filter(|g| g.has_vsock()).map(crate::Guest::vsock_socket);
+        let guest = match guest {
+            Some(g) => Some(LabGuest::connect(g).await?),
             None => None,
         };
         let text = std::fs::read_to_string(crate::workspace_root().join("tests/kubevirt/rbac.yaml"))?;
@@ -328,9 +357,9 @@ impl KubeVirtLab {
             client: client.clone(),
             namespace: namespace.into(),
             mode,
-            vsock: Arc::new(Vsock::new(config.vsock, guest.filter(|g| g.has_vsock()).map(crate::Guest::vsock_socket))?),
-            qemu,
-            oracle: guest.map(crate::Guest::shell).map(Oracle::new),
+            vsock: Arc::new(Vsock::new(config.vsock, vsock_socket)?),
+            guest,
+            domains: Mutex::new(BTreeMap::new()),
             serials: Mutex::new(BTreeMap::new()),
             storage: storage.clone(),
             domain: Mutex::new(BTreeMap::new()),
@@ -359,11 +388,19 @@ impl KubeVirtLab {
         Ok(Self { shared, tasks })
     }
 
+    /// Makes `guest` VMI `vmi`'s domain (a VM with a guest of its own, beside the one given to [`Self::start`]): what
+    /// is plugged into that VMI is plugged into `guest`. Call before the VMI is created.
+    pub async fn add_guest(&self, vmi: &str, guest: &crate::Guest) -> Result<()> {
+        let connected = LabGuest::connect(guest).await?;
+        self.shared.domains.lock().unwrap().insert(vmi.into(), connected);
+        Ok(())
+    }
+
     /// Every unplug virt-handler did while the guest still used the disk (mounted, swapped on, a holder's member,
     /// held by a process), or whose use the oracle could not learn, with what held it ([`crate::unplug_oracle`]).
     /// Always empty without a guest.
     pub fn unsafe_unplugs(&self) -> Vec<UnsafeUnplug> {
-        self.shared.oracle.as_ref().map(Oracle::unsafe_unplugs).unwrap_or_default()
+        self.shared.guests().iter().flat_map(|g| g.oracle.unsafe_unplugs()).collect()
     }
 
     /// How many unplugs the oracle checked, safe or not.
@@ -373,7 +410,7 @@ impl KubeVirtLab {
 
     /// How long the oracle's question to the guest took, for each checked unplug in order: what it adds to an unplug.
     pub fn oracle_round_trips(&self) -> Vec<Duration> {
-        self.shared.oracle.as_ref().map(Oracle::round_trips).unwrap_or_default()
+        self.shared.guests().iter().flat_map(|g| g.oracle.round_trips()).collect()
     }
 
     /// How long an unplug takes from the volume leaving the VMI's spec until the guest loses the disk (default
@@ -2119,7 +2156,7 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
             *next += 1;
             format!("sd{}", (b'a' + *next) as char)
         };
-        if let Some(qemu) = &shared.qemu {
+        if let Some(LabGuest { qemu, .. }) = shared.guest_of(vmi_name) {
             let disk = disk_of(spec, &volume["name"]).unwrap_or(Value::Null);
             let spec = VolumeSpec {
                 name: name.into(),
@@ -2148,20 +2185,13 @@ async fn sync_domain(shared: &Shared, vmi_name: &str, vmi: &DynamicObject) -> Re
             continue;
         }
         shared.unplug_tried.lock().unwrap().remove(&key(vmi_name, &name));
-        if let Some(qemu) = &shared.qemu {
+        if let Some(LabGuest { qemu, oracle }) = shared.guest_of(vmi_name) {
             // Asked at the last instant before the unplug, recorded only once it is done: a failed unplug is retried,
             // and asked about again.
-            let check = match &shared.oracle {
-                Some(oracle) => {
-                    let serial = shared.serials.lock().unwrap().get(&key(vmi_name, &name)).cloned();
-                    Some((oracle, oracle.ask(vmi_name, &name, serial.as_deref()).await))
-                }
-                None => None,
-            };
-            unplug(qemu, &name).await?;
-            if let Some((oracle, check)) = check {
-                oracle.record(check);
-            }
+            let serial = shared.serials.lock().unwrap().get(&key(vmi_name, &name)).cloned();
+            let check = oracle.ask(vmi_name, &name, serial.as_deref()).await;
+            unplug(&qemu, &name).await?;
+            oracle.record(check);
         }
         shared.domain.lock().unwrap().remove(&key(vmi_name, &name));
         shared.leaving.lock().unwrap().remove(&key(vmi_name, &name));

@@ -118,6 +118,22 @@ async fn every_command_with_vmi_reaches_the_vmis_agent_and_no_other() -> Result<
     expect(&attach, 5, "the guest did not report a disk with serial 'data1'");
     let detach = ctl(&env, &[&vmi[..], &["detach", "data1"]].concat())?;
     expect(&detach, 6, "the guest's agent does not see disk 'data1'");
+    // A move from vm1 reads the claim behind the volume from vm1, reaches vm2's own agent (the target guest has no
+    // disk of that serial), then asks vm1's guest to release the disk, which it does not see: refused, nothing moved.
+    kubevirt.create_vm("vm2", true, "127.0.0.78").await?;
+    let _vm2_agent = HostAgent::start("127.0.0.78:7443", &[])?;
+    let moved = ctl(&env, &[&vmi[..], &["-o", "json", "move", "data1", "--to-vmi", "vm2"]].concat())?;
+    expect(&moved, 6, "the guest's agent does not see disk 'data1'");
+    assert_eq!(json(&moved)["exit_code"], 6, "{}", text(&moved));
+    let gone = ctl(&env, &[&vmi[..], &["move", "pvc-gone", "--to-vmi", "ns1/vm2"]].concat())?;
+    expect(&gone, 1, "volume 'pvc-gone' is neither in");
+    assert!(
+        text(&gone).contains("ns1/vm1 nor, as 'pvc-gone', in") && text(&gone).contains("ns1/vm2"),
+        "{}",
+        text(&gone)
+    );
+    let vm2_volumes = vmis.get("vm2").await?.data["spec"]["volumes"].clone();
+    assert!(!vm2_volumes.to_string().contains("pvc-a"), "nothing was added to vm2: {vm2_volumes}");
     let removals = cluster.audit()?.into_iter().filter(|e| e.request_uri.contains("/removevolume")).count();
     assert_eq!(removals, 0, "no removevolume for a disk the guest did not release");
 
@@ -158,8 +174,27 @@ fn usage_mistakes_exit_2_before_anything_is_contacted() -> Result<()> {
         (&["--vmi", "pg-0", "info"], "names no namespace; use --vmi NAMESPACE/pg-0 or -n NAMESPACE"),
         (&["--vmi", "prod/pg/0", "release", "d1"], "is not a valid VMI name"),
         (&["--vmi", "prod/pg-0", "-n", "dev", "disks"], "name different namespaces"),
-        (&["attach", "vol1", "--image", "/x.raw"], "attach and detach need a hypervisor"),
-        (&["detach", "vol1"], "attach and detach need a hypervisor"),
+        (&["attach", "vol1", "--image", "/x.raw"], "attach, detach and move need a hypervisor"),
+        (&["detach", "vol1"], "attach, detach and move need a hypervisor"),
+        (&["move", "vol1", "--to-vmi", "vm2"], "attach, detach and move need a hypervisor"),
+        (&["move", "vol1", "--qmp", "/q"], "move needs a target: --to-vmi [NS/]NAME (KubeVirt) or --to-qmp SOCKET"),
+        (&["move", "vol1", "--qmp", "/q", "--to-qmp", "/q", "--to-agent", nowhere], "is the source's QMP socket"),
+        (&["move", "vol1", "--qmp", "/q", "--to-qmp", "/r"], "with --to-qmp, give --to-agent"),
+        (&["move", "vol1", "--qmp", "/q", "--to-qmp", "/r", "--to-agent", "10.0.0.1:7443"], "is not an agent address"),
+        (&["move", "vol1", "--qmp", "/q", "--to-vmi", "ns/vm2"], "a move stays with one kind of hypervisor"),
+        (&["move", "vol1", "--qmp", "/q", "--to-qmp", "/r", "--to-agent", nowhere, "--claim", "c"], "are for KubeVirt"),
+        (
+            &["move", "vol1", "--qmp", "/q", "--to-qmp", "/r", "--to-agent", nowhere, "--bus", "virtio"],
+            "a virtio disk over --to-qmp needs --to-virtio-bus PORT",
+        ),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "other/vm2"], "a move stays in its namespace"),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "vm"], "--to-vmi vm is the source VMI ns/vm"),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "vm2", "--to-qmp", "/r"], "either --to-vmi or --to-qmp"),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "ns/Vm2"], "is not a valid VMI name"),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "vm2", "--image", "/x"], "--image is for QEMU (--qmp)"),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "vm2", "--to-volume", "Vol2"], "'Vol2' is not a volume"),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "vm2", "--serial", "Bad/S"], "only letters, digits"),
+        (&["--vmi", "ns/vm", "move", "vol1", "--to-vmi", "vm2", "--force"], "a move exists to keep the data"),
         (&["attach", "vol1", "--qmp", "/nonexistent.qmp"], "with --qmp, give --image FILE"),
         (&["--vmi", "ns/vm", "attach", "vol1"], "with --vmi, give --claim PVC or --data-volume DV"),
         (&["--vmi", "ns/vm", "attach", "vol1", "--qmp", "/q"], "either --vmi (KubeVirt) or --qmp (QEMU), not both"),
@@ -314,5 +349,15 @@ fn help_shows_what_applies() -> Result<()> {
     let detach = ctl(&[], &["detach", "--help"])?;
     expect(&detach, 0, "Hypervisor:");
     assert!(text(&detach).contains("--qmp <SOCKET>") && text(&detach).contains("--persist"), "{}", text(&detach));
+    assert!(!text(&detach).contains("--to-"), "{}", text(&detach));
+    let moves = ctl(&[], &["move", "--help"])?;
+    expect(&moves, 0, "Move target:");
+    for flag in ["--to-vmi <[NS/]NAME>", "--to-qmp <SOCKET>", "--to-agent <ADDRESS>", "--to-volume <NAME>", "--qmp"] {
+        assert!(text(&moves).contains(flag), "{flag}: {}", text(&moves));
+    }
+    // --force is there only to be refused with its reason, which the help says instead of offering the flag.
+    assert!(text(&moves).contains("--force is refused: a move exists to keep the data"), "{}", text(&moves));
+    let flags = |l: &str| ["--force", "--delete-claim"].iter().any(|f| l.trim_start().starts_with(f));
+    assert!(!text(&moves).lines().any(flags), "{}", text(&moves));
     Ok(())
 }

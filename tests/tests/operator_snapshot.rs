@@ -149,3 +149,37 @@ async fn a_snapshot_taken_at_detach_restores_the_data_and_a_failing_one_gives_th
     assert_eq!(guest.checksum("/mnt/restored/data").await?, sum, "the snapshot holds the guest's data");
     Ok(())
 }
+
+/// A cluster without the snapshot CRDs: the detach is vetoed, naming what to install, and nothing is created. Against
+/// the real API server, whose answer for an API it does not serve is a bare `404 page not found`, not a Status.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_without_the_snapshot_api_refuses_the_detach_naming_it() -> Result<()> {
+    use wukong_controller_client::agent_client::AgentClient;
+    use wukong_controller_client::companion::{Gate, UnplugGate};
+    use wukong_operator::snapshot::{SnapshotGate, SnapshotRequest};
+    let cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client(ADMIN).await?;
+    // Forced, so that no guest is asked: the gate goes straight to the snapshot.
+    let request = SnapshotRequest {
+        namespace: "default".into(),
+        name: "db-vm-data-1".into(),
+        claim: "db-vm-data".into(),
+        class: None,
+        detach: "uid/data/2026-12-06T00:00:00Z".into(),
+        labels: json!({"vm.novasphere.dev/disk": "data"}),
+        forced: true,
+    };
+    let agent = AgentClient::connect("http://127.0.0.1:9".parse()?)?;
+    let gate = SnapshotGate::new(admin, &agent, request);
+    match gate.before_unplug("data").await {
+        Gate::Veto(why) => assert_eq!(
+            why,
+            "the cluster serves no snapshot.storage.k8s.io/v1 VolumeSnapshots, so VolumeSnapshot default/db-vm-data-1 \
+             cannot be taken (install the CSI external-snapshotter's CRDs and controller, or remove \
+             detachOptions.snapshot)"
+        ),
+        other => anyhow::bail!("expected a veto, got {other:?}"),
+    }
+    assert!(gate.seen().is_none(), "no snapshot was seen, none was made");
+    Ok(())
+}

@@ -2,6 +2,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::process::ExitCode;
+mod moves;
 mod target;
 mod volumes;
 
@@ -110,6 +111,17 @@ enum Command {
     /// Detach a volume safely: the guest releases the disk first, or the detach is refused with every reason
     /// (exit 3). Needs --vmi or --qmp.
     Detach(volumes::DetachArgs),
+    /// Move a volume to another VM: a safe detach from this one (--vmi or --qmp; refused with every reason while
+    /// its guest uses the disk, exit 3), then an attach of the same storage to the target (--to-vmi or --to-qmp),
+    /// never plugged into both. Run it again to finish a move that stopped half way.
+    ///
+    /// The target gets the storage the source has plugged: its image file (QEMU) or its claim or DataVolume
+    /// (KubeVirt, in the same namespace), with the same serial. A move is recorded on this machine (under
+    /// $XDG_STATE_HOME, else ~/.local/state, in wukongctl/moves) until it finishes, so that running it again after
+    /// it stopped between its detach and its attach plugs the same storage; from elsewhere, --image, --claim or
+    /// --data-volume (and --serial) say what to plug. --persist changes both VMs' specs. --force is refused: a move
+    /// exists to keep the data.
+    Move(moves::MoveArgs),
     /// List the guest's disks.
     Disks {
         /// Also scan who uses each disk.
@@ -152,6 +164,18 @@ enum Command {
     /// `kubectl apply -f -`). Contacts nothing.
     #[command(subcommand)]
     Pki(PkiCommand),
+}
+
+impl Command {
+    /// The hypervisor flags of a volume command (attach, detach, move: the source's).
+    fn hypervisor(&self) -> Option<&volumes::HypervisorArgs> {
+        match self {
+            Command::Attach(args) => Some(&args.hypervisor),
+            Command::Detach(args) => Some(&args.hypervisor),
+            Command::Move(args) => Some(&args.hypervisor),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,21 +348,30 @@ fn companion_exit_code(e: &CompanionError) -> u8 {
     match e {
         CompanionError::BadSerial { .. }
         | CompanionError::BadVolumeName { .. }
-        | CompanionError::SerialMismatch { .. } => EXIT_USAGE,
+        | CompanionError::SerialMismatch { .. }
+        | CompanionError::ForcedMove(_)
+        | CompanionError::TargetTaken { .. }
+        | CompanionError::SerialTaken { .. } => EXIT_USAGE,
         CompanionError::Refused { .. }
         | CompanionError::SystemDisk { .. }
         | CompanionError::RemovalUnguarded { .. } => EXIT_IN_USE,
         CompanionError::NotInGuest { .. } => EXIT_NOT_IN_GUEST,
-        CompanionError::AgentUnreachable(e) | CompanionError::AttachUnconfirmed { error: e, .. }
+        CompanionError::AgentUnreachable(e)
+        | CompanionError::AttachUnconfirmed { error: e, .. }
+        | CompanionError::MoveTargetUnreachable { error: e, .. }
             if matches!(**e, ClientError::TlsRefused(_)) =>
         {
             EXIT_TLS
         }
-        CompanionError::AgentUnreachable(_) | CompanionError::AttachUnconfirmed { .. } => EXIT_UNREACHABLE,
+        CompanionError::AgentUnreachable(_)
+        | CompanionError::AttachUnconfirmed { .. }
+        | CompanionError::MoveTargetUnreachable { .. } => EXIT_UNREACHABLE,
         CompanionError::Timeout(_) | CompanionError::GuestDidNotSee { .. } | CompanionError::RemovalPending { .. } => {
             EXIT_TIMEOUT
         }
         CompanionError::Agent(e) => client_exit_code(e),
+        // The attach's own failure says what went wrong; the move's sentence says where the disk is.
+        CompanionError::MoveIncomplete { error, .. } => companion_exit_code(error),
         _ => EXIT_OTHER,
     }
 }
@@ -356,6 +389,7 @@ fn check_serials(command: &Command) -> Result<(), wukong_proto::serial::SerialEr
         }
         Command::Watch { serials } => serials.iter().collect(),
         Command::Detach(args) => args.serial.iter().collect(),
+        Command::Move(args) => args.serial.iter().collect(),
         Command::Attach(_) | Command::Disks { .. } | Command::Info | Command::Pki(_) => Vec::new(),
     };
     serials.into_iter().try_for_each(|s| Serial::parse(s).map(drop))
@@ -389,9 +423,10 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
         .into());
     }
     check_serials(&cli.command)?;
-    let volume_target = match &cli.command {
-        Command::Attach(args) => Some(volumes::Target::of(vmi.as_ref(), &args.hypervisor, address.is_some())?),
-        Command::Detach(args) => Some(volumes::Target::of(vmi.as_ref(), &args.hypervisor, address.is_some())?),
+    let volume_target =
+        cli.command.hypervisor().map(|args| volumes::Target::of(vmi.as_ref(), args, address.is_some())).transpose()?;
+    let move_plan = match (&cli.command, &volume_target) {
+        (Command::Move(args), Some(source)) => Some(moves::MovePlan::of(args, source)?),
         _ => None,
     };
     let attach_volume = match (&cli.command, &volume_target) {
@@ -405,25 +440,30 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
     }
 
     // KubeVirt's vsock subresource is opened through the Kubernetes API too.
-    let kube = match (&vmi, &address) {
-        (Some(_), _) | (_, Some(AgentAddress::KubeVirtVsock { .. })) => Some(target::kube_client(&cli.target).await?),
+    let needs_kube = vmi.is_some()
+        || matches!(address, Some(AgentAddress::KubeVirtVsock { .. }))
+        || move_plan.as_ref().is_some_and(moves::MovePlan::needs_kube);
+    let kube = match needs_kube {
+        true => Some(target::kube_client(&cli.target).await?),
+        false => None,
+    };
+    let backend = match (cli.command.hypervisor(), &volume_target) {
+        (Some(args), Some(t)) => Some(volumes::Backend::connect(t, kube.as_ref(), args).await?),
         _ => None,
     };
-    let backend = match (&cli.command, &volume_target) {
-        (Command::Attach(a), Some(t)) => Some(volumes::Backend::connect(t, kube.as_ref(), &a.hypervisor).await?),
-        (Command::Detach(a), Some(t)) => Some(volumes::Backend::connect(t, kube.as_ref(), &a.hypervisor).await?),
-        _ => None,
+    let move_to = match &move_plan {
+        Some(plan) => Some(volumes::Backend::connect(&plan.target(), kube.as_ref(), &plan.hypervisor).await?),
+        None => None,
     };
     // The agent of the machine the command was pointed at, and no other.
     let address = match (address, &vmi, &kube) {
         (Some(address), _, _) => address,
-        (None, Some(vmi), Some((client, url))) => {
-            use wukong_controller_client::kubevirt::{KubeVirt, agent_route};
-            let kubevirt = KubeVirt::new(client.clone(), &vmi.namespace, &vmi.name, false).with_api_url(url);
-            let (found, vm) = kubevirt.vmi_and_vm().await?;
-            agent_route(vm.as_ref(), &found, &cli.target.route())?
-        }
+        (None, Some(vmi), Some(kube)) => target::vmi_agent(kube, vmi, &cli.target.route()).await?,
         _ => DEFAULT_AGENT.parse()?,
+    };
+    let move_agent = match &move_plan {
+        Some(plan) => Some(plan.agent(kube.as_ref(), &cli.target.route()).await?),
+        None => None,
     };
     tracing::info!(agent = %address.place(), "reaching the agent");
     let dialer = Dialer::new().with_tls(tls);
@@ -432,6 +472,7 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
         None => dialer,
     };
     let client = dialer.connect(address)?;
+    let move_client = move_agent.map(|address| dialer.connect(address)).transpose()?;
     match cli.command {
         Command::Attach(args) => {
             let volume = attach_volume.expect("checked above");
@@ -439,6 +480,11 @@ async fn run(cli: Cli, agent_typed: bool) -> anyhow::Result<u8> {
         }
         Command::Detach(args) => {
             volumes::detach(backend.as_ref().expect("connected above"), &client, args, json).await?
+        }
+        Command::Move(args) => {
+            let from = (backend.as_ref().expect("connected above"), &client);
+            let to = (move_to.as_ref().expect("connected above"), move_client.as_ref().expect("dialled above"));
+            moves::move_volume(from, to, move_plan.expect("checked above"), args, json).await?
         }
         Command::Disks { usage } => {
             let disks = client.list_disks(usage).await?;

@@ -5,8 +5,10 @@
 
 use crate::UsageError;
 use std::path::PathBuf;
-use wukong_controller_client::agent_client::VsockTls;
-use wukong_controller_client::kubevirt::{AgentTransport, RouteOptions, RouteSettings, valid_name, valid_namespace};
+use wukong_controller_client::agent_client::{AgentAddress, VsockTls};
+use wukong_controller_client::kubevirt::{
+    AgentTransport, KubeVirt, RouteOptions, RouteSettings, agent_route, valid_name, valid_namespace,
+};
 
 /// Where the agent is. Global: every command takes these.
 #[derive(Debug, Clone, clap::Args)]
@@ -87,22 +89,60 @@ impl TargetArgs {
                 }
             },
         };
-        check_name("namespace", &namespace, valid_namespace(&namespace), 63, vmi)?;
-        check_name("VMI name", &name, valid_name(&name), 253, vmi)?;
-        Ok(Some(VmiRef { namespace, name }))
+        VmiRef::checked("--vmi", vmi, namespace, name).map(Some)
+    }
+}
+
+impl VmiRef {
+    fn checked(flag: &str, given: &str, namespace: String, name: String) -> Result<Self, UsageError> {
+        check_name(flag, "namespace", &namespace, valid_namespace(&namespace), 63, given)?;
+        check_name(flag, "VMI name", &name, valid_name(&name), 253, given)?;
+        Ok(VmiRef { namespace, name })
+    }
+
+    /// A move's target, `--to-vmi [NS/]NAME`: another VMI of the source's namespace, the only one its claim can be
+    /// plugged in (a PersistentVolumeClaim never leaves its namespace).
+    pub fn move_target(given: &str, source: &VmiRef) -> Result<Self, UsageError> {
+        let (namespace, name) = given.split_once('/').unwrap_or((&source.namespace, given));
+        let target = Self::checked("--to-vmi", given, namespace.into(), name.into())?;
+        if target.namespace != source.namespace {
+            return Err(UsageError(format!(
+                "--to-vmi {given} is in namespace {}, the source VMI in {}: a move stays in its namespace, since a \
+                 claim cannot leave it",
+                target.namespace, source.namespace
+            )));
+        }
+        if target == *source {
+            return Err(UsageError(format!(
+                "--to-vmi {given} is the source VMI {}/{}; a move goes to another VM",
+                source.namespace, source.name
+            )));
+        }
+        Ok(target)
     }
 }
 
 /// Kubernetes' names: lowercase letters, digits and '-' (and '.' in a VMI's name), starting and ending with a
 /// letter or digit.
-fn check_name(what: &str, value: &str, fine: bool, max: usize, given: &str) -> Result<(), UsageError> {
+fn check_name(flag: &str, what: &str, value: &str, fine: bool, max: usize, given: &str) -> Result<(), UsageError> {
     match fine {
         true => Ok(()),
         false => Err(UsageError(format!(
-            "--vmi {given}: {value:?} is not a valid {what} (lowercase letters, digits and '-', at most {max} \
-             characters, starting and ending with a letter or digit); use --vmi NAMESPACE/NAME"
+            "{flag} {given}: {value:?} is not a valid {what} (lowercase letters, digits and '-', at most {max} \
+             characters, starting and ending with a letter or digit); use {flag} NAMESPACE/NAME"
         ))),
     }
+}
+
+/// The agent of a VMI's guest: the way to it its VM's annotations and `route` (the --agent-* flags) say.
+pub async fn vmi_agent(
+    (client, url): &(kube::Client, String),
+    vmi: &VmiRef,
+    route: &RouteOptions,
+) -> anyhow::Result<AgentAddress> {
+    let kubevirt = KubeVirt::new(client.clone(), &vmi.namespace, &vmi.name, false).with_api_url(url);
+    let (found, vm) = kubevirt.vmi_and_vm().await?;
+    Ok(agent_route(vm.as_ref(), &found, route)?)
 }
 
 /// A Kubernetes client as kubectl would build it from these flags, and the API server's URL for messages.
@@ -167,6 +207,24 @@ mod tests {
         ] {
             let err = args(Some(vmi), ns).vmi().unwrap_err().to_string();
             assert!(err.contains(says), "{vmi} {ns:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_move_target_is_another_vmi_of_the_sources_namespace() {
+        let source = VmiRef { namespace: "prod".into(), name: "pg-0".into() };
+        let pg1 = VmiRef { namespace: "prod".into(), name: "pg-1".into() };
+        assert_eq!(VmiRef::move_target("pg-1", &source).unwrap(), pg1);
+        assert_eq!(VmiRef::move_target("prod/pg-1", &source).unwrap(), pg1);
+        for (given, says) in [
+            ("dev/pg-1", "a move stays in its namespace, since a claim cannot leave it"),
+            ("pg-0", "is the source VMI prod/pg-0"),
+            ("prod/pg-0", "is the source VMI"),
+            ("prod/-pg", "--to-vmi prod/-pg: \"-pg\" is not a valid VMI name"),
+            ("Prod/pg-1", "use --to-vmi NAMESPACE/NAME"),
+        ] {
+            let err = VmiRef::move_target(given, &source).unwrap_err().to_string();
+            assert!(err.contains(says), "{given}: {err}");
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `wukongctl attach` and `detach`: the companion against KubeVirt (`--vmi NS/NAME`) or QEMU (`--qmp SOCKET`).
+//! `wukongctl attach` and `detach`: the companion against KubeVirt (`--vmi NS/NAME`) or QEMU (`--qmp SOCKET`), and
+//! what `move` ([`crate::moves`]) shares with them.
 
 use crate::UsageError;
 use crate::target::VmiRef;
@@ -8,13 +9,14 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use wukong_controller_client::agent_client::AgentClient;
-use wukong_controller_client::companion::{self, AttachOptions, Attached, DetachOptions, Detached};
-use wukong_controller_client::hypervisor::{DiskBus, Removal, VolumeSource, VolumeSpec};
+use wukong_controller_client::companion::{self, AttachOptions, Attached, CompanionError, DetachOptions, Detached};
+use wukong_controller_client::hypervisor::{DiskBus, Hypervisor, Removal, VolumeSource, VolumeSpec};
 use wukong_controller_client::kubevirt::KubeVirt;
 use wukong_controller_client::output;
 use wukong_controller_client::qemu::Qemu;
+use wukong_proto::v1::Disk;
 
-/// Which hypervisor holds the VM, besides the global --vmi (attach and detach only).
+/// Which hypervisor holds the VM, besides the global --vmi (attach, detach, and the source of a move).
 #[derive(Debug, Clone, clap::Args)]
 pub struct HypervisorArgs {
     /// With --vmi: change the VM (its spec keeps the volume across restarts), not only the running VMI.
@@ -40,6 +42,19 @@ pub struct AttachArgs {
     pub serial: Option<String>,
     #[arg(long, value_enum, default_value_t = DiskBus::Scsi)]
     pub bus: DiskBus,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Seconds to wait for the hypervisor and then the guest.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub hypervisor: HypervisorArgs,
+}
+
+/// What a volume is plugged from: attach's storage, and what a move plugs into its target instead of what the
+/// source has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageArgs {
     /// KubeVirt: the PersistentVolumeClaim to attach.
     #[arg(long, conflicts_with_all = ["data_volume", "image"])]
     pub claim: Option<String>,
@@ -49,14 +64,43 @@ pub struct AttachArgs {
     /// QEMU: the image file to attach.
     #[arg(long)]
     pub image: Option<PathBuf>,
-    /// QEMU: the image format.
+    /// QEMU: the image format (with --image).
     #[arg(long, default_value = "raw")]
     pub format: String,
-    /// Seconds to wait for the hypervisor and then the guest.
-    #[arg(long, default_value_t = 120)]
-    pub timeout: u64,
-    #[command(flatten)]
-    pub hypervisor: HypervisorArgs,
+}
+
+impl StorageArgs {
+    /// The storage these flags name for `target`'s kind of hypervisor (`None`: none named); flags of the other
+    /// kind are a usage error.
+    pub(crate) fn named(&self, target: &Target) -> Result<Option<VolumeSource>, UsageError> {
+        match target {
+            Target::KubeVirt(_) if self.image.is_some() => Err(UsageError(
+                "--image is for QEMU (--qmp); with --vmi the storage is a claim (--claim) or a DataVolume \
+                 (--data-volume)"
+                    .into(),
+            )),
+            Target::KubeVirt(_) => Ok(self
+                .claim
+                .clone()
+                .map(VolumeSource::PersistentVolumeClaim)
+                .or_else(|| self.data_volume.clone().map(VolumeSource::DataVolume))),
+            Target::Qemu(_) if self.claim.is_some() || self.data_volume.is_some() => Err(UsageError(
+                "--claim and --data-volume are for KubeVirt (--vmi); with --qmp the storage is an image file (--image)"
+                    .into(),
+            )),
+            Target::Qemu(_) => {
+                Ok(self.image.clone().map(|path| VolumeSource::Image { path, format: self.format.clone() }))
+            }
+        }
+    }
+}
+
+/// The storage flags an attach needs.
+fn storage_needed(target: &Target) -> UsageError {
+    UsageError(match target {
+        Target::KubeVirt(_) => "with --vmi, give --claim PVC or --data-volume DV".into(),
+        Target::Qemu(_) => "with --qmp, give --image FILE (and no --claim or --data-volume)".into(),
+    })
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -95,7 +139,8 @@ impl<'a> Target<'a> {
         match (vmi, &args.qmp) {
             (Some(_), Some(_)) => Err(UsageError("give either --vmi (KubeVirt) or --qmp (QEMU), not both".into())),
             (None, None) => Err(UsageError(
-                "attach and detach need a hypervisor: --vmi NAMESPACE/NAME (KubeVirt) or --qmp SOCKET (QEMU)".into(),
+                "attach, detach and move need a hypervisor: --vmi NAMESPACE/NAME (KubeVirt) or --qmp SOCKET (QEMU)"
+                    .into(),
             )),
             (Some(vmi), None) => Ok(Self::KubeVirt(vmi)),
             (None, Some(_)) if args.persist => Err(UsageError("--persist is for KubeVirt (--vmi)".into())),
@@ -119,17 +164,7 @@ pub fn attach_volume(target: &Target, args: &AttachArgs) -> anyhow::Result<Volum
         }
         None => companion::derive_serial(&args.volume)?,
     };
-    let source = match (target, &args.claim, &args.data_volume, &args.image) {
-        (Target::KubeVirt(_), Some(c), _, _) => VolumeSource::PersistentVolumeClaim(c.clone()),
-        (Target::KubeVirt(_), _, Some(d), _) => VolumeSource::DataVolume(d.clone()),
-        (Target::Qemu(_), None, None, Some(i)) => VolumeSource::Image { path: i.clone(), format: args.format.clone() },
-        (Target::KubeVirt(_), ..) => {
-            return Err(UsageError("with --vmi, give --claim PVC or --data-volume DV".into()).into());
-        }
-        (Target::Qemu(_), ..) => {
-            return Err(UsageError("with --qmp, give --image FILE (and no --claim or --data-volume)".into()).into());
-        }
-    };
+    let source = args.storage.named(target)?.ok_or_else(|| storage_needed(target))?;
     if matches!(target, Target::Qemu(_)) && args.bus == DiskBus::Virtio && args.hypervisor.virtio_bus.is_none() {
         return Err(
             UsageError("a virtio disk over --qmp needs --virtio-bus PORT (a free pcie-root-port id)".into()).into()
@@ -167,6 +202,13 @@ impl Backend {
         }
     }
 
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::KubeVirt(k) => k.describe(),
+            Self::Qemu(q) => q.describe(),
+        }
+    }
+
     /// Which KubeVirt object's subresources were used ("vmi", "vm (declarative hot-plug)", …); none for QEMU.
     async fn route(&self) -> Option<&'static str> {
         match self {
@@ -177,7 +219,7 @@ impl Backend {
 }
 
 /// Shows the current phase on a TTY (a spinner), or logs it.
-fn progress_reporter() -> (Option<ProgressBar>, impl Fn(&str) + Sync) {
+pub(crate) fn progress_reporter() -> (Option<ProgressBar>, impl Fn(&str) + Sync) {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new_spinner();
         bar.enable_steady_tick(Duration::from_millis(100));
@@ -211,24 +253,70 @@ pub async fn attach(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let d = &attached.disk;
     if json {
-        crate::print_json(&serde_json::json!({
-            "volume": args.volume, "already": attached.already, "disk": output::disk_json(d),
-            "kubevirt_route": backend.route().await,
-            "timings_ms": timings_json(&attached.timings),
-        }));
+        crate::print_json(&attached_json(backend, &args.volume, &attached).await);
     } else {
         let how = if attached.already { "was already attached" } else { "is attached" };
-        println!(
-            "{} {how}: the guest sees it as {} ({}, {})",
-            args.volume,
-            d.dev_node,
-            output::human_size(d.size_bytes),
-            d.by_id_links.first().map(String::as_str).unwrap_or("no by-id link")
-        );
+        println!("{} {how}: the guest sees it as {} ({})", args.volume, attached.disk.dev_node, about(&attached.disk));
     }
     Ok(())
+}
+
+/// A disk's size and stable name in the guest: "64 MiB, /dev/disk/by-id/…".
+pub(crate) fn about(d: &Disk) -> String {
+    format!(
+        "{}, {}",
+        output::human_size(d.size_bytes),
+        d.by_id_links.first().map(String::as_str).unwrap_or("no by-id link")
+    )
+}
+
+pub(crate) async fn attached_json(backend: &Backend, volume: &str, attached: &Attached) -> serde_json::Value {
+    serde_json::json!({
+        "volume": volume, "already": attached.already, "disk": output::disk_json(&attached.disk),
+        "kubevirt_route": backend.route().await,
+        "timings_ms": timings_json(&attached.timings),
+    })
+}
+
+pub(crate) async fn detached_json(backend: &Backend, volume: &str, detached: &Detached) -> serde_json::Value {
+    serde_json::json!({
+        "volume": volume, "serial": detached.serial, "already": detached.already, "forced": detached.forced,
+        "kubevirt_route": backend.route().await,
+        "removal": detached.removal.map(|r| match r {
+            Removal::Requested => "requested",
+            Removal::AlreadyInProgress => "joined",
+        }),
+        "release": detached.release.as_ref().map(output::release_json),
+        "timings_ms": timings_json(&detached.timings),
+    })
+}
+
+/// What the guest gave up in a detach that happened: the release (or the warning that there was none), and a
+/// removal it joined.
+pub(crate) fn print_release(volume: &str, detached: &Detached) {
+    if detached.forced {
+        eprintln!("wukongctl: WARNING: {volume} was detached with --force, without asking the guest");
+    }
+    if let Some(r) = &detached.release {
+        print!("{}", output::release_text(r));
+    }
+    if detached.removal == Some(Removal::AlreadyInProgress) {
+        println!("{volume} was already being removed; this detach waited for that removal");
+    }
+}
+
+/// A detach refused while the guest uses the disk: every blocker, as a table (or JSON), before the one error line.
+pub(crate) fn print_blockers<T>(result: &Result<T, CompanionError>, json: bool) {
+    if let Err(CompanionError::Refused { report, .. } | CompanionError::RemovalUnguarded { report, .. }) = result
+        && !report.blockers.is_empty()
+    {
+        if json {
+            crate::print_json(&output::usage_json(report));
+        } else {
+            print!("{}", output::usage_text(report));
+        }
+    }
 }
 
 pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, json: bool) -> anyhow::Result<()> {
@@ -253,45 +341,20 @@ pub async fn detach(backend: &Backend, agent: &AgentClient, args: DetachArgs, js
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Err(
-        companion::CompanionError::Refused { report, .. } | companion::CompanionError::RemovalUnguarded { report, .. },
-    ) = &detached
-        && !report.blockers.is_empty()
-    {
-        if json {
-            crate::print_json(&output::usage_json(report));
-        } else {
-            print!("{}", output::usage_text(report));
-        }
-    }
+    print_blockers(&detached, json);
     let detached = detached?;
     if let (Some(claim), Backend::KubeVirt(k)) = (&claim, backend) {
         k.delete_claim(claim).await?;
         tracing::info!(claim, "deleted the volume's claim");
     }
     if json {
-        crate::print_json(&serde_json::json!({
-            "volume": args.volume, "serial": detached.serial, "already": detached.already, "forced": detached.forced,
-            "kubevirt_route": backend.route().await,
-            "removal": detached.removal.map(|r| match r {
-                Removal::Requested => "requested",
-                Removal::AlreadyInProgress => "joined",
-            }),
-            "release": detached.release.as_ref().map(output::release_json), "deleted_claim": claim,
-            "timings_ms": timings_json(&detached.timings),
-        }));
+        let mut value = detached_json(backend, &args.volume, &detached).await;
+        value["deleted_claim"] = serde_json::json!(claim);
+        crate::print_json(&value);
     } else if detached.already {
         println!("{} is not attached; nothing to do", args.volume);
     } else {
-        if detached.forced {
-            eprintln!("wukongctl: WARNING: {} was detached with --force, without asking the guest", args.volume);
-        }
-        if let Some(r) = &detached.release {
-            print!("{}", output::release_text(r));
-        }
-        if detached.removal == Some(Removal::AlreadyInProgress) {
-            println!("{} was already being removed; this detach waited for that removal", args.volume);
-        }
+        print_release(&args.volume, &detached);
         println!("{} is detached{}", args.volume, claim.map(|c| format!("; claim {c} deleted")).unwrap_or_default());
     }
     Ok(())
