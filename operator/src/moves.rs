@@ -104,7 +104,7 @@ pub fn claim_of(
     })
 }
 
-/// Why a move into `wukong`'s disk `disk` (spec.disks[`index`]) cannot start: the source object or its disk does not
+/// Why a move into `wukong`'s disk `spec.disks[index]` cannot start: the source object or its disk does not
 /// exist, or is its system disk, or another object asks for it too. Asked only while the claim is not handed over:
 /// once it is, the source may go.
 pub fn check_source(wukongs: &Store<Wukong>, wukong: &Wukong, index: usize, from: &DiskRef) -> Result<(), SpecError> {

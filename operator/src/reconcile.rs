@@ -742,7 +742,8 @@ async fn check_storage(
             return fault(
                 "name",
                 format!(
-                    "claim {name} exists and belongs to Wukong {owner} (a disk moved there keeps its claim); give                      this disk another name"
+                    "claim {name} exists and belongs to Wukong {owner} (a disk moved there keeps its claim); give \
+                     this disk another name"
                 ),
             );
         }
@@ -965,8 +966,7 @@ async fn carry_out(disk: &DiskPlan, wukong: &Wukong, scene: &Scene, context: &Co
         Step::Detach(options) => detach(status, disk, options.clone(), &key, wukong, scene, context).await,
         Step::Finish { delete_claim } => {
             // Another object asks for the disk and cannot have it yet (its VM is being made, say): kept, and
-            // remembered, so that the pass that can hand it over finds it.
-            // (`apply` says why.)
+            // remembered, so that the pass that can hand it over finds it (`apply` says why it waits).
             if scene.movers.get(&disk.name).is_some_and(|m| m.refused.is_some()) {
                 set(&mut status, Phase::Detached, "detached");
                 return Ok(DiskOutcome::settled(status));
@@ -1236,16 +1236,27 @@ async fn detach(
             // Asked again: a move declared while the detach ran (the source's removal applied a moment before the
             // destination's `moveFrom`) gets the claim, not its deletion.
             let mover = moves::movers(&context.caches.wukongs, &context.caches.kubevirt, wukong).remove(&status.name);
-            if let Some(mover) = mover.filter(|m| m.refused.is_none()) {
-                let (ns, claim) = (&scene.ns, &status.pvc_name);
-                let data_volume = status.data_volume.is_some();
-                moves::hand_over(&context.client, ns, claim, data_volume, &mover.wukong, &mover.disk).await?;
-                return Ok(moved(status, disk, Some(mover.destination()), wukong, context).await);
+            match mover {
+                Some(mover) if mover.refused.is_none() => {
+                    let (ns, claim) = (&scene.ns, &status.pvc_name);
+                    let data_volume = status.data_volume.is_some();
+                    moves::hand_over(&context.client, ns, claim, data_volume, &mover.wukong, &mover.disk).await?;
+                    return Ok(moved(status, disk, Some(mover.destination()), wukong, context).await);
+                }
+                // Asked for by an object that cannot have it yet: kept and remembered, as `Step::Finish` does.
+                Some(_) if disk.wanted.is_none() => {
+                    status.phase = Phase::Detached;
+                    status.message = Some("detached".into());
+                    return Ok(DiskOutcome::settled(status));
+                }
+                _ => {}
             }
-            if !options.preserve_data && !asked_for(&status, wukong, scene, context) {
+            let delete = !options.preserve_data && !asked_for(&status, wukong, scene, context);
+            if delete {
                 delete_storage(context, &scene.ns, &status).await?;
             }
             let mut record = detached_record(&status, context, detached.forced);
+            record.preserved_data = !delete;
             record.snapshot = status.snapshot.as_ref().map(|s| s.name.clone());
             let message = format!(
                 "disk '{}' (serial {}) is detached{}{}; claim {} {}",
@@ -1257,7 +1268,11 @@ async fn detach(
                     None => String::new(),
                 },
                 status.pvc_name,
-                if options.preserve_data { "kept (preserveData)" } else { "deleted" }
+                match (delete, options.preserve_data) {
+                    (true, _) => "deleted",
+                    (false, true) => "kept (preserveData)",
+                    (false, false) => "kept (another Wukong's)",
+                }
             );
             publish(context, wukong, EventType::Normal, "Detached", "Detach", &message).await;
             Ok(DiskOutcome { status: None, requeue: None, record: Some(record) })
@@ -1974,6 +1989,20 @@ mod tests {
             (record["outcome"].clone(), record["movedTo"].clone()),
             (json!("Moved"), json!({"wukong": "web", "disk": "moved"}))
         );
+
+        // The operator stopped between the hand-over and its status write: the next pass finds the claim web's, and
+        // records the move without touching the claim again.
+        let mut handed = claim.clone();
+        handed.metadata.labels.get_or_insert_default().insert(OWNER_LABEL.into(), "web".into());
+        let api = MockApi::start(respond);
+        let cache = crate::fixtures::kubevirt_cache(vec![db_vm(false), web_asking_for_data().1], Vec::new());
+        let objects = vec![db.clone(), web.clone()];
+        apply(&db, &crate::fixtures::context_with_objects(api.client(), vec![handed], cache, objects)).await.unwrap();
+        let seen = api.seen();
+        let writes: Vec<&str> = seen.iter().filter(|s| s.method != Method::GET).map(|s| s.path.as_str()).collect();
+        assert!(writes.iter().all(|w| !w.contains("persistentvolumeclaims")), "{writes:?}");
+        let status = &seen.last().unwrap().body["status"];
+        assert_eq!(status["history"][0]["outcome"], "Moved", "{status}");
     }
 
     #[tokio::test]

@@ -549,6 +549,25 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_disk_does_not_move_again_from_elsewhere() {
+        let came = VolumeStatus {
+            name: "data".into(),
+            phase: Phase::Attached,
+            moved_from: Some(DiskRef { wukong: "a".into(), disk: "data".into() }),
+            ..Default::default()
+        };
+        let asked = |wukong: &str| spec(vec![moved(disk("data", "1Gi"), wukong, "data")]);
+        assert_eq!(check_against_status(&asked("a"), std::slice::from_ref(&came)), Ok(()));
+        assert_eq!(check_against_status(&spec(vec![disk("data", "1Gi")]), std::slice::from_ref(&came)), Ok(()));
+        let error = check_against_status(&asked("b"), std::slice::from_ref(&came)).unwrap_err();
+        assert_eq!(error.field, "spec.disks[0].moveFrom");
+        assert!(error.message.starts_with("disk 'data' was moved here from disk 'data' of Wukong a already"));
+        // Still waiting for its claim: it may be asked from elsewhere instead.
+        let waiting = VolumeStatus { phase: Phase::Pending, ..came };
+        assert_eq!(check_against_status(&asked("b"), &[waiting]), Ok(()));
+    }
+
+    #[test]
     fn the_recorded_system_disk_stays_the_system_disk() {
         let recorded = [VolumeStatus { name: "root".into(), system: true, ..Default::default() }];
         let moved = spec(vec![disk("root", "1Gi"), DiskSpec { system: true, ..disk("data", "1Gi") }]);
