@@ -215,3 +215,67 @@ async fn wukongctl_move_keeps_the_data_refuses_while_used_and_finishes_when_run_
     assert_eq!(two.checksum("/mnt/m/data").await?, sum, "the data moved intact again");
     Ok(())
 }
+
+/// `wukongctl --vmi NS/VM move VOLUME --to-vmi VM2` on the lab's KubeVirt, each VMI with a guest of its own: refused
+/// while the source guest uses the disk, then the same claim leaves the first VMI and is plugged into the second,
+/// with the data, and no unplug pulled it out from under a guest.
+#[tokio::test(flavor = "multi_thread")]
+async fn wukongctl_moves_a_kubevirt_volume_to_another_vmi_with_its_claim() -> Result<()> {
+    use kube::api::{Api, DynamicObject};
+    use wukong_controller_client::hypervisor::{Hypervisor, VolumeState};
+    use wukong_controller_client::kubevirt::{KubeVirt, vmi_resource};
+    use wukong_e2e::cluster::{ADMIN, Cluster};
+    use wukong_e2e::kubevirt_lab::{API_SERVER, CONTROLLER, HANDLER, HotplugMode, KubeVirtLab, attach_claim};
+    let (one, two) = tokio::try_join!(Guest::boot(), Guest::boot())?;
+    let cluster = Cluster::start(&[API_SERVER, CONTROLLER, HANDLER]).await?;
+    let kubevirt = KubeVirtLab::start(&cluster, Some(&one), "mv", HotplugMode::Declarative).await?;
+    kubevirt.add_guest("vm2", &two).await?;
+    // Addresses of this test's own, each forwarded to its guest's agent port.
+    let (a, b) = (std::net::Ipv4Addr::new(127, 0, 28, 11), std::net::Ipv4Addr::new(127, 0, 28, 12));
+    one.forward_agent(a).await?;
+    two.forward_agent(b).await?;
+    kubevirt.create_vm("vm1", true, &a.to_string()).await?;
+    kubevirt.create_vm("vm2", true, &b.to_string()).await?;
+    let image = one.new_image(64 << 20)?;
+    kubevirt.create_claim("pg", &image).await?;
+    let admin = cluster.client(ADMIN).await?;
+    let (vm1, vm2) =
+        (KubeVirt::new(admin.clone(), "mv", "vm1", false), KubeVirt::new(admin.clone(), "mv", "vm2", false));
+    let dev = attach_claim(&one, &vm1, "data", "pg").await?;
+    let sum = one.fill(&dev, "/mnt/m", 4 << 20).await?;
+    let pid = one.start_writer("/mnt/m").await?;
+    let kubeconfig = cluster.kubeconfig(ADMIN)?;
+    let ctl = |args: &[&str]| {
+        let all = [&["--vmi", "mv/vm1"][..], args].concat();
+        Command::new(wukongctl_binary()).env("KUBECONFIG", &kubeconfig).args(all).stdin(Stdio::null()).output()
+    };
+
+    let refused = ctl(&["move", "data", "--to-vmi", "vm2", "--unmount"])?;
+    expect(&refused, 3, &format!("(pid {pid}, uid 0) has /mnt/m/log open for writing"));
+    assert!(matches!(vm1.volume_state("data").await?, VolumeState::Ready { .. }), "still plugged into vm1");
+    assert_eq!(vm2.volume_state("data").await?, VolumeState::Absent, "nothing added to vm2");
+    one.run_ok("grep -q ' /mnt/m ' /proc/mounts").await.context("still mounted in vm1's guest")?;
+
+    one.stop_process(&pid).await?;
+    let moved = ctl(&["-o", "json", "move", "data", "--to-vmi", "vm2", "--unmount"])?;
+    assert_eq!(moved.status.code(), Some(0), "{}", text(&moved));
+    let moved = json_of(&moved);
+    assert_eq!((moved["detach"]["already"].clone(), moved["attach"]["already"].clone()), (json!(false), json!(false)));
+    assert_eq!(vm1.volume_state("data").await?, VolumeState::Absent, "gone from vm1");
+    let vmis = Api::<DynamicObject>::namespaced_with(admin, "mv", &vmi_resource());
+    let volumes = vmis.get("vm2").await?.data["spec"]["volumes"].clone();
+    let claims: Vec<&str> = volumes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+        .collect();
+    assert_eq!(claims, ["pg"], "the same claim, in vm2: {volumes}");
+    assert!(!one.has_disk("data").await, "gone from vm1's guest");
+    let target = two.agent().get_disk("data", false).await?.dev_node;
+    assert_eq!(moved["attach"]["disk"]["dev_node"], target.as_str(), "{moved}");
+    two.run_ok(&format!("mkdir -p /mnt/m && mount {target} /mnt/m")).await?;
+    assert_eq!(two.checksum("/mnt/m/data").await?, sum, "the data moved intact");
+    assert!(kubevirt.unsafe_unplugs().is_empty(), "{:?}", kubevirt.unsafe_unplugs());
+    Ok(())
+}
