@@ -263,19 +263,28 @@ fn error_policy(wukong: Arc<Wukong>, error: &Error, context: Arc<Context>) -> Ac
 
 async fn reconcile(wukong: Arc<Wukong>, context: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    // Inside the controller's span, which names the object and why it was woken: a pass that never ends (or never
+    // starts) is told by these two lines.
+    tracing::debug!("pass started");
+    let result = finalized(wukong, &context).await;
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "pass ended");
+    context.metrics.reconciled(started.elapsed());
+    result
+}
+
+/// A pass under the finalizer: [`apply`] while the object lives, [`cleanup`] once it is being deleted.
+async fn finalized(wukong: Arc<Wukong>, context: &Context) -> Result<Action> {
     let ns = wukong.namespace().unwrap_or_default();
     let api: Api<Wukong> = Api::namespaced(context.client.clone(), &ns);
     let object = ObjectRef::from_obj(&*wukong).to_string();
-    let result = finalizer(&api, FINALIZER, wukong, |event| async {
+    finalizer(&api, FINALIZER, wukong, |event| async {
         match event {
-            Finalizing::Apply(wukong) => apply(&wukong, &context).await,
-            Finalizing::Cleanup(wukong) => cleanup(&wukong, &context).await,
+            Finalizing::Apply(wukong) => apply(&wukong, context).await,
+            Finalizing::Cleanup(wukong) => cleanup(&wukong, context).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer { object, source: Box::new(e) });
-    context.metrics.reconciled(started.elapsed());
-    result
+    .map_err(|e| Error::Finalizer { object, source: Box::new(e) })
 }
 
 /// What one pass observed of a `Wukong`'s VM.
