@@ -245,9 +245,13 @@ async fn wukongctl_moves_a_kubevirt_volume_to_another_vmi_with_its_claim() -> Re
     let sum = one.fill(&dev, "/mnt/m", 4 << 20).await?;
     let pid = one.start_writer("/mnt/m").await?;
     let kubeconfig = cluster.kubeconfig(ADMIN)?;
+    // Its records of moves in the lab's directory, not under the caller's $HOME.
+    let state = one.companion_qmp().with_file_name("state");
     let ctl = |args: &[&str]| {
         let all = [&["--vmi", "mv/vm1"][..], args].concat();
-        Command::new(wukongctl_binary()).env("KUBECONFIG", &kubeconfig).args(all).stdin(Stdio::null()).output()
+        let mut command = Command::new(wukongctl_binary());
+        command.env("KUBECONFIG", &kubeconfig).env("XDG_STATE_HOME", &state);
+        command.args(all).stdin(Stdio::null()).output()
     };
 
     let refused = ctl(&["move", "data", "--to-vmi", "vm2", "--unmount"])?;
