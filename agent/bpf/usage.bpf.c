@@ -1,10 +1,18 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * The agent's in-kernel usage scan: three iterators over every task visible in the reader's pid namespace that
- * write one record per use of a watched device, filtering in the kernel (printing everything and filtering in
- * userspace doubles the cost). The agent writes the device numbers of one scan into `devices` and reads the three
- * iterators; what it gets is the set of processes to look at through /proc, where names, paths and access modes
- * come from as they do for the /proc scanner.
+ * The agent's in-kernel usage scan: iterators over every task visible in the reader's pid namespace that write one
+ * record per use of a watched device, filtering in the kernel (printing everything and filtering in userspace
+ * doubles the cost). The agent writes the device numbers of one scan into `devices` and reads the iterators; what
+ * it gets is the set of processes to look at through /proc, where names, paths and access modes come from as they
+ * do for the /proc scanner.
+ *
+ * Two ways to walk, the same records:
+ *  - per process (Linux 6.7+): one `iter/task` program walks each process's files table and its mappings itself
+ *    (`usage_processes`). The kernel calls it once per task instead of once per file and per mapping, and the
+ *    agent reads one such iterator per CPU, each for its share of the processes (`shard` of `shards`).
+ *  - per element (Linux 5.12+): `iter/task_file`, `iter/task` and `iter/task_vma`, one call per file, task and
+ *    mapping (`usage_files`, `usage_tasks`, `usage_mappings`); the agent falls back to these on older kernels.
+ * `usage_namespaces` lists every process's mount namespace, for both.
  *
  * A file is on a watched device when its inode's superblock is one (s_dev: a filesystem's own number, an overlay's
  * or btrfs' anonymous one; s_bdev: the block device under it), or when it is a block-device node of one (i_rdev).
@@ -30,6 +38,9 @@ enum use_kind {
 	USE_MAP = 5,
 	/* Not a use: the mount namespace of a process (every thread-group leader), in `dev`. */
 	USE_MOUNT_NS = 6,
+	/* Not a use: a process whose files or mappings could not be walked (its mappings locked by a writer, a files
+	 * table larger than bpf_loop walks); the agent reads it through /proc like any candidate. */
+	USE_UNWALKED = 7,
 };
 
 struct record {
@@ -58,25 +69,26 @@ static __always_inline bool watched(__u32 dev)
 	return dev && bpf_map_lookup_elem(&devices, &dev);
 }
 
-/* The watched device an inode is on, or 0. */
+/* The watched device an inode is on, or 0. Plain loads: the verifier turns each into a load that cannot fault
+ * (BPF_PROBE_MEM), as cheap as the kernel's own, where bpf_probe_read_kernel is a call each. */
 static __always_inline __u32 inode_device(struct inode *inode)
 {
 	if (!inode)
 		return 0;
-	struct super_block *sb = BPF_CORE_READ(inode, i_sb);
+	struct super_block *sb = inode->i_sb;
 	if (sb) {
-		__u32 dev = BPF_CORE_READ(sb, s_dev);
+		__u32 dev = sb->s_dev;
 		if (watched(dev))
 			return dev;
-		struct block_device *bdev = BPF_CORE_READ(sb, s_bdev);
+		struct block_device *bdev = sb->s_bdev;
 		if (bdev) {
-			dev = BPF_CORE_READ(bdev, bd_dev);
+			dev = bdev->bd_dev;
 			if (watched(dev))
 				return dev;
 		}
 	}
-	if ((BPF_CORE_READ(inode, i_mode) & S_IFMT) == S_IFBLK) {
-		__u32 rdev = BPF_CORE_READ(inode, i_rdev);
+	if ((inode->i_mode & S_IFMT) == S_IFBLK) {
+		__u32 rdev = inode->i_rdev;
 		if (watched(rdev))
 			return rdev;
 	}
@@ -85,12 +97,12 @@ static __always_inline __u32 inode_device(struct inode *inode)
 
 static __always_inline __u32 file_device(struct file *file)
 {
-	return file ? inode_device(BPF_CORE_READ(file, f_inode)) : 0;
+	return file ? inode_device(file->f_inode) : 0;
 }
 
 static __always_inline __u32 path_device(struct dentry *dentry)
 {
-	return dentry ? inode_device(BPF_CORE_READ(dentry, d_inode)) : 0;
+	return dentry ? inode_device(dentry->d_inode) : 0;
 }
 
 /* The process's pid as the reader's /proc names it. */
@@ -98,10 +110,10 @@ static __always_inline __u32 process_id(struct task_struct *task)
 {
 	__u32 level = pid_level;
 	if (level == 0)
-		return BPF_CORE_READ(task, tgid);
+		return task->tgid;
 	if (level > 31)
 		return 0;
-	struct pid *pid = BPF_CORE_READ(task, group_leader, thread_pid);
+	struct pid *pid = task->group_leader->thread_pid;
 	int nr = 0;
 	if (pid)
 		bpf_core_read(&nr, sizeof(nr), &pid->numbers[level].nr);
@@ -128,33 +140,48 @@ int usage_files(struct bpf_iter__task_file *ctx)
 	return 0;
 }
 
-/* Working directory, root and executable, and the mount namespace, of each thread-group leader (threads share
- * them, or their differences are the leader's process to /proc as well). */
+/* The working directory, root and executable of a thread-group leader (threads share them, or their differences
+ * are the leader's process to /proc as well). */
+static __always_inline void emit_paths(struct seq_file *seq, struct task_struct *task)
+{
+	struct fs_struct *fs = task->fs;
+	if (fs) {
+		__u32 dev = path_device(fs->pwd.dentry);
+		if (dev)
+			emit(seq, task, USE_CWD, 0, dev);
+		dev = path_device(fs->root.dentry);
+		if (dev)
+			emit(seq, task, USE_ROOT, 0, dev);
+	}
+	struct mm_struct *mm = task->mm;
+	if (mm) {
+		__u32 dev = file_device(mm->exe_file);
+		if (dev)
+			emit(seq, task, USE_EXE, 0, dev);
+	}
+}
+
+/* The paths above of each thread-group leader (the per-element walk). */
 SEC("iter/task")
 int usage_tasks(struct bpf_iter__task *ctx)
 {
 	struct task_struct *task = ctx->task;
-	if (!task || BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid))
+	if (!task || task->pid != task->tgid)
 		return 0;
-	struct seq_file *seq = ctx->meta->seq;
-	struct nsproxy *nsproxy = BPF_CORE_READ(task, nsproxy);
+	emit_paths(ctx->meta->seq, task);
+	return 0;
+}
+
+/* The mount namespace of each thread-group leader, read before each scan (either walk) to find its mounts. */
+SEC("iter/task")
+int usage_namespaces(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	if (!task || task->pid != task->tgid)
+		return 0;
+	struct nsproxy *nsproxy = task->nsproxy;
 	if (nsproxy)
-		emit(seq, task, USE_MOUNT_NS, 0, BPF_CORE_READ(nsproxy, mnt_ns, ns.inum));
-	struct fs_struct *fs = BPF_CORE_READ(task, fs);
-	if (fs) {
-		__u32 dev = path_device(BPF_CORE_READ(fs, pwd.dentry));
-		if (dev)
-			emit(seq, task, USE_CWD, 0, dev);
-		dev = path_device(BPF_CORE_READ(fs, root.dentry));
-		if (dev)
-			emit(seq, task, USE_ROOT, 0, dev);
-	}
-	struct mm_struct *mm = BPF_CORE_READ(task, mm);
-	if (mm) {
-		__u32 dev = file_device(BPF_CORE_READ(mm, exe_file));
-		if (dev)
-			emit(seq, task, USE_EXE, 0, dev);
-	}
+		emit(ctx->meta->seq, task, USE_MOUNT_NS, 0, nsproxy->mnt_ns->ns.inum);
 	return 0;
 }
 
@@ -166,8 +193,163 @@ int usage_mappings(struct bpf_iter__task_vma *ctx)
 	struct vm_area_struct *vma = ctx->vma;
 	if (!task || !vma)
 		return 0;
-	__u32 dev = file_device(BPF_CORE_READ(vma, vm_file));
+	__u32 dev = file_device(vma->vm_file);
 	if (dev)
 		emit(ctx->meta->seq, task, USE_MAP, 0, dev);
+	return 0;
+}
+
+/*
+ * Per process (Linux 6.7+). The agent's loader (aya 0.14) cannot link calls to kernel functions (kfuncs), so each
+ * is written as the raw call instruction (opcode 0x85, src_reg 2: BPF_PSEUDO_KFUNC_CALL) with a marker in its
+ * immediate, 0x7eed00NN, that the agent replaces with the function's BTF id in the running kernel before loading
+ * (bpf_scan.rs, `KFUNCS`, whose numbers these are). A kernel without one of them refuses nothing: the agent sees the
+ * name missing from its BTF and loads the per-element iterators instead.
+ */
+#define KFUNC_CALL(n) ".quad 0x7eed00" #n "00002085"
+
+/* Calls kernel function n with arguments a, b, c in r1-r3 (it reads only those it takes) and puts what it returns
+ * (r0) in `result`. */
+#define KFUNC(n, result, a, b, c)                                                                                  \
+	asm volatile("r1 = %[arg1]\n\t"                                                                            \
+		     "r2 = %[arg2]\n\t"                                                                            \
+		     "r3 = %[arg3]\n\t" KFUNC_CALL(n) "\n\t"                                                        \
+		     "%[ret] = r0"                                                                                 \
+		     : [ret] "=r"(result)                                                                          \
+		     : [arg1] "r"(a), [arg2] "r"(b), [arg3] "r"(c)                                                 \
+		     : "r0", "r1", "r2", "r3", "r4", "r5", "memory")
+
+static __always_inline int vma_iter_new(struct bpf_iter_task_vma *it, struct task_struct *task)
+{
+	int ret;
+	KFUNC(01, ret, it, task, 0);
+	return ret;
+}
+
+static __always_inline struct vm_area_struct *vma_iter_next(struct bpf_iter_task_vma *it)
+{
+	struct vm_area_struct *vma;
+	KFUNC(02, vma, it, 0, 0);
+	return vma;
+}
+
+/* Returns nothing: r0 is not to be read after it (the verifier refuses a read of it). */
+static __always_inline void vma_iter_destroy(struct bpf_iter_task_vma *it)
+{
+	asm volatile("r1 = %[it]\n\t" KFUNC_CALL(03) : : [it] "r"(it) : "r0", "r1", "r2", "r3", "r4", "r5", "memory");
+}
+
+/* A file pointer read as a number (from a files table) made a pointer the verifier lets the program load through:
+ * bpf_rdonly_cast (Linux 6.2+), whose second argument is the type's BTF id in the running kernel. */
+static __always_inline struct file *as_file(struct file *number)
+{
+	struct file *file;
+	KFUNC(04, file, number, bpf_core_type_id_kernel(struct file), 0);
+	return file;
+}
+
+/* The shard of the processes this copy of the program walks, of how many (one per CPU the agent reads on), set at
+ * load. A process's shard is its tgid hashed (Fibonacci hashing), not the tgid's remainder: pids come in patterns
+ * (a launcher that forks twice per process gives them all the same parity). */
+const volatile __u32 shard = 0;
+const volatile __u32 shards = 1;
+
+/* One files table's walk: bpf_loop over the words of its open-fd bitmap, and for each word with a bit set, over its
+ * bits up to the last one set. A table is as large as the most files its process (or the one it was forked from)
+ * ever had open, so walking every slot would cost a long-lived server's thousands of empty ones. */
+struct fd_walk {
+	struct file **fd;
+	unsigned long *open_fds;
+	__u64 word;
+	__u32 first;
+	struct seq_file *seq;
+	struct task_struct *task;
+};
+
+static int fd_bit(__u32 bit, struct fd_walk *walk)
+{
+	__u64 rest = walk->word >> bit;
+	if (!rest)
+		return 1;
+	if (!(rest & 1))
+		return 0;
+	__u32 fd = walk->first + bit;
+	struct file *number = 0;
+	if (bpf_probe_read_kernel(&number, sizeof(number), &walk->fd[fd]) || !number)
+		return 0;
+	__u32 dev = file_device(as_file(number));
+	if (dev)
+		emit(walk->seq, walk->task, USE_FD, fd, dev);
+	return 0;
+}
+
+static int fd_word(__u32 index, struct fd_walk *walk)
+{
+	if (bpf_probe_read_kernel(&walk->word, sizeof(walk->word), &walk->open_fds[index]))
+		return 1;
+	if (walk->word) {
+		walk->first = index * 64;
+		bpf_loop(64, fd_bit, walk, 0);
+	}
+	return 0;
+}
+
+/* Every open file of a files table (under RCU, as the iterator runs: the table and its files stay readable). */
+static __always_inline void walk_files(struct seq_file *seq, struct task_struct *task, struct files_struct *files)
+{
+	struct fdtable *fdt = files->fdt;
+	if (!fdt)
+		return;
+	struct fd_walk walk = { .fd = fdt->fd, .open_fds = fdt->open_fds, .seq = seq, .task = task };
+	if (bpf_loop((fdt->max_fds + 63) / 64, fd_word, &walk, 0) < 0)
+		emit(seq, task, USE_UNWALKED, 0, 0);
+}
+
+/* Every file mapping; a process whose mappings a writer holds locked is left to /proc. */
+static __always_inline void walk_mappings(struct seq_file *seq, struct task_struct *task)
+{
+	struct bpf_iter_task_vma it;
+	struct vm_area_struct *vma;
+	if (vma_iter_new(&it, task)) {
+		emit(seq, task, USE_UNWALKED, 0, 0);
+	} else {
+		/* A file is mapped in a run of mappings (text, data, read-only data); one look per run will do. */
+		struct file *last = 0;
+		while ((vma = vma_iter_next(&it))) {
+			struct file *file = vma->vm_file;
+			if (file == last)
+				continue;
+			last = file;
+			__u32 dev = file_device(file);
+			if (dev)
+				emit(seq, task, USE_MAP, 0, dev);
+		}
+	}
+	vma_iter_destroy(&it);
+}
+
+SEC("iter/task")
+int usage_processes(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	if (!task)
+		return 0;
+	__u32 tgid = task->tgid;
+	if (shards > 1 && ((tgid * 2654435769u) >> 16) % shards != shard)
+		return 0;
+	struct seq_file *seq = ctx->meta->seq;
+	struct files_struct *files = task->files;
+	if (task->pid != tgid) {
+		/* A thread: only a files table of its own (unshare(CLONE_FILES)) is not its leader's, as the
+		 * per-element walk does. */
+		if (files && files != task->group_leader->files)
+			walk_files(seq, task, files);
+		return 0;
+	}
+	emit_paths(seq, task);
+	if (files)
+		walk_files(seq, task, files);
+	if (task->mm)
+		walk_mappings(seq, task);
 	return 0;
 }

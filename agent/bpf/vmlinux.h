@@ -94,7 +94,18 @@ struct pid {
 	struct upid numbers[1];
 };
 
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+	unsigned long *open_fds;
+};
+
+struct files_struct {
+	struct fdtable *fdt;
+};
+
 struct task_struct {
+	struct files_struct *files;
 	int pid;
 	int tgid;
 	struct task_struct *group_leader;
@@ -133,5 +144,11 @@ struct bpf_iter__task_vma {
 };
 
 #pragma clang attribute pop
+
+/* The state of an open-coded VMA iteration (Linux 6.7+), on the program's stack: its size is what the kernel's
+ * bpf_iter_task_vma_new checks. Not preserve_access_index: the kernel's type is opaque. */
+struct bpf_iter_task_vma {
+	__u64 __opaque[1];
+} __attribute__((aligned(8)));
 
 #endif

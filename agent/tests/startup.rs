@@ -222,8 +222,8 @@ async fn scanner(socket: &Path) -> (String, String) {
     (info.usage_scanner, info.usage_scanner_reason)
 }
 
-/// Where it can (root, this machine's 6.18 with BTF), the agent finds processes with the BPF iterators and says
-/// so; told to, it reads /proc.
+/// Where it can (root, this machine's 6.18 with BTF), the agent finds processes with the BPF iterators, walking
+/// per process (Linux 6.7+), and says so; told to, it reads /proc.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_usage_scanner_is_bpf_where_it_loads_and_procfs_when_chosen() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,7 +231,8 @@ async fn the_usage_scanner_is_bpf_where_it_loads_and_procfs_when_chosen() {
     let agent = AgentProcess::start(&flags(&socket, &state));
     let (name, reason) = scanner(&socket).await;
     assert_eq!(name, "bpf", "{reason}");
-    assert!(reason.starts_with("3 BPF iterators loaded (kernel "), "{reason}");
+    assert!(reason.starts_with("BPF iterators loaded, a walk per process"), "{reason}");
+    assert!(reason.contains(" (kernel 6."), "{reason}");
     agent.stop();
     let mut procfs = flags(&socket, &state);
     procfs.extend(["--usage-scanner".into(), "procfs".into()]);

@@ -128,12 +128,48 @@ fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
     let dev = find(&report, raw.pid(), ProcessUseKind::BlockDevice).expect("raw device user found");
     assert!(dev.message.contains(&disk.dev) && dev.message.contains("for writing"), "{}", dev.message);
 
-    // The kernel's iterators name exactly these processes (each through another kind of use), and no other of
-    // the machine's: the /proc analysis that follows reads six processes, not all of them.
+    // The kernel's iterators, either walk, name exactly these processes (each through another kind of use), and
+    // no other of the machine's: the /proc analysis that follows reads six processes, not all of them.
     let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
-    let named: BTreeSet<i32> = common::bpf().candidates(Path::new("/proc"), &devices).unwrap().into_iter().collect();
     let holders = BTreeSet::from([writer.pid(), reader.pid(), cwd.pid(), exe.pid(), mapper.pid(), raw.pid()]);
-    assert_eq!(named, holders);
+    for source in [common::bpf(), common::bpf_per_element()] {
+        let named: BTreeSet<i32> =
+            source.candidates(Path::new("/proc"), &devices).unwrap().into_iter().map(|c| c.pid).collect();
+        assert_eq!(named, holders, "{}", source.description());
+    }
+}
+
+/// A files table far larger than what is open in it (a server that once held thousands of files keeps its table):
+/// files at fds 3000 and 16000 are found by /proc and both in-kernel walks alike, and the walks say which fds they
+/// saw, so that /proc reads those two and none of the process's other slots.
+#[test]
+fn files_at_high_fds_of_a_sparse_files_table_are_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("m");
+    std::fs::write(mp.join("data"), b"x").unwrap();
+    let m = mp.display();
+    let script = format!("ulimit -n 16384 && exec 16000<'{m}/data' 3000>>'{m}/data'\necho ready\nexec sleep 1000");
+    let holder = Holder::start("bash", &["-c", &script]);
+    common::wait_for_comm(holder.pid(), "sleep");
+    let report = assert_superset_of_oracles(&disk);
+    let fds: BTreeSet<i32> = report
+        .blockers
+        .iter()
+        .filter_map(|b| match &b.detail {
+            Some(Detail::Process(p)) if p.pid == holder.pid() => Some(p.fd),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fds, BTreeSet::from([3000, 16000]), "{:#?}", messages(&report));
+    let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
+    for source in [common::bpf(), common::bpf_per_element()] {
+        let candidates = source.candidates(Path::new("/proc"), &devices).unwrap();
+        let seen = candidates.iter().find(|c| c.pid == holder.pid()).and_then(|c| c.seen.clone());
+        let seen = seen.unwrap_or_else(|| panic!("{}: {candidates:?}", source.description()));
+        assert_eq!(seen.fds, BTreeSet::from([3000, 16000]), "{}", source.description());
+        assert!(!seen.mappings, "{}", source.description());
+    }
 }
 
 #[test]
@@ -355,10 +391,10 @@ fn scans_survive_processes_exiting_mid_scan() {
     });
     let started = std::time::Instant::now();
     let mut scans = 0;
-    // Both sources in turn (their reports differ by the churn between them, so each is judged on its own).
-    let sources: [&dyn ProcessSource; 2] = [&ProcfsSource, common::bpf()];
+    // Every source in turn (their reports differ by the churn between them, so each is judged on its own).
+    let sources: [&dyn ProcessSource; 3] = [&ProcfsSource, common::bpf(), common::bpf_per_element()];
     while churned.load(Ordering::Relaxed) < 50 && started.elapsed() < Duration::from_secs(20) {
-        let source = sources[scans % 2];
+        let source = sources[scans % 3];
         let report = common::scan_by(&[disk.disk()], source).remove(0);
         assert!(process_pids(&report).contains(&steady.pid()), "{}: {:#?}", source.name(), messages(&report));
         scans += 1;

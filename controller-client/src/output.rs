@@ -329,7 +329,8 @@ pub fn info_text(i: &AgentInfo) -> String {
     .collect()
 }
 
-/// How the agent finds the processes that use a disk, and why, e.g. "bpf (3 BPF iterators loaded (kernel 6.1.0))".
+/// How the agent finds the processes that use a disk, and why, e.g. "bpf (BPF iterators loaded, a walk per file,
+/// task and mapping (kernel 6.1.0))".
 fn usage_scanner_text(i: &AgentInfo) -> String {
     match i.usage_scanner.as_str() {
         "" => "not reported (an agent older than the BPF scan reads /proc)".into(),
@@ -384,17 +385,19 @@ mod tests {
     fn info_says_how_the_agent_scans_and_why() {
         let bpf = AgentInfo {
             usage_scanner: "bpf".into(),
-            usage_scanner_reason: "3 BPF iterators loaded (kernel 6.1.0)".into(),
+            usage_scanner_reason: "BPF iterators loaded, a walk per file, task and mapping (kernel 6.1.0)".into(),
             ..AgentInfo::default()
         };
         assert!(
-            info_text(&bpf).contains("usage scan:   bpf (3 BPF iterators loaded (kernel 6.1.0))\n"),
+            info_text(&bpf).contains(
+                "usage scan:   bpf (BPF iterators loaded, a walk per file, task and mapping (kernel 6.1.0))\n"
+            ),
             "{}",
             info_text(&bpf)
         );
         assert_eq!(
             info_json(&bpf)["usage_scanner"],
-            json!({"name": "bpf", "reason": "3 BPF iterators loaded (kernel 6.1.0)"})
+            json!({"name": "bpf", "reason": "BPF iterators loaded, a walk per file, task and mapping (kernel 6.1.0)"})
         );
         let older = AgentInfo::default();
         assert!(info_text(&older).contains("usage scan:   not reported"), "{}", info_text(&older));

@@ -1,17 +1,23 @@
-//! The in-kernel process finder: three BPF iterators (bpf/usage.bpf.c) walk every task's open files, working
-//! directory, root, executable and file mappings inside the kernel and report only the processes that use a
-//! watched device, so the scan reads /proc for those few instead of for every process.
+//! The in-kernel process finder: BPF iterators (bpf/usage.bpf.c) walk every task's open files, working directory,
+//! root, executable and file mappings inside the kernel and report only the processes that use a watched device,
+//! so the scan reads /proc for those few instead of for every process.
 //!
-//! Loaded once at start ([`BpfSource::load`]); each scan writes its devices to the `devices` map and reads the
-//! iterators, one scan at a time (the map is shared). The loader is aya: pure Rust, so the agent keeps building
+//! Two walks, the same records: on Linux 6.7+ one program per task walks its files table and mappings itself,
+//! read as one iterator per CPU, each for its share of the processes ([`Walk::PerProcess`]); on older kernels one
+//! program per file, task and mapping ([`Walk::PerElement`]), the kernel's per-element iterators.
+//!
+//! Loaded once at start ([`BpfSource::load`]); each scan writes its devices to the `devices` maps and reads the
+//! iterators, one scan at a time (the maps are shared). The loader is aya: pure Rust, so the agent keeps building
 //! for glibc 2.17 with Zig, which libbpf's C dependencies (libelf, zlib) would make a cross-compilation of their
-//! own.
+//! own. aya 0.14 cannot link calls to kernel functions (kfuncs), which the per-process walk needs: the object
+//! carries them as marked raw calls and [`link_kfuncs`] writes in the running kernel's BTF ids.
 
-use super::source::{ProcessSource, SourceError};
+use super::source::{Candidate, ProcessSource, Seen, SourceError};
 use crate::roots::HostRoots;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::Iter;
 use aya::{Btf, Ebpf, EbpfLoader, Endianness};
+use aya_obj::btf::BtfKind;
 use nix::sys::stat::{major, minor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -21,14 +27,36 @@ use std::sync::Mutex;
 /// The compiled iterators (agent/build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/usage.bpf.o"));
 
-/// The three programs and the kernel iterator each attaches to.
-const PROGRAMS: [(&str, &str); 3] = [("usage_files", "task_file"), TASKS, ("usage_mappings", "task_vma")];
+/// A program and the kernel iterator it attaches to.
+type Program = (&'static str, &'static str);
 
-/// The one that also lists every process's mount namespace.
-const TASKS: (&str, &str) = ("usage_tasks", "task");
+/// The per-element programs.
+const PER_ELEMENT: [Program; 3] =
+    [("usage_files", "task_file"), ("usage_tasks", "task"), ("usage_mappings", "task_vma")];
+
+/// The per-process program.
+const PER_PROCESS: Program = ("usage_processes", "task");
+
+/// The one that lists every process's mount namespace (loaded in either walk).
+const NAMESPACES: Program = ("usage_namespaces", "task");
+
+/// The kernel functions the per-process program calls, by the number in its call markers (bpf/usage.bpf.c's
+/// `KFUNC_CALL`): the VMA iterator (Linux 6.7) and bpf_rdonly_cast (6.2).
+const KFUNCS: [(u64, &str); 4] = [
+    (1, "bpf_iter_task_vma_new"),
+    (2, "bpf_iter_task_vma_next"),
+    (3, "bpf_iter_task_vma_destroy"),
+    (4, "bpf_rdonly_cast"),
+];
 
 /// What a record says (bpf/usage.bpf.c's `enum use_kind`).
+const USE_FD: u32 = 1;
+const USE_CWD: u32 = 2;
+const USE_ROOT: u32 = 3;
+const USE_EXE: u32 = 4;
+const USE_MAP: u32 = 5;
 const USE_MOUNT_NS: u32 = 6;
+const USE_UNWALKED: u32 = 7;
 
 /// One record as the iterators write it (bpf/usage.bpf.c's `struct record`).
 const RECORD: usize = 16;
@@ -36,15 +64,30 @@ const RECORD: usize = 16;
 /// The `devices` map's size in bpf/usage.bpf.c.
 const MAX_DEVICES: usize = 4096;
 
+/// The most copies of the per-process program read at once: one per CPU, up to this.
+const MAX_SHARDS: u32 = 8;
+
 /// Why the in-kernel finder cannot run here; the agent then scans /proc.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the in-kernel (BPF) usage scan is unavailable: {0}")]
 pub struct Unavailable(pub String);
 
+/// How the loaded programs walk the kernel's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// One program per task walking its files and mappings (Linux 6.7+), read as this many iterators at once.
+    PerProcess { shards: u32 },
+    /// The kernel's per-file, per-task and per-mapping iterators (Linux 5.12+).
+    PerElement,
+}
+
 /// The loaded iterators.
 pub struct BpfSource {
-    loaded: Mutex<Loaded>,
-    /// e.g. "3 BPF iterators loaded (kernel 6.18.44)".
+    /// One loaded copy of the object per shard (walking per element, one); the first also holds the namespaces
+    /// program.
+    loaded: Mutex<Vec<Loaded>>,
+    walk: Walk,
+    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs (kernel 6.18.44)".
     description: String,
 }
 
@@ -55,38 +98,63 @@ struct Loaded {
 
 impl BpfSource {
     /// Loads the iterators against the running kernel (its BTF under `roots.sys`), for the processes `roots.proc`
-    /// names; fails with the reason when the kernel (no BTF, older than 5.12, a verifier refusal), the agent's
-    /// privileges (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN; a seccomp filter without `bpf`) or the proc root (not
-    /// the kernel's /proc of this process) do not allow it. A first scan proves the iterators can be read.
+    /// names: the per-process walk where the kernel has it, else the per-element one (the reason logged). Fails
+    /// with the reason when the kernel (no BTF, older than 5.12, a verifier refusal), the agent's privileges
+    /// (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN; a seccomp filter without `bpf`) or the proc root (not the
+    /// kernel's /proc of this process) do not allow either. A first pass of every program proves they can be read.
     pub fn load(roots: &HostRoots) -> Result<Self, Unavailable> {
+        Self::load_walk(roots, None)
+    }
+
+    /// As [`Self::load`], with the walk chosen rather than the kernel's best (tests and benchmarks compare them).
+    pub fn load_walk(roots: &HostRoots, walk: Option<Walk>) -> Result<Self, Unavailable> {
         let proc_root = roots.proc.as_path();
         let level = pid_level(proc_root)?;
         let btf = Btf::parse_file(roots.sys.join("kernel/btf/vmlinux"), Endianness::default())
             .map_err(|e| Unavailable(format!("the kernel has no BTF to load against: {}", explain(&e))))?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global("pid_level", &level, true)
-            .load(OBJECT)
-            .map_err(|e| Unavailable(format!("cannot load the iterators' object: {}", explain(&e))))?;
-        for (name, iterator) in PROGRAMS {
-            let program: &mut Iter = ebpf
-                .program_mut(name)
-                .ok_or_else(|| Unavailable(format!("the object has no program {name}")))?
-                .try_into()
-                .map_err(|e| Unavailable(format!("program {name} is not an iterator: {e}")))?;
-            program
-                .load(iterator, &btf)
-                .map_err(|e| Unavailable(format!("the kernel refused iterator {iterator}: {}", explain(&e))))?;
-        }
-        let map = ebpf.take_map("devices").ok_or_else(|| Unavailable("the object has no devices map".into()))?;
-        let devices = BpfHashMap::try_from(map).map_err(|e| Unavailable(format!("the devices map: {e}")))?;
         let kernel = std::fs::read_to_string(proc_root.join("sys/kernel/osrelease")).unwrap_or_default();
         let kernel = kernel.trim();
-        let source = Self {
-            loaded: Mutex::new(Loaded { ebpf, devices }),
-            description: format!("{} BPF iterators loaded (kernel {kernel})", PROGRAMS.len()),
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let per_process = |shards: u32| {
+            let object = link_kfuncs(OBJECT, &btf)?;
+            let loaded = (0..shards)
+                .map(|shard| {
+                    let programs: &[Program] = if shard == 0 { &[NAMESPACES, PER_PROCESS] } else { &[PER_PROCESS] };
+                    load_copy(bytes_of(&object), &btf, level, (shard, shards), programs)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, Unavailable>((loaded, Walk::PerProcess { shards }))
         };
-        source.records(&BTreeSet::new(), &PROGRAMS).map_err(|e| Unavailable(e.to_string()))?;
+        let per_element = || {
+            let programs = [NAMESPACES, PER_ELEMENT[0], PER_ELEMENT[1], PER_ELEMENT[2]];
+            Ok::<_, Unavailable>((vec![load_copy(OBJECT, &btf, level, (0, 1), &programs)?], Walk::PerElement))
+        };
+        let (loaded, walk) = match walk {
+            Some(Walk::PerProcess { shards }) => per_process(shards.clamp(1, MAX_SHARDS))?,
+            Some(Walk::PerElement) => per_element()?,
+            None => match per_process(cpus.clamp(1, MAX_SHARDS)) {
+                Ok(loaded) => loaded,
+                Err(why) => {
+                    // Said only when the per-element walk does load: else the reason is the same for both.
+                    let loaded = per_element()?;
+                    tracing::info!(reason = %why.0, "the per-process usage walk cannot load here; the kernel's per-element iterators walk instead");
+                    loaded
+                }
+            },
+        };
+        let how = match walk {
+            Walk::PerProcess { shards: 1 } => "a walk per process".to_string(),
+            Walk::PerProcess { shards } => format!("a walk per process on {shards} CPUs"),
+            Walk::PerElement => "a walk per file, task and mapping".to_string(),
+        };
+        let source = Self {
+            loaded: Mutex::new(loaded),
+            walk,
+            description: format!("BPF iterators loaded, {how} (kernel {kernel})"),
+        };
+        let mut every = source.scan_programs();
+        every.push((0, NAMESPACES));
+        source.records(&BTreeSet::new(), &every).map_err(|e| Unavailable(e.to_string()))?;
         drop(btf);
         // Loading parsed the kernel's whole BTF (5 MiB on 6.1, 13 MiB of peak memory) and freed it; malloc keeps
         // freed memory for reuse, and a resident agent would carry it for good (18 MiB resident against 8.5 with
@@ -96,13 +164,26 @@ impl BpfSource {
         Ok(source)
     }
 
-    /// e.g. "3 BPF iterators loaded (kernel 6.18.44)".
+    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs (kernel 6.18.44)".
     pub fn description(&self) -> &str {
         &self.description
     }
 
+    /// How the loaded programs walk.
+    pub fn walk(&self) -> Walk {
+        self.walk
+    }
+
+    /// The programs a scan reads, each with the loaded copy it is in.
+    fn scan_programs(&self) -> Vec<(usize, Program)> {
+        match self.walk {
+            Walk::PerProcess { shards } => (0..shards as usize).map(|copy| (copy, PER_PROCESS)).collect(),
+            Walk::PerElement => PER_ELEMENT.iter().map(|&p| (0, p)).collect(),
+        }
+    }
+
     /// Every record of one pass of `programs` with `devices` (userspace dev_t numbers) watched.
-    fn records(&self, devices: &BTreeSet<u64>, programs: &[(&str, &str)]) -> Result<Vec<[u32; 4]>, SourceError> {
+    fn records(&self, devices: &BTreeSet<u64>, programs: &[(usize, Program)]) -> Result<Vec<[u32; 4]>, SourceError> {
         if devices.len() > MAX_DEVICES {
             return Err(SourceError(format!(
                 "{} devices to watch, more than the {MAX_DEVICES} the map holds",
@@ -110,17 +191,20 @@ impl BpfSource {
             )));
         }
         let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Loaded { ebpf, devices: map } = &mut *loaded;
-        let stale: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-        for key in stale {
-            map.remove(&key).map_err(|e| SourceError(format!("cannot clear the devices map: {e}")))?;
-        }
-        for &dev in devices {
-            map.insert(kernel_dev(dev), 1, 0).map_err(|e| SourceError(format!("cannot fill the devices map: {e}")))?;
+        for Loaded { devices: map, .. } in loaded.iter_mut() {
+            let stale: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+            for key in stale {
+                map.remove(&key).map_err(|e| SourceError(format!("cannot clear the devices map: {e}")))?;
+            }
+            for &dev in devices {
+                map.insert(kernel_dev(dev), 1, 0)
+                    .map_err(|e| SourceError(format!("cannot fill the devices map: {e}")))?;
+            }
         }
         let mut files = Vec::new();
-        for &(name, iterator) in programs {
-            let program: &mut Iter = ebpf
+        for &(copy, (name, iterator)) in programs {
+            let program: &mut Iter = loaded[copy]
+                .ebpf
                 .program_mut(name)
                 .and_then(|p| p.try_into().ok())
                 .ok_or_else(|| SourceError(format!("program {name} is gone")))?;
@@ -130,8 +214,8 @@ impl BpfSource {
             files.push((iterator, file));
         }
         // The kernel walks each iterator's tasks inside read(): read on a thread each, they walk on every CPU at
-        // once (the programs share only the devices map, which they only read). With one CPU this costs two
-        // thread starts.
+        // once (the programs share only the devices maps, which they only read). With one CPU this costs thread
+        // starts.
         let read = |(iterator, mut file): (&str, std::fs::File)| {
             let mut bytes = Vec::new();
             file.read_to_end(&mut bytes).map_err(|e| SourceError(format!("cannot read iterator {iterator}: {e}")))?;
@@ -163,8 +247,7 @@ impl ProcessSource for BpfSource {
 
     fn mount_namespaces(&self, _proc_root: &Path) -> Result<BTreeMap<u64, i32>, SourceError> {
         let mut first = BTreeMap::new();
-        // The task iterator alone: no device watched, it lists the mount namespaces.
-        for [pid, kind, _, ns] in self.records(&BTreeSet::new(), &[TASKS])? {
+        for [pid, kind, _, ns] in self.records(&BTreeSet::new(), &[(0, NAMESPACES)])? {
             if kind == USE_MOUNT_NS && another_process(pid) {
                 let lowest = first.entry(u64::from(ns)).or_insert(pid as i32);
                 *lowest = (*lowest).min(pid as i32);
@@ -173,23 +256,111 @@ impl ProcessSource for BpfSource {
         Ok(first)
     }
 
-    fn candidates(&self, _proc_root: &Path, devices: &BTreeSet<u64>) -> Result<Vec<i32>, SourceError> {
+    fn candidates(&self, _proc_root: &Path, devices: &BTreeSet<u64>) -> Result<Vec<Candidate>, SourceError> {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        let pids: BTreeSet<i32> = self
-            .records(devices, &PROGRAMS)?
-            .into_iter()
-            .filter(|&[pid, kind, _, _]| kind != USE_MOUNT_NS && another_process(pid))
-            .map(|[pid, ..]| pid as i32)
-            .collect();
-        Ok(pids.into_iter().collect())
+        Ok(candidates_of(&self.records(devices, &self.scan_programs())?))
     }
+}
+
+/// The processes `records` name (but the agent, and but for their mount namespaces), with what was seen of each;
+/// a process one program could not walk, or a record of a kind this agent does not know, is looked at whole.
+fn candidates_of(records: &[[u32; 4]]) -> Vec<Candidate> {
+    let mut seen: BTreeMap<i32, Option<Seen>> = BTreeMap::new();
+    for &[pid, kind, fd, _] in records {
+        if kind == USE_MOUNT_NS || !another_process(pid) {
+            continue;
+        }
+        let entry = seen.entry(pid as i32).or_insert_with(|| Some(Seen::default()));
+        match (kind, entry.as_mut()) {
+            (USE_FD, Some(seen)) => {
+                seen.fds.insert(fd as i32);
+            }
+            (USE_MAP, Some(seen)) => seen.mappings = true,
+            // Always looked at (three stats); or already whole.
+            (USE_CWD | USE_ROOT | USE_EXE, _) | (USE_FD | USE_MAP, None) => {}
+            (USE_UNWALKED, _) => *entry = None,
+            // A kind this agent does not know: nothing is assumed of the process.
+            _ => *entry = None,
+        }
+    }
+    seen.into_iter().map(|(pid, seen)| Candidate { pid, seen }).collect()
 }
 
 /// A pid the scan looks at: not the agent itself (as with /proc), and one the reader's namespace names (0: none).
 fn another_process(pid: u32) -> bool {
     pid != 0 && pid != std::process::id()
+}
+
+/// One loaded copy of `object` (shard `shard.0` of `shard.1`) with `programs` loaded into the kernel.
+fn load_copy(
+    object: &[u8],
+    btf: &Btf,
+    level: u32,
+    shard: (u32, u32),
+    programs: &[Program],
+) -> Result<Loaded, Unavailable> {
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(btf))
+        .override_global("pid_level", &level, true)
+        .override_global("shard", &shard.0, true)
+        .override_global("shards", &shard.1, true)
+        .load(object)
+        .map_err(|e| Unavailable(format!("cannot load the iterators' object: {}", explain(&e))))?;
+    for &(name, iterator) in programs {
+        let program: &mut Iter = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Unavailable(format!("the object has no program {name}")))?
+            .try_into()
+            .map_err(|e| Unavailable(format!("program {name} is not an iterator: {e}")))?;
+        program
+            .load(iterator, btf)
+            .map_err(|e| Unavailable(format!("the kernel refused program {name} ({iterator}): {}", explain(&e))))?;
+    }
+    let map = ebpf.take_map("devices").ok_or_else(|| Unavailable("the object has no devices map".into()))?;
+    let devices = BpfHashMap::try_from(map).map_err(|e| Unavailable(format!("the devices map: {e}")))?;
+    Ok(Loaded { ebpf, devices })
+}
+
+/// `object` with every kfunc call marker (bpf/usage.bpf.c's `KFUNC_CALL`: a call instruction with src_reg 2 and
+/// the immediate 0x7eed00NN, 8-byte aligned as every instruction is) given the BTF id of kernel function NN in
+/// `btf`, as 8-byte words (the object's alignment). Fails naming the first function the kernel lacks.
+fn link_kfuncs(object: &[u8], btf: &Btf) -> Result<Vec<u64>, Unavailable> {
+    const MARKER: u64 = 0x7eed_0000_0000_2085;
+    const MARKER_MASK: u64 = 0xffff_ff00_ffff_ffff;
+    let mut words: Vec<u64> = object
+        .chunks(8)
+        .map(|chunk| {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            u64::from_le_bytes(word)
+        })
+        .collect();
+    let ids = KFUNCS
+        .iter()
+        .map(|&(number, name)| {
+            let id = btf.id_by_type_name_kind(name, BtfKind::Func).map_err(|_| {
+                Unavailable(format!("the kernel has no {name} (the per-process walk needs Linux 6.7 or later)"))
+            })?;
+            Ok((number, id))
+        })
+        .collect::<Result<BTreeMap<u64, u32>, Unavailable>>()?;
+    for word in words.iter_mut().filter(|w| **w & MARKER_MASK == MARKER) {
+        let number = (*word >> 32) & 0xff;
+        let id = ids.get(&number).ok_or_else(|| {
+            Unavailable(format!("the object calls kernel function number {number}, which the agent does not know"))
+        })?;
+        *word = (u64::from(*id) << 32) | (MARKER & 0xffff_ffff);
+    }
+    Ok(words.into_iter().map(u64::to_le).collect())
+}
+
+/// The words' memory as bytes: the object [`link_kfuncs`] returned, padded with zeros to a whole word.
+fn bytes_of(words: &[u64]) -> &[u8] {
+    // SAFETY: u64 has no padding and every byte of it is initialised; the slice covers exactly the words' memory,
+    // borrowed for as long as they are.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
 }
 
 /// The kernel's encoding of a device number (MKDEV: 12 bits of major, 20 of minor), from userspace's dev_t.
@@ -245,6 +416,70 @@ mod tests {
         assert_eq!(kernel_dev(makedev(8, 17)), (8 << 20) | 17);
         assert_eq!(kernel_dev(makedev(259, 1 << 19)), (259 << 20) | (1 << 19));
         assert_eq!(kernel_dev(makedev(0, 1234)), 1234);
+    }
+
+    /// The kfunc call markers in the object, by number.
+    fn markers(words: &[u64]) -> BTreeMap<u64, usize> {
+        let mut found = BTreeMap::new();
+        for w in words.iter().filter(|w| **w & 0xffff_ff00_ffff_ffff == 0x7eed_0000_0000_2085) {
+            *found.entry((w >> 32) & 0xff).or_default() += 1;
+        }
+        found
+    }
+
+    #[test]
+    fn every_kfunc_call_in_the_object_is_linked_to_the_running_kernels_function() {
+        let object = link_kfuncs(OBJECT, &Btf::from_sys_fs().expect("this machine's kernel has BTF")).unwrap();
+        let raw: Vec<u64> = OBJECT.chunks(8).map(|c| c.iter().rev().fold(0, |w, b| w << 8 | u64::from(*b))).collect();
+        let before = markers(&raw);
+        assert_eq!(before.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4], "each kfunc is called: {before:?}");
+        assert!(markers(&object).is_empty(), "no marker is left");
+        let changed: Vec<(u64, u64)> = raw.iter().zip(&object).filter(|(a, b)| a != b).map(|(a, b)| (*a, *b)).collect();
+        assert_eq!(changed.len(), before.values().sum::<usize>(), "only the markers change");
+        for (_, linked) in changed {
+            assert_eq!(linked & 0xffff_ffff, 0x2085, "still a kfunc call: {linked:#x}");
+            assert!(linked >> 32 > 0, "a BTF id: {linked:#x}");
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_the_vma_iterator_is_refused_naming_it() {
+        let e = link_kfuncs(OBJECT, &Btf::new()).unwrap_err().to_string();
+        assert!(e.contains("the kernel has no bpf_iter_task_vma_new"), "{e}");
+        assert!(e.contains("Linux 6.7 or later"), "{e}");
+    }
+
+    #[test]
+    fn records_become_the_processes_to_read_with_what_was_seen_of_each() {
+        let own = std::process::id();
+        let dev = 7 << 20;
+        let records = [
+            [10, USE_FD, 3, dev],
+            [10, USE_MAP, 0, dev],
+            [10, USE_FD, 9, dev],
+            [10, USE_FD, 3, dev],
+            [11, USE_CWD, 0, dev],
+            [11, USE_EXE, 0, dev],
+            [12, USE_FD, 4, dev],
+            [12, USE_UNWALKED, 0, 0],
+            [12, USE_FD, 5, dev],
+            [13, USE_MOUNT_NS, 0, 4_026_531_840],
+            [0, USE_FD, 3, dev],
+            [own, USE_FD, 3, dev],
+            [14, 99, 0, 0],
+            [14, USE_FD, 1, dev],
+        ];
+        let seen = |fds: &[i32], mappings| Some(Seen { fds: fds.iter().copied().collect(), mappings });
+        assert_eq!(
+            candidates_of(&records),
+            [
+                Candidate { pid: 10, seen: seen(&[3, 9], true) },
+                Candidate { pid: 11, seen: seen(&[], false) },
+                Candidate::whole(12),
+                Candidate::whole(14),
+            ]
+        );
+        assert_eq!(candidates_of(&[]), []);
     }
 
     #[test]

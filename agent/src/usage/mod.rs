@@ -11,12 +11,12 @@ pub mod target;
 
 use crate::roots::HostRoots;
 use crate::udev_db::LibUdevDb;
-pub use bpf_scan::{BpfSource, Unavailable};
+pub use bpf_scan::{BpfSource, Unavailable, Walk};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 pub use procfs_scan::ProcfsSource;
 pub use scan::Analyses;
-pub use source::{ProcessSource, SourceError};
+pub use source::{Candidate, ProcessSource, Seen, SourceError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -56,8 +56,8 @@ pub enum ScannerChoice {
 #[derive(Clone)]
 pub struct ActiveSource {
     pub source: Arc<dyn ProcessSource>,
-    /// e.g. "3 BPF iterators loaded (kernel 6.18.44)", "configured (usage_scanner = procfs)", or why the
-    /// iterators could not load.
+    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs (kernel 6.18.44)", "configured (usage_scanner =
+    /// procfs)", or why the iterators could not load.
     pub reason: String,
 }
 

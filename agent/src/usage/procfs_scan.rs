@@ -1,7 +1,7 @@
 //! The /proc process source: every process is a candidate, and each one's `ns/mnt` names its mount namespace.
 //! It needs no privilege beyond reading /proc and works on any kernel: the fallback of the in-kernel source.
 
-use super::source::{ProcessSource, SourceError};
+use super::source::{Candidate, ProcessSource, SourceError};
 use nix::sys::stat::stat;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -25,8 +25,8 @@ impl ProcessSource for ProcfsSource {
         Ok(first)
     }
 
-    fn candidates(&self, proc_root: &Path, _devices: &BTreeSet<u64>) -> Result<Vec<i32>, SourceError> {
-        Ok(list_pids(proc_root))
+    fn candidates(&self, proc_root: &Path, _devices: &BTreeSet<u64>) -> Result<Vec<Candidate>, SourceError> {
+        Ok(list_pids(proc_root).into_iter().map(Candidate::whole).collect())
     }
 }
 

@@ -2,7 +2,7 @@
 //! ([`super::procfs_scan::ProcfsSource`]), or only those the kernel's iterators report
 //! ([`super::bpf_scan::BpfSource`]). Everything a report says about a process (its uses, paths, access modes,
 //! name) comes from one /proc analysis of that process whichever found it (`scan.rs`), so the two give the same
-//! report as long as a source never misses a process.
+//! report as long as a source never misses a process, nor a file or mapping of one that it says it saw.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -24,5 +24,31 @@ pub trait ProcessSource: Send + Sync {
     /// The processes, in pid order, that may hold a file or a block-device node on one of `devices` (userspace
     /// device numbers: the targets' block devices and every filesystem on or stacked on them). More is only slower;
     /// one missed is a use the report does not name.
-    fn candidates(&self, proc_root: &Path, devices: &BTreeSet<u64>) -> Result<Vec<i32>, SourceError>;
+    fn candidates(&self, proc_root: &Path, devices: &BTreeSet<u64>) -> Result<Vec<Candidate>, SourceError>;
+}
+
+/// A process that may use one of the devices, and, where the source walked it, which of its open files and whether
+/// its mappings do: the /proc analysis then looks at those alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub pid: i32,
+    /// `None`: look at everything the process holds.
+    pub seen: Option<Seen>,
+}
+
+/// What a walk of a process saw on the devices. Working and root directory and program are always looked at
+/// (three stats).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// The open files (by fd) on one of the devices.
+    pub fds: BTreeSet<i32>,
+    /// Whether a mapping is of a file on one of them.
+    pub mappings: bool,
+}
+
+impl Candidate {
+    /// A process to look at whole.
+    pub fn whole(pid: i32) -> Self {
+        Self { pid, seen: None }
+    }
 }

@@ -11,14 +11,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
-use wukong_agent::usage::{ALL_ANALYSES, BpfSource, ProcessSource, ProcfsSource, SourceError, scan_now_with};
+use wukong_agent::usage::{
+    ALL_ANALYSES, BpfSource, Candidate, ProcessSource, ProcfsSource, SourceError, Walk, scan_now_with,
+};
 use wukong_proto::v1::{Disk, UsageReport};
 
-/// The in-kernel process source, loaded once per test binary. A machine where it cannot load fails the tests that
-/// use it (they never fall back silently).
+/// The in-kernel process source as the agent loads it, once per test binary: on this machine's kernel (6.7+), the
+/// per-process walk. A machine where it cannot load fails the tests that use it (they never fall back silently).
 pub fn bpf() -> &'static BpfSource {
     static SOURCE: std::sync::OnceLock<BpfSource> = std::sync::OnceLock::new();
-    SOURCE.get_or_init(|| BpfSource::load(&HostRoots::default()).expect("the BPF iterators load on this machine"))
+    SOURCE.get_or_init(|| {
+        let source = BpfSource::load(&HostRoots::default()).expect("the BPF iterators load on this machine");
+        assert!(matches!(source.walk(), Walk::PerProcess { .. }), "not the per-process walk: {}", source.description());
+        source
+    })
+}
+
+/// The in-kernel process source walking per element, as on kernels older than 6.7, once per test binary.
+pub fn bpf_per_element() -> &'static BpfSource {
+    static SOURCE: std::sync::OnceLock<BpfSource> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| {
+        BpfSource::load_walk(&HostRoots::default(), Some(Walk::PerElement))
+            .expect("the per-element iterators load on this machine")
+    })
 }
 
 /// A source whose every failure fails the test: the scan's fallback to /proc would otherwise hide a broken
@@ -34,7 +49,7 @@ impl ProcessSource for Strict<'_> {
         Ok(self.0.mount_namespaces(proc_root).unwrap_or_else(|e| panic!("{}: {e}", self.0.name())))
     }
 
-    fn candidates(&self, proc_root: &Path, devices: &BTreeSet<u64>) -> Result<Vec<i32>, SourceError> {
+    fn candidates(&self, proc_root: &Path, devices: &BTreeSet<u64>) -> Result<Vec<Candidate>, SourceError> {
         Ok(self.0.candidates(proc_root, devices).unwrap_or_else(|e| panic!("{}: {e}", self.0.name())))
     }
 }
@@ -46,8 +61,8 @@ pub fn scan_by(disks: &[Disk], source: &dyn ProcessSource) -> Vec<UsageReport> {
         .to_vec()
 }
 
-/// One report per disk, scanned with /proc and with the in-kernel iterators: the two must be identical (but for
-/// when they were taken and how long they took).
+/// One report per disk, scanned with /proc and with the in-kernel iterators, walking per process and per element:
+/// the three must be identical (but for when they were taken and how long they took).
 pub fn scan_both(disks: &[Disk]) -> Vec<UsageReport> {
     let timeless = |reports: &[UsageReport]| {
         let mut reports = reports.to_vec();
@@ -58,18 +73,21 @@ pub fn scan_both(disks: &[Disk]) -> Vec<UsageReport> {
         reports
     };
     let procfs = scan_by(disks, &ProcfsSource);
-    let bpf = scan_by(disks, bpf());
-    let (left, right) = (timeless(&procfs), timeless(&bpf));
-    if left != right {
-        let only = |a: &[UsageReport], b: &[UsageReport]| -> Vec<String> {
-            let theirs: Vec<_> = b.iter().flat_map(|r| &r.blockers).collect();
-            a.iter().flat_map(|r| &r.blockers).filter(|x| !theirs.contains(x)).map(|x| x.message.clone()).collect()
-        };
-        panic!(
-            "the /proc and the BPF scans differ\nonly /proc: {:#?}\nonly BPF: {:#?}",
-            only(&left, &right),
-            only(&right, &left)
-        );
+    let left = timeless(&procfs);
+    for source in [bpf(), bpf_per_element()] {
+        let right = timeless(&scan_by(disks, source));
+        if left != right {
+            let only = |a: &[UsageReport], b: &[UsageReport]| -> Vec<String> {
+                let theirs: Vec<_> = b.iter().flat_map(|r| &r.blockers).collect();
+                a.iter().flat_map(|r| &r.blockers).filter(|x| !theirs.contains(x)).map(|x| x.message.clone()).collect()
+            };
+            panic!(
+                "the /proc and the BPF scans ({}) differ\nonly /proc: {:#?}\nonly BPF: {:#?}",
+                source.description(),
+                only(&left, &right),
+                only(&right, &left)
+            );
+        }
     }
     procfs
 }

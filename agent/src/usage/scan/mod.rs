@@ -129,8 +129,8 @@ pub fn scan(
     scan_loops(roots, &index, &mut blockers);
     if !index.devices.is_empty() {
         let devices: BTreeSet<u64> = index.devices.keys().chain(index.filesystems.keys()).copied().collect();
-        let pids = ask(source, |s| s.candidates(&roots.proc, &devices));
-        processes::scan_processes(roots, &pids, &index, &mut blockers, deadline)?;
+        let candidates = ask(source, |s| s.candidates(&roots.proc, &devices));
+        processes::scan_processes(roots, &candidates, &index, &mut blockers, deadline)?;
     }
     scan_kernel_claims(roots, targets, &mut blockers);
     Ok(blockers)

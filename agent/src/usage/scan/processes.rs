@@ -6,6 +6,7 @@ use super::{DeadlineExceeded, Filesystem, Index, blocker, btrfs_fsid_of, read_co
 use crate::roots::HostRoots;
 use crate::usage::procfs_parse::{MapEntry, fdinfo_mount_id, fdinfo_writable, parse_maps};
 use crate::usage::procmap;
+use crate::usage::source::{Candidate, Seen};
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat, major, makedev, minor};
@@ -17,8 +18,25 @@ use wukong_proto::v1::{Blocker, BlockerKind, ProcessUse, ProcessUseKind, blocker
 /// Uses listed per process and kind before the rest are summarised in one line.
 const MAX_USES_PER_PROCESS: usize = 8;
 
-/// A process and what it holds on the targets.
-type ProcessUses = (i32, Vec<Use>);
+/// A process, who it is and what it holds on the targets.
+type ProcessUses = (i32, Identity, Vec<Use>);
+
+/// Who a process is, as its blockers say.
+struct Identity {
+    command: String,
+    uid: u32,
+    cmdline: String,
+}
+
+impl Identity {
+    fn read(proc_root: &Path, pid: i32) -> Self {
+        Self {
+            command: read_comm(proc_root, pid),
+            uid: process_uid(proc_root, pid),
+            cmdline: process_cmdline(proc_root, pid),
+        }
+    }
+}
 
 /// One use of a target by a process, before the process's name and uid are looked up.
 struct Use {
@@ -35,7 +53,7 @@ struct Use {
 
 pub(super) fn scan_processes(
     roots: &HostRoots,
-    pids: &[i32],
+    candidates: &[Candidate],
     index: &Index<'_>,
     blockers: &mut [Vec<Blocker>],
     deadline: Instant,
@@ -49,13 +67,15 @@ pub(super) fn scan_processes(
                 s.spawn(move || {
                     let mut found = Vec::new();
                     let mut scratch = Scratch::default();
-                    for &pid in pids.iter().skip(t).step_by(threads) {
+                    for Candidate { pid, seen } in candidates.iter().skip(t).step_by(threads) {
                         if Instant::now() > deadline {
                             return Err(DeadlineExceeded);
                         }
-                        let uses = process_uses(roots, pid, index, &mut scratch);
+                        let pid = *pid;
+                        let uses = process_uses(roots, pid, seen.as_ref(), index, &mut scratch);
                         if !uses.is_empty() {
-                            found.push((pid, uses));
+                            // Read here, on the scan's threads: three reads of /proc per process add up.
+                            found.push((pid, Identity::read(&roots.proc, pid), uses));
                         }
                     }
                     Ok(found)
@@ -68,9 +88,9 @@ pub(super) fn scan_processes(
     for r in results {
         found.extend(r?);
     }
-    found.sort_by_key(|(pid, _)| *pid);
-    for (pid, uses) in found {
-        report_process(roots, pid, uses, blockers);
+    found.sort_by_key(|(pid, ..)| *pid);
+    for (pid, identity, uses) in found {
+        report_process(pid, identity, uses, blockers);
     }
     Ok(())
 }
@@ -121,8 +141,15 @@ fn stacked_fs(index: &Index<'_>, st: &FileStat, fdinfo: &Path) -> Option<Filesys
     index.stacked_mounts.get(&fdinfo_mount_id(&text)?).cloned()
 }
 
-/// Everything one process holds on any target.
-fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Scratch) -> Vec<Use> {
+/// Everything one process holds on any target: among its open files and mappings, those its source `seen` on the
+/// devices (all where it does not say).
+fn process_uses(
+    roots: &HostRoots,
+    pid: i32,
+    seen: Option<&Seen>,
+    index: &Index<'_>,
+    scratch: &mut Scratch,
+) -> Vec<Use> {
     let dir = roots.proc.join(pid.to_string());
     let Ok(pdir) = Dir::open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) else {
         return Vec::new();
@@ -139,8 +166,12 @@ fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Sc
     if let Ok(mut fds) =
         Dir::openat(&pdir, "fd", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
     {
-        let names: Vec<std::ffi::CString> =
-            fds.iter().flatten().map(|e| e.file_name().to_owned()).filter(|n| n.as_bytes()[0] != b'.').collect();
+        let names: Vec<std::ffi::CString> = match seen {
+            Some(seen) => seen.fds.iter().filter_map(|fd| std::ffi::CString::new(fd.to_string()).ok()).collect(),
+            None => {
+                fds.iter().flatten().map(|e| e.file_name().to_owned()).filter(|n| n.as_bytes()[0] != b'.').collect()
+            }
+        };
         for name in names {
             let Ok(st) = fstatat(&fds, name.as_c_str(), AtFlags::empty()) else { continue };
             let is_block = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFBLK;
@@ -167,7 +198,7 @@ fn process_uses(roots: &HostRoots, pid: i32, index: &Index<'_>, scratch: &mut Sc
         }
     }
     // Without a mounted filesystem of a target there is no file to map, and maps is the costliest read.
-    if !index.filesystems.is_empty() {
+    if !index.filesystems.is_empty() && seen.is_none_or(|seen| seen.mappings) {
         let mut seen = HashSet::new();
         for (fs, m) in mapped_files(&dir.join("maps"), index, scratch) {
             if seen.insert((m.inode, m.shared_writable)) {
@@ -263,10 +294,8 @@ fn process_cmdline(proc_root: &Path, pid: i32) -> String {
     s
 }
 
-fn report_process(roots: &HostRoots, pid: i32, uses: Vec<Use>, blockers: &mut [Vec<Blocker>]) {
-    let command = read_comm(&roots.proc, pid);
-    let uid = process_uid(&roots.proc, pid);
-    let cmdline = process_cmdline(&roots.proc, pid);
+fn report_process(pid: i32, identity: Identity, uses: Vec<Use>, blockers: &mut [Vec<Blocker>]) {
+    let Identity { command, uid, cmdline } = identity;
     // (target, kind) → how many uses, and the device of the first.
     let mut per_kind: HashMap<(usize, i32), (usize, String)> = HashMap::new();
     for u in uses {
