@@ -275,7 +275,11 @@ static int fd_bit(__u32 bit, struct fd_walk *walk)
 		return 0;
 	__u32 fd = walk->first + bit;
 	struct file *number = 0;
-	if (bpf_probe_read_kernel(&number, sizeof(number), &walk->fd[fd]) || !number)
+	if (bpf_probe_read_kernel(&number, sizeof(number), &walk->fd[fd])) {
+		emit(walk->seq, walk->task, USE_UNWALKED, 0, 0);
+		return 1;
+	}
+	if (!number)
 		return 0;
 	__u32 dev = file_device(as_file(number));
 	if (dev)
@@ -285,8 +289,11 @@ static int fd_bit(__u32 bit, struct fd_walk *walk)
 
 static int fd_word(__u32 index, struct fd_walk *walk)
 {
-	if (bpf_probe_read_kernel(&walk->word, sizeof(walk->word), &walk->open_fds[index]))
+	/* Under RCU the table stays readable; were it not, the process is left to /proc rather than half walked. */
+	if (bpf_probe_read_kernel(&walk->word, sizeof(walk->word), &walk->open_fds[index])) {
+		emit(walk->seq, walk->task, USE_UNWALKED, 0, 0);
 		return 1;
+	}
 	if (walk->word) {
 		walk->first = index * 64;
 		bpf_loop(64, fd_bit, walk, 0);

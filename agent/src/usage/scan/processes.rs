@@ -163,8 +163,10 @@ fn process_uses(
             uses.push(Use { target: fs.target, kind, path, fd: -1, writable: false, device: fs.node, place: fs.label });
         }
     }
-    if let Ok(mut fds) =
-        Dir::openat(&pdir, "fd", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+    // A walk that saw no file of it on the devices leaves nothing to read in fd/.
+    if seen.is_none_or(|seen| !seen.fds.is_empty())
+        && let Ok(mut fds) =
+            Dir::openat(&pdir, "fd", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
     {
         let names: Vec<std::ffi::CString> = match seen {
             Some(seen) => seen.fds.iter().filter_map(|fd| std::ffi::CString::new(fd.to_string()).ok()).collect(),
@@ -199,9 +201,9 @@ fn process_uses(
     }
     // Without a mounted filesystem of a target there is no file to map, and maps is the costliest read.
     if !index.filesystems.is_empty() && seen.is_none_or(|seen| seen.mappings) {
-        let mut seen = HashSet::new();
+        let mut listed = HashSet::new();
         for (fs, m) in mapped_files(&dir.join("maps"), index, scratch) {
-            if seen.insert((m.inode, m.shared_writable)) {
+            if listed.insert((m.inode, m.shared_writable)) {
                 uses.push(Use {
                     target: fs.target,
                     kind: ProcessUseKind::Mmap,
