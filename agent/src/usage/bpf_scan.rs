@@ -154,7 +154,7 @@ impl BpfSource {
         };
         let mut every = source.scan_programs();
         every.push((0, NAMESPACES));
-        source.records(&BTreeSet::new(), &every).map_err(|e| Unavailable(e.to_string()))?;
+        source.records(Some(&BTreeSet::new()), &every).map_err(|e| Unavailable(e.to_string()))?;
         drop(btf);
         // Loading parsed the kernel's whole BTF (5 MiB on 6.1, 13 MiB of peak memory) and freed it; malloc keeps
         // freed memory for reuse, and a resident agent would carry it for good (18 MiB resident against 8.5 with
@@ -182,23 +182,30 @@ impl BpfSource {
         }
     }
 
-    /// Every record of one pass of `programs` with `devices` (userspace dev_t numbers) watched.
-    fn records(&self, devices: &BTreeSet<u64>, programs: &[(usize, Program)]) -> Result<Vec<[u32; 4]>, SourceError> {
-        if devices.len() > MAX_DEVICES {
-            return Err(SourceError(format!(
-                "{} devices to watch, more than the {MAX_DEVICES} the map holds",
-                devices.len()
-            )));
-        }
+    /// Every record of one pass of `programs`, with `devices` (userspace dev_t numbers) watched first; `None` leaves
+    /// the devices maps as they are, for programs that do not read them (the namespaces').
+    fn records(
+        &self,
+        devices: Option<&BTreeSet<u64>>,
+        programs: &[(usize, Program)],
+    ) -> Result<Vec<[u32; 4]>, SourceError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for Loaded { devices: map, .. } in loaded.iter_mut() {
-            let stale: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-            for key in stale {
-                map.remove(&key).map_err(|e| SourceError(format!("cannot clear the devices map: {e}")))?;
+        if let Some(devices) = devices {
+            if devices.len() > MAX_DEVICES {
+                return Err(SourceError(format!(
+                    "{} devices to watch, more than the {MAX_DEVICES} the map holds",
+                    devices.len()
+                )));
             }
-            for &dev in devices {
-                map.insert(kernel_dev(dev), 1, 0)
-                    .map_err(|e| SourceError(format!("cannot fill the devices map: {e}")))?;
+            for Loaded { devices: map, .. } in loaded.iter_mut() {
+                let stale: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+                for key in stale {
+                    map.remove(&key).map_err(|e| SourceError(format!("cannot clear the devices map: {e}")))?;
+                }
+                for &dev in devices {
+                    map.insert(kernel_dev(dev), 1, 0)
+                        .map_err(|e| SourceError(format!("cannot fill the devices map: {e}")))?;
+                }
             }
         }
         let mut files = Vec::new();
@@ -247,7 +254,7 @@ impl ProcessSource for BpfSource {
 
     fn mount_namespaces(&self, _proc_root: &Path) -> Result<BTreeMap<u64, i32>, SourceError> {
         let mut first = BTreeMap::new();
-        for [pid, kind, _, ns] in self.records(&BTreeSet::new(), &[(0, NAMESPACES)])? {
+        for [pid, kind, _, ns] in self.records(None, &[(0, NAMESPACES)])? {
             if kind == USE_MOUNT_NS && another_process(pid) {
                 let lowest = first.entry(u64::from(ns)).or_insert(pid as i32);
                 *lowest = (*lowest).min(pid as i32);
@@ -260,7 +267,7 @@ impl ProcessSource for BpfSource {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(candidates_of(&self.records(devices, &self.scan_programs())?))
+        Ok(candidates_of(&self.records(Some(devices), &self.scan_programs())?))
     }
 }
 

@@ -67,11 +67,10 @@ pub(super) fn scan_processes(
                 s.spawn(move || {
                     let mut found = Vec::new();
                     let mut scratch = Scratch::default();
-                    for Candidate { pid, seen } in candidates.iter().skip(t).step_by(threads) {
+                    for &Candidate { pid, ref seen } in candidates.iter().skip(t).step_by(threads) {
                         if Instant::now() > deadline {
                             return Err(DeadlineExceeded);
                         }
-                        let pid = *pid;
                         let uses = process_uses(roots, pid, seen.as_ref(), index, &mut scratch);
                         if !uses.is_empty() {
                             // Read here, on the scan's threads: three reads of /proc per process add up.
