@@ -5,7 +5,7 @@
 use anyhow::Result;
 use std::time::Duration;
 use tonic::Code;
-use wukong_e2e::{DiskSpec, Guest};
+use wukong_e2e::{DiskSpec, Guest, until};
 use wukong_proto::v1::{BlockerKind, HolderKind, UsageReport, blocker::Detail};
 
 async fn plug(guest: &Guest, serial: &str) -> Result<String> {
@@ -163,9 +163,16 @@ async fn overlays_on_a_hotplugged_disk_block_it_until_idle_and_come_back_after_a
              mkdir -p '/run/ctr/root fs' /run/ctr2 && mount -t overlay overlay -o '{layers}' '/run/ctr/root fs'"
         ))
         .await?;
-    // The whole-disk filesystem is what the disk holds.
-    let disk = agent.get_disk("ctr-data", false).await?;
-    assert_eq!((disk.fs_type.as_str(), disk.fs_label.as_str()), ("ext4", "ctr"), "{disk:?}");
+    // The whole-disk filesystem is what the disk holds, once the agent has heard udev's change event for it (which
+    // `udevadm settle` does not wait for: it waits for udev, not for udev's listeners).
+    let disk = until("the agent reports the new ext4 on ctr-data", Duration::from_secs(10), || async {
+        let disk = agent.get_disk("ctr-data", false).await?;
+        Ok(match (disk.fs_type.as_str(), disk.fs_label.as_str()) {
+            ("ext4", "ctr") => Ok(disk),
+            _ => Err(format!("{disk:?}")),
+        })
+    })
+    .await?;
     assert!(!disk.fs_uuid.is_empty());
     let container = guest
         .run_ok(
