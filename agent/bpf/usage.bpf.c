@@ -41,6 +41,10 @@ enum use_kind {
 	/* Not a use: a process whose files or mappings could not be walked (its mappings locked by a writer, a files
 	 * table larger than bpf_loop walks); the agent reads it through /proc like any candidate. */
 	USE_UNWALKED = 7,
+	/* Not a use: one of the uses above found through a thread whose files table, directories or memory are not its
+	 * leader's (unshare(CLONE_FILES), unshare(CLONE_FS), or a leader that has exited, taking its own with it).
+	 * /proc shows such a use under the thread alone, so the agent reads the process whole, threads included. */
+	USE_THREAD = 8,
 };
 
 struct record {
@@ -122,6 +126,10 @@ static __always_inline __u32 process_id(struct task_struct *task)
 
 static __always_inline void emit(struct seq_file *seq, struct task_struct *task, __u32 kind, __u32 fd, __u32 dev)
 {
+	if (task->pid != task->tgid && kind != USE_UNWALKED) {
+		kind = USE_THREAD;
+		fd = 0;
+	}
 	struct record r = { .pid = process_id(task), .kind = kind, .fd = fd, .dev = dev };
 	bpf_seq_write(seq, &r, sizeof(r));
 }
@@ -140,9 +148,8 @@ int usage_files(struct bpf_iter__task_file *ctx)
 	return 0;
 }
 
-/* The working directory, root and executable of a thread-group leader (threads share them, or their differences
- * are the leader's process to /proc as well). */
-static __always_inline void emit_paths(struct seq_file *seq, struct task_struct *task)
+/* The working and root directory of a task. */
+static __always_inline void emit_dirs(struct seq_file *seq, struct task_struct *task)
 {
 	struct fs_struct *fs = task->fs;
 	if (fs) {
@@ -153,6 +160,11 @@ static __always_inline void emit_paths(struct seq_file *seq, struct task_struct 
 		if (dev)
 			emit(seq, task, USE_ROOT, 0, dev);
 	}
+}
+
+/* The program a task runs. */
+static __always_inline void emit_exe(struct seq_file *seq, struct task_struct *task)
+{
 	struct mm_struct *mm = task->mm;
 	if (mm) {
 		__u32 dev = file_device(mm->exe_file);
@@ -161,14 +173,33 @@ static __always_inline void emit_paths(struct seq_file *seq, struct task_struct 
 	}
 }
 
-/* The paths above of each thread-group leader (the per-element walk). */
+/* Whether a thread's directories are its own: unshare(CLONE_FS), or its leader has exited and dropped its own. */
+static __always_inline bool thread_has_own_dirs(struct task_struct *task)
+{
+	return task->fs && task->fs != task->group_leader->fs;
+}
+
+/* Whether a thread's leader has exited: the process's program and mappings, which /proc showed through the
+ * leader, are then seen through its threads alone. */
+static __always_inline bool leader_gone(struct task_struct *task)
+{
+	return task->mm && !task->group_leader->mm;
+}
+
+/* The directories and program of each thread-group leader, and of a thread where they are its own (the
+ * per-element walk). */
 SEC("iter/task")
 int usage_tasks(struct bpf_iter__task *ctx)
 {
 	struct task_struct *task = ctx->task;
-	if (!task || task->pid != task->tgid)
+	if (!task)
 		return 0;
-	emit_paths(ctx->meta->seq, task);
+	struct seq_file *seq = ctx->meta->seq;
+	bool leader = task->pid == task->tgid;
+	if (leader || thread_has_own_dirs(task))
+		emit_dirs(seq, task);
+	if (leader || leader_gone(task))
+		emit_exe(seq, task);
 	return 0;
 }
 
@@ -347,13 +378,20 @@ int usage_processes(struct bpf_iter__task *ctx)
 	struct seq_file *seq = ctx->meta->seq;
 	struct files_struct *files = task->files;
 	if (task->pid != tgid) {
-		/* A thread: only a files table of its own (unshare(CLONE_FILES)) is not its leader's, as the
-		 * per-element walk does. */
+		/* A thread: only what is not its leader's, as the per-element walk does. Each thread of a process whose
+		 * leader has exited walks the process's memory (rare, and never half walked). */
 		if (files && files != task->group_leader->files)
 			walk_files(seq, task, files);
+		if (thread_has_own_dirs(task))
+			emit_dirs(seq, task);
+		if (leader_gone(task)) {
+			emit_exe(seq, task);
+			walk_mappings(seq, task);
+		}
 		return 0;
 	}
-	emit_paths(seq, task);
+	emit_dirs(seq, task);
+	emit_exe(seq, task);
 	if (files)
 		walk_files(seq, task, files);
 	if (task->mm)

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use wukong_agent::usage::{ProcessSource, ProcfsSource, process_pids};
+use wukong_agent::usage::{Candidate, ProcessSource, ProcfsSource, process_pids};
 use wukong_proto::v1::{Blocker, BlockerKind, Disk, ProcessUseKind, UsageReport, blocker::Detail};
 
 fn mounts_of(report: &UsageReport) -> BTreeSet<String> {
@@ -779,6 +779,81 @@ proptest::proptest! {
         for (u, h) in &holders {
             let named = found.contains(&h.pid());
             proptest::prop_assert_eq!(named, *u != GeneratedUse::Unrelated, "{:?} (pid {}) in {:#?}", u, h.pid(), messages(&report));
+        }
+    }
+}
+
+/// Python (Debian's, installed by scripts/lib/install-deps.sh) running `body` in a second thread, which then
+/// sleeps; the first thread runs `then` once the second is done.
+fn threaded_python(body: &str, then: &str) -> Holder {
+    let script = format!(
+        "import ctypes,os,threading,time\nlibc=ctypes.CDLL(None)\nev=threading.Event()\ndef t():\n{body}\n    ev.set()\n    \
+         time.sleep(1000)\nthreading.Thread(target=t).start()\nev.wait()\nprint('ready',flush=True)\n{then}\n"
+    );
+    Holder::start("/usr/bin/python3", &["-c", &script])
+}
+
+/// Uses /proc shows under a thread alone: a files table of its own (`unshare(CLONE_FILES)`, holding a file and the
+/// raw device), a working directory of its own (`unshare(CLONE_FS)`), and a process whose first thread has exited
+/// (`pthread_exit` in `main`), whose file then only its other thread holds. `umount` says the disk is busy; `fuser -m` and `lsof` find none of them.
+/// Every scan (/proc and both walks) names all three, each through its thread.
+#[test]
+fn uses_held_by_threads_apart_from_their_leader_are_found() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("m");
+    std::fs::write(mp.join("data"), b"x").unwrap();
+    let m = mp.display();
+    let files = threaded_python(
+        &format!(
+            "    assert libc.unshare(0x400)==0\n    fd=os.open('{m}/data',os.O_RDWR)\n    raw=os.open('{}',os.O_RDONLY)",
+            disk.dev
+        ),
+        "",
+    );
+    let dirs = threaded_python(&format!("    assert libc.unshare(0x200)==0\n    os.chdir('{m}')"), "");
+    let orphaned = threaded_python(&format!("    fd=os.open('{m}/data',os.O_RDONLY)"), "libc.pthread_exit(None)");
+    // The first thread has exited once /proc shows it a zombie.
+    let state = format!("/proc/{}/stat", orphaned.pid());
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&state)
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "the first thread of {} did not exit", orphaned.pid());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let busy = Command::new("umount").arg(&mp).output().unwrap();
+    assert!(!busy.status.success() && String::from_utf8_lossy(&busy.stderr).contains("busy"), "{busy:?}");
+    let holders = BTreeSet::from([files.pid(), dirs.pid(), orphaned.pid()]);
+    assert!(fuser_pids(&disk.dev).is_disjoint(&holders), "fuser -m finds threads' uses now: adjust this test");
+    assert!(lsof_pids(&m.to_string()).is_disjoint(&holders), "lsof finds threads' uses now: adjust this test");
+
+    let report = assert_superset_of_oracles(&disk);
+    let thread_of = |pid: i32, kind: ProcessUseKind| {
+        let b =
+            find(&report, pid, kind).unwrap_or_else(|| panic!("pid {pid} {kind:?} found: {:#?}", messages(&report)));
+        let Some(Detail::Process(p)) = &b.detail else { unreachable!() };
+        assert!(p.thread > 0 && p.thread != pid, "{:?}", p);
+        assert!(b.message.contains(&format!("in its thread {}", p.thread)), "{}", b.message);
+        (b.message.clone(), p.clone())
+    };
+    let (message, p) = thread_of(files.pid(), ProcessUseKind::OpenFile);
+    assert!(message.contains("/data open for writing") && p.writable && p.fd >= 0, "{message}");
+    let (message, _) = thread_of(files.pid(), ProcessUseKind::BlockDevice);
+    assert!(message.contains(&format!("the block device {} open for reading", disk.dev)), "{message}");
+    let (message, _) = thread_of(dirs.pid(), ProcessUseKind::Cwd);
+    assert!(message.contains(&format!("working directory at {m}")), "{message}");
+    let (message, p) = thread_of(orphaned.pid(), ProcessUseKind::OpenFile);
+    assert!(message.contains("/data open for reading"), "{message}");
+    assert!(p.cmdline.starts_with("/usr/bin/python3 -c"), "the command line, read through the thread: {:?}", p.cmdline);
+
+    // Each walk says a thread holds it apart, so the process is read whole, threads included.
+    let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
+    for source in [common::bpf(), common::bpf_per_element()] {
+        let candidates = source.candidates(Path::new("/proc"), &devices).unwrap();
+        for &pid in &holders {
+            let c = candidates.iter().find(|c| c.pid == pid);
+            assert_eq!(c, Some(&Candidate::whole(pid)), "{}: {candidates:?}", source.description());
         }
     }
 }

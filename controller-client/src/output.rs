@@ -233,6 +233,7 @@ pub fn blocker_json(b: &Blocker) -> Value {
         Some(Detail::Process(p)) => json!({
             "pid": p.pid, "command": p.command, "cmdline": p.cmdline, "uid": p.uid,
             "use": format!("{:?}", p.r#use()).to_lowercase(), "path": p.path, "fd": p.fd, "writable": p.writable,
+            "thread": p.thread,
         }),
         Some(Detail::KernelClaim(k)) => json!({"device": k.device}),
         Some(Detail::System(s)) => json!({"reason": s.reason}),

@@ -57,6 +57,7 @@ const USE_EXE: u32 = 4;
 const USE_MAP: u32 = 5;
 const USE_MOUNT_NS: u32 = 6;
 const USE_UNWALKED: u32 = 7;
+const USE_THREAD: u32 = 8;
 
 /// One record as the iterators write it (bpf/usage.bpf.c's `struct record`).
 const RECORD: usize = 16;
@@ -287,7 +288,9 @@ fn candidates_of(records: &[[u32; 4]]) -> Vec<Candidate> {
             (USE_MAP, Some(seen)) => seen.mappings = true,
             // Always looked at (three stats); or already whole.
             (USE_CWD | USE_ROOT | USE_EXE, _) | (USE_FD | USE_MAP, None) => {}
-            (USE_UNWALKED, _) => *entry = None,
+            // Not walked, or found through a thread that holds it apart from its leader: /proc shows that under
+            // the thread alone, which the whole reading of a process looks at.
+            (USE_UNWALKED | USE_THREAD, _) => *entry = None,
             // A kind this agent does not know: nothing is assumed of the process.
             _ => *entry = None,
         }
@@ -475,6 +478,9 @@ mod tests {
             [own, USE_FD, 3, dev],
             [14, 99, 0, 0],
             [14, USE_FD, 1, dev],
+            [15, USE_FD, 6, dev],
+            [15, USE_THREAD, 0, dev],
+            [15, USE_MAP, 0, dev],
         ];
         let seen = |fds: &[i32], mappings| Some(Seen { fds: fds.iter().copied().collect(), mappings });
         assert_eq!(
@@ -484,6 +490,7 @@ mod tests {
                 Candidate { pid: 11, seen: seen(&[], false) },
                 Candidate::whole(12),
                 Candidate::whole(14),
+                Candidate::whole(15),
             ]
         );
         assert_eq!(candidates_of(&[]), []);

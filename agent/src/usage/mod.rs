@@ -8,6 +8,7 @@ mod procmap;
 mod scan;
 mod source;
 pub mod target;
+mod threads;
 
 use crate::roots::HostRoots;
 use crate::udev_db::LibUdevDb;
