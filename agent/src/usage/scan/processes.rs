@@ -183,7 +183,8 @@ fn process_uses(
     (uses, apart.iter().find(|a| a.memory).map(|a| a.tid))
 }
 
-/// What one task directory (`/proc/<pid>`, or a thread's `task/<tid>`) shows of the parts asked for in `parts`.
+/// What one task directory (`/proc/<pid>`, or a thread's `task/<tid>`) shows of the parts `parts` asks for (a
+/// process's own directory: all of them); `thread` names the thread its uses are found through.
 fn task_uses(
     dir: &Path,
     pdir: &Dir,
@@ -194,8 +195,12 @@ fn task_uses(
     scratch: &mut Scratch,
 ) -> Vec<Use> {
     let mut uses = Vec::new();
-    let links = [("cwd", ProcessUseKind::Cwd, parts.dirs), ("root", ProcessUseKind::Root, parts.dirs)];
-    for (name, kind, _) in links.into_iter().chain([("exe", ProcessUseKind::Exe, parts.memory)]).filter(|l| l.2) {
+    let links = [
+        ("cwd", ProcessUseKind::Cwd, parts.dirs),
+        ("root", ProcessUseKind::Root, parts.dirs),
+        ("exe", ProcessUseKind::Exe, parts.memory),
+    ];
+    for (name, kind, _) in links.into_iter().filter(|l| l.2) {
         if let Ok(st) = fstatat(pdir, name, AtFlags::empty())
             && let Some(fs) = target_fs(index, &st, &dir.join(name), &mut scratch.subvolumes)
         {
