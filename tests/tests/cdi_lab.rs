@@ -283,11 +283,15 @@ async fn http_imports_yield_the_files_bytes_and_a_registry_import_is_refused() -
         let [status, _, message] = said(condition(&dv, "Running"));
         assert!(status == "False" && message.contains(says), "{name}: {}", dv.data["status"]);
         assert_eq!(dv.data["status"]["phase"], "ImportInProgress", "{name}: the Pod restarts, it does not fail");
-        let events = lab_events::about(&lab.admin, NS, name).await?;
-        assert!(
-            events.iter().any(|(t, r, m)| t == "Warning" && r == "Error" && m.contains(says)),
-            "{name}: {events:#?}"
-        );
+        // The importer's Error event is recorded after the condition it explains: wait for it as for the condition.
+        until(&format!("{name}'s Error event"), WAIT, || async {
+            let events = lab_events::about(&lab.admin, NS, name).await?;
+            Ok(match events.iter().any(|(t, r, m)| t == "Warning" && r == "Error" && m.contains(says)) {
+                true => Ok(()),
+                false => Err(format!("{events:#?}")),
+            })
+        })
+        .await?;
     }
     println!("took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
