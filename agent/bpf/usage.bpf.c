@@ -109,19 +109,25 @@ static __always_inline __u32 path_device(struct dentry *dentry)
 	return dentry ? inode_device(dentry->d_inode) : 0;
 }
 
-/* The process's pid as the reader's /proc names it. */
-static __always_inline __u32 process_id(struct task_struct *task)
+/* A task's id (a thread-group leader's: its process's pid) as the reader's /proc names it. */
+static __always_inline __u32 task_id(struct task_struct *task)
 {
 	__u32 level = pid_level;
 	if (level == 0)
-		return task->tgid;
+		return task->pid;
 	if (level > 31)
 		return 0;
-	struct pid *pid = task->group_leader->thread_pid;
+	struct pid *pid = task->thread_pid;
 	int nr = 0;
 	if (pid)
 		bpf_core_read(&nr, sizeof(nr), &pid->numbers[level].nr);
 	return nr;
+}
+
+/* The process's pid as the reader's /proc names it. */
+static __always_inline __u32 process_id(struct task_struct *task)
+{
+	return task_id(task->group_leader);
 }
 
 static __always_inline void emit(struct seq_file *seq, struct task_struct *task, __u32 kind, __u32 fd, __u32 dev)
@@ -203,16 +209,28 @@ int usage_tasks(struct bpf_iter__task *ctx)
 	return 0;
 }
 
-/* The mount namespace of each thread-group leader, read before each scan (either walk) to find its mounts. */
+/* The mount namespace of each thread-group leader, and of each thread in another one than its leader (a namespace
+ * of its own, or the leader has exited and left none), read before each scan (either walk) to find its mounts. A
+ * thread's record carries its id where a file's carries its descriptor. */
 SEC("iter/task")
 int usage_namespaces(struct bpf_iter__task *ctx)
 {
 	struct task_struct *task = ctx->task;
-	if (!task || task->pid != task->tgid)
+	if (!task)
 		return 0;
 	struct nsproxy *nsproxy = task->nsproxy;
-	if (nsproxy)
-		emit(ctx->meta->seq, task, USE_MOUNT_NS, 0, nsproxy->mnt_ns->ns.inum);
+	if (!nsproxy)
+		return 0;
+	struct mnt_namespace *ns = nsproxy->mnt_ns;
+	__u32 thread = 0;
+	if (task->pid != task->tgid) {
+		struct nsproxy *leaders = task->group_leader->nsproxy;
+		if (leaders && leaders->mnt_ns == ns)
+			return 0;
+		thread = task_id(task);
+	}
+	struct record r = { .pid = process_id(task), .kind = USE_MOUNT_NS, .fd = thread, .dev = ns->ns.inum };
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }
 

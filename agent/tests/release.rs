@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Holder, LoopDisk, findmnt_targets, mkdirs, serial, sh};
+use common::{Holder, LoopDisk, findmnt_targets, mkdirs, other_threads, serial, sh, threaded_python};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,6 +174,49 @@ async fn a_process_using_the_disk_refuses_the_release_and_changes_nothing() {
     assert!(!read_only(&disk.dev));
     assert_eq!(rig.state(), DiskState::Present);
     assert_eq!(std::fs::read_dir(state.path()).map(|d| d.count()).unwrap_or(0), 0, "nothing journalled");
+}
+
+/// A filesystem mounted only in a thread's own mount namespace (`unshare(CLONE_NEWNS)` in one thread), which
+/// `/proc/<pid>/mountinfo` does not show: the release refuses naming the thread, unmounts it there when asked
+/// (entering the namespace through the thread), and cancel mounts it back there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_only_a_thread_sees_is_released_and_cancel_brings_it_back() {
+    let _serial = serial();
+    let disk = LoopDisk::new("ext4");
+    let points = tempfile::tempdir().unwrap();
+    let point = points.path().display().to_string();
+    // MS_REC | MS_PRIVATE: the thread's mount stays in its namespace.
+    let holder = threaded_python(
+        &format!(
+            "    assert libc.unshare(0x20000)==0\n    assert libc.mount(b'none',b'/',None,0x44000,None)==0\n    \
+             assert libc.mount(b'{}',b'{point}',b'ext4',0,None)==0",
+            disk.dev
+        ),
+        "",
+    );
+    let (pid, thread) = (holder.pid(), other_threads(holder.pid())[0]);
+    let in_thread = || findmnt_in(thread, &disk.dev);
+    assert_eq!(in_thread(), BTreeSet::from([point.clone()]));
+    assert!(findmnt_in(pid, &disk.dev).is_empty() && findmnt_targets(&disk.dev).is_empty());
+    let state = tempfile::tempdir().unwrap();
+    let rig = rig(&disk, state.path()).await;
+
+    let refused = rig.releaser.prepare(&rig.serial, false, false, None).await.unwrap_err();
+    let ReleaseError::InUse { message, .. } = &refused else { panic!("refused as in use: {refused}") };
+    assert!(message.contains(&format!("mounted at {point} (ext4) in mount namespace")), "{message}");
+    assert!(message.contains(&format!("(of thread {thread} of pid {pid}, python3)")), "{message}");
+    assert_eq!(in_thread(), BTreeSet::from([point.clone()]), "nothing changed");
+
+    let released = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
+    assert!(released.released, "{released:#?}");
+    let kinds: Vec<&str> = released.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, ["scan", "unmount", "verify", "flush", "read-only"]);
+    assert!(in_thread().is_empty(), "unmounted in the thread's namespace");
+
+    let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
+    assert_eq!(in_thread(), BTreeSet::from([point]), "mounted back there: {:#?}", cancelled.actions);
+    assert!(findmnt_targets(&disk.dev).is_empty(), "and nowhere else");
+    assert_eq!(rig.state(), DiskState::Present);
 }
 
 /// A filesystem mounted in a namespace no process is in cannot be seen, only felt: after the visible mount is

@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{Holder, LoopDisk, findmnt_targets, mkdirs, serial, sh};
+use common::{
+    Holder, LoopDisk, findmnt_targets, mkdirs, other_threads, serial, sh, threaded_python, threaded_python_under,
+    wait_for_exited_leader,
+};
 use nix::sys::stat::stat;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -783,16 +786,6 @@ proptest::proptest! {
     }
 }
 
-/// Python (Debian's, installed by scripts/lib/install-deps.sh) running `body` in a second thread, which then
-/// sleeps; the first thread runs `then` once the second is done.
-fn threaded_python(body: &str, then: &str) -> Holder {
-    let script = format!(
-        "import ctypes,os,threading,time\nlibc=ctypes.CDLL(None)\nev=threading.Event()\ndef t():\n{body}\n    ev.set()\n    \
-         time.sleep(1000)\nthreading.Thread(target=t).start()\nev.wait()\nprint('ready',flush=True)\n{then}\n"
-    );
-    Holder::start("/usr/bin/python3", &["-c", &script])
-}
-
 /// Uses /proc shows under a thread alone: a files table of its own (`unshare(CLONE_FILES)`, holding a file and the
 /// raw device), a working directory of its own (`unshare(CLONE_FS)`), and a process whose first thread has exited
 /// (`pthread_exit` in `main`), whose file then only its other thread holds. `umount` says the disk is busy; `fuser -m` and `lsof` find none of them.
@@ -813,15 +806,7 @@ fn uses_held_by_threads_apart_from_their_leader_are_found() {
     );
     let dirs = threaded_python(&format!("    assert libc.unshare(0x200)==0\n    os.chdir('{m}')"), "");
     let orphaned = threaded_python(&format!("    fd=os.open('{m}/data',os.O_RDONLY)"), "libc.pthread_exit(None)");
-    // The first thread has exited once /proc shows it a zombie.
-    let state = format!("/proc/{}/stat", orphaned.pid());
-    let started = std::time::Instant::now();
-    while !std::fs::read_to_string(&state)
-        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-    {
-        assert!(started.elapsed() < Duration::from_secs(10), "the first thread of {} did not exit", orphaned.pid());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_exited_leader(orphaned.pid());
     let busy = Command::new("umount").arg(&mp).output().unwrap();
     assert!(!busy.status.success() && String::from_utf8_lossy(&busy.stderr).contains("busy"), "{busy:?}");
     let holders = BTreeSet::from([files.pid(), dirs.pid(), orphaned.pid()]);
@@ -855,5 +840,60 @@ fn uses_held_by_threads_apart_from_their_leader_are_found() {
             let c = candidates.iter().find(|c| c.pid == pid);
             assert_eq!(c, Some(&Candidate::whole(pid)), "{}: {candidates:?}", source.description());
         }
+    }
+}
+
+/// Mounts in mount namespaces that only threads are in: one a thread unshared for itself (`unshare(CLONE_NEWNS)`
+/// in one thread, as a Go program does on a locked OS thread), and a process's own whose first thread has exited.
+/// `/proc/<pid>/mountinfo` shows neither (the first is the thread's alone, the second went with the first thread):
+/// `findmnt`, in the host's namespace or in the process's (`-N`), lists neither; only `/proc/<pid>/task/<tid>` has
+/// them. Every scan (/proc and both walks) reports both, each with the thread it is seen through.
+#[test]
+fn mounts_in_namespaces_only_threads_are_in_are_found() {
+    let _serial = serial();
+    let disk = LoopDisk::new("ext4");
+    let points = tempfile::tempdir().unwrap();
+    let (own, gone) = (points.path().join("own"), points.path().join("gone"));
+    mkdirs(points.path(), &["own", "gone"]);
+    let mount = |at: &Path| format!("    assert libc.mount(b'{}',b'{}',b'ext4',0,None)==0", disk.dev, at.display());
+    // MS_REC | MS_PRIVATE: the thread's mount stays in its namespace.
+    let own_ns = threaded_python(
+        &format!(
+            "    assert libc.unshare(0x20000)==0\n    assert libc.mount(b'none',b'/',None,0x44000,None)==0\n{}",
+            mount(&own)
+        ),
+        "",
+    );
+    let gone_ns =
+        threaded_python_under(&["unshare", "-m", "--propagation", "private"], &mount(&gone), "libc.pthread_exit(None)");
+    wait_for_exited_leader(gone_ns.pid());
+    assert!(findmnt_targets(&disk.dev).is_empty(), "mounted in the host's namespace");
+    for holder in [&own_ns, &gone_ns] {
+        let listed =
+            Command::new("findmnt").args(["-n", "-N", &holder.pid().to_string(), "-S", &disk.dev]).output().unwrap();
+        assert!(listed.stdout.is_empty(), "findmnt -N {} lists it now: adjust this test", holder.pid());
+    }
+
+    let report = disk.scan();
+    assert!(report.in_use, "{:#?}", messages(&report));
+    for (holder, point) in [(&own_ns, &own), (&gone_ns, &gone)] {
+        let (pid, thread) = (holder.pid(), other_threads(holder.pid())[0]);
+        let b = report
+            .blockers
+            .iter()
+            .find(|b| matches!(&b.detail, Some(Detail::Mount(m)) if m.namespace_pid == pid))
+            .unwrap_or_else(|| panic!("the mount seen through pid {pid} found: {:#?}", messages(&report)));
+        let Some(Detail::Mount(m)) = &b.detail else { unreachable!() };
+        assert_eq!(
+            (m.namespace_thread, m.mount_point.as_str(), m.host_namespace),
+            (thread, point.to_str().unwrap(), false)
+        );
+        assert!(b.message.contains(&format!("(of thread {thread} of pid {pid}, python3)")), "{}", b.message);
+        // What the report says to enter it with does: findmnt -N with the thread.
+        let listed = Command::new("findmnt")
+            .args(["-n", "-o", "TARGET", "-N", &thread.to_string(), "-S", &disk.dev])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), point.to_str().unwrap());
     }
 }

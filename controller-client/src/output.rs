@@ -220,7 +220,7 @@ pub fn blocker_json(b: &Blocker) -> Value {
         Some(Detail::Mount(m)) => json!({
             "mount_point": m.mount_point, "fs_type": m.fs_type, "root": m.root, "options": m.options,
             "read_only": m.read_only, "mount_namespace": m.mount_namespace, "host_namespace": m.host_namespace,
-            "namespace_pid": m.namespace_pid,
+            "namespace_pid": m.namespace_pid, "namespace_thread": m.namespace_thread,
         }),
         Some(Detail::Swap(s)) => {
             json!({"path": s.path, "is_file": s.is_file, "size_bytes": s.size_bytes, "used_bytes": s.used_bytes})

@@ -7,6 +7,7 @@
 use crate::roots::{HostRoots, resolve_dev_path};
 use crate::usage::procfs_parse::{MountEntry, parse_mountinfo, unescape_octal};
 use crate::usage::target::Target;
+use crate::usage::{NamespaceTask, ProcessSource, ProcfsSource};
 use nix::dir::Dir;
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags};
@@ -22,9 +23,13 @@ use wukong_proto::v1::MountUse;
 /// One mount of the disk, with what it takes to unmount it and to mount it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountRecord {
-    /// Mount namespace inode, and a process that was in it.
+    /// Mount namespace inode, and a process that was in it (or a thread of it that was: see `namespace_thread`).
     pub namespace: u64,
     pub namespace_pid: i32,
+    /// The thread of `namespace_pid` that was in it, when its process was not; 0 when it was. Absent in journals
+    /// of agents before threads' namespaces.
+    #[serde(default)]
+    pub namespace_thread: i32,
     pub host_namespace: bool,
     pub mount_id: u32,
     pub mount_point: String,
@@ -49,6 +54,11 @@ pub struct MountRecord {
 }
 
 impl MountRecord {
+    /// The task it was seen through.
+    fn task(&self) -> NamespaceTask {
+        NamespaceTask { pid: self.namespace_pid, thread: self.namespace_thread }
+    }
+
     /// e.g. "/data (ext4) in the host mount namespace".
     pub fn place(&self) -> String {
         let ns = if self.host_namespace {
@@ -97,8 +107,9 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
     let mut records = Vec::new();
     // `false` sorts first: other namespaces before the host's.
     for ((host, ns), uses) in by_ns {
-        let pid = namespace_pid(roots, ns, uses[0].namespace_pid).ok_or(MountError::NamespaceGone(ns))?;
-        let text = std::fs::read_to_string(roots.proc.join(pid.to_string()).join("mountinfo")).unwrap_or_default();
+        let hint = NamespaceTask { pid: uses[0].namespace_pid, thread: uses[0].namespace_thread };
+        let task = namespace_task(roots, ns, hint).ok_or(MountError::NamespaceGone(ns))?;
+        let text = std::fs::read_to_string(task.dir(&roots.proc).join("mountinfo")).unwrap_or_default();
         let entries = parse_mountinfo(&text);
         let device_of = |e: &MountEntry| {
             devices.get(&makedev(e.major.into(), e.minor.into())).copied().or_else(|| {
@@ -135,7 +146,8 @@ pub fn plan(roots: &HostRoots, target: &Target, uses: &[MountUse]) -> Result<Vec
             let stacked = relative_to.is_some();
             group.push(MountRecord {
                 namespace: ns,
-                namespace_pid: pid,
+                namespace_pid: task.pid,
+                namespace_thread: task.thread,
                 host_namespace: host,
                 mount_id: e.mount_id,
                 mount_point: e.mount_point.clone(),
@@ -182,27 +194,19 @@ fn partition_number(roots: &HostRoots, kernel_name: &str) -> u32 {
         .unwrap_or(0)
 }
 
-fn ns_inode(roots: &HostRoots, pid: i32) -> Option<u64> {
-    stat(&roots.proc.join(pid.to_string()).join("ns/mnt")).ok().map(|s| s.st_ino)
-}
-
-/// A process in mount namespace `ns`: `hint` if it is still there, else any other.
-fn namespace_pid(roots: &HostRoots, ns: u64, hint: i32) -> Option<i32> {
-    if ns_inode(roots, hint) == Some(ns) {
+/// A task in mount namespace `ns`: `hint` if it is still there, else the one a scan would read it through.
+fn namespace_task(roots: &HostRoots, ns: u64, hint: NamespaceTask) -> Option<NamespaceTask> {
+    if hint.namespace(&roots.proc) == Some(ns) {
         return Some(hint);
     }
-    std::fs::read_dir(&roots.proc)
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|&pid| ns_inode(roots, pid) == Some(ns))
+    ProcfsSource.mount_namespaces(&roots.proc).ok()?.remove(&ns)
 }
 
 /// Undoes `records` in order. Returns the records undone, and the error that stopped it, if any.
 pub fn unmount(roots: &HostRoots, records: &[MountRecord]) -> (Vec<MountRecord>, Option<MountError>) {
     let mut done = Vec::new();
     for group in records.chunk_by(|a, b| a.namespace == b.namespace) {
-        let result = in_namespace(roots, group[0].namespace, group[0].namespace_pid, |ns| {
+        let result = in_namespace(roots, group[0].namespace, group[0].task(), |ns| {
             let mut done = Vec::new();
             for r in group {
                 match nix::mount::umount2(r.mount_point.as_str(), MntFlags::UMOUNT_NOFOLLOW) {
@@ -236,8 +240,7 @@ pub fn gone(roots: &HostRoots, records: &[MountRecord]) -> Vec<MountRecord> {
     records
         .iter()
         .filter(|r| {
-            in_namespace(roots, r.namespace, r.namespace_pid, |ns| !ns.mount_ids().contains(&r.mount_id))
-                .unwrap_or(false)
+            in_namespace(roots, r.namespace, r.task(), |ns| !ns.mount_ids().contains(&r.mount_id)).unwrap_or(false)
         })
         .cloned()
         .collect()
@@ -291,7 +294,7 @@ pub fn mount_back(
         by_ns.entry(r.namespace).or_default().push(r);
     }
     for group in by_ns.into_values() {
-        let entered = in_namespace(roots, group[0].namespace, group[0].namespace_pid, |ns| {
+        let entered = in_namespace(roots, group[0].namespace, group[0].task(), |ns| {
             group.iter().map(|r| ((*r).clone(), mount_one(ns, r, node_for))).collect::<Vec<_>>()
         });
         match entered {
@@ -426,18 +429,18 @@ impl Namespace {
     }
 }
 
-/// Runs `f` on a thread inside mount namespace `ns` (entered through a process in it, preferably `hint`).
+/// Runs `f` on a thread inside mount namespace `ns` (entered through a task in it, preferably `hint`).
 fn in_namespace<T: Send>(
     roots: &HostRoots,
     ns: u64,
-    hint: i32,
+    hint: NamespaceTask,
     f: impl FnOnce(&Namespace) -> T + Send,
 ) -> Result<T, MountError> {
-    let pid = namespace_pid(roots, ns, hint).ok_or(MountError::NamespaceGone(ns))?;
+    let task = namespace_task(roots, ns, hint).ok_or(MountError::NamespaceGone(ns))?;
     let enter = |source| MountError::Enter { namespace: ns, source };
     let proc = Dir::open(&roots.proc, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(enter)?;
-    let ns_file = std::fs::File::open(roots.proc.join(pid.to_string()).join("ns/mnt"))
+    let ns_file = std::fs::File::open(task.dir(&roots.proc).join("ns/mnt"))
         .map_err(|e| enter(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;
     std::thread::scope(|scope| {
         std::thread::Builder::new()

@@ -12,7 +12,7 @@
 //! own. aya 0.14 cannot link calls to kernel functions (kfuncs), which the per-process walk needs: the object
 //! carries them as marked raw calls and [`link_kfuncs`] writes in the running kernel's BTF ids.
 
-use super::source::{Candidate, ProcessSource, Seen, SourceError};
+use super::source::{Candidate, NamespaceTask, ProcessSource, Seen, SourceError};
 use crate::roots::HostRoots;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::Iter;
@@ -37,7 +37,8 @@ const PER_ELEMENT: [Program; 3] =
 /// The per-process program.
 const PER_PROCESS: Program = ("usage_processes", "task");
 
-/// The one that lists every process's mount namespace (loaded in either walk).
+/// The one that lists every process's mount namespace, and a thread's apart from its process's (loaded in either
+/// walk).
 const NAMESPACES: Program = ("usage_namespaces", "task");
 
 /// The kernel functions the per-process program calls, by the number in its call markers (bpf/usage.bpf.c's
@@ -253,12 +254,11 @@ impl ProcessSource for BpfSource {
         "bpf"
     }
 
-    fn mount_namespaces(&self, _proc_root: &Path) -> Result<BTreeMap<u64, i32>, SourceError> {
+    fn mount_namespaces(&self, _proc_root: &Path) -> Result<BTreeMap<u64, NamespaceTask>, SourceError> {
         let mut first = BTreeMap::new();
-        for [pid, kind, _, ns] in self.records(None, &[(0, NAMESPACES)])? {
+        for [pid, kind, thread, ns] in self.records(None, &[(0, NAMESPACES)])? {
             if kind == USE_MOUNT_NS && another_process(pid) {
-                let lowest = first.entry(u64::from(ns)).or_insert(pid as i32);
-                *lowest = (*lowest).min(pid as i32);
+                NamespaceTask { pid: pid as i32, thread: thread as i32 }.see_in(&mut first, u64::from(ns));
             }
         }
         Ok(first)

@@ -17,7 +17,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 pub use procfs_scan::ProcfsSource;
 pub use scan::Analyses;
-pub use source::{Candidate, ProcessSource, Seen, SourceError};
+pub use source::{Candidate, NamespaceTask, ProcessSource, Seen, SourceError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};

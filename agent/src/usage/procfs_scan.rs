@@ -1,8 +1,12 @@
-//! The /proc process source: every process is a candidate, and each one's `ns/mnt` names its mount namespace.
+//! The /proc process source: every process is a candidate, and each one's `ns/mnt` names its mount namespace
+//! (and its threads' where they have their own).
 //! It needs no privilege beyond reading /proc and works on any kernel: the fallback of the in-kernel source.
 
-use super::source::{Candidate, ProcessSource, SourceError};
-use nix::sys::stat::stat;
+use super::source::{Candidate, NamespaceTask, ProcessSource, SourceError};
+use super::threads::other_threads;
+use nix::dir::Dir;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -15,11 +19,27 @@ impl ProcessSource for ProcfsSource {
         "procfs"
     }
 
-    fn mount_namespaces(&self, proc_root: &Path) -> Result<BTreeMap<u64, i32>, SourceError> {
+    fn mount_namespaces(&self, proc_root: &Path) -> Result<BTreeMap<u64, NamespaceTask>, SourceError> {
         let mut first = BTreeMap::new();
         for pid in list_pids(proc_root) {
-            if let Some(inode) = ns_inode(proc_root, pid) {
-                first.entry(inode).or_insert(pid);
+            let process = NamespaceTask { pid, thread: 0 };
+            let own = process.namespace(proc_root);
+            if let Some(inode) = own {
+                process.see_in(&mut first, inode);
+            }
+            // A thread's namespace apart from its process's (its own, or the first thread has exited).
+            let Ok(dir) = Dir::open(
+                &process.dir(proc_root),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) else {
+                continue;
+            };
+            for thread in other_threads(&dir, pid) {
+                let task = NamespaceTask { pid, thread };
+                if let Some(inode) = task.namespace(proc_root).filter(|&inode| Some(inode) != own) {
+                    task.see_in(&mut first, inode);
+                }
             }
         }
         Ok(first)
@@ -39,9 +59,4 @@ fn list_pids(proc_root: &Path) -> Vec<i32> {
     pids.retain(|p| *p != self_pid);
     pids.sort_unstable();
     pids
-}
-
-/// The inode of a process's mount namespace.
-pub fn ns_inode(proc_root: &Path, pid: i32) -> Option<u64> {
-    stat(&proc_root.join(pid.to_string()).join("ns/mnt")).ok().map(|s| s.st_ino)
 }

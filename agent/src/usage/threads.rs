@@ -69,25 +69,9 @@ pub fn comparer_for(proc_root: &Path) -> &'static dyn Compare {
 
 /// The threads of process `pid` (its `/proc` directory open as `process`) that hold something apart from it. Of
 /// threads that share one files table (or directories, or memory) apart from the leader's, one is named for it.
-/// A single-threaded process costs one `stat` (of `task/`, whose link count in /proc is two plus its threads).
 pub fn threads_apart(process: &Dir, pid: i32, compare: &dyn Compare) -> Vec<Apart> {
-    if fstatat(process, "task", AtFlags::empty()).is_ok_and(|st| st.st_nlink == 3) {
-        return Vec::new();
-    }
-    let Ok(mut tasks) =
-        Dir::openat(process, "task", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-    else {
-        return Vec::new();
-    };
-    let mut tids: Vec<i32> = tasks
-        .iter()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().ok()?.parse().ok())
-        .filter(|&t| t != pid)
-        .collect();
-    tids.sort_unstable();
     let mut apart: Vec<Apart> = Vec::new();
-    for tid in tids {
+    for tid in other_threads(process, pid) {
         // Apart from the leader, and from every thread already named for the same resource.
         let own = |what: Resource, named: fn(&Apart) -> bool| {
             compare.shared(pid, tid, what) != Some(true)
@@ -104,6 +88,27 @@ pub fn threads_apart(process: &Dir, pid: i32, compare: &dyn Compare) -> Vec<Apar
         }
     }
     apart
+}
+
+/// The threads of process `pid` (its `/proc` directory open as `process`) but the first, in order. A
+/// single-threaded process costs one `stat` (of `task/`, whose link count in /proc is two plus its threads).
+pub fn other_threads(process: &Dir, pid: i32) -> Vec<i32> {
+    if fstatat(process, "task", AtFlags::empty()).is_ok_and(|st| st.st_nlink == 3) {
+        return Vec::new();
+    }
+    let Ok(mut tasks) =
+        Dir::openat(process, "task", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+    else {
+        return Vec::new();
+    };
+    let mut tids: Vec<i32> = tasks
+        .iter()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().ok()?.parse().ok())
+        .filter(|&t| t != pid)
+        .collect();
+    tids.sort_unstable();
+    tids
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
 use wukong_agent::usage::{
-    ALL_ANALYSES, BpfSource, Candidate, ProcessSource, ProcfsSource, SourceError, Walk, scan_now_with,
+    ALL_ANALYSES, BpfSource, Candidate, NamespaceTask, ProcessSource, ProcfsSource, SourceError, Walk, scan_now_with,
 };
 use wukong_proto::v1::{Disk, UsageReport};
 
@@ -45,7 +45,7 @@ impl ProcessSource for Strict<'_> {
         self.0.name()
     }
 
-    fn mount_namespaces(&self, proc_root: &Path) -> Result<BTreeMap<u64, i32>, SourceError> {
+    fn mount_namespaces(&self, proc_root: &Path) -> Result<BTreeMap<u64, NamespaceTask>, SourceError> {
         Ok(self.0.mount_namespaces(proc_root).unwrap_or_else(|e| panic!("{}: {e}", self.0.name())))
     }
 
@@ -281,6 +281,45 @@ impl Holder {
     pub fn pid(&self) -> i32 {
         self.0.id() as i32
     }
+}
+
+/// Python (Debian's, installed by scripts/lib/install-deps.sh) running `body` in a second thread, which then
+/// sleeps; the first thread runs `then` once the second is done.
+pub fn threaded_python(body: &str, then: &str) -> Holder {
+    threaded_python_under(&[], body, then)
+}
+
+/// [`threaded_python`], run by the command `under` (e.g. `unshare -m`), which execs it.
+pub fn threaded_python_under(under: &[&str], body: &str, then: &str) -> Holder {
+    let script = format!(
+        "import ctypes,os,threading,time\nlibc=ctypes.CDLL(None)\nev=threading.Event()\ndef t():\n{body}\n    ev.set()\n    \
+         time.sleep(1000)\nthreading.Thread(target=t).start()\nev.wait()\nprint('ready',flush=True)\n{then}\n"
+    );
+    let args: Vec<&str> = under.iter().copied().chain(["/usr/bin/python3", "-c", &script]).collect();
+    Holder::start(args[0], &args[1..])
+}
+
+/// Waits until the first thread of `pid` has exited (/proc shows it a zombie).
+pub fn wait_for_exited_leader(pid: i32) {
+    let state = format!("/proc/{pid}/stat");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&state)
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "the first thread of {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The threads of process `pid` but its first.
+pub fn other_threads(pid: i32) -> Vec<i32> {
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&t| t != pid)
+        .collect();
+    tids.sort_unstable();
+    tids
 }
 
 /// Waits until process `pid` is named `comm`: a script says "ready" before its last `exec`, and the two scans of

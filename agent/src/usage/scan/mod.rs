@@ -7,15 +7,15 @@
 use super::procfs_parse::{MountEntry, OverlayLayer, overlay_layers, parse_mountinfo, parse_swaps};
 mod processes;
 
-use super::procfs_scan::{ProcfsSource, ns_inode};
-use super::source::{ProcessSource, SourceError};
+use super::procfs_scan::ProcfsSource;
+use super::source::{NamespaceTask, ProcessSource, SourceError};
 use super::target::{Role, Target, describe_holder, holder_hint};
 use crate::roots::{HostRoots, resolve_dev_path};
 use crate::system::SYSTEM_MOUNTS;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, major, makedev, minor, stat};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use wukong_proto::v1::{
     Blocker, BlockerKind, HolderUse, KernelClaim, LoopUse, MountUse, StackedLayer, SwapUse, SystemUse, blocker::Detail,
@@ -54,22 +54,33 @@ struct Index<'a> {
     stacked_mounts: HashMap<u32, Filesystem>,
 }
 
-/// One mount namespace as the scan read it: its inode, a process in it and its mount table.
+/// One mount namespace as the scan read it: its inode, the task it was read through and its mount table.
 struct Namespace {
     inode: u64,
-    pid: i32,
+    task: NamespaceTask,
     is_host: bool,
     mounts: Vec<MountEntry>,
 }
 
 impl Namespace {
-    /// e.g. "the host mount namespace", "mount namespace 4026532 (of pid 812, containerd-shim)".
+    /// e.g. "the host mount namespace", "mount namespace 4026532 (of pid 812, containerd-shim)", "mount namespace
+    /// 4026533 (of thread 905 of pid 901, mounter)".
     fn describe(&self, roots: &HostRoots) -> String {
-        if self.is_host {
-            "the host mount namespace".to_string()
-        } else {
-            format!("mount namespace {} (of pid {}, {})", self.inode, self.pid, read_comm(&roots.proc, self.pid))
+        let NamespaceTask { pid, thread } = self.task;
+        match (self.is_host, thread) {
+            (true, _) => "the host mount namespace".to_string(),
+            (false, 0) => format!("mount namespace {} (of pid {pid}, {})", self.inode, read_comm(&roots.proc, pid)),
+            (false, _) => format!(
+                "mount namespace {} (of thread {thread} of pid {pid}, {})",
+                self.inode,
+                read_comm(&roots.proc, pid)
+            ),
         }
+    }
+
+    /// Its task's directory in /proc: the mount table and root directory the namespace's paths resolve in.
+    fn dir(&self, roots: &HostRoots) -> PathBuf {
+        self.task.dir(&roots.proc)
     }
 
     fn mount_use(&self, m: &MountEntry) -> MountUse {
@@ -81,7 +92,8 @@ impl Namespace {
             read_only: m.read_only(),
             mount_namespace: self.inode,
             host_namespace: self.is_host,
-            namespace_pid: self.pid,
+            namespace_pid: self.task.pid,
+            namespace_thread: self.task.thread,
             mount_id: m.mount_id,
             ..MountUse::default()
         }
@@ -119,8 +131,8 @@ pub fn scan(
             index.devices.insert(makedev(d.major.into(), d.minor.into()), i);
         }
     }
-    let first_pids = ask(source, |s| s.mount_namespaces(&roots.proc));
-    let namespaces = scan_mounts(roots, first_pids, &mut index, &mut blockers);
+    let first = ask(source, |s| s.mount_namespaces(&roots.proc));
+    let namespaces = scan_mounts(roots, first, &mut index, &mut blockers);
     if analyses.stacked_mounts {
         scan_stacked(roots, &namespaces, &mut index, &mut blockers);
     }
@@ -157,16 +169,18 @@ fn read_comm(proc_root: &Path, pid: i32) -> String {
 
 // --- mounts ----------------------------------------------------------------------------------------------------
 
-/// Reads mountinfo once per distinct mount namespace (through `first_pids`, namespace → its lowest pid) and reports
+/// Reads mountinfo once per distinct mount namespace (through `first`, namespace → the task to read it through) and reports
 /// mounts of the targets' devices; records their filesystems for the process scan. Returns the namespaces read, for
 /// the stacked-mount analysis.
 fn scan_mounts(
     roots: &HostRoots,
-    first_pids: BTreeMap<u64, i32>,
+    first: BTreeMap<u64, NamespaceTask>,
     index: &mut Index<'_>,
     blockers: &mut [Vec<Blocker>],
 ) -> Vec<Namespace> {
-    let host_ns = ns_inode(&roots.proc, 1).or_else(|| stat(&roots.proc.join("self/ns/mnt")).ok().map(|s| s.st_ino));
+    let host_ns = NamespaceTask { pid: 1, thread: 0 }
+        .namespace(&roots.proc)
+        .or_else(|| stat(&roots.proc.join("self/ns/mnt")).ok().map(|s| s.st_ino));
     let btrfs = btrfs_members(roots);
     for (fsid, members) in btrfs.values() {
         if let Some(&t) = members.iter().find_map(|m| index.devices.get(m)) {
@@ -174,9 +188,9 @@ fn scan_mounts(
         }
     }
     let mut namespaces = Vec::new();
-    for (inode, pid) in first_pids {
-        let Ok(text) = std::fs::read_to_string(roots.proc.join(pid.to_string()).join("mountinfo")) else { continue };
-        let ns = Namespace { inode, pid, is_host: Some(inode) == host_ns, mounts: parse_mountinfo(&text) };
+    for (inode, task) in first {
+        let Ok(text) = std::fs::read_to_string(task.dir(&roots.proc).join("mountinfo")) else { continue };
+        let ns = Namespace { inode, task, is_host: Some(inode) == host_ns, mounts: parse_mountinfo(&text) };
         // Described only for namespaces that do mount a target: reading comm for every container is wasted.
         let mut where_: Option<String> = None;
         index.mounted_devs.extend(ns.mounts.iter().map(|m| makedev(m.major.into(), m.minor.into())));
@@ -193,7 +207,7 @@ fn scan_mounts(
             if m.fs_type == "btrfs" {
                 // Files on btrfs carry their subvolume's device number, not the superblock's that mountinfo
                 // shows: learn it from the mount point, seen through a process of that namespace.
-                let seen_from = roots.proc.join(pid.to_string()).join("root");
+                let seen_from = ns.dir(roots).join("root");
                 if let Ok(st) = stat(&seen_from.join(m.mount_point.trim_start_matches('/'))) {
                     index.filesystems.entry(st.st_dev).or_insert_with(|| Filesystem {
                         target,
@@ -263,7 +277,7 @@ fn report_stacked(
     blockers: &mut [Vec<Blocker>],
 ) -> bool {
     // Layer paths are as the mounter gave them, resolved in its namespace: seen through a process there.
-    let seen_from = roots.proc.join(ns.pid.to_string()).join("root");
+    let seen_from = ns.dir(roots).join("root");
     let relative_to = relative_base(&seen_from, &m.mount_point, layers);
     let on: Vec<(&OverlayLayer, String, Filesystem)> = layers
         .iter()
