@@ -237,8 +237,9 @@ fn swap_file_and_loop_backed_by_a_file_on_the_disk_are_found() {
 #[test]
 fn swap_on_the_raw_device_and_exclusive_claims_are_found() {
     let _serial = serial();
-    let disk = LoopDisk::new("none");
+    let mut disk = LoopDisk::new("none");
     sh(&format!("mkswap -q {d} && swapon {d}", d = disk.dev));
+    disk.swaps.push(disk.dev.clone().into());
     let report = disk.scan();
     sh(&format!("swapoff {}", disk.dev));
     assert_eq!(kinds(&report), BTreeSet::from([BlockerKind::Swap as i32]), "{:#?}", messages(&report));

@@ -137,6 +137,32 @@ pub fn unescape_findmnt(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The name of every [`LoopDisk`]'s image file.
+const IMAGE: &str = "wukong-test-disk.img";
+
+/// Undoes what test processes killed before their [`LoopDisk`]s dropped left behind: loop devices whose image (by
+/// its name) was deleted, with swap on them or on their filesystems, and their mounts. A leaked swap on a loop device
+/// slows every later run of the machine's benchmarks, and each leak takes a loop device. A live test's image is
+/// deleted only after its loop device is detached.
+fn sweep_leftovers() {
+    let listed = sh("losetup -n -l --raw -O NAME,BACK-FILE");
+    // --raw writes the space before "(deleted)" as \x20.
+    for dev in listed.lines().filter_map(|l| l.strip_suffix(&format!("/{IMAGE}\\x20(deleted)"))?.split(' ').next()) {
+        let points = sh(&format!("findmnt -n -l -o TARGET -S {dev} || true"));
+        let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+        for swap in swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()) {
+            if swap == dev || points.lines().any(|p| Path::new(swap).starts_with(p)) {
+                let _ = Command::new("swapoff").arg(&swap).status();
+            }
+        }
+        for point in points.lines().rev() {
+            let _ = Command::new("umount").arg("-l").arg(point).status();
+        }
+        let _ = Command::new("losetup").arg("-d").arg(dev).status();
+        eprintln!("removed {dev}, left behind by a killed test run");
+    }
+}
+
 /// A loop device over a sparse file, with a filesystem, cleaned up on drop (mounts first, deepest first).
 pub struct LoopDisk {
     pub dir: tempfile::TempDir,
@@ -149,8 +175,10 @@ pub struct LoopDisk {
 impl LoopDisk {
     pub fn new(fs: &str) -> Self {
         require_root();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_leftovers);
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.img");
+        let image = dir.path().join(IMAGE);
         std::fs::File::create(&image).unwrap().set_len(320 << 20).unwrap();
         let dev = sh(&format!("losetup -f --show {}", image.display())).trim().to_string();
         // The read-only flag of a block device outlives a loop attachment: a test that failed mid-release may have
