@@ -8,7 +8,8 @@
 //! Release state is kept here too, as a mark per disk id that overlays what udev reports. A disk whose SCSI device
 //! the release deleted leaves udev's view, but stays listed as a *tombstone* in state RELEASED: the hypervisor's later
 //! unplug produces no guest event, and the companion must be able to verify the release. A tombstone ends when
-//! the disk comes back (re-plug or CancelDetach), when the mark is cleared, or after [`TOMBSTONE_TTL`].
+//! the disk comes back (re-plug or CancelDetach), when the mark is cleared, or [`TOMBSTONE_TTL`] after the release
+//! or after a detach last asked for it (one held for a slow snapshot asks on every try), whichever is later.
 
 use crate::serial::Serial;
 use std::collections::BTreeMap;
@@ -19,7 +20,8 @@ use wukong_proto::v1::{Disk, DiskState, EventKind, ReleaseMethod};
 
 /// Events buffered per subscriber before it is considered lagging (and re-sent a snapshot).
 const EVENT_BUFFER: usize = 1024;
-/// How long a released disk that left the guest stays listed, so the companion can verify the release.
+/// How long a released disk that left the guest stays listed after its release, or after a detach last asked for
+/// it, so the companion can verify the release.
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
 /// Where a disk is in the release protocol, as the release module reports it.
@@ -71,6 +73,9 @@ pub enum Update {
     Mark { id: String, mark: Mark },
     /// A released disk no longer in the guest, known from before the agent restarted.
     Tombstone(Box<Disk>),
+    /// A detach asked for the released disk with this id at this time: its tombstone lives [`TOMBSTONE_TTL`] from
+    /// then.
+    Asked { id: String, at: SystemTime },
 }
 
 /// One applied change.
@@ -179,7 +184,13 @@ pub fn spawn() -> (mpsc::Sender<Update>, InventoryHandle) {
     let handle = InventoryHandle { snapshot: snap_rx, events: events.clone() };
     tokio::spawn(run(
         rx,
-        Inventory { current: Snapshot::default(), marks: BTreeMap::new(), snapshot: snap_tx, events },
+        Inventory {
+            current: Snapshot::default(),
+            marks: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            snapshot: snap_tx,
+            events,
+        },
     ));
     (tx, handle)
 }
@@ -208,6 +219,8 @@ struct Inventory {
     current: Snapshot,
     /// Release marks by case-folded disk id; absent means PRESENT.
     marks: BTreeMap<String, Mark>,
+    /// When a detach last asked for a released disk, by case-folded disk id.
+    asked: BTreeMap<String, SystemTime>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     events: broadcast::Sender<Event>,
 }
@@ -259,6 +272,10 @@ impl Inventory {
             }
             Update::Mark { id, mark } => changes.extend(self.mark(&id, mark)),
             Update::Tombstone(disk) => changes.extend(self.tombstone(*disk)),
+            Update::Asked { id, at } => {
+                let last = self.asked.entry(mark_key(&id)).or_insert(at);
+                *last = (*last).max(at);
+            }
         }
         changes
     }
@@ -299,7 +316,10 @@ impl Inventory {
     fn mark(&mut self, id: &str, mark: Mark) -> Vec<Change> {
         let key = mark_key(id);
         match mark {
-            Mark::Present => self.marks.remove(&key),
+            Mark::Present => {
+                self.asked.remove(&key);
+                self.marks.remove(&key)
+            }
             _ => self.marks.insert(key.clone(), mark),
         };
         let kind = match mark {
@@ -331,9 +351,16 @@ impl Inventory {
         Some((EventKind::Released, disk))
     }
 
-    /// When the oldest released tombstone expires.
+    /// When a released tombstone expires: [`TOMBSTONE_TTL`] after its release or the last detach that asked for
+    /// it.
+    fn expiry(&self, key: &str, tomb: &Disk) -> Option<SystemTime> {
+        let at = released_at(tomb)?;
+        Some(self.asked.get(key).map_or(at, |&asked| asked.max(at)) + TOMBSTONE_TTL)
+    }
+
+    /// When the first released tombstone expires.
     fn next_expiry(&self) -> Option<SystemTime> {
-        self.current.tombstones.values().filter_map(released_at).min().map(|at| at + TOMBSTONE_TTL)
+        self.current.tombstones.iter().filter_map(|(k, d)| self.expiry(k, d)).min()
     }
 
     fn expire(&mut self, now: SystemTime) -> Vec<Change> {
@@ -341,7 +368,7 @@ impl Inventory {
             .current
             .tombstones
             .iter()
-            .filter(|(_, d)| released_at(d).is_some_and(|at| at + TOMBSTONE_TTL <= now))
+            .filter(|(k, d)| self.expiry(k, d).is_some_and(|at| at <= now))
             .map(|(k, _)| k.clone())
             .collect();
         expired.iter().flat_map(|k| self.mark(k, Mark::Present)).collect()
@@ -506,6 +533,27 @@ mod tests {
             kinds(&mut rx, 2).await,
             [(EventKind::Released, DiskState::Released), (EventKind::Removed, DiskState::Released)]
         );
+        assert!(inv.snapshot().tombstones.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_a_detach_asked_for_lives_on_from_then() {
+        let (tx, inv) = spawn();
+        let mut rx = inv.subscribe();
+        let mut held = disk("sdb", "held");
+        let now = SystemTime::now();
+        Mark::Released { at: now - TOMBSTONE_TTL - Duration::from_secs(1), method: ReleaseMethod::ScsiDelete }
+            .apply_to(&mut held);
+        tx.send(Update::Reconcile(vec![])).await.unwrap();
+        tx.send(Update::Asked { id: "HELD".into(), at: now - Duration::from_secs(5) }).await.unwrap();
+        tx.send(Update::Tombstone(Box::new(held))).await.unwrap();
+        assert_eq!(kinds(&mut rx, 1).await, [(EventKind::Released, DiskState::Released)]);
+        // An earlier question does not shorten it.
+        tx.send(Update::Asked { id: "held".into(), at: now - TOMBSTONE_TTL * 2 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(inv.snapshot().tombstones.len(), 1, "kept: a detach asked for it 5 s ago");
+        tx.send(Update::Mark { id: "held".into(), mark: Mark::Present }).await.unwrap();
+        assert_eq!(kinds(&mut rx, 1).await, [(EventKind::Removed, DiskState::Released)]);
         assert!(inv.snapshot().tombstones.is_empty());
     }
 

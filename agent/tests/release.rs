@@ -139,6 +139,10 @@ async fn idle_mounts_in_two_namespaces_are_released_and_cancel_brings_them_back(
 
     let again = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
     assert!(again.released && again.actions[0].description.contains("already released"));
+    // Asking again is journalled: a deleted SCSI disk stays listed an hour from the last ask, after a restart too.
+    let entry = std::fs::read_dir(&rig.state_dir).unwrap().next().unwrap().unwrap().path();
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(entry).unwrap()).unwrap();
+    assert!(record["asked_at"].as_f64().is_some_and(|at| at > 1.7e9), "{record}");
 
     let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
     assert!(!read_only(&disk.dev), "read-write again");

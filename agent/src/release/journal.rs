@@ -41,6 +41,10 @@ pub struct Record {
     /// be gone. Absent in journals of agents before it.
     #[serde(default)]
     pub unmounting: Vec<MountRecord>,
+    /// Seconds since the epoch when a detach last asked for the released disk (it keeps a deleted SCSI disk
+    /// listed). Absent in journals of agents before it.
+    #[serde(default)]
+    pub asked_at: Option<f64>,
     /// The disk as it was before the release (protobuf, hex), to list it again after a restart.
     disk: String,
 }
@@ -54,6 +58,7 @@ impl Record {
             released_at: None,
             unmounted: Vec::new(),
             unmounting: Vec::new(),
+            asked_at: None,
             disk: disk.encode_to_vec().iter().map(|b| format!("{b:02x}")).collect(),
         }
     }
@@ -65,14 +70,26 @@ impl Record {
     }
 
     pub fn released_at(&self) -> Option<SystemTime> {
-        let secs = self.released_at?;
-        SystemTime::UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(secs).ok()?)
+        epoch_seconds(self.released_at?)
+    }
+
+    /// When a detach last asked for the released disk.
+    pub fn asked_at(&self) -> Option<SystemTime> {
+        epoch_seconds(self.asked_at?)
+    }
+
+    pub fn set_asked(&mut self, at: SystemTime) {
+        self.asked_at = at.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs_f64());
     }
 
     pub fn set_released(&mut self, at: SystemTime) {
         self.phase = Phase::Released;
         self.released_at = at.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs_f64());
     }
+}
+
+fn epoch_seconds(secs: f64) -> Option<SystemTime> {
+    SystemTime::UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(secs).ok()?)
 }
 
 /// The journal directory; `None` keeps nothing (a test, or a read-only agent).
@@ -154,6 +171,15 @@ mod tests {
         assert_eq!(loaded, record);
         assert_eq!(loaded.disk(), Some(disk));
         assert_eq!(loaded.released_at(), Some(at));
+        assert_eq!(loaded.asked_at(), None);
+        record.set_asked(at + Duration::from_secs(7200));
+        journal.save(&record);
+        assert_eq!(journal.load("data-1").unwrap().asked_at(), Some(at + Duration::from_secs(7200)));
+        // A journal of an agent before `asked_at` (and `unmounting`) still loads.
+        let mut old: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&record).unwrap()).unwrap();
+        old.as_object_mut().unwrap().retain(|k, _| k != "asked_at" && k != "unmounting");
+        let old: Record = serde_json::from_value(old).unwrap();
+        assert_eq!((old.asked_at(), old.released_at()), (None, Some(at)));
         std::fs::write(dir.path().join("releases/junk.json"), b"{not json").unwrap();
         assert_eq!(journal.load_all(), vec![record]);
         journal.remove("DATA-1");

@@ -251,6 +251,13 @@ impl Releaser {
         // Read again now that no other operation runs: one that just finished may have released it.
         let disk = self.current(serial)?;
         if disk.state() == DiskState::Released {
+            // A detach held back (a slow snapshot) asks again and again: a deleted SCSI disk stays listed for it.
+            let at = SystemTime::now();
+            let _ = self.inner.updates.send(Update::Asked { id: disk.id.clone(), at }).await;
+            if let Some(mut record) = self.inner.journal.load(&disk.id) {
+                record.set_asked(at);
+                self.inner.journal.save(&record);
+            }
             let description = format!("disk '{}' was already released; nothing to do", disk.id);
             let actions = vec![action("none", description, Instant::now())];
             return Ok(PrepareDetachResponse { released: true, dry_run, disk: Some(disk), actions, usage: None });
@@ -687,11 +694,17 @@ impl Releaser {
                     self.mark(&record.id, Mark::Released { at, method: ReleaseMethod::ReadOnly }).await;
                 }
                 (Phase::Released, Fence::ScsiDelete { .. }, None)
-                    if record.released_at().is_some_and(|at| at.elapsed().unwrap_or_default() < TOMBSTONE_TTL) =>
+                    if record
+                        .released_at()
+                        .max(record.asked_at())
+                        .is_some_and(|at| at.elapsed().unwrap_or_default() < TOMBSTONE_TTL) =>
                 {
                     let mut tomb = disk;
                     let at = record.released_at().unwrap_or_else(SystemTime::now);
                     Mark::Released { at, method: ReleaseMethod::ScsiDelete }.apply_to(&mut tomb);
+                    if let Some(asked) = record.asked_at() {
+                        let _ = self.inner.updates.send(Update::Asked { id: record.id.clone(), at: asked }).await;
+                    }
                     let _ = self.inner.updates.send(Update::Tombstone(Box::new(tomb))).await;
                 }
                 // Re-plugged or unplugged since, or too old to matter.
