@@ -152,7 +152,7 @@ fn sweep_leftovers() {
         let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
         for swap in swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()) {
             if swap == dev || points.lines().any(|p| Path::new(swap).starts_with(p)) {
-                let _ = Command::new("swapoff").arg(&swap).status();
+                let _ = Command::new("swapoff").arg(swap).status();
             }
         }
         for point in points.lines().rev() {
