@@ -2,7 +2,7 @@
 //! partitions, LVM, md RAID1 and dm-crypt stacks; overlays on a hot-plugged disk used from a container's mount and
 //! PID namespace, released and restored.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use std::time::Duration;
 use tonic::Code;
 use wukong_e2e::{DiskSpec, Guest, until};
@@ -158,21 +158,31 @@ async fn overlays_on_a_hotplugged_disk_block_it_until_idle_and_come_back_after_a
         "lowerdir=/var/lib/ctr/layer 1:/var/lib/ctr/layer2,upperdir=/var/lib/ctr/upper,workdir=/var/lib/ctr/work";
     guest
         .run_ok(&format!(
-            "mkfs.ext4 -q -L ctr {dev} && udevadm settle && mkdir -p /var/lib/ctr && mount {dev} /var/lib/ctr && \
+            "mkfs.ext4 -q -L ctr {dev} && udevadm trigger --action=change --settle {dev} && mkdir -p /var/lib/ctr && \
+             mount {dev} /var/lib/ctr && \
              cd /var/lib/ctr && mkdir 'layer 1' layer2 upper work upper2 work2 && echo rows > layer2/app.db && \
              mkdir -p '/run/ctr/root fs' /run/ctr2 && mount -t overlay overlay -o '{layers}' '/run/ctr/root fs'"
         ))
         .await?;
     // The whole-disk filesystem is what the disk holds, once the agent has heard udev's change event for it (which
-    // `udevadm settle` does not wait for: it waits for udev, not for udev's listeners).
-    let disk = until("the agent reports the new ext4 on ctr-data", Duration::from_secs(10), || async {
+    // `udevadm settle` does not wait for: it waits for udev, not for udev's listeners). The change is asked for
+    // rather than left to udev's watch of the device, as a provisioning script does after mkfs: under CI's load
+    // that one was once not seen within 10 s. If the agent still does not report it, udev's view says whose it is.
+    let seen = until("the agent reports the new ext4 on ctr-data", Duration::from_secs(10), || async {
         let disk = agent.get_disk("ctr-data", false).await?;
         Ok(match (disk.fs_type.as_str(), disk.fs_label.as_str()) {
             ("ext4", "ctr") => Ok(disk),
             _ => Err(format!("{disk:?}")),
         })
     })
-    .await?;
+    .await;
+    let disk = match seen {
+        Ok(disk) => disk,
+        Err(e) => {
+            let udev = guest.run(&format!("udevadm info --query=property --name={dev} | grep ^ID_FS_")).await?;
+            bail!("{e}\nudev's database has: {}", udev.output)
+        }
+    };
     assert!(!disk.fs_uuid.is_empty());
     let container = guest
         .run_ok(

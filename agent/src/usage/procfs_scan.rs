@@ -6,7 +6,7 @@ use super::source::{Candidate, NamespaceTask, ProcessSource, SourceError};
 use super::threads::other_threads;
 use nix::dir::Dir;
 use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, stat};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -27,12 +27,14 @@ impl ProcessSource for ProcfsSource {
             if let Some(inode) = own {
                 process.see_in(&mut first, inode);
             }
-            // A thread's namespace apart from its process's (its own, or the first thread has exited).
-            let Ok(dir) = Dir::open(
-                &process.dir(proc_root),
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            ) else {
+            // A thread's namespace apart from its process's (its own, or the first thread has exited). A
+            // single-threaded process costs this one `stat` (of `task/`, whose link count is two plus its threads).
+            let dir = process.dir(proc_root);
+            if stat(&dir.join("task")).is_ok_and(|st| st.st_nlink == 3) {
+                continue;
+            }
+            let Ok(dir) = Dir::open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            else {
                 continue;
             };
             for thread in other_threads(&dir, pid) {

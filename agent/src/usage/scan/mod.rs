@@ -67,15 +67,11 @@ impl Namespace {
     /// 4026533 (of thread 905 of pid 901, mounter)".
     fn describe(&self, roots: &HostRoots) -> String {
         let NamespaceTask { pid, thread } = self.task;
-        match (self.is_host, thread) {
-            (true, _) => "the host mount namespace".to_string(),
-            (false, 0) => format!("mount namespace {} (of pid {pid}, {})", self.inode, read_comm(&roots.proc, pid)),
-            (false, _) => format!(
-                "mount namespace {} (of thread {thread} of pid {pid}, {})",
-                self.inode,
-                read_comm(&roots.proc, pid)
-            ),
+        if self.is_host {
+            return "the host mount namespace".to_string();
         }
+        let thread = if thread == 0 { String::new() } else { format!("thread {thread} of ") };
+        format!("mount namespace {} (of {thread}pid {pid}, {})", self.inode, read_comm(&roots.proc, pid))
     }
 
     /// Its task's directory in /proc: the mount table and root directory the namespace's paths resolve in.
@@ -169,9 +165,9 @@ fn read_comm(proc_root: &Path, pid: i32) -> String {
 
 // --- mounts ----------------------------------------------------------------------------------------------------
 
-/// Reads mountinfo once per distinct mount namespace (through `first`, namespace → the task to read it through) and reports
-/// mounts of the targets' devices; records their filesystems for the process scan. Returns the namespaces read, for
-/// the stacked-mount analysis.
+/// Reads mountinfo once per distinct mount namespace (through `first`, namespace → the task to read it through) and
+/// reports mounts of the targets' devices; records their filesystems for the process scan. Returns the namespaces
+/// read, for the stacked-mount analysis.
 fn scan_mounts(
     roots: &HostRoots,
     first: BTreeMap<u64, NamespaceTask>,
