@@ -285,7 +285,7 @@ impl Inventory {
         let is_new = !self.current.disks.contains_key(&disk.kernel_name);
         if is_new && self.current.tombstones.remove(&key).is_some() {
             // The released disk is back (re-plugged, or rescanned by CancelDetach): the release is over.
-            self.marks.remove(&key);
+            self.forget(&key);
         }
         if let Some(mark) = self.marks.get(&key) {
             mark.apply_to(&mut disk);
@@ -307,7 +307,7 @@ impl Inventory {
             }
             _ => {
                 // Unplugged: whatever release there was is complete.
-                self.marks.remove(&key);
+                self.forget(&key);
                 vec![(EventKind::Removed, disk)]
             }
         }
@@ -316,12 +316,11 @@ impl Inventory {
     fn mark(&mut self, id: &str, mark: Mark) -> Vec<Change> {
         let key = mark_key(id);
         match mark {
-            Mark::Present => {
-                self.asked.remove(&key);
-                self.marks.remove(&key)
+            Mark::Present => self.forget(&key),
+            _ => {
+                self.marks.insert(key.clone(), mark);
             }
-            _ => self.marks.insert(key.clone(), mark),
-        };
+        }
         let kind = match mark {
             Mark::Released { .. } => EventKind::Released,
             _ => EventKind::Changed,
@@ -338,6 +337,12 @@ impl Inventory {
             changes.push((kind, tomb.clone()));
         }
         changes
+    }
+
+    /// The end of a release: its mark and when a detach last asked for it.
+    fn forget(&mut self, key: &str) {
+        self.marks.remove(key);
+        self.asked.remove(key);
     }
 
     fn tombstone(&mut self, disk: Disk) -> Option<Change> {
