@@ -47,8 +47,11 @@ echo "== the agent's .deb and .rpm for x86_64 and aarch64 (target/wukong-package
 rm -rf target/wukong-packages
 bash scripts/package-agent.sh --arch x86_64 --arch aarch64
 # Overrides, each with its reason: packaging/deb/lintian-overrides (shipped in the .deb), packaging/rpm/*.rpmlintrc.
-lintian --fail-on error,warning,info,pedantic --pedantic target/wukong-packages/wukong-agent_*_amd64.deb \
-  target/wukong-packages/wukong-agent_*_arm64.deb
+# lintian leaves files in its TMPDIR (mldbm-elf-*): a scratch one under target/, emptied each run.
+rm -rf target/lintian-tmp
+mkdir -p target/lintian-tmp
+TMPDIR="$PWD/target/lintian-tmp" lintian --fail-on error,warning,info,pedantic --pedantic \
+  target/wukong-packages/wukong-agent_*_amd64.deb target/wukong-packages/wukong-agent_*_arm64.deb
 # rpmlint's rpm opens ~/.rpmdb: a scratch HOME under target/, so that nothing is written outside the checkout.
 mkdir -p target/rpmlint-home
 HOME="$PWD/target/rpmlint-home" rpmlint -r packaging/rpm/wukong-agent.rpmlintrc \

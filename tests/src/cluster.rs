@@ -190,7 +190,7 @@ impl Cluster {
                 );
             }
         }
-        let dir = tempfile::Builder::new().prefix("wukong-cluster-").tempdir()?;
+        let dir = crate::process::lab_tempdir("wukong-cluster-")?;
         let path = |f: &str| dir.path().join(f);
         let write = |f: &str, text: &str| std::fs::write(path(f), text).with_context(|| format!("writing {f}"));
 

@@ -341,7 +341,7 @@ pub struct HostAgent {
 impl HostAgent {
     /// Starts it with `extra` flags and waits until it listens.
     pub fn start(listen: &str, extra: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let dir = process::lab_tempdir("wukong-agent-")?;
         let child = std::process::Command::new(agent_binary())
             .args(["--listen", listen, "--socket"])
             .arg(dir.path().join("agent.sock"))
@@ -758,7 +758,7 @@ impl Guest {
         memory_mb: u32,
         options: &GuestOptions,
     ) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("wukong-guest-").tempdir()?;
+        let dir = process::lab_tempdir("wukong-guest-")?;
         let console = dir.path().join("console.log");
         let qmp_path = dir.path().join("qmp.sock");
         // The backend first: QEMU connects to it as it starts.

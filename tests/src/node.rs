@@ -220,7 +220,7 @@ impl Node {
         // A lab that crashed (or was killed) left its state: the lock says no node runs now.
         let _ = remove_lab_state();
         let before = HostSnapshot::capture();
-        let dir = tempfile::Builder::new().prefix("wukong-node-").tempdir()?;
+        let dir = crate::process::lab_tempdir("wukong-node-")?;
         // From here on a failure drops the node, which undoes whatever was done.
         let mut node = Self {
             cluster: None,

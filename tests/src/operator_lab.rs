@@ -69,7 +69,7 @@ impl GuardTls {
     pub fn new() -> Result<Self> {
         let ca = crate::cluster::Ca::new("wukong guard test CA")?;
         let leaf = ca.leaf("wukong-guard", &["127.0.0.1"], rcgen::ExtendedKeyUsagePurpose::ServerAuth)?;
-        let dir = tempfile::tempdir()?;
+        let dir = crate::process::lab_tempdir("wukong-guard-tls-")?;
         std::fs::write(dir.path().join("tls.crt"), leaf.cert)?;
         std::fs::write(dir.path().join("tls.key"), leaf.key)?;
         Ok(Self { ca_pem: ca.pem, dir })
@@ -147,7 +147,7 @@ pub async fn guest_cluster(ns: &str) -> Result<(crate::Guest, Cluster, KubeVirtL
     let guest = crate::Guest::boot().await?;
     let cluster = Cluster::start(&[OPERATOR, API_SERVER, CONTROLLER, HANDLER]).await?;
     let kubevirt = KubeVirtLab::start(&cluster, Some(&guest), ns, HotplugMode::Declarative).await?;
-    let images = tempfile::tempdir()?;
+    let images = crate::process::lab_tempdir("wukong-images-")?;
     kubevirt.provision(images.path(), "lab-images").await?;
     install_operator(&cluster).await?;
     Ok((guest, cluster, kubevirt, images))
@@ -230,7 +230,8 @@ pub struct Operator {
 
 impl Operator {
     /// Starts an operator as `identity`, reaching agents in plaintext on `agent_port` (the lab's agents), logging
-    /// to `$TMPDIR/wukong-operator-IDENTITY-PORT.log` (PORT: its HTTP port, so parallel tests keep their own).
+    /// to `wukong-operator-IDENTITY-PORT.log` in the lab directory (PORT: its HTTP port, so that operators of one
+    /// identity keep their own); its last lines are printed, and the log removed, when it is dropped.
     pub fn start(cluster: &Cluster, identity: &str, agent_port: u16) -> Result<Self> {
         Self::start_with(cluster, identity, &["--agent-plaintext", "--agent-port", &agent_port.to_string()])
     }
@@ -238,7 +239,7 @@ impl Operator {
     /// Starts an operator as `identity` with `agent` flags saying how it reaches agents.
     pub fn start_with(cluster: &Cluster, identity: &str, agent: &[&str]) -> Result<Self> {
         let http: std::net::SocketAddr = crate::ports::free_address()?.parse()?;
-        let log = std::env::temp_dir().join(format!("wukong-operator-{identity}-{}.log", http.port()));
+        let log = crate::process::lab_dir()?.join(format!("wukong-operator-{identity}-{}.log", http.port()));
         let mut command = Command::new(crate::operator_binary());
         command
             .env_clear()
@@ -368,13 +369,13 @@ impl Drop for Operator {
     /// when the operator's side of the story is wanted (CI keeps nothing else).
     fn drop(&mut self) {
         self.kill();
-        if !self.echo_log {
-            return;
+        if self.echo_log {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            println!("--- the last lines of {} ---", self.log.display());
+            println!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
         }
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        println!("--- the last lines of {} ---", self.log.display());
-        println!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

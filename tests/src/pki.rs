@@ -27,7 +27,7 @@ impl Default for Pki {
 
 impl Pki {
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::process::lab_tempdir("wukong-pki-").unwrap();
         let (ca_cert, ca) = new_ca("wukong test CA");
         let (other_cert, other) = new_ca("some other CA");
         std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();

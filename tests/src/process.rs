@@ -5,34 +5,85 @@
 //!
 //! Every lab process (etcd, kube-apiserver, operators, QEMU and its vsock backend, agents on the host, the node's
 //! daemons) joins one process group, [`lab_group`], whose keeper kills the whole group when this process ends,
-//! however it ends: `Drop` does not run when a release build's panic aborts, or when the process is killed.
+//! however it ends: `Drop` does not run when a release build's panic aborts, or when the process is killed. Every
+//! lab directory (a cluster's, a guest's, a node's, the operators' logs) is made in one directory, [`lab_dir`], that
+//! a cleaner removes then, for the same reason.
 
 use anyhow::{Context, Result};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 
-/// The process group every lab process joins ([`Lab::join`]): its leader is a keeper (a shell) that waits for the
-/// end of a pipe only this process can write to, and kills its group when the kernel closes that pipe, which it
-/// does when this process exits, aborts or is killed. One group per test or benchmark process.
+/// What outlives this process to undo its lab: the keeper's process group, and the directory the cleaner removes.
+struct Keeper {
+    group: i32,
+    dir: PathBuf,
+}
+
+/// The keeper and the cleaner wait for the end of a pipe only this process can write to; the kernel closes it when
+/// this process exits, aborts or is killed. The keeper (a shell, the group's leader) then kills its group; the
+/// cleaner, in a group of its own so that it outlives that kill, waits until no process of the group runs (at most
+/// 10 s: a dead process whose parent never reaps it stays a zombie) and removes the lab directory, never crossing
+/// into a filesystem mounted under it (a node's container mounts). One keeper per test or benchmark process.
+fn keeper() -> Result<&'static Keeper> {
+    static KEEPER: OnceLock<std::result::Result<Keeper, String>> = OnceLock::new();
+    KEEPER.get_or_init(start_keeper).as_ref().map_err(|e| anyhow::Error::msg(e.clone()))
+}
+
+fn start_keeper() -> std::result::Result<Keeper, String> {
+    const CLEANER: &str = r#"cat >/dev/null
+i=0
+while [ "$i" -lt 100 ] && pgrep -g "$1" -r R,S,D,T >/dev/null; do sleep 0.1; i=$((i + 1)); done
+rm -rf --one-file-system -- "$2""#;
+    let dir = tempfile::Builder::new()
+        .prefix("wukong-lab-")
+        .tempdir()
+        .map_err(|e| format!("cannot make the lab directory in {}: {e}", std::env::temp_dir().display()))?
+        .keep();
+    // close-on-exec: no child inherits the write end, or the pipe would outlive this process.
+    let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot make the lab keeper's pipe: {e}"))?;
+    let cleaners = reader.try_clone().map_err(|e| format!("cannot share the lab keeper's pipe: {e}"))?;
+    let keeper = Command::new("sh")
+        .args(["-c", "cat >/dev/null; kill -KILL 0"])
+        .stdin(reader)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the lab keeper (sh): {e}"))?;
+    let group = keeper.id() as i32;
+    Command::new("sh")
+        .args(["-c", CLEANER, "wukong-lab-cleaner", &group.to_string()])
+        .arg(&dir)
+        .stdin(cleaners)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the lab cleaner (sh): {e}"))?;
+    // Held until this process ends: the kernel closes it then, and that is the keeper's signal.
+    std::mem::forget(writer);
+    Ok(Keeper { group, dir })
+}
+
+/// The process group every lab process joins ([`Lab::join`]); its leader is the keeper.
 pub fn lab_group() -> Result<i32> {
-    static KEEPER: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
-    let keeper = KEEPER.get_or_init(|| {
-        // close-on-exec: no child inherits the write end, or the pipe would outlive this process.
-        let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot make the lab keeper's pipe: {e}"))?;
-        let keeper = Command::new("sh")
-            .args(["-c", "cat >/dev/null; kill -KILL 0"])
-            .stdin(reader)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot start the lab keeper (sh): {e}"))?;
-        // Held until this process ends: the kernel closes it then, and that is the keeper's signal.
-        std::mem::forget(writer);
-        Ok(keeper.id() as i32)
-    });
-    keeper.clone().map_err(anyhow::Error::msg)
+    Ok(keeper()?.group)
+}
+
+/// The directory this process makes its lab directories in, removed when this process ends, however it ends.
+pub fn lab_dir() -> Result<&'static Path> {
+    Ok(&keeper()?.dir)
+}
+
+/// A new directory in [`lab_dir`], named `prefix` and a random suffix, removed when dropped.
+pub fn lab_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
+    let parent = lab_dir()?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot make a directory in {}", parent.display()))
 }
 
 /// Puts a lab process in [`lab_group`] when it starts.
