@@ -9,7 +9,8 @@
  * Two ways to walk, the same records:
  *  - per process (Linux 6.7+): one `iter/task` program walks each process's files table and its mappings itself
  *    (`usage_processes`). The kernel calls it once per task instead of once per file and per mapping, and the
- *    agent reads one such iterator per CPU, each for its share of the processes (`shard` of `shards`).
+ *    agent reads one such iterator per CPU, each for its share of the processes (`shard` of `shards`). Mappings
+ *    are read from the process's maple tree, or through the VMA iterator where that is not safe (`walk_mappings`).
  *  - per element (Linux 5.12+): `iter/task_file`, `iter/task` and `iter/task_vma`, one call per file, task and
  *    mapping (`usage_files`, `usage_tasks`, `usage_mappings`); the agent falls back to these on older kernels.
  * `usage_namespaces` lists every process's mount namespace, for both.
@@ -361,9 +362,196 @@ static __always_inline void walk_files(struct seq_file *seq, struct task_struct 
 		emit(seq, task, USE_UNWALKED, 0, 0);
 }
 
+/* How the per-process walk reads mappings, set at load (the agent's `Mappings`): from the maple tree, else through the
+ * VMA iterator (the agent's way); through the VMA iterator alone; from the maple tree alone, a process whose tree
+ * cannot be read left to /proc (tests compare the three). */
+#define MAPPINGS_TREE 0
+#define MAPPINGS_ITERATOR 1
+#define MAPPINGS_TREE_ONLY 2
+const volatile __u32 mappings = MAPPINGS_TREE;
+
+/*
+ * A process's mappings read straight from the maple tree they are kept in (mm->mm_mt), under the RCU read lock the
+ * iterator runs in: what the kernel's own lockless readers do (the page-fault path since Linux 6.4). The VMA
+ * iterator costs a lookup from the tree's root, a VMA lock and a file reference per mapping, about half of the whole
+ * walk; this reads each node of the tree once.
+ *
+ * Safe because the tree is in RCU mode (MT_FLAGS_USE_RCU, every mm's since 6.4 until it is torn down): a writer
+ * never changes a node a reader may be in but one slot at a time, and replaces the node otherwise, marking the old
+ * one dead (its parent pointer pointing to itself) and freeing it only after the readers' grace period. A mapping
+ * that stays throughout the walk is therefore in every version of its leaf the walk may read. A stale slot
+ * (beyond a node's data, or in a node replaced meanwhile) can only add a process to look at through /proc, never
+ * hide one. Anything unexpected (not in RCU mode, a dead node, an unknown node type, a tree deeper or larger than
+ * the walk's bounds) hands the process to the VMA iterator, which takes the locks.
+ *
+ * The node encoding is not in BTF (include/linux/maple_tree.h): a node is 256-byte aligned, its pointer carries
+ * the node's type in bits 3-6, and the root pointer bit 1 (MAPLE_ROOT_NODE); a leaf's slots hold the VMAs (or
+ * nothing, for a gap), an internal node's the child node pointers. The node types and slot counts are checked
+ * against the running kernel's BTF.
+ */
+#define MT_FLAGS_USE_RCU 0x02
+#define MAPLE_NODE_MASK 255UL
+#define MAPLE_NODE_TYPE_SHIFT 3
+#define MAPLE_NODE_TYPE_MASK 0x0f
+#define MAPLE_RANGE64_SLOTS 16
+#define MAPLE_ARANGE64_SLOTS 10
+/* Below it, a maple tree entry is one of the tree's own markers (MAPLE_RESERVED_RANGE), not a pointer. */
+#define MAPLE_RESERVED 4096
+/* The deepest tree walked: 65,530 mappings (the default vm.max_map_count) need five levels. */
+#define MAPLE_DEPTH 10
+/* The most internal slots visited (each leaf is read whole in one step). */
+#define MAPLE_STEPS (1 << 20)
+
+struct maple_level {
+	__u64 node;
+	__u32 type;
+	__u32 next;
+};
+
+struct maple_walk {
+	struct seq_file *seq;
+	struct task_struct *task;
+	struct file *last;
+	/* A node pointer to visit before going on with the internal node on top. */
+	__u64 pending;
+	__u32 depth;
+	bool failed;
+	struct maple_level level[MAPLE_DEPTH];
+	void *slots[MAPLE_RANGE64_SLOTS];
+};
+
+static __always_inline struct maple_node *as_maple_node(__u64 address)
+{
+	struct maple_node *node;
+	KFUNC(04, node, address, bpf_core_type_id_kernel(struct maple_node), 0);
+	return node;
+}
+
+static __always_inline struct vm_area_struct *as_vma(void *address)
+{
+	struct vm_area_struct *vma;
+	KFUNC(04, vma, address, bpf_core_type_id_kernel(struct vm_area_struct), 0);
+	return vma;
+}
+
+/* Whether the node at `address` was replaced (ma_dead_node): a reader in it must not trust what it read. */
+static __always_inline bool maple_dead(__u64 address)
+{
+	return ((__u64)as_maple_node(address)->parent & ~MAPLE_NODE_MASK) == address;
+}
+
+static __always_inline int maple_fail(struct maple_walk *walk)
+{
+	walk->failed = true;
+	return 1;
+}
+
+/* The VMA in slot `i` of the leaf read into `walk->slots`, if any. */
+static int maple_slot(__u32 i, struct maple_walk *walk)
+{
+	if (i >= MAPLE_RANGE64_SLOTS)
+		return 1;
+	__u64 entry = (__u64)walk->slots[i];
+	if (entry < MAPLE_RESERVED || entry & 7)
+		return 0;
+	struct file *file = as_vma(walk->slots[i])->vm_file;
+	if (!file || file == walk->last)
+		return 0;
+	walk->last = file;
+	__u32 dev = file_device(file);
+	if (dev)
+		emit(walk->seq, walk->task, USE_MAP, 0, dev);
+	return 0;
+}
+
+/* Every VMA in the leaf at `address`, read whole. */
+static __always_inline int maple_leaf(struct maple_walk *walk, __u64 address)
+{
+	if (bpf_probe_read_kernel(walk->slots, sizeof(walk->slots),
+				  (void *)(address + bpf_core_field_offset(struct maple_node, mr64.slot))))
+		return maple_fail(walk);
+	bpf_loop(MAPLE_RANGE64_SLOTS, maple_slot, walk, 0);
+	return maple_dead(address) ? maple_fail(walk) : 0;
+}
+
+/* One step: the node pending, else the next child of the internal node on top, else that node is done. */
+static int maple_step(__u32 index, struct maple_walk *walk)
+{
+	__u64 enode = walk->pending;
+	walk->pending = 0;
+	if (!enode) {
+		__u32 top = walk->depth - 1;
+		if (walk->depth == 0)
+			return 1;
+		if (top >= MAPLE_DEPTH)
+			return maple_fail(walk);
+		struct maple_level *level = &walk->level[top];
+		__u32 slots = level->type == maple_arange_64 ? MAPLE_ARANGE64_SLOTS : MAPLE_RANGE64_SLOTS;
+		if (level->next >= slots) {
+			walk->depth = top;
+			return maple_dead(level->node) ? maple_fail(walk) : 0;
+		}
+		__u64 offset = level->type == maple_arange_64 ? bpf_core_field_offset(struct maple_node, ma64.slot)
+							      : bpf_core_field_offset(struct maple_node, mr64.slot);
+		if (bpf_probe_read_kernel(&enode, sizeof(enode), (void *)(level->node + offset + level->next * 8)))
+			return maple_fail(walk);
+		level->next++;
+		if (!enode)
+			return 0;
+	}
+	if (enode < MAPLE_RESERVED)
+		return maple_fail(walk);
+	__u64 address = enode & ~MAPLE_NODE_MASK;
+	__u32 type = (enode >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK;
+	if (type == maple_leaf_64)
+		return maple_leaf(walk, address);
+	if (type != maple_range_64 && type != maple_arange_64)
+		return maple_fail(walk);
+	if (walk->depth >= MAPLE_DEPTH)
+		return maple_fail(walk);
+	walk->level[walk->depth] = (struct maple_level){ .node = address, .type = type };
+	walk->depth++;
+	return 0;
+}
+
+/* Every file mapping of `task` from its maple tree; false when the VMA iterator is to walk them instead. */
+static __always_inline bool walk_maple_tree(struct seq_file *seq, struct task_struct *task)
+{
+	if (mappings == MAPPINGS_ITERATOR)
+		return false;
+	/* The encoding above, checked against the running kernel's. */
+	if (bpf_core_enum_value(enum maple_type, maple_leaf_64) != 1 ||
+	    bpf_core_enum_value(enum maple_type, maple_range_64) != 2 ||
+	    bpf_core_enum_value(enum maple_type, maple_arange_64) != 3 ||
+	    bpf_core_field_size(struct maple_range_64, slot) != MAPLE_RANGE64_SLOTS * 8 ||
+	    bpf_core_field_size(struct maple_arange_64, slot) != MAPLE_ARANGE64_SLOTS * 8)
+		return false;
+	struct mm_struct *mm = task->mm;
+	if (!mm || !(mm->mm_mt.ma_flags & MT_FLAGS_USE_RCU))
+		return false;
+	struct maple_walk walk = { .seq = seq, .task = task };
+	/* Read as a number: the walk does arithmetic on node pointers. */
+	if (bpf_core_read(&walk.pending, sizeof(walk.pending), &mm->mm_mt.ma_root))
+		return false;
+	if (!walk.pending)
+		return true;
+	/* A tree of mappings has a node at its root (xa_is_node: bit 1 set, bit 0 clear), never a lone entry. */
+	if ((walk.pending & 3) != 2)
+		return false;
+	if (bpf_loop(MAPLE_STEPS, maple_step, &walk, 0) < 0 || walk.failed || walk.depth || walk.pending)
+		return false;
+	return true;
+}
+
 /* Every file mapping; a process whose mappings a writer holds locked is left to /proc. */
 static __always_inline void walk_mappings(struct seq_file *seq, struct task_struct *task)
 {
+	if (walk_maple_tree(seq, task))
+		return;
+	if (mappings == MAPPINGS_TREE_ONLY) {
+		emit(seq, task, USE_UNWALKED, 0, 0);
+		return;
+	}
 	struct bpf_iter_task_vma it;
 	struct vm_area_struct *vma;
 	if (vma_iter_new(&it, task)) {

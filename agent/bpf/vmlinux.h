@@ -4,7 +4,9 @@
  * `bpftool btf dump file /sys/kernel/btf/vmlinux format c` (some 150,000 lines for 6.18). Every struct is marked
  * preserve_access_index, so clang records each member access by name and the loader moves it to wherever the
  * running kernel's BTF puts that member: one object runs on the guest's 6.1 and on 6.18. A member is listed here
- * only if it exists under that name in every kernel from 5.12 (the first with iter/task_vma) on.
+ * only if it exists under that name in every kernel from 5.12 (the first with iter/task_vma) on, but for the maple
+ * tree's, which only the per-process walk (Linux 6.7+) reads: a member a kernel lacks makes the loader poison the
+ * instructions that read it, which fails only a program that does.
  */
 #ifndef WUKONG_VMLINUX_H
 #define WUKONG_VMLINUX_H
@@ -21,6 +23,11 @@ typedef __u32 __wsum;
 typedef __u16 umode_t;
 typedef __u32 dev_t;
 typedef _Bool bool;
+
+enum {
+	false = 0,
+	true = 1,
+};
 
 enum bpf_map_type {
 	BPF_MAP_TYPE_HASH = 1,
@@ -68,8 +75,44 @@ struct fs_struct {
 	struct path pwd;
 };
 
+/* The maple tree a process's mappings are kept in (Linux 6.1+; read only by the per-process walk, 6.7+). */
+struct maple_pnode;
+
+struct maple_tree {
+	unsigned int ma_flags;
+	void *ma_root;
+};
+
+struct maple_range_64 {
+	struct maple_pnode *parent;
+	void *slot[16];
+};
+
+struct maple_arange_64 {
+	struct maple_pnode *parent;
+	void *slot[10];
+};
+
+struct maple_node {
+	union {
+		struct {
+			struct maple_pnode *parent;
+		};
+		struct maple_range_64 mr64;
+		struct maple_arange_64 ma64;
+	};
+};
+
+enum maple_type {
+	maple_dense = 0,
+	maple_leaf_64 = 1,
+	maple_range_64 = 2,
+	maple_arange_64 = 3,
+};
+
 struct mm_struct {
 	struct file *exe_file;
+	struct maple_tree mm_mt;
 };
 
 struct ns_common {

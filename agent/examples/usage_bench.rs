@@ -1,5 +1,6 @@
-//! Benchmark: our usage scan, with each process source (/proc and the in-kernel BPF iterators, walking per process
-//! and per element), against `fuser -m <dev>` and `lsof <mountpoint>` on the same system state.
+//! Benchmark: our usage scan, with each process source (/proc and the in-kernel BPF iterators, walking per process,
+//! with mappings read from their maple tree as the agent does or through the VMA iterator, and per element), against
+//! `fuser -m <dev>` and `lsof <mountpoint>` on the same system state.
 //!
 //! Builds a loop-mounted ext4 with an overlay stacked on it (its layers on the ext4, as a container engine's are)
 //! and N processes with M open fds each; 5% of them hold a file on the loop mount, 1% more one through the
@@ -17,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
 use wukong_agent::usage::{
-    ALL_ANALYSES, Analyses, BpfSource, ProcessSource, ProcfsSource, Walk, process_pids, scan_now_with,
+    ALL_ANALYSES, Analyses, BpfSource, Mappings, ProcessSource, ProcfsSource, Walk, process_pids, scan_now_with,
 };
 use wukong_proto::v1::Disk;
 
@@ -150,22 +151,34 @@ fn main() {
     let bpf = BpfSource::load(&HostRoots::default()).expect("the BPF iterators load (root, kernel 5.12+, BTF)");
     let per_element = BpfSource::load_walk(&HostRoots::default(), Some(Walk::PerElement))
         .expect("the per-element iterators load (root, kernel 5.12+, BTF)");
+    // The agent's walk with every mapping read through the VMA iterator: what reading the maple tree saves.
+    let by_iterator = match bpf.walk() {
+        Walk::PerProcess { shards, .. } => {
+            BpfSource::load_walk(&HostRoots::default(), Some(Walk::PerProcess { shards, mappings: Mappings::Iterator }))
+                .expect("the per-process walk loads with the VMA iterator")
+        }
+        Walk::PerElement => BpfSource::load_walk(&HostRoots::default(), Some(Walk::PerElement))
+            .expect("the per-element iterators load (root, kernel 5.12+, BTF)"),
+    };
     println!(
-        "usage scan vs fuser -m and lsof, median of {RUNS} runs, {} cores; bpf: {}; bpf/elem: {}",
+        "usage scan vs fuser -m and lsof, median of {RUNS} runs, {} cores; bpf: {}; bpf/vma: {}; bpf/elem: {}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         bpf.description(),
+        by_iterator.description(),
         per_element.description()
     );
     println!(
-        "{:>6} {:>4} {:>9} {:>9} {:>9} {:>11} {:>9} {:>9} {:>9} {:>11} {:>10} {:>11}  agree",
+        "{:>6} {:>4} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9} {:>9} {:>8} {:>9} {:>11} {:>10} {:>11}  agree",
         "procs",
         "fds",
         "bpf",
+        "bpf/vma",
         "bpf/elem",
         "procfs",
         "w/o stacked",
         "fuser -m",
         "lsof",
+        "vma/bpf",
         "elem/bpf",
         "procfs/bpf",
         "fuser/bpf",
@@ -181,14 +194,15 @@ fn main() {
         let roots = HostRoots::default();
         let pids = |reports: &[wukong_proto::v1::UsageReport]| process_pids(&reports[0]);
         let without_stacked = Analyses { stacked_mounts: false };
-        let ways: [(&dyn ProcessSource, Analyses); 4] = [
+        let ways: [(&dyn ProcessSource, Analyses); 5] = [
             (&bpf, ALL_ANALYSES),
+            (&by_iterator, ALL_ANALYSES),
             (&per_element, ALL_ANALYSES),
             (&ProcfsSource, ALL_ANALYSES),
             (&ProcfsSource, without_stacked),
         ];
-        let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-        let mut last = [None, None, None, None];
+        let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        let mut last = [None, None, None, None, None];
         for _ in 0..RUNS {
             for (i, (source, analyses)) in ways.iter().enumerate() {
                 let t = Instant::now();
@@ -198,8 +212,8 @@ fn main() {
                 times[i].push(t.elapsed());
             }
         }
-        let [bpf_t, element_t, procfs_t, without_t] = times.map(median);
-        let [by_bpf, by_elements, ours, without] = last.map(|r| pids(&r.expect("RUNS > 0")));
+        let [bpf_t, iterator_t, element_t, procfs_t, without_t] = times.map(median);
+        let [by_bpf, by_iterator_pids, by_elements, ours, without] = last.map(|r| pids(&r.expect("RUNS > 0")));
         let (fuser_t, fuser_out) =
             time(|| Command::new("fuser").arg("-m").arg(&setup.dev).stderr(Stdio::null()).output().unwrap());
         // fuser prints PIDs (with access letters such as "c" or "m") on stdout, the names on stderr.
@@ -211,6 +225,7 @@ fn main() {
             time(|| Command::new("lsof").arg("-w").arg(&setup.mount).stderr(Stdio::null()).output().unwrap());
         let lsof = lsof_pids(&String::from_utf8_lossy(&lsof_out.stdout));
         let agree = by_bpf == ours
+            && by_iterator_pids == ours
             && by_elements == ours
             && expected.is_subset(&ours)
             && stacked.is_subset(&ours)
@@ -220,19 +235,22 @@ fn main() {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ratio = |d: Duration| d.as_secs_f64() / bpf_t.as_secs_f64();
         println!(
-            "{procs:>6} {fds:>4} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>9.1}ms {:>7.1}ms {:>7.1}ms {:>8.1}x {:>10.1}x {:>9.1}x {:>10.1}x  {} (bpf {}, bpf/elem {}, procfs {}, fuser {}, lsof {}, expected {}; through the overlay: ours {}, without the analysis {}, fuser {}, lsof {}, of {})",
+            "{procs:>6} {fds:>4} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>9.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}x {:>8.1}x {:>10.1}x {:>9.1}x {:>10.1}x  {} (bpf {}, bpf/vma {}, bpf/elem {}, procfs {}, fuser {}, lsof {}, expected {}; through the overlay: ours {}, without the analysis {}, fuser {}, lsof {}, of {})",
             ms(bpf_t),
+            ms(iterator_t),
             ms(element_t),
             ms(procfs_t),
             ms(without_t),
             ms(fuser_t),
             ms(lsof_t),
+            ratio(iterator_t),
             ratio(element_t),
             ratio(procfs_t),
             ratio(fuser_t),
             ratio(lsof_t),
             if agree { "yes" } else { "NO" },
             by_bpf.len(),
+            by_iterator_pids.len(),
             by_elements.len(),
             ours.len(),
             fuser.len(),
@@ -253,7 +271,7 @@ fn main() {
         }
         assert!(
             agree,
-            "the tools disagree on the PIDs: bpf {by_bpf:?}, bpf/elem {by_elements:?}, procfs {ours:?}, fuser {fuser:?}, lsof {lsof:?}"
+            "the tools disagree on the PIDs: bpf {by_bpf:?}, bpf/vma {by_iterator_pids:?}, bpf/elem {by_elements:?}, procfs {ours:?}, fuser {fuser:?}, lsof {lsof:?}"
         );
     }
 }

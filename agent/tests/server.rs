@@ -75,8 +75,16 @@ async fn socket_is_root_only_and_stale_sockets_are_replaced() {
     let socket = dir.path().join("agent.sock");
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap()); // a stale socket left by a crashed agent
     let (stop_tx, server) = start(&socket);
-    let client = connected(&socket).await;
-    let info = client.agent_info().await.unwrap();
+    // Until the agent has loaded its scanner and bound, the path is the stale socket, which refuses: ask until the
+    // agent answers.
+    let started = Instant::now();
+    let info = loop {
+        match connected(&socket).await.agent_info().await {
+            Ok(info) => break info,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(30), "the stale socket was not replaced: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);

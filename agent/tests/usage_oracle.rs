@@ -13,7 +13,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use wukong_agent::usage::{Candidate, ProcessSource, ProcfsSource, process_pids};
+use wukong_agent::roots::HostRoots;
+use wukong_agent::usage::{BpfSource, Candidate, Mappings, ProcessSource, ProcfsSource, Walk, process_pids};
 use wukong_proto::v1::{Blocker, BlockerKind, Disk, ProcessUseKind, UsageReport, blocker::Detail};
 
 fn mounts_of(report: &UsageReport) -> BTreeSet<String> {
@@ -135,11 +136,98 @@ fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
     // no other of the machine's: the /proc analysis that follows reads six processes, not all of them.
     let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
     let holders = BTreeSet::from([writer.pid(), reader.pid(), cwd.pid(), exe.pid(), mapper.pid(), raw.pid()]);
-    for source in [common::bpf(), common::bpf_per_element()] {
+    for source in common::bpf_walks() {
         let named: BTreeSet<i32> =
             source.candidates(Path::new("/proc"), &devices).unwrap().into_iter().map(|c| c.pid).collect();
         assert_eq!(named, holders, "{}", source.description());
     }
+}
+
+/// Which processes, and what of each, the walk `source` names for `disk` mounted at `mp`.
+fn candidates_for(source: &BpfSource, disk: &LoopDisk, mp: &Path) -> Vec<Candidate> {
+    let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(mp).unwrap().st_dev]);
+    source.candidates(Path::new("/proc"), &devices).unwrap()
+}
+
+/// A mapping among thousands: a process with 20,000 anonymous mappings (alternately read-only and writable, so that
+/// none merge; a maple tree five levels deep) and, among them, a file on the disk it mapped and closed (with libc's
+/// mmap: Python's keeps a descriptor). Every walk names the process and no other, having seen a mapping and no open
+/// file; every scan reports the mapping.
+#[test]
+fn a_file_mapped_among_thousands_of_mappings_is_found_by_every_walk() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("m");
+    std::fs::write(mp.join("data"), vec![7u8; 4096]).unwrap();
+    let script = format!(
+        "import ctypes,mmap,os,time\nlibc=ctypes.CDLL(None)\nlibc.mmap.restype=ctypes.c_void_p\n\
+         libc.mmap.argtypes=[ctypes.c_void_p,ctypes.c_size_t,ctypes.c_int,ctypes.c_int,ctypes.c_int,ctypes.c_long]\n\
+         keep=[]\nfor i in range(20000):\n    \
+         keep.append(mmap.mmap(-1,4096,flags=mmap.MAP_PRIVATE,prot=mmap.PROT_READ|(mmap.PROT_WRITE if i%2 else 0)))\n    \
+         if i==10000:\n        fd=os.open('{}/data',os.O_RDONLY)\n        \
+         assert libc.mmap(None,4096,mmap.PROT_READ,mmap.MAP_PRIVATE,fd,0)!=ctypes.c_void_p(-1).value\n        \
+         os.close(fd)\nprint('ready',flush=True)\ntime.sleep(1000)",
+        mp.display()
+    );
+    let holder = Holder::start("/usr/bin/python3", &["-c", &script]);
+    let mappings = std::fs::read_to_string(format!("/proc/{}/maps", holder.pid())).unwrap().lines().count();
+    assert!(mappings > 20_000, "the holder has {mappings} mappings");
+    let report = assert_superset_of_oracles(&disk);
+    let map = find(&report, holder.pid(), ProcessUseKind::Mmap).expect("the mapping is reported");
+    assert!(map.message.contains("/data"), "{}", map.message);
+    for source in common::bpf_walks() {
+        let candidates = candidates_for(source, &disk, &mp);
+        let seen: Vec<_> =
+            candidates.iter().map(|c| (c.pid, c.seen.as_ref().map(|s| (s.mappings, s.fds.len())))).collect();
+        assert_eq!(seen, [(holder.pid(), Some((true, 0)))], "{}", source.description());
+    }
+}
+
+/// A mapping that stays while the rest of its process's mappings change all the time: a thread maps 500 pages one by
+/// one and unmaps them, over and over, so that the kernel replaces nodes of the tree while the maple tree walk reads
+/// it. Each of 300 walks names the process, having seen its mapping (not only the descriptor Python's mmap keeps).
+/// The tree walk alone (no VMA iterator to hand a process to) either saw the mapping or gave the process to /proc,
+/// never a tree it read without it; it read the tree in some of the walks, and gave up in others.
+#[test]
+fn a_steady_mapping_is_found_while_its_tree_changes_under_the_walk() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let mp = disk.mount_at("m");
+    std::fs::write(mp.join("data"), vec![7u8; 4096]).unwrap();
+    let body = "    while True:\n        pages=[mmap.mmap(-1,4096,flags=mmap.MAP_PRIVATE,prot=mmap.PROT_READ|(mmap.PROT_WRITE if i%2 else 0)) for i in range(500)]\n        for p in pages:\n            p.close()";
+    let script = format!(
+        "import mmap,threading,time\nf=open('{}/data','rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\nf.close()\n\
+         def churn():\n{body}\nthreading.Thread(target=churn,daemon=True).start()\nprint('ready',flush=True)\ntime.sleep(1000)",
+        mp.display()
+    );
+    let holder = Holder::start("/usr/bin/python3", &["-c", &script]);
+    let shards = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let tree_only =
+        BpfSource::load_walk(&HostRoots::default(), Some(Walk::PerProcess { shards, mappings: Mappings::TreeOnly }))
+            .unwrap();
+    let mut counts = BTreeSet::new();
+    let (mut read, mut given_up) = (0, 0);
+    for walk in 0..300 {
+        let seen_by = |source: &BpfSource| {
+            let candidates = candidates_for(source, &disk, &mp);
+            let seen = candidates.iter().find(|c| c.pid == holder.pid()).map(|c| c.seen.as_ref().map(|s| s.mappings));
+            (seen, candidates)
+        };
+        // The agent's walk: seen whole (handed to /proc) would do too; seen without its mapping would not.
+        let (seen, candidates) = seen_by(common::bpf());
+        assert!(matches!(seen, Some(Some(true) | None)), "walk {walk}: {candidates:?}");
+        match seen_by(&tree_only) {
+            (Some(Some(true)), _) => read += 1,
+            (Some(None), _) => given_up += 1,
+            (_, candidates) => panic!("walk {walk}, the tree alone: {candidates:?}"),
+        }
+        if walk % 30 == 0 {
+            counts.insert(std::fs::read_to_string(format!("/proc/{}/maps", holder.pid())).unwrap().lines().count());
+        }
+    }
+    assert!(counts.len() > 1, "the holder's mappings changed during the walks: {counts:?}");
+    println!("the tree walk read the holder's tree in {read} of 300 walks and gave up in {given_up}");
+    assert!(read > 0 && given_up > 0, "read {read}, given up {given_up}");
 }
 
 /// A files table far larger than what is open in it (a server that once held thousands of files keeps its table):
@@ -166,7 +254,7 @@ fn files_at_high_fds_of_a_sparse_files_table_are_found() {
         .collect();
     assert_eq!(fds, BTreeSet::from([3000, 16000]), "{:#?}", messages(&report));
     let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
-    for source in [common::bpf(), common::bpf_per_element()] {
+    for source in common::bpf_walks() {
         let candidates = source.candidates(Path::new("/proc"), &devices).unwrap();
         let seen = candidates.iter().find(|c| c.pid == holder.pid()).and_then(|c| c.seen.clone());
         let seen = seen.unwrap_or_else(|| panic!("{}: {candidates:?}", source.description()));
@@ -396,9 +484,10 @@ fn scans_survive_processes_exiting_mid_scan() {
     let started = std::time::Instant::now();
     let mut scans = 0;
     // Every source in turn (their reports differ by the churn between them, so each is judged on its own).
-    let sources: [&dyn ProcessSource; 3] = [&ProcfsSource, common::bpf(), common::bpf_per_element()];
+    let [tree, iterator, per_element] = common::bpf_walks();
+    let sources: [&dyn ProcessSource; 4] = [&ProcfsSource, tree, iterator, per_element];
     while churned.load(Ordering::Relaxed) < 50 && started.elapsed() < Duration::from_secs(20) {
-        let source = sources[scans % 3];
+        let source = sources[scans % sources.len()];
         let report = common::scan_by(&[disk.disk()], source).remove(0);
         assert!(process_pids(&report).contains(&steady.pid()), "{}: {:#?}", source.name(), messages(&report));
         scans += 1;
@@ -835,7 +924,7 @@ fn uses_held_by_threads_apart_from_their_leader_are_found() {
 
     // Each walk says a thread holds it apart, so the process is read whole, threads included.
     let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
-    for source in [common::bpf(), common::bpf_per_element()] {
+    for source in common::bpf_walks() {
         let candidates = source.candidates(Path::new("/proc"), &devices).unwrap();
         for &pid in &holders {
             let c = candidates.iter().find(|c| c.pid == pid);

@@ -4,7 +4,9 @@
 //!
 //! Two walks, the same records: on Linux 6.7+ one program per task walks its files table and mappings itself,
 //! read as one iterator per CPU, each for its share of the processes ([`Walk::PerProcess`]); on older kernels one
-//! program per file, task and mapping ([`Walk::PerElement`]), the kernel's per-element iterators.
+//! program per file, task and mapping ([`Walk::PerElement`]), the kernel's per-element iterators. The per-process
+//! walk reads a process's mappings from the maple tree the kernel keeps them in, as the kernel's lockless readers
+//! do, and through the kernel's VMA iterator where that tree is not safe to read ([`Mappings`]).
 //!
 //! Loaded once at start ([`BpfSource::load`]); each scan writes its devices to the `devices` maps and reads the
 //! iterators, one scan at a time (the maps are shared). The loader is aya: pure Rust, so the agent keeps building
@@ -69,6 +71,19 @@ const MAX_DEVICES: usize = 4096;
 /// The most copies of the per-process program read at once: one per CPU, up to this.
 const MAX_SHARDS: u32 = 8;
 
+/// How the per-process walk reads a process's file mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mappings {
+    /// From the maple tree the kernel keeps them in, without a lock, as the kernel's own lockless readers do; a
+    /// process whose tree is not in RCU mode or changes under the walk is read through the VMA iterator.
+    Tree,
+    /// Through the kernel's VMA iterator alone, which locks each mapping in turn.
+    Iterator,
+    /// From the maple tree alone: a process whose tree is not safe to read is left to /proc, which reads it whole.
+    /// Tests use it to see what the tree walk itself finds.
+    TreeOnly,
+}
+
 /// Why the in-kernel finder cannot run here; the agent then scans /proc.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the in-kernel (BPF) usage scan is unavailable: {0}")]
@@ -78,7 +93,7 @@ pub struct Unavailable(pub String);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Walk {
     /// One program per task walking its files and mappings (Linux 6.7+), read as this many iterators at once.
-    PerProcess { shards: u32 },
+    PerProcess { shards: u32, mappings: Mappings },
     /// The kernel's per-file, per-task and per-mapping iterators (Linux 5.12+).
     PerElement,
 }
@@ -89,7 +104,7 @@ pub struct BpfSource {
     /// program.
     loaded: Mutex<Vec<Loaded>>,
     walk: Walk,
-    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs (kernel 6.18.44)".
+    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs, mappings read from their maple tree (kernel 6.18.44)".
     description: String,
 }
 
@@ -117,24 +132,27 @@ impl BpfSource {
         let kernel = std::fs::read_to_string(proc_root.join("sys/kernel/osrelease")).unwrap_or_default();
         let kernel = kernel.trim();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let per_process = |shards: u32| {
+        let per_process = |shards: u32, mappings: Mappings| {
             let object = link_kfuncs(OBJECT, &btf)?;
             let loaded = (0..shards)
                 .map(|shard| {
                     let programs: &[Program] = if shard == 0 { &[NAMESPACES, PER_PROCESS] } else { &[PER_PROCESS] };
-                    load_copy(bytes_of(&object), &btf, level, (shard, shards), programs)
+                    let settings = Settings { level, shard: (shard, shards), mappings };
+                    load_copy(bytes_of(&object), &btf, settings, programs)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, Unavailable>((loaded, Walk::PerProcess { shards }))
+            Ok::<_, Unavailable>((loaded, Walk::PerProcess { shards, mappings }))
         };
         let per_element = || {
             let programs = [NAMESPACES, PER_ELEMENT[0], PER_ELEMENT[1], PER_ELEMENT[2]];
-            Ok::<_, Unavailable>((vec![load_copy(OBJECT, &btf, level, (0, 1), &programs)?], Walk::PerElement))
+            // The per-element programs read no maple tree.
+            let settings = Settings { level, shard: (0, 1), mappings: Mappings::Iterator };
+            Ok::<_, Unavailable>((vec![load_copy(OBJECT, &btf, settings, &programs)?], Walk::PerElement))
         };
         let (loaded, walk) = match walk {
-            Some(Walk::PerProcess { shards }) => per_process(shards.clamp(1, MAX_SHARDS))?,
+            Some(Walk::PerProcess { shards, mappings }) => per_process(shards.clamp(1, MAX_SHARDS), mappings)?,
             Some(Walk::PerElement) => per_element()?,
-            None => match per_process(cpus.clamp(1, MAX_SHARDS)) {
+            None => match per_process(cpus.clamp(1, MAX_SHARDS), Mappings::Tree) {
                 Ok(loaded) => loaded,
                 Err(why) => {
                     // Said only when the per-element walk does load: else the reason is the same for both.
@@ -145,8 +163,15 @@ impl BpfSource {
             },
         };
         let how = match walk {
-            Walk::PerProcess { shards: 1 } => "a walk per process".to_string(),
-            Walk::PerProcess { shards } => format!("a walk per process on {shards} CPUs"),
+            Walk::PerProcess { shards, mappings } => {
+                let cpus = if shards == 1 { String::new() } else { format!(" on {shards} CPUs") };
+                let mappings = match mappings {
+                    Mappings::Tree => "mappings read from their maple tree",
+                    Mappings::Iterator => "mappings through the VMA iterator",
+                    Mappings::TreeOnly => "mappings read from their maple tree alone",
+                };
+                format!("a walk per process{cpus}, {mappings}")
+            }
             Walk::PerElement => "a walk per file, task and mapping".to_string(),
         };
         let source = Self {
@@ -166,7 +191,7 @@ impl BpfSource {
         Ok(source)
     }
 
-    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs (kernel 6.18.44)".
+    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs, mappings read from their maple tree (kernel 6.18.44)".
     pub fn description(&self) -> &str {
         &self.description
     }
@@ -179,7 +204,7 @@ impl BpfSource {
     /// The programs a scan reads, each with the loaded copy it is in.
     fn scan_programs(&self) -> Vec<(usize, Program)> {
         match self.walk {
-            Walk::PerProcess { shards } => (0..shards as usize).map(|copy| (copy, PER_PROCESS)).collect(),
+            Walk::PerProcess { shards, .. } => (0..shards as usize).map(|copy| (copy, PER_PROCESS)).collect(),
             Walk::PerElement => PER_ELEMENT.iter().map(|&p| (0, p)).collect(),
         }
     }
@@ -303,19 +328,30 @@ fn another_process(pid: u32) -> bool {
     pid != 0 && pid != std::process::id()
 }
 
-/// One loaded copy of `object` (shard `shard.0` of `shard.1`) with `programs` loaded into the kernel.
-fn load_copy(
-    object: &[u8],
-    btf: &Btf,
+/// What a loaded copy of the object is set to at load (its `const volatile` globals).
+#[derive(Clone, Copy)]
+struct Settings {
+    /// The depth of the reader's pid namespace.
     level: u32,
+    /// The shard of the processes it walks, of how many.
     shard: (u32, u32),
-    programs: &[Program],
-) -> Result<Loaded, Unavailable> {
+    mappings: Mappings,
+}
+
+/// One loaded copy of `object` with `programs` loaded into the kernel.
+fn load_copy(object: &[u8], btf: &Btf, settings: Settings, programs: &[Program]) -> Result<Loaded, Unavailable> {
+    // bpf/usage.bpf.c's MAPPINGS_*.
+    let mappings: u32 = match settings.mappings {
+        Mappings::Tree => 0,
+        Mappings::Iterator => 1,
+        Mappings::TreeOnly => 2,
+    };
     let mut ebpf = EbpfLoader::new()
         .btf(Some(btf))
-        .override_global("pid_level", &level, true)
-        .override_global("shard", &shard.0, true)
-        .override_global("shards", &shard.1, true)
+        .override_global("pid_level", &settings.level, true)
+        .override_global("shard", &settings.shard.0, true)
+        .override_global("shards", &settings.shard.1, true)
+        .override_global("mappings", &mappings, true)
         .load(object)
         .map_err(|e| Unavailable(format!("cannot load the iterators' object: {}", explain(&e))))?;
     for &(name, iterator) in programs {

@@ -12,7 +12,7 @@ mod threads;
 
 use crate::roots::HostRoots;
 use crate::udev_db::LibUdevDb;
-pub use bpf_scan::{BpfSource, Unavailable, Walk};
+pub use bpf_scan::{BpfSource, Mappings, Unavailable, Walk};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 pub use procfs_scan::ProcfsSource;
@@ -57,7 +57,7 @@ pub enum ScannerChoice {
 #[derive(Clone)]
 pub struct ActiveSource {
     pub source: Arc<dyn ProcessSource>,
-    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs (kernel 6.18.44)", "configured (usage_scanner =
+    /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs, mappings read from their maple tree (kernel 6.18.44)", "configured (usage_scanner =
     /// procfs)", or why the iterators could not load.
     pub reason: String,
 }

@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wukong_agent::roots::HostRoots;
 use wukong_agent::usage::{
-    ALL_ANALYSES, BpfSource, Candidate, NamespaceTask, ProcessSource, ProcfsSource, SourceError, Walk, scan_now_with,
+    ALL_ANALYSES, BpfSource, Candidate, Mappings, NamespaceTask, ProcessSource, ProcfsSource, SourceError, Walk,
+    scan_now_with,
 };
 use wukong_proto::v1::{Disk, UsageReport};
 
@@ -25,6 +26,24 @@ pub fn bpf() -> &'static BpfSource {
         assert!(matches!(source.walk(), Walk::PerProcess { .. }), "not the per-process walk: {}", source.description());
         source
     })
+}
+
+/// The in-kernel process source walking per process as the agent does, but reading every mapping through the
+/// kernel's VMA iterator, which the maple tree walk hands a process to when its tree is not safe to read: that way
+/// runs on this machine only here, so tests compare it too. Once per test binary.
+pub fn bpf_vma_iterator() -> &'static BpfSource {
+    static SOURCE: std::sync::OnceLock<BpfSource> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| {
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        BpfSource::load_walk(&HostRoots::default(), Some(Walk::PerProcess { shards, mappings: Mappings::Iterator }))
+            .expect("the per-process walk loads on this machine")
+    })
+}
+
+/// Every in-kernel way to walk: per process reading mappings from their maple tree (the agent's), per process
+/// through the VMA iterator, and per element.
+pub fn bpf_walks() -> [&'static BpfSource; 3] {
+    [bpf(), bpf_vma_iterator(), bpf_per_element()]
 }
 
 /// The in-kernel process source walking per element, as on kernels older than 6.7, once per test binary.
@@ -61,8 +80,8 @@ pub fn scan_by(disks: &[Disk], source: &dyn ProcessSource) -> Vec<UsageReport> {
         .to_vec()
 }
 
-/// One report per disk, scanned with /proc and with the in-kernel iterators, walking per process and per element:
-/// the three must be identical (but for when they were taken and how long they took).
+/// One report per disk, scanned with /proc and with each in-kernel walk ([`bpf_walks`]): all must be identical (but
+/// for when they were taken and how long they took).
 pub fn scan_both(disks: &[Disk]) -> Vec<UsageReport> {
     let timeless = |reports: &[UsageReport]| {
         let mut reports = reports.to_vec();
@@ -74,7 +93,7 @@ pub fn scan_both(disks: &[Disk]) -> Vec<UsageReport> {
     };
     let procfs = scan_by(disks, &ProcfsSource);
     let left = timeless(&procfs);
-    for source in [bpf(), bpf_per_element()] {
+    for source in bpf_walks() {
         let right = timeless(&scan_by(disks, source));
         if left != right {
             let only = |a: &[UsageReport], b: &[UsageReport]| -> Vec<String> {
