@@ -44,27 +44,31 @@ rm -rf --one-file-system -- "$2""#;
     // close-on-exec: no child inherits the write end, or the pipe would outlive this process.
     let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot make the lab keeper's pipe: {e}"))?;
     let cleaners = reader.try_clone().map_err(|e| format!("cannot share the lab keeper's pipe: {e}"))?;
-    let keeper = Command::new("sh")
-        .args(["-c", "cat >/dev/null; kill -KILL 0"])
-        .stdin(reader)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot start the lab keeper (sh): {e}"))?;
+    let keeper = watch_pipe("keeper", "cat >/dev/null; kill -KILL 0", &[], reader)?;
     let group = keeper.id() as i32;
-    Command::new("sh")
-        .args(["-c", CLEANER, "wukong-lab-cleaner", &group.to_string()])
-        .arg(&dir)
-        .stdin(cleaners)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot start the lab cleaner (sh): {e}"))?;
+    watch_pipe("cleaner", CLEANER, &[group.to_string().as_ref(), dir.as_os_str()], cleaners)?;
     // Held until this process ends: the kernel closes it then, and that is the keeper's signal.
     std::mem::forget(writer);
     Ok(Keeper { group, dir })
+}
+
+/// Starts `script` (the lab's `what`) in a shell of a process group of its own, with `args` as its `$1`…, reading
+/// `pipe`.
+fn watch_pipe(
+    what: &str,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    pipe: std::io::PipeReader,
+) -> std::result::Result<Child, String> {
+    Command::new("sh")
+        .args(["-c", script, &format!("wukong-lab-{what}")])
+        .args(args)
+        .stdin(pipe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the lab {what} (sh): {e}"))
 }
 
 /// The process group every lab process joins ([`Lab::join`]); its leader is the keeper.
