@@ -104,6 +104,8 @@ pub struct BpfSource {
     /// program.
     loaded: Mutex<Vec<Loaded>>,
     walk: Walk,
+    /// The CPUs the agent may run on: with one, iterators are read one after the other.
+    cpus: u32,
     /// e.g. "BPF iterators loaded, a walk per process on 2 CPUs, mappings read from their maple tree (kernel 6.18.44)".
     description: String,
 }
@@ -177,6 +179,7 @@ impl BpfSource {
         let source = Self {
             loaded: Mutex::new(loaded),
             walk,
+            cpus,
             description: format!("BPF iterators loaded, {how} (kernel {kernel})"),
         };
         let mut every = source.scan_programs();
@@ -248,21 +251,25 @@ impl BpfSource {
             files.push((iterator, file));
         }
         // The kernel walks each iterator's tasks inside read(): read on a thread each, they walk on every CPU at
-        // once (the programs share only the devices maps, which they only read). With one CPU this costs thread
-        // starts.
+        // once (the programs share only the devices maps, which they only read). With one CPU the threads would only
+        // take turns, after starting (a guest's scan read three iterators on three threads): one after the other.
         let read = |(iterator, mut file): (&str, std::fs::File)| {
             let mut bytes = Vec::new();
             file.read_to_end(&mut bytes).map_err(|e| SourceError(format!("cannot read iterator {iterator}: {e}")))?;
             Ok::<_, SourceError>(bytes)
         };
-        let mut files = files.into_iter();
-        let first = files.next();
-        let parts: Vec<Result<Vec<u8>, SourceError>> = std::thread::scope(|scope| {
-            let others: Vec<_> = files.map(|f| scope.spawn(move || read(f))).collect();
-            let mut parts = vec![first.map_or(Ok(Vec::new()), read)];
-            parts.extend(others.into_iter().map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
-            parts
-        });
+        let parts: Vec<Result<Vec<u8>, SourceError>> = if self.cpus <= 1 {
+            files.into_iter().map(read).collect()
+        } else {
+            let mut files = files.into_iter();
+            let first = files.next();
+            std::thread::scope(|scope| {
+                let others: Vec<_> = files.map(|f| scope.spawn(move || read(f))).collect();
+                let mut parts = vec![first.map_or(Ok(Vec::new()), read)];
+                parts.extend(others.into_iter().map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+                parts
+            })
+        };
         let mut bytes = Vec::new();
         for part in parts {
             bytes.extend(part?);
