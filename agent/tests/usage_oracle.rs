@@ -132,7 +132,7 @@ fn processes_with_files_cwd_exe_mmap_and_raw_device_are_found() {
     let dev = find(&report, raw.pid(), ProcessUseKind::BlockDevice).expect("raw device user found");
     assert!(dev.message.contains(&disk.dev) && dev.message.contains("for writing"), "{}", dev.message);
 
-    // The kernel's iterators, either walk, name exactly these processes (each through another kind of use), and
+    // The kernel's iterators, every walk, name exactly these processes (each through another kind of use), and
     // no other of the machine's: the /proc analysis that follows reads six processes, not all of them.
     let devices = BTreeSet::from([stat(disk.dev.as_str()).unwrap().st_rdev, stat(&mp).unwrap().st_dev]);
     let holders = BTreeSet::from([writer.pid(), reader.pid(), cwd.pid(), exe.pid(), mapper.pid(), raw.pid()]);
@@ -206,13 +206,14 @@ fn a_steady_mapping_is_found_while_its_tree_changes_under_the_walk() {
         BpfSource::load_walk(&HostRoots::default(), Some(Walk::PerProcess { shards, mappings: Mappings::TreeOnly }))
             .unwrap();
     let mut counts = BTreeSet::new();
+    // Whether `source` named the holder, and whether it saw its mapping (None: to be read whole).
+    let seen_by = |source: &BpfSource| {
+        let candidates = candidates_for(source, &disk, &mp);
+        let seen = candidates.iter().find(|c| c.pid == holder.pid()).map(|c| c.seen.as_ref().map(|s| s.mappings));
+        (seen, candidates)
+    };
     let (mut read, mut given_up) = (0, 0);
     for walk in 0..300 {
-        let seen_by = |source: &BpfSource| {
-            let candidates = candidates_for(source, &disk, &mp);
-            let seen = candidates.iter().find(|c| c.pid == holder.pid()).map(|c| c.seen.as_ref().map(|s| s.mappings));
-            (seen, candidates)
-        };
         // The agent's walk: seen whole (handed to /proc) would do too; seen without its mapping would not.
         let (seen, candidates) = seen_by(common::bpf());
         assert!(matches!(seen, Some(Some(true) | None)), "walk {walk}: {candidates:?}");
@@ -231,7 +232,7 @@ fn a_steady_mapping_is_found_while_its_tree_changes_under_the_walk() {
 }
 
 /// A files table far larger than what is open in it (a server that once held thousands of files keeps its table):
-/// files at fds 3000 and 16000 are found by /proc and both in-kernel walks alike, and the walks say which fds they
+/// files at fds 3000 and 16000 are found by /proc and every in-kernel walk alike, and the walks say which fds they
 /// saw, so that /proc reads those two and none of the process's other slots.
 #[test]
 fn files_at_high_fds_of_a_sparse_files_table_are_found() {
@@ -879,7 +880,7 @@ proptest::proptest! {
 /// Uses /proc shows under a thread alone: a files table of its own (`unshare(CLONE_FILES)`, holding a file and the
 /// raw device), a working directory of its own (`unshare(CLONE_FS)`), and a process whose first thread has exited
 /// (`pthread_exit` in `main`), whose file then only its other thread holds. `umount` says the disk is busy; `fuser -m` and `lsof` find none of them.
-/// Every scan (/proc and both walks) names all three, each through its thread.
+/// Every scan (/proc and every walk) names all three, each through its thread.
 #[test]
 fn uses_held_by_threads_apart_from_their_leader_are_found() {
     let _serial = serial();
@@ -937,7 +938,7 @@ fn uses_held_by_threads_apart_from_their_leader_are_found() {
 /// in one thread, as a Go program does on a locked OS thread), and a process's own whose first thread has exited.
 /// `/proc/<pid>/mountinfo` shows neither (the first is the thread's alone, the second went with the first thread):
 /// `findmnt`, in the host's namespace or in the process's (`-N`), lists neither; only `/proc/<pid>/task/<tid>` has
-/// them. Every scan (/proc and both walks) reports both, each with the thread it is seen through.
+/// them. Every scan (/proc and every walk) reports both, each with the thread it is seen through.
 #[test]
 fn mounts_in_namespaces_only_threads_are_in_are_found() {
     let _serial = serial();

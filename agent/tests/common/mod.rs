@@ -82,7 +82,7 @@ pub fn scan_by(disks: &[Disk], source: &dyn ProcessSource) -> Vec<UsageReport> {
 
 /// One report per disk, scanned with /proc and with each in-kernel walk ([`bpf_walks`]): all must be identical (but
 /// for when they were taken and how long they took).
-pub fn scan_both(disks: &[Disk]) -> Vec<UsageReport> {
+pub fn scan_every_way(disks: &[Disk]) -> Vec<UsageReport> {
     let timeless = |reports: &[UsageReport]| {
         let mut reports = reports.to_vec();
         for r in &mut reports {
@@ -283,9 +283,9 @@ impl LoopDisk {
         Disk { kernel_name: name.clone(), id: name.clone(), serial: name, ..Disk::default() }
     }
 
-    /// The disk's report, the same from both process sources ([`scan_both`]).
+    /// The disk's report, the same from /proc and every in-kernel walk ([`scan_every_way`]).
     pub fn scan(&self) -> UsageReport {
-        scan_both(&[self.disk()]).remove(0)
+        scan_every_way(&[self.disk()]).remove(0)
     }
 }
 
@@ -369,8 +369,8 @@ pub fn other_threads(pid: i32) -> Vec<i32> {
     tids
 }
 
-/// Waits until process `pid` is named `comm`: a script says "ready" before its last `exec`, and the two scans of
-/// `scan_both` must see the same name.
+/// Waits until process `pid` is named `comm`: a script says "ready" before its last `exec`, and the scans of
+/// `scan_every_way` must all see the same name.
 pub fn wait_for_comm(pid: i32, comm: &str) {
     let path = format!("/proc/{pid}/comm");
     let started = Instant::now();
