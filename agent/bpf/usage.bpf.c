@@ -289,14 +289,15 @@ static __always_inline void vma_iter_destroy(struct bpf_iter_task_vma *it)
 	asm volatile("r1 = %[it]\n\t" KFUNC_CALL(03) : : [it] "r"(it) : "r0", "r1", "r2", "r3", "r4", "r5", "memory");
 }
 
-/* A file pointer read as a number (from a files table) made a pointer the verifier lets the program load through:
- * bpf_rdonly_cast (Linux 6.2+), whose second argument is the type's BTF id in the running kernel. */
-static __always_inline struct file *as_file(struct file *number)
-{
-	struct file *file;
-	KFUNC(04, file, number, bpf_core_type_id_kernel(struct file), 0);
-	return file;
-}
+/* A kernel address read as a number (from a files table, a maple tree node) made a `struct type` pointer the verifier
+ * lets the program load through: bpf_rdonly_cast (Linux 6.2+), whose second argument is the type's BTF id in the
+ * running kernel. */
+#define AS_KERNEL(type, address)                                                                                   \
+	({                                                                                                         \
+		struct type *cast;                                                                                 \
+		KFUNC(04, cast, address, bpf_core_type_id_kernel(struct type), 0);                                 \
+		cast;                                                                                              \
+	})
 
 /* The shard of the processes this copy of the program walks, of how many (one per CPU the agent reads on), set at
  * load. A process's shard is its tgid hashed (Fibonacci hashing), not the tgid's remainder: pids come in patterns
@@ -331,7 +332,7 @@ static int fd_bit(__u32 bit, struct fd_walk *walk)
 	}
 	if (!number)
 		return 0;
-	__u32 dev = file_device(as_file(number));
+	__u32 dev = file_device(AS_KERNEL(file, number));
 	if (dev)
 		emit(walk->seq, walk->task, USE_FD, fd, dev);
 	return 0;
@@ -420,24 +421,10 @@ struct maple_walk {
 	void *slots[MAPLE_RANGE64_SLOTS];
 };
 
-static __always_inline struct maple_node *as_maple_node(__u64 address)
-{
-	struct maple_node *node;
-	KFUNC(04, node, address, bpf_core_type_id_kernel(struct maple_node), 0);
-	return node;
-}
-
-static __always_inline struct vm_area_struct *as_vma(void *address)
-{
-	struct vm_area_struct *vma;
-	KFUNC(04, vma, address, bpf_core_type_id_kernel(struct vm_area_struct), 0);
-	return vma;
-}
-
 /* Whether the node at `address` was replaced (ma_dead_node): a reader in it must not trust what it read. */
 static __always_inline bool maple_dead(__u64 address)
 {
-	return ((__u64)as_maple_node(address)->parent & ~MAPLE_NODE_MASK) == address;
+	return ((__u64)AS_KERNEL(maple_node, address)->parent & ~MAPLE_NODE_MASK) == address;
 }
 
 static __always_inline int maple_fail(struct maple_walk *walk)
@@ -454,7 +441,7 @@ static int maple_slot(__u32 i, struct maple_walk *walk)
 	__u64 entry = (__u64)walk->slots[i];
 	if (entry < MAPLE_RESERVED || entry & 7)
 		return 0;
-	struct file *file = as_vma(walk->slots[i])->vm_file;
+	struct file *file = AS_KERNEL(vm_area_struct, walk->slots[i])->vm_file;
 	if (!file || file == walk->last)
 		return 0;
 	walk->last = file;
