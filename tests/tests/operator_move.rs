@@ -134,20 +134,29 @@ async fn a_disk_moves_to_another_vm_once_its_guest_lets_it_go_with_its_data_and_
 
     // The writer stops: the next retry moves it. The operator is killed while the move runs (the guest released the
     // disk, KubeVirt is unplugging it: seconds in a real cluster); its successor finishes it. At no moment do both VMs
-    // have the disk.
-    kubevirt.set_unplug_delay(Duration::from_secs(3));
+    // have the disk. KubeVirt's unplug is held until the restart, so that the restart surely falls inside it however
+    // slow this loop is on a busy machine; it ends 3 s after the restart.
+    kubevirt.set_unplug_delay(Duration::from_secs(600));
     first.run_ok(&format!("kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")).await?;
     let stopped = Instant::now();
     let mut restarted = false;
+    // What the loop saw, for a failure's message: each change of the volume on each VM and of a's disk, and when
+    // (seconds since the writer stopped).
+    let mut seen: Vec<(f64, String)> = Vec::new();
     let b = loop {
-        anyhow::ensure!(stopped.elapsed() < Duration::from_secs(150), "not moved within 150 s");
+        anyhow::ensure!(stopped.elapsed() < Duration::from_secs(150), "not moved within 150 s; saw {seen:#?}");
         let in_a = vm_a.volume_state("data").await?;
         let in_b = vm_b.volume_state("moved").await?;
-        assert!(in_a == VolumeState::Absent || in_b == VolumeState::Absent, "on both VMs: {in_a:?}, {in_b:?}");
-        let released = first.agent().get_disk("data", false).await.is_ok_and(|d| d.state() == DiskState::Released);
-        if !restarted && released && in_a != VolumeState::Absent {
-            operator.restart().await?;
+        let released = first.agent().get_disk("data", false).await.map(|d| d.state());
+        let now = format!("a-vm {in_a:?}, b-vm {in_b:?}, a's disk {released:?}");
+        if seen.last().is_none_or(|(_, last)| *last != now) {
+            seen.push((stopped.elapsed().as_secs_f64(), now));
+        }
+        assert!(in_a == VolumeState::Absent || in_b == VolumeState::Absent, "on both VMs; saw {seen:#?}");
+        if !restarted && released.is_ok_and(|s| s == DiskState::Released) && in_a != VolumeState::Absent {
+            operator.restart().await.context("restarting the operator while the move runs")?;
             restarted = true;
+            kubevirt.set_unplug_delay(stopped.elapsed() + Duration::from_secs(3));
         }
         let b = api.get("b").await?;
         if volume(&b, "moved").is_some_and(|v| v.phase == Phase::Attached) {
@@ -156,7 +165,10 @@ async fn a_disk_moves_to_another_vm_once_its_guest_lets_it_go_with_its_data_and_
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("writer stopped → moved in {:.1} s", stopped.elapsed().as_secs_f64());
-    assert!(restarted, "the operator was restarted while a's guest had released the disk and a-vm still had it");
+    assert!(
+        restarted,
+        "the operator was restarted while a's guest had released the disk and a-vm still had it; saw {seen:#?}"
+    );
 
     // Where it went, in both statuses and a's history; the claim is b's now, and was never deleted.
     let here = volume(&b, "moved").unwrap();
