@@ -376,13 +376,21 @@ pub async fn detach_gated<H: Hypervisor, G: UnplugGate>(
     let step = Instant::now();
     progress(&format!("waiting until {} and the guest agree volume '{volume}' is gone", hypervisor.describe()));
     let deadline = started + options.timeout;
+    let mut finished = false;
     loop {
         let state = hypervisor.volume_state(volume).await?;
         let hypervisor_done = state == VolumeState::Absent;
-        // Forced with the agent down, the guest cannot be asked; the hypervisor's word is all there is.
-        if hypervisor_done && gone_from_guest(agent, &serial, options.force).await {
-            hypervisor.finish_removal(volume).await?;
-            break;
+        if hypervisor_done {
+            // The guest is asked while the hypervisor tidies up after the volume (QEMU's `blockdev-del` waits up to
+            // 50 ms for its RCU thread): neither waits for the other. Forced with the agent down, the guest cannot
+            // be asked; the hypervisor's word is all there is.
+            let tidied = async { if finished { Ok(()) } else { hypervisor.finish_removal(volume).await } };
+            let (tidied, gone) = tokio::join!(tidied, gone_from_guest(agent, &serial, options.force));
+            tidied?;
+            finished = true;
+            if gone {
+                break;
+            }
         }
         if Instant::now() >= deadline {
             let detail = match hypervisor_done {

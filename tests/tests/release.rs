@@ -20,6 +20,21 @@ fn kinds_of(err: &ClientError) -> Vec<BlockerKind> {
     refusal.usage.expect("with the usage report").blockers.iter().map(|b| b.kind()).collect()
 }
 
+/// A SCSI disk whose release answered: nothing can open it.
+async fn cannot_open(guest: &Guest, dev: &str) -> Result<()> {
+    guest.run_ok(&format!("! dd if={dev} of=/dev/null bs=512 count=1 2>/dev/null")).await.context("it still opens")?;
+    Ok(())
+}
+
+/// A SCSI disk whose release answered: nothing can open it, and the kernel's teardown of it (which overlaps the
+/// hypervisor's unplug) takes its device node away soon after.
+async fn deleted_in_guest(guest: &Guest, dev: &str) -> Result<()> {
+    cannot_open(guest, dev).await?;
+    let gone = format!("for i in $(seq 200); do test -e {dev} || exit 0; usleep 10000; done; exit 1");
+    guest.run_ok(&gone).await.context("its device node is still there after 2 s")?;
+    Ok(())
+}
+
 async fn state(agent: &AgentClient, serial: &str) -> Result<DiskState> {
     Ok(agent.get_disk(serial, false).await?.state())
 }
@@ -36,7 +51,12 @@ async fn scsi_disks_are_released_refused_cancelled_and_replugged_with_data_intac
     assert!(r.released, "{r:#?}");
     let kinds: Vec<&str> = r.actions.iter().map(|a| a.kind.as_str()).collect();
     assert_eq!(kinds, ["scan", "verify", "flush", "scsi-delete"]);
-    guest.run_ok(&format!("test ! -e {idle_dev}")).await.context("the device node is gone")?;
+    let fence = &r.actions[3].description;
+    assert_eq!(
+        fence,
+        &format!("set SCSI device {idle_dev} offline and deleting it in the guest; nothing can open it any more")
+    );
+    deleted_in_guest(&guest, &idle_dev).await?;
     let d = agent.get_disk("rel-idle", false).await?;
     assert_eq!((d.state(), d.release_method()), (DiskState::Released, ReleaseMethod::ScsiDelete));
     guest.unplug(&idle).await?;
@@ -94,9 +114,10 @@ async fn scsi_disks_are_released_refused_cancelled_and_replugged_with_data_intac
     assert!(released.released);
     assert_eq!(busy.code(), Some(Code::Aborted), "{busy}");
     assert!(!mounted(&guest, "/mnt/d").await?);
-    guest.run_ok(&format!("test ! -e {dev}")).await?;
+    cannot_open(&guest, &dev).await?;
 
-    // Cancel: the disk comes back with its mount and its data.
+    // Cancel, at once (while the kernel may still be tearing the deleted device down): the disk comes back with its
+    // mount and its data.
     let back = agent.cancel_detach("rel-data").await?;
     assert_eq!(back.disk.as_ref().map(|d| d.state()), Some(DiskState::Present), "{back:#?}");
     assert!(back.actions.iter().any(|a| a.kind == "mount"), "{:#?}", back.actions);

@@ -178,6 +178,8 @@ async fn cloud_init_installs_the_deb_a_safe_detach_works_over_mtls_and_an_upgrad
     assert!(released.released, "{released:?}");
     let kinds: Vec<&str> = released.actions.iter().map(|a| a.kind.as_str()).collect();
     assert!(kinds.contains(&"scsi-delete"), "the sandboxed agent deleted the SCSI device: {kinds:?}");
+    let fence = &released.actions.last().unwrap().description;
+    assert!(fence.starts_with("set SCSI device /dev/") && fence.contains(" offline"), "the sandbox lets it: {fence}");
     // The journal outlives the agent: no systemd removes /run/wukong-agent when the service stops (it is no
     // RuntimeDirectory, which systemd < 235 removes on every stop), and the restarted agent cancels the release.
     assert_eq!(systemctl_show(&guest, "RuntimeDirectory").await?.trim(), "RuntimeDirectory=");

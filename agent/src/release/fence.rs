@@ -92,6 +92,10 @@ pub trait BlockDevices: Send + Sync {
     fn scsi_rescan(&self, roots: &HostRoots, address: &ScsiAddress) -> Result<bool, FenceError> {
         scsi_rescan(roots, address)
     }
+
+    fn set_scsi_state(&self, roots: &HostRoots, kernel_name: &str, state: &str) -> Result<(), FenceError> {
+        set_scsi_state(roots, kernel_name, state)
+    }
 }
 
 /// The running kernel's block devices.
@@ -107,6 +111,19 @@ fn write_sysfs(path: &Path, value: &str) -> Result<(), FenceError> {
 /// Deletes the SCSI device of disk `kernel_name` in the guest. The kernel detaches it before the write returns.
 pub fn scsi_delete(roots: &HostRoots, kernel_name: &str) -> Result<(), FenceError> {
     write_sysfs(&roots.sys_block(kernel_name).join("device/delete"), "1")
+}
+
+/// The state of disk `kernel_name`'s SCSI device (`running`, `offline`, ...), `None` when it has none (any more).
+pub fn scsi_state(roots: &HostRoots, kernel_name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(roots.sys_block(kernel_name).join("device/state")).ok()?;
+    Some(text.trim().to_string())
+}
+
+/// Sets the state of disk `kernel_name`'s SCSI device: `offline` (from then on every open of the disk fails with
+/// ENXIO, and its I/O is refused) or `running`, the two states the kernel lets one set. The kernel takes the name
+/// only with a newline after it.
+pub fn set_scsi_state(roots: &HostRoots, kernel_name: &str, state: &str) -> Result<(), FenceError> {
+    write_sysfs(&roots.sys_block(kernel_name).join("device/state"), &format!("{state}\n"))
 }
 
 /// Asks SCSI host `address.host` to probe one channel/target/lun again. Returns whether a device answers there.
@@ -129,6 +146,22 @@ mod tests {
         let roots = HostRoots::under(dir.path());
         let e = scsi_delete(&roots, "sdz").unwrap_err();
         assert!(e.to_string().contains("sys/block/sdz/device/delete"), "{e}");
+    }
+
+    #[test]
+    fn a_scsi_devices_state_is_read_and_set_in_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = HostRoots::under(dir.path());
+        assert_eq!(scsi_state(&roots, "sdb"), None);
+        let e = set_scsi_state(&roots, "sdb", "offline").unwrap_err();
+        assert!(e.to_string().starts_with("cannot write ") && e.to_string().contains("sys/block/sdb/device/state"));
+        let device = roots.sys_block("sdb").join("device");
+        std::fs::create_dir_all(&device).unwrap();
+        std::fs::write(device.join("state"), "running\n").unwrap();
+        assert_eq!(scsi_state(&roots, "sdb").as_deref(), Some("running"));
+        set_scsi_state(&roots, "sdb", "offline").unwrap();
+        assert_eq!(std::fs::read_to_string(device.join("state")).unwrap(), "offline\n", "as the kernel takes it");
+        assert_eq!(scsi_state(&roots, "sdb").as_deref(), Some("offline"));
     }
 
     #[test]
