@@ -455,12 +455,12 @@ mod tests {
         let dry = PrepareDetachResponse {
             dry_run: true,
             disk: Some(disk),
-            actions: vec![step("fence", "would delete SCSI device /dev/sdb", None)],
+            actions: vec![step("fence", "would set SCSI device /dev/sdb offline and delete it in the guest", None)],
             ..PrepareDetachResponse::default()
         };
         assert_eq!(
             release_text(&dry),
-            "dry run: pg (/dev/sdb) can be released; a release would:\n  fence        would delete SCSI device /dev/sdb\n"
+            "dry run: pg (/dev/sdb) can be released; a release would:\n  fence        would set SCSI device /dev/sdb offline and delete it in the guest\n"
         );
         assert_eq!(release_json(&dry)["actions"][0]["duration_ms"], Value::Null);
     }

@@ -780,7 +780,7 @@ impl Releaser {
     }
 }
 
-/// How a disk will be fenced: SCSI disks are deleted in the guest; others are set read-only.
+/// How a disk will be fenced: SCSI disks are set offline and deleted in the guest; others are set read-only.
 fn fence_of(disk: &Disk) -> Fence {
     match (&disk.scsi_address, disk.bus()) {
         (Some(a), Bus::Scsi) => Fence::ScsiDelete { host: a.host, channel: a.channel, target: a.target, lun: a.lun },
@@ -790,7 +790,7 @@ fn fence_of(disk: &Disk) -> Fence {
 
 fn fence_description(disk: &Disk) -> String {
     match fence_of(disk) {
-        Fence::ScsiDelete { .. } => format!("delete SCSI device {} in the guest", disk.dev_node),
+        Fence::ScsiDelete { .. } => format!("set SCSI device {} offline and delete it in the guest", disk.dev_node),
         Fence::ReadOnly { .. } => format!("set {} and its partitions read-only", disk.dev_node),
     }
 }
@@ -897,6 +897,8 @@ mod tests {
         let address = wukong_proto::v1::ScsiAddress { host: 2, channel: 0, target: 3, lun: 1 };
         let scsi = Disk { bus: Bus::Scsi as i32, scsi_address: Some(address), ..Disk::default() };
         assert_eq!(fence_of(&scsi), Fence::ScsiDelete { host: 2, channel: 0, target: 3, lun: 1 });
+        let scsi = Disk { dev_node: "/dev/sdb".into(), ..scsi };
+        assert_eq!(fence_description(&scsi), "set SCSI device /dev/sdb offline and delete it in the guest");
         let virtio = Disk { bus: Bus::VirtioBlk as i32, dev_node: "/dev/vdb".into(), ..Disk::default() };
         assert_eq!(fence_of(&virtio), Fence::ReadOnly { devices: vec![] });
         assert_eq!(fence_description(&virtio), "set /dev/vdb and its partitions read-only");
