@@ -55,12 +55,18 @@ pub fn describe(roots: &HostRoots, db: &dyn UdevDb, kernel_name: &str) -> Option
         partitions: partitions(roots, db, kernel_name),
         holders: holders_of(roots, db, &dir, &mut HashSet::new(), 0),
         read_only: read_u64(&dir.join("ro")) == Some(1),
+        diskseq: diskseq(roots, kernel_name),
         fs_type: prop(&props, "ID_FS_TYPE").unwrap_or_default(),
         fs_uuid: prop(&props, "ID_FS_UUID").unwrap_or_default(),
         fs_label: prop(&props, "ID_FS_LABEL").unwrap_or_default(),
         state: DiskState::Present as i32,
         ..Disk::default()
     })
+}
+
+/// The kernel's sequence number of the disk named `kernel_name` (Linux 5.15 and later), or 0.
+pub fn diskseq(roots: &HostRoots, kernel_name: &str) -> u64 {
+    read_u64(&roots.sys_block(kernel_name).join("diskseq")).unwrap_or(0)
 }
 
 fn prop(props: &Properties, key: &str) -> Option<String> {
@@ -292,6 +298,7 @@ mod tests {
             self.write(&format!("sys/block/{name}/dev"), &format!("8:{minor}\n"));
             self.write(&format!("sys/block/{name}/size"), "2097152\n");
             self.write(&format!("sys/block/{name}/ro"), "0\n");
+            self.write(&format!("sys/block/{name}/diskseq"), &format!("{}\n", 40 + minor));
             self.write(&format!("sys/block/{name}/queue/logical_block_size"), "512\n");
             self.link(&format!("sys/block/{name}/device"), &format!("../../{dev}"));
             let link = format!("/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{device_id}");
@@ -322,6 +329,7 @@ mod tests {
         assert_eq!(d.id, "a-serial-longer-than-20");
         assert_eq!(d.bus(), Bus::Scsi);
         assert_eq!((d.major, d.minor), (8, 16));
+        assert_eq!(d.diskseq, 56, "the kernel's sequence number tells a re-plugged disk from this one");
         assert_eq!(d.size_bytes, 1 << 30);
         assert_eq!(d.dev_node, "/dev/sdb");
         assert_eq!(d.by_id_links, vec!["/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_short-id"]);
@@ -366,6 +374,7 @@ mod tests {
         t.props("vdc", &[("DEVNAME", "/dev/vdc")]);
         let d = describe(&t.roots(), &t.db, "vdc").unwrap();
         assert_eq!((d.serial.as_str(), d.id.as_str()), ("", "vdc"), "listed by device name");
+        assert_eq!(d.diskseq, 0, "a kernel before 5.15 numbers no disks");
     }
 
     #[test]

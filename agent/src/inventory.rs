@@ -283,8 +283,14 @@ impl Inventory {
     fn upsert(&mut self, mut disk: Disk) -> Vec<Change> {
         let key = mark_key(&disk.id);
         let is_new = !self.current.disks.contains_key(&disk.kernel_name);
-        if is_new && self.current.tombstones.remove(&key).is_some() {
+        if is_new && let Some(tomb) = self.current.tombstones.get(&key) {
+            if tomb.diskseq != 0 && tomb.diskseq == disk.diskseq {
+                // udev describing the fenced device before its delete ended (a partition's removal, a mount's): the
+                // same disk by the kernel's count, so still the tombstone.
+                return Vec::new();
+            }
             // The released disk is back (re-plugged, or rescanned by CancelDetach): the release is over.
+            self.current.tombstones.remove(&key);
             self.forget(&key);
         }
         if let Some(mark) = self.marks.get(&key) {
@@ -336,7 +342,30 @@ impl Inventory {
             mark.apply_to(tomb);
             changes.push((kind, tomb.clone()));
         }
+        if matches!(mark, Mark::Released { method: ReleaseMethod::ScsiDelete, .. }) {
+            self.bury_fenced(&key);
+        }
         changes
+    }
+
+    /// A disk released with its SCSI device offline leaves the guest now, though udev reports the device's delete
+    /// later: a disk re-plugged with the same id meanwhile is then a new disk, neither ambiguous with it nor
+    /// released. The kernel's disk sequence number tells udev's late views of the fenced device from a new disk; a
+    /// kernel without it (before 5.15) has the delete and udev's report waited for by the release, and is left to
+    /// udev here.
+    fn bury_fenced(&mut self, key: &str) {
+        let fenced: Vec<String> = self
+            .current
+            .disks
+            .values()
+            .filter(|d| mark_key(&d.id) == key && d.diskseq != 0)
+            .map(|d| d.kernel_name.clone())
+            .collect();
+        for name in fenced {
+            if let Some(disk) = self.current.disks.remove(&name) {
+                self.current.tombstones.insert(key.to_string(), disk);
+            }
+        }
     }
 
     /// The end of a release: its mark and when a detach last asked for it.
@@ -498,6 +527,52 @@ mod tests {
         tx.send(Update::Upsert(Box::new(disk("sdc", "data")))).await.unwrap();
         assert_eq!(kinds(&mut rx, 1).await, [(EventKind::Added, DiskState::Present)]);
         assert!(inv.snapshot().tombstones.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_disk_released_offline_leaves_at_once_and_only_a_new_disk_comes_back() {
+        let (tx, inv) = spawn();
+        let mut rx = inv.subscribe();
+        let numbered = |name: &str, seq: u64| Disk { diskseq: seq, ..disk(name, "data") };
+        tx.send(Update::Reconcile(vec![numbered("sdb", 7), disk("sdc", "old-kernel")])).await.unwrap();
+        let released = Mark::Released { at: SystemTime::now(), method: ReleaseMethod::ScsiDelete };
+        for id in ["data", "old-kernel"] {
+            tx.send(Update::Mark { id: id.into(), mark: Mark::Releasing }).await.unwrap();
+            tx.send(Update::Mark { id: id.into(), mark: released }).await.unwrap();
+        }
+        assert_eq!(
+            kinds(&mut rx, 6).await,
+            [
+                (EventKind::Added, DiskState::Present),
+                (EventKind::Added, DiskState::Present),
+                (EventKind::Changed, DiskState::Releasing),
+                (EventKind::Released, DiskState::Released),
+                (EventKind::Changed, DiskState::Releasing),
+                (EventKind::Released, DiskState::Released),
+            ]
+        );
+        let snap = inv.snapshot();
+        let data = Serial::parse("data").unwrap();
+        assert!(snap.find_present(&data).is_err(), "gone from the guest the moment it is released");
+        assert_eq!(snap.find(&data).unwrap().state(), DiskState::Released, "listed as a tombstone");
+        // Without the kernel's count, late views could not be told from a new disk: udev decides, as before.
+        assert_eq!(snap.disks.keys().collect::<Vec<_>>(), ["sdc"]);
+
+        // udev's late views of the deleted device: still a tombstone, no event.
+        tx.send(Update::Upsert(Box::new(numbered("sdb", 7)))).await.unwrap();
+        tx.send(Update::Reconcile(vec![numbered("sdb", 7), disk("sdc", "old-kernel")])).await.unwrap();
+        tx.send(Update::Remove("sdb".into())).await.unwrap();
+        tx.send(Update::Upsert(Box::new(disk("sdd", "other")))).await.unwrap();
+        assert_eq!(next(&mut rx).await.0, EventKind::Added, "the next event is the other disk's");
+        assert!(inv.snapshot().find_present(&data).is_err());
+        assert_eq!(inv.snapshot().find(&data).unwrap().state(), DiskState::Released);
+
+        // Re-plugged under the same kernel name: a new disk by the kernel's count, present; the release is over.
+        tx.send(Update::Upsert(Box::new(numbered("sdb", 9)))).await.unwrap();
+        assert_eq!(kinds(&mut rx, 1).await, [(EventKind::Added, DiskState::Present)]);
+        let snap = inv.snapshot();
+        assert_eq!(snap.find(&data).unwrap().diskseq, 9);
+        assert!(!snap.tombstones.contains_key("data"));
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use wukong_agent::release::{Deadline, ReleaseError, Releaser};
 use wukong_agent::roots::HostRoots;
 use wukong_agent::serial::Serial;
 use wukong_agent::usage::{ActiveSource, UsageScanner};
-use wukong_proto::v1::{BlockerKind, Bus, Disk, DiskState, ReleaseMethod, blocker::Detail};
+use wukong_proto::v1::{BlockerKind, Bus, Disk, DiskState, ReleaseMethod, ScsiAddress, blocker::Detail};
 
 /// A releaser over an inventory that holds one loop disk, given a serial.
 struct Rig {
@@ -36,6 +36,16 @@ async fn rig(disk: &LoopDisk, state_dir: &Path) -> Rig {
 
 /// A rig whose releaser's block-device calls go to `devices`.
 async fn rig_with(disk: &LoopDisk, state_dir: &Path, devices: Arc<dyn BlockDevices>) -> Rig {
+    rig_as(disk, state_dir, devices, |_| {}).await
+}
+
+/// A rig whose inventory lists the loop disk as `describe` changes it.
+async fn rig_as(
+    disk: &LoopDisk,
+    state_dir: &Path,
+    devices: Arc<dyn BlockDevices>,
+    describe: impl FnOnce(&mut Disk),
+) -> Rig {
     let roots = HostRoots::default();
     let name = disk.name();
     // Built by hand: this machine may run no udevd, so udev's database does not know the loop device.
@@ -52,6 +62,8 @@ async fn rig_with(disk: &LoopDisk, state_dir: &Path, devices: Arc<dyn BlockDevic
         state: DiskState::Present as i32,
         ..Disk::default()
     };
+    let mut d = d;
+    describe(&mut d);
     let (updates, inventory) = inventory::spawn();
     updates.send(Update::Reconcile(vec![d])).await.unwrap();
     inventory.wait_synced().await;
@@ -787,4 +799,66 @@ async fn over_grpc_a_missed_deadline_is_deadline_exceeded_with_the_disk_back() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("did not finish within the deadline of 3.0s"), "{}", status.message());
     fixture.slow.wait_ended(2);
+}
+
+/// The kernel's block devices, as SCSI ones whose delete the kernel refuses: setting a state is recorded (a loop
+/// device has none), and each delete fails.
+#[derive(Default)]
+struct UndeletableScsi {
+    states: std::sync::Mutex<Vec<String>>,
+}
+
+impl BlockDevices for UndeletableScsi {
+    fn set_scsi_state(&self, _: &HostRoots, kernel_name: &str, state: &str) -> Result<(), FenceError> {
+        self.states.lock().unwrap().push(format!("{kernel_name} {state}"));
+        Ok(())
+    }
+
+    fn scsi_delete(&self, roots: &HostRoots, kernel_name: &str) -> Result<(), FenceError> {
+        let path = roots.sys_block(kernel_name).join("device/delete").display().to_string();
+        Err(FenceError::Sysfs { path, source: std::io::Error::from_raw_os_error(nix::libc::EINVAL) })
+    }
+}
+
+/// A SCSI release answers once the device is offline, and the inventory lists the disk as gone from then on, though
+/// the device is still there; when its delete then fails, a cancel finds the same device (by the kernel's disk
+/// sequence number) and lists it back, mounted, without a rescan.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scsi_release_whose_delete_fails_is_cancelled_on_the_same_device() {
+    let _serial = serial();
+    let mut disk = LoopDisk::new("ext4");
+    let a = disk.mount_at("a");
+    let (file, sum) = write_data(&a);
+    let state = tempfile::tempdir().unwrap();
+    let devices = Arc::new(UndeletableScsi::default());
+    let name = disk.name();
+    let diskseq = wukong_agent::disk::diskseq(&HostRoots::default(), &name);
+    assert!(diskseq > 0, "this machine's kernel numbers disks");
+    let rig = rig_as(&disk, state.path(), devices.clone(), |d| {
+        d.bus = Bus::Scsi as i32;
+        d.scsi_address = Some(ScsiAddress { host: 9, channel: 0, target: 0, lun: 1 });
+        d.diskseq = diskseq;
+    })
+    .await;
+
+    let released = rig.releaser.prepare(&rig.serial, true, false, None).await.unwrap();
+    assert!(released.released, "{released:#?}");
+    let fence = released.actions.last().unwrap();
+    assert!(fence.description.starts_with(&format!("set SCSI device {} offline", disk.dev)), "{fence:?}");
+    assert_eq!(*devices.states.lock().unwrap(), [format!("{name} offline")]);
+    assert!(findmnt_targets(&disk.dev).is_empty(), "unmounted");
+    let snap = rig.inventory.snapshot();
+    assert!(snap.find_present(&rig.serial).is_err(), "gone from the guest's disks the moment it is released");
+    assert_eq!(snap.find(&rig.serial).unwrap().state(), DiskState::Released, "listed as released");
+
+    let cancelled = rig.releaser.cancel(&rig.serial).await.unwrap();
+    let kinds: Vec<&str> = cancelled.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, ["scsi-online", "mount"], "{:#?}", cancelled.actions);
+    let online = &cancelled.actions[0].description;
+    assert!(online.contains("was not deleted; it is online again"), "{online}");
+    let back = rig.inventory.snapshot().find_present(&rig.serial).unwrap().clone();
+    assert_eq!((back.state(), back.diskseq, back.kernel_name.as_str()), (DiskState::Present, diskseq, name.as_str()));
+    assert_eq!(findmnt_targets(&disk.dev), BTreeSet::from([a.display().to_string()]), "mounted again");
+    assert_eq!(checksum(&file), sum, "the data is intact");
+    assert_eq!(std::fs::read_dir(&rig.state_dir).unwrap().count(), 0, "the journal entry is gone");
 }

@@ -126,6 +126,10 @@ async fn scsi_disks_are_released_refused_cancelled_and_replugged_with_data_intac
 
     // Release again, unplug, re-plug: the data is on the hypervisor's storage.
     assert!(agent.prepare_detach("rel-data", true, false).await?.released);
+    // Released, it has left the guest's disks, though the kernel may still be deleting it: whoever waits for the disk
+    // (an attach) waits for the re-plugged one.
+    let waited = agent.wait_for_disk("rel-data", Duration::from_millis(500)).await;
+    assert!(waited.is_err(), "the released disk is not waited for: {waited:?}");
     guest.unplug(&data).await?;
     guest.replug(&data).await?;
     let dev = agent.wait_for_disk("rel-data", WAIT).await?.dev_node;

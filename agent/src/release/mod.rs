@@ -529,15 +529,20 @@ impl Releaser {
     /// microseconds: from then on every open of the disk fails (ENXIO), and the delete skips the cache flush the
     /// release has just done. The delete itself (≈ 20 ms in the lab's one-vCPU guest: the disk's queue frozen and
     /// torn down, its sysfs and device nodes removed) and udev's report of it then run on while the hypervisor
-    /// unplugs the disk, as the guest's own removal does after a raw unplug; a cancel waits for their end
-    /// ([`Self::cancel`]). A kernel that refuses the offline state has the delete and udev's report waited for.
+    /// unplugs the disk, as the guest's own removal does after a raw unplug; a cancel waits for the delete's end
+    /// ([`Self::cancel`]). The inventory lists the disk as gone from the release on, and tells udev's late views of
+    /// it from a re-plugged disk by the kernel's disk sequence number. A kernel without one (before 5.15), or that
+    /// refuses the offline state, has the delete and udev's report waited for.
     async fn delete_scsi_device(&self, disk: &Disk, deadline: Option<Deadline>) -> Result<Deleted, String> {
         let (roots, devices, name) = (self.inner.roots.clone(), self.inner.devices.clone(), disk.kernel_name.clone());
         let (r, d, n) = (roots.clone(), devices.clone(), name.clone());
-        let offline = blocking(move || d.set_scsi_state(&r, &n, "offline")).await;
+        let offline = match disk.diskseq {
+            0 => Err("the kernel does not number disks (diskseq, Linux 5.15)".to_string()),
+            _ => blocking(move || d.set_scsi_state(&r, &n, "offline")).await,
+        };
         let write = tokio::task::spawn_blocking(move || devices.scsi_delete(&roots, &name));
         if let Err(e) = offline {
-            tracing::debug!(serial = %disk.id, error = %e, "cannot set the SCSI device offline; waiting for its delete");
+            tracing::debug!(serial = %disk.id, error = %e, "not answering before the SCSI delete's end");
             write.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
             self.wait_gone(disk, deadline).await;
             return Ok(Deleted::Ended);
@@ -548,7 +553,7 @@ impl Releaser {
         let (releaser, disk) = (self.clone(), disk.clone());
         tokio::spawn(async move {
             match write.await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                Ok(()) => releaser.wait_gone(&disk, None).await,
+                Ok(()) => tracing::debug!(serial = %disk.id, "the offline SCSI device is deleted"),
                 // The hypervisor's unplug, quicker than the delete, took the device already.
                 Err(_) if !releaser.inner.roots.sys_block(&disk.kernel_name).exists() => {
                     tracing::debug!(serial = %disk.id, "the SCSI device was unplugged before its delete")
@@ -673,25 +678,12 @@ impl Releaser {
                 let address = ScsiAddress { host: *host, channel: *channel, target: *target, lun: *lun };
                 let shown = format!("{host}:{channel}:{target}:{lun}");
                 let serial = Serial::parse(&disk.id).map_err(|e| stays_released(e.to_string()))?;
-                if self.inner.inventory.snapshot().find_present(&serial).is_err() {
-                    let (r, d) = (roots.clone(), self.inner.devices.clone());
-                    let answered = blocking(move || d.scsi_rescan(&r, &address)).await.map_err(stays_released)?;
-                    // Present again, or gone for good: either way the release is over.
-                    self.mark(&disk.id, Mark::Present).await;
-                    if !answered {
-                        return Err(ReleaseError::Gone { serial: disk.id.clone(), address: shown });
-                    }
-                    let back = self.inner.inventory.wait_until(|s| s.find_present(&serial).is_ok());
-                    if tokio::time::timeout(UDEV_WAIT, back).await.is_err() {
-                        return Err(ReleaseError::Timeout(format!(
-                            "rescanned SCSI address {shown}, but no disk with serial '{}' appeared within {}s; \
-                             another disk may answer there",
-                            disk.id,
-                            UDEV_WAIT.as_secs()
-                        )));
-                    }
-                } else {
-                    // Still there: its delete failed, and it may be offline still.
+                // The same device, by the kernel's count, still there: its delete failed. The inventory lists it as
+                // gone since the release.
+                let (r, name, seq) = (roots.clone(), disk.kernel_name.clone(), disk.diskseq);
+                let remains = seq != 0 && crate::disk::diskseq(&r, &name) == seq;
+                let done = if remains || self.inner.inventory.snapshot().find_present(&serial).is_ok() {
+                    // It may be offline still.
                     let (r, d, name) = (roots.clone(), self.inner.devices.clone(), disk.kernel_name.clone());
                     blocking(move || match fence::scsi_state(&r, &name).as_deref() {
                         Some("offline") => d.set_scsi_state(&r, &name, "running"),
@@ -700,12 +692,37 @@ impl Releaser {
                     .await
                     .map_err(stays_released)?;
                     self.mark(&disk.id, Mark::Present).await;
+                    if remains {
+                        // udev describes it again only at its next event: it is listed back as it was.
+                        let mut back = disk.clone();
+                        Mark::Present.apply_to(&mut back);
+                        let _ = self.inner.updates.send(Update::Upsert(Box::new(back))).await;
+                    }
+                    let description = format!(
+                        "SCSI device {} at {shown} was not deleted; it is online again and the disk is back",
+                        disk.dev_node
+                    );
+                    action("scsi-online", description, started)
+                } else {
+                    let (r, d) = (roots.clone(), self.inner.devices.clone());
+                    let answered = blocking(move || d.scsi_rescan(&r, &address)).await.map_err(stays_released)?;
+                    // Present again, or gone for good: either way the release is over.
+                    self.mark(&disk.id, Mark::Present).await;
+                    if !answered {
+                        return Err(ReleaseError::Gone { serial: disk.id.clone(), address: shown });
+                    }
+                    action("scsi-rescan", format!("rescanned SCSI address {shown}; the disk is back"), started)
+                };
+                let back = self.inner.inventory.wait_until(|s| s.find_present(&serial).is_ok());
+                if tokio::time::timeout(UDEV_WAIT, back).await.is_err() {
+                    return Err(ReleaseError::Timeout(format!(
+                        "no disk with serial '{}' appeared within {}s after bringing back SCSI address {shown}; \
+                         another disk may answer there",
+                        disk.id,
+                        UDEV_WAIT.as_secs()
+                    )));
                 }
-                actions.push(action(
-                    "scsi-rescan",
-                    format!("rescanned SCSI address {shown}; the disk is back"),
-                    started,
-                ));
+                actions.push(done);
             }
             Fence::ReadOnly { devices } => {
                 let paths: Vec<PathBuf> = devices.iter().map(PathBuf::from).collect();
