@@ -680,8 +680,7 @@ impl Releaser {
                 let serial = Serial::parse(&disk.id).map_err(|e| stays_released(e.to_string()))?;
                 // The same device, by the kernel's count, still there: its delete failed. The inventory lists it as
                 // gone since the release.
-                let (r, name, seq) = (roots.clone(), disk.kernel_name.clone(), disk.diskseq);
-                let remains = seq != 0 && crate::disk::diskseq(&r, &name) == seq;
+                let remains = disk.diskseq != 0 && crate::disk::diskseq(&roots, &disk.kernel_name) == disk.diskseq;
                 let done = if remains || self.inner.inventory.snapshot().find_present(&serial).is_ok() {
                     // It may be offline still.
                     let (r, d, name) = (roots.clone(), self.inner.devices.clone(), disk.kernel_name.clone());
